@@ -1,0 +1,28 @@
+# sandtrap: `make run` and `make test` each run the idempotent set-up first.
+.PHONY: setup setup-test run test unit lint typecheck bench clean
+
+PYTEST_ARGS ?=
+
+setup:
+	@bash scripts/setup.sh run
+
+setup-test:
+	@bash scripts/setup.sh test
+
+run: setup
+	.venv/bin/sandtrap run
+
+test: setup-test
+	bash scripts/test.sh $(PYTEST_ARGS)
+
+unit:
+	.venv/bin/python -m pytest -q tests/unit
+
+lint:
+	.venv/bin/ruff check src tests
+
+typecheck:
+	.venv/bin/mypy
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

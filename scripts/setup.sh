@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Idempotent set-up for sandtrap: system packages, a Docker engine, the virtualenv, the sandbox image.
+# Usage: scripts/setup.sh [run|test]   ("test" also installs what the test suite drives).
+# Every step checks first and does nothing when its result is already there.
+set -euo pipefail
+
+MODE="${1:-run}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+DATA="${SANDTRAP_DATA_DIR:-$ROOT/data}"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+mkdir -p "$DATA/log"
+
+say() { printf '\033[1;34m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+is_debian() { [ -r /etc/os-release ] && grep -qiE '^(ID|ID_LIKE)=.*(debian|ubuntu)' /etc/os-release; }
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+APT_UPDATED=0
+apt_install() {
+  local missing=()
+  for p in "$@"; do have_pkg "$p" || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! is_debian; then
+    die "missing system packages: ${missing[*]}. Install them (Debian/Ubuntu: apt-get install ${missing[*]}) and re-run."
+  fi
+  say "installing system packages: ${missing[*]}"
+  if [ "$APT_UPDATED" = 0 ]; then apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# 1. System packages the honeypot needs to build its image and run.
+PKGS=(debootstrap gcc libc6-dev ca-certificates)
+if [ "$MODE" = test ]; then
+  PKGS+=(openssh-client sshpass tmux openssh-server)
+fi
+apt_install "${PKGS[@]}"
+
+# 2. A Docker engine that answers.
+if ! docker info >/dev/null 2>&1; then
+  if ! command -v dockerd >/dev/null 2>&1; then
+    apt_install docker.io
+  fi
+  command -v docker >/dev/null 2>&1 || apt_install docker.io
+  if [ "$(id -u)" != 0 ]; then
+    die "no Docker engine answers and we are not root. Start one (e.g. 'sudo systemctl start docker') or run as root."
+  fi
+  say "starting dockerd in the background (log: $DATA/log/dockerd.log)"
+  # Not a service manager's child: a plain background daemon that outlives this script.
+  setsid nohup dockerd --log-level=warn >>"$DATA/log/dockerd.log" 2>&1 < /dev/null &
+  for _ in $(seq 1 90); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || die "dockerd did not answer within 90 s; see $DATA/log/dockerd.log"
+fi
+say "docker engine: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+
+# 3. The virtualenv with pinned dependencies (re-installed when pyproject.toml changes).
+if ! "$PY" -m venv --help >/dev/null 2>&1 || ! "$PY" -c 'import ensurepip' >/dev/null 2>&1; then
+  apt_install python3-venv
+fi
+STAMP="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+  say "creating virtualenv and installing dependencies"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e ".[dev]"
+  rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
+
+# 4. The sandbox image (a no-op when its inputs are unchanged).
+SANDTRAP_ARGS=()
+[ -n "${SANDTRAP_CONFIG:-}" ] && SANDTRAP_ARGS+=(--config "$SANDTRAP_CONFIG")
+"$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" image build
+say "ready"

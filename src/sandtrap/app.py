@@ -1,0 +1,57 @@
+"""Composition root: Settings in, running services out. Only this module imports everything."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sandtrap.config import Settings
+from sandtrap.sandbox.base import SandboxBackend
+from sandtrap.sandbox.docker import DockerBackend
+from sandtrap.sandbox.pool import Pool, Progress
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(settings: Settings) -> SandboxBackend:
+    if settings.sandbox.backend == "docker":
+        return DockerBackend(settings.sandbox, settings.sensor)
+    raise AssertionError(settings.sandbox.backend)  # the config's Literal makes this unreachable
+
+
+@dataclass
+class Services:
+    settings: Settings
+    backend: SandboxBackend
+    pool: Pool
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, progress: Progress | None = None) -> AsyncIterator[Services]:
+    """Start every service; stop them all (gracefully) on exit."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    backend = build_backend(settings)
+    pool = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
+    try:
+        await backend.ping()
+        await pool.start(progress)
+        yield Services(settings, backend, pool)
+    finally:
+        log.info("shutting down: stopping sandboxes")
+        await asyncio.shield(pool.close())
+        await backend.close()
+
+
+async def serve(settings: Settings, progress: Progress | None = None) -> None:
+    """Run until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(settings, progress) as services:
+        log.info("sandtrap running: sensor=%s pool=%s", settings.sensor, services.pool.stats())
+        await stop.wait()

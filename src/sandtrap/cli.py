@@ -1,0 +1,172 @@
+"""Command line: parse, then call into the app. `sandtrap --help` lists the commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sandtrap import __version__
+from sandtrap.config import Settings, load_settings, settings_as_yaml
+from sandtrap.errors import SandtrapError
+from sandtrap.logs import setup_logging
+
+app = typer.Typer(help="sandtrap: a high-interaction SSH honeypot with real sandboxes.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+image_app = typer.Typer(help="Build and check the sandbox image.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(image_app, name="image")
+
+console = Console(stderr=True)
+out = Console()
+
+
+class _State:
+    config_path: str | None = None
+
+
+state = _State()
+
+
+def settings() -> Settings:
+    try:
+        return load_settings(state.config_path)
+    except SandtrapError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+@app.callback()
+def main_options(
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="YAML config file (default: $SANDTRAP_CONFIG, else built-in defaults)"),
+    ] = None,
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
+    if version:
+        out.print(__version__)
+        raise typer.Exit(0)
+    state.config_path = config or os.environ.get("SANDTRAP_CONFIG") or None
+
+
+@config_app.command("show")
+def config_show(as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML")] = False) -> None:
+    """Print the effective configuration (file values over defaults)."""
+    s = settings()
+    if as_json:
+        out.print_json(json.dumps(s.model_dump(mode="json")))
+    else:
+        sys.stdout.write(settings_as_yaml(s))
+
+
+@image_app.command("build")
+def image_build(
+    base: Annotated[
+        str | None, typer.Option("--from", help="customise this local image instead of debootstrap")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if the inputs are unchanged")] = False,
+) -> None:
+    """Build the sandbox image (debootstrap + our layer); a no-op when its inputs are unchanged."""
+    from sandtrap.sandbox.image import build_image
+
+    s = settings()
+    setup_logging(s.log_level)
+    cache = Path(s.image.cache_dir) if s.image.cache_dir else s.data_dir / "cache"
+    try:
+        result = asyncio.run(
+            build_image(
+                s.image,
+                s.sandbox.image,
+                cache,
+                base=base,
+                force=force,
+                docker_host=s.sandbox.docker_host,
+                console=console,
+            )
+        )
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    verb = "built" if result.built else "up to date"
+    console.print(f"image {result.tag} {verb} ({result.image_id[:19]}, inputs {result.inputs[:12]})")
+
+
+@image_app.command("check")
+def image_check() -> None:
+    """Exit 0 if the sandbox image is present and current."""
+    from sandtrap.sandbox.image import check_image
+
+    s = settings()
+    try:
+        r = asyncio.run(check_image(s.image, s.sandbox.image, s.sandbox.docker_host))
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    out.print(f"present={r.present} current={r.current} expected={r.expected[:12]} actual={(r.actual or '-')[:12]}")
+    raise typer.Exit(0 if r.current else 1)
+
+
+@app.command()
+def doctor() -> None:
+    """Check that this machine can run the honeypot; non-zero exit on any failure."""
+    from sandtrap.doctor import run_checks
+
+    s = settings()
+    checks = asyncio.run(run_checks(s))
+    table = Table(title="sandtrap doctor")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for c in checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    out.print(table)
+    raise typer.Exit(0 if all(c.ok for c in checks) else 1)
+
+
+@app.command()
+def run() -> None:
+    """Run the honeypot with the configured settings until interrupted."""
+    from sandtrap.app import serve
+
+    s = settings()
+    setup_logging(s.log_level)
+    with Progress(
+        TextColumn("warming sandbox pool"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("pool", total=s.sandbox.pool_size)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            asyncio.run(serve(s, on_progress))
+        except SandtrapError as exc:
+            raise _fail(exc) from None
+        except KeyboardInterrupt:
+            pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""All settings: one pydantic model per concern, defaults that run on a fresh machine.
+
+The YAML file mirrors the tree of :class:`Settings`. A typo or a bad value becomes a
+:class:`~sandtrap.errors.ConfigError` that names the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sandtrap.errors import ConfigError
+
+# Debian bookworm's OpenSSH (the sandbox image's own sshd): the version string a scanner expects.
+DEFAULT_SSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u7"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: Any) -> int:
+    """Turn ``"256m"``, ``"1g"``, ``"512MiB"`` or an int into bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 256m, 1g or a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _SIZE_FACTORS[m.group(2).lower()])
+    raise ValueError("expected a size such as 256m, 1g or a number of bytes")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (IPv6 as ``"[::1]:22"``) into host and port."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if not m:
+        raise ValueError("expected 'host:port' (IPv6 as '[::1]:2222')")
+    host = m.group(1) if m.group(1) is not None else m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host or "0.0.0.0", port
+
+
+def _check_listen(value: str) -> str:
+    split_listen(value)
+    return value
+
+
+Listen = Annotated[str, BeforeValidator(_check_listen)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+
+
+class SSHSettings(_Section):
+    listen: Listen = "0.0.0.0:2222"
+    version: str = DEFAULT_SSH_VERSION
+    host_key_dir: str = Field("", description="default: <data_dir>/hostkeys")
+    login_grace_time_s: float = Field(120.0, gt=0, description="OpenSSH LoginGraceTime")
+    max_auth_tries: int = Field(6, ge=1, description="OpenSSH MaxAuthTries")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not v.startswith("SSH-2.0-") or any(c in v for c in "\r\n"):
+            raise ValueError("must start with 'SSH-2.0-' and be one line, e.g. " + DEFAULT_SSH_VERSION)
+        return v
+
+
+class Credential(_Section):
+    username: str
+    password: str = Field(description="'*' accepts any password for this username")
+
+
+class AuthSettings(_Section):
+    credentials: list[Credential] = Field(
+        default_factory=lambda: [
+            Credential(username="root", password="123456"),
+            Credential(username="root", password="password"),
+            Credential(username="admin", password="admin"),
+        ]
+    )
+    accept_all_after: int = Field(3, ge=0, description="accept any password after N failures; 0 = never")
+    remember_ip: bool = Field(False, description="count failures per source IP across connections")
+    remember_ip_ttl_s: float = Field(3600.0, gt=0)
+    accept_publickey: bool = False
+
+
+class SandboxSettings(_Section):
+    backend: Literal["docker"] = "docker"
+    image: str = "sandtrap-target:latest"
+    pool_size: int = Field(3, ge=0, le=1000)
+    max_sandboxes: int = Field(50, ge=1, description="global cap on live (running) sandboxes")
+    hostname: str = "web-prod-03"
+    domain: str = "corp.internal"
+    affinity: Literal["session", "source_ip"] = "session"
+    ip_ttl_s: float = Field(1800.0, gt=0)
+    docker_host: str = Field("", description="engine address; default: DOCKER_HOST or the local socket")
+    # Hardening (each item documented in README "Hardening").
+    network: Literal["none"] = "none"
+    memory: ByteSize = parse_size("256m")
+    memory_swap: ByteSize = Field(0, description="0 = same as memory (no swap)")
+    cpus: float = Field(0.5, gt=0, le=64)
+    pids_limit: int = Field(128, ge=8)
+    cap_add: list[str] = Field(
+        default_factory=lambda: [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "FOWNER",
+            "FSETID",
+            "KILL",
+            "SETGID",
+            "SETUID",
+            "AUDIT_WRITE",
+        ]
+    )
+    no_new_privileges: bool = True
+    seccomp_profile: str = Field("default", description="'default' (Docker's) or a path to a JSON profile")
+    read_only_root: bool = False
+    tmpfs: dict[str, str] = Field(
+        default_factory=lambda: {"/tmp": "rw,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
+    )
+    ulimit_nofile: int = Field(1024, ge=16)
+    ulimit_nproc: int = Field(512, ge=8)
+    runtime: str = Field("", description="alternative OCI runtime, e.g. runsc; empty = engine default")
+    # Forensics retention of released (stopped) sandboxes.
+    retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
+    retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")
+    start_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", v):
+            raise ValueError("must be a single DNS label (letters, digits, '-'), e.g. web-prod-03")
+        return v
+
+    @field_validator("cap_add")
+    @classmethod
+    def _caps(cls, v: list[str]) -> list[str]:
+        out = []
+        for cap in v:
+            name = cap.upper().removeprefix("CAP_")
+            if not re.fullmatch(r"[A-Z_]+", name):
+                raise ValueError(f"{cap!r} is not a capability name such as CHOWN or SETUID")
+            if name in {"SYS_ADMIN", "SYS_MODULE", "SYS_RAWIO", "SYS_PTRACE", "SYS_BOOT", "ALL"}:
+                raise ValueError(f"{name} would let an attacker escape the sandbox; remove it")
+            out.append(name)
+        return out
+
+    @model_validator(mode="after")
+    def _swap(self) -> SandboxSettings:
+        if self.memory_swap and self.memory_swap < self.memory:
+            raise ValueError("sandbox.memory_swap must be 0 (no swap) or at least sandbox.memory")
+        return self
+
+
+class ImageSettings(_Section):
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    packages: list[str] = Field(
+        default_factory=lambda: [
+            "bash",
+            "coreutils",
+            "procps",
+            "iproute2",
+            "less",
+            "vim-tiny",
+            "curl",
+            "wget",
+            "netcat-openbsd",
+            "python3",
+            "openssh-client",
+            "openssh-sftp-server",
+            "openssh-server",
+            "file",
+            "sudo",
+            "ca-certificates",
+            "iputils-ping",
+            "cron",
+            "rsyslog",
+            "net-tools",
+            "psmisc",
+            "lsof",
+            "nano",
+            "gzip",
+            "bzip2",
+            "xz-utils",
+            "unzip",
+            "git",
+            "htop",
+            "dnsutils",
+            "lsb-release",
+            "man-db",
+            "bash-completion",
+        ]
+    )
+    extra_packages: list[str] = Field(default_factory=list)
+    cache_dir: str = Field("", description="default: <data_dir>/cache")
+
+    @field_validator("packages", "extra_packages")
+    @classmethod
+    def _pkgs(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", p):
+                raise ValueError(f"{p!r} is not a Debian package name")
+        return v
+
+
+class StorageSettings(_Section):
+    data_dir: str = "./data"
+    database_url: str = Field("", description="default: sqlite:///<data_dir>/sandtrap.db")
+
+
+class APISettings(_Section):
+    listen: Listen = "127.0.0.1:8080"
+    token: str = ""
+
+
+class Settings(_Section):
+    sensor: str = Field(default_factory=socket.gethostname)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ssh: SSHSettings = SSHSettings()
+    auth: AuthSettings = AuthSettings()
+    sandbox: SandboxSettings = SandboxSettings()
+    image: ImageSettings = ImageSettings()
+    storage: StorageSettings = StorageSettings()
+    api: APISettings = APISettings()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir).expanduser().resolve()
+
+    def api_is_loopback(self) -> bool:
+        host, _ = split_listen(self.api.listen)
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def _describe(err: Any) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; remove it or check its spelling (see config/sandtrap.example.yaml)"
+    given = err.get("input")
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if kind == "literal_error":
+        msg = "must be " + msg.removeprefix("Input should be ")
+    shown = repr(given)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{key}: {msg} (given: {shown})"
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load settings from a YAML file (or defaults when ``path`` is None), applying ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (ssh:, auth:, sandbox:, ...)")
+        data = loaded
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def settings_as_yaml(settings: Settings) -> str:
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False, default_flow_style=False)

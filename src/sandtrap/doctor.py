@@ -1,0 +1,78 @@
+"""`sandtrap doctor`: is this machine ready to run the honeypot? One row per check."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+
+from sandtrap.config import Settings, split_listen
+from sandtrap.errors import SandtrapError
+from sandtrap.sandbox import engine
+from sandtrap.sandbox.image import check_image
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+async def run_checks(settings: Settings) -> list[Check]:
+    checks = [await _engine(settings)]
+    checks.append(await _image(settings))
+    checks.append(_data_dir(settings))
+    checks.append(_port("ssh port free", settings.ssh.listen))
+    checks.append(_port("api port free", settings.api.listen))
+    return checks
+
+
+async def _engine(settings: Settings) -> Check:
+    try:
+        async with engine.engine(settings.sandbox.docker_host) as client:
+            v = await engine.call("version", client.version(), 5)
+    except SandtrapError as exc:
+        return Check("docker engine", False, f"{exc} (run 'make run' or start dockerd)")
+    return Check("docker engine", True, f"{v.get('Version')} (API {v.get('ApiVersion')})")
+
+
+async def _image(settings: Settings) -> Check:
+    tag = settings.sandbox.image
+    try:
+        result = await check_image(settings.image, tag, settings.sandbox.docker_host)
+    except SandtrapError as exc:
+        return Check("sandbox image", False, str(exc))
+    if not result.present:
+        return Check("sandbox image", False, f"{tag} missing: run 'sandtrap image build'")
+    if not result.current:
+        return Check("sandbox image", False, f"{tag} is out of date: run 'sandtrap image build'")
+    return Check("sandbox image", True, f"{tag} current ({result.expected[:12]})")
+
+
+def _data_dir(settings: Settings) -> Check:
+    path = settings.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        return Check("data dir writable", False, f"{path}: {exc.strerror}")
+    st = os.statvfs(path)
+    free_mb = st.f_bavail * st.f_frsize // 2**20
+    return Check("data dir writable", free_mb > 100, f"{path} ({free_mb} MiB free)")
+
+
+def _port(name: str, listen: str) -> Check:
+    host, port = split_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        why = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        return Check(name, False, f"{listen}: {why}")
+    return Check(name, True, listen)

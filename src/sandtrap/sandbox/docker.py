@@ -1,0 +1,400 @@
+"""Docker backend: hardened containers driven through aiodocker (asyncio-native, no threads).
+
+aiodocker over docker-py: every engine call (exec streams included) stays on the SSH event loop
+without a thread per stream, and its exec stream has flow control (a bounded queue that pauses the
+socket), which gives the bridge back-pressure for free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import secrets
+import signal
+import tarfile
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+from aiodocker.execs import Exec
+from aiodocker.stream import Stream
+
+from sandtrap.config import SandboxSettings
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox import engine
+from sandtrap.sandbox.base import ChangedFile, Chunk, ExitStatus, Sandbox, SandboxInfo, TermSize
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "sandtrap.managed"
+LABEL_SENSOR = "sandtrap.sensor"
+LABEL_CREATED = "sandtrap.created"
+LABEL_SESSION = "sandtrap.session"
+LABEL_SRC_IP = "sandtrap.src_ip"
+LABEL_ROLE = "sandtrap.role"
+
+_KIND = {0: "C", 1: "A", 2: "D"}
+_NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]")
+
+
+def safe_name(text: str) -> str:
+    return _NAME_SAFE.sub("-", text)[:48] or "x"
+
+
+def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The container's create body: every hardening item in one place (see README, Hardening)."""
+    security = []
+    if s.no_new_privileges:
+        security.append("no-new-privileges:true")
+    if s.seccomp_profile != "default":
+        try:
+            security.append("seccomp=" + Path(s.seccomp_profile).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SandboxError(f"sandbox.seccomp_profile: cannot read {s.seccomp_profile}: {exc}") from exc
+    host: dict[str, Any] = {
+        "NetworkMode": s.network,
+        "Memory": s.memory,
+        "MemorySwap": s.memory_swap or s.memory,
+        "NanoCpus": int(s.cpus * 1e9),
+        "PidsLimit": s.pids_limit,
+        "CapDrop": ["ALL"],
+        "CapAdd": list(s.cap_add),
+        "SecurityOpt": security,
+        "Privileged": False,
+        "ReadonlyRootfs": s.read_only_root,
+        "Tmpfs": dict(s.tmpfs),
+        "Ulimits": [
+            {"Name": "nofile", "Soft": s.ulimit_nofile, "Hard": s.ulimit_nofile},
+            {"Name": "nproc", "Soft": s.ulimit_nproc, "Hard": s.ulimit_nproc},
+        ],
+        "IpcMode": "private",
+        "ShmSize": 64 * 1024 * 1024,
+        "OomScoreAdj": 500,
+        "Init": False,
+        "AutoRemove": False,
+        "RestartPolicy": {"Name": "no"},
+        "LogConfig": {"Type": "none", "Config": {}},
+        "Binds": [],
+        "Mounts": [],
+        "Devices": [],
+    }
+    if s.read_only_root:
+        # Writable, image-populated places on a read-only root: anonymous volumes, removed with the box.
+        host["Mounts"] = [
+            {"Type": "volume", "Target": p} for p in ("/root", "/home", "/var/log", "/var/tmp", "/var/spool")
+        ]
+    if s.runtime:
+        host["Runtime"] = s.runtime
+    return {
+        "Image": s.image,
+        "Hostname": s.hostname,
+        "Domainname": s.domain,
+        "Labels": dict(labels),
+        "Tty": False,
+        "OpenStdin": False,
+        "AttachStdin": False,
+        "AttachStdout": False,
+        "AttachStderr": False,
+        "StopSignal": "SIGTERM",
+        "NetworkDisabled": s.network == "none",
+        "HostConfig": host,
+    }
+
+
+class DockerProcess:
+    """A ``docker exec`` with its hijacked stream; output is bounded by aiodocker's flow-control queue."""
+
+    def __init__(self, execution: Exec, stream: Stream, tty: bool) -> None:
+        self._exec = execution
+        self._stream = stream
+        self._tty = tty
+        self._stdin_closed = False
+        self._status: ExitStatus | None = None
+
+    async def read(self) -> Chunk | None:
+        try:
+            msg = await self._stream.read_out()
+        except (aiodocker.DockerError, OSError) as exc:
+            log.debug("exec stream read ended: %r", exc)
+            return None
+        if msg is None:
+            return None
+        return Chunk(msg.stream, msg.data)
+
+    async def write(self, data: bytes) -> None:
+        if self._stdin_closed:
+            return
+        try:
+            await self._stream.write_in(data)
+        except (RuntimeError, OSError, AssertionError) as exc:
+            raise SandboxError(f"write to process stdin failed: {exc}") from exc
+
+    async def close_stdin(self) -> None:
+        """Half-close the hijacked connection: the engine turns it into EOF on the process's stdin."""
+        if self._stdin_closed:
+            return
+        self._stdin_closed = True
+        resp = self._stream._resp  # aiodocker keeps no public half-close; this is its own transport
+        conn = resp.connection if resp is not None else None
+        transport = conn.transport if conn is not None else None
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+
+    async def resize(self, size: TermSize) -> None:
+        if not self._tty:
+            return
+        try:
+            await engine.call("exec resize", self._exec.resize(h=size.rows, w=size.cols), 10)
+        except SandboxError as exc:
+            log.debug("resize ignored: %s", exc)
+
+    async def wait(self) -> ExitStatus:
+        if self._status is not None:
+            return self._status
+        deadline = time.monotonic() + 10.0
+        delay = 0.005
+        while True:
+            info = await engine.call("exec inspect", self._exec.inspect(), 10)
+            if not info.get("Running") or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        code = info.get("ExitCode")
+        self._status = exit_status(code if isinstance(code, int) else 255)
+        await self._close()
+        return self._status
+
+    async def kill(self) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        try:
+            await self._stream.close()
+        except Exception as exc:  # closing a broken stream must never break a session
+            log.debug("exec stream close: %r", exc)
+
+
+def parse_docker_time(text: str) -> datetime | None:
+    """Docker's RFC 3339 times carry nanoseconds; Python takes microseconds."""
+    if not text or text.startswith("0001"):
+        return None
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", text)
+    if not m:
+        return None
+    frac = (m.group(2) or ".0")[:7]
+    tz = "+00:00" if m.group(3) == "Z" else m.group(3)
+    return datetime.fromisoformat(m.group(1) + frac + tz)
+
+
+def exit_status(code: int) -> ExitStatus:
+    """Docker reports a process killed by signal N as 128+N; SSH wants the signal's name."""
+    if 128 < code < 128 + 32:
+        try:
+            name = signal.Signals(code - 128).name.removeprefix("SIG")
+        except ValueError:
+            return ExitStatus(code)
+        if name in {"KILL", "TERM", "HUP", "INT", "QUIT", "SEGV", "ABRT", "PIPE", "ALRM", "USR1", "USR2", "ILL", "FPE"}:
+            return ExitStatus(code, name)
+    return ExitStatus(code)
+
+
+class DockerSandbox:
+    def __init__(self, client: aiodocker.Docker, container_id: str, name: str) -> None:
+        self._client = client
+        self.id = container_id
+        self.name = name
+
+    def _container(self) -> aiodocker.containers.DockerContainer:
+        return self._client.containers.container(self.id)
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        tty: TermSize | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str = "root",
+        workdir: str | None = None,
+    ) -> DockerProcess:
+        container = self._container()
+        execution = await engine.call(
+            "exec create",
+            container.exec(
+                cmd=argv,
+                stdout=True,
+                stderr=True,
+                stdin=True,
+                tty=tty is not None,
+                environment=dict(env) if env else None,
+                user=user,
+                workdir=workdir,
+            ),
+        )
+        stream = execution.start(detach=False)
+        try:
+            await engine.call("exec start", stream._init())
+        except BaseException:
+            await stream.close()
+            raise
+        proc = DockerProcess(execution, stream, tty is not None)
+        if tty is not None:
+            await proc.resize(tty)
+        return proc
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        p = Path(path)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(p.name)
+            info.size = len(data)
+            info.mode = mode
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+        await engine.call("put archive", self._container().put_archive(str(p.parent), buf.getvalue()))  # type: ignore[no-untyped-call]
+
+    async def get_file(self, path: str, max_bytes: int) -> bytes | None:
+        try:
+            tar = await engine.call("get archive", self._container().get_archive(path))
+        except SandboxError as exc:
+            if engine.is_not_found(exc):
+                return None
+            raise
+        with tar:
+            member = tar.next()
+            if member is None or not member.isfile() or member.size > max_bytes:
+                return None
+            f = tar.extractfile(member)
+            return f.read() if f is not None else None
+
+    async def changed_files(self) -> list[ChangedFile]:
+        """The engine's diff against the image, plus regular files in the tmpfs mounts it cannot see."""
+        raw = await engine.call("container changes", self._client._query_json(f"containers/{self.id}/changes"))
+        out = [ChangedFile(c["Path"], _KIND.get(c["Kind"], "C")) for c in raw or []]  # type: ignore[arg-type]
+        info = await engine.call("inspect", self._container().show())
+        tmpfs = sorted((info.get("HostConfig") or {}).get("Tmpfs") or {})
+        if tmpfs and info.get("State", {}).get("Running"):
+            proc = await self.exec(["find", *tmpfs, "-xdev", "-type", "f"], user="root")
+            data = bytearray()
+            while (chunk := await proc.read()) is not None:
+                if chunk.stream == 1 and len(data) < 4 * 1024 * 1024:
+                    data += chunk.data
+            await proc.wait()
+            out += [ChangedFile(line, "A") for line in data.decode("utf-8", "surrogateescape").splitlines() if line]
+        return out
+
+    async def is_running(self) -> bool:
+        try:
+            info = await engine.call("inspect", self._container().show(), 10)
+        except SandboxError as exc:
+            if engine.is_not_found(exc):
+                return False
+            raise
+        return bool(info.get("State", {}).get("Running"))
+
+    async def stop(self) -> None:
+        try:
+            await engine.call("stop", self._container().stop(t=2), 30)
+        except SandboxError as exc:
+            if not engine.is_not_found(exc) and "304" not in str(exc):
+                raise
+
+    async def remove(self) -> None:
+        try:
+            await engine.call("remove", self._container().delete(force=True, v=True), 30)
+        except SandboxError as exc:
+            if not engine.is_not_found(exc) and "409" not in str(exc):
+                raise
+
+
+class DockerBackend:
+    """Creates hardened containers for one sensor and finds those a previous run left."""
+
+    def __init__(self, settings: SandboxSettings, sensor: str) -> None:
+        self._settings = settings
+        self._sensor = sensor
+        self._client = engine.connect(settings.docker_host)
+
+    @property
+    def settings(self) -> SandboxSettings:
+        return self._settings
+
+    def labels(self, session: str = "", src_ip: str = "") -> dict[str, str]:
+        return {
+            LABEL_MANAGED: "true",
+            LABEL_SENSOR: self._sensor,
+            LABEL_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+            LABEL_SESSION: session,
+            LABEL_SRC_IP: src_ip,
+            LABEL_ROLE: "session" if session else "warm",
+        }
+
+    def new_name(self, session: str = "") -> str:
+        kind = f"s-{safe_name(session)}" if session else f"w-{secrets.token_hex(4)}"
+        return f"sandtrap-{safe_name(self._sensor)}-{kind}"
+
+    async def create(self, labels: Mapping[str, str], name: str) -> DockerSandbox:
+        config = create_config(self._settings, labels)
+        container = await engine.call(
+            "create container", self._client.containers.create(config, name=name), self._settings.start_timeout_s
+        )
+        sandbox = DockerSandbox(self._client, container.id, name)
+        try:
+            await engine.call("start container", container.start(), self._settings.start_timeout_s)
+        except BaseException:
+            await asyncio.shield(sandbox.remove())
+            raise
+        return sandbox
+
+    async def assign(self, sandbox: Sandbox, session: str, src_ip: str) -> None:
+        """Docker labels are immutable: a warm box takes the session into its name instead."""
+        new = f"{self.new_name(session)}-{secrets.token_hex(2)}"
+        await engine.call("rename", self._client.containers.container(sandbox.id).rename(new), 10)
+        sandbox.name = new
+
+    def sandbox(self, container_id: str, name: str) -> DockerSandbox:
+        return DockerSandbox(self._client, container_id, name)
+
+    async def list_managed(self) -> list[SandboxInfo]:
+        """Every container of this sensor, with the state it is in now."""
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_SENSOR}={self._sensor}"]}
+        rows = await engine.call("list containers", self._client.containers.list(all=True, filters=filters))
+        out = []
+        for c in rows:
+            raw = c._container
+            labels: dict[str, str] = raw.get("Labels") or {}
+            name = (raw.get("Names") or ["/" + c.id[:12]])[0].lstrip("/")
+            running = raw.get("State") == "running"
+            is_session = bool(labels.get(LABEL_SESSION)) or "-s-" in name
+            state = ("active" if is_session else "warm") if running else "preserved"
+            released = None if running else await self._finished_at(c.id)
+            out.append(
+                SandboxInfo(
+                    id=c.id,
+                    name=name,
+                    state=state,  # type: ignore[arg-type]
+                    created=datetime.fromtimestamp(raw.get("Created", 0), UTC),
+                    session=labels.get(LABEL_SESSION, ""),
+                    src_ip=labels.get(LABEL_SRC_IP, ""),
+                    released=released,
+                    labels=labels,
+                )
+            )
+        return out
+
+    async def _finished_at(self, container_id: str) -> datetime | None:
+        try:
+            info = await engine.call("inspect", self._client.containers.container(container_id).show())
+        except SandboxError:
+            return None
+        return parse_docker_time((info.get("State") or {}).get("FinishedAt") or "")
+
+    async def ping(self) -> None:
+        await engine.call("ping", self._client.version(), 5)
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,306 @@
+"""A pre-warmed pool of sandboxes: acquire pops a warm one, release keeps it stopped for forensics.
+
+Bookkeeping: every sandbox this sensor owns is in exactly one of ``warm`` (running, unassigned),
+``active`` (running, a session's) or ``preserved`` (stopped, kept under the retention policy).
+A small ledger (one JSON file per sandbox in ``state_dir``) keeps what Docker labels cannot
+(labels are immutable, so a warm box learns its session after creation): session, source IP,
+acquired and released times. At start-up :meth:`Pool.start` reconciles what a crash left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sandtrap.config import SandboxSettings
+from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class Ledger:
+    """Per-sandbox JSON records, written atomically so a SIGKILL leaves whole files."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sandbox_id: str) -> Path:
+        return self._dir / f"{sandbox_id[:64]}.json"
+
+    def write(self, info: SandboxInfo) -> None:
+        data = asdict(info)
+        for key in ("created", "acquired", "released"):
+            if data[key] is not None:
+                data[key] = data[key].isoformat()
+        path = self._path(info.id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def read(self, sandbox_id: str) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self._path(sandbox_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data
+
+    def delete(self, sandbox_id: str) -> None:
+        self._path(sandbox_id).unlink(missing_ok=True)
+
+
+def _when(value: Any) -> datetime | None:
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
+class Pool:
+    def __init__(self, backend: SandboxBackend, settings: SandboxSettings, state_dir: Path) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._ledger = Ledger(state_dir)
+        self._warm: list[Sandbox] = []
+        self._active: dict[str, tuple[Sandbox, SandboxInfo]] = {}
+        self._preserved: dict[str, SandboxInfo] = {}
+        self._creating = 0
+        self._refill_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.start_failures = 0
+        self.on_demand_creations = 0
+
+    # -- counts -----------------------------------------------------------------------------
+    @property
+    def warm(self) -> int:
+        return len(self._warm)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def preserved(self) -> int:
+        return len(self._preserved)
+
+    @property
+    def live(self) -> int:
+        return len(self._warm) + len(self._active) + self._creating
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "warm": self.warm,
+            "active": self.active,
+            "preserved": self.preserved,
+            "creating": self._creating,
+            "start_failures": self.start_failures,
+        }
+
+    def info(self, sandbox: Sandbox) -> SandboxInfo | None:
+        entry = self._active.get(sandbox.id)
+        return entry[1] if entry else None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    async def start(self, progress: Progress | None = None) -> None:
+        """Reconcile leftovers, then warm ``pool_size`` sandboxes in parallel."""
+        await self.reconcile()
+        target = self._refill_target()
+        log.info("pool warm-up: %d sandboxes", target)
+        done = 0
+        if progress:
+            progress(0, target)
+
+        async def one() -> None:
+            nonlocal done
+            await self._warm_one()
+            done += 1
+            if progress:
+                progress(done, target)
+
+        results = await asyncio.gather(*(one() for _ in range(target)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and len(errors) == target:
+            raise SandboxUnavailable(f"pool warm-up failed: {errors[0]}")
+        for err in errors:
+            log.warning("pool warm-up: one sandbox failed: %s", err)
+        log.info("pool ready: %d warm", self.warm)
+
+    async def reconcile(self) -> None:
+        """Adopt what a previous run left: stale warm boxes go, session boxes are kept for forensics."""
+        for info in await self._backend.list_managed():
+            sandbox = self._backend.sandbox(info.id, info.name)
+            record = self._ledger.read(info.id)
+            if info.state == "warm" and not record.get("session"):
+                log.info("reconcile: removing stale warm sandbox %s", info.name)
+                await self._quietly(sandbox.remove())
+                self._ledger.delete(info.id)
+                continue
+            if info.state in ("active", "warm"):
+                log.info("reconcile: stopping sandbox %s left running by a previous run", info.name)
+                await self._quietly(sandbox.stop())
+            info.state = "preserved"
+            info.session = record.get("session") or info.session
+            info.src_ip = record.get("src_ip") or info.src_ip
+            info.acquired = _when(record.get("acquired"))
+            info.released = _when(record.get("released")) or info.released or datetime.now(UTC)
+            self._ledger.write(info)
+            self._preserved[info.id] = info
+        await self.enforce_retention()
+
+    async def acquire(self, session: str, src_ip: str) -> Sandbox:
+        """A running sandbox for ``session``: a warm one if any, else a new one (with a warning)."""
+        if self._closed:
+            raise SandboxUnavailable("pool is shut down")
+        sandbox: Sandbox | None = None
+        while self._warm:
+            candidate = self._warm.pop(0)
+            sandbox = candidate
+            break
+        if sandbox is not None:
+            try:
+                await self._backend.assign(sandbox, session, src_ip)
+            except SandboxError as exc:
+                log.warning("warm sandbox %s unusable (%s); creating one", sandbox.name, exc)
+                await self._quietly(sandbox.remove())
+                sandbox = None
+        if sandbox is None:
+            if self.live >= self._settings.max_sandboxes:
+                self.refill()
+                raise SandboxUnavailable(
+                    f"sandbox cap reached ({self._settings.max_sandboxes} live; sandbox.max_sandboxes)"
+                )
+            log.warning("pool empty: creating a sandbox on demand for session %s", session)
+            self.on_demand_creations += 1
+            sandbox = await self._create(session, src_ip)
+        now = datetime.now(UTC)
+        info = SandboxInfo(
+            id=sandbox.id,
+            name=sandbox.name,
+            state="active",
+            created=now,
+            session=session,
+            src_ip=src_ip,
+            acquired=now,
+        )
+        self._ledger.write(info)
+        self._active[sandbox.id] = (sandbox, info)
+        self.refill()
+        return sandbox
+
+    async def release(self, sandbox: Sandbox) -> None:
+        """Stop (never remove) a session's sandbox and keep it for forensics; then enforce retention."""
+        entry = self._active.pop(sandbox.id, None)
+        info = entry[1] if entry else SandboxInfo(sandbox.id, sandbox.name, "active", datetime.now(UTC))
+        try:
+            await sandbox.stop()
+        except SandboxError as exc:
+            log.warning("release: stopping %s failed: %s", sandbox.name, exc)
+        info.state = "preserved"
+        info.name = sandbox.name
+        info.released = datetime.now(UTC)
+        self._ledger.write(info)
+        self._preserved[sandbox.id] = info
+        self.refill()
+        await self.enforce_retention()
+
+    async def enforce_retention(self) -> None:
+        """Keep at most ``retention_keep`` stopped sandboxes, none older than ``retention_hours``."""
+        limit = self._settings.retention_keep
+        max_age = timedelta(hours=self._settings.retention_hours)
+        now = datetime.now(UTC)
+        by_age = sorted(self._preserved.values(), key=lambda i: i.released or i.created)
+        doomed = [i for i in by_age if now - (i.released or i.created) > max_age]
+        rest = [i for i in by_age if i not in doomed]
+        if len(rest) > limit:
+            doomed += rest[: len(rest) - limit]
+        for info in doomed:
+            log.info("retention: removing preserved sandbox %s (session %s)", info.name, info.session)
+            try:
+                await self._backend.sandbox(info.id, info.name).remove()
+            except SandboxError as exc:
+                log.warning("retention: removing %s failed: %s", info.name, exc)
+                continue
+            self._preserved.pop(info.id, None)
+            self._ledger.delete(info.id)
+
+    def refill(self) -> None:
+        """Start (at most one) background task that brings the warm count back to ``pool_size``."""
+        if self._closed or (self._refill_task is not None and not self._refill_task.done()):
+            return
+        self._refill_task = self._spawn(self._refill())
+
+    async def wait_refilled(self) -> None:
+        while self._refill_task is not None and not self._refill_task.done():
+            await asyncio.wait({self._refill_task})
+
+    async def close(self) -> None:
+        """Graceful shutdown: warm boxes are removed (never used), active ones stopped and kept."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        warm, self._warm = self._warm, []
+        await asyncio.gather(*(self._quietly(s.remove()) for s in warm))
+        for sandbox, _ in list(self._active.values()):
+            await self.release(sandbox)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _refill_target(self) -> int:
+        room = self._settings.max_sandboxes - len(self._active) - self._creating
+        return max(0, min(self._settings.pool_size - len(self._warm) - self._creating, room))
+
+    async def _refill(self) -> None:
+        failures = 0
+        while not self._closed and (missing := self._refill_target()) > 0 and failures < 3:
+            results = await asyncio.gather(*(self._warm_one() for _ in range(missing)), return_exceptions=True)
+            errs = [r for r in results if isinstance(r, BaseException)]
+            for err in errs:
+                if isinstance(err, asyncio.CancelledError):
+                    raise err
+                log.warning("pool refill: %s", err)
+            if errs:
+                failures += 1
+                await asyncio.sleep(min(30.0, 2.0**failures))
+
+    async def _warm_one(self) -> None:
+        sandbox = await self._create("", "")
+        if self._closed:
+            await self._quietly(sandbox.remove())
+            return
+        self._warm.append(sandbox)
+
+    async def _create(self, session: str, src_ip: str) -> Sandbox:
+        self._creating += 1
+        try:
+            return await self._backend.create(self._backend.labels(session, src_ip), self._backend.new_name(session))
+        except SandboxError:
+            self.start_failures += 1
+            raise
+        finally:
+            self._creating -= 1
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _quietly(aw: Any) -> None:
+        try:
+            await aw
+        except SandboxError as exc:
+            log.warning("%s", exc)

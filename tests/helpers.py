@@ -1,0 +1,28 @@
+"""Helpers for integration tests (import as ``from helpers import run``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sandtrap.sandbox import engine
+from sandtrap.sandbox.docker import LABEL_SENSOR
+
+
+async def remove_sensor_containers(sensor: str) -> None:
+    async with engine.engine() as client:
+        rows = await client.containers.list(all=True, filters={"label": [f"{LABEL_SENSOR}={sensor}"]})
+        await asyncio.gather(*(c.delete(force=True, v=True) for c in rows), return_exceptions=True)
+
+
+async def run(sandbox: Any, cmd: str, user: str = "root", stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Run ``sh -c cmd`` in a sandbox; return (exit code, stdout, stderr)."""
+    proc = await sandbox.exec(["sh", "-c", cmd], user=user)
+    if stdin is not None:
+        await proc.write(stdin)
+    await proc.close_stdin()
+    out, err = bytearray(), bytearray()
+    while (chunk := await proc.read()) is not None:
+        (out if chunk.stream == 1 else err).extend(chunk.data)
+    status = await proc.wait()
+    return status.code, out.decode(errors="replace"), err.decode(errors="replace")
