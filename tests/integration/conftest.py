@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_image import built_image  # noqa: F401  (session fixture: builds/reuses the image)
 
-from helpers import remove_sensor_containers
 from sandtrap.config import SandboxSettings
 from sandtrap.sandbox.docker import DockerBackend
+
+from conftest_image import built_image  # noqa: F401  (session fixture: builds/reuses the image)
+from helpers import remove_sensor_containers
 
 
 @pytest.fixture

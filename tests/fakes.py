@@ -1,0 +1,116 @@
+"""Test doubles for pure-logic tests: an in-memory sandbox backend (no engine, no processes)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import ChangedFile, ExitStatus, SandboxInfo, TermSize
+
+_ids = itertools.count(1)
+
+
+class FakeProcess:
+    def __init__(self, output: bytes) -> None:
+        self._output = output
+        self.written = bytearray()
+        self.size: TermSize | None = None
+
+    async def read(self) -> None:
+        return None
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+
+    async def close_stdin(self) -> None:
+        pass
+
+    async def resize(self, size: TermSize) -> None:
+        self.size = size
+
+    async def wait(self) -> ExitStatus:
+        return ExitStatus(0)
+
+    async def kill(self) -> None:
+        pass
+
+
+class FakeSandbox:
+    def __init__(self, backend: FakeBackend, name: str, labels: Mapping[str, str]) -> None:
+        self.id = f"fake{next(_ids):08d}"
+        self.name = name
+        self.labels = dict(labels)
+        self.running = True
+        self.removed = False
+        self.files: dict[str, bytes] = {}
+        self._backend = backend
+
+    async def exec(self, argv: list[str], **_: object) -> FakeProcess:
+        if not self.running:
+            raise SandboxError("not running")
+        return FakeProcess(b"")
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.files[path] = data
+
+    async def get_file(self, path: str, max_bytes: int) -> bytes | None:
+        data = self.files.get(path)
+        return data if data is not None and len(data) <= max_bytes else None
+
+    async def changed_files(self) -> list[ChangedFile]:
+        return [ChangedFile(p, "A") for p in self.files]
+
+    async def is_running(self) -> bool:
+        return self.running
+
+    async def stop(self) -> None:
+        self.running = False
+
+    async def remove(self) -> None:
+        self.running = False
+        self.removed = True
+        self._backend.boxes.pop(self.id, None)
+
+
+class FakeBackend:
+    def __init__(self, fail_creates: int = 0) -> None:
+        self.boxes: dict[str, FakeSandbox] = {}
+        self.fail_creates = fail_creates
+        self.created = 0
+
+    def labels(self, session: str = "", src_ip: str = "") -> dict[str, str]:
+        return {"sandtrap.session": session, "sandtrap.src_ip": src_ip}
+
+    def new_name(self, session: str = "") -> str:
+        return f"fake-s-{session}" if session else f"fake-w-{next(_ids)}"
+
+    async def create(self, labels: Mapping[str, str], name: str) -> FakeSandbox:
+        if self.fail_creates:
+            self.fail_creates -= 1
+            raise SandboxError("engine said no")
+        self.created += 1
+        box = FakeSandbox(self, name, labels)
+        self.boxes[box.id] = box
+        return box
+
+    async def assign(self, sandbox: FakeSandbox, session: str, src_ip: str) -> None:  # type: ignore[override]
+        sandbox.name = f"fake-s-{session}"
+
+    def sandbox(self, sandbox_id: str, name: str) -> FakeSandbox:
+        return self.boxes[sandbox_id]
+
+    async def list_managed(self) -> list[SandboxInfo]:
+        out = []
+        for b in self.boxes.values():
+            is_session = "-s-" in b.name
+            state = ("active" if is_session else "warm") if b.running else "preserved"
+            out.append(SandboxInfo(b.id, b.name, state, datetime.now(UTC)))  # type: ignore[arg-type]
+        return out
+
+    async def ping(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
