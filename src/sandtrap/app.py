@@ -9,10 +9,14 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import Settings
+from sandtrap.events import EventBus, EventSink
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
+from sandtrap.ssh.auth import AuthPolicy
+from sandtrap.ssh.server import ServerContext, SSHFrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +32,34 @@ class Services:
     settings: Settings
     backend: SandboxBackend
     pool: Pool
+    bus: EventBus
+    manager: SessionManager
+    ssh: SSHFrontEnd
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, progress: Progress | None = None) -> AsyncIterator[Services]:
+async def running(
+    settings: Settings, progress: Progress | None = None, sinks: list[EventSink] | None = None
+) -> AsyncIterator[Services]:
     """Start every service; stop them all (gracefully) on exit."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     backend = build_backend(settings)
     pool = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
+    bus = EventBus()
+    for sink in sinks or []:
+        bus.add_sink(sink)
+    manager = SessionManager(pool, settings.sandbox, settings.limits)
+    ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus)
+    ssh = SSHFrontEnd(ctx, settings.data_dir)
     try:
         await backend.ping()
         await pool.start(progress)
-        yield Services(settings, backend, pool)
+        await ssh.start()
+        yield Services(settings, backend, pool, bus, manager, ssh)
     finally:
-        log.info("shutting down: stopping sandboxes")
+        log.info("shutting down: closing listener, stopping sandboxes")
+        await asyncio.shield(ssh.close())
+        await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
         await backend.close()
 

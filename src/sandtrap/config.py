@@ -26,7 +26,7 @@ from pydantic import (
 from sandtrap.errors import ConfigError
 
 # Debian bookworm's OpenSSH (the sandbox image's own sshd): the version string a scanner expects.
-DEFAULT_SSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u7"
+DEFAULT_SSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _SIZE_FACTORS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -80,6 +80,8 @@ class SSHSettings(_Section):
     host_key_dir: str = Field("", description="default: <data_dir>/hostkeys")
     login_grace_time_s: float = Field(120.0, gt=0, description="OpenSSH LoginGraceTime")
     max_auth_tries: int = Field(6, ge=1, description="OpenSSH MaxAuthTries")
+    advertised_port: int = Field(22, ge=1, le=65535, description="server port shown in SSH_CONNECTION")
+    max_env_vars: int = Field(64, ge=0, description="client env requests kept per channel")
 
     @field_validator("version")
     @classmethod
@@ -229,6 +231,15 @@ class ImageSettings(_Section):
         return v
 
 
+class LimitsSettings(_Section):
+    max_sessions: int = Field(100, ge=1, description="concurrent connections overall")
+    max_sessions_per_ip: int = Field(5, ge=1, description="concurrent connections per source IP")
+    idle_timeout_s: float = Field(600.0, gt=0, description="no input or output for this long ends the session")
+    max_duration_s: float = Field(3600.0, gt=0, description="a session ends after this long")
+    max_bytes_in: ByteSize = Field(parse_size("256m"), description="bytes from the attacker per session")
+    max_bytes_out: ByteSize = Field(parse_size("1g"), description="bytes to the attacker per session")
+
+
 class StorageSettings(_Section):
     data_dir: str = "./data"
     database_url: str = Field("", description="default: sqlite:///<data_dir>/sandtrap.db")
@@ -246,6 +257,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     sandbox: SandboxSettings = SandboxSettings()
     image: ImageSettings = ImageSettings()
+    limits: LimitsSettings = LimitsSettings()
     storage: StorageSettings = StorageSettings()
     api: APISettings = APISettings()
 
@@ -298,7 +310,7 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
             raise ConfigError(f"{p}: the top level must be a mapping of sections (ssh:, auth:, sandbox:, ...)")
         data = loaded
     if overrides:
-        data = _merge(data, overrides)
+        data = merge(data, overrides)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
@@ -307,11 +319,11 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out

@@ -15,7 +15,7 @@ session_context: contextvars.ContextVar[str] = contextvars.ContextVar("sandtrap_
 
 
 class ContextFormatter(logging.Formatter):
-    converter = staticmethod(time.gmtime)  # type: ignore[assignment]
+    converter = staticmethod(time.gmtime)
 
     def __init__(self) -> None:
         super().__init__(

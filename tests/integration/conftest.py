@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import secrets
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sandtrap.config import SandboxSettings
+from sandtrap.app import Services, running
+from sandtrap.config import SandboxSettings, Settings, load_settings, merge
+from sandtrap.events import CaptureSink, Event
 from sandtrap.sandbox.docker import DockerBackend
 
 from conftest_image import built_image  # noqa: F401  (session fixture: builds/reuses the image)
@@ -57,3 +64,61 @@ async def backend(
 @pytest.fixture
 def tmp_state(tmp_path: Path) -> Path:
     return tmp_path / "sandboxes"
+
+
+@dataclass
+class Honeypot:
+    """A running honeypot (in this process) on a loopback port, with every event captured."""
+
+    settings: Settings
+    services: Services
+    capture: CaptureSink
+
+    @property
+    def port(self) -> int:
+        return self.services.ssh.port
+
+    def events(self, eventid: str | None = None, session: str | None = None) -> list[Event]:
+        return [
+            e
+            for e in self.capture.events
+            if (eventid is None or e.eventid == eventid) and (session is None or e.session == session)
+        ]
+
+    async def wait_for(self, eventid: str, count: int = 1, timeout_s: float = 30.0, **fields: Any) -> list[Event]:
+        """Wait until ``count`` events of ``eventid`` (with matching fields) were emitted."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                found = [e for e in self.events(eventid) if all(e.get(k) == v for k, v in fields.items())]
+                if len(found) >= count:
+                    return found
+                await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: ``hp = await honeypot(auth={...}, sandbox={...})`` starts one; all stop after the test."""
+    stack = contextlib.AsyncExitStack()
+
+    async def start(**overrides: Any) -> Honeypot:
+        base: dict[str, Any] = {
+            "sensor": sensor,
+            "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(HOST_KEYS)},
+            "sandbox": {"image": built_image, "pool_size": 1},
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "auth": {"credentials": [{"username": "root", "password": "hunter2"}], "accept_all_after": 0},
+        }
+        settings = load_settings(None, merge(base, overrides))
+        capture = CaptureSink()
+        services = await stack.enter_async_context(running(settings, sinks=[capture]))
+        return Honeypot(settings, services, capture)
+
+    try:
+        yield start
+    finally:
+        await stack.aclose()
+        await remove_sensor_containers(sensor)
+
+
+# Host keys are generated once per test run (RSA 3072 takes a moment) and shared by every honeypot.
+HOST_KEYS = Path(tempfile.gettempdir()) / f"sandtrap-test-hostkeys-{os.getpid()}"

@@ -12,12 +12,14 @@ def create_app():
     settings = configparser.ConfigParser()
     settings.read(os.path.join(BASE_DIR, "config", "settings.ini"))
 
-    app = Flask(__name__, template_folder=os.path.join(BASE_DIR, "templates"),
-                static_folder=os.path.join(BASE_DIR, "static"))
+    app = Flask(
+        __name__, template_folder=os.path.join(BASE_DIR, "templates"), static_folder=os.path.join(BASE_DIR, "static")
+    )
     app.config["SECRET_KEY"] = os.environ["SECRET_KEY"]
     app.config["SETTINGS"] = settings
 
     from . import api, db, views
+
     db.init_app(app)
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")

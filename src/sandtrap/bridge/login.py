@@ -1,0 +1,127 @@
+"""What sshd would run in the box: the account, the login environment, the argv per channel kind.
+
+Everything here that came from the attacker (user name, password, command, client env) is passed as
+an argv element or on stdin, never spliced into a shell string.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import Sandbox
+
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
+# Debian's sshd_config: "AcceptEnv LANG LC_*" (plus what OpenSSH itself always takes: TERM via the pty).
+_ACCEPT_ENV = re.compile(r"LANG|LC_[A-Z_]+")
+_MAX_ENV_VALUE = 1024
+
+# Make sure the account exists (sshd would have found it in /etc/passwd) and carries the password
+# the attacker logged in with, so `sudo` and `su` in the box agree with the login. Prints passwd line.
+_ENSURE_ACCOUNT = r"""
+u="$1"
+if ! getent passwd "$u" >/dev/null; then
+  useradd -m -s /bin/bash "$u" >/dev/null 2>&1 || exit 3
+fi
+IFS= read -r pw || true
+if [ -n "$pw" ]; then printf '%s:%s\n' "$u" "$pw" | chpasswd >/dev/null 2>&1 || true; fi
+getent passwd "$u"
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    uid: int
+    home: str
+    shell: str
+
+    @property
+    def path(self) -> str:
+        return ROOT_PATH if self.uid == 0 else USER_PATH
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+
+
+async def ensure_account(sandbox: Sandbox, username: str, password: str | None) -> Account:
+    """Create the user in the box if needed, set its password, and return its passwd entry."""
+    proc = await sandbox.exec(["sh", "-c", _ENSURE_ACCOUNT, "sh", username])
+    if password and not any(c in password for c in "\r\n\0"):
+        await proc.write(password.encode("utf-8", "surrogateescape") + b"\n")
+    await proc.close_stdin()
+    out = bytearray()
+    while (chunk := await proc.read()) is not None:
+        if chunk.stream == 1 and len(out) < 4096:
+            out += chunk.data
+    status = await proc.wait()
+    line = out.decode("utf-8", "replace").strip().splitlines()
+    if status.code != 0 or not line:
+        raise SandboxError(f"cannot set up account {username!r} in the sandbox (exit {status.code})")
+    parts = line[-1].split(":")
+    if len(parts) < 7:
+        raise SandboxError(f"unexpected passwd entry for {username!r}")
+    return Account(name=parts[0], uid=int(parts[2]), home=parts[5] or "/", shell=parts[6] or "/bin/sh")
+
+
+def accepted_env(client_env: Mapping[str, str]) -> dict[str, str]:
+    """The client's env requests that Debian's sshd would accept (AcceptEnv LANG LC_*)."""
+    out = {}
+    for k, v in client_env.items():
+        if _ACCEPT_ENV.fullmatch(k) and "\0" not in v and len(v) <= _MAX_ENV_VALUE:
+            out[k] = v
+    return out
+
+
+def login_env(
+    account: Account,
+    peer: Peer,
+    client_env: Mapping[str, str],
+    term: str | None,
+    advertised_port: int,
+) -> dict[str, str]:
+    """The environment sshd gives a session, with no engine-added variables."""
+    env = {
+        "USER": account.name,
+        "LOGNAME": account.name,
+        "HOME": account.home,
+        "PATH": account.path,
+        "SHELL": account.shell,
+        "MAIL": f"/var/mail/{account.name}",
+        "SSH_CLIENT": f"{peer.src_ip} {peer.src_port} {advertised_port}",
+        "SSH_CONNECTION": f"{peer.src_ip} {peer.src_port} {peer.dst_ip} {advertised_port}",
+    }
+    if term:
+        env["TERM"] = term
+    env.update(accepted_env(client_env))
+    return env
+
+
+def _with_env(env: Mapping[str, str], argv: list[str]) -> list[str]:
+    # `env -i` drops what the engine adds to every exec (HOSTNAME, the image's own variables).
+    return ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
+
+
+def shell_argv(account: Account, env: Mapping[str, str], pty: bool, src_ip: str) -> list[str]:
+    if pty:
+        # A real login on the pty: PAM prints the motd and "Last login", utmp/wtmp/lastlog get the
+        # attacker's address, and the shell runs as a login shell (-bash) in $HOME.
+        return _with_env(env, ["/bin/login", "-p", "-h", src_ip, "-f", account.name])
+    return _with_env(env, [account.shell, "-l"])
+
+
+def exec_argv(account: Account, env: Mapping[str, str], command: str) -> list[str]:
+    return _with_env(env, [account.shell, "-c", command])
+
+
+def sftp_argv(env: Mapping[str, str]) -> list[str]:
+    return _with_env(env, [SFTP_SERVER])

@@ -1,0 +1,146 @@
+"""Which sandbox a connection gets, who may connect, and when a box goes back for forensics.
+
+Affinity ``session``: a fresh box per connection, released when the connection ends.
+Affinity ``source_ip``: one box per source address; a reconnect within ``ip_ttl_s`` of the last
+connection's end lands in the same box; after the TTL the box is released.
+Concurrent channels of one connection share its box (the acquisition is one shared future).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sandtrap.bridge.login import Account, ensure_account
+from sandtrap.config import LimitsSettings, SandboxSettings
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import Sandbox
+from sandtrap.sandbox.pool import Pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _IpBox:
+    sandbox: Sandbox
+    users: int = 0
+    timer: asyncio.TimerHandle | None = None
+    accounts: dict[str, Account] = field(default_factory=dict)
+
+
+@dataclass
+class Lease:
+    """A connection's hold on its sandbox."""
+
+    session: str
+    src_ip: str
+    sandbox: Sandbox
+    acquire_ms: float
+    accounts: dict[str, Account]
+    reused: bool = False
+
+
+class SessionManager:
+    def __init__(self, pool: Pool, sandbox: SandboxSettings, limits: LimitsSettings) -> None:
+        self._pool = pool
+        self._settings = sandbox
+        self._limits = limits
+        self._per_ip: Counter[str] = Counter()
+        self._total = 0
+        self._by_ip: dict[str, _IpBox] = {}
+        self._ip_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def active_connections(self) -> int:
+        return self._total
+
+    def admit(self, src_ip: str) -> str | None:
+        """Count a new connection in, or say which limit refuses it."""
+        if self._total >= self._limits.max_sessions:
+            return "max_sessions"
+        if self._per_ip[src_ip] >= self._limits.max_sessions_per_ip:
+            return "max_sessions_per_ip"
+        self._total += 1
+        self._per_ip[src_ip] += 1
+        return None
+
+    def leave(self, src_ip: str) -> None:
+        self._total -= 1
+        self._per_ip[src_ip] -= 1
+        if self._per_ip[src_ip] <= 0:
+            del self._per_ip[src_ip]
+
+    async def lease(self, session: str, src_ip: str) -> Lease:
+        """The sandbox for a connection (raises SandboxUnavailable when none can be had)."""
+        start = time.monotonic()
+        if self._settings.affinity == "source_ip":
+            lock = self._ip_locks.setdefault(src_ip, asyncio.Lock())
+            async with lock:
+                held = self._by_ip.get(src_ip)
+                if held is not None and await held.sandbox.is_running():
+                    if held.timer is not None:
+                        held.timer.cancel()
+                        held.timer = None
+                    held.users += 1
+                    return Lease(session, src_ip, held.sandbox, 0.0, held.accounts, reused=True)
+                if held is not None:  # the box died meanwhile: forget it
+                    self._by_ip.pop(src_ip, None)
+                    self._spawn(self._pool.release(held.sandbox))
+                sandbox = await self._pool.acquire(session, src_ip)
+                box = _IpBox(sandbox, users=1)
+                self._by_ip[src_ip] = box
+                return Lease(session, src_ip, sandbox, (time.monotonic() - start) * 1000, box.accounts)
+        sandbox = await self._pool.acquire(session, src_ip)
+        return Lease(session, src_ip, sandbox, (time.monotonic() - start) * 1000, {})
+
+    async def account(self, lease: Lease, username: str, password: str | None) -> Account:
+        """The user's account in the box, created on first use (cached per box)."""
+        known = lease.accounts.get(username)
+        if known is not None:
+            return known
+        account = await ensure_account(lease.sandbox, username, password)
+        lease.accounts[username] = account
+        return account
+
+    async def end(self, lease: Lease) -> None:
+        """The connection is over: release its box now (session affinity) or after the IP's TTL."""
+        if self._settings.affinity == "source_ip":
+            box = self._by_ip.get(lease.src_ip)
+            if box is not None and box.sandbox.id == lease.sandbox.id:
+                box.users -= 1
+                if box.users <= 0:
+                    loop = asyncio.get_running_loop()
+                    box.timer = loop.call_later(self._settings.ip_ttl_s, self._expire, lease.src_ip, box)
+                return
+        await self._release(lease.sandbox)
+
+    def _expire(self, src_ip: str, box: _IpBox) -> None:
+        if self._by_ip.get(src_ip) is box and box.users <= 0:
+            del self._by_ip[src_ip]
+            log.info("source %s: box %s released after ip_ttl_s", src_ip, box.sandbox.name)
+            self._spawn(self._release(box.sandbox))
+
+    async def _release(self, sandbox: Sandbox) -> None:
+        try:
+            await self._pool.release(sandbox)
+        except SandboxError as exc:
+            log.warning("release of %s failed: %s", sandbox.name, exc)
+
+    async def close(self) -> None:
+        """Release every box still held for a source IP (shutdown)."""
+        for src_ip, box in list(self._by_ip.items()):
+            if box.timer is not None:
+                box.timer.cancel()
+            del self._by_ip[src_ip]
+            await self._release(box.sandbox)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

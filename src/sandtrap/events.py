@@ -1,0 +1,208 @@
+"""Events for analysts: one pydantic schema, a catalogue of ids, a bus that hands each event to each sink.
+
+Ids are Cowrie's where Cowrie has one (so pipelines built for Cowrie ingest the stream unchanged),
+else ``sandtrap.<area>.<what>``. Field names follow Cowrie's (``session``, ``src_ip``, ``timestamp``).
+A failing sink is counted and logged; it never breaks the session that emitted the event.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+log = logging.getLogger(__name__)
+
+# -- catalogue: id -> (fields an event of that id carries beyond the envelope, message template) --------
+SESSION_CONNECT = "cowrie.session.connect"
+CLIENT_VERSION = "cowrie.client.version"
+CLIENT_KEX = "cowrie.client.kex"
+CLIENT_FINGERPRINT = "cowrie.client.fingerprint"
+LOGIN_SUCCESS = "cowrie.login.success"
+LOGIN_FAILED = "cowrie.login.failed"
+CLIENT_SIZE = "cowrie.client.size"
+CLIENT_VAR = "cowrie.client.var"
+COMMAND_INPUT = "cowrie.command.input"
+SESSION_FILE_UPLOAD = "cowrie.session.file_upload"
+DIRECT_TCPIP_REQUEST = "cowrie.direct-tcpip.request"
+LOG_OPEN = "cowrie.log.open"
+LOG_CLOSED = "cowrie.log.closed"
+SESSION_CLOSED = "cowrie.session.closed"
+SESSION_PARAMS = "cowrie.session.params"
+
+SANDBOX_ASSIGNED = "sandtrap.sandbox.assigned"
+SANDBOX_UNAVAILABLE = "sandtrap.sandbox.unavailable"
+SANDBOX_RELEASED = "sandtrap.sandbox.released"
+CHANNEL_OPEN = "sandtrap.channel.open"
+CHANNEL_PTY = "sandtrap.channel.pty"
+CHANNEL_SHELL = "sandtrap.channel.shell"
+CHANNEL_EXEC = "sandtrap.channel.exec"
+CHANNEL_SUBSYSTEM = "sandtrap.channel.subsystem"
+CHANNEL_EXIT = "sandtrap.channel.exit"
+CHANNEL_CLOSED = "sandtrap.channel.closed"
+FORWARD_REQUEST = "sandtrap.forward.request"
+X11_REQUEST = "sandtrap.x11.request"
+AGENT_REQUEST = "sandtrap.agent.request"
+LIMIT_HIT = "sandtrap.limit.hit"
+AUTH_TOO_MANY = "sandtrap.login.too_many"
+
+CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
+    SESSION_CONNECT: (
+        ("src_ip", "src_port", "dst_ip", "dst_port"),
+        "New connection: {src_ip}:{src_port} ({dst_ip}:{dst_port}) [session: {session}]",
+    ),
+    CLIENT_VERSION: (("version",), "Remote SSH version: {version}"),
+    CLIENT_KEX: (
+        ("hassh", "hasshAlgorithms", "kexAlgs", "keyAlgs", "encCS", "macCS", "compCS", "langCS"),
+        "SSH client hassh fingerprint: {hassh}",
+    ),
+    CLIENT_FINGERPRINT: (
+        ("username", "fingerprint", "key", "type"),
+        "public key attempt for user {username} of type {type} with fingerprint {fingerprint}",
+    ),
+    LOGIN_SUCCESS: (("username", "method"), "login attempt [{username}] succeeded"),
+    LOGIN_FAILED: (("username", "method"), "login attempt [{username}] failed"),
+    AUTH_TOO_MANY: (("username", "attempts"), "too many authentication failures for {username}"),
+    CLIENT_SIZE: (("width", "height"), "Terminal Size: {width} {height}"),
+    CLIENT_VAR: (("name", "value"), "request_env: {name}={value}"),
+    COMMAND_INPUT: (("input",), "CMD: {input}"),
+    SESSION_FILE_UPLOAD: (("filename", "outfile", "shasum"), "Uploaded file {filename} to {outfile}"),
+    DIRECT_TCPIP_REQUEST: (
+        ("dst_ip", "dst_port", "orig_ip", "orig_port"),
+        "direct-tcp connection request to {dst_ip}:{dst_port} from {orig_ip}:{orig_port}",
+    ),
+    LOG_OPEN: (("ttylog",), "Opening TTY Log: {ttylog}"),
+    LOG_CLOSED: (("ttylog", "size", "duration"), "Closing TTY Log: {ttylog} after {duration} seconds"),
+    SESSION_CLOSED: (("duration", "reason"), "Connection lost after {duration} seconds"),
+    SESSION_PARAMS: (("arch",), "session parameters"),
+    SANDBOX_ASSIGNED: (("sandbox_id", "sandbox_name", "acquire_ms"), "sandbox {sandbox_name} assigned"),
+    SANDBOX_UNAVAILABLE: (("reason",), "no sandbox available: {reason}"),
+    SANDBOX_RELEASED: (("sandbox_id", "sandbox_name"), "sandbox {sandbox_name} released for forensics"),
+    CHANNEL_OPEN: (("channel",), "session channel {channel} opened"),
+    CHANNEL_PTY: (("channel", "term", "width", "height"), "pty requested: {term} {width}x{height}"),
+    CHANNEL_SHELL: (("channel",), "interactive shell started"),
+    CHANNEL_EXEC: (("channel", "input"), "exec: {input}"),
+    CHANNEL_SUBSYSTEM: (("channel", "subsystem"), "subsystem {subsystem} requested"),
+    CHANNEL_EXIT: (("channel", "exit_status"), "process exited with {exit_status}"),
+    CHANNEL_CLOSED: (("channel", "bytes_in", "bytes_out"), "channel {channel} closed"),
+    FORWARD_REQUEST: (("kind", "dst_ip", "dst_port"), "refused {kind} forwarding to {dst_ip}:{dst_port}"),
+    X11_REQUEST: (("channel",), "refused X11 forwarding"),
+    AGENT_REQUEST: (("channel",), "refused agent forwarding"),
+    LIMIT_HIT: (("limit", "value"), "limit {limit} hit ({value})"),
+}
+
+
+def new_session_id() -> str:
+    """Cowrie's session ids: 12 lowercase hex characters."""
+    return secrets.token_hex(6)
+
+
+class Event(BaseModel):
+    """The envelope every event carries; per-id fields ride along as extra attributes."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    eventid: str
+    timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    session: str = ""
+    src_ip: str = ""
+    src_port: int = 0
+    dst_ip: str = ""
+    dst_port: int = 0
+    sensor: str = ""
+    protocol: str = "ssh"
+    message: str = ""
+
+    @field_serializer("timestamp")
+    def _ts(self, value: datetime) -> str:
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default) if name in type(self).model_fields else self.fields.get(name, default)
+
+
+class EventSink(Protocol):
+    """Receives every event. Must not block: a sink doing I/O queues internally."""
+
+    def write(self, event: Event) -> None: ...
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._sinks: list[EventSink] = []
+        self.sink_errors = 0
+        self.events_emitted = 0
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def emit(self, event: Event) -> None:
+        self.events_emitted += 1
+        for sink in self._sinks:
+            try:
+                sink.write(event)
+            except Exception:
+                self.sink_errors += 1
+                log.exception("event sink %s failed on %s", type(sink).__name__, event.eventid)
+
+
+class CaptureSink:
+    """Keeps events in memory (tests, live views)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def write(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, eventid: str) -> list[Event]:
+        return [e for e in self.events if e.eventid == eventid]
+
+
+def _safe_format(template: str, values: dict[str, Any]) -> str:
+    """Fill a message template; attacker text is only ever a value, never the template."""
+
+    class _Missing(dict[str, Any]):
+        def __missing__(self, key: str) -> str:
+            return "?"
+
+    return template.format_map(_Missing({k: v for k, v in values.items()}))
+
+
+class Emitter:
+    """Events of one connection: the envelope (session, addresses, sensor) is bound once."""
+
+    def __init__(
+        self, bus: EventBus, sensor: str, session: str, src_ip: str, src_port: int, dst_ip: str, dst_port: int
+    ):
+        self._bus = bus
+        self.envelope: dict[str, Any] = {
+            "sensor": sensor,
+            "session": session,
+            "src_ip": src_ip,
+            "src_port": src_port,
+            "dst_ip": dst_ip,
+            "dst_port": dst_port,
+        }
+
+    @property
+    def session(self) -> str:
+        return str(self.envelope["session"])
+
+    def emit(self, eventid: str, **fields: Any) -> Event:
+        if eventid not in CATALOGUE:
+            raise ValueError(f"event id {eventid!r} is not in the catalogue")
+        _, template = CATALOGUE[eventid]
+        values = {**self.envelope, **fields}
+        event = Event(eventid=eventid, message=_safe_format(template, values), **values)
+        self._bus.emit(event)
+        return event

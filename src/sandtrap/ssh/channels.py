@@ -1,0 +1,217 @@
+"""One SSH session channel: pty/env/shell/exec/subsystem requests, bridged to a process in the box."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from sandtrap.bridge.login import Peer, exec_argv, login_env, sftp_argv, shell_argv
+from sandtrap.bridge.proxy import HIGH_WATER, Relay, RelayObserver
+from sandtrap.errors import SandboxError
+from sandtrap.events import (
+    CHANNEL_CLOSED,
+    CHANNEL_EXEC,
+    CHANNEL_EXIT,
+    CHANNEL_OPEN,
+    CHANNEL_PTY,
+    CHANNEL_SHELL,
+    CHANNEL_SUBSYSTEM,
+    CLIENT_SIZE,
+    CLIENT_VAR,
+    COMMAND_INPUT,
+)
+from sandtrap.logs import session_context
+from sandtrap.sandbox.base import Process, TermSize
+
+if TYPE_CHECKING:
+    from sandtrap.ssh.server import ConnectionHandler
+
+log = logging.getLogger(__name__)
+
+MAX_COMMAND = 64 * 1024
+_SUBSYSTEMS = {"sftp"}
+
+
+class ChannelBridge(asyncssh.SSHServerSession[bytes]):
+    def __init__(self, handler: ConnectionHandler, number: int) -> None:
+        self._handler = handler
+        self._number = number
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._term: str | None = None
+        self._size: TermSize | None = None
+        self._kind = ""
+        self._command = ""
+        self._pending: deque[bytes] = deque()
+        self._pending_bytes = 0
+        self._pending_eof = False
+        self._relay: Relay | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._process: Process | None = None
+        self.observers: list[RelayObserver] = []
+
+    @property
+    def _emit(self):  # type: ignore[no-untyped-def]
+        assert self._handler.emitter is not None
+        return self._handler.emitter.emit
+
+    # -- requests -------------------------------------------------------------------------------
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+        self._emit(CHANNEL_OPEN, channel=self._number)
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: object) -> bool:
+        cols, rows = _clamp(term_size[0], term_size[1])
+        self._term = term_type[:64] or "vt100"
+        self._size = TermSize(cols, rows)
+        self._emit(CHANNEL_PTY, channel=self._number, term=self._term, width=cols, height=rows)
+        self._emit(CLIENT_SIZE, width=cols, height=rows)
+        return True
+
+    def shell_requested(self) -> bool:
+        self._kind = "shell"
+        self._emit(CHANNEL_SHELL, channel=self._number)
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._kind = "exec"
+        # sshd hands the command to execve: it ends at the first NUL.
+        self._command = command.split("\0", 1)[0][:MAX_COMMAND]
+        self._emit(CHANNEL_EXEC, channel=self._number, input=self._command)
+        self._emit(COMMAND_INPUT, input=self._command, channel=self._number)
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self._emit(CHANNEL_SUBSYSTEM, channel=self._number, subsystem=subsystem[:64])
+        if subsystem not in _SUBSYSTEMS:
+            return False
+        self._kind = "subsystem"
+        self._command = subsystem
+        return True
+
+    def session_started(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- data -----------------------------------------------------------------------------------
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._relay is not None:
+            self._relay.feed(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > HIGH_WATER and self._chan is not None:
+            self._chan.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._relay is not None:
+            self._relay.feed_eof()
+        else:
+            self._pending_eof = True
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        cols, rows = _clamp(width, height)
+        self._size = TermSize(cols, rows)
+        self._emit(CLIENT_SIZE, width=cols, height=rows, channel=self._number)
+        if self._relay is not None:
+            asyncio.get_running_loop().create_task(self._relay.resize(self._size))
+
+    def pause_writing(self) -> None:
+        if self._relay is not None:
+            self._relay.set_writable(False)
+
+    def resume_writing(self) -> None:
+        if self._relay is not None:
+            self._relay.set_writable(True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    # -- ChannelPort for the relay ----------------------------------------------------------------
+    def send(self, data: bytes, stderr: bool) -> None:
+        if self._chan is None or self._chan.is_closing():
+            return
+        if stderr:
+            self._chan.write_stderr(data)
+        else:
+            self._chan.write(data)
+
+    def pause_reading(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._chan is not None:
+            self._chan.resume_reading()
+
+    # -- the process in the box -------------------------------------------------------------------
+    async def _run(self) -> None:
+        h = self._handler
+        session_context.set(f"{h.session} {h.src_ip}")
+        chan = self._chan
+        assert chan is not None
+        try:
+            lease = await h.lease()
+            account = await h.ctx.manager.account(lease, h.username, h.password)
+            peer = Peer(h.src_ip, h.src_port, h.dst_ip, h.dst_port)
+            client_env = self._client_env(chan)
+            env = login_env(account, peer, client_env, self._term, h.ctx.settings.ssh.advertised_port)
+            tty = self._size if self._term is not None else None
+            user, workdir = account.name, account.home
+            if self._kind == "shell":
+                argv = shell_argv(account, env, tty is not None, h.src_ip)
+                if tty is not None:
+                    user = "root"  # /bin/login runs as root and drops to the account itself
+            elif self._kind == "exec":
+                argv = exec_argv(account, env, self._command)
+            else:
+                argv = sftp_argv(env)
+            self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)
+            relay = Relay(self._process, self, h.usage, self.observers)
+            self._relay = relay
+            while self._pending:
+                relay.feed(self._pending.popleft())
+            if self._pending_bytes > HIGH_WATER:
+                chan.resume_reading()
+            if self._pending_eof:
+                relay.feed_eof()
+            status = await relay.run()
+            self._emit(CHANNEL_EXIT, channel=self._number, exit_status=status.code, signal=status.signal)
+            if status.signal:
+                chan.exit_with_signal(status.signal)
+            else:
+                chan.exit(status.code)
+        except asyncio.CancelledError:
+            raise
+        except SandboxError as exc:
+            log.warning("channel %d: sandbox failed: %s", self._number, exc)
+            # What a client sees when sshd cannot start the session: the connection goes away.
+            h.end("sandbox_error", str(exc)[:200])
+        except Exception:
+            log.exception("channel %d failed", self._number)
+            chan.close()
+        finally:
+            if self._process is not None:
+                with contextlib.suppress(Exception):
+                    await self._process.kill()
+            self._emit(CHANNEL_CLOSED, channel=self._number, bytes_in=h.usage.bytes_in, bytes_out=h.usage.bytes_out)
+
+    def _client_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
+        env: dict[str, str] = {}
+        limit = self._handler.ctx.settings.ssh.max_env_vars
+        for key, value in list(chan.get_environment().items())[:limit]:
+            k = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+            v = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            self._emit(CLIENT_VAR, name=k[:256], value=v[:1024], channel=self._number)
+            env[k] = v
+        return env
+
+
+def _clamp(cols: int, rows: int) -> tuple[int, int]:
+    """Window sizes as a kernel pty takes them; 0 (unknown) becomes the classic 80x24."""
+    return (min(max(cols, 1), 1000) if cols else 80, min(max(rows, 1), 1000) if rows else 24)

@@ -1,0 +1,398 @@
+"""The SSH front end: an asyncssh server that looks like Debian bookworm's OpenSSH 9.2p1.
+
+One :class:`ConnectionHandler` per TCP connection. It is its own failure domain: whatever an
+attacker sends, it records, refuses or relays, and the server serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from sandtrap.bridge.sessions import Lease, SessionManager
+from sandtrap.config import Settings, split_listen
+from sandtrap.errors import SandboxError
+from sandtrap.events import (
+    AGENT_REQUEST,
+    AUTH_TOO_MANY,
+    CLIENT_FINGERPRINT,
+    CLIENT_KEX,
+    CLIENT_VERSION,
+    DIRECT_TCPIP_REQUEST,
+    FORWARD_REQUEST,
+    LIMIT_HIT,
+    LOGIN_FAILED,
+    LOGIN_SUCCESS,
+    SANDBOX_ASSIGNED,
+    SANDBOX_UNAVAILABLE,
+    SESSION_CLOSED,
+    SESSION_CONNECT,
+    X11_REQUEST,
+    Emitter,
+    EventBus,
+    new_session_id,
+)
+from sandtrap.logs import session_context
+from sandtrap.ssh.auth import AttemptState, AuthPolicy
+from sandtrap.ssh.hostkeys import load_host_keys
+from sandtrap.ssh.kex import kex_event_fields, parse_kexinit
+
+log = logging.getLogger(__name__)
+
+# OpenSSH 9.2p1's server defaults, in its order, as far as asyncssh implements them.
+# Missing: sntrup761x25519-sha512@openssh.com (asyncssh needs liboqs for it). See README.
+KEX_ALGS = [
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+    "diffie-hellman-group-exchange-sha256",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
+]
+HOST_KEY_ALGS = ["rsa-sha2-512", "rsa-sha2-256", "ecdsa-sha2-nistp256", "ssh-ed25519"]
+ENCRYPTION_ALGS = [
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+]
+MAC_ALGS = [
+    "umac-64-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha1-etm@openssh.com",
+    "umac-64@openssh.com",
+    "umac-128@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+    "hmac-sha1",
+]
+COMPRESSION_ALGS = ["none", "zlib@openssh.com"]
+
+DISC_PROTOCOL_ERROR = 2
+DISC_BY_APPLICATION = 11
+
+
+def printable(text: str | bytes, limit: int = 512) -> str:
+    """Escape non-printables the way Cowrie does for client versions; bound the length."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
+@dataclass
+class ServerContext:
+    """What every connection shares: settings, policy, session manager, event bus."""
+
+    settings: Settings
+    policy: AuthPolicy
+    manager: SessionManager
+    bus: EventBus
+
+
+class ConnectionHandler(asyncssh.SSHServer):
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.session = new_session_id()
+        self.emitter: Emitter | None = None
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.src_ip = ""
+        self.src_port = 0
+        self.dst_ip = ""
+        self.dst_port = 0
+        self.username = ""
+        self.password: str | None = None
+        self.close_reason = ""
+        self.started = time.monotonic()
+        self._admitted = False
+        self._attempts = AttemptState()
+        self._tries = 0
+        self._kex_emitted = False
+        self._lease_task: asyncio.Task[Lease] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._channels = 0
+        from sandtrap.bridge.proxy import Usage
+
+        self.usage = Usage()
+
+    # -- connection life cycle ----------------------------------------------------------------------
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("", 0)
+        sock = conn.get_extra_info("sockname") or ("", 0)
+        self.src_ip, self.src_port = str(peer[0]), int(peer[1])
+        self.dst_ip, self.dst_port = str(sock[0]), int(sock[1])
+        if self.src_ip.startswith("::ffff:"):
+            self.src_ip = self.src_ip[7:]
+        self.emitter = Emitter(
+            self.ctx.bus, self.ctx.settings.sensor, self.session, self.src_ip, self.src_port, self.dst_ip, self.dst_port
+        )
+        session_context.set(f"{self.session} {self.src_ip}")
+        self.emitter.emit(SESSION_CONNECT)
+        refused = self.ctx.manager.admit(self.src_ip)
+        if refused is not None:
+            self.emitter.emit(LIMIT_HIT, limit=refused, value=1)
+            self.close_reason = refused
+            log.info("connection from %s refused: %s", self.src_ip, refused)
+            conn.abort()
+            return
+        self._admitted = True
+        # Refusals asyncssh does itself, made visible: X11 and agent forwarding requests.
+        conn.attach_x11_listener = self._refuse_x11  # type: ignore[method-assign,assignment]
+        conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if not self.close_reason:
+            self.close_reason = "client_closed" if exc is None else f"error: {printable(str(exc), 200)}"
+        self._emit_kex()
+        duration = time.monotonic() - self.started
+        if self.emitter is not None:
+            self.emitter.emit(
+                SESSION_CLOSED,
+                duration=f"{duration:.1f}",
+                duration_ms=int(duration * 1000),
+                reason=self.close_reason,
+                bytes_in=self.usage.bytes_in,
+                bytes_out=self.usage.bytes_out,
+            )
+        if self._admitted:
+            self.ctx.manager.leave(self.src_ip)
+            self._admitted = False
+        if self._lease_task is not None:
+            asyncio.get_running_loop().create_task(self._end_lease(self._lease_task))
+
+    async def _end_lease(self, task: asyncio.Task[Lease]) -> None:
+        try:
+            lease = await task
+        except (SandboxError, asyncio.CancelledError):
+            return
+        await self.ctx.manager.end(lease)
+
+    def end(self, reason: str, value: object = "") -> None:
+        """Close the connection on purpose (a limit), recording why."""
+        if self.close_reason:
+            return
+        self.close_reason = reason
+        if self.emitter is not None:
+            self.emitter.emit(LIMIT_HIT, limit=reason, value=value)
+        log.info("closing connection: %s", reason)
+        if self.conn is not None:
+            self.conn.close()
+
+    async def _watch(self) -> None:
+        limits = self.ctx.settings.limits
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if now - self.started > limits.max_duration_s:
+                return self.end("max_duration_s", limits.max_duration_s)
+            if self._lease_task is not None and now - self.usage.last_activity > limits.idle_timeout_s:
+                return self.end("idle_timeout_s", limits.idle_timeout_s)
+            if self.usage.bytes_in > limits.max_bytes_in:
+                return self.end("max_bytes_in", self.usage.bytes_in)
+            if self.usage.bytes_out > limits.max_bytes_out:
+                return self.end("max_bytes_out", self.usage.bytes_out)
+
+    # -- the sandbox this connection uses -------------------------------------------------------------
+    def lease(self) -> Awaitable[Lease]:
+        """The connection's sandbox; the first call starts the acquisition, later ones share it."""
+        if self._lease_task is None:
+            self._lease_task = asyncio.get_running_loop().create_task(self._acquire())
+        return asyncio.shield(self._lease_task)
+
+    async def _acquire(self) -> Lease:
+        assert self.emitter is not None
+        try:
+            lease = await self.ctx.manager.lease(self.session, self.src_ip)
+        except SandboxError as exc:
+            self.emitter.emit(SANDBOX_UNAVAILABLE, reason=printable(str(exc), 300))
+            log.warning("no sandbox: %s", exc)
+            raise
+        self.emitter.emit(
+            SANDBOX_ASSIGNED,
+            sandbox_id=lease.sandbox.id,
+            sandbox_name=lease.sandbox.name,
+            acquire_ms=round(lease.acquire_ms, 1),
+            reused=lease.reused,
+        )
+        return lease
+
+    # -- auth ---------------------------------------------------------------------------------------
+    def _emit_kex(self) -> None:
+        if self._kex_emitted or self.conn is None or self.emitter is None:
+            return
+        self._kex_emitted = True
+        version = self.conn.get_extra_info("client_version") or ""
+        if version:
+            self.emitter.emit(CLIENT_VERSION, version=printable(version))
+        raw = getattr(self.conn, "_client_kexinit", b"")  # asyncssh keeps the client's KEXINIT payload
+        if raw:
+            try:
+                self.emitter.emit(CLIENT_KEX, **kex_event_fields(parse_kexinit(raw)))
+            except ValueError as exc:
+                log.info("unparsable client KEXINIT: %s", exc)
+
+    def begin_auth(self, username: str) -> bool:
+        self._emit_kex()
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> tuple[str, str, str, list[Any]]:
+        return "", "", "", [("Password: ", False)]
+
+    def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        return self._check_password(username, responses[0] if len(responses) == 1 else "", "keyboard-interactive")
+
+    def validate_password(self, username: str, password: str) -> bool:
+        return self._check_password(username, password, "password")
+
+    def _check_password(self, username: str, password: str, method: str) -> bool:
+        assert self.emitter is not None
+        decision = self.ctx.policy.check_password(self._attempts, self.src_ip, username, password)
+        name = printable(username, 256)
+        event = LOGIN_SUCCESS if decision.accepted else LOGIN_FAILED
+        self.emitter.emit(
+            event, username=name, password=printable(password, 256), method=method, reason=decision.reason
+        )
+        if decision.accepted:
+            self.username, self.password = username, password
+            self.lease()  # start acquiring now: the box is ready by the time the channel asks
+            return True
+        self._count_failure(name)
+        return False
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        assert self.emitter is not None
+        name = printable(username, 256)
+        fields = {
+            "username": name,
+            "fingerprint": key.get_fingerprint("md5").removeprefix("MD5:"),
+            "fingerprint_sha256": key.get_fingerprint("sha256"),
+            "key": key.export_public_key("openssh").decode("ascii", "replace").strip(),
+            "type": key.get_algorithm(),
+        }
+        self.emitter.emit(CLIENT_FINGERPRINT, **fields)
+        decision = self.ctx.policy.check_publickey(self._attempts, self.src_ip, username)
+        self.emitter.emit(LOGIN_SUCCESS if decision.accepted else LOGIN_FAILED, method="publickey", **fields)
+        if decision.accepted:
+            self.username, self.password = username, None
+            self.lease()
+            return True
+        self._count_failure(name)
+        return False
+
+    def _count_failure(self, name: str) -> None:
+        self._tries += 1
+        if self._tries >= self.ctx.settings.ssh.max_auth_tries and self.conn is not None:
+            assert self.emitter is not None
+            self.emitter.emit(AUTH_TOO_MANY, username=name, attempts=self._tries)
+            self.close_reason = "max_auth_tries"
+            self.conn.disconnect(DISC_PROTOCOL_ERROR, "Too many authentication failures")
+
+    # -- channels and refusals --------------------------------------------------------------------
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
+        from sandtrap.ssh.channels import ChannelBridge
+
+        self._channels += 1
+        return ChannelBridge(self, self._channels - 1)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+        assert self.emitter is not None
+        self.emitter.emit(
+            DIRECT_TCPIP_REQUEST,
+            dst_ip=printable(dest_host, 256),
+            dst_port=dest_port,
+            orig_ip=printable(orig_host, 256),
+            orig_port=orig_port,
+        )
+        # What OpenSSH answers with AllowTcpForwarding no.
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed")
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        assert self.emitter is not None
+        self.emitter.emit(FORWARD_REQUEST, kind="remote", dst_ip=printable(listen_host, 256), dst_port=listen_port)
+        return False
+
+    async def _refuse_x11(self, *_: Any) -> None:
+        if self.emitter is not None:
+            self.emitter.emit(X11_REQUEST, channel=-1)
+        return None
+
+    async def _refuse_agent(self, *_: Any) -> bool:
+        if self.emitter is not None:
+            self.emitter.emit(AGENT_REQUEST, channel=-1)
+        return False
+
+
+class SSHFrontEnd:
+    """Owns the listening server."""
+
+    def __init__(self, ctx: ServerContext, data_dir: Any) -> None:
+        self._ctx = ctx
+        self._data_dir = data_dir
+        self._server: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.get_port())
+
+    async def start(self) -> None:
+        s = self._ctx.settings.ssh
+        host, port = split_listen(s.listen)
+        key_dir = s.host_key_dir or str(self._data_dir / "hostkeys")
+        from pathlib import Path
+
+        keys = await asyncio.to_thread(load_host_keys, Path(key_dir))
+        self._server = await asyncssh.create_server(
+            lambda: ConnectionHandler(self._ctx),
+            host if host not in ("0.0.0.0", "::", "") else "",
+            port,
+            server_host_keys=keys,
+            server_version=s.version.removeprefix("SSH-2.0-"),
+            kex_algs=KEX_ALGS,
+            encryption_algs=ENCRYPTION_ALGS,
+            mac_algs=MAC_ALGS,
+            compression_algs=COMPRESSION_ALGS,
+            signature_algs=[*HOST_KEY_ALGS, "ssh-rsa"],
+            login_timeout=s.login_grace_time_s,
+            line_editor=False,
+            encoding=None,
+            allow_pty=True,
+            x11_forwarding=False,
+            agent_forwarding=False,
+            keepalive_interval=0,
+            reuse_address=True,
+        )
+        log.info("ssh listening on %s (port %d)", s.listen, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()

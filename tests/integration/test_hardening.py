@@ -1,0 +1,436 @@
+"""Every hardening item, proved from both sides against the real engine.
+
+Outside: what ``docker inspect`` says the engine was told. Inside: what a process in the sandbox
+actually gets (interfaces, routes, capabilities, cgroup limits, file systems). No traffic is sent
+anywhere: isolation is shown by inspecting interfaces, routes and settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from sandtrap.config import SandboxSettings
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox import engine
+from sandtrap.sandbox.docker import LABEL_CREATED, LABEL_MANAGED, LABEL_SENSOR, DockerBackend, DockerSandbox
+
+from helpers import run
+
+pytestmark = pytest.mark.timeout(180)
+
+MiB = 1024 * 1024
+
+# Linux capability bit numbers (include/uapi/linux/capability.h).
+CAP_BITS = {
+    "CHOWN": 0,
+    "DAC_OVERRIDE": 1,
+    "DAC_READ_SEARCH": 2,
+    "FOWNER": 3,
+    "FSETID": 4,
+    "KILL": 5,
+    "SETGID": 6,
+    "SETUID": 7,
+    "SETPCAP": 8,
+    "LINUX_IMMUTABLE": 9,
+    "NET_BIND_SERVICE": 10,
+    "NET_BROADCAST": 11,
+    "NET_ADMIN": 12,
+    "NET_RAW": 13,
+    "IPC_LOCK": 14,
+    "IPC_OWNER": 15,
+    "SYS_MODULE": 16,
+    "SYS_RAWIO": 17,
+    "SYS_CHROOT": 18,
+    "SYS_PTRACE": 19,
+    "SYS_PACCT": 20,
+    "SYS_ADMIN": 21,
+    "SYS_BOOT": 22,
+    "SYS_NICE": 23,
+    "SYS_RESOURCE": 24,
+    "SYS_TIME": 25,
+    "SYS_TTY_CONFIG": 26,
+    "MKNOD": 27,
+    "LEASE": 28,
+    "AUDIT_WRITE": 29,
+    "AUDIT_CONTROL": 30,
+    "SETFCAP": 31,
+    "MAC_OVERRIDE": 32,
+    "MAC_ADMIN": 33,
+    "SYSLOG": 34,
+    "WAKE_ALARM": 35,
+    "BLOCK_SUSPEND": 36,
+    "AUDIT_READ": 37,
+    "PERFMON": 38,
+    "BPF": 39,
+    "CHECKPOINT_RESTORE": 40,
+}
+CAP_NAMES = {bit: name for name, bit in CAP_BITS.items()}
+
+DEFAULT_CAPS = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "AUDIT_WRITE"}
+
+
+def decode_caps(mask_hex: str) -> set[str]:
+    """A /proc/<pid>/status capability mask as names; an unknown bit shows as ``bit<N>`` so it cannot hide."""
+    mask = int(mask_hex, 16)
+    return {CAP_NAMES.get(bit, f"bit{bit}") for bit in range(mask.bit_length()) if mask >> bit & 1}
+
+
+def status_fields(text: str) -> dict[str, str]:
+    """``Key:\\tvalue`` lines of /proc/<pid>/status as a dict."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+async def create_sandbox(backend: DockerBackend) -> DockerSandbox:
+    return await backend.create(backend.labels(), backend.new_name())
+
+
+async def inspect(sandbox: DockerSandbox) -> dict[str, Any]:
+    async with engine.engine() as client:
+        info: dict[str, Any] = await client.containers.container(sandbox.id).show()
+        return info
+
+
+async def sh(sandbox: DockerSandbox, cmd: str, timeout_s: int = 20) -> tuple[int, str, str]:
+    """Run ``cmd`` in the sandbox under ``timeout`` (and a bound on our side too)."""
+    async with asyncio.timeout(timeout_s + 30):
+        return await run(sandbox, f"timeout {timeout_s} sh -c {shlex.quote(cmd)}")
+
+
+async def cat(sandbox: DockerSandbox, path: str) -> str:
+    code, out, err = await sh(sandbox, f"cat {path}")
+    assert code == 0, f"cat {path}: {err}"
+    return out
+
+
+def test_decoder_reads_dockers_well_known_default_set() -> None:
+    # CapEff of a plain `docker run` (Docker's 14 default capabilities): 00000000a80425fb.
+    assert decode_caps("00000000a80425fb") == {
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "NET_RAW",
+        "SYS_CHROOT",
+        "MKNOD",
+        "AUDIT_WRITE",
+        "SETFCAP",
+    }
+    assert decode_caps("0000000000000000") == set()
+    assert decode_caps("0000020000000000") == {"bit41"}
+
+
+# --- Outside: what the engine was told ------------------------------------------------------------
+
+
+async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor: str) -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    sandbox = await create_sandbox(backend)
+    info = await inspect(sandbox)
+    host = info["HostConfig"]
+
+    assert info["State"]["Running"] is True
+    assert host["NetworkMode"] == "none"
+    assert info["Config"]["NetworkDisabled"] is True
+    assert host["Memory"] == 256 * MiB
+    assert host["MemorySwap"] == 256 * MiB  # equal to Memory: no swap at all
+    assert host["NanoCpus"] == 500_000_000
+    assert host["PidsLimit"] == 128
+    assert host["CapDrop"] == ["ALL"]
+    assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == sorted(DEFAULT_CAPS)
+    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert not any(opt.startswith("seccomp") for opt in host["SecurityOpt"])
+    assert host["Privileged"] is False
+    assert host["ReadonlyRootfs"] is False
+    assert not host["Binds"]
+    assert not host.get("Mounts")
+    assert not host["Devices"]
+    assert info["Mounts"] == []
+    assert host["Tmpfs"]["/tmp"] == "rw,nosuid,nodev,size=64m"
+    assert host["Tmpfs"]["/run"] == "rw,nosuid,nodev,size=16m"
+    assert {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]} == {
+        "nofile": (1024, 1024),
+        "nproc": (512, 512),
+    }
+    assert host["LogConfig"] == {"Type": "none", "Config": {}}
+
+    labels = info["Config"]["Labels"]
+    assert labels[LABEL_MANAGED] == "true"
+    assert labels[LABEL_SENSOR] == sensor
+    created = datetime.fromisoformat(labels[LABEL_CREATED])
+    assert before <= created <= datetime.now(UTC) + timedelta(seconds=1)
+
+    # No seccomp option means Docker's default profile; the engine says that is what it applies.
+    async with engine.engine() as client:
+        engine_info = await client.system.info()
+    assert "name=seccomp,profile=default" in engine_info["SecurityOptions"]
+
+
+async def test_unknown_runtime_is_a_clear_sandbox_error(
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+) -> None:
+    backend = backend_factory(sandbox_settings(runtime="no-such-runtime"))
+    with pytest.raises(SandboxError, match="no-such-runtime"):
+        await create_sandbox(backend)
+    assert await backend.list_managed() == []  # nothing half-made left behind
+    await backend.ping()  # the client is still usable
+
+
+# --- Inside: what a process in the sandbox gets ----------------------------------------------------
+
+
+async def test_only_loopback_and_no_route(backend: DockerBackend) -> None:
+    sandbox = await create_sandbox(backend)
+
+    code, out, _ = await sh(sandbox, "ls /sys/class/net")
+    assert code == 0 and out.split() == ["lo"]
+
+    route = await cat(sandbox, "/proc/net/route")
+    assert route.splitlines()[0].startswith("Iface")
+    assert route.splitlines()[1:] == []
+
+    dev = await cat(sandbox, "/proc/net/dev")
+    assert [line.split(":")[0].strip() for line in dev.splitlines()[2:]] == ["lo"]
+
+    code, out, err = await sh(sandbox, "ip route")
+    assert (code, out, err) == (0, "", "")
+    code, out, _ = await sh(sandbox, "ip -6 route")
+    assert code == 0 and "default" not in out
+
+
+@pytest.mark.parametrize(
+    ("cap_add", "expected"),
+    [
+        (None, DEFAULT_CAPS),
+        (["NET_BIND_SERVICE", "CAP_KILL"], {"NET_BIND_SERVICE", "KILL"}),
+        ([], set()),
+    ],
+    ids=["default", "custom", "none"],
+)
+async def test_capabilities_are_exactly_the_configured_set(
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+    cap_add: list[str] | None,
+    expected: set[str],
+) -> None:
+    settings = sandbox_settings() if cap_add is None else sandbox_settings(cap_add=cap_add)
+    sandbox = await create_sandbox(backend_factory(settings))
+
+    host = (await inspect(sandbox))["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"] or []) == sorted(expected)
+
+    status = status_fields(await cat(sandbox, "/proc/self/status"))
+    assert decode_caps(status["CapEff"]) == expected
+    assert decode_caps(status["CapPrm"]) == expected
+    assert decode_caps(status["CapBnd"]) == expected
+    assert decode_caps(status["CapInh"]) == set()
+    assert decode_caps(status["CapAmb"]) == set()
+
+    # A dropped capability really is missing: MKNOD is never granted.
+    code, _, err = await sh(sandbox, "mknod /tmp/null-copy c 1 3")
+    assert code != 0 and "Operation not permitted" in err
+
+
+async def test_no_new_privs_and_seccomp_filter(backend: DockerBackend) -> None:
+    sandbox = await create_sandbox(backend)
+    status = status_fields(await cat(sandbox, "/proc/self/status"))
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"  # SECCOMP_MODE_FILTER: Docker's default profile
+    assert int(status["Seccomp_filters"]) >= 1
+
+
+async def test_no_new_privileges_false_is_honoured(
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+) -> None:
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(no_new_privileges=False)))
+    host = (await inspect(sandbox))["HostConfig"]
+    assert not any("no-new-privileges" in opt for opt in host["SecurityOpt"] or [])
+
+    status = status_fields(await cat(sandbox, "/proc/self/status"))
+    assert status["NoNewPrivs"] == "0"
+    assert status["Seccomp"] == "2"  # the seccomp filter does not depend on the flag
+
+
+async def test_no_docker_socket(backend: DockerBackend) -> None:
+    sandbox = await create_sandbox(backend)
+    for path in ("/var/run/docker.sock", "/run/docker.sock"):
+        code, _, _ = await sh(sandbox, f"test -e {path}")
+        assert code == 1, f"{path} exists in the sandbox"
+    mounts = await cat(sandbox, "/proc/mounts")
+    assert "docker.sock" not in mounts
+
+
+async def test_ulimits(backend: DockerBackend) -> None:
+    sandbox = await create_sandbox(backend)
+    code, out, err = await sh(sandbox, "ulimit -Sn; ulimit -Hn")
+    assert code == 0, err
+    assert out.split() == ["1024", "1024"]
+    code, out, err = await sh(sandbox, "exec bash -c 'ulimit -Su; ulimit -Hu'")
+    assert code == 0, err
+    assert out.split() == ["512", "512"]
+
+
+async def test_tmp_is_a_small_tmpfs_that_fills_up(backend: DockerBackend) -> None:
+    sandbox = await create_sandbox(backend)
+    tmp = [line.split() for line in (await cat(sandbox, "/proc/mounts")).splitlines() if line.split()[1] == "/tmp"]
+    assert len(tmp) == 1
+    _, _, fstype, options, *_ = tmp[0]
+    assert fstype == "tmpfs"
+    assert "size=65536k" in options.split(",")
+
+    code, _, err = await sh(sandbox, "dd if=/dev/zero of=/tmp/fill bs=1M count=100")
+    assert code != 0
+    assert "No space left" in err
+    code, out, _ = await sh(sandbox, "stat -c %s /tmp/fill")
+    assert code == 0 and 60 * MiB <= int(out) <= 64 * MiB
+
+    code, out, err = await sh(sandbox, "rm /tmp/fill && echo small > /tmp/small && cat /tmp/small")
+    assert (code, out) == (0, "small\n"), err
+
+
+async def test_read_only_root(
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+) -> None:
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(read_only_root=True)))
+    info = await inspect(sandbox)
+    assert info["HostConfig"]["ReadonlyRootfs"] is True
+    assert "/root" in {m["Destination"] for m in info["Mounts"]}
+
+    for path in ("/usr/sandtrap-probe", "/etc/sandtrap-probe"):
+        code, _, err = await sh(sandbox, f"echo x > {path}")
+        assert code != 0 and "Read-only file system" in err, (path, err)
+    for path in ("/root/sandtrap-probe", "/tmp/sandtrap-probe"):
+        code, out, err = await sh(sandbox, f"echo written > {path} && cat {path}")
+        assert (code, out) == (0, "written\n"), (path, err)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {},
+            {
+                "pids": 128,
+                "memory": 256 * MiB,
+                "swap": 256 * MiB,
+                "nano_cpus": 500_000_000,
+                "quota": 50_000,
+                "nofile": 1024,
+            },
+        ),
+        (
+            {"pids_limit": 64, "memory": "128m", "memory_swap": "192m", "cpus": 0.25, "ulimit_nofile": 256},
+            {
+                "pids": 64,
+                "memory": 128 * MiB,
+                "swap": 192 * MiB,
+                "nano_cpus": 250_000_000,
+                "quota": 25_000,
+                "nofile": 256,
+            },
+        ),
+    ],
+    ids=["default", "custom"],
+)
+async def test_limits_in_engine_and_cgroup_match_settings(
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+    overrides: dict[str, Any],
+    expected: dict[str, int],
+) -> None:
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(**overrides)))
+    host = (await inspect(sandbox))["HostConfig"]
+    assert host["PidsLimit"] == expected["pids"]
+    assert host["Memory"] == expected["memory"]
+    assert host["MemorySwap"] == expected["swap"]
+    assert host["NanoCpus"] == expected["nano_cpus"]
+    assert {u["Name"]: u["Soft"] for u in host["Ulimits"]}["nofile"] == expected["nofile"]
+
+    cg = "/sys/fs/cgroup"
+    assert int(await cat(sandbox, f"{cg}/pids/pids.max")) == expected["pids"]
+    assert int(await cat(sandbox, f"{cg}/memory/memory.limit_in_bytes")) == expected["memory"]
+    assert int(await cat(sandbox, f"{cg}/memory/memory.memsw.limit_in_bytes")) == expected["swap"]
+    assert int(await cat(sandbox, f"{cg}/cpu/cpu.cfs_period_us")) == 100_000
+    assert int(await cat(sandbox, f"{cg}/cpu/cpu.cfs_quota_us")) == expected["quota"]
+    code, out, _ = await sh(sandbox, "ulimit -n")
+    assert code == 0 and int(out) == expected["nofile"]
+
+
+async def test_fork_loop_is_stopped_by_pids_limit(backend: DockerBackend) -> None:
+    limit = backend.settings.pids_limit
+    sandbox = await create_sandbox(backend)
+    peak = 0
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        # `docker top` lists the processes from the host side: it needs no free pid in the box.
+        nonlocal peak
+        async with engine.engine() as client:
+            container = client.containers.container(sandbox.id)
+            while not stop.is_set():
+                top = await container.top()
+                peak = max(peak, len(top.get("Processes") or []))
+                await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        code, _, err = await sh(sandbox, "bash -c 'for i in $(seq 1 2000); do sleep 30 & done; wait'", timeout_s=10)
+        assert code == 124  # still forking (and failing) when `timeout` ended it
+        assert "fork" in err and "Resource temporarily unavailable" in err
+
+        # `timeout` killed its whole process group, sleeps included: the box answers again.
+        async with asyncio.timeout(30):
+            while (answer := await run(sandbox, "echo alive"))[0] != 0:
+                await asyncio.sleep(0.5)
+        assert answer[1] == "alive\n"
+        stop.set()
+        await watcher
+
+        print("PEAK", peak)
+        assert limit - 10 <= peak <= limit  # it reached the limit and never went past it
+        events = status_fields((await cat(sandbox, "/sys/fs/cgroup/pids/pids.events")).replace(" ", ":"))
+        assert int(events["max"]) > 0  # the kernel refused forks at pids.max
+    finally:
+        stop.set()
+        await watcher
+        await sandbox.stop()
+    assert await sandbox.is_running() is False
+
+
+async def test_memory_hog_is_oom_killed_and_others_keep_working(backend: DockerBackend) -> None:
+    hog_box = await create_sandbox(backend)
+    bystander = await create_sandbox(backend)
+
+    hog = "python3 -c 'import itertools; hog = [b\"x\" * (16 << 20) for _ in itertools.count()]'"
+    code, _, _ = await sh(hog_box, hog, timeout_s=60)
+    assert code == 137  # SIGKILL from the OOM killer, not 124 from `timeout`
+
+    oom = status_fields((await cat(hog_box, "/sys/fs/cgroup/memory/memory.oom_control")).replace(" ", ":"))
+    assert int(oom["oom_kill"]) >= 1
+    assert int(await cat(hog_box, "/sys/fs/cgroup/memory/memory.max_usage_in_bytes")) <= 256 * MiB
+
+    # Only the hog died: its box, an unrelated box, the engine and this process all carry on.
+    assert (await inspect(hog_box))["State"]["Running"] is True
+    assert await sh(hog_box, "echo still here") == (0, "still here\n", "")
+    assert await sh(bystander, "echo fine") == (0, "fine\n", "")
+    assert (await inspect(bystander))["State"]["OOMKilled"] is False
+    await backend.ping()
