@@ -49,6 +49,8 @@ X11_REQUEST = "sandtrap.x11.request"
 AGENT_REQUEST = "sandtrap.agent.request"
 LIMIT_HIT = "sandtrap.limit.hit"
 AUTH_TOO_MANY = "sandtrap.login.too_many"
+SFTP_REQUEST = "sandtrap.sftp.request"
+SCP_FILE = "sandtrap.scp.file"
 
 CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     SESSION_CONNECT: (
@@ -93,6 +95,8 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     X11_REQUEST: (("channel",), "refused X11 forwarding"),
     AGENT_REQUEST: (("channel",), "refused agent forwarding"),
     LIMIT_HIT: (("limit", "value"), "limit {limit} hit ({value})"),
+    SFTP_REQUEST: (("channel", "op", "path"), "sftp {op} {path}"),
+    SCP_FILE: (("channel", "kind", "filename", "size", "mode"), "scp upload of {kind} {filename} ({size} bytes)"),
 }
 
 

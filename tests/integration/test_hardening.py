@@ -405,7 +405,6 @@ async def test_fork_loop_is_stopped_by_pids_limit(backend: DockerBackend) -> Non
         stop.set()
         await watcher
 
-        print("PEAK", peak)
         assert limit - 10 <= peak <= limit  # it reached the limit and never went past it
         events = status_fields((await cat(sandbox, "/sys/fs/cgroup/pids/pids.events")).replace(" ", ":"))
         assert int(events["max"]) > 0  # the kernel refused forks at pids.max

@@ -63,6 +63,12 @@ if have ssh-keygen; then
         git.corp.internal,10.20.0.12 db01.corp.internal,10.20.2.21 backup01.corp.internal,10.20.2.40 \
         web-prod-01,10.20.1.11 web-prod-02,10.20.1.12 ops01.corp.internal,10.20.0.30
     known_hosts /root/.ssh/known_hosts backup01.corp.internal,10.20.2.40 db01.corp.internal,10.20.2.21
+    for key in /etc/ssh/ssh_host_*_key; do  # the package made these on the build host: new ones, its name gone
+        [ -f "$key" ] || continue
+        type=${key#/etc/ssh/ssh_host_}
+        rm -f "$key" "$key.pub"
+        ssh-keygen -q -t "${type%_key}" -N '' -C "root@$HOST" -f "$key" </dev/null >/dev/null
+    done
     ssh-keygen -q -t ed25519 -N '' -C "root@$HOST" -f /root/.ssh/backup_ed25519 </dev/null >/dev/null
     ssh-keygen -q -t ed25519 -N '' -C "admin@ws-ops-114" -f "$STAGE/laptop" </dev/null >/dev/null
     cp "$STAGE/laptop.pub" /home/admin/.ssh/authorized_keys
@@ -73,10 +79,10 @@ fi
 APP=/var/www/inventory
 if [ -d "$APP" ] && have git; then
     say "app history"
-    commit() {  # days-ago author message paths...
-        d=$(date -u -d "$(ago "$1" 40000)" '+%Y-%m-%dT%H:%M:%S+0000')
-        who=$2 msg=$3
-        shift 3
+    commit() {  # days-ago seconds-after-midnight author message paths...
+        d=$(date -u -d "$(at "$1" "$2")" '+%Y-%m-%dT%H:%M:%S+0000')
+        who=$3 msg=$4
+        shift 4
         git -C "$APP" add -f -- "$@"
         GIT_AUTHOR_DATE=$d GIT_COMMITTER_DATE=$d git -C "$APP" -c user.name="${who% <*}" \
             -c user.email="$(echo "$who" | sed 's/.*<\(.*\)>/\1/')" commit -q -m "$msg"
@@ -90,13 +96,13 @@ if [ -d "$APP" ] && have git; then
     pn="Priya Nair <p.nair@corp.internal>"
     cp "$APP/inventory/views.py" "$STAGE/views.py"
     sed -i '/^@bp.route("\/admin\/")/,$d' "$APP/inventory/views.py"  # the admin page came later
-    commit 212 "$jk" "Initial import of inventory app" .gitignore requirements.txt wsgi.py \
+    commit 212 36840 "$jk" "Initial import of inventory app" .gitignore requirements.txt wsgi.py \
         inventory/__init__.py inventory/db.py inventory/views.py templates/base.html
-    commit 190 "$jk" "Asset list with paging" templates/assets.html static/css/main.css
-    commit 161 "$pn" "JSON API for CMDB sync (token protected)" inventory/api.py
-    commit 97 "$pn" "README: deploy notes, internal API" README.md
+    commit 190 54120 "$jk" "Asset list with paging" templates/assets.html static/css/main.css
+    commit 161 42420 "$pn" "JSON API for CMDB sync (token protected)" inventory/api.py
+    commit 97 59460 "$pn" "README: deploy notes, internal API" README.md
     cp "$STAGE/views.py" "$APP/inventory/views.py"
-    commit 41 "$jk" "Admin page: list users" inventory/views.py
+    commit 41 33120 "$jk" "Admin page: list users" inventory/views.py
     git -C "$APP" update-ref refs/remotes/origin/main HEAD
 fi
 if [ -d "$APP" ]; then
@@ -104,6 +110,46 @@ if [ -d "$APP" ]; then
     chmod 0640 "$APP/.env" "$APP/config/settings.ini"
 fi
 chmod 0600 /root/.my.cnf 2>/dev/null || true
+
+# --- system settings ---------------------------------------------------------------------------
+say "system settings"
+echo Etc/UTC > /etc/timezone
+if [ -e /usr/share/zoneinfo/Etc/UTC ]; then ln -sf /usr/share/zoneinfo/Etc/UTC /etc/localtime; fi
+for svc in cron sshd; do  # no CAP_AUDIT_CONTROL here: a failing pam_loginuid must not block sessions
+    if [ -f "/etc/pam.d/$svc" ]; then
+        sed -i 's/^session\s\+required\s\+pam_loginuid\.so/session    optional     pam_loginuid.so/' "/etc/pam.d/$svc"
+    fi
+done
+ID="" VERSION_ID="" VERSION_CODENAME=""
+[ -r /etc/os-release ] && . /etc/os-release
+if [ "$ID" = debian ] && [ -n "$VERSION_ID" ]; then
+    printf 'Debian GNU/Linux %s \\n \\l\n\n' "$VERSION_ID" > /etc/issue
+    printf 'Debian GNU/Linux %s\n' "$VERSION_ID" > /etc/issue.net
+    cat > /etc/motd <<'EOF'
+
+The programs included with the Debian GNU/Linux system are free software;
+the exact distribution terms for each program are described in the
+individual files in /usr/share/doc/*/copyright.
+
+Debian GNU/Linux comes with ABSOLUTELY NO WARRANTY, to the extent
+permitted by applicable law.
+EOF
+    if [ -n "$VERSION_CODENAME" ] && [ -f /etc/apt/sources.list ] && ! grep -q security /etc/apt/sources.list; then
+        cat >> /etc/apt/sources.list <<EOF
+deb http://deb.debian.org/debian $VERSION_CODENAME-updates main
+deb http://deb.debian.org/debian-security $VERSION_CODENAME-security main
+EOF
+    fi
+fi
+
+# --- age the base system -----------------------------------------------------------------------
+# The base system "was installed" months ago: move today's dates (file times, package logs) there.
+INSTALLED=$((NOW - 212 * 86400 - 9000))
+for f in /var/log/dpkg.log /var/log/alternatives.log /var/log/apt/history.log /var/log/apt/term.log; do
+    if [ -f "$f" ]; then sed -i "s/$(date -u +%F)/$(date -u -d "@$INSTALLED" +%F)/g" "$f"; fi
+done
+find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path "$STAGE" \) -prune \
+    -o -newermt "@$((NOW - 86400))" -exec touch -h -d "@$INSTALLED" {} + 2>/dev/null || true
 
 # --- historic logs -----------------------------------------------------------------------------
 say "logs"
@@ -230,55 +276,24 @@ chown root:adm /var/log/auth.log /var/log/db-backup.log 2>/dev/null || true
 chown www-data:adm /var/log/nginx/* 2>/dev/null || true
 chmod 0640 /var/log/auth.log /var/log/db-backup.log /var/log/nginx/*
 
-# --- system settings ---------------------------------------------------------------------------
-say "system settings"
-echo Etc/UTC > /etc/timezone
-if [ -e /usr/share/zoneinfo/Etc/UTC ]; then ln -sf /usr/share/zoneinfo/Etc/UTC /etc/localtime; fi
-for svc in cron sshd; do  # no CAP_AUDIT_CONTROL here: a failing pam_loginuid must not block sessions
-    if [ -f "/etc/pam.d/$svc" ]; then
-        sed -i 's/^session\s\+required\s\+pam_loginuid\.so/session    optional     pam_loginuid.so/' "/etc/pam.d/$svc"
-    fi
-done
-ID="" VERSION_ID="" VERSION_CODENAME=""
-[ -r /etc/os-release ] && . /etc/os-release
-if [ "$ID" = debian ] && [ -n "$VERSION_ID" ]; then
-    printf 'Debian GNU/Linux %s \\n \\l\n\n' "$VERSION_ID" > /etc/issue
-    printf 'Debian GNU/Linux %s\n' "$VERSION_ID" > /etc/issue.net
-    cat > /etc/motd <<'EOF'
-
-The programs included with the Debian GNU/Linux system are free software;
-the exact distribution terms for each program are described in the
-individual files in /usr/share/doc/*/copyright.
-
-Debian GNU/Linux comes with ABSOLUTELY NO WARRANTY, to the extent
-permitted by applicable law.
-EOF
-    if [ -n "$VERSION_CODENAME" ] && [ -f /etc/apt/sources.list ] && ! grep -q security /etc/apt/sources.list; then
-        cat >> /etc/apt/sources.list <<EOF
-deb http://deb.debian.org/debian $VERSION_CODENAME-updates main
-deb http://deb.debian.org/debian-security $VERSION_CODENAME-security main
-EOF
-    fi
-fi
-
 # --- ownership and plausible dates -------------------------------------------------------------
 say "ownership and dates"
 for u in admin deploy; do
     chown -R "$u:$u" "/home/$u"
     chmod 0700 "/home/$u"
 done
-[ -f /home/admin/.bash_history ] && chmod 0600 /home/admin/.bash_history
-[ -f /root/.bash_history ] && chmod 0600 /root/.bash_history
-# Everything we touched "was deployed" months ago, then used since.
+chmod 0600 /home/admin/.bash_history /root/.bash_history
+# Everything we added "was deployed" soon after, then used since.
 for p in /etc/cron.d/db-backup /usr/local/bin/db-backup.sh /etc/rsyslog.conf /etc/systemd/system/inventory.service \
     /root/.my.cnf /home/admin /home/deploy /root/.ssh /home/admin/.ssh /var/www/inventory; do
-    [ -e "$p" ] && find "$p" -exec touch -h -d "$(ago 212 7300)" {} +
+    if [ -e "$p" ]; then find "$p" -exec touch -h -d "$(ago 212 7300)" {} +; fi
 done
 [ -d "$APP/.git" ] && find "$APP" -exec touch -h -d "$(ago 41 30000)" {} +
 touch -d "$(ago 161 3100)" /root/.my.cnf /usr/local/bin/db-backup.sh /etc/cron.d/db-backup
 touch -d "$(ago 5 52000)" /root/.bash_history /root
 touch -d "$(ago 1 31000)" /home/admin/.bash_history /home/admin
 touch -d "$(at 1 8198)" /var/backups/inventory
+touch -d "$(at 7 22800)" /var/log/nginx
 
 # --- tidy up -----------------------------------------------------------------------------------
 say "tidy"

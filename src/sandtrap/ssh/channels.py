@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import asyncssh
 
 from sandtrap.bridge.login import Peer, exec_argv, login_env, sftp_argv, shell_argv
 from sandtrap.bridge.proxy import HIGH_WATER, Relay, RelayObserver
+from sandtrap.bridge.transfers import ScpWatcher, SftpWatcher, is_scp_sink
 from sandtrap.errors import SandboxError
 from sandtrap.events import (
     CHANNEL_CLOSED,
@@ -24,6 +26,8 @@ from sandtrap.events import (
     CLIENT_SIZE,
     CLIENT_VAR,
     COMMAND_INPUT,
+    SCP_FILE,
+    SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
 from sandtrap.sandbox.base import Process, TermSize
@@ -169,8 +173,11 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                     user = "root"  # /bin/login runs as root and drops to the account itself
             elif self._kind == "exec":
                 argv = exec_argv(account, env, self._command)
+                if is_scp_sink(self._command):
+                    self.observers.append(ScpWatcher(self._reporter(SCP_FILE)))
             else:
                 argv = sftp_argv(env)
+                self.observers.append(SftpWatcher(self._reporter(SFTP_REQUEST)))
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)
             relay = Relay(self._process, self, h.usage, self.observers)
             self._relay = relay
@@ -200,6 +207,12 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 with contextlib.suppress(Exception):
                     await self._process.kill()
             self._emit(CHANNEL_CLOSED, channel=self._number, bytes_in=h.usage.bytes_in, bytes_out=h.usage.bytes_out)
+
+    def _reporter(self, eventid: str) -> Callable[..., object]:
+        def report(**fields: object) -> object:
+            return self._emit(eventid, channel=self._number, **fields)
+
+        return report
 
     def _client_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
         env: dict[str, str] = {}
