@@ -143,25 +143,30 @@ def run() -> None:
 
     s = settings()
     setup_logging(s.log_level)
-    with Progress(
+    progress = Progress(
         TextColumn("warming sandbox pool"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
         transient=True,
-    ) as progress:
-        task = progress.add_task("pool", total=s.sandbox.pool_size)
+    )
+    task = progress.add_task("pool", total=s.sandbox.pool_size)
+    progress.start()
 
-        def on_progress(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def on_progress(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+        if done >= total:
+            progress.stop()
 
-        try:
-            asyncio.run(serve(s, on_progress))
-        except SandtrapError as exc:
-            raise _fail(exc) from None
-        except KeyboardInterrupt:
-            pass
+    try:
+        asyncio.run(serve(s, on_progress))
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        progress.stop()
 
 
 def main() -> None:

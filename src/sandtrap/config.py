@@ -142,7 +142,7 @@ class SandboxSettings(_Section):
     seccomp_profile: str = Field("default", description="'default' (Docker's) or a path to a JSON profile")
     read_only_root: bool = False
     tmpfs: dict[str, str] = Field(
-        default_factory=lambda: {"/tmp": "rw,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
+        default_factory=lambda: {"/tmp": "rw,exec,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
     )
     ulimit_nofile: int = Field(1024, ge=16)
     ulimit_nproc: int = Field(512, ge=8)

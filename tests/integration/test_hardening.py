@@ -161,7 +161,7 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     assert not host.get("Mounts")
     assert not host["Devices"]
     assert info["Mounts"] == []
-    assert host["Tmpfs"]["/tmp"] == "rw,nosuid,nodev,size=64m"
+    assert host["Tmpfs"]["/tmp"] == "rw,exec,nosuid,nodev,size=64m"
     assert host["Tmpfs"]["/run"] == "rw,nosuid,nodev,size=16m"
     assert {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]} == {
         "nofile": (1024, 1024),
@@ -295,6 +295,10 @@ async def test_tmp_is_a_small_tmpfs_that_fills_up(backend: DockerBackend) -> Non
     _, _, fstype, options, *_ = tmp[0]
     assert fstype == "tmpfs"
     assert "size=65536k" in options.split(",")
+    assert "noexec" not in options.split(",") and "nosuid" in options.split(",")
+    # The attacker's classic move works: drop a binary in /tmp and run it.
+    code, out, err = await sh(sandbox, "cp /bin/echo /tmp/e && chmod +x /tmp/e && /tmp/e ran")
+    assert (code, out) == (0, "ran\n"), err
 
     code, _, err = await sh(sandbox, "dd if=/dev/zero of=/tmp/fill bs=1M count=100")
     assert code != 0

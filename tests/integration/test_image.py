@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import aiodocker
 import pytest
@@ -99,42 +100,47 @@ async def test_users_have_homes_shells_passwords_and_history(container: DockerCo
         assert code == 0
         fields = out.strip().split(":")
         assert (fields[5], fields[6]) == (home, "/bin/bash")
-        code, out = await sh(container, f"test -s {home}/.bash_history && test -f {home}/.bashrc && getent shadow {user}")
+        code, out = await sh(
+            container, f"test -s {home}/.bash_history && test -f {home}/.bashrc && getent shadow {user}"
+        )
         assert code == 0
         assert out.split(":")[1].startswith("$"), f"{user} has no password hash"
     code, out = await sh(container, "id -nG admin; id -u admin")
-    assert "sudo" in out.split() and out.split()[-1] == "1000"
+    assert code == 0 and "sudo" in out.split() and out.split()[-1] == "1000"
 
 
 async def test_lure_files_motd_and_timezone_are_in_place(container: DockerContainer) -> None:
     code, out = await sh(container, "cat /var/www/inventory/config/settings.ini /var/www/inventory/.env")
     assert code == 0
     assert "db01.corp.internal" in out and "password" in out and "INTERNAL_API_TOKEN=" in out
-    code, out = await sh(container, "wc -l < /var/log/nginx/access.log; grep -c /api/v1/internal/ /var/log/nginx/access.log")
+    code, out = await sh(
+        container, "wc -l < /var/log/nginx/access.log; grep -c /api/v1/internal/ /var/log/nginx/access.log"
+    )
     lines, internal = map(int, out.split())
-    assert lines >= 200 and internal > 0
+    assert code == 0 and lines >= 200 and internal > 0
     code, out = await sh(container, "cat /etc/motd /etc/issue.net /etc/timezone")
+    assert code == 0
     assert "The programs included with the Debian GNU/Linux system are free software" in out
     assert "Debian GNU/Linux 12" in out and "Etc/UTC" in out
     code, out = await sh(container, "grep -h db-backup /etc/cron.d/*; test -x /usr/local/bin/db-backup.sh")
     assert code == 0 and "/usr/local/bin/db-backup.sh" in out
     # History and lure files look weeks old, not built today.
     code, out = await sh(container, "echo $(( $(date +%s) - $(stat -c %Y /var/www/inventory/config/settings.ini) ))")
-    assert int(out) > 14 * 86400
+    assert code == 0 and int(out) > 14 * 86400
 
 
 async def test_init_is_pid_1_and_keeps_daemons(container: DockerContainer) -> None:
     code, out = await sh(container, "cat /proc/1/comm")
-    assert out.strip() == "init"
+    assert (code, out.strip()) == (0, "init")
     for _ in range(50):
-        code, out = await sh(container, "ps -eo ppid=,comm=")
+        _, out = await sh(container, "ps -eo ppid=,comm=")
         daemons = {comm for ppid, comm in (line.split() for line in out.splitlines()) if ppid == "1"}
         if {"cron", "rsyslogd"} <= daemons:
             break
         await asyncio.sleep(0.1)
     assert {"cron", "rsyslogd"} <= daemons
     code, out = await sh(container, "logger -p auth.notice probe-line; sleep 0.5; tail -n 1 /var/log/auth.log")
-    assert "probe-line" in out
+    assert code == 0 and "probe-line" in out
 
 
 async def test_init_stops_everything_on_sigterm(docker: aiodocker.Docker, container: DockerContainer) -> None:
@@ -154,8 +160,8 @@ async def test_nothing_in_the_image_gives_the_trap_away(
     )
     assert out == "", f"files naming the trap: {out}"
     code, out = await sh(container, "getent passwd; getent group")
-    assert "sandtrap" not in out.lower()
-    history = await docker.images.history(built_image)
+    assert code == 0 and "sandtrap" not in out.lower()
+    history = cast(list[dict[str, Any]], await docker.images.history(built_image))  # typed as a dict upstream
     for entry in history:
         text = f"{entry.get('CreatedBy', '')} {entry.get('Comment', '')}".lower()
         assert "sandtrap" not in text and "honeypot" not in text
