@@ -150,9 +150,7 @@ class Tmux:
         return out.decode("utf-8", "replace")
 
     async def start(self, argv: Sequence[str], width: int, height: int) -> None:
-        await self.tmux(
-            "new-session", "-d", "-s", self.target, "-x", str(width), "-y", str(height), shlex.join(argv)
-        )
+        await self.tmux("new-session", "-d", "-s", self.target, "-x", str(width), "-y", str(height), shlex.join(argv))
 
     async def type(self, text: str) -> None:
         """Type ``text`` literally (no key names)."""

@@ -243,6 +243,19 @@ class LimitsSettings(_Section):
 class StorageSettings(_Section):
     data_dir: str = "./data"
     database_url: str = Field("", description="default: sqlite:///<data_dir>/sandtrap.db")
+    buffer_events: int = Field(100_000, ge=100, description="events held in memory while the database is down")
+
+
+class RecordingSettings(_Section):
+    jsonlog: bool = True
+    jsonlog_rotate_bytes: ByteSize = parse_size("100m")
+    jsonlog_rotate_daily: bool = True
+    casts: bool = True
+    cast_flush_interval_s: float = Field(0.5, gt=0, le=1.0, description="SIGKILL loses at most this much")
+    max_cast_bytes: ByteSize = Field(parse_size("64m"), description="per channel; later output is counted only")
+    artifact_max_file_bytes: ByteSize = parse_size("20m")
+    artifact_max_session_bytes: ByteSize = parse_size("100m")
+    artifact_max_total_bytes: ByteSize = parse_size("5g")
 
 
 class APISettings(_Section):
@@ -258,12 +271,17 @@ class Settings(_Section):
     sandbox: SandboxSettings = SandboxSettings()
     image: ImageSettings = ImageSettings()
     limits: LimitsSettings = LimitsSettings()
+    recording: RecordingSettings = RecordingSettings()
     storage: StorageSettings = StorageSettings()
     api: APISettings = APISettings()
 
     @property
     def data_dir(self) -> Path:
         return Path(self.storage.data_dir).expanduser().resolve()
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{self.data_dir / 'sandtrap.db'}"
 
     def api_is_loopback(self) -> bool:
         host, _ = split_listen(self.api.listen)

@@ -49,6 +49,8 @@ X11_REQUEST = "sandtrap.x11.request"
 AGENT_REQUEST = "sandtrap.agent.request"
 LIMIT_HIT = "sandtrap.limit.hit"
 AUTH_TOO_MANY = "sandtrap.login.too_many"
+SESSION_FILE_CHANGED = "sandtrap.session.file_changed"
+SESSION_CRASHED = "sandtrap.session.crashed"
 SFTP_REQUEST = "sandtrap.sftp.request"
 SCP_FILE = "sandtrap.scp.file"
 
@@ -72,13 +74,24 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     CLIENT_SIZE: (("width", "height"), "Terminal Size: {width} {height}"),
     CLIENT_VAR: (("name", "value"), "request_env: {name}={value}"),
     COMMAND_INPUT: (("input",), "CMD: {input}"),
-    SESSION_FILE_UPLOAD: (("filename", "outfile", "shasum"), "Uploaded file {filename} to {outfile}"),
+    SESSION_FILE_UPLOAD: (
+        ("filename", "outfile", "shasum", "size", "via", "stored"),
+        "Uploaded file {filename} to {outfile}",
+    ),
+    SESSION_FILE_CHANGED: (
+        ("filename", "kind", "shasum", "size", "mode", "outfile", "stored"),
+        "file {filename} {kind} in the sandbox",
+    ),
+    SESSION_CRASHED: (("reason",), "session closed at start-up: the previous run ended without closing it"),
     DIRECT_TCPIP_REQUEST: (
         ("dst_ip", "dst_port", "orig_ip", "orig_port"),
         "direct-tcp connection request to {dst_ip}:{dst_port} from {orig_ip}:{orig_port}",
     ),
-    LOG_OPEN: (("ttylog",), "Opening TTY Log: {ttylog}"),
-    LOG_CLOSED: (("ttylog", "size", "duration"), "Closing TTY Log: {ttylog} after {duration} seconds"),
+    LOG_OPEN: (("ttylog", "channel"), "Opening TTY Log: {ttylog}"),
+    LOG_CLOSED: (
+        ("ttylog", "channel", "size", "shasum", "duration", "duration_ms"),
+        "Closing TTY Log: {ttylog} after {duration} seconds",
+    ),
     SESSION_CLOSED: (("duration", "reason"), "Connection lost after {duration} seconds"),
     SESSION_PARAMS: (("arch",), "session parameters"),
     SANDBOX_ASSIGNED: (("sandbox_id", "sandbox_name", "acquire_ms"), "sandbox {sandbox_name} assigned"),
@@ -112,6 +125,7 @@ class Event(BaseModel):
 
     eventid: str
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    event_id: str = Field(default_factory=lambda: secrets.token_hex(8), description="unique per event")
     session: str = ""
     src_ip: str = ""
     src_port: int = 0

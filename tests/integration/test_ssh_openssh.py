@@ -1,0 +1,348 @@
+"""The honeypot as an attacker meets it: the real OpenSSH client (ssh, scp, sftp; 9.2p1) against a real box.
+
+Each test starts its own honeypot on 127.0.0.1 (random port) with every event captured, drives the
+stock client as a subprocess (passwords through ``sshpass``; interactive sessions inside ``tmux``),
+and checks three things: what the client sees, what was recorded, and what the engine really holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import pytest
+
+from sandtrap.events import (
+    CHANNEL_EXEC,
+    CHANNEL_SUBSYSTEM,
+    CLIENT_SIZE,
+    COMMAND_INPUT,
+    DIRECT_TCPIP_REQUEST,
+    FORWARD_REQUEST,
+    LIMIT_HIT,
+    LOGIN_SUCCESS,
+    SANDBOX_ASSIGNED,
+    SESSION_CLOSED,
+    Event,
+)
+from sandtrap.sandbox import engine
+from sshclient import free_port, remote, run, scp_argv, sftp_argv, ssh_argv, started, stop, tmux_session
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1024 * 1024
+HOSTNAME = "db-test-7"
+Honeypot = Callable[..., Any]
+
+
+# -- the engine's side of things -------------------------------------------------------------------------
+async def container_file(sandbox_id: str, path: str) -> bytes | None:
+    """A file's bytes as the engine has them in the container (running or stopped); None if absent."""
+    async with engine.engine() as client:
+        try:
+            tar = await client.containers.container(sandbox_id).get_archive(path)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        with tar:
+            member = tar.getmembers()[0]
+            f = tar.extractfile(member)
+            return None if f is None else f.read()
+
+
+async def container_running(sandbox_id: str) -> bool:
+    async with engine.engine() as client:
+        info = await client.containers.container(sandbox_id).show()
+        return bool(info["State"]["Running"])
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def by_session(events: list[Event]) -> dict[str, Event]:
+    return {e.session: e for e in events}
+
+
+async def eventually(check: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> None:
+    """Poll an (async or plain) predicate until it holds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                result = check()
+                if asyncio.iscoroutine(result):
+                    result = await result
+                if result:
+                    return
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not hold within {timeout_s}s") from None
+
+
+# -- 1. what the box says about itself ---------------------------------------------------------------------
+async def test_exec_reports_configured_hostname_root_and_debian_bookworm(honeypot: Honeypot) -> None:
+    hp = await honeypot(sandbox={"hostname": HOSTNAME})
+    command = "hostname; id -un; cat /etc/os-release"
+    r = await run(ssh_argv(hp.port, command))
+    assert r.returncode == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[:2] == [HOSTNAME, "root"], r.out
+    os_release = dict(line.split("=", 1) for line in lines[2:] if "=" in line)
+    assert os_release["PRETTY_NAME"] == '"Debian GNU/Linux 12 (bookworm)"'
+    assert os_release["ID"] == "debian"
+    assert os_release["VERSION_ID"] == '"12"'
+    assert os_release["VERSION_CODENAME"] == "bookworm"
+    # Recorded as Cowrie records it: the login and the exact command line.
+    await hp.wait_for(LOGIN_SUCCESS, username="root", password="hunter2")
+    await hp.wait_for(COMMAND_INPUT, input=command)
+
+
+# -- 2. exec semantics: exit status, separate streams, bulk stdin ------------------------------------------
+async def test_exec_returns_exit_status_and_keeps_stdout_and_stderr_apart(honeypot: Honeypot) -> None:
+    hp = await honeypot()
+    r = await run(ssh_argv(hp.port, "exit 7"))
+    assert r.returncode == 7, r.err
+    assert (r.stdout, r.stderr) == (b"", b"")
+    r = await run(ssh_argv(hp.port, "echo out; echo err >&2"))
+    assert r.returncode == 0
+    assert r.stdout == b"out\n"
+    assert r.stderr == b"err\n"
+    await hp.wait_for(CHANNEL_EXEC, input="exit 7")
+
+
+async def test_exec_relays_20_mib_of_stdin_intact(honeypot: Honeypot) -> None:
+    hp = await honeypot()
+    data = os.urandom(20 * MiB)
+    r = await run(ssh_argv(hp.port, "sha256sum"), stdin=data, timeout_s=90)
+    assert r.returncode == 0, r.err
+    assert r.out == f"{sha256(data)}  -\n"
+    [closed] = await hp.wait_for(SESSION_CLOSED)
+    assert closed.get("bytes_in") >= len(data)
+
+
+# -- 3. file transfer: sftp and scp, and the file really is in the box ---------------------------------------
+async def test_sftp_put_and_get_round_trip_and_the_file_is_in_the_box(honeypot: Honeypot, tmp_path: Path) -> None:
+    hp = await honeypot(sandbox={"affinity": "source_ip"})
+    data = os.urandom(5 * MiB)
+    local, back = tmp_path / "payload.bin", tmp_path / "payload.back"
+    local.write_bytes(data)
+    commands = f"put {local} /root/payload.bin\nget /root/payload.bin {back}\nbye\n"
+    r = await run(sftp_argv(hp.port), stdin=commands.encode(), timeout_s=60)
+    assert r.returncode == 0, r.err
+    assert sha256(back.read_bytes()) == sha256(data)
+    await hp.wait_for(CHANNEL_SUBSYSTEM, subsystem="sftp")
+
+    # The next connection from 127.0.0.1 lands in the same box, and the file is there.
+    r = await run(ssh_argv(hp.port, "sha256sum /root/payload.bin"))
+    assert r.returncode == 0, r.err
+    assert r.out == f"{sha256(data)}  /root/payload.bin\n"
+    assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=2)
+    assert len({e.get("sandbox_id") for e in assigned}) == 1
+    # And the engine agrees.
+    assert await container_file(assigned[0].get("sandbox_id"), "/root/payload.bin") == data
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["sftp-protocol", "legacy-O"])
+async def test_scp_upload_and_download_round_trip_and_the_file_is_in_the_box(
+    honeypot: Honeypot, tmp_path: Path, legacy: bool
+) -> None:
+    hp = await honeypot(sandbox={"affinity": "source_ip"})
+    flags = ["-O"] if legacy else []
+    data = os.urandom(5 * MiB)
+    local, back = tmp_path / "tool.bin", tmp_path / "tool.back"
+    local.write_bytes(data)
+    up = await run(scp_argv(hp.port, *flags, str(local), remote("/root/tool.bin")), timeout_s=60)
+    assert up.returncode == 0, up.err
+    down = await run(scp_argv(hp.port, *flags, remote("/root/tool.bin"), str(back)), timeout_s=60)
+    assert down.returncode == 0, down.err
+    assert sha256(back.read_bytes()) == sha256(data)
+    # The client really used the protocol the test is about.
+    if legacy:
+        await hp.wait_for(CHANNEL_EXEC, input="scp -t /root/tool.bin")
+        await hp.wait_for(CHANNEL_EXEC, input="scp -f /root/tool.bin")
+        assert not hp.events(CHANNEL_SUBSYSTEM)
+    else:
+        await hp.wait_for(CHANNEL_SUBSYSTEM, count=2, subsystem="sftp")
+        assert not hp.events(CHANNEL_EXEC)
+
+    r = await run(ssh_argv(hp.port, "sha256sum /root/tool.bin"))
+    assert r.out == f"{sha256(data)}  /root/tool.bin\n", r.err
+    assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=3)
+    assert len({e.get("sandbox_id") for e in assigned}) == 1
+    assert await container_file(assigned[0].get("sandbox_id"), "/root/tool.bin") == data
+
+
+# -- 4. an interactive login on a pty, as a person at a terminal sees it --------------------------------------
+async def test_pty_login_looks_real_takes_typing_and_follows_window_changes(honeypot: Honeypot) -> None:
+    hp = await honeypot(sandbox={"hostname": HOSTNAME})
+    prompt = rf"root@{re.escape(HOSTNAME)}:~# "
+    async with tmux_session(ssh_argv(hp.port, options=["-tt"]), width=100, height=30) as term:
+        await term.wait_for(rf"^{prompt}", timeout_s=30)
+        # The login prints the box's own /etc/motd, as PAM does on a real login.
+        [assigned] = hp.events(SANDBOX_ASSIGNED)
+        motd = await container_file(assigned.get("sandbox_id"), "/etc/motd")
+        assert motd is not None and motd.strip(), "the image has no /etc/motd"
+        screen = await term.screen()
+        for line in motd.decode().splitlines():
+            assert line.strip() in screen, f"motd line {line!r} not shown; pane:\n{screen}"
+
+        await term.line("stty size | sed 's/^/size=/'")
+        await term.wait_for(r"^size=30 100$")
+        await term.resize(132, 43)
+        await hp.wait_for(CLIENT_SIZE, width=132, height=43)
+        await term.line("stty size | sed 's/^/size=/'")
+        await term.wait_for(r"^size=43 132$")
+
+        await term.line("echo $((6*7))")
+        await term.wait_for(r"^42$")
+        # A typo fixed with backspace before Enter: the shell runs the corrected line.
+        await term.type("ehco")
+        await term.keys("BSpace", "BSpace", "BSpace")
+        await term.line("cho fixed-$((40+2))")
+        await term.wait_for(r"^fixed-42$")
+        await term.wait_for(rf"^{prompt}$")  # and a fresh prompt after it
+        assert "command not found" not in await term.screen()
+
+        await term.line("exit")
+        assert await term.wait_dead() == 0
+    await hp.wait_for(SESSION_CLOSED)
+
+
+# -- 5. one box per connection, or per source address ----------------------------------------------------------
+async def test_simultaneous_logins_get_separate_boxes(honeypot: Honeypot) -> None:
+    hp = await honeypot(sandbox={"pool_size": 2})
+
+    def command(tag: str) -> str:
+        return f"echo {tag} > /root/mark-{tag}; sleep 2; ls /root"
+
+    alpha, beta = await asyncio.gather(
+        run(ssh_argv(hp.port, command("alpha"))), run(ssh_argv(hp.port, command("beta")))
+    )
+    assert alpha.returncode == 0 and beta.returncode == 0, (alpha.err, beta.err)
+    assert "mark-alpha" in alpha.out and "mark-beta" not in alpha.out
+    assert "mark-beta" in beta.out and "mark-alpha" not in beta.out
+
+    assigned = by_session(await hp.wait_for(SANDBOX_ASSIGNED, count=2))
+    closed = by_session(await hp.wait_for(SESSION_CLOSED, count=2))
+    assert len(assigned) == 2
+    assert len({e.get("sandbox_id") for e in assigned.values()}) == 2
+    # They really overlapped: both had their box before either connection ended.
+    assert max(e.timestamp for e in assigned.values()) < min(e.timestamp for e in closed.values())
+    # Each box (now stopped for forensics) holds its own session's file and not the other's.
+    for session, event in assigned.items():
+        [cmd] = hp.events(COMMAND_INPUT, session=session)
+        tag, other = ("alpha", "beta") if "alpha" in cmd.get("input") else ("beta", "alpha")
+        assert await container_file(event.get("sandbox_id"), f"/root/mark-{tag}") == f"{tag}\n".encode()
+        assert await container_file(event.get("sandbox_id"), f"/root/mark-{other}") is None
+
+
+async def test_source_ip_affinity_reconnect_finds_the_previous_sessions_files(honeypot: Honeypot) -> None:
+    hp = await honeypot(sandbox={"affinity": "source_ip"})
+    token = secrets.token_hex(8)
+    first = await run(ssh_argv(hp.port, f"echo {token} > /root/notes.txt"))
+    assert first.returncode == 0, first.err
+    await hp.wait_for(SESSION_CLOSED)
+    second = await run(ssh_argv(hp.port, "cat /root/notes.txt"))
+    assert second.returncode == 0, second.err
+    assert second.out == f"{token}\n"
+    a1, a2 = await hp.wait_for(SANDBOX_ASSIGNED, count=2)
+    assert a1.session != a2.session
+    assert a1.get("sandbox_id") == a2.get("sandbox_id")
+    assert (a1.get("reused"), a2.get("reused")) == (False, True)
+
+
+# -- 6. forwarding is refused, and recorded ------------------------------------------------------------------------
+async def test_local_forward_is_refused_and_recorded(honeypot: Honeypot) -> None:
+    hp = await honeypot()
+    local_port = free_port()
+    forward = f"127.0.0.1:{local_port}:127.0.0.1:22"
+    argv = ssh_argv(hp.port, options=["-N", "-o", "ExitOnForwardFailure=yes", "-L", forward])
+    async with started(argv, stdin=False) as proc:
+        # Once logged in, the client listens locally; a connection there makes it ask for a channel.
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", local_port)
+                    break
+                except ConnectionRefusedError:
+                    assert proc.returncode is None, "ssh exited before listening"
+                    await asyncio.sleep(0.1)
+        try:
+            orig_port = writer.get_extra_info("sockname")[1]
+            async with asyncio.timeout(15):
+                assert await reader.read() == b""  # the refused channel: the client hangs up on us
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        [event] = await hp.wait_for(DIRECT_TCPIP_REQUEST, dst_ip="127.0.0.1", dst_port=22)
+        assert (event.get("orig_ip"), event.get("orig_port")) == ("127.0.0.1", orig_port)
+        await stop(proc)
+        assert proc.stderr is not None
+        stderr = (await proc.stderr.read()).decode(errors="replace")
+    assert "open failed: administratively prohibited" in stderr
+
+
+async def test_remote_forward_is_refused_and_recorded(honeypot: Honeypot) -> None:
+    hp = await honeypot()
+    remote_port = free_port()
+    forward = f"127.0.0.1:{remote_port}:127.0.0.1:22"
+    argv = ssh_argv(hp.port, options=["-N", "-o", "ExitOnForwardFailure=yes", "-R", forward])
+    r = await run(argv, timeout_s=30)
+    assert r.returncode == 255
+    assert f"remote port forwarding failed for listen port {remote_port}" in r.err
+    await hp.wait_for(FORWARD_REQUEST, kind="remote", dst_ip="127.0.0.1", dst_port=remote_port)
+
+
+# -- 7. limits: idle timeout, connections per source address ---------------------------------------------------
+async def test_idle_session_is_closed_recorded_and_its_box_released(honeypot: Honeypot) -> None:
+    hp = await honeypot(limits={"idle_timeout_s": 2})
+    started_at = time.monotonic()
+    r = await run(ssh_argv(hp.port, "sleep 60"), timeout_s=30)
+    elapsed = time.monotonic() - started_at
+    assert r.returncode == 255, r.err  # the connection went away under it
+    assert elapsed < 15
+    await hp.wait_for(LIMIT_HIT, limit="idle_timeout_s")
+    await hp.wait_for(SESSION_CLOSED, reason="idle_timeout_s")
+    [assigned] = hp.events(SANDBOX_ASSIGNED)
+    pool = hp.services.pool
+    await eventually(lambda: pool.stats()["active"] == 0, what="pool active back to 0")
+    assert pool.stats()["preserved"] >= 1
+    assert not await container_running(assigned.get("sandbox_id"))
+
+
+async def test_connection_over_the_per_ip_limit_is_closed_and_the_first_keeps_working(honeypot: Honeypot) -> None:
+    hp = await honeypot(limits={"max_sessions_per_ip": 1})
+    echo = 'while read -r line; do echo "got $line"; done'
+    async with started(ssh_argv(hp.port, echo)) as first:
+        assert first.stdin is not None and first.stdout is not None
+
+        async def say(text: str) -> bytes:
+            assert first.stdin is not None and first.stdout is not None
+            first.stdin.write(f"{text}\n".encode())
+            await first.stdin.drain()
+            async with asyncio.timeout(30):
+                return await first.stdout.readline()
+
+        assert await say("one") == b"got one\n"
+        second = await run(ssh_argv(hp.port, "echo second"), timeout_s=30)
+        assert second.returncode != 0
+        assert "second" not in second.out
+        await hp.wait_for(LIMIT_HIT, limit="max_sessions_per_ip")
+        await hp.wait_for(SESSION_CLOSED, reason="max_sessions_per_ip")
+        assert await say("two") == b"got two\n"
+        first.stdin.close()
+        async with asyncio.timeout(30):
+            assert await first.wait() == 0
+    assert len(hp.events(LOGIN_SUCCESS)) == 1
+    assert len(hp.events(SANDBOX_ASSIGNED)) == 1
