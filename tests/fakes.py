@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox.base import ChangedFile, ExitStatus, SandboxInfo, TermSize
+from sandtrap.sandbox.base import ChangedFile, ExitStatus, FileData, SandboxInfo, TermSize
 
 _ids = itertools.count(1)
 
@@ -55,9 +55,11 @@ class FakeSandbox:
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self.files[path] = data
 
-    async def get_file(self, path: str, max_bytes: int) -> bytes | None:
+    async def get_file(self, path: str, max_bytes: int) -> FileData | None:
         data = self.files.get(path)
-        return data if data is not None and len(data) <= max_bytes else None
+        if data is None:
+            return None
+        return FileData(path, len(data), 0o644, True, data if len(data) <= max_bytes else None)
 
     async def changed_files(self) -> list[ChangedFile]:
         return [ChangedFile(p, "A") for p in self.files]

@@ -9,9 +9,11 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from sandtrap.bridge.artifacts import ArtifactStore
 from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import Settings
 from sandtrap.events import EventBus, EventSink
+from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
@@ -49,7 +51,14 @@ async def running(
     for sink in sinks or []:
         bus.add_sink(sink)
     manager = SessionManager(pool, settings.sandbox, settings.limits)
-    ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus)
+    jsonlog = None
+    if settings.recording.jsonlog:
+        jsonlog = JsonLogSink(
+            settings.data_dir / "log", settings.recording.jsonlog_rotate_bytes, settings.recording.jsonlog_rotate_daily
+        )
+        bus.add_sink(jsonlog)
+    artifacts = ArtifactStore(settings.data_dir / "artifacts", settings.recording.artifact_max_total_bytes)
+    ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus, artifacts)
     ssh = SSHFrontEnd(ctx, settings.data_dir)
     try:
         await backend.ping()
@@ -59,9 +68,12 @@ async def running(
     finally:
         log.info("shutting down: closing listener, stopping sandboxes")
         await asyncio.shield(ssh.close())
+        await asyncio.shield(ctx.drain())
         await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
         await backend.close()
+        if jsonlog is not None:
+            await asyncio.to_thread(jsonlog.close)
 
 
 async def serve(settings: Settings, progress: Progress | None = None) -> None:

@@ -256,6 +256,23 @@ class RecordingSettings(_Section):
     artifact_max_file_bytes: ByteSize = parse_size("20m")
     artifact_max_session_bytes: ByteSize = parse_size("100m")
     artifact_max_total_bytes: ByteSize = parse_size("5g")
+    changed_metadata_only: list[str] = Field(
+        default_factory=lambda: [
+            "/var/log/auth.log",
+            "/var/log/syslog",
+            "/var/log/wtmp",
+            "/var/log/btmp",
+            "/var/log/lastlog",
+            "/run/utmp",
+            "/run/crond.pid",
+            "/run/crond.reboot",
+            "/etc/shadow-",
+            "/etc/passwd-",
+            "/etc/group-",
+            "/etc/gshadow-",
+        ],
+        description="changed files reported without storing their content (written by every login)",
+    )
 
 
 class APISettings(_Section):

@@ -74,7 +74,8 @@ async def test_release_stops_and_keeps_and_retention_removes_oldest(
     state = await containers(sensor)
     assert state[boxes[0].name]["running"] is False  # stopped, not removed
     # The stopped box keeps the attacker's files for forensics.
-    assert await boxes[0].get_file("/root/dropped", 100) == b"evidence\n"
+    dropped = await boxes[0].get_file("/root/dropped", 100)
+    assert dropped is not None and dropped.data == b"evidence\n" and dropped.is_regular
     await pool.release(boxes[1])
     await pool.release(boxes[2])
     state = await containers(sensor)

@@ -48,6 +48,17 @@ class ChangedFile:
     kind: Literal["A", "C", "D"]
 
 
+@dataclass(frozen=True, slots=True)
+class FileData:
+    """A file read from a sandbox: its size and mode always, its bytes only if under the cap."""
+
+    path: str
+    size: int
+    mode: int
+    is_regular: bool
+    data: bytes | None
+
+
 @dataclass(slots=True)
 class SandboxInfo:
     """What the pool knows about a sandbox; persisted so a restart can reconcile."""
@@ -104,8 +115,11 @@ class Sandbox(Protocol):
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
 
-    async def get_file(self, path: str, max_bytes: int) -> bytes | None:
-        """A regular file's content, or ``None`` if it is missing, not regular, or larger than ``max_bytes``."""
+    async def get_file(self, path: str, max_bytes: int) -> FileData | None:
+        """A file's metadata (``None`` if missing) and, for a regular file up to ``max_bytes``, its bytes.
+
+        Never reads more than ``max_bytes`` of content into memory.
+        """
 
     async def changed_files(self) -> list[ChangedFile]: ...
 

@@ -8,7 +8,9 @@ socket), which gives the bridge back-pressure for free.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 import logging
 import re
 import secrets
@@ -27,7 +29,7 @@ from aiodocker.stream import Stream
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox import engine
-from sandtrap.sandbox.base import ChangedFile, Chunk, ExitStatus, Sandbox, SandboxInfo, TermSize
+from sandtrap.sandbox.base import ChangedFile, Chunk, ExitStatus, FileData, Sandbox, SandboxInfo, TermSize
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +206,11 @@ def exit_status(code: int) -> ExitStatus:
 
 
 class DockerSandbox:
-    def __init__(self, client: aiodocker.Docker, container_id: str, name: str) -> None:
+    def __init__(self, client: aiodocker.Docker, container_id: str, name: str, tmpfs: tuple[str, ...] = ()) -> None:
         self._client = client
         self.id = container_id
         self.name = name
+        self._tmpfs = tmpfs  # the engine's archive API cannot see into these mounts
 
     def _container(self) -> aiodocker.containers.DockerContainer:
         return self._client.containers.container(self.id)
@@ -257,19 +260,67 @@ class DockerSandbox:
             tar.addfile(info, io.BytesIO(data))
         await engine.call("put archive", self._container().put_archive(str(p.parent), buf.getvalue()))  # type: ignore[no-untyped-call]
 
-    async def get_file(self, path: str, max_bytes: int) -> bytes | None:
-        try:
+    async def get_file(self, path: str, max_bytes: int) -> FileData | None:
+        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in self._tmpfs):
+            return await self._read_by_exec(path, max_bytes)
+        stat = await self._stat(path)
+        if stat is None:
+            return None
+        mode = int(stat.get("mode", 0))
+        size = int(stat.get("size", 0))
+        # Go's os.FileMode: the type bits sit above the permission bits (dir 1<<31, symlink 1<<27, ...).
+        is_regular = mode & 0xFFFFFE00 == 0
+        data = None
+        if is_regular and size <= max_bytes:
             tar = await engine.call("get archive", self._container().get_archive(path))
+            with tar:
+                member = tar.next()
+                if member is not None and member.isfile() and member.size <= max_bytes:
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else None
+        return FileData(path=path, size=size, mode=mode & 0o7777, is_regular=is_regular, data=data)
+
+    async def _read_by_exec(self, path: str, max_bytes: int) -> FileData | None:
+        """Stat and read through the box's own tools (tmpfs mounts); content bounded by ``head -c``."""
+        script = 'stat -L -c "%s %f" -- "$1" && if [ -f "$1" ]; then head -c "$2" -- "$1"; fi'
+        proc = await self.exec(["sh", "-c", script, "sh", path, str(max_bytes + 1)])
+        await proc.close_stdin()
+        out = bytearray()
+        while (chunk := await proc.read()) is not None:
+            if chunk.stream == 1 and len(out) <= max_bytes + 64:
+                out += chunk.data
+        if (await proc.wait()).code != 0 or b"\n" not in out:
+            return None
+        head, _, body = bytes(out).partition(b"\n")
+        try:
+            size_text, mode_hex = head.decode().split()
+            size, raw_mode = int(size_text), int(mode_hex, 16)
+        except ValueError:
+            return None
+        is_regular = raw_mode & 0o170000 == 0o100000
+        data = body if is_regular and size <= max_bytes and len(body) == size else None
+        return FileData(path=path, size=size, mode=raw_mode & 0o7777, is_regular=is_regular, data=data)
+
+    async def _stat(self, path: str) -> dict[str, Any] | None:
+        """The engine's stat of a path (HEAD on the archive endpoint): no content is transferred."""
+
+        async def head() -> dict[str, Any] | None:
+            try:
+                async with self._client._query(
+                    f"containers/{self.id}/archive", method="HEAD", params={"path": path}
+                ) as resp:
+                    header = resp.headers.get("X-Docker-Container-Path-Stat", "")
+                    return json.loads(base64.b64decode(header)) if header else None
+            except ValueError:
+                # An error answer to HEAD has no body for the client to parse: the path is not there.
+                return None
+
+        try:
+            return await engine.call("stat", head())
         except SandboxError as exc:
             if engine.is_not_found(exc):
                 return None
             raise
-        with tar:
-            member = tar.next()
-            if member is None or not member.isfile() or member.size > max_bytes:
-                return None
-            f = tar.extractfile(member)
-            return f.read() if f is not None else None
 
     async def changed_files(self) -> list[ChangedFile]:
         """The engine's diff against the image, plus regular files in the tmpfs mounts it cannot see."""
@@ -342,7 +393,7 @@ class DockerBackend:
         container = await engine.call(
             "create container", self._client.containers.create(config, name=name), self._settings.start_timeout_s
         )
-        sandbox = DockerSandbox(self._client, container.id, name)
+        sandbox = DockerSandbox(self._client, container.id, name, tuple(self._settings.tmpfs))
         try:
             await engine.call("start container", container.start(), self._settings.start_timeout_s)
         except BaseException:
@@ -357,7 +408,7 @@ class DockerBackend:
         sandbox.name = new
 
     def sandbox(self, container_id: str, name: str) -> DockerSandbox:
-        return DockerSandbox(self._client, container_id, name)
+        return DockerSandbox(self._client, container_id, name, tuple(self._settings.tmpfs))
 
     async def list_managed(self) -> list[SandboxInfo]:
         """Every container of this sensor, with the state it is in now."""

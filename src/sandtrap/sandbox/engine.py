@@ -47,6 +47,8 @@ async def call(what: str, aw: Awaitable[T], timeout_s: float = DEFAULT_TIMEOUT_S
         raise SandboxUnavailable(f"{what}: engine did not answer within {timeout_s:.0f}s") from exc
     except (OSError, ConnectionError) as exc:
         raise SandboxUnavailable(f"{what}: engine unreachable: {exc}") from exc
+    except ValueError as exc:  # an error answer the client could not parse (e.g. to a HEAD request)
+        raise SandboxError(f"{what}: unreadable engine answer: {exc}") from exc
     except Exception as exc:  # aiohttp client errors and friends
         if type(exc).__module__.startswith("aiohttp"):
             raise SandboxUnavailable(f"{what}: engine connection failed: {exc}") from exc

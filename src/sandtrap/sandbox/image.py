@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import aiodocker
@@ -99,7 +98,7 @@ def _overlay_files() -> list[Path]:
 
 
 def _mode(path: Path) -> int:
-    return 0o755 if os.access(path, os.X_OK) else 0o644
+    return 0o755 if path.stat().st_mode & 0o111 else 0o644
 
 
 def image_inputs(image: ImageSettings, base: str | None = None) -> str:
@@ -152,7 +151,12 @@ async def build_image(
     docker_host: str = "",
     console: Console | None = None,
 ) -> BuildResult:
-    """Build ``tag`` unless it is already current (or ``force``). Raises :class:`ImageError`."""
+    """Build ``tag`` unless it is already current; raise :class:`ImageError` when that fails.
+
+    ``force`` rebuilds our layer even when current; the cached tarball and the imported base image
+    are reused (remove ``<cache_dir>/rootfs-*.tar`` and ``sandtrap-base:*`` to debootstrap afresh).
+    ``base`` is any local image to build on instead of debootstrapping (nothing can be pulled).
+    """
     started = time.monotonic()
     async with engine(docker_host) as docker:
         base_id = None
@@ -200,7 +204,7 @@ class _Steps:
         self._progress.start()
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
     @contextmanager
@@ -352,7 +356,10 @@ def _clean_rootfs(root: Path) -> None:
         "debootstrap",
     ):
         for path in root.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     for name, text in (("etc/hostname", "localhost\n"), ("etc/resolv.conf", "")):  # the engine mounts its own
         (root / name).unlink(missing_ok=True)
         (root / name).write_text(text)

@@ -1,11 +1,22 @@
 """What the server offers in its KEXINIT: Debian bookworm's OpenSSH 9.2p1 defaults, in its order.
 
-Scanners compare the offered lists with the version in the banner; see README "SSH fingerprint".
+Scanners compare the offered lists with the version in the banner (hasshServer); see README "SSH fingerprint".
+``tests/integration/test_sshd_fingerprint.py`` compares them with a real sshd's, side by side, and
+documents what asyncssh cannot match.
 """
 
-# OpenSSH 9.2p1's server defaults, in its order, as far as asyncssh implements them.
-# Missing: sntrup761x25519-sha512@openssh.com (asyncssh needs liboqs for it). See README.
-KEX_ALGS = [
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncssh
+from asyncssh.kex import get_kex_algs
+
+# `sshd -T` of Debian's 9.2p1-2+deb12u10 (the Debian build also carries the RFC name of sntrup761).
+# asyncssh offers sntrup761 only when liboqs is installed: without it those two are left out.
+OPENSSH_KEX_ALGS = (
+    "sntrup761x25519-sha512",
+    "sntrup761x25519-sha512@openssh.com",
     "curve25519-sha256",
     "curve25519-sha256@libssh.org",
     "ecdh-sha2-nistp256",
@@ -15,8 +26,24 @@ KEX_ALGS = [
     "diffie-hellman-group16-sha512",
     "diffie-hellman-group18-sha512",
     "diffie-hellman-group14-sha256",
-]
+)
+KEX_ALGS = [alg for alg in OPENSSH_KEX_ALGS if alg.encode() in get_kex_algs()]
+
+# What sshd appends to its kex list: the strict-kex marker (Debian's fix for Terrapin, CVE-2023-48795).
+# asyncssh appends ``ext-info-s`` as well, which OpenSSH 9.2's server does not: see use_openssh_kex_extras.
+KEX_EXTRAS = ("kex-strict-s-v00@openssh.com",)
+
+# sshd offers, per host key in HostKey order (rsa, ecdsa, ed25519), the algorithms that key can sign with
+# and HostKeyAlgorithms allows: no SHA-1 ``ssh-rsa`` since 8.8.
+HOST_KEY_ALGS_BY_KEY = {
+    "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256"),
+    "ecdsa-sha2-nistp256": ("ecdsa-sha2-nistp256",),
+    "ecdsa-sha2-nistp384": ("ecdsa-sha2-nistp384",),
+    "ecdsa-sha2-nistp521": ("ecdsa-sha2-nistp521",),
+    "ssh-ed25519": ("ssh-ed25519",),
+}
 HOST_KEY_ALGS = ["rsa-sha2-512", "rsa-sha2-256", "ecdsa-sha2-nistp256", "ssh-ed25519"]
+
 ENCRYPTION_ALGS = [
     "chacha20-poly1305@openssh.com",
     "aes128-ctr",
@@ -38,3 +65,41 @@ MAC_ALGS = [
     "hmac-sha1",
 ]
 COMPRESSION_ALGS = ["none", "zlib@openssh.com"]
+
+# The server-sig-algs extension (EXT_INFO, after NEWKEYS) sshd 9.2 sends: every signature algorithm it knows.
+SIGNATURE_ALGS = [
+    "ssh-ed25519",
+    "sk-ssh-ed25519@openssh.com",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "webauthn-sk-ecdsa-sha2-nistp256@openssh.com",
+    "ssh-dss",
+    "ssh-rsa",
+    "rsa-sha2-256",
+    "rsa-sha2-512",
+]
+
+
+def host_key_pairs(keys: Sequence[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
+    """Key pairs for ``server_host_keys`` that offer what sshd offers for each key, in the keys' order.
+
+    asyncssh offers every algorithm a key can sign with (for RSA: ``ssh-rsa`` and four ``@ssh.com``
+    variants, SHA-256 before SHA-512); sshd offers ``rsa-sha2-512,rsa-sha2-256`` only.
+    """
+    pairs = asyncssh.load_keypairs(list(keys))
+    for pair in pairs:
+        key_alg = pair.key_algorithm.decode("ascii")
+        pair.host_key_algorithms = tuple(a.encode() for a in HOST_KEY_ALGS_BY_KEY.get(key_alg, (key_alg,)))
+    return pairs
+
+
+def use_openssh_kex_extras(conn: asyncssh.SSHServerConnection) -> None:
+    """End this connection's kex list as sshd 9.2 does: the strict-kex marker, no ``ext-info-s``.
+
+    Call it from ``connection_made``: asyncssh sends its KEXINIT only after the client's version line.
+    Whether the server sends EXT_INFO depends on the client's ``ext-info-c`` alone, so nothing else changes.
+    """
+    extras = [a.encode() for a in KEX_EXTRAS]
+    conn._get_extra_kex_algs = lambda: list(extras)  # type: ignore[method-assign]

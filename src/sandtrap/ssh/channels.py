@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import posixpath
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from sandtrap.events import (
     CLIENT_VAR,
     COMMAND_INPUT,
     SCP_FILE,
+    SESSION_FILE_UPLOAD,
     SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
@@ -57,6 +59,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         self._task: asyncio.Task[None] | None = None
         self._process: Process | None = None
         self.observers: list[RelayObserver] = []
+        self._transfers = False
 
     @property
     def _emit(self):  # type: ignore[no-untyped-def]
@@ -174,10 +177,12 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             elif self._kind == "exec":
                 argv = exec_argv(account, env, self._command)
                 if is_scp_sink(self._command):
-                    self.observers.append(ScpWatcher(self._reporter(SCP_FILE)))
+                    self._transfers = True
+                    self.observers.append(ScpWatcher(self._scp_report(account.home)))
             else:
                 argv = sftp_argv(env)
-                self.observers.append(SftpWatcher(self._reporter(SFTP_REQUEST)))
+                self._transfers = True
+                self.observers.append(SftpWatcher(self._sftp_report(account.home)))
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)
             relay = Relay(self._process, self, h.usage, self.observers)
             self._relay = relay
@@ -198,7 +203,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         except SandboxError as exc:
             log.warning("channel %d: sandbox failed: %s", self._number, exc)
             # What a client sees when sshd cannot start the session: the connection goes away.
-            h.end("sandbox_error", str(exc)[:200])
+            h.end("sandbox_error", str(exc)[:200], limit=False)
         except Exception:
             log.exception("channel %d failed", self._number)
             chan.close()
@@ -206,11 +211,45 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             if self._process is not None:
                 with contextlib.suppress(Exception):
                     await self._process.kill()
+            if self._transfers and self._relay is not None:
+                # The transfer is over: keep a copy of every uploaded file, in a task the channel's
+                # close cannot cancel (the connection's closing record waits for it).
+                h.track(self._collect_uploads())
             self._emit(CHANNEL_CLOSED, channel=self._number, bytes_in=h.usage.bytes_in, bytes_out=h.usage.bytes_out)
 
     def _reporter(self, eventid: str) -> Callable[..., object]:
         def report(**fields: object) -> object:
             return self._emit(eventid, channel=self._number, **fields)
+
+        return report
+
+    async def _collect_uploads(self) -> None:
+        h = self._handler
+        lease = await h.lease()
+        await h.artifacts.collect_uploads(lease.sandbox, self._reporter(SESSION_FILE_UPLOAD))
+
+    def _sftp_report(self, cwd: str) -> Callable[..., object]:
+        emit = self._reporter(SFTP_REQUEST)
+
+        def report(**fields: object) -> object:
+            if fields.get("op") == "open" and "write" in str(fields.get("flags", "")):
+                self._handler.artifacts.note_upload(str(fields["path"]), "sftp", cwd)
+            return emit(**fields)
+
+        return report
+
+    def _scp_report(self, cwd: str) -> Callable[..., object]:
+        emit = self._reporter(SCP_FILE)
+        # "scp -t TARGET": TARGET is a directory (file goes inside) or the file itself.
+        words = self._command.split()
+        target = next((w for w in reversed(words[1:]) if not w.startswith("-")), ".")
+
+        def report(**fields: object) -> object:
+            if fields.get("kind") == "file":
+                name = str(fields["filename"])
+                self._handler.artifacts.note_upload(posixpath.join(target, name), "scp", cwd)
+                self._handler.artifacts.note_upload(target, "scp", cwd)
+            return emit(**fields)
 
         return report
 

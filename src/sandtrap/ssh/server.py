@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
 
+from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
+from sandtrap.bridge.proxy import Usage
 from sandtrap.bridge.sessions import Lease, SessionManager
 from sandtrap.config import Settings, split_listen
 from sandtrap.errors import SandboxError
@@ -34,6 +36,7 @@ from sandtrap.events import (
     SANDBOX_UNAVAILABLE,
     SESSION_CLOSED,
     SESSION_CONNECT,
+    SESSION_FILE_CHANGED,
     X11_REQUEST,
     Emitter,
     EventBus,
@@ -61,12 +64,26 @@ def printable(text: str | bytes, limit: int = 512) -> str:
 
 @dataclass
 class ServerContext:
-    """What every connection shares: settings, policy, session manager, event bus."""
+    """What every connection shares: settings, policy, session manager, event bus, artifact store."""
 
     settings: Settings
     policy: AuthPolicy
     manager: SessionManager
     bus: EventBus
+    artifacts: ArtifactStore
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    connections: set[ConnectionHandler] = field(default_factory=set)
+    all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task that outlives its connection's callbacks (kept until done)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout_s)
 
 
 class ConnectionHandler(asyncssh.SSHServer):
@@ -90,9 +107,9 @@ class ConnectionHandler(asyncssh.SSHServer):
         self._lease_task: asyncio.Task[Lease] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._channels = 0
-        from sandtrap.bridge.proxy import Usage
-
         self.usage = Usage()
+        self.artifacts = SessionArtifacts(ctx.artifacts, ctx.settings.recording)
+        self._pending: set[asyncio.Task[None]] = set()
 
     # -- connection life cycle ----------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -116,6 +133,7 @@ class ConnectionHandler(asyncssh.SSHServer):
             conn.abort()
             return
         self._admitted = True
+        self.ctx.connections.add(self)
         # Refusals asyncssh does itself, made visible: X11 and agent forwarding requests.
         conn.attach_x11_listener = self._refuse_x11  # type: ignore[method-assign,assignment]
         conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
@@ -128,6 +146,33 @@ class ConnectionHandler(asyncssh.SSHServer):
             self.close_reason = "client_closed" if exc is None else f"error: {printable(str(exc), 200)}"
         self._emit_kex()
         duration = time.monotonic() - self.started
+        if self._admitted:
+            self.ctx.manager.leave(self.src_ip)
+            self._admitted = False
+        self.ctx.connections.discard(self)
+        if not self.ctx.connections:
+            self.ctx.all_closed.set()
+        self.ctx.spawn(self._finish(duration))
+
+    def track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Work that must finish before the session's closing record (e.g. storing uploads)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _finish(self, duration: float) -> None:
+        """After the connection: collect what the session left in its box, close the record, release."""
+        session_context.set(f"{self.session} {self.src_ip}")
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=120)
+        lease = None
+        if self._lease_task is not None:
+            try:
+                lease = await self._lease_task
+            except (SandboxError, asyncio.CancelledError):
+                lease = None
+        if lease is not None and self.emitter is not None:
+            await self.artifacts.collect_changes(lease.sandbox, self._reporter(SESSION_FILE_CHANGED))
         if self.emitter is not None:
             self.emitter.emit(
                 SESSION_CLOSED,
@@ -137,25 +182,24 @@ class ConnectionHandler(asyncssh.SSHServer):
                 bytes_in=self.usage.bytes_in,
                 bytes_out=self.usage.bytes_out,
             )
-        if self._admitted:
-            self.ctx.manager.leave(self.src_ip)
-            self._admitted = False
-        if self._lease_task is not None:
-            asyncio.get_running_loop().create_task(self._end_lease(self._lease_task))
+        if lease is not None:
+            await self.ctx.manager.end(lease)
 
-    async def _end_lease(self, task: asyncio.Task[Lease]) -> None:
-        try:
-            lease = await task
-        except (SandboxError, asyncio.CancelledError):
-            return
-        await self.ctx.manager.end(lease)
+    def _reporter(self, eventid: str) -> Callable[..., object]:
+        assert self.emitter is not None
+        emit = self.emitter.emit
 
-    def end(self, reason: str, value: object = "") -> None:
-        """Close the connection on purpose (a limit), recording why."""
+        def report(**fields: object) -> object:
+            return emit(eventid, **fields)
+
+        return report
+
+    def end(self, reason: str, value: object = "", limit: bool = True) -> None:
+        """Close the connection on purpose (a limit, shutdown), recording why."""
         if self.close_reason:
             return
         self.close_reason = reason
-        if self.emitter is not None:
+        if self.emitter is not None and limit:
             self.emitter.emit(LIMIT_HIT, limit=reason, value=value)
         log.info("closing connection: %s", reason)
         if self.conn is not None:
@@ -357,7 +401,16 @@ class SSHFrontEnd:
         log.info("ssh listening on %s (port %d)", s.listen, self.port)
 
     async def close(self) -> None:
+        """Stop listening, end every open connection (recorded as ``shutdown``), wait for their records."""
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+        for handler in list(self._ctx.connections):
+            handler.end("shutdown", limit=False)
+        if self._ctx.connections:
+            self._ctx.all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await self._ctx.all_closed.wait()
+        await self._ctx.drain()

@@ -33,7 +33,7 @@ top
 ps aux | grep gunicorn
 sudo ss -tlnp
 sudo tail -f /var/log/auth.log
-scp inventory-2023-11.csv backup01.corp.internal:/tmp/
+scp assets-export.csv backup01.corp.internal:/tmp/
 sudo apt update && sudo apt upgrade
 sudo vim /etc/nginx/sites-available/inventory
 sudo nginx -t && sudo systemctl reload nginx

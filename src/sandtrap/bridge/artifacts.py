@@ -1,0 +1,146 @@
+"""What attackers leave behind: uploads and changed files, stored content-addressed by sha256.
+
+Files land in ``<data_dir>/artifacts/<sha[:2]>/<sha256>``, mode 0440 (never executable), written
+atomically. Caps: per file, per session and in total; a file over a cap is recorded as metadata
+only (``stored: false``). Artifacts are never opened, parsed or executed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandtrap.config import RecordingSettings
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import FileData, Sandbox
+
+log = logging.getLogger(__name__)
+
+Report = Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    sha256: str
+    outfile: str  # relative to the data dir
+    stored: bool
+    duplicate: bool
+
+
+class ArtifactStore:
+    """Content-addressed files under one directory, with a total size cap."""
+
+    def __init__(self, directory: Path, max_total_bytes: int) -> None:
+        self.directory = directory
+        self._max_total = max_total_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self.total_bytes = sum(p.stat().st_size for p in directory.glob("*/*") if p.is_file())
+        self.stored_count = 0
+        self.errors = 0
+
+    def path_for(self, sha256: str) -> Path:
+        return self.directory / sha256[:2] / sha256
+
+    def put(self, data: bytes, allow: bool = True) -> Stored:
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path_for(sha)
+        rel = str(Path("artifacts") / sha[:2] / sha)
+        if target.exists():
+            return Stored(sha, rel, True, True)
+        if not allow or self.total_bytes + len(data) > self._max_total:
+            return Stored(sha, "", False, False)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            tmp = target.with_suffix(".part")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o440)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except OSError as exc:
+            self.errors += 1
+            log.error("storing artifact %s failed: %s", sha, exc)
+            return Stored(sha, "", False, False)
+        self.total_bytes += len(data)
+        self.stored_count += 1
+        return Stored(sha, rel, True, False)
+
+
+@dataclass
+class SessionArtifacts:
+    """Per connection: the uploads seen so far and the bytes stored for this session."""
+
+    store: ArtifactStore
+    settings: RecordingSettings
+    stored_bytes: int = 0
+    uploads: list[tuple[str, str]] = field(default_factory=list)  # (path in the box, via)
+    seen: set[str] = field(default_factory=set)
+
+    def note_upload(self, path: str, via: str, cwd: str) -> None:
+        full = posixpath.normpath(posixpath.join(cwd, path))
+        if len(self.uploads) < 10_000:
+            self.uploads.append((full, via))
+
+    async def fetch(self, sandbox: Sandbox, path: str, content: bool = True) -> tuple[FileData | None, Stored | None]:
+        """Read ``path`` from the box and store it if the caps allow (metadata only if not ``content``)."""
+        try:
+            info = await sandbox.get_file(path, self.settings.artifact_max_file_bytes if content else -1)
+        except SandboxError as exc:
+            log.info("artifact %s not readable: %s", path, exc)
+            return None, None
+        if info is None or info.data is None:
+            return info, None
+        allow = self.stored_bytes + len(info.data) <= self.settings.artifact_max_session_bytes
+        stored = await asyncio.to_thread(self.store.put, info.data, allow)
+        if stored.stored and not stored.duplicate:
+            self.stored_bytes += len(info.data)
+        return info, stored
+
+    async def collect_uploads(self, sandbox: Sandbox, report: Report) -> None:
+        """Store every file uploaded so far (called when a transfer channel closes)."""
+        pending, self.uploads = self.uploads, []
+        for path, via in pending:
+            info, stored = await self.fetch(sandbox, path)
+            if info is None or not info.is_regular:
+                continue
+            self.seen.add(path)
+            report(
+                filename=path,
+                outfile=stored.outfile if stored else "",
+                shasum=stored.sha256 if stored else "",
+                size=info.size,
+                via=via,
+                stored=bool(stored and stored.stored),
+                duplicate=bool(stored and stored.duplicate),
+            )
+
+    async def collect_changes(self, sandbox: Sandbox, report: Report) -> None:
+        """At session end: every file the session added or changed (and deletions, as metadata)."""
+        try:
+            changes = await sandbox.changed_files()
+        except SandboxError as exc:
+            log.warning("changed files not available: %s", exc)
+            return
+        for change in changes[:5000]:
+            if change.kind == "D":
+                report(filename=change.path, kind="D", shasum="", size=0, mode=0, outfile="", stored=False)
+                continue
+            content = change.path not in self.settings.changed_metadata_only
+            info, stored = await self.fetch(sandbox, change.path, content)
+            if info is None or not info.is_regular:
+                continue
+            report(
+                filename=change.path,
+                kind=change.kind,
+                shasum=stored.sha256 if stored else "",
+                size=info.size,
+                mode=f"{info.mode:04o}",
+                outfile=stored.outfile if stored else "",
+                stored=bool(stored and stored.stored),
+            )
