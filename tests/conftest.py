@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Test helper modules (helpers, fakes, sshd, conftest_image) import by name from these folders.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 
 # Test artefacts (screenshots, logs) go here; CI keeps it with the run.
 OUTPUT_DIR = ROOT / "test-output"

@@ -7,6 +7,7 @@
  * no race between "check for a stop request" and "wait for a child".
  */
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -59,6 +60,18 @@ static void stop_all(void)
 	reap();
 }
 
+/* What a boot leaves in /run (a fresh tmpfs here): the login records file, owned by group utmp. */
+static void prepare_run(void)
+{
+	int fd = open("/run/utmp", O_WRONLY | O_CREAT | O_CLOEXEC, 0664);
+	if (fd >= 0) {
+		if (fchown(fd, 0, 43) != 0) /* 43 = Debian's utmp group */
+			(void)0;
+		fchmod(fd, 0664);
+		close(fd);
+	}
+}
+
 int main(void)
 {
 	static char *const cron[] = {"/usr/sbin/cron", "-f", NULL};
@@ -71,6 +84,7 @@ int main(void)
 	sigaddset(&watched, SIGPWR);
 	sigprocmask(SIG_BLOCK, &watched, NULL);
 
+	prepare_run();
 	start(rsyslog);
 	start(cron);
 

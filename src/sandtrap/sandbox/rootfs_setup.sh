@@ -29,7 +29,7 @@ add_user() {  # name uid gecos groups...
     shift 3
     id "$name" >/dev/null 2>&1 || useradd -u "$uid" -m -d "/home/$name" -s /bin/bash -c "$gecos" -U "$name"
     mkdir -p "/home/$name"
-    cp -rn /etc/skel/. "/home/$name/"
+    if [ -d /etc/skel ]; then cp -rn /etc/skel/. "/home/$name/"; fi
     for g in "$@"; do
         if getent group "$g" >/dev/null; then usermod -aG "$g" "$name"; fi
     done
