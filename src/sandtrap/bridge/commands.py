@@ -22,26 +22,36 @@ What this cannot know, because it sees only what the attacker typed and not what
   a ``sudo`` or ``passwd`` prompt, answers to ``read``, lines typed into ``cat > file``. Nothing is
   marked as such; the cast shows the prompt each line answered.
 
-Memory is bounded: a line keeps at most ``max_line`` characters (the rest is dropped), history
-keeps the last ``max_history`` lines and at most ``MAX_HISTORY_CHARS`` characters.
+Memory and time are bounded: a line keeps at most ``max_line`` characters (the rest is dropped);
+history keeps the last ``max_history`` lines and at most ``MAX_HISTORY_CHARS`` characters; after
+``4 * max_line`` keys on one line (a pasted run of text counts as one) the rest of that line is
+skipped up to the next Enter, so a flood of editing keys costs little. Python still looks at each
+control character once (binary noise runs at about 1 MB/s, pasted text at several MB/s), so after
+``max_keys`` keys in all the channel is no longer watched (the relay goes on) and ``is_stopped``
+is set.
 """
 
 from __future__ import annotations
 
 import codecs
+import logging
 import re
 from collections import deque
 from collections.abc import Callable
 
 from sandtrap.sandbox.base import TermSize
 
+log = logging.getLogger(__name__)
+
 MAX_LINE = 64 * 1024
 MAX_HISTORY = 1000
 MAX_HISTORY_CHARS = 1024 * 1024
+MAX_KEYS = 4_000_000  # per channel: hours of typing, thousands of pasted lines; a few seconds of CPU
 _MAX_CSI = 16  # parameter characters kept for one control sequence; longer ones are ignored
 
-# A run of characters that are inserted as they are: no C0/C1 control, no DEL.
-_PLAIN = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
+_LINE_END = re.compile(r"[\r\n]")
+# Plain text (no C0/C1 control, no DEL) is inserted as a run; so are runs of backspaces.
+_TOKEN = re.compile(r"([^\x00-\x1f\x7f-\x9f]+)|([\x7f\x08]+)|[\s\S]")
 
 _NORMAL, _ESC, _CSI, _SS3 = range(4)
 
@@ -50,10 +60,20 @@ class CommandReconstructor:
     """A :class:`~sandtrap.bridge.proxy.RelayObserver`: ``on_command(line)`` for each line entered."""
 
     def __init__(
-        self, on_command: Callable[[str], object], max_line: int = MAX_LINE, max_history: int = MAX_HISTORY
+        self,
+        on_command: Callable[[str], object],
+        max_line: int = MAX_LINE,
+        max_history: int = MAX_HISTORY,
+        max_keys: int = MAX_KEYS,
     ) -> None:
         self._on_command = on_command
         self._max_line = max_line
+        self._max_line_keys = 4 * max_line  # keys (a pasted run counts one) one line may take
+        self._max_total_keys = max_keys
+        self._keys = 0  # on this line
+        self._total_keys = 0
+        self.is_stopped = False
+        self.commands = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # The line as a gap buffer: text before the cursor, and text after it in reverse order.
         self._left: list[str] = []
@@ -66,7 +86,6 @@ class CommandReconstructor:
         self._state = _NORMAL
         self._params: list[str] = []
         self._after_cr = False
-        self.commands = 0
 
     # -- what the tests and callers may look at ---------------------------------------------------
     @property
@@ -83,18 +102,40 @@ class CommandReconstructor:
 
     # -- RelayObserver ---------------------------------------------------------------------------
     def on_input(self, data: bytes) -> None:
+        if self.is_stopped:
+            return
         text = self._decoder.decode(data)
         i, n = 0, len(text)
         while i < n:
-            if self._state == _NORMAL:
-                m = _PLAIN.match(text, i)
-                if m is not None:
-                    self._after_cr = False
-                    self._insert(m.group())
-                    i = m.end()
-                    continue
-            self._char(text[i])
-            i += 1
+            self._keys += 1
+            self._total_keys += 1
+            if self._total_keys > self._max_total_keys:
+                self.is_stopped = True
+                log.info("command reconstruction stopped after %d keys", self._max_total_keys)
+                return
+            if self._keys > self._max_line_keys:
+                # No one edits a line with this many keys: skip the noise up to the next Enter.
+                end = _LINE_END.search(text, i)
+                self._state = _NORMAL
+                if end is None:
+                    return
+                i = end.start()
+            if self._state != _NORMAL:
+                self._sequence(text[i])
+                i += 1
+                continue
+            m = _TOKEN.match(text, i)
+            assert m is not None  # the last branch matches any character
+            i = m.end()
+            kind = m.lastindex
+            if kind == 1:
+                self._after_cr = False
+                self._insert(m.group(1))
+            elif kind == 2:
+                self._after_cr = False
+                del self._left[len(self._left) - min(i - m.start(), len(self._left)) :]
+            else:
+                self._control(m.group())
 
     def on_output(self, data: bytes, stderr: bool) -> None:
         pass
@@ -103,43 +144,38 @@ class CommandReconstructor:
         pass
 
     # -- the key decoder -------------------------------------------------------------------------
-    def _char(self, c: str) -> None:
-        if self._state == _ESC:
-            self._state = _NORMAL
+    def _sequence(self, c: str) -> None:
+        """One character inside an escape sequence."""
+        state, self._state = self._state, _NORMAL
+        if state == _ESC:
             if c == "[":
                 self._state, self._params = _CSI, []
-                return
-            if c == "O":
+            elif c == "O":
                 self._state = _SS3
-                return
-            if c == "\x1b":
+            elif c == "\x1b":
                 self._state = _ESC
-                return
-            if c in "\x7f\x08":
-                self._backward_kill_word(whitespace_only=False)
-                return
-            if c >= " ":  # Alt-<key>
+            elif c in "\x7f\x08":
+                self._backward_kill_word(whitespace_only=False)  # Alt-Backspace
+            elif c >= " ":
                 self._meta(c)
-                return
-            # ESC then a control key: the ESC alone is dropped.
-        elif self._state == _CSI:
+            else:
+                self._control(c)  # ESC then a control key: the ESC alone is dropped
+        elif state == _CSI:
             if "\x20" <= c <= "\x3f":  # parameter and intermediate bytes
+                self._state = _CSI
                 if len(self._params) < _MAX_CSI:
                     self._params.append(c)
-                return
-            self._state = _NORMAL
-            if "\x40" <= c <= "\x7e":
+            elif "\x40" <= c <= "\x7e":
                 self._csi("".join(self._params), c)
-                return
-            # Not part of a control sequence: the sequence is dropped, the character counts.
-        elif self._state == _SS3:
-            self._state = _NORMAL
-            if "\x40" <= c <= "\x7e":
-                self._csi("", c)
-                return
-        self._control(c)
+            else:
+                self._control(c)  # not part of a sequence: the sequence is dropped, the key counts
+        elif "\x40" <= c <= "\x7e":  # SS3
+            self._csi("", c)
+        else:
+            self._control(c)
 
     def _control(self, c: str) -> None:
+        """A control character in plain text (or any character that ended a broken sequence)."""
         after_cr, self._after_cr = self._after_cr, False
         if c == "\r":
             self._after_cr = True
@@ -147,46 +183,24 @@ class CommandReconstructor:
         elif c == "\n":
             if not after_cr:
                 self._enter()
-        elif c in "\x7f\x08":
-            if self._left:
-                self._left.pop()
         elif c == "\x1b":
             self._state = _ESC
-        elif c == "\t":
+        elif (key := _KEYS.get(c)) is not None:
+            key(self)
+        elif not ("\x00" <= c <= "\x1f" or "\x7f" <= c <= "\x9f"):
             self._insert(c)
-        elif c == "\x03":  # ^C
-            self._reset_line()
-        elif c == "\x04":  # ^D: logout on an empty line, else delete-char
-            if self._right:
-                self._right.pop()
-        elif c == "\x15":  # ^U
-            self._left.clear()
-        elif c == "\x0b":  # ^K
-            self._right.clear()
-        elif c == "\x17":  # ^W
-            self._backward_kill_word(whitespace_only=True)
-        elif c == "\x01":  # ^A
-            self._home()
-        elif c == "\x05":  # ^E
-            self._end()
-        elif c == "\x02":  # ^B
-            self._left_char()
-        elif c == "\x06":  # ^F
-            self._right_char()
-        elif c == "\x10":  # ^P
-            self._recall(-1)
-        elif c == "\x0e":  # ^N
-            self._recall(+1)
-        elif len(c) == 1 and not ("\x00" <= c <= "\x1f" or "\x7f" <= c <= "\x9f"):
-            self._insert(c)  # a character that follows an interrupted sequence
         # Anything else (^L, ^R, ^Z, C1 controls, ...) is ignored.
 
     def _csi(self, params: str, final: str) -> None:
         modified = ";" in params  # xterm: ESC [ 1 ; 5 D is Ctrl-Left
-        if final == "D":
-            self._backward_word() if modified else self._left_char()
+        if final == "D" and modified:
+            self._backward_word()
+        elif final == "D":
+            self._left_char()
+        elif final == "C" and modified:
+            self._forward_word()
         elif final == "C":
-            self._forward_word() if modified else self._right_char()
+            self._right_char()
         elif final == "A":
             self._recall(-1)
         elif final == "B":
@@ -252,13 +266,43 @@ class CommandReconstructor:
     def _backward_kill_word(self, whitespace_only: bool) -> None:
         """^W (unix-word-rubout) stops at blanks; Alt-Backspace at any non-alphanumeric."""
 
-        def in_word(ch: str) -> bool:
-            return not ch.isspace() if whitespace_only else ch.isalnum()
+        left = self._left
+        if whitespace_only:
+            while left and left[-1].isspace():
+                left.pop()
+            while left and not left[-1].isspace():
+                left.pop()
+        else:
+            while left and not left[-1].isalnum():
+                left.pop()
+            while left and left[-1].isalnum():
+                left.pop()
 
-        while self._left and not in_word(self._left[-1]):
+    def _backspace(self) -> None:
+        if self._left:
             self._left.pop()
-        while self._left and in_word(self._left[-1]):
-            self._left.pop()
+
+    def _delete_char(self) -> None:
+        if self._right:
+            self._right.pop()
+
+    def _kill_backward(self) -> None:
+        self._left.clear()
+
+    def _kill_forward(self) -> None:
+        self._right.clear()
+
+    def _unix_word_rubout(self) -> None:
+        self._backward_kill_word(whitespace_only=True)
+
+    def _tab(self) -> None:
+        self._insert("\t")
+
+    def _previous(self) -> None:
+        self._recall(-1)
+
+    def _next(self) -> None:
+        self._recall(+1)
 
     def _set_line(self, text: str) -> None:
         self._left = list(text)
@@ -284,12 +328,13 @@ class CommandReconstructor:
 
     def _enter(self) -> None:
         line = self.line
+        entered = bool(line.strip())
+        if entered:
+            self._remember(line)
         self._reset_line()
-        if not line.strip():
-            return
-        self._remember(line)
-        self.commands += 1
-        self._on_command(line)
+        if entered:
+            self.commands += 1
+            self._on_command(line)
 
     def _remember(self, line: str) -> None:
         history = self._history
@@ -303,8 +348,27 @@ class CommandReconstructor:
         self._history_chars += len(line)
 
     def _reset_line(self) -> None:
+        self._keys = 0
         self._left = []
         self._right = []
         self._edits.clear()
         self._edit_chars = 0
         self._pos = len(self._history)
+
+
+_KEYS: dict[str, Callable[[CommandReconstructor], None]] = {
+    "\t": CommandReconstructor._tab,  # kept literally: what completion did is only in the output
+    "\x08": CommandReconstructor._backspace,  # ^H
+    "\x7f": CommandReconstructor._backspace,  # DEL
+    "\x03": CommandReconstructor._reset_line,  # ^C
+    "\x04": CommandReconstructor._delete_char,  # ^D: logout on an empty line, else delete-char
+    "\x15": CommandReconstructor._kill_backward,  # ^U
+    "\x0b": CommandReconstructor._kill_forward,  # ^K
+    "\x17": CommandReconstructor._unix_word_rubout,  # ^W
+    "\x01": CommandReconstructor._home,  # ^A
+    "\x05": CommandReconstructor._end,  # ^E
+    "\x02": CommandReconstructor._left_char,  # ^B
+    "\x06": CommandReconstructor._right_char,  # ^F
+    "\x10": CommandReconstructor._previous,  # ^P
+    "\x0e": CommandReconstructor._next,  # ^N
+}

@@ -72,7 +72,7 @@ class CastRecorder:
         self.errors = 0
         self.bytes_out = 0  # everything the box wrote, recorded or not
         self.bytes_in = 0
-        self.truncated = False
+        self.is_truncated = False
         self._flush_interval_s = flush_interval_s
         self._max_bytes = max_bytes
         self._clock = clock
@@ -112,15 +112,15 @@ class CastRecorder:
     def on_output(self, data: bytes, stderr: bool) -> None:
         room = self._max_bytes - self.bytes_out
         self.bytes_out += len(data)
-        if self._file is None or self.truncated:
+        if self._file is None or self.is_truncated:
             return
         if len(data) > room:
             data = data[: max(room, 0)]
-            self.truncated = True
+            self.is_truncated = True
         text = (self._err if stderr else self._out).decode(data)
         if text:
             self._event("o", text)
-        if self.truncated:
+        if self.is_truncated:
             self._event("m", TRUNCATED)
 
     def on_input(self, data: bytes) -> None:
@@ -155,8 +155,8 @@ class CastRecorder:
         duration = round(max(self._clock() - self._start, 0.0), 6)
         if self._file is not None:
             # A character cut off by the end of the stream is written as U+FFFD.
-            tail_out = self._out.decode(b"", final=True) if not self.truncated else ""
-            tail_err = self._err.decode(b"", final=True) if not self.truncated else ""
+            tail_out = self._out.decode(b"", final=True) if not self.is_truncated else ""
+            tail_err = self._err.decode(b"", final=True) if not self.is_truncated else ""
             tail_in = self._in.decode(b"", final=True)
             for kind, tail in (("o", tail_out), ("o", tail_err), ("i", tail_in)):
                 if tail:
@@ -234,6 +234,8 @@ def _measure(path: Path) -> tuple[int, str]:
     sha = hashlib.sha256()
     size = 0
     try:
+        if not path.is_file():  # nothing was created, or a device such as /dev/full
+            return size, sha.hexdigest()
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 sha.update(block)

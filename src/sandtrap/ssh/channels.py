@@ -8,12 +8,15 @@ import logging
 import posixpath
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncssh
 
+from sandtrap.bridge.commands import CommandReconstructor
 from sandtrap.bridge.login import Peer, exec_argv, login_env, sftp_argv, shell_argv
 from sandtrap.bridge.proxy import HIGH_WATER, Relay, RelayObserver
+from sandtrap.bridge.recorder import CastRecorder
 from sandtrap.bridge.transfers import ScpWatcher, SftpWatcher, is_scp_sink
 from sandtrap.errors import SandboxError
 from sandtrap.events import (
@@ -27,6 +30,8 @@ from sandtrap.events import (
     CLIENT_SIZE,
     CLIENT_VAR,
     COMMAND_INPUT,
+    LOG_CLOSED,
+    LOG_OPEN,
     SCP_FILE,
     SESSION_FILE_UPLOAD,
     SFTP_REQUEST,
@@ -60,6 +65,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         self._process: Process | None = None
         self.observers: list[RelayObserver] = []
         self._transfers = False
+        self._cast: CastRecorder | None = None
 
     @property
     def _emit(self):  # type: ignore[no-untyped-def]
@@ -172,6 +178,8 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             user, workdir = account.name, account.home
             if self._kind == "shell":
                 argv = shell_argv(account, env, tty is not None, h.src_ip)
+                # Keystrokes become command lines (PTY or not: bots pipe commands into a shell).
+                self.observers.append(CommandReconstructor(self._command_typed))
                 if tty is not None:
                     user = "root"  # /bin/login runs as root and drops to the account itself
             elif self._kind == "exec":
@@ -184,6 +192,8 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 self._transfers = True
                 self.observers.append(SftpWatcher(self._sftp_report(account.home)))
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)
+            if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
+                self._open_cast(account.shell)
             relay = Relay(self._process, self, h.usage, self.observers)
             self._relay = relay
             while self._pending:
@@ -211,6 +221,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             if self._process is not None:
                 with contextlib.suppress(Exception):
                     await self._process.kill()
+            self._close_cast()
             if self._transfers and self._relay is not None:
                 # The transfer is over: keep a copy of every uploaded file, in a task the channel's
                 # close cannot cancel (the connection's closing record waits for it).
@@ -222,6 +233,44 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             return self._emit(eventid, channel=self._number, **fields)
 
         return report
+
+    def _command_typed(self, line: str) -> None:
+        self._emit(COMMAND_INPUT, input=line, channel=self._number)
+
+    def _open_cast(self, shell: str) -> None:
+        h = self._handler
+        rec = h.ctx.settings.recording
+        if not rec.casts:
+            return
+        size = self._size if self._term is not None else None
+        ttylog = Path("casts") / h.session / f"{self._number}.cast"
+        self._cast = CastRecorder(
+            h.ctx.settings.data_dir / ttylog,
+            width=size.cols if size else 80,
+            height=size.rows if size else 24,
+            term=self._term or "",
+            shell=shell,
+            title=f"{h.session} from {h.src_ip} (channel {self._number})",
+            flush_interval_s=rec.cast_flush_interval_s,
+            max_bytes=rec.max_cast_bytes,
+        )
+        self.observers.append(self._cast)
+        self._emit(LOG_OPEN, ttylog=str(ttylog), channel=self._number)
+
+    def _close_cast(self) -> None:
+        cast, self._cast = self._cast, None
+        if cast is None:
+            return
+        path, size, sha, duration = cast.close()
+        self._emit(
+            LOG_CLOSED,
+            ttylog=str(path.relative_to(self._handler.ctx.settings.data_dir)),
+            channel=self._number,
+            size=size,
+            shasum=sha,
+            duration=f"{duration:.1f}",
+            duration_ms=int(duration * 1000),
+        )
 
     async def _collect_uploads(self) -> None:
         h = self._handler
