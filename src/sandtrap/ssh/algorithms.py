@@ -7,13 +7,74 @@ documents what asyncssh cannot match.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from hashlib import sha512
+from typing import Any
 
 import asyncssh
-from asyncssh.kex import get_kex_algs
+from asyncssh.crypto import Curve25519DH
+from asyncssh.kex import get_kex_algs, register_kex_alg
+from asyncssh.kex_dh import _KexHybridECDH
+
+SNTRUP761_KEX_ALGS = ("sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com")
+
+
+class PQCryptoSNTRUP761:
+    """asyncssh's KEM interface over the ``pqcrypto`` wheel's sntrup761 (PQClean, same as liboqs and OpenSSH)."""
+
+    pubkey_bytes, privkey_bytes, ciphertext_bytes, secret_bytes = 1158, 1763, 1039, 32
+
+    def __init__(self, alg_name: bytes, kem: Any) -> None:
+        self._kem = kem
+        self._keys: tuple[bytes, bytes] | None = None  # made on first use: a server only encapsulates
+
+    def _keypair(self) -> tuple[bytes, bytes]:
+        if self._keys is None:
+            self._keys = self._kem.keygen()
+        return self._keys
+
+    def get_public(self) -> bytes:
+        return bytes(self._keypair()[0])
+
+    def encaps(self, peer_public: bytes) -> tuple[bytes, bytes]:
+        if len(peer_public) != self.pubkey_bytes:
+            raise ValueError("Invalid public key")
+        ciphertext, secret = self._kem.encaps(peer_public)
+        return bytes(secret), bytes(ciphertext)
+
+    def decaps(self, ciphertext: bytes) -> bytes:
+        if len(ciphertext) != self.ciphertext_bytes:
+            raise ValueError("Invalid ciphertext")
+        return bytes(self._kem.decaps(self._keypair()[1], ciphertext))
+
+
+def register_sntrup761() -> bool:
+    """Give asyncssh sntrup761x25519-sha512 when it lacks liboqs but ``pqcrypto`` is installed.
+
+    Returns whether asyncssh now has it. asyncssh 2.24 internals: its hybrid kex class and registry.
+    """
+    if all(a.encode() in get_kex_algs() for a in SNTRUP761_KEX_ALGS):
+        return True
+    try:
+        kem = importlib.import_module("pqcrypto.kem.sntrup_761")
+    except ImportError:
+        return False
+
+    def make(alg_name: bytes) -> PQCryptoSNTRUP761:
+        return PQCryptoSNTRUP761(alg_name, kem)
+
+    for alg in SNTRUP761_KEX_ALGS:
+        if alg.encode() not in get_kex_algs():
+            register_kex_alg(alg.encode(), _KexHybridECDH, sha512, (make, b"sntrup761", Curve25519DH), True)
+    return True
+
+
+register_sntrup761()
 
 # `sshd -T` of Debian's 9.2p1-2+deb12u10 (the Debian build also carries the RFC name of sntrup761).
-# asyncssh offers sntrup761 only when liboqs is installed: without it those two are left out.
+# asyncssh offers sntrup761 with liboqs or, through register_sntrup761, with the pqcrypto wheel;
+# with neither, those two are left out.
 OPENSSH_KEX_ALGS = (
     "sntrup761x25519-sha512",
     "sntrup761x25519-sha512@openssh.com",
@@ -88,7 +149,7 @@ def host_key_pairs(keys: Sequence[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]
     asyncssh offers every algorithm a key can sign with (for RSA: ``ssh-rsa`` and four ``@ssh.com``
     variants, SHA-256 before SHA-512); sshd offers ``rsa-sha2-512,rsa-sha2-256`` only.
     """
-    pairs = asyncssh.load_keypairs(list(keys))
+    pairs = list(asyncssh.load_keypairs(list(keys)))
     for pair in pairs:
         key_alg = pair.key_algorithm.decode("ascii")
         pair.host_key_algorithms = tuple(a.encode() for a in HOST_KEY_ALGS_BY_KEY.get(key_alg, (key_alg,)))

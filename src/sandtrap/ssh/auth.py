@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from sandtrap.config import AuthSettings
 
-# What a Debian system accepts as a user name (useradd's default NAME_REGEX, length as utmp allows).
-_VALID_USER = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")
+# What a Debian system accepts as a user name: useradd's default NAME_REGEX, at most 32 characters.
+_VALID_USER = re.compile(r"(?=.{1,32}\Z)[a-z_][a-z0-9_-]*\$?")
 _IP_MEMORY_MAX = 100_000
 
 

@@ -305,7 +305,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
     def _client_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
         env: dict[str, str] = {}
         limit = self._handler.ctx.settings.ssh.max_env_vars
-        for key, value in list(chan.get_environment().items())[:limit]:
+        for key, value in list(chan.get_environment_bytes().items())[:limit]:
             k = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
             v = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
             self._emit(CLIENT_VAR, name=k[:256], value=v[:1024], channel=self._number)

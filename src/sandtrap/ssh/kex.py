@@ -44,11 +44,10 @@ class KexInit:
 
 
 def parse_kexinit(payload: bytes) -> KexInit:
-    """Parse a KEXINIT payload (with or without its leading message-type byte)."""
-    pos = 0
-    if payload[:1] == bytes([MSG_KEXINIT]):
-        pos = 1
-    pos += 16  # cookie
+    """Parse a KEXINIT payload, starting with its message-type byte (as asyncssh keeps it)."""
+    if payload[:1] != bytes([MSG_KEXINIT]):
+        raise ValueError("not a KEXINIT payload (message type 20 expected)")
+    pos = 1 + 16  # type, cookie
     lists: list[list[str]] = []
     for _ in range(10):
         if pos + 4 > len(payload):
@@ -60,6 +59,8 @@ def parse_kexinit(payload: bytes) -> KexInit:
         raw = payload[pos : pos + n].decode("ascii", "replace")
         pos += n
         lists.append(raw.split(",") if raw else [])
+    if pos + 5 > len(payload):  # first_kex_packet_follows (bool) and reserved (uint32)
+        raise ValueError("truncated KEXINIT trailer")
     return KexInit(*lists)
 
 

@@ -110,6 +110,8 @@ class ConnectionHandler(asyncssh.SSHServer):
         self.usage = Usage()
         self.artifacts = SessionArtifacts(ctx.artifacts, ctx.settings.recording)
         self._pending: set[asyncio.Task[None]] = set()
+        self._keys_seen: set[tuple[str, str]] = set()
+        self._pending_key: dict[str, str] | None = None
 
     # -- connection life cycle ----------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -296,24 +298,37 @@ class ConnectionHandler(asyncssh.SSHServer):
         return False
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Called for the client's query and again for its signed request: record each key once.
+
+        Success is recorded in :meth:`auth_completed`, after asyncssh has checked the signature.
+        """
         assert self.emitter is not None
-        name = printable(username, 256)
         fields = {
-            "username": name,
+            "username": printable(username, 256),
             "fingerprint": key.get_fingerprint("md5").removeprefix("MD5:"),
             "fingerprint_sha256": key.get_fingerprint("sha256"),
             "key": key.export_public_key("openssh").decode("ascii", "replace").strip(),
             "type": key.get_algorithm(),
         }
-        self.emitter.emit(CLIENT_FINGERPRINT, **fields)
+        seen = (fields["username"], fields["fingerprint"])
+        first_time = seen not in self._keys_seen
+        if first_time and len(self._keys_seen) < 100:
+            self._keys_seen.add(seen)
+            self.emitter.emit(CLIENT_FINGERPRINT, **fields)
         decision = self.ctx.policy.check_publickey(self._attempts, self.src_ip, username)
-        self.emitter.emit(LOGIN_SUCCESS if decision.accepted else LOGIN_FAILED, method="publickey", **fields)
         if decision.accepted:
+            self._pending_key = fields
             self.username, self.password = username, None
-            self.lease()
             return True
-        self._count_failure(name)
+        if first_time:
+            self.emitter.emit(LOGIN_FAILED, method="publickey", **fields)
+            self._count_failure(fields["username"])
         return False
+
+    def auth_completed(self) -> None:
+        if self._pending_key is not None and self.emitter is not None:
+            self.emitter.emit(LOGIN_SUCCESS, method="publickey", **self._pending_key)
+            self.lease()
 
     def _count_failure(self, name: str) -> None:
         self._tries += 1
