@@ -14,6 +14,9 @@ from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import Sandbox
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+# Our helper in the image (sandbox/session.c): utmp/wtmp/lastlog, auth log, motd, "Last login", the
+# user's shell as a login shell under a parent named "sshd: user@pts/N"; passes the exit status back.
+SESSION_HELPER = "/usr/lib/openssh/sshd-session"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
 # Debian's sshd_config: "AcceptEnv LANG LC_*" (plus what OpenSSH itself always takes: TERM via the pty).
@@ -28,7 +31,12 @@ if ! getent passwd "$u" >/dev/null; then
   useradd -m -s /bin/bash "$u" >/dev/null 2>&1 || exit 3
 fi
 IFS= read -r pw || true
-if [ -n "$pw" ]; then printf '%s:%s\n' "$u" "$pw" | chpasswd >/dev/null 2>&1 || true; fi
+if [ -n "$pw" ]; then
+  # Straight into /etc/shadow: chpasswd and usermod would each leave a line in the auth log.
+  h=$(printf '%s' "$pw" | openssl passwd -6 -stdin 2>/dev/null) && [ -n "$h" ] &&
+    awk -F: -v OFS=: -v u="$u" -v h="$h" '$1 == u { $2 = h } { print }' /etc/shadow > /etc/shadow.new &&
+    cat /etc/shadow.new > /etc/shadow && rm -f /etc/shadow.new
+fi
 getent passwd "$u"
 """
 
@@ -111,16 +119,14 @@ def _with_env(env: Mapping[str, str], argv: list[str]) -> list[str]:
     return ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
 
 
-def shell_argv(account: Account, env: Mapping[str, str], pty: bool, src_ip: str) -> list[str]:
-    if pty:
-        # A real login on the pty: PAM prints the motd and "Last login", utmp/wtmp/lastlog get the
-        # attacker's address, and the shell runs as a login shell (-bash) in $HOME.
-        return _with_env(env, ["/bin/login", "-p", "-h", src_ip, "-f", account.name])
-    return _with_env(env, [account.shell, "-l"])
+def shell_argv(account: Account, env: Mapping[str, str], peer: Peer, method: str) -> list[str]:
+    """An interactive (or, without a pty, a plain) login shell, as sshd starts it."""
+    return _with_env(env, [SESSION_HELPER, account.name, peer.src_ip, str(peer.src_port), method])
 
 
-def exec_argv(account: Account, env: Mapping[str, str], command: str) -> list[str]:
-    return _with_env(env, [account.shell, "-c", command])
+def exec_argv(account: Account, env: Mapping[str, str], peer: Peer, method: str, command: str) -> list[str]:
+    """``$SHELL -c COMMAND`` as the user, under an ``sshd: user@notty`` parent, as sshd runs it."""
+    return _with_env(env, [SESSION_HELPER, account.name, peer.src_ip, str(peer.src_port), method, command])
 
 
 def sftp_argv(env: Mapping[str, str]) -> list[str]:

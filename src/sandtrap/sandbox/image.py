@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOTFS_DIR = HERE / "rootfs"
 SETUP_SCRIPT = HERE / "rootfs_setup.sh"
 INIT_SOURCE = HERE / "init.c"
+SESSION_SOURCE = HERE / "session.c"  # sshd's session work in the box (utmp, motd, login shell)
 
 VARIANT = "minbase"
 BASE_REPO = "sandtrap-base"
@@ -118,6 +119,7 @@ def image_inputs(image: ImageSettings, base: str | None = None) -> str:
         feed(f"rootfs/{path.relative_to(ROOTFS_DIR).as_posix()} {_mode(path):o}", path.read_bytes())
     feed("setup", SETUP_SCRIPT.read_bytes())
     feed("init", INIT_SOURCE.read_bytes())
+    feed("session", SESSION_SOURCE.read_bytes())
     return h.hexdigest()
 
 
@@ -259,18 +261,20 @@ async def _run(
 
 
 async def _compile_init(tmp: Path, steps: _Steps) -> Path:
-    with steps.step("compiling /sbin/init"):
+    """Compile the box's own programs (init and the session helper) into ``tmp``; return ``tmp``."""
+    with steps.step("compiling /sbin/init and the session helper"):
         gcc = shutil.which("gcc")
         if gcc is None:
             raise ImageError("gcc is needed to build the sandbox's init: apt-get install gcc libc6-dev")
-        out = tmp / "init"
-        # -s: no symbol table, so the binary names no build path.
-        code, tail = await _run([gcc, "-static", "-Os", "-s", "-o", str(out), str(INIT_SOURCE)])
-        if code != 0:
-            raise ImageError(
-                "compiling init.c failed (a static libc is needed: apt-get install gcc libc6-dev):\n" + "\n".join(tail)
-            )
-        return out
+        for source, name in ((INIT_SOURCE, "init"), (SESSION_SOURCE, "session")):
+            # -s: no symbol table, so the binary names no build path.
+            code, tail = await _run([gcc, "-static", "-Os", "-s", "-o", str(tmp / name), str(source)])
+            if code != 0:
+                raise ImageError(
+                    f"compiling {source.name} failed (a static libc is needed: apt-get install gcc libc6-dev):\n"
+                    + "\n".join(tail)
+                )
+        return tmp
 
 
 async def _debootstrap_base(docker: aiodocker.Docker, image: ImageSettings, cache_dir: Path, steps: _Steps) -> str:
@@ -459,7 +463,8 @@ def _overlay_tar(stage: str, init: Path) -> bytes:
         for path in _overlay_files():
             add(tar, path.relative_to(ROOTFS_DIR).as_posix(), path.read_bytes(), _mode(path))
         add(tar, f"{stage.strip('/')}/setup.sh", SETUP_SCRIPT.read_bytes(), 0o755)
-        add(tar, f"{stage.strip('/')}/init", init.read_bytes(), 0o755)
+        add(tar, f"{stage.strip('/')}/init", (init / "init").read_bytes(), 0o755)
+        add(tar, f"{stage.strip('/')}/session", (init / "session").read_bytes(), 0o755)
     return buf.getvalue()
 
 

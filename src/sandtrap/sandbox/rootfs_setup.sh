@@ -21,6 +21,9 @@ say "installing init"
 rm -f /sbin/init
 cp "$STAGE/init" /sbin/init
 chmod 0755 /sbin/init
+mkdir -p /usr/lib/openssh
+cp "$STAGE/session" /usr/lib/openssh/sshd-session
+chmod 0755 /usr/lib/openssh/sshd-session
 
 # --- users -------------------------------------------------------------------------------------
 say "creating users"

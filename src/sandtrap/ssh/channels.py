@@ -175,20 +175,20 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             client_env = self._client_env(chan)
             env = login_env(account, peer, client_env, self._term, h.ctx.settings.ssh.advertised_port)
             tty = self._size if self._term is not None else None
-            user, workdir = account.name, account.home
+            workdir = account.home
+            user = "root"  # the session helper runs as root and drops to the account itself
             if self._kind == "shell":
-                argv = shell_argv(account, env, tty is not None, h.src_ip)
+                argv = shell_argv(account, env, peer, h.auth_method)
                 # Keystrokes become command lines (PTY or not: bots pipe commands into a shell).
                 self.observers.append(CommandReconstructor(self._command_typed))
-                if tty is not None:
-                    user = "root"  # /bin/login runs as root and drops to the account itself
             elif self._kind == "exec":
-                argv = exec_argv(account, env, self._command)
+                argv = exec_argv(account, env, peer, h.auth_method, self._command)
                 if is_scp_sink(self._command):
                     self._transfers = True
                     self.observers.append(ScpWatcher(self._scp_report(account.home)))
             else:
                 argv = sftp_argv(env)
+                user = account.name
                 self._transfers = True
                 self.observers.append(SftpWatcher(self._sftp_report(account.home)))
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)

@@ -98,6 +98,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         self.dst_port = 0
         self.username = ""
         self.password: str | None = None
+        self.auth_method = "password"  # as sshd names it in "Accepted <method> for ..."
         self.close_reason = ""
         self.started = time.monotonic()
         self._admitted = False
@@ -292,6 +293,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         )
         if decision.accepted:
             self.username, self.password = username, password
+            self.auth_method = "password" if method == "password" else "keyboard-interactive/pam"
             self.lease()  # start acquiring now: the box is ready by the time the channel asks
             return True
         self._count_failure(name)
@@ -319,6 +321,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         if decision.accepted:
             self._pending_key = fields
             self.username, self.password = username, None
+            self.auth_method = "publickey"
             return True
         if first_time:
             self.emitter.emit(LOGIN_FAILED, method="publickey", **fields)

@@ -1,0 +1,261 @@
+/*
+ * What sshd does in the box for one session, so a login looks like sshd's from inside:
+ *
+ *   sshd-session USER REMOTE_IP REMOTE_PORT METHOD [COMMAND]
+ *
+ * With a terminal on stdin (an interactive login): write the utmp, wtmp and lastlog records with
+ * the remote address, log "Accepted METHOD for USER from IP port PORT ssh2" and the PAM session
+ * lines to the auth log, print the uname line, /etc/motd and "Last login: ... from ...", then run
+ * the user's shell as a login shell ("-bash") in $HOME. This process stays as its parent, named
+ * "sshd: USER@pts/N" as sshd's session process is, removes the utmp record at logout, and exits
+ * with the shell's status (128+N if a signal ended it), which the honeypot passes to the client.
+ * Without a terminal: the same records are not written (sshd writes none for exec sessions);
+ * COMMAND runs as "$SHELL -c COMMAND" under a parent named "sshd: USER@notty".
+ *
+ * The environment is the caller's (it is sshd's session environment already). Runs as root.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <lastlog.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+#include <utmpx.h>
+
+static pid_t child;
+
+/* /etc/passwd and /etc/group read directly: a static binary must not depend on NSS modules. */
+static struct passwd *find_user(const char *name)
+{
+	FILE *f = fopen("/etc/passwd", "r");
+	struct passwd *pw = NULL;
+	if (!f)
+		return NULL;
+	while ((pw = fgetpwent(f)) != NULL)
+		if (strcmp(pw->pw_name, name) == 0)
+			break;
+	fclose(f); /* fgetpwent's result lives in static storage, valid after fclose */
+	return pw;
+}
+
+static int set_groups(const char *name, gid_t primary)
+{
+	gid_t groups[64];
+	int n = 0;
+	groups[n++] = primary;
+	FILE *f = fopen("/etc/group", "r");
+	if (f) {
+		struct group *gr;
+		while ((gr = fgetgrent(f)) != NULL && n < 64) {
+			for (char **m = gr->gr_mem; m && *m; m++)
+				if (strcmp(*m, name) == 0 && gr->gr_gid != primary) {
+					groups[n++] = gr->gr_gid;
+					break;
+				}
+		}
+		fclose(f);
+	}
+	return setgroups((size_t)n, groups);
+}
+
+static void forward(int sig)
+{
+	if (child > 0)
+		kill(child, sig);
+}
+
+/* Rename this process the way ps shows sshd's session process. */
+static void set_title(int argc, char **argv, const char *title)
+{
+	char *start = argv[0];
+	char *end = argv[argc - 1] + strlen(argv[argc - 1]);
+	size_t room = (size_t)(end - start);
+	memset(start, 0, room);
+	strncpy(start, title, room);
+	prctl(PR_SET_NAME, "sshd", 0, 0, 0);
+}
+
+static void fill_utmp(struct utmpx *ut, short type, const char *line, const char *user, const char *host)
+{
+	struct timeval tv;
+	memset(ut, 0, sizeof(*ut));
+	ut->ut_type = type;
+	ut->ut_pid = getpid();
+	strncpy(ut->ut_line, line, sizeof(ut->ut_line) - 1);
+	/* sshd's id: the line without its "pts/" prefix, as in "ts/0" -> "0" style abbreviations. */
+	const char *id = strncmp(line, "pts/", 4) == 0 ? line + 4 : line;
+	strncpy(ut->ut_id, id, sizeof(ut->ut_id));
+	if (user)
+		strncpy(ut->ut_user, user, sizeof(ut->ut_user) - 1);
+	if (host) {
+		strncpy(ut->ut_host, host, sizeof(ut->ut_host) - 1);
+		struct in6_addr a6;
+		struct in_addr a4;
+		if (inet_pton(AF_INET, host, &a4) == 1)
+			memcpy(ut->ut_addr_v6, &a4, sizeof(a4));
+		else if (inet_pton(AF_INET6, host, &a6) == 1)
+			memcpy(ut->ut_addr_v6, &a6, sizeof(a6));
+	}
+	gettimeofday(&tv, NULL);
+	ut->ut_tv.tv_sec = tv.tv_sec;
+	ut->ut_tv.tv_usec = tv.tv_usec;
+}
+
+static void write_utmp(const struct utmpx *ut)
+{
+	setutxent();
+	pututxline(ut);
+	endutxent();
+	updwtmpx("/var/log/wtmp", ut);
+}
+
+/* Print the previous login (as sshd's PrintLastLog does) and record this one. */
+static void lastlog(uid_t uid, const char *line, const char *host)
+{
+	struct lastlog ll;
+	int fd = open("/var/log/lastlog", O_RDWR | O_CREAT, 0664);
+	if (fd < 0)
+		return;
+	off_t off = (off_t)uid * (off_t)sizeof(ll);
+	memset(&ll, 0, sizeof(ll));
+	if (pread(fd, &ll, sizeof(ll), off) == (ssize_t)sizeof(ll) && ll.ll_time != 0) {
+		time_t t = ll.ll_time;
+		char when[64];
+		strftime(when, sizeof(when), "%a %b %e %H:%M:%S %Y", localtime(&t));
+		if (ll.ll_host[0])
+			printf("Last login: %s from %.*s\r\n", when, (int)sizeof(ll.ll_host), ll.ll_host);
+		else
+			printf("Last login: %s on %.*s\r\n", when, (int)sizeof(ll.ll_line), ll.ll_line);
+	}
+	memset(&ll, 0, sizeof(ll));
+	ll.ll_time = (int32_t)time(NULL);
+	strncpy(ll.ll_line, line, sizeof(ll.ll_line) - 1);
+	strncpy(ll.ll_host, host, sizeof(ll.ll_host) - 1);
+	if (pwrite(fd, &ll, sizeof(ll), off) != (ssize_t)sizeof(ll))
+		(void)0;
+	close(fd);
+}
+
+/* Debian's login banner: uname (from update-motd's 10-uname), a blank line, /etc/motd. */
+static void motd(void)
+{
+	struct utsname u;
+	if (uname(&u) == 0)
+		printf("%s %s %s %s %s\r\n\r\n", u.sysname, u.nodename, u.release, u.version, u.machine);
+	FILE *f = fopen("/etc/motd", "r");
+	if (f) {
+		char buf[512];
+		while (fgets(buf, sizeof(buf), f)) {
+			size_t n = strcspn(buf, "\n");
+			printf("%.*s\r\n", (int)n, buf);
+		}
+		fclose(f);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 5) {
+		fprintf(stderr, "usage\n");
+		return 255;
+	}
+	const char *user = argv[1], *host = argv[2], *port = argv[3], *method = argv[4];
+	const char *command = argc > 5 ? argv[5] : NULL;
+	struct passwd *pw = find_user(user);
+	if (!pw) {
+		fprintf(stderr, "no such user\n");
+		return 255;
+	}
+	char *home = strdup(pw->pw_dir), *shell = strdup(pw->pw_shell[0] ? pw->pw_shell : "/bin/sh");
+	uid_t uid = pw->pw_uid;
+	gid_t gid = pw->pw_gid;
+
+	int interactive = isatty(0) && command == NULL;
+	const char *tty = interactive ? ttyname(0) : NULL;
+	const char *line = tty && strncmp(tty, "/dev/", 5) == 0 ? tty + 5 : "notty";
+	char title[128];
+	snprintf(title, sizeof(title), "sshd: %s@%s", user, interactive ? line : "notty");
+
+	openlog("sshd", LOG_PID, LOG_AUTH);
+	struct utmpx ut;
+	/* sshd logs every session, with or without a terminal; only a terminal gets utmp and a banner. */
+	syslog(LOG_INFO, "Accepted %s for %s from %s port %s ssh2", method, user, host, port);
+	syslog(LOG_INFO, "pam_unix(sshd:session): session opened for user %s(uid=%u) by (uid=0)", user, (unsigned)uid);
+	if (interactive) {
+		motd();
+		lastlog(uid, line, host);
+		fflush(stdout);
+		fill_utmp(&ut, USER_PROCESS, line, user, host);
+		write_utmp(&ut);
+		if (tty) {
+			if (chown(tty, uid, 5) != 0) /* group tty, as sshd leaves the pty */
+				(void)0;
+			chmod(tty, 0620);
+		}
+	}
+
+	child = fork();
+	if (child < 0)
+		return 255;
+	if (child == 0) {
+		closelog();
+		if (set_groups(user, gid) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
+			fprintf(stderr, "cannot change to user %s\n", user);
+			_exit(255);
+		}
+		if (chdir(home) != 0) {
+			fprintf(stderr, "Could not chdir to home directory %s: %s\n", home, strerror(errno));
+			if (chdir("/") != 0)
+				_exit(255);
+		}
+		if (tty)
+			setenv("SSH_TTY", tty, 1);
+		const char *base = strrchr(shell, '/') ? strrchr(shell, '/') + 1 : shell;
+		if (command) {
+			execl(shell, base, "-c", command, (char *)NULL);
+		} else {
+			char dash[256];
+			snprintf(dash, sizeof(dash), "-%s", base); /* a login shell, as sshd starts it */
+			execl(shell, dash, (char *)NULL);
+		}
+		fprintf(stderr, "%s: %s\n", shell, strerror(errno));
+		_exit(127);
+	}
+
+	set_title(argc, argv, title);
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = forward;
+	sigaction(SIGHUP, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	signal(SIGINT, SIG_IGN);
+	signal(SIGQUIT, SIG_IGN);
+	signal(SIGTSTP, SIG_IGN);
+	signal(SIGTTOU, SIG_IGN);
+
+	int status = 0;
+	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
+		;
+	if (interactive) {
+		fill_utmp(&ut, DEAD_PROCESS, line, NULL, NULL);
+		write_utmp(&ut);
+	}
+	syslog(LOG_INFO, "pam_unix(sshd:session): session closed for user %s", user);
+	closelog();
+	if (WIFSIGNALED(status))
+		return 128 + WTERMSIG(status);
+	return WEXITSTATUS(status);
+}
