@@ -183,11 +183,6 @@ async def test_pty_shell_with_odd_terminal_types(
     assert [(e.get("width"), e.get("height")) for e in of(hp, CLIENT_SIZE, session)] == [(cols, rows)]
 
 
-@pytest.mark.xfail(
-    reason="channels.py runs a pty shell under /bin/login, whose parent exits 0 whatever the shell returned; "
-    "sshd passes the shell's own status (ssh -t host; exit 3 -> 3)",
-    strict=True,
-)
 async def test_pty_shell_exit_status_passes_back(honeypot: Honeypot) -> None:
     hp = await honeypot()
     async with connect(hp) as conn:

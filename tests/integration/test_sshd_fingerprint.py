@@ -1,0 +1,492 @@
+"""sandtrap against Debian's real sshd, side by side: what a scanner sees before it logs in.
+
+A raw socket client (no SSH library) reads each server's identification line and KEXINIT, and sends
+the probes honeypot scanners use. Where asyncssh cannot answer like OpenSSH 9.2p1, the difference is
+written down here, with why, and asserted exactly: the test fails when a difference appears, goes
+away or changes, so README's "SSH fingerprint" table stays true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandtrap.config import DEFAULT_SSH_VERSION
+from sandtrap.ssh.algorithms import KEX_ALGS
+from sandtrap.ssh.kex import KexInit, parse_kexinit
+from sshd import RealSSHD, real_sshd
+
+pytestmark = pytest.mark.timeout(180)
+
+HOST = "127.0.0.1"
+CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n"
+IO_TIMEOUT_S = 10.0
+PROBE_WAIT_S = 3.0  # how long a probe listens; real sshd's LoginGraceTime is 120 s, so "open" means open at 3 s
+MSG_DISCONNECT = 1
+MSG_KEXINIT = 20
+
+# -- documented differences --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListDifference:
+    """How sandtrap's list differs from real sshd's, exactly."""
+
+    why: str
+    only_real: tuple[str, ...] = ()
+    only_sandtrap: tuple[str, ...] = ()
+    sandtrap_order: tuple[str, ...] | None = None  # the shared names in sandtrap's order, when it differs
+
+
+@dataclass(frozen=True)
+class ReplyDifference:
+    """What each server answers to a probe, when the answers differ."""
+
+    why: str
+    real: tuple[str, ...]
+    sandtrap: tuple[str, ...]
+
+
+SNTRUP_WHY = (
+    "asyncssh implements sntrup761x25519-sha512 only through liboqs, which Debian bookworm does not package "
+    "and sandtrap does not install; OpenSSH 9.2 carries its own sntrup761 and offers it first."
+)
+HAS_SNTRUP = "sntrup761x25519-sha512" in KEX_ALGS  # offered as soon as asyncssh finds liboqs
+
+# KEXINIT name-lists (server-to-client and client-to-server are the same lists in both servers).
+KNOWN_DIFFERENCES: dict[str, ListDifference] = {
+    "kex": ListDifference(
+        why=SNTRUP_WHY
+        + " asyncssh also appends ext-info-s (which OpenSSH servers only send from 9.6 on) after its list.",
+        only_real=() if HAS_SNTRUP else ("sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com"),
+        only_sandtrap=("ext-info-s",),
+    ),
+    "host_key": ListDifference(
+        why="asyncssh offers every algorithm an RSA key can sign with, SHA-256 first, including SHA-1 ssh-rsa "
+        "and four @ssh.com variants; sshd 9.2 offers rsa-sha2-512,rsa-sha2-256 only.",
+        only_sandtrap=(
+            "ssh-rsa-sha224@ssh.com",
+            "ssh-rsa-sha256@ssh.com",
+            "ssh-rsa-sha384@ssh.com",
+            "ssh-rsa-sha512@ssh.com",
+            "ssh-rsa",
+        ),
+        sandtrap_order=("rsa-sha2-256", "rsa-sha2-512", "ecdsa-sha2-nistp256", "ssh-ed25519"),
+    ),
+}
+KEXINIT_FIELDS = ("kex", "host_key", "enc_cs", "enc_sc", "mac_cs", "mac_sc", "comp_cs", "comp_sc", "lang_cs", "lang_sc")
+HASSH_SERVER_FIELDS = ("kex", "enc_sc", "mac_sc", "comp_sc")
+
+# How the KEXINIT packet itself is framed.
+KNOWN_FRAMING_DIFFERENCES: dict[str, tuple[object, object, str]] = {
+    "padding_is_zero": (
+        True,
+        False,
+        "sshd zeroes the padding of packets sent before encryption starts; asyncssh always pads with random bytes.",
+    ),
+}
+
+INVALID_IDENT_WHY = (
+    "sshd answers a client identification line it rejects with a plain-text line before closing; "
+    "asyncssh closes without a word."
+)
+KNOWN_PROBE_DIFFERENCES: dict[str, ReplyDifference] = {
+    "bad-version": ReplyDifference(
+        INVALID_IDENT_WHY, ("banner", "text 'Invalid SSH identification string.'", "closed"), ("banner", "closed")
+    ),
+    "ssh1-version": ReplyDifference(
+        INVALID_IDENT_WHY, ("banner", "text 'Protocol major versions differ.'", "closed"), ("banner", "closed")
+    ),
+    "blank-line-flood": ReplyDifference(
+        INVALID_IDENT_WHY + " Both refuse any line before the client's identification; only sshd says so.",
+        ("banner", "text 'Invalid SSH identification string.'", "closed"),
+        ("banner", "closed"),
+    ),
+    "http-request": ReplyDifference(
+        INVALID_IDENT_WHY, ("banner", "text 'Invalid SSH identification string.'", "closed"), ("banner", "closed")
+    ),
+    "no-common-kex": ReplyDifference(
+        "When no key exchange method matches, sshd drops the connection silently; asyncssh sends a DISCONNECT "
+        "naming itself by its wording and listing its offer.",
+        ("banner", "KEXINIT", "closed"),
+        (
+            "banner",
+            "KEXINIT",
+            "DISCONNECT 3 'No matching key exchange algorithm found, sent curve25519-sha256,"
+            "curve25519-sha256@libssh.org,ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521,"
+            "diffie-hellman-group-exchange-sha256,diffie-hellman-group16-sha512,diffie-hellman-group18-sha512,"
+            "diffie-hellman-group14-sha256 and received diffie-hellman-group1-sha1' 'en-US'",
+            "closed",
+        ),
+    ),
+    "sha1-rsa-host-key-only": ReplyDifference(
+        "sshd 9.2 no longer signs with SHA-1 ssh-rsa and drops a client that wants only that; asyncssh offers "
+        "ssh-rsa (see host_key) and goes on with the key exchange.",
+        ("banner", "KEXINIT", "closed"),
+        ("banner", "KEXINIT", "open"),
+    ),
+    "doubled-banner": ReplyDifference(
+        "The second identification line is read as a packet with an absurd length: sshd drops the connection "
+        "silently, asyncssh first sends a DISCONNECT in its own words.",
+        ("banner", "KEXINIT", "closed"),
+        ("banner", "KEXINIT", "DISCONNECT 2 'Max packet size exceeded' 'en-US'", "closed"),
+    ),
+}
+
+# What OpenSSH's own client reports about the server in its debug log (ssh -vvv), up to authentication.
+REAL_SERVER_SIG_ALGS = (
+    "ssh-ed25519,sk-ssh-ed25519@openssh.com,ecdsa-sha2-nistp256,ecdsa-sha2-nistp384,ecdsa-sha2-nistp521,"
+    "sk-ecdsa-sha2-nistp256@openssh.com,webauthn-sk-ecdsa-sha2-nistp256@openssh.com,ssh-dss,ssh-rsa,"
+    "rsa-sha2-256,rsa-sha2-512"
+)
+KNOWN_CLIENT_VIEW_DIFFERENCES: dict[str, tuple[str, str, str]] = {
+    "algorithm": (
+        "sntrup761x25519-sha512",
+        "sntrup761x25519-sha512" if HAS_SNTRUP else "curve25519-sha256",
+        SNTRUP_WHY,
+    ),
+    "ext_info": (
+        f"server-sig-algs=<{REAL_SERVER_SIG_ALGS}>; publickey-hostbound@openssh.com=<0>",
+        "global-requests-ok (unrecognised); "
+        "server-sig-algs=<rsa-sha2-512,rsa-sha2-256,ecdsa-sha2-nistp256,ssh-ed25519,ssh-rsa>",
+        "asyncssh always adds its own global-requests-ok extension and has no publickey-hostbound@openssh.com "
+        "(it does not implement that auth method); server-sig-algs is what sandtrap passes as signature_algs.",
+    ),
+    "auth methods": (
+        "publickey,password",
+        "publickey,keyboard-interactive,password",
+        "sandtrap offers keyboard-interactive; Debian's sshd_config says KbdInteractiveAuthentication no.",
+    ),
+}
+
+# -- the raw client ----------------------------------------------------------------------------
+
+
+def name_list(names: Iterable[str]) -> bytes:
+    raw = ",".join(names).encode("ascii")
+    return struct.pack(">I", len(raw)) + raw
+
+
+def plain_packet(payload: bytes) -> bytes:
+    """An unencrypted binary packet (RFC 4253 §6), padded with zeros as OpenSSH does."""
+    padding = -(5 + len(payload)) % 8
+    if padding < 4:
+        padding += 8
+    return struct.pack(">IB", 1 + len(payload) + padding, padding) + payload + bytes(padding)
+
+
+def client_kexinit(
+    kex: Iterable[str] = ("curve25519-sha256", "ext-info-c", "kex-strict-c-v00@openssh.com"),
+    host_key: Iterable[str] = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"),
+    enc: Iterable[str] = ("chacha20-poly1305@openssh.com", "aes128-ctr"),
+    mac: Iterable[str] = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-256"),
+) -> bytes:
+    lists = (kex, host_key, enc, enc, mac, mac, ("none",), ("none",), (), ())
+    payload = bytes([MSG_KEXINIT]) + os.urandom(16) + b"".join(name_list(x) for x in lists) + b"\0" + bytes(4)
+    return plain_packet(payload)
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(IO_TIMEOUT_S):
+            await writer.wait_closed()
+
+
+@dataclass(frozen=True)
+class ServerKexInit:
+    banner: bytes
+    kexinit: KexInit
+    first_kex_packet_follows: bool
+    reserved: int
+    padding: bytes
+
+    def framing(self) -> dict[str, object]:
+        return {
+            "first_kex_packet_follows": self.first_kex_packet_follows,
+            "reserved": self.reserved,
+            "padding_is_zero": not any(self.padding),
+        }
+
+
+async def read_server_kexinit(port: int) -> ServerKexInit:
+    """Exchange identification lines, then read the server's first binary packet: its KEXINIT."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        async with asyncio.timeout(IO_TIMEOUT_S):
+            writer.write(CLIENT_BANNER)
+            banner = await reader.readline()
+            while not banner.startswith(b"SSH-"):  # RFC 4253 lets a server send other lines first
+                if not banner:
+                    raise AssertionError(f"port {port} closed before its identification line")
+                banner = await reader.readline()
+            length, padding_length = struct.unpack(">IB", await reader.readexactly(5))
+            body = await reader.readexactly(length - 1)
+    finally:
+        await close(writer)
+    payload, padding = body[: len(body) - padding_length], body[len(body) - padding_length :]
+    assert payload[0] == MSG_KEXINIT, f"first packet is message {payload[0]}, not KEXINIT"
+    first_follows, reserved = struct.unpack(">?I", payload[-5:])
+    return ServerKexInit(banner, parse_kexinit(payload), first_follows, reserved, padding)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a server sent back to a probe, and whether it closed (FIN or RST) within the wait."""
+
+    data: bytes
+    closed: bool
+    reset: bool
+    after_s: float
+
+    def summary(self, banner: bytes) -> tuple[str, ...]:
+        return (*describe(self.data, banner), "closed" if self.closed else "open")
+
+
+def describe(data: bytes, banner: bytes) -> list[str]:
+    """Text lines and unencrypted packets, in order; random parts (cookie, padding) left out."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] != 0:  # plain packets start with a zero byte (length < 16 MiB); text never does
+            end = data.find(b"\n", pos)
+            end = len(data) if end < 0 else end + 1
+            line = data[pos:end]
+            text = line.rstrip(b"\r\n").decode("ascii", "replace")
+            out.append("banner" if line == banner else f"text {text!r}")
+            pos = end
+            continue
+        if len(data) - pos < 6:
+            out.append(f"bytes {data[pos:]!r}")
+            break
+        length, padding = struct.unpack_from(">IB", data, pos)
+        if pos + 4 + length > len(data):
+            out.append(f"partial packet of {length} bytes")
+            break
+        payload = data[pos + 5 : pos + 4 + length - padding]
+        pos += 4 + length
+        if not payload:
+            out.append("empty packet")
+        elif payload[0] == MSG_DISCONNECT:
+            (code,) = struct.unpack_from(">I", payload, 1)
+            (n,) = struct.unpack_from(">I", payload, 5)
+            reason = payload[9 : 9 + n].decode("utf-8", "replace")
+            (m,) = struct.unpack_from(">I", payload, 9 + n)
+            lang = payload[13 + n : 13 + n + m].decode("utf-8", "replace")
+            out.append(f"DISCONNECT {code} {reason!r} {lang!r}")
+        elif payload[0] == MSG_KEXINIT:
+            out.append("KEXINIT")
+        else:
+            out.append(f"message {payload[0]}")
+    return out
+
+
+async def probe(port: int, send: bytes, wait_s: float = PROBE_WAIT_S) -> Reply:
+    """Send ``send`` at once, then collect what comes back until the server closes or ``wait_s`` passes."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection(HOST, port)
+    data = bytearray()
+    closed = reset = False
+    try:
+        if send:
+            writer.write(send)
+        try:
+            async with asyncio.timeout(wait_s):
+                await writer.drain()
+                while chunk := await reader.read(65536):
+                    data += chunk
+                closed = True
+        except (ConnectionResetError, BrokenPipeError):
+            closed = reset = True
+        except TimeoutError:
+            pass
+    finally:
+        await close(writer)
+    return Reply(bytes(data), closed, reset, round(time.monotonic() - started, 2))
+
+
+PROBES: dict[str, bytes] = {
+    "no-banner": b"",
+    "bad-version": b"SSH-1337-x\r\n",
+    "ssh1-version": b"SSH-1.5-x\r\n",
+    "blank-line-flood": b"\r\n" * 200 + CLIENT_BANNER,
+    "doubled-banner": CLIENT_BANNER * 2,
+    "http-request": b"GET / HTTP/1.0\r\n\r\n",
+    "no-common-kex": CLIENT_BANNER + client_kexinit(kex=("diffie-hellman-group1-sha1",)),
+    "sha1-rsa-host-key-only": CLIENT_BANNER + client_kexinit(host_key=("ssh-rsa",)),
+}
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sshd(tmp_path: Path) -> AsyncIterator[RealSSHD]:
+    async with real_sshd(tmp_path / "sshd") as server:
+        yield server
+
+
+@pytest.fixture
+async def sandtrap_port(honeypot: Callable[..., Any]) -> int:
+    hp = await honeypot(sandbox={"pool_size": 0})  # nothing here logs in: no sandbox needed
+    assert hp.settings.ssh.version == DEFAULT_SSH_VERSION
+    return int(hp.port)
+
+
+def check_list(field: str, real: list[str], ours: list[str]) -> None:
+    diff = KNOWN_DIFFERENCES.get(field, ListDifference(why="", sandtrap_order=None))
+    assert tuple(a for a in real if a not in ours) == diff.only_real, f"{field}: real sshd only"
+    assert tuple(a for a in ours if a not in real) == diff.only_sandtrap, f"{field}: sandtrap only"
+    shared_real = tuple(a for a in real if a in ours)
+    shared_ours = tuple(a for a in ours if a in real)
+    assert shared_ours == (diff.sandtrap_order or shared_real), f"{field}: order"
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+async def test_identification_string_is_real_sshds(sshd: RealSSHD, sandtrap_port: int) -> None:
+    real, ours = await asyncio.gather(probe(sshd.port, b"", 1.0), probe(sandtrap_port, b"", 1.0))
+    real_line = real.data.split(b"\n", 1)[0] + b"\n"
+    assert real_line == (DEFAULT_SSH_VERSION + "\r\n").encode(), "config.DEFAULT_SSH_VERSION is not the host's sshd"
+    assert ours.data == real.data == real_line, "both send their identification line and nothing more"
+    assert not real.closed and not ours.closed
+
+
+async def test_kexinit_lists_match_real_sshd(sshd: RealSSHD, sandtrap_port: int) -> None:
+    real, ours = await asyncio.gather(read_server_kexinit(sshd.port), read_server_kexinit(sandtrap_port))
+    for field in KEXINIT_FIELDS:
+        check_list(field, getattr(real.kexinit, field), getattr(ours.kexinit, field))
+    hassh_can_match = not any(f in KNOWN_DIFFERENCES for f in HASSH_SERVER_FIELDS)
+    assert (ours.kexinit.hassh_server == real.kexinit.hassh_server) is hassh_can_match, (
+        real.kexinit.hassh_server_algorithms,
+        ours.kexinit.hassh_server_algorithms,
+    )
+
+
+async def test_kexinit_packet_framing(sshd: RealSSHD, sandtrap_port: int) -> None:
+    real, ours = await asyncio.gather(read_server_kexinit(sshd.port), read_server_kexinit(sandtrap_port))
+    assert 4 <= len(ours.padding) < 4 + 8 and 4 <= len(real.padding) < 4 + 8
+    for name, real_value in real.framing().items():
+        expected_real, expected_ours, _ = KNOWN_FRAMING_DIFFERENCES.get(name, (real_value, real_value, ""))
+        assert (real_value, ours.framing()[name]) == (expected_real, expected_ours), name
+
+
+async def keyscan(port: int) -> set[str]:
+    """The host key types ``ssh-keyscan`` gets, one full key exchange per type."""
+    proc = await asyncio.create_subprocess_exec(
+        "ssh-keyscan",
+        "-T",
+        "5",
+        "-p",
+        str(port),
+        "-t",
+        "rsa,ecdsa,ed25519,dsa",
+        HOST,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    return {line.split()[1] for line in out.decode().splitlines() if line and not line.startswith("#")}
+
+
+async def test_host_key_types_offered(sshd: RealSSHD, sandtrap_port: int) -> None:
+    real, ours = await asyncio.gather(keyscan(sshd.port), keyscan(sandtrap_port))
+    assert real == {"ssh-rsa", "ecdsa-sha2-nistp256", "ssh-ed25519"}
+    assert ours == real
+
+
+def record(output_dir: Path, name: str, replies: dict[str, Reply], banner: bytes) -> None:
+    """Keep what each server sent back to a probe in test-output/, for README and for whoever debugs."""
+    lines = [f"probe {name}: sent {PROBES[name][:200]!r}"]
+    for server, reply in replies.items():
+        how = "reset" if reply.reset else "closed" if reply.closed else "open"
+        lines += [f"{server}: {how} after {reply.after_s}s, {reply.summary(banner)}", f"  bytes {reply.data!r}"]
+    folder = output_dir / "sshd-fingerprint"
+    folder.mkdir(exist_ok=True)
+    (folder / f"probe-{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+async def test_probe_answers_match_real_sshd(name: str, sshd: RealSSHD, sandtrap_port: int, output_dir: Path) -> None:
+    real, ours = await asyncio.gather(probe(sshd.port, PROBES[name]), probe(sandtrap_port, PROBES[name]))
+    banner = (DEFAULT_SSH_VERSION + "\r\n").encode()
+    record(output_dir, name, {"real sshd": real, "sandtrap": ours}, banner)
+    got = (real.summary(banner), ours.summary(banner))
+    known = KNOWN_PROBE_DIFFERENCES.get(name)
+    if known is None:
+        assert got[1] == got[0], f"{name}: sandtrap answers unlike sshd (real, sandtrap): {got}"
+    else:
+        assert got == (known.real, known.sandtrap), f"{name}: the documented difference changed"
+    for reply in (real, ours):
+        assert reply.closed or reply.after_s >= PROBE_WAIT_S
+
+
+async def test_login_grace_time_expiry_matches_real_sshd(tmp_path: Path, honeypot: Callable[..., Any]) -> None:
+    """A client that never identifies itself: both wait LoginGraceTime, then close without a word."""
+    hp = await honeypot(sandbox={"pool_size": 0}, ssh={"login_grace_time_s": 2})
+    async with real_sshd(tmp_path / "sshd", extra_config="LoginGraceTime 2") as sshd:
+        real, ours = await asyncio.gather(probe(sshd.port, b"", 8.0), probe(hp.port, b"", 8.0))
+    banner = (DEFAULT_SSH_VERSION + "\r\n").encode()
+    assert real.summary(banner) == ours.summary(banner) == ("banner", "closed")
+    assert 1.5 <= real.after_s < 4 and 1.5 <= ours.after_s < 4, (real.after_s, ours.after_s)
+
+
+async def openssh_client_log(port: int) -> dict[str, str]:
+    """Run OpenSSH's client up to authentication; keep what its debug log says about the server."""
+    proc = await asyncio.create_subprocess_exec(
+        "ssh",
+        "-vvv",
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "IdentityFile=/dev/null",
+        "-o",
+        "IdentityAgent=none",
+        "-p",
+        str(port),
+        f"nobody@{HOST}",
+        "true",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    found: dict[str, str] = {}
+    ext_info: list[str] = []
+    for line in err.decode(errors="replace").splitlines():
+        if m := re.match(r"debug1: kex: (algorithm|host key algorithm): (.*)", line):
+            found[m.group(1)] = m.group(2)
+        elif m := re.match(r"debug1: kex_input_ext_info: (.*)", line):
+            ext_info.append(m.group(1))
+        elif m := re.match(r"debug1: Authentications that can continue: (.*)", line):
+            found.setdefault("auth methods", m.group(1))
+    found["ext_info"] = "; ".join(ext_info)
+    return found
+
+
+async def test_openssh_client_sees_the_same_server(sshd: RealSSHD, sandtrap_port: int) -> None:
+    real, ours = await asyncio.gather(openssh_client_log(sshd.port), openssh_client_log(sandtrap_port))
+    assert set(real) == {"algorithm", "host key algorithm", "ext_info", "auth methods"}, real
+    for key, real_value in real.items():
+        expected_real, expected_ours, _ = KNOWN_CLIENT_VIEW_DIFFERENCES.get(key, (real_value, real_value, ""))
+        assert (real_value, ours.get(key)) == (expected_real, expected_ours), f"{key}: (real, sandtrap) {real} {ours}"
