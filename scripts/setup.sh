@@ -72,7 +72,12 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
-# 4. The sandbox image (a no-op when its inputs are unchanged).
+# 4. For the test suite: a local PostgreSQL (the storage tests run against SQLite and PostgreSQL).
+if [ "$MODE" = test ]; then
+  say "postgresql: $(bash scripts/postgres.sh)"
+fi
+
+# 5. The sandbox image (a no-op when its inputs are unchanged).
 SANDTRAP_ARGS=()
 [ -n "${SANDTRAP_CONFIG:-}" ] && SANDTRAP_ARGS+=(--config "$SANDTRAP_CONFIG")
 "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" image build

@@ -8,17 +8,21 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sandtrap.bridge.artifacts import ArtifactStore
 from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import Settings
-from sandtrap.events import EventBus, EventSink
+from sandtrap.events import CATALOGUE, SESSION_CRASHED, Event, EventBus, EventSink
+from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.auth import AuthPolicy
 from sandtrap.ssh.server import ServerContext, SSHFrontEnd
+from sandtrap.storage.migrate import upgrade
+from sandtrap.storage.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ class Services:
     bus: EventBus
     manager: SessionManager
     ssh: SSHFrontEnd
+    database: DatabaseSink
+    repository: Repository
+    jsonlog: JsonLogSink | None
 
 
 @contextlib.asynccontextmanager
@@ -58,13 +65,33 @@ async def running(
         )
         bus.add_sink(jsonlog)
     artifacts = ArtifactStore(settings.data_dir / "artifacts", settings.recording.artifact_max_total_bytes)
+    url = settings.database_url
+    await asyncio.to_thread(upgrade, url)  # StorageError names storage.database_url
+    database = DatabaseSink(url, settings.storage.buffer_events, jsonlog=jsonlog.path if jsonlog else None)
+    repository = Repository(url)
+    # Events written while the database was unreachable reach it now; then close what a crash left open.
+    await asyncio.to_thread(database.catch_up_from_jsonlog)
+    bus.add_sink(database)
+    now = datetime.now(UTC)
+    for sid in await asyncio.to_thread(repository.close_crashed_sessions, now, settings.sensor):
+        log.warning("session %s was left open by a previous run: closed as crash", sid)
+        bus.emit(
+            Event(
+                eventid=SESSION_CRASHED,
+                session=sid,
+                sensor=settings.sensor,
+                timestamp=now,
+                reason="crash",
+                message=CATALOGUE[SESSION_CRASHED][1],
+            )
+        )
     ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus, artifacts)
     ssh = SSHFrontEnd(ctx, settings.data_dir)
     try:
         await backend.ping()
         await pool.start(progress)
         await ssh.start()
-        yield Services(settings, backend, pool, bus, manager, ssh)
+        yield Services(settings, backend, pool, bus, manager, ssh, database, repository, jsonlog)
     finally:
         log.info("shutting down: closing listener, stopping sandboxes")
         await asyncio.shield(ssh.close())
@@ -72,6 +99,8 @@ async def running(
         await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
         await backend.close()
+        await asyncio.to_thread(database.close, 10.0)
+        repository.close()
         if jsonlog is not None:
             await asyncio.to_thread(jsonlog.close)
 

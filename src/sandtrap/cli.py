@@ -119,6 +119,34 @@ def image_check() -> None:
     raise typer.Exit(0 if r.current else 1)
 
 
+def _sessions_settings() -> None:
+    from sandtrap import cli_sessions
+
+    cli_sessions.context.settings = settings()
+
+
+def _register_sessions() -> None:
+    from sandtrap.cli_sessions import sessions_app
+
+    sessions_app.callback()(_sessions_settings)
+    app.add_typer(sessions_app, name="sessions")
+
+
+_register_sessions()
+
+
+@app.command("stats")
+def stats_command(
+    top: Annotated[int, typer.Option(min=1, max=1000, help="how many of each")] = 10,
+    since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or an ISO time")] = None,
+) -> None:
+    """Top usernames, passwords, pairs, source IPs, commands and client versions."""
+    from sandtrap import cli_sessions
+
+    cli_sessions.context.settings = settings()
+    cli_sessions.stats(top, since)
+
+
 @app.command()
 def doctor() -> None:
     """Check that this machine can run the honeypot; non-zero exit on any failure."""

@@ -95,7 +95,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         # sshd hands the command to execve: it ends at the first NUL.
         self._command = command.split("\0", 1)[0][:MAX_COMMAND]
         self._emit(CHANNEL_EXEC, channel=self._number, input=self._command)
-        self._emit(COMMAND_INPUT, input=self._command, channel=self._number)
+        self._emit(COMMAND_INPUT, input=self._command, channel=self._number, source="exec")
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
@@ -235,7 +235,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         return report
 
     def _command_typed(self, line: str) -> None:
-        self._emit(COMMAND_INPUT, input=line, channel=self._number)
+        self._emit(COMMAND_INPUT, input=line, channel=self._number, source="tty")
 
     def _open_cast(self, shell: str) -> None:
         h = self._handler
