@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from sandtrap.bridge.artifacts import ArtifactStore
 from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import Settings
-from sandtrap.events import CATALOGUE, SESSION_CRASHED, Event, EventBus, EventSink
+from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.sandbox.base import SandboxBackend
@@ -75,16 +75,7 @@ async def running(
     now = datetime.now(UTC)
     for sid in await asyncio.to_thread(repository.close_crashed_sessions, now, settings.sensor):
         log.warning("session %s was left open by a previous run: closed as crash", sid)
-        bus.emit(
-            Event(
-                eventid=SESSION_CRASHED,
-                session=sid,
-                sensor=settings.sensor,
-                timestamp=now,
-                reason="crash",
-                message=CATALOGUE[SESSION_CRASHED][1],
-            )
-        )
+        Emitter(bus, settings.sensor, sid, "", 0, "", 0).emit(SESSION_CRASHED, reason="crash")
     ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus, artifacts)
     ssh = SSHFrontEnd(ctx, settings.data_dir)
     try:

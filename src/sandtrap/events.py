@@ -75,8 +75,8 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     CLIENT_VAR: (("name", "value"), "request_env: {name}={value}"),
     COMMAND_INPUT: (("input",), "CMD: {input}"),
     SESSION_FILE_UPLOAD: (
-        ("filename", "outfile", "shasum", "size", "via", "stored"),
-        "Uploaded file {filename} to {outfile}",
+        ("filename", "destfile", "outfile", "shasum", "size", "via", "stored", "duplicate"),
+        "Uploaded file {destfile} to {outfile}",
     ),
     SESSION_FILE_CHANGED: (
         ("filename", "kind", "shasum", "size", "mode", "outfile", "stored"),

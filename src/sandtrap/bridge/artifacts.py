@@ -111,7 +111,8 @@ class SessionArtifacts:
                 continue
             self.seen.add(path)
             report(
-                filename=path,
+                filename=posixpath.basename(path),  # Cowrie: the base name; the full path is destfile
+                destfile=path,
                 outfile=stored.outfile if stored else "",
                 shasum=stored.sha256 if stored else "",
                 size=info.size,

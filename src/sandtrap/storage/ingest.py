@@ -247,7 +247,7 @@ def _artifact(db: Session, e: Event, via: str) -> None:
             session=row.id,
             timestamp=_ts(e),
             sha256=_str(e, "shasum") or None,
-            path=_str(e, "filename") or _str(e, "destfile") or "",
+            path=_str(e, "destfile") or _str(e, "filename") or "",
             size=_int(e, "size"),
             mode=_mode(e.get("mode")),
             via=via,
