@@ -44,6 +44,7 @@ class Services:
     database: DatabaseSink
     repository: Repository
     jsonlog: JsonLogSink | None
+    ctx: ServerContext
 
 
 @contextlib.asynccontextmanager
@@ -82,7 +83,7 @@ async def running(
         await backend.ping()
         await pool.start(progress)
         await ssh.start()
-        yield Services(settings, backend, pool, bus, manager, ssh, database, repository, jsonlog)
+        yield Services(settings, backend, pool, bus, manager, ssh, database, repository, jsonlog, ctx)
     finally:
         log.info("shutting down: closing listener, stopping sandboxes")
         await asyncio.shield(ssh.close())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from sandtrap.bridge.commands import CommandReconstructor
+from sandtrap.bridge.live import LiveTap
 from sandtrap.bridge.login import Peer, exec_argv, login_env, sftp_argv, shell_argv
 from sandtrap.bridge.proxy import HIGH_WATER, Relay, RelayObserver
 from sandtrap.bridge.recorder import CastRecorder
@@ -66,6 +67,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         self.observers: list[RelayObserver] = []
         self._transfers = False
         self._cast: CastRecorder | None = None
+        self._live: LiveTap | None = None
 
     @property
     def _emit(self):  # type: ignore[no-untyped-def]
@@ -194,6 +196,9 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
                 self._open_cast(account.shell)
+            if self._kind == "shell":  # the interactive terminal can be watched live, read-only
+                self._live = LiveTap(h.ctx.live, h.session, self._size or TermSize(80, 24))
+                self.observers.append(self._live)
             relay = Relay(self._process, self, h.usage, self.observers)
             self._relay = relay
             while self._pending:
@@ -222,6 +227,8 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 with contextlib.suppress(Exception):
                     await self._process.kill()
             self._close_cast()
+            if self._live is not None:
+                self._live.close()
             if self._transfers and self._relay is not None:
                 # The transfer is over: keep a copy of every uploaded file, in a task the channel's
                 # close cannot cancel (the connection's closing record waits for it).

@@ -17,6 +17,7 @@ from typing import Any
 import asyncssh
 
 from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
+from sandtrap.bridge.live import LiveHub
 from sandtrap.bridge.proxy import Usage
 from sandtrap.bridge.sessions import Lease, SessionManager
 from sandtrap.config import Settings, split_listen
@@ -71,6 +72,7 @@ class ServerContext:
     manager: SessionManager
     bus: EventBus
     artifacts: ArtifactStore
+    live: LiveHub = field(default_factory=LiveHub)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     connections: set[ConnectionHandler] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
