@@ -30,7 +30,7 @@ class _Watcher:
 class _Live:
     started: float = field(default_factory=time.monotonic)
     watchers: list[_Watcher] = field(default_factory=list)
-    size: TermSize = TermSize(80, 24)
+    size: TermSize = field(default_factory=lambda: TermSize(80, 24))
     ended: bool = False
 
 
