@@ -108,6 +108,7 @@ class AuthSettings(_Section):
     remember_ip: bool = Field(False, description="count failures per source IP across connections")
     remember_ip_ttl_s: float = Field(3600.0, gt=0)
     accept_publickey: bool = False
+    keyboard_interactive: bool = Field(False, description="offer keyboard-interactive (Debian's sshd does not)")
 
 
 class SandboxSettings(_Section):

@@ -326,7 +326,7 @@ async def test_max_auth_tries_disconnects_with_openssh_message(honeypot: Honeypo
 
 # -- keyboard-interactive --------------------------------------------------------------------------------
 async def test_keyboard_interactive_login(honeypot: Honeypot) -> None:
-    hp = await honeypot()
+    hp = await honeypot(auth={"keyboard_interactive": True})
     client = KbdInt(["not-it", "hunter2"])
     conn = await connect_with(hp, client, preferred_auth="keyboard-interactive")
     try:

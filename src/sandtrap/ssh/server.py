@@ -44,10 +44,18 @@ from sandtrap.events import (
     new_session_id,
 )
 from sandtrap.logs import session_context
-from sandtrap.ssh.algorithms import COMPRESSION_ALGS, ENCRYPTION_ALGS, HOST_KEY_ALGS, KEX_ALGS, MAC_ALGS
+from sandtrap.ssh.algorithms import (
+    COMPRESSION_ALGS,
+    ENCRYPTION_ALGS,
+    KEX_ALGS,
+    MAC_ALGS,
+    SIGNATURE_ALGS,
+    host_key_pairs,
+)
 from sandtrap.ssh.auth import AttemptState, AuthPolicy
 from sandtrap.ssh.hostkeys import load_host_keys
 from sandtrap.ssh.kex import kex_event_fields, parse_kexinit
+from sandtrap.ssh.wire import imitate_sshd
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,7 @@ class ConnectionHandler(asyncssh.SSHServer):
     # -- connection life cycle ----------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        imitate_sshd(conn)  # answer on the wire as sshd 9.2p1 does before login (ssh/wire.py)
         peer = conn.get_extra_info("peername") or ("", 0)
         sock = conn.get_extra_info("sockname") or ("", 0)
         self.src_ip, self.src_port = str(peer[0]), int(peer[1])
@@ -271,7 +280,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         return True
 
     def kbdint_auth_supported(self) -> bool:
-        return True
+        return self.ctx.settings.auth.keyboard_interactive  # Debian: KbdInteractiveAuthentication no
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -402,13 +411,13 @@ class SSHFrontEnd:
             lambda: ConnectionHandler(self._ctx),
             host if host not in ("0.0.0.0", "::", "") else "",
             port,
-            server_host_keys=keys,
+            server_host_keys=host_key_pairs(keys),
             server_version=s.version.removeprefix("SSH-2.0-"),
             kex_algs=KEX_ALGS,
             encryption_algs=ENCRYPTION_ALGS,
             mac_algs=MAC_ALGS,
             compression_algs=COMPRESSION_ALGS,
-            signature_algs=[*HOST_KEY_ALGS, "ssh-rsa"],
+            signature_algs=SIGNATURE_ALGS,
             login_timeout=s.login_grace_time_s,
             line_editor=False,
             encoding=None,
