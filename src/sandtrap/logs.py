@@ -36,3 +36,34 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("asyncssh", "aiohttp", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class RateLimited:
+    """Log a kind of message at most once per ``interval_s`` (first one at once), counting the rest.
+
+    A flood of hostile connections must not fill the disk with diagnostics: refusals are logged
+    through this, with how many were suppressed since the last line.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0, max_keys: int = 1000) -> None:
+        self._logger = logger
+        self._interval = interval_s
+        self._max_keys = max_keys
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        if last is None and len(self._last) >= self._max_keys:
+            self._last.clear()
+            self._suppressed.clear()
+        self._last[key] = now
+        skipped = self._suppressed.pop(key, 0)
+        if skipped:
+            self._logger.log(level, msg + " (%d more like this suppressed)", *args, skipped)
+        else:
+            self._logger.log(level, msg, *args)

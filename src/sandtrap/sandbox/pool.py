@@ -263,17 +263,22 @@ class Pool:
         return max(0, min(self._settings.pool_size - len(self._warm) - self._creating, room))
 
     async def _refill(self) -> None:
+        """Warm boxes until the pool is full; while the engine fails, keep trying with backoff."""
         failures = 0
-        while not self._closed and (missing := self._refill_target()) > 0 and failures < 3:
+        while not self._closed and (missing := self._refill_target()) > 0:
             results = await asyncio.gather(*(self._warm_one() for _ in range(missing)), return_exceptions=True)
             errs = [r for r in results if isinstance(r, BaseException)]
             for err in errs:
                 if isinstance(err, asyncio.CancelledError):
                     raise err
-                log.warning("pool refill: %s", err)
             if errs:
                 failures += 1
-                await asyncio.sleep(min(30.0, 2.0**failures))
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("pool refill failing (%d attempts so far): %s", failures, errs[0])
+                await asyncio.sleep(min(30.0, 0.5 * 2.0**failures))
+            elif failures:
+                log.info("pool refill recovered after %d failed attempts", failures)
+                failures = 0
 
     async def _warm_one(self) -> None:
         sandbox = await self._create("", "")

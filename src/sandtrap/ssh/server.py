@@ -43,7 +43,7 @@ from sandtrap.events import (
     EventBus,
     new_session_id,
 )
-from sandtrap.logs import session_context
+from sandtrap.logs import RateLimited, session_context
 from sandtrap.ssh.algorithms import (
     COMPRESSION_ALGS,
     ENCRYPTION_ALGS,
@@ -58,6 +58,7 @@ from sandtrap.ssh.kex import kex_event_fields, parse_kexinit
 from sandtrap.ssh.wire import imitate_sshd
 
 log = logging.getLogger(__name__)
+refusals = RateLimited(log)  # floods of refused connections log a line a minute, not a line each
 
 DISC_PROTOCOL_ERROR = 2
 DISC_BY_APPLICATION = 11
@@ -143,7 +144,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         if refused is not None:
             self.emitter.emit(LIMIT_HIT, limit=refused, value=1)
             self.close_reason = refused
-            log.info("connection from %s refused: %s", self.src_ip, refused)
+            refusals.log(logging.INFO, refused, "connection from %s refused: %s", self.src_ip, refused)
             conn.abort()
             return
         self._admitted = True
@@ -246,7 +247,7 @@ class ConnectionHandler(asyncssh.SSHServer):
             lease = await self.ctx.manager.lease(self.session, self.src_ip)
         except SandboxError as exc:
             self.emitter.emit(SANDBOX_UNAVAILABLE, reason=printable(str(exc), 300))
-            log.warning("no sandbox: %s", exc)
+            refusals.log(logging.WARNING, "no-sandbox", "no sandbox for a session: %s", exc)
             raise
         self.emitter.emit(
             SANDBOX_ASSIGNED,
