@@ -58,6 +58,19 @@ if ! docker info >/dev/null 2>&1; then
 fi
 say "docker engine: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
 
+# 2b. lxcfs: /proc/meminfo, cpuinfo, ... inside a sandbox as its own limits show them (realism).
+if [ -e /dev/fuse ]; then
+  apt_install lxcfs
+  mkdir -p /var/lib/lxcfs
+  if ! grep -q " /var/lib/lxcfs fuse" /proc/mounts; then
+    say "starting lxcfs on /var/lib/lxcfs (log: $DATA/log/lxcfs.log)"
+    setsid nohup lxcfs --enable-loadavg /var/lib/lxcfs >>"$DATA/log/lxcfs.log" 2>&1 < /dev/null &
+    for _ in $(seq 1 20); do [ -e /var/lib/lxcfs/proc/meminfo ] && break; sleep 0.5; done
+  fi
+else
+  say "no /dev/fuse: lxcfs not started (sandboxes will show the host's /proc/meminfo)"
+fi
+
 # 3. The virtualenv with pinned dependencies (re-installed when pyproject.toml changes).
 if ! "$PY" -m venv --help >/dev/null 2>&1 || ! "$PY" -c 'import ensurepip' >/dev/null 2>&1; then
   apt_install python3-venv

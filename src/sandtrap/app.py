@@ -10,12 +10,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from fastapi import FastAPI
+
+from sandtrap.api.app import create_app
+from sandtrap.api.deps import ApiDeps
+from sandtrap.api.server import ApiServer, check_exposure
 from sandtrap.bridge.artifacts import ArtifactStore
 from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import Settings
-from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink
+from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
+from sandtrap.outputs.metrics import MetricsSink
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
@@ -45,6 +51,10 @@ class Services:
     repository: Repository
     jsonlog: JsonLogSink | None
     ctx: ServerContext
+    # -- API (REST, live view, /metrics) -------------------------------------------------------------
+    metrics: MetricsSink | None = None
+    api_app: FastAPI | None = None
+    api: ApiServer | None = None
 
 
 @contextlib.asynccontextmanager
@@ -52,6 +62,7 @@ async def running(
     settings: Settings, progress: Progress | None = None, sinks: list[EventSink] | None = None
 ) -> AsyncIterator[Services]:
     """Start every service; stop them all (gracefully) on exit."""
+    check_exposure(settings)  # ConfigError: a non-loopback api.listen needs api.token
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     backend = build_backend(settings)
     pool = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
@@ -67,25 +78,43 @@ async def running(
         bus.add_sink(jsonlog)
     artifacts = ArtifactStore(settings.data_dir / "artifacts", settings.recording.artifact_max_total_bytes)
     url = settings.database_url
+    uuid = sensor_uuid(settings.data_dir / "sensor.uuid")
     await asyncio.to_thread(upgrade, url)  # StorageError names storage.database_url
     database = DatabaseSink(url, settings.storage.buffer_events, jsonlog=jsonlog.path if jsonlog else None)
     repository = Repository(url)
     # Events written while the database was unreachable reach it now; then close what a crash left open.
     await asyncio.to_thread(database.catch_up_from_jsonlog)
     bus.add_sink(database)
+    metrics = MetricsSink(pool.stats, database.status)
+    bus.add_sink(metrics)
     now = datetime.now(UTC)
     for sid in await asyncio.to_thread(repository.close_crashed_sessions, now, settings.sensor):
         log.warning("session %s was left open by a previous run: closed as crash", sid)
-        Emitter(bus, settings.sensor, sid, "", 0, "", 0).emit(SESSION_CRASHED, reason="crash")
-    ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus, artifacts)
+        Emitter(bus, settings.sensor, sid, "", 0, "", 0, uuid).emit(SESSION_CRASHED, reason="crash")
+    ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus, artifacts, sensor_uuid=uuid)
     ssh = SSHFrontEnd(ctx, settings.data_dir)
+    api_deps = ApiDeps(
+        settings,
+        repository,
+        live=ctx.live,
+        pool_stats=pool.stats,
+        engine_ping=backend.ping,
+        storage_status=database.status,
+        metrics=metrics.registry,
+    )
+    api_app = create_app(api_deps)
+    api = ApiServer(api_app, settings.api.listen)
     try:
         await backend.ping()
         await pool.start(progress)
         await ssh.start()
-        yield Services(settings, backend, pool, bus, manager, ssh, database, repository, jsonlog, ctx)
+        await api.start()
+        yield Services(
+            settings, backend, pool, bus, manager, ssh, database, repository, jsonlog, ctx, metrics, api_app, api
+        )
     finally:
-        log.info("shutting down: closing listener, stopping sandboxes")
+        log.info("shutting down: closing listeners, stopping sandboxes")
+        await asyncio.shield(api.close())
         await asyncio.shield(ssh.close())
         await asyncio.shield(ctx.drain())
         await asyncio.shield(manager.close())

@@ -137,6 +137,7 @@ class SandboxSettings(_Section):
             "SETGID",
             "SETUID",
             "AUDIT_WRITE",
+            "NET_BIND_SERVICE",  # sshd in the box listens on port 22 (its own network namespace)
         ]
     )
     no_new_privileges: bool = True
@@ -148,6 +149,11 @@ class SandboxSettings(_Section):
     ulimit_nofile: int = Field(1024, ge=16)
     ulimit_nproc: int = Field(512, ge=8)
     runtime: str = Field("", description="alternative OCI runtime, e.g. runsc; empty = engine default")
+    # Realism (README "Realism"): what gives a container away, removed where the security cost is nil.
+    cgroupns: Literal["private", "host"] = Field("private", description="private: /proc/self/cgroup shows '/'")
+    lxcfs_dir: str = Field(
+        "/var/lib/lxcfs", description="lxcfs mount: /proc/meminfo etc. as the box's limits show them; '' = off"
+    )
     # Forensics retention of released (stopped) sandboxes.
     retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
     retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")

@@ -11,7 +11,9 @@ import logging
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
+from uuid import uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
@@ -89,7 +91,7 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     LOG_OPEN: (("ttylog", "channel"), "Opening TTY Log: {ttylog}"),
     LOG_CLOSED: (
-        ("ttylog", "channel", "size", "shasum", "duration", "duration_ms"),
+        ("ttylog", "channel", "size", "shasum", "duplicate", "duration", "duration_ms"),
         "Closing TTY Log: {ttylog} after {duration} seconds",
     ),
     SESSION_CLOSED: (("duration", "reason"), "Connection lost after {duration} seconds"),
@@ -113,6 +115,20 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+def sensor_uuid(path: Path) -> str:
+    """The sensor's persistent id (Cowrie's ``uuid``): made once, kept in the data dir."""
+    try:
+        value = path.read_text(encoding="ascii").strip()
+        if value:
+            return value
+    except OSError:
+        pass
+    value = str(uuid4())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n", encoding="ascii")
+    return value
+
+
 def new_session_id() -> str:
     """Cowrie's session ids: 12 lowercase hex characters."""
     return secrets.token_hex(6)
@@ -132,6 +148,7 @@ class Event(BaseModel):
     dst_ip: str = ""
     dst_port: int = 0
     sensor: str = ""
+    uuid: str = Field("", description="the sensor's persistent id, as Cowrie's envelope has it")
     protocol: str = "ssh"
     message: str = ""
 
@@ -200,11 +217,20 @@ class Emitter:
     """Events of one connection: the envelope (session, addresses, sensor) is bound once."""
 
     def __init__(
-        self, bus: EventBus, sensor: str, session: str, src_ip: str, src_port: int, dst_ip: str, dst_port: int
+        self,
+        bus: EventBus,
+        sensor: str,
+        session: str,
+        src_ip: str,
+        src_port: int,
+        dst_ip: str,
+        dst_port: int,
+        uuid: str = "",
     ):
         self._bus = bus
         self.envelope: dict[str, Any] = {
             "sensor": sensor,
+            "uuid": uuid,
             "session": session,
             "src_ip": src_ip,
             "src_port": src_port,

@@ -106,6 +106,7 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(HOST_KEYS)},
             "sandbox": {"image": built_image, "pool_size": 1},
             "storage": {"data_dir": str(tmp_path / "data")},
+            "api": {"listen": "127.0.0.1:0"},
             "auth": {"credentials": [{"username": "root", "password": "hunter2"}], "accept_all_after": 0},
         }
         settings = load_settings(None, merge(base, overrides))

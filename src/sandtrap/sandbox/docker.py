@@ -48,6 +48,21 @@ def safe_name(text: str) -> str:
     return _NAME_SAFE.sub("-", text)[:48] or "x"
 
 
+# /proc files lxcfs renders per container (from its cgroup), bind-mounted read-only over the kernel's.
+# /proc/uptime is left out on purpose: a box that booted seconds ago is a tell; the host's uptime is not.
+LXCFS_FILES = ("proc/cpuinfo", "proc/meminfo", "proc/stat", "proc/loadavg", "proc/diskstats", "proc/swaps")
+
+
+def lxcfs_binds(lxcfs_dir: str) -> list[str]:
+    """Read-only binds of lxcfs's views, or none when lxcfs is not mounted there."""
+    if not lxcfs_dir:
+        return []
+    root = Path(lxcfs_dir)
+    if not (root / "proc" / "meminfo").exists():
+        return []
+    return [f"{root / name}:/{name}:ro" for name in LXCFS_FILES if (root / name).exists()]
+
+
 def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, Any]:
     """The container's create body: every hardening item in one place (see README, Hardening)."""
     security = []
@@ -81,8 +96,9 @@ def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, An
         "AutoRemove": False,
         "RestartPolicy": {"Name": "no"},
         "LogConfig": {"Type": "none", "Config": {}},
-        "Binds": [],
+        "Binds": lxcfs_binds(s.lxcfs_dir),
         "Mounts": [],
+        "CgroupnsMode": s.cgroupns,
         "Devices": [],
     }
     if s.read_only_root:

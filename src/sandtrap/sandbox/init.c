@@ -60,9 +60,47 @@ static void stop_all(void)
 	reap();
 }
 
+/* A machine id of its own (systemd-machine-id-setup's job at first boot): 32 random hex digits. */
+static void machine_id(void)
+{
+	int fd = open("/etc/machine-id", O_RDONLY | O_CLOEXEC);
+	char buf[33];
+	if (fd >= 0) {
+		ssize_t n = read(fd, buf, 32);
+		close(fd);
+		if (n == 32)
+			return; /* already has one (a restarted box keeps its identity) */
+	}
+	unsigned char raw[16];
+	fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || read(fd, raw, sizeof(raw)) != (ssize_t)sizeof(raw)) {
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	close(fd);
+	static const char hex[] = "0123456789abcdef";
+	for (int i = 0; i < 16; i++) {
+		buf[2 * i] = hex[raw[i] >> 4];
+		buf[2 * i + 1] = hex[raw[i] & 15];
+	}
+	buf[32] = '\n';
+	fd = open("/etc/machine-id", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0444);
+	if (fd >= 0) {
+		if (write(fd, buf, 33) != 33)
+			(void)0;
+		close(fd);
+	}
+	mkdir("/var/lib/dbus", 0755);
+	if (symlink("/etc/machine-id", "/var/lib/dbus/machine-id") != 0)
+		(void)0;
+}
+
 /* What a boot leaves in /run (a fresh tmpfs here): the login records file, owned by group utmp. */
 static void prepare_run(void)
 {
+	unlink("/.dockerenv"); /* the engine's marker file: no real server has it */
+	mkdir("/run/sshd", 0755); /* sshd's privilege separation directory */
 	int fd = open("/run/utmp", O_WRONLY | O_CREAT | O_CLOEXEC, 0664);
 	if (fd >= 0) {
 		if (fchown(fd, 0, 43) != 0) /* 43 = Debian's utmp group */
@@ -84,9 +122,13 @@ int main(void)
 	sigaddset(&watched, SIGPWR);
 	sigprocmask(SIG_BLOCK, &watched, NULL);
 
+	static char *const sshd[] = {"/usr/sbin/sshd", "-D", NULL};
+
 	prepare_run();
+	machine_id();
 	start(rsyslog);
 	start(cron);
+	start(sshd); /* something listens on port 22, as on any server reached by SSH */
 
 	for (;;) {
 		int sig = 0;

@@ -21,6 +21,8 @@ say "installing init"
 rm -f /sbin/init
 cp "$STAGE/init" /sbin/init
 chmod 0755 /sbin/init
+# Every box gets its own machine id at boot (init writes it): none is baked into the image.
+rm -f /etc/machine-id /var/lib/dbus/machine-id
 mkdir -p /usr/lib/openssh
 cp "$STAGE/session" /usr/lib/openssh/sshd-session
 chmod 0755 /usr/lib/openssh/sshd-session

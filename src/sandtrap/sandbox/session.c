@@ -136,9 +136,9 @@ static void lastlog(uid_t uid, const char *line, const char *host)
 		char when[64];
 		strftime(when, sizeof(when), "%a %b %e %H:%M:%S %Y", localtime(&t));
 		if (ll.ll_host[0])
-			printf("Last login: %s from %.*s\r\n", when, (int)sizeof(ll.ll_host), ll.ll_host);
+			printf("Last login: %s from %.*s\n", when, (int)sizeof(ll.ll_host), ll.ll_host);
 		else
-			printf("Last login: %s on %.*s\r\n", when, (int)sizeof(ll.ll_line), ll.ll_line);
+			printf("Last login: %s on %.*s\n", when, (int)sizeof(ll.ll_line), ll.ll_line);
 	}
 	memset(&ll, 0, sizeof(ll));
 	ll.ll_time = (int32_t)time(NULL);
@@ -154,13 +154,13 @@ static void motd(void)
 {
 	struct utsname u;
 	if (uname(&u) == 0)
-		printf("%s %s %s %s %s\r\n\r\n", u.sysname, u.nodename, u.release, u.version, u.machine);
+		printf("%s %s %s %s %s\n\n", u.sysname, u.nodename, u.release, u.version, u.machine);
 	FILE *f = fopen("/etc/motd", "r");
 	if (f) {
 		char buf[512];
 		while (fgets(buf, sizeof(buf), f)) {
 			size_t n = strcspn(buf, "\n");
-			printf("%.*s\r\n", (int)n, buf);
+			printf("%.*s\n", (int)n, buf);
 		}
 		fclose(f);
 	}

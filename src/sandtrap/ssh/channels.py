@@ -277,6 +277,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             shasum=sha,
             duration=f"{duration:.1f}",
             duration_ms=int(duration * 1000),
+            duplicate=False,  # Cowrie's field: each cast has a path of its own, never a duplicate
         )
 
     async def _collect_uploads(self) -> None:

@@ -82,6 +82,7 @@ class ServerContext:
     bus: EventBus
     artifacts: ArtifactStore
     live: LiveHub = field(default_factory=LiveHub)
+    sensor_uuid: str = ""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     connections: set[ConnectionHandler] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -136,7 +137,14 @@ class ConnectionHandler(asyncssh.SSHServer):
         if self.src_ip.startswith("::ffff:"):
             self.src_ip = self.src_ip[7:]
         self.emitter = Emitter(
-            self.ctx.bus, self.ctx.settings.sensor, self.session, self.src_ip, self.src_port, self.dst_ip, self.dst_port
+            self.ctx.bus,
+            self.ctx.settings.sensor,
+            self.session,
+            self.src_ip,
+            self.src_port,
+            self.dst_ip,
+            self.dst_port,
+            self.ctx.sensor_uuid,
         )
         session_context.set(f"{self.session} {self.src_ip}")
         self.emitter.emit(SESSION_CONNECT)

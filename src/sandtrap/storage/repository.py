@@ -247,13 +247,16 @@ class Repository:
                 query = query.where(SessionRow.sensor == sensor)
             rows = db.scalars(query.order_by(SessionRow.started_at, SessionRow.id).with_for_update()).all()
             for row in rows:
+                # The session ended when it was last heard of (its last event), not at the restart.
+                last = db.scalar(select(func.max(EventRow.timestamp)).where(EventRow.session == row.id))
+                ended = as_utc(last) if last is not None else now
                 db.execute(
                     update(SessionRow)
                     .where(SessionRow.id == row.id, SessionRow.ended_at.is_(None))
                     .values(
-                        ended_at=now,
+                        ended_at=ended,
                         close_reason=CRASH,
-                        duration_ms=max(0, round((now - row.started_at).total_seconds() * 1000)),
+                        duration_ms=max(0, round((ended - as_utc(row.started_at)).total_seconds() * 1000)),
                     )
                 )
             return [row.id for row in rows]

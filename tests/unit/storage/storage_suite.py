@@ -408,7 +408,8 @@ def test_close_crashed_sessions(store: Callable[[list[Event]], DatabaseSink], re
     assert repo.close_crashed_sessions(now, sensor="sensor-1") == ["00000000000c"]
     s = repo.get_session("00000000000c")
     assert s is not None
-    assert (s.ended_at, s.close_reason, s.duration_ms) == (now, "crash", 3_600_000)
+    # Ended when it was last heard of (its last event, the connect here), not at the restart.
+    assert (s.ended_at, s.close_reason, s.duration_ms) == (connect.timestamp, "crash", 0)
     d = repo.get_session("00000000000d")
     assert d is not None and (d.close_reason, d.duration_ms) == ("client_closed", 1000)
     assert repo.close_crashed_sessions(now, sensor="sensor-1") == []
@@ -416,7 +417,7 @@ def test_close_crashed_sessions(store: Callable[[list[Event]], DatabaseSink], re
     # The start-up emits sandtrap.session.crashed for each: storing it changes nothing more.
     store([Event(eventid=ev.SESSION_CRASHED, session="00000000000c", timestamp=now + timedelta(seconds=1))])
     s2 = repo.get_session("00000000000c")
-    assert s2 is not None and (s2.ended_at, s2.close_reason) == (now, "crash")
+    assert s2 is not None and (s2.ended_at, s2.close_reason) == (connect.timestamp, "crash")
     # A crashed session of a sensor without close: the event closes it.
     store([Event(eventid=ev.SESSION_CRASHED, session="00000000000e", timestamp=now, reason="crash")])
     e = repo.get_session("00000000000e")
