@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 
+# Fixtures on the real engine (sandbox backends, the image, a running honeypot) for every folder.
+pytest_plugins = ["sandtrap_fixtures"]
+
 # Test artefacts (screenshots, logs) go here; CI keeps it with the run.
 OUTPUT_DIR = ROOT / "test-output"
 

@@ -109,6 +109,9 @@ class AuthSettings(_Section):
     remember_ip_ttl_s: float = Field(3600.0, gt=0)
     accept_publickey: bool = False
     keyboard_interactive: bool = Field(False, description="offer keyboard-interactive (Debian's sshd does not)")
+    # sshd with PAM: pam_unix delays a failure by 2 s (libpam varies it by up to 25%); a login is ~0.1 s.
+    failure_delay_s: float = Field(2.0, ge=0, le=30, description="answer to a wrong password after this (±25%)")
+    success_delay_s: float = Field(0.08, ge=0, le=5, description="answer to a right password after this (±25%)")
 
 
 class SandboxSettings(_Section):

@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 
-from recording_helpers import fresh_database, postgres_base_url, screen_lines
 from sandtrap.events import (
     CATALOGUE,
     CLIENT_KEX,
@@ -46,9 +45,10 @@ from sandtrap.events import (
     SESSION_FILE_CHANGED,
     SESSION_FILE_UPLOAD,
 )
-from sshclient import EXIT_MARK, client_options, free_port, remote, run, scp_argv, ssh_argv, tmux_session
 
 from helpers import remove_sensor_containers
+from recording_helpers import fresh_database, postgres_base_url, screen_lines
+from sshclient import EXIT_MARK, client_options, free_port, remote, run, scp_argv, ssh_argv, tmux_session
 
 pytestmark = pytest.mark.timeout(180)
 

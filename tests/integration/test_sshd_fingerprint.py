@@ -24,6 +24,7 @@ import pytest
 from sandtrap.config import DEFAULT_SSH_VERSION
 from sandtrap.ssh.algorithms import KEX_ALGS
 from sandtrap.ssh.kex import KexInit, parse_kexinit
+
 from sshd import RealSSHD, real_sshd
 
 pytestmark = pytest.mark.timeout(180)

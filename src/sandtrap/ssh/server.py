@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -297,11 +298,22 @@ class ConnectionHandler(asyncssh.SSHServer):
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> tuple[str, str, str, list[Any]]:
         return "", "", "", [("Password: ", False)]
 
-    def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
-        return self._check_password(username, responses[0] if len(responses) == 1 else "", "keyboard-interactive")
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        accepted = self._check_password(username, responses[0] if len(responses) == 1 else "", "keyboard-interactive")
+        await self._pam_delay(accepted)
+        return accepted
 
-    def validate_password(self, username: str, password: str) -> bool:
-        return self._check_password(username, password, "password")
+    async def validate_password(self, username: str, password: str) -> bool:
+        accepted = self._check_password(username, password, "password")
+        await self._pam_delay(accepted)
+        return accepted
+
+    async def _pam_delay(self, accepted: bool) -> None:
+        """Answer when sshd with PAM would: a timer, not a busy wait (an instant answer is a tell)."""
+        auth = self.ctx.settings.auth
+        base = auth.success_delay_s if accepted else auth.failure_delay_s
+        if base > 0:
+            await asyncio.sleep(base * random.uniform(0.75, 1.25))
 
     def _check_password(self, username: str, password: str, method: str) -> bool:
         assert self.emitter is not None

@@ -1,4 +1,4 @@
-"""Integration fixtures: the real Docker engine, the real image, containers cleaned up by label."""
+"""Fixtures for integration and realism tests: the real engine and image, a real honeypot, cleanup by label."""
 
 from __future__ import annotations
 
@@ -107,7 +107,13 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             "sandbox": {"image": built_image, "pool_size": 1},
             "storage": {"data_dir": str(tmp_path / "data")},
             "api": {"listen": "127.0.0.1:0"},
-            "auth": {"credentials": [{"username": "root", "password": "hunter2"}], "accept_all_after": 0},
+            # No PAM-like delays in tests (test_auth_timing checks them): brute-force tests stay fast.
+            "auth": {
+                "credentials": [{"username": "root", "password": "hunter2"}],
+                "accept_all_after": 0,
+                "failure_delay_s": 0,
+                "success_delay_s": 0,
+            },
         }
         settings = load_settings(None, merge(base, overrides))
         capture = CaptureSink()
