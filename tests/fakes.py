@@ -52,8 +52,11 @@ class FakeSandbox:
             raise SandboxError("not running")
         return FakeProcess(b"")
 
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         self.files[path] = data
+
+    async def host_root(self) -> None:
+        return None
 
     async def get_file(self, path: str, max_bytes: int) -> FileData | None:
         data = self.files.get(path)

@@ -69,7 +69,7 @@ async def running(
     bus = EventBus()
     for sink in sinks or []:
         bus.add_sink(sink)
-    manager = SessionManager(pool, settings.sandbox, settings.limits)
+    manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens)
     jsonlog = None
     if settings.recording.jsonlog:
         jsonlog = JsonLogSink(

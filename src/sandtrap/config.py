@@ -154,6 +154,7 @@ class SandboxSettings(_Section):
     runtime: str = Field("", description="alternative OCI runtime, e.g. runsc; empty = engine default")
     # Realism (README "Realism"): what gives a container away, removed where the security cost is nil.
     cgroupns: Literal["private", "host"] = Field("private", description="private: /proc/self/cgroup shows '/'")
+    honeytokens: bool = Field(True, description="plant lure credentials unique to each box; record reads")
     lxcfs_dir: str = Field(
         "/var/lib/lxcfs", description="lxcfs mount: /proc/meminfo etc. as the box's limits show them; '' = off"
     )

@@ -53,6 +53,8 @@ LIMIT_HIT = "sandtrap.limit.hit"
 AUTH_TOO_MANY = "sandtrap.login.too_many"
 SESSION_FILE_CHANGED = "sandtrap.session.file_changed"
 SESSION_CRASHED = "sandtrap.session.crashed"
+HONEYTOKEN_ISSUED = "sandtrap.honeytoken.issued"
+HONEYTOKEN_READ = "sandtrap.honeytoken.read"
 SFTP_REQUEST = "sandtrap.sftp.request"
 SCP_FILE = "sandtrap.scp.file"
 
@@ -111,6 +113,8 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     AGENT_REQUEST: (("channel",), "refused agent forwarding"),
     LIMIT_HIT: (("limit", "value"), "limit {limit} hit ({value})"),
     SFTP_REQUEST: (("channel", "op", "path"), "sftp {op} {path}"),
+    HONEYTOKEN_ISSUED: (("kind", "path", "value"), "honeytoken {kind} planted at {path}"),
+    HONEYTOKEN_READ: (("kind", "path"), "honeytoken {kind} at {path} was opened"),
     SCP_FILE: (("channel", "kind", "filename", "size", "mode"), "scp upload of {kind} {filename} ({size} bytes)"),
 }
 

@@ -129,6 +129,8 @@ class SessionArtifacts:
             log.warning("changed files not available: %s", exc)
             return
         for change in changes[:5000]:
+            if change.path.startswith(("/proc/", "/sys/", "/dev/")):
+                continue
             if change.kind == "D":
                 report(filename=change.path, kind="D", shasum="", size=0, mode=0, outfile="", stored=False)
                 continue

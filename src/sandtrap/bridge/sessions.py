@@ -14,6 +14,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from sandtrap.bridge import honeytokens
+from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.bridge.login import Account, ensure_account
 from sandtrap.config import LimitsSettings, SandboxSettings
 from sandtrap.errors import SandboxError
@@ -29,6 +31,7 @@ class _IpBox:
     users: int = 0
     timer: asyncio.TimerHandle | None = None
     accounts: dict[str, Account] = field(default_factory=dict)
+    tokens: list[Token] = field(default_factory=list)
 
 
 @dataclass
@@ -41,11 +44,14 @@ class Lease:
     acquire_ms: float
     accounts: dict[str, Account]
     reused: bool = False
+    tokens: list[Token] = field(default_factory=list)
 
 
 class SessionManager:
-    def __init__(self, pool: Pool, sandbox: SandboxSettings, limits: LimitsSettings) -> None:
+    def __init__(self, pool: Pool, sandbox: SandboxSettings, limits: LimitsSettings, honeytokens: bool = True) -> None:
         self._pool = pool
+        self._honeytokens = honeytokens
+        self.watcher = ReadWatcher()
         self._settings = sandbox
         self._limits = limits
         self._per_ip: Counter[str] = Counter()
@@ -86,16 +92,32 @@ class SessionManager:
                         held.timer.cancel()
                         held.timer = None
                     held.users += 1
-                    return Lease(session, src_ip, held.sandbox, 0.0, held.accounts, reused=True)
+                    return Lease(session, src_ip, held.sandbox, 0.0, held.accounts, reused=True, tokens=held.tokens)
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
                     self._spawn(self._pool.release(held.sandbox))
                 sandbox = await self._pool.acquire(session, src_ip)
-                box = _IpBox(sandbox, users=1)
+                box = _IpBox(sandbox, users=1, tokens=await self._plant(sandbox))
                 self._by_ip[src_ip] = box
-                return Lease(session, src_ip, sandbox, (time.monotonic() - start) * 1000, box.accounts)
+                return Lease(
+                    session, src_ip, sandbox, (time.monotonic() - start) * 1000, box.accounts, tokens=box.tokens
+                )
         sandbox = await self._pool.acquire(session, src_ip)
-        return Lease(session, src_ip, sandbox, (time.monotonic() - start) * 1000, {})
+        tokens = await self._plant(sandbox)
+        return Lease(session, src_ip, sandbox, (time.monotonic() - start) * 1000, {}, tokens=tokens)
+
+    async def _plant(self, sandbox: Sandbox) -> list[Token]:
+        """Lure credentials unique to this box, watched for reads from the host."""
+        if not self._honeytokens:
+            return []
+        tokens = honeytokens.generate()
+        try:
+            await honeytokens.plant(sandbox, tokens)
+        except SandboxError as exc:
+            log.warning("honeytokens not planted in %s: %s", sandbox.name, exc)
+            return []
+        self.watcher.watch(sandbox.id, await sandbox.host_root(), tokens)
+        return tokens
 
     async def account(self, lease: Lease, username: str, password: str | None) -> Account:
         """The user's account in the box, created on first use (cached per box)."""
@@ -125,6 +147,7 @@ class SessionManager:
             self._spawn(self._release(box.sandbox))
 
     async def _release(self, sandbox: Sandbox) -> None:
+        self.watcher.forget(sandbox.id)
         try:
             await self._pool.release(sandbox)
         except SandboxError as exc:
@@ -139,6 +162,7 @@ class SessionManager:
             await self._release(box.sandbox)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.watcher.close()
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 STDOUT = 1
@@ -113,7 +114,11 @@ class Sandbox(Protocol):
         workdir: str | None = None,
     ) -> Process: ...
 
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None: ...
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
+        """Write a file (its directory must exist), owned by root, dated ``mtime`` (default now)."""
+
+    async def host_root(self) -> Path | None:
+        """The box's root file system as a directory on this host, if the backend has one here."""
 
     async def get_file(self, path: str, max_bytes: int) -> FileData | None:
         """A file's metadata (``None`` if missing) and, for a regular file up to ``max_bytes``, its bytes.

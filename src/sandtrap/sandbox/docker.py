@@ -265,14 +265,14 @@ class DockerSandbox:
             await proc.resize(tty)
         return proc
 
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         p = Path(path)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             info = tarfile.TarInfo(p.name)
             info.size = len(data)
             info.mode = mode
-            info.mtime = int(time.time())
+            info.mtime = int(mtime if mtime is not None else time.time())
             tar.addfile(info, io.BytesIO(data))
         await engine.call("put archive", self._container().put_archive(str(p.parent), buf.getvalue()))  # type: ignore[no-untyped-call]
 
@@ -289,11 +289,14 @@ class DockerSandbox:
         data = None
         if is_regular and size <= max_bytes:
             tar = await engine.call("get archive", self._container().get_archive(path))
-            with tar:
-                member = tar.next()
-                if member is not None and member.isfile() and member.size <= max_bytes:
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else None
+            try:
+                with tar:
+                    member = tar.next()
+                    if member is not None and member.isfile() and member.size <= max_bytes:
+                        f = tar.extractfile(member)
+                        data = f.read() if f is not None else None
+            except (tarfile.TarError, OSError) as exc:  # e.g. the file changed while the engine read it
+                raise SandboxError(f"reading {path!r}: {exc}") from exc
         return FileData(path=path, size=size, mode=mode & 0o7777, is_regular=is_regular, data=data)
 
     async def _read_by_exec(self, path: str, max_bytes: int) -> FileData | None:
@@ -353,6 +356,16 @@ class DockerSandbox:
             await proc.wait()
             out += [ChangedFile(line, "A") for line in data.decode("utf-8", "surrogateescape").splitlines() if line]
         return out
+
+    async def host_root(self) -> Path | None:
+        """The overlay ``merged`` directory, when the engine's storage is on this host."""
+        try:
+            info = await engine.call("inspect", self._container().show(), 10)
+        except SandboxError:
+            return None
+        merged = ((info.get("GraphDriver") or {}).get("Data") or {}).get("MergedDir")
+        path = Path(merged) if merged else None
+        return path if path is not None and path.is_dir() else None
 
     async def is_running(self) -> bool:
         try:

@@ -31,6 +31,8 @@ from sandtrap.events import (
     CLIENT_VERSION,
     DIRECT_TCPIP_REQUEST,
     FORWARD_REQUEST,
+    HONEYTOKEN_ISSUED,
+    HONEYTOKEN_READ,
     LIMIT_HIT,
     LOGIN_FAILED,
     LOGIN_SUCCESS,
@@ -185,7 +187,11 @@ class ConnectionHandler(asyncssh.SSHServer):
         task.add_done_callback(self._pending.discard)
 
     async def _finish(self, duration: float) -> None:
-        """After the connection: collect what the session left in its box, close the record, release."""
+        """After the connection: collect what the session left in its box, close the record, release.
+
+        Each step is guarded on its own: nothing that goes wrong collecting files may cost the
+        session its closing record or leak its sandbox.
+        """
         session_context.set(f"{self.session} {self.src_ip}")
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=120)
@@ -196,7 +202,12 @@ class ConnectionHandler(asyncssh.SSHServer):
             except (SandboxError, asyncio.CancelledError):
                 lease = None
         if lease is not None and self.emitter is not None:
-            await self.artifacts.collect_changes(lease.sandbox, self._reporter(SESSION_FILE_CHANGED))
+            # Our own reads of the box's files (artifact collection) are not the attacker's.
+            self.ctx.manager.watcher.report_to(lease.sandbox.id, None)
+            try:
+                await self.artifacts.collect_changes(lease.sandbox, self._reporter(SESSION_FILE_CHANGED))
+            except Exception:
+                log.exception("collecting changed files failed")
         if self.emitter is not None:
             self.emitter.emit(
                 SESSION_CLOSED,
@@ -207,7 +218,10 @@ class ConnectionHandler(asyncssh.SSHServer):
                 bytes_out=self.usage.bytes_out,
             )
         if lease is not None:
-            await self.ctx.manager.end(lease)
+            try:
+                await self.ctx.manager.end(lease)
+            except Exception:
+                log.exception("releasing the sandbox failed")
 
     def _reporter(self, eventid: str) -> Callable[..., object]:
         assert self.emitter is not None
@@ -264,6 +278,12 @@ class ConnectionHandler(asyncssh.SSHServer):
             sandbox_name=lease.sandbox.name,
             acquire_ms=round(lease.acquire_ms, 1),
             reused=lease.reused,
+        )
+        for token in lease.tokens:  # the session's record names every lure value it was given
+            self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
+        emit = self.emitter.emit
+        self.ctx.manager.watcher.report_to(
+            lease.sandbox.id, lambda kind, path: emit(HONEYTOKEN_READ, kind=kind, path=path)
         )
         return lease
 
