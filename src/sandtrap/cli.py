@@ -197,6 +197,21 @@ def run() -> None:
         progress.stop()
 
 
+@app.command("api")
+def api_command() -> None:
+    """Serve the API (and web UI) alone against the configured storage, until interrupted."""
+    from sandtrap.api.console import serve_console
+
+    s = settings()
+    setup_logging(s.log_level)
+    try:
+        asyncio.run(serve_console(s))
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     app()
 

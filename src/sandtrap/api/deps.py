@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from sandtrap.bridge.live import LiveHub
 from sandtrap.config import Settings
 from sandtrap.storage.repository import Repository
@@ -27,6 +29,8 @@ class ApiDeps:
     engine_ping: Callable[[], Awaitable[None]] | None = None
     storage_status: Callable[[], dict[str, Any]] | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
+    # What /metrics exposes (the MetricsSink's registry); None: /metrics answers 404.
+    metrics: CollectorRegistry | None = None
 
     @property
     def data_dir(self) -> Path:

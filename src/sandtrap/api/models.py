@@ -1,0 +1,82 @@
+"""What the API answers beyond the repository's own rows (those are :mod:`sandtrap.storage.records`).
+
+Every string an attacker chose reaches the client as a JSON string: escaped by the encoder, never HTML.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from sandtrap.storage.records import SessionDetail, SessionSummary, StoredEvent
+from sandtrap.storage.repository import SessionSort
+
+
+class SessionPage(BaseModel):
+    """One page of sessions matching the filters."""
+
+    total: int = Field(description="sessions matching the filters, over all pages")
+    limit: int
+    offset: int
+    sort: SessionSort
+    next_offset: int | None = Field(description="offset of the next page; null on the last page")
+    items: list[SessionSummary]
+
+
+class SessionView(SessionDetail):
+    """One session in full, and whether it can be watched live right now."""
+
+    is_live: bool = Field(description="the session has an open terminal that /live streams")
+
+
+class EventPage(BaseModel):
+    session: str
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last page")
+    items: list[StoredEvent]
+
+
+class PoolStatus(BaseModel):
+    warm: int
+    active: int
+    preserved: int
+    creating: int
+    start_failures: int
+
+
+class Health(BaseModel):
+    ok: bool
+    error: str | None = None
+
+
+class StorageStatus(Health):
+    pending: int | None = Field(None, description="events queued for the database, not stored yet")
+    stored: int | None = None
+    rejected: int | None = None
+    errors: int | None = None
+    dropped: int | None = None
+    is_down: bool | None = None
+
+
+class Status(BaseModel):
+    version: str
+    sensor: str
+    mode: Literal["honeypot", "console"] = Field(
+        description="honeypot: served by `sandtrap run`; console: `sandtrap api`, the storage only"
+    )
+    uptime_s: float
+    pool: PoolStatus | None = Field(description="null in console mode")
+    engine: Health | None = Field(description="container engine; null in console mode")
+    storage: StorageStatus
+
+
+class Healthz(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Problem(BaseModel):
+    """An error: a short message, never a traceback."""
+
+    detail: str

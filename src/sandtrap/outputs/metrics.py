@@ -1,0 +1,124 @@
+"""Prometheus metrics: an :class:`~sandtrap.events.EventSink` that counts events, plus gauges read at scrape time.
+
+From events (``write`` only touches in-memory counters): sessions, active sessions, auth attempts by
+result, sandbox acquire latency, bytes relayed, events by id, artifacts stored. At scrape time, from the
+callables given: the pool's sandboxes by state and its container start failures, and the database
+sink's counters. The registry is this sink's own (``/metrics`` serves it), never the global one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sandtrap import events as ev
+
+ACQUIRE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+POOL_STATES = ("warm", "active", "preserved", "creating")
+_STORAGE_COUNTERS = (
+    ("stored", "sandtrap_storage_stored_events", "Events stored in the database"),
+    ("errors", "sandtrap_storage_errors", "Failed attempts to store a batch of events (outages included)"),
+    ("rejected", "sandtrap_storage_rejected_events", "Events the database refused"),
+    ("dropped", "sandtrap_storage_dropped_events", "Events dropped from a full buffer (they are in the JSON log)"),
+)
+
+
+class MetricsSink:
+    def __init__(
+        self,
+        pool_stats: Callable[[], Mapping[str, int]] | None = None,
+        storage_status: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._active: set[str] = set()
+        self.sessions = Counter("sandtrap_sessions", "SSH connections accepted", registry=r)
+        self.active = Gauge("sandtrap_sessions_active", "SSH connections open now", registry=r)
+        self.active.set_function(lambda: len(self._active))
+        self.auth_attempts = Counter(
+            "sandtrap_auth_attempts", "Authentication attempts by result", ["result"], registry=r
+        )
+        for result in ("success", "failed"):
+            self.auth_attempts.labels(result=result)
+        self.acquire = Histogram(
+            "sandtrap_sandbox_acquire_seconds",
+            "Time from a login to its sandbox being ready",
+            buckets=ACQUIRE_BUCKETS_S,
+            registry=r,
+        )
+        self.relayed = Counter(
+            "sandtrap_relayed_bytes", "Bytes relayed between attackers and sandboxes", ["direction"], registry=r
+        )
+        for direction in ("in", "out"):
+            self.relayed.labels(direction=direction)
+        self.events = Counter("sandtrap_events", "Events emitted, by event id", ["eventid"], registry=r)
+        self.artifacts = Counter(
+            "sandtrap_artifacts_stored", "Uploaded or changed files whose content is stored", registry=r
+        )
+        r.register(_ScrapeTime(pool_stats, storage_status))
+
+    def write(self, event: ev.Event) -> None:
+        eventid = event.eventid
+        self.events.labels(eventid=eventid if eventid in ev.CATALOGUE else "other").inc()
+        if eventid == ev.SESSION_CONNECT:
+            self.sessions.inc()
+            if event.session:
+                self._active.add(event.session)
+        elif eventid == ev.SESSION_CLOSED:
+            self._active.discard(event.session)
+            self.relayed.labels(direction="in").inc(_number(event.get("bytes_in")))
+            self.relayed.labels(direction="out").inc(_number(event.get("bytes_out")))
+        elif eventid == ev.LOGIN_SUCCESS:
+            self.auth_attempts.labels(result="success").inc()
+        elif eventid == ev.LOGIN_FAILED:
+            self.auth_attempts.labels(result="failed").inc()
+        elif eventid == ev.SANDBOX_ASSIGNED:
+            self.acquire.observe(_number(event.get("acquire_ms")) / 1000.0)
+        elif eventid in (ev.SESSION_FILE_UPLOAD, ev.SESSION_FILE_CHANGED) and event.get("stored") is True:
+            self.artifacts.inc()
+
+
+class _ScrapeTime:
+    """Gauges and counters that other components keep; read when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        pool_stats: Callable[[], Mapping[str, int]] | None,
+        storage_status: Callable[[], Mapping[str, Any]] | None,
+    ) -> None:
+        self._pool_stats = pool_stats
+        self._storage_status = storage_status
+
+    def collect(self) -> Iterable[Metric]:
+        if self._pool_stats is not None:
+            stats = self._pool_stats()
+            pool = GaugeMetricFamily("sandtrap_pool_sandboxes", "Sandboxes by state", labels=["state"])
+            for state in POOL_STATES:
+                pool.add_metric([state], float(stats.get(state, 0)))
+            yield pool
+            yield CounterMetricFamily(
+                "sandtrap_sandbox_start_failures",
+                "Sandbox containers that failed to start",
+                value=float(stats.get("start_failures", 0)),
+            )
+        if self._storage_status is not None:
+            status = self._storage_status()
+            for key, name, doc in _STORAGE_COUNTERS:
+                yield CounterMetricFamily(name, doc, value=_number(status.get(key)))
+            yield GaugeMetricFamily(
+                "sandtrap_storage_pending_events", "Events queued for the database", value=_number(status.get("pending"))
+            )
+            yield GaugeMetricFamily(
+                "sandtrap_storage_up", "1 while the database stores events, 0 during an outage", value=0.0 if status.get("is_down") else 1.0
+            )
+
+
+def _number(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number >= 0 and number == number and number != float("inf") else 0.0
