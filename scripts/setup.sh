@@ -90,7 +90,13 @@ if [ "$MODE" = test ]; then
   say "postgresql: $(bash scripts/postgres.sh)"
 fi
 
-# 5. The sandbox image (a no-op when its inputs are unchanged).
+# 5. Web UI assets (asciinema-player, chart library) from the npm registry, served offline.
+bash scripts/web-assets.sh
+if [ "$MODE" = test ]; then
+  bash scripts/chromium.sh  # headless Chromium for the web UI tests
+fi
+
+# 6. The sandbox image (a no-op when its inputs are unchanged).
 SANDTRAP_ARGS=()
 [ -n "${SANDTRAP_CONFIG:-}" ] && SANDTRAP_ARGS+=(--config "$SANDTRAP_CONFIG")
 "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" image build
