@@ -17,9 +17,15 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from sandtrap.api.deps import ApiDeps
-from sandtrap.api.routes import ERRORS, SessionId
+from sandtrap.api.routes import SessionId
 
 END = "end"
+_PROBLEM = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+# Spelled out: with the route's response_class, FastAPI would document these as text/event-stream.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such session, or no live view in this process", "content": _PROBLEM},
+    503: {"description": "the database is unavailable", "content": _PROBLEM},
+}
 
 
 def end(reason: str) -> ServerSentEvent:

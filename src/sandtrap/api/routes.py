@@ -7,12 +7,14 @@ a 503 in :mod:`sandtrap.api.app`.
 
 # No ``from __future__ import annotations`` here: FastAPI reads these signatures at run time.
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 
 from sandtrap.api.deps import ApiDeps
 from sandtrap.api.files import artifact_path, cast_paths, download, export_download
@@ -32,10 +34,24 @@ Sha256 = Annotated[
     str,
     Path(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the content: 64 lowercase hex characters"),
 ]
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def iso_only(value: Any) -> Any:
+    """Times are ISO 8601 as documented; pydantic would also take a number (Unix time) silently."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        raise ValueError("expected an ISO 8601 time such as 2026-01-02T03:04:05Z")
+    return value
+
+
 Since = Annotated[
-    datetime | None, Query(description="only sessions started at or after this time (ISO 8601; UTC if no zone)")
+    datetime | None,
+    BeforeValidator(iso_only),
+    Query(description="only sessions started at or after this time (ISO 8601; UTC if no zone)"),
 ]
-Until = Annotated[datetime | None, Query(description="only sessions started before this time")]
+Until = Annotated[
+    datetime | None, BeforeValidator(iso_only), Query(description="only sessions started before this time")
+]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -68,7 +68,6 @@ class ApiServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
-            sock.set_inheritable(True)
         except OSError as exc:
             sock.close()
             raise ApiError(
@@ -101,7 +100,9 @@ class ApiServer:
                     await asyncio.sleep(0.02)
         except TimeoutError:
             await self.close()
-            raise ApiError(f"api.listen {self.listen}: the API server did not start within {START_TIMEOUT_S:g}s") from None
+            raise ApiError(
+                f"api.listen {self.listen}: the API server did not start within {START_TIMEOUT_S:g}s"
+            ) from None
         if not server.started:
             error = self._task.exception() if not self._task.cancelled() else None
             self._task = None

@@ -75,8 +75,12 @@ class LiveHub:
     @contextmanager
     def watch(self, session: str) -> Iterator[asyncio.Queue[list[Any] | None]]:
         """A queue of frames for ``session``; ``None`` marks its end. Unsubscribes on exit."""
-        live = self._sessions.setdefault(session, _Live())
         watcher = _Watcher(asyncio.Queue(QUEUE_FRAMES))
+        live = self._sessions.get(session)
+        if live is None or live.ended:  # not live: an ended stream, and no entry left behind
+            watcher.queue.put_nowait(None)
+            yield watcher.queue
+            return
         live.watchers.append(watcher)
         try:
             yield watcher.queue

@@ -128,8 +128,8 @@ class SessionManager:
         lease.accounts[username] = account
         return account
 
-    async def end(self, lease: Lease) -> None:
-        """The connection is over: release its box now (session affinity) or after the IP's TTL."""
+    async def end(self, lease: Lease) -> bool:
+        """The connection is over: release its box now (session affinity, returns True) or after the IP's TTL."""
         if self._settings.affinity == "source_ip":
             box = self._by_ip.get(lease.src_ip)
             if box is not None and box.sandbox.id == lease.sandbox.id:
@@ -137,8 +137,9 @@ class SessionManager:
                 if box.users <= 0:
                     loop = asyncio.get_running_loop()
                     box.timer = loop.call_later(self._settings.ip_ttl_s, self._expire, lease.src_ip, box)
-                return
+                return False
         await self._release(lease.sandbox)
+        return True
 
     def _expire(self, src_ip: str, box: _IpBox) -> None:
         if self._by_ip.get(src_ip) is box and box.users <= 0:

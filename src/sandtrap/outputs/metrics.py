@@ -109,10 +109,14 @@ class _ScrapeTime:
             for key, name, doc in _STORAGE_COUNTERS:
                 yield CounterMetricFamily(name, doc, value=_number(status.get(key)))
             yield GaugeMetricFamily(
-                "sandtrap_storage_pending_events", "Events queued for the database", value=_number(status.get("pending"))
+                "sandtrap_storage_pending_events",
+                "Events queued for the database",
+                value=_number(status.get("pending")),
             )
             yield GaugeMetricFamily(
-                "sandtrap_storage_up", "1 while the database stores events, 0 during an outage", value=0.0 if status.get("is_down") else 1.0
+                "sandtrap_storage_up",
+                "1 while the database stores events, 0 during an outage",
+                value=0.0 if status.get("is_down") else 1.0,
             )
 
 

@@ -37,6 +37,7 @@ from sandtrap.events import (
     LOGIN_FAILED,
     LOGIN_SUCCESS,
     SANDBOX_ASSIGNED,
+    SANDBOX_RELEASED,
     SANDBOX_UNAVAILABLE,
     SESSION_CLOSED,
     SESSION_CONNECT,
@@ -219,7 +220,8 @@ class ConnectionHandler(asyncssh.SSHServer):
             )
         if lease is not None:
             try:
-                await self.ctx.manager.end(lease)
+                if await self.ctx.manager.end(lease) and self.emitter is not None:
+                    self.emitter.emit(SANDBOX_RELEASED, sandbox_id=lease.sandbox.id, sandbox_name=lease.sandbox.name)
             except Exception:
                 log.exception("releasing the sandbox failed")
 
