@@ -32,6 +32,7 @@ from sandtrap.events import (
     LOGIN_SUCCESS,
     SANDBOX_ASSIGNED,
     SESSION_CLOSED,
+    SESSION_FILE_CHANGED,
     Event,
 )
 from sandtrap.sandbox import engine
@@ -184,13 +185,7 @@ async def test_pty_login_looks_real_takes_typing_and_follows_window_changes(hone
     prompt = rf"root@{re.escape(HOSTNAME)}:~# "
     async with tmux_session(ssh_argv(hp.port, options=["-tt"]), width=100, height=30) as term:
         await term.wait_for(rf"^{prompt}", timeout_s=30)
-        # The login prints the box's own /etc/motd, as PAM does on a real login.
-        [assigned] = hp.events(SANDBOX_ASSIGNED)
-        motd = await container_file(assigned.get("sandbox_id"), "/etc/motd")
-        assert motd is not None and motd.strip(), "the image has no /etc/motd"
-        screen = await term.screen()
-        for line in motd.decode().splitlines():
-            assert line.strip() in screen, f"motd line {line!r} not shown; pane:\n{screen}"
+        login_screen = await term.screen()
 
         await term.line("stty size | sed 's/^/size=/'")
         await term.wait_for(r"^size=30 100$")
@@ -212,6 +207,12 @@ async def test_pty_login_looks_real_takes_typing_and_follows_window_changes(hone
         await term.line("exit")
         assert await term.wait_exit() == 0
     await hp.wait_for(SESSION_CLOSED)
+    # The login printed the box's own /etc/motd, as PAM does on a real login (read from the stopped box).
+    [assigned] = hp.events(SANDBOX_ASSIGNED)
+    motd = await container_file(assigned.get("sandbox_id"), "/etc/motd")
+    assert motd is not None and motd.strip(), "the image has no /etc/motd"
+    for line in motd.decode().splitlines():
+        assert line.strip() in login_screen, f"motd line {line!r} not shown at login; pane:\n{login_screen}"
 
 
 # -- 5. one box per connection, or per source address ----------------------------------------------------------
@@ -257,6 +258,7 @@ async def test_source_ip_affinity_reconnect_finds_the_previous_sessions_files(ho
     second = await run(ssh_argv(hp.port, "cat /root/notes.txt"))
     assert second.returncode == 0, second.err
     assert second.out == f"{token}\n"
+    await hp.wait_for(SESSION_CLOSED, count=2)  # the second session's record is closed too
     a1, a2 = await hp.wait_for(SANDBOX_ASSIGNED, count=2)
     assert a1.session != a2.session
     assert a1.get("sandbox_id") == a2.get("sandbox_id")
@@ -323,6 +325,31 @@ async def test_idle_session_is_closed_recorded_and_its_box_released(honeypot: Ho
     released = {"active": 0, "preserved": 1}
     await eventually(lambda: pool.stats().items() >= released.items(), what=f"pool stats include {released}")
     assert not await container_running(assigned.get("sandbox_id"))
+
+
+async def test_reading_a_live_box_costs_the_session_neither_its_record_nor_its_release(honeypot: Honeypot) -> None:
+    # Regression: a read through the engine's archive API makes its diff list /proc/stat etc.; reading
+    # those failed with tarfile.ReadError, which killed the session's finishing task (fixed in 71335e4).
+    hp = await honeypot()
+    async with started(ssh_argv(hp.port, "read -r line; echo bye")) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        [assigned] = await hp.wait_for(SANDBOX_ASSIGNED)
+        sandbox_id = assigned.get("sandbox_id")
+        await hp.wait_for(CHANNEL_EXEC)
+        # A forensic read while the session runs (what the artifact store or an analyst does).
+        assert await container_file(sandbox_id, "/etc/hostname") is not None
+        proc.stdin.write(b"\n")
+        async with asyncio.timeout(30):
+            assert await proc.stdout.read() == b"bye\n"
+            assert await proc.wait() == 0
+    await hp.wait_for(SESSION_CLOSED, reason="client_closed")
+    pool = hp.services.pool
+    released = {"active": 0, "preserved": 1}
+    await eventually(lambda: pool.stats().items() >= released.items(), what=f"pool stats include {released}")
+    assert not await container_running(sandbox_id)
+    # The engine's diff lists the lxcfs /proc bind targets once the box was read; they are not the attacker's.
+    changed = [e.get("filename") for e in hp.events(SESSION_FILE_CHANGED)]
+    assert changed and not [f for f in changed if f.startswith("/proc")], changed
 
 
 async def test_connection_over_the_per_ip_limit_is_closed_and_the_first_keeps_working(honeypot: Honeypot) -> None:

@@ -18,7 +18,7 @@ from sandtrap.bridge import honeytokens
 from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.bridge.login import Account, ensure_account
 from sandtrap.config import LimitsSettings, SandboxSettings
-from sandtrap.errors import SandboxError
+from sandtrap.errors import SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import Sandbox
 from sandtrap.sandbox.pool import Pool
 
@@ -87,7 +87,7 @@ class SessionManager:
             lock = self._ip_locks.setdefault(src_ip, asyncio.Lock())
             async with lock:
                 held = self._by_ip.get(src_ip)
-                if held is not None and await held.sandbox.is_running():
+                if held is not None and await self._still_running(held.sandbox):
                     if held.timer is not None:
                         held.timer.cancel()
                         held.timer = None
@@ -105,6 +105,14 @@ class SessionManager:
         sandbox = await self._pool.acquire(session, src_ip)
         tokens = await self._plant(sandbox)
         return Lease(session, src_ip, sandbox, (time.monotonic() - start) * 1000, {}, tokens=tokens)
+
+    @staticmethod
+    async def _still_running(sandbox: Sandbox) -> bool:
+        """Is the held box usable? A slow engine is not a dead box: only a clear "no" counts."""
+        try:
+            return await sandbox.is_running()
+        except SandboxUnavailable:
+            return True
 
     async def _plant(self, sandbox: Sandbox) -> list[Token]:
         """Lure credentials unique to this box, watched for reads from the host."""

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,11 +260,17 @@ class ConnectionHandler(asyncssh.SSHServer):
                 return self.end("max_bytes_out", self.usage.bytes_out)
 
     # -- the sandbox this connection uses -------------------------------------------------------------
-    def lease(self) -> Awaitable[Lease]:
+    def lease(self) -> asyncio.Future[Lease]:
         """The connection's sandbox; the first call starts the acquisition, later ones share it."""
         if self._lease_task is None:
             self._lease_task = asyncio.get_running_loop().create_task(self._acquire())
+            # Its failure is recorded and handled by whoever awaits it; never "exception never retrieved".
+            self._lease_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return asyncio.shield(self._lease_task)
+
+    def _start_lease(self) -> None:
+        """Start the acquisition now without waiting for it (its shield is not awaited by anyone)."""
+        self.lease().add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _acquire(self) -> Lease:
         assert self.emitter is not None
@@ -348,7 +354,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         if decision.accepted:
             self.username, self.password = username, password
             self.auth_method = "password" if method == "password" else "keyboard-interactive/pam"
-            self.lease()  # start acquiring now: the box is ready by the time the channel asks
+            self._start_lease()  # start acquiring now: the box is ready by the time the channel asks
             return True
         self._count_failure(name)
         return False
@@ -385,7 +391,7 @@ class ConnectionHandler(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         if self._pending_key is not None and self.emitter is not None:
             self.emitter.emit(LOGIN_SUCCESS, method="publickey", **self._pending_key)
-            self.lease()
+            self._start_lease()
 
     def _count_failure(self, name: str) -> None:
         self._tries += 1
