@@ -6,7 +6,11 @@
  * Signals are blocked and collected with sigwait(), so there is no handler and
  * no race between "check for a stop request" and "wait for a child".
  */
+#define _GNU_SOURCE
 #include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/utsname.h>
 #include <sys/stat.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -96,10 +100,47 @@ static void machine_id(void)
 		(void)0;
 }
 
+static void write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	if (write(fd, text, strlen(text)) < 0)
+		(void)0;
+	fchmod(fd, 0644);
+	close(fd);
+}
+
+/* The engine leaves /etc/hosts and /etc/resolv.conf empty without a network: fill them as Debian's
+ * installer does (the host's own name on 127.0.1.1, a search domain and a resolver). */
+static void names(void)
+{
+	struct utsname u;
+	if (uname(&u) != 0)
+		return;
+	char buf[1024];
+	const char *domain = strcmp(u.domainname, "(none)") != 0 && u.domainname[0] ? u.domainname : "";
+	if (domain[0])
+		snprintf(buf, sizeof(buf),
+			 "127.0.0.1\tlocalhost\n127.0.1.1\t%s.%s\t%s\n\n"
+			 "# The following lines are desirable for IPv6 capable hosts\n"
+			 "::1     localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n",
+			 u.nodename, domain, u.nodename);
+	else
+		snprintf(buf, sizeof(buf), "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n", u.nodename);
+	write_file("/etc/hosts", buf);
+	if (domain[0])
+		snprintf(buf, sizeof(buf), "search %s\nnameserver 10.20.0.2\nnameserver 10.20.0.3\n", domain);
+	else
+		snprintf(buf, sizeof(buf), "nameserver 10.20.0.2\n");
+	write_file("/etc/resolv.conf", buf);
+}
+
 /* What a boot leaves in /run (a fresh tmpfs here): the login records file, owned by group utmp. */
 static void prepare_run(void)
 {
 	unlink("/.dockerenv"); /* the engine's marker file: no real server has it */
+	names();
 	mkdir("/run/sshd", 0755); /* sshd's privilege separation directory */
 	int fd = open("/run/utmp", O_WRONLY | O_CREAT | O_CLOEXEC, 0664);
 	if (fd >= 0) {

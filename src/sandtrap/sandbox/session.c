@@ -172,8 +172,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage\n");
 		return 255;
 	}
-	const char *user = argv[1], *host = argv[2], *port = argv[3], *method = argv[4];
-	const char *command = argc > 5 ? argv[5] : NULL;
+	/* Copies: set_title() later overwrites the argument area these point into. */
+	const char *user = strdup(argv[1]), *host = strdup(argv[2]), *port = strdup(argv[3]);
+	const char *method = strdup(argv[4]);
+	const char *command = argc > 5 ? strdup(argv[5]) : NULL;
 	struct passwd *pw = find_user(user);
 	if (!pw) {
 		fprintf(stderr, "no such user\n");
@@ -183,28 +185,39 @@ int main(int argc, char **argv)
 	uid_t uid = pw->pw_uid;
 	gid_t gid = pw->pw_gid;
 
-	int interactive = isatty(0) && command == NULL;
-	const char *tty = interactive ? ttyname(0) : NULL;
+	/* As sshd: any terminal gets a pts session (utmp, SSH_TTY, "user@pts/N"); only a terminal
+	 * without a command gets the login banner (uname, motd, "Last login"). */
+	const char *tty = isatty(0) ? ttyname(0) : NULL;
+	int interactive = tty != NULL && command == NULL;
 	const char *line = tty && strncmp(tty, "/dev/", 5) == 0 ? tty + 5 : "notty";
 	char title[128];
-	snprintf(title, sizeof(title), "sshd: %s@%s", user, interactive ? line : "notty");
+	snprintf(title, sizeof(title), "sshd: %s@%s", user, tty ? line : "notty");
 
 	openlog("sshd", LOG_PID, LOG_AUTH);
 	struct utmpx ut;
 	/* sshd logs every session, with or without a terminal; only a terminal gets utmp and a banner. */
 	syslog(LOG_INFO, "Accepted %s for %s from %s port %s ssh2", method, user, host, port);
 	syslog(LOG_INFO, "pam_unix(sshd:session): session opened for user %s(uid=%u) by (uid=0)", user, (unsigned)uid);
-	if (interactive) {
+	/* The login uid (pam_loginuid's job): `last` and audit look for it; settable once while unset. */
+	int lfd = open("/proc/self/loginuid", O_WRONLY | O_CLOEXEC);
+	if (lfd >= 0) {
+		char uidbuf[16];
+		int n = snprintf(uidbuf, sizeof(uidbuf), "%u", (unsigned)uid);
+		if (write(lfd, uidbuf, (size_t)n) != n)
+			(void)0;
+		close(lfd);
+	}
+	if (interactive)
 		motd();
-		lastlog(uid, line, host);
+	if (tty) {
+		if (interactive)
+			lastlog(uid, line, host);
 		fflush(stdout);
 		fill_utmp(&ut, USER_PROCESS, line, user, host);
 		write_utmp(&ut);
-		if (tty) {
-			if (chown(tty, uid, 5) != 0) /* group tty, as sshd leaves the pty */
-				(void)0;
-			chmod(tty, 0620);
-		}
+		if (chown(tty, uid, 5) != 0) /* group tty, as sshd leaves the pty */
+			(void)0;
+		chmod(tty, 0620);
 	}
 
 	child = fork();
@@ -249,7 +262,7 @@ int main(int argc, char **argv)
 	int status = 0;
 	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
 		;
-	if (interactive) {
+	if (tty) {
 		fill_utmp(&ut, DEAD_PROCESS, line, NULL, NULL);
 		write_utmp(&ut);
 	}
