@@ -146,6 +146,19 @@ class SandboxSettings(_Section):
     no_new_privileges: bool = True
     seccomp_profile: str = Field("default", description="'default' (Docker's) or a path to a JSON profile")
     read_only_root: bool = False
+    writable: dict[str, ByteSize] = Field(
+        default_factory=lambda: {
+            "/etc": parse_size("16m"),
+            "/root": parse_size("64m"),
+            "/home": parse_size("64m"),
+            "/var": parse_size("128m"),
+            "/opt": parse_size("32m"),
+            "/srv": parse_size("8m"),
+            "/usr/local": parse_size("32m"),
+        },
+        description="with read_only_root: the places left writable, each a tmpfs of this size seeded from the "
+        "image; every byte written there is charged to the box's memory",
+    )
     tmpfs: dict[str, str] = Field(
         default_factory=lambda: {"/tmp": "rw,exec,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
     )
@@ -168,6 +181,16 @@ class SandboxSettings(_Section):
     def _hostname(cls, v: str) -> str:
         if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", v):
             raise ValueError("must be a single DNS label (letters, digits, '-'), e.g. web-prod-03")
+        return v
+
+    @field_validator("writable")
+    @classmethod
+    def _writable(cls, v: dict[str, int]) -> dict[str, int]:
+        for path, size in v.items():
+            if not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", path) or {".", ".."} & set(path.split("/")):
+                raise ValueError(f"{path!r} is not an absolute directory such as /var")
+            if size < 1024 * 1024:
+                raise ValueError(f"{path}: a size below 1m leaves no room for the image's files")
         return v
 
     @field_validator("cap_add")

@@ -18,7 +18,14 @@ import pytest
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox import engine
-from sandtrap.sandbox.docker import LABEL_CREATED, LABEL_MANAGED, LABEL_SENSOR, DockerBackend, DockerSandbox
+from sandtrap.sandbox.docker import (
+    LABEL_CREATED,
+    LABEL_MANAGED,
+    LABEL_SENSOR,
+    LXCFS_FILES,
+    DockerBackend,
+    DockerSandbox,
+)
 
 from helpers import run
 
@@ -72,7 +79,17 @@ CAP_BITS = {
 }
 CAP_NAMES = {bit: name for name, bit in CAP_BITS.items()}
 
-DEFAULT_CAPS = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "AUDIT_WRITE"}
+DEFAULT_CAPS = {
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "AUDIT_WRITE",
+    "NET_BIND_SERVICE",
+}
 
 
 def decode_caps(mask_hex: str) -> set[str]:
@@ -157,10 +174,15 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     assert not any(opt.startswith("seccomp") for opt in host["SecurityOpt"])
     assert host["Privileged"] is False
     assert host["ReadonlyRootfs"] is False
-    assert not host["Binds"]
+    # The only binds: lxcfs's read-only views of /proc files (realism), never anything writable of the host.
+    assert all(b.startswith("/var/lib/lxcfs/proc/") and b.endswith(":ro") for b in host["Binds"] or []), host["Binds"]
+    assert {b.split(":")[1] for b in host["Binds"] or []} <= {f"/{n}" for n in LXCFS_FILES}
     assert not host.get("Mounts")
     assert not host["Devices"]
-    assert info["Mounts"] == []
+    # Mounted into the box: only lxcfs's /proc views, read-only.
+    assert all(
+        m["Type"] == "bind" and not m["RW"] and m["Source"].startswith("/var/lib/lxcfs/") for m in info["Mounts"]
+    )
     assert host["Tmpfs"]["/tmp"] == "rw,exec,nosuid,nodev,size=64m"
     assert host["Tmpfs"]["/run"] == "rw,nosuid,nodev,size=16m"
     assert {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]} == {
@@ -317,12 +339,12 @@ async def test_read_only_root(
     sandbox = await create_sandbox(backend_factory(sandbox_settings(read_only_root=True)))
     info = await inspect(sandbox)
     assert info["HostConfig"]["ReadonlyRootfs"] is True
-    assert "/root" in {m["Destination"] for m in info["Mounts"]}
+    assert {m["Destination"] for m in info["Mounts"] if m["Type"] == "volume"} == set(SandboxSettings().writable)
 
-    for path in ("/usr/sandtrap-probe", "/etc/sandtrap-probe"):
+    for path in ("/usr/sandtrap-probe", "/usr/bin/sandtrap-probe", "/sandtrap-probe"):
         code, _, err = await sh(sandbox, f"echo x > {path}")
         assert code != 0 and "Read-only file system" in err, (path, err)
-    for path in ("/root/sandtrap-probe", "/tmp/sandtrap-probe"):
+    for path in ("/root/sandtrap-probe", "/etc/sandtrap-probe", "/var/tmp/sandtrap-probe", "/tmp/sandtrap-probe"):
         code, out, err = await sh(sandbox, f"echo written > {path} && cat {path}")
         assert (code, out) == (0, "written\n"), (path, err)
 

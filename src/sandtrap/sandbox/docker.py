@@ -63,6 +63,36 @@ def lxcfs_binds(lxcfs_dir: str) -> list[str]:
     return [f"{root / name}:/{name}:ro" for name in LXCFS_FILES if (root / name).exists()]
 
 
+def writable_mount(path: str, size: int) -> dict[str, Any]:
+    options = {"type": "tmpfs", "device": "tmpfs", "o": f"size={size}"}
+    return {"Type": "volume", "Target": path, "VolumeOptions": {"DriverConfig": {"Name": "local", "Options": options}}}
+
+
+# Files the engine bind-mounts into /etc itself: never seeded over.
+_ENGINE_FILES = {"etc/hostname", "etc/hosts", "etc/resolv.conf"}
+
+
+def seed_archive(parts: Mapping[str, tarfile.TarFile]) -> tuple[bytes, str]:
+    """One tar, rooted at /, of what the image holds under each writable path (the engine's archives are
+    rooted at the path's last component), and the shell lines that give each mount point the image's
+    owner and mode (a fresh tmpfs is 1777 root)."""
+    buf = io.BytesIO()
+    fix = []
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for path, tar in parts.items():
+            parent = path.rsplit("/", 1)[0].lstrip("/")
+            for member in tar.getmembers():
+                if member.name == path.rsplit("/", 1)[1] and member.isdir():
+                    fix.append(f"chown {member.uid}:{member.gid} {path} && chmod {member.mode & 0o7777:o} {path}")
+                member.name = f"{parent}/{member.name}".lstrip("/")
+                if member.islnk():
+                    member.linkname = f"{parent}/{member.linkname}".lstrip("/")
+                if member.name in _ENGINE_FILES:
+                    continue
+                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    return buf.getvalue(), " && ".join(fix) or "true"
+
+
 def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, Any]:
     """The container's create body: every hardening item in one place (see README, Hardening)."""
     security = []
@@ -102,10 +132,10 @@ def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, An
         "Devices": [],
     }
     if s.read_only_root:
-        # Writable, image-populated places on a read-only root: anonymous volumes, removed with the box.
-        host["Mounts"] = [
-            {"Type": "volume", "Target": p} for p in ("/root", "/home", "/var/log", "/var/tmp", "/var/spool")
-        ]
+        # The places people write, each a size-limited tmpfs (as a local volume, so the engine's archive API
+        # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
+        # memory cgroup: the sum of all writes is bounded by `memory` too, and nothing reaches the host's disk.
+        host["Mounts"] = [writable_mount(path, size) for path, size in s.writable.items()]
     if s.runtime:
         host["Runtime"] = s.runtime
     return {
@@ -227,6 +257,7 @@ class DockerSandbox:
         self.id = container_id
         self.name = name
         self._tmpfs = tmpfs  # the engine's archive API cannot see into these mounts
+        self.seeded_at: float | None = None  # when DockerBackend filled the writable mounts (read_only_root)
 
     def _container(self) -> aiodocker.containers.DockerContainer:
         return self._client.containers.container(self.id)
@@ -346,16 +377,26 @@ class DockerSandbox:
         raw = await engine.call("container changes", self._client._query_json(f"containers/{self.id}/changes"))
         out = [ChangedFile(c["Path"], _KIND.get(c["Kind"], "C")) for c in raw or []]  # type: ignore[arg-type]
         info = await engine.call("inspect", self._container().show())
+        running = info.get("State", {}).get("Running")
         tmpfs = sorted((info.get("HostConfig") or {}).get("Tmpfs") or {})
-        if tmpfs and info.get("State", {}).get("Running"):
-            proc = await self.exec(["find", *tmpfs, "-xdev", "-type", "f"], user="root")
-            data = bytearray()
-            while (chunk := await proc.read()) is not None:
-                if chunk.stream == 1 and len(data) < 4 * 1024 * 1024:
-                    data += chunk.data
-            await proc.wait()
-            out += [ChangedFile(line, "A") for line in data.decode("utf-8", "surrogateescape").splitlines() if line]
+        if tmpfs and running:
+            out += [ChangedFile(p, "A") for p in await self._find([*tmpfs, "-xdev", "-type", "f"])]
+        # The writable mounts of a read-only root: what changed after seeding (ctime cannot be set back).
+        volumes = sorted(m["Destination"] for m in info.get("Mounts") or [] if m.get("Type") == "volume")
+        if volumes and running:
+            since = ["-newerct", f"@{self.seeded_at:.6f}"] if self.seeded_at is not None else []
+            found = await self._find([*volumes, "-xdev", "-type", "f", *since])
+            out += [ChangedFile(p, "C") for p in found if p.lstrip("/") not in _ENGINE_FILES]
         return out
+
+    async def _find(self, args: list[str]) -> list[str]:
+        proc = await self.exec(["find", *args], user="root")
+        data = bytearray()
+        while (chunk := await proc.read()) is not None:
+            if chunk.stream == 1 and len(data) < 4 * 1024 * 1024:
+                data += chunk.data
+        await proc.wait()
+        return [line for line in data.decode("utf-8", "surrogateescape").splitlines() if line]
 
     async def host_root(self) -> Path | None:
         """The overlay ``merged`` directory, when the engine's storage is on this host."""
@@ -398,6 +439,7 @@ class DockerBackend:
         self._settings = settings
         self._sensor = sensor
         self._client = engine.connect(settings.docker_host)
+        self._image_seed: tuple[bytes, str] | None = None
 
     @property
     def settings(self) -> SandboxSettings:
@@ -425,10 +467,46 @@ class DockerBackend:
         sandbox = DockerSandbox(self._client, container.id, name, tuple(self._settings.tmpfs))
         try:
             await engine.call("start container", container.start(), self._settings.start_timeout_s)
+            if self._settings.read_only_root and self._settings.writable:
+                await self._seed(sandbox)
         except BaseException:
             await asyncio.shield(sandbox.remove())
             raise
         return sandbox
+
+    async def _seed(self, sandbox: DockerSandbox) -> None:
+        """Fill the writable tmpfs mounts with the image's files (owners, modes and times kept), then tell
+        init, which waits for them before it starts the box's daemons."""
+        if self._image_seed is None:
+            self._image_seed = await self._image_files()
+        data, fix_roots = self._image_seed
+        # --skip-old-files: what the box's init wrote at boot (/etc/machine-id) stays.
+        script = f"tar -x -p --numeric-owner --skip-old-files -C / -f - && {fix_roots}"
+        script += " && kill -USR1 1"  # init starts the daemons now (init.c, wait_for_files)
+        proc = await sandbox.exec(["sh", "-c", script])
+        await proc.write(data)
+        await proc.close_stdin()
+        err = bytearray()
+        while (chunk := await proc.read()) is not None:
+            if chunk.stream == 2 and len(err) < 4096:
+                err += chunk.data
+        status = await proc.wait()
+        if status.code != 0:
+            raise SandboxError(f"seeding the writable mounts failed ({status.code}): {err.decode(errors='replace')}")
+        sandbox.seeded_at = time.time()
+
+    async def _image_files(self) -> tuple[bytes, str]:
+        """The image's files under each writable path, read once from a container that never starts."""
+        s = self._settings
+        labels = {**self.labels(), LABEL_ROLE: "template"}
+        config = create_config(s.model_copy(update={"read_only_root": False}), labels)
+        name = f"sandtrap-{safe_name(self._sensor)}-t-{secrets.token_hex(4)}"
+        template = await engine.call("create template", self._client.containers.create(config, name=name))
+        try:
+            parts = {p: await engine.call(f"read {p} from the image", template.get_archive(p)) for p in s.writable}
+        finally:
+            await asyncio.shield(DockerSandbox(self._client, template.id, name).remove())
+        return seed_archive(parts)
 
     async def assign(self, sandbox: Sandbox, session: str, src_ip: str) -> None:
         """Docker labels are immutable: a warm box takes the session into its name instead."""

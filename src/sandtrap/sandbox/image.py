@@ -493,7 +493,8 @@ async def _build_layer(
         container = await _engine("create the build container", docker.containers.create(helper))
         try:
             steps.detail("copying files")
-            await _engine("copy files into the build container", container.put_archive("/", io.BytesIO(_overlay_tar(stage, init))))  # type: ignore[no-untyped-call]
+            layer = io.BytesIO(_overlay_tar(stage, init))  # a file object: aiohttp streams it
+            await _engine("copy files into the build container", container.put_archive("/", layer))  # type: ignore[no-untyped-call]
             await _engine("start the build container", container.start())
             await _run_setup(container, stage, steps.detail)
             steps.detail("committing")

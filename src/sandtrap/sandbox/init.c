@@ -151,6 +151,21 @@ static void prepare_run(void)
 	}
 }
 
+/* A read-only root whose writable places are fresh tmpfs mounts (sandbox.read_only_root): the engine
+ * fills them right after the start (DockerBackend._seed) and then sends SIGUSR1. The daemons need
+ * their files, so wait for that, 10 s at most. A box with its files starts at once. */
+static void wait_for_files(void)
+{
+	if (access("/etc/passwd", F_OK) == 0)
+		return;
+	sigset_t usr1;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &usr1, NULL);
+	const struct timespec limit = {10, 0};
+	sigtimedwait(&usr1, NULL, &limit);
+}
+
 int main(void)
 {
 	static char *const cron[] = {"/usr/sbin/cron", "-f", NULL};
@@ -165,6 +180,7 @@ int main(void)
 
 	static char *const sshd[] = {"/usr/sbin/sshd", "-D", NULL};
 
+	wait_for_files();
 	prepare_run();
 	machine_id();
 	start(rsyslog);

@@ -4,9 +4,9 @@ Whoever holds the engine's socket is root on the host (one privileged container 
 bind-mounted is enough). In proxy mode the honeypot is pointed at this proxy instead
 (``sandbox.docker_host: unix:///run/sandtrap/engine.sock``) and only the proxy holds the real socket.
 The proxy lets through the calls :class:`~sandtrap.sandbox.docker.DockerBackend` and the image check
-make (:data:`ROUTES`, nothing else), reads every container-create and exec-create body and refuses
-what would weaken a sandbox (:mod:`sandtrap.sandbox.proxy_policy`), and, with a sensor name, touches
-only containers labelled for that sensor. Anything else gets 403 with a JSON ``message``, worded as
+make (``proxy_policy.ROUTES``, nothing else), reads every container-create and exec-create body and
+refuses what would weaken a sandbox (:mod:`sandtrap.sandbox.proxy_policy`), and, with a sensor name,
+touches only containers labelled for that sensor. Anything else gets 403 with a JSON ``message``, worded as
 the engine words its own errors, so the client raises its usual error.
 
 Every request gets its own engine connection, sent with ``Connection: close``: the proxy never has to
@@ -147,6 +147,8 @@ class EngineProxy:
             await self._one(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.debug("engine proxy: connection ended: %r", exc)
+        except Exception:  # one connection is one failure domain: the proxy serves on
+            log.exception("engine proxy: request failed")
         finally:
             self._handlers.discard(task)
             writer.close()

@@ -175,6 +175,11 @@ class Policy:
     cap_add: frozenset[str] = field(default_factory=lambda: frozenset(SandboxSettings().cap_add))
     lxcfs_dir: str = ""
     host_cgroupns: bool = False
+    # Upper bounds on what a create may ask for (0 = no bound): a taken-over honeypot cannot hand a
+    # sandbox the host's memory, CPUs or pid space.
+    max_memory: int = 0
+    max_nano_cpus: int = 0
+    max_pids: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -185,6 +190,9 @@ class Policy:
             cap_add=frozenset(s.cap_add),
             lxcfs_dir=s.lxcfs_dir.rstrip("/"),
             host_cgroupns=s.cgroupns == "host",
+            max_memory=max(s.memory, s.memory_swap),
+            max_nano_cpus=int(s.cpus * 1e9),
+            max_pids=s.pids_limit,
         )
 
     def with_sensor(self, sensor: str) -> Policy:
@@ -299,9 +307,17 @@ def check_create(body: bytes, policy: Policy) -> None:
         _check_bind(bind, policy)
     for mount in host.get("Mounts") or []:
         _check_mount(mount)
-    for key in ("Memory", "PidsLimit", "NanoCpus"):
-        if not isinstance(host.get(key), int) or host[key] <= 0:
+    for key, bound in (
+        ("Memory", policy.max_memory),
+        ("MemorySwap", policy.max_memory),
+        ("NanoCpus", policy.max_nano_cpus),
+        ("PidsLimit", policy.max_pids),
+    ):
+        value = host.get(key)
+        if not isinstance(value, int) or value <= 0:
             raise Refused(403, f"HostConfig.{key} must be a positive limit")
+        if bound and value > bound:
+            raise Refused(403, f"HostConfig.{key} {value} is above the configured {bound}")
     if (_fields(host.get("LogConfig"), {"Type", "Config"}, "LogConfig.").get("Type")) != "none":
         raise Refused(403, "LogConfig.Type must be 'none' (a log driver could send data off the host)")
     if _fields(host.get("RestartPolicy"), {"Name", "MaximumRetryCount"}, "RestartPolicy.").get("Name") not in (

@@ -1,0 +1,625 @@
+"""The escape battery: an attacker's moves, made over a real SSH session into the honeypot, each refused or
+contained, and each asserted by HOW (errno text, exit status, a cgroup counter, the engine's view from outside).
+
+The attacker logs in with asyncssh and runs what breakout guides list: mount, unshare, kernel modules, raw
+sockets, ptrace, /proc/sysrq-trigger and /proc/kcore, cgroup files, the Docker socket, setuid binaries,
+then the resource attacks (fork bomb, memory hog, disk filler, CPU burner) while another session measures
+that the honeypot stays usable. Every attempt adds a row to a table printed at the end of the module (and
+written to ``test-output/escape-battery.txt``); SECURITY.md quotes it.
+
+Each command runs under ``timeout`` in the box and under a bound here. No traffic leaves the box's own
+network namespace: the only addresses tried are its own loopback's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shlex
+import signal
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CONNECT
+from sandtrap.sandbox import engine
+
+pytestmark = pytest.mark.timeout(240)
+
+Honeypot = Callable[..., Any]
+MiB = 1024 * 1024
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+
+
+# -- the table ------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    attempt: str
+    outcome: str  # "refused", "contained", or "NOT contained" (a known gap, see SECURITY.md)
+    how: str
+
+
+@pytest.fixture(scope="module")
+def battery(request: pytest.FixtureRequest) -> Iterator[list[Row]]:
+    rows: list[Row] = []
+    yield rows
+    if not rows:
+        return
+    held = sum(r.outcome in ("refused", "contained") for r in rows)
+    width = max(len(r.attempt) for r in rows)
+    lines = [f"escape battery: {len(rows)} attempts over SSH, {held} refused or contained, {len(rows) - held} not"]
+    lines += [f"  {r.attempt:<{width}}  {r.outcome:<13} {r.how}" for r in rows]
+    text = "\n".join(lines)
+    OUTPUT.mkdir(exist_ok=True)
+    (OUTPUT / "escape-battery.txt").write_text(text + "\n", encoding="utf-8")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print("\n" + text, flush=True)
+
+
+# -- the attacker's side -----------------------------------------------------------------------------------
+def ssh_options(username: str = "root") -> dict[str, Any]:
+    return {
+        "known_hosts": None,
+        "username": username,
+        "password": "hunter2",
+        "client_keys": None,
+        "agent_path": None,
+        "config": [],
+        "preferred_auth": "password",
+        "login_timeout": 30,
+    }
+
+
+@contextlib.asynccontextmanager
+async def login(hp: Any, username: str = "root") -> AsyncIterator[asyncssh.SSHClientConnection]:
+    async with asyncio.timeout(60):
+        conn = await asyncssh.connect("127.0.0.1", hp.port, **ssh_options(username))
+    try:
+        yield conn
+    finally:
+        conn.close()
+        await conn.wait_closed()
+
+
+@dataclass
+class Ran:
+    status: int
+    out: str
+    err: str
+
+
+async def sh(
+    conn: asyncssh.SSHClientConnection, cmd: str, timeout_s: int = 20, stdin: str | None = None, kill: str = "TERM"
+) -> Ran:
+    """``cmd`` in the box over an SSH exec channel, under ``timeout`` there and a bound here."""
+    async with asyncio.timeout(timeout_s + 30):
+        line = f"timeout -k 2 -s {kill} {timeout_s} bash -c {shlex.quote(cmd)}"
+        r = await conn.run(line, input=stdin, check=False)
+    status = r.exit_status if r.exit_status is not None else -1
+    if r.exit_signal:  # the honeypot reports a process killed by signal N (128+N) as exit-signal, as sshd does
+        status = 128 + signal.Signals["SIG" + r.exit_signal[0]].value
+    return Ran(status, str(r.stdout or ""), str(r.stderr or ""))
+
+
+async def sandbox_id(hp: Any, conn: asyncssh.SSHClientConnection) -> str:
+    """The container behind this connection (the honeypot names it in ``sandtrap.sandbox.assigned``)."""
+    port = conn.get_extra_info("sockname")[1]
+    session = (await hp.wait_for(SESSION_CONNECT, src_port=port))[0].session
+    return str((await hp.wait_for(SANDBOX_ASSIGNED, session=session))[0].get("sandbox_id"))
+
+
+async def inspect(container_id: str, size: bool = False) -> dict[str, Any]:
+    async with engine.engine() as client:
+        info: dict[str, Any] = await client._query_json(
+            f"containers/{container_id}/json", params={"size": "1"} if size else None
+        )
+        return info
+
+
+async def memory_stats(container_id: str) -> dict[str, int]:
+    """The box's memory cgroup as the engine reads it from outside (usable when the box itself is out of memory)."""
+    async with engine.engine() as client:
+        stats = await client._query_json(f"containers/{container_id}/stats", params={"stream": "false"})
+    mem = stats["memory_stats"]
+    return {"max_usage": int(mem["max_usage"]), "limit": int(mem["limit"])}
+
+
+async def still_serving(hp: Any) -> None:
+    """The honeypot itself is unaffected: a new attacker still gets a working box."""
+    async with login(hp) as conn:
+        assert (await sh(conn, "echo fine")).out == "fine\n"
+
+
+# A small C-free probe: the raw syscalls behind the tools, through ctypes (x86-64 numbers).
+SYSCALL_PROBE = r"""
+import ctypes, errno, json, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def sc(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(nr, *args)
+    return "OK" if r >= 0 else errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+out = {
+    "init_module": sc(175, 0, 0, b""),
+    "finit_module": sc(313, os.open("/bin/true", os.O_RDONLY), b"", 0),
+    "delete_module": sc(176, b"ext4", 0),
+    "mount": sc(165, b"none", b"/mnt", b"tmpfs", 0, 0),
+    "mount cgroup": sc(165, b"cgroup", b"/mnt", b"cgroup", 0, b"rdma"),
+    "unshare(CLONE_NEWUSER)": sc(272, 0x10000000),
+    "unshare(CLONE_NEWNS)": sc(272, 0x00020000),
+    "setns(pid 1 mnt)": sc(308, os.open("/proc/1/ns/mnt", os.O_RDONLY), 0),
+    "open_by_handle_at": sc(304, os.open("/", os.O_RDONLY), ctypes.create_string_buffer(b"\x08\x00\x00\x00\x01\x00\x00\x00" + b"\x02\x00\x00\x00\x00\x00\x00\x00"), 0),
+    "kexec_load": sc(246, 0, 0, 0, 0),
+    "reboot": sc(169, 0xfee1dead, 672274793, 0x4321fedc, 0),
+    "swapon": sc(167, b"/tmp/swap", 0),
+    "pivot_root": sc(155, b"/tmp", b"/tmp"),
+    "chroot": sc(161, b"/tmp"),
+    "bpf": sc(321, 0, 0, 0),
+    "perf_event_open": sc(298, 0, 0, -1, -1, 0),
+    "userfaultfd": sc(323, 0),
+    "keyctl": sc(250, 0, 0, 0, 0, 0),
+    "iopl": sc(172, 3),
+    "clock_settime": sc(227, 0, ctypes.create_string_buffer(16)),
+    "syslog (dmesg)": sc(103, 3, ctypes.create_string_buffer(64), 64),
+    "io_uring_setup": sc(425, 4, ctypes.create_string_buffer(120)),
+}
+for name, fam, typ, proto in [("raw IPv4 socket", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+                              ("raw IPv6 socket", socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
+                              ("packet socket", socket.AF_PACKET, socket.SOCK_RAW, 0x0300)]:
+    try:
+        socket.socket(fam, typ, proto).close()
+        out[name] = "OK"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+print(json.dumps(out))
+"""
+
+PTRACE_PROBE = r"""
+import ctypes, errno, json, os, subprocess, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+def attach(pid):
+    ctypes.set_errno(0)
+    if libc.ptrace(16, pid, None, None) == 0:
+        os.waitpid(pid, 0)
+        libc.ptrace(17, pid, None, None)
+        return "ATTACHED"
+    return errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+child = subprocess.Popen(["sleep", "30"])
+time.sleep(0.2)
+host_pid = int(sys.argv[1])
+out = {"pid 1": attach(1), "own child": attach(child.pid), "honeypot's host pid": attach(host_pid),
+       "visible pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+       "honeypot's pid visible": os.path.exists(f"/proc/{host_pid}")}
+child.kill()
+print(json.dumps(out))
+"""
+
+
+# -- 1. the kernel-facing attempts --------------------------------------------------------------------
+async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: list[Row]) -> None:
+    hp = await honeypot()
+    host_has = {p: Path(p).exists() for p in ("/proc/sysrq-trigger", "/proc/kcore")}
+    async with login(hp) as conn:
+        box = await sandbox_id(hp, conn)
+        status = {
+            k: v
+            for k, _, v in (
+                line.partition(":\t") for line in (await sh(conn, "cat /proc/self/status")).out.splitlines()
+            )
+        }
+        assert status["CapEff"] == status["CapBnd"] and status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
+
+        r = await sh(conn, "mount -t tmpfs none /mnt")
+        assert r.status == 32 and "permission denied" in r.err, r
+        r2 = await sh(conn, "mount --bind / /mnt; mount -t proc proc /mnt")
+        assert r2.status == 32 and r2.err.count("permission denied") == 2, r2
+        assert " /mnt " not in (await sh(conn, "cat /proc/mounts")).out
+        battery.append(Row("mount (tmpfs, bind /, proc)", "refused", "mount: exit 32 'permission denied' (EPERM)"))
+
+        for flags in ("-U -r", "-m", "-n", "-p -f"):
+            r = await sh(conn, f"unshare {flags} id")
+            assert r.status == 1 and "unshare failed: Operation not permitted" in r.err, (flags, r)
+        battery.append(Row("unshare -U/-m/-n/-p", "refused", "'unshare failed: Operation not permitted' (seccomp)"))
+
+        r = await sh(conn, "python3 -", stdin=SYSCALL_PROBE)
+        assert r.status == 0, r
+        probe = json.loads(r.out)
+        io_uring = probe.pop("io_uring_setup")
+        refused = {name: got for name, got in probe.items() if got == "EPERM"}
+        assert refused == probe, {k: v for k, v in probe.items() if v != "EPERM"}
+        for group, names, why in [
+            ("kernel module load/unload", ["init_module", "finit_module", "delete_module"], "no CAP_SYS_MODULE, seccomp"),
+            ("mount/unshare/setns syscalls", ["mount", "mount cgroup", "unshare(CLONE_NEWUSER)", "unshare(CLONE_NEWNS)", "setns(pid 1 mnt)", "pivot_root", "chroot"], "no CAP_SYS_ADMIN/SYS_CHROOT, seccomp"),
+            ("open_by_handle_at (Shocker)", ["open_by_handle_at"], "no CAP_DAC_READ_SEARCH, seccomp"),
+            ("raw and packet sockets", ["raw IPv4 socket", "raw IPv6 socket", "packet socket"], "no CAP_NET_RAW"),
+            ("kexec, reboot, swapon, iopl, clock_settime", ["kexec_load", "reboot", "swapon", "iopl", "clock_settime"], "seccomp, no caps"),
+            ("bpf, perf_event_open, userfaultfd, keyctl", ["bpf", "perf_event_open", "userfaultfd", "keyctl"], "seccomp"),
+            ("kernel log (syslog syscall)", ["syslog (dmesg)"], "no CAP_SYSLOG, seccomp"),
+        ]:  # fmt: skip
+            counted = f"each of {len(names)} syscalls: EPERM" if len(names) > 1 else "EPERM"
+            battery.append(Row(group, "refused", f"{counted} ({why})"))
+
+        # Not an escape by itself, but a large kernel attack surface: Docker 20.10's default seccomp profile
+        # allows io_uring (Docker 25 blocks it); sandbox.seccomp_profile can remove it (SECURITY.md).
+        assert io_uring in ("OK", "EPERM", "ENOSYS"), io_uring
+        if io_uring == "OK":
+            battery.append(
+                Row(
+                    "io_uring (kernel attack surface)",
+                    "NOT contained",
+                    "io_uring_setup succeeds: the default seccomp profile allows it",
+                )
+            )
+        else:
+            battery.append(Row("io_uring (kernel attack surface)", "refused", f"io_uring_setup: {io_uring}"))
+
+        r = await sh(conn, "python3 - " + str(os.getpid()), stdin=PTRACE_PROBE)
+        assert r.status == 0, r
+        pt = json.loads(r.out)
+        # The box's own init may be traceable (root traces root), but it holds nothing more than the
+        # attacker already has: the same capabilities, the same seccomp filter, no_new_privs.
+        assert pt["pid 1"] in ("EPERM", "ATTACHED")
+        init = {
+            k: v
+            for k, _, v in (line.partition(":\t") for line in (await sh(conn, "cat /proc/1/status")).out.splitlines())
+        }
+        assert all(init[k] == status[k] for k in ("CapEff", "CapPrm", "CapBnd", "Seccomp", "NoNewPrivs"))
+        assert pt["own child"] == "ATTACHED"  # as on any server: root traces its own processes
+        assert pt["honeypot's host pid"] == "ESRCH" and pt["honeypot's pid visible"] is False
+        assert max(pt["visible pids"]) < 4096 and len(pt["visible pids"]) < 40  # the box's processes only
+        battery.append(
+            Row(
+                "ptrace other processes",
+                "contained",
+                f"host/honeypot pid: ESRCH (own pid namespace, {len(pt['visible pids'])} pids visible); "
+                f"pid 1: {pt['pid 1']}, holds the same caps/seccomp/no_new_privs as the attacker",
+            )
+        )
+
+        host_cfg = (await inspect(box))["HostConfig"]
+        assert "/proc/sysrq-trigger" in host_cfg["ReadonlyPaths"] and "/proc/kcore" in host_cfg["MaskedPaths"]
+        r = await sh(conn, "echo b > /proc/sysrq-trigger")
+        if host_has["/proc/sysrq-trigger"]:
+            expected, why = "Read-only file system", "the engine mounts it read-only"
+        else:
+            expected, why = "No such file or directory", "kernel without sysrq; the engine lists it read-only"
+        assert r.status == 1 and expected in r.err, r
+        battery.append(Row("write /proc/sysrq-trigger (b = reboot)", "refused", f"'{expected}' ({why})"))
+        r = await sh(conn, "head -c 4096 /proc/kcore | wc -c")
+        assert r.out.strip() == "0", r  # masked with /dev/null where the kernel has it; absent here otherwise
+        how = (
+            "0 bytes: masked by /dev/null"
+            if host_has["/proc/kcore"]
+            else "0 bytes: kernel has none; the engine masks it"
+        )
+        battery.append(Row("read /proc/kcore (kernel memory)", "refused", how))
+
+        r = await sh(conn, "echo '|/tmp/x' > /proc/sys/kernel/core_pattern")
+        assert r.status == 1 and "Read-only file system" in r.err, r
+        battery.append(Row("core_pattern pipe to host", "refused", "'Read-only file system' (/proc/sys read-only)"))
+
+        cg = "/sys/fs/cgroup"
+        before = (await sh(conn, f"cat {cg}/memory/memory.limit_in_bytes {cg}/pids/pids.max")).out
+        for cmd in (
+            f"echo 9223372036854771712 > {cg}/memory/memory.limit_in_bytes",
+            f"echo max > {cg}/pids/pids.max",
+            f"echo 1 > {cg}/memory/notify_on_release",
+            f"mkdir {cg}/memory/escape",
+            f"echo $$ > {cg}/cpu/cgroup.procs",
+        ):
+            r = await sh(conn, cmd)
+            assert r.status == 1 and "Read-only file system" in r.err, (cmd, r)
+        assert (await sh(conn, f"cat {cg}/memory/memory.limit_in_bytes {cg}/pids/pids.max")).out == before
+        battery.append(
+            Row("write cgroup limits / release_agent setup", "refused", "'Read-only file system' x5, limits unchanged")
+        )
+
+        r = await sh(conn, "mknod /tmp/disk b 8 0; ls /dev/vda /dev/sda /dev/mem /dev/kmsg")
+        assert "mknod: /tmp/disk: Operation not permitted" in r.err and r.err.count("No such file") == 4, r
+        battery.append(
+            Row("raw disk / memory devices", "refused", "mknod EPERM (no CAP_MKNOD); /dev/vda,sda,mem,kmsg absent")
+        )
+
+        r = await sh(conn, "ls -l /var/run/docker.sock /run/docker.sock")
+        assert r.status == 2 and r.err.count("No such file or directory") == 2, r
+        r = await sh(conn, "curl -sS --max-time 3 --unix-socket /var/run/docker.sock http://localhost/version")
+        assert r.status == 7, r
+        r = await sh(conn, "find / -xdev -type s 2>/dev/null; cat /proc/net/unix")
+        assert "docker" not in r.out and "containerd" not in r.out, r.out
+        for port in (2375, 2376):
+            r = await sh(conn, f"exec 3<>/dev/tcp/127.0.0.1/{port}")
+            assert r.status == 1 and "Connection refused" in r.err, r
+        battery.append(
+            Row(
+                "Docker socket (file, abstract, tcp/2375-6)",
+                "refused",
+                "no such file; curl exit 7; none in /proc/net/unix; 127.0.0.1:2375-6 'Connection refused'",
+            )
+        )
+
+        r = await sh(conn, f"exec 3<>/dev/tcp/127.0.0.1/{hp.port}")
+        assert r.status == 1 and "Connection refused" in r.err, r
+        battery.append(
+            Row(
+                "the honeypot's own port via 127.0.0.1",
+                "refused",
+                "'Connection refused': own network namespace, lo only",
+            )
+        )
+    await still_serving(hp)
+
+
+# -- 2. setuid binaries ---------------------------------------------------------------------------------
+async def test_setuid_binaries_do_not_raise_privileges(honeypot: Honeypot, battery: list[Row]) -> None:
+    hp = await honeypot(
+        sandbox={"affinity": "source_ip"},  # the second login lands in the first one's box
+        auth={
+            "credentials": [{"username": "root", "password": "hunter2"}, {"username": "admin", "password": "hunter2"}]
+        },
+    )
+    async with login(hp) as root:
+        r = await sh(
+            root,
+            "cp /usr/bin/id /usr/local/bin/suid-id && chmod 4755 /usr/local/bin/suid-id && stat -c '%A %U' /usr/local/bin/suid-id",
+        )
+        assert r.out == "-rwsr-xr-x root\n", r
+        async with login(hp, "admin") as user:
+            assert await sandbox_id(hp, user) == await sandbox_id(hp, root)
+            r = await sh(
+                user, "id; grep NoNewPrivs /proc/self/status; find / -xdev -perm -4000 -type f 2>/dev/null | sort"
+            )
+            assert r.out.startswith("uid=1000(admin)") and "NoNewPrivs:\t1" in r.out, r
+            suid = [line for line in r.out.splitlines() if line.startswith("/")]
+            assert {"/usr/bin/sudo", "/usr/bin/su", "/usr/local/bin/suid-id"} <= set(suid)
+
+            r = await sh(user, "/usr/local/bin/suid-id")
+            assert r.out.startswith("uid=1000(admin) gid=1000(admin) groups=") and "euid" not in r.out, r
+            r = await sh(user, "sudo -n id")
+            assert r.status == 1 and 'The "no new privileges" flag is set' in r.err, r
+            r = await sh(user, "su -c id root", stdin="hunter2\n")
+            assert r.status != 0 and "uid=0" not in r.out, r
+            r = await sh(user, "python3 -c 'import os; os.setuid(0)'")
+            assert r.status == 1 and "PermissionError" in r.err, r
+    battery.append(
+        Row(
+            "setuid binaries as a user (sudo, su, own setuid copy)",
+            "refused",
+            f"{len(suid)} setuid files, none raises: euid stays 1000; sudo: 'no new privileges' flag",
+        )
+    )
+    await still_serving(hp)
+
+
+# -- 3. fork bomb ---------------------------------------------------------------------------------------
+async def test_fork_bomb_stops_at_the_pids_limit(honeypot: Honeypot, battery: list[Row]) -> None:
+    hp = await honeypot(sandbox={"pool_size": 2})
+    limit = hp.settings.sandbox.pids_limit
+    async with login(hp) as attacker, login(hp) as other:
+        # The bomb's processes share `timeout`'s process group. KILL, not TERM: bash blocks TERM while it
+        # forks, so a child born after a TERM would live on; a pending KILL makes the kernel undo the fork.
+        bomb = asyncio.create_task(sh(attacker, ":(){ :|:& };:; sleep 60", timeout_s=10, kill="KILL"))
+        await asyncio.sleep(4)
+        t0 = time.monotonic()
+        assert (await sh(other, "echo unaffected")).out == "unaffected\n"  # another box, while the bomb runs
+        other_rtt = time.monotonic() - t0
+        r = await bomb
+        assert r.status == 137, r  # ended by `timeout -s KILL`, still forking
+        assert "fork" in r.err and "Resource temporarily unavailable" in r.err
+
+        async with asyncio.timeout(60):  # `timeout` killed its process group: the box is usable again
+            while (await sh(attacker, "cat /sys/fs/cgroup/pids/pids.current", timeout_s=5)).out.strip() not in {
+                str(n) for n in range(1, 20)
+            }:
+                await asyncio.sleep(0.5)
+        cg = await sh(
+            attacker, "cd /sys/fs/cgroup/pids && cat pids.max pids.events pids.current; cat pids.peak || echo -"
+        )
+        pids_max, events, current, peak = cg.out.split("\n")[:4]
+        assert int(pids_max) == limit
+        refused_forks = int(events.split()[1])
+        assert events.startswith("max ") and refused_forks > 0
+        assert int(current) < 20
+        if peak != "-":
+            assert limit - 10 <= int(peak) <= limit
+    battery.append(
+        Row(
+            "fork bomb :(){ :|:& };:",
+            "contained",
+            f"pids.max {limit} held (peak {peak}), {refused_forks} forks refused (pids.events); "
+            f"other session answered in {other_rtt:.2f}s during it",
+        )
+    )
+    await still_serving(hp)
+
+
+# -- 4. memory hog ----------------------------------------------------------------------------------------
+async def test_memory_hog_is_oom_killed_inside_its_box(honeypot: Honeypot, battery: list[Row]) -> None:
+    hp = await honeypot()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with login(hp) as conn:
+        box = await sandbox_id(hp, conn)
+        hog = "python3 -c 'import itertools; hog = [bytearray(16 << 20) for _ in itertools.count()]'"
+        r = await sh(conn, hog, timeout_s=60)
+        assert r.status == 137, r  # SIGKILL from the OOM killer, not 124 from `timeout`
+        mem = await sh(
+            conn,
+            "cd /sys/fs/cgroup/memory && grep oom_kill memory.oom_control; cat memory.max_usage_in_bytes memory.limit_in_bytes; cat /proc/1/comm",
+        )
+        oom_line, max_usage, limit, init = mem.out.splitlines()[-4:]
+        kills = int(oom_line.split()[1])
+        assert kills >= 1 and int(max_usage) <= int(limit) == hp.settings.sandbox.memory
+        assert init == "init"  # only the hog died: the box's PID 1 and the session carry on
+        assert (await sh(conn, "echo still here")).out == "still here\n"
+    assert (await inspect(box))["HostConfig"]["OomScoreAdj"] == 500
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mib < 64  # the honeypot's own peak memory did not follow the hog
+    battery.append(
+        Row(
+            "memory hog (python, 16 MiB blocks)",
+            "contained",
+            f"exit 137, oom_kill={kills} in its cgroup, peak {int(max_usage) // MiB} MiB <= limit {int(limit) // MiB} MiB; "
+            f"session and PID 1 alive; honeypot peak RSS +{max(grown_mib, 0):.0f} MiB",
+        )
+    )
+    await still_serving(hp)
+
+
+# -- 5. disk filler ------------------------------------------------------------------------------------------
+async def test_disk_filler_in_the_scratch_mounts_hits_enospc(honeypot: Honeypot, battery: list[Row]) -> None:
+    hp = await honeypot()
+    async with login(hp) as conn:
+        box = await sandbox_id(hp, conn)
+        for path, size_mib in (("/tmp", 64), ("/dev/shm", 64), ("/run", 16)):
+            r = await sh(
+                conn,
+                f"dd if=/dev/zero of={path}/fill bs=1M count={size_mib + 36}; stat -c %s {path}/fill; rm -f {path}/fill",
+            )
+            assert r.status == 0, r  # `rm` last: the box is usable again
+            assert "No space left on device" in r.err, r
+            written = int(r.out.split()[-1])
+            assert (size_mib - 4) * MiB <= written <= size_mib * MiB, (path, written)
+            battery.append(
+                Row(
+                    f"disk filler in {path}", "contained", f"ENOSPC at {written / MiB:.0f} MiB (tmpfs size={size_mib}m)"
+                )
+            )
+
+        # The writable layer on overlay2 (/root, /etc, /usr, ...) has no bound on this engine (ext4, no
+        # project quotas): today a root attacker can write until the host's disk is full. Shown, bounded
+        # at 300 MiB, then removed; the fix is the xfail test below.
+        t0 = time.monotonic()
+        r = await sh(conn, "dd if=/dev/zero of=/root/.fill bs=1M count=300 conv=fsync 2>&1 | tail -1", timeout_s=60)
+        elapsed = time.monotonic() - t0
+        assert r.status == 0 and "314572800 bytes" in r.out, r
+        size_rw = (await inspect(box, size=True)).get("SizeRw", 0)
+        assert size_rw >= 300 * MiB
+        await sh(conn, "rm -f /root/.fill")
+    battery.append(
+        Row(
+            "disk filler in /root (writable layer)",
+            "NOT contained",
+            f"300 MiB accepted in {elapsed:.1f}s, engine SizeRw {size_rw // MiB} MiB: overlay2 on ext4 has no size limit",
+        )
+    )
+    await still_serving(hp)
+
+
+# The limit this engine can enforce: a read-only root, and the places people write (/etc, /root, /home,
+# /var, /opt, /srv, /usr/local) as size-limited tmpfs volumes seeded from the image. tmpfs pages are
+# charged to the box's memory cgroup, so the sum of all writes is bounded by `memory` as well.
+# Needs the `sandbox.writable` setting and the seeding in DockerBackend.create (see SECURITY.md).
+async def test_writable_places_are_size_limited_with_a_read_only_root(honeypot: Honeypot, battery: list[Row]) -> None:
+    writable = {
+        "/etc": "16m",
+        "/root": "64m",
+        "/home": "64m",
+        "/var": "128m",
+        "/opt": "32m",
+        "/srv": "8m",
+        "/usr/local": "32m",
+    }
+    hp = await honeypot(sandbox={"read_only_root": True, "writable": writable})
+    async with login(hp) as conn:
+        box = await sandbox_id(hp, conn)
+        r = await sh(conn, "test -s /root/.bashrc && grep -q '^root:' /etc/passwd && echo seeded")
+        assert r.out == "seeded\n", r  # the image's files are there: seeded into the tmpfs
+        r = await sh(conn, "dd if=/dev/zero of=/root/fill bs=1M count=100; stat -c %s /root/fill")
+        assert "No space left on device" in r.err and int(r.out.split()[-1]) <= 64 * MiB, r
+        r = await sh(conn, "echo x > /usr/bin/evil")
+        assert r.status == 1 and "Read-only file system" in r.err, r
+        # 64 + 128 + 32 MiB more on top of /root's 64: more than the box's memory, which the kernel enforces.
+        r = await sh(conn, "for d in /home /var /opt; do dd if=/dev/zero of=$d/fill bs=1M count=128; done")
+        assert r.status == 137 or "No space left on device" in r.err, r
+        stats = await memory_stats(box)
+        assert stats["limit"] == hp.settings.sandbox.memory, stats
+        assert stats["limit"] - 16 * MiB <= stats["max_usage"] <= stats["limit"], stats  # it hit the ceiling
+        assert (await inspect(box, size=True)).get("SizeRw", 0) < 4 * MiB  # nothing landed on the host's disk
+    await still_serving(hp)
+    battery.append(
+        Row(
+            "disk filler with read_only_root + writable",
+            "contained",
+            f"ENOSPC at 64 MiB in /root; /usr read-only; all mounts together stop at memory "
+            f"(peak {stats['max_usage'] // MiB} of {stats['limit'] // MiB} MiB); 0 bytes on the host's disk",
+        )
+    )
+
+
+# -- 6. CPU burner -------------------------------------------------------------------------------------------
+async def exec_rtt(conn: asyncssh.SSHClientConnection, n: int) -> list[float]:
+    """Round trips of an SSH exec of `true` (channel, login helper, exit status), in seconds."""
+    out = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        async with asyncio.timeout(30):
+            r = await conn.run("true", check=False)
+        assert r.exit_status == 0
+        out.append(time.monotonic() - t0)
+    return out
+
+
+async def loop_lag(stop: asyncio.Event) -> float:
+    """The honeypot's own event loop (it runs in this process): the worst lateness of a 10 ms sleep."""
+    worst = 0.0
+    while not stop.is_set():
+        t0 = time.monotonic()
+        await asyncio.sleep(0.01)
+        worst = max(worst, time.monotonic() - t0 - 0.01)
+    return worst
+
+
+async def cpu_usage(conn: asyncssh.SSHClientConnection) -> tuple[float, int]:
+    """The box's CPU time so far (seconds) and how many periods the CFS quota throttled it."""
+    r = await sh(conn, "cat /sys/fs/cgroup/cpuacct/cpuacct.usage; grep nr_throttled /sys/fs/cgroup/cpu/cpu.stat")
+    usage, throttled = r.out.split("\n")[:2]
+    return int(usage) / 1e9, int(throttled.split()[1])
+
+
+async def test_cpu_burner_leaves_the_honeypot_responsive(honeypot: Honeypot, battery: list[Row]) -> None:
+    hp = await honeypot(sandbox={"pool_size": 2})
+    cpus = hp.settings.sandbox.cpus
+    async with login(hp) as burner, login(hp) as other:
+        await exec_rtt(other, 2)  # warm-up
+        baseline = await exec_rtt(other, 8)
+
+        burn = asyncio.create_task(sh(burner, "for i in 1 2 3 4; do (while :; do :; done) & done; wait", timeout_s=14))
+        await asyncio.sleep(1.5)
+        used0, throttled0 = await cpu_usage(burner)
+        t0 = time.monotonic()
+        stop = asyncio.Event()
+        lag = asyncio.create_task(loop_lag(stop))
+        during = await exec_rtt(other, 8)
+        stop.set()
+        worst_lag = await lag
+        used1, throttled1 = await cpu_usage(burner)
+        share = (used1 - used0) / (time.monotonic() - t0)
+        r = await burn
+        assert r.status == 124, r  # four busy loops, still burning when `timeout` ended them
+
+    base, load = statistics.median(baseline), statistics.median(during)
+    assert throttled1 > throttled0  # the CFS quota throttled the box
+    assert share <= cpus * 1.2 + 0.05, share  # 4 busy loops got at most the box's `cpus`
+    assert load <= max(3 * base, base + 0.5), (baseline, during)
+    assert max(during) < 5.0 and worst_lag < 1.0, (during, worst_lag)
+    battery.append(
+        Row(
+            "CPU burner (4 busy loops)",
+            "contained",
+            f"{share:.2f} CPU used of {cpus} allowed ({throttled1 - throttled0} periods throttled); other session's "
+            f"exec p50 {base * 1000:.0f} -> {load * 1000:.0f} ms, max {max(during) * 1000:.0f} ms; "
+            f"honeypot loop lag max {worst_lag * 1000:.0f} ms",
+        )
+    )
+    await still_serving(hp)
