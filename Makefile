@@ -2,6 +2,7 @@
 .PHONY: setup setup-test run test unit lint typecheck bench clean
 
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 setup:
 	@bash scripts/setup.sh run
@@ -23,6 +24,11 @@ lint:
 
 typecheck:
 	.venv/bin/mypy
+
+# Benchmarks against OpenSSH and Cowrie (bench/README.md): results in bench/results/. BENCH_ARGS=--quick for a smoke run.
+bench: setup
+	bash bench/setup.sh
+	.venv/bin/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -72,8 +72,14 @@ class JsonLogSink:
                     f.close()
                     self._rotate(day)
                     f, day = self._open(), today
-                f.write(data)
-                f.flush()
+                start = f.tell()
+                try:
+                    f.write(data)
+                    f.flush()
+                except OSError:
+                    # A short write (disk full) must not leave half a line for the next one to join.
+                    f.truncate(start)
+                    raise
                 self.written += 1
             except OSError as exc:
                 self.errors += 1

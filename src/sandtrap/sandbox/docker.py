@@ -555,4 +555,4 @@ class DockerBackend:
         await engine.call("ping", self._client.version(), 5)
 
     async def close(self) -> None:
-        await self._client.close()
+        await engine.close(self._client)

@@ -21,9 +21,11 @@ from typing import Any
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
 
 log = logging.getLogger(__name__)
+ledger_errors = RateLimited(log)
 
 Progress = Callable[[int, int], None]
 
@@ -45,8 +47,11 @@ class Ledger:
                 data[key] = data[key].isoformat()
         path = self._path(info.id)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:  # best effort (a full disk): the engine's labels and names still tell
+            ledger_errors.log(logging.WARNING, "ledger", "sandbox ledger not written: %s", exc)
 
     def read(self, sandbox_id: str) -> dict[str, Any]:
         try:
@@ -165,16 +170,17 @@ class Pool:
         if self._closed:
             raise SandboxUnavailable("pool is shut down")
         sandbox: Sandbox | None = None
-        while self._warm:
-            candidate = self._warm.pop(0)
-            sandbox = candidate
-            break
+        if self._warm:
+            sandbox = self._warm.pop(0)
         if sandbox is not None:
             try:
                 await self._backend.assign(sandbox, session, src_ip)
             except SandboxError as exc:
-                log.warning("warm sandbox %s unusable (%s); creating one", sandbox.name, exc)
-                await self._quietly(sandbox.remove())
+                # E.g. the engine restarted: every warm box is stopped. Drop them all and refill.
+                log.warning("warm sandbox %s unusable (%s); dropping the warm pool", sandbox.name, exc)
+                stale, self._warm = [sandbox, *self._warm], []
+                for box in stale:
+                    self._spawn(self._quietly(box.remove()))
                 sandbox = None
         if sandbox is None:
             if self.live >= self._settings.max_sandboxes:
@@ -184,7 +190,11 @@ class Pool:
                 )
             log.warning("pool empty: creating a sandbox on demand for session %s", session)
             self.on_demand_creations += 1
-            sandbox = await self._create(session, src_ip)
+            try:
+                sandbox = await self._create(session, src_ip)
+            except SandboxError:
+                self.refill()  # keeps trying in the background until the engine is back
+                raise
         now = datetime.now(UTC)
         info = SandboxInfo(
             id=sandbox.id,

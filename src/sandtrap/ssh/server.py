@@ -90,6 +90,7 @@ class ServerContext:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     connections: set[ConnectionHandler] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A background task that outlives its connection's callbacks (kept until done)."""
@@ -200,13 +201,14 @@ class ConnectionHandler(asyncssh.SSHServer):
         if self._lease_task is not None:
             try:
                 lease = await self._lease_task
-            except (SandboxError, asyncio.CancelledError):
+            except (Exception, asyncio.CancelledError):  # recorded where it failed; the close record still comes
                 lease = None
         if lease is not None and self.emitter is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
             self.ctx.manager.watcher.report_to(lease.sandbox.id, None)
             try:
-                await self.artifacts.collect_changes(lease.sandbox, self._reporter(SESSION_FILE_CHANGED))
+                async with self.ctx.engine_work:  # a burst of closing sessions must not swamp the engine
+                    await self.artifacts.collect_changes(lease.sandbox, self._reporter(SESSION_FILE_CHANGED))
             except Exception:
                 log.exception("collecting changed files failed")
         if self.emitter is not None:
@@ -220,7 +222,9 @@ class ConnectionHandler(asyncssh.SSHServer):
             )
         if lease is not None:
             try:
-                if await self.ctx.manager.end(lease) and self.emitter is not None:
+                async with self.ctx.engine_work:
+                    released = await self.ctx.manager.end(lease)
+                if released and self.emitter is not None:
                     self.emitter.emit(SANDBOX_RELEASED, sandbox_id=lease.sandbox.id, sandbox_name=lease.sandbox.name)
             except Exception:
                 log.exception("releasing the sandbox failed")
