@@ -453,13 +453,6 @@ async def test_engine_restart_mid_session_ends_it_cleanly_and_refuses_logins_pla
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=False,
-    reason="sandbox/pool.py: nothing notices that the engine restart stopped the warm boxes (they stay in "
-    "Pool._warm) and nothing refills the pool once the engine is back (a failed acquire() does not call refill(), "
-    "no periodic check): a minute later 0 boxes run; the next login is handed a stopped box (exec create: 409 "
-    "'is not running') and fails",
-)
 async def test_pool_recovers_by_itself_after_an_engine_restart(
     honeypot: Honeypot, private_engine: PrivateEngine, sensor: str
 ) -> None:
@@ -711,13 +704,6 @@ def _print_disk_full(seen: DiskFull) -> None:
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=False,
-    reason="sandbox/pool.py Ledger.write raises OSError (not SandboxError) on a full disk: in Pool.acquire() after "
-    "the warm box was renamed, so the box is in neither _warm nor _active and stays running (leaked), "
-    "ConnectionHandler._finish() re-raises it from the lease task before emitting cowrie.session.closed (no "
-    "closing record), and no refill is started (warm stays 0)",
-)
 async def test_disk_full_keeps_serving_or_refuses_cleanly_and_leaks_nothing(
     small_data_dir: Path, honeypot: Honeypot, sensor: str
 ) -> None:
