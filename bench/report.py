@@ -92,7 +92,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"Run {mach['date']} on {mach['nproc']} cores ({mach['cpu']}), {mach['memory_gib']} GiB, {mach['os']}, "
         f"kernel {mach['kernel']}, Python {mach['python']}, Docker {mach['docker']}, cgroup {mach['cgroup']}; "
-        f"{mach.get('containers_running_at_start', '?')} containers already running at the start.{load} "
+        f"{mach.get('containers_running_at_start', '?')} other container(s) running at the start.{load} "
         f"Whole run {results.get('duration_s', 0) / 60:.0f} min.",
         "",
         "| metric | sandtrap | OpenSSH | Cowrie | docker exec -it | sandtrap / OpenSSH | sandtrap / Cowrie |",
@@ -155,9 +155,9 @@ def table(results: dict[str, Any]) -> str:
         {k: v["pss"]["slope"] for k, v in ss.items()},
     )
     row(
-        "host memory per idle session, MiB (server + engine + sandbox)",
-        {k: _num(_div(v["host"]["slope"], MIB), 2) for k, v in ss.items()},
-        {k: v["host"]["slope"] for k, v in ss.items()},
+        "the session's own processes per idle session, MiB (sandtrap: its box's cgroup; OpenSSH: the user's shell, RSS)",
+        {k: _num(_div((v.get("session") or v.get("sandbox") or {}).get("slope"), MIB), 2) for k, v in ss.items()},
+        {k: (v.get("session") or v.get("sandbox") or {}).get("slope") for k, v in ss.items()},
     )
     lines += ["", "sandtrap's sandboxes:", "", "| | p50 ms | p95 ms | n |", "|---|---:|---:|---:|"]
     for key, label in (
@@ -243,8 +243,9 @@ def notes(results: dict[str, Any]) -> list[str]:
     h = sysinfo.get("sandtrap", {}).get("health")
     if h and (h["connections"] != h["closing_records"] or h["error_lines"]):
         out.append(
-            f"* sandtrap health: {h['connections']} connections, {h['closing_records']} closing records, "
-            f"{h['error_lines']} error lines in its log (first: {h['first_errors'][:1]})"
+            f"* sandtrap health when the measuring ended: {h['connections']} connections, {h['closing_records']} "
+            "closing records written (the others were still collecting their box's changes, up to 60 s after the "
+            f"last sessions closed), {h['error_lines']} error lines in its log (first: {h['first_errors'][:1]})"
         )
     wrong = results["raw"]["echo"].get("wrong_echo", {})
     if any(wrong.values()):
@@ -288,7 +289,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("ms (log scale)")
         ax.set_ylabel("fraction of samples ≤ x")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     ax = axes[1][1]
     for key, label, color in (
         ("acquire_warm_ms", "acquire, warm pool", "#d62728"),
@@ -304,7 +305,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title("sandtrap sandboxes")
     ax.set_xlabel("ms (log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     mach = results["machine"]
     fig.suptitle(
         f"Latency distributions (ECDF), one run side by side: {mach['nproc']} cores, {mach['memory_gib']} GiB, "

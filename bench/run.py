@@ -191,6 +191,9 @@ async def run(plan: Plan, work: Path, profile: str | None, max_wait_quiet_s: flo
         if st is not None:
             removed = await sandtrap_system.remove_sensor_containers(st.sensor)
             log(f"  removed {removed} containers labelled sandtrap.sensor={st.sensor}")
+            # The casts of 20 MB transfers are hundreds of MB; logs and events stay for inspection.
+            for bulky in ("casts", "artifacts"):
+                await asyncio.to_thread(shutil.rmtree, st.data_dir / bulky, True)
         openssh.lock_user()
         if profile == "pyinstrument":
             rendered = await asyncio.to_thread(pyinstrument_render, work / "profiles" / "sandtrap.pyisession")

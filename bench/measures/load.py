@@ -116,7 +116,7 @@ async def memory(server: Server) -> dict[str, Any]:
         "rss": server.rss_bytes(),
         "pss": server.pss_bytes(),
         "host_used": host_used_bytes(),
-        "sandbox": await server.sandbox_memory_bytes(),
+        "session": await server.session_memory_bytes(),
     }
 
 
@@ -207,7 +207,7 @@ async def hold_sessions(
         "rss": per_session("rss"),
         "pss": per_session("pss"),
         "host": per_session("host_used"),
-        "sandbox": per_session("sandbox"),
+        "session": per_session("session"),
     }
 
 

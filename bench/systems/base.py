@@ -175,8 +175,15 @@ class Server:
         """Wait until what ended sessions left behind is done, ``active`` sessions staying open."""
         return True
 
-    async def sandbox_memory_bytes(self) -> int | None:
-        return None
+    async def session_memory_bytes(self) -> int | None:
+        """Memory of the sessions' own processes: what is in the tree and not the server (OpenSSH: the
+        users' shells; Cowrie: none, its shell is emulated)."""
+        procs = []
+        for p in tree(self.pid):
+            with contextlib.suppress(psutil.Error):
+                if not self.is_server_process(p):
+                    procs.append(p)
+        return rss_bytes(procs)
 
     async def stop(self) -> None:
         await stop_group(self.process)

@@ -131,7 +131,7 @@ class SandtrapServer(Server):
             elif b"cowrie.session.closed" in line:
                 self._closed += 1
 
-    async def sandbox_memory_bytes(self) -> int | None:
+    async def session_memory_bytes(self) -> int | None:
         """Memory charged to the session boxes' cgroups (cgroup v1 or v2), summed."""
         total, found = 0, False
         for c in await self._running():
