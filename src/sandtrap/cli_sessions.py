@@ -6,11 +6,9 @@ visible, and replay strips the escape sequences that talk back to the terminal (
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import sys
-import tarfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sandtrap.api.files import cast_paths, write_export
 from sandtrap.config import Settings
 from sandtrap.errors import SandtrapError
 from sandtrap.storage.records import SessionDetail
@@ -204,15 +203,7 @@ def show(session_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fal
 
 def _cast_paths(detail: SessionDetail, channel: int | None) -> list[Path]:
     assert context.settings is not None
-    root = context.settings.data_dir
-    paths = []
-    for c in detail.casts:
-        if channel is not None and c.channel != channel:
-            continue
-        path = (root / c.path).resolve()
-        if root in path.parents and path.is_file():
-            paths.append(path)
-    return paths
+    return [path for _, path in cast_paths(context.settings.data_dir, detail.casts, channel)]
 
 
 @sessions_app.command("replay")
@@ -254,37 +245,14 @@ def export(
     """A tar.gz with metadata.json, events.jsonl, the casts and the artifacts (never executable)."""
     detail = _load(session_id)
     assert context.settings is not None
-    root = context.settings.data_dir
     target = output or Path(f"session-{session_id}.tar.gz")
     try:
         with _repo() as repo:
             events = repo.events(session_id)
     except SandtrapError as exc:
         raise _fail(str(exc)) from None
-    n_files = 0
-    with tarfile.open(target, "w:gz") as tar:
-
-        def add(name: str, data: bytes, mode: int = 0o644) -> None:
-            info = tarfile.TarInfo(f"session-{session_id}/{name}")
-            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
-            tar.addfile(info, io.BytesIO(data))
-
-        add("metadata.json", detail.model_dump_json(indent=2).encode())
-        add("events.jsonl", b"".join(json.dumps(e.data, ensure_ascii=False).encode() + b"\n" for e in events))
-        for path in _cast_paths(detail, None):
-            add(f"casts/{path.name}", path.read_bytes())
-            raw = path.with_name(path.name + ".input.raw")
-            if raw.is_file():
-                add(f"casts/{raw.name}", raw.read_bytes())
-        seen: set[str] = set()
-        for a in detail.artifacts:
-            if not (a.stored and a.outfile and a.sha256) or a.sha256 in seen:
-                continue
-            path = (root / a.outfile).resolve()
-            if root in path.parents and path.is_file():
-                add(f"artifacts/{a.sha256}", path.read_bytes(), 0o440)
-                seen.add(a.sha256)
-                n_files += 1
+    with target.open("wb") as f:
+        n_files = write_export(detail, events, context.settings.data_dir, f)
     err.print(Text(f"wrote {target} ({len(events)} events, {len(detail.casts)} casts, {n_files} artifacts)"))
 
 
