@@ -61,6 +61,13 @@ say "docker engine: $(docker version --format '{{.Server.Version}} (API {{.Serve
 # 2b. lxcfs: /proc/meminfo, cpuinfo, ... inside a sandbox as its own limits show them (realism).
 if [ -e /dev/fuse ]; then
   apt_install lxcfs
+  # A mount left behind by an lxcfs that died ("Transport endpoint is not connected") is
+  # detached first, otherwise nothing (not even mkdir) can use the path.
+  if grep -q " /var/lib/lxcfs fuse" /proc/mounts \
+      && { ! pgrep -x lxcfs >/dev/null || ! stat /var/lib/lxcfs/proc/meminfo >/dev/null 2>&1; }; then
+    say "detaching a stale lxcfs mount on /var/lib/lxcfs"
+    fusermount -uz /var/lib/lxcfs 2>/dev/null || umount -l /var/lib/lxcfs || true
+  fi
   mkdir -p /var/lib/lxcfs
   if ! grep -q " /var/lib/lxcfs fuse" /proc/mounts; then
     say "starting lxcfs on /var/lib/lxcfs (log: $DATA/log/lxcfs.log)"

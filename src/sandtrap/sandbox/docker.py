@@ -58,9 +58,13 @@ def lxcfs_binds(lxcfs_dir: str) -> list[str]:
     if not lxcfs_dir:
         return []
     root = Path(lxcfs_dir)
-    if not (root / "proc" / "meminfo").exists():
+    try:
+        if not (root / "proc" / "meminfo").exists():
+            return []
+        return [f"{root / name}:/{name}:ro" for name in LXCFS_FILES if (root / name).exists()]
+    except OSError as exc:  # a mount whose lxcfs died: ENOTCONN
+        log.warning("lxcfs at %s is not usable (%s): sandboxes show the host's /proc files", lxcfs_dir, exc)
         return []
-    return [f"{root / name}:/{name}:ro" for name in LXCFS_FILES if (root / name).exists()]
 
 
 def writable_mount(path: str, size: int) -> dict[str, Any]:
