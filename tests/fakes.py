@@ -45,6 +45,8 @@ class FakeSandbox:
         self.running = True
         self.removed = False
         self.files: dict[str, bytes] = {}
+        self.created_at = datetime.now(UTC)
+        self.fail_stops = 0  # the next stops that fail (an overloaded engine)
         self._backend = backend
 
     async def exec(self, argv: list[str], **_: object) -> FakeProcess:
@@ -71,6 +73,9 @@ class FakeSandbox:
         return self.running
 
     async def stop(self) -> None:
+        if self.fail_stops:
+            self.fail_stops -= 1
+            raise SandboxError("stop: engine did not answer within 30s")
         self.running = False
 
     async def remove(self) -> None:
@@ -111,7 +116,7 @@ class FakeBackend:
         for b in self.boxes.values():
             is_session = "-s-" in b.name
             state = ("active" if is_session else "warm") if b.running else "preserved"
-            out.append(SandboxInfo(b.id, b.name, state, datetime.now(UTC)))  # type: ignore[arg-type]
+            out.append(SandboxInfo(b.id, b.name, state, b.created_at))  # type: ignore[arg-type]
         return out
 
     async def ping(self) -> None:

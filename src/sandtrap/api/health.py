@@ -39,6 +39,8 @@ def health_router(deps: ApiDeps) -> APIRouter:
                 preserved=s.get("preserved", 0),
                 creating=s.get("creating", 0),
                 start_failures=s.get("start_failures", 0),
+                stop_retries=s.get("stop_retries", 0),
+                strays_stopped=s.get("strays_stopped", 0),
             )
         engine = await _engine(deps) if deps.engine_ping is not None else None
         return Status(

@@ -44,6 +44,8 @@ class PoolStatus(BaseModel):
     preserved: int
     creating: int
     start_failures: int
+    stop_retries: int = 0  # stops that failed at release and were retried in the background
+    strays_stopped: int = 0  # running sandboxes nobody tracked, stopped by the periodic sweep
 
 
 class Health(BaseModel):

@@ -104,6 +104,16 @@ class _ScrapeTime:
                 "Sandbox containers that failed to start",
                 value=float(stats.get("start_failures", 0)),
             )
+            yield CounterMetricFamily(
+                "sandtrap_sandbox_stop_retries",
+                "Sandbox stops that failed at release and were retried in the background",
+                value=float(stats.get("stop_retries", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_sandbox_strays_stopped",
+                "Running sandboxes nobody tracked, stopped by the periodic sweep",
+                value=float(stats.get("strays_stopped", 0)),
+            )
         if self._storage_status is not None:
             status = self._storage_status()
             for key, name, doc in _STORAGE_COUNTERS:

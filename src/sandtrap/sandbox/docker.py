@@ -18,6 +18,7 @@ import signal
 import tarfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from aiodocker.stream import Stream
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import engine
+from sandtrap.sandbox import engine, hostfs
 from sandtrap.sandbox.base import ChangedFile, Chunk, ExitStatus, FileData, Sandbox, SandboxInfo, TermSize
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,49 @@ def exit_status(code: int) -> ExitStatus:
     return ExitStatus(code)
 
 
+@dataclass(frozen=True)
+class HostView:
+    """Where a running box's files are on this host (see :mod:`sandtrap.sandbox.hostfs`)."""
+
+    pid: int
+    mnt_ns: int  # the inode of pid 1's mount namespace: proves the pid was not reused
+    upper: str
+    lowers: list[str]
+    tmpfs: list[str]
+    volumes: list[str]
+
+    @property
+    def root(self) -> str:
+        return f"/proc/{self.pid}/root"
+
+    def verify(self) -> bool:
+        try:
+            return Path(f"/proc/{self.pid}/ns/mnt").stat().st_ino == self.mnt_ns
+        except OSError:
+            return False
+
+    @classmethod
+    def from_inspect(cls, info: Mapping[str, Any]) -> HostView | None:
+        """None when the box is not running or its files are not on this host (a remote engine)."""
+        state = info.get("State") or {}
+        pid = int(state.get("Pid") or 0)
+        data = (info.get("GraphDriver") or {}).get("Data") or {}
+        if not state.get("Running") or pid <= 0 or not data.get("UpperDir"):
+            return None
+        try:
+            mnt_ns = Path(f"/proc/{pid}/ns/mnt").stat().st_ino
+        except OSError:
+            return None
+        return cls(
+            pid=pid,
+            mnt_ns=mnt_ns,
+            upper=str(data["UpperDir"]),
+            lowers=[p for p in str(data.get("LowerDir") or "").split(":") if p],
+            tmpfs=sorted((info.get("HostConfig") or {}).get("Tmpfs") or {}),
+            volumes=sorted(m["Destination"] for m in info.get("Mounts") or [] if m.get("Type") == "volume"),
+        )
+
+
 class DockerSandbox:
     def __init__(self, client: aiodocker.Docker, container_id: str, name: str, tmpfs: tuple[str, ...] = ()) -> None:
         self._client = client
@@ -262,6 +306,18 @@ class DockerSandbox:
         self.name = name
         self._tmpfs = tmpfs  # the engine's archive API cannot see into these mounts
         self.seeded_at: float | None = None  # when DockerBackend filled the writable mounts (read_only_root)
+        self._host: HostView | None = None
+        self._host_checked = False
+
+    async def _host_view(self) -> HostView | None:
+        """The box's files on this host, looked up once (None: use the engine)."""
+        if not self._host_checked:
+            try:
+                info = await engine.call("inspect", self._container().show(), 10)
+            except SandboxError:
+                return None
+            self._host, self._host_checked = HostView.from_inspect(info), True
+        return self._host
 
     def _container(self) -> aiodocker.containers.DockerContainer:
         return self._client.containers.container(self.id)
@@ -312,6 +368,12 @@ class DockerSandbox:
         await engine.call("put archive", self._container().put_archive(str(p.parent), buf.getvalue()))  # type: ignore[no-untyped-call]
 
     async def get_file(self, path: str, max_bytes: int) -> FileData | None:
+        view = await self._host_view()
+        if view is not None:
+            try:
+                return await asyncio.to_thread(hostfs.read_file, view.root, path, max_bytes, view.verify)
+            except (hostfs.NeedEngine, OSError) as exc:
+                log.debug("reading %s from the host: %s; asking the engine", path, exc)
         if any(path == m or path.startswith(m.rstrip("/") + "/") for m in self._tmpfs):
             return await self._read_by_exec(path, max_bytes)
         stat = await self._stat(path)
@@ -377,6 +439,27 @@ class DockerSandbox:
             raise
 
     async def changed_files(self) -> list[ChangedFile]:
+        """What the box changed: read on this host when its files are here, else through the engine."""
+        info = await engine.call("inspect", self._container().show())
+        view = HostView.from_inspect(info)
+        self._host, self._host_checked = view, True
+        if view is not None:
+            try:
+                return await asyncio.to_thread(self._changed_on_host, view)
+            except (hostfs.NeedEngine, OSError) as exc:
+                log.info("changed files from the host failed (%s); asking the engine", exc)
+        return await self._changed_by_engine()
+
+    def _changed_on_host(self, view: HostView) -> list[ChangedFile]:
+        out = hostfs.upper_changes(view.upper, view.lowers)
+        for mount in view.tmpfs:
+            out += [ChangedFile(p, "A") for p in hostfs.new_files(view.root, mount, None, view.verify)]
+        for mount in view.volumes:
+            found = hostfs.new_files(view.root, mount, self.seeded_at, view.verify)
+            out += [ChangedFile(p, "C") for p in found if p.lstrip("/") not in _ENGINE_FILES]
+        return out
+
+    async def _changed_by_engine(self) -> list[ChangedFile]:
         """The engine's diff against the image, plus regular files in the tmpfs mounts it cannot see."""
         raw = await engine.call("container changes", self._client._query_json(f"containers/{self.id}/changes"))
         out = [ChangedFile(c["Path"], _KIND.get(c["Kind"], "C")) for c in raw or []]  # type: ignore[arg-type]

@@ -73,6 +73,9 @@ def _when(value: Any) -> datetime | None:
     return None
 
 
+SWEEP_INTERVAL_S = 60.0  # how often running boxes nobody tracks are looked for
+
+
 class Pool:
     def __init__(self, backend: SandboxBackend, settings: SandboxSettings, state_dir: Path) -> None:
         self._backend = backend
@@ -85,8 +88,11 @@ class Pool:
         self._refill_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._assigning: set[str] = set()  # taken from the warm list, not yet active
         self.start_failures = 0
         self.on_demand_creations = 0
+        self.stop_retries = 0  # stops that failed at release and were retried in the background
+        self.strays_stopped = 0  # running boxes nobody tracked, stopped by the sweep
 
     # -- counts -----------------------------------------------------------------------------
     @property
@@ -112,6 +118,8 @@ class Pool:
             "preserved": self.preserved,
             "creating": self._creating,
             "start_failures": self.start_failures,
+            "stop_retries": self.stop_retries,
+            "strays_stopped": self.strays_stopped,
         }
 
     def info(self, sandbox: Sandbox) -> SandboxInfo | None:
@@ -142,6 +150,7 @@ class Pool:
         for err in errors:
             log.warning("pool warm-up: one sandbox failed: %s", err)
         log.info("pool ready: %d warm", self.warm)
+        self._spawn(self._sweep_forever(SWEEP_INTERVAL_S))
 
     async def reconcile(self) -> None:
         """Adopt what a previous run left: stale warm boxes go, session boxes are kept for forensics."""
@@ -173,6 +182,8 @@ class Pool:
         if self._warm:
             sandbox = self._warm.pop(0)
         if sandbox is not None:
+            box_id = sandbox.id
+            self._assigning.add(box_id)  # until it is active (no await between here and there)
             try:
                 await self._backend.assign(sandbox, session, src_ip)
             except SandboxError as exc:
@@ -182,6 +193,8 @@ class Pool:
                 for box in stale:
                     self._spawn(self._quietly(box.remove()))
                 sandbox = None
+            finally:
+                self._assigning.discard(box_id)
         if sandbox is None:
             if self.live >= self._settings.max_sandboxes:
                 self.refill()
@@ -217,7 +230,10 @@ class Pool:
         try:
             await sandbox.stop()
         except SandboxError as exc:
-            log.warning("release: stopping %s failed: %s", sandbox.name, exc)
+            # Never left running: retried in the background (and the sweep catches what that misses).
+            log.warning("release: stopping %s failed (%s); retrying in the background", sandbox.name, exc)
+            self.stop_retries += 1
+            self._spawn(self._stop_eventually(sandbox))
         info.state = "preserved"
         info.name = sandbox.name
         info.released = datetime.now(UTC)
@@ -266,6 +282,56 @@ class Pool:
         await asyncio.gather(*(self._quietly(s.remove()) for s in warm))
         for sandbox, _ in list(self._active.values()):
             await self.release(sandbox)
+
+    async def _stop_eventually(self, sandbox: Sandbox, attempts: int = 12) -> None:
+        """Stop a box whose stop failed (an overloaded or restarting engine), with backoff."""
+        for attempt in range(1, attempts + 1):
+            await asyncio.sleep(min(30.0, 2.0**attempt))
+            try:
+                await sandbox.stop()
+            except SandboxError as exc:
+                if attempt == attempts:
+                    log.error("sandbox %s still running after %d stop attempts: %s", sandbox.name, attempts, exc)
+                continue
+            log.info("sandbox %s stopped (attempt %d)", sandbox.name, attempt + 1)
+            return
+
+    async def sweep(self) -> int:
+        """Stop running boxes of this sensor that the pool does not track (a failed stop, a lost task).
+
+        Warm, active, being-assigned and just-created boxes are left alone. Returns how many it stopped.
+        """
+        tracked = {s.id for s in self._warm} | set(self._active) | self._assigning
+        young = datetime.now(UTC) - timedelta(seconds=max(120.0, 4 * self._settings.start_timeout_s))
+        stopped = 0
+        for info in await self._backend.list_managed():
+            if info.state == "preserved" or info.id in tracked or info.created > young:
+                continue
+            log.warning("sweep: stopping untracked running sandbox %s (session %s)", info.name, info.session or "-")
+            try:
+                await self._backend.sandbox(info.id, info.name).stop()
+            except SandboxError as exc:
+                log.warning("sweep: stopping %s failed: %s", info.name, exc)
+                continue
+            stopped += 1
+            record = self._ledger.read(info.id)
+            info.state = "preserved"
+            info.session = record.get("session") or info.session
+            info.released = datetime.now(UTC)
+            self._ledger.write(info)
+            self._preserved.setdefault(info.id, info)
+        self.strays_stopped += stopped
+        if stopped:
+            await self.enforce_retention()
+        return stopped
+
+    async def _sweep_forever(self, interval_s: float) -> None:
+        while not self._closed:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep()
+            except SandboxError as exc:
+                log.warning("sweep failed: %s", exc)
 
     # -- internals ----------------------------------------------------------------------------
     def _refill_target(self) -> int:

@@ -113,3 +113,36 @@ async def test_close_removes_warm_and_stops_active(tmp_path: Path) -> None:
     assert list(backend.boxes) == [box.id] and not backend.boxes[box.id].running
     with pytest.raises(SandboxUnavailable):
         await pool.acquire("late", "192.0.2.1")
+
+
+async def test_a_failed_stop_is_retried_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool, backend = make_pool(tmp_path)
+    await pool.start()
+    box = await pool.acquire("s1", "198.51.100.7")
+    backend.boxes[box.id].fail_stops = 2
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda s: real_sleep(0))
+    await pool.release(box)
+    assert pool.preserved == 1 and pool.stop_retries == 1 and backend.boxes[box.id].running
+    for _ in range(20):
+        await real_sleep(0)
+    assert not backend.boxes[box.id].running
+    await pool.close()
+
+
+async def test_the_sweep_stops_untracked_running_boxes_only(tmp_path: Path) -> None:
+    pool, backend = make_pool(tmp_path)
+    await pool.start()
+    active = await pool.acquire("s1", "198.51.100.7")
+    await pool.wait_refilled()
+    old = datetime.now(UTC) - timedelta(hours=1)
+    stray = await backend.create(backend.labels("lost", "198.51.100.8"), backend.new_name("lost"))
+    young = await backend.create(backend.labels(), backend.new_name())  # being created right now
+    for b in backend.boxes.values():
+        if b is not young:
+            b.created_at = old
+    assert await pool.sweep() == 1
+    assert not stray.running and young.running and backend.boxes[active.id].running
+    assert all(backend.boxes[w.id].running for w in pool._warm)
+    assert pool.preserved == 1 and pool.stats()["strays_stopped"] == 1
+    await pool.close()
