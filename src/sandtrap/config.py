@@ -125,7 +125,13 @@ class SandboxSettings(_Section):
     ip_ttl_s: float = Field(1800.0, gt=0)
     docker_host: str = Field("", description="engine address; default: DOCKER_HOST or the local socket")
     # Hardening (each item documented in README "Hardening").
-    network: Literal["none"] = "none"
+    network: Literal["none", "internal"] = Field(
+        "none",
+        description="none: only lo; internal: an eth0 with an address and a default route on a network with no "
+        "way out (README Network)",
+    )
+    network_name: str = Field("sandtrap-internal", description="with network: internal: the engine network's name")
+    network_subnet: str = Field("10.20.1.0/24", description="with network: internal: its subnet (gateway: .1)")
     memory: ByteSize = parse_size("256m")
     memory_swap: ByteSize = Field(0, description="0 = same as memory (no swap)")
     cpus: float = Field(0.5, gt=0, le=64)
@@ -182,6 +188,24 @@ class SandboxSettings(_Section):
         if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", v):
             raise ValueError("must be a single DNS label (letters, digits, '-'), e.g. web-prod-03")
         return v
+
+    @field_validator("network_name")
+    @classmethod
+    def _network_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", v):
+            raise ValueError("must be a Docker network name (letters, digits, '_', '.', '-'), e.g. sandtrap-internal")
+        return v
+
+    @field_validator("network_subnet")
+    @classmethod
+    def _network_subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
+        if not net.is_private or net.prefixlen > 29:
+            raise ValueError(f"{v!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
+        return str(net)
 
     @field_validator("writable")
     @classmethod

@@ -387,14 +387,6 @@ CGROUP_PARENT_FIX = (
     "Tried by hand on this host: the box then reads unlimited root values, lxcfs still shows 256 MiB (it walks "
     "up to the parent's limit), and `nproc` = `/proc/cpuinfo` = 1."
 )
-NETWORK = (
-    "`sandbox/docker.py`, after start: from the host, add an interface "
-    "in the box's network namespace (`nsenter -t <pid> -n`, or pyroute2): a `dummy` `eth0` where the module "
-    "exists, else a veth whose peer is moved into an empty sink namespace owned by sandtrap (never the host's, "
-    "where forwarding would route it), carrying the story's address (10.20.1.13/24, `sandbox.address`) and "
-    "`default via 10.20.1.1`. Packets go nowhere; the box has no CAP_NET_ADMIN to change it."
-)
-
 # --- the checks ---------------------------------------------------------------------------------------
 
 CHECKS: tuple[Check, ...] = (
@@ -1035,9 +1027,6 @@ CHECKS: tuple[Check, ...] = (
         "ls /sys/class/net",
         "an interface besides `lo`",
         lambda r: any(x != "lo" for x in r.out.split()),
-        "known-gap",
-        "`network: none`: only `lo`.",
-        NETWORK,
     ),
     Check(
         "default-route",
@@ -1046,9 +1035,6 @@ CHECKS: tuple[Check, ...] = (
         "ip route show default; awk 'NR > 1 && $2 == \"00000000\"' /proc/net/route",
         "a default route",
         lambda r: r.out.strip() != "",
-        "known-gap",
-        "`network: none`: no route at all.",
-        NETWORK,
     ),
     Check(
         "resolv-conf",

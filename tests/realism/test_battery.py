@@ -229,7 +229,8 @@ async def test_detection_battery(
     sandbox_settings: Callable[..., SandboxSettings],
     output_dir: Path,
 ) -> None:
-    hp = await honeypot()
+    # Every realism option on, `network: internal` included (off by default: README "Network").
+    hp = await honeypot(sandbox={"network": "internal"})
     conn_a = await connect(hp.port)
     conn_b = await connect(hp.port, wrong_first=True)
     try:

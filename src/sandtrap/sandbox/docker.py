@@ -29,7 +29,7 @@ from aiodocker.stream import Stream
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import engine, hostfs
+from sandtrap.sandbox import engine, hostfs, network
 from sandtrap.sandbox.base import ChangedFile, Chunk, ExitStatus, FileData, Sandbox, SandboxInfo, TermSize
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,9 @@ def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, An
             security.append("seccomp=" + Path(s.seccomp_profile).read_text(encoding="utf-8"))
         except OSError as exc:
             raise SandboxError(f"sandbox.seccomp_profile: cannot read {s.seccomp_profile}: {exc}") from exc
+    internal = s.network == "internal"
     host: dict[str, Any] = {
-        "NetworkMode": s.network,
+        "NetworkMode": s.network_name if internal else "none",
         "Memory": s.memory,
         "MemorySwap": s.memory_swap or s.memory,
         "NanoCpus": int(s.cpus * 1e9),
@@ -141,6 +142,9 @@ def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, An
         # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
         # memory cgroup: the sum of all writes is bounded by `memory` too, and nothing reaches the host's disk.
         host["Mounts"] = [writable_mount(path, size) for path, size in s.writable.items()]
+    if internal:
+        # The embedded DNS server's only upstream is the gateway, which drops it (see network.py).
+        host["Dns"] = [network.gateway(s.network_subnet)]
     if s.runtime:
         host["Runtime"] = s.runtime
     return {
@@ -154,7 +158,7 @@ def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, An
         "AttachStdout": False,
         "AttachStderr": False,
         "StopSignal": "SIGTERM",
-        "NetworkDisabled": s.network == "none",
+        "NetworkDisabled": not internal,
         "HostConfig": host,
     }
 
@@ -527,6 +531,8 @@ class DockerBackend:
         self._sensor = sensor
         self._client = engine.connect(settings.docker_host)
         self._image_seed: tuple[bytes, str] | None = None
+        self._network_ready = False
+        self._network_lock = asyncio.Lock()
 
     @property
     def settings(self) -> SandboxSettings:
@@ -546,7 +552,16 @@ class DockerBackend:
         kind = f"s-{safe_name(session)}" if session else f"w-{secrets.token_hex(4)}"
         return f"sandtrap-{safe_name(self._sensor)}-{kind}"
 
+    async def _ensure_network(self) -> None:
+        if self._settings.network != "internal" or self._network_ready:
+            return
+        async with self._network_lock:
+            if not self._network_ready:
+                await network.ensure_network(self._client, self._settings)
+                self._network_ready = True
+
     async def create(self, labels: Mapping[str, str], name: str) -> DockerSandbox:
+        await self._ensure_network()
         config = create_config(self._settings, labels)
         container = await engine.call(
             "create container", self._client.containers.create(config, name=name), self._settings.start_timeout_s

@@ -28,7 +28,8 @@ async def test_status_in_honeypot_mode(client: Client) -> None:
     async def ping() -> None:
         return None
 
-    pool = {"warm": 2, "active": 1, "preserved": 4, "creating": 1, "start_failures": 0}
+    pool = {"warm": 2, "active": 1, "preserved": 4, "creating": 1, "start_failures": 0, "stop_retries": 0}
+    pool |= {"strays_stopped": 0}
     sink = {"pending": 0, "stored": 12, "rejected": 0, "errors": 0, "dropped": 0, "is_down": False, "last_error": ""}
     c = client(live=LiveHub(), pool_stats=lambda: pool, engine_ping=ping, storage_status=lambda: sink)
     s = (await c.get("/api/v1/status")).json()

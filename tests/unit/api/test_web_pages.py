@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "storage"))
 from storage_suite import Conn
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-T0 = NOW - timedelta(hours=3)
+T0 = NOW.replace(minute=0, second=0) - timedelta(hours=3)  # whole hour: its sessions share one bar
 IMG = '<img src=x onerror="window.__pwned=1">'
 SCRIPT = "</script><script>window.__pwned=1</script>"
 OSC = "\x1b]0;title\x07"
