@@ -96,7 +96,9 @@ def test_the_default_is_no_network() -> None:
     assert "Dns" not in config["HostConfig"]
 
 
-async def test_a_look_alike_network_that_routes_out_is_refused(sandbox_settings: Callable[..., SandboxSettings]) -> None:
+async def test_a_look_alike_network_that_routes_out_is_refused(
+    sandbox_settings: Callable[..., SandboxSettings],
+) -> None:
     settings = sandbox_settings(network="internal")
     fake = {
         "Internal": False,
