@@ -46,6 +46,7 @@ from sandtrap.sandbox.proxy_policy import (
     check_create,
     check_exec,
     check_list,
+    check_network_create,
     match,
     parse_head,
 )
@@ -209,6 +210,10 @@ class EngineProxy:
             check_create(body or b"", policy)
         elif route.body == "exec":
             check_exec(body or b"", policy)
+        elif route.body == "network":
+            check_network_create(body or b"", policy)
+        if route.scope == "network" and (not policy.network or req.ident != policy.network):
+            raise Refused(403, f"network {req.ident} is not the sandbox network; the engine proxy refuses it")
         if route.scope == "list":
             check_list(req, policy)
         elif route.scope == "image" and policy.images and req.ident not in policy.images:

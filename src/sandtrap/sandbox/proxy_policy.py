@@ -23,7 +23,7 @@ MAX_HEAD = 32 * 1024  # request line and headers
 MAX_HEADERS = 64
 MAX_BODY = 1024 * 1024  # a create body with a custom seccomp profile is ~30 KiB
 
-Scope = Literal["none", "list", "image", "container", "exec"]
+Scope = Literal["none", "list", "image", "container", "exec", "network"]
 
 
 class Refused(Exception):
@@ -39,7 +39,7 @@ class Route:
     pattern: re.Pattern[str]
     name: str
     scope: Scope = "none"
-    body: Literal["none", "create", "exec"] = "none"
+    body: Literal["none", "create", "exec", "network"] = "none"
     upgrade: bool = False
 
 
@@ -56,6 +56,8 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/images/{image}/json", "image inspect", scope="image"),
     _route("GET", "/containers/json", "container list", scope="list"),
     _route("POST", "/containers/create", "container create", body="create"),
+    _route("GET", "/networks/{id}", "network inspect", scope="network"),  # only sandbox.network_name
+    _route("POST", "/networks/create", "network create", body="network"),  # only an internal one, checked
     _route("GET", "/containers/{id}/json", "container inspect", scope="container"),
     _route("POST", "/containers/{id}/start", "container start", scope="container"),
     _route("POST", "/containers/{id}/stop", "container stop", scope="container"),
@@ -180,6 +182,8 @@ class Policy:
     max_memory: int = 0
     max_nano_cpus: int = 0
     max_pids: int = 0
+    network: str = ""  # the internal network boxes may join ("" = none: `network: none`)
+    network_subnet: str = ""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -193,6 +197,8 @@ class Policy:
             max_memory=max(s.memory, s.memory_swap),
             max_nano_cpus=int(s.cpus * 1e9),
             max_pids=s.pids_limit,
+            network=s.network_name if s.network == "internal" else "",
+            network_subnet=s.network_subnet if s.network == "internal" else "",
         )
 
     def with_sensor(self, sensor: str) -> Policy:
@@ -276,14 +282,17 @@ def check_create(body: bytes, policy: Policy) -> None:
         raise Refused(403, f"image {config.get('Image')!r} is not the sandbox image")
     if policy.sensor and not policy.owns(config.get("Labels") or {}):
         raise Refused(403, f"a container must carry the labels {LABEL_MANAGED}=true and {LABEL_SENSOR}={policy.sensor}")
+    allowed_networks = {"none", policy.network} - {""}
     endpoints = _fields(config.get("NetworkingConfig"), {"EndpointsConfig"}, "NetworkingConfig.").get("EndpointsConfig")
-    if endpoints and (not isinstance(endpoints, dict) or set(endpoints) != {"none"}):
-        raise Refused(403, "NetworkingConfig is refused: a sandbox joins no network")
+    if endpoints and (not isinstance(endpoints, dict) or not set(endpoints) <= allowed_networks):
+        raise Refused(403, "NetworkingConfig is refused: a sandbox joins no network but the internal one")
     host = _fields(config.get("HostConfig"), _HOST_KEYS, "HostConfig.")
     if host.get("Privileged"):
         raise Refused(403, "a privileged container is refused")
-    if host.get("NetworkMode") != "none":
-        raise Refused(403, f"NetworkMode {host.get('NetworkMode')!r} is refused: only 'none'")
+    if host.get("NetworkMode") not in allowed_networks:
+        raise Refused(
+            403, f"NetworkMode {host.get('NetworkMode')!r} is refused: only {' or '.join(sorted(allowed_networks))}"
+        )
     for key in ("PidMode", "UTSMode", "UsernsMode"):
         if host.get(key):
             raise Refused(403, f"{key} {host[key]!r} is refused: the sandbox keeps its own namespace")
@@ -381,6 +390,25 @@ def _check_mount(mount: Any) -> None:
         and not {"bind", "rbind"} & set(str(opts.get("o", "")).split(","))
     ):
         raise Refused(403, "local volume options other than a sized tmpfs are refused (they can bind host paths)")
+
+
+def check_network_create(body: bytes, policy: Policy) -> None:
+    """Only the configured internal network, exactly as sandtrap creates it (no NAT, no ICC, no IPv6)."""
+    config = _load(body)
+    if not policy.network or config.get("Name") != policy.network:
+        raise Refused(403, f"network {config.get('Name')!r} is not the sandbox network; the engine proxy refuses it")
+    options = config.get("Options") or {}
+    subnets = [c.get("Subnet") for c in (config.get("IPAM") or {}).get("Config") or [] if isinstance(c, dict)]
+    if (
+        config.get("Internal") is not True
+        or config.get("EnableIPv6")
+        or config.get("Driver") not in (None, "", "bridge")
+        or not isinstance(options, dict)
+        or options.get("com.docker.network.bridge.enable_icc") != "false"
+        or options.get("com.docker.network.bridge.enable_ip_masquerade") != "false"
+        or subnets != [policy.network_subnet]
+    ):
+        raise Refused(403, "a network must be internal, bridge, without IPv6, ICC or masquerading, on the subnet")
 
 
 def check_exec(body: bytes, policy: Policy) -> None:
