@@ -70,6 +70,8 @@ async def running(
     for sink in sinks or []:
         bus.add_sink(sink)
     manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens)
+    if settings.sandbox.honeytokens:
+        pool.prepare = manager.prepare  # honeytokens are planted while a box waits, not while the attacker does
     jsonlog = None
     if settings.recording.jsonlog:
         jsonlog = JsonLogSink(

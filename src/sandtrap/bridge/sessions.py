@@ -114,7 +114,18 @@ class SessionManager:
         except SandboxUnavailable:
             return True
 
+    async def prepare(self, sandbox: Sandbox) -> list[Token]:
+        """Warm-up work (the pool's ``prepare`` hook): plant this box's honeytokens before anyone logs in."""
+        return await self._plant_new(sandbox)
+
     async def _plant(self, sandbox: Sandbox) -> list[Token]:
+        """This box's honeytokens: those planted while it was warm, else planted now."""
+        planted = self._pool.take_prepared(sandbox.id)
+        if planted is not None:
+            return list(planted)
+        return await self._plant_new(sandbox)
+
+    async def _plant_new(self, sandbox: Sandbox) -> list[Token]:
         """Lure credentials unique to this box, watched for reads from the host."""
         if not self._honeytokens:
             return []

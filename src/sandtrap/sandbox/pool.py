@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -89,6 +89,9 @@ class Pool:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._assigning: set[str] = set()  # taken from the warm list, not yet active
+        # Work done on a box while it waits warm (e.g. planting honeytokens), its result kept for its session.
+        self.prepare: Callable[[Sandbox], Awaitable[Any]] | None = None
+        self._prepared: dict[str, Any] = {}
         self.start_failures = 0
         self.on_demand_creations = 0
         self.stop_retries = 0  # stops that failed at release and were retried in the background
@@ -190,6 +193,8 @@ class Pool:
                 # E.g. the engine restarted: every warm box is stopped. Drop them all and refill.
                 log.warning("warm sandbox %s unusable (%s); dropping the warm pool", sandbox.name, exc)
                 stale, self._warm = [sandbox, *self._warm], []
+                for box in stale:
+                    self._prepared.pop(box.id, None)
                 for box in stale:
                     self._spawn(self._quietly(box.remove()))
                 sandbox = None
@@ -358,10 +363,20 @@ class Pool:
 
     async def _warm_one(self) -> None:
         sandbox = await self._create("", "")
+        if self.prepare is not None and not self._closed:
+            try:
+                self._prepared[sandbox.id] = await self.prepare(sandbox)
+            except Exception:  # the session prepares it again; the box itself is fine
+                log.exception("preparing warm sandbox %s failed", sandbox.name)
         if self._closed:
+            self._prepared.pop(sandbox.id, None)
             await self._quietly(sandbox.remove())
             return
         self._warm.append(sandbox)
+
+    def take_prepared(self, sandbox_id: str) -> Any:
+        """What :attr:`prepare` made for this box while it was warm (None: nothing, prepare it now)."""
+        return self._prepared.pop(sandbox_id, None)
 
     async def _create(self, session: str, src_ip: str) -> Sandbox:
         self._creating += 1

@@ -146,3 +146,20 @@ async def test_the_sweep_stops_untracked_running_boxes_only(tmp_path: Path) -> N
     assert all(backend.boxes[w.id].running for w in pool._warm)
     assert pool.preserved == 1 and pool.stats()["strays_stopped"] == 1
     await pool.close()
+
+
+async def test_warm_boxes_are_prepared_once_and_the_result_goes_to_their_session(tmp_path: Path) -> None:
+    pool, backend = make_pool(tmp_path, pool_size=2)
+    prepared: list[str] = []
+
+    async def prepare(box: object) -> str:
+        prepared.append(box.id)  # type: ignore[attr-defined]
+        return f"tokens-of-{box.id}"  # type: ignore[attr-defined]
+
+    pool.prepare = prepare
+    await pool.start()
+    assert len(prepared) == 2
+    box = await pool.acquire("s1", "198.51.100.7")
+    assert pool.take_prepared(box.id) == f"tokens-of-{box.id}"
+    assert pool.take_prepared(box.id) is None  # handed over once
+    await pool.close()
