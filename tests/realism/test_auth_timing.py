@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -43,10 +44,12 @@ async def test_failure_is_delayed_like_pam_and_costs_no_cpu(honeypot: Callable[.
     assert cpu_used < 0.5 * fail_s, (cpu_used, fail_s)
 
 
-async def test_success_is_quick_but_not_instant(honeypot: Callable[..., Any]) -> None:
+async def test_success_is_quick_but_not_instant(honeypot: Callable[..., Any], tmp_path: Path) -> None:
     hp = await honeypot(auth={"failure_delay_s": 0, "success_delay_s": 0.3})
     _, fast = await attempt(hp.port, "hunter2")
-    hp_default = await honeypot(auth={"failure_delay_s": 0, "success_delay_s": 0})
+    # A data dir of its own: two live honeypots must not share one (each closes what it finds open as crashed).
+    other = {"data_dir": str(tmp_path / "data-2")}
+    hp_default = await honeypot(auth={"failure_delay_s": 0, "success_delay_s": 0}, storage=other)
     _, instant = await attempt(hp_default.port, "hunter2")
     assert fast - instant >= 0.2, (fast, instant)  # the configured delay is really applied
 

@@ -81,6 +81,22 @@ async def ensure_account(sandbox: Sandbox, username: str, password: str | None) 
     return Account(name=parts[0], uid=int(parts[2]), home=parts[5] or "/", shell=parts[6] or "/bin/sh")
 
 
+async def read_passwd(sandbox: Sandbox) -> dict[str, Account]:
+    """The box's /etc/passwd as accounts (read once while it is warm; a login needs no exec to find its own)."""
+    try:
+        info = await sandbox.get_file("/etc/passwd", 1 << 20)
+    except SandboxError:
+        return {}
+    if info is None or info.data is None:
+        return {}
+    out = {}
+    for line in info.data.decode("utf-8", "replace").splitlines():
+        parts = line.split(":")
+        if len(parts) >= 7 and parts[2].isdigit():
+            out[parts[0]] = Account(name=parts[0], uid=int(parts[2]), home=parts[5] or "/", shell=parts[6] or "/bin/sh")
+    return out
+
+
 def accepted_env(client_env: Mapping[str, str]) -> dict[str, str]:
     """The client's env requests that Debian's sshd would accept (AcceptEnv LANG LC_*)."""
     out = {}

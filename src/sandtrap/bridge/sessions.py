@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from sandtrap.bridge import honeytokens
 from sandtrap.bridge.honeytokens import ReadWatcher, Token
-from sandtrap.bridge.login import Account, ensure_account
+from sandtrap.bridge.login import Account, ensure_account, read_passwd
 from sandtrap.config import LimitsSettings, SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import Sandbox
@@ -26,12 +26,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Prepared:
+    """What is done to a box before its attacker arrives: its honeytokens, its passwd entries read."""
+
+    tokens: list[Token] = field(default_factory=list)
+    passwd: dict[str, Account] = field(default_factory=dict)
+
+
+@dataclass
 class _IpBox:
     sandbox: Sandbox
     users: int = 0
     timer: asyncio.TimerHandle | None = None
     accounts: dict[str, Account] = field(default_factory=dict)
-    tokens: list[Token] = field(default_factory=list)
+    prepared: Prepared = field(default_factory=Prepared)
+
+    @property
+    def tokens(self) -> list[Token]:
+        return self.prepared.tokens
 
 
 @dataclass
@@ -45,6 +57,7 @@ class Lease:
     accounts: dict[str, Account]
     reused: bool = False
     tokens: list[Token] = field(default_factory=list)
+    passwd: dict[str, Account] = field(default_factory=dict)  # the box's accounts when it was prepared
 
 
 class SessionManager:
@@ -92,19 +105,42 @@ class SessionManager:
                         held.timer.cancel()
                         held.timer = None
                     held.users += 1
-                    return Lease(session, src_ip, held.sandbox, 0.0, held.accounts, reused=True, tokens=held.tokens)
+                    return Lease(
+                        session,
+                        src_ip,
+                        held.sandbox,
+                        0.0,
+                        held.accounts,
+                        reused=True,
+                        tokens=held.tokens,
+                        passwd=held.prepared.passwd,
+                    )
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
                     self._spawn(self._pool.release(held.sandbox))
                 sandbox = await self._pool.acquire(session, src_ip)
-                box = _IpBox(sandbox, users=1, tokens=await self._plant(sandbox))
+                box = _IpBox(sandbox, users=1, prepared=await self._prepared(sandbox))
                 self._by_ip[src_ip] = box
                 return Lease(
-                    session, src_ip, sandbox, (time.monotonic() - start) * 1000, box.accounts, tokens=box.tokens
+                    session,
+                    src_ip,
+                    sandbox,
+                    (time.monotonic() - start) * 1000,
+                    box.accounts,
+                    tokens=box.tokens,
+                    passwd=box.prepared.passwd,
                 )
         sandbox = await self._pool.acquire(session, src_ip)
-        tokens = await self._plant(sandbox)
-        return Lease(session, src_ip, sandbox, (time.monotonic() - start) * 1000, {}, tokens=tokens)
+        prepared = await self._prepared(sandbox)
+        return Lease(
+            session,
+            src_ip,
+            sandbox,
+            (time.monotonic() - start) * 1000,
+            {},
+            tokens=prepared.tokens,
+            passwd=prepared.passwd,
+        )
 
     @staticmethod
     async def _still_running(sandbox: Sandbox) -> bool:
@@ -114,16 +150,16 @@ class SessionManager:
         except SandboxUnavailable:
             return True
 
-    async def prepare(self, sandbox: Sandbox) -> list[Token]:
-        """Warm-up work (the pool's ``prepare`` hook): plant this box's honeytokens before anyone logs in."""
-        return await self._plant_new(sandbox)
+    async def prepare(self, sandbox: Sandbox) -> Prepared:
+        """Warm-up work (the pool's ``prepare`` hook): plant this box's honeytokens, read its accounts."""
+        return Prepared(await self._plant_new(sandbox), await read_passwd(sandbox))
 
-    async def _plant(self, sandbox: Sandbox) -> list[Token]:
-        """This box's honeytokens: those planted while it was warm, else planted now."""
-        planted = self._pool.take_prepared(sandbox.id)
-        if planted is not None:
-            return list(planted)
-        return await self._plant_new(sandbox)
+    async def _prepared(self, sandbox: Sandbox) -> Prepared:
+        """What was done to this box while it was warm; honeytokens planted now if it came cold."""
+        prepared = self._pool.take_prepared(sandbox.id)
+        if isinstance(prepared, Prepared):
+            return prepared
+        return Prepared(await self._plant_new(sandbox))
 
     async def _plant_new(self, sandbox: Sandbox) -> list[Token]:
         """Lure credentials unique to this box, watched for reads from the host."""
@@ -143,9 +179,23 @@ class SessionManager:
         known = lease.accounts.get(username)
         if known is not None:
             return known
+        existing = lease.passwd.get(username)
+        if existing is not None:
+            # The account is there (read while the box was warm): the shell need not wait for the
+            # password to be set in /etc/shadow; that runs alongside.
+            lease.accounts[username] = existing
+            self._spawn(self._set_password(lease, username, password))
+            return existing
         account = await ensure_account(lease.sandbox, username, password)
         lease.accounts[username] = account
         return account
+
+    @staticmethod
+    async def _set_password(lease: Lease, username: str, password: str | None) -> None:
+        try:
+            await ensure_account(lease.sandbox, username, password)
+        except SandboxError as exc:
+            log.info("setting %s's password in %s failed: %s", username, lease.sandbox.name, exc)
 
     async def end(self, lease: Lease) -> bool:
         """The connection is over: release its box now (session affinity, returns True) or after the IP's TTL."""
