@@ -149,7 +149,7 @@ async def test_the_sweep_stops_untracked_running_boxes_only(tmp_path: Path) -> N
 
 
 async def test_warm_boxes_are_prepared_once_and_the_result_goes_to_their_session(tmp_path: Path) -> None:
-    pool, backend = make_pool(tmp_path, pool_size=2)
+    pool, _ = make_pool(tmp_path, pool_size=2)
     prepared: list[str] = []
 
     async def prepare(box: object) -> str:
