@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from sandtrap import events as ev
@@ -25,28 +25,49 @@ Handler = Callable[[Session, Event], None]
 CRASH = "crash"
 
 
+_SESSIONS = "sandtrap_session_rows"  # db.info key: the batch's session rows by id
+_BATCH = "sandtrap_batch_events"  # db.info key: the batch's event rows not inserted yet
+
+
 def apply_events(db: Session, events: Sequence[Event]) -> int:
-    """Store the events not stored yet, in order; the caller commits. Returns how many were new."""
+    """Store the events not stored yet, in order; the caller commits. Returns how many were new.
+
+    One query finds the batch's known events and one its sessions; the handlers then work on those
+    rows without a query each (no autoflush), and the events go in as one multi-row insert.
+    """
     known = set(db.scalars(select(EventRow.event_id).where(EventRow.event_id.in_({e.event_id for e in events}))))
-    new = 0
-    for event in events:
-        if event.event_id in known:
-            continue
-        known.add(event.event_id)
-        db.add(
-            EventRow(
-                event_id=event.event_id,
-                session=event.session or None,
-                eventid=event.eventid,
-                timestamp=_ts(event),
-                data=cowrie_dict(event),
-            )
-        )
-        handler = HANDLERS.get(event.eventid)
-        if handler is not None and (event.session or event.eventid in SESSIONLESS):
-            handler(db, event)
-        new += 1
-    return new
+    ids = {e.session for e in events if e.session}
+    rows: list[dict[str, Any]] = []
+    with db.no_autoflush:
+        found = list(db.scalars(select(SessionRow).where(SessionRow.id.in_(ids)))) if ids else []
+        db.info[_SESSIONS] = {row.id: row for row in found}
+        db.info[_BATCH] = rows
+        try:
+            for event in events:
+                if event.event_id in known:
+                    continue
+                known.add(event.event_id)
+                rows.append(
+                    {
+                        "event_id": event.event_id,
+                        "session": event.session or None,
+                        "eventid": event.eventid,
+                        "timestamp": _ts(event),
+                        "data": cowrie_dict(event),
+                    }
+                )
+                handler = HANDLERS.get(event.eventid)
+                if handler is not None and (event.session or event.eventid in SESSIONLESS):
+                    if event.eventid in QUERYING:
+                        db.flush()  # the handler looks rows up: those of this batch must be there
+                    handler(db, event)
+        finally:
+            db.info.pop(_SESSIONS, None)
+            db.info.pop(_BATCH, None)
+    if rows:
+        db.flush()
+        db.execute(insert(EventRow), rows)
+    return len(rows)
 
 
 # -- reading fields defensively (events replayed from a log file may carry anything) ----------------------
@@ -91,7 +112,8 @@ def _duration_ms(event: Event) -> int | None:
 
 def _session(db: Session, event: Event) -> SessionRow:
     """The event's session row; a stub made from the envelope when the connect event is missing."""
-    row = db.get(SessionRow, event.session)
+    cache: dict[str, SessionRow] | None = db.info.get(_SESSIONS)
+    row = cache.get(event.session) if cache is not None else db.get(SessionRow, event.session)
     if row is None:
         row = SessionRow(
             id=event.session,
@@ -111,6 +133,8 @@ def _session(db: Session, event: Event) -> SessionRow:
         )
         db.add(row)
         db.flush()  # child rows of this batch reference it
+        if cache is not None:
+            cache[row.id] = row
     return row
 
 
@@ -179,7 +203,11 @@ def _command(db: Session, e: Event) -> None:
 
 def _source(db: Session, session: str, channel: int | None, text: str) -> str:
     """'exec' when the channel ran this command as an exec request, else 'tty' (typed in a shell)."""
-    execs = db.scalars(select(EventRow.data).where(EventRow.session == session, EventRow.eventid == ev.CHANNEL_EXEC))
+    execs = list(
+        db.scalars(select(EventRow.data).where(EventRow.session == session, EventRow.eventid == ev.CHANNEL_EXEC))
+    )
+    batch: list[dict[str, Any]] = db.info.get(_BATCH) or []
+    execs += [r["data"] for r in batch if r["session"] == session and r["eventid"] == ev.CHANNEL_EXEC]
     for data in execs:
         if (channel is not None and data.get("channel") == channel) or (
             channel is None and data.get("input") == clean(text)
@@ -312,5 +340,9 @@ HANDLERS: dict[str, Handler] = {
     ev.SESSION_CLOSED: _session_closed,
     ev.SESSION_CRASHED: _session_crashed,
 }
+# Ids whose handler looks rows up (the rest only touch the batch's session rows): pending rows are flushed first.
+QUERYING = frozenset(
+    {ev.COMMAND_INPUT, ev.SANDBOX_ASSIGNED, ev.SANDBOX_RELEASED, ev.LOG_OPEN, ev.LOG_CLOSED, ev.CHANNEL_CLOSED}
+)
 # Ids whose handler makes sense without a session (the pool may release a box on its own).
 SESSIONLESS = frozenset({ev.SANDBOX_RELEASED})
