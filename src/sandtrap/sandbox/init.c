@@ -3,6 +3,8 @@
  * installed, reap every orphan that gets re-parented to us, and on SIGTERM,
  * SIGINT or SIGPWR ask every process to stop, wait briefly, then exit 0.
  *
+ * Before the daemons: our io_uring seccomp filter (no_io_uring.h) for the whole tree.
+ *
  * Signals are blocked and collected with sigwait(), so there is no handler and
  * no race between "check for a stop request" and "wait for a child".
  */
@@ -16,6 +18,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "no_io_uring.h"
 
 #define GRACE_TENTHS 30 /* 3 s between SIGTERM and SIGKILL */
 
@@ -180,6 +184,12 @@ int main(void)
 
 	static char *const sshd[] = {"/usr/sbin/sshd", "-D", NULL};
 
+	/* Before anything else runs: every daemon, and whatever an attacker starts through them (cron, the
+	 * box's own sshd), inherits the filter. A box that cannot have it does not start. */
+	if (block_io_uring() != 0) {
+		perror("init: seccomp filter");
+		return 1;
+	}
 	wait_for_files();
 	prepare_run();
 	machine_id();

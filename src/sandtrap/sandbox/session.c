@@ -8,7 +8,7 @@
  * lines to the auth log, print the uname line, /etc/motd and "Last login: ... from ...", then run
  * the user's shell as a login shell ("-bash") in $HOME. This process stays as its parent, named
  * "sshd: USER@pts/N" as sshd's session process is, removes the utmp record at logout, and exits
- * with the shell's status (128+N if a signal ended it), which the honeypot passes to the client.
+ * with the shell's status (128+N if a signal ended it), which the caller passes on to the client.
  * Without a terminal: the same records are not written (sshd writes none for exec sessions);
  * COMMAND runs as "$SHELL -c COMMAND" under a parent named "sshd: USER@notty".
  *
@@ -34,6 +34,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <utmpx.h>
+
+#include "no_io_uring.h"
 
 static pid_t child;
 
@@ -170,6 +172,12 @@ int main(int argc, char **argv)
 {
 	if (argc < 5) {
 		fprintf(stderr, "usage\n");
+		return 255;
+	}
+	/* A session is the engine's exec, no child of PID 1: it installs the filter itself, before any of
+	 * the user's code can run, and runs nothing without it. */
+	if (block_io_uring() != 0) {
+		perror("sshd-session: seccomp filter");
 		return 255;
 	}
 	/* Copies: set_title() later overwrites the argument area these point into. */
