@@ -614,12 +614,6 @@ CHECKS: tuple[Check, ...] = (
         "tr '\\0' '\\n' < /proc/1/environ",
         "PID 1's environment has no engine variables (HOSTNAME=, container=)",
         lambda r: not re.search(r"^(HOSTNAME|container)=", r.out, re.M),
-        "known-gap",
-        "The engine starts PID 1 with `HOSTNAME=web-prod-03` (and the image's `LANG`, `HOME=/root`).",
-        '`src/sandtrap/sandbox/init.c` `main(argc, argv)`: if `getenv("HOSTNAME")`, re-exec itself at once '
-        'with the environment a Debian kernel gives systemd: `execve("/proc/self/exe", argv, '
-        '{"HOME=/", "init=/sbin/init", "TERM=linux", "BOOT_IMAGE=/boot/vmlinuz-<uname -r>", '
-        '"PATH=/sbin:/usr/sbin:/bin:/usr/bin", "PWD=/", NULL})`.',
     ),
     Check(
         "detect-virt-container",
@@ -713,11 +707,6 @@ CHECKS: tuple[Check, ...] = (
         "echo $$; pgrep -xo cron; pgrep -xo rsyslogd",
         "daemons have pids in the hundreds, a new shell in the hundreds or more",
         _big_pids,
-        "known-gap",
-        "A fresh pid namespace: cron is pid 8, a shell pid ~60; a booted Debian is past 400 before sshd.",
-        "`src/sandtrap/sandbox/init.c`: before starting the daemons, fork and reap a random 300–900 "
-        "short-lived children (`fork(); _exit(0)`; ~50 ms; pids_limit counts live tasks only), so daemons and "
-        "sessions get the pids a booted machine gives.",
     ),
     Check(
         "lsm-label",
