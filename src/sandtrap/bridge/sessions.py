@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,12 +27,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class BoxLogins:
+    """A box's login sessions, numbered as systemd-logind numbers them since boot (XDG_SESSION_ID)."""
+
+    # A box that has been up a while has seen some logins (admins, cron does not count) before ours.
+    last_id: int = field(default_factory=lambda: random.randint(3, 60))
+
+    def new_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
+
+
+@dataclass
 class _IpBox:
     sandbox: Sandbox
     users: int = 0
     timer: asyncio.TimerHandle | None = None
     accounts: dict[str, Account] = field(default_factory=dict)
     tokens: list[Token] = field(default_factory=list)
+    logins: BoxLogins = field(default_factory=BoxLogins)
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Lease:
     accounts: dict[str, Account]
     reused: bool = False
     tokens: list[Token] = field(default_factory=list)
+    logins: BoxLogins = field(default_factory=BoxLogins)  # shared by every connection to the same box
 
 
 class SessionManager:
@@ -92,7 +107,16 @@ class SessionManager:
                         held.timer.cancel()
                         held.timer = None
                     held.users += 1
-                    return Lease(session, src_ip, held.sandbox, 0.0, held.accounts, reused=True, tokens=held.tokens)
+                    return Lease(
+                        session,
+                        src_ip,
+                        held.sandbox,
+                        0.0,
+                        held.accounts,
+                        reused=True,
+                        tokens=held.tokens,
+                        logins=held.logins,
+                    )
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
                     self._spawn(self._pool.release(held.sandbox))
@@ -100,7 +124,13 @@ class SessionManager:
                 box = _IpBox(sandbox, users=1, tokens=await self._plant(sandbox))
                 self._by_ip[src_ip] = box
                 return Lease(
-                    session, src_ip, sandbox, (time.monotonic() - start) * 1000, box.accounts, tokens=box.tokens
+                    session,
+                    src_ip,
+                    sandbox,
+                    (time.monotonic() - start) * 1000,
+                    box.accounts,
+                    tokens=box.tokens,
+                    logins=box.logins,
                 )
         sandbox = await self._pool.acquire(session, src_ip)
         tokens = await self._plant(sandbox)
