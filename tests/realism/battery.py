@@ -787,13 +787,6 @@ CHECKS: tuple[Check, ...] = (
         "last -n 30; last -x -n 5 reboot",
         "`last` has earlier logins from other hosts and boot records",
         _wtmp_history,
-        "known-gap",
-        "The image's wtmp starts at build time and holds only the attacker's logins; root's lastlog is empty "
-        "(though root's history is months old and auth.log shows months of logins).",
-        "`src/sandtrap/sandbox/rootfs_setup.sh`: write wtmp records matching auth.log's history (admin from "
-        "10.20.4.17–19, root from 10.20.0.30 now and then) and a `reboot` record per kernel update "
-        "(e.g. with a few lines of python3 `struct.pack` of utmp records), and root's lastlog entry "
-        "(see `last-login-first`).",
     ),
     Check(
         "auth-log-accepted",
@@ -945,10 +938,6 @@ CHECKS: tuple[Check, ...] = (
         "true",
         "the first login to a lived-in box shows `Last login: … from …`",
         lambda r: _last_login(r, from_client=False),
-        "known-gap",
-        "root has no lastlog record in the image, so the first login says nothing.",
-        "`src/sandtrap/sandbox/rootfs_setup.sh`: write root's lastlog record (time of the newest root "
-        "login in the generated auth.log history, from 10.20.0.30, `pts/0`); add root logins to auth_day().",
     ),
     Check(
         "last-login-second",
