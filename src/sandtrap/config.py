@@ -168,7 +168,14 @@ class SandboxSettings(_Section):
     tmpfs: dict[str, str] = Field(
         default_factory=lambda: {"/tmp": "rw,exec,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
     )
-    ulimit_nofile: int = Field(1024, ge=16)
+    ulimit_nofile: int = Field(1024, ge=16, description="open files: the soft limit every process starts with")
+    ulimit_nofile_hard: int = Field(
+        524288,
+        ge=16,
+        le=1048576,
+        description="open files: the hard limit a process may raise its soft limit to (systemd's default); "
+        "every descriptor is still charged to the box's memory cgroup",
+    )
     ulimit_nproc: int = Field(512, ge=8)
     runtime: str = Field("", description="alternative OCI runtime, e.g. runsc; empty = engine default")
     # Realism (README "Realism"): what gives a container away, removed where the security cost is nil.
@@ -234,6 +241,8 @@ class SandboxSettings(_Section):
     def _swap(self) -> SandboxSettings:
         if self.memory_swap and self.memory_swap < self.memory:
             raise ValueError("sandbox.memory_swap must be 0 (no swap) or at least sandbox.memory")
+        if self.ulimit_nofile_hard < self.ulimit_nofile:
+            raise ValueError("sandbox.ulimit_nofile_hard must be at least sandbox.ulimit_nofile")
         return self
 
 

@@ -252,18 +252,11 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
             battery.append(Row(group, "refused", f"{counted} ({why})"))
 
         # Not an escape by itself, but a large kernel attack surface: Docker 20.10's default seccomp profile
-        # allows io_uring (Docker 25 blocks it); sandbox.seccomp_profile can remove it (SECURITY.md).
-        assert io_uring in ("OK", "EPERM", "ENOSYS"), io_uring
-        if io_uring == "OK":
-            battery.append(
-                Row(
-                    "io_uring (kernel attack surface)",
-                    "NOT contained",
-                    "io_uring_setup succeeds: the default seccomp profile allows it",
-                )
-            )
-        else:
-            battery.append(Row("io_uring (kernel attack surface)", "refused", f"io_uring_setup: {io_uring}"))
+        # allows io_uring (Docker 25 blocks it); our own filter (no_io_uring.h) answers ENOSYS.
+        assert io_uring == "ENOSYS", io_uring
+        battery.append(
+            Row("io_uring (kernel attack surface)", "refused", "io_uring_setup: ENOSYS (our seccomp filter)")
+        )
 
         r = await sh(conn, "python3 - " + str(os.getpid()), stdin=PTRACE_PROBE)
         assert r.status == 0, r
@@ -358,6 +351,79 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
                 "'Connection refused': own network namespace, lo only",
             )
         )
+    await still_serving(hp)
+
+
+IO_URING_PROBE = r"""
+import ctypes, errno, json
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def sc(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(nr, *args)
+    return "OK" if r >= 0 else errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+print(json.dumps({
+    "io_uring_setup": sc(425, 4, ctypes.create_string_buffer(120)),
+    "io_uring_enter": sc(426, -1, 0, 0, 0, 0, 0),
+    "io_uring_register": sc(427, -1, 0, 0, 0),
+    "pidfd_send_signal (424, a neighbour)": sc(424, -1, 0, 0, 0),
+}))
+"""
+
+
+async def engine_exec(container_id: str, argv: list[str]) -> str:
+    """``argv`` run by the engine in the box directly (no session helper): what any ``docker exec`` gets."""
+    async with engine.engine() as client:
+        exe = await client.containers.container(container_id).exec(argv, user="root")
+        out = bytearray()
+        async with asyncio.timeout(20), exe.start(detach=False) as stream:
+            while (msg := await stream.read_out()) is not None:
+                out += msg.data
+    return out.decode("utf-8", "replace")
+
+
+def seccomp_filters(status: str) -> int:
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Seccomp_filters:")))
+
+
+async def test_io_uring_fails_with_enosys_in_sessions_and_in_pid1s_tree(honeypot: Honeypot, battery: list[Row]) -> None:
+    hp = await honeypot()
+    async with login(hp) as conn:
+        box = await sandbox_id(hp, conn)
+        r = await sh(conn, "python3 -", stdin=IO_URING_PROBE)
+        assert r.status == 0, r
+        probe = json.loads(r.out)
+        # Our filter answers ENOSYS (a kernel without io_uring); the neighbouring number still reaches the
+        # kernel (EBADF for fd -1): the filter is exact.
+        assert probe == {
+            "io_uring_setup": "ENOSYS",
+            "io_uring_enter": "ENOSYS",
+            "io_uring_register": "ENOSYS",
+            "pidfd_send_signal (424, a neighbour)": "EBADF",
+        }, probe
+
+        # One filter more than the engine's own, everywhere the attacker's code can run: the session, PID 1
+        # and the daemons it started (cron runs the attacker's crontab; the box's own sshd takes logins).
+        engine_only = seccomp_filters(await engine_exec(box, ["cat", "/proc/self/status"]))
+        r = await sh(
+            conn,
+            "for p in self 1 $(pgrep -xo cron) $(pgrep -xo rsyslogd) $(pgrep -xo sshd); do "
+            "echo \"$p $(grep -E '^(Seccomp|Seccomp_filters|NoNewPrivs):' /proc/$p/status | tr '\\n\\t' '  ')\"; done",
+        )
+        assert r.status == 0, r
+        rows = {line.split()[0]: line for line in r.out.splitlines()}
+        assert set(rows) >= {"self", "1"} and len(rows) == 5, r.out
+        for who, line in rows.items():
+            assert f"Seccomp_filters: {engine_only + 1} " in line + " ", (who, line, engine_only)
+            assert "Seccomp: 2 " in line + " " and "NoNewPrivs: 1 " in line + " ", (who, line)
+    battery.append(
+        Row(
+            "io_uring in PID 1's tree and in sessions",
+            "refused",
+            f"io_uring_setup/enter/register: ENOSYS; Seccomp_filters {engine_only + 1} (engine's {engine_only} "
+            "+ ours) in the session, PID 1, cron, rsyslogd, sshd",
+        )
+    )
     await still_serving(hp)
 
 

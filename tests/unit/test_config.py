@@ -49,6 +49,8 @@ def test_yaml_round_trip_of_effective_config(tmp_path: Path) -> None:
         ("sandbox:\n  hostname: 'bad host'\n", "sandbox.hostname"),
         ("sandbox:\n  affinity: random\n", "'session' or 'source_ip'"),
         ("sandbox:\n  memory: 256m\n  memory_swap: 1m\n", "memory_swap"),
+        ("sandbox:\n  ulimit_nofile: 4096\n  ulimit_nofile_hard: 2048\n", "ulimit_nofile_hard must be at least"),
+        ("sandbox:\n  ulimit_nofile_hard: 2000000\n", "sandbox.ulimit_nofile_hard"),
         ("image:\n  packages: ['rm -rf']\n", "not a Debian package name"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("ssh: [unclosed\n", "not valid YAML"),

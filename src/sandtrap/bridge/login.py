@@ -7,7 +7,7 @@ an argv element or on stdin, never spliced into a shell string.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sandtrap.errors import SandboxError
@@ -61,6 +61,19 @@ class Peer:
     dst_port: int
 
 
+@dataclass(frozen=True, slots=True)
+class FailedLogin:
+    """A wrong password on this connection, before the one that got in: sshd logs each in auth.log."""
+
+    time: float  # when it was refused (epoch seconds)
+    username: str
+    method: str  # as sshd names it: "password" or "keyboard-interactive/pam"
+
+
+# The failures handed to the helper (bounded: they are argv elements); sshd's MaxAuthTries is 6.
+MAX_FAILED_LOGGED = 20
+
+
 async def ensure_account(sandbox: Sandbox, username: str, password: str | None) -> Account:
     """Create the user in the box if needed, set its password, and return its passwd entry."""
     proc = await sandbox.exec(["sh", "-c", _ENSURE_ACCOUNT, "sh", username])
@@ -112,8 +125,13 @@ def login_env(
     client_env: Mapping[str, str],
     term: str | None,
     advertised_port: int,
+    session_id: int | None = None,
 ) -> dict[str, str]:
-    """The environment sshd gives a session, with no engine-added variables."""
+    """The environment sshd gives a session, with no engine-added variables.
+
+    With ``session_id`` (the connection's login session, one per connection as logind counts them),
+    also what pam_systemd adds on Debian: sshd sessions are of type ``tty`` with or without a terminal.
+    """
     env = {
         "USER": account.name,
         "LOGNAME": account.name,
@@ -124,6 +142,15 @@ def login_env(
         "SSH_CLIENT": f"{peer.src_ip} {peer.src_port} {advertised_port}",
         "SSH_CONNECTION": f"{peer.src_ip} {peer.src_port} {peer.dst_ip} {advertised_port}",
     }
+    if session_id is not None:
+        runtime = f"/run/user/{account.uid}"  # the session helper creates it (0700, the user's)
+        env |= {
+            "XDG_SESSION_ID": str(session_id),
+            "XDG_SESSION_TYPE": "tty",
+            "XDG_SESSION_CLASS": "user",
+            "XDG_RUNTIME_DIR": runtime,
+            "DBUS_SESSION_BUS_ADDRESS": f"unix:path={runtime}/bus",
+        }
     if term:
         env["TERM"] = term
     env.update(accepted_env(client_env))
@@ -135,14 +162,45 @@ def _with_env(env: Mapping[str, str], argv: list[str]) -> list[str]:
     return ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
 
 
-def shell_argv(account: Account, env: Mapping[str, str], peer: Peer, method: str) -> list[str]:
+def _helper(
+    account: Account, peer: Peer, method: str | None, failures: Sequence[FailedLogin], command: str | None
+) -> list[str]:
+    """``sshd-session [-f TIME:METHOD:USER]... -- USER IP PORT METHOD [COMMAND]`` (see session.c).
+
+    ``method`` None: a later channel of a connection whose login the helper has logged already
+    (METHOD ``-``: no second ``Accepted`` line). ``failures``: the wrong passwords tried before.
+    """
+    argv = [SESSION_HELPER]
+    for f in failures[-MAX_FAILED_LOGGED:]:
+        if "\0" not in f.username:
+            argv += ["-f", f"{f.time:.6f}:{f.method}:{f.username}"]
+    argv += ["--", account.name, peer.src_ip, str(peer.src_port), method or "-"]
+    return argv if command is None else [*argv, command]
+
+
+def shell_argv(
+    account: Account, env: Mapping[str, str], peer: Peer, method: str | None, failures: Sequence[FailedLogin] = ()
+) -> list[str]:
     """An interactive (or, without a pty, a plain) login shell, as sshd starts it."""
-    return _with_env(env, [SESSION_HELPER, account.name, peer.src_ip, str(peer.src_port), method])
+    return _with_env(env, _helper(account, peer, method, failures, None))
 
 
-def exec_argv(account: Account, env: Mapping[str, str], peer: Peer, method: str, command: str) -> list[str]:
+def exec_argv(
+    account: Account,
+    env: Mapping[str, str],
+    peer: Peer,
+    method: str | None,
+    command: str,
+    failures: Sequence[FailedLogin] = (),
+) -> list[str]:
     """``$SHELL -c COMMAND`` as the user, under an ``sshd: user@notty`` parent, as sshd runs it."""
-    return _with_env(env, [SESSION_HELPER, account.name, peer.src_ip, str(peer.src_port), method, command])
+    return _with_env(env, _helper(account, peer, method, failures, command))
+
+
+def close_argv(account: Account, peer: Peer) -> list[str]:
+    """The connection is over: the helper logs sshd's disconnect and ``session closed`` lines, once, under the
+    pid that logged the connection's ``Accepted`` line."""
+    return [SESSION_HELPER, "-x", "--", account.name, peer.src_ip, str(peer.src_port), "-"]
 
 
 def sftp_argv(env: Mapping[str, str]) -> list[str]:

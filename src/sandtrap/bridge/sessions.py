@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,12 +35,25 @@ class Prepared:
 
 
 @dataclass
+class BoxLogins:
+    """A box's login sessions, numbered as systemd-logind numbers them since boot (XDG_SESSION_ID)."""
+
+    # A box that has been up a while has seen some logins (admins, cron does not count) before ours.
+    last_id: int = field(default_factory=lambda: random.randint(3, 60))
+
+    def new_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
+
+
+@dataclass
 class _IpBox:
     sandbox: Sandbox
     users: int = 0
     timer: asyncio.TimerHandle | None = None
     accounts: dict[str, Account] = field(default_factory=dict)
     prepared: Prepared = field(default_factory=Prepared)
+    logins: BoxLogins = field(default_factory=BoxLogins)
 
     @property
     def tokens(self) -> list[Token]:
@@ -58,6 +72,7 @@ class Lease:
     reused: bool = False
     tokens: list[Token] = field(default_factory=list)
     passwd: dict[str, Account] = field(default_factory=dict)  # the box's accounts when it was prepared
+    logins: BoxLogins = field(default_factory=BoxLogins)  # shared by every connection to the same box
 
 
 class SessionManager:
@@ -114,6 +129,7 @@ class SessionManager:
                         reused=True,
                         tokens=held.tokens,
                         passwd=held.prepared.passwd,
+                        logins=held.logins,
                     )
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
@@ -129,6 +145,7 @@ class SessionManager:
                     box.accounts,
                     tokens=box.tokens,
                     passwd=box.prepared.passwd,
+                    logins=box.logins,
                 )
         sandbox = await self._pool.acquire(session, src_ip)
         prepared = await self._prepared(sandbox)

@@ -122,7 +122,7 @@ def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, An
         "ReadonlyRootfs": s.read_only_root,
         "Tmpfs": dict(s.tmpfs),
         "Ulimits": [
-            {"Name": "nofile", "Soft": s.ulimit_nofile, "Hard": s.ulimit_nofile},
+            {"Name": "nofile", "Soft": s.ulimit_nofile, "Hard": s.ulimit_nofile_hard},
             {"Name": "nproc", "Soft": s.ulimit_nproc, "Hard": s.ulimit_nproc},
         ],
         "IpcMode": "private",
@@ -523,6 +523,10 @@ class DockerSandbox:
                 raise
 
 
+# Per engine address: the open-files hard limit the engine was last seen to grant (see DockerBackend.create).
+_NOFILE_LEARNED: dict[str, int] = {}
+
+
 class DockerBackend:
     """Creates hardened containers for one sensor and finds those a previous run left."""
 
@@ -533,10 +537,17 @@ class DockerBackend:
         self._image_seed: tuple[bytes, str] | None = None
         self._network_ready = False
         self._network_lock = asyncio.Lock()
+        # Lowered if the engine cannot grant it (create); what one backend learned, the next starts from.
+        self._nofile_hard = min(settings.ulimit_nofile_hard, _NOFILE_LEARNED.get(settings.docker_host, 1 << 30))
 
     @property
     def settings(self) -> SandboxSettings:
         return self._settings
+
+    @property
+    def nofile_hard(self) -> int:
+        """The open-files hard limit boxes get: ``ulimit_nofile_hard``, or less where the engine cannot grant it."""
+        return self._nofile_hard
 
     def labels(self, session: str = "", src_ip: str = "") -> dict[str, str]:
         return {
@@ -561,8 +572,33 @@ class DockerBackend:
                 self._network_ready = True
 
     async def create(self, labels: Mapping[str, str], name: str) -> DockerSandbox:
+        """A started box. A box's open-files hard limit cannot exceed the engine's own (runc sets it without
+        CAP_SYS_RESOURCE): when the engine refuses ``ulimit_nofile_hard``, halve it (down to the soft limit)
+        until it starts, and keep that value for the boxes that follow."""
+        while True:
+            tried = self._nofile_hard
+            try:
+                return await self._create(labels, name, tried)
+            except SandboxError as exc:
+                soft = self._settings.ulimit_nofile
+                if "error setting rlimit type 7" not in str(exc) or tried <= soft:
+                    raise
+                if tried == self._nofile_hard:
+                    self._nofile_hard = max(soft, tried // 2)
+                    _NOFILE_LEARNED[self._settings.docker_host] = self._nofile_hard
+                    log.warning(
+                        "the engine cannot give sandboxes an open-files hard limit of %d (its own is lower; raise "
+                        "LimitNOFILE of containerd and docker, or lower sandbox.ulimit_nofile_hard): trying %d",
+                        tried,
+                        self._nofile_hard,
+                    )
+
+    async def _create(self, labels: Mapping[str, str], name: str, nofile_hard: int) -> DockerSandbox:
         await self._ensure_network()
-        config = create_config(self._settings, labels)
+        settings = self._settings
+        if nofile_hard != settings.ulimit_nofile_hard:
+            settings = settings.model_copy(update={"ulimit_nofile_hard": nofile_hard})
+        config = create_config(settings, labels)
         container = await engine.call(
             "create container", self._client.containers.create(config, name=name), self._settings.start_timeout_s
         )

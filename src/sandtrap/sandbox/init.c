@@ -3,12 +3,18 @@
  * installed, reap every orphan that gets re-parented to us, and on SIGTERM,
  * SIGINT or SIGPWR ask every process to stop, wait briefly, then exit 0.
  *
+ * Before the daemons: the environment a kernel gives init (not the engine's),
+ * our io_uring seccomp filter (no_io_uring.h) for the whole tree, and a few
+ * hundred pids used up, as a booted machine has.
+ *
  * Signals are blocked and collected with sigwait(), so there is no handler and
  * no race between "check for a stop request" and "wait for a child".
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/utsname.h>
 #include <sys/stat.h>
@@ -16,6 +22,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "no_io_uring.h"
 
 #define GRACE_TENTHS 30 /* 3 s between SIGTERM and SIGKILL */
 
@@ -166,8 +174,56 @@ static void wait_for_files(void)
 	sigtimedwait(&usr1, NULL, &limit);
 }
 
-int main(void)
+/* The engine starts PID 1 with its own environment (HOSTNAME=..., the image's LANG, HOME=/root), which
+ * /proc/1/environ shows to anyone. Start again at once with what a Debian kernel hands systemd. */
+static void boot_environment(char **argv)
 {
+	if (getenv("HOSTNAME") == NULL)
+		return; /* already done (or no engine around) */
+	struct utsname u;
+	static char boot_image[sizeof(u.release) + 32];
+	snprintf(boot_image, sizeof(boot_image), "BOOT_IMAGE=/boot/vmlinuz-%s", uname(&u) == 0 ? u.release : "");
+	char *env[] = {"HOME=/", "init=/sbin/init", "TERM=linux", boot_image,
+		       "PATH=/sbin:/usr/sbin:/bin:/usr/bin", "PWD=/", NULL};
+	if (chdir("/") != 0)
+		(void)0;
+	/* By its own path, so /proc/1/comm stays "init" (/proc/self/exe would make it "exe"). */
+	if (argv[0] && argv[0][0] == '/')
+		execve(argv[0], argv, env);
+	execve("/proc/self/exe", argv, env);
+	/* Cannot re-exec: carry on as we are, without the engine's names at least for the daemons. */
+	unsetenv("HOSTNAME");
+}
+
+/* A booted Debian is past pid 400 before sshd starts: a fresh pid namespace starts at 1. Use up a random
+ * 300-900 pids with children that exit at once (each is reaped before the next: the pids limit counts
+ * live tasks only), so daemons and sessions get the pids a booted machine gives them. */
+static void age_pids(void)
+{
+	unsigned short r = 0;
+	int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		if (read(fd, &r, sizeof(r)) != (ssize_t)sizeof(r))
+			r = 0;
+		close(fd);
+	}
+	int n = 300 + r % 601;
+	for (int i = 0; i < n; i++) {
+		pid_t pid = fork();
+		if (pid < 0)
+			return;
+		if (pid == 0)
+			_exit(0);
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+	}
+}
+
+int main(int argc, char **argv)
+{
+	(void)argc;
+	boot_environment(argv);
+
 	static char *const cron[] = {"/usr/sbin/cron", "-f", NULL};
 	static char *const rsyslog[] = {"/usr/sbin/rsyslogd", "-n", "-iNONE", NULL};
 
@@ -180,9 +236,16 @@ int main(void)
 
 	static char *const sshd[] = {"/usr/sbin/sshd", "-D", NULL};
 
+	/* Before anything else runs: every daemon, and whatever an attacker starts through them (cron, the
+	 * box's own sshd), inherits the filter. A box that cannot have it does not start. */
+	if (block_io_uring() != 0) {
+		perror("init: seccomp filter");
+		return 1;
+	}
 	wait_for_files();
 	prepare_run();
 	machine_id();
+	age_pids();
 	start(rsyslog);
 	start(cron);
 	start(sshd); /* something listens on port 22, as on any server reached by SSH */

@@ -203,7 +203,7 @@ auth_day() {  # days-ago -> a working day of ssh/sudo/cron lines in rsyslog's de
     day=$((NOW / 86400 - $1))
     limit=86400
     [ "$1" -eq 0 ] && limit=$((NOW % 86400 - 900))
-    awk -v seed="$day" -v limit="$limit" -v host="$HOST" -v d="$(date -u -d "@$((day * 86400))" +%Y-%m-%d)" '
+    awk -v seed="$day" -v ago="$1" -v limit="$limit" -v host="$HOST" -v d="$(date -u -d "@$((day * 86400))" +%Y-%m-%d)" '
     function stamp(t) { return sprintf("%sT%02d:%02d:%02d.%06d+00:00", d, t / 3600, (t % 3600) / 60, t % 60, int(rand() * 999999)) }
     function line(t, prog, msg) { if (t <= limit && t < 86400) printf "%s %s %s[%d]: %s\n", stamp(t), host, prog, pid, msg }
     BEGIN {
@@ -213,7 +213,8 @@ auth_day() {  # days-ago -> a working day of ssh/sudo/cron lines in rsyslog's de
             line(h * 3600 + 1021, "CRON", "pam_unix(cron:session): session closed for user root")
             if (h == 8 || h == 13 || (h == 16 && rand() < 0.5)) {
                 pid += 101; t = h * 3600 + int(rand() * 3000); port = 40000 + int(rand() * 25000)
-                line(t, "sshd", sprintf("Accepted publickey for admin from 10.20.4.%d port %d ssh2: ED25519 SHA256:q3Zk0rWm8yQv1kJc4H2tP7xN9bLs5fGdE6aUoYhRiTw", 17 + int(rand() * 3), port))
+                ip = sprintf("10.20.4.%d", 17 + int(rand() * 3))
+                line(t, "sshd", sprintf("Accepted publickey for admin from %s port %d ssh2: ED25519 SHA256:q3Zk0rWm8yQv1kJc4H2tP7xN9bLs5fGdE6aUoYhRiTw", ip, port))
                 line(t, "sshd", "pam_unix(sshd:session): session opened for user admin(uid=1000) by (uid=0)")
                 if (rand() < 0.7) {
                     pid += 5; s = t + 60 + int(rand() * 600)
@@ -223,8 +224,18 @@ auth_day() {  # days-ago -> a working day of ssh/sudo/cron lines in rsyslog's de
                     pid -= 5
                 }
                 e = t + 900 + int(rand() * 2400)
-                line(e, "sshd", sprintf("Received disconnect from 10.20.4.17 port %d:11: disconnected by user", port))
+                line(e, "sshd", sprintf("Received disconnect from %s port %d:11: disconnected by user", ip, port))
+                line(e, "sshd", sprintf("Disconnected from user admin %s port %d", ip, port))
                 line(e, "sshd", "pam_unix(sshd:session): session closed for user admin")
+            }
+            if (h == 10 && (rand() < 0.3 || ago == 5)) {  # root now and then, from the ops box (5 days ago: .bash_history)
+                pid += 53; t = h * 3600 + int(rand() * 3000); port = 40000 + int(rand() * 25000)
+                line(t, "sshd", sprintf("Accepted publickey for root from 10.20.0.30 port %d ssh2: ED25519 SHA256:Xn4vQ0pLr7Tg2sWc9YhKd1mBu5eZoA3iFj8NqRt6GyE", port))
+                line(t, "sshd", "pam_unix(sshd:session): session opened for user root(uid=0) by (uid=0)")
+                e = t + 120 + int(rand() * 900)
+                line(e, "sshd", sprintf("Received disconnect from 10.20.0.30 port %d:11: disconnected by user", port))
+                line(e, "sshd", sprintf("Disconnected from user root 10.20.0.30 port %d", port))
+                line(e, "sshd", "pam_unix(sshd:session): session closed for user root")
             }
         }
     }' | sort
@@ -232,6 +243,69 @@ auth_day() {  # days-ago -> a working day of ssh/sudo/cron lines in rsyslog's de
 : > /var/log/auth.log
 for n in 20 19 18 17 16 15 14 13 12 11 10 9 8 7 6 5 4 3 2 1 0; do auth_day "$n" >> /var/log/auth.log; done
 touch -d "$(ago 0 900)" /var/log/auth.log
+
+# The login records that go with that history: wtmp (`last`) gets every ssh login and logout of
+# auth.log on pts/N, and two reboots (kernel updates); lastlog holds each user's newest login.
+if have python3; then
+    python3 - "$(at 20 21600)" "$(at 9 20400)" "$(uname -r)" "$((NOW - 900))" <<'PY'
+import os, re, struct, sys
+from datetime import datetime
+
+boots = [int(a.lstrip("@")) for a in sys.argv[1:3]]
+kernel = sys.argv[3]
+UT = "<hhi32s4s32s256shhiii4I20x"  # glibc's struct utmp on 64-bit Linux: 384 bytes
+LL = "<i32s256s"  # struct lastlog: 292 bytes
+
+
+def utmp(kind, pid, line, ut_id, user, host, t, addr=b""):
+    a = struct.unpack("<I", bytes(map(int, addr.split(b".")))) if addr else (0,)
+    return struct.pack(UT, kind, 0, pid, line, ut_id, user, host, 0, 0, 0, t, 0, a[0], 0, 0, 0)
+
+
+events = []  # (time, record)
+for t in boots:  # a reboot: the shutdown, the boot, the runlevel
+    events.append((t - 40, utmp(1, 0, b"~", b"~~", b"shutdown", kernel.encode(), t - 40)))
+    events.append((t, utmp(2, 0, b"~", b"~~", b"reboot", kernel.encode(), t)))
+    events.append((t + 9, utmp(1, 53, b"~", b"~~", b"runlevel", kernel.encode(), t + 9)))
+pat = re.compile(r"^(\S+) \S+ sshd\[(\d+)\]: (?:Accepted \S+ for (\S+) from (\S+) port|pam_unix\(sshd:session\): session (closed))")
+opened, busy, last = {}, {}, {}
+with open("/var/log/auth.log", encoding="utf-8") as f:
+    for raw in f:
+        m = pat.match(raw)
+        if not m:
+            continue
+        t, pid = int(datetime.fromisoformat(m.group(1)).timestamp()), int(m.group(2))
+        if m.group(3):
+            n = min(set(range(len(busy) + 1)) - set(busy.values()))
+            busy[pid] = n
+            opened[pid] = (m.group(3), m.group(4), n)
+            line = f"pts/{n}".encode()
+            events.append((t, utmp(7, pid, line, str(n).encode(), m.group(3).encode(), m.group(4).encode(), t, m.group(4).encode())))
+            last[m.group(3)] = (t, line, m.group(4).encode())
+        elif pid in opened:
+            user, host, n = opened.pop(pid)
+            busy.pop(pid, None)
+            events.append((t, utmp(8, pid, f"pts/{n}".encode(), str(n).encode(), b"", b"", t)))
+for pid, (user, host, n) in opened.items():  # still open when the log ends: logged out then
+    end = int(sys.argv[4])
+    events.append((end, utmp(8, pid, f"pts/{n}".encode(), str(n).encode(), b"", b"", end)))
+events.sort(key=lambda e: e[0])
+with open("/var/log/wtmp", "wb") as f:
+    f.write(b"".join(r for _, r in events))
+uids = {}
+with open("/etc/passwd", encoding="utf-8") as f:
+    for row in f:
+        parts = row.split(":")
+        uids[parts[0]] = int(parts[2])
+with open("/var/log/lastlog", "r+b" if os.path.exists("/var/log/lastlog") else "w+b") as f:
+    for user, (t, line, host) in last.items():
+        f.seek(uids[user] * struct.calcsize(LL))
+        f.write(struct.pack(LL, t, line, host))
+PY
+    chown root:utmp /var/log/wtmp /var/log/lastlog 2>/dev/null || true
+    chmod 0664 /var/log/wtmp /var/log/lastlog
+    touch -d "$(ago 0 900)" /var/log/wtmp /var/log/lastlog
+fi
 
 : > /var/log/db-backup.log
 for n in 13 12 11 10 9 8 7 6 5 4 3 2 1; do

@@ -1,16 +1,25 @@
 /*
  * What sshd does in the box for one session, so a login looks like sshd's from inside:
  *
- *   sshd-session USER REMOTE_IP REMOTE_PORT METHOD [COMMAND]
+ *   sshd-session [-f TIME:METHOD:USER]... -- USER REMOTE_IP REMOTE_PORT METHOD [COMMAND]
+ *   sshd-session -x -- USER REMOTE_IP REMOTE_PORT -
+ *
+ * The first session of a connection logs its login to the auth log: a "Failed METHOD for [invalid
+ * user ]USER from IP port PORT ssh2" line (and PAM's) per -f, at the time it happened, then
+ * "Accepted METHOD for USER from IP port PORT ssh2" and the PAM "session opened" line. METHOD "-"
+ * is a later channel of the same connection: sshd logs a connection's login once.
  *
  * With a terminal on stdin (an interactive login): write the utmp, wtmp and lastlog records with
- * the remote address, log "Accepted METHOD for USER from IP port PORT ssh2" and the PAM session
- * lines to the auth log, print the uname line, /etc/motd and "Last login: ... from ...", then run
+ * the remote address, print the uname line, /etc/motd and "Last login: ... from ...", then run
  * the user's shell as a login shell ("-bash") in $HOME. This process stays as its parent, named
  * "sshd: USER@pts/N" as sshd's session process is, removes the utmp record at logout, and exits
- * with the shell's status (128+N if a signal ended it), which the honeypot passes to the client.
+ * with the shell's status (128+N if a signal ended it), which the caller passes on to the client.
  * Without a terminal: the same records are not written (sshd writes none for exec sessions);
- * COMMAND runs as "$SHELL -c COMMAND" under a parent named "sshd: USER@notty".
+ * COMMAND runs as "$SHELL -c COMMAND" under a parent named "sshd: USER@notty". Either way the
+ * user's runtime directory /run/user/UID exists (pam_systemd's), 0700 and the user's.
+ *
+ * -x: the connection is over: log sshd's disconnect lines and "session closed", under the pid
+ * that logged its "Accepted" line.
  *
  * The environment is the caller's (it is sshd's session environment already). Runs as root.
  */
@@ -22,6 +31,7 @@
 #include <lastlog.h>
 #include <pwd.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +44,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <utmpx.h>
+
+#include "no_io_uring.h"
 
 static pid_t child;
 
@@ -166,16 +178,153 @@ static void motd(void)
 	}
 }
 
+/* Names the client chose, as sshd logs them (strnvis): printable ASCII as is, the rest as \ooo. */
+static void vis(char *out, size_t room, const char *in, size_t max_in)
+{
+	size_t o = 0;
+	for (size_t i = 0; in[i] && i < max_in && o + 5 < room; i++) {
+		unsigned char c = (unsigned char)in[i];
+		if (c == '\\') {
+			out[o++] = '\\';
+			out[o++] = '\\';
+		} else if (c >= 0x20 && c < 0x7f) {
+			out[o++] = (char)c;
+		} else {
+			o += (size_t)snprintf(out + o, room - o, "\\%03o", c);
+		}
+	}
+	out[o] = 0;
+}
+
+/* One auth log line with a time of its own (a failed password from before this process): straight
+ * into the file in rsyslog's format, since rsyslog stamps what reaches /dev/log with its arrival. */
+static void auth_log_at(double when, const char *fmt, ...)
+{
+	char msg[1024], stamp[32], zone[8], line[1400];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	time_t t = (time_t)when;
+	long usec = (long)((when - (double)t) * 1e6);
+	struct tm tm;
+	struct utsname u;
+	if (localtime_r(&t, &tm) == NULL || uname(&u) != 0)
+		return;
+	strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
+	strftime(zone, sizeof(zone), "%z", &tm); /* +0000 -> +00:00 below */
+	int n = snprintf(line, sizeof(line), "%s.%06ld%.3s:%s %s sshd[%d]: %s\n", stamp, usec, zone, zone + 3,
+			 u.nodename, (int)getpid(), msg);
+	if (n <= 0 || (size_t)n >= sizeof(line))
+		return;
+	int fd = open("/var/log/auth.log", O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
+	if (fd < 0)
+		return;
+	if (write(fd, line, (size_t)n) != n)
+		(void)0;
+	close(fd);
+}
+
+/* sshd's lines for a wrong password: "TIME:METHOD:USER" as the caller recorded it. */
+static void log_failure(const char *spec, const char *host, const char *port)
+{
+	char *end;
+	double when = strtod(spec, &end);
+	if (*end != ':')
+		return;
+	const char *method = end + 1, *name = strchr(method, ':');
+	if (!name)
+		return;
+	char meth[64], who[512];
+	snprintf(meth, sizeof(meth), "%.*s", (int)(name - method), method);
+	vis(who, sizeof(who), name + 1, 100);
+	if (find_user(name + 1)) {
+		auth_log_at(when, "pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= "
+				  "rhost=%s  user=%s", host, who);
+		auth_log_at(when, "Failed %s for %s from %s port %s ssh2", meth, who, host, port);
+	} else {
+		auth_log_at(when, "Invalid user %s from %s port %s", who, host, port);
+		auth_log_at(when, "pam_unix(sshd:auth): check pass; user unknown");
+		auth_log_at(when, "pam_unix(sshd:auth): authentication failure; logname= uid=0 euid=0 tty=ssh ruser= "
+				  "rhost=%s", host);
+		auth_log_at(when, "Failed %s for invalid user %s from %s port %s ssh2", meth, who, host, port);
+	}
+}
+
+/* The pid in the connection's "Accepted ... for USER from IP port PORT" line, or 0. */
+static pid_t accepted_pid(const char *user, const char *host, const char *port)
+{
+	char needle[512], buf[2048];
+	snprintf(needle, sizeof(needle), " for %s from %s port %s ssh2", user, host, port);
+	FILE *f = fopen("/var/log/auth.log", "r");
+	pid_t pid = 0;
+	if (!f)
+		return 0;
+	while (fgets(buf, sizeof(buf), f)) {
+		char *accepted = strstr(buf, "]: Accepted ");
+		char *tag = strstr(buf, " sshd[");
+		if (accepted && tag && tag < accepted && strstr(accepted, needle))
+			pid = (pid_t)atoi(tag + 6);
+	}
+	fclose(f);
+	return pid;
+}
+
+/* The end of a connection (sshd's lines for a client that closed it), under the pid of its login. */
+static int log_close(const char *user, const char *host, const char *port)
+{
+	static char ident[32];
+	pid_t pid = accepted_pid(user, host, port);
+	snprintf(ident, sizeof(ident), "sshd[%d]", pid > 0 ? (int)pid : (int)getpid());
+	openlog(ident, 0, LOG_AUTH);
+	syslog(LOG_INFO, "Received disconnect from %s port %s:11: disconnected by user", host, port);
+	syslog(LOG_INFO, "Disconnected from user %s %s port %s", user, host, port);
+	syslog(LOG_INFO, "pam_unix(sshd:session): session closed for user %s", user);
+	closelog();
+	return 0;
+}
+
+/* pam_systemd's runtime directory: /run/user/UID, 0700, the user's (made when missing). */
+static void runtime_dir(uid_t uid, gid_t gid)
+{
+	char dir[64];
+	mkdir("/run/user", 0755);
+	snprintf(dir, sizeof(dir), "/run/user/%u", (unsigned)uid);
+	if (mkdir(dir, 0700) == 0 && lchown(dir, uid, gid) != 0)
+		(void)0;
+}
+
+#define MAX_FAILED 32
+
 int main(int argc, char **argv)
 {
-	if (argc < 5) {
+	const char *failed[MAX_FAILED];
+	int nfailed = 0, closing = 0, opt;
+	while ((opt = getopt(argc, argv, "+f:x")) != -1) {
+		if (opt == 'f' && nfailed < MAX_FAILED)
+			failed[nfailed++] = strdup(optarg);
+		else if (opt == 'x')
+			closing = 1;
+		else if (opt != 'f')
+			return 255;
+	}
+	if (argc - optind < 4) {
 		fprintf(stderr, "usage\n");
 		return 255;
 	}
+	char **args = argv + optind;
+	if (closing)
+		return log_close(args[0], args[1], args[2]);
+	/* A session is the engine's exec, no child of PID 1: it installs the filter itself, before any of
+	 * the user's code can run, and runs nothing without it. */
+	if (block_io_uring() != 0) {
+		perror("sshd-session: seccomp filter");
+		return 255;
+	}
 	/* Copies: set_title() later overwrites the argument area these point into. */
-	const char *user = strdup(argv[1]), *host = strdup(argv[2]), *port = strdup(argv[3]);
-	const char *method = strdup(argv[4]);
-	const char *command = argc > 5 ? strdup(argv[5]) : NULL;
+	const char *user = strdup(args[0]), *host = strdup(args[1]), *port = strdup(args[2]);
+	const char *method = strdup(args[3]);
+	const char *command = argc - optind > 4 ? strdup(args[4]) : NULL;
 	struct passwd *pw = find_user(user);
 	if (!pw) {
 		fprintf(stderr, "no such user\n");
@@ -195,9 +344,16 @@ int main(int argc, char **argv)
 
 	openlog("sshd", LOG_PID, LOG_AUTH);
 	struct utmpx ut;
-	/* sshd logs every session, with or without a terminal; only a terminal gets utmp and a banner. */
-	syslog(LOG_INFO, "Accepted %s for %s from %s port %s ssh2", method, user, host, port);
-	syslog(LOG_INFO, "pam_unix(sshd:session): session opened for user %s(uid=%u) by (uid=0)", user, (unsigned)uid);
+	/* sshd logs a connection's login once (the first channel's), with or without a terminal; only a
+	 * terminal gets utmp and a banner. */
+	if (strcmp(method, "-") != 0) {
+		for (int i = 0; i < nfailed; i++)
+			log_failure(failed[i], host, port);
+		syslog(LOG_INFO, "Accepted %s for %s from %s port %s ssh2", method, user, host, port);
+		syslog(LOG_INFO, "pam_unix(sshd:session): session opened for user %s(uid=%u) by (uid=0)", user,
+		       (unsigned)uid);
+	}
+	runtime_dir(uid, gid);
 	/* The login uid (pam_loginuid's job): `last` and audit look for it; settable once while unset. */
 	int lfd = open("/proc/self/loginuid", O_WRONLY | O_CLOEXEC);
 	if (lfd >= 0) {
@@ -266,8 +422,7 @@ int main(int argc, char **argv)
 		fill_utmp(&ut, DEAD_PROCESS, line, NULL, NULL);
 		write_utmp(&ut);
 	}
-	syslog(LOG_INFO, "pam_unix(sshd:session): session closed for user %s", user);
-	closelog();
+	closelog(); /* "session closed": once, when the connection ends (-x) */
 	if (WIFSIGNALED(status))
 		return 128 + WTERMSIG(status);
 	return WEXITSTATUS(status);

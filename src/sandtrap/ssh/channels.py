@@ -175,16 +175,25 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             account = await h.ctx.manager.account(lease, h.username, h.password)
             peer = Peer(h.src_ip, h.src_port, h.dst_ip, h.dst_port)
             client_env = self._client_env(chan)
-            env = login_env(account, peer, client_env, self._term, h.ctx.settings.ssh.advertised_port)
+            # One login per connection, as sshd has: the first shell or exec channel's helper logs it (the
+            # failed passwords, "Accepted", the PAM session); the connection's end logs its close once.
+            first = self._kind != "subsystem" and h.login_id is None
+            if first:
+                h.login_id = lease.logins.new_id()
+                h.login_account = account
+            method = h.auth_method if first else None
+            failures = list(h.failed_logins) if first else []
+            port = h.ctx.settings.ssh.advertised_port
+            env = login_env(account, peer, client_env, self._term, port, h.login_id)
             tty = self._size if self._term is not None else None
             workdir = account.home
             user = "root"  # the session helper runs as root and drops to the account itself
             if self._kind == "shell":
-                argv = shell_argv(account, env, peer, h.auth_method)
+                argv = shell_argv(account, env, peer, method, failures)
                 # Keystrokes become command lines (PTY or not: bots pipe commands into a shell).
                 self.observers.append(CommandReconstructor(self._command_typed))
             elif self._kind == "exec":
-                argv = exec_argv(account, env, peer, h.auth_method, self._command)
+                argv = exec_argv(account, env, peer, method, self._command, failures)
                 if is_scp_sink(self._command):
                     self._transfers = True
                     self.observers.append(ScpWatcher(self._scp_report(account.home)))

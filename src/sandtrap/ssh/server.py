@@ -11,6 +11,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import asyncssh
 
 from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
 from sandtrap.bridge.live import LiveHub
+from sandtrap.bridge.login import MAX_FAILED_LOGGED, Account, FailedLogin, Peer, close_argv
 from sandtrap.bridge.proxy import Usage
 from sandtrap.bridge.sessions import Lease, SessionManager
 from sandtrap.config import Settings, split_listen
@@ -116,6 +118,11 @@ class ConnectionHandler(asyncssh.SSHServer):
         self.username = ""
         self.password: str | None = None
         self.auth_method = "password"  # as sshd names it in "Accepted <method> for ..."
+        self.failed_logins: deque[FailedLogin] = deque(maxlen=MAX_FAILED_LOGGED)  # for the box's auth.log
+        # The connection's login session in the box (XDG_SESSION_ID), set by its first shell or exec channel,
+        # whose helper logs "Accepted"; the account it logged in, for the closing lines (_log_close).
+        self.login_id: int | None = None
+        self.login_account: Account | None = None
         self.close_reason = ""
         self.started = time.monotonic()
         self._admitted = False
@@ -203,6 +210,8 @@ class ConnectionHandler(asyncssh.SSHServer):
                 lease = await self._lease_task
             except (Exception, asyncio.CancelledError):  # recorded where it failed; the close record still comes
                 lease = None
+        if lease is not None and self.login_account is not None:
+            await self._log_close(lease)
         if lease is not None and self.emitter is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
             self.ctx.manager.watcher.report_to(lease.sandbox.id, None)
@@ -228,6 +237,20 @@ class ConnectionHandler(asyncssh.SSHServer):
                     self.emitter.emit(SANDBOX_RELEASED, sandbox_id=lease.sandbox.id, sandbox_name=lease.sandbox.name)
             except Exception:
                 log.exception("releasing the sandbox failed")
+
+    async def _log_close(self, lease: Lease) -> None:
+        """sshd's lines for the end of the connection, once, in the box's auth.log (session.c, -x)."""
+        assert self.login_account is not None
+        argv = close_argv(self.login_account, Peer(self.src_ip, self.src_port, self.dst_ip, self.dst_port))
+        try:
+            async with self.ctx.engine_work, asyncio.timeout(10):
+                proc = await lease.sandbox.exec(argv)
+                await proc.close_stdin()
+                while await proc.read() is not None:
+                    pass
+                await proc.wait()
+        except (SandboxError, TimeoutError) as exc:  # a box that died or hangs: nothing more to log there
+            log.info("closing lines not logged in the box: %s", exc)
 
     def _reporter(self, eventid: str) -> Callable[..., object]:
         assert self.emitter is not None
@@ -360,6 +383,8 @@ class ConnectionHandler(asyncssh.SSHServer):
             self.auth_method = "password" if method == "password" else "keyboard-interactive/pam"
             self._start_lease()  # start acquiring now: the box is ready by the time the channel asks
             return True
+        sshd_method = "password" if method == "password" else "keyboard-interactive/pam"
+        self.failed_logins.append(FailedLogin(time.time(), username, sshd_method))
         self._count_failure(name)
         return False
 
