@@ -260,6 +260,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             title=f"{h.session} from {h.src_ip} (channel {self._number})",
             flush_interval_s=rec.cast_flush_interval_s,
             max_bytes=rec.max_cast_bytes,
+            health=h.ctx.recording,
         )
         self.observers.append(self._cast)
         self._emit(LOG_OPEN, ttylog=str(ttylog), channel=self._number)
