@@ -22,6 +22,7 @@ from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, senso
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
+from sandtrap.outputs.recording import RecordingHealth
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
@@ -70,30 +71,40 @@ async def running(
     for sink in sinks or []:
         bus.add_sink(sink)
     manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens)
-    if settings.sandbox.honeytokens:
-        pool.prepare = manager.prepare  # honeytokens are planted while a box waits, not while the attacker does
+    # Done while a box waits warm, not while the attacker does: honeytokens planted, accounts read.
+    pool.prepare = manager.prepare
+    # Every output that writes to the data dir reports its failures here (the database sink: its status).
+    recording = RecordingHealth(settings.data_dir)
     jsonlog = None
     if settings.recording.jsonlog:
         jsonlog = JsonLogSink(
-            settings.data_dir / "log", settings.recording.jsonlog_rotate_bytes, settings.recording.jsonlog_rotate_daily
+            settings.data_dir / "log",
+            settings.recording.jsonlog_rotate_bytes,
+            settings.recording.jsonlog_rotate_daily,
+            health=recording,
         )
         bus.add_sink(jsonlog)
-    artifacts = ArtifactStore(settings.data_dir / "artifacts", settings.recording.artifact_max_total_bytes)
+    artifacts = ArtifactStore(
+        settings.data_dir / "artifacts", settings.recording.artifact_max_total_bytes, health=recording
+    )
     url = settings.database_url
     uuid = sensor_uuid(settings.data_dir / "sensor.uuid")
     await asyncio.to_thread(upgrade, url)  # StorageError names storage.database_url
     database = DatabaseSink(url, settings.storage.buffer_events, jsonlog=jsonlog.path if jsonlog else None)
     repository = Repository(url)
+    recording.database_status = database.status
     # Events written while the database was unreachable reach it now; then close what a crash left open.
     await asyncio.to_thread(database.catch_up_from_jsonlog)
     bus.add_sink(database)
-    metrics = MetricsSink(pool.stats, database.status)
+    metrics = MetricsSink(pool.stats, database.status, recording.status)
     bus.add_sink(metrics)
     now = datetime.now(UTC)
     for sid in await asyncio.to_thread(repository.close_crashed_sessions, now, settings.sensor):
         log.warning("session %s was left open by a previous run: closed as crash", sid)
         Emitter(bus, settings.sensor, sid, "", 0, "", 0, uuid).emit(SESSION_CRASHED, reason="crash")
-    ctx = ServerContext(settings, AuthPolicy(settings.auth), manager, bus, artifacts, sensor_uuid=uuid)
+    ctx = ServerContext(
+        settings, AuthPolicy(settings.auth), manager, bus, artifacts, sensor_uuid=uuid, recording=recording
+    )
     ssh = SSHFrontEnd(ctx, settings.data_dir)
     api_deps = ApiDeps(
         settings,
@@ -102,6 +113,7 @@ async def running(
         pool_stats=pool.stats,
         engine_ping=backend.ping,
         storage_status=database.status,
+        recording_status=recording.status,
         metrics=metrics.registry,
     )
     api_app = create_app(api_deps)

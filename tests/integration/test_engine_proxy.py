@@ -90,6 +90,9 @@ async def raw(sock: Path, data: bytes) -> tuple[int, bytes]:
         try:
             writer.write(data)
             await writer.drain()
+            # Half-close: the proxy reads what a refused client still sends (up to 5 s) before it closes; EOF
+            # ends that at once, and the answer is read to the proxy's close as before.
+            writer.write_eof()
             answer = await reader.read()
         finally:
             writer.close()

@@ -28,6 +28,8 @@ class ApiDeps:
     pool_stats: Callable[[], dict[str, int]] | None = None
     engine_ping: Callable[[], Awaitable[None]] | None = None
     storage_status: Callable[[], dict[str, Any]] | None = None
+    # RecordingHealth.status: write failures per output, the data dir's free bytes.
+    recording_status: Callable[[], dict[str, Any]] | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
     # What /metrics exposes (the MetricsSink's registry); None: /metrics answers 404.
     metrics: CollectorRegistry | None = None

@@ -1,4 +1,4 @@
-"""``/healthz`` (liveness, no token), ``/api/v1/status`` (pool, engine, storage) and ``/metrics``."""
+"""``/healthz`` (liveness, no token), ``/api/v1/status`` (pool, engine, storage, recording) and ``/metrics``."""
 
 # No ``from __future__ import annotations`` here: FastAPI reads these signatures at run time.
 
@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 
 from sandtrap import __version__
 from sandtrap.api.deps import ApiDeps
-from sandtrap.api.models import Health, Healthz, PoolStatus, Problem, Status, StorageStatus
+from sandtrap.api.models import Health, Healthz, PoolStatus, Problem, RecordingStatus, Status, StorageStatus
 from sandtrap.storage.engine import StorageError
 
 ENGINE_TIMEOUT_S = 5.0
@@ -29,7 +29,7 @@ def health_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/api/v1/status", tags=["status"])
     async def status() -> Status:
-        """Pool (warm/active/preserved), engine and storage health, uptime and version."""
+        """Pool (warm/active/preserved), engine, storage and recording health, uptime and version."""
         pool = None
         if deps.pool_stats is not None:
             s = deps.pool_stats()
@@ -43,6 +43,9 @@ def health_router(deps: ApiDeps) -> APIRouter:
                 strays_stopped=s.get("strays_stopped", 0),
             )
         engine = await _engine(deps) if deps.engine_ping is not None else None
+        recording = None
+        if deps.recording_status is not None:
+            recording = RecordingStatus(**await asyncio.to_thread(deps.recording_status))
         return Status(
             version=__version__,
             sensor=deps.settings.sensor,
@@ -51,6 +54,7 @@ def health_router(deps: ApiDeps) -> APIRouter:
             pool=pool,
             engine=engine,
             storage=await _storage(deps),
+            recording=recording,
         )
 
     @router.get(

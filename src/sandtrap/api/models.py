@@ -62,6 +62,20 @@ class StorageStatus(Health):
     is_down: bool | None = None
 
 
+class RecordingStatus(Health):
+    """Whether every output writes to the data dir. ``ok`` is false while one of them is failing (its latest
+    write failed) or the data dir is nearly full; ``error`` then says which and why (e.g. ``json log: [Errno
+    28] No space left on device``)."""
+
+    errors: dict[str, int] = Field(
+        description="failed writes since start, per output: jsonlog, casts, artifacts, database "
+        "(the database sink's failed attempts and refused events)"
+    )
+    failing: list[str] = Field(description="outputs whose latest write failed")
+    free_bytes: int | None = Field(description="bytes free on the data dir's filesystem; null if unknown")
+    low_space: bool = Field(description="free_bytes is below the low-space mark (16 MiB)")
+
+
 class Status(BaseModel):
     version: str
     sensor: str
@@ -72,6 +86,9 @@ class Status(BaseModel):
     pool: PoolStatus | None = Field(description="null in console mode")
     engine: Health | None = Field(description="container engine; null in console mode")
     storage: StorageStatus
+    recording: RecordingStatus | None = Field(
+        description="write failures of the recording outputs and the data dir's free space; null in console mode"
+    )
 
 
 class Healthz(BaseModel):

@@ -8,6 +8,7 @@ only (``stored: false``). Artifacts are never opened, parsed or executed here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 from sandtrap.config import RecordingSettings
 from sandtrap.errors import SandboxError
+from sandtrap.outputs.recording import ARTIFACTS, RecordingHealth
 from sandtrap.sandbox.base import FileData, Sandbox
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ class Stored:
 class ArtifactStore:
     """Content-addressed files under one directory, with a total size cap."""
 
-    def __init__(self, directory: Path, max_total_bytes: int) -> None:
+    def __init__(self, directory: Path, max_total_bytes: int, health: RecordingHealth | None = None) -> None:
         self.directory = directory
+        self._health = health
         self._max_total = max_total_bytes
         directory.mkdir(parents=True, exist_ok=True)
         self.total_bytes = sum(p.stat().st_size for p in directory.glob("*/*") if p.is_file())
@@ -56,17 +59,24 @@ class ArtifactStore:
             return Stored(sha, rel, True, True)
         if not allow or self.total_bytes + len(data) > self._max_total:
             return Stored(sha, "", False, False)
+        tmp = target.with_suffix(".part")
         try:
             target.parent.mkdir(exist_ok=True)
-            tmp = target.with_suffix(".part")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o440)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)
         except OSError as exc:
             self.errors += 1
-            log.error("storing artifact %s failed: %s", sha, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # no half-written .part left to fill the disk further
+            if self._health is not None:
+                self._health.failed(ARTIFACTS, exc)
+            else:
+                log.error("storing artifact %s failed: %s", sha, exc)
             return Stored(sha, "", False, False)
+        if self._health is not None:
+            self._health.succeeded(ARTIFACTS)
         self.total_bytes += len(data)
         self.stored_count += 1
         return Stored(sha, rel, True, False)

@@ -10,7 +10,9 @@ bytes become U+FFFD; the input exactly as received goes to ``<cast>.input.raw``.
 Lines go to a buffered file that is flushed ``flush_interval_s`` after the first unflushed write
 (a timer on the running loop, armed again by the next write) and on close, so a SIGKILL loses at
 most that interval. A file error (disk full, no permission) is counted in ``errors`` and ends the
-recording; the relay never sees it.
+recording; the relay never sees it. With a :class:`~sandtrap.outputs.recording.RecordingHealth` the
+error is reported there (rate-limited, counted per output) instead of logged here, and a cast closed
+without error tells it that casts are written again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from sandtrap.outputs.recording import CASTS, RecordingHealth
 from sandtrap.sandbox.base import TermSize
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,10 @@ class CastRecorder:
         flush_interval_s: float,
         max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
+        health: RecordingHealth | None = None,
     ) -> None:
         self.path = path
+        self._health = health
         self.raw_path = raw_input_path(path)
         self.errors = 0
         self.bytes_out = 0  # everything the box wrote, recorded or not
@@ -173,6 +178,8 @@ class CastRecorder:
         size, digest = self._size, self._sha.hexdigest()
         if self.errors:
             size, digest = _measure(self.path)  # what actually reached the disk
+        elif self._health is not None:
+            self._health.succeeded(CASTS)
         self._summary = CastSummary(self.path, size, digest, duration)
         return self._summary
 
@@ -221,7 +228,10 @@ class CastRecorder:
 
     def _fail(self, exc: OSError) -> None:
         self.errors += 1
-        log.warning("cast %s: recording stopped: %s", self.path, exc)
+        if self._health is not None:
+            self._health.failed(CASTS, exc)
+        else:
+            log.warning("cast %s: recording stopped: %s", self.path, exc)
         self._cancel_timer()
         for f in (self._file, self._raw):
             if f is not None:

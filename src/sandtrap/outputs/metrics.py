@@ -2,8 +2,8 @@
 
 From events (``write`` only touches in-memory counters): sessions, active sessions, auth attempts by
 result, sandbox acquire latency, bytes relayed, events by id, artifacts stored. At scrape time, from the
-callables given: the pool's sandboxes by state and its container start failures, and the database
-sink's counters. The registry is this sink's own (``/metrics`` serves it), never the global one.
+callables given: the pool's sandboxes by state and its container start failures, the database
+sink's counters, and the recording outputs' write failures with the data dir's free bytes. The registry is this sink's own (``/metrics`` serves it), never the global one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sandtrap import events as ev
+from sandtrap.outputs.recording import OUTPUTS
 
 ACQUIRE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 POOL_STATES = ("warm", "active", "preserved", "creating")
@@ -31,6 +32,7 @@ class MetricsSink:
         self,
         pool_stats: Callable[[], Mapping[str, int]] | None = None,
         storage_status: Callable[[], Mapping[str, Any]] | None = None,
+        recording_status: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -58,7 +60,7 @@ class MetricsSink:
         self.artifacts = Counter(
             "sandtrap_artifacts_stored", "Uploaded or changed files whose content is stored", registry=r
         )
-        r.register(_ScrapeTime(pool_stats, storage_status))
+        r.register(_ScrapeTime(pool_stats, storage_status, recording_status))
 
     def write(self, event: ev.Event) -> None:
         eventid = event.eventid
@@ -88,9 +90,11 @@ class _ScrapeTime:
         self,
         pool_stats: Callable[[], Mapping[str, int]] | None,
         storage_status: Callable[[], Mapping[str, Any]] | None,
+        recording_status: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._pool_stats = pool_stats
         self._storage_status = storage_status
+        self._recording_status = recording_status
 
     def collect(self) -> Iterable[Metric]:
         if self._pool_stats is not None:
@@ -128,6 +132,28 @@ class _ScrapeTime:
                 "1 while the database stores events, 0 during an outage",
                 value=0.0 if status.get("is_down") else 1.0,
             )
+        if self._recording_status is not None:
+            rec = self._recording_status()
+            errors = rec.get("errors") or {}
+            family = CounterMetricFamily(
+                "sandtrap_recording_errors",
+                "Failed writes of a recording output to the data dir (disk full, ...)",
+                labels=["output"],
+            )
+            for output in OUTPUTS:
+                family.add_metric([output], _number(errors.get(output)))
+            yield family
+            yield GaugeMetricFamily(
+                "sandtrap_recording_ok",
+                "1 while every recording output writes and the data dir has room, else 0",
+                value=1.0 if rec.get("ok") else 0.0,
+            )
+            if rec.get("free_bytes") is not None:
+                yield GaugeMetricFamily(
+                    "sandtrap_data_free_bytes",
+                    "Bytes free on the data dir's filesystem",
+                    value=_number(rec.get("free_bytes")),
+                )
 
 
 def _number(value: Any) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import posixpath
@@ -39,6 +40,7 @@ from sandtrap.events import (
 )
 from sandtrap.logs import session_context
 from sandtrap.sandbox.base import Process, TermSize
+from sandtrap.ssh.wire import accept_any_exec_command
 
 if TYPE_CHECKING:
     from sandtrap.ssh.server import ConnectionHandler
@@ -77,6 +79,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
     # -- requests -------------------------------------------------------------------------------
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+        accept_any_exec_command(chan)  # a command that is not UTF-8 reaches exec_requested (ssh/wire.py)
         self._emit(CHANNEL_OPEN, channel=self._number)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: object) -> bool:
@@ -95,9 +98,22 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
     def exec_requested(self, command: str) -> bool:
         self._kind = "exec"
         # sshd hands the command to execve: it ends at the first NUL.
-        self._command = command.split("\0", 1)[0][:MAX_COMMAND]
-        self._emit(CHANNEL_EXEC, channel=self._number, input=self._command)
-        self._emit(COMMAND_INPUT, input=self._command, channel=self._number, source="exec")
+        raw = command.encode("utf-8", "surrogateescape").split(b"\0", 1)[0]
+        fields: dict[str, object] = {}
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # Not UTF-8 (ssh/wire.py lets it through as sshd does). The record keeps a string, with each
+            # invalid byte as a \xNN escape, and the exact bytes in base64; the engine's API carries text only,
+            # so the box runs it with U+FFFD for those bytes.
+            fields = {"utf8": False, "input_b64": base64.b64encode(raw[:MAX_COMMAND]).decode("ascii")}
+            text = raw.decode("utf-8", "backslashreplace")
+            self._command = raw.decode("utf-8", "replace")[:MAX_COMMAND]
+        else:
+            self._command = text[:MAX_COMMAND]
+        recorded = text[:MAX_COMMAND]
+        self._emit(CHANNEL_EXEC, channel=self._number, input=recorded, **fields)
+        self._emit(COMMAND_INPUT, input=recorded, channel=self._number, source="exec", **fields)
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
@@ -269,6 +285,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             title=f"{h.session} from {h.src_ip} (channel {self._number})",
             flush_interval_s=rec.cast_flush_interval_s,
             max_bytes=rec.max_cast_bytes,
+            health=h.ctx.recording,
         )
         self.observers.append(self._cast)
         self._emit(LOG_OPEN, ttylog=str(ttylog), channel=self._number)

@@ -50,6 +50,7 @@ from sandtrap.events import (
     new_session_id,
 )
 from sandtrap.logs import RateLimited, session_context
+from sandtrap.outputs.recording import RecordingHealth
 from sandtrap.ssh.algorithms import (
     COMPRESSION_ALGS,
     ENCRYPTION_ALGS,
@@ -89,6 +90,7 @@ class ServerContext:
     artifacts: ArtifactStore
     live: LiveHub = field(default_factory=LiveHub)
     sensor_uuid: str = ""
+    recording: RecordingHealth | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     connections: set[ConnectionHandler] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)

@@ -2,7 +2,10 @@
 
 Each one replaces an asyncssh internal on one connection (never the class): the client's identification
 line judged as sshd's ``kex_exchange_identification`` does, no DISCONNECT before encryption starts (sshd
-drops such connections silently), zeroed padding on unencrypted packets, no ``global-requests-ok``.
+drops such connections silently), zeroed padding on unencrypted packets, no ``global-requests-ok``. A
+client identification with non-ASCII bytes (sshd takes any byte but CR and NUL; asyncssh's ASCII decode
+would drop the connection silently) is accepted as sshd accepts it: the exchange hash gets the bytes as
+sent, and ``client_version`` holds them as ``bytes`` for the record to escape.
 ``tests/integration/test_sshd_fingerprint.py`` shows each against a real sshd. asyncssh 2.24's internals.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import asyncssh
 
@@ -68,7 +72,20 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
             c._send(answer + b"\r\n")
             c._force_close(asyncssh.ProtocolError(answer.decode()))
             return False
-        return False if idx < 0 else accept_version()
+        if idx < 0:
+            return False
+        line = buf[:idx]
+        if line.isascii():
+            return accept_version()
+        # asyncssh decodes the line as ASCII: let it parse a same-length stand-in, then put the real bytes back
+        # (the exchange hash is computed later, from _client_version).
+        raw = line[:-1] if line.endswith(b"\r") else line
+        c._inpbuf = bytes(b if b < 0x80 else 0x3F for b in line) + buf[idx:]
+        accepted = accept_version()
+        if c._client_version:
+            c._client_version = raw
+            c.set_extra_info(client_version=raw)
+        return accepted
 
     send = c._send
 
@@ -93,3 +110,21 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
     c._send = send_zero_padded  # type: ignore[method-assign]
     c._send_disconnect = send_disconnect_once_encrypted  # type: ignore[method-assign]
     c._send_ext_info = send_openssh_ext_info  # type: ignore[method-assign]
+
+
+def accept_any_exec_command(chan: asyncssh.SSHServerChannel[bytes]) -> None:
+    """Hand an exec request whose command is not UTF-8 to the session instead of refusing it.
+
+    sshd passes the command's bytes to the shell whatever they are; asyncssh answers such a request with
+    a failure before the session sees it. Installed on one channel, this decodes the command with
+    ``surrogateescape``: ``exec_requested`` gets a ``str`` from which the exact bytes come back with
+    ``command.encode("utf-8", "surrogateescape")``.
+    """
+    c = chan  # asyncssh internals below
+
+    def process_exec_request(packet: Any) -> bool:
+        command_bytes: bytes = packet.get_string()
+        packet.check_end()
+        return bool(c._start_session(command=command_bytes.decode("utf-8", "surrogateescape")))
+
+    c._process_exec_request = process_exec_request  # type: ignore[method-assign]

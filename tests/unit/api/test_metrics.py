@@ -83,6 +83,22 @@ def test_scrape_time_gauges_from_pool_and_storage() -> None:
     assert value(text, "sandtrap_storage_up") == 1
 
 
+def test_recording_errors_and_free_bytes() -> None:
+    rec: dict[str, Any] = {"ok": False, "errors": {"jsonlog": 3, "casts": 1}, "free_bytes": 0}
+    sink = MetricsSink(recording_status=lambda: rec)
+    text = generate_latest(sink.registry).decode()
+    assert value(text, "sandtrap_recording_errors_total", output="jsonlog") == 3
+    assert value(text, "sandtrap_recording_errors_total", output="casts") == 1
+    assert value(text, "sandtrap_recording_errors_total", output="artifacts") == 0
+    assert value(text, "sandtrap_recording_errors_total", output="database") == 0
+    assert value(text, "sandtrap_recording_ok") == 0
+    assert value(text, "sandtrap_data_free_bytes") == 0
+    rec.update(ok=True, free_bytes=None)
+    text = generate_latest(sink.registry).decode()
+    assert value(text, "sandtrap_recording_ok") == 1
+    assert not any(n == "sandtrap_data_free_bytes" for n, _ in samples(text))  # unknown: not a made-up 0
+
+
 async def test_metrics_endpoint(client: Client) -> None:
     sink = MetricsSink(lambda: {"warm": 1})
     for event in recorded_events():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from sandtrap.api import app as api_app
 from sandtrap.api import health
 from sandtrap.bridge.live import LiveHub
 from sandtrap.errors import SandboxUnavailable
+from sandtrap.outputs.recording import RecordingHealth
 
 Client = Callable[..., httpx.AsyncClient]
 
@@ -37,6 +39,19 @@ async def test_status_in_honeypot_mode(client: Client) -> None:
     assert s["pool"] == pool
     assert s["engine"] == {"ok": True, "error": None}
     assert s["storage"]["ok"] is True and s["storage"]["stored"] == 12 and s["storage"]["is_down"] is False
+    assert s["recording"] is None  # nothing wired
+
+
+async def test_status_reports_recording_failures(client: Client, tmp_path: Path) -> None:
+    health = RecordingHealth(tmp_path)
+    c = client(pool_stats=dict, recording_status=health.status)
+    s = (await c.get("/api/v1/status")).json()
+    assert s["recording"]["ok"] is True and s["recording"]["free_bytes"] > 0
+    health.failed("jsonlog", OSError(28, "No space left on device"))
+    s = (await c.get("/api/v1/status")).json()
+    assert s["recording"]["ok"] is False and s["recording"]["failing"] == ["jsonlog"]
+    assert s["recording"]["errors"]["jsonlog"] == 1
+    assert s["recording"]["error"] == "json log: [Errno 28] No space left on device"
 
 
 async def test_status_reports_an_engine_that_fails_or_hangs(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
