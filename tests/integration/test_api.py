@@ -275,7 +275,9 @@ async def check_stats_and_status(c: httpx.AsyncClient) -> None:
     st = (await c.get("/api/v1/status")).json()
     assert st["mode"] == "honeypot" and st["engine"] == {"ok": True, "error": None}
     assert st["storage"]["ok"] is True and st["storage"]["is_down"] is False
-    assert set(st["pool"]) == {"warm", "active", "preserved", "creating", "start_failures"}
+    assert set(st["pool"]) == {"warm", "active", "preserved", "creating", "start_failures", "stop_retries"} | {
+        "strays_stopped"
+    }
     assert st["pool"]["preserved"] >= 1
     assert (await c.get("/healthz")).json() == {"status": "ok"}
     doc = (await c.get("/api/v1/openapi.json")).json()
@@ -423,6 +425,10 @@ async def test_metrics_parse_and_move_after_a_login(honeypot: Honeypot) -> None:
     assert after[("sandtrap_pool_sandboxes", (("state", "preserved"),))] >= 1
     assert after[("sandtrap_storage_up", ())] == 1
     assert ("sandtrap_sandbox_start_failures_total", ()) in after
+    assert ("sandtrap_sandbox_stop_retries_total", ()) in after and (
+        "sandtrap_sandbox_strays_stopped_total",
+        (),
+    ) in after
 
 
 # -- the token ------------------------------------------------------------------------------------------------
