@@ -215,15 +215,17 @@ class DockerProcess:
             return self._status
         deadline = time.monotonic() + 10.0
         delay = 0.005
-        while True:
-            info = await engine.call("exec inspect", self._exec.inspect(), 10)
-            if not info.get("Running") or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        try:
+            while True:
+                info = await engine.call("exec inspect", self._exec.inspect(), 10)
+                if not info.get("Running") or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        finally:  # the stream is closed even when the engine is gone (an unclosed one warns when collected)
+            await self._close()
         code = info.get("ExitCode")
         self._status = exit_status(code if isinstance(code, int) else 255)
-        await self._close()
         return self._status
 
     async def kill(self) -> None:
