@@ -33,3 +33,27 @@ def _no_user_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def pytest_report_header() -> str:
     return f"sandtrap tests: output in {OUTPUT_DIR}, docker host {os.environ.get('DOCKER_HOST', 'local socket')}"
+
+
+# Figures the battery tests print ("[load] ...", "[fuzz] ...", "[faults] ..."): pytest keeps a passing test's
+# output to itself, so they are gathered here and shown at the end of the run (and in test-output/figures.txt).
+FIGURE_PREFIXES = ("[load]", "[fuzz]", "[faults]", "[escape]")
+_figures: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call":
+        return
+    for line in report.capstdout.splitlines():
+        if line.lstrip().startswith(FIGURE_PREFIXES):
+            _figures.append(line.strip())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _figures:
+        return
+    terminalreporter.section("figures (SECURITY.md quotes them)")
+    for line in _figures:
+        terminalreporter.write_line(line)
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    (OUTPUT_DIR / "figures.txt").write_text("\n".join(_figures) + "\n", encoding="utf-8")
