@@ -95,6 +95,9 @@ class ServerContext:
     connections: set[ConnectionHandler] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
     engine_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+    # Stops of released boxes, bounded on their own: a burst of them (a stop takes up to 2 s when shells
+    # ignore SIGTERM) must not hold up the next sessions' file collection and closing records.
+    stop_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A background task that outlives its connection's callbacks (kept until done)."""
@@ -233,7 +236,7 @@ class ConnectionHandler(asyncssh.SSHServer):
             )
         if lease is not None:
             try:
-                async with self.ctx.engine_work:
+                async with self.ctx.stop_work:
                     released = await self.ctx.manager.end(lease)
                 if released and self.emitter is not None:
                     self.emitter.emit(SANDBOX_RELEASED, sandbox_id=lease.sandbox.id, sandbox_name=lease.sandbox.name)
