@@ -40,7 +40,15 @@ def apply_events(db: Session, events: Sequence[Event]) -> int:
     rows: list[dict[str, Any]] = []
     with db.no_autoflush:
         found = list(db.scalars(select(SessionRow).where(SessionRow.id.in_(ids)))) if ids else []
-        db.info[_SESSIONS] = {row.id: row for row in found}
+        cache = {row.id: row for row in found}
+        # Sessions this batch starts: their rows go in with one flush, before any row that references them.
+        for event in events:
+            if event.session and event.session not in cache and event.event_id not in known:
+                cache[event.session] = _stub(event)
+                db.add(cache[event.session])
+        if len(cache) > len(found):
+            db.flush()
+        db.info[_SESSIONS] = cache
         db.info[_BATCH] = rows
         try:
             for event in events:
@@ -115,27 +123,32 @@ def _session(db: Session, event: Event) -> SessionRow:
     cache: dict[str, SessionRow] | None = db.info.get(_SESSIONS)
     row = cache.get(event.session) if cache is not None else db.get(SessionRow, event.session)
     if row is None:
-        row = SessionRow(
-            id=event.session,
-            sensor=event.sensor,
-            protocol=event.protocol or "ssh",
-            src_ip=event.src_ip,
-            src_port=event.src_port,
-            dst_ip=event.dst_ip,
-            dst_port=event.dst_port,
-            started_at=_ts(event),
-            login_success=False,
-            auth_attempts_count=0,
-            commands_count=0,
-            artifacts_count=0,
-            bytes_in=0,
-            bytes_out=0,
-        )
+        row = _stub(event)
         db.add(row)
         db.flush()  # child rows of this batch reference it
         if cache is not None:
             cache[row.id] = row
     return row
+
+
+def _stub(event: Event) -> SessionRow:
+    """A session row from an event's envelope (the connect event, or any when that one is missing)."""
+    return SessionRow(
+        id=event.session,
+        sensor=event.sensor,
+        protocol=event.protocol or "ssh",
+        src_ip=event.src_ip,
+        src_port=event.src_port,
+        dst_ip=event.dst_ip,
+        dst_port=event.dst_port,
+        started_at=_ts(event),
+        login_success=False,
+        auth_attempts_count=0,
+        commands_count=0,
+        artifacts_count=0,
+        bytes_in=0,
+        bytes_out=0,
+    )
 
 
 # -- the handlers ------------------------------------------------------------------------------------------
