@@ -36,6 +36,8 @@ from sandtrap.storage.ingest import apply_events
 from sandtrap.storage.replay import read_jsonlog
 
 log = logging.getLogger(__name__)
+# How long the writer waits for a batch to fill once an event is queued (a bound on the added latency).
+LINGER_S = 0.05
 
 BATCH_SIZE = 500
 RETRY_MIN_S = 0.5
@@ -177,6 +179,14 @@ class DatabaseSink:
                     self._lock.wait()
                 if not self._queue:
                     return
+                # Linger a moment for more: under a flood, one transaction then carries many events
+                # (per-transaction work dominated the honeypot's CPU per login attempt).
+                linger_until = time.monotonic() + LINGER_S
+                while len(self._queue) < self._batch and not self._closing:
+                    remaining = linger_until - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._lock.wait(remaining)
                 batch = list(itertools.islice(self._queue, self._batch))
             if self._store([event for _, event in batch]) is not None:
                 if self._down_since is not None:
