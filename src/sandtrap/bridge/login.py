@@ -6,6 +6,7 @@ an argv element or on stdin, never spliced into a shell string.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,14 +78,18 @@ MAX_FAILED_LOGGED = 20
 async def ensure_account(sandbox: Sandbox, username: str, password: str | None) -> Account:
     """Create the user in the box if needed, set its password, and return its passwd entry."""
     proc = await sandbox.exec(["sh", "-c", _ENSURE_ACCOUNT, "sh", username])
-    if password and not any(c in password for c in "\r\n\0"):
-        await proc.write(password.encode("utf-8", "surrogateescape") + b"\n")
-    await proc.close_stdin()
-    out = bytearray()
-    while (chunk := await proc.read()) is not None:
-        if chunk.stream == 1 and len(out) < 4096:
-            out += chunk.data
-    status = await proc.wait()
+    try:
+        if password and not any(c in password for c in "\r\n\0"):
+            await proc.write(password.encode("utf-8", "surrogateescape") + b"\n")
+        await proc.close_stdin()
+        out = bytearray()
+        while (chunk := await proc.read()) is not None:
+            if chunk.stream == 1 and len(out) < 4096:
+                out += chunk.data
+        status = await proc.wait()
+    except BaseException:
+        await asyncio.shield(proc.kill())  # the stream goes back even when this is cancelled
+        raise
     line = out.decode("utf-8", "replace").strip().splitlines()
     if status.code != 0 or not line:
         raise SandboxError(f"cannot set up account {username!r} in the sandbox (exit {status.code})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -230,6 +231,16 @@ class DockerProcess:
 
     async def kill(self) -> None:
         await self._close()
+
+    def __del__(self) -> None:
+        # A process dropped without wait() or kill() (its task cancelled at shutdown, an error half-way):
+        # release its engine connection now rather than leave aiodocker to warn when it is collected.
+        stream = getattr(self, "_stream", None)
+        resp = getattr(stream, "_resp", None)
+        if stream is not None and resp is not None and not stream._closed:
+            stream._closed = True
+            with contextlib.suppress(Exception):
+                resp.close()
 
     async def _close(self) -> None:
         try:
