@@ -18,6 +18,7 @@ import secrets
 import signal
 import tarfile
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -369,6 +370,7 @@ class DockerSandbox:
             await stream.close()
             raise
         proc = DockerProcess(execution, stream, tty is not None)
+        _OPEN.setdefault(id(self._client), weakref.WeakSet()).add(proc)
         if tty is not None:
             await proc.resize(tty)
         return proc
@@ -535,6 +537,9 @@ class DockerSandbox:
             if not engine.is_not_found(exc) and "409" not in str(exc):
                 raise
 
+
+# Per engine client: the exec processes started through it, closed with it (DockerBackend.close).
+_OPEN: dict[int, weakref.WeakSet[DockerProcess]] = {}
 
 # Per engine address: the open-files hard limit the engine was last seen to grant (see DockerBackend.create).
 _NOFILE_LEARNED: dict[str, int] = {}
@@ -706,4 +711,7 @@ class DockerBackend:
         await engine.call("ping", self._client.version(), 5)
 
     async def close(self) -> None:
+        # Exec streams still open (a task cancelled mid-session at shutdown) go back before the client does.
+        for proc in list(_OPEN.pop(id(self._client), ())):
+            await proc.kill()
         await engine.close(self._client)
