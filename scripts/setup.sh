@@ -70,9 +70,15 @@ if [ -e /dev/fuse ]; then
   fi
   mkdir -p /var/lib/lxcfs
   if ! grep -q " /var/lib/lxcfs fuse" /proc/mounts; then
+    # An lxcfs that is still shutting down holds its pid file and would make a new one exit at once.
+    for _ in $(seq 1 20); do pgrep -x lxcfs >/dev/null || break; sleep 0.5; done
     say "starting lxcfs on /var/lib/lxcfs (log: $DATA/log/lxcfs.log)"
     setsid nohup lxcfs --enable-loadavg /var/lib/lxcfs >>"$DATA/log/lxcfs.log" 2>&1 < /dev/null &
+    lxcfs_pid=$!
     for _ in $(seq 1 20); do [ -e /var/lib/lxcfs/proc/meminfo ] && break; sleep 0.5; done
+    sleep 0.5
+    kill -0 "$lxcfs_pid" 2>/dev/null && [ -e /var/lib/lxcfs/proc/meminfo ] \
+      || die "lxcfs did not start (see $DATA/log/lxcfs.log); stop any other lxcfs and run the set-up again"
   fi
 else
   say "no /dev/fuse: lxcfs not started (sandboxes will show the host's /proc/meminfo)"
