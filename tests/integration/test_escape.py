@@ -526,7 +526,9 @@ async def test_fork_bomb_stops_at_the_pids_limit(honeypot: Honeypot, battery: li
         assert events.startswith("max ") and refused_forks > 0
         assert int(current) < 20
         if peak != "-":
-            assert limit - 10 <= int(peak) <= limit
+            # Forks stop at the limit; processes that *join* the cgroup (each `docker exec`: sessions, the
+            # honeypot's own account set-up) are not counted against it, so the peak may pass it by a few.
+            assert limit - 10 <= int(peak) <= limit + 10, peak
     battery.append(
         Row(
             "fork bomb :(){ :|:& };:",
