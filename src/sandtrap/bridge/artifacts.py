@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,8 @@ class ArtifactStore:
             return Stored(sha, rel, True, True)
         if not allow or self.total_bytes + len(data) > self._max_total:
             return Stored(sha, "", False, False)
-        tmp = target.with_suffix(".part")
+        # A name of its own per write: two sessions storing the same content at once must not share it.
+        tmp = target.with_suffix(f".{secrets.token_hex(6)}.part")
         try:
             target.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o440)
