@@ -1,4 +1,5 @@
-"""The real OpenSSH client (ssh, scp, sftp) and tmux, driven as subprocesses against a honeypot on 127.0.0.1.
+"""SSH clients against a honeypot on 127.0.0.1: the real OpenSSH client (ssh, scp, sftp) and tmux, driven as
+subprocesses, and the asyncssh connection options and context manager the Python-side tests share.
 
 Passwords go in through ``sshpass -p``. ``sftp -b`` would imply BatchMode (no passwords), so sftp
 reads its commands on stdin instead. Every wait is bounded; every process started is ended in ``finally``.
@@ -16,6 +17,9 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import asyncssh
 
 HOST = "127.0.0.1"
 USER = "root"
@@ -223,3 +227,31 @@ async def tmux_session(argv: Sequence[str], width: int, height: int) -> AsyncIte
             await t.tmux("kill-server", check=False)
             if socket_path:
                 Path(socket_path).unlink(missing_ok=True)  # tmux 3.3a leaves it behind
+
+
+# -- asyncssh ------------------------------------------------------------------------------------------------
+def asyncssh_options(login_timeout: float = 30, **kw: Any) -> dict[str, Any]:
+    """asyncssh.connect arguments for the honeypot, with nothing picked up from this machine's ~/.ssh."""
+    base: dict[str, Any] = {
+        "known_hosts": None,
+        "username": USER,
+        "password": PASSWORD,
+        "client_keys": None,
+        "agent_path": None,
+        "config": [],
+        "preferred_auth": "password",
+        "login_timeout": login_timeout,
+    }
+    return {**base, **kw}
+
+
+@contextlib.asynccontextmanager
+async def asyncssh_connected(hp: Any, **kw: Any) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """A connection to honeypot ``hp`` (anything with a ``port``), closed and awaited on the way out."""
+    async with asyncio.timeout(60):
+        conn = await asyncssh.connect(HOST, hp.port, **asyncssh_options(**kw))
+    try:
+        yield conn
+    finally:
+        conn.close()
+        await conn.wait_closed()

@@ -19,7 +19,6 @@ import sys
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +40,8 @@ from sandtrap.sandbox.base import TermSize
 from sandtrap.storage.migrate import upgrade
 from sandtrap.storage.repository import Repository
 
+from sshclient import asyncssh_connected as ssh
+
 pytestmark = pytest.mark.timeout(300)
 
 Honeypot = Callable[..., Any]
@@ -55,31 +56,6 @@ def api_overrides(**api: Any) -> dict[str, Any]:
         "api": {"listen": "127.0.0.1:0", **api},
         "auth": {"credentials": CREDENTIALS, "accept_all_after": 0},
     }
-
-
-def ssh_options(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "known_hosts": None,
-        "username": "root",
-        "password": "hunter2",
-        "client_keys": None,
-        "agent_path": None,
-        "config": [],
-        "preferred_auth": "password",
-        "login_timeout": 30,
-    }
-    return {**base, **kw}
-
-
-@asynccontextmanager
-async def ssh(hp: Any, **kw: Any) -> AsyncIterator[asyncssh.SSHClientConnection]:
-    async with asyncio.timeout(60):
-        conn = await asyncssh.connect("127.0.0.1", hp.port, **ssh_options(**kw))
-    try:
-        yield conn
-    finally:
-        conn.close()
-        await conn.wait_closed()
 
 
 async def session_of(hp: Any, conn: asyncssh.SSHClientConnection) -> str:

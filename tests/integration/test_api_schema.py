@@ -20,25 +20,13 @@ from schemathesis.checks import CheckFunction
 
 from sandtrap.events import SESSION_CLOSED, SESSION_CONNECT, SESSION_FILE_UPLOAD
 
+from sshclient import asyncssh_options as ssh_options
+
 pytestmark = pytest.mark.timeout(600)
 
 Honeypot = Callable[..., Any]
 EXAMPLES = 25  # per operation and mode; keeps the suite inside its 20-minute budget
 PAYLOAD = b"#!/bin/sh\necho schema-test\n"
-
-
-def ssh_options(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "known_hosts": None,
-        "username": "root",
-        "password": "hunter2",
-        "client_keys": None,
-        "agent_path": None,
-        "config": [],
-        "preferred_auth": "password",
-        "login_timeout": 30,
-    }
-    return {**base, **kw}
 
 
 async def record(hp: Any) -> str:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ from sandtrap.events import (
 )
 from sandtrap.sandbox.docker import LABEL_SENSOR
 
-from sshclient import free_port
+from sshclient import asyncssh_options, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,18 +60,7 @@ needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (a second docker
 
 
 # -- clients ---------------------------------------------------------------------------------------------------
-def client_options(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "known_hosts": None,
-        "username": "root",
-        "password": "hunter2",
-        "client_keys": None,
-        "agent_path": None,
-        "config": [],
-        "preferred_auth": "password",
-        "login_timeout": 60,
-    }
-    return {**base, **kw}
+client_options = functools.partial(asyncssh_options, login_timeout=60)
 
 
 class Term(asyncssh.SSHClientSession[bytes]):

@@ -45,6 +45,8 @@ from sandtrap.events import (
     SESSION_CONNECT,
 )
 
+from sshclient import asyncssh_options as client_options
+
 pytestmark = pytest.mark.timeout(420)
 
 Honeypot = Callable[..., Any]
@@ -106,20 +108,6 @@ def rss() -> int:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def client_options(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "known_hosts": None,
-        "username": "root",
-        "password": "hunter2",
-        "client_keys": None,
-        "agent_path": None,
-        "config": [],
-        "preferred_auth": "password",
-        "login_timeout": 30,
-    }
-    return {**base, **kw}
 
 
 class Term(asyncssh.SSHClientSession[bytes]):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -53,7 +54,7 @@ from sandtrap.sandbox.docker import LABEL_SENSOR
 from sandtrap.storage.repository import Repository
 
 from helpers import remove_sensor_containers
-from sshclient import free_port
+from sshclient import asyncssh_options, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -69,6 +70,9 @@ RAMP_BUDGET_S = 150.0
 ANSWER_BUDGET_S = 30.0  # a command's output must arrive within this
 MEMORY_SLACK = 64 * 2**20  # "near the baseline": within this, or within a quarter of what the load added
 SANDTRAP = Path(sys.executable).parent / "sandtrap"
+
+
+client_options = functools.partial(asyncssh_options, login_timeout=120)  # logins queue behind 200 at once
 
 
 # -- the honeypot in a subprocess ------------------------------------------------------------------------------
@@ -147,20 +151,6 @@ def jsonlog(data_dir: Path) -> list[dict[str, Any]]:
     for path in sorted((data_dir / "log").glob("sandtrap.json*")):
         lines += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return lines
-
-
-def client_options(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "known_hosts": None,
-        "username": "root",
-        "password": "hunter2",
-        "client_keys": None,
-        "agent_path": None,
-        "config": [],
-        "preferred_auth": "password",
-        "login_timeout": 120,
-    }
-    return {**base, **kw}
 
 
 # -- the interactive sessions ----------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncssh
@@ -39,6 +38,9 @@ from sandtrap.events import (
     Event,
 )
 
+from sshclient import asyncssh_connected as connect
+from sshclient import asyncssh_options as options
+
 pytestmark = pytest.mark.timeout(120)
 
 Honeypot = Callable[..., Any]
@@ -46,32 +48,6 @@ ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def options(**kw: Any) -> dict[str, Any]:
-    """asyncssh.connect arguments for the honeypot, with nothing picked up from this machine's ~/.ssh."""
-    base: dict[str, Any] = {
-        "known_hosts": None,
-        "username": "root",
-        "password": "hunter2",
-        "client_keys": None,
-        "agent_path": None,
-        "config": [],
-        "preferred_auth": "password",
-        "login_timeout": 30,
-    }
-    return {**base, **kw}
-
-
-@asynccontextmanager
-async def connect(hp: Any, **kw: Any) -> AsyncIterator[asyncssh.SSHClientConnection]:
-    async with asyncio.timeout(60):
-        conn = await asyncssh.connect("127.0.0.1", hp.port, **options(**kw))
-    try:
-        yield conn
-    finally:
-        conn.close()
-        await conn.wait_closed()
-
-
 async def connect_with(hp: Any, client: asyncssh.SSHClient, **kw: Any) -> asyncssh.SSHClientConnection:
     """Connect with our own SSHClient (its callbacks supply the credentials); the caller closes."""
     kw.setdefault("password", None)

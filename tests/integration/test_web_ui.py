@@ -34,6 +34,8 @@ from sandtrap.api.web import has_vendor_assets, mount
 from sandtrap.events import LOGIN_FAILED, SESSION_CLOSED, SESSION_CONNECT
 from sandtrap.storage.records import SessionDetail
 
+from sshclient import asyncssh_connected as connect
+
 pytestmark = pytest.mark.timeout(420)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -72,31 +74,6 @@ def _needs_browser() -> None:
 
 
 # -- the attacker -------------------------------------------------------------------------------------------
-def ssh_options(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "known_hosts": None,
-        "username": "root",
-        "password": "hunter2",
-        "client_keys": None,
-        "agent_path": None,
-        "config": [],
-        "preferred_auth": "password",
-        "login_timeout": 30,
-    }
-    return {**base, **kw}
-
-
-@contextlib.asynccontextmanager
-async def connect(hp: Any, **kw: Any) -> AsyncIterator[asyncssh.SSHClientConnection]:
-    async with asyncio.timeout(60):
-        conn = await asyncssh.connect("127.0.0.1", hp.port, **ssh_options(**kw))
-    try:
-        yield conn
-    finally:
-        conn.close()
-        await conn.wait_closed()
-
-
 async def session_id(hp: Any, conn: asyncssh.SSHClientConnection) -> str:
     port = int(conn.get_extra_info("sockname")[1])
     (event,) = await hp.wait_for(SESSION_CONNECT, src_port=port)
