@@ -49,7 +49,10 @@ if ! docker info >/dev/null 2>&1; then
   fi
   say "starting dockerd in the background (log: $DATA/log/dockerd.log)"
   # Not a service manager's child: a plain background daemon that outlives this script.
-  setsid nohup dockerd --log-level=warn >>"$DATA/log/dockerd.log" 2>&1 < /dev/null &
+  # LimitNOFILE=infinity as Debian's docker and containerd units set it: a box's open-files hard limit
+  # cannot exceed the engine's, and a login on a real server has 524288 (sandbox.ulimit_nofile_hard).
+  setsid nohup sh -c 'ulimit -Hn 1048576 2>/dev/null; ulimit -Sn 1048576 2>/dev/null; exec dockerd --log-level=warn' \
+    >>"$DATA/log/dockerd.log" 2>&1 < /dev/null &
   for _ in $(seq 1 90); do
     docker info >/dev/null 2>&1 && break
     sleep 1

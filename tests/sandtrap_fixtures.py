@@ -7,7 +7,7 @@ import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,8 @@ def sandbox_settings(built_image: str) -> Callable[..., SandboxSettings]:
 async def backend_factory(sensor: str) -> AsyncIterator[Callable[[SandboxSettings], DockerBackend]]:
     made: list[DockerBackend] = []
 
-    def make(settings: SandboxSettings) -> DockerBackend:
-        b = DockerBackend(settings, sensor)
+    def make(settings: SandboxSettings, files: Mapping[str, tuple[bytes, int, float]] | None = None) -> DockerBackend:
+        b = DockerBackend(settings, sensor, files)
         made.append(b)
         return b
 

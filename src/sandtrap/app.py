@@ -27,6 +27,7 @@ from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.auth import AuthPolicy
+from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
 from sandtrap.ssh.server import ServerContext, SSHFrontEnd
 from sandtrap.storage.migrate import upgrade
 from sandtrap.storage.repository import Repository
@@ -36,7 +37,12 @@ log = logging.getLogger(__name__)
 
 def build_backend(settings: Settings) -> SandboxBackend:
     if settings.sandbox.backend == "docker":
-        return DockerBackend(settings.sandbox, settings.sensor)
+        files = None
+        if settings.sandbox.share_host_keys:
+            keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
+            load_host_keys(keys)  # generated now if missing: the SSH front end loads the same files
+            files = box_host_key_files(keys, settings.sandbox.hostname)
+        return DockerBackend(settings.sandbox, settings.sensor, files)
     raise AssertionError(settings.sandbox.backend)  # the config's Literal makes this unreachable
 
 

@@ -147,6 +147,7 @@ class SandboxSettings(_Section):
             "SETUID",
             "AUDIT_WRITE",
             "NET_BIND_SERVICE",  # sshd in the box listens on port 22 (its own network namespace)
+            "SYS_CHROOT",  # ...and chroots its pre-auth child to /run/sshd (without it every connection dies)
         ]
     )
     no_new_privileges: bool = True
@@ -180,6 +181,11 @@ class SandboxSettings(_Section):
     runtime: str = Field("", description="alternative OCI runtime, e.g. runsc; empty = engine default")
     # Realism (README "Realism"): what gives a container away, removed where the security cost is nil.
     cgroupns: Literal["private", "host"] = Field("private", description="private: /proc/self/cgroup shows '/'")
+    share_host_keys: bool = Field(
+        True,
+        description="the box's /etc/ssh holds the sensor's host keys, so the key the client saw is the box's own "
+        "sshd's (an attacker who is root in the box can read them, as on any server)",
+    )
     honeytokens: bool = Field(True, description="plant lure credentials unique to each box; record reads")
     lxcfs_dir: str = Field(
         "/var/lib/lxcfs", description="lxcfs mount: /proc/meminfo etc. as the box's limits show them; '' = off"

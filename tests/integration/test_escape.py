@@ -181,7 +181,6 @@ out = {
     "reboot": sc(169, 0xfee1dead, 672274793, 0x4321fedc, 0),
     "swapon": sc(167, b"/tmp/swap", 0),
     "pivot_root": sc(155, b"/tmp", b"/tmp"),
-    "chroot": sc(161, b"/tmp"),
     "bpf": sc(321, 0, 0, 0),
     "perf_event_open": sc(298, 0, 0, -1, -1, 0),
     "userfaultfd": sc(323, 0),
@@ -199,6 +198,27 @@ for name, fam, typ, proto in [("raw IPv4 socket", socket.AF_INET, socket.SOCK_RA
         out[name] = "OK"
     except OSError as e:
         out[name] = errno.errorcode.get(e.errno, str(e.errno))
+def chroot_breakout():
+    # The classic way out of a chroot (chroot into a subdirectory, climb with "..", chroot "."): with
+    # CAP_SYS_CHROOT it works, and must land on the box's own root, never the host's.
+    before = os.stat("/")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.makedirs("/tmp/.cb", exist_ok=True)
+            os.chroot("/tmp/.cb")
+            for _ in range(64):
+                os.chdir("..")
+            os.chroot(".")
+            now = os.stat("/")
+            os._exit(0 if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino) else 3)
+        except PermissionError:
+            os._exit(1)
+        except BaseException:
+            os._exit(2)
+    code = os.waitpid(pid, 0)[1] >> 8
+    return {0: "the box's own root", 1: "EPERM", 2: "error", 3: "ANOTHER ROOT"}[code]
+out["chroot breakout"] = chroot_breakout()
 print(json.dumps(out))
 """
 
@@ -255,11 +275,16 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         assert r.status == 0, r
         probe = json.loads(r.out)
         io_uring = probe.pop("io_uring_setup")
+        breakout = probe.pop("chroot breakout")
+        assert breakout == "the box's own root", breakout
+        battery.append(
+            Row("chroot breakout (chroot, climb '..', chroot '.')", "contained", "lands on the box's own root")
+        )
         refused = {name: got for name, got in probe.items() if got == "EPERM"}
         assert refused == probe, {k: v for k, v in probe.items() if v != "EPERM"}
         for group, names, why in [
             ("kernel module load/unload", ["init_module", "finit_module", "delete_module"], "no CAP_SYS_MODULE, seccomp"),
-            ("mount/unshare/setns syscalls", ["mount", "mount cgroup", "unshare(CLONE_NEWUSER)", "unshare(CLONE_NEWNS)", "setns(pid 1 mnt)", "pivot_root", "chroot"], "no CAP_SYS_ADMIN/SYS_CHROOT, seccomp"),
+            ("mount/unshare/setns syscalls", ["mount", "mount cgroup", "unshare(CLONE_NEWUSER)", "unshare(CLONE_NEWNS)", "setns(pid 1 mnt)", "pivot_root"], "no CAP_SYS_ADMIN, seccomp"),
             ("open_by_handle_at (Shocker)", ["open_by_handle_at"], "no CAP_DAC_READ_SEARCH, seccomp"),
             ("raw and packet sockets", ["raw IPv4 socket", "raw IPv6 socket", "packet socket"], "no CAP_NET_RAW"),
             ("kexec, reboot, swapon, iopl, clock_settime", ["kexec_load", "reboot", "swapon", "iopl", "clock_settime"], "seccomp, no caps"),

@@ -11,6 +11,7 @@ import asyncio
 import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from sandtrap.sandbox.docker import (
     DockerBackend,
     DockerSandbox,
 )
+from sandtrap.ssh.hostkeys import box_host_key_files, load_host_keys
 
 from helpers import run
 
@@ -89,6 +91,7 @@ DEFAULT_CAPS = {
     "SETUID",
     "AUDIT_WRITE",
     "NET_BIND_SERVICE",
+    "SYS_CHROOT",
 }
 
 
@@ -349,6 +352,34 @@ async def test_read_only_root(
     for path in ("/root/sandtrap-probe", "/etc/sandtrap-probe", "/var/tmp/sandtrap-probe", "/tmp/sandtrap-probe"):
         code, out, err = await sh(sandbox, f"echo written > {path} && cat {path}")
         assert (code, out) == (0, "written\n"), (path, err)
+
+
+@pytest.mark.parametrize("read_only_root", [False, True])
+async def test_planted_host_keys_are_what_the_box_sshd_serves(
+    backend_factory: Callable[..., DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+    tmp_path: Path,
+    read_only_root: bool,
+) -> None:
+    """sandbox.share_host_keys: the sensor's keys replace the image's in /etc/ssh (in the writable mounts too)
+    before init starts the box's sshd, so the key a client saw is the one the box's own sshd on :22 serves."""
+    load_host_keys(tmp_path)
+    files = box_host_key_files(tmp_path, "web-prod-03")
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(read_only_root=read_only_root), files))
+    pub = files["etc/ssh/ssh_host_ed25519_key.pub"][0].decode()
+    assert pub.endswith(" root@web-prod-03\n")
+    assert await cat(sandbox, "/etc/ssh/ssh_host_ed25519_key.pub") == pub
+    code, out, err = await sh(sandbox, "stat -c '%a %U %n' /etc/ssh/ssh_host_*")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]  # mode, owner, path
+    assert len(rows) == 6 and all(
+        (mode, owner) == ("644" if path.endswith(".pub") else "600", "root") for mode, owner, path in rows
+    ), out
+    # The box's own sshd (started by init after the files were in place) offers that key.
+    code, out, err = await sh(
+        sandbox, "for i in $(seq 50); do ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null && break; sleep 0.2; done"
+    )
+    assert code == 0 and pub.split()[1] in out, (out, err)
 
 
 @pytest.mark.parametrize(

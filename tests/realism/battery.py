@@ -969,13 +969,15 @@ CHECKS: tuple[Check, ...] = (
         'for f in /etc/ssh/ssh_host_*_key.pub; do ssh-keygen -lf "$f"; done',
         "the host key the client saw is one of the box's /etc/ssh keys",
         _host_key_matches,
-        "known-gap",
-        "The box's sshd keys were made at image build; the client sees the sensor's key.",
-        "`sandbox/docker.py` `create`: `put_archive` the sensor's host keys (`ssh.host_key_dir`, private 0600 "
-        "and `.pub` 0644, comment `root@<hostname>`) into /etc/ssh between create and start, so the box's own "
-        "sshd serves the same keys (app.py passes the files; the backend never reads Settings). The attacker "
-        "can then read the sensor's private host key, as on any server they own.",
         needs_ssh=True,
+    ),
+    Check(
+        "sshd-handshake",
+        "session",
+        "exec",
+        "timeout 5 ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null; tail -n 3 /var/log/auth.log | grep -c 'fatal:'",
+        "the box's own sshd on :22 completes a key exchange (no `fatal: chroot` in auth.log)",
+        lambda r: re.search(r"^127\.0\.0\.1 ssh-ed25519 AAAA", r.out, re.M) is not None and lines(r.out)[-1:] == ["0"],
     ),
     Check(
         "banner-matches-package",

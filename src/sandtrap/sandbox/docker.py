@@ -545,12 +545,31 @@ _OPEN: dict[int, weakref.WeakSet[DockerProcess]] = {}
 _NOFILE_LEARNED: dict[str, int] = {}
 
 
-class DockerBackend:
-    """Creates hardened containers for one sensor and finds those a previous run left."""
+def files_archive(files: Mapping[str, tuple[bytes, int, float]]) -> bytes:
+    """A tar rooted at / of regular files owned by root: relative path -> (content, mode, mtime)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, (data, mode, mtime) in sorted(files.items()):
+            if name.startswith("/") or ".." in name.split("/"):
+                raise ValueError(f"not a relative path inside the box: {name!r}")
+            member = tarfile.TarInfo(name)
+            member.size, member.mode, member.mtime = len(data), mode, int(mtime)
+            tar.addfile(member, io.BytesIO(data))
+    return buf.getvalue()
 
-    def __init__(self, settings: SandboxSettings, sensor: str) -> None:
+
+class DockerBackend:
+    """Creates hardened containers for one sensor and finds those a previous run left.
+
+    ``files`` (path relative to / -> content, mode, mtime) are written into every box before its init
+    runs: the sensor's SSH host keys (``sandbox.share_host_keys``)."""
+
+    def __init__(
+        self, settings: SandboxSettings, sensor: str, files: Mapping[str, tuple[bytes, int, float]] | None = None
+    ) -> None:
         self._settings = settings
         self._sensor = sensor
+        self._planted = files_archive(files) if files else b""
         self._client = engine.connect(settings.docker_host)
         self._image_seed: tuple[bytes, str] | None = None
         self._network_ready = False
@@ -621,9 +640,12 @@ class DockerBackend:
             "create container", self._client.containers.create(config, name=name), self._settings.start_timeout_s
         )
         sandbox = DockerSandbox(self._client, container.id, name, tuple(self._settings.tmpfs))
+        seeded = self._settings.read_only_root and bool(self._settings.writable)
         try:
+            if self._planted and not seeded:  # in the container's own layer, before init starts sshd
+                await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
             await engine.call("start container", container.start(), self._settings.start_timeout_s)
-            if self._settings.read_only_root and self._settings.writable:
+            if seeded:
                 await self._seed(sandbox)
         except BaseException:
             await asyncio.shield(sandbox.remove())
@@ -636,11 +658,20 @@ class DockerBackend:
         if self._image_seed is None:
             self._image_seed = await self._image_files()
         data, fix_roots = self._image_seed
-        # --skip-old-files: what the box's init wrote at boot (/etc/machine-id) stays.
+        # --skip-old-files: what the box's init wrote at boot (/etc/machine-id) stays. The planted files
+        # (host keys) then replace the image's in the fresh mounts, before init starts the daemons.
         script = f"tar -x -p --numeric-owner --skip-old-files -C / -f - && {fix_roots}"
-        script += " && kill -USR1 1"  # init starts the daemons now (init.c, wait_for_files)
+        await self._run_with_input(sandbox, script, data, "seeding the writable mounts")
+        if self._planted:
+            await self._run_with_input(sandbox, "tar -x -p --numeric-owner -C / -f -", self._planted, "planting files")
+        await self._run_with_input(sandbox, "kill -USR1 1", b"", "starting the daemons")  # init.c, wait_for_files
+        sandbox.seeded_at = time.time()
+
+    @staticmethod
+    async def _run_with_input(sandbox: DockerSandbox, script: str, data: bytes, what: str) -> None:
         proc = await sandbox.exec(["sh", "-c", script])
-        await proc.write(data)
+        if data:
+            await proc.write(data)
         await proc.close_stdin()
         err = bytearray()
         while (chunk := await proc.read()) is not None:
@@ -648,8 +679,7 @@ class DockerBackend:
                 err += chunk.data
         status = await proc.wait()
         if status.code != 0:
-            raise SandboxError(f"seeding the writable mounts failed ({status.code}): {err.decode(errors='replace')}")
-        sandbox.seeded_at = time.time()
+            raise SandboxError(f"{what} failed ({status.code}): {err.decode(errors='replace')}")
 
     async def _image_files(self) -> tuple[bytes, str]:
         """The image's files under each writable path, read once from a container that never starts."""

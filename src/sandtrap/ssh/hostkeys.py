@@ -18,6 +18,11 @@ _KEYS: list[tuple[str, str]] = [
 ]
 
 
+def host_key_dir(configured: str, data_dir: Path) -> Path:
+    """``ssh.host_key_dir``, or ``<data_dir>/hostkeys`` when it is empty."""
+    return Path(configured) if configured else Path(data_dir) / "hostkeys"
+
+
 def load_host_keys(directory: Path) -> list[asyncssh.SSHKey]:
     """Load the host keys from ``directory``, generating any that are missing (mode 0600)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -40,3 +45,18 @@ def load_host_keys(directory: Path) -> list[asyncssh.SSHKey]:
             (directory / (filename + ".pub")).write_bytes(key.export_public_key("openssh"))
         keys.append(asyncssh.read_private_key(str(path)))
     return keys
+
+
+def box_host_key_files(directory: Path, hostname: str) -> dict[str, tuple[bytes, int, float]]:
+    """The sensor's host keys (``load_host_keys`` first) as files for a box's /etc/ssh: path, content, mode
+    (private 0600, public 0644) and time, commented ``root@<hostname>`` as Debian's ``ssh-keygen -A`` leaves
+    them, so the key a client saw is the one the box's own sshd serves."""
+    files: dict[str, tuple[bytes, int, float]] = {}
+    for filename, _alg in _KEYS:
+        path = directory / filename
+        key = asyncssh.read_private_key(str(path))
+        key.set_comment(f"root@{hostname}")
+        mtime = path.stat().st_mtime
+        files[f"etc/ssh/{filename}"] = (key.export_private_key("openssh"), 0o600, mtime)
+        files[f"etc/ssh/{filename}.pub"] = (key.export_public_key("openssh"), 0o644, mtime)
+    return files

@@ -60,7 +60,7 @@ from sandtrap.ssh.algorithms import (
     host_key_pairs,
 )
 from sandtrap.ssh.auth import AttemptState, AuthPolicy
-from sandtrap.ssh.hostkeys import load_host_keys
+from sandtrap.ssh.hostkeys import host_key_dir, load_host_keys
 from sandtrap.ssh.kex import kex_event_fields, parse_kexinit
 from sandtrap.ssh.wire import imitate_sshd
 
@@ -486,10 +486,7 @@ class SSHFrontEnd:
     async def start(self) -> None:
         s = self._ctx.settings.ssh
         host, port = split_listen(s.listen)
-        key_dir = s.host_key_dir or str(self._data_dir / "hostkeys")
-        from pathlib import Path
-
-        keys = await asyncio.to_thread(load_host_keys, Path(key_dir))
+        keys = await asyncio.to_thread(load_host_keys, host_key_dir(s.host_key_dir, self._data_dir))
         self._server = await asyncssh.create_server(
             lambda: ConnectionHandler(self._ctx),
             host if host not in ("0.0.0.0", "::", "") else "",
