@@ -1116,12 +1116,6 @@ CHECKS: tuple[Check, ...] = (
         "dpkg-query -W -f='${Status}' nginx 2>/dev/null; echo; ss -tln | grep -cE ':(80|443)\\s'; ls /var/log/nginx",
         "the nginx whose logs grow every day is installed and listening",
         _web_story,
-        "known-gap",
-        "The lived-in story (nginx access logs up to ten minutes ago, `inventory.service`) has nginx-light, "
-        "python3-flask and gunicorn installed but nothing on :80: running them costs every box ~30 MB.",
-        "`init.c` `start()` nginx (`worker_processes 1`) and the inventory app (`gunicorn --workers 1 -b "
-        "127.0.0.1:8000 wsgi:app` as www-data) when installed, behind a `sandbox.services` switch; "
-        "`rootfs/etc/nginx/sites-enabled/inventory` proxying to it.",
     ),
     Check(
         "systemd-answers",

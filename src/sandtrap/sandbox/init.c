@@ -235,6 +235,8 @@ int main(int argc, char **argv)
 	sigprocmask(SIG_BLOCK, &watched, NULL);
 
 	static char *const sshd[] = {"/usr/sbin/sshd", "-D", NULL};
+	/* As nginx.service starts it: the master forks into the background (init adopts it), one worker per CPU. */
+	static char *const nginx[] = {"/usr/sbin/nginx", "-g", "daemon on; master_process on;", NULL};
 
 	/* Before anything else runs: every daemon, and whatever an attacker starts through them (cron, the
 	 * box's own sshd), inherits the filter. A box that cannot have it does not start. */
@@ -249,6 +251,7 @@ int main(int argc, char **argv)
 	start(rsyslog);
 	start(cron);
 	start(sshd); /* something listens on port 22, as on any server reached by SSH */
+	start(nginx); /* the web role the box's story tells (logs, the inventory site) */
 
 	for (;;) {
 		int sig = 0;

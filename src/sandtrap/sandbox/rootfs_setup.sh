@@ -156,6 +156,13 @@ done
 find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path "$STAGE" \) -prune \
     -o -newermt "@$((NOW - 86400))" -exec touch -h -d "@$INSTALLED" {} + 2>/dev/null || true
 
+# --- the web role ------------------------------------------------------------------------------
+if [ -f /etc/nginx/sites-available/inventory ] && [ -d /etc/nginx/sites-enabled ]; then
+    say "nginx: the inventory site replaces the default one"
+    rm -f /etc/nginx/sites-enabled/default
+    ln -sfn /etc/nginx/sites-available/inventory /etc/nginx/sites-enabled/inventory
+fi
+
 # --- historic logs -----------------------------------------------------------------------------
 say "logs"
 mkdir -p /var/log/nginx /var/backups/inventory
