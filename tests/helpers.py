@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from sandtrap.sandbox import engine
@@ -26,3 +27,16 @@ async def run(sandbox: Any, cmd: str, user: str = "root", stdin: bytes | None = 
         (out if chunk.stream == 1 else err).extend(chunk.data)
     status = await proc.wait()
     return status.code, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def limit_files(container_id: str, controller: str, *names: str) -> dict[str, str]:
+    """Files of the host cgroup that holds a box's ``controller`` limit, read from the host: the box's parent
+    cgroup when the limits sit there (``sandbox.limits_in_parent``), else the box's own cgroup."""
+    async with engine.engine() as client:
+        info = await client.containers.container(container_id).show()
+    pid = int(info["State"]["Pid"])
+    rows = (await asyncio.to_thread(Path(f"/proc/{pid}/cgroup").read_text)).splitlines()
+    path = next(p for _, ctrls, p in (r.split(":", 2) for r in rows) if controller in ctrls.split(","))
+    own = Path("/sys/fs/cgroup") / controller / path.lstrip("/")
+    where = own.parent if info["HostConfig"].get("CgroupParent") else own
+    return {name: (await asyncio.to_thread((where / name).read_text)).strip() for name in names}

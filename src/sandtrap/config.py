@@ -181,6 +181,16 @@ class SandboxSettings(_Section):
     runtime: str = Field("", description="alternative OCI runtime, e.g. runsc; empty = engine default")
     # Realism (README "Realism"): what gives a container away, removed where the security cost is nil.
     cgroupns: Literal["private", "host"] = Field("private", description="private: /proc/self/cgroup shows '/'")
+    limits_in_parent: bool = Field(
+        True,
+        description="memory/pids/CPU limits on a per-box parent cgroup, so the box's own (namespace root) cgroup "
+        "reads unlimited as a real machine's does; needs cgroup v1 with the cgroupfs driver and the honeypot as "
+        "root on the engine's host, else the limits stay on the container",
+    )
+    pin_cpus: bool = Field(
+        True,
+        description="pin each box to ceil(cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota gives",
+    )
     share_host_keys: bool = Field(
         True,
         description="the box's /etc/ssh holds the sensor's host keys, so the key the client saw is the box's own "

@@ -37,6 +37,8 @@ from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CONNECT
 from sandtrap.sandbox import engine
 from sandtrap.sandbox.network import bridge_name
 
+from helpers import limit_files
+
 pytestmark = pytest.mark.timeout(240)
 
 Honeypot = Callable[..., Any]
@@ -142,14 +144,6 @@ async def inspect(container_id: str, size: bool = False) -> dict[str, Any]:
             f"containers/{container_id}/json", params={"size": "1"} if size else None
         )
         return info
-
-
-async def memory_stats(container_id: str) -> dict[str, int]:
-    """The box's memory cgroup as the engine reads it from outside (usable when the box itself is out of memory)."""
-    async with engine.engine() as client:
-        stats = await client._query_json(f"containers/{container_id}/stats", params={"stream": "false"})
-    mem = stats["memory_stats"]
-    return {"max_usage": int(mem["max_usage"]), "limit": int(mem["limit"])}
 
 
 async def still_serving(hp: Any) -> None:
@@ -542,10 +536,14 @@ async def test_fork_bomb_stops_at_the_pids_limit(honeypot: Honeypot, battery: li
                 str(n) for n in range(1, 20)
             }:
                 await asyncio.sleep(0.5)
-        cg = await sh(
-            attacker, "cd /sys/fs/cgroup/pids && cat pids.max pids.events pids.current; cat pids.peak || echo -"
-        )
-        pids_max, events, current, peak = cg.out.split("\n")[:4]
+        attacker_box = await sandbox_id(hp, attacker)
+        cg = await limit_files(attacker_box, "pids", "pids.max", "pids.current")
+        pids_max, current = cg["pids.max"], cg["pids.current"]
+        # Refused forks are counted in the cgroup that forked: the box's own (its namespace root).
+        events = (await sh(attacker, "cat /sys/fs/cgroup/pids/pids.events")).out.strip()
+        peak = "-"
+        with contextlib.suppress(OSError):  # pids.peak: kernel 6.1 and later
+            peak = (await limit_files(attacker_box, "pids", "pids.peak"))["pids.peak"]
         assert int(pids_max) == limit
         refused_forks = int(events.split()[1])
         assert events.startswith("max ") and refused_forks > 0
@@ -574,12 +572,13 @@ async def test_memory_hog_is_oom_killed_inside_its_box(honeypot: Honeypot, batte
         hog = "python3 -c 'import itertools; hog = [bytearray(16 << 20) for _ in itertools.count()]'"
         r = await sh(conn, hog, timeout_s=60)
         assert r.status == 137, r  # SIGKILL from the OOM killer, not 124 from `timeout`
-        mem = await sh(
-            conn,
-            "cd /sys/fs/cgroup/memory && grep oom_kill memory.oom_control; cat memory.max_usage_in_bytes memory.limit_in_bytes; cat /proc/1/comm",
-        )
-        oom_line, max_usage, limit, init = mem.out.splitlines()[-4:]
-        kills = int(oom_line.split()[1])
+        mem = await limit_files(box, "memory", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
+        # The kill is counted in the victim's cgroup: the box's own (its namespace root).
+        oom_control = (await sh(conn, "cat /sys/fs/cgroup/memory/memory.oom_control")).out
+        oom = dict(line.split() for line in oom_control.splitlines())
+        max_usage, limit = mem["memory.max_usage_in_bytes"], mem["memory.limit_in_bytes"]
+        init = (await sh(conn, "cat /proc/1/comm")).out.strip()
+        kills = int(oom["oom_kill"])
         assert kills >= 1 and int(max_usage) <= int(limit) == hp.settings.sandbox.memory
         assert init == "init"  # only the hog died: the box's PID 1 and the session carry on
         assert (await sh(conn, "echo still here")).out == "still here\n"
@@ -663,7 +662,8 @@ async def test_writable_places_are_size_limited_with_a_read_only_root(honeypot: 
         # 64 + 128 + 32 MiB more on top of /root's 64: more than the box's memory, which the kernel enforces.
         r = await sh(conn, "for d in /home /var /opt; do dd if=/dev/zero of=$d/fill bs=1M count=128; done")
         assert r.status == 137 or "No space left on device" in r.err, r
-        stats = await memory_stats(box)
+        mem = await limit_files(box, "memory", "memory.limit_in_bytes", "memory.max_usage_in_bytes")
+        stats = {"limit": int(mem["memory.limit_in_bytes"]), "max_usage": int(mem["memory.max_usage_in_bytes"])}
         assert stats["limit"] == hp.settings.sandbox.memory, stats
         assert stats["limit"] - 16 * MiB <= stats["max_usage"] <= stats["limit"], stats  # it hit the ceiling
         assert (await inspect(box, size=True)).get("SizeRw", 0) < 4 * MiB  # nothing landed on the host's disk
@@ -701,10 +701,12 @@ async def loop_lag(stop: asyncio.Event) -> float:
     return worst
 
 
-async def cpu_usage(conn: asyncssh.SSHClientConnection) -> tuple[float, int]:
-    """The box's CPU time so far (seconds) and how many periods the CFS quota throttled it."""
-    r = await sh(conn, "cat /sys/fs/cgroup/cpuacct/cpuacct.usage; grep nr_throttled /sys/fs/cgroup/cpu/cpu.stat")
-    usage, throttled = r.out.split("\n")[:2]
+async def cpu_usage(conn: asyncssh.SSHClientConnection, box: str) -> tuple[float, int]:
+    """The box's CPU time so far (seconds) and how many periods the CFS quota throttled it (counted where the
+    quota is: the box's parent cgroup with limits_in_parent)."""
+    usage = (await sh(conn, "cat /sys/fs/cgroup/cpuacct/cpuacct.usage")).out.strip()
+    stat = (await limit_files(box, "cpu", "cpu.stat"))["cpu.stat"]
+    throttled = next(line for line in stat.splitlines() if line.startswith("nr_throttled "))
     return int(usage) / 1e9, int(throttled.split()[1])
 
 
@@ -717,14 +719,15 @@ async def test_cpu_burner_leaves_the_honeypot_responsive(honeypot: Honeypot, bat
 
         burn = asyncio.create_task(sh(burner, "for i in 1 2 3 4; do (while :; do :; done) & done; wait", timeout_s=14))
         await asyncio.sleep(1.5)
-        used0, throttled0 = await cpu_usage(burner)
+        burner_box = await sandbox_id(hp, burner)
+        used0, throttled0 = await cpu_usage(burner, burner_box)
         t0 = time.monotonic()
         stop = asyncio.Event()
         lag = asyncio.create_task(loop_lag(stop))
         during = await exec_rtt(other, 8)
         stop.set()
         worst_lag = await lag
-        used1, throttled1 = await cpu_usage(burner)
+        used1, throttled1 = await cpu_usage(burner, burner_box)
         share = (used1 - used0) / (time.monotonic() - t0)
         r = await burn
         assert r.status == 124, r  # four busy loops, still burning when `timeout` ended them

@@ -26,10 +26,11 @@ from sandtrap.sandbox.docker import (
     LXCFS_FILES,
     DockerBackend,
     DockerSandbox,
+    lxcfs_binds,
 )
 from sandtrap.ssh.hostkeys import box_host_key_files, load_host_keys
 
-from helpers import run
+from helpers import limit_files, run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -127,6 +128,20 @@ async def sh(sandbox: DockerSandbox, cmd: str, timeout_s: int = 20) -> tuple[int
         return await run(sandbox, f"timeout {timeout_s} sh -c {shlex.quote(cmd)}")
 
 
+async def effective_limits(sandbox: DockerSandbox) -> dict[str, int]:
+    """The limits the kernel enforces on a box, read on the host (its parent cgroup or its own)."""
+    mem = await limit_files(sandbox.id, "memory", "memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+    cpu = await limit_files(sandbox.id, "cpu", "cpu.cfs_period_us", "cpu.cfs_quota_us")
+    pids = await limit_files(sandbox.id, "pids", "pids.max")
+    return {
+        "pids": int(pids["pids.max"]),
+        "memory": int(mem["memory.limit_in_bytes"]),
+        "swap": int(mem["memory.memsw.limit_in_bytes"]),
+        "period": int(cpu["cpu.cfs_period_us"]),
+        "quota": int(cpu["cpu.cfs_quota_us"]),
+    }
+
+
 async def cat(sandbox: DockerSandbox, path: str) -> str:
     code, out, err = await sh(sandbox, f"cat {path}")
     assert code == 0, f"cat {path}: {err}"
@@ -167,10 +182,22 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     assert info["State"]["Running"] is True
     assert host["NetworkMode"] == "none"
     assert info["Config"]["NetworkDisabled"] is True
-    assert host["Memory"] == 256 * MiB
-    assert host["MemorySwap"] == 256 * MiB  # equal to Memory: no swap at all
-    assert host["NanoCpus"] == 500_000_000
-    assert host["PidsLimit"] == 128
+    if backend.parents is not None:  # limits_in_parent: on the box's parent cgroup, none on the container
+        assert host["CgroupParent"] == f"/{backend.parents.prefix}/{sandbox.cgroup}"
+        assert not any(host.get(k) for k in ("Memory", "MemorySwap", "NanoCpus", "PidsLimit"))
+    else:
+        assert host["Memory"] == 256 * MiB
+        assert host["MemorySwap"] == 256 * MiB  # equal to Memory: no swap at all
+        assert host["NanoCpus"] == 500_000_000
+        assert host["PidsLimit"] == 128
+    assert await effective_limits(sandbox) == {
+        "pids": 128,
+        "memory": 256 * MiB,
+        "swap": 256 * MiB,  # equal to memory: no swap at all
+        "period": 100_000,
+        "quota": 50_000,
+    }
+    assert host["CpusetCpus"] and len(host["CpusetCpus"].split(",")) == 1  # ceil(0.5 CPU) = one CPU
     assert host["CapDrop"] == ["ALL"]
     assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == sorted(DEFAULT_CAPS)
     assert host["SecurityOpt"] == ["no-new-privileges:true"]
@@ -410,28 +437,55 @@ async def test_planted_host_keys_are_what_the_box_sshd_serves(
     ],
     ids=["default", "custom"],
 )
+@pytest.mark.parametrize("in_parent", [True, False], ids=["parent", "own"])
 async def test_limits_in_engine_and_cgroup_match_settings(
     backend_factory: Callable[[SandboxSettings], DockerBackend],
     sandbox_settings: Callable[..., SandboxSettings],
     overrides: dict[str, Any],
     expected: dict[str, int],
+    in_parent: bool,
 ) -> None:
-    sandbox = await create_sandbox(backend_factory(sandbox_settings(**overrides)))
+    backend = backend_factory(sandbox_settings(limits_in_parent=in_parent, **overrides))
+    sandbox = await create_sandbox(backend)
     host = (await inspect(sandbox))["HostConfig"]
-    assert host["PidsLimit"] == expected["pids"]
-    assert host["Memory"] == expected["memory"]
-    assert host["MemorySwap"] == expected["swap"]
-    assert host["NanoCpus"] == expected["nano_cpus"]
     assert {u["Name"]: u["Soft"] for u in host["Ulimits"]}["nofile"] == expected["nofile"]
+    want = {k: expected[k] for k in ("pids", "memory", "swap", "quota")} | {"period": 100_000}
+    # What the kernel enforces, read on the host where the limits are.
+    assert await effective_limits(sandbox) == want
 
+    # What the box sees at its cgroup root: nothing limited (as on a real machine) when the limits sit on
+    # the parent, the limits themselves when they sit on the box's own cgroup.
     cg = "/sys/fs/cgroup"
-    assert int(await cat(sandbox, f"{cg}/pids/pids.max")) == expected["pids"]
-    assert int(await cat(sandbox, f"{cg}/memory/memory.limit_in_bytes")) == expected["memory"]
-    assert int(await cat(sandbox, f"{cg}/memory/memory.memsw.limit_in_bytes")) == expected["swap"]
-    assert int(await cat(sandbox, f"{cg}/cpu/cpu.cfs_period_us")) == 100_000
-    assert int(await cat(sandbox, f"{cg}/cpu/cpu.cfs_quota_us")) == expected["quota"]
+    code, out, err = await sh(
+        sandbox,
+        f"cat {cg}/pids/pids.max {cg}/memory/memory.limit_in_bytes {cg}/memory/memory.memsw.limit_in_bytes "
+        f"{cg}/cpu/cpu.cfs_period_us {cg}/cpu/cpu.cfs_quota_us",
+    )
+    assert code == 0, err
+    seen = out.split()
+    if backend.parents is not None:
+        assert in_parent and seen[0] == "max" and int(seen[1]) >= 2**62 and int(seen[2]) >= 2**62, seen
+        assert seen[4] == "-1", seen
+        assert not any(host.get(k) for k in ("Memory", "MemorySwap", "NanoCpus", "PidsLimit"))
+        # /proc/meminfo (lxcfs) still shows the box's memory: lxcfs takes the lowest limit up the tree.
+        code, out, _ = await sh(sandbox, "awk '/^MemTotal:/ {print $2 * 1024}' /proc/meminfo")
+        assert not lxcfs_binds(sandbox_settings().lxcfs_dir) or int(out) == expected["memory"], out
+    else:
+        assert [int(x) if x != "max" else -1 for x in seen] == [
+            expected["pids"],
+            expected["memory"],
+            expected["swap"],
+            100_000,
+            expected["quota"],
+        ]
+        assert host["PidsLimit"] == expected["pids"]
+        assert host["Memory"] == expected["memory"]
+        assert host["MemorySwap"] == expected["swap"]
+        assert host["NanoCpus"] == expected["nano_cpus"]
     code, out, _ = await sh(sandbox, "ulimit -n")
     assert code == 0 and int(out) == expected["nofile"]
+    code, out, _ = await sh(sandbox, "nproc; grep -c ^processor /proc/cpuinfo")
+    assert out.split() == ["1", "1"], out  # ceil(cpus) CPUs, and lxcfs's cpuinfo counts the same
 
 
 async def test_fork_loop_is_stopped_by_pids_limit(backend: DockerBackend) -> None:
@@ -465,6 +519,7 @@ async def test_fork_loop_is_stopped_by_pids_limit(backend: DockerBackend) -> Non
         await watcher
 
         assert limit - 10 <= peak <= limit  # it reached the limit and never went past it
+        # pids.events counts refused forks in the cgroup that forked (the box's own, also with limits_in_parent).
         events = status_fields((await cat(sandbox, "/sys/fs/cgroup/pids/pids.events")).replace(" ", ":"))
         assert int(events["max"]) > 0  # the kernel refused forks at pids.max
     finally:
@@ -482,9 +537,11 @@ async def test_memory_hog_is_oom_killed_and_others_keep_working(backend: DockerB
     code, _, _ = await sh(hog_box, hog, timeout_s=60)
     assert code == 137  # SIGKILL from the OOM killer, not 124 from `timeout`
 
+    mem = await limit_files(hog_box.id, "memory", "memory.max_usage_in_bytes")
+    # The kill is counted in the victim's cgroup: the box's own (its namespace root), also with limits_in_parent.
     oom = status_fields((await cat(hog_box, "/sys/fs/cgroup/memory/memory.oom_control")).replace(" ", ":"))
     assert int(oom["oom_kill"]) >= 1
-    assert int(await cat(hog_box, "/sys/fs/cgroup/memory/memory.max_usage_in_bytes")) <= 256 * MiB
+    assert int(mem["memory.max_usage_in_bytes"]) <= 256 * MiB
 
     # Only the hog died: its box, an unrelated box, the engine and this process all carry on.
     assert (await inspect(hog_box))["State"]["Running"] is True

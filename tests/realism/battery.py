@@ -558,9 +558,6 @@ CHECKS: tuple[Check, ...] = (
         "/sys/fs/cgroup/cpu.max 2>/dev/null; true",
         "the root cgroup limits nothing (memory, pids, cpu quota unlimited)",
         lambda r: all(unlimited(x) for x in lines(r.out)),
-        "known-gap",
-        CGROUP_PARENT_WHY,
-        CGROUP_PARENT_FIX,
     ),
     Check(
         "cpus-agree",
@@ -570,9 +567,6 @@ CHECKS: tuple[Check, ...] = (
         'echo "$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"',
         "`nproc`, /proc/cpuinfo and the CPU quota agree",
         _cpus_agree,
-        "known-gap",
-        "`nproc` and /proc/cpuinfo count the host's CPUs (2 here) while a 0.5-CPU quota is visible at the cgroup root.",
-        "The per-box parent cgroup with `CpusetCpus` (see `cgroup-root-unlimited`).",
     ),
     Check(
         "loadavg-vs-tasks",

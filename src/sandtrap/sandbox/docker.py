@@ -33,6 +33,7 @@ from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox import engine, hostfs, network
 from sandtrap.sandbox.base import ChangedFile, Chunk, ExitStatus, FileData, Sandbox, SandboxInfo, TermSize
+from sandtrap.sandbox.cgroups import CgroupError, Limits, ParentCgroups, cpuset_for
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,12 @@ def seed_archive(parts: Mapping[str, tarfile.TarFile]) -> tuple[bytes, str]:
     return buf.getvalue(), " && ".join(fix) or "true"
 
 
-def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, Any]:
-    """The container's create body: every hardening item in one place (see README, Hardening)."""
+def create_config(
+    s: SandboxSettings, labels: Mapping[str, str], cgroup_parent: str = "", cpuset: str = ""
+) -> dict[str, Any]:
+    """The container's create body: every hardening item in one place (see README, Hardening). With a
+    ``cgroup_parent`` (see :mod:`sandtrap.sandbox.cgroups`) the memory, CPU and pids limits are already on
+    that parent and the container gets none of its own; ``cpuset`` pins it to those CPUs."""
     security = []
     if s.no_new_privileges:
         security.append("no-new-privileges:true")
@@ -139,6 +144,12 @@ def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, An
         "CgroupnsMode": s.cgroupns,
         "Devices": [],
     }
+    if cgroup_parent:
+        for key in ("Memory", "MemorySwap", "NanoCpus", "PidsLimit"):
+            del host[key]
+        host["CgroupParent"] = cgroup_parent
+    if cpuset:
+        host["CpusetCpus"] = cpuset
     if s.read_only_root:
         # The places people write, each a size-limited tmpfs (as a local volume, so the engine's archive API
         # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
@@ -326,6 +337,8 @@ class DockerSandbox:
         self.seeded_at: float | None = None  # when DockerBackend filled the writable mounts (read_only_root)
         self._host: HostView | None = None
         self._host_checked = False
+        self.cgroup = ""  # the name of its parent cgroup, when the backend made one (limits_in_parent)
+        self.parents: ParentCgroups | None = None
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -529,6 +542,7 @@ class DockerSandbox:
         except SandboxError as exc:
             if not engine.is_not_found(exc) and "304" not in str(exc):
                 raise
+        self._drop_parent()
 
     async def remove(self) -> None:
         try:
@@ -536,6 +550,12 @@ class DockerSandbox:
         except SandboxError as exc:
             if not engine.is_not_found(exc) and "409" not in str(exc):
                 raise
+        self._drop_parent()
+
+    def _drop_parent(self) -> None:
+        """The parent cgroup goes with the box (if the engine still holds it, the backend's sweep removes it)."""
+        if self.parents is not None and self.cgroup and self.parents.remove(self.cgroup):
+            self.cgroup = ""
 
 
 # Per engine client: the exec processes started through it, closed with it (DockerBackend.close).
@@ -558,6 +578,19 @@ def files_archive(files: Mapping[str, tuple[bytes, int, float]]) -> bytes:
     return buf.getvalue()
 
 
+def parent_cgroups_refused(docker_host: str, info: Mapping[str, Any]) -> str:
+    """Why the engine described by ``info`` (``GET /info``) cannot take per-box parent cgroups, or ''."""
+    if docker_host and not docker_host.startswith("unix://"):
+        return f"the engine at {docker_host} is not on this host"
+    driver = info.get("CgroupDriver") or "?"
+    if driver != "cgroupfs":
+        return f"the engine's cgroup driver is {driver}, not cgroupfs"
+    version = str(info.get("CgroupVersion") or "1")
+    if version != "1":
+        return f"the engine uses cgroup v{version}; only v1 is supported yet"
+    return ""
+
+
 class DockerBackend:
     """Creates hardened containers for one sensor and finds those a previous run left.
 
@@ -576,6 +609,12 @@ class DockerBackend:
         self._network_lock = asyncio.Lock()
         # Lowered if the engine cannot grant it (create); what one backend learned, the next starts from.
         self._nofile_hard = min(settings.ulimit_nofile_hard, _NOFILE_LEARNED.get(settings.docker_host, 1 << 30))
+        # Where limits go and how many CPUs the engine's host has: decided once, from the engine's info.
+        self._placement_lock = asyncio.Lock()
+        self._placed = False
+        self._parents: ParentCgroups | None = None
+        self._creating: set[str] = set()  # parents made but not yet holding their box: never swept
+        self._host_cpus = 0
 
     @property
     def settings(self) -> SandboxSettings:
@@ -608,6 +647,35 @@ class DockerBackend:
                 await network.ensure_network(self._client, self._settings)
                 self._network_ready = True
 
+    @property
+    def parents(self) -> ParentCgroups | None:
+        """The per-box parent cgroups, when limits go there (``limits_in_parent`` and a host that allows it)."""
+        return self._parents
+
+    async def _placement(self) -> None:
+        if self._placed:
+            return
+        async with self._placement_lock:
+            if self._placed:
+                return
+            s = self._settings
+            info = await engine.call("engine info", self._client.system.info(), 10)
+            self._host_cpus = int(info.get("NCPU") or 0)
+            if s.limits_in_parent:
+                reason = parent_cgroups_refused(s.docker_host, info)
+                parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
+                reason = reason or parents.available()
+                if reason:
+                    log.warning(
+                        "sandbox limits stay on each container, where a box sees them at its root cgroup (%s)", reason
+                    )
+                else:
+                    self._parents = parents
+                    swept = await asyncio.to_thread(parents.sweep, set(self._creating))
+                    if swept:
+                        log.info("removed %d parent cgroups of boxes that are gone", swept)
+            self._placed = True
+
     async def create(self, labels: Mapping[str, str], name: str) -> DockerSandbox:
         """A started box. A box's open-files hard limit cannot exceed the engine's own (runc sets it without
         CAP_SYS_RESOURCE): when the engine refuses ``ulimit_nofile_hard``, halve it (down to the soft limit)
@@ -632,25 +700,64 @@ class DockerBackend:
 
     async def _create(self, labels: Mapping[str, str], name: str, nofile_hard: int) -> DockerSandbox:
         await self._ensure_network()
+        await self._placement()
         settings = self._settings
         if nofile_hard != settings.ulimit_nofile_hard:
             settings = settings.model_copy(update={"ulimit_nofile_hard": nofile_hard})
-        config = create_config(settings, labels)
-        container = await engine.call(
-            "create container", self._client.containers.create(config, name=name), self._settings.start_timeout_s
+        cgroup = secrets.token_hex(6) if self._parents is not None else ""
+        cpuset = (
+            cpuset_for(cgroup or name, settings.cpus, self._host_cpus) if settings.pin_cpus and self._host_cpus else ""
         )
-        sandbox = DockerSandbox(self._client, container.id, name, tuple(self._settings.tmpfs))
-        seeded = self._settings.read_only_root and bool(self._settings.writable)
+        self._creating.add(cgroup)
         try:
-            if self._planted and not seeded:  # in the container's own layer, before init starts sshd
-                await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
-            await engine.call("start container", container.start(), self._settings.start_timeout_s)
-            if seeded:
-                await self._seed(sandbox)
-        except BaseException:
-            await asyncio.shield(sandbox.remove())
-            raise
-        return sandbox
+            parent = ""
+            if self._parents is not None:
+                limits = Limits(
+                    settings.memory, settings.memory_swap or settings.memory, settings.cpus, settings.pids_limit
+                )
+                try:
+                    parent = await asyncio.to_thread(self._parents.create, cgroup, limits)
+                except CgroupError as exc:
+                    raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
+            config = create_config(settings, labels, parent, cpuset)
+            try:
+                container = await engine.call(
+                    "create container", self._client.containers.create(config, name=name), settings.start_timeout_s
+                )
+            except BaseException:
+                if self._parents is not None:
+                    self._parents.remove(cgroup)
+                raise
+            sandbox = DockerSandbox(self._client, container.id, name, tuple(settings.tmpfs))
+            sandbox.cgroup, sandbox.parents = cgroup, self._parents
+            seeded = settings.read_only_root and bool(settings.writable)
+            try:
+                if self._planted and not seeded:  # in the container's own layer, before init starts sshd
+                    await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
+                await engine.call("start container", container.start(), settings.start_timeout_s)
+                if parent:
+                    await self._check_placement(sandbox, parent)
+                if seeded:
+                    await self._seed(sandbox)
+            except BaseException:
+                await asyncio.shield(sandbox.remove())
+                raise
+            return sandbox
+        finally:
+            self._creating.discard(cgroup)
+
+    async def _check_placement(self, sandbox: DockerSandbox, parent: str) -> None:
+        """The box's processes are below its parent in every limiting hierarchy (else it would be unlimited)."""
+        info = await engine.call("inspect", sandbox._container().show(), 10)
+        pid = int((info.get("State") or {}).get("Pid") or 0)
+        try:
+            rows = (await asyncio.to_thread(Path(f"/proc/{pid}/cgroup").read_text)).splitlines() if pid > 0 else []
+        except OSError:
+            rows = []
+        where = {ctrl: path for _, ctrls, path in (r.split(":", 2) for r in rows) for ctrl in ctrls.split(",")}
+        wrong = [c for c in ParentCgroups.CONTROLLERS if not where.get(c, "").startswith(parent + "/")]
+        if wrong:
+            raise SandboxError(f"box {sandbox.name} is not below its parent cgroup {parent} for {', '.join(wrong)}")
 
     async def _seed(self, sandbox: DockerSandbox) -> None:
         """Fill the writable tmpfs mounts with the image's files (owners, modes and times kept), then tell
@@ -704,7 +811,10 @@ class DockerBackend:
         return DockerSandbox(self._client, container_id, name, tuple(self._settings.tmpfs))
 
     async def list_managed(self) -> list[SandboxInfo]:
-        """Every container of this sensor, with the state it is in now."""
+        """Every container of this sensor, with the state it is in now (and the parent cgroups of boxes that
+        are gone removed: a crash or a busy rmdir at stop leaves them)."""
+        if self._parents is not None:
+            await asyncio.to_thread(self._parents.sweep, set(self._creating))
         filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_SENSOR}={self._sensor}"]}
         rows = await engine.call("list containers", self._client.containers.list(all=True, filters=filters))
         out = []

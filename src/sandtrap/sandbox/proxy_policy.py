@@ -223,7 +223,7 @@ _HOST_KEYS = {
     "IpcMode", "ShmSize", "OomScoreAdj", "Init", "AutoRemove", "RestartPolicy", "LogConfig", "Binds", "Mounts",
     "Devices", "DeviceRequests", "DeviceCgroupRules", "Runtime", "CgroupnsMode", "PidMode", "UTSMode",
     "UsernsMode", "CgroupParent", "VolumesFrom", "Links", "Dns", "DnsOptions", "DnsSearch", "ExtraHosts", "GroupAdd",
-    "ConsoleSize", "MemorySwappiness",
+    "ConsoleSize", "MemorySwappiness", "CpusetCpus",
 }  # fmt: skip
 _MOUNT_KEYS = {"Type", "Source", "Target", "ReadOnly", "Consistency", "BindOptions", "VolumeOptions", "TmpfsOptions"}
 _EXEC_KEYS = {
