@@ -23,6 +23,7 @@ from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
 from sandtrap.outputs.recording import RecordingHealth
+from sandtrap.sandbox import seccomp
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 def build_backend(settings: Settings) -> SandboxBackend:
     if settings.sandbox.backend == "docker":
-        return DockerBackend(settings.sandbox, settings.sensor)
+        profile = seccomp.resolve(settings.sandbox.seccomp_profile, settings.data_dir)
+        return DockerBackend(settings.sandbox, settings.sensor, profile)
     raise AssertionError(settings.sandbox.backend)  # the config's Literal makes this unreachable
 
 

@@ -100,16 +100,15 @@ def seed_archive(parts: Mapping[str, tarfile.TarFile]) -> tuple[bytes, str]:
     return buf.getvalue(), " && ".join(fix) or "true"
 
 
-def create_config(s: SandboxSettings, labels: Mapping[str, str]) -> dict[str, Any]:
-    """The container's create body: every hardening item in one place (see README, Hardening)."""
+def create_config(s: SandboxSettings, labels: Mapping[str, str], seccomp: str | None) -> dict[str, Any]:
+    """The container's create body: every hardening item in one place (see README, Hardening).
+
+    ``seccomp`` is the profile's JSON text (``seccomp.resolve``), None for the engine's own default."""
     security = []
     if s.no_new_privileges:
         security.append("no-new-privileges:true")
-    if s.seccomp_profile != "default":
-        try:
-            security.append("seccomp=" + Path(s.seccomp_profile).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise SandboxError(f"sandbox.seccomp_profile: cannot read {s.seccomp_profile}: {exc}") from exc
+    if seccomp is not None:
+        security.append("seccomp=" + seccomp)
     internal = s.network == "internal"
     host: dict[str, Any] = {
         "NetworkMode": s.network_name if internal else "none",
@@ -548,9 +547,11 @@ _NOFILE_LEARNED: dict[str, int] = {}
 class DockerBackend:
     """Creates hardened containers for one sensor and finds those a previous run left."""
 
-    def __init__(self, settings: SandboxSettings, sensor: str) -> None:
+    def __init__(self, settings: SandboxSettings, sensor: str, seccomp: str | None) -> None:
+        """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default."""
         self._settings = settings
         self._sensor = sensor
+        self._seccomp = seccomp
         self._client = engine.connect(settings.docker_host)
         self._image_seed: tuple[bytes, str] | None = None
         self._network_ready = False
@@ -616,7 +617,7 @@ class DockerBackend:
         settings = self._settings
         if nofile_hard != settings.ulimit_nofile_hard:
             settings = settings.model_copy(update={"ulimit_nofile_hard": nofile_hard})
-        config = create_config(settings, labels)
+        config = create_config(settings, labels, self._seccomp)
         container = await engine.call(
             "create container", self._client.containers.create(config, name=name), self._settings.start_timeout_s
         )
@@ -655,7 +656,7 @@ class DockerBackend:
         """The image's files under each writable path, read once from a container that never starts."""
         s = self._settings
         labels = {**self.labels(), LABEL_ROLE: "template"}
-        config = create_config(s.model_copy(update={"read_only_root": False}), labels)
+        config = create_config(s.model_copy(update={"read_only_root": False}), labels, self._seccomp)
         name = f"sandtrap-{safe_name(self._sensor)}-t-{secrets.token_hex(4)}"
         template = await engine.call("create template", self._client.containers.create(config, name=name))
         try:
