@@ -280,7 +280,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         assert r.status == 0, r
         pt = json.loads(r.out)
         # The box's own init may be traceable (root traces root), but it holds nothing more than the
-        # attacker already has: the same capabilities, the same seccomp filter, no_new_privs.
+        # attacker already has: the same capabilities, the same seccomp filter, the same no_new_privs (off).
         assert pt["pid 1"] in ("EPERM", "ATTACHED")
         init = {
             k: v
