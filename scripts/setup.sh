@@ -112,8 +112,46 @@ if [ "$MODE" = test ]; then
   bash scripts/chromium.sh  # headless Chromium for the web UI tests
 fi
 
-# 6. The sandbox image (a no-op when its inputs are unchanged).
 SANDTRAP_ARGS=()
 [ -n "${SANDTRAP_CONFIG:-}" ] && SANDTRAP_ARGS+=(--config "$SANDTRAP_CONFIG")
+
+# 6. sandtrap's seccomp profile (<data_dir>/seccomp/sandtrap.json): Docker's default rules with io_uring
+#    refused (README "Hardening"). Docker's default.json comes as data from Debian's package of the engine's
+#    source, the version of the installed docker.io when there is one; nothing of it is installed.
+if "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" seccomp check >/dev/null 2>&1; then
+  say "seccomp profile: present"
+else
+  DOCKER_SRC_PKG=golang-github-docker-docker-dev
+  if [ "$(id -u)" != 0 ] || ! is_debian; then
+    die "sandtrap's seccomp profile is missing. On Debian/Ubuntu as root this step fetches $DOCKER_SRC_PKG; elsewhere run
+  sandtrap seccomp build --from <docker source>/profiles/seccomp/default.json
+or set sandbox.seccomp_profile: default (the engine's own profile, which allows io_uring before Docker 25)."
+  fi
+  want="$DOCKER_SRC_PKG"
+  engine_src="$(dpkg-query -W -f='${source:Version}' docker.io 2>/dev/null || true)"
+  [ -n "$engine_src" ] && want="$DOCKER_SRC_PKG=$engine_src"
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  id _apt >/dev/null 2>&1 && chown _apt "$tmp"  # apt downloads as _apt when it may
+  say "seccomp profile: fetching Docker's default profile ($want, about 1 MB)"
+  fetch() { (cd "$tmp" && apt-get download -q "$1") >"$tmp/apt.log" 2>&1; }
+  if ! fetch "$want"; then
+    if [ "$APT_UPDATED" = 0 ]; then apt-get update -qq; APT_UPDATED=1; fi
+    if ! fetch "$want" && [ "$want" != "$DOCKER_SRC_PKG" ]; then
+      say "seccomp profile: $want is not in the package lists; taking the candidate version"
+      fetch "$DOCKER_SRC_PKG" || die "apt-get download $DOCKER_SRC_PKG failed: $(tail -3 "$tmp/apt.log")"
+    fi
+  fi
+  deb="$(ls "$tmp"/*.deb 2>/dev/null | head -1 || true)"
+  [ -n "$deb" ] || die "apt-get download $want failed: $(tail -3 "$tmp/apt.log")"
+  dpkg-deb -x "$deb" "$tmp/x"
+  src="$tmp/x/usr/share/gocode/src/github.com/docker/docker/profiles/seccomp/default.json"
+  [ -f "$src" ] || die "$(basename "$deb") has no profiles/seccomp/default.json"
+  "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" seccomp build --from "$src"
+  rm -rf "$tmp"
+  trap - EXIT
+fi
+
+# 7. The sandbox image (a no-op when its inputs are unchanged).
 "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" image build
 say "ready"

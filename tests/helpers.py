@@ -6,8 +6,17 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from sandtrap.sandbox import engine
+from sandtrap.config import Settings
+from sandtrap.sandbox import engine, seccomp
 from sandtrap.sandbox.docker import LABEL_SENSOR
+
+# The checkout's data dir, where `make setup` puts the image cache and sandtrap's seccomp profile.
+DATA_DIR = Path(__file__).resolve().parents[1] / Settings().storage.data_dir
+
+
+def seccomp_profile(setting: str = seccomp.SANDTRAP) -> str | None:
+    """The profile's text for a backend (``sandbox.seccomp_profile`` resolved against the checkout's data dir)."""
+    return seccomp.resolve(setting, DATA_DIR)
 
 
 async def remove_sensor_containers(sensor: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ import pytest
 from sandtrap.app import Services, running
 from sandtrap.config import SandboxSettings, Settings, load_settings, merge
 from sandtrap.events import CaptureSink, Event
+from sandtrap.sandbox import seccomp
 from sandtrap.sandbox.docker import DockerBackend
 
 from conftest_image import built_image  # noqa: F401  (session fixture: builds/reuses the image)
-from helpers import remove_sensor_containers
+from helpers import DATA_DIR, remove_sensor_containers, seccomp_profile
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ async def backend_factory(sensor: str) -> AsyncIterator[Callable[[SandboxSetting
     made: list[DockerBackend] = []
 
     def make(settings: SandboxSettings, files: Mapping[str, tuple[bytes, int, float]] | None = None) -> DockerBackend:
-        b = DockerBackend(settings, sensor, files)
+        b = DockerBackend(settings, sensor, seccomp_profile(settings.seccomp_profile), files)
         made.append(b)
         return b
 
@@ -116,6 +118,11 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             },
         }
         settings = load_settings(None, merge(base, overrides))
+        # The default profile (`sandtrap`) lives in the data dir: the one `make setup` made, copied in.
+        made = seccomp.profile_path(DATA_DIR)
+        if made.exists() and not seccomp.profile_path(settings.data_dir).exists():
+            seccomp.profile_path(settings.data_dir).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(made, seccomp.profile_path(settings.data_dir))
         capture = CaptureSink()
         services = await stack.enter_async_context(running(settings, sinks=[capture]))
         return Honeypot(settings, services, capture)

@@ -16,10 +16,20 @@ import struct
 import termios
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.client import Screen
-from sandtrap.config import SandboxSettings
+from sandtrap.config import Settings
+from sandtrap.sandbox import seccomp
 from sandtrap.sandbox.docker import DockerBackend, DockerSandbox
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_backend(sensor: str) -> DockerBackend:
+    """A backend with sandtrap's defaults, its seccomp profile from the checkout's data dir (``make setup``)."""
+    s = Settings()
+    return DockerBackend(s.sandbox, sensor, seccomp.resolve(s.sandbox.seccomp_profile, ROOT / s.storage.data_dir))
 
 
 @dataclass
@@ -29,7 +39,7 @@ class Floor:
 
 
 async def create_floor(sensor: str) -> Floor:
-    backend = DockerBackend(SandboxSettings(), sensor)
+    backend = default_backend(sensor)
     sandbox = await backend.create(backend.labels(), f"sandtrap-{sensor}-floor")
     return Floor(backend, sandbox)
 
@@ -87,7 +97,7 @@ class PtyTerminal:
 
 async def cold_creations(sensor: str, count: int) -> list[dict[str, float]]:
     """Create+start a hardened box and run a first command in it, ``count`` times in a row (then remove it)."""
-    backend = DockerBackend(SandboxSettings(), sensor)
+    backend = default_backend(sensor)
     out = []
     try:
         for i in range(count):

@@ -193,6 +193,9 @@ async def start(
 ) -> SandtrapServer:
     """Start sandtrap; ``wrap`` runs it under a profiler (``[python, -m, pyinstrument, ...]``); ``extra``
     is merged into its config (for experiments: ``{"sandbox": {"honeytokens": False}}``)."""
+    from sandtrap.config import Settings
+    from sandtrap.sandbox import seccomp
+
     sensor = f"bench-{secrets.token_hex(4)}"
     data_dir = work / "sandtrap-data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +206,12 @@ async def start(
         "api": {"listen": f"{HOST}:{free_port()}"},
         # Login as root, the name attackers use; only the benchmark's password gets in, so a flood fails.
         "auth": {"credentials": [{"username": "root", "password": password}], "accept_all_after": 0},
-        "sandbox": {"pool_size": pool_size, "max_sandboxes": max_sandboxes},
+        # The profile `make setup` derived into the checkout's data dir (this run has a data dir of its own).
+        "sandbox": {
+            "pool_size": pool_size,
+            "max_sandboxes": max_sandboxes,
+            "seccomp_profile": str(seccomp.profile_path(ROOT / Settings().storage.data_dir)),
+        },
         "limits": {"max_sessions": max_sandboxes + 100, "max_sessions_per_ip": max_sandboxes + 100},
         "storage": {"data_dir": str(data_dir)},
     }

@@ -23,6 +23,7 @@ from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
 from sandtrap.outputs.recording import RecordingHealth
+from sandtrap.sandbox import seccomp
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
@@ -42,7 +43,8 @@ def build_backend(settings: Settings) -> SandboxBackend:
             keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
             load_host_keys(keys)  # generated now if missing: the SSH front end loads the same files
             files = box_host_key_files(keys, settings.sandbox.hostname)
-        return DockerBackend(settings.sandbox, settings.sensor, files)
+        profile = seccomp.resolve(settings.sandbox.seccomp_profile, settings.data_dir)
+        return DockerBackend(settings.sandbox, settings.sensor, profile, files)
     raise AssertionError(settings.sandbox.backend)  # the config's Literal makes this unreachable
 
 

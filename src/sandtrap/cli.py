@@ -24,7 +24,11 @@ app = typer.Typer(help="sandtrap: a high-interaction SSH honeypot with real sand
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 image_app = typer.Typer(help="Build and check the sandbox image.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+seccomp_app = typer.Typer(
+    help="sandtrap's seccomp profile (Docker's default rules, io_uring refused).", no_args_is_help=True
+)
 app.add_typer(image_app, name="image")
+app.add_typer(seccomp_app, name="seccomp")
 
 console = Console(stderr=True)
 out = Console()
@@ -117,6 +121,34 @@ def image_check() -> None:
         raise _fail(exc) from None
     out.print(f"present={r.present} current={r.current} expected={r.expected[:12]} actual={(r.actual or '-')[:12]}")
     raise typer.Exit(0 if r.current else 1)
+
+
+@seccomp_app.command("build")
+def seccomp_build(
+    source: Annotated[Path, typer.Option("--from", help="Docker's default.json (profiles/seccomp in its source)")],
+) -> None:
+    """Derive sandtrap's profile from Docker's default one into <data_dir>/seccomp/sandtrap.json."""
+    from sandtrap.sandbox import seccomp
+
+    s = settings()
+    try:
+        path, changed = seccomp.build(source, s.data_dir)
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    console.print(f"seccomp profile {path} {'written' if changed else 'up to date'} (io_uring refused: ENOSYS)")
+
+
+@seccomp_app.command("check")
+def seccomp_check() -> None:
+    """Exit 0 if the configured profile can be used (sandtrap's: present and refusing io_uring)."""
+    from sandtrap.sandbox import seccomp
+
+    s = settings()
+    try:
+        seccomp.resolve(s.sandbox.seccomp_profile, s.data_dir)
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    out.print(f"sandbox.seccomp_profile: {s.sandbox.seccomp_profile} usable")
 
 
 def _sessions_settings() -> None:

@@ -150,8 +150,16 @@ class SandboxSettings(_Section):
             "SYS_CHROOT",  # ...and chroots its pre-auth child to /run/sshd (without it every connection dies)
         ]
     )
-    no_new_privileges: bool = True
-    seccomp_profile: str = Field("default", description="'default' (Docker's) or a path to a JSON profile")
+    no_new_privileges: bool = Field(
+        False,
+        description="true: setuid binaries cannot raise privileges (sudo then fails for users, a tell); inside "
+        "the box that only keeps a user from the box's root, which any attacker can log in as",
+    )
+    seccomp_profile: str = Field(
+        "sandtrap",
+        description="'sandtrap' (Docker's default rules with io_uring refused, <data_dir>/seccomp/sandtrap.json, "
+        "made by `make setup`), 'default' (the engine's own) or a path to a JSON profile",
+    )
     read_only_root: bool = False
     writable: dict[str, ByteSize] = Field(
         default_factory=lambda: {

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sandtrap.config import Settings, split_listen
 from sandtrap.errors import SandtrapError
-from sandtrap.sandbox import engine
+from sandtrap.sandbox import engine, seccomp
 from sandtrap.sandbox.image import check_image
 
 
@@ -24,6 +24,7 @@ class Check:
 async def run_checks(settings: Settings) -> list[Check]:
     checks = [await _engine(settings)]
     checks.append(await _image(settings))
+    checks.append(_seccomp(settings))
     checks.append(_data_dir(settings))
     checks.append(_port("ssh port free", settings.ssh.listen))
     checks.append(_port("api port free", settings.api.listen))
@@ -50,6 +51,18 @@ async def _image(settings: Settings) -> Check:
     if not result.current:
         return Check("sandbox image", False, f"{tag} is out of date: run 'sandtrap image build'")
     return Check("sandbox image", True, f"{tag} current ({result.expected[:12]})")
+
+
+def _seccomp(settings: Settings) -> Check:
+    setting = settings.sandbox.seccomp_profile
+    try:
+        text = seccomp.resolve(setting, settings.data_dir)
+    except SandtrapError as exc:
+        return Check("seccomp profile", False, str(exc))
+    if text is None:
+        return Check("seccomp profile", True, "the engine's own (io_uring allowed before Docker 25)")
+    where = seccomp.profile_path(settings.data_dir) if setting == seccomp.SANDTRAP else setting
+    return Check("seccomp profile", True, f"{setting}: {where}")
 
 
 def _data_dir(settings: Settings) -> Check:

@@ -41,7 +41,7 @@ from sandtrap.sandbox.docker import LABEL_MANAGED, LABEL_SENSOR, create_config
 from sandtrap.sandbox.proxy import EngineProxy
 from sandtrap.sandbox.proxy_policy import MAX_HEAD, ROUTES, Policy
 
-from helpers import remove_sensor_containers
+from helpers import remove_sensor_containers, seccomp_profile
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -162,7 +162,7 @@ def good_body(image: str, sensor: str) -> dict[str, Any]:
     """Exactly what DockerBackend sends: the control that proves each refusal is the mutation's doing."""
     # The open-files hard limit at the soft one: any engine grants that (DockerBackend learns what it may ask).
     settings = SandboxSettings(image=image, ulimit_nofile_hard=SandboxSettings().ulimit_nofile)
-    return create_config(settings, {LABEL_MANAGED: "true", LABEL_SENSOR: sensor})
+    return create_config(settings, {LABEL_MANAGED: "true", LABEL_SENSOR: sensor}, seccomp_profile())
 
 
 def mutated(image: str, sensor: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

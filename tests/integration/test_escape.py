@@ -59,7 +59,7 @@ def honeypot(honeypot: Honeypot) -> Honeypot:
     """The shared factory with every realism option on: the battery must hold in the most realistic set-up.
 
     The options that are on by default (private cgroup namespace, lxcfs, honeytokens, the session helper,
-    init's daemons, our io_uring filter) stay on; `sandbox.network: internal` (off by default) is added.
+    init's daemons, sandtrap's seccomp profile) stay on; `sandbox.network: internal` (off by default) is added.
     """
 
     async def start(**overrides: Any) -> Any:
@@ -251,7 +251,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
                 line.partition(":\t") for line in (await sh(conn, "cat /proc/self/status")).out.splitlines()
             )
         }
-        assert status["CapEff"] == status["CapBnd"] and status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
+        assert status["CapEff"] == status["CapBnd"] and status["Seccomp"] == "2" and status["NoNewPrivs"] == "0"
 
         r = await sh(conn, "mount -t tmpfs none /mnt")
         assert r.status == 32 and "permission denied" in r.err, r
@@ -289,17 +289,17 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
             battery.append(Row(group, "refused", f"{counted} ({why})"))
 
         # Not an escape by itself, but a large kernel attack surface: Docker 20.10's default seccomp profile
-        # allows io_uring (Docker 25 blocks it); our own filter (no_io_uring.h) answers ENOSYS.
+        # allows io_uring (Docker 25 blocks it); sandtrap's profile (sandbox/seccomp.py) answers ENOSYS.
         assert io_uring == "ENOSYS", io_uring
         battery.append(
-            Row("io_uring (kernel attack surface)", "refused", "io_uring_setup: ENOSYS (our seccomp filter)")
+            Row("io_uring (kernel attack surface)", "refused", "io_uring_setup: ENOSYS (sandtrap's seccomp profile)")
         )
 
         r = await sh(conn, "python3 - " + str(os.getpid()), stdin=PTRACE_PROBE)
         assert r.status == 0, r
         pt = json.loads(r.out)
         # The box's own init may be traceable (root traces root), but it holds nothing more than the
-        # attacker already has: the same capabilities, the same seccomp filter, no_new_privs.
+        # attacker already has: the same capabilities, the same seccomp filter, the same no_new_privs (off).
         assert pt["pid 1"] in ("EPERM", "ATTACHED")
         init = {
             k: v
@@ -440,18 +440,22 @@ async def test_io_uring_fails_with_enosys_in_sessions_and_in_pid1s_tree(honeypot
         r = await sh(conn, "python3 -", stdin=IO_URING_PROBE)
         assert r.status == 0, r
         probe = json.loads(r.out)
-        # Our filter answers ENOSYS (a kernel without io_uring); the neighbouring number still reaches the
-        # kernel (EBADF for fd -1): the filter is exact.
-        assert probe == {
+        # sandtrap's profile answers ENOSYS (a kernel without io_uring); the neighbouring number still reaches
+        # the kernel (EBADF for fd -1): the rule is exact.
+        expected = {
             "io_uring_setup": "ENOSYS",
             "io_uring_enter": "ENOSYS",
             "io_uring_register": "ENOSYS",
             "pidfd_send_signal (424, a neighbour)": "EBADF",
-        }, probe
+        }
+        assert probe == expected, probe
+        # The engine applies it to every process of the box: a plain `docker exec` (no session helper) too.
+        assert json.loads(await engine_exec(box, ["python3", "-c", IO_URING_PROBE])) == expected
 
-        # One filter more than the engine's own, everywhere the attacker's code can run: the session, PID 1
-        # and the daemons it started (cron runs the attacker's crontab; the box's own sshd takes logins).
+        # The engine's one filter, and no no_new_privs, everywhere the attacker's code can run: the session,
+        # PID 1 and the daemons it started (cron runs the attacker's crontab; the box's own sshd takes logins).
         engine_only = seccomp_filters(await engine_exec(box, ["cat", "/proc/self/status"]))
+        assert engine_only == 1
         r = await sh(
             conn,
             "for p in self 1 $(pgrep -xo cron) $(pgrep -xo rsyslogd) $(pgrep -xo sshd); do "
@@ -461,21 +465,26 @@ async def test_io_uring_fails_with_enosys_in_sessions_and_in_pid1s_tree(honeypot
         rows = {line.split()[0]: line for line in r.out.splitlines()}
         assert set(rows) >= {"self", "1"} and len(rows) == 5, r.out
         for who, line in rows.items():
-            assert f"Seccomp_filters: {engine_only + 1} " in line + " ", (who, line, engine_only)
-            assert "Seccomp: 2 " in line + " " and "NoNewPrivs: 1 " in line + " ", (who, line)
+            assert f"Seccomp_filters: {engine_only} " in line + " ", (who, line, engine_only)
+            assert "Seccomp: 2 " in line + " " and "NoNewPrivs: 0 " in line + " ", (who, line)
     battery.append(
         Row(
             "io_uring in PID 1's tree and in sessions",
             "refused",
-            f"io_uring_setup/enter/register: ENOSYS; Seccomp_filters {engine_only + 1} (engine's {engine_only} "
-            "+ ours) in the session, PID 1, cron, rsyslogd, sshd",
+            "io_uring_setup/enter/register: ENOSYS in a session and in a plain engine exec; the engine's one filter "
+            f"(Seccomp_filters {engine_only}, NoNewPrivs 0) in the session, PID 1, cron, rsyslogd, sshd",
         )
     )
     await still_serving(hp)
 
 
 # -- 2. setuid binaries ---------------------------------------------------------------------------------
-async def test_setuid_binaries_do_not_raise_privileges(honeypot: Honeypot, battery: list[Row]) -> None:
+CAPS_AND_FILTER = "grep -E '^(CapEff|CapPrm|CapBnd|Seccomp|Seccomp_filters|NoNewPrivs):' /proc/self/status"
+
+
+async def test_setuid_binaries_reach_only_the_boxs_root(honeypot: Honeypot, battery: list[Row]) -> None:
+    """no_new_privs is off (as on a real server): a user's sudo, su or a planted setuid copy makes them the
+    box's root, which is what every attacker gets by logging in as root, and nothing beyond it."""
     hp = await honeypot(
         sandbox={"affinity": "source_ip"},  # the second login lands in the first one's box
         auth={
@@ -488,28 +497,36 @@ async def test_setuid_binaries_do_not_raise_privileges(honeypot: Honeypot, batte
             "cp /usr/bin/id /usr/local/bin/suid-id && chmod 4755 /usr/local/bin/suid-id && stat -c '%A %U' /usr/local/bin/suid-id",
         )
         assert r.out == "-rwsr-xr-x root\n", r
+        root_login = (await sh(root, CAPS_AND_FILTER)).out
         async with login(hp, "admin") as user:
             assert await sandbox_id(hp, user) == await sandbox_id(hp, root)
             r = await sh(
                 user, "id; grep NoNewPrivs /proc/self/status; find / -xdev -perm -4000 -type f 2>/dev/null | sort"
             )
-            assert r.out.startswith("uid=1000(admin)") and "NoNewPrivs:\t1" in r.out, r
+            assert r.out.startswith("uid=1000(admin)") and "NoNewPrivs:\t0" in r.out, r
             suid = [line for line in r.out.splitlines() if line.startswith("/")]
             assert {"/usr/bin/sudo", "/usr/bin/su", "/usr/local/bin/suid-id"} <= set(suid)
 
             r = await sh(user, "/usr/local/bin/suid-id")
-            assert r.out.startswith("uid=1000(admin) gid=1000(admin) groups=") and "euid" not in r.out, r
-            r = await sh(user, "sudo -n id")
-            assert r.status == 1 and 'The "no new privileges" flag is set' in r.err, r
-            r = await sh(user, "su -c id root", stdin="hunter2\n")
-            assert r.status != 0 and "uid=0" not in r.out, r
+            assert r.out.startswith("uid=1000(admin) gid=1000(admin) euid=0(root) groups="), r
+            r = await sh(user, "sudo -n id")  # as on a server: admin is in group sudo, which asks for the password
+            assert r.status == 1 and "a password is required" in r.err, r
+            r = await sh(user, f"sudo -S -p '' sh -c {shlex.quote('id -u; ' + CAPS_AND_FILTER)}", stdin="hunter2\n")
+            assert r.status == 0 and r.out.splitlines()[0] == "0", r
+            # The root sudo gives holds exactly what a root login holds: the bounding set, the engine's filter.
+            assert r.out.split("\n", 1)[1] == root_login, (r.out, root_login)
+            r = await sh(user, "sudo -S -p '' sh -c 'mount -t tmpfs none /mnt; unshare -U id'", stdin="hunter2\n")
+            assert "permission denied" in r.err and "unshare failed: Operation not permitted" in r.err, r
+            r = await sh(user, "su -c 'id -u' root", stdin="hunter2\n")  # root's password: the one root logged in with
+            assert (r.status, r.out) == (0, "0\n"), r
             r = await sh(user, "python3 -c 'import os; os.setuid(0)'")
             assert r.status == 1 and "PermissionError" in r.err, r
     battery.append(
         Row(
             "setuid binaries as a user (sudo, su, own setuid copy)",
-            "refused",
-            f"{len(suid)} setuid files, none raises: euid stays 1000; sudo: 'no new privileges' flag",
+            "contained",
+            f"{len(suid)} setuid files; sudo and su (with the passwords) and a planted setuid copy reach the box's "
+            "root, as on a server: the same caps and seccomp filter as a root login; mount and unshare still refused",
         )
     )
     await still_serving(hp)

@@ -30,7 +30,7 @@ from sandtrap.sandbox.docker import (
 )
 from sandtrap.ssh.hostkeys import box_host_key_files, load_host_keys
 
-from helpers import limit_files, run
+from helpers import limit_files, run, seccomp_profile
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -200,8 +200,8 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     assert host["CpusetCpus"] and len(host["CpusetCpus"].split(",")) == 1  # ceil(0.5 CPU) = one CPU
     assert host["CapDrop"] == ["ALL"]
     assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == sorted(DEFAULT_CAPS)
-    assert host["SecurityOpt"] == ["no-new-privileges:true"]
-    assert not any(opt.startswith("seccomp") for opt in host["SecurityOpt"])
+    # sandtrap's seccomp profile (Docker's default rules, io_uring refused); no no-new-privileges.
+    assert host["SecurityOpt"] == ["seccomp=" + str(seccomp_profile())]
     assert host["Privileged"] is False
     assert host["ReadonlyRootfs"] is False
     # The only binds: lxcfs's read-only views of /proc files (realism), never anything writable of the host.
@@ -227,7 +227,7 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     created = datetime.fromisoformat(labels[LABEL_CREATED])
     assert before <= created <= datetime.now(UTC) + timedelta(seconds=1)
 
-    # No seccomp option means Docker's default profile; the engine says that is what it applies.
+    # The engine applies seccomp profiles (its own default is the one sandtrap's is derived from).
     async with engine.engine() as client:
         engine_info = await client.system.info()
     assert "name=seccomp,profile=default" in engine_info["SecurityOptions"]
@@ -300,24 +300,48 @@ async def test_capabilities_are_exactly_the_configured_set(
     assert code != 0 and "Operation not permitted" in err
 
 
-async def test_no_new_privs_and_seccomp_filter(backend: DockerBackend) -> None:
+IO_URING_PROBE = (
+    "import ctypes, errno\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "ctypes.set_errno(0)\n"
+    "r = libc.syscall(425, 4, ctypes.create_string_buffer(120))\n"  # io_uring_setup, x86-64
+    "print('OK' if r >= 0 else errno.errorcode[ctypes.get_errno()])\n"
+)
+
+
+async def test_seccomp_filter_without_no_new_privs(backend: DockerBackend) -> None:
     sandbox = await create_sandbox(backend)
     status = status_fields(await cat(sandbox, "/proc/self/status"))
-    assert status["NoNewPrivs"] == "1"
-    assert status["Seccomp"] == "2"  # SECCOMP_MODE_FILTER: Docker's default profile
-    assert int(status["Seccomp_filters"]) >= 1
+    assert status["NoNewPrivs"] == "0"  # as in a real login shell
+    assert status["Seccomp"] == "2"  # SECCOMP_MODE_FILTER: sandtrap's profile, applied by the engine
+    assert status["Seccomp_filters"] == "1"  # the engine's, nothing stacked in the box
+    code, out, err = await run(sandbox, "python3 -", stdin=IO_URING_PROBE.encode())
+    assert (code, out) == (0, "ENOSYS\n"), err  # any exec, not only sessions: the engine's profile refuses it
 
 
-async def test_no_new_privileges_false_is_honoured(
+async def test_the_engines_own_profile_is_an_option_and_allows_io_uring(
     backend_factory: Callable[[SandboxSettings], DockerBackend],
     sandbox_settings: Callable[..., SandboxSettings],
 ) -> None:
-    sandbox = await create_sandbox(backend_factory(sandbox_settings(no_new_privileges=False)))
+    # Why sandtrap's profile is the default: Docker 20.10's own lets io_uring through (Docker 25 refuses it).
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(seccomp_profile="default")))
     host = (await inspect(sandbox))["HostConfig"]
-    assert not any("no-new-privileges" in opt for opt in host["SecurityOpt"] or [])
+    assert not any(opt.startswith("seccomp") for opt in host["SecurityOpt"] or [])
+    assert status_fields(await cat(sandbox, "/proc/self/status"))["Seccomp"] == "2"
+    code, out, err = await run(sandbox, "python3 -", stdin=IO_URING_PROBE.encode())
+    assert code == 0 and out in ("OK\n", "EPERM\n"), (out, err)  # EPERM: Docker 25+'s profile
+
+
+async def test_no_new_privileges_true_is_honoured(
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+) -> None:
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(no_new_privileges=True)))
+    host = (await inspect(sandbox))["HostConfig"]
+    assert "no-new-privileges:true" in host["SecurityOpt"]
 
     status = status_fields(await cat(sandbox, "/proc/self/status"))
-    assert status["NoNewPrivs"] == "0"
+    assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"  # the seccomp filter does not depend on the flag
 
 

@@ -91,7 +91,7 @@ async def test_boxes_on_the_network_get_their_own_addresses(
 
 
 def test_the_default_is_no_network() -> None:
-    config = create_config(SandboxSettings(), {})
+    config = create_config(SandboxSettings(), {}, None)
     assert config["NetworkDisabled"] is True and config["HostConfig"]["NetworkMode"] == "none"
     assert "Dns" not in config["HostConfig"]
 

@@ -15,7 +15,7 @@ from sandtrap.sandbox import engine
 from sandtrap.sandbox.docker import LABEL_SENSOR, DockerBackend
 from sandtrap.sandbox.pool import Pool
 
-from helpers import run
+from helpers import DATA_DIR, run
 
 
 async def containers(sensor: str) -> dict[str, dict[str, object]]:
@@ -90,12 +90,14 @@ CRASHER = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from sandtrap.config import SandboxSettings
+    from sandtrap.sandbox import seccomp
     from sandtrap.sandbox.docker import DockerBackend
     from sandtrap.sandbox.pool import Pool
 
     async def main():
         s = SandboxSettings(image=sys.argv[1], pool_size=2)
-        pool = Pool(DockerBackend(s, sys.argv[2]), s, Path(sys.argv[3]))
+        profile = seccomp.resolve(s.seccomp_profile, Path(sys.argv[4]))
+        pool = Pool(DockerBackend(s, sys.argv[2], profile), s, Path(sys.argv[3]))
         await pool.start()
         box = await pool.acquire("crashsess", "127.0.0.9")
         await pool.wait_refilled()
@@ -115,7 +117,7 @@ async def test_restart_after_sigkill_reconciles_leftovers(
     tmp_path: Path,
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CRASHER, built_image, sensor, str(tmp_path), stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", CRASHER, built_image, sensor, str(tmp_path), str(DATA_DIR), stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None

@@ -646,15 +646,6 @@ CHECKS: tuple[Check, ...] = (
         "grep NoNewPrivs /proc/self/status",
         "`NoNewPrivs: 0` in a login shell",
         lambda r: re.search(r"^NoNewPrivs:\s*0$", r.out, re.M) is not None,
-        "known-gap",
-        "`sandbox.no_new_privileges` defaults to true (and makes `sudo` fail for non-root users); our io_uring "
-        "seccomp filter (`no_io_uring.h`) sets no_new_privs in PID 1 and every session too, as a filter "
-        "needs it without CAP_SYS_ADMIN.",
-        "Block io_uring in the engine's profile instead (`sandbox.seccomp_profile`: a profile written for "
-        "sandtrap, Docker's default rules without `io_uring_*`), drop `no_io_uring.h`, and default "
-        "`no_new_privileges: false`. Inside the box no_new_privs only stops a non-root user from becoming "
-        "the box's root, which any attacker can log in as; the bounding set, seccomp and the dropped "
-        "capabilities still hold (README Hardening row to update).",
     ),
     Check(
         "no-orphan-roots",

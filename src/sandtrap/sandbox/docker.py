@@ -102,19 +102,22 @@ def seed_archive(parts: Mapping[str, tarfile.TarFile]) -> tuple[bytes, str]:
 
 
 def create_config(
-    s: SandboxSettings, labels: Mapping[str, str], cgroup_parent: str = "", cpuset: str = ""
+    s: SandboxSettings,
+    labels: Mapping[str, str],
+    seccomp: str | None,
+    cgroup_parent: str = "",
+    cpuset: str = "",
 ) -> dict[str, Any]:
-    """The container's create body: every hardening item in one place (see README, Hardening). With a
+    """The container's create body: every hardening item in one place (see README, Hardening).
+
+    ``seccomp`` is the profile's JSON text (``seccomp.resolve``), None for the engine's own default. With a
     ``cgroup_parent`` (see :mod:`sandtrap.sandbox.cgroups`) the memory, CPU and pids limits are already on
     that parent and the container gets none of its own; ``cpuset`` pins it to those CPUs."""
     security = []
     if s.no_new_privileges:
         security.append("no-new-privileges:true")
-    if s.seccomp_profile != "default":
-        try:
-            security.append("seccomp=" + Path(s.seccomp_profile).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise SandboxError(f"sandbox.seccomp_profile: cannot read {s.seccomp_profile}: {exc}") from exc
+    if seccomp is not None:
+        security.append("seccomp=" + seccomp)
     internal = s.network == "internal"
     host: dict[str, Any] = {
         "NetworkMode": s.network_name if internal else "none",
@@ -598,10 +601,16 @@ class DockerBackend:
     runs: the sensor's SSH host keys (``sandbox.share_host_keys``)."""
 
     def __init__(
-        self, settings: SandboxSettings, sensor: str, files: Mapping[str, tuple[bytes, int, float]] | None = None
+        self,
+        settings: SandboxSettings,
+        sensor: str,
+        seccomp: str | None,
+        files: Mapping[str, tuple[bytes, int, float]] | None = None,
     ) -> None:
+        """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default."""
         self._settings = settings
         self._sensor = sensor
+        self._seccomp = seccomp
         self._planted = files_archive(files) if files else b""
         self._client = engine.connect(settings.docker_host)
         self._image_seed: tuple[bytes, str] | None = None
@@ -719,7 +728,7 @@ class DockerBackend:
                     parent = await asyncio.to_thread(self._parents.create, cgroup, limits)
                 except CgroupError as exc:
                     raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
-            config = create_config(settings, labels, parent, cpuset)
+            config = create_config(settings, labels, self._seccomp, parent, cpuset)
             try:
                 container = await engine.call(
                     "create container", self._client.containers.create(config, name=name), settings.start_timeout_s
@@ -792,7 +801,7 @@ class DockerBackend:
         """The image's files under each writable path, read once from a container that never starts."""
         s = self._settings
         labels = {**self.labels(), LABEL_ROLE: "template"}
-        config = create_config(s.model_copy(update={"read_only_root": False}), labels)
+        config = create_config(s.model_copy(update={"read_only_root": False}), labels, self._seccomp)
         name = f"sandtrap-{safe_name(self._sensor)}-t-{secrets.token_hex(4)}"
         template = await engine.call("create template", self._client.containers.create(config, name=name))
         try:

@@ -49,7 +49,6 @@ ROOTFS_DIR = HERE / "rootfs"
 SETUP_SCRIPT = HERE / "rootfs_setup.sh"
 INIT_SOURCE = HERE / "init.c"
 SESSION_SOURCE = HERE / "session.c"  # sshd's session work in the box (utmp, motd, login shell)
-SECCOMP_HEADER = HERE / "no_io_uring.h"  # both include it: our seccomp filter against io_uring
 
 VARIANT = "minbase"
 BASE_REPO = "sandtrap-base"
@@ -121,7 +120,6 @@ def image_inputs(image: ImageSettings, base: str | None = None) -> str:
     feed("setup", SETUP_SCRIPT.read_bytes())
     feed("init", INIT_SOURCE.read_bytes())
     feed("session", SESSION_SOURCE.read_bytes())
-    feed("seccomp", SECCOMP_HEADER.read_bytes())
     return h.hexdigest()
 
 
@@ -268,10 +266,10 @@ async def _compile_init(tmp: Path, steps: _Steps) -> Path:
         gcc = shutil.which("gcc")
         if gcc is None:
             raise ImageError("gcc is needed to build the sandbox's init: apt-get install gcc libc6-dev")
-        # The sources and their shared header side by side in ``tmp``: what is compiled is what was hashed.
+        # The sources copied into ``tmp``: what is compiled is what was hashed.
         src = tmp / "src"
         await asyncio.to_thread(src.mkdir)
-        for path in (INIT_SOURCE, SESSION_SOURCE, SECCOMP_HEADER):
+        for path in (INIT_SOURCE, SESSION_SOURCE):
             await asyncio.to_thread(shutil.copyfile, path, src / path.name)
         for source, name in ((INIT_SOURCE, "init"), (SESSION_SOURCE, "session")):
             # -s: no symbol table, so the binary names no build path.

@@ -3,9 +3,10 @@
  * installed, reap every orphan that gets re-parented to us, and on SIGTERM,
  * SIGINT or SIGPWR ask every process to stop, wait briefly, then exit 0.
  *
- * Before the daemons: the environment a kernel gives init (not the engine's),
- * our io_uring seccomp filter (no_io_uring.h) for the whole tree, and a few
- * hundred pids used up, as a booted machine has.
+ * Before the daemons: the environment a kernel gives init (not the engine's)
+ * and a few hundred pids used up, as a booted machine has. (io_uring is
+ * refused by the engine's seccomp profile, sandbox/seccomp.py: nothing here
+ * sets no_new_privs.)
  *
  * Signals are blocked and collected with sigwait(), so there is no handler and
  * no race between "check for a stop request" and "wait for a child".
@@ -22,8 +23,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-#include "no_io_uring.h"
 
 #define GRACE_TENTHS 30 /* 3 s between SIGTERM and SIGKILL */
 
@@ -238,12 +237,6 @@ int main(int argc, char **argv)
 	/* As nginx.service starts it: the master forks into the background (init adopts it), one worker per CPU. */
 	static char *const nginx[] = {"/usr/sbin/nginx", "-g", "daemon on; master_process on;", NULL};
 
-	/* Before anything else runs: every daemon, and whatever an attacker starts through them (cron, the
-	 * box's own sshd), inherits the filter. A box that cannot have it does not start. */
-	if (block_io_uring() != 0) {
-		perror("init: seccomp filter");
-		return 1;
-	}
 	wait_for_files();
 	prepare_run();
 	machine_id();

@@ -45,8 +45,6 @@
 #include <unistd.h>
 #include <utmpx.h>
 
-#include "no_io_uring.h"
-
 static pid_t child;
 
 /* /etc/passwd and /etc/group read directly: a static binary must not depend on NSS modules. */
@@ -315,12 +313,6 @@ int main(int argc, char **argv)
 	char **args = argv + optind;
 	if (closing)
 		return log_close(args[0], args[1], args[2]);
-	/* A session is the engine's exec, no child of PID 1: it installs the filter itself, before any of
-	 * the user's code can run, and runs nothing without it. */
-	if (block_io_uring() != 0) {
-		perror("sshd-session: seccomp filter");
-		return 255;
-	}
 	/* Copies: set_title() later overwrites the argument area these point into. */
 	const char *user = strdup(args[0]), *host = strdup(args[1]), *port = strdup(args[2]);
 	const char *method = strdup(args[3]);

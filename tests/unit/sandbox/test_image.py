@@ -84,7 +84,7 @@ def test_a_base_image_replaces_the_debootstrap_inputs(overlay: Path) -> None:
 
 def test_setup_script_and_c_sources_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     before = image_inputs(ImageSettings())
-    for name in ("SETUP_SCRIPT", "INIT_SOURCE", "SESSION_SOURCE", "SECCOMP_HEADER"):
+    for name in ("SETUP_SCRIPT", "INIT_SOURCE", "SESSION_SOURCE"):
         copy = tmp_path / name
         copy.write_bytes(getattr(image_module, name).read_bytes() + b"\n")
         with monkeypatch.context() as m:
@@ -95,7 +95,6 @@ def test_setup_script_and_c_sources_count(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_nothing_shipped_into_the_image_gives_the_trap_away() -> None:
     shipped = [p for p in image_module.ROOTFS_DIR.rglob("*") if p.is_file()]
     shipped += [image_module.SETUP_SCRIPT, image_module.INIT_SOURCE, image_module.SESSION_SOURCE]
-    shipped += [image_module.SECCOMP_HEADER]
     for path in shipped:
         text = path.read_bytes().lower()
         for word in (b"sandtrap", b"honeypot"):

@@ -26,7 +26,7 @@ def test_the_internal_network_and_boxes_on_it_pass() -> None:
     s = settings("internal")
     policy = Policy.from_settings(s)
     check_network_create(body(network_config(s.sandbox)), policy)
-    config = create_config(s.sandbox, labels(policy))
+    config = create_config(s.sandbox, labels(policy), None)
     check_create(body(config), policy)
 
 
@@ -52,7 +52,7 @@ def test_without_network_internal_no_network_and_no_network_mode_pass() -> None:
     policy = Policy.from_settings(s)
     with pytest.raises(Refused):
         check_network_create(body(network_config(settings("internal").sandbox)), policy)
-    config = create_config(settings("internal").sandbox, labels(policy))
+    config = create_config(settings("internal").sandbox, labels(policy), None)
     with pytest.raises(Refused, match="NetworkMode"):
         check_create(body(config), policy)
     for mode in ("bridge", "host", "container:abc"):
