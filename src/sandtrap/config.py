@@ -199,6 +199,11 @@ class SandboxSettings(_Section):
         True,
         description="pin each box to ceil(cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota gives",
     )
+    mask_cgroupns: bool = Field(
+        True,
+        description="cgroup v1: a small tmpfs with the root's file names over /sys/fs/cgroup/systemd, whose "
+        "namespace root lacks release_agent (how systemd-detect-virt spots a container)",
+    )
     share_host_keys: bool = Field(
         True,
         description="the box's /etc/ssh holds the sensor's host keys, so the key the client saw is the box's own "

@@ -405,6 +405,25 @@ async def test_read_only_root(
         assert (code, out) == (0, "written\n"), (path, err)
 
 
+async def test_systemd_cgroup_root_is_masked_and_the_rest_untouched(backend: DockerBackend) -> None:
+    """mask_cgroupns: /sys/fs/cgroup/systemd is a small tmpfs with the root's file names (release_agent
+    included); every other hierarchy is still the engine's read-only cgroup mount."""
+    if not Path("/sys/fs/cgroup/systemd").is_dir():
+        pytest.skip("this host has no cgroup v1 systemd hierarchy to mask")
+    sandbox = await create_sandbox(backend)
+    assert (await inspect(sandbox))["HostConfig"]["Tmpfs"]["/sys/fs/cgroup/systemd"].startswith("rw,nosuid,nodev")
+    code, out, err = await sh(
+        sandbox, "ls /sys/fs/cgroup/systemd; awk '$2 ~ \"^/sys/fs/cgroup/\" {print $2, $3, $4}' /proc/mounts"
+    )
+    assert code == 0, err
+    assert {"release_agent", "cgroup.procs", "tasks"} <= set(out.split())
+    mounts = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("/")}
+    assert mounts["/sys/fs/cgroup/systemd"][0] == "tmpfs"
+    assert mounts["/sys/fs/cgroup/memory"][0] == "cgroup" and mounts["/sys/fs/cgroup/memory"][1].startswith("ro,")
+    # The kernel's view of the box's cgroups is unchanged: its own namespace root.
+    assert "name=systemd:/\n" in await cat(sandbox, "/proc/self/cgroup")
+
+
 @pytest.mark.parametrize("read_only_root", [False, True])
 async def test_planted_host_keys_are_what_the_box_sshd_serves(
     backend_factory: Callable[..., DockerBackend],

@@ -608,13 +608,6 @@ CHECKS: tuple[Check, ...] = (
         DETECT_CONTAINER,
         "`systemd-detect-virt --container` (or its logic) says `none`",
         lambda r: lines(r.out)[-1:] == ["none"],
-        "known-gap",
-        "systemd ≥ 250 reports `container-other` when /sys/fs/cgroup/systemd has no `release_agent` "
-        "(cgroup v1) or /sys/fs/cgroup has `cgroup.events` (v2): a cgroup namespace's root is not the real root.",
-        "`sandbox/docker.py` `create_config`: add `/sys/fs/cgroup` to `Tmpfs` (`ro,nosuid,nodev,noexec,size=4k`), "
-        "which replaces Docker's cgroup mounts in the box (tried: lxcfs is unaffected, it reads the cgroup "
-        "from the host). The box then has nothing for the test to judge; it also hides the limits of "
-        "`cgroup-root-unlimited`.",
     ),
     Check(
         "cap-eff-full",

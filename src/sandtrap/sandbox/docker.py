@@ -71,6 +71,10 @@ def lxcfs_binds(lxcfs_dir: str) -> list[str]:
         return []
 
 
+# cgroup v1's named systemd hierarchy: at a cgroup namespace's root it has no release_agent (a container tell).
+SYSTEMD_CGROUP = "/sys/fs/cgroup/systemd"
+
+
 def writable_mount(path: str, size: int) -> dict[str, Any]:
     options = {"type": "tmpfs", "device": "tmpfs", "o": f"size={size}"}
     return {"Type": "volume", "Target": path, "VolumeOptions": {"DriverConfig": {"Name": "local", "Options": options}}}
@@ -107,12 +111,14 @@ def create_config(
     seccomp: str | None,
     cgroup_parent: str = "",
     cpuset: str = "",
+    mask_systemd_cgroup: bool = False,
 ) -> dict[str, Any]:
     """The container's create body: every hardening item in one place (see README, Hardening).
 
     ``seccomp`` is the profile's JSON text (``seccomp.resolve``), None for the engine's own default. With a
     ``cgroup_parent`` (see :mod:`sandtrap.sandbox.cgroups`) the memory, CPU and pids limits are already on
-    that parent and the container gets none of its own; ``cpuset`` pins it to those CPUs."""
+    that parent and the container gets none of its own; ``cpuset`` pins it to those CPUs.
+    ``mask_systemd_cgroup``: a small tmpfs over /sys/fs/cgroup/systemd, given the root's files by init."""
     security = []
     if s.no_new_privileges:
         security.append("no-new-privileges:true")
@@ -153,6 +159,8 @@ def create_config(
         host["CgroupParent"] = cgroup_parent
     if cpuset:
         host["CpusetCpus"] = cpuset
+    if mask_systemd_cgroup:
+        host["Tmpfs"][SYSTEMD_CGROUP] = "rw,nosuid,nodev,noexec,size=16k,nr_inodes=64,mode=755"
     if s.read_only_root:
         # The places people write, each a size-limited tmpfs (as a local volume, so the engine's archive API
         # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
@@ -624,6 +632,7 @@ class DockerBackend:
         self._parents: ParentCgroups | None = None
         self._creating: set[str] = set()  # parents made but not yet holding their box: never swept
         self._host_cpus = 0
+        self._mask_systemd_cgroup = False
 
     @property
     def settings(self) -> SandboxSettings:
@@ -670,6 +679,12 @@ class DockerBackend:
             s = self._settings
             info = await engine.call("engine info", self._client.system.info(), 10)
             self._host_cpus = int(info.get("NCPU") or 0)
+            self._mask_systemd_cgroup = bool(
+                s.mask_cgroupns
+                and s.cgroupns == "private"
+                and not parent_cgroups_refused(s.docker_host, {**info, "CgroupDriver": "cgroupfs"})
+                and await asyncio.to_thread(Path(SYSTEMD_CGROUP).is_dir)
+            )
             if s.limits_in_parent:
                 reason = parent_cgroups_refused(s.docker_host, info)
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
@@ -728,7 +743,7 @@ class DockerBackend:
                     parent = await asyncio.to_thread(self._parents.create, cgroup, limits)
                 except CgroupError as exc:
                     raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
-            config = create_config(settings, labels, self._seccomp, parent, cpuset)
+            config = create_config(settings, labels, self._seccomp, parent, cpuset, self._mask_systemd_cgroup)
             try:
                 container = await engine.call(
                     "create container", self._client.containers.create(config, name=name), settings.start_timeout_s

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <sys/utsname.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -158,6 +160,30 @@ static void prepare_run(void)
 	}
 }
 
+/* The backend may mount a small tmpfs over /sys/fs/cgroup/systemd (sandbox.mask_cgroupns): a cgroup
+ * namespace's root of that hierarchy has no release_agent, which is how systemd-detect-virt spots a
+ * container. Give the tmpfs the files the real root shows. Never touches a real cgroup file system. */
+static void cgroup_root_files(void)
+{
+	static const char *const names[] = {"cgroup.clone_children", "cgroup.procs", "cgroup.sane_behavior",
+					    "notify_on_release", "release_agent", "tasks", NULL};
+	struct statfs fs;
+	if (statfs("/sys/fs/cgroup/systemd", &fs) != 0 || fs.f_type != TMPFS_MAGIC)
+		return;
+	char path[96];
+	for (int i = 0; names[i]; i++) {
+		snprintf(path, sizeof(path), "/sys/fs/cgroup/systemd/%s", names[i]);
+		int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+		if (fd >= 0) {
+			if (strcmp(names[i], "cgroup.clone_children") == 0 || strcmp(names[i], "notify_on_release") == 0 ||
+			    strcmp(names[i], "cgroup.sane_behavior") == 0)
+				(void)!write(fd, "0\n", 2);
+			close(fd);
+		}
+	}
+	chmod("/sys/fs/cgroup/systemd/cgroup.sane_behavior", 0444);
+}
+
 /* A read-only root whose writable places are fresh tmpfs mounts (sandbox.read_only_root): the engine
  * fills them right after the start (DockerBackend._seed) and then sends SIGUSR1. The daemons need
  * their files, so wait for that, 10 s at most. A box with its files starts at once. */
@@ -239,6 +265,7 @@ int main(int argc, char **argv)
 
 	wait_for_files();
 	prepare_run();
+	cgroup_root_files();
 	machine_id();
 	age_pids();
 	start(rsyslog);
