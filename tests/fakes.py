@@ -47,12 +47,18 @@ class FakeSandbox:
         self.files: dict[str, bytes] = {}
         self.created_at = datetime.now(UTC)
         self.fail_stops = 0  # the next stops that fail (an overloaded engine)
+        self.scopes: list[str] = []  # the cgroup units sessions were put into
         self._backend = backend
 
     async def exec(self, argv: list[str], **_: object) -> FakeProcess:
         if not self.running:
             raise SandboxError("not running")
         return FakeProcess(b"")
+
+    session_scopes = False
+
+    async def enter_scope(self, session_id: int, unit: str) -> None:
+        self.scopes.append(unit)
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         self.files[path] = data

@@ -488,12 +488,6 @@ CHECKS: tuple[Check, ...] = (
         "grep -m1 -o '/user.slice/.*' /proc/self/cgroup",
         "a login shell sits in systemd's `/user.slice/user-0.slice/session-N.scope`",
         lambda r: re.search(r"/user\.slice/user-0\.slice/session-\d+\.scope", r.out) is not None,
-        "known-gap",
-        "The shell is in the box's cgroup root (`/`); under systemd a login is never in the root cgroup.",
-        "With the per-box parent cgroup (see `cgroup-root-unlimited`), the bridge moves each session "
-        "from the host side: create `user.slice/user-<uid>.slice/session-<n>.scope` under the box's cgroup and "
-        "write the exec's host pid (exec inspect `Pid`) to its `cgroup.procs`; daemons go to "
-        "`system.slice/<name>.service` at warm-up. Complete only with systemd as PID 1 (see `systemd-answers`).",
     ),
     Check(
         "root-fs-type",

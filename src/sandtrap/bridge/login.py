@@ -168,14 +168,20 @@ def _with_env(env: Mapping[str, str], argv: list[str]) -> list[str]:
 
 
 def _helper(
-    account: Account, peer: Peer, method: str | None, failures: Sequence[FailedLogin], command: str | None
+    account: Account,
+    peer: Peer,
+    method: str | None,
+    failures: Sequence[FailedLogin],
+    command: str | None,
+    scope: bool = False,
 ) -> list[str]:
-    """``sshd-session [-f TIME:METHOD:USER]... -- USER IP PORT METHOD [COMMAND]`` (see session.c).
+    """``sshd-session [-s] [-f TIME:METHOD:USER]... -- USER IP PORT METHOD [COMMAND]`` (see session.c).
 
     ``method`` None: a later channel of a connection whose login the helper has logged already
     (METHOD ``-``: no second ``Accepted`` line). ``failures``: the wrong passwords tried before.
+    ``scope``: the backend moves the helper into its session scope; it waits for that before forking.
     """
-    argv = [SESSION_HELPER]
+    argv = [SESSION_HELPER, "-s"] if scope else [SESSION_HELPER]
     for f in failures[-MAX_FAILED_LOGGED:]:
         if "\0" not in f.username:
             argv += ["-f", f"{f.time:.6f}:{f.method}:{f.username}"]
@@ -184,10 +190,15 @@ def _helper(
 
 
 def shell_argv(
-    account: Account, env: Mapping[str, str], peer: Peer, method: str | None, failures: Sequence[FailedLogin] = ()
+    account: Account,
+    env: Mapping[str, str],
+    peer: Peer,
+    method: str | None,
+    failures: Sequence[FailedLogin] = (),
+    scope: bool = False,
 ) -> list[str]:
     """An interactive (or, without a pty, a plain) login shell, as sshd starts it."""
-    return _with_env(env, _helper(account, peer, method, failures, None))
+    return _with_env(env, _helper(account, peer, method, failures, None, scope))
 
 
 def exec_argv(
@@ -197,9 +208,10 @@ def exec_argv(
     method: str | None,
     command: str,
     failures: Sequence[FailedLogin] = (),
+    scope: bool = False,
 ) -> list[str]:
     """``$SHELL -c COMMAND`` as the user, under an ``sshd: user@notty`` parent, as sshd runs it."""
-    return _with_env(env, _helper(account, peer, method, failures, command))
+    return _with_env(env, _helper(account, peer, method, failures, command, scope))
 
 
 def close_argv(account: Account, peer: Peer) -> list[str]:

@@ -104,6 +104,10 @@ class Sandbox(Protocol):
     id: str
     name: str
 
+    @property
+    def session_scopes(self) -> bool:
+        """Whether :meth:`enter_scope` moves processes (else it does nothing)."""
+
     async def exec(
         self,
         argv: list[str],
@@ -113,6 +117,11 @@ class Sandbox(Protocol):
         user: str = "root",
         workdir: str | None = None,
     ) -> Process: ...
+
+    async def enter_scope(self, session_id: int, unit: str) -> None:
+        """Put the processes of login ``session_id`` (their ``XDG_SESSION_ID``) where the box's init system
+        would (a cgroup ``unit`` such as ``user.slice/user-0.slice/session-3.scope``); a no-op where the
+        backend cannot."""
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         """Write a file (its directory must exist), owned by root, dated ``mtime`` (default now)."""

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,23 @@ ROOT = Path("/sys/fs/cgroup")
 PREFIX = "sandtrap"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CFS_PERIOD_US = 100_000
+
+
+# Where systemd (cgroup v1, default accounting) has a login in each hierarchy: the session scope in its own
+# named hierarchy, the unified one and pids; user.slice in the accounting controllers; the root elsewhere.
+# The named hierarchy goes first: the session helper waits for it (session.c, -s) before it forks.
+_SCOPE_ORDER = {"systemd": 0, "pids": 1, "unified": 2}
+_SLICE_ONLY = {"memory", "cpu", "cpuacct", "blkio", "devices"}
+
+
+def _scope_depth(hierarchy: str, parts: int) -> int:
+    """How many levels of a unit path (``user.slice/user-0.slice/session-3.scope``) a hierarchy gets."""
+    controllers = set(hierarchy.split(","))
+    if controllers & {"systemd", "pids", "unified"}:
+        return parts
+    if controllers & _SLICE_ONLY:
+        return 1
+    return 0
 
 
 class CgroupError(OSError):
@@ -132,40 +150,121 @@ class ParentCgroups:
         if hierarchy.exists() and hierarchy.read_text().strip() != "1":
             raise CgroupError(errno.EIO, f"{hierarchy} is 0: the limit would not bind the box's cgroup")
 
+    def join(self, name: str, container: str, unit: str, marker: bytes, wait_s: float = 0.25) -> int:
+        """Move the processes of a login into ``unit`` (e.g. ``user.slice/user-0.slice/session-3.scope``) under
+        the box's own cgroup, in every hierarchy, as pam_systemd places a login. A login's processes are the
+        ones still at the box's cgroup root whose environment holds ``marker`` (``XDG_SESSION_ID=3``), with
+        everything below them; they are looked for up to ``wait_s`` (the engine starts an exec
+        asynchronously). Limits are unchanged: they sit above. Returns how many processes moved."""
+        self._check(name)
+        self._check(container)
+        parts = unit.split("/")
+        for part in parts:
+            self._check(part)
+        needle = marker + b"\0"
+        hierarchies = [h for h in self._hierarchies() if (h / self.prefix / name / container).is_dir()]
+        pids_root = self.root / "pids" / self.prefix / name / container
+        deadline = time.monotonic() + wait_s
+        while True:
+            members = self._members(pids_root)
+            heads = [p for p in members if needle in self._environ(p)]
+            if heads or time.monotonic() >= deadline:
+                break
+            time.sleep(0.003)
+        if not heads:
+            return 0
+        moved: set[int] = set()
+        for hierarchy in sorted(hierarchies, key=lambda h: _SCOPE_ORDER.get(h.name, 9)):
+            depth = _scope_depth(hierarchy.name, len(parts))
+            if depth == 0:
+                continue
+            box = hierarchy / self.prefix / name / container
+            target = box
+            for part in parts[:depth]:
+                parent, target = target, target / part
+                if not target.is_dir():
+                    target.mkdir(mode=0o755, exist_ok=True)
+                    for knob in ("cpuset.cpus", "cpuset.mems"):  # a new cpuset is empty: nothing could join
+                        if (parent / knob).exists():
+                            self._write(target / knob, (parent / knob).read_text().strip())
+            for _ in range(2):  # a second pass catches what forked while the first one moved
+                for p in self._below(self._members(box), set(heads)):
+                    try:
+                        self._write(target / "cgroup.procs", str(p))
+                        moved.add(p)
+                    except OSError as exc:  # exited meanwhile
+                        if exc.errno != errno.ESRCH:
+                            raise
+        return len(moved)
+
+    @staticmethod
+    def _members(cgroup: Path) -> list[int]:
+        try:
+            return [int(x) for x in (cgroup / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    @staticmethod
+    def _environ(pid: int) -> bytes:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return b"\0" + f.read(65536)
+        except OSError:
+            return b""
+
+    @staticmethod
+    def _below(members: list[int], heads: set[int]) -> list[int]:
+        """``members`` that are one of ``heads`` or descend from one."""
+        parent: dict[int, int] = {}
+        for p in members:
+            try:
+                stat = Path(f"/proc/{p}/stat").read_text()
+                parent[p] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        out = []
+        for p in parent:
+            q, hops = p, 0
+            while q not in heads and q in parent and hops < 64:
+                q, hops = parent[q], hops + 1
+            if q in heads:
+                out.append(p)
+        return out
+
     def remove(self, name: str) -> bool:
-        """Remove the parent from every hierarchy (the engine removed the box's own cgroup when it stopped).
-        False when some hierarchy still holds it (a running box, or the engine not done yet)."""
+        """Remove the parent from every hierarchy, with whatever the engine left below it (session scopes
+        in a stopped box's cgroup). False when some hierarchy still holds it (a running box, or the engine
+        not done yet)."""
         self._check(name)
         done = True
         for hierarchy in self._hierarchies():
             target = hierarchy / self.prefix / name
-            try:
-                target.rmdir()
-            except FileNotFoundError:
+            if not target.exists():
                 continue
-            except OSError as exc:
-                if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                    log.warning("cannot remove %s: %s", target, exc)
-                done = False
+            dirs = [Path(d) for d, _, _ in os.walk(target, topdown=False)]
+            for d in dirs:  # deepest first; a cgroup with a process in it refuses (EBUSY)
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                        log.warning("cannot remove %s: %s", d, exc)
+                    done = False
+                    break
         return done
 
     def sweep(self, keep: set[str] | frozenset[str] = frozenset()) -> int:
-        """Remove every parent not in ``keep`` that nothing uses any more (after a crash); the kernel refuses
-        ones with a cgroup or a process in them. Returns how many hierarchies' directories went."""
-        removed = 0
+        """Remove every parent not in ``keep`` that nothing uses any more (after a crash, or a box whose
+        engine was slow to let go at stop); the kernel refuses ones with a process in them. Returns how
+        many parents went."""
+        names: set[str] = set()
         for hierarchy in self._hierarchies():
-            top = hierarchy / self.prefix
             try:
-                entries = [p for p in top.iterdir() if p.is_dir() and p.name not in keep]
+                names |= {p.name for p in (hierarchy / self.prefix).iterdir() if p.is_dir()}
             except OSError:
                 continue
-            for entry in entries:
-                try:
-                    entry.rmdir()
-                    removed += 1
-                except OSError:
-                    pass
-        return removed
+        return sum(1 for n in sorted(names - set(keep)) if _NAME.fullmatch(n) and self.remove(n))
 
     def _hierarchies(self) -> list[Path]:
         try:

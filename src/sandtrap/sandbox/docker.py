@@ -32,7 +32,15 @@ from aiodocker.stream import Stream
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox import engine, hostfs, network
-from sandtrap.sandbox.base import ChangedFile, Chunk, ExitStatus, FileData, Sandbox, SandboxInfo, TermSize
+from sandtrap.sandbox.base import (
+    ChangedFile,
+    Chunk,
+    ExitStatus,
+    FileData,
+    Sandbox,
+    SandboxInfo,
+    TermSize,
+)
 from sandtrap.sandbox.cgroups import CgroupError, Limits, ParentCgroups, cpuset_for
 
 log = logging.getLogger(__name__)
@@ -562,6 +570,25 @@ class DockerSandbox:
             if not engine.is_not_found(exc) and "409" not in str(exc):
                 raise
         self._drop_parent()
+
+    @property
+    def session_scopes(self) -> bool:
+        return self.parents is not None and bool(self.cgroup)
+
+    async def enter_scope(self, session_id: int, unit: str) -> None:
+        """Move the processes of login ``session_id`` (``XDG_SESSION_ID``) into ``unit`` below the box's cgroup,
+        where pam_systemd puts a login (``user.slice/user-<uid>.slice/session-<n>.scope``). Only with a parent
+        cgroup (limits_in_parent); a failure costs realism, never the session."""
+        if self.parents is None or not self.cgroup:
+            return
+        marker = f"XDG_SESSION_ID={session_id}".encode()
+        try:
+            moved = await asyncio.to_thread(self.parents.join, self.cgroup, self.id, unit, marker)
+        except (OSError, ValueError) as exc:
+            log.debug("session scope %s not entered: %s", unit, exc)
+            return
+        if not moved:
+            log.debug("session scope %s: no process of the login found", unit)
 
     def _drop_parent(self) -> None:
         """The parent cgroup goes with the box (if the engine still holds it, the backend's sweep removes it)."""

@@ -1,7 +1,7 @@
 /*
  * What sshd does in the box for one session, so a login looks like sshd's from inside:
  *
- *   sshd-session [-f TIME:METHOD:USER]... -- USER REMOTE_IP REMOTE_PORT METHOD [COMMAND]
+ *   sshd-session [-s] [-f TIME:METHOD:USER]... -- USER REMOTE_IP REMOTE_PORT METHOD [COMMAND]
  *   sshd-session -x -- USER REMOTE_IP REMOTE_PORT -
  *
  * The first session of a connection logs its login to the auth log: a "Failed METHOD for [invalid
@@ -17,6 +17,8 @@
  * Without a terminal: the same records are not written (sshd writes none for exec sessions);
  * COMMAND runs as "$SHELL -c COMMAND" under a parent named "sshd: USER@notty". Either way the
  * user's runtime directory /run/user/UID exists (pam_systemd's), 0700 and the user's.
+ *
+ * -s: wait (250 ms at most) until the caller has moved this process into its session scope.
  *
  * -x: the connection is over: log sshd's disconnect lines and "session closed", under the pid
  * that logged its "Accepted" line.
@@ -292,17 +294,44 @@ static void runtime_dir(uid_t uid, gid_t gid)
 		(void)0;
 }
 
+/* -s: the caller moves this process into its login's session scope from the host (pam_systemd's job).
+ * Wait for that before anything forks, so the shell and the command start inside it: at most 250 ms,
+ * and a session whose move does not come carries on where it is. */
+static void wait_for_scope(void)
+{
+	const struct timespec ms = {0, 1000 * 1000};
+	char buf[4096];
+	for (int i = 0; i < 250; i++) {
+		int fd = open("/proc/self/cgroup", O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			return;
+		ssize_t n = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (n <= 0)
+			return;
+		buf[n] = '\0';
+		/* The named systemd hierarchy is moved first; without one (a cgroup v2 host), any line. */
+		const char *named = strstr(buf, ":name=systemd:");
+		const char *moved = strstr(buf, "/user.slice/");
+		if (moved && (!named || strncmp(named, ":name=systemd:/user.slice/", 26) == 0))
+			return;
+		nanosleep(&ms, NULL);
+	}
+}
+
 #define MAX_FAILED 32
 
 int main(int argc, char **argv)
 {
 	const char *failed[MAX_FAILED];
-	int nfailed = 0, closing = 0, opt;
-	while ((opt = getopt(argc, argv, "+f:x")) != -1) {
+	int nfailed = 0, closing = 0, scope = 0, opt;
+	while ((opt = getopt(argc, argv, "+f:xs")) != -1) {
 		if (opt == 'f' && nfailed < MAX_FAILED)
 			failed[nfailed++] = strdup(optarg);
 		else if (opt == 'x')
 			closing = 1;
+		else if (opt == 's')
+			scope = 1;
 		else if (opt != 'f')
 			return 255;
 	}
@@ -313,6 +342,8 @@ int main(int argc, char **argv)
 	char **args = argv + optind;
 	if (closing)
 		return log_close(args[0], args[1], args[2]);
+	if (scope)
+		wait_for_scope();
 	/* Copies: set_title() later overwrites the argument area these point into. */
 	const char *user = strdup(args[0]), *host = strdup(args[1]), *port = strdup(args[2]);
 	const char *method = strdup(args[3]);

@@ -204,12 +204,13 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             tty = self._size if self._term is not None else None
             workdir = account.home
             user = "root"  # the session helper runs as root and drops to the account itself
+            scope = lease.sandbox.session_scopes and h.login_id is not None
             if self._kind == "shell":
-                argv = shell_argv(account, env, peer, method, failures)
+                argv = shell_argv(account, env, peer, method, failures, scope)
                 # Keystrokes become command lines (PTY or not: bots pipe commands into a shell).
                 self.observers.append(CommandReconstructor(self._command_typed))
             elif self._kind == "exec":
-                argv = exec_argv(account, env, peer, method, self._command, failures)
+                argv = exec_argv(account, env, peer, method, self._command, failures, scope)
                 if is_scp_sink(self._command):
                     self._transfers = True
                     self.observers.append(ScpWatcher(self._scp_report(account.home)))
@@ -219,6 +220,11 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 self._transfers = True
                 self.observers.append(SftpWatcher(self._sftp_report(account.home)))
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)
+            if (
+                scope and h.login_id is not None
+            ):  # the connection's login scope, as pam_systemd makes it (the helper waits for it)
+                unit = f"user.slice/user-{account.uid}.slice/session-{h.login_id}.scope"
+                h.track(lease.sandbox.enter_scope(h.login_id, unit))
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
                 self._open_cast(account.shell)
             if self._kind == "shell":  # the interactive terminal can be watched live, read-only
