@@ -571,10 +571,11 @@ CHECKS: tuple[Check, ...] = (
         _loadavg_agrees,
         "known-gap",
         "lxcfs renders the task count per box but the last-pid field from the host (tens of thousands "
-        "while the box's pids are two digits), and its first read after a box starts says `0/1`.",
+        "while the box's pids are in the hundreds); and it counts a box only from its first read of "
+        "/proc/loadavg (init reads it at boot), refreshed every 5 s, so a box younger than that says `0/1`.",
         "lxcfs: fill last_pid from the reader's pid namespace (`/proc/sys/kernel/ns_last_pid` read after "
-        "`setns` into it), an upstream patch; `sandbox/pool.py`: read /proc/loadavg once when a box is warmed "
-        "so lxcfs tracks it before the attacker arrives.",
+        "`setns` into it), an upstream patch (the kernel's own /proc/loadavg has that field right but counts "
+        "the host's tasks). A file system of our own serving /proc/loadavg would do both.",
     ),
     Check(
         "pid1-name",
@@ -705,10 +706,10 @@ CHECKS: tuple[Check, ...] = (
         lambda r: (n := ints(r.out)) is not None and len(n) == 2 and n[0] == 1024 and n[1] >= 65536,
         "known-gap",
         "`ulimit_nofile_hard` asks for 524288, but a box's hard limit cannot exceed the engine's own "
-        "(containerd's RLIMIT_NOFILE, 20000 on this host): the backend halves it until the engine "
-        "accepts, 16384 here.",
-        "On the host: LimitNOFILE=infinity (1048576) for containerd and docker, as Debian's units set it; "
-        "sandtrap then gives 524288 with no change.",
+        "(containerd's RLIMIT_NOFILE): the backend halves it until the engine accepts. This test machine "
+        "caps every process at 20000 (root cannot raise it here), so 16384.",
+        "On the host: LimitNOFILE=infinity (1048576) for containerd and docker, as Debian's units set it and "
+        "as the set-up starts dockerd where the host allows it; sandtrap then gives 524288 with no change.",
         host_dependent=True,
     ),
     # Session tells: a login that did not come from sshd.

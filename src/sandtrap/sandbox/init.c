@@ -272,6 +272,14 @@ int main(int argc, char **argv)
 	start(cron);
 	start(sshd); /* something listens on port 22, as on any server reached by SSH */
 	start(nginx); /* the web role the box's story tells (logs, the inventory site) */
+	/* lxcfs starts tracking a box's load when a process of it first reads /proc/loadavg ("0/1" before):
+	 * read it now, so the attacker's first `uptime` shows a box that has been counted since boot. */
+	int lfd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+	if (lfd >= 0) {
+		char sink[128];
+		(void)!read(lfd, sink, sizeof(sink));
+		close(lfd);
+	}
 
 	for (;;) {
 		int sig = 0;
