@@ -107,7 +107,9 @@ async def test_a_whole_honeypot_session_runs_through_the_proxy(
     request: pytest.FixtureRequest,
     output_dir: Path,
 ) -> None:
-    hp = await honeypot(sandbox={"docker_host": f"unix://{engine_proxy.listen}"})
+    # limits_in_parent off: behind the proxy the honeypot is meant to run unprivileged, where it cannot
+    # make parent cgroups (the proxy refuses CgroupParent; as root the backend would fall back after one refusal).
+    hp = await honeypot(sandbox={"docker_host": f"unix://{engine_proxy.listen}", "limits_in_parent": False})
     options: dict[str, Any] = {"known_hosts": None, "username": "root", "password": "hunter2", "client_keys": None}
     options |= {"agent_path": None, "config": [], "preferred_auth": "password"}
     async with asyncio.timeout(90):

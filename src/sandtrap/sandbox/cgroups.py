@@ -68,12 +68,15 @@ class Limits:
         return max(1000, round(self.cpus * CFS_PERIOD_US))
 
 
-def cpuset_for(name: str, cpus: float, host_cpus: int) -> str:
-    """``ceil(cpus)`` neighbouring CPUs (at most all of them), placed by the box's name so boxes spread over
-    the host: ``nproc`` and /proc/cpuinfo then count what the quota gives, as on a small real machine."""
-    n = max(1, min(host_cpus, math.ceil(cpus)))
-    start = zlib.crc32(name.encode()) % host_cpus if host_cpus else 0
-    picked = sorted((start + i) % host_cpus for i in range(n))
+def cpuset_for(name: str, cpus: float, cpu_list: list[int]) -> str:
+    """``ceil(cpus)`` neighbouring CPUs of ``cpu_list`` (at most all of them), placed by the box's name so
+    boxes spread over the host: ``nproc`` and /proc/cpuinfo then count what the quota gives, as on a
+    small real machine. Empty (no pinning) when the CPUs are not known."""
+    if not cpu_list:
+        return ""
+    n = max(1, min(len(cpu_list), math.ceil(cpus)))
+    start = zlib.crc32(name.encode()) % len(cpu_list)
+    picked = sorted(cpu_list[(start + i) % len(cpu_list)] for i in range(n))
     return ",".join(str(c) for c in picked)
 
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import secrets
 import signal
@@ -616,19 +617,6 @@ def files_archive(files: Mapping[str, tuple[bytes, int, float]]) -> bytes:
     return buf.getvalue()
 
 
-def parent_cgroups_refused(docker_host: str, info: Mapping[str, Any]) -> str:
-    """Why the engine described by ``info`` (``GET /info``) cannot take per-box parent cgroups, or ''."""
-    if docker_host and not docker_host.startswith("unix://"):
-        return f"the engine at {docker_host} is not on this host"
-    driver = info.get("CgroupDriver") or "?"
-    if driver != "cgroupfs":
-        return f"the engine's cgroup driver is {driver}, not cgroupfs"
-    version = str(info.get("CgroupVersion") or "1")
-    if version != "1":
-        return f"the engine uses cgroup v{version}; only v1 is supported yet"
-    return ""
-
-
 class DockerBackend:
     """Creates hardened containers for one sensor and finds those a previous run left.
 
@@ -658,7 +646,7 @@ class DockerBackend:
         self._placed = False
         self._parents: ParentCgroups | None = None
         self._creating: set[str] = set()  # parents made but not yet holding their box: never swept
-        self._host_cpus = 0
+        self._cpu_list: list[int] = []  # the CPUs boxes may be pinned to
         self._mask_systemd_cgroup = False
 
     @property
@@ -704,18 +692,28 @@ class DockerBackend:
             if self._placed:
                 return
             s = self._settings
-            info = await engine.call("engine info", self._client.system.info(), 10)
-            self._host_cpus = int(info.get("NCPU") or 0)
+            # A local engine (a unix socket): its host is this one; its info is not needed (and the engine
+            # proxy, a local socket too, does not pass GET /info on). A remote one: CPUs from its info.
+            local = not s.docker_host or s.docker_host.startswith("unix://")
+            if local:
+                self._cpu_list = sorted(os.sched_getaffinity(0))
+                v1 = not await asyncio.to_thread(Path("/sys/fs/cgroup/cgroup.controllers").exists)
+            else:
+                try:
+                    info = await engine.call("engine info", self._client.system.info(), 10)
+                    self._cpu_list = list(range(int(info.get("NCPU") or 0)))
+                except SandboxError as exc:
+                    log.info("engine info not readable (%s): boxes are not pinned to CPUs", exc)
+                v1 = False
             self._mask_systemd_cgroup = bool(
                 s.mask_cgroupns
                 and s.cgroupns == "private"
-                and not parent_cgroups_refused(s.docker_host, {**info, "CgroupDriver": "cgroupfs"})
+                and v1
                 and await asyncio.to_thread(Path(SYSTEMD_CGROUP).is_dir)
             )
             if s.limits_in_parent:
-                reason = parent_cgroups_refused(s.docker_host, info)
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
-                reason = reason or parents.available()
+                reason = parents.available() if local else f"the engine at {s.docker_host} is not on this host"
                 if reason:
                     log.warning(
                         "sandbox limits stay on each container, where a box sees them at its root cgroup (%s)", reason
@@ -756,9 +754,7 @@ class DockerBackend:
         if nofile_hard != settings.ulimit_nofile_hard:
             settings = settings.model_copy(update={"ulimit_nofile_hard": nofile_hard})
         cgroup = secrets.token_hex(6) if self._parents is not None else ""
-        cpuset = (
-            cpuset_for(cgroup or name, settings.cpus, self._host_cpus) if settings.pin_cpus and self._host_cpus else ""
-        )
+        cpuset = cpuset_for(cgroup or name, settings.cpus, self._cpu_list) if settings.pin_cpus else ""
         self._creating.add(cgroup)
         try:
             parent = ""
@@ -775,9 +771,13 @@ class DockerBackend:
                 container = await engine.call(
                     "create container", self._client.containers.create(config, name=name), settings.start_timeout_s
                 )
-            except BaseException:
+            except BaseException as exc:
                 if self._parents is not None:
                     self._parents.remove(cgroup)
+                if parent and isinstance(exc, SandboxError) and "cgroup" in str(exc).lower():
+                    # e.g. the systemd cgroup driver, which takes only `*.slice` parents
+                    self._no_parents(f"the engine refused the parent cgroup: {exc}")
+                    return await self._create(labels, name, nofile_hard)
                 raise
             sandbox = DockerSandbox(self._client, container.id, name, tuple(settings.tmpfs))
             sandbox.cgroup, sandbox.parents = cgroup, self._parents
@@ -786,8 +786,10 @@ class DockerBackend:
                 if self._planted and not seeded:  # in the container's own layer, before init starts sshd
                     await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
                 await engine.call("start container", container.start(), settings.start_timeout_s)
-                if parent:
-                    await self._check_placement(sandbox, parent)
+                if parent and not await self._check_placement(sandbox, parent):
+                    await asyncio.shield(sandbox.remove())
+                    self._no_parents(f"box {name} did not start below its parent cgroup {parent}")
+                    return await self._create(labels, name, nofile_hard)
                 if seeded:
                     await self._seed(sandbox)
             except BaseException:
@@ -797,7 +799,11 @@ class DockerBackend:
         finally:
             self._creating.discard(cgroup)
 
-    async def _check_placement(self, sandbox: DockerSandbox, parent: str) -> None:
+    def _no_parents(self, reason: str) -> None:
+        log.warning("sandbox limits stay on each container from now on (%s)", reason)
+        self._parents = None
+
+    async def _check_placement(self, sandbox: DockerSandbox, parent: str) -> bool:
         """The box's processes are below its parent in every limiting hierarchy (else it would be unlimited)."""
         info = await engine.call("inspect", sandbox._container().show(), 10)
         pid = int((info.get("State") or {}).get("Pid") or 0)
@@ -808,7 +814,8 @@ class DockerBackend:
         where = {ctrl: path for _, ctrls, path in (r.split(":", 2) for r in rows) for ctrl in ctrls.split(",")}
         wrong = [c for c in ParentCgroups.CONTROLLERS if not where.get(c, "").startswith(parent + "/")]
         if wrong:
-            raise SandboxError(f"box {sandbox.name} is not below its parent cgroup {parent} for {', '.join(wrong)}")
+            log.error("box %s is not below its parent cgroup %s for %s", sandbox.name, parent, ", ".join(wrong))
+        return not wrong
 
     async def _seed(self, sandbox: DockerSandbox) -> None:
         """Fill the writable tmpfs mounts with the image's files (owners, modes and times kept), then tell

@@ -294,6 +294,27 @@ static void runtime_dir(uid_t uid, gid_t gid)
 		(void)0;
 }
 
+/* Whether every hierarchy that holds a login's scope (the named systemd one, pids, the unified one: the
+ * caller moves those first, in that order) shows this process in a user.slice. */
+static int scoped(char *text)
+{
+	int wanted = 0;
+	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+		char *ctrl = strchr(line, ':');
+		char *path = ctrl ? strchr(ctrl + 1, ':') : NULL;
+		if (!path)
+			continue;
+		*path++ = '\0';
+		ctrl++;
+		if (strcmp(ctrl, "name=systemd") == 0 || strcmp(ctrl, "pids") == 0 || strcmp(ctrl, "") == 0) {
+			wanted++;
+			if (strncmp(path, "/user.slice/", 12) != 0)
+				return 0;
+		}
+	}
+	return wanted > 0;
+}
+
 /* -s: the caller moves this process into its login's session scope from the host (pam_systemd's job).
  * Wait for that before anything forks, so the shell and the command start inside it: at most 250 ms,
  * and a session whose move does not come carries on where it is. */
@@ -310,10 +331,7 @@ static void wait_for_scope(void)
 		if (n <= 0)
 			return;
 		buf[n] = '\0';
-		/* The named systemd hierarchy is moved first; without one (a cgroup v2 host), any line. */
-		const char *named = strstr(buf, ":name=systemd:");
-		const char *moved = strstr(buf, "/user.slice/");
-		if (moved && (!named || strncmp(named, ":name=systemd:/user.slice/", 26) == 0))
+		if (scoped(buf))
 			return;
 		nanosleep(&ms, NULL);
 	}
