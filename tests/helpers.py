@@ -38,14 +38,37 @@ async def run(sandbox: Any, cmd: str, user: str = "root", stdin: bytes | None = 
     return status.code, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-async def limit_files(container_id: str, controller: str, *names: str) -> dict[str, str]:
-    """Files of the host cgroup that holds a box's ``controller`` limit, read from the host: the box's parent
-    cgroup when the limits sit there (``sandbox.limits_in_parent``), else the box's own cgroup."""
+async def counter_total(container_id: str, controller: str, name: str, key: str) -> int:
+    """A kernel event counter (``key`` in the flat-keyed file ``name``, e.g. ``oom_kill`` in
+    ``memory.oom_control``, ``max`` in ``pids.events``) summed over a box's cgroups, read from the host:
+    the kernel counts where the event happened, which may be a session scope below the box's root."""
+    top = await _limit_dir(container_id, controller)
+
+    def total() -> int:
+        n = 0
+        for path in [top / name, *top.rglob(f"*/{name}")]:
+            try:
+                fields = dict(line.split() for line in path.read_text().splitlines() if len(line.split()) == 2)
+            except OSError:
+                continue
+            n += int(fields.get(key, 0))
+        return n
+
+    return await asyncio.to_thread(total)
+
+
+async def _limit_dir(container_id: str, controller: str) -> Path:
     async with engine.engine() as client:
         info = await client.containers.container(container_id).show()
     pid = int(info["State"]["Pid"])
     rows = (await asyncio.to_thread(Path(f"/proc/{pid}/cgroup").read_text)).splitlines()
     path = next(p for _, ctrls, p in (r.split(":", 2) for r in rows) if controller in ctrls.split(","))
     own = Path("/sys/fs/cgroup") / controller / path.lstrip("/")
-    where = own.parent if info["HostConfig"].get("CgroupParent") else own
+    return own.parent if info["HostConfig"].get("CgroupParent") else own
+
+
+async def limit_files(container_id: str, controller: str, *names: str) -> dict[str, str]:
+    """Files of the host cgroup that holds a box's ``controller`` limit, read from the host: the box's parent
+    cgroup when the limits sit there (``sandbox.limits_in_parent``), else the box's own cgroup."""
+    where = await _limit_dir(container_id, controller)
     return {name: (await asyncio.to_thread((where / name).read_text)).strip() for name in names}

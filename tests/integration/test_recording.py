@@ -45,8 +45,9 @@ from sandtrap.events import (
     SESSION_FILE_CHANGED,
     SESSION_FILE_UPLOAD,
 )
+from sandtrap.sandbox import seccomp
 
-from helpers import remove_sensor_containers
+from helpers import DATA_DIR, remove_sensor_containers
 from recording_helpers import fresh_database, postgres_base_url, screen_lines
 from sshclient import EXIT_MARK, client_options, free_port, remote, run, scp_argv, ssh_argv, tmux_session
 
@@ -426,7 +427,7 @@ async def test_sigkill_mid_session_leaves_a_crashed_session_with_its_cast_and_co
         {
             "sensor": sensor,
             "ssh": {"listen": f"127.0.0.1:{port}", "host_key_dir": str(tmp_path / "hostkeys")},
-            "sandbox": {"image": built_image, "pool_size": 1},
+            "sandbox": {"image": built_image, "pool_size": 1, "seccomp_profile": str(seccomp.profile_path(DATA_DIR))},
             "storage": {"data_dir": str(data_dir)},
             "auth": {"credentials": [{"username": "root", "password": "hunter2"}], "accept_all_after": 0},
             **API,
