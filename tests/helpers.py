@@ -8,7 +8,8 @@ from typing import Any
 
 from sandtrap.config import Settings
 from sandtrap.sandbox import engine, seccomp
-from sandtrap.sandbox.docker import LABEL_SENSOR
+from sandtrap.sandbox.cgroups import ParentCgroups
+from sandtrap.sandbox.docker import LABEL_SENSOR, safe_name
 
 # The checkout's data dir, where `make setup` puts the image cache and sandtrap's seccomp profile.
 DATA_DIR = Path(__file__).resolve().parents[1] / Settings().storage.data_dir
@@ -23,6 +24,13 @@ async def remove_sensor_containers(sensor: str) -> None:
     async with engine.engine() as client:
         rows = await client.containers.list(all=True, filters={"label": [f"{LABEL_SENSOR}={sensor}"]})
         await asyncio.gather(*(c.delete(force=True, v=True) for c in rows), return_exceptions=True)
+    # ... and their parent cgroups (limits_in_parent), which the engine lets go of just after the removal.
+    parents = ParentCgroups(prefix=f"sandtrap-{safe_name(sensor)}")
+    for _ in range(30):
+        await asyncio.to_thread(parents.sweep, frozenset(), True)
+        if not any((h / parents.prefix).exists() for h in parents.root.iterdir()):
+            break
+        await asyncio.sleep(0.1)
 
 
 async def run(sandbox: Any, cmd: str, user: str = "root", stdin: bytes | None = None) -> tuple[int, str, str]:

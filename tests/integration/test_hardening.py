@@ -405,6 +405,22 @@ async def test_read_only_root(
         assert (code, out) == (0, "written\n"), (path, err)
 
 
+async def test_parent_cgroups_go_with_their_boxes(backend: DockerBackend) -> None:
+    """limits_in_parent: a box's parent cgroup is removed from every hierarchy when the box is stopped (kept
+    for forensics) or removed, and the backend's close leaves no directory of the sensor behind."""
+    if backend.parents is None:
+        await create_sandbox(backend)  # decides the placement
+    if backend.parents is None:
+        pytest.skip("limits_in_parent is not possible on this host")
+    hierarchies = [h for h in Path("/sys/fs/cgroup").iterdir() if h.is_dir() and not h.is_symlink()]
+    stopped, removed = await create_sandbox(backend), await create_sandbox(backend)
+    names = [stopped.cgroup, removed.cgroup]
+    assert all(any((h / backend.parents.prefix / n).is_dir() for h in hierarchies) for n in names)
+    await stopped.stop()
+    await removed.remove()
+    assert not [h for h in hierarchies for n in names if (h / backend.parents.prefix / n).exists()]
+
+
 async def test_systemd_cgroup_root_is_masked_and_the_rest_untouched(backend: DockerBackend) -> None:
     """mask_cgroupns: /sys/fs/cgroup/systemd is a small tmpfs with the root's file names (release_agent
     included); every other hierarchy is still the engine's read-only cgroup mount."""

@@ -257,17 +257,24 @@ class ParentCgroups:
                     break
         return done
 
-    def sweep(self, keep: set[str] | frozenset[str] = frozenset()) -> int:
+    def sweep(self, keep: set[str] | frozenset[str] = frozenset(), top: bool = False) -> int:
         """Remove every parent not in ``keep`` that nothing uses any more (after a crash, or a box whose
-        engine was slow to let go at stop); the kernel refuses ones with a process in them. Returns how
-        many parents went."""
+        engine was slow to let go at stop); the kernel refuses ones with a process in them. ``top``: also
+        the sensor's own directory when it is left empty. Returns how many parents went."""
         names: set[str] = set()
         for hierarchy in self._hierarchies():
             try:
                 names |= {p.name for p in (hierarchy / self.prefix).iterdir() if p.is_dir()}
             except OSError:
                 continue
-        return sum(1 for n in sorted(names - set(keep)) if _NAME.fullmatch(n) and self.remove(n))
+        removed = sum(1 for n in sorted(names - set(keep)) if _NAME.fullmatch(n) and self.remove(n))
+        if top and not keep:
+            for hierarchy in self._hierarchies():
+                try:
+                    (hierarchy / self.prefix).rmdir()
+                except OSError:
+                    pass
+        return removed
 
     def _hierarchies(self) -> list[Path]:
         try:

@@ -562,7 +562,7 @@ class DockerSandbox:
         except SandboxError as exc:
             if not engine.is_not_found(exc) and "304" not in str(exc):
                 raise
-        self._drop_parent()
+        await self._drop_parent()
 
     async def remove(self) -> None:
         try:
@@ -570,7 +570,7 @@ class DockerSandbox:
         except SandboxError as exc:
             if not engine.is_not_found(exc) and "409" not in str(exc):
                 raise
-        self._drop_parent()
+        await self._drop_parent()
 
     @property
     def session_scopes(self) -> bool:
@@ -591,10 +591,16 @@ class DockerSandbox:
         if not moved:
             log.debug("session scope %s: no process of the login found", unit)
 
-    def _drop_parent(self) -> None:
-        """The parent cgroup goes with the box (if the engine still holds it, the backend's sweep removes it)."""
-        if self.parents is not None and self.cgroup and self.parents.remove(self.cgroup):
-            self.cgroup = ""
+    async def _drop_parent(self) -> None:
+        """The parent cgroup goes with the box. The engine removes the box's own cgroup just after the stop
+        returns: wait for that (3 s at most; else the backend's sweep removes it later)."""
+        if self.parents is None or not self.cgroup:
+            return
+        for _ in range(30):
+            if await asyncio.to_thread(self.parents.remove, self.cgroup):
+                self.cgroup = ""
+                return
+            await asyncio.sleep(0.1)
 
 
 # Per engine client: the exec processes started through it, closed with it (DockerBackend.close).
@@ -909,6 +915,8 @@ class DockerBackend:
         await engine.call("ping", self._client.version(), 5)
 
     async def close(self) -> None:
+        if self._parents is not None:  # parents of boxes that are gone, and the sensor's directory if empty
+            await asyncio.to_thread(self._parents.sweep, set(self._creating), True)
         # Exec streams still open (a task cancelled mid-session at shutdown) go back before the client does.
         for proc in list(_OPEN.pop(id(self._client), ())):
             await proc.kill()
