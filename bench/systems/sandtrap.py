@@ -133,14 +133,20 @@ class SandtrapServer(Server):
 
     async def session_memory_bytes(self) -> int | None:
         """Memory charged to the session boxes' cgroups (cgroup v1 or v2), summed."""
+        return await asyncio.to_thread(self._session_memory_bytes, await self._running())
+
+    @staticmethod
+    def _session_memory_bytes(running: list[dict[str, Any]]) -> int | None:
         total, found = 0, False
-        for c in await self._running():
+        for c in running:
             name = (c.get("Names") or [""])[0]
             if "-s-" not in name:
                 continue
             cid = c["Id"]
             for path in (
                 Path(f"/sys/fs/cgroup/memory/docker/{cid}/memory.usage_in_bytes"),
+                # limits_in_parent: below the box's parent cgroup (includes its session scopes)
+                *Path("/sys/fs/cgroup/memory").glob(f"sandtrap-*/*/{cid}/memory.usage_in_bytes"),
                 Path(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/memory.current"),
                 Path(f"/sys/fs/cgroup/docker/{cid}/memory.current"),
             ):
