@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/utsname.h>
@@ -337,6 +338,27 @@ static void wait_for_scope(void)
 	}
 }
 
+/* The open-files limits a session starts with are the box's (PID 1 has them from the engine's spec, as a
+ * login gets systemd's DefaultLimitNOFILE): an engine exec sometimes arrives with its soft limit raised to
+ * the hard one (the Go runtime of the engine's helpers raises its own), which `ulimit -n` would show. */
+static void box_nofile_limit(void)
+{
+	FILE *f = fopen("/proc/1/limits", "r");
+	if (!f)
+		return;
+	char line[256];
+	unsigned long long soft = 0, hard = 0;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "Max open files %llu %llu", &soft, &hard) == 2)
+			break;
+	fclose(f);
+	struct rlimit now;
+	if (soft == 0 || getrlimit(RLIMIT_NOFILE, &now) != 0 || now.rlim_cur == soft || soft > now.rlim_max)
+		return;
+	now.rlim_cur = soft;
+	setrlimit(RLIMIT_NOFILE, &now);
+}
+
 #define MAX_FAILED 32
 
 int main(int argc, char **argv)
@@ -362,6 +384,7 @@ int main(int argc, char **argv)
 		return log_close(args[0], args[1], args[2]);
 	if (scope)
 		wait_for_scope();
+	box_nofile_limit();
 	/* Copies: set_title() later overwrites the argument area these point into. */
 	const char *user = strdup(args[0]), *host = strdup(args[1]), *port = strdup(args[2]);
 	const char *method = strdup(args[3]);
