@@ -19,7 +19,7 @@ import hashlib
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Family = Literal["emulation", "container", "session", "network/identity", "kernel"]
@@ -1216,6 +1216,17 @@ def outcome(check: Check, result: Result | None) -> Outcome:
         return "pass" if check.passes(result) else "fail"
     except (IndexError, KeyError, ValueError, AttributeError, TypeError):
         return "fail"  # an answer too far from a real one to parse
+
+
+# Pass when logins are started by the box's listener (sandbox.session_transport: init), not by docker exec.
+INIT_TRANSPORT_PASSES = frozenset({"no-orphan-roots", "sshd-ancestry"})
+
+
+def checks_for(transport: str) -> list[Check]:
+    """The checks with what sandtrap must show when its logins come by ``transport`` (exec or init)."""
+    if transport == "exec":
+        return list(CHECKS)
+    return [replace(c, expected="pass") if c.id in INIT_TRANSPORT_PASSES else c for c in CHECKS]
 
 
 def expected_here(check: Check, plain: Outcome) -> Expected:
