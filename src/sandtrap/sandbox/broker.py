@@ -115,16 +115,21 @@ def parse_reply(data: bytes) -> Reply:
     raise BrokerError(f"unexpected reply ({len(data)} bytes)")
 
 
+def is_pty_master(st: os.stat_result) -> bool:
+    """A descriptor of /dev/ptmx (character device 5:2): what posix_openpt gives, nothing else."""
+    return stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 5 and os.minor(st.st_rdev) == 2
+
+
 def check_fds(fds: Sequence[int], tty: bool) -> list[int]:
-    """The fds a start reply must carry: one character device (the pty master) or three pipes. Returns them
+    """The fds a start reply must carry: a pty master or three pipes. Returns them
     non-blocking; on any mismatch, closes them all and raises."""
     try:
         want = 1 if tty else 3
         if len(fds) != want:
             raise BrokerError(f"{len(fds)} fds where {want} were due")
         for fd in fds:
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISCHR(mode) if tty else stat.S_ISFIFO(mode)):
+            st = os.fstat(fd)
+            if not (is_pty_master(st) if tty else stat.S_ISFIFO(st.st_mode)):
                 raise BrokerError("an fd of the wrong type")
             os.set_blocking(fd, False)
     except BaseException:

@@ -114,3 +114,15 @@ def test_a_pipe_is_not_a_pty_master() -> None:
     with pytest.raises(BrokerError):
         check_fds([r], tty=True)
     os.close(w)
+
+
+def test_only_a_pty_master_passes_for_a_tty() -> None:
+    master, slave = os.openpty()
+    null = os.open("/dev/null", os.O_RDWR)
+    try:
+        assert check_fds([master], tty=True) == [master]
+        with pytest.raises(BrokerError):
+            check_fds([null], tty=True)  # a character device, not /dev/ptmx
+    finally:
+        for fd in (master, slave, null):
+            os.close(fd)
