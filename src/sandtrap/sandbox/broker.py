@@ -44,6 +44,7 @@ CONNECT_TIMEOUT_S = 3.0
 START_TIMEOUT_S = 5.0
 DRAIN_AFTER_EXIT_S = 0.2  # output still buffered when the exit status arrives (a background job may hold the pty)
 CLONE_NEWNET = 0x40000000
+MAX_GARBAGE = 64  # unexpected packets on a process's socket before it is given up
 
 
 class BrokerError(SandboxError):
@@ -287,6 +288,7 @@ class BrokerProcess:
         self._exited = asyncio.Event()
         self._waiter: asyncio.Future[None] | None = None  # a read waiting for output (woken by the exit too)
         self._closed = False
+        self._garbage = 0  # packets that were no exit status: past MAX_GARBAGE the socket is given up
         self._watch_socket()
 
     # -- the control socket
@@ -314,6 +316,10 @@ class BrokerProcess:
             self._set_status(reply.status)
         elif not data:  # the listener's worker is gone without a status (killed in the box)
             self._set_status(ExitStatus(255))
+        else:
+            self._garbage += 1
+            if self._garbage > MAX_GARBAGE:  # a flood from the box: stop listening, the process counts as ended
+                self._set_status(ExitStatus(255))
 
     def _set_status(self, status: ExitStatus) -> None:
         if self._status is None:
