@@ -3,7 +3,8 @@
 The box's PID 1 forks a listener titled as sshd's (``listener.c``, compiled into init) that serves an
 abstract unix socket in the box's network namespace. The honeypot connects to it from a short-lived
 thread of its own that enters that namespace (``setns``) and dies right after, asks for a process
-(argv, env, user, workdir, pty size) and receives its pty master or its three pipes (``SCM_RIGHTS``);
+(argv, env, user, workdir, pty size) and receives its pty master and a pipe of the pty's output, or its
+three pipes (``SCM_RIGHTS``);
 the exit status comes back on the socket. The bytes then flow between the honeypot and the box's pty
 directly, never through the engine.
 
@@ -122,15 +123,15 @@ def is_pty_master(st: os.stat_result) -> bool:
 
 
 def check_fds(fds: Sequence[int], tty: bool) -> list[int]:
-    """The fds a start reply must carry: a pty master or three pipes. Returns them
+    """The fds a start reply must carry: a pty master and the pipe of its output, or three pipes. Returns them
     non-blocking; on any mismatch, closes them all and raises."""
     try:
-        want = 1 if tty else 3
+        want = 2 if tty else 3
         if len(fds) != want:
             raise BrokerError(f"{len(fds)} fds where {want} were due")
-        for fd in fds:
+        for i, fd in enumerate(fds):
             st = os.fstat(fd)
-            if not (is_pty_master(st) if tty else stat.S_ISFIFO(st.st_mode)):
+            if not (is_pty_master(st) if tty and i == 0 else stat.S_ISFIFO(st.st_mode)):
                 raise BrokerError("an fd of the wrong type")
             os.set_blocking(fd, False)
     except BaseException:
@@ -252,7 +253,7 @@ async def start(
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             await asyncio.get_running_loop().sock_sendall(sock, request)
-            data, fds = await _recv(sock, 3)
+            data, fds = await _recv(sock, 3)  # at most 3 taken: more and MSG_CTRUNC refuses the reply
         try:
             reply = parse_reply(data)
         except BrokerError:
@@ -281,8 +282,8 @@ class BrokerProcess:
         self._sock = sock
         self._tty = tty
         self._stdin: int | None = fds[0]
-        # What is read: the pty master (both streams) or the stdout and stderr pipes.
-        self._outputs: dict[int, int] = {fds[0]: STDOUT} if tty else {fds[1]: STDOUT, fds[2]: STDERR}
+        # What is read: the pipe the listener's worker copies the pty into (both streams), or stdout and stderr.
+        self._outputs: dict[int, int] = {fds[1]: STDOUT} if tty else {fds[1]: STDOUT, fds[2]: STDERR}
         self._owned = list(fds)
         self._status: ExitStatus | None = None
         self._exited = asyncio.Event()
@@ -345,7 +346,7 @@ class BrokerProcess:
                         log.debug("read from the box: %r", exc)
                     data = b""
                 if data:
-                    return Chunk(stream, data)
+                    return Chunk(stream, self._more(fd, data))
                 self._drop_output(fd)
             if not self._outputs:
                 break
@@ -377,10 +378,26 @@ class BrokerProcess:
                 return None
         return None
 
+    @staticmethod
+    def _more(fd: int, data: bytes) -> bytes:
+        """What else is buffered already, up to READ_SIZE in all: a pty hands out a few KiB a read, and each
+        chunk costs an SSH packet and a pass of the event loop."""
+        parts = [data]
+        size = len(data)
+        while size < READ_SIZE:
+            try:
+                more = os.read(fd, READ_SIZE - size)
+            except OSError:  # EAGAIN: nothing more now; EIO/EOF: the next read() says so
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return data if len(parts) == 1 else b"".join(parts)
+
     def _drop_output(self, fd: int) -> None:
         self._outputs.pop(fd, None)
-        if not (self._tty and fd == self._stdin):
-            self._close_fd(fd)
+        self._close_fd(fd)
 
     async def write(self, data: bytes) -> None:
         loop = asyncio.get_running_loop()

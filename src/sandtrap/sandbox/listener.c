@@ -17,11 +17,12 @@
  * Protocol (SOCK_SEQPACKET: one message a packet; little-endian):
  *   request   "STB1" u8 flags (1 = tty) u16 cols u16 rows u16 argc u16 envc, then NUL-terminated
  *             strings: user, workdir ("" = the user's home, else /), argv[argc], env[envc]
- *   started   'O' u32 pid, with SCM_RIGHTS: the pty master (tty) or stdin, stdout, stderr pipes
+ *   started   'O' u32 pid, with SCM_RIGHTS: the pty master (input, resize) and a pipe of its output (tty),
+ *             or stdin, stdout, stderr pipes
  *   exited    'X' i32 wait status (as waitpid gives it)
  *   failed    'E' text
  *   signal    'K' u8 signal (from the honeypot): sent to the process group
- * The honeypot closing its end hangs up the process group (SIGHUP, SIGKILL 2 s later).
+ * The honeypot closing its end hangs up the process group (SIGHUP, SIGKILL 2 s later) and the terminal.
  */
 #include <poll.h>
 #include <stddef.h>
@@ -137,6 +138,8 @@ static void user_groups(const char *name, gid_t primary)
 	setgroups((size_t)n, groups);
 }
 
+static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out);
+
 static void serve_request(int sock)
 {
 	static unsigned char req[MAX_REQUEST + 1];
@@ -186,7 +189,7 @@ static void serve_request(int sock)
 	snprintf(title, sizeof(title), "sshd: %s [priv]", name);
 	retitle(title);
 
-	int mine[3] = {-1, -1, -1}, theirs[3] = {-1, -1, -1}, nfds;
+	int mine[3] = {-1, -1, -1}, theirs[3] = {-1, -1, -1}, out[2] = {-1, -1}, nfds;
 	if (tty) {
 		mine[0] = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 		if (mine[0] < 0 || grantpt(mine[0]) != 0 || unlockpt(mine[0]) != 0)
@@ -197,7 +200,15 @@ static void serve_request(int sock)
 			fail(sock, "no pty");
 		if (ws.ws_col && ws.ws_row)
 			ioctl(mine[0], TIOCSWINSZ, &ws);
-		nfds = 1;
+		/* The pty's output reaches the honeypot through a pipe this worker fills (as sshd's session
+		 * process copies it): a pty buffers a few KiB only, a pipe 1 MiB, so the honeypot reads big chunks. */
+		if (pipe2(out, O_CLOEXEC) != 0)
+			fail(sock, "no pipes");
+		fcntl(out[1], F_SETPIPE_SZ, 1 << 20);
+		fcntl(out[1], F_SETFL, O_NONBLOCK);
+		fcntl(mine[0], F_SETFL, O_NONBLOCK);
+		mine[1] = out[0];
+		nfds = 2;
 	} else {
 		int p0[2], p1[2], p2[2];
 		if (pipe2(p0, O_CLOEXEC) || pipe2(p1, O_CLOEXEC) || pipe2(p2, O_CLOEXEC))
@@ -255,28 +266,62 @@ static void serve_request(int sock)
 		kill(-pid, SIGKILL);
 		kill(pid, SIGKILL);
 	}
-	for (int i = 0; i < 3; i++)
+	int master = tty ? mine[0] : -1; /* kept (tty): this worker copies its output into out[1] */
+	for (int i = tty ? 1 : 0; i < 3; i++)
 		if (mine[i] >= 0)
 			close(mine[i]);
+	relay_and_wait(sock, sfd, pid, master, out[1]);
+}
 
-	/* Until the child ends: signals from the honeypot; its end closed = hang up the session. */
-	int hung_up = 0;
+/* Until the child ends (its wait status goes to the honeypot) and, with a pty, until its output has all been
+ * copied (every slave closed: EIO): signals from the honeypot; its end closed = hang up the session. */
+static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out)
+{
+	static char buf[65536];
+	size_t have = 0, off = 0;
+	int exited = 0, hung_up = 0;
 	for (;;) {
-		struct pollfd fds[2] = {{sfd, POLLIN, 0}, {hung_up ? -1 : sock, POLLIN, 0}};
-		int r = poll(fds, 2, hung_up ? 2000 : -1);
+		if (exited && master < 0)
+			_exit(0);
+		struct pollfd fds[4] = {{sfd, POLLIN, 0},
+					{hung_up ? -1 : sock, POLLIN, 0},
+					{master >= 0 && have == 0 ? master : -1, POLLIN, 0},
+					{master >= 0 && have > 0 ? pipe_out : -1, POLLOUT, 0}};
+		int r = poll(fds, 4, hung_up ? 2000 : -1);
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
-			break;
+			_exit(1);
+		}
+		if (master >= 0 && (fds[2].revents || fds[3].revents)) {
+			if (have == 0) {
+				ssize_t n = read(master, buf, sizeof(buf));
+				if (n > 0)
+					have = (size_t)n, off = 0;
+				else if (n == 0 || (errno != EAGAIN && errno != EINTR)) { /* EIO: no slave left */
+					close(master);
+					close(pipe_out);
+					master = pipe_out = -1;
+				}
+			}
+			if (have > 0) {
+				ssize_t n = write(pipe_out, buf + off, have);
+				if (n > 0)
+					off += (size_t)n, have -= (size_t)n;
+				else if (n < 0 && errno != EAGAIN && errno != EINTR) { /* the honeypot closed its end */
+					close(master);
+					close(pipe_out);
+					master = pipe_out = -1;
+				}
+			}
 		}
 		int status;
-		pid_t w = waitpid(pid, &status, WNOHANG);
-		if (w == pid) {
-			unsigned char out[5] = {'X', (unsigned char)status, (unsigned char)(status >> 8),
+		if (!exited && waitpid(pid, &status, WNOHANG) == pid) {
+			exited = 1;
+			unsigned char msg[5] = {'X', (unsigned char)status, (unsigned char)(status >> 8),
 						(unsigned char)(status >> 16), (unsigned char)(status >> 24)};
 			if (!hung_up)
-				send_msg(sock, out, sizeof(out), NULL, 0);
-			_exit(0);
+				send_msg(sock, msg, sizeof(msg), NULL, 0);
 		}
 		if (sfd >= 0 && (fds[0].revents & POLLIN)) {
 			struct signalfd_siginfo si;
@@ -286,6 +331,8 @@ static void serve_request(int sock)
 		if (r == 0 && hung_up) { /* 2 s after the hang-up */
 			kill(-pid, SIGKILL);
 			kill(pid, SIGKILL);
+			if (exited)
+				_exit(0);
 			continue;
 		}
 		if (!hung_up && fds[1].revents) {
@@ -294,17 +341,25 @@ static void serve_request(int sock)
 			if (m == 2 && msg[0] == 'K' && msg[1] > 0 && msg[1] < 32) {
 				kill(-pid, msg[1]);
 				kill(pid, msg[1]);
-			} else if (m == 0 || (m < 0 && errno != EAGAIN && errno != EINTR) || (fds[1].revents & (POLLHUP | POLLERR))) {
+			} else if (m == 0 || (m < 0 && errno != EAGAIN && errno != EINTR) ||
+				   (fds[1].revents & (POLLHUP | POLLERR))) {
 				hung_up = 1;
+				if (master >= 0) { /* the last master closed: the kernel hangs the terminal up */
+					close(master);
+					close(pipe_out);
+					master = pipe_out = -1;
+				}
 				kill(-pid, SIGHUP);
 				kill(pid, SIGHUP);
+				if (exited)
+					_exit(0);
 			}
 		}
-		if (sfd < 0 && r > 0 && !fds[1].revents) /* no signalfd: poll the child now and then */
+		if (sfd < 0 && r > 0 && !fds[1].revents && master < 0) /* no signalfd: poll the child now and then */
 			usleep(50000);
 	}
-	_exit(0);
 }
+
 
 /* --- the listener ------------------------------------------------------------------------------ */
 

@@ -112,17 +112,20 @@ def test_unexpected_fds_are_closed(case: str, tmp_path: os.PathLike[str]) -> Non
 def test_a_pipe_is_not_a_pty_master() -> None:
     r, w = os.pipe()
     with pytest.raises(BrokerError):
-        check_fds([r], tty=True)
+        check_fds([r, os.dup(w)], tty=True)
     os.close(w)
 
 
 def test_only_a_pty_master_passes_for_a_tty() -> None:
     master, slave = os.openpty()
     null = os.open("/dev/null", os.O_RDWR)
+    r, w = os.pipe()
     try:
-        assert check_fds([master], tty=True) == [master]
+        assert check_fds([master, r], tty=True) == [master, r]
         with pytest.raises(BrokerError):
-            check_fds([null], tty=True)  # a character device, not /dev/ptmx
+            check_fds([os.dup(null), os.dup(r)], tty=True)  # a character device, not /dev/ptmx
+        with pytest.raises(BrokerError):
+            check_fds([os.dup(master)], tty=True)  # the output pipe missing
     finally:
-        for fd in (master, slave, null):
+        for fd in (master, slave, null, r, w):
             os.close(fd)
