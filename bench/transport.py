@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import Terminal
-from bench.measures.latency import keystroke_echo, sampled, warm_up
+from bench.measures.latency import keystroke_echo, rotated, sampled, warm_up
 from bench.measures.load import bulk_exec, bulk_pty
 from bench.systems import floor
 from bench.systems import sandtrap as sandtrap_system
@@ -68,19 +68,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         typable: dict[str, Any] = {**terms, "docker exec -it": floor_term}
         if args.keystrokes:
             out["echo"] = await keystroke_echo(typable, args.keystrokes, log)
-        out["bulk"] = {}
-        for s in both:
-            rows = {}
+        out["bulk"] = {s.name: {"exec": [], "exec_binary": [], "pty": []} for s in both}
+        for i in range(3):  # in rotation, like the latencies: the machine's noise falls on both alike
             for kind in ("exec", "exec_binary", "pty"):
-                runs = []
-                for _ in range(3):
+                for s in rotated(both, i):
                     if kind == "pty":
-                        runs.append(await bulk_pty(terms[s.name], s, 20_000_000))
+                        row = await bulk_pty(terms[s.name], s, 20_000_000)
                     else:
-                        runs.append(await bulk_exec(s, 20_000_000, binary=kind == "exec_binary"))
+                        row = await bulk_exec(s, 20_000_000, binary=kind == "exec_binary")
+                    out["bulk"][s.name][kind].append(row)
                     await s.settle()
-                rows[kind] = runs
-            out["bulk"][s.name] = rows
         for t in terms.values():
             await t.close()
         await floor_term.close()
