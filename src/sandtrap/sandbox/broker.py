@@ -45,6 +45,7 @@ CONNECT_TIMEOUT_S = 3.0
 START_TIMEOUT_S = 5.0
 DRAIN_AFTER_EXIT_S = 0.2  # output still buffered when the exit status arrives (a background job may hold the pty)
 CLONE_NEWNET = 0x40000000
+KILLED = ExitStatus(137, "KILL")
 MAX_GARBAGE = 64  # unexpected packets on a process's socket before it is given up
 
 
@@ -315,8 +316,10 @@ class BrokerProcess:
                 log.debug("listener sent garbage: %s", exc)
         if isinstance(reply, Exited):
             self._set_status(reply.status)
-        elif not data:  # the listener's worker is gone without a status (killed in the box)
-            self._set_status(ExitStatus(255))
+        elif not data:
+            # The listener's worker is gone without a status: killed, with the box or by root in it. As the
+            # engine reports an exec of a killed box: 137, SIGKILL.
+            self._set_status(KILLED)
         else:
             self._garbage += 1
             if self._garbage > MAX_GARBAGE:  # a flood from the box: stop listening, the process counts as ended
