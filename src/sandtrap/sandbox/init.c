@@ -306,7 +306,7 @@ int main(int argc, char **argv)
 	age_pids();
 	start(rsyslog);
 	start(cron);
-	/* The listener: port 22 (each connection to `sshd -i`) and the honeypot's session requests (broker.h).
+	/* The listener: port 22 (each connection to `sshd -i`) and the host's session requests (listener.c).
 	 * Without it (cannot start), the real sshd listens on 22 as before. */
 	pid_t listener = start_listener();
 	if (listener <= 0)

@@ -6,7 +6,7 @@
  *  - TCP port 22 (IPv4 and IPv6): each connection is handed to `/usr/sbin/sshd -i` (inetd mode), so
  *    the box's own sshd still answers anyone who connects to it from inside.
  *  - an abstract unix socket (LISTENER_SOCKET; per network namespace: no file the host has to
- *    traverse, nothing in /proc/mounts): the honeypot's session requests (sandbox.session_transport:
+ *    traverse, nothing in /proc/mounts): the host's session requests (session_transport:
  *    init). Only a peer outside the box's pid namespace is served: SO_PEERCRED reports pid 0 for it,
  *    while anything started in the box has a pid here. Others are closed at once, without a fork.
  *
@@ -21,8 +21,8 @@
  *             or stdin, stdout, stderr pipes
  *   exited    'X' i32 wait status (as waitpid gives it)
  *   failed    'E' text
- *   signal    'K' u8 signal (from the honeypot): sent to the process group
- * The honeypot closing its end hangs up the process group (SIGHUP, SIGKILL 2 s later) and the terminal.
+ *   signal    'K' u8 signal (from the host): sent to the process group
+ * The host closing its end hangs up the process group (SIGHUP, SIGKILL 2 s later) and the terminal.
  */
 #include <poll.h>
 #include <stddef.h>
@@ -173,7 +173,7 @@ static void serve_request(int sock)
 	argv[argc] = NULL;
 	env[envc] = NULL;
 
-	/* The honeypot gave up meanwhile (a time-out): start nothing. */
+	/* The host gave up meanwhile (a time-out): start nothing. */
 	struct pollfd gone = {sock, POLLRDHUP, 0};
 	if (poll(&gone, 1, 0) == 1 && (gone.revents & (POLLHUP | POLLRDHUP | POLLERR)))
 		_exit(0);
@@ -200,8 +200,8 @@ static void serve_request(int sock)
 			fail(sock, "no pty");
 		if (ws.ws_col && ws.ws_row)
 			ioctl(mine[0], TIOCSWINSZ, &ws);
-		/* The pty's output reaches the honeypot through a pipe this worker fills (as sshd's session
-		 * process copies it): a pty buffers a few KiB only, a pipe 1 MiB, so the honeypot reads big chunks. */
+		/* The pty's output reaches the host through a pipe this worker fills (as sshd's session
+		 * process copies it): a pty buffers a few KiB only, a pipe 1 MiB, so the host reads big chunks. */
 		if (pipe2(out, O_CLOEXEC) != 0)
 			fail(sock, "no pipes");
 		fcntl(out[1], F_SETPIPE_SZ, 1 << 20);
@@ -273,8 +273,8 @@ static void serve_request(int sock)
 	relay_and_wait(sock, sfd, pid, master, out[1]);
 }
 
-/* Until the child ends (its wait status goes to the honeypot) and, with a pty, until its output has all been
- * copied (every slave closed: EIO): signals from the honeypot; its end closed = hang up the session. */
+/* Until the child ends (its wait status goes to the host) and, with a pty, until its output has all been
+ * copied (every slave closed: EIO): signals from the host; its end closed = hang up the session. */
 static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out)
 {
 	static char buf[65536];
@@ -308,7 +308,7 @@ static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_ou
 				ssize_t n = write(pipe_out, buf + off, have);
 				if (n > 0)
 					off += (size_t)n, have -= (size_t)n;
-				else if (n < 0 && errno != EAGAIN && errno != EINTR) { /* the honeypot closed its end */
+				else if (n < 0 && errno != EAGAIN && errno != EINTR) { /* the host closed its end */
 					close(master);
 					close(pipe_out);
 					master = pipe_out = -1;
