@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ class Honeypot:
     settings: Settings
     services: Services
     capture: CaptureSink
+    # Logins that fell back to docker exec with session_transport: init (the backend's warnings).
+    fallbacks: list[str] = field(default_factory=list)
+    expect_fallback: bool = False
 
     @property
     def port(self) -> int:
@@ -106,7 +110,8 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
         base: dict[str, Any] = {
             "sensor": sensor,
             "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(HOST_KEYS)},
-            "sandbox": {"image": built_image, "pool_size": 1},
+            # SANDTRAP_TEST_SESSION_TRANSPORT=init runs a suite with logins started by the box's listener.
+            "sandbox": {"image": built_image, "pool_size": 1, "session_transport": SESSION_TRANSPORT},
             "storage": {"data_dir": str(tmp_path / "data")},
             "api": {"listen": "127.0.0.1:0"},
             # No PAM-like delays in tests (test_auth_timing checks them): brute-force tests stay fast.
@@ -125,13 +130,38 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             shutil.copyfile(made, seccomp.profile_path(settings.data_dir))
         capture = CaptureSink()
         services = await stack.enter_async_context(running(settings, sinks=[capture]))
-        return Honeypot(settings, services, capture)
+        hp = Honeypot(settings, services, capture)
+        started.append(hp)
+        return hp
 
+    started: list[Honeypot] = []
+    fallbacks = _FallbackLog()
+    docker_log = logging.getLogger("sandtrap.sandbox.docker")
+    docker_log.addHandler(fallbacks)
     try:
         yield start
     finally:
+        docker_log.removeHandler(fallbacks)
         await stack.aclose()
         await remove_sensor_containers(sensor)
+    if SESSION_TRANSPORT == "init" and fallbacks.lines and not any(hp.expect_fallback for hp in started):
+        pytest.fail(f"logins fell back to docker exec with session_transport: init: {fallbacks.lines[:3]}")
+
+
+class _FallbackLog(logging.Handler):
+    """Collects the backend's "login ... by docker exec" warnings (session_transport: init fell back)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "by docker exec" in text:
+            self.lines.append(text)
+
+
+SESSION_TRANSPORT = os.environ.get("SANDTRAP_TEST_SESSION_TRANSPORT", "exec")
 
 
 # Host keys are generated once per test run (RSA 3072 takes a moment) and shared by every honeypot.

@@ -195,6 +195,12 @@ class SandboxSettings(_Section):
         "reads unlimited as a real machine's does; needs cgroup v1 with the cgroupfs driver and the honeypot as "
         "root on the engine's host, else the limits stay on the container",
     )
+    session_transport: Literal["exec", "init"] = Field(
+        "exec",
+        description="how a login's processes start: exec = `docker exec` (parent pid 0 in the box); init = the box's "
+        "sshd-titled listener (forked by its PID 1) starts them and hands their pty or pipes to the honeypot "
+        "(needs the honeypot as root on the engine's host; any failure falls back to exec)",
+    )
     pin_cpus: bool = Field(
         True,
         description="pin each box to ceil(cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota gives",

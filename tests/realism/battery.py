@@ -19,7 +19,7 @@ import hashlib
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Family = Literal["emulation", "container", "session", "network/identity", "kernel"]
@@ -357,11 +357,11 @@ DETECT_CONTAINER = (
 
 VM = "A VM backend (its own kernel, disk and init) removes it."
 BROKER = (
-    "Carry sessions over PID 1's stdio (`docker attach`, OpenStdin) instead: `init.c` gets a small multiplexed "
-    "protocol, forks a listener titled `sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups` (which also "
-    "hands TCP connections on :22 to `/usr/sbin/sshd -i`), and per session `sshd: root [priv]` → "
-    "`sshd: root@pts/N` (pty opened in the box with `openpty`) → `-bash`; `bridge/login.py` and "
-    "`sandbox/docker.py` speak that protocol instead of `exec`."
+    "Set `sandbox.session_transport: init` (root on the engine's host): the box's PID 1 forks a listener titled "
+    "`sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups` (`sandbox/listener.c`; it also hands TCP connections "
+    "on :22 to `/usr/sbin/sshd -i`) that starts each login as `sshd: root [priv]` → `sshd: root@pts/N` (a pty "
+    "opened in the box) → `-bash` and passes the pty to the honeypot (`sandbox/broker.py`). The battery's `init` "
+    "run passes both; `exec` stays the default until that transport has been measured and run longer."
 )
 SESSION_TTY = (
     "`src/sandtrap/sandbox/session.c` decides both with `interactive = isatty(0) && command == NULL`; split "
@@ -1217,6 +1217,17 @@ def outcome(check: Check, result: Result | None) -> Outcome:
         return "pass" if check.passes(result) else "fail"
     except (IndexError, KeyError, ValueError, AttributeError, TypeError):
         return "fail"  # an answer too far from a real one to parse
+
+
+# Pass when logins are started by the box's listener (sandbox.session_transport: init), not by docker exec.
+INIT_TRANSPORT_PASSES = frozenset({"no-orphan-roots", "sshd-ancestry"})
+
+
+def checks_for(transport: str) -> list[Check]:
+    """The checks with what sandtrap must show when its logins come by ``transport`` (exec or init)."""
+    if transport == "exec":
+        return list(CHECKS)
+    return [replace(c, expected="pass") if c.id in INIT_TRANSPORT_PASSES else c for c in CHECKS]
 
 
 def expected_here(check: Check, plain: Outcome) -> Expected:

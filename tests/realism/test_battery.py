@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncssh
+import pytest
 
 from sandtrap.config import SandboxSettings
 from sandtrap.sandbox.base import Process, TermSize
 from sandtrap.sandbox.docker import DockerBackend, DockerSandbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from battery import CHECKS, Check, Context, Outcome, Result, expected_here, key, markdown, outcome
+from battery import CHECKS, Check, Context, Outcome, Result, checks_for, expected_here, key, markdown, outcome
 
 PASSWORD = "hunter2"
 TIMEOUT_S = 30.0
@@ -223,14 +224,17 @@ def table(rows: list[tuple[Check, Outcome, Outcome]]) -> str:
     return "\n".join(out)
 
 
+# exec: the default. init: logins started by the box's listener (no-orphan-roots and sshd-ancestry pass).
+@pytest.mark.parametrize("transport", ["exec", "init"])
 async def test_detection_battery(
+    transport: str,
     honeypot: Callable[..., Any],
     backend_factory: Callable[[SandboxSettings], DockerBackend],
     sandbox_settings: Callable[..., SandboxSettings],
     output_dir: Path,
 ) -> None:
     # Every realism option on, `network: internal` included (off by default: README "Network").
-    hp = await honeypot(sandbox={"network": "internal"})
+    hp = await honeypot(sandbox={"network": "internal", "session_transport": transport})
     conn_a = await connect(hp.port)
     conn_b = await connect(hp.port, wrong_first=True)
     try:
@@ -249,13 +253,14 @@ async def test_detection_battery(
         await t2.close()
 
     rows: list[tuple[Check, Outcome, Outcome]] = []
-    for check in CHECKS:
+    for check in checks_for(transport):
         plain_result = None if check.needs_ssh else plain[key(check)]
         rows.append((check, outcome(check, ours[key(check)]), outcome(check, plain_result)))
     print("\n" + table(rows))
-    (output_dir / "realism-battery.md").write_text(markdown(rows), encoding="utf-8")
+    suffix = "" if transport == "exec" else f"-{transport}"
+    (output_dir / f"realism-battery{suffix}.md").write_text(markdown(rows), encoding="utf-8")
     raw = {key(c): {"sandtrap": vars_of(ours[key(c)]), "plain": vars_of(plain[key(c)])} for c in CHECKS}
-    (output_dir / "realism-battery-raw.json").write_text(json.dumps(raw, indent=1), encoding="utf-8")
+    (output_dir / f"realism-battery{suffix}-raw.json").write_text(json.dumps(raw, indent=1), encoding="utf-8")
 
     assert len(CHECKS) >= 40
     assert len({key(c) for c in CHECKS}) == len(CHECKS), "check ids repeat within a mode"

@@ -116,7 +116,10 @@ class Sandbox(Protocol):
         env: Mapping[str, str] | None = None,
         user: str = "root",
         workdir: str | None = None,
-    ) -> Process: ...
+        login: bool = False,
+    ) -> Process:
+        """Start ``argv`` in the sandbox. ``login``: a login's own process (what sshd would start); a backend may
+        start it another way (the box's init, ``sandbox.session_transport``), with the same result."""
 
     async def enter_scope(self, session_id: int, unit: str) -> None:
         """Put the processes of login ``session_id`` (their ``XDG_SESSION_ID``) where the box's init system

@@ -32,7 +32,7 @@ from aiodocker.stream import Stream
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import engine, hostfs, network
+from sandtrap.sandbox import broker, engine, hostfs, network
 from sandtrap.sandbox.base import (
     ChangedFile,
     Chunk,
@@ -359,6 +359,8 @@ class DockerSandbox:
         self._host_checked = False
         self.cgroup = ""  # the name of its parent cgroup, when the backend made one (limits_in_parent)
         self.parents: ParentCgroups | None = None
+        # Why logins are not started by the box's listener (sandbox.session_transport: init), '' = they are.
+        self.init_refused = "session_transport is exec"
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -381,7 +383,12 @@ class DockerSandbox:
         env: Mapping[str, str] | None = None,
         user: str = "root",
         workdir: str | None = None,
-    ) -> DockerProcess:
+        login: bool = False,
+    ) -> DockerProcess | broker.BrokerProcess:
+        if login and not self.init_refused:
+            started = await self._start_by_init(argv, tty, env, user, workdir)
+            if started is not None:
+                return started
         container = self._container()
         execution = await engine.call(
             "exec create",
@@ -407,6 +414,31 @@ class DockerSandbox:
         if tty is not None:
             await proc.resize(tty)
         return proc
+
+    async def _start_by_init(
+        self,
+        argv: list[str],
+        tty: TermSize | None,
+        env: Mapping[str, str] | None,
+        user: str,
+        workdir: str | None,
+    ) -> broker.BrokerProcess | None:
+        """The process started by the box's listener (see :mod:`sandtrap.sandbox.broker`), or None (logged) when
+        it cannot be: the caller then uses ``docker exec``, so a session never fails because of this path."""
+        view = await self._host_view()
+        if view is not None and not view.verify():  # the box restarted: its pid 1 is another process now
+            self._host_checked = False
+            view = await self._host_view()
+        if view is None:
+            log.warning("login in %s by docker exec: the box's pid 1 is not visible on this host", self.name)
+            return None
+        try:
+            return await broker.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty)
+        except broker.BrokerError as exc:
+            log.warning("login in %s by docker exec: the box's listener failed (%s)", self.name, exc)
+        except OSError as exc:
+            log.warning("login in %s by docker exec: %r", self.name, exc)
+        return None
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         p = Path(path)
@@ -604,7 +636,7 @@ class DockerSandbox:
 
 
 # Per engine client: the exec processes started through it, closed with it (DockerBackend.close).
-_OPEN: dict[int, weakref.WeakSet[DockerProcess]] = {}
+_OPEN: dict[int, weakref.WeakSet[DockerProcess]] = {}  # (the listener's processes close with their sockets)
 
 # Per engine address: the open-files hard limit the engine was last seen to grant (see DockerBackend.create).
 _NOFILE_LEARNED: dict[str, int] = {}
@@ -621,6 +653,17 @@ def files_archive(files: Mapping[str, tuple[bytes, int, float]]) -> bytes:
             member.size, member.mode, member.mtime = len(data), mode, int(mtime)
             tar.addfile(member, io.BytesIO(data))
     return buf.getvalue()
+
+
+def init_transport_refused(s: SandboxSettings) -> str:
+    """Why logins cannot be started by the box's listener (``session_transport: init``), or ''."""
+    if s.session_transport != "init":
+        return "session_transport is exec"
+    if s.docker_host and not s.docker_host.startswith("unix://"):
+        return f"the engine at {s.docker_host} is not on this host"
+    if os.geteuid() != 0:
+        return "the honeypot does not run as root (entering a box's network namespace needs it)"
+    return ""
 
 
 class DockerBackend:
@@ -654,6 +697,9 @@ class DockerBackend:
         self._creating: set[str] = set()  # parents made but not yet holding their box: never swept
         self._cpu_list: list[int] = []  # the CPUs boxes may be pinned to
         self._mask_systemd_cgroup = False
+        self._init_refused = init_transport_refused(settings)
+        if settings.session_transport == "init" and self._init_refused:
+            log.warning("logins by docker exec, not by the box's listener: %s", self._init_refused)
 
     @property
     def settings(self) -> SandboxSettings:
@@ -787,6 +833,7 @@ class DockerBackend:
                 raise
             sandbox = DockerSandbox(self._client, container.id, name, tuple(settings.tmpfs))
             sandbox.cgroup, sandbox.parents = cgroup, self._parents
+            sandbox.init_refused = self._init_refused
             seeded = settings.read_only_root and bool(settings.writable)
             try:
                 if self._planted and not seeded:  # in the container's own layer, before init starts sshd
@@ -872,7 +919,9 @@ class DockerBackend:
         sandbox.name = new
 
     def sandbox(self, container_id: str, name: str) -> DockerSandbox:
-        return DockerSandbox(self._client, container_id, name, tuple(self._settings.tmpfs))
+        sandbox = DockerSandbox(self._client, container_id, name, tuple(self._settings.tmpfs))
+        sandbox.init_refused = self._init_refused
+        return sandbox
 
     async def list_managed(self) -> list[SandboxInfo]:
         """Every container of this sensor, with the state it is in now (and the parent cgroups of boxes that

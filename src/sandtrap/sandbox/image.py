@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOTFS_DIR = HERE / "rootfs"
 SETUP_SCRIPT = HERE / "rootfs_setup.sh"
 INIT_SOURCE = HERE / "init.c"
+LISTENER_SOURCE = HERE / "listener.c"  # included by init.c: the SSH listener and session broker
 SESSION_SOURCE = HERE / "session.c"  # sshd's session work in the box (utmp, motd, login shell)
 
 VARIANT = "minbase"
@@ -119,6 +120,7 @@ def image_inputs(image: ImageSettings, base: str | None = None) -> str:
         feed(f"rootfs/{path.relative_to(ROOTFS_DIR).as_posix()} {_mode(path):o}", path.read_bytes())
     feed("setup", SETUP_SCRIPT.read_bytes())
     feed("init", INIT_SOURCE.read_bytes())
+    feed("listener", LISTENER_SOURCE.read_bytes())
     feed("session", SESSION_SOURCE.read_bytes())
     return h.hexdigest()
 
@@ -269,7 +271,7 @@ async def _compile_init(tmp: Path, steps: _Steps) -> Path:
         # The sources copied into ``tmp``: what is compiled is what was hashed.
         src = tmp / "src"
         await asyncio.to_thread(src.mkdir)
-        for path in (INIT_SOURCE, SESSION_SOURCE):
+        for path in (INIT_SOURCE, LISTENER_SOURCE, SESSION_SOURCE):
             await asyncio.to_thread(shutil.copyfile, path, src / path.name)
         for source, name in ((INIT_SOURCE, "init"), (SESSION_SOURCE, "session")):
             # -s: no symbol table, so the binary names no build path.

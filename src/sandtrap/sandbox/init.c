@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "listener.c" /* the SSH listener and session broker */
+
 #define GRACE_TENTHS 30 /* 3 s between SIGTERM and SIGKILL */
 
 static sigset_t watched;
@@ -57,6 +59,39 @@ static int reap(void)
 	while ((pid = waitpid(-1, NULL, WNOHANG)) > 0)
 		;
 	return pid == 0;
+}
+
+/* Reap every exited child; return whether one of them was ``listener``. */
+static int reap_listener(pid_t listener)
+{
+	pid_t pid;
+	int gone = 0;
+	while ((pid = waitpid(-1, NULL, WNOHANG)) > 0)
+		if (listener > 0 && pid == listener)
+			gone = 1;
+	return gone;
+}
+
+/* Fork the listener and re-execute this program as it: argv[0] is its title (what ps shows), and a fresh
+ * image keeps PID 1's memory out of the process attackers can reach. */
+static pid_t start_listener(void)
+{
+	pid_t pid = fork();
+	if (pid != 0)
+		return pid < 0 ? 0 : pid;
+	sigprocmask(SIG_UNBLOCK, &watched, NULL);
+	setsid();
+	int null = open("/dev/null", O_RDWR);
+	if (null >= 0) {
+		dup2(null, 0);
+		dup2(null, 1);
+		dup2(null, 2);
+		if (null > 2)
+			close(null);
+	}
+	char *argv[] = {LISTENER_TITLE, NULL};
+	execv("/sbin/init", argv);
+	_exit(127);
 }
 
 static void stop_all(void)
@@ -246,7 +281,8 @@ static void age_pids(void)
 
 int main(int argc, char **argv)
 {
-	(void)argc;
+	if (getpid() != 1 && argv[0] && strncmp(argv[0], "sshd: ", 6) == 0)
+		return listener_main(argc, argv); /* re-executed by start_listener() below */
 	boot_environment(argv);
 
 	static char *const cron[] = {"/usr/sbin/cron", "-f", NULL};
@@ -270,7 +306,12 @@ int main(int argc, char **argv)
 	age_pids();
 	start(rsyslog);
 	start(cron);
-	start(sshd); /* something listens on port 22, as on any server reached by SSH */
+	/* The listener: port 22 (each connection to `sshd -i`) and the host's session requests (listener.c).
+	 * Without it (cannot start), the real sshd listens on 22 as before. */
+	pid_t listener = start_listener();
+	if (listener <= 0)
+		start(sshd); /* something listens on port 22, as on any server reached by SSH */
+	time_t listener_started = time(NULL);
 	start(nginx); /* the web role the box's story tells (logs, the inventory site) */
 	/* lxcfs starts tracking a box's load when a process of it first reads /proc/loadavg ("0/1" before):
 	 * read it now, so the attacker's first `uptime` shows a box that has been counted since boot. */
@@ -282,11 +323,18 @@ int main(int argc, char **argv)
 	}
 
 	for (;;) {
-		int sig = 0;
-		if (sigwait(&watched, &sig) != 0)
+		/* A listener that died is started again, at most once a second (a timed wait, never a block). */
+		const struct timespec second = {1, 0};
+		int sig = sigtimedwait(&watched, NULL, &second);
+		if (sig < 0 && errno != EAGAIN)
 			continue;
-		if (sig == SIGCHLD) {
-			reap();
+		if (sig == SIGCHLD || sig < 0) {
+			if (reap_listener(listener))
+				listener = 0;
+			if (listener == 0 && time(NULL) != listener_started) {
+				listener = start_listener();
+				listener_started = time(NULL);
+			}
 			continue;
 		}
 		stop_all();

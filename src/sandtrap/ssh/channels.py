@@ -219,7 +219,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 user = account.name
                 self._transfers = True
                 self.observers.append(SftpWatcher(self._sftp_report(account.home)))
-            self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir)
+            self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir, login=True)
             if (
                 scope and h.login_id is not None
             ):  # the connection's login scope, as pam_systemd makes it (the helper waits for it)

@@ -94,7 +94,12 @@ def test_setup_script_and_c_sources_count(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 def test_nothing_shipped_into_the_image_gives_the_trap_away() -> None:
     shipped = [p for p in image_module.ROOTFS_DIR.rglob("*") if p.is_file()]
-    shipped += [image_module.SETUP_SCRIPT, image_module.INIT_SOURCE, image_module.SESSION_SOURCE]
+    shipped += [
+        image_module.SETUP_SCRIPT,
+        image_module.INIT_SOURCE,
+        image_module.LISTENER_SOURCE,
+        image_module.SESSION_SOURCE,
+    ]
     for path in shipped:
         text = path.read_bytes().lower()
         for word in (b"sandtrap", b"honeypot"):

@@ -1,0 +1,484 @@
+"""Sessions started by the box's own listener (``sandbox.session_transport: init``) instead of ``docker exec``.
+
+The box's PID 1 forks a listener titled as sshd's (``listener.c``, compiled into init) that serves an
+abstract unix socket in the box's network namespace. The honeypot connects to it from a short-lived
+thread of its own that enters that namespace (``setns``) and dies right after, asks for a process
+(argv, env, user, workdir, pty size) and receives its pty master and a pipe of the pty's output, or its
+three pipes (``SCM_RIGHTS``);
+the exit status comes back on the socket. The bytes then flow between the honeypot and the box's pty
+directly, never through the engine.
+
+Everything the box sends is hostile: one bounded packet at a time, exact sizes, exactly the fds the
+request implies and of the expected type (others closed), and time limits on every wait but the
+process's own life. Any failure here is a :class:`BrokerError`, on which the backend falls back to
+``docker exec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import socket
+import stat
+import struct
+import termios
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import STDERR, STDOUT, Chunk, ExitStatus, TermSize
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = b"\0/org/freedesktop/systemd1/private"  # listener.c, LISTENER_SOCKET
+MAGIC = b"STB1"
+MAX_REQUEST = 65536
+MAX_STRINGS = 512
+READ_SIZE = 65536
+CONNECT_TIMEOUT_S = 3.0
+START_TIMEOUT_S = 5.0
+DRAIN_AFTER_EXIT_S = 0.2  # output still buffered when the exit status arrives (a background job may hold the pty)
+CLONE_NEWNET = 0x40000000
+KILLED = ExitStatus(137, "KILL")
+MAX_GARBAGE = 64  # unexpected packets on a process's socket before it is given up
+
+
+class BrokerError(SandboxError):
+    """The listener could not start the process (the caller falls back to ``docker exec``)."""
+
+
+def encode_request(argv: Sequence[str], env: Mapping[str, str], user: str, workdir: str, tty: TermSize | None) -> bytes:
+    """One request packet (see listener.c); refuses what the listener would refuse."""
+    if not argv or len(argv) + len(env) > MAX_STRINGS:
+        raise BrokerError("argv empty or too many strings")
+    strings = [user, workdir, *argv, *(f"{k}={v}" for k, v in env.items())]
+    if any("\0" in s for s in strings) or any("=" in k or not k for k in env):
+        raise BrokerError("NUL in a string, or a bad variable name")
+    cols = min(max(tty.cols, 0), 0xFFFF) if tty else 0
+    rows = min(max(tty.rows, 0), 0xFFFF) if tty else 0
+    head = MAGIC + struct.pack("<BHHHH", 1 if tty else 0, cols, rows, len(argv), len(env))
+    body = b"".join(s.encode("utf-8", "surrogateescape") + b"\0" for s in strings)
+    data = head + body
+    if len(data) > MAX_REQUEST:
+        raise BrokerError("request too large")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    status: ExitStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    reason: str
+
+
+Reply = Started | Exited | Failed
+
+
+def wait_status(raw: int) -> ExitStatus:
+    """A waitpid status as the engine reports an exec's: the code, or 128+N for signal N (named for SSH)."""
+    from sandtrap.sandbox.docker import exit_status  # one mapping of codes to signal names
+
+    raw &= 0xFFFFFFFF
+    sig = raw & 0x7F
+    if sig == 0:  # the session helper exits 128+N for a shell signal N ended, as the engine reports it
+        return exit_status((raw >> 8) & 0xFF)
+    if sig != 0x7F:  # killed by a signal (0x7f would be "stopped", which waitpid without WUNTRACED never says)
+        return exit_status(128 + sig)
+    return ExitStatus(255)
+
+
+def parse_reply(data: bytes) -> Reply:
+    """One packet from the listener; anything else is a :class:`BrokerError`."""
+    if not data:
+        raise BrokerError("empty reply")
+    kind, body = data[:1], data[1:]
+    if kind == b"O" and len(body) == 4:
+        pid = struct.unpack("<I", body)[0]
+        if not 0 < pid < 1 << 22:
+            raise BrokerError("bad pid")
+        return Started(pid)
+    if kind == b"X" and len(body) == 4:
+        return Exited(wait_status(struct.unpack("<I", body)[0]))
+    if kind == b"E" and len(body) <= 128:
+        return Failed(body.decode("ascii", "replace"))
+    raise BrokerError(f"unexpected reply ({len(data)} bytes)")
+
+
+def is_pty_master(st: os.stat_result) -> bool:
+    """A descriptor of /dev/ptmx (character device 5:2): what posix_openpt gives, nothing else."""
+    return stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 5 and os.minor(st.st_rdev) == 2
+
+
+def check_fds(fds: Sequence[int], tty: bool) -> list[int]:
+    """The fds a start reply must carry: a pty master and the pipe of its output, or three pipes. Returns them
+    non-blocking; on any mismatch, closes them all and raises."""
+    try:
+        want = 2 if tty else 3
+        if len(fds) != want:
+            raise BrokerError(f"{len(fds)} fds where {want} were due")
+        for i, fd in enumerate(fds):
+            st = os.fstat(fd)
+            if not (is_pty_master(st) if tty and i == 0 else stat.S_ISFIFO(st.st_mode)):
+                raise BrokerError("an fd of the wrong type")
+            os.set_blocking(fd, False)
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    return list(fds)
+
+
+# --- connecting inside the box's network namespace ---------------------------------------------------
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _connect_in_netns(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
+    """Runs in a thread of its own, which ends afterwards: enters the box's network namespace, connects."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if not is_same_box():  # checked after the open: the namespace held is the box's
+                raise BrokerError("the box's pid 1 is gone")
+            _setns(ns)
+        finally:
+            os.close(ns)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                sock.connect(SOCKET_NAME)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        finally:
+            _setns(own)  # back (if this fails, the thread ends anyway: nothing else runs on it)
+    finally:
+        os.close(own)
+
+
+async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
+    """A socket connected to the box's listener, made on a dedicated thread (never the shared executor)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[socket.socket] = loop.create_future()
+
+    def deliver(result: socket.socket | None, exc: BaseException | None) -> None:
+        if done.cancelled():
+            if result is not None:
+                result.close()
+        elif exc is not None:
+            done.set_exception(exc)
+        elif result is not None:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            sock = _connect_in_netns(pid, is_same_box)
+        except BaseException as exc:  # delivered to the caller, never left on this thread
+            err = exc if isinstance(exc, BrokerError) else BrokerError(f"cannot reach the box's listener: {exc!r}")
+            loop.call_soon_threadsafe(deliver, None, err)
+            return
+        try:
+            loop.call_soon_threadsafe(deliver, sock, None)
+        except RuntimeError:  # the loop is closed
+            sock.close()
+
+    threading.Thread(target=run, name=f"broker-connect-{pid}", daemon=True).start()
+    async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
+        return await done
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+    """One packet and the fds it carries: more than ``maxfds`` (the kernel closes those that do not fit and
+    says so with MSG_CTRUNC) or a packet larger than a reply can be is refused."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, fds, flags, _ = socket.recv_fds(sock, 512, maxfds, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            continue
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise BrokerError("a reply too large, or with too many fds")
+        return data, list(fds)
+
+
+async def start(
+    pid: int,
+    is_same_box: Callable[[], bool],
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    user: str,
+    workdir: str,
+    tty: TermSize | None,
+) -> BrokerProcess:
+    """A process started by the box's listener (raises :class:`BrokerError` if it cannot be)."""
+    request = encode_request(argv, env, user, workdir, tty)
+    sock = await connect(pid, is_same_box)
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            await asyncio.get_running_loop().sock_sendall(sock, request)
+            data, fds = await _recv(sock, 3)  # at most 3 taken: more and MSG_CTRUNC refuses the reply
+        try:
+            reply = parse_reply(data)
+        except BrokerError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if not isinstance(reply, Started):
+            for fd in fds:
+                os.close(fd)
+            raise BrokerError(f"the listener did not start it: {reply}")
+        fds = check_fds(fds, tty is not None)
+    except TimeoutError as exc:
+        sock.close()
+        raise BrokerError("the box's listener did not answer in time") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return BrokerProcess(sock, fds, tty is not None)
+
+
+class BrokerProcess:
+    """A process in the box whose pty master (or pipes) this honeypot holds; the listener's socket brings its
+    exit status and takes its signals."""
+
+    def __init__(self, sock: socket.socket, fds: list[int], tty: bool) -> None:
+        self._sock = sock
+        self._tty = tty
+        self._stdin: int | None = fds[0]
+        # What is read: the pipe the listener's worker copies the pty into (both streams), or stdout and stderr.
+        self._outputs: dict[int, int] = {fds[1]: STDOUT} if tty else {fds[1]: STDOUT, fds[2]: STDERR}
+        self._owned = list(fds)
+        self._status: ExitStatus | None = None
+        self._exited = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # a read waiting for output (woken by the exit too)
+        self._closed = False
+        self._garbage = 0  # packets that were no exit status: past MAX_GARBAGE the socket is given up
+        self._watch_socket()
+
+    # -- the control socket
+
+    def _watch_socket(self) -> None:
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_socket)
+
+    def _on_socket(self) -> None:
+        try:
+            data, fds, _flags, _ = socket.recv_fds(self._sock, 512, 0)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        for fd in fds:  # none are due now
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        reply: Reply | None = None
+        if data:
+            try:
+                reply = parse_reply(data)
+            except BrokerError as exc:
+                log.debug("listener sent garbage: %s", exc)
+        if isinstance(reply, Exited):
+            self._set_status(reply.status)
+        elif not data:
+            # The listener's worker is gone without a status: killed, with the box or by root in it. As the
+            # engine reports an exec of a killed box: 137, SIGKILL.
+            self._set_status(KILLED)
+        else:
+            self._garbage += 1
+            if self._garbage > MAX_GARBAGE:  # a flood from the box: stop listening, the process counts as ended
+                self._set_status(ExitStatus(255))
+
+    def _set_status(self, status: ExitStatus) -> None:
+        if self._status is None:
+            self._status = status
+        self._exited.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+
+    # -- Process
+
+    async def read(self) -> Chunk | None:
+        loop = asyncio.get_running_loop()
+        while self._outputs:
+            for fd, stream in list(self._outputs.items()):
+                try:
+                    data = os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:  # EIO: the pty's last slave closed
+                    if exc.errno not in (errno.EIO, errno.EBADF):
+                        log.debug("read from the box: %r", exc)
+                    data = b""
+                if data:
+                    return Chunk(stream, self._more(fd, data))
+                self._drop_output(fd)
+            if not self._outputs:
+                break
+            ready: asyncio.Future[None] = loop.create_future()
+            self._waiter = ready
+
+            exited = self._exited.is_set()
+            registered = list(self._outputs)
+            for fd in registered:
+                loop.add_reader(fd, _wake, ready)
+            timed_out = False
+            try:
+                if exited:
+                    try:
+                        async with asyncio.timeout(DRAIN_AFTER_EXIT_S):
+                            await ready
+                    except TimeoutError:
+                        timed_out = True
+                else:
+                    await ready
+            finally:
+                self._waiter = None
+                if not self._closed:  # else _close removed them (their numbers may be reused by now)
+                    for fd in registered:
+                        loop.remove_reader(fd)
+            if timed_out:
+                for fd in list(self._outputs):
+                    self._drop_output(fd)
+                return None
+        return None
+
+    @staticmethod
+    def _more(fd: int, data: bytes) -> bytes:
+        """What else is buffered already, up to READ_SIZE in all: a pty hands out a few KiB a read, and each
+        chunk costs an SSH packet and a pass of the event loop."""
+        parts = [data]
+        size = len(data)
+        while size < READ_SIZE:
+            try:
+                more = os.read(fd, READ_SIZE - size)
+            except OSError:  # EAGAIN: nothing more now; EIO/EOF: the next read() says so
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return data if len(parts) == 1 else b"".join(parts)
+
+    def _drop_output(self, fd: int) -> None:
+        self._outputs.pop(fd, None)
+        self._close_fd(fd)
+
+    async def write(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        while view:
+            fd = self._stdin
+            if fd is None:
+                return
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(fd, _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(fd)
+                continue
+            except OSError as exc:
+                raise SandboxError(f"write to process stdin failed: {exc}") from exc
+            view = view[n:]
+
+    async def close_stdin(self) -> None:
+        """EOF on a pipe; on a pty nothing (as sshd: a terminal has no half-close)."""
+        if self._tty or self._stdin is None:
+            return
+        fd, self._stdin = self._stdin, None
+        self._close_fd(fd)
+
+    async def resize(self, size: TermSize) -> None:
+        if not self._tty or self._stdin is None:
+            return
+        rows, cols = min(max(size.rows, 1), 0xFFFF), min(max(size.cols, 1), 0xFFFF)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self._stdin, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    async def wait(self) -> ExitStatus:
+        await self._exited.wait()
+        self._close()
+        return self._status or ExitStatus(255)
+
+    async def signal(self, signum: int) -> None:
+        if not self._closed and 0 < signum < 32:
+            with contextlib.suppress(OSError):
+                self._sock.send(b"K" + bytes([signum]))
+
+    async def kill(self) -> None:
+        """Closing the socket hangs the process group up (the listener's worker kills it 2 s later)."""
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._sock.fileno())
+            for fd in self._outputs:
+                loop.remove_reader(fd)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._sock.close()
+        for fd in list(self._owned):
+            self._close_fd(fd)
+        self._outputs.clear()
+        self._stdin = None
+        self._exited.set()
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self._owned:
+            self._owned.remove(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_owned", ()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()

@@ -1,0 +1,489 @@
+/*
+ * The box's SSH listener, compiled into init (init.c includes this file: one static binary). PID 1
+ * forks it and re-executes itself with argv[0] = LISTENER_TITLE, so ps shows what sshd's listener
+ * shows. It serves two sockets and stays a small poll loop that never blocks:
+ *
+ *  - TCP port 22 (IPv4 and IPv6): each connection is handed to `/usr/sbin/sshd -i` (inetd mode), so
+ *    the box's own sshd still answers anyone who connects to it from inside.
+ *  - an abstract unix socket (LISTENER_SOCKET; per network namespace: no file the host has to
+ *    traverse, nothing in /proc/mounts): the host's session requests (session_transport:
+ *    init). Only a peer outside the box's pid namespace is served: SO_PEERCRED reports pid 0 for it,
+ *    while anything started in the box has a pid here. Others are closed at once, without a fork.
+ *
+ * A session request is served by a worker forked per connection, titled "sshd: USER [priv]" like
+ * sshd's monitor, so a login's chain is listener -> "sshd: USER [priv]" -> "sshd: USER@pts/N"
+ * (session.c) -> "-bash", and no session process has parent 0.
+ *
+ * Protocol (SOCK_SEQPACKET: one message a packet; little-endian):
+ *   request   "STB1" u8 flags (1 = tty) u16 cols u16 rows u16 argc u16 envc, then NUL-terminated
+ *             strings: user, workdir ("" = the user's home, else /), argv[argc], env[envc]
+ *   started   'O' u32 pid, with SCM_RIGHTS: the pty master (input, resize) and a pipe of its output (tty),
+ *             or stdin, stdout, stderr pipes
+ *   exited    'X' i32 wait status (as waitpid gives it)
+ *   failed    'E' text
+ *   signal    'K' u8 signal (from the host): sent to the process group
+ * The host closing its end hangs up the process group (SIGHUP, SIGKILL 2 s later) and the terminal.
+ */
+#include <poll.h>
+#include <stddef.h>
+#include <pwd.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <termios.h>
+
+#define LISTENER_TITLE "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"
+#define LISTENER_SOCKET "/org/freedesktop/systemd1/private"
+#define MAX_CHILDREN 64     /* workers and sshd -i at once; the pids cgroup bounds the rest */
+#define MAX_REQUEST 65536   /* one request packet */
+#define MAX_STRINGS 512     /* argv + env */
+#define REQUEST_TIMEOUT_MS 5000
+
+static int title_room;
+static char *title_start;
+
+static void retitle(const char *title)
+{
+	if (!title_start)
+		return;
+	memset(title_start, 0, (size_t)title_room);
+	strncpy(title_start, title, (size_t)title_room - 1);
+	prctl(PR_SET_NAME, "sshd", 0, 0, 0);
+}
+
+static void null_stdio(void)
+{
+	int null = open("/dev/null", O_RDWR);
+	if (null < 0)
+		return;
+	dup2(null, 0);
+	dup2(null, 1);
+	dup2(null, 2);
+	if (null > 2)
+		close(null);
+}
+
+/* --- a worker: one session request ------------------------------------------------------------- */
+
+static int send_msg(int sock, const void *data, size_t len, const int *fds, int nfds)
+{
+	struct iovec iov = {(void *)data, len};
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * 3)];
+		struct cmsghdr align;
+	} u;
+	struct msghdr msg = {0};
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	if (nfds > 0) {
+		memset(&u, 0, sizeof(u));
+		msg.msg_control = u.buf;
+		msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+		memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+	}
+	return sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)len ? 0 : -1;
+}
+
+static void fail(int sock, const char *why)
+{
+	char buf[128];
+	int n = snprintf(buf, sizeof(buf), "E%s", why);
+	send_msg(sock, buf, (size_t)n, NULL, 0);
+	_exit(1);
+}
+
+static uint16_t u16(const unsigned char *p)
+{
+	return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static struct passwd *lookup_user(const char *name)
+{
+	FILE *f = fopen("/etc/passwd", "r");
+	struct passwd *pw = NULL;
+	if (!f)
+		return NULL;
+	while ((pw = fgetpwent(f)) != NULL)
+		if (strcmp(pw->pw_name, name) == 0)
+			break;
+	fclose(f);
+	return pw;
+}
+
+static void user_groups(const char *name, gid_t primary)
+{
+	gid_t groups[64];
+	int n = 0;
+	groups[n++] = primary;
+	FILE *f = fopen("/etc/group", "r");
+	if (f) {
+		struct group *gr;
+		while ((gr = fgetgrent(f)) != NULL && n < 64)
+			for (char **m = gr->gr_mem; m && *m; m++)
+				if (strcmp(*m, name) == 0 && gr->gr_gid != primary) {
+					groups[n++] = gr->gr_gid;
+					break;
+				}
+		fclose(f);
+	}
+	setgroups((size_t)n, groups);
+}
+
+static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out);
+
+static void serve_request(int sock)
+{
+	static unsigned char req[MAX_REQUEST + 1];
+	static char *strings[MAX_STRINGS + 4];
+	struct pollfd p = {sock, POLLIN, 0};
+	if (poll(&p, 1, REQUEST_TIMEOUT_MS) != 1)
+		_exit(1);
+	ssize_t n = recv(sock, req, sizeof(req), MSG_DONTWAIT);
+	if (n < 15 || n > MAX_REQUEST || memcmp(req, "STB1", 4) != 0)
+		fail(sock, "bad request");
+	int tty = req[4] & 1;
+	struct winsize ws = {u16(req + 7), u16(req + 5), 0, 0};
+	int argc = u16(req + 9), envc = u16(req + 11);
+	if (argc < 1 || argc + envc > MAX_STRINGS)
+		fail(sock, "bad counts");
+	int want = argc + envc + 2, got = 0;
+	char *s = (char *)req + 13, *end = (char *)req + n;
+	while (s < end && got < want) {
+		char *nul = memchr(s, 0, (size_t)(end - s));
+		if (!nul)
+			break;
+		strings[got++] = s;
+		s = nul + 1;
+	}
+	if (got != want || s != end)
+		fail(sock, "bad strings");
+	const char *user = strings[0], *workdir = strings[1];
+	char **argv = strings + 2, **env = strings + 2 + argc + 1;
+	/* argv and env as NULL-terminated arrays: shift env up one slot to make room for argv's NULL. */
+	memmove(env, env - 1, sizeof(char *) * (size_t)envc);
+	argv[argc] = NULL;
+	env[envc] = NULL;
+
+	/* The host gave up meanwhile (a time-out): start nothing. */
+	struct pollfd gone = {sock, POLLRDHUP, 0};
+	if (poll(&gone, 1, 0) == 1 && (gone.revents & (POLLHUP | POLLRDHUP | POLLERR)))
+		_exit(0);
+	struct passwd *pw = lookup_user(user[0] ? user : "root");
+	if (!pw)
+		fail(sock, "unknown user");
+	uid_t uid = pw->pw_uid;
+	gid_t gid = pw->pw_gid;
+	char name[64], home[256];
+	snprintf(name, sizeof(name), "%s", pw->pw_name);
+	snprintf(home, sizeof(home), "%s", pw->pw_dir);
+	char title[96];
+	snprintf(title, sizeof(title), "sshd: %s [priv]", name);
+	retitle(title);
+
+	int mine[3] = {-1, -1, -1}, theirs[3] = {-1, -1, -1}, out[2] = {-1, -1}, nfds;
+	if (tty) {
+		mine[0] = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (mine[0] < 0 || grantpt(mine[0]) != 0 || unlockpt(mine[0]) != 0)
+			fail(sock, "no pty");
+		char *slave = ptsname(mine[0]);
+		theirs[0] = slave ? open(slave, O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
+		if (theirs[0] < 0)
+			fail(sock, "no pty");
+		if (ws.ws_col && ws.ws_row)
+			ioctl(mine[0], TIOCSWINSZ, &ws);
+		/* The pty's output reaches the host through a pipe this worker fills (as sshd's session
+		 * process copies it): a pty buffers a few KiB only, a pipe 1 MiB, so the host reads big chunks. */
+		if (pipe2(out, O_CLOEXEC) != 0)
+			fail(sock, "no pipes");
+		fcntl(out[1], F_SETPIPE_SZ, 1 << 20);
+		fcntl(out[1], F_SETFL, O_NONBLOCK);
+		fcntl(mine[0], F_SETFL, O_NONBLOCK);
+		mine[1] = out[0];
+		nfds = 2;
+	} else {
+		int p0[2], p1[2], p2[2];
+		if (pipe2(p0, O_CLOEXEC) || pipe2(p1, O_CLOEXEC) || pipe2(p2, O_CLOEXEC))
+			fail(sock, "no pipes");
+		mine[0] = p0[1], theirs[0] = p0[0];
+		mine[1] = p1[0], theirs[1] = p1[1];
+		mine[2] = p2[0], theirs[2] = p2[1];
+		nfds = 3;
+	}
+
+	sigset_t chld;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, NULL);
+	int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+
+	pid_t pid = fork();
+	if (pid < 0)
+		fail(sock, "fork failed");
+	if (pid == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		for (int sig = 1; sig < 32; sig++)
+			if (sig != SIGKILL && sig != SIGSTOP)
+				signal(sig, SIG_DFL);
+		setsid();
+		if (tty) {
+			ioctl(theirs[0], TIOCSCTTY, 0);
+			dup2(theirs[0], 0);
+			dup2(theirs[0], 1);
+			dup2(theirs[0], 2);
+		} else {
+			dup2(theirs[0], 0);
+			dup2(theirs[1], 1);
+			dup2(theirs[2], 2);
+		}
+		user_groups(name, gid);
+		if (setgid(gid) != 0 || setuid(uid) != 0)
+			_exit(126);
+		if (chdir(workdir[0] ? workdir : home) != 0 && chdir("/") != 0)
+			_exit(126);
+		/* As `docker exec` does: argv[0] looked up in PATH (the request's, else a default). */
+		if (!getenv("PATH"))
+			setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+		execvpe(argv[0], argv, env);
+		_exit(errno == ENOENT ? 127 : 126);
+	}
+	for (int i = 0; i < 3; i++)
+		if (theirs[i] >= 0)
+			close(theirs[i]);
+	unsigned char started[5] = {'O', (unsigned char)pid, (unsigned char)(pid >> 8), (unsigned char)(pid >> 16),
+				    (unsigned char)(pid >> 24)};
+	if (send_msg(sock, started, sizeof(started), mine, nfds) != 0) {
+		kill(-pid, SIGKILL);
+		kill(pid, SIGKILL);
+	}
+	int master = tty ? mine[0] : -1; /* kept (tty): this worker copies its output into out[1] */
+	for (int i = tty ? 1 : 0; i < 3; i++)
+		if (mine[i] >= 0)
+			close(mine[i]);
+	relay_and_wait(sock, sfd, pid, master, out[1]);
+}
+
+/* Until the child ends (its wait status goes to the host) and, with a pty, until its output has all been
+ * copied (every slave closed: EIO): signals from the host; its end closed = hang up the session. */
+static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out)
+{
+	static char buf[65536];
+	size_t have = 0, off = 0;
+	int exited = 0, hung_up = 0;
+	for (;;) {
+		if (exited && master < 0)
+			_exit(0);
+		struct pollfd fds[4] = {{sfd, POLLIN, 0},
+					{hung_up ? -1 : sock, POLLIN, 0},
+					{master >= 0 && have == 0 ? master : -1, POLLIN, 0},
+					{master >= 0 && have > 0 ? pipe_out : -1, POLLOUT, 0}};
+		int r = poll(fds, 4, hung_up ? 2000 : -1);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			_exit(1);
+		}
+		if (master >= 0 && (fds[2].revents || fds[3].revents)) {
+			if (have == 0) {
+				ssize_t n = read(master, buf, sizeof(buf));
+				if (n > 0)
+					have = (size_t)n, off = 0;
+				else if (n == 0 || (errno != EAGAIN && errno != EINTR)) { /* EIO: no slave left */
+					close(master);
+					close(pipe_out);
+					master = pipe_out = -1;
+				}
+			}
+			if (have > 0) {
+				ssize_t n = write(pipe_out, buf + off, have);
+				if (n > 0)
+					off += (size_t)n, have -= (size_t)n;
+				else if (n < 0 && errno != EAGAIN && errno != EINTR) { /* the host closed its end */
+					close(master);
+					close(pipe_out);
+					master = pipe_out = -1;
+				}
+			}
+		}
+		int status;
+		if (!exited && waitpid(pid, &status, WNOHANG) == pid) {
+			exited = 1;
+			unsigned char msg[5] = {'X', (unsigned char)status, (unsigned char)(status >> 8),
+						(unsigned char)(status >> 16), (unsigned char)(status >> 24)};
+			if (!hung_up)
+				send_msg(sock, msg, sizeof(msg), NULL, 0);
+		}
+		if (sfd >= 0 && (fds[0].revents & POLLIN)) {
+			struct signalfd_siginfo si;
+			while (read(sfd, &si, sizeof(si)) > 0)
+				;
+		}
+		if (r == 0 && hung_up) { /* 2 s after the hang-up */
+			kill(-pid, SIGKILL);
+			kill(pid, SIGKILL);
+			if (exited)
+				_exit(0);
+			continue;
+		}
+		if (!hung_up && fds[1].revents) {
+			unsigned char msg[16];
+			ssize_t m = recv(sock, msg, sizeof(msg), MSG_DONTWAIT);
+			if (m == 2 && msg[0] == 'K' && msg[1] > 0 && msg[1] < 32) {
+				kill(-pid, msg[1]);
+				kill(pid, msg[1]);
+			} else if (m == 0 || (m < 0 && errno != EAGAIN && errno != EINTR) ||
+				   (fds[1].revents & (POLLHUP | POLLERR))) {
+				hung_up = 1;
+				if (master >= 0) { /* the last master closed: the kernel hangs the terminal up */
+					close(master);
+					close(pipe_out);
+					master = pipe_out = -1;
+				}
+				kill(-pid, SIGHUP);
+				kill(pid, SIGHUP);
+				if (exited)
+					_exit(0);
+			}
+		}
+		if (sfd < 0 && r > 0 && !fds[1].revents && master < 0) /* no signalfd: poll the child now and then */
+			usleep(50000);
+	}
+}
+
+
+/* --- the listener ------------------------------------------------------------------------------ */
+
+static int listen_tcp(int family)
+{
+	int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	int ok;
+	if (family == AF_INET6) {
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		struct sockaddr_in6 a = {0};
+		a.sin6_family = AF_INET6;
+		a.sin6_port = htons(22);
+		a.sin6_addr = in6addr_any;
+		ok = bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+	} else {
+		struct sockaddr_in a = {0};
+		a.sin_family = AF_INET;
+		a.sin_port = htons(22);
+		a.sin_addr.s_addr = htonl(INADDR_ANY);
+		ok = bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+	}
+	if (!ok || listen(fd, 128) != 0) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int listen_broker(void)
+{
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	struct sockaddr_un a = {0};
+	a.sun_family = AF_UNIX;
+	memcpy(a.sun_path + 1, LISTENER_SOCKET, sizeof(LISTENER_SOCKET) - 1);
+	socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + sizeof(LISTENER_SOCKET) - 1);
+	if (bind(fd, (struct sockaddr *)&a, len) != 0 || listen(fd, 64) != 0) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int listener_main(int argc, char **argv)
+{
+	title_start = argv[0];
+	title_room = (int)(argv[argc - 1] + strlen(argv[argc - 1]) - argv[0]) + 1;
+	prctl(PR_SET_NAME, "sshd", 0, 0, 0);
+	prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0);
+	null_stdio();
+	sigset_t chld;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+	int fds[3] = {listen_broker(), listen_tcp(AF_INET), listen_tcp(AF_INET6)};
+	if (fds[0] < 0 && fds[1] < 0)
+		return 1; /* nothing to serve: init starts it again later */
+	int children = 0;
+	for (;;) {
+		struct pollfd p[4] = {{fds[0], POLLIN, 0}, {fds[1], POLLIN, 0}, {fds[2], POLLIN, 0}, {sfd, POLLIN, 0}};
+		int r = poll(p, 4, sfd < 0 ? 1000 : -1);
+		if (r < 0 && errno != EINTR)
+			return 1;
+		struct signalfd_siginfo si;
+		while (sfd >= 0 && read(sfd, &si, sizeof(si)) > 0)
+			;
+		while (waitpid(-1, NULL, WNOHANG) > 0)
+			children--;
+		if (children < 0)
+			children = 0;
+		for (int i = 0; i < 3; i++) {
+			if (fds[i] < 0 || !(p[i].revents & POLLIN))
+				continue;
+			for (int burst = 0; burst < 16; burst++) {
+				int c = accept4(fds[i], NULL, NULL, SOCK_CLOEXEC);
+				if (c < 0)
+					break;
+				if (i == 0) {
+					struct ucred cred;
+					socklen_t len = sizeof(cred);
+					if (getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.pid != 0 ||
+					    cred.uid != 0) {
+						close(c); /* a process of the box itself: not served */
+						continue;
+					}
+				}
+				if (children >= MAX_CHILDREN) {
+					close(c);
+					continue;
+				}
+				pid_t pid = fork();
+				if (pid == 0) {
+					sigprocmask(SIG_UNBLOCK, &chld, NULL);
+					for (int j = 0; j < 3; j++)
+						if (fds[j] >= 0)
+							close(fds[j]);
+					if (sfd >= 0)
+						close(sfd);
+					if (i == 0) {
+						serve_request(c);
+						_exit(0);
+					}
+					/* sshd in inetd mode on this connection. */
+					int flags = fcntl(c, F_GETFD);
+					fcntl(c, F_SETFD, flags & ~FD_CLOEXEC);
+					dup2(c, 0);
+					dup2(c, 1);
+					if (c > 1)
+						close(c);
+					static char *const sshd[] = {"/usr/sbin/sshd", "-i", NULL};
+					execv(sshd[0], sshd);
+					_exit(127);
+				}
+				if (pid > 0)
+					children++;
+				close(c);
+			}
+		}
+	}
+}
