@@ -161,7 +161,7 @@ class _FallbackLog(logging.Handler):
             self.lines.append(text)
 
 
-SESSION_TRANSPORT = os.environ.get("SANDTRAP_TEST_SESSION_TRANSPORT", "exec")
+SESSION_TRANSPORT = os.environ.get("SANDTRAP_TEST_SESSION_TRANSPORT", SandboxSettings().session_transport)
 
 
 # Host keys are generated once per test run (RSA 3072 takes a moment) and shared by every honeypot.

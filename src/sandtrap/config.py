@@ -196,7 +196,7 @@ class SandboxSettings(_Section):
         "root on the engine's host, else the limits stay on the container",
     )
     session_transport: Literal["exec", "init"] = Field(
-        "exec",
+        "init",
         description="how a login's processes start: exec = `docker exec` (parent pid 0 in the box); init = the box's "
         "sshd-titled listener (forked by its PID 1) starts them and hands their pty or pipes to the honeypot "
         "(needs the honeypot as root on the engine's host; any failure falls back to exec)",

@@ -360,8 +360,9 @@ BROKER = (
     "Set `sandbox.session_transport: init` (root on the engine's host): the box's PID 1 forks a listener titled "
     "`sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups` (`sandbox/listener.c`; it also hands TCP connections "
     "on :22 to `/usr/sbin/sshd -i`) that starts each login as `sshd: root [priv]` → `sshd: root@pts/N` (a pty "
-    "opened in the box) → `-bash` and passes the pty to the honeypot (`sandbox/broker.py`). The battery's `init` "
-    "run passes both; `exec` stays the default until that transport has been measured and run longer."
+    "opened in the box) → `-bash` and passes the pty to the honeypot (`sandbox/broker.py`). That is the default "
+    "(the battery's `init` run passes both); this row is what `session_transport: exec` shows, and what a "
+    "honeypot that is not root on the engine's host falls back to."
 )
 SESSION_TTY = (
     "`src/sandtrap/sandbox/session.c` decides both with `interactive = isatty(0) && command == NULL`; split "
