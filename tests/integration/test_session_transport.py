@@ -214,3 +214,15 @@ async def test_stopped_listener_times_out_and_falls_back(honeypot: Any, monkeypa
             "kill -CONT $(pgrep -xf 'sshd: /usr/sbin/sshd -D .listener. 0 of 10-100 startups'); echo resumed"
         )
         assert r.stdout == "resumed\n"
+
+
+async def test_a_listener_that_comes_up_late_is_waited_for(honeypot: Any) -> None:
+    """A login to a box whose listener is not listening yet (a box made a moment ago; here: killed, and
+    restarted by PID 1 within a second) waits for it instead of falling back to docker exec."""
+    hp = await honeypot(**INIT)
+    async with connect(hp) as conn:
+        r = await conn.run("pkill -xf 'sshd: /usr/sbin/sshd -D .listener. 0 of 10-100 startups'; echo killed")
+        assert r.stdout == "killed\n"
+        r = await conn.run("echo fine; ps -o ppid= -p $PPID")
+        lines = r.stdout.split()
+        assert lines[0] == "fine" and lines[1] != "0", r.stdout  # started by the (new) listener, not the engine

@@ -28,6 +28,7 @@ import stat
 import struct
 import termios
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ MAX_REQUEST = 65536
 MAX_STRINGS = 512
 READ_SIZE = 65536
 CONNECT_TIMEOUT_S = 3.0
+LISTEN_WAIT_S = 1.5  # a fresh box's listener not bound yet: refused connects retried this long
 START_TIMEOUT_S = 5.0
 DRAIN_AFTER_EXIT_S = 0.2  # output still buffered when the exit status arrives (a background job may hold the pty)
 CLONE_NEWNET = 0x40000000
@@ -165,15 +167,24 @@ def _connect_in_netns(pid: int, is_same_box: Callable[[], bool]) -> socket.socke
         finally:
             os.close(ns)
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            try:
-                sock.settimeout(CONNECT_TIMEOUT_S)
-                sock.connect(SOCKET_NAME)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
+            # A box created a moment ago (the pool ran dry) may not listen yet: its init starts the listener
+            # after its boot work. Refused connects are retried for LISTEN_WAIT_S, on this thread only.
+            deadline = time.monotonic() + LISTEN_WAIT_S
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+                try:
+                    sock.settimeout(CONNECT_TIMEOUT_S)
+                    sock.connect(SOCKET_NAME)
+                    sock.setblocking(False)
+                    return sock
+                except ConnectionRefusedError:
+                    sock.close()
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.02)
+                except BaseException:
+                    sock.close()
+                    raise
         finally:
             _setns(own)  # back (if this fails, the thread ends anyway: nothing else runs on it)
     finally:
@@ -207,7 +218,7 @@ async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
             sock.close()
 
     threading.Thread(target=run, name=f"broker-connect-{pid}", daemon=True).start()
-    async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
+    async with asyncio.timeout(CONNECT_TIMEOUT_S + LISTEN_WAIT_S + 1):
         return await done
 
 
