@@ -50,6 +50,7 @@ SETUP_SCRIPT = HERE / "rootfs_setup.sh"
 INIT_SOURCE = HERE / "init.c"
 LISTENER_SOURCE = HERE / "listener.c"  # included by init.c: the SSH listener and session broker
 SESSION_SOURCE = HERE / "session.c"  # sshd's session work in the box (utmp, motd, login shell)
+ACCOUNTS_HEADER = HERE / "accounts.h"  # included by listener.c and session.c: /etc/passwd and /etc/group
 
 VARIANT = "minbase"
 BASE_REPO = "sandtrap-base"
@@ -122,6 +123,7 @@ def image_inputs(image: ImageSettings, base: str | None = None) -> str:
     feed("init", INIT_SOURCE.read_bytes())
     feed("listener", LISTENER_SOURCE.read_bytes())
     feed("session", SESSION_SOURCE.read_bytes())
+    feed("accounts", ACCOUNTS_HEADER.read_bytes())
     return h.hexdigest()
 
 
@@ -271,7 +273,7 @@ async def _compile_init(tmp: Path, steps: _Steps) -> Path:
         # The sources copied into ``tmp``: what is compiled is what was hashed.
         src = tmp / "src"
         await asyncio.to_thread(src.mkdir)
-        for path in (INIT_SOURCE, LISTENER_SOURCE, SESSION_SOURCE):
+        for path in (INIT_SOURCE, LISTENER_SOURCE, SESSION_SOURCE, ACCOUNTS_HEADER):
             await asyncio.to_thread(shutil.copyfile, path, src / path.name)
         for source, name in ((INIT_SOURCE, "init"), (SESSION_SOURCE, "session")):
             # -s: no symbol table, so the binary names no build path.

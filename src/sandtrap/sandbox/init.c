@@ -32,12 +32,9 @@
 
 static sigset_t watched;
 
-static void start(char *const argv[])
+/* In a daemon child: signals as a new process has them, its own session, stdio on /dev/null. */
+static void detach(void)
 {
-	if (access(argv[0], X_OK) != 0)
-		return; /* not installed: nothing to start */
-	if (fork() != 0)
-		return; /* parent (or fork failed): carry on without it */
 	sigprocmask(SIG_UNBLOCK, &watched, NULL);
 	setsid();
 	int null = open("/dev/null", O_RDWR);
@@ -48,6 +45,15 @@ static void start(char *const argv[])
 		if (null > 2)
 			close(null);
 	}
+}
+
+static void start(char *const argv[])
+{
+	if (access(argv[0], X_OK) != 0)
+		return; /* not installed: nothing to start */
+	if (fork() != 0)
+		return; /* parent (or fork failed): carry on without it */
+	detach();
 	execv(argv[0], argv);
 	_exit(127);
 }
@@ -79,16 +85,7 @@ static pid_t start_listener(void)
 	pid_t pid = fork();
 	if (pid != 0)
 		return pid < 0 ? 0 : pid;
-	sigprocmask(SIG_UNBLOCK, &watched, NULL);
-	setsid();
-	int null = open("/dev/null", O_RDWR);
-	if (null >= 0) {
-		dup2(null, 0);
-		dup2(null, 1);
-		dup2(null, 2);
-		if (null > 2)
-			close(null);
-	}
+	detach();
 	char *argv[] = {LISTENER_TITLE, NULL};
 	execv("/sbin/init", argv);
 	_exit(127);

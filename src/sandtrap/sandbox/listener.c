@@ -28,6 +28,9 @@
 #include <stddef.h>
 #include <pwd.h>
 #include <grp.h>
+
+#include "accounts.h"
+
 #include <netinet/in.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
@@ -106,38 +109,6 @@ static uint16_t u16(const unsigned char *p)
 	return (uint16_t)(p[0] | p[1] << 8);
 }
 
-static struct passwd *lookup_user(const char *name)
-{
-	FILE *f = fopen("/etc/passwd", "r");
-	struct passwd *pw = NULL;
-	if (!f)
-		return NULL;
-	while ((pw = fgetpwent(f)) != NULL)
-		if (strcmp(pw->pw_name, name) == 0)
-			break;
-	fclose(f);
-	return pw;
-}
-
-static void user_groups(const char *name, gid_t primary)
-{
-	gid_t groups[64];
-	int n = 0;
-	groups[n++] = primary;
-	FILE *f = fopen("/etc/group", "r");
-	if (f) {
-		struct group *gr;
-		while ((gr = fgetgrent(f)) != NULL && n < 64)
-			for (char **m = gr->gr_mem; m && *m; m++)
-				if (strcmp(*m, name) == 0 && gr->gr_gid != primary) {
-					groups[n++] = gr->gr_gid;
-					break;
-				}
-		fclose(f);
-	}
-	setgroups((size_t)n, groups);
-}
-
 static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out);
 
 static void serve_request(int sock)
@@ -177,7 +148,7 @@ static void serve_request(int sock)
 	struct pollfd gone = {sock, POLLRDHUP, 0};
 	if (poll(&gone, 1, 0) == 1 && (gone.revents & (POLLHUP | POLLRDHUP | POLLERR)))
 		_exit(0);
-	struct passwd *pw = lookup_user(user[0] ? user : "root");
+	struct passwd *pw = find_user(user[0] ? user : "root");
 	if (!pw)
 		fail(sock, "unknown user");
 	uid_t uid = pw->pw_uid;
@@ -246,7 +217,7 @@ static void serve_request(int sock)
 			dup2(theirs[1], 1);
 			dup2(theirs[2], 2);
 		}
-		user_groups(name, gid);
+		(void)!set_groups(name, gid);
 		if (setgid(gid) != 0 || setuid(uid) != 0)
 			_exit(126);
 		if (chdir(workdir[0] ? workdir : home) != 0 && chdir("/") != 0)

@@ -48,41 +48,9 @@
 #include <unistd.h>
 #include <utmpx.h>
 
+#include "accounts.h"
+
 static pid_t child;
-
-/* /etc/passwd and /etc/group read directly: a static binary must not depend on NSS modules. */
-static struct passwd *find_user(const char *name)
-{
-	FILE *f = fopen("/etc/passwd", "r");
-	struct passwd *pw = NULL;
-	if (!f)
-		return NULL;
-	while ((pw = fgetpwent(f)) != NULL)
-		if (strcmp(pw->pw_name, name) == 0)
-			break;
-	fclose(f); /* fgetpwent's result lives in static storage, valid after fclose */
-	return pw;
-}
-
-static int set_groups(const char *name, gid_t primary)
-{
-	gid_t groups[64];
-	int n = 0;
-	groups[n++] = primary;
-	FILE *f = fopen("/etc/group", "r");
-	if (f) {
-		struct group *gr;
-		while ((gr = fgetgrent(f)) != NULL && n < 64) {
-			for (char **m = gr->gr_mem; m && *m; m++)
-				if (strcmp(*m, name) == 0 && gr->gr_gid != primary) {
-					groups[n++] = gr->gr_gid;
-					break;
-				}
-		}
-		fclose(f);
-	}
-	return setgroups((size_t)n, groups);
-}
 
 static void forward(int sig)
 {

@@ -99,6 +99,7 @@ def test_nothing_shipped_into_the_image_gives_the_trap_away() -> None:
         image_module.INIT_SOURCE,
         image_module.LISTENER_SOURCE,
         image_module.SESSION_SOURCE,
+        image_module.ACCOUNTS_HEADER,
     ]
     for path in shipped:
         text = path.read_bytes().lower()
