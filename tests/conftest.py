@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Test helper modules (helpers, fakes, sshd, conftest_image) import by name from these folders.
+# Test helper modules (helpers, fakes, sshd, conftest_image, battery) import by name from these folders.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "realism"))
 
 # Fixtures on the real engine (sandbox backends, the image, a running honeypot) for every folder.
 pytest_plugins = ["sandtrap_fixtures"]

@@ -14,20 +14,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import asyncssh
 import pytest
+from battery import CHECKS, Check, Context, Outcome, Result, checks_for, expected_here, key, markdown, outcome
 
 from sandtrap.config import SandboxSettings
 from sandtrap.sandbox.base import Process, TermSize
 from sandtrap.sandbox.docker import DockerBackend, DockerSandbox
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from battery import CHECKS, Check, Context, Outcome, Result, checks_for, expected_here, key, markdown, outcome
 
 PASSWORD = "hunter2"
 TIMEOUT_S = 30.0
