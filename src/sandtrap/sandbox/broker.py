@@ -350,8 +350,9 @@ async def _relay(pid: int, is_same_box: Callable[[], bool], plan: relays.RelayPl
             )
         return await relays.connect_transparent(plan)
     except (OSError, BrokerError, TimeoutError) as exc:
-        # Once per kind: a box whose sshd port is taken by the attacker's own socket is their business.
-        relays.note(f"connecting to the box's :22 from the client's address failed ({type(exc).__name__})")
+        # Logged once per kind of failure (a box whose :22 or whose client address is taken is the attacker's doing).
+        kind = errno.errorcode.get(exc.errno or 0, "") if isinstance(exc, OSError) else ""
+        relays.note(f"connecting to the box's :22 from the client's address failed ({kind or type(exc).__name__})")
         log.debug("relay %s -> %s:22: %r", plan.peer, plan.server_ip, exc)
         return None
 
