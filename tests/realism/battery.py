@@ -936,7 +936,7 @@ CHECKS: tuple[Check, ...] = (
         "each login the honeypot connects to the box's :22 from the client's address and port and the login's "
         "`sshd: USER [priv]` worker holds the server end while the session lasts (`sandbox/relay.py`, "
         "`sandbox/relay.h`; the battery's `init` run passes it). A client off loopback needs "
-        "`network: internal` and three host rules (README \"Network\").",
+        '`network: internal` and three host rules (README "Network").',
     ),
     Check(
         "host-key-matches",
