@@ -11,17 +11,22 @@ transparent socket on the host. Packets go only between the host, the test's own
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from sandtrap.sandbox import relay as relays
+
 from sshclient import PASSWORD, USER, client_options, ssh_argv, started
+from sshclient import asyncssh_connected as connect
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -134,3 +139,48 @@ async def test_off_loopback_clients_connection_shows_in_the_box(honeypot: Any, c
     argv = ["ip", "netns", "exec", client_netns, "sshpass", "-p", PASSWORD, "ssh", *client_options(), "-T"]
     argv += ["-p", str(hp.port), f"{USER}@{NS_HOST}", SCRIPT]
     await check_login(hp, argv, NS_CLIENT, None)
+
+
+# --- what goes wrong never fails the login -------------------------------------------------------------
+
+
+async def test_a_relay_that_cannot_connect_leaves_the_login_alone(
+    honeypot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The honeypot's connect fails (as when a process in the box holds the address): it says so, and the
+    login starts at once by the listener, without a connection."""
+
+    def taken(plan: relays.RelayPlan) -> Any:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    monkeypatch.setattr(relays, "connect_in_box", taken)
+    hp = await honeypot(sandbox=INIT)
+    async with connect(hp) as conn:
+        r = await conn.run('echo "$SSH_CLIENT"; ps -o args= -p $(ps -o ppid= -p $PPID); ss -Htn state established')
+        client, port, _ = r.stdout.splitlines()[0].split()
+        assert r.stdout.splitlines()[1] == "sshd: root [priv]", r.stdout  # the listener's, not docker exec's
+        assert not connection_lines(r.stdout, client, int(port)), r.stdout
+
+
+async def test_a_connection_from_another_peer_goes_to_sshd(honeypot: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection to :22 whose peer no request announced is the box's own sshd's (here: the honeypot's, from
+    the port after the announced one); the login's worker waits for the announced one a bounded time and
+    starts the session without it."""
+    real = relays.connect_in_box
+
+    def off_by_one(plan: relays.RelayPlan) -> Any:
+        return real(replace(plan, src_port=plan.src_port % 65535 + 1))
+
+    monkeypatch.setattr(relays, "connect_in_box", off_by_one)
+    hp = await honeypot(sandbox=INIT)
+    async with connect(hp) as conn:
+        r = await conn.run('echo "$SSH_CLIENT"; ps -o args= -p $(ps -o ppid= -p $PPID); ss -Htnp state established')
+        client, port, _ = r.stdout.splitlines()[0].split()
+        assert r.stdout.splitlines()[1] == "sshd: root [priv]", r.stdout
+        assert not connection_lines(r.stdout, client, int(port)), r.stdout
+        other = connection_lines(r.stdout, client, int(port) % 65535 + 1)
+        assert len(other) == 1 and '"sshd"' in other[0], r.stdout  # held by an `sshd -i`
+        pid = re.search(r"pid=(\d+)", other[0])
+        assert pid is not None
+        r = await conn.run(f"ps -o args= -p {pid.group(1)}")
+        assert r.stdout.strip() != "sshd: root [priv]", r.stdout
