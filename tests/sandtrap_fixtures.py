@@ -111,7 +111,13 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             "sensor": sensor,
             "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(HOST_KEYS)},
             # SANDTRAP_TEST_SESSION_TRANSPORT=init runs a suite with logins started by the box's listener.
-            "sandbox": {"image": built_image, "pool_size": 1, "session_transport": SESSION_TRANSPORT},
+            # SANDTRAP_TEST_NETWORK=internal: every box of the suite on the internal network (eth0, no way out).
+            "sandbox": {
+                "image": built_image,
+                "pool_size": 1,
+                "session_transport": SESSION_TRANSPORT,
+                "network": NETWORK,
+            },
             "storage": {"data_dir": str(tmp_path / "data")},
             "api": {"listen": "127.0.0.1:0"},
             # No PAM-like delays in tests (test_auth_timing checks them): brute-force tests stay fast.
@@ -162,6 +168,7 @@ class _FallbackLog(logging.Handler):
 
 
 SESSION_TRANSPORT = os.environ.get("SANDTRAP_TEST_SESSION_TRANSPORT", SandboxSettings().session_transport)
+NETWORK = os.environ.get("SANDTRAP_TEST_NETWORK", SandboxSettings().network)
 
 
 # Host keys are generated once per test run (RSA 3072 takes a moment) and shared by every honeypot.

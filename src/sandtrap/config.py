@@ -201,6 +201,13 @@ class SandboxSettings(_Section):
         "sshd-titled listener (forked by its PID 1) starts them and hands their pty or pipes to the honeypot "
         "(needs the honeypot as root on the engine's host; any failure falls back to exec)",
     )
+    connection_in_box: bool = Field(
+        True,
+        description="with session_transport init: each login's TCP connection shows in the box (`ss -tnp`: :22, "
+        "the client's address and port, held by sshd): the honeypot connects to the box's :22 from the client's "
+        "address (inside the box for a loopback client; else, with network internal, by a transparent socket on "
+        'the host and three host rules that deliver the replies, README "Network")',
+    )
     pin_cpus: bool = Field(
         True,
         description="pin each box to ceil(cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota gives",

@@ -385,17 +385,25 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         r = await sh(conn, "ip route show default")
         assert r.out.startswith("default via "), r
         bridge = bridge_name(hp.settings.sandbox.network_name)
+        # Before the DROP, IPv4 only: replies to the honeypot's own transparent relay sockets (connection_in_box).
+        relay_accept = (
+            f"-A INPUT -i {bridge} -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate "
+            "ESTABLISHED -j ACCEPT"
+        )
         for tool in ("iptables", "ip6tables"):
             first = await asyncio.to_thread(
                 subprocess.run, [tool, "-w", "-S", "INPUT"], capture_output=True, text=True, check=True
             )
-            assert first.stdout.splitlines()[1] == f"-A INPUT -i {bridge} -j DROP", (tool, first.stdout)
+            listing = first.stdout.splitlines()[1:]
+            drop = listing.index(f"-A INPUT -i {bridge} -j DROP")
+            assert listing[:drop] == ([relay_accept] if tool == "iptables" else []), (tool, first.stdout)
         battery.append(
             Row(
                 "the honeypot's own port, and the host via eth0's gateway",
                 "refused",
-                "127.0.0.1: 'Connection refused' (own network namespace); the gateway is the host, whose first "
-                "INPUT rule (IPv4 and IPv6) drops all from the box network (inspected, no packet sent)",
+                "127.0.0.1: 'Connection refused' (own network namespace); the gateway is the host, whose INPUT "
+                "drops all from the box network (IPv4 and IPv6) but replies, marked and ESTABLISHED, to the "
+                "honeypot's transparent relay sockets (inspected, no packet sent)",
             )
         )
     await still_serving(hp)

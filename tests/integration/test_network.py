@@ -29,6 +29,10 @@ def rules(tool: str, *args: str) -> list[str]:
     return subprocess.run([tool, "-w", *args], check=True, capture_output=True, text=True).stdout.splitlines()
 
 
+def ip(*args: str) -> list[str]:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout.splitlines()
+
+
 async def test_internal_network_gives_an_interface_and_a_route_but_no_way_out(
     backend_factory: Callable[[SandboxSettings], DockerBackend], sandbox_settings: Callable[..., SandboxSettings]
 ) -> None:
@@ -65,9 +69,26 @@ async def test_internal_network_gives_an_interface_and_a_route_but_no_way_out(
     check_network(net_info, settings)  # the same check the honeypot makes before using it
 
     # The host's packet filter: from the bridge, nothing reaches the host itself (first INPUT rule,
-    # IPv4 and IPv6), nothing is forwarded off the subnet, nothing between boxes, no NAT.
+    # IPv4 and IPv6) but, before it in IPv4, replies to the honeypot's own transparent relay sockets
+    # (connection_in_box: marked only for a transparent socket, ESTABLISHED only, from port 22); nothing is
+    # forwarded off the subnet, nothing between boxes, no NAT.
+    relay_accept = (
+        f"-A INPUT -i {bridge} -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED "
+        "-j ACCEPT"
+    )
     for tool in ("iptables", "ip6tables"):
-        assert f"-A INPUT -i {bridge} -j DROP" in rules(tool, "-S", "INPUT")[1], tool
+        listing = rules(tool, "-S", "INPUT")[1:]
+        drop = listing.index(f"-A INPUT -i {bridge} -j DROP")
+        assert listing[:drop] == ([relay_accept] if tool == "iptables" else []), (tool, listing)
+    marks = [r for r in rules("iptables", "-t", "mangle", "-S") if "0x5354" in r]
+    assert marks == [
+        f"-A PREROUTING -i {bridge} -p tcp -m tcp --sport 22 -m socket --transparent "
+        "-j MARK --set-xmark 0x5354/0xffffffff"
+    ], marks
+    assert any(r.endswith("from all fwmark 0x5354 lookup 21332") for r in ip("-4", "rule", "show"))
+    assert [r.split() for r in ip("-4", "route", "show", "table", "21332")] == [
+        ["local", "default", "dev", "lo", "scope", "host"]
+    ]
     filter_rules = rules("iptables", "-S")
     assert f"-A DOCKER-ISOLATION-STAGE-1 ! -d {SUBNET} -i {bridge} -j DROP" in filter_rules
     assert f"-A DOCKER-ISOLATION-STAGE-1 ! -s {SUBNET} -o {bridge} -j DROP" in filter_rules

@@ -936,11 +936,13 @@ CHECKS: tuple[Check, ...] = (
         "`ss` shows this SSH connection (server :22, the client's address and port)",
         _own_connection,
         "known-gap",
-        "The SSH connection ends at the honeypot; the box holds no TCP connection to show.",
-        "Relay each session into the box's own network namespace as a real TCP connection to :22 whose source "
-        "is the attacker's address (needs the `eth0` of `network-interfaces`, the server address on it, and "
-        "the host-side relay socket bound with IP_TRANSPARENT in that namespace). A large change; a VM "
-        "backend needs the same relay.",
+        "The SSH connection ends at the honeypot; with `session_transport: exec` (each login a `docker exec`) "
+        "nothing in the box holds a TCP connection to show.",
+        "Set `sandbox.session_transport: init` with `sandbox.connection_in_box: true` (both the defaults): for "
+        "each login the honeypot connects to the box's :22 from the client's address and port and the login's "
+        "`sshd: USER [priv]` worker holds the server end while the session lasts (`sandbox/relay.py`, "
+        "`sandbox/relay.h`; the battery's `init` run passes it). A client off loopback needs "
+        '`network: internal` and three host rules (README "Network").',
     ),
     Check(
         "host-key-matches",
@@ -1227,7 +1229,7 @@ def outcome(check: Check, result: Result | None) -> Outcome:
 
 
 # Pass when logins are started by the box's listener (sandbox.session_transport: init), not by docker exec.
-INIT_TRANSPORT_PASSES = frozenset({"no-orphan-roots", "sshd-ancestry"})
+INIT_TRANSPORT_PASSES = frozenset({"no-orphan-roots", "sshd-ancestry", "own-connection-visible"})
 
 
 def checks_for(transport: str) -> list[Check]:

@@ -26,6 +26,15 @@ class TermSize:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientAddress:
+    """The client's end of an SSH connection and the server address it reached (what SSH_CONNECTION says)."""
+
+    ip: str
+    port: int
+    server_ip: str
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """Bytes a process wrote: ``stream`` is :data:`STDOUT` or :data:`STDERR` (a TTY merges both)."""
 
@@ -117,9 +126,12 @@ class Sandbox(Protocol):
         user: str = "root",
         workdir: str | None = None,
         login: bool = False,
+        client: ClientAddress | None = None,
     ) -> Process:
         """Start ``argv`` in the sandbox. ``login``: a login's own process (what sshd would start); a backend may
-        start it another way (the box's init, ``sandbox.session_transport``), with the same result."""
+        start it another way (the box's init, ``sandbox.session_transport``), with the same result. ``client``
+        (with ``login``, the connection's first login): where the backend can, the box also shows that client's
+        TCP connection to its :22 while the process lives (``sandbox.connection_in_box``)."""
 
     async def enter_scope(self, session_id: int, unit: str) -> None:
         """Put the processes of login ``session_id`` (their ``XDG_SESSION_ID``) where the box's init system

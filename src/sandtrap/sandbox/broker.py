@@ -6,7 +6,9 @@ thread of its own that enters that namespace (``setns``) and dies right after, a
 (argv, env, user, workdir, pty size) and receives its pty master and a pipe of the pty's output, or its
 three pipes (``SCM_RIGHTS``);
 the exit status comes back on the socket. The bytes then flow between the honeypot and the box's pty
-directly, never through the engine.
+directly, never through the engine. With a :class:`~sandtrap.sandbox.relay.RelayPlan`, the login's own TCP
+connection to the box's :22 is made between the request and the start (see :mod:`sandtrap.sandbox.relay`);
+its client end is closed with the process.
 
 Everything the box sends is hostile: one bounded packet at a time, exact sizes, exactly the fds the
 request implies and of the expected type (others closed), and time limits on every wait but the
@@ -33,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sandtrap.errors import SandboxError
+from sandtrap.sandbox import relay as relays
 from sandtrap.sandbox.base import STDERR, STDOUT, Chunk, ExitStatus, TermSize
 
 log = logging.getLogger(__name__)
@@ -55,16 +58,25 @@ class BrokerError(SandboxError):
     """The listener could not start the process (the caller falls back to ``docker exec``)."""
 
 
-def encode_request(argv: Sequence[str], env: Mapping[str, str], user: str, workdir: str, tty: TermSize | None) -> bytes:
-    """One request packet (see listener.c); refuses what the listener would refuse."""
+def encode_request(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    user: str,
+    workdir: str,
+    tty: TermSize | None,
+    peer: str | None = None,
+) -> bytes:
+    """One request packet (see listener.c); refuses what the listener would refuse. ``peer`` ("ADDR PORT"): the
+    connection to :22 the listener is to expect for this session (flag 2)."""
     if not argv or len(argv) + len(env) > MAX_STRINGS:
         raise BrokerError("argv empty or too many strings")
-    strings = [user, workdir, *argv, *(f"{k}={v}" for k, v in env.items())]
+    strings = [user, workdir, *([peer] if peer is not None else []), *argv, *(f"{k}={v}" for k, v in env.items())]
     if any("\0" in s for s in strings) or any("=" in k or not k for k in env):
         raise BrokerError("NUL in a string, or a bad variable name")
     cols = min(max(tty.cols, 0), 0xFFFF) if tty else 0
     rows = min(max(tty.rows, 0), 0xFFFF) if tty else 0
-    head = MAGIC + struct.pack("<BHHHH", 1 if tty else 0, cols, rows, len(argv), len(env))
+    flags = (1 if tty else 0) | (2 if peer is not None else 0)
+    head = MAGIC + struct.pack("<BHHHH", flags, cols, rows, len(argv), len(env))
     body = b"".join(s.encode("utf-8", "surrogateescape") + b"\0" for s in strings)
     data = head + body
     if len(data) > MAX_REQUEST:
@@ -87,7 +99,14 @@ class Failed:
     reason: str
 
 
-Reply = Started | Exited | Failed
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """The listener expects the session's connection now (``ready``), or cannot (the host does not connect)."""
+
+    ready: bool
+
+
+Reply = Started | Exited | Failed | Connect
 
 
 def wait_status(raw: int) -> ExitStatus:
@@ -117,6 +136,8 @@ def parse_reply(data: bytes) -> Reply:
         return Exited(wait_status(struct.unpack("<I", body)[0]))
     if kind == b"E" and len(body) <= 128:
         return Failed(body.decode("ascii", "replace"))
+    if kind in (b"R", b"N") and not body:
+        return Connect(kind == b"R")
     raise BrokerError(f"unexpected reply ({len(data)} bytes)")
 
 
@@ -155,8 +176,8 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _connect_in_netns(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
-    """Runs in a thread of its own, which ends afterwards: enters the box's network namespace, connects."""
+def _in_box_netns(pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket]) -> socket.socket:
+    """Runs in a thread of its own, which ends afterwards: enters the box's network namespace, makes a socket."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -167,32 +188,40 @@ def _connect_in_netns(pid: int, is_same_box: Callable[[], bool]) -> socket.socke
         finally:
             os.close(ns)
         try:
-            # A box created a moment ago (the pool ran dry) may not listen yet: its init starts the listener
-            # after its boot work. Refused connects are retried for LISTEN_WAIT_S, on this thread only.
-            deadline = time.monotonic() + LISTEN_WAIT_S
-            while True:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-                try:
-                    sock.settimeout(CONNECT_TIMEOUT_S)
-                    sock.connect(SOCKET_NAME)
-                    sock.setblocking(False)
-                    return sock
-                except ConnectionRefusedError:
-                    sock.close()
-                    if time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.02)
-                except BaseException:
-                    sock.close()
-                    raise
+            return work()
         finally:
             _setns(own)  # back (if this fails, the thread ends anyway: nothing else runs on it)
     finally:
         os.close(own)
 
 
-async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
-    """A socket connected to the box's listener, made on a dedicated thread (never the shared executor)."""
+def _connect_listener() -> socket.socket:
+    # A box created a moment ago (the pool ran dry) may not listen yet: its init starts the listener
+    # after its boot work. Refused connects are retried for LISTEN_WAIT_S, on this thread only.
+    deadline = time.monotonic() + LISTEN_WAIT_S
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect(SOCKET_NAME)
+            sock.setblocking(False)
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+        except BaseException:
+            sock.close()
+            raise
+
+
+async def in_box_netns(
+    pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket], what: str, timeout_s: float
+) -> socket.socket:
+    """The socket ``work`` makes inside the box's network namespace, on a dedicated thread (never the shared
+    executor: a thread that entered a box's namespace is not reused); a socket the caller stopped waiting
+    for is closed."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[socket.socket] = loop.create_future()
 
@@ -207,9 +236,9 @@ async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
 
     def run() -> None:
         try:
-            sock = _connect_in_netns(pid, is_same_box)
+            sock = _in_box_netns(pid, is_same_box, work)
         except BaseException as exc:  # delivered to the caller, never left on this thread
-            err = exc if isinstance(exc, BrokerError) else BrokerError(f"cannot reach the box's listener: {exc!r}")
+            err = exc if isinstance(exc, BrokerError) else BrokerError(f"cannot reach {what}: {exc!r}")
             loop.call_soon_threadsafe(deliver, None, err)
             return
         try:
@@ -217,9 +246,16 @@ async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
         except RuntimeError:  # the loop is closed
             sock.close()
 
-    threading.Thread(target=run, name=f"broker-connect-{pid}", daemon=True).start()
-    async with asyncio.timeout(CONNECT_TIMEOUT_S + LISTEN_WAIT_S + 1):
+    threading.Thread(target=run, name=f"broker-netns-{pid}", daemon=True).start()
+    async with asyncio.timeout(timeout_s):
         return await done
+
+
+async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
+    """A socket connected to the box's listener."""
+    return await in_box_netns(
+        pid, is_same_box, _connect_listener, "the box's listener", CONNECT_TIMEOUT_S + LISTEN_WAIT_S + 1
+    )
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -258,20 +294,37 @@ async def start(
     user: str,
     workdir: str,
     tty: TermSize | None,
+    plan: relays.RelayPlan | None = None,
 ) -> BrokerProcess:
-    """A process started by the box's listener (raises :class:`BrokerError` if it cannot be)."""
-    request = encode_request(argv, env, user, workdir, tty)
+    """A process started by the box's listener (raises :class:`BrokerError` if it cannot be); with ``plan``, the
+    box also holds the login's TCP connection to its :22 while the process lives (when it can be made)."""
+    request = encode_request(argv, env, user, workdir, tty, plan.peer if plan is not None else None)
     sock = await connect(pid, is_same_box)
+    held: socket.socket | None = None
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             await asyncio.get_running_loop().sock_sendall(sock, request)
             data, fds = await _recv(sock, 3)  # at most 3 taken: more and MSG_CTRUNC refuses the reply
-        try:
-            reply = parse_reply(data)
-        except BrokerError:
-            for fd in fds:
-                os.close(fd)
-            raise
+            try:
+                reply = parse_reply(data)
+            except BrokerError:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            if isinstance(reply, Connect) and plan is not None:
+                for fd in fds:  # none are due with it
+                    os.close(fd)
+                if reply.ready:
+                    held = await _relay(pid, is_same_box, plan)
+                    if held is None:
+                        await asyncio.get_running_loop().sock_sendall(sock, b"N")  # the worker waits no longer
+                data, fds = await _recv(sock, 3)
+                try:
+                    reply = parse_reply(data)
+                except BrokerError:
+                    for fd in fds:
+                        os.close(fd)
+                    raise
         if not isinstance(reply, Started):
             for fd in fds:
                 os.close(fd)
@@ -279,19 +332,38 @@ async def start(
         fds = check_fds(fds, tty is not None)
     except TimeoutError as exc:
         sock.close()
+        relays.close_quietly(held)
         raise BrokerError("the box's listener did not answer in time") from exc
     except BaseException:
         sock.close()
+        relays.close_quietly(held)
         raise
-    return BrokerProcess(sock, fds, tty is not None)
+    return BrokerProcess(sock, fds, tty is not None, held)
+
+
+async def _relay(pid: int, is_same_box: Callable[[], bool], plan: relays.RelayPlan) -> socket.socket | None:
+    """The client end of the login's connection to the box's :22, or None (the session goes on without it)."""
+    try:
+        if plan.in_box:
+            return await in_box_netns(
+                pid, is_same_box, lambda: relays.connect_in_box(plan), "the box's :22", relays.CONNECT_TIMEOUT_S + 1
+            )
+        return await relays.connect_transparent(plan)
+    except (OSError, BrokerError, TimeoutError) as exc:
+        # Logged once per kind of failure (a box whose :22 or whose client address is taken is the attacker's doing).
+        kind = errno.errorcode.get(exc.errno or 0, "") if isinstance(exc, OSError) else ""
+        relays.note(f"connecting to the box's :22 from the client's address failed ({kind or type(exc).__name__})")
+        log.debug("relay %s -> %s:22: %r", plan.peer, plan.server_ip, exc)
+        return None
 
 
 class BrokerProcess:
     """A process in the box whose pty master (or pipes) this honeypot holds; the listener's socket brings its
     exit status and takes its signals."""
 
-    def __init__(self, sock: socket.socket, fds: list[int], tty: bool) -> None:
+    def __init__(self, sock: socket.socket, fds: list[int], tty: bool, held: socket.socket | None = None) -> None:
         self._sock = sock
+        self._held = held  # the client end of the login's TCP connection in the box (see relay.py), if any
         self._tty = tty
         self._stdin: int | None = fds[0]
         # What is read: the pipe the listener's worker copies the pty into (both streams), or stdout and stderr.
@@ -474,6 +546,7 @@ class BrokerProcess:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self._sock.close()
+        relays.close_quietly(self._held)
         for fd in list(self._owned):
             self._close_fd(fd)
         self._outputs.clear()
@@ -490,6 +563,7 @@ class BrokerProcess:
         for fd in getattr(self, "_owned", ()):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            sock.close()
+        for name in ("_sock", "_held"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close()

@@ -32,10 +32,11 @@ from aiodocker.stream import Stream
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import broker, engine, hostfs, network
+from sandtrap.sandbox import broker, engine, hostfs, network, relay
 from sandtrap.sandbox.base import (
     ChangedFile,
     Chunk,
+    ClientAddress,
     ExitStatus,
     FileData,
     Sandbox,
@@ -315,6 +316,7 @@ class HostView:
     lowers: list[str]
     tmpfs: list[str]
     volumes: list[str]
+    address: str = ""  # its eth0's IPv4 address (sandbox.network: internal), '' = none
 
     @property
     def root(self) -> str:
@@ -345,6 +347,14 @@ class HostView:
             lowers=[p for p in str(data.get("LowerDir") or "").split(":") if p],
             tmpfs=sorted((info.get("HostConfig") or {}).get("Tmpfs") or {}),
             volumes=sorted(m["Destination"] for m in info.get("Mounts") or [] if m.get("Type") == "volume"),
+            address=next(
+                (
+                    str(n.get("IPAddress"))
+                    for n in ((info.get("NetworkSettings") or {}).get("Networks") or {}).values()
+                    if isinstance(n, Mapping) and n.get("IPAddress")
+                ),
+                "",
+            ),
         )
 
 
@@ -361,6 +371,10 @@ class DockerSandbox:
         self.parents: ParentCgroups | None = None
         # Why logins are not started by the box's listener (sandbox.session_transport: init), '' = they are.
         self.init_refused = "session_transport is exec"
+        # A login's TCP connection shown in the box (sandbox.connection_in_box, see relay.py); why a client off
+        # loopback cannot have it ('' = it can: the host's rules for the transparent socket are in place).
+        self.connection_in_box = False
+        self.transparent_refused = "sandbox.network is none"
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -384,9 +398,10 @@ class DockerSandbox:
         user: str = "root",
         workdir: str | None = None,
         login: bool = False,
+        client: ClientAddress | None = None,
     ) -> DockerProcess | broker.BrokerProcess:
         if login and not self.init_refused:
-            started = await self._start_by_init(argv, tty, env, user, workdir)
+            started = await self._start_by_init(argv, tty, env, user, workdir, client)
             if started is not None:
                 return started
         container = self._container()
@@ -422,6 +437,7 @@ class DockerSandbox:
         env: Mapping[str, str] | None,
         user: str,
         workdir: str | None,
+        client: ClientAddress | None = None,
     ) -> broker.BrokerProcess | None:
         """The process started by the box's listener (see :mod:`sandtrap.sandbox.broker`), or None (logged) when
         it cannot be: the caller then uses ``docker exec``, so a session never fails because of this path."""
@@ -432,8 +448,15 @@ class DockerSandbox:
         if view is None:
             log.warning("login in %s by docker exec: the box's pid 1 is not visible on this host", self.name)
             return None
+        plan: relay.RelayPlan | None = None
+        if client is not None and self.connection_in_box:
+            planned = relay.plan(client, view.address, self.transparent_refused)
+            if isinstance(planned, str):
+                relay.note(planned)
+            else:
+                plan = planned
         try:
-            return await broker.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty)
+            return await broker.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty, plan)
         except broker.BrokerError as exc:
             log.warning("login in %s by docker exec: the box's listener failed (%s)", self.name, exc)
         except OSError as exc:
@@ -698,6 +721,7 @@ class DockerBackend:
         self._cpu_list: list[int] = []  # the CPUs boxes may be pinned to
         self._mask_systemd_cgroup = False
         self._init_refused = init_transport_refused(settings)
+        self._transparent_refused = "sandbox.network is none"  # until the host's rules are in place
         if settings.session_transport == "init" and self._init_refused:
             log.warning("logins by docker exec, not by the box's listener: %s", self._init_refused)
 
@@ -729,7 +753,9 @@ class DockerBackend:
             return
         async with self._network_lock:
             if not self._network_ready:
-                await network.ensure_network(self._client, self._settings)
+                bridge = await network.ensure_network(self._client, self._settings)
+                if self._settings.connection_in_box and not self._init_refused:
+                    self._transparent_refused = await relay.open_reply_path(bridge)
                 self._network_ready = True
 
     @property
@@ -833,7 +859,7 @@ class DockerBackend:
                 raise
             sandbox = DockerSandbox(self._client, container.id, name, tuple(settings.tmpfs))
             sandbox.cgroup, sandbox.parents = cgroup, self._parents
-            sandbox.init_refused = self._init_refused
+            self._share_relay(sandbox)
             seeded = settings.read_only_root and bool(settings.writable)
             try:
                 if self._planted and not seeded:  # in the container's own layer, before init starts sshd
@@ -920,8 +946,14 @@ class DockerBackend:
 
     def sandbox(self, container_id: str, name: str) -> DockerSandbox:
         sandbox = DockerSandbox(self._client, container_id, name, tuple(self._settings.tmpfs))
-        sandbox.init_refused = self._init_refused
+        self._share_relay(sandbox)
         return sandbox
+
+    def _share_relay(self, sandbox: DockerSandbox) -> None:
+        """What the backend knows about the transport and the login's connection, given to one of its boxes."""
+        sandbox.init_refused = self._init_refused
+        sandbox.connection_in_box = self._settings.connection_in_box
+        sandbox.transparent_refused = self._transparent_refused
 
     async def list_managed(self) -> list[SandboxInfo]:
         """Every container of this sensor, with the state it is in now (and the parent cgroups of boxes that

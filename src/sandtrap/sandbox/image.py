@@ -51,6 +51,7 @@ INIT_SOURCE = HERE / "init.c"
 LISTENER_SOURCE = HERE / "listener.c"  # included by init.c: the SSH listener and session broker
 SESSION_SOURCE = HERE / "session.c"  # sshd's session work in the box (utmp, motd, login shell)
 ACCOUNTS_HEADER = HERE / "accounts.h"  # included by listener.c and session.c: /etc/passwd and /etc/group
+RELAY_HEADER = HERE / "relay.h"  # included by listener.c: the session's TCP connection to :22
 
 VARIANT = "minbase"
 BASE_REPO = "sandtrap-base"
@@ -124,6 +125,7 @@ def image_inputs(image: ImageSettings, base: str | None = None) -> str:
     feed("listener", LISTENER_SOURCE.read_bytes())
     feed("session", SESSION_SOURCE.read_bytes())
     feed("accounts", ACCOUNTS_HEADER.read_bytes())
+    feed("relay", RELAY_HEADER.read_bytes())
     return h.hexdigest()
 
 
@@ -273,7 +275,7 @@ async def _compile_init(tmp: Path, steps: _Steps) -> Path:
         # The sources copied into ``tmp``: what is compiled is what was hashed.
         src = tmp / "src"
         await asyncio.to_thread(src.mkdir)
-        for path in (INIT_SOURCE, LISTENER_SOURCE, SESSION_SOURCE, ACCOUNTS_HEADER):
+        for path in (INIT_SOURCE, LISTENER_SOURCE, SESSION_SOURCE, ACCOUNTS_HEADER, RELAY_HEADER):
             await asyncio.to_thread(shutil.copyfile, path, src / path.name)
         for source, name in ((INIT_SOURCE, "init"), (SESSION_SOURCE, "session")):
             # -s: no symbol table, so the binary names no build path.

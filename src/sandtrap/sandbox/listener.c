@@ -4,7 +4,9 @@
  * shows. It serves two sockets and stays a small poll loop that never blocks:
  *
  *  - TCP port 22 (IPv4 and IPv6): each connection is handed to `/usr/sbin/sshd -i` (inetd mode), so
- *    the box's own sshd still answers anyone who connects to it from inside.
+ *    the box's own sshd still answers anyone who connects to it from inside; except the one a session
+ *    request announced (its peer address and port): that one goes to the session's worker, which holds
+ *    it while the session lasts, so `ss -tnp` shows the login's connection as on a server (relay.h).
  *  - an abstract unix socket (LISTENER_SOCKET; per network namespace: no file the host has to
  *    traverse, nothing in /proc/mounts): the host's session requests (session_transport:
  *    init). Only a peer outside the box's pid namespace is served: SO_PEERCRED reports pid 0 for it,
@@ -15,8 +17,12 @@
  * (session.c) -> "-bash", and no session process has parent 0.
  *
  * Protocol (SOCK_SEQPACKET: one message a packet; little-endian):
- *   request   "STB1" u8 flags (1 = tty) u16 cols u16 rows u16 argc u16 envc, then NUL-terminated
- *             strings: user, workdir ("" = the user's home, else /), argv[argc], env[envc]
+ *   request   "STB1" u8 flags (1 = tty, 2 = relay) u16 cols u16 rows u16 argc u16 envc, then NUL-terminated
+ *             strings: user, workdir ("" = the user's home, else /), with flag 2 the peer ("ADDR PORT": the
+ *             attacker's, whose connection to :22 the host makes next), argv[argc], env[envc]
+ *   connect   'R' (flag 2, before 'started'): the peer is expected now; the host connects from it to :22,
+ *             or answers 'N' (it cannot); the worker waits RELAY_WAIT_MS at most, then starts the process
+ *   no relay  'N' (flag 2, instead of 'R'): the listener could not take the expectation; do not connect
  *   started   'O' u32 pid, with SCM_RIGHTS: the pty master (input, resize) and a pipe of its output (tty),
  *             or stdin, stdout, stderr pipes
  *   exited    'X' i32 wait status (as waitpid gives it)
@@ -111,7 +117,10 @@ static uint16_t u16(const unsigned char *p)
 
 static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out);
 
-static void serve_request(int sock)
+#include "relay.h" /* the session's TCP connection to :22 */
+
+/* ``ctrl``: this worker's end of its socketpair with the listener (-1: none), for the relay's connection. */
+static void serve_request(int sock, int ctrl)
 {
 	static unsigned char req[MAX_REQUEST + 1];
 	static char *strings[MAX_STRINGS + 4];
@@ -121,12 +130,12 @@ static void serve_request(int sock)
 	ssize_t n = recv(sock, req, sizeof(req), MSG_DONTWAIT);
 	if (n < 15 || n > MAX_REQUEST || memcmp(req, "STB1", 4) != 0)
 		fail(sock, "bad request");
-	int tty = req[4] & 1;
+	int tty = req[4] & 1, relay = (req[4] & 2) != 0;
 	struct winsize ws = {u16(req + 7), u16(req + 5), 0, 0};
 	int argc = u16(req + 9), envc = u16(req + 11);
 	if (argc < 1 || argc + envc > MAX_STRINGS)
 		fail(sock, "bad counts");
-	int want = argc + envc + 2, got = 0;
+	int want = argc + envc + 2 + relay, got = 0;
 	char *s = (char *)req + 13, *end = (char *)req + n;
 	while (s < end && got < want) {
 		char *nul = memchr(s, 0, (size_t)(end - s));
@@ -138,7 +147,11 @@ static void serve_request(int sock)
 	if (got != want || s != end)
 		fail(sock, "bad strings");
 	const char *user = strings[0], *workdir = strings[1];
-	char **argv = strings + 2, **env = strings + 2 + argc + 1;
+	struct sockaddr_storage peer;
+	socklen_t peer_len = 0;
+	if (relay && parse_peer(strings[2], &peer, &peer_len) != 0)
+		fail(sock, "bad peer");
+	char **argv = strings + 2 + relay, **env = strings + 2 + relay + argc + 1;
 	/* argv and env as NULL-terminated arrays: shift env up one slot to make room for argv's NULL. */
 	memmove(env, env - 1, sizeof(char *) * (size_t)envc);
 	argv[argc] = NULL;
@@ -159,6 +172,14 @@ static void serve_request(int sock)
 	char title[96];
 	snprintf(title, sizeof(title), "sshd: %s [priv]", name);
 	retitle(title);
+	/* The session's connection (relay.h): held here, by "sshd: USER [priv]", until the session ends (CLOEXEC:
+	 * the session's processes do not inherit it, as sshd's do not). */
+	int held = -1; /* never closed: it goes when this worker exits */
+	if (relay)
+		held = relay_accept(sock, ctrl, &peer, peer_len);
+	(void)held;
+	if (ctrl >= 0)
+		close(ctrl);
 
 	int mine[3] = {-1, -1, -1}, theirs[3] = {-1, -1, -1}, out[2] = {-1, -1}, nfds;
 	if (tty) {
@@ -396,11 +417,22 @@ static int listener_main(int argc, char **argv)
 	if (fds[0] < 0 && fds[1] < 0)
 		return 1; /* nothing to serve: init starts it again later */
 	int children = 0;
+	for (int i = 0; i < MAX_CHILDREN; i++)
+		expected[i].ctrl = -1;
 	for (;;) {
-		struct pollfd p[4] = {{fds[0], POLLIN, 0}, {fds[1], POLLIN, 0}, {fds[2], POLLIN, 0}, {sfd, POLLIN, 0}};
-		int r = poll(p, 4, sfd < 0 ? 1000 : -1);
+		struct pollfd p[4 + MAX_CHILDREN] = {
+			{fds[0], POLLIN, 0}, {fds[1], POLLIN, 0}, {fds[2], POLLIN, 0}, {sfd, POLLIN, 0}};
+		for (int i = 0; i < MAX_CHILDREN; i++)
+			p[4 + i] = (struct pollfd){expected[i].ctrl, POLLIN, 0};
+		int wait_ms = expect_expire();
+		if (sfd < 0 && (wait_ms < 0 || wait_ms > 1000))
+			wait_ms = 1000;
+		int r = poll(p, 4 + MAX_CHILDREN, wait_ms);
 		if (r < 0 && errno != EINTR)
 			return 1;
+		for (int i = 0; i < MAX_CHILDREN; i++) /* what workers announced comes before what connected */
+			if (expected[i].ctrl >= 0 && r > 0 && p[4 + i].revents)
+				expect_read(&expected[i]);
 		struct signalfd_siginfo si;
 		while (sfd >= 0 && read(sfd, &si, sizeof(si)) > 0)
 			;
@@ -412,9 +444,15 @@ static int listener_main(int argc, char **argv)
 			if (fds[i] < 0 || !(p[i].revents & POLLIN))
 				continue;
 			for (int burst = 0; burst < 16; burst++) {
-				int c = accept4(fds[i], NULL, NULL, SOCK_CLOEXEC);
+				struct sockaddr_storage from;
+				socklen_t from_len = sizeof(from);
+				int c = accept4(fds[i], (struct sockaddr *)&from, &from_len, SOCK_CLOEXEC);
 				if (c < 0)
 					break;
+				if (i > 0 && expect_take(c, &from)) {
+					close(c); /* the session's worker holds it now */
+					continue;
+				}
 				if (i == 0) {
 					struct ucred cred;
 					socklen_t len = sizeof(cred);
@@ -428,6 +466,16 @@ static int listener_main(int argc, char **argv)
 					close(c);
 					continue;
 				}
+				/* A worker's line to this listener, for the connection its session expects (relay.h). */
+				int pair[2] = {-1, -1}, slot = -1;
+				if (i == 0 && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) == 0) {
+					slot = expect_slot(pair[0]);
+					if (slot < 0) {
+						close(pair[0]);
+						close(pair[1]);
+						pair[0] = pair[1] = -1;
+					}
+				}
 				pid_t pid = fork();
 				if (pid == 0) {
 					sigprocmask(SIG_UNBLOCK, &chld, NULL);
@@ -436,8 +484,11 @@ static int listener_main(int argc, char **argv)
 							close(fds[j]);
 					if (sfd >= 0)
 						close(sfd);
+					for (int j = 0; j < MAX_CHILDREN; j++)
+						if (expected[j].ctrl >= 0)
+							close(expected[j].ctrl);
 					if (i == 0) {
-						serve_request(c);
+						serve_request(c, pair[1]);
 						_exit(0);
 					}
 					/* sshd in inetd mode on this connection. */
@@ -453,6 +504,10 @@ static int listener_main(int argc, char **argv)
 				}
 				if (pid > 0)
 					children++;
+				else if (slot >= 0)
+					expect_free(&expected[slot]);
+				if (pair[1] >= 0)
+					close(pair[1]);
 				close(c);
 			}
 		}

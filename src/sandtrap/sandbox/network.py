@@ -111,7 +111,7 @@ async def ensure_network(client: aiodocker.Docker, s: SandboxSettings) -> str:
     return bridge
 
 
-async def _run(argv: list[str]) -> tuple[int, str]:
+async def run_command(argv: list[str]) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
     )
@@ -129,10 +129,10 @@ async def close_host_path(bridge: str) -> None:
                 "(apt-get install iptables) or set sandbox.network: none"
             )
         rule = ["INPUT", "-i", bridge, "-j", "DROP"]
-        code, _ = await _run([path, "-w", "-C", *rule])
+        code, _ = await run_command([path, "-w", "-C", *rule])
         if code == 0:
             continue
-        code, out = await _run([path, "-w", "-I", *rule[:1], "1", *rule[1:]])
+        code, out = await run_command([path, "-w", "-I", *rule[:1], "1", *rule[1:]])
         if code != 0:
             raise SandboxError(
                 f"sandbox.network: internal: adding the {tool} rule 'INPUT -i {bridge} -j DROP' failed ({out}). "

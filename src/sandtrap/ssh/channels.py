@@ -39,7 +39,7 @@ from sandtrap.events import (
     SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
-from sandtrap.sandbox.base import Process, TermSize
+from sandtrap.sandbox.base import ClientAddress, Process, TermSize
 from sandtrap.ssh.wire import accept_any_exec_command
 
 if TYPE_CHECKING:
@@ -219,7 +219,11 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 user = account.name
                 self._transfers = True
                 self.observers.append(SftpWatcher(self._sftp_report(account.home)))
-            self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir, login=True)
+            # The connection's login shows its TCP connection in the box, as sshd's does (sandbox.connection_in_box).
+            client = ClientAddress(h.src_ip, h.src_port, h.dst_ip) if first else None
+            self._process = await lease.sandbox.exec(
+                argv, tty=tty, user=user, workdir=workdir, login=True, client=client
+            )
             if (
                 scope and h.login_id is not None
             ):  # the connection's login scope, as pam_systemd makes it (the helper waits for it)

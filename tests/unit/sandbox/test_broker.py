@@ -13,6 +13,7 @@ from sandtrap.sandbox.broker import (
     MAGIC,
     MAX_REQUEST,
     BrokerError,
+    Connect,
     Exited,
     Failed,
     Started,
@@ -38,6 +39,12 @@ def test_request_without_tty_and_odd_bytes() -> None:
     assert b"caf\xe9\0" in data  # surrogate-escaped bytes go back as they came
 
 
+def test_request_with_the_peer_to_expect() -> None:
+    data = encode_request(["sh"], {"A": "1"}, "root", "", None, "127.0.0.2 50627")
+    assert struct.unpack("<BHHHH", data[4:13]) == (2, 0, 0, 1, 1)
+    assert data[13:].split(b"\0")[:-1] == [b"root", b"", b"127.0.0.2 50627", b"sh", b"A=1"]
+
+
 @pytest.mark.parametrize(
     ("argv", "env"),
     [
@@ -60,6 +67,8 @@ def test_replies() -> None:
     assert parse_reply(b"X" + struct.pack("<I", 9)) == Exited(ExitStatus(137, "KILL"))
     assert parse_reply(b"X" + struct.pack("<I", 143 << 8)) == Exited(ExitStatus(143, "TERM"))
     assert parse_reply(b"Ebad request") == Failed("bad request")
+    assert parse_reply(b"R") == Connect(True)
+    assert parse_reply(b"N") == Connect(False)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +82,8 @@ def test_replies() -> None:
         b"X" + b"\0" * 8,
         b"E" + b"x" * 200,
         b"Z1234",
+        b"R1",
+        b"N\0",
     ],
 )
 def test_bad_replies(data: bytes) -> None:

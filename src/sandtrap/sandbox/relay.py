@@ -1,0 +1,203 @@
+"""The login's own TCP connection in the box (``sandbox.connection_in_box``).
+
+On a real server ``ss -tnp`` shows the attacker's connection: server end :22, held by ``sshd: USER [priv]``,
+peer the attacker's address and source port (what SSH_CONNECTION says). The attacker's SSH ends at the
+honeypot, so for each login started by the box's listener the honeypot makes a TCP connection of its own to
+the box's :22, from the attacker's address and port, and the login's worker holds the server end while the
+session lasts (``relay.h``: how the listener tells it from genuine connections to its sshd). Nothing is ever
+sent on it; the honeypot closes its end when the session ends, the worker when its process exits.
+
+Where the client end lives:
+
+* a client on 127.0.0.0/8 (or ::1): inside the box's network namespace (the broker's thread enters it),
+  bound to the client's address and port, connected to the server address SSH_CONNECTION names (when on
+  loopback, else 127.0.0.1). All of 127/8 is local on the box's ``lo``, so both ends show, as on a server
+  a local client reached.
+* any other IPv4 client, with ``sandbox.network: internal``: on the host, an ``IP_TRANSPARENT`` socket
+  bound to the client's address and port, connected to the box's ``eth0`` address. The box answers its
+  default gateway, the host's bridge; :func:`open_reply_path` delivers those replies to that socket and to
+  nothing else: mangle PREROUTING marks a packet from the bridge only when it belongs to a transparent
+  socket of the host (``-m socket --transparent``, from port 22), a policy route sends marked packets to
+  ``lo`` (local delivery), and INPUT accepts them, before the bridge's DROP, only as replies of a connection
+  the host opened (conntrack ESTABLISHED). Everything else the box sends the host is still dropped: no
+  listening socket is matched, and no packet the box starts is accepted.
+
+Anything unavailable (not root, no ``xt_socket``, ``network: none`` with a non-loopback client, IPv6) is
+logged once and the session goes on without the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import shutil
+import socket
+from dataclasses import dataclass
+
+from sandtrap.sandbox.base import ClientAddress
+from sandtrap.sandbox.network import run_command
+
+log = logging.getLogger(__name__)
+
+SSH_PORT = 22
+MARK = 0x5354  # "ST": the box's replies to a relay socket
+TABLE = 21332  # the policy route's table (0x5354)
+CONNECT_TIMEOUT_S = 2.0
+IP_TRANSPARENT = 19  # linux/in.h (socket.IP_TRANSPARENT is missing before Python 3.12 on some builds)
+_noted: set[str] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPlan:
+    """The connection to make: from ``src_ip``:``src_port`` to ``server_ip``:22, in the box's network namespace
+    (``in_box``) or from the host by a transparent socket."""
+
+    src_ip: str
+    src_port: int
+    server_ip: str
+    in_box: bool
+
+    @property
+    def peer(self) -> str:
+        """What the listener is told to expect ("ADDR PORT", see listener.c)."""
+        return f"{self.src_ip} {self.src_port}"
+
+
+def note(reason: str) -> None:
+    """Why a login has no connection in its box: logged once per reason (the next logins say nothing)."""
+    if reason not in _noted:
+        _noted.add(reason)
+        log.warning("logins show no TCP connection in the box: %s", reason)
+
+
+def plan(client: ClientAddress, box_address: str, transparent_refused: str) -> RelayPlan | str:
+    """Where the login's connection comes from, or why it cannot be made.
+
+    ``box_address``: the box's eth0 address ('' = none); ``transparent_refused``: why the host cannot hold a
+    transparent socket for it ('' = it can)."""
+    try:
+        ip = ipaddress.ip_address(client.ip)
+    except ValueError:
+        return f"{client.ip!r} is not an IP address"
+    if not 0 < client.port < 65536:
+        return f"port {client.port} is not a TCP port"
+    if ip.is_loopback:
+        try:
+            server = ipaddress.ip_address(client.server_ip)
+        except ValueError:
+            server = None
+        if server is None or not server.is_loopback or server.version != ip.version:
+            server = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
+        return RelayPlan(str(ip), client.port, str(server), in_box=True)
+    if ip.version != 4:
+        return "an IPv6 client (the box's network is IPv4 only)"
+    if not box_address:
+        return "a client off loopback and a box without eth0 (sandbox.network: none)"
+    if transparent_refused:
+        return transparent_refused
+    return RelayPlan(str(ip), client.port, box_address, in_box=False)
+
+
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def connect_in_box(p: RelayPlan) -> socket.socket:
+    """The client end, made on a thread that has entered the box's network namespace (blocking, bounded)."""
+    sock = socket.socket(_family(p.src_ip), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((p.src_ip, p.src_port))
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        sock.connect((p.server_ip, SSH_PORT))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_transparent(p: RelayPlan) -> socket.socket:
+    """The client end on the host: a transparent socket with the client's address (needs CAP_NET_ADMIN)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((p.src_ip, p.src_port))
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await asyncio.get_running_loop().sock_connect(sock, (p.server_ip, SSH_PORT))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# --- the host's rules for the transparent path -------------------------------------------------------
+
+
+def mangle_rule(bridge: str) -> list[str]:
+    return [
+        "PREROUTING", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT),
+        "-m", "socket", "--transparent", "-j", "MARK", "--set-xmark", f"{MARK:#x}/0xffffffff",
+    ]  # fmt: skip
+
+
+def input_rule(bridge: str) -> list[str]:
+    return [
+        "INPUT", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT), "-m", "mark", "--mark", f"{MARK:#x}",
+        "-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT",
+    ]  # fmt: skip
+
+
+def accept_first(listing: str, bridge: str) -> bool:
+    """Whether ``iptables -S INPUT`` has the relay's ACCEPT before the bridge's DROP (and both there)."""
+    lines = listing.splitlines()
+    accept = next((i for i, x in enumerate(lines) if x.startswith(f"-A INPUT -i {bridge} ") and "ACCEPT" in x), -1)
+    drop = next((i for i, x in enumerate(lines) if x == f"-A INPUT -i {bridge} -j DROP"), -1)
+    return 0 <= accept < drop
+
+
+async def open_reply_path(bridge: str) -> str:
+    """The rules that deliver the box's replies to the host's relay sockets (idempotent); '' when they are in
+    place, else why not (the caller logs it; logins then go on without the connection). Run after
+    :func:`sandtrap.sandbox.network.close_host_path` (the ACCEPT goes before its DROP)."""
+    fix = "or set sandbox.connection_in_box: false"
+    iptables = shutil.which("iptables") or shutil.which("iptables", path="/usr/sbin:/sbin")
+    ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")
+    if iptables is None or ip is None:
+        return f"sandbox.connection_in_box: iptables and ip are needed. Fix: apt-get install iptables iproute2, {fix}"
+    mangle = ["-t", "mangle"]
+    if (await run_command([iptables, "-w", *mangle, "-C", *mangle_rule(bridge)]))[0] != 0:
+        code, out = await run_command([iptables, "-w", *mangle, "-I", "PREROUTING", "1", *mangle_rule(bridge)[1:]])
+        if code != 0:
+            return (
+                f"sandbox.connection_in_box: adding 'iptables -t mangle ... -m socket --transparent' failed ({out}). "
+                f"Fix: run sandtrap as root with the xt_socket module (modprobe xt_socket), {fix}"
+            )
+    code, listing = await run_command([iptables, "-w", "-S", "INPUT"])
+    if code != 0 or not accept_first(listing, bridge):
+        while (await run_command([iptables, "-w", "-D", *input_rule(bridge)]))[0] == 0:
+            pass
+        code, out = await run_command([iptables, "-w", "-I", "INPUT", "1", *input_rule(bridge)[1:]])
+        if code != 0:
+            return f"sandbox.connection_in_box: adding the INPUT rule for the relay failed ({out}). Fix: run as root, {fix}"
+    code, rules = await run_command([ip, "-4", "rule", "show"])
+    if f"fwmark {MARK:#x} lookup {TABLE}" not in rules:
+        code, out = await run_command([ip, "-4", "rule", "add", "fwmark", f"{MARK:#x}", "lookup", str(TABLE)])
+        if code != 0:
+            return f"sandbox.connection_in_box: 'ip rule add fwmark' failed ({out}). Fix: run as root, {fix}"
+    code, out = await run_command(
+        [ip, "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(TABLE)]
+    )
+    if code != 0:
+        return f"sandbox.connection_in_box: the local route of table {TABLE} failed ({out}). Fix: run as root, {fix}"
+    log.info("the boxes' replies to the honeypot's transparent sockets are delivered (mark %#x, table %d)", MARK, TABLE)
+    return ""
+
+
+def close_quietly(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()

@@ -1,0 +1,72 @@
+"""Where a login's TCP connection in the box comes from, and the order of the host's rules for it."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandtrap.sandbox.base import ClientAddress
+from sandtrap.sandbox.relay import RelayPlan, accept_first, input_rule, mangle_rule, plan
+
+BOX = "10.20.1.5"
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (ClientAddress("127.0.0.1", 40000, "127.0.0.1"), RelayPlan("127.0.0.1", 40000, "127.0.0.1", True)),
+        (ClientAddress("127.0.0.2", 40000, "127.0.0.3"), RelayPlan("127.0.0.2", 40000, "127.0.0.3", True)),
+        # The honeypot reached on another address: the box's own loopback server address.
+        (ClientAddress("127.0.0.2", 40000, "192.0.2.7"), RelayPlan("127.0.0.2", 40000, "127.0.0.1", True)),
+        (ClientAddress("::1", 40000, "::1"), RelayPlan("::1", 40000, "::1", True)),
+        (ClientAddress("::1", 40000, "127.0.0.1"), RelayPlan("::1", 40000, "::1", True)),
+        (ClientAddress("198.51.100.2", 5555, "192.0.2.7"), RelayPlan("198.51.100.2", 5555, BOX, False)),
+    ],
+)
+def test_plans(client: ClientAddress, expected: RelayPlan) -> None:
+    assert plan(client, BOX, "") == expected
+
+
+@pytest.mark.parametrize(
+    ("client", "box", "refused", "reason"),
+    [
+        (ClientAddress("198.51.100.2", 5555, "x"), "", "", "sandbox.network: none"),
+        (ClientAddress("198.51.100.2", 5555, "x"), BOX, "no xt_socket", "no xt_socket"),
+        (ClientAddress("2001:db8::1", 5555, "x"), BOX, "", "IPv6"),
+        (ClientAddress("not an address", 5555, "x"), BOX, "", "not an IP address"),
+        (ClientAddress("127.0.0.1", 0, "127.0.0.1"), BOX, "", "not a TCP port"),
+        (ClientAddress("127.0.0.1", 65536, "127.0.0.1"), BOX, "", "not a TCP port"),
+    ],
+)
+def test_no_plan_says_why(client: ClientAddress, box: str, refused: str, reason: str) -> None:
+    result = plan(client, box, refused)
+    assert isinstance(result, str) and reason in result
+
+
+def test_the_peer_as_the_listener_reads_it() -> None:
+    assert RelayPlan("198.51.100.2", 5555, BOX, False).peer == "198.51.100.2 5555"
+
+
+def test_rules_name_the_bridge_and_only_replies_from_port_22() -> None:
+    assert mangle_rule("st-x")[:7] == ["PREROUTING", "-i", "st-x", "-p", "tcp", "--sport", "22"]
+    assert "--transparent" in mangle_rule("st-x")
+    rule = input_rule("st-x")
+    assert rule[:7] == ["INPUT", "-i", "st-x", "-p", "tcp", "--sport", "22"]
+    assert rule[-5:] == ["conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"]
+
+
+ACCEPT = "-A INPUT -i st-x -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
+DROP = "-A INPUT -i st-x -j DROP"
+
+
+@pytest.mark.parametrize(
+    ("lines", "ok"),
+    [
+        (["-P INPUT ACCEPT", ACCEPT, DROP], True),
+        (["-P INPUT ACCEPT", DROP, ACCEPT], False),  # after the DROP it would never be reached
+        (["-P INPUT ACCEPT", ACCEPT], False),  # no DROP: close_host_path has not run
+        (["-P INPUT ACCEPT", DROP], False),
+        (["-P INPUT ACCEPT", ACCEPT.replace("st-x", "st-y"), DROP], False),  # another bridge's
+    ],
+)
+def test_accept_before_drop(lines: list[str], ok: bool) -> None:
+    assert accept_first("\n".join(lines), "st-x") is ok
