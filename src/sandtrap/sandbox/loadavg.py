@@ -247,9 +247,7 @@ class LoadavgView:
         if len(self.boxes) >= MAX_BOXES:
             del self.boxes[min(self.boxes, key=lambda k: self.boxes[k].read_at)]
         box = Box(tasks_path, sampled_at=now, read_at=now)
-        self._count(box, now)
-        # Its first sample now: a box counted from its first read on, as the kernel counts from boot.
-        box.loads = [calc_load(0, e, box.active * FIXED_1) for e in EXP]
+        self._count(box, now)  # counted at once; its load from now on, sampled first 5 s later (as after boot)
         self.boxes[cgroup] = box
         return box
 
