@@ -240,7 +240,9 @@ class SandboxSettings(_Section):
     @classmethod
     def _mount_dir(cls, v: str) -> str:
         if v and (not v.startswith("/") or ":" in v or "," in v or v.rstrip("/") == ""):
-            raise ValueError("must be an absolute directory path without ':' or ',' (or '' for off), e.g. /var/lib/sandtrap-loadavg")
+            raise ValueError(
+                "must be an absolute directory path without ':' or ',' (or '' for off), e.g. /var/lib/sandtrap-loadavg"
+            )
         return v.rstrip("/")
 
     @field_validator("network_name")

@@ -92,9 +92,13 @@ def loadavg_bind(loadavg_dir: str) -> str | None:
         return None
     path = Path(loadavg_dir) / LOADAVG_FILE
     try:
-        if path.is_file():
-            _loadavg_warned.clear()
-            return f"{path}:/{LOADAVG_FILE}:ro"
+        # A read, not a stat: the kernel answers a stat from its cache for a second after the daemon died,
+        # while every read goes to the daemon (direct I/O). The host's own figures come back, at once.
+        with path.open("rb") as f:
+            f.read(256)
+        _loadavg_warned.clear()
+        return f"{path}:/{LOADAVG_FILE}:ro"
+    except FileNotFoundError:
         reason = "nothing is mounted there (the set-up starts `sandtrap loadavgfs`)"
     except OSError as exc:  # a mount whose daemon died: ENOTCONN
         reason = str(exc)

@@ -60,10 +60,10 @@ def test_a_dead_loadavg_mount_falls_back_to_lxcfs_with_a_warning(
     assert loadavg_bind(str(tmp_path / "nothing")) is None
     assert "not usable" in caplog.text
 
-    def broken(self: Path) -> bool:
+    def broken(self: Path, *_: object) -> object:
         raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", str(self))
 
-    monkeypatch.setattr(Path, "is_file", broken)
+    monkeypatch.setattr(Path, "open", broken)
     assert proc_binds(str(tmp_path), "/var/lib/dead") == lxcfs_binds(str(tmp_path))
     assert "Transport endpoint is not connected" in caplog.text
 
