@@ -2,10 +2,11 @@
 
 The kernel's /proc/loadavg counts the host's tasks; lxcfs's counts the box's but takes the last field (the
 newest pid) from the host and says ``0/1`` until it has sampled a box. This view, served by the FUSE file
-system in :mod:`sandtrap.sandbox.loadavgfs`, finds the reader's box from the reader's host pid (its cgroup
-and pid namespace), counts the box's threads from the cgroup's task list at every read, keeps exponentially-damped load
-averages per box exactly as the kernel does (``calc_load``, sampled every 5 s) and takes the last pid from
-the box's own numbering (NSpid), so the first read of a fresh box is already its truth.
+system in :mod:`sandtrap.sandbox.loadavgfs`, finds the reader's box from the reader's host pid (the root of
+its cgroup namespace, from its mounts; its pid namespace), counts the box's threads (its cgroup and the login
+scopes below it) at every read, keeps exponentially-damped load averages per box exactly as the kernel does
+(``calc_load``, sampled every 5 s) and takes the last pid from the box's own numbering (NSpid), so the first
+read of a fresh box is already its truth.
 
 Every byte read from a box's /proc files is hostile (a task names itself): files are read with a bound,
 parsed by position and number only, and work per refresh is bounded (``MAX_TASKS``); the tasks' states are
@@ -32,6 +33,7 @@ MAX_BOXES = 4096  # boxes tracked at once; the one read longest ago is dropped f
 IDLE_DROP_S = 3600.0  # a box nobody read for an hour is forgotten (its next read starts afresh)
 STATUS_BYTES = 16384  # enough for State and NSpid unless a task has thousands of groups
 TASKS_BYTES = 1 << 20
+MAX_CGROUPS = 256  # cgroups walked below a box's root (its login scopes, which sandtrap makes)
 
 
 def calc_load(load: int, exp: int, active: int) -> int:
@@ -121,19 +123,38 @@ def parse_tasks(data: bytes) -> list[int]:
 
 @dataclass(frozen=True)
 class CgroupLayout:
-    """Where a task's cgroup lists its threads: ``<mount><path below root>/<tasks_file>``."""
+    """Where a cgroup lists its threads: ``<mount><path below root>/<tasks_file>``."""
 
     controller: str  # "pids" (v1) or "" (v2)
     mount: str
     root: str  # the mount's root within the hierarchy (mountinfo's 4th field), "/" on a host
     tasks_file: str
 
-    def tasks_path(self, cgroup: str) -> str | None:
+    def dir_path(self, cgroup: str) -> str | None:
         if self.root != "/":
-            if cgroup != self.root and not cgroup.startswith(self.root + "/"):
+            if not within(cgroup, self.root):
                 return None
             cgroup = cgroup[len(self.root) :] or "/"
-        return posixpath.join(self.mount, cgroup.lstrip("/"), self.tasks_file)
+        return posixpath.join(self.mount, cgroup.lstrip("/"))
+
+    def is_hierarchy(self, fstype: str, options: str) -> bool:
+        return fstype == "cgroup" and self.controller in options.split(",") if self.controller else fstype == "cgroup2"
+
+
+def within(path: str, root: str) -> bool:
+    return root == "/" or path == root or path.startswith(root + "/")
+
+
+def box_cgroup(mountinfo: bytes, layout: CgroupLayout) -> str | None:
+    """The box's cgroup (its cgroup namespace's root) from a task's /proc/<pid>/mountinfo: the kernel shows the
+    root of the box's own cgroup mount as a host path. None for a whole hierarchy (a host's) or none at all."""
+    for line in mountinfo.decode("utf-8", "replace").splitlines():
+        pre, sep, post = line.partition(" - ")
+        fields, tail = pre.split(), post.split()
+        if sep and len(fields) >= 5 and len(tail) >= 3 and layout.is_hierarchy(tail[0], tail[2]):
+            root = _unescape(fields[3])
+            return root if root != "/" and _normal_path(root) else None
+    return None
 
 
 def _unescape(field: str) -> str:
@@ -189,7 +210,7 @@ def read_bounded(path: str, limit: int) -> bytes | None:
 class Box:
     """One box's counts (refreshed at most every CACHE_S) and load averages (sampled every LOAD_FREQ_S)."""
 
-    tasks_path: str
+    dir: str  # its cgroup's directory in the hierarchy: its threads are there and in the cgroups below
     loads: list[int] = field(default_factory=lambda: [0, 0, 0])
     sampled_at: float = 0.0
     counted_at: float = -1e18
@@ -209,6 +230,7 @@ class LoadavgView:
         self.proc = proc
         self.clock = clock
         self.boxes: dict[str, Box] = {}
+        self._cgroup_of_ns: dict[str, tuple[str, float]] = {}  # pid namespace -> (box cgroup, when found)
         self._own_pidns = self._pidns("self")
 
     def _pidns(self, pid: str) -> str:
@@ -224,40 +246,81 @@ class LoadavgView:
         ns = self._pidns(str(pid)) if pid > 0 else ""
         if not ns or ns == self._own_pidns or self.layout is None:
             return self.host()  # the host itself (or a reader already gone): the kernel's own file
-        reader = parse_status(read_bounded(f"{self.proc}/{pid}/status", STATUS_BYTES) or b"")
-        cgroup = parse_cgroup(read_bounded(f"{self.proc}/{pid}/cgroup", 65536) or b"", self.layout.controller)
-        tasks_path = self.layout.tasks_path(cgroup) if cgroup else None
-        if cgroup is None or tasks_path is None:
-            return self.host()
         now = self.clock()
-        box = self.boxes.get(cgroup) or self._track(cgroup, tasks_path, now)
+        reader = parse_status(read_bounded(f"{self.proc}/{pid}/status", STATUS_BYTES) or b"")
+        cgroup = self._box_cgroup(pid, ns, now)
+        path = self.layout.dir_path(cgroup) if cgroup else None
+        if cgroup is None or path is None:
+            return self.host()
+        box = self.boxes.get(cgroup) or self._track(cgroup, path, now)
         level = len(reader.nspid) - 1 if reader and len(reader.nspid) > 1 else 1
         own = reader.nspid[level] if reader and len(reader.nspid) > level else 0
         if now - box.counted_at >= CACHE_S:
             self._count(box, now)
         else:  # the number of threads, the one figure a box's own commands can check at once: one small read
-            tids = parse_tasks(read_bounded(box.tasks_path, TASKS_BYTES) or b"")
-            box.total = len(tids) or box.total
+            box.total = self._total(box) or box.total
         box.read_at = now
         last = max(box.last_pid.get(level, 0), own)
         box.last_pid[level] = last
         return render(box.loads, max(1, box.running), max(box.total, 1), last)
 
-    def _track(self, cgroup: str, tasks_path: str, now: float) -> Box:
+    def _box_cgroup(self, pid: int, ns: str, now: float) -> str | None:
+        """The reader's box: the root of its cgroup namespace (its logins sit in scopes below), found from
+        its mounts, else the reader's own cgroup. Kept a second per pid namespace."""
+        assert self.layout is not None
+        found = self._cgroup_of_ns.get(ns)
+        if found and now - found[1] < CACHE_S:
+            return found[0]
+        own = parse_cgroup(read_bounded(f"{self.proc}/{pid}/cgroup", 65536) or b"", self.layout.controller)
+        if own is None:
+            return None
+        root = box_cgroup(read_bounded(f"{self.proc}/{pid}/mountinfo", 1 << 18) or b"", self.layout)
+        cgroup = root if root and within(own, root) else own
+        if len(self._cgroup_of_ns) >= MAX_BOXES:
+            self._cgroup_of_ns.clear()
+        self._cgroup_of_ns[ns] = (cgroup, now)
+        return cgroup
+
+    def _tids(self, box: Box) -> list[int] | None:
+        """The threads in the box's cgroup and the ones below it (bounded), None when it is gone."""
+        assert self.layout is not None
+        tids: list[int] = []
+        dirs, walked = [box.dir], 0
+        while dirs and walked < MAX_CGROUPS:
+            d = dirs.pop()
+            walked += 1
+            data = read_bounded(f"{d}/{self.layout.tasks_file}", TASKS_BYTES)
+            if data is None and d == box.dir:
+                return None
+            tids += parse_tasks(data or b"")
+            try:
+                with os.scandir(d) as entries:
+                    dirs += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+        return tids
+
+    def _total(self, box: Box) -> int:
+        """All threads of the box: pids.current where the pids controller counts them, else the walk."""
+        current = read_bounded(f"{box.dir}/pids.current", 32)
+        if current is not None and current.strip().isdigit():
+            return int(current)
+        return len(self._tids(box) or [])
+
+    def _track(self, cgroup: str, path: str, now: float) -> Box:
         if len(self.boxes) >= MAX_BOXES:
             del self.boxes[min(self.boxes, key=lambda k: self.boxes[k].read_at)]
-        box = Box(tasks_path, sampled_at=now, read_at=now)
+        box = Box(path, sampled_at=now, read_at=now)
         self._count(box, now)  # counted at once; its load from now on, sampled first 5 s later (as after boot)
         self.boxes[cgroup] = box
         return box
 
     def _count(self, box: Box, now: float) -> None:
         box.counted_at = now
-        data = read_bounded(box.tasks_path, TASKS_BYTES)
-        if data is None:
+        tids = self._tids(box)
+        if tids is None:
             box.gone = True
             return
-        tids = parse_tasks(data)
         running = active = seen = 0
         newest: dict[int, int] = {}
         for tid in tids[:MAX_TASKS]:

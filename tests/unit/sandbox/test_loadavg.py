@@ -12,6 +12,7 @@ from sandtrap.sandbox.loadavg import (
     FIXED_1,
     CgroupLayout,
     LoadavgView,
+    box_cgroup,
     calc_load,
     calc_load_n,
     format_load,
@@ -138,11 +139,29 @@ def test_layout_prefers_the_v1_pids_hierarchy_then_v2() -> None:
     assert parse_layout(spaced) == CgroupLayout("pids", "/mnt/cg x", "/", "tasks")
 
 
-def test_tasks_path_stays_below_the_mount_root() -> None:
+def test_a_cgroup_dir_stays_below_the_mount_root() -> None:
     layout = CgroupLayout("pids", "/cg", "/docker/host", "tasks")
-    assert layout.tasks_path("/docker/host/box") == "/cg/box/tasks"
-    assert layout.tasks_path("/docker/hostile/box") is None
-    assert CgroupLayout("pids", "/cg", "/", "tasks").tasks_path("/a/b") == "/cg/a/b/tasks"
+    assert layout.dir_path("/docker/host/box") == "/cg/box"
+    assert layout.dir_path("/docker/hostile/box") is None
+    assert CgroupLayout("pids", "/cg", "/", "tasks").dir_path("/a/b") == "/cg/a/b"
+
+
+BOX_MOUNTINFO = b"""\
+900 800 0:50 / / rw - overlay overlay rw
+910 900 0:33 /sandtrap-s1/r4nd/abc /sys/fs/cgroup/pids ro,nosuid - cgroup cgroup rw,pids
+911 900 0:35 /sandtrap-s1/r4nd/abc /sys/fs/cgroup/unified ro - cgroup2 cgroup2 rw
+"""
+
+
+def test_the_box_cgroup_is_its_cgroup_mounts_root() -> None:
+    v1 = CgroupLayout("pids", "/sys/fs/cgroup/pids", "/", "tasks")
+    v2 = CgroupLayout("", "/sys/fs/cgroup", "/", "cgroup.threads")
+    assert box_cgroup(BOX_MOUNTINFO, v1) == "/sandtrap-s1/r4nd/abc"
+    assert box_cgroup(BOX_MOUNTINFO, v2) == "/sandtrap-s1/r4nd/abc"
+    # A whole hierarchy (a host's, or a box given one) or a path that is not normal is no box.
+    assert box_cgroup(BOX_MOUNTINFO.replace(b"/sandtrap-s1/r4nd/abc /sys/fs/cgroup/pids", b"/ /x"), v1) is None
+    assert box_cgroup(BOX_MOUNTINFO.replace(b"r4nd/abc /sys/fs/cgroup/pids", b"../x /y"), v1) is None
+    assert box_cgroup(b"\xff\xfe garbage\n", v1) is None
 
 
 class FakeHost:
@@ -157,7 +176,10 @@ class FakeHost:
         self.layout = CgroupLayout("pids", str(self.cg), "/", "tasks")
         self.now = 1000.0
 
-    def task(self, host_pid: int, box_pid: int | None, state: str = "S", cgroup: str = "/box1") -> None:
+    def task(
+        self, host_pid: int, box_pid: int | None, state: str = "S", cgroup: str = "/box1", scope: str = ""
+    ) -> None:
+        """A thread of the box whose cgroup (namespace root) is ``cgroup``, in ``scope`` below it."""
         d = self.proc / str(host_pid)
         (d / "ns").mkdir(parents=True, exist_ok=True)
         ns = "pid:[4026531836]" if box_pid is None else f"pid:[40265{cgroup[-1]}]"
@@ -165,8 +187,9 @@ class FakeHost:
             os.symlink(ns, d / "ns" / "pid")
         pids = f"{host_pid}" if box_pid is None else f"{host_pid}\t{box_pid}"
         (d / "status").write_text(f"Name:\tt\nState:\t{state} (x)\nNSpid:\t{pids}\n")
-        (d / "cgroup").write_text(f"8:pids:{cgroup}\n")
-        tasks = self.cg / cgroup.lstrip("/") / "tasks"
+        (d / "cgroup").write_text(f"8:pids:{cgroup}{scope}\n")
+        (d / "mountinfo").write_text(f"910 900 0:33 {cgroup} /sys/fs/cgroup/pids ro - cgroup cgroup rw,pids\n")
+        tasks = self.cg / (cgroup + scope).lstrip("/") / "tasks"
         tasks.parent.mkdir(parents=True, exist_ok=True)
         with tasks.open("a") as f:
             f.write(f"{host_pid}\n")
@@ -275,3 +298,29 @@ def test_tasks_read_per_refresh_are_bounded(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(loadavg, "read_bounded", counting)
     assert host.view().read(5006) == b"0.00 0.00 0.00 3/6 6\n"
     assert sum(p.endswith("/status") for p in read) == 3 + 1  # three tasks and the reader
+
+
+def test_a_login_in_a_session_scope_counts_the_whole_box(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path)
+    host.task(5001, 1)  # init, at the box's root
+    host.task(5002, 2, "R")
+    scope = "/user.slice/user-0.slice/session-3.scope"
+    host.task(5040, 40, "R", scope=scope)
+    host.task(5041, 41, scope=scope)  # the reader
+    view = host.view()
+    assert view.read(5041) == b"0.00 0.00 0.00 2/4 41\n"
+    assert set(view.boxes) == {"/box1"}
+    # Without a cgroup mount to tell the box's root, the reader's own cgroup is all it can be.
+    (host.proc / "5041" / "mountinfo").write_text("")
+    host.now += 1.1
+    assert host.view().read(5041) == b"0.00 0.00 0.00 1/2 41\n"
+
+
+def test_the_total_comes_from_pids_current_between_counts(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path)
+    host.task(5001, 1, "R")
+    view = host.view()
+    view.read(5001)
+    (host.cg / "box1" / "pids.current").write_text("37\n")
+    host.now += 0.5
+    assert view.read(5001) == b"0.00 0.00 0.00 1/37 1\n"
