@@ -43,7 +43,7 @@ class Probe(NamedTuple):
         return self.reader < int(self.loadavg[6]) <= self.kernel_last_pid
 
 
-def served(mountpoint: Path) -> bool:
+def answers(mountpoint: Path) -> bool:
     """A read answered (a stat may come from the kernel's cache of a dead mount)."""
     try:
         return LOADAVG.match((mountpoint / "proc" / "loadavg").read_text().strip()) is not None
@@ -66,7 +66,7 @@ async def start_daemon(mountpoint: Path, log: Path) -> Process:
     for _ in range(100):
         if proc.returncode is not None:
             raise AssertionError(f"sandtrap loadavgfs exited {proc.returncode}: {log.read_text()}")
-        if served(mountpoint):
+        if answers(mountpoint):
             return proc
         await asyncio.sleep(0.1)
     proc.kill()
@@ -89,6 +89,16 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Path, Process]]:
             unmount(str(mountpoint))
 
 
+@pytest.fixture
+async def served(
+    daemon: tuple[Path, Process],
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+) -> tuple[Path, DockerBackend]:
+    """The daemon's mount and a backend whose boxes get its /proc/loadavg."""
+    return daemon[0], backend_factory(sandbox_settings(loadavg_dir=str(daemon[0])))
+
+
 async def box(backend: DockerBackend) -> DockerSandbox:
     return await backend.create(backend.labels(), backend.new_name())
 
@@ -108,13 +118,8 @@ async def probe(sandbox: DockerSandbox) -> Probe:
     return Probe(m, int(lines[5]), int(lines[6]), int(lines[7]))
 
 
-async def test_a_fresh_box_reads_its_own_tasks_and_pids(
-    daemon: tuple[Path, Process],
-    backend_factory: Callable[[SandboxSettings], DockerBackend],
-    sandbox_settings: Callable[..., SandboxSettings],
-) -> None:
-    mountpoint, _ = daemon
-    backend = backend_factory(sandbox_settings(loadavg_dir=str(mountpoint)))
+async def test_a_fresh_box_reads_its_own_tasks_and_pids(served: tuple[Path, DockerBackend]) -> None:
+    mountpoint, backend = served
     sandbox = await box(backend)
     binds = await host_binds(sandbox)
     assert f"{mountpoint}/proc/loadavg:/proc/loadavg:ro" in binds
@@ -135,13 +140,8 @@ async def test_a_fresh_box_reads_its_own_tasks_and_pids(
     assert code == 0 and LOADAVG.match(out.strip()), out
 
 
-async def test_boxes_count_only_their_own_tasks_and_load(
-    daemon: tuple[Path, Process],
-    backend_factory: Callable[[SandboxSettings], DockerBackend],
-    sandbox_settings: Callable[..., SandboxSettings],
-) -> None:
-    mountpoint, _ = daemon
-    backend = backend_factory(sandbox_settings(loadavg_dir=str(mountpoint)))
+async def test_boxes_count_only_their_own_tasks_and_load(served: tuple[Path, DockerBackend]) -> None:
+    _, backend = served
     busy, quiet = await box(backend), await box(backend)
     # 20 sleeping processes and one busy loop in one box only.
     code, _, err = await run(busy, "for i in $(seq 20); do sleep 300 & done; (while :; do :; done) & exit 0")
