@@ -30,6 +30,7 @@ LOAD_FREQ_S = 5.0
 CACHE_S = 1.0  # tasks' states (running, newest pid) are read at most once a second per box
 MAX_TASKS = 4096  # threads whose state is read per refresh (the rest count towards the total only)
 MAX_BOXES = 4096  # boxes tracked at once; the one read longest ago is dropped first
+MAX_READERS = 65536  # readers whose last answer is kept (for CACHE_S)
 IDLE_DROP_S = 3600.0  # a box nobody read for an hour is forgotten (its next read starts afresh)
 STATUS_BYTES = 16384  # enough for State and NSpid unless a task has thousands of groups
 TASKS_BYTES = 1 << 20
@@ -231,6 +232,7 @@ class LoadavgView:
         self.clock = clock
         self.boxes: dict[str, Box] = {}
         self._cgroup_of_ns: dict[str, tuple[str, float]] = {}  # pid namespace -> (box cgroup, when found)
+        self._answered: dict[int, tuple[str, float, bytes]] = {}  # reader's host pid -> (pid ns, when, content)
         self._own_pidns = self._pidns("self")
 
     def _pidns(self, pid: str) -> str:
@@ -247,6 +249,9 @@ class LoadavgView:
         if not ns or ns == self._own_pidns or self.layout is None:
             return self.host()  # the host itself (or a reader already gone): the kernel's own file
         now = self.clock()
+        seen = self._answered.get(pid)
+        if seen and seen[0] == ns and now - seen[1] < CACHE_S:
+            return seen[2]  # the same process reading again within the second (a loop): its last answer
         reader = parse_status(read_bounded(f"{self.proc}/{pid}/status", STATUS_BYTES) or b"")
         cgroup = self._box_cgroup(pid, ns, now)
         path = self.layout.dir_path(cgroup) if cgroup else None
@@ -262,7 +267,11 @@ class LoadavgView:
         box.read_at = now
         last = max(box.last_pid.get(level, 0), own)
         box.last_pid[level] = last
-        return render(box.loads, max(1, box.running), max(box.total, 1), last)
+        content = render(box.loads, max(1, box.running), max(box.total, 1), last)
+        if len(self._answered) >= MAX_READERS:
+            self._answered.clear()
+        self._answered[pid] = (ns, now, content)
+        return content
 
     def _box_cgroup(self, pid: int, ns: str, now: float) -> str | None:
         """The reader's box: the root of its cgroup namespace (its logins sit in scopes below), found from

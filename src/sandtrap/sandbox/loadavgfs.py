@@ -57,6 +57,8 @@ BUFSIZE = 128 * 1024 + 4096
 MAX_OPEN = 4096  # open files whose first read's content is kept for their later reads
 VALID_S = 1
 
+CPU_SHARE = 0.25  # of one CPU, at most, for every loadavgfs daemon of the host together (a cgroup of theirs)
+CPU_CGROUP = "sandtrap-loadavgfs"
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MNT_DETACH = 2
 
@@ -223,6 +225,34 @@ def mount(mountpoint: str) -> int:
     return fd
 
 
+def confine_cpu(share: float, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Move this process into a cgroup of its own with a CPU quota (cgroup v1 ``cpu`` or v2 ``cpu.max``);
+    the cgroup's directory, or None (logged) where the host does not allow it."""
+    period = 10_000  # a short period: a throttled daemon makes a reader wait 7.5 ms at most, not 75
+    quota = max(1000, int(share * period))
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            mounts = [(line.split()[4], line.partition(" - ")[2].split()) for line in f if " - " in line]
+        v1 = next((m for m, t in mounts if len(t) >= 3 and t[0] == "cgroup" and "cpu" in t[2].split(",")), None)
+        v2 = next((m for m, t in mounts if t and t[0] == "cgroup2"), None)
+        if v1:
+            d = Path(v1) / CPU_CGROUP
+            d.mkdir(exist_ok=True)
+            (d / "cpu.cfs_period_us").write_text(str(period))
+            (d / "cpu.cfs_quota_us").write_text(str(quota))
+        elif v2:
+            d = Path(v2) / CPU_CGROUP
+            d.mkdir(exist_ok=True)
+            (d / "cpu.max").write_text(f"{quota} {period}")
+        else:
+            raise OSError(errno.ENOENT, "no cgroup cpu controller mounted")
+        (d / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as exc:
+        log.warning("loadavgfs runs without a CPU quota (%s): a box reading in a loop can take a CPU", exc)
+        return None
+    return str(d)
+
+
 def serve(mountpoint: str) -> None:
     """Mount, then serve until SIGTERM/SIGINT or an unmount; unmounts on the way out."""
     from sandtrap.sandbox.loadavg import LoadavgView, parse_layout
@@ -233,8 +263,10 @@ def serve(mountpoint: str) -> None:
         log.warning("no cgroup hierarchy found: every reader gets the host's /proc/loadavg")
     view = LoadavgView(layout)
     fs = LoadavgFs(view.read)
-    # Below the host's own work (a box reading in a loop must not starve it), yet never starved itself.
+    # Below the host's own work, and a quarter of a CPU at most: a box reading in a loop slows the boxes'
+    # loadavg reads, never the host.
     os.setpriority(os.PRIO_PROCESS, 0, 10)
+    confine_cpu(CPU_SHARE)
     fd = mount(mountpoint)
 
     def stop(signum: int, _frame: object) -> None:

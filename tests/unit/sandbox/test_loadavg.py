@@ -247,7 +247,7 @@ def test_counts_are_cached_a_second_but_the_total_is_current(tmp_path: Path) -> 
     host.now += 0.5
     assert view.read(5003) == b"0.00 0.00 0.00 1/3 3\n"  # states from the cache, the total and reader now
     host.now += 0.6
-    assert view.read(5003) == b"0.00 0.00 0.00 3/3 3\n"
+    assert view.read(5002) == b"0.00 0.00 0.00 3/3 3\n"
     host.exit(5003)
     host.exit(5002)
     host.now += 1.1
@@ -319,8 +319,26 @@ def test_a_login_in_a_session_scope_counts_the_whole_box(tmp_path: Path) -> None
 def test_the_total_comes_from_pids_current_between_counts(tmp_path: Path) -> None:
     host = FakeHost(tmp_path)
     host.task(5001, 1, "R")
+    host.task(5002, 2)
     view = host.view()
     view.read(5001)
     (host.cg / "box1" / "pids.current").write_text("37\n")
     host.now += 0.5
-    assert view.read(5001) == b"0.00 0.00 0.00 1/37 1\n"
+    assert view.read(5002) == b"0.00 0.00 0.00 1/37 2\n"
+
+
+def test_a_process_reading_in_a_loop_gets_its_answer_of_the_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = FakeHost(tmp_path)
+    host.task(5001, 1, "R")
+    view = host.view()
+    first = view.read(5001)
+    read: list[str] = []
+    monkeypatch.setattr(loadavg, "read_bounded", lambda path, limit: read.append(path))
+    for _ in range(1000):
+        assert view.read(5001) == first
+    assert read == []  # no file of the host read again, only the reader's pid namespace looked at
+    host.now += 1
+    view.read(5001)
+    assert read
