@@ -4,6 +4,7 @@ import errno
 import os
 import stat
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,19 @@ def test_getattr_statfs_and_unknown_requests(fs: LoadavgFs) -> None:
 def test_short_or_malformed_requests_never_raise(fs: LoadavgFs, msg: bytes) -> None:
     out = fs.handle(msg)
     assert out is None or OUT_HEADER.unpack_from(out)[1] == -errno.EINVAL
+
+
+def test_the_daemon_confines_itself_to_a_cpu_quota(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cpu = tmp_path / "cpu"
+    (cpu / loadavgfs.CPU_CGROUP).mkdir(parents=True)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"30 25 0:27 / {cpu} rw - cgroup cgroup rw,cpu,cpuacct\n")
+    d = Path(loadavgfs.confine_cpu(0.25, str(mountinfo)) or "")
+    assert (d / "cpu.cfs_quota_us").read_text() == "2500" and (d / "cpu.cfs_period_us").read_text() == "10000"
+    assert (d / "cgroup.procs").read_text() == str(os.getpid())
+    mountinfo.write_text(f"30 25 0:27 / {tmp_path / 'v2'} rw - cgroup2 cgroup2 rw\n")
+    (tmp_path / "v2" / loadavgfs.CPU_CGROUP).mkdir(parents=True)
+    assert (Path(loadavgfs.confine_cpu(0.25, str(mountinfo)) or "") / "cpu.max").read_text() == "2500 10000"
+    mountinfo.write_text("")
+    assert loadavgfs.confine_cpu(0.25, str(mountinfo)) is None
+    assert "without a CPU quota" in caplog.text
