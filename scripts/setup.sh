@@ -101,6 +101,29 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
+SANDTRAP_ARGS=()
+[ -n "${SANDTRAP_CONFIG:-}" ] && SANDTRAP_ARGS+=(--config "$SANDTRAP_CONFIG")
+
+# 3b. sandtrap's own /proc/loadavg for the boxes (`sandtrap loadavgfs`, a FUSE file system in the package:
+#     nothing to install beyond /dev/fuse): each box's tasks, load and newest pid, bound over lxcfs's.
+#     Started as lxcfs is; a dead mount of it is detached by the daemon itself.
+if [ -e /dev/fuse ] && [ "$(id -u)" = 0 ]; then
+  LOADAVG_DIR="$("$VENV/bin/python" -c 'import sys
+from sandtrap.config import load_settings
+print(load_settings(sys.argv[1] or None).sandbox.loadavg_dir)' "${SANDTRAP_CONFIG:-}")"
+  if [ -n "$LOADAVG_DIR" ] && ! stat "$LOADAVG_DIR/proc/loadavg" >/dev/null 2>&1; then
+    say "starting sandtrap loadavgfs on $LOADAVG_DIR (log: $DATA/log/loadavgfs.log)"
+    setsid nohup "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" loadavgfs "$LOADAVG_DIR" \
+      >>"$DATA/log/loadavgfs.log" 2>&1 < /dev/null &
+    loadavg_pid=$!
+    for _ in $(seq 1 20); do [ -e "$LOADAVG_DIR/proc/loadavg" ] && break; sleep 0.5; done
+    kill -0 "$loadavg_pid" 2>/dev/null && [ -e "$LOADAVG_DIR/proc/loadavg" ] \
+      || die "sandtrap loadavgfs did not start (see $DATA/log/loadavgfs.log)"
+  fi
+else
+  say "no /dev/fuse or not root: sandtrap loadavgfs not started (sandboxes will show lxcfs's /proc/loadavg)"
+fi
+
 # 4. For the test suite: a local PostgreSQL (the storage tests run against SQLite and PostgreSQL).
 if [ "$MODE" = test ]; then
   say "postgresql: $(bash scripts/postgres.sh)"
@@ -111,9 +134,6 @@ bash scripts/web-assets.sh
 if [ "$MODE" = test ]; then
   bash scripts/chromium.sh  # headless Chromium for the web UI tests
 fi
-
-SANDTRAP_ARGS=()
-[ -n "${SANDTRAP_CONFIG:-}" ] && SANDTRAP_ARGS+=(--config "$SANDTRAP_CONFIG")
 
 # 6. sandtrap's seccomp profile (<data_dir>/seccomp/sandtrap.json): Docker's default rules with io_uring
 #    refused (README "Hardening"). Docker's default.json comes as data from Debian's package of the engine's

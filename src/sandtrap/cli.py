@@ -229,6 +229,26 @@ def run() -> None:
         progress.stop()
 
 
+@app.command("loadavgfs")
+def loadavgfs_command(
+    mountpoint: Annotated[
+        str | None, typer.Argument(help="where to mount (default: sandbox.loadavg_dir)", show_default=False)
+    ] = None,
+) -> None:
+    """Serve each box's own /proc/loadavg (a FUSE file system; root on the engine's host) until stopped."""
+    from sandtrap.sandbox.loadavgfs import serve
+
+    s = settings()
+    setup_logging(s.log_level)
+    target = mountpoint or s.sandbox.loadavg_dir
+    if not target:
+        raise _fail(ValueError("sandbox.loadavg_dir is '' (off): give a mount point or set sandbox.loadavg_dir"))
+    try:
+        serve(target)
+    except OSError as exc:
+        raise _fail(exc) from None
+
+
 @app.command("api")
 def api_command() -> None:
     """Serve the API (and web UI) alone against the configured storage, until interrupted."""

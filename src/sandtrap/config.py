@@ -226,6 +226,11 @@ class SandboxSettings(_Section):
     lxcfs_dir: str = Field(
         "/var/lib/lxcfs", description="lxcfs mount: /proc/meminfo etc. as the box's limits show them; '' = off"
     )
+    loadavg_dir: str = Field(
+        "/var/lib/sandtrap-loadavg",
+        description="mount of `sandtrap loadavgfs`: each box's /proc/loadavg counts its own tasks, load and newest "
+        "pid (started by the set-up); '' = off, and when it is not mounted there boxes get lxcfs's loadavg",
+    )
     # Forensics retention of released (stopped) sandboxes.
     retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
     retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")
@@ -237,6 +242,15 @@ class SandboxSettings(_Section):
         if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", v):
             raise ValueError("must be a single DNS label (letters, digits, '-'), e.g. web-prod-03")
         return v
+
+    @field_validator("lxcfs_dir", "loadavg_dir")
+    @classmethod
+    def _mount_dir(cls, v: str) -> str:
+        if v and (not v.startswith("/") or ":" in v or "," in v or v.rstrip("/") == ""):
+            raise ValueError(
+                "must be an absolute directory path without ':' or ',' (or '' for off), e.g. /var/lib/sandtrap-loadavg"
+            )
+        return v.rstrip("/")
 
     @field_validator("network_name")
     @classmethod

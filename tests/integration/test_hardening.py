@@ -23,6 +23,7 @@ from sandtrap.sandbox.docker import (
     LABEL_CREATED,
     LABEL_MANAGED,
     LABEL_SENSOR,
+    LOADAVG_FILE,
     LXCFS_FILES,
     DockerBackend,
     DockerSandbox,
@@ -204,14 +205,19 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     assert host["SecurityOpt"] == ["seccomp=" + str(seccomp_profile())]
     assert host["Privileged"] is False
     assert host["ReadonlyRootfs"] is False
-    # The only binds: lxcfs's read-only views of /proc files (realism), never anything writable of the host.
-    assert all(b.startswith("/var/lib/lxcfs/proc/") and b.endswith(":ro") for b in host["Binds"] or []), host["Binds"]
-    assert {b.split(":")[1] for b in host["Binds"] or []} <= {f"/{n}" for n in LXCFS_FILES}
+    # The only binds: lxcfs's read-only views of /proc files and our /proc/loadavg (realism), never anything
+    # writable of the host.
+    ours = f"{SandboxSettings().loadavg_dir}/{LOADAVG_FILE}"
+    binds = host["Binds"] or []
+    assert all(b.startswith(("/var/lib/lxcfs/proc/", ours + ":")) and b.endswith(":ro") for b in binds), binds
+    assert {b.split(":")[1] for b in binds} <= {f"/{n}" for n in LXCFS_FILES}
+    assert [b.split(":")[1] for b in binds].count("/proc/loadavg") <= 1
     assert not host.get("Mounts")
     assert not host["Devices"]
-    # Mounted into the box: only lxcfs's /proc views, read-only.
+    # Mounted into the box: only those /proc views, read-only.
     assert all(
-        m["Type"] == "bind" and not m["RW"] and m["Source"].startswith("/var/lib/lxcfs/") for m in info["Mounts"]
+        m["Type"] == "bind" and not m["RW"] and m["Source"].startswith(("/var/lib/lxcfs/", ours))
+        for m in info["Mounts"]
     )
     assert host["Tmpfs"]["/tmp"] == "rw,exec,nosuid,nodev,size=64m"
     assert host["Tmpfs"]["/run"] == "rw,nosuid,nodev,size=16m"

@@ -574,13 +574,8 @@ CHECKS: tuple[Check, ...] = (
         "sh -c 'cat /proc/loadavg; echo $$'; ls -d /proc/[0-9]*/task/[0-9]* | wc -l",
         "/proc/loadavg's task count matches the tasks and its last pid is the reader's",
         _loadavg_agrees,
-        "known-gap",
-        "lxcfs renders the task count per box but the last-pid field from the host (tens of thousands "
-        "while the box's pids are in the hundreds); and it counts a box only from its first read of "
-        "/proc/loadavg (init reads it at boot), refreshed every 5 s, so a box younger than that says `0/1`.",
-        "lxcfs: fill last_pid from the reader's pid namespace (`/proc/sys/kernel/ns_last_pid` read after "
-        "`setns` into it), an upstream patch (the kernel's own /proc/loadavg has that field right but counts "
-        "the host's tasks). A file system of our own serving /proc/loadavg would do both.",
+        # Passes with `sandtrap loadavgfs` (sandbox/loadavgfs.py) over lxcfs's file: the box's own threads, load
+        # and newest pid. Without it (lxcfs's file) the last pid is the host's and a fresh box says `0/1`.
     ),
     Check(
         "pid1-name",

@@ -241,7 +241,7 @@ async def test_detection_battery(
         conn_a.close()
         conn_b.close()
 
-    plain_backend = backend_factory(sandbox_settings(cgroupns="host", lxcfs_dir=""))
+    plain_backend = backend_factory(sandbox_settings(cgroupns="host", lxcfs_dir="", loadavg_dir=""))
     p1, p2 = await asyncio.gather(started(plain_backend), started(plain_backend))
     t1, t2 = DockerTarget(p1), DockerTarget(p2)
     try:

@@ -52,6 +52,8 @@ def test_yaml_round_trip_of_effective_config(tmp_path: Path) -> None:
         ("sandbox:\n  ulimit_nofile: 4096\n  ulimit_nofile_hard: 2048\n", "ulimit_nofile_hard must be at least"),
         ("sandbox:\n  ulimit_nofile_hard: 2000000\n", "sandbox.ulimit_nofile_hard"),
         ("image:\n  packages: ['rm -rf']\n", "not a Debian package name"),
+        ("sandbox:\n  loadavg_dir: var/lib/x\n", "sandbox.loadavg_dir: must be an absolute directory"),
+        ("sandbox:\n  lxcfs_dir: '/a:b'\n", "sandbox.lxcfs_dir"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("ssh: [unclosed\n", "not valid YAML"),
     ],

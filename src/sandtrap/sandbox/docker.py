@@ -81,6 +81,45 @@ def lxcfs_binds(lxcfs_dir: str) -> list[str]:
         return []
 
 
+# sandtrap's own /proc/loadavg (sandbox/loadavgfs.py): the box's tasks, load and newest pid, unlike lxcfs's.
+LOADAVG_FILE = "proc/loadavg"
+_loadavg_warned: set[str] = set()
+
+
+def loadavg_bind(loadavg_dir: str) -> str | None:
+    """The read-only bind of our loadavg file system's file, or None (then lxcfs's, with a warning) when it
+    is off or not served there."""
+    if not loadavg_dir:
+        return None
+    path = Path(loadavg_dir) / LOADAVG_FILE
+    try:
+        # A read, not a stat: the kernel answers a stat from its cache for a second after the daemon died,
+        # while every read goes to the daemon (direct I/O). The host's own figures come back, at once.
+        with path.open("rb") as f:
+            f.read(256)
+        _loadavg_warned.clear()
+        return f"{path}:/{LOADAVG_FILE}:ro"
+    except FileNotFoundError:
+        reason = "nothing is mounted there (the set-up starts `sandtrap loadavgfs`)"
+    except OSError as exc:  # a mount whose daemon died: ENOTCONN
+        reason = str(exc)
+    if reason not in _loadavg_warned:
+        _loadavg_warned.add(reason)
+        log.warning(
+            "sandtrap loadavgfs at %s is not usable (%s): boxes show lxcfs's /proc/loadavg", loadavg_dir, reason
+        )
+    return None
+
+
+def proc_binds(lxcfs_dir: str, loadavg_dir: str) -> list[str]:
+    """lxcfs's views, with our /proc/loadavg in place of lxcfs's when it is served."""
+    binds = lxcfs_binds(lxcfs_dir)
+    ours = loadavg_bind(loadavg_dir)
+    if ours is None:
+        return binds
+    return [b for b in binds if b.split(":")[1] != f"/{LOADAVG_FILE}"] + [ours]
+
+
 # cgroup v1's named systemd hierarchy: at a cgroup namespace's root it has no release_agent (a container tell).
 SYSTEMD_CGROUP = "/sys/fs/cgroup/systemd"
 
@@ -158,7 +197,7 @@ def create_config(
         "AutoRemove": False,
         "RestartPolicy": {"Name": "no"},
         "LogConfig": {"Type": "none", "Config": {}},
-        "Binds": lxcfs_binds(s.lxcfs_dir),
+        "Binds": proc_binds(s.lxcfs_dir, s.loadavg_dir),
         "Mounts": [],
         "CgroupnsMode": s.cgroupns,
         "Devices": [],

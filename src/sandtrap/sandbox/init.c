@@ -310,8 +310,8 @@ int main(int argc, char **argv)
 		start(sshd); /* something listens on port 22, as on any server reached by SSH */
 	time_t listener_started = time(NULL);
 	start(nginx); /* the web role the box's story tells (logs, the inventory site) */
-	/* lxcfs starts tracking a box's load when a process of it first reads /proc/loadavg ("0/1" before):
-	 * read it now, so the attacker's first `uptime` shows a box that has been counted since boot. */
+	/* The host's /proc/loadavg file system (and lxcfs, its fall-back) starts a box's load averages when a
+	 * process of it first reads the file: read it now, so the first `uptime` shows a load counted since boot. */
 	int lfd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
 	if (lfd >= 0) {
 		char sink[128];

@@ -176,6 +176,7 @@ class Policy:
     images: frozenset[str] = frozenset()  # empty = any image
     cap_add: frozenset[str] = field(default_factory=lambda: frozenset(SandboxSettings().cap_add))
     lxcfs_dir: str = ""
+    loadavg_dir: str = ""
     host_cgroupns: bool = False
     # Upper bounds on what a create may ask for (0 = no bound): a taken-over honeypot cannot hand a
     # sandbox the host's memory, CPUs or pid space.
@@ -193,6 +194,7 @@ class Policy:
             images=frozenset({s.image}),
             cap_add=frozenset(s.cap_add),
             lxcfs_dir=s.lxcfs_dir.rstrip("/"),
+            loadavg_dir=s.loadavg_dir.rstrip("/"),
             host_cgroupns=s.cgroupns == "host",
             max_memory=max(s.memory, s.memory_swap),
             max_nano_cpus=int(s.cpus * 1e9),
@@ -357,14 +359,17 @@ def _check_security_opt(opt: Any) -> None:
 
 
 def _check_bind(bind: Any, policy: Policy) -> None:
-    """Only lxcfs's /proc views, read-only (create_config's lxcfs_binds); nothing else of the host."""
+    """Only lxcfs's /proc views and our /proc/loadavg, read-only (create_config's proc_binds); nothing else
+    of the host."""
     parts = str(bind).split(":")
     ok = (
         len(parts) == 3
         and parts[2] == "ro"
-        and bool(policy.lxcfs_dir)
         and re.fullmatch(r"/proc/[a-z]+", parts[1]) is not None
-        and parts[0] == policy.lxcfs_dir + parts[1]
+        and (
+            (bool(policy.lxcfs_dir) and parts[0] == policy.lxcfs_dir + parts[1])
+            or (bool(policy.loadavg_dir) and parts[1] == "/proc/loadavg" and parts[0] == policy.loadavg_dir + parts[1])
+        )
     )
     if not ok:
         raise Refused(403, f"bind mount {parts[0]!r} is refused: nothing of the host goes into a sandbox")
