@@ -1285,8 +1285,8 @@ def markdown(rows: list[tuple[Check, Outcome, Outcome]]) -> str:
     c = counts(rows)
     out = [
         f"{c['checks']} checks: sandtrap passes {c['sandtrap pass']}, a plain hardened container reached by "
-        f"`docker exec` passes {c['plain pass']}. Of sandtrap's failures, {c['container-limit']} are what a "
-        f"container cannot hide, {c['known-gap']} are known gaps and {c['host-limit']} come from limits of the test host.",
+        f"`docker exec` passes {c['plain pass']}. Of sandtrap's failures: what a container cannot hide "
+        f"{c['container-limit']}, known gaps {c['known-gap']}, limits of the test host {c['host-limit']}.",
         "",
         "| check | family | mode | sandtrap | plain container | what a real server shows |",
         "|---|---|---|---|---|---|",

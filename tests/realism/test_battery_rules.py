@@ -41,7 +41,7 @@ def test_counts_and_markdown_list_host_limits_apart() -> None:
     c = counts(rows)  # type: ignore[arg-type]
     assert (c["host-limit"], c["known-gap"], c["regressions"]) == (1, 0, 0)
     text = markdown(rows)  # type: ignore[arg-type]
-    assert "1 come from limits of the test host" in text
+    assert "limits of the test host 1." in text
     assert "### Limits of the test host" in text and "### Known gaps" not in text
     allowing = replace(NOFILE, host_allows=lambda: True)
     assert counts([(allowing, "fail", "fail")])["regressions"] == 1  # type: ignore[list-item]
