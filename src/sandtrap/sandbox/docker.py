@@ -32,7 +32,7 @@ from aiodocker.stream import Stream
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import broker, engine, hostfs, network
+from sandtrap.sandbox import broker, engine, hostfs, network, systemd_cgroups
 from sandtrap.sandbox.base import (
     ChangedFile,
     Chunk,
@@ -121,13 +121,17 @@ def create_config(
     cgroup_parent: str = "",
     cpuset: str = "",
     mask_systemd_cgroup: bool = False,
+    systemd: bool = False,
 ) -> dict[str, Any]:
     """The container's create body: every hardening item in one place (see README, Hardening).
 
     ``seccomp`` is the profile's JSON text (``seccomp.resolve``), None for the engine's own default. With a
     ``cgroup_parent`` (see :mod:`sandtrap.sandbox.cgroups`) the memory, CPU and pids limits are already on
     that parent and the container gets none of its own; ``cpuset`` pins it to those CPUs.
-    ``mask_systemd_cgroup``: a small tmpfs over /sys/fs/cgroup/systemd, given the root's files by init."""
+    ``mask_systemd_cgroup``: a small tmpfs over /sys/fs/cgroup/systemd, given the root's files by init.
+    ``systemd``: init becomes systemd once the host has handed the box its cgroups (``sandbox.init``,
+    :mod:`sandtrap.sandbox.systemd_cgroups`): CAP_SETPCAP (units shrink their own bounding set), /run/lock as
+    Debian mounts it, and systemd's stop signal."""
     security = []
     if s.no_new_privileges:
         security.append("no-new-privileges:true")
@@ -141,7 +145,7 @@ def create_config(
         "NanoCpus": int(s.cpus * 1e9),
         "PidsLimit": s.pids_limit,
         "CapDrop": ["ALL"],
-        "CapAdd": list(s.cap_add),
+        "CapAdd": [*s.cap_add, *(["SETPCAP"] if systemd and "SETPCAP" not in s.cap_add else [])],
         "SecurityOpt": security,
         "Privileged": False,
         "ReadonlyRootfs": s.read_only_root,
@@ -170,6 +174,8 @@ def create_config(
         host["CpusetCpus"] = cpuset
     if mask_systemd_cgroup:
         host["Tmpfs"][SYSTEMD_CGROUP] = "rw,nosuid,nodev,noexec,size=16k,nr_inodes=64,mode=755"
+    if systemd:
+        host["Tmpfs"]["/run/lock"] = "rw,nosuid,nodev,noexec,size=5m"
     if s.read_only_root:
         # The places people write, each a size-limited tmpfs (as a local volume, so the engine's archive API
         # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
@@ -190,9 +196,10 @@ def create_config(
         "AttachStdin": False,
         "AttachStdout": False,
         "AttachStderr": False,
-        "StopSignal": "SIGTERM",
+        "StopSignal": "SIGRTMIN+3" if systemd else "SIGTERM",  # what systemd takes as "halt" (its container interface)
         "NetworkDisabled": not internal,
         "HostConfig": host,
+        **({"Cmd": ["/sbin/init", "--systemd"]} if systemd else {}),
     }
 
 
@@ -697,6 +704,7 @@ class DockerBackend:
         self._creating: set[str] = set()  # parents made but not yet holding their box: never swept
         self._cpu_list: list[int] = []  # the CPUs boxes may be pinned to
         self._mask_systemd_cgroup = False
+        self._systemd = False  # sandbox.init: systemd, where this host allows it (decided with the placement)
         self._init_refused = init_transport_refused(settings)
         if settings.session_transport == "init" and self._init_refused:
             log.warning("logins by docker exec, not by the box's listener: %s", self._init_refused)
@@ -763,6 +771,11 @@ class DockerBackend:
                 and v1
                 and await asyncio.to_thread(Path(SYSTEMD_CGROUP).is_dir)
             )
+            if s.init == "systemd":
+                reason = systemd_cgroups.unavailable(local, v1, s.cgroupns, self._mask_systemd_cgroup)
+                if reason:
+                    log.warning("boxes keep sandtrap's init, not systemd (%s)", reason)
+                self._systemd = not reason
             if s.limits_in_parent:
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
                 reason = parents.available() if local else f"the engine at {s.docker_host} is not on this host"
@@ -818,7 +831,9 @@ class DockerBackend:
                     parent = await asyncio.to_thread(self._parents.create, cgroup, limits)
                 except CgroupError as exc:
                     raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
-            config = create_config(settings, labels, self._seccomp, parent, cpuset, self._mask_systemd_cgroup)
+            config = create_config(
+                settings, labels, self._seccomp, parent, cpuset, self._mask_systemd_cgroup, self._systemd
+            )
             try:
                 container = await engine.call(
                     "create container", self._client.containers.create(config, name=name), settings.start_timeout_s
@@ -845,12 +860,31 @@ class DockerBackend:
                     return await self._create(labels, name, nofile_hard)
                 if seeded:
                     await self._seed(sandbox)
+                if self._systemd:
+                    await self._start_systemd(sandbox, parent)
             except BaseException:
                 await asyncio.shield(sandbox.remove())
                 raise
             return sandbox
         finally:
             self._creating.discard(cgroup)
+
+    async def _start_systemd(self, sandbox: DockerSandbox, parent: str) -> None:
+        """Hand the box its cgroups (its init then execs systemd) and wait until systemd has started the listener
+        (ssh.service), 10 s at most. When the hand-over fails, its init goes on as sandtrap's."""
+        view = await sandbox._host_view()
+        if view is None:
+            log.warning("box %s keeps sandtrap's init: its pid 1 is not visible on this host", sandbox.name)
+            return
+        try:
+            await systemd_cgroups.hand_over(view.pid, view.mnt_ns, sandbox.id, parent)
+        except systemd_cgroups.HandOverError as exc:
+            log.warning("box %s keeps sandtrap's init: %s", sandbox.name, exc)
+            with contextlib.suppress(OSError):
+                os.kill(view.pid, systemd_cgroups.GIVE_UP_SIGNAL)
+            return
+        if not await asyncio.to_thread(systemd_cgroups.wait_for_listener, view.pid, view.verify):
+            log.warning("box %s: systemd did not start ssh.service within %.0f s", sandbox.name, systemd_cgroups.BOOT_S)
 
     def _no_parents(self, reason: str) -> None:
         log.warning("sandbox limits stay on each container from now on (%s)", reason)

@@ -26,6 +26,14 @@ rm -f /etc/machine-id /var/lib/dbus/machine-id
 mkdir -p /usr/lib/openssh
 cp "$STAGE/session" /usr/lib/openssh/sshd-session
 chmod 0755 /usr/lib/openssh/sshd-session
+# sandbox.init: systemd starts the box's listener (listener.c: port 22 for `sshd -i`, the honeypot's logins) as
+# Debian's own ssh.service: /sbin/init re-executed under the title sshd's listener has (it tells systemd it
+# is ready, Type=notify, as sshd does). Only the ExecStart line differs from the package's unit.
+unit=/lib/systemd/system/ssh.service
+if [ -f "$unit" ] && grep -q '^ExecStart=/usr/sbin/sshd -D $SSHD_OPTS$' "$unit"; then
+    say "ssh.service runs the listener"
+    sed -i 's|^ExecStart=/usr/sbin/sshd -D $SSHD_OPTS$|ExecStart=@/sbin/init "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"|' "$unit"
+fi
 
 # --- users -------------------------------------------------------------------------------------
 say "creating users"
