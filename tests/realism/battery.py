@@ -1224,11 +1224,17 @@ def outcome(check: Check, result: Result | None) -> Outcome:
 INIT_TRANSPORT_PASSES = frozenset({"no-orphan-roots", "sshd-ancestry"})
 
 
-def checks_for(transport: str) -> list[Check]:
-    """The checks with what sandtrap must show when its logins come by ``transport`` (exec or init)."""
-    if transport == "exec":
-        return list(CHECKS)
-    return [replace(c, expected="pass") if c.id in INIT_TRANSPORT_PASSES else c for c in CHECKS]
+# Pass when systemd is the box's PID 1 (sandbox.init: systemd).
+SYSTEMD_PASSES = frozenset({"systemd-answers"})
+
+
+def checks_for(transport: str, init: str = "sandtrap") -> list[Check]:
+    """The checks with what sandtrap must show when its logins come by ``transport`` (exec or init) and its
+    boxes' PID 1 is ``init`` (sandtrap or systemd)."""
+    passes = (set() if transport == "exec" else set(INIT_TRANSPORT_PASSES)) | (
+        SYSTEMD_PASSES if init == "systemd" else set()
+    )
+    return [replace(c, expected="pass") if c.id in passes else c for c in CHECKS]
 
 
 def expected_here(check: Check, plain: Outcome) -> Expected:

@@ -34,6 +34,10 @@ if [ -f "$unit" ] && grep -q '^ExecStart=/usr/sbin/sshd -D $SSHD_OPTS$' "$unit";
     say "ssh.service runs the listener"
     sed -i 's|^ExecStart=/usr/sbin/sshd -D $SSHD_OPTS$|ExecStart=@/sbin/init "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"|' "$unit"
 fi
+# /var/log/wtmp tells the box's story (below), whose current boot is older than the box: systemd's boot and
+# runlevel records would add a second boot "still running" today. Not pulled in by any target (the units
+# stay, static, as on a machine whose admin unlinked them), rather than masked.
+find /lib/systemd/system -path '*.target.wants/systemd-update-utmp*.service' -type l -delete
 
 # --- users -------------------------------------------------------------------------------------
 say "creating users"
