@@ -355,6 +355,8 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         battery.append(
             Row("write cgroup limits / release_agent setup", "refused", "'Read-only file system' x5, limits unchanged")
         )
+        if (await sh(conn, "cat /proc/1/comm")).out.strip() == "systemd":  # sandbox.init: systemd
+            await systemd_cgroups_contained(conn, battery)
 
         r = await sh(conn, "mknod /tmp/disk b 8 0; ls /dev/vda /dev/sda /dev/mem /dev/kmsg")
         assert "mknod: /tmp/disk: Operation not permitted" in r.err and r.err.count("No such file") == 4, r
@@ -399,6 +401,36 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
             )
         )
     await still_serving(hp)
+
+
+async def systemd_cgroups_contained(conn: asyncssh.SSHClientConnection, battery: list[Row]) -> None:
+    """With systemd as PID 1 the box writes its own name=systemd cgroups (sandbox/systemd_cgroups.py): nothing
+    there reaches the host's hierarchy, its release agent or a limit."""
+    host_agent = Path("/sys/fs/cgroup/systemd/release_agent").read_text()
+    sd = "/sys/fs/cgroup/systemd"
+    r = await sh(
+        conn,
+        f"echo '|/tmp/x' > {sd}/release_agent && mkdir {sd}/system.slice/escape && "
+        f"echo 1 > {sd}/system.slice/escape/notify_on_release && echo $$ > {sd}/system.slice/escape/cgroup.procs && "
+        f"echo $$ > {sd}/system.slice/cgroup.procs && rmdir {sd}/system.slice/escape && cat {sd}/system.slice/../release_agent",
+    )
+    assert r.status == 0 and r.out.strip() == "|/tmp/x", r  # the tmpfs's file, which no kernel reads
+    assert Path("/sys/fs/cgroup/systemd/release_agent").read_text() == host_agent
+    mounts = [line.split() for line in (await sh(conn, "cat /proc/self/mountinfo")).out.splitlines()]
+    binds = {m[4]: m[5] for m in mounts if m[4].startswith(sd + "/")}
+    assert sorted(binds) == [f"{sd}/init.scope", f"{sd}/system.slice", f"{sd}/user.slice"], binds
+    assert all({"nosuid", "nodev", "noexec"} <= set(opts.split(",")) for opts in binds.values()), binds
+    for cmd in (f"mount -o remount,suid {sd}/system.slice", f"umount {sd}/system.slice"):
+        r = await sh(conn, cmd)
+        assert r.status == 32 and ("permission denied" in r.err or "must be superuser" in r.err), (cmd, r)
+    battery.append(
+        Row(
+            "systemd's cgroups (init: systemd): release_agent, notify_on_release, remount",
+            "contained",
+            "its writable cgroups are the box's own (nosuid,nodev,noexec, no controller); the release_agent it "
+            "writes is a tmpfs file, the host's unchanged; remount/umount refused",
+        )
+    )
 
 
 IO_URING_PROBE = r"""
