@@ -26,10 +26,10 @@ rm -f /etc/machine-id /var/lib/dbus/machine-id
 mkdir -p /usr/lib/openssh
 cp "$STAGE/session" /usr/lib/openssh/sshd-session
 chmod 0755 /usr/lib/openssh/sshd-session
-# sandbox.init: systemd starts the box's listener (listener.c: port 22 for `sshd -i`, the honeypot's logins) as
+# sandbox.init: systemd starts the box's listener (listener.c: port 22 for `sshd -i`, the logins the host starts) as
 # Debian's own ssh.service: /sbin/init re-executed under the title sshd's listener has (it tells systemd it
 # is ready, Type=notify, as sshd does). Two lines differ from the package's unit: ExecStart, and Restart=always
-# for on-failure (the honeypot's logins need the listener back after a `pkill sshd`, as sandtrap's init
+# for on-failure (logins need the listener back after a `pkill sshd`, as the small init
 # restarts it; `systemctl stop ssh` still stops it).
 unit=/lib/systemd/system/ssh.service
 if [ -f "$unit" ] && grep -q '^ExecStart=/usr/sbin/sshd -D $SSHD_OPTS$' "$unit"; then

@@ -100,19 +100,28 @@ class HandOverError(OSError):
 
 def box_cgroup(pid: int, container_id: str, parent: str = "") -> Path:
     """The box's own directory in the host's ``name=systemd`` hierarchy, from its PID 1's /proc/PID/cgroup (as
-    the host sees it), checked to be the engine's ``<parent>/<container id>``."""
+    the host sees it)."""
     try:
-        rows = Path(f"/proc/{pid}/cgroup").read_text(encoding="ascii").splitlines()
+        text = Path(f"/proc/{pid}/cgroup").read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise HandOverError(f"cannot read the box's cgroups: {exc}") from exc
-    paths = [row.split(":", 2)[2] for row in rows if row.count(":") >= 2 and row.split(":", 2)[1] == "name=systemd"]
-    if len(paths) != 1 or not _PATH.fullmatch(paths[0]) or ".." in paths[0].split("/"):
-        raise HandOverError(f"no name=systemd cgroup for pid {pid}: {paths!r}")
+    return HIERARCHY / own_cgroup(text, container_id, parent).lstrip("/")
+
+
+def own_cgroup(proc_cgroup: str, container_id: str, parent: str = "") -> str:
+    """The ``name=systemd`` path in a /proc/PID/cgroup text, checked to be the engine's ``<parent>/<container
+    id>`` (or ``.../<container id>`` without a parent of ours)."""
+    paths = [
+        row.split(":", 2)[2]
+        for row in proc_cgroup.splitlines()
+        if row.count(":") >= 2 and row.split(":", 2)[1] == "name=systemd"
+    ]
+    if len(paths) != 1 or not _PATH.fullmatch(paths[0]) or {".", ".."} & set(paths[0].split("/")):
+        raise HandOverError(f"not one plain name=systemd cgroup: {paths!r}")
     path = paths[0]
-    expected = f"{parent}/{container_id}" if parent else None
-    if (expected is not None and path != expected) or not path.endswith("/" + container_id):
-        raise HandOverError(f"pid {pid} is in {path}, not in the box's own cgroup")
-    return HIERARCHY / path.lstrip("/")
+    if (parent and path != f"{parent}/{container_id}") or not container_id or not path.endswith("/" + container_id):
+        raise HandOverError(f"{path} is not the box's own cgroup")
+    return path
 
 
 async def hand_over(pid: int, mnt_ns: int, container_id: str, parent: str = "") -> None:
