@@ -30,7 +30,7 @@ import aiodocker
 from aiodocker.execs import Exec
 from aiodocker.stream import Stream
 
-from sandtrap.config import SandboxSettings
+from sandtrap.config import SandboxSettings, parse_size
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox import broker, engine, hostfs, network, systemd_cgroups
 from sandtrap.sandbox.base import (
@@ -176,6 +176,8 @@ def create_config(
         host["Tmpfs"][SYSTEMD_CGROUP] = "rw,nosuid,nodev,noexec,size=16k,nr_inodes=64,mode=755"
     if systemd:
         host["Tmpfs"]["/run/lock"] = "rw,nosuid,nodev,noexec,size=5m"
+        if "/run" in host["Tmpfs"]:
+            host["Tmpfs"]["/run"] = run_for_systemd(host["Tmpfs"]["/run"], s.memory)
     if s.read_only_root:
         # The places people write, each a size-limited tmpfs (as a local volume, so the engine's archive API
         # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
@@ -201,6 +203,26 @@ def create_config(
         "HostConfig": host,
         **({"Cmd": ["/sbin/init", "--systemd"]} if systemd else {}),
     }
+
+
+# systemd refuses `daemon-reload` unless 16 MiB of /run stay free (its safety buffer); Debian mounts /run with
+# 20% of the RAM. A tmpfs's size only caps it: pages are charged to the box's memory as they are written.
+RUN_MIN_FOR_SYSTEMD = 48 * 1024 * 1024
+
+
+def run_for_systemd(options: str, memory: int) -> str:
+    """The /run tmpfs options with a size systemd can reload in: 20% of ``memory``, at least 48 MiB (a larger
+    size given in ``options`` is kept)."""
+    want = max(RUN_MIN_FOR_SYSTEMD, memory // 5)
+    parts = [o for o in options.split(",") if o]
+    sizes = [o for o in parts if o.startswith("size=")]
+    try:
+        have = parse_size(sizes[-1].removeprefix("size=")) if sizes else 0
+    except ValueError:
+        have = 0
+    if have >= want:
+        return options
+    return ",".join([*(o for o in parts if not o.startswith("size=")), f"size={want // 1024}k"])
 
 
 class DockerProcess:

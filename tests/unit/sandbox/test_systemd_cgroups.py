@@ -6,7 +6,7 @@ import pytest
 
 from sandtrap.config import SandboxSettings
 from sandtrap.sandbox import systemd_cgroups
-from sandtrap.sandbox.docker import SYSTEMD_CGROUP, create_config
+from sandtrap.sandbox.docker import SYSTEMD_CGROUP, create_config, run_for_systemd
 from sandtrap.sandbox.systemd_cgroups import HandOverError, own_cgroup
 
 BOX = "9da11395ebee3eada84be5559810cfcb6a7327998e3408bd8af8dad652aa961d"
@@ -46,6 +46,18 @@ def test_systemd_boxes_get_setpcap_run_lock_and_systemds_stop_signal() -> None:
     assert config["StopSignal"] == "SIGRTMIN+3" and config["Cmd"] == ["/sbin/init", "--systemd"]
     assert "Cmd" not in plain and plain["StopSignal"] == "SIGTERM" and "/run/lock" not in plain["HostConfig"]["Tmpfs"]
     assert "SETPCAP" not in plain["HostConfig"]["CapAdd"]
+    assert (
+        host["Tmpfs"]["/run"] == "rw,nosuid,nodev,size=52428k"
+        and plain["HostConfig"]["Tmpfs"]["/run"] == s.tmpfs["/run"]
+    )
+
+
+def test_run_leaves_systemd_room_to_reload() -> None:
+    """systemd refuses daemon-reload with less than 16 MiB of /run free: 20% of the memory, at least 48 MiB."""
+    assert run_for_systemd("rw,nosuid,nodev,size=16m", 64 << 20) == "rw,nosuid,nodev,size=49152k"
+    assert run_for_systemd("rw,size=1g", 256 << 20) == "rw,size=1g"  # larger already: kept
+    assert run_for_systemd("rw,size=20%", 1 << 30) == "rw,size=209715k"  # not a size it can compare: replaced
+    assert run_for_systemd("rw,nosuid", 256 << 20) == "rw,nosuid,size=52428k"
 
 
 def test_off_by_default_and_refused_where_the_host_cannot_hand_cgroups_over(monkeypatch: pytest.MonkeyPatch) -> None:
