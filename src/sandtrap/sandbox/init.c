@@ -353,6 +353,7 @@ int main(int argc, char **argv)
 			sigprocmask(SIG_SETMASK, &none, NULL);
 			execve("/lib/systemd/systemd", sd, environ);
 		}
+		memset(argv[1], 0, strlen(argv[1])); /* going on as ourselves: /proc/1/cmdline is /sbin/init alone */
 	}
 	start(rsyslog);
 	start(cron);
