@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 
+from sandtrap.config import SandboxSettings
 from sandtrap.events import SANDBOX_ASSIGNED
 from sandtrap.sandbox import engine, systemd_cgroups
+from sandtrap.sandbox.docker import DockerBackend
 
+from helpers import run
 from sshclient import asyncssh_connected
 
 pytestmark = pytest.mark.timeout(180)
@@ -23,10 +26,14 @@ pytestmark = pytest.mark.timeout(180)
 UNIT = "[Unit]\nDescription=x\n[Service]\nExecStart=/bin/sleep 1000\n[Install]\nWantedBy=multi-user.target\n"
 
 
-async def test_systemd_runs_units_and_logins_still_come_by_the_listener(honeypot: Callable[..., Any]) -> None:
+def skip_unless_possible() -> None:
     reason = systemd_cgroups.unavailable(True, not Path("/sys/fs/cgroup/cgroup.controllers").exists(), "private", True)
     if reason:
         pytest.skip(f"init: systemd is not possible here: {reason}")
+
+
+async def test_systemd_runs_units_and_logins_still_come_by_the_listener(honeypot: Callable[..., Any]) -> None:
+    skip_unless_possible()
     hp = await honeypot(sandbox={"init": "systemd"})
     async with asyncssh_connected(hp) as conn:
         r = await conn.run(
@@ -72,3 +79,27 @@ async def test_systemd_runs_units_and_logins_still_come_by_the_listener(honeypot
         while own.exists():
             await hp.services.backend.list_managed()  # sweeps what a busy stop left
             await asyncio.sleep(0.5)
+
+
+async def test_a_failed_hand_over_leaves_sandtraps_init_running(
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    skip_unless_possible()
+
+    async def refuse(*_: Any) -> None:
+        raise systemd_cgroups.HandOverError("refused by the test")
+
+    monkeypatch.setattr(systemd_cgroups, "hand_over", refuse)
+    backend = backend_factory(sandbox_settings(init="systemd"))
+    box = await backend.create(backend.labels(), backend.new_name())
+    # Told to go on at once (SIGUSR1), it starts the daemons itself; the listener serves, argv is plain.
+    async with asyncio.timeout(8):
+        while True:
+            code, out, _ = await run(box, "cat /proc/1/comm; tr '\\0' ' ' </proc/1/cmdline; echo; pgrep -c -x sshd")
+            if code == 0 and out.split()[-1] != "0":
+                break
+            await asyncio.sleep(0.1)
+    comm, cmdline = out.split("\n")[:2]
+    assert comm == "init" and cmdline.rstrip() == "/sbin/init", out  # "--systemd" zeroed in place
