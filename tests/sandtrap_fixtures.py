@@ -35,7 +35,7 @@ def sensor() -> str:
 @pytest.fixture
 def sandbox_settings(built_image: str) -> Callable[..., SandboxSettings]:
     def make(**overrides: Any) -> SandboxSettings:
-        return SandboxSettings(image=built_image, **overrides)
+        return SandboxSettings(image=built_image, **{"init": INIT, **overrides})
 
     return make
 
@@ -112,11 +112,13 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(HOST_KEYS)},
             # SANDTRAP_TEST_SESSION_TRANSPORT=init runs a suite with logins started by the box's listener.
             # SANDTRAP_TEST_NETWORK=internal: every box of the suite on the internal network (eth0, no way out).
+            # SANDTRAP_TEST_INIT=systemd with systemd as the boxes' PID 1.
             "sandbox": {
                 "image": built_image,
                 "pool_size": 1,
                 "session_transport": SESSION_TRANSPORT,
                 "network": NETWORK,
+                "init": INIT,
             },
             "storage": {"data_dir": str(tmp_path / "data")},
             "api": {"listen": "127.0.0.1:0"},
@@ -150,12 +152,13 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
         docker_log.removeHandler(fallbacks)
         await stack.aclose()
         await remove_sensor_containers(sensor)
-    if SESSION_TRANSPORT == "init" and fallbacks.lines and not any(hp.expect_fallback for hp in started):
-        pytest.fail(f"logins fell back to docker exec with session_transport: init: {fallbacks.lines[:3]}")
+    if fallbacks.lines and not any(hp.expect_fallback for hp in started):
+        pytest.fail(f"logins fell back to docker exec, or boxes to sandtrap's init: {fallbacks.lines[:3]}")
 
 
 class _FallbackLog(logging.Handler):
-    """Collects the backend's "login ... by docker exec" warnings (session_transport: init fell back)."""
+    """Collects the backend's "login ... by docker exec" warnings (session_transport: init fell back) and its
+    "keeps sandtrap's init" ones (init: systemd fell back)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -163,12 +166,13 @@ class _FallbackLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
-        if "by docker exec" in text:
+        if "by docker exec" in text or "keeps sandtrap's init" in text:
             self.lines.append(text)
 
 
 SESSION_TRANSPORT = os.environ.get("SANDTRAP_TEST_SESSION_TRANSPORT", SandboxSettings().session_transport)
 NETWORK = os.environ.get("SANDTRAP_TEST_NETWORK", SandboxSettings().network)
+INIT = os.environ.get("SANDTRAP_TEST_INIT", SandboxSettings().init)
 
 
 # Host keys are generated once per test run (RSA 3072 takes a moment) and shared by every honeypot.

@@ -208,6 +208,14 @@ class SandboxSettings(_Section):
         "address (inside the box for a loopback client; else, with network internal, by a transparent socket on "
         'the host and three host rules that deliver the replies, README "Network")',
     )
+    init: Literal["sandtrap", "systemd"] = Field(
+        "sandtrap",
+        description="the box's PID 1: sandtrap = our small init starts rsyslog, cron, nginx and the listener; systemd "
+        "= it does the same boot work, then the host gives the box its own name=systemd cgroups and it becomes "
+        "/lib/systemd/systemd, which starts them as units (the listener as ssh.service) and answers systemctl "
+        "(adds CAP_SETPCAP, which units need to shrink their bounding set; needs cgroup v1, a private cgroup "
+        "namespace, mask_cgroupns and the honeypot as root on the engine's host, else boxes keep sandtrap's init)",
+    )
     pin_cpus: bool = Field(
         True,
         description="pin each box to ceil(cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota gives",
@@ -340,8 +348,14 @@ class ImageSettings(_Section):
             "lsb-release",
             "man-db",
             "bash-completion",
+            # PID 1 of `sandbox.init: systemd` (with `init: sandtrap` they stay installed but idle, as on a box
+            # whose init is ours: pam_systemd does nothing without logind).
+            "systemd",
+            "systemd-sysv",
+            "dbus",
+            "libpam-systemd",
             # Debian's "important" and "standard" priorities, as a server installed from the netinst has them
-            # (not init/systemd/udev: PID 1 is our init), and the web role the lived-in story tells of.
+            # (not udev: no devices to manage), and the web role the lived-in story tells of.
             "apt-utils",
             "cpio",
             "debconf-i18n",

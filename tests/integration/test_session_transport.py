@@ -186,7 +186,8 @@ sleep 3;
             f"cat /proc/1/comm; pgrep -xf 'sshd: /usr/sbin/sshd -D .listener. 0 of 10-100 startups' | head -1; ps -o args= -p {listener}"
         )
         lines = r.stdout.splitlines()
-        assert lines[0] == "init" and lines[1] == listener, r.stdout
+        pid1 = "systemd" if hp.settings.sandbox.init == "systemd" else "init"  # SANDTRAP_TEST_INIT
+        assert lines[0] == pid1 and lines[1] == listener, r.stdout
 
 
 async def test_unreachable_listener_falls_back_to_exec(honeypot: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -222,17 +222,23 @@ def table(rows: list[tuple[Check, Outcome, Outcome]]) -> str:
 
 
 # init (the default): logins started by the box's listener (no-orphan-roots and sshd-ancestry pass); exec: each
-# login a `docker exec` (what a honeypot that is not root on the engine's host falls back to).
-@pytest.mark.parametrize("transport", ["exec", "init"])
+# login a `docker exec` (what a honeypot that is not root on the engine's host falls back to); systemd: the
+# listener's logins with systemd as the boxes' PID 1 (sandbox.init: systemd; systemd-answers passes).
+@pytest.mark.parametrize(
+    ("transport", "init"),
+    [("exec", "sandtrap"), ("init", "sandtrap"), ("init", "systemd")],
+    ids=["exec", "init", "systemd"],
+)
 async def test_detection_battery(
     transport: str,
+    init: str,
     honeypot: Callable[..., Any],
     backend_factory: Callable[[SandboxSettings], DockerBackend],
     sandbox_settings: Callable[..., SandboxSettings],
     output_dir: Path,
 ) -> None:
     # Every realism option on, `network: internal` included (off by default: README "Network").
-    hp = await honeypot(sandbox={"network": "internal", "session_transport": transport})
+    hp = await honeypot(sandbox={"network": "internal", "session_transport": transport, "init": init})
     conn_a = await connect(hp.port)
     conn_b = await connect(hp.port, wrong_first=True)
     try:
@@ -241,7 +247,7 @@ async def test_detection_battery(
         conn_a.close()
         conn_b.close()
 
-    plain_backend = backend_factory(sandbox_settings(cgroupns="host", lxcfs_dir="", loadavg_dir=""))
+    plain_backend = backend_factory(sandbox_settings(cgroupns="host", lxcfs_dir="", loadavg_dir="", init="sandtrap"))
     p1, p2 = await asyncio.gather(started(plain_backend), started(plain_backend))
     t1, t2 = DockerTarget(p1), DockerTarget(p2)
     try:
@@ -251,11 +257,14 @@ async def test_detection_battery(
         await t2.close()
 
     rows: list[tuple[Check, Outcome, Outcome]] = []
-    for check in checks_for(transport):
+    for check in checks_for(transport, init):
         plain_result = None if check.needs_ssh else plain[key(check)]
         rows.append((check, outcome(check, ours[key(check)]), outcome(check, plain_result)))
     print("\n" + table(rows))
-    suffix = "" if transport == SandboxSettings().session_transport else f"-{transport}"  # README's: the default
+    default = SandboxSettings()
+    suffix = (  # README's: the default
+        f"-{init}" if init != default.init else "" if transport == default.session_transport else f"-{transport}"
+    )
     (output_dir / f"realism-battery{suffix}.md").write_text(markdown(rows), encoding="utf-8")
     raw = {key(c): {"sandtrap": vars_of(ours[key(c)]), "plain": vars_of(plain[key(c)])} for c in CHECKS}
     (output_dir / f"realism-battery{suffix}-raw.json").write_text(json.dumps(raw, indent=1), encoding="utf-8")

@@ -191,7 +191,7 @@ class ParentCgroups:
                         if (parent / knob).exists():
                             self._write(target / knob, (parent / knob).read_text().strip())
             for _ in range(2):  # a second pass catches what forked while the first one moved
-                for p in self._below(self._members(box), set(heads)):
+                for p in self._below(self._members_below(box), set(heads)):
                     try:
                         self._write(target / "cgroup.procs", str(p))
                         moved.add(p)
@@ -206,6 +206,17 @@ class ParentCgroups:
             return [int(x) for x in (cgroup / "cgroup.procs").read_text().split()]
         except (OSError, ValueError):
             return []
+
+    @classmethod
+    def _members_below(cls, cgroup: Path, max_cgroups: int = 1024) -> list[int]:
+        """The processes of ``cgroup`` and of the cgroups below it (at most ``max_cgroups`` read): with systemd as
+        the box's PID 1 (``sandbox.init``), a login's processes start in its ``system.slice/ssh.service``."""
+        out: list[int] = []
+        for n, (path, _, _) in enumerate(os.walk(cgroup)):
+            if n >= max_cgroups:
+                break
+            out += cls._members(Path(path))
+        return out
 
     @staticmethod
     def _environ(pid: int) -> bytes:

@@ -30,9 +30,9 @@ import aiodocker
 from aiodocker.execs import Exec
 from aiodocker.stream import Stream
 
-from sandtrap.config import SandboxSettings
+from sandtrap.config import SandboxSettings, parse_size
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import broker, engine, hostfs, network, relay
+from sandtrap.sandbox import broker, engine, hostfs, network, relay, systemd_cgroups
 from sandtrap.sandbox.base import (
     ChangedFile,
     Chunk,
@@ -161,13 +161,17 @@ def create_config(
     cgroup_parent: str = "",
     cpuset: str = "",
     mask_systemd_cgroup: bool = False,
+    systemd: bool = False,
 ) -> dict[str, Any]:
     """The container's create body: every hardening item in one place (see README, Hardening).
 
     ``seccomp`` is the profile's JSON text (``seccomp.resolve``), None for the engine's own default. With a
     ``cgroup_parent`` (see :mod:`sandtrap.sandbox.cgroups`) the memory, CPU and pids limits are already on
     that parent and the container gets none of its own; ``cpuset`` pins it to those CPUs.
-    ``mask_systemd_cgroup``: a small tmpfs over /sys/fs/cgroup/systemd, given the root's files by init."""
+    ``mask_systemd_cgroup``: a small tmpfs over /sys/fs/cgroup/systemd, given the root's files by init.
+    ``systemd``: init becomes systemd once the host has handed the box its cgroups (``sandbox.init``,
+    :mod:`sandtrap.sandbox.systemd_cgroups`): CAP_SETPCAP (units shrink their own bounding set), /run/lock as
+    Debian mounts it, and systemd's stop signal."""
     security = []
     if s.no_new_privileges:
         security.append("no-new-privileges:true")
@@ -181,7 +185,7 @@ def create_config(
         "NanoCpus": int(s.cpus * 1e9),
         "PidsLimit": s.pids_limit,
         "CapDrop": ["ALL"],
-        "CapAdd": list(s.cap_add),
+        "CapAdd": [*s.cap_add, *(["SETPCAP"] if systemd and "SETPCAP" not in s.cap_add else [])],
         "SecurityOpt": security,
         "Privileged": False,
         "ReadonlyRootfs": s.read_only_root,
@@ -210,6 +214,10 @@ def create_config(
         host["CpusetCpus"] = cpuset
     if mask_systemd_cgroup:
         host["Tmpfs"][SYSTEMD_CGROUP] = "rw,nosuid,nodev,noexec,size=16k,nr_inodes=64,mode=755"
+    if systemd:
+        host["Tmpfs"]["/run/lock"] = "rw,nosuid,nodev,noexec,size=5m"
+        if "/run" in host["Tmpfs"]:
+            host["Tmpfs"]["/run"] = run_for_systemd(host["Tmpfs"]["/run"], s.memory)
     if s.read_only_root:
         # The places people write, each a size-limited tmpfs (as a local volume, so the engine's archive API
         # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
@@ -230,10 +238,31 @@ def create_config(
         "AttachStdin": False,
         "AttachStdout": False,
         "AttachStderr": False,
-        "StopSignal": "SIGTERM",
+        "StopSignal": "SIGRTMIN+3" if systemd else "SIGTERM",  # what systemd takes as "halt" (its container interface)
         "NetworkDisabled": not internal,
         "HostConfig": host,
+        **({"Cmd": ["/sbin/init", "--systemd"]} if systemd else {}),
     }
+
+
+# systemd refuses `daemon-reload` unless 16 MiB of /run stay free (its safety buffer); Debian mounts /run with
+# 20% of the RAM. A tmpfs's size only caps it: pages are charged to the box's memory as they are written.
+RUN_MIN_FOR_SYSTEMD = 48 * 1024 * 1024
+
+
+def run_for_systemd(options: str, memory: int) -> str:
+    """The /run tmpfs options with a size systemd can reload in: 20% of ``memory``, at least 48 MiB (a larger
+    size given in ``options`` is kept)."""
+    want = max(RUN_MIN_FOR_SYSTEMD, memory // 5)
+    parts = [o for o in options.split(",") if o]
+    sizes = [o for o in parts if o.startswith("size=")]
+    try:
+        have = parse_size(sizes[-1].removeprefix("size=")) if sizes else 0
+    except ValueError:
+        have = 0
+    if have >= want:
+        return options
+    return ",".join([*(o for o in parts if not o.startswith("size=")), f"size={want // 1024}k"])
 
 
 class DockerProcess:
@@ -759,6 +788,7 @@ class DockerBackend:
         self._creating: set[str] = set()  # parents made but not yet holding their box: never swept
         self._cpu_list: list[int] = []  # the CPUs boxes may be pinned to
         self._mask_systemd_cgroup = False
+        self._systemd = False  # sandbox.init: systemd, where this host allows it (decided with the placement)
         self._init_refused = init_transport_refused(settings)
         self._transparent_refused = "sandbox.network is none"  # until the host's rules are in place
         if settings.session_transport == "init" and self._init_refused:
@@ -828,6 +858,11 @@ class DockerBackend:
                 and v1
                 and await asyncio.to_thread(Path(SYSTEMD_CGROUP).is_dir)
             )
+            if s.init == "systemd":
+                reason = systemd_cgroups.unavailable(local, v1, s.cgroupns, self._mask_systemd_cgroup)
+                if reason:
+                    log.warning("boxes keep sandtrap's init, not systemd (%s)", reason)
+                self._systemd = not reason
             if s.limits_in_parent:
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
                 reason = parents.available() if local else f"the engine at {s.docker_host} is not on this host"
@@ -883,7 +918,9 @@ class DockerBackend:
                     parent = await asyncio.to_thread(self._parents.create, cgroup, limits)
                 except CgroupError as exc:
                     raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
-            config = create_config(settings, labels, self._seccomp, parent, cpuset, self._mask_systemd_cgroup)
+            config = create_config(
+                settings, labels, self._seccomp, parent, cpuset, self._mask_systemd_cgroup, self._systemd
+            )
             try:
                 container = await engine.call(
                     "create container", self._client.containers.create(config, name=name), settings.start_timeout_s
@@ -910,12 +947,31 @@ class DockerBackend:
                     return await self._create(labels, name, nofile_hard)
                 if seeded:
                     await self._seed(sandbox)
+                if self._systemd:
+                    await self._start_systemd(sandbox, parent)
             except BaseException:
                 await asyncio.shield(sandbox.remove())
                 raise
             return sandbox
         finally:
             self._creating.discard(cgroup)
+
+    async def _start_systemd(self, sandbox: DockerSandbox, parent: str) -> None:
+        """Hand the box its cgroups (its init then execs systemd) and wait until systemd has started the listener
+        (ssh.service), 10 s at most. When the hand-over fails, its init goes on as sandtrap's."""
+        view = await sandbox._host_view()
+        if view is None:
+            log.warning("box %s keeps sandtrap's init: its pid 1 is not visible on this host", sandbox.name)
+            return
+        try:
+            await systemd_cgroups.hand_over(view.pid, view.mnt_ns, sandbox.id, parent)
+        except systemd_cgroups.HandOverError as exc:
+            log.warning("box %s keeps sandtrap's init: %s", sandbox.name, exc)
+            with contextlib.suppress(OSError):
+                os.kill(view.pid, systemd_cgroups.GIVE_UP_SIGNAL)
+            return
+        if not await asyncio.to_thread(systemd_cgroups.wait_for_listener, view.pid, view.verify):
+            log.warning("box %s: systemd did not start ssh.service within %.0f s", sandbox.name, systemd_cgroups.BOOT_S)
 
     def _no_parents(self, reason: str) -> None:
         log.warning("sandbox limits stay on each container from now on (%s)", reason)

@@ -8,6 +8,10 @@
  * refused by the engine's seccomp profile, sandbox/seccomp.py: nothing here
  * sets no_new_privs.)
  *
+ * With --systemd (sandbox.init: systemd) it does the same boot work, then waits for the host to hand the
+ * box its cgroups and becomes /lib/systemd/systemd, which starts the daemons as units (the listener as
+ * ssh.service: `/sbin/init` re-executed with the listener's title, see listener.c).
+ *
  * Signals are blocked and collected with sigwait(), so there is no handler and
  * no race between "check for a stop request" and "wait for a child".
  */
@@ -231,6 +235,22 @@ static void wait_for_files(void)
 	sigtimedwait(&usr1, NULL, &limit);
 }
 
+/* sandbox.init: systemd (argv[1] is "--systemd"; both signals blocked since the start): the host moves the
+ * box's own name=systemd cgroups into the tmpfs over /sys/fs/cgroup/systemd (sandbox/systemd_cgroups.py) and
+ * sends SIGUSR2; SIGUSR1 means it could not. Returns whether systemd can run: 10 s at most, then this init
+ * goes on as it would without the option. */
+static int wait_for_cgroups(void)
+{
+	sigset_t both;
+	sigemptyset(&both);
+	sigaddset(&both, SIGUSR1);
+	sigaddset(&both, SIGUSR2);
+	const struct timespec limit = {10, 0};
+	int sig = sigtimedwait(&both, NULL, &limit);
+	sigprocmask(SIG_UNBLOCK, &both, NULL);
+	return sig == SIGUSR2;
+}
+
 /* The engine starts PID 1 with its own environment (HOSTNAME=..., the image's LANG, HOME=/root), which
  * /proc/1/environ shows to anyone. Start again at once with what a Debian kernel hands systemd. */
 static void boot_environment(char **argv)
@@ -276,10 +296,33 @@ static void age_pids(void)
 	}
 }
 
+/* The host's /proc/loadavg file system (and lxcfs, its fall-back, which says "0/1" before) starts a box's load
+ * averages when a process of it first reads the file: read it at boot, so the attacker's first `uptime` shows a
+ * box that has been counted since then. */
+static void read_loadavg(void)
+{
+	int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		char sink[128];
+		(void)!read(fd, sink, sizeof(sink));
+		close(fd);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (getpid() != 1 && argv[0] && strncmp(argv[0], "sshd: ", 6) == 0)
 		return listener_main(argc, argv); /* re-executed by start_listener() below */
+	int systemd = argc > 1 && strcmp(argv[1], "--systemd") == 0;
+	if (systemd) {
+		/* The host's go-ahead may come at any time from now on (even during the re-exec below): a blocked
+		 * signal waits, while one this PID 1 has no handler for would be dropped. */
+		sigset_t go;
+		sigemptyset(&go);
+		sigaddset(&go, SIGUSR1);
+		sigaddset(&go, SIGUSR2);
+		sigprocmask(SIG_BLOCK, &go, NULL);
+	}
 	boot_environment(argv);
 
 	static char *const cron[] = {"/usr/sbin/cron", "-f", NULL};
@@ -301,6 +344,18 @@ int main(int argc, char **argv)
 	cgroup_root_files();
 	machine_id();
 	age_pids();
+	if (systemd) {
+		read_loadavg();
+		if (wait_for_cgroups()) {
+			/* As the kernel starts it: argv[0] /sbin/init (comm becomes "systemd"), the environment above. */
+			char *const sd[] = {"/sbin/init", NULL};
+			sigset_t none;
+			sigemptyset(&none);
+			sigprocmask(SIG_SETMASK, &none, NULL);
+			execve("/lib/systemd/systemd", sd, environ);
+		}
+		memset(argv[1], 0, strlen(argv[1])); /* going on as ourselves: /proc/1/cmdline is /sbin/init alone */
+	}
 	start(rsyslog);
 	start(cron);
 	/* The listener: port 22 (each connection to `sshd -i`) and the host's session requests (listener.c).
@@ -310,14 +365,7 @@ int main(int argc, char **argv)
 		start(sshd); /* something listens on port 22, as on any server reached by SSH */
 	time_t listener_started = time(NULL);
 	start(nginx); /* the web role the box's story tells (logs, the inventory site) */
-	/* The host's /proc/loadavg file system (and lxcfs, its fall-back) starts a box's load averages when a
-	 * process of it first reads the file: read it now, so the first `uptime` shows a load counted since boot. */
-	int lfd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-	if (lfd >= 0) {
-		char sink[128];
-		(void)!read(lfd, sink, sizeof(sink));
-		close(lfd);
-	}
+	read_loadavg();
 
 	for (;;) {
 		/* A listener that died is started again, at most once a second (a timed wait, never a block). */

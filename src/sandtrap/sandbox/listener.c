@@ -400,6 +400,28 @@ static int listen_broker(void)
 	return fd;
 }
 
+/* Started by systemd as ssh.service (Debian's Type=notify unit, sandbox.init: systemd): tell it the sockets are
+ * bound, as sshd does, and keep $NOTIFY_SOCKET out of what the listener starts. */
+static void notify_ready(void)
+{
+	const char *path = getenv("NOTIFY_SOCKET");
+	struct sockaddr_un addr = {.sun_family = AF_UNIX};
+	size_t n = path ? strlen(path) : 0;
+	if (n >= 2 && n < sizeof(addr.sun_path) && (path[0] == '/' || path[0] == '@')) {
+		memcpy(addr.sun_path, path, n);
+		if (path[0] == '@')
+			addr.sun_path[0] = '\0'; /* an abstract socket */
+		int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0) {
+			static const char ready[] = "READY=1";
+			(void)!sendto(fd, ready, sizeof(ready) - 1, MSG_NOSIGNAL, (struct sockaddr *)&addr,
+				      (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n));
+			close(fd);
+		}
+	}
+	unsetenv("NOTIFY_SOCKET");
+}
+
 static int listener_main(int argc, char **argv)
 {
 	title_start = argv[0];
@@ -416,6 +438,7 @@ static int listener_main(int argc, char **argv)
 	int fds[3] = {listen_broker(), listen_tcp(AF_INET), listen_tcp(AF_INET6)};
 	if (fds[0] < 0 && fds[1] < 0)
 		return 1; /* nothing to serve: init starts it again later */
+	notify_ready();
 	int children = 0;
 	for (int i = 0; i < MAX_CHILDREN; i++)
 		expected[i].ctrl = -1;

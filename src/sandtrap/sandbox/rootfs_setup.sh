@@ -26,6 +26,21 @@ rm -f /etc/machine-id /var/lib/dbus/machine-id
 mkdir -p /usr/lib/openssh
 cp "$STAGE/session" /usr/lib/openssh/sshd-session
 chmod 0755 /usr/lib/openssh/sshd-session
+# sandbox.init: systemd starts the box's listener (listener.c: port 22 for `sshd -i`, the logins the host starts) as
+# Debian's own ssh.service: /sbin/init re-executed under the title sshd's listener has (it tells systemd it
+# is ready, Type=notify, as sshd does). Two lines differ from the package's unit: ExecStart, and Restart=always
+# for on-failure (logins need the listener back after a `pkill sshd`, as the small init
+# restarts it; `systemctl stop ssh` still stops it).
+unit=/lib/systemd/system/ssh.service
+if [ -f "$unit" ] && grep -q '^ExecStart=/usr/sbin/sshd -D $SSHD_OPTS$' "$unit"; then
+    say "ssh.service runs the listener"
+    sed -i -e 's|^ExecStart=/usr/sbin/sshd -D $SSHD_OPTS$|ExecStart=@/sbin/init "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"|' \
+        -e 's|^Restart=on-failure$|Restart=always|' "$unit"
+fi
+# /var/log/wtmp tells the box's story (below), whose current boot is older than the box: systemd's boot and
+# runlevel records would add a second boot "still running" today. Not pulled in by any target (the units
+# stay, static, as on a machine whose admin unlinked them), rather than masked.
+find /lib/systemd/system -path '*.target.wants/systemd-update-utmp*.service' -type l -delete
 
 # --- users -------------------------------------------------------------------------------------
 say "creating users"

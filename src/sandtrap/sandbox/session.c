@@ -308,18 +308,31 @@ static void wait_for_scope(void)
 
 /* The open-files limits a session starts with are the box's (PID 1 has them from the engine's spec, as a
  * login gets systemd's DefaultLimitNOFILE): an engine exec sometimes arrives with its soft limit raised to
- * the hard one (the Go runtime of the engine's helpers raises its own), which `ulimit -n` would show. */
+ * the hard one (the Go runtime of the engine's helpers raises its own), which `ulimit -n` would show.
+ * systemd as PID 1 (sandbox.init: systemd) raises its own soft limit to the hard one but starts ssh.service
+ * with DefaultLimitNOFILE's soft 1024: that is the session's. */
 static void box_nofile_limit(void)
 {
-	FILE *f = fopen("/proc/1/limits", "r");
-	if (!f)
-		return;
-	char line[256];
 	unsigned long long soft = 0, hard = 0;
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "Max open files %llu %llu", &soft, &hard) == 2)
-			break;
-	fclose(f);
+	char comm[16] = "";
+	FILE *f = fopen("/proc/1/comm", "r");
+	if (f) {
+		if (!fgets(comm, sizeof(comm), f))
+			comm[0] = '\0';
+		fclose(f);
+	}
+	if (strcmp(comm, "systemd\n") == 0) {
+		soft = 1024;
+	} else {
+		f = fopen("/proc/1/limits", "r");
+		if (!f)
+			return;
+		char line[256];
+		while (fgets(line, sizeof(line), f))
+			if (sscanf(line, "Max open files %llu %llu", &soft, &hard) == 2)
+				break;
+		fclose(f);
+	}
 	struct rlimit now;
 	if (soft == 0 || getrlimit(RLIMIT_NOFILE, &now) != 0 || now.rlim_cur == soft || soft > now.rlim_max)
 		return;
