@@ -31,8 +31,9 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# 1. System packages the honeypot needs to build its image and run.
-PKGS=(debootstrap gcc libc6-dev ca-certificates)
+# 1. System packages the honeypot needs to build its image and run (libfuse3-3: `sandtrap loadavgfs`'s
+#    libfuse, through the mfusepy package; lxcfs depends on it too).
+PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
 if [ "$MODE" = test ]; then
   PKGS+=(openssh-client sshpass tmux openssh-server)
 fi
@@ -104,8 +105,8 @@ fi
 SANDTRAP_ARGS=()
 [ -n "${SANDTRAP_CONFIG:-}" ] && SANDTRAP_ARGS+=(--config "$SANDTRAP_CONFIG")
 
-# 3b. sandtrap's own /proc/loadavg for the boxes (`sandtrap loadavgfs`, a FUSE file system in the package:
-#     nothing to install beyond /dev/fuse): each box's tasks, load and newest pid, bound over lxcfs's.
+# 3b. sandtrap's own /proc/loadavg for the boxes (`sandtrap loadavgfs`, a FUSE file system in the package on
+#     libfuse3-3, step 1): each box's tasks, load and newest pid, bound over lxcfs's.
 #     Started as lxcfs is; a dead mount of it is detached by the daemon itself.
 if [ -e /dev/fuse ] && [ "$(id -u)" = 0 ]; then
   LOADAVG_DIR="$("$VENV/bin/python" -c 'import sys

@@ -236,14 +236,14 @@ def loadavgfs_command(
     ] = None,
 ) -> None:
     """Serve each box's own /proc/loadavg (a FUSE file system; root on the engine's host) until stopped."""
-    from sandtrap.sandbox.loadavgfs import serve
-
     s = settings()
     setup_logging(s.log_level)
     target = mountpoint or s.sandbox.loadavg_dir
     if not target:
         raise _fail(ValueError("sandbox.loadavg_dir is '' (off): give a mount point or set sandbox.loadavg_dir"))
     try:
+        from sandtrap.sandbox.loadavgfs import serve  # loads libfuse: an OSError naming the fix without it
+
         serve(target)
     except OSError as exc:
         raise _fail(exc) from None

@@ -118,8 +118,21 @@ async def probe(sandbox: DockerSandbox) -> Probe:
     return Probe(m, int(lines[5]), int(lines[6]), int(lines[7]))
 
 
+def mount_options(mountpoint: Path) -> tuple[set[str], str, set[str]]:
+    """The mount's own options, its file system type and its super block's options (/proc/self/mountinfo)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        pre, _, post = line.partition(" - ")
+        if pre.split()[4] == str(mountpoint):
+            fstype, _source, options = post.split()[:3]
+            return set(pre.split()[5].split(",")), fstype, set(options.split(","))
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
 async def test_a_fresh_box_reads_its_own_tasks_and_pids(served: tuple[Path, DockerBackend]) -> None:
     mountpoint, backend = served
+    own, fstype, sb = mount_options(mountpoint)
+    assert fstype == FSTYPE and {"ro", "nosuid", "nodev", "noexec"} <= own, (own, fstype)
+    assert {"ro", "allow_other", "default_permissions", "user_id=0"} <= sb, sb
     sandbox = await box(backend)
     binds = await host_binds(sandbox)
     assert f"{mountpoint}/proc/loadavg:/proc/loadavg:ro" in binds

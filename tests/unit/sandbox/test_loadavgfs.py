@@ -1,133 +1,192 @@
-"""The FUSE protocol of the loadavg file system: requests as the kernel sends them, replies checked by field."""
+"""The loadavg file system's operations, called as libfuse (through mfusepy) calls them."""
 
 import errno
 import os
+import signal
 import stat
-import struct
+import threading
 from pathlib import Path
 
+import mfusepy
 import pytest
 
 from sandtrap.sandbox import loadavgfs
-from sandtrap.sandbox.loadavgfs import (
-    ATTR,
-    ATTR_OUT,
-    DIRENT,
-    ENTRY_OUT,
-    IN_HEADER,
-    OPEN_OUT,
-    OUT_HEADER,
-    LoadavgFs,
-)
+from sandtrap.sandbox.loadavgfs import LoadavgFs
+
+FILE = "/proc/loadavg"
 
 
-def request(opcode: int, nodeid: int = 1, body: bytes = b"", pid: int = 4321, unique: int = 7) -> bytes:
-    return IN_HEADER.pack(IN_HEADER.size + len(body), opcode, unique, nodeid, 0, 0, pid, 0, 0) + body
+class Caller:
+    """The reading process's host pid, as fuse_get_context gives it."""
 
+    pid = 4321
 
-def reply(fs: LoadavgFs, msg: bytes) -> tuple[int, bytes]:
-    out = fs.handle(msg)
-    assert out is not None
-    length, error, unique = OUT_HEADER.unpack_from(out)
-    assert length == len(out) and unique == struct.unpack_from("<Q", msg, 8)[0]
-    return -error, out[OUT_HEADER.size :]
-
-
-def read_in(fh: int, offset: int = 0, size: int = 4096) -> bytes:
-    return struct.pack("<QQIIQII", fh, offset, size, 0, 0, 0, 0)
+    def __call__(self) -> int:
+        return self.pid
 
 
 @pytest.fixture
-def fs() -> LoadavgFs:
-    return LoadavgFs(lambda pid: f"0.00 0.00 0.00 1/2 {pid}\n".encode(), now=1_700_000_000)
+def caller() -> Caller:
+    return Caller()
 
 
-def test_init_answers_the_kernels_major_and_at_most_our_minor(fs: LoadavgFs) -> None:
-    error, body = reply(fs, request(loadavgfs.INIT, body=struct.pack("<IIII", 7, 44, 131072, 0xFFFFFFFF)))
-    assert error == 0 and len(body) == 64
-    major, minor, readahead, flags = struct.unpack_from("<IIII", body)
-    assert (major, minor, readahead, flags) == (7, 31, 131072, 0)  # no optional feature asked for
-    assert reply(fs, request(loadavgfs.INIT, body=struct.pack("<IIII", 8, 0, 0, 0)))[0] == errno.EPROTO
+@pytest.fixture
+def fs(caller: Caller) -> LoadavgFs:
+    return LoadavgFs(lambda pid: f"0.00 0.00 0.00 1/2 {pid}\n".encode(), caller=caller, now=1_700_000_000)
 
 
-def lookup(fs: LoadavgFs, parent: int, name: bytes) -> tuple[int, bytes]:
-    return reply(fs, request(loadavgfs.LOOKUP, parent, name + b"\0"))
+def file_info(flags: int = os.O_RDONLY) -> mfusepy.fuse_file_info:
+    """libfuse's struct, as mfusepy passes it with raw_fi."""
+    fi = mfusepy.fuse_file_info()
+    fi.flags = flags
+    return fi
 
 
-def test_lookup_walks_proc_then_loadavg_and_nothing_else(fs: LoadavgFs) -> None:
-    error, body = lookup(fs, 1, b"proc")
-    assert error == 0
-    nodeid = ENTRY_OUT.unpack_from(body)[0]
-    attr = ATTR.unpack_from(body, ENTRY_OUT.size)
-    assert stat.S_ISDIR(attr[9]) and stat.S_IMODE(attr[9]) == 0o555
-    error, body = lookup(fs, nodeid, b"loadavg")
-    assert error == 0
-    attr = ATTR.unpack_from(body, ENTRY_OUT.size)
-    assert stat.S_ISREG(attr[9]) and stat.S_IMODE(attr[9]) == 0o444 and attr[1] == 0  # size 0, as procfs says
-    for parent, name in ((1, b"loadavg"), (nodeid, b".."), (nodeid, b"meminfo"), (3, b"x"), (99, b"proc")):
-        assert lookup(fs, parent, name)[0] == errno.ENOENT
+def refused(call: object, *args: object) -> int:
+    assert callable(call)
+    with pytest.raises(OSError) as info:
+        call(*args)
+    return int(info.value.errno or 0)
 
 
-def test_each_read_is_rendered_for_the_reader(fs: LoadavgFs) -> None:
-    error, body = reply(fs, request(loadavgfs.OPEN, 3, struct.pack("<II", os.O_RDONLY, 0)))
-    fh, flags, _ = OPEN_OUT.unpack(body)
-    assert error == 0 and flags & loadavgfs.FOPEN_DIRECT_IO
-    assert reply(fs, request(loadavgfs.READ, 3, read_in(fh), pid=111)) == (0, b"0.00 0.00 0.00 1/2 111\n")
+def test_the_tree_is_proc_loadavg_read_only_for_everyone(fs: LoadavgFs) -> None:
+    for path in ("/", "/proc"):
+        attrs = fs.getattr(path)
+        assert stat.S_ISDIR(attrs["st_mode"]) and stat.S_IMODE(attrs["st_mode"]) == 0o555
+    attrs = fs.getattr(FILE)
+    assert stat.S_ISREG(attrs["st_mode"]) and stat.S_IMODE(attrs["st_mode"]) == 0o444
+    assert attrs.get("st_size", 0) == 0  # as procfs says; reads come to us all the same
+    assert attrs["st_mtime"] == 1_700_000_000 * 10**9
+    for path in ("/loadavg", "/proc/meminfo", "/proc/loadavg/x", "/x"):
+        assert refused(fs.getattr, path) == errno.ENOENT
+    assert list(fs.readdir("/", 0)) == [".", "..", "proc"]
+    assert list(fs.readdir("/proc", 0)) == [".", "..", "loadavg"]
+    assert refused(fs.readdir, FILE, 0) == errno.ENOTDIR
+    assert fs.statfs("/")["f_files"] == 3
+
+
+def test_each_read_is_rendered_for_its_reader_and_bypasses_the_page_cache(fs: LoadavgFs, caller: Caller) -> None:
+    fi = file_info()
+    assert fs.open(FILE, fi) == 0
+    assert fi.direct_io == 1 and fi.fh > 0  # every read reaches the daemon: the content is per reader
+    caller.pid = 111
+    assert fs.read(FILE, 4096, 0, fi) == b"0.00 0.00 0.00 1/2 111\n"
     # A later read of the same open file continues what its first read saw (a partial read never tears).
-    assert reply(fs, request(loadavgfs.READ, 3, read_in(fh, 5), pid=222)) == (0, b"0.00 0.00 1/2 111\n")
-    assert reply(fs, request(loadavgfs.READ, 3, read_in(fh, 0, 4), pid=222)) == (0, b"0.00")
-    reply(fs, request(loadavgfs.RELEASE, 3, struct.pack("<QII", fh, 0, 0)))
+    caller.pid = 222
+    assert fs.read(FILE, 4096, 5, fi) == b"0.00 0.00 1/2 111\n"
+    assert fs.read(FILE, 4, 0, fi) == b"0.00"
+    assert fs.read(FILE, 4096, 5, fi) == b"0.00 0.00 1/2 222\n"  # offset 0 rendered afresh for its reader
+    other = file_info()
+    fs.open(FILE, other)
+    assert other.fh != fi.fh
+    caller.pid = 333
+    assert fs.read(FILE, 4096, 0, other) == b"0.00 0.00 0.00 1/2 333\n"
+    fs.release(FILE, fi)
+    fs.release(FILE, other)
     assert fs.open_files == {}
 
 
-def test_open_files_kept_are_bounded(fs: LoadavgFs, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_files_kept_are_bounded(fs: LoadavgFs, monkeypatch: pytest.MonkeyPatch, caller: Caller) -> None:
     monkeypatch.setattr(loadavgfs, "MAX_OPEN", 3)
-    for _ in range(10):
-        reply(fs, request(loadavgfs.OPEN, 3, struct.pack("<II", os.O_RDONLY, 0)))
+    handles = [file_info() for _ in range(10)]
+    for fi in handles:
+        fs.open(FILE, fi)
     assert list(fs.open_files) == [8, 9, 10]
-    assert reply(fs, request(loadavgfs.READ, 3, read_in(1), pid=5)) == (0, b"0.00 0.00 0.00 1/2 5\n")
+    caller.pid = 5
+    assert fs.read(FILE, 4096, 0, handles[0]) == b"0.00 0.00 0.00 1/2 5\n"  # forgotten: rendered afresh
 
 
 @pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC])
 def test_opening_for_writing_is_refused(fs: LoadavgFs, flags: int) -> None:
-    assert reply(fs, request(loadavgfs.OPEN, 3, struct.pack("<II", flags, 0)))[0] == errno.EROFS
+    assert refused(fs.open, FILE, file_info(flags)) == errno.EROFS
+    assert fs.open_files == {}
 
 
-@pytest.mark.parametrize("opcode", [4, 8, 9, 10, 11, 12, 13, 16, 21, 35])  # setattr, mknod, ..., write, create
-def test_every_write_like_request_is_refused(fs: LoadavgFs, opcode: int) -> None:
-    assert reply(fs, request(opcode, 3, b"\0" * 64))[0] == errno.EROFS
+def test_only_the_file_opens(fs: LoadavgFs) -> None:
+    assert refused(fs.open, "/proc", file_info()) == errno.EISDIR
+    assert refused(fs.open, "/proc/x", file_info()) == errno.ENOENT
 
 
-def test_directories_list_their_entries_in_pieces(fs: LoadavgFs) -> None:
-    assert reply(fs, request(loadavgfs.OPEN, 2, struct.pack("<II", os.O_RDONLY, 0)))[0] == errno.EISDIR
-    assert reply(fs, request(loadavgfs.OPENDIR, 3, struct.pack("<II", os.O_RDONLY, 0)))[0] == errno.ENOTDIR
-    names, offset = [], 0
-    while True:
-        error, body = reply(fs, request(loadavgfs.READDIR, 2, read_in(0, offset, 32)))  # one entry fits
-        assert error == 0
-        if not body:
-            break
-        ino, offset, namelen, kind = DIRENT.unpack_from(body)
-        names.append((ino, body[DIRENT.size : DIRENT.size + namelen], kind))
-    assert names == [(2, b".", 4), (1, b"..", 4), (3, b"loadavg", 8)]
+WRITES = {
+    "chmod": ("/proc/loadavg", 0o777),
+    "chown": ("/proc/loadavg", 0, 0),
+    "create": ("/proc/x", 0o644, file_info()),
+    "link": ("/proc/x", "/proc/loadavg"),
+    "mkdir": ("/x", 0o755),
+    "mknod": ("/proc/x", 0o644, 0),
+    "rename": ("/proc/loadavg", "/proc/x"),
+    "rmdir": ("/proc",),
+    "symlink": ("/proc/x", "/etc/shadow"),
+    "truncate": ("/proc/loadavg", 0),
+    "unlink": ("/proc/loadavg",),
+    "utimens": ("/proc/loadavg", (0, 0)),
+    "write": ("/proc/loadavg", b"1", 0, file_info()),
+    "setxattr": ("/proc/loadavg", "user.x", b"1", 0),
+    "removexattr": ("/proc/loadavg", "user.x"),
+    "fallocate": ("/proc/loadavg", 0, 0, 4096, file_info()),
+}
 
 
-def test_getattr_statfs_and_unknown_requests(fs: LoadavgFs) -> None:
-    error, body = reply(fs, request(loadavgfs.GETATTR, 1, b"\0" * 16))
-    assert error == 0 and ATTR.unpack_from(body, ATTR_OUT.size)[0] == 1
-    assert reply(fs, request(loadavgfs.GETATTR, 42, b"\0" * 16))[0] == errno.ENOENT
-    assert reply(fs, request(loadavgfs.STATFS, 1))[0] == 0
-    assert reply(fs, request(loadavgfs.GETXATTR, 3, b"\0" * 8 + b"user.x\0"))[0] == errno.ENOSYS
-    assert reply(fs, request(9999, 3))[0] == errno.ENOSYS
-    assert fs.handle(request(loadavgfs.FORGET, 3, b"\0" * 8)) is None
-    assert fs.handle(request(loadavgfs.INTERRUPT, 3, b"\0" * 8)) is None
-    assert reply(fs, request(loadavgfs.DESTROY))[0] == 0 and fs.destroyed
+@pytest.mark.parametrize("name", sorted(WRITES))
+def test_every_write_like_operation_is_refused(fs: LoadavgFs, name: str) -> None:
+    method = getattr(fs, name)
+    assert not getattr(method, "libfuse_ignore", False)  # handed to libfuse, not left to its ENOSYS
+    assert refused(method, *WRITES[name]) == errno.EROFS
 
 
-@pytest.mark.parametrize("msg", [b"", b"\x01" * 10, request(loadavgfs.READ, 3, b"short"), request(loadavgfs.INIT)])
-def test_short_or_malformed_requests_never_raise(fs: LoadavgFs, msg: bytes) -> None:
-    out = fs.handle(msg)
-    assert out is None or OUT_HEADER.unpack_from(out)[1] == -errno.EINVAL
+def test_no_attribute_shadows_an_operation_libfuse_is_given(fs: LoadavgFs) -> None:
+    """mfusepy hands libfuse every attribute named as an operation: only ours may carry those names."""
+    ours = {"getattr", "readdir", "open", "read", "release", "statfs", "init", "destroy", *WRITES}
+    given = {
+        name
+        for name, *_ in mfusepy.fuse_operations._fields_
+        if getattr(fs, name, None) is not None and not getattr(getattr(fs, name), "libfuse_ignore", False)
+    }
+    assert given == ours
+
+
+def test_the_sampler_runs_between_init_and_destroy_without_the_stop_signals() -> None:
+    """libfuse's loop thread alone takes SIGTERM/SIGINT/SIGHUP (it unmounts); the sampler samples."""
+    sampled = threading.Event()
+    masks: list[set[signal.Signals]] = []
+
+    def sample() -> float:
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        sampled.set()
+        return 3600.0
+
+    fs = LoadavgFs(lambda pid: b"", sample, caller=lambda: 1)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    fs.init("/")
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the loop's thread keeps its mask
+    assert sampled.wait(10)
+    fs.destroy("/")
+    assert fs.sampler is not None and not fs.sampler.is_alive()
+    assert loadavgfs.STOP_SIGNALS <= masks[0]
+    assert fs.served
+
+
+def test_a_failing_sample_is_logged_and_the_sampler_goes_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loadavgfs, "RETRY_S", 0.0)
+    calls: list[int] = []
+    again = threading.Event()
+
+    def sample() -> float:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("bug")
+        again.set()
+        return 3600.0
+
+    fs = LoadavgFs(lambda pid: b"", sample, caller=lambda: 1)
+    fs.init("/")
+    try:
+        assert again.wait(10)
+    finally:
+        fs.destroy("/")
+    assert "sampling the load averages failed" in caplog.text
 
 
 def test_the_daemon_confines_itself_to_a_cpu_quota(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
