@@ -60,6 +60,11 @@ class FakeSandbox:
     async def enter_scope(self, session_id: int, unit: str) -> None:
         self.scopes.append(unit)
 
+    address = ""  # the box's eth0 address ('' = none, as with sandbox.network: none)
+
+    async def network_address(self) -> str:
+        return self.address
+
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         self.files[path] = data
 

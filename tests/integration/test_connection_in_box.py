@@ -31,7 +31,7 @@ from sshclient import asyncssh_connected as connect
 pytestmark = pytest.mark.timeout(180)
 
 INIT = {"session_transport": "init"}
-SCRIPT = 'echo "C=$SSH_CLIENT"; echo END; read x; echo bye'
+SCRIPT = 'echo "C=$SSH_CLIENT"; echo "S=$SSH_CONNECTION"; echo END; read x; echo bye'
 
 
 async def box_of(hp: Any) -> Any:
@@ -76,6 +76,8 @@ async def check_login(hp: Any, argv: list[str], client_ip: str, server_ip: str |
         if server_ip is None:
             server_ip = (await in_box(box, "ip -o -4 addr show dev eth0 | awk '{print $4}'")).strip().split("/")[0]
             assert server_ip, "the box has no eth0 address"
+        # SSH_CONNECTION names the server end `ss` shows (a server behind NAT shows its own address).
+        assert lines[1].removeprefix("S=").split()[:3] == [ip, port_text, server_ip], lines
         ss = await in_box(box, "ss -Htnp state established")
         mine = connection_lines(ss, ip, port)
         assert len(mine) == 1, ss

@@ -7,6 +7,7 @@ an argv element or on stdin, never spliced into a shell string.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,14 @@ def accepted_env(client_env: Mapping[str, str]) -> dict[str, str]:
         if _ACCEPT_ENV.fullmatch(k) and "\0" not in v and len(v) <= _MAX_ENV_VALUE:
             out[k] = v
     return out
+
+
+def is_loopback(ip: str) -> bool:
+    """Whether a client's address is on loopback (127.0.0.0/8, ::1); anything not an address is not."""
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 def login_env(

@@ -138,6 +138,9 @@ class Sandbox(Protocol):
         would (a cgroup ``unit`` such as ``user.slice/user-0.slice/session-3.scope``); a no-op where the
         backend cannot."""
 
+    async def network_address(self) -> str:
+        """The box's own address on its network interface (eth0), '' when it has none or it is unknown."""
+
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         """Write a file (its directory must exist), owned by root, dated ``mtime`` (default now)."""
 

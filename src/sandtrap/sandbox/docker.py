@@ -699,6 +699,11 @@ class DockerSandbox:
     def session_scopes(self) -> bool:
         return self.parents is not None and bool(self.cgroup)
 
+    async def network_address(self) -> str:
+        """The box's eth0 IPv4 address (sandbox.network: internal), from the engine's inspect (cached); ''."""
+        view = await self._host_view()
+        return view.address if view is not None else ""
+
     async def enter_scope(self, session_id: int, unit: str) -> None:
         """Move the processes of login ``session_id`` (``XDG_SESSION_ID``) into ``unit`` below the box's cgroup,
         where pam_systemd puts a login (``user.slice/user-<uid>.slice/session-<n>.scope``). Only with a parent

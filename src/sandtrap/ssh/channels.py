@@ -16,7 +16,7 @@ import asyncssh
 
 from sandtrap.bridge.commands import CommandReconstructor
 from sandtrap.bridge.live import LiveTap
-from sandtrap.bridge.login import Peer, exec_argv, login_env, sftp_argv, shell_argv
+from sandtrap.bridge.login import Peer, exec_argv, is_loopback, login_env, sftp_argv, shell_argv
 from sandtrap.bridge.proxy import HIGH_WATER, Relay, RelayObserver
 from sandtrap.bridge.recorder import CastRecorder
 from sandtrap.bridge.transfers import ScpWatcher, SftpWatcher, is_scp_sink
@@ -189,7 +189,12 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         try:
             lease = await h.lease()
             account = await h.ctx.manager.account(lease, h.username, h.password)
-            peer = Peer(h.src_ip, h.src_port, h.dst_ip, h.dst_port)
+            # The server address a login sees (SSH_CONNECTION, `ss` in the box) is one of the box's own, as a
+            # server behind NAT shows its private address: the box's eth0 for a client off loopback.
+            server_ip = h.dst_ip
+            if not is_loopback(h.src_ip):
+                server_ip = await lease.sandbox.network_address() or h.dst_ip
+            peer = Peer(h.src_ip, h.src_port, server_ip, h.dst_port)
             client_env = self._client_env(chan)
             # One login per connection, as sshd has: the first shell or exec channel's helper logs it (the
             # failed passwords, "Accepted", the PAM session); the connection's end logs its close once.
@@ -220,7 +225,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 self._transfers = True
                 self.observers.append(SftpWatcher(self._sftp_report(account.home)))
             # The connection's login shows its TCP connection in the box, as sshd's does (sandbox.connection_in_box).
-            client = ClientAddress(h.src_ip, h.src_port, h.dst_ip) if first else None
+            client = ClientAddress(h.src_ip, h.src_port, server_ip) if first else None
             self._process = await lease.sandbox.exec(
                 argv, tty=tty, user=user, workdir=workdir, login=True, client=client
             )
