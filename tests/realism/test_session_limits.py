@@ -18,8 +18,10 @@ async def test_every_channel_gets_the_box_open_files_limits(honeypot: Callable[.
     hp = await honeypot()
     async with asyncssh_connected(hp) as conn:
         box = await conn.run("grep 'Max open files' /proc/1/limits", check=True)
-        soft, hard = str(box.stdout).split()[3:5]
-        assert soft == str(hp.settings.sandbox.ulimit_nofile)
+        pid1_soft, hard = str(box.stdout).split()[3:5]
+        soft = str(hp.settings.sandbox.ulimit_nofile)
+        if hp.settings.sandbox.init != "systemd":  # systemd raises its own soft limit, as on a real server
+            assert pid1_soft == soft
         for _ in range(8):
             r = await conn.run("ulimit -Sn; ulimit -Hn", check=True)
             assert str(r.stdout).split() == [soft, hard]

@@ -865,9 +865,9 @@ class DockerBackend:
             )
             if s.init == "systemd":
                 reason = systemd_cgroups.unavailable(local, v1, s.cgroupns, self._mask_systemd_cgroup)
+                self._systemd = True
                 if reason:
-                    log.warning("boxes keep sandtrap's init, not systemd (%s)", reason)
-                self._systemd = not reason
+                    self._no_systemd(reason)
             if s.limits_in_parent:
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
                 reason = parents.available() if local else f"the engine at {s.docker_host} is not on this host"
@@ -880,6 +880,8 @@ class DockerBackend:
                     swept = await asyncio.to_thread(parents.sweep, set(self._creating))
                     if swept:
                         log.info("removed %d parent cgroups of boxes that are gone", swept)
+            if self._systemd and self._parents is None:
+                self._no_systemd("its cgroups are handed over from a per-box parent cgroup, and boxes have none")
             self._placed = True
 
     async def create(self, labels: Mapping[str, str], name: str) -> DockerSandbox:
@@ -937,6 +939,10 @@ class DockerBackend:
                     # e.g. the systemd cgroup driver, which takes only `*.slice` parents
                     self._no_parents(f"the engine refused the parent cgroup: {exc}")
                     return await self._create(labels, name, nofile_hard)
+                if self._systemd and isinstance(exc, SandboxError) and "403" in str(exc):
+                    # e.g. the engine proxy, which refuses what systemd needs (CAP_SETPCAP) as a parent cgroup
+                    self._no_systemd(f"the engine refused the container systemd needs: {exc}")
+                    return await self._create(labels, name, nofile_hard)
                 raise
             sandbox = DockerSandbox(self._client, container.id, name, tuple(settings.tmpfs))
             sandbox.cgroup, sandbox.parents = cgroup, self._parents
@@ -981,6 +987,12 @@ class DockerBackend:
     def _no_parents(self, reason: str) -> None:
         log.warning("sandbox limits stay on each container from now on (%s)", reason)
         self._parents = None
+        if self._systemd:
+            self._no_systemd("its cgroups are handed over from a per-box parent cgroup, and boxes have none now")
+
+    def _no_systemd(self, reason: str) -> None:
+        log.warning("boxes keep sandtrap's init, not systemd (%s)", reason)
+        self._systemd = False
 
     async def _check_placement(self, sandbox: DockerSandbox, parent: str) -> bool:
         """The box's processes are below its parent in every limiting hierarchy (else it would be unlimited)."""
