@@ -80,3 +80,13 @@ async def limit_files(container_id: str, controller: str, *names: str) -> dict[s
     cgroup when the limits sit there (``sandbox.limits_in_parent``), else the box's own cgroup."""
     where = await _limit_dir(container_id, controller)
     return {name: (await asyncio.to_thread((where / name).read_text)).strip() for name in names}
+
+
+async def box_of(hp: Any) -> Any:
+    """The (only) active box of a honeypot with one session."""
+    for _ in range(200):
+        active = list(hp.services.pool._active.values())
+        if active:
+            return active[0][0]
+        await asyncio.sleep(0.05)
+    raise AssertionError("no active box")

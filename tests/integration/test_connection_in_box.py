@@ -25,6 +25,7 @@ import pytest
 
 from sandtrap.sandbox import relay as relays
 
+from helpers import box_of
 from sshclient import PASSWORD, USER, client_options, ssh_argv, started
 from sshclient import asyncssh_connected as connect
 
@@ -32,15 +33,6 @@ pytestmark = pytest.mark.timeout(180)
 
 INIT = {"session_transport": "init"}
 SCRIPT = 'echo "C=$SSH_CLIENT"; echo "S=$SSH_CONNECTION"; echo END; read x; echo bye'
-
-
-async def box_of(hp: Any) -> Any:
-    for _ in range(200):
-        active = list(hp.services.pool._active.values())
-        if active:
-            return active[0][0]
-        await asyncio.sleep(0.05)
-    raise AssertionError("no active box")
 
 
 async def in_box(sandbox: Any, script: str) -> str:

@@ -16,6 +16,7 @@ import pytest
 
 from sandtrap.sandbox import broker
 
+from helpers import box_of
 from sshclient import asyncssh_connected as connect
 from sshclient import remote, run, scp_argv
 
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.timeout(180)
 
 INIT = {"sandbox": {"session_transport": "init"}}
 CHAIN = "p=$(ps -o ppid= -p $PPID); ps -o args= -p $p; ps -o args= -p $(ps -o ppid= -p $p)"
-
-
-async def box_of(hp: Any) -> Any:
-    """The (only) active box of a honeypot with one session."""
-    for _ in range(100):
-        active = list(hp.services.pool._active.values())
-        if active:
-            return active[0][0]
-        await asyncio.sleep(0.05)
-    raise AssertionError("no active box")
 
 
 async def in_box(sandbox: Any, script: str) -> tuple[int, bytes]:

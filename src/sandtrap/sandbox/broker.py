@@ -304,13 +304,7 @@ async def start(
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             await asyncio.get_running_loop().sock_sendall(sock, request)
-            data, fds = await _recv(sock, 3)  # at most 3 taken: more and MSG_CTRUNC refuses the reply
-            try:
-                reply = parse_reply(data)
-            except BrokerError:
-                for fd in fds:
-                    os.close(fd)
-                raise
+            reply, fds = await _recv_reply(sock)
             if isinstance(reply, Connect) and plan is not None:
                 for fd in fds:  # none are due with it
                     os.close(fd)
@@ -318,13 +312,7 @@ async def start(
                     held = await _relay(pid, is_same_box, plan)
                     if held is None:
                         await asyncio.get_running_loop().sock_sendall(sock, b"N")  # the worker waits no longer
-                data, fds = await _recv(sock, 3)
-                try:
-                    reply = parse_reply(data)
-                except BrokerError:
-                    for fd in fds:
-                        os.close(fd)
-                    raise
+                reply, fds = await _recv_reply(sock)
         if not isinstance(reply, Started):
             for fd in fds:
                 os.close(fd)
@@ -339,6 +327,17 @@ async def start(
         relays.close_quietly(held)
         raise
     return BrokerProcess(sock, fds, tty is not None, held)
+
+
+async def _recv_reply(sock: socket.socket) -> tuple[Reply, list[int]]:
+    """One reply of the listener and the fds that came with it (closed if the reply does not parse)."""
+    data, fds = await _recv(sock, 3)  # at most 3 taken: more and MSG_CTRUNC refuses the reply
+    try:
+        return parse_reply(data), fds
+    except BrokerError:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 async def _relay(pid: int, is_same_box: Callable[[], bool], plan: relays.RelayPlan) -> socket.socket | None:
