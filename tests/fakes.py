@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox.base import ChangedFile, ExitStatus, FileData, SandboxInfo, TermSize
+from sandtrap.sandbox.base import ChangedFile, ExitStatus, Features, FileData, SandboxInfo, TermSize
 
 _ids = itertools.count(1)
 
@@ -55,10 +55,10 @@ class FakeSandbox:
             raise SandboxError("not running")
         return FakeProcess(b"")
 
-    session_scopes = False
+    features = Features()
 
-    async def enter_scope(self, session_id: int, unit: str) -> None:
-        self.scopes.append(unit)
+    async def claim(self, session: str, src_ip: str) -> None:
+        self.name = f"fake-s-{session}"
 
     address = ""  # the box's eth0 address ('' = none, as with sandbox.network: none)
 
@@ -68,7 +68,7 @@ class FakeSandbox:
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         self.files[path] = data
 
-    async def host_root(self) -> None:
+    async def watch_reads(self, paths: object, report: object) -> None:
         return None
 
     async def get_file(self, path: str, max_bytes: int) -> FileData | None:
@@ -101,23 +101,15 @@ class FakeBackend:
         self.fail_creates = fail_creates
         self.created = 0
 
-    def labels(self, session: str = "", src_ip: str = "") -> dict[str, str]:
-        return {"sandtrap.session": session, "sandtrap.src_ip": src_ip}
-
-    def new_name(self, session: str = "") -> str:
-        return f"fake-s-{session}" if session else f"fake-w-{next(_ids)}"
-
-    async def create(self, labels: Mapping[str, str], name: str) -> FakeSandbox:
+    async def create(self, session: str = "", src_ip: str = "") -> FakeSandbox:
         if self.fail_creates:
             self.fail_creates -= 1
             raise SandboxError("engine said no")
         self.created += 1
-        box = FakeSandbox(self, name, labels)
+        name = f"fake-s-{session}" if session else f"fake-w-{next(_ids)}"
+        box = FakeSandbox(self, name, {"sandtrap.session": session, "sandtrap.src_ip": src_ip})
         self.boxes[box.id] = box
         return box
-
-    async def assign(self, sandbox: FakeSandbox, session: str, src_ip: str) -> None:  # type: ignore[override]
-        sandbox.name = f"fake-s-{session}"
 
     def sandbox(self, sandbox_id: str, name: str) -> FakeSandbox:
         return self.boxes[sandbox_id]

@@ -19,8 +19,8 @@ import pytest
 from sandtrap.app import Services, running
 from sandtrap.config import SandboxSettings, Settings, load_settings, merge
 from sandtrap.events import CaptureSink, Event
-from sandtrap.sandbox import seccomp
-from sandtrap.sandbox.docker import DockerBackend
+from sandtrap.sandbox.docker import seccomp
+from sandtrap.sandbox.docker.backend import DockerBackend
 
 from conftest_image import built_image  # noqa: F401  (session fixture: builds/reuses the image)
 from helpers import DATA_DIR, remove_sensor_containers, seccomp_profile

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from bench.client import Screen
 from sandtrap.config import Settings
-from sandtrap.sandbox import seccomp
-from sandtrap.sandbox.docker import DockerBackend, DockerSandbox
+from sandtrap.sandbox.docker import seccomp
+from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.docker.sandbox import DockerSandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -200,7 +200,7 @@ async def start(
     """Start sandtrap; ``wrap`` runs it under a profiler (``[python, -m, pyinstrument, ...]``); ``extra``
     is merged into its config (for experiments: ``{"sandbox": {"honeytokens": False}}``)."""
     from sandtrap.config import Settings
-    from sandtrap.sandbox import seccomp
+    from sandtrap.sandbox.docker import seccomp
 
     sensor = f"bench-{secrets.token_hex(4)}"
     data_dir = work / "sandtrap-data"

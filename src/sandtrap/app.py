@@ -23,9 +23,9 @@ from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
 from sandtrap.outputs.recording import RecordingHealth
-from sandtrap.sandbox import seccomp
 from sandtrap.sandbox.base import SandboxBackend
-from sandtrap.sandbox.docker import DockerBackend
+from sandtrap.sandbox.docker import seccomp
+from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.auth import AuthPolicy
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys

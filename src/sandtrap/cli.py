@@ -86,7 +86,7 @@ def image_build(
     force: Annotated[bool, typer.Option("--force", help="rebuild even if the inputs are unchanged")] = False,
 ) -> None:
     """Build the sandbox image (debootstrap + our layer); a no-op when its inputs are unchanged."""
-    from sandtrap.sandbox.image import build_image
+    from sandtrap.sandbox.docker.image import build_image
 
     s = settings()
     setup_logging(s.log_level)
@@ -112,7 +112,7 @@ def image_build(
 @image_app.command("check")
 def image_check() -> None:
     """Exit 0 if the sandbox image is present and current."""
-    from sandtrap.sandbox.image import check_image
+    from sandtrap.sandbox.docker.image import check_image
 
     s = settings()
     try:
@@ -128,7 +128,7 @@ def seccomp_build(
     source: Annotated[Path, typer.Option("--from", help="Docker's default.json (profiles/seccomp in its source)")],
 ) -> None:
     """Derive sandtrap's profile from Docker's default one into <data_dir>/seccomp/sandtrap.json."""
-    from sandtrap.sandbox import seccomp
+    from sandtrap.sandbox.docker import seccomp
 
     s = settings()
     try:
@@ -141,7 +141,7 @@ def seccomp_build(
 @seccomp_app.command("check")
 def seccomp_check() -> None:
     """Exit 0 if the configured profile can be used (sandtrap's: present and refusing io_uring)."""
-    from sandtrap.sandbox import seccomp
+    from sandtrap.sandbox.docker import seccomp
 
     s = settings()
     try:
@@ -242,7 +242,7 @@ def loadavgfs_command(
     if not target:
         raise _fail(ValueError("sandbox.loadavg_dir is '' (off): give a mount point or set sandbox.loadavg_dir"))
     try:
-        from sandtrap.sandbox.loadavgfs import serve  # loads libfuse: an OSError naming the fix without it
+        from sandtrap.sandbox.host.loadavgfs import serve  # loads libfuse: an OSError naming the fix without it
 
         serve(target)
     except OSError as exc:

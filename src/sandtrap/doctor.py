@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from sandtrap.config import Settings, split_listen
 from sandtrap.errors import SandtrapError
-from sandtrap.sandbox import engine, seccomp
-from sandtrap.sandbox.image import check_image
+from sandtrap.sandbox.docker import engine, seccomp
+from sandtrap.sandbox.docker.image import check_image
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from sandtrap.config import Settings
-from sandtrap.sandbox.image import build_image
+from sandtrap.sandbox.docker.image import build_image
 
 ROOT = Path(__file__).resolve().parents[2]
 

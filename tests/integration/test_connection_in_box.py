@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sandtrap.sandbox import relay as relays
+from sandtrap.sandbox.host import relay as relays
 
 from helpers import box_of
 from sshclient import PASSWORD, USER, client_options, ssh_argv, started

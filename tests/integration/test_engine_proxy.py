@@ -36,10 +36,10 @@ from sandtrap.events import (
     SESSION_FILE_CHANGED,
     SESSION_FILE_UPLOAD,
 )
-from sandtrap.sandbox import engine
-from sandtrap.sandbox.docker import LABEL_MANAGED, LABEL_SENSOR, create_config
-from sandtrap.sandbox.proxy import EngineProxy
-from sandtrap.sandbox.proxy_policy import MAX_HEAD, ROUTES, Policy
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker.proxy import EngineProxy
+from sandtrap.sandbox.docker.proxy_policy import MAX_HEAD, ROUTES, Policy
+from sandtrap.sandbox.docker.spec import LABEL_MANAGED, LABEL_SENSOR, create_config
 
 from helpers import remove_sensor_containers, seccomp_profile
 
@@ -360,10 +360,18 @@ async def test_forbidden_calls_are_refused(
 
 
 async def test_command_line_entry_point(sensor: str, built_image: str) -> None:
-    """``python -m sandtrap.sandbox.proxy``: serves, refuses, and on SIGTERM leaves and removes its socket."""
+    """``python -m sandtrap.sandbox.docker.proxy``: serves, refuses, and on SIGTERM leaves and removes its socket."""
     directory = Path(tempfile.mkdtemp(prefix="st-proxy-"))
     sock = directory / "engine.sock"
-    argv = [sys.executable, "-m", "sandtrap.sandbox.proxy", "--listen", str(sock), "--upstream", str(upstream_socket())]
+    argv = [
+        sys.executable,
+        "-m",
+        "sandtrap.sandbox.docker.proxy",
+        "--listen",
+        str(sock),
+        "--upstream",
+        str(upstream_socket()),
+    ]
     argv += ["--sensor", sensor, "--image", built_image, "--mode", "600"]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:

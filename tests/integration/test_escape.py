@@ -34,9 +34,9 @@ import pytest
 
 from sandtrap.config import merge
 from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CONNECT
-from sandtrap.sandbox import engine
-from sandtrap.sandbox.docker import RUN_MIN_FOR_SYSTEMD
-from sandtrap.sandbox.network import bridge_name
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker.network import bridge_name
+from sandtrap.sandbox.docker.spec import RUN_MIN_FOR_SYSTEMD
 
 from helpers import counter_total, limit_files
 

@@ -47,7 +47,7 @@ from sandtrap.events import (
     SESSION_CLOSED,
     SESSION_CONNECT,
 )
-from sandtrap.sandbox.docker import LABEL_SENSOR
+from sandtrap.sandbox.docker.spec import LABEL_SENSOR
 
 from sshclient import asyncssh_options, free_port
 

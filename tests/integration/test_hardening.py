@@ -18,17 +18,11 @@ import pytest
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import engine
-from sandtrap.sandbox.docker import (
-    LABEL_CREATED,
-    LABEL_MANAGED,
-    LABEL_SENSOR,
-    LOADAVG_FILE,
-    LXCFS_FILES,
-    DockerBackend,
-    DockerSandbox,
-    lxcfs_binds,
-)
+from sandtrap.sandbox.docker import LOADAVG_FILE, engine
+from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.docker.sandbox import DockerSandbox
+from sandtrap.sandbox.docker.spec import LABEL_CREATED, LABEL_MANAGED, LABEL_SENSOR
+from sandtrap.sandbox.host.procviews import LXCFS_FILES, lxcfs_binds
 from sandtrap.ssh.hostkeys import box_host_key_files, load_host_keys
 
 from helpers import counter_total, limit_files, run, seccomp_profile
@@ -120,7 +114,7 @@ def status_fields(text: str) -> dict[str, str]:
 
 
 async def create_sandbox(backend: DockerBackend) -> DockerSandbox:
-    return await backend.create(backend.labels(), backend.new_name())
+    return await backend.create()
 
 
 async def inspect(sandbox: DockerSandbox) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from rich.console import Console
 
 from sandtrap.config import ImageSettings, Settings
 from sandtrap.errors import ImageError
-from sandtrap.sandbox.engine import engine
-from sandtrap.sandbox.image import build_image, check_image
+from sandtrap.sandbox.docker.engine import engine
+from sandtrap.sandbox.docker.image import build_image, check_image
 
 pytestmark = pytest.mark.timeout(300)
 

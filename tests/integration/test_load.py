@@ -49,8 +49,8 @@ from sandtrap.events import (
     SESSION_CONNECT,
     SESSION_FILE_CHANGED,
 )
-from sandtrap.sandbox import engine, seccomp
-from sandtrap.sandbox.docker import LABEL_SENSOR
+from sandtrap.sandbox.docker import engine, seccomp
+from sandtrap.sandbox.docker.spec import LABEL_SENSOR
 from sandtrap.storage.repository import Repository
 
 from helpers import DATA_DIR, remove_sensor_containers

@@ -16,9 +16,10 @@ from typing import NamedTuple
 import pytest
 
 from sandtrap.config import SandboxSettings
-from sandtrap.sandbox import engine
-from sandtrap.sandbox.docker import DockerBackend, DockerSandbox
-from sandtrap.sandbox.loadavgfs import FSTYPE, mounted_here, unmount
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.docker.sandbox import DockerSandbox
+from sandtrap.sandbox.host.loadavgfs import FSTYPE, mounted_here, unmount
 
 from helpers import run
 
@@ -100,7 +101,7 @@ async def served(
 
 
 async def box(backend: DockerBackend) -> DockerSandbox:
-    return await backend.create(backend.labels(), backend.new_name())
+    return await backend.create()
 
 
 async def host_binds(sandbox: DockerSandbox) -> list[str]:

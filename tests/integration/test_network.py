@@ -16,9 +16,10 @@ import pytest
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import engine
-from sandtrap.sandbox.docker import DockerBackend, create_config
-from sandtrap.sandbox.network import bridge_name, check_network, gateway
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.docker.network import bridge_name, check_network, gateway
+from sandtrap.sandbox.docker.spec import create_config
 
 from helpers import run
 
@@ -38,7 +39,7 @@ async def test_internal_network_gives_an_interface_and_a_route_but_no_way_out(
 ) -> None:
     settings = sandbox_settings(network="internal")
     backend = backend_factory(settings)
-    box = await backend.create(backend.labels(), backend.new_name())
+    box = await backend.create()
     bridge = bridge_name(settings.network_name)
     gw = gateway(SUBNET)
 
@@ -106,7 +107,7 @@ async def test_boxes_on_the_network_get_their_own_addresses(
     backend_factory: Callable[[SandboxSettings], DockerBackend], sandbox_settings: Callable[..., SandboxSettings]
 ) -> None:
     backend = backend_factory(sandbox_settings(network="internal"))
-    a, b = [await backend.create(backend.labels(), backend.new_name()) for _ in range(2)]
+    a, b = [await backend.create() for _ in range(2)]
     addrs = [(await run(box, "hostname -I"))[1].split() for box in (a, b)]
     assert addrs[0] != addrs[1] and all(len(x) == 1 for x in addrs)
 

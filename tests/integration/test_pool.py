@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sandtrap.config import SandboxSettings
-from sandtrap.sandbox import engine
-from sandtrap.sandbox.docker import LABEL_SENSOR, DockerBackend
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.docker.spec import LABEL_SENSOR
 from sandtrap.sandbox.pool import Pool
 
 from helpers import DATA_DIR, run
@@ -90,8 +91,8 @@ CRASHER = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from sandtrap.config import SandboxSettings
-    from sandtrap.sandbox import seccomp
-    from sandtrap.sandbox.docker import DockerBackend
+    from sandtrap.sandbox.docker import seccomp
+    from sandtrap.sandbox.docker.backend import DockerBackend
     from sandtrap.sandbox.pool import Pool
 
     async def main():

@@ -45,7 +45,7 @@ from sandtrap.events import (
     SESSION_FILE_CHANGED,
     SESSION_FILE_UPLOAD,
 )
-from sandtrap.sandbox import seccomp
+from sandtrap.sandbox.docker import seccomp
 
 from helpers import DATA_DIR, remove_sensor_containers
 from recording_helpers import fresh_database, postgres_base_url, screen_lines

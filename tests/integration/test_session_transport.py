@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sandtrap.sandbox import broker
+from sandtrap.sandbox.host import broker
 
 from helpers import box_of
 from sshclient import asyncssh_connected as connect

@@ -35,7 +35,7 @@ from sandtrap.events import (
     SESSION_FILE_CHANGED,
     Event,
 )
-from sandtrap.sandbox import engine
+from sandtrap.sandbox.docker import engine
 
 from sshclient import free_port, remote, run, scp_argv, sftp_argv, ssh_argv, started, stop, tmux_session
 

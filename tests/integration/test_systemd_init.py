@@ -15,8 +15,9 @@ import pytest
 
 from sandtrap.config import SandboxSettings
 from sandtrap.events import SANDBOX_ASSIGNED
-from sandtrap.sandbox import engine, systemd_cgroups
-from sandtrap.sandbox.docker import DockerBackend
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.host import systemd_cgroups
 
 from helpers import run
 from sshclient import asyncssh_connected
@@ -93,7 +94,7 @@ async def test_a_failed_hand_over_leaves_sandtraps_init_running(
 
     monkeypatch.setattr(systemd_cgroups, "hand_over", refuse)
     backend = backend_factory(sandbox_settings(init="systemd"))
-    box = await backend.create(backend.labels(), backend.new_name())
+    box = await backend.create()
     # Told to go on at once (SIGUSR1), it starts the daemons itself; the listener serves, argv is plain.
     async with asyncio.timeout(8):
         while True:

@@ -24,7 +24,8 @@ from battery import CHECKS, Check, Context, Outcome, Result, checks_for, expecte
 
 from sandtrap.config import SandboxSettings
 from sandtrap.sandbox.base import Process, TermSize
-from sandtrap.sandbox.docker import DockerBackend, DockerSandbox
+from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.docker.sandbox import DockerSandbox
 
 PASSWORD = "hunter2"
 TIMEOUT_S = 30.0
@@ -195,7 +196,7 @@ async def connect(port: int, wrong_first: bool = False) -> asyncssh.SSHClientCon
 
 async def started(backend: DockerBackend) -> DockerSandbox:
     """A plain box once its init has started the daemons (sshd is the last)."""
-    box = await backend.create(backend.labels(), backend.new_name())
+    box = await backend.create()
     for _ in range(100):
         r = await DockerTarget(box).exec("pgrep -x sshd", tty=False)
         if r.code == 0:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sandtrap.events import SANDBOX_ASSIGNED
-from sandtrap.sandbox import engine
+from sandtrap.sandbox.docker import engine
 
 from helpers import limit_files
 from sshclient import asyncssh_connected

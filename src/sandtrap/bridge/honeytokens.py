@@ -4,38 +4,28 @@ Each box gets its own cloud keys, database password, SSH key and internal API to
 ordinary files. The values go into the session's record (``sandtrap.honeytoken.issued``), so a token
 seen later elsewhere names the session that leaked it.
 
-Reads are seen from the host, not from inside the box: an inotify watch (``IN_OPEN``) on each lure
-file in the container's overlay ``merged`` directory fires when any process in the box opens it,
-and nothing the attacker does inside can see or stop the watch (no FUSE mount or audit rule to
-discover). It needs the engine on this host; with a remote engine, tokens are planted and recorded
-but reads are not seen (logged once).
+Reads are seen from outside the box, by its backend (:meth:`~sandtrap.sandbox.base.Sandbox.watch_reads`):
+on Docker an inotify watch (``IN_OPEN``) on each lure file in the container's overlay ``merged`` directory
+fires when any process in the box opens it, and nothing the attacker does inside can see or stop the watch.
+Where a backend cannot see reads (a remote engine), tokens are planted and recorded but reads are not seen
+(logged once).
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import secrets
 import string
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncssh
 
-from sandtrap.sandbox.base import Sandbox
+from sandtrap.sandbox.base import ReadWatch, Sandbox, run
 
 log = logging.getLogger(__name__)
-
-IN_OPEN = 0x00000020
-IN_NONBLOCK = 0o4000
-IN_CLOEXEC = 0o2000000
-_EVENT = struct.Struct("iIII")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +69,7 @@ def generate() -> list[Token]:
 async def plant(sandbox: Sandbox, tokens: list[Token]) -> None:
     """Write the lure files, dated weeks or months back like the rest of a lived-in box."""
     dirs = sorted({os.path.dirname(t.path) for t in tokens})
-    proc = await sandbox.exec(["mkdir", "-p", *dirs])
-    await proc.close_stdin()
-    while await proc.read() is not None:
-        pass
-    await proc.wait()
+    await run(sandbox, ["mkdir", "-p", *dirs])
     for token in tokens:
         age_s = secrets.randbelow(200 * 86400) + 20 * 86400
         await sandbox.put_file(token.path, token.content, token.mode, mtime=time.time() - age_s)
@@ -93,50 +79,35 @@ Reporter = Callable[[str, str], object]  # (kind, path in the box)
 
 
 class ReadWatcher:
-    """One inotify descriptor for all boxes; reports opens of lure files to the box's current session."""
+    """Reads of each box's lure files, reported to the session using the box now.
+
+    The watching is the backend's (:meth:`~sandtrap.sandbox.base.Sandbox.watch_reads`): inotify on the box's
+    files on this host for Docker, the lure file system's own records for a VM."""
 
     def __init__(self) -> None:
-        self._fd = -1
-        self._libc: ctypes.CDLL | None = None
-        self._watches: dict[int, tuple[str, Token]] = {}  # wd -> (sandbox id, token)
-        self._by_box: dict[str, list[int]] = {}
+        self._watches: dict[str, ReadWatch] = {}
         self._reporters: dict[str, Reporter] = {}
-        self._last: dict[int, float] = {}
         self._warned = False
 
-    def _ensure(self) -> bool:
-        if self._fd >= 0:
-            return True
-        name = ctypes.util.find_library("c")
-        if name is None:
-            return False
-        self._libc = ctypes.CDLL(name, use_errno=True)
-        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            return False
-        self._fd = fd
-        asyncio.get_running_loop().add_reader(fd, self._read)
-        return True
+    async def watch(self, sandbox: Sandbox, tokens: list[Token]) -> bool:
+        """Watch the box's lure files; False (logged once) where its backend cannot see reads."""
+        kinds = {t.path: t.kind for t in tokens}
+        box = sandbox.id
 
-    def watch(self, sandbox_id: str, root: Path | None, tokens: list[Token]) -> int:
-        """Watch the box's lure files under its host-side root; returns how many are watched."""
-        if root is None or not root.is_dir() or not self._ensure():
+        def seen(path: str) -> None:
+            reporter = self._reporters.get(box)
+            if reporter is not None:
+                reporter(kinds.get(path, "unknown"), path)
+
+        watch = await sandbox.watch_reads(list(kinds), seen)
+        if watch is None:
             if not self._warned:
                 self._warned = True
-                log.warning("honeytoken reads cannot be watched (the engine's file system is not on this host)")
-            return 0
-        assert self._libc is not None
-        n = 0
-        for token in tokens:
-            path = os.fsencode(root / token.path.lstrip("/"))
-            wd = self._libc.inotify_add_watch(self._fd, path, IN_OPEN)
-            if wd < 0:
-                log.info("cannot watch %s: errno %d", token.path, ctypes.get_errno())
-                continue
-            self._watches[wd] = (sandbox_id, token)
-            self._by_box.setdefault(sandbox_id, []).append(wd)
-            n += 1
-        return n
+                log.warning("honeytoken reads cannot be watched (the backend cannot see reads in its boxes here)")
+            return False
+        self.forget(box)
+        self._watches[box] = watch
+        return True
 
     def report_to(self, sandbox_id: str, reporter: Reporter | None) -> None:
         """Reads in this box are reported to ``reporter`` (the session using the box now)."""
@@ -146,36 +117,11 @@ class ReadWatcher:
             self._reporters[sandbox_id] = reporter
 
     def forget(self, sandbox_id: str) -> None:
-        for wd in self._by_box.pop(sandbox_id, []):
-            self._watches.pop(wd, None)
-            self._last.pop(wd, None)
-            if self._libc is not None and self._fd >= 0:
-                self._libc.inotify_rm_watch(self._fd, wd)
+        watch = self._watches.pop(sandbox_id, None)
+        if watch is not None:
+            watch.close()
         self._reporters.pop(sandbox_id, None)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-
-    def _read(self) -> None:
-        try:
-            data = os.read(self._fd, 64 * 1024)
-        except BlockingIOError:
-            return
-        pos = 0
-        now = time.monotonic()
-        while pos + _EVENT.size <= len(data):
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
-            pos += _EVENT.size + length
-            entry = self._watches.get(wd)
-            if entry is None or not mask & IN_OPEN:
-                continue
-            if now - self._last.get(wd, 0.0) < 1.0:  # one record per file per second: `grep -r` opens once
-                continue
-            self._last[wd] = now
-            sandbox_id, token = entry
-            reporter = self._reporters.get(sandbox_id)
-            if reporter is not None:
-                reporter(token.kind, token.path)
+        for box in list(self._watches):
+            self.forget(box)

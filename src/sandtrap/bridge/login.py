@@ -6,14 +6,13 @@ an argv element or on stdin, never spliced into a shell string.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox.base import Sandbox
+from sandtrap.sandbox.base import Sandbox, run
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 # Our helper in the image (sandbox/session.c): utmp/wtmp/lastlog, auth log, motd, "Last login", the
@@ -78,20 +77,12 @@ MAX_FAILED_LOGGED = 20
 
 async def ensure_account(sandbox: Sandbox, username: str, password: str | None) -> Account:
     """Create the user in the box if needed, set its password, and return its passwd entry."""
-    proc = await sandbox.exec(["sh", "-c", _ENSURE_ACCOUNT, "sh", username])
-    try:
-        if password and not any(c in password for c in "\r\n\0"):
-            await proc.write(password.encode("utf-8", "surrogateescape") + b"\n")
-        await proc.close_stdin()
-        out = bytearray()
-        while (chunk := await proc.read()) is not None:
-            if chunk.stream == 1 and len(out) < 4096:
-                out += chunk.data
-        status = await proc.wait()
-    except BaseException:
-        await asyncio.shield(proc.kill())  # the stream goes back even when this is cancelled
-        raise
-    line = out.decode("utf-8", "replace").strip().splitlines()
+    stdin = b""
+    if password and not any(c in password for c in "\r\n\0"):
+        stdin = password.encode("utf-8", "surrogateescape") + b"\n"
+    result = await run(sandbox, ["sh", "-c", _ENSURE_ACCOUNT, "sh", username], stdin, max_output=4096)
+    status = result.status
+    line = result.stdout.decode("utf-8", "replace").strip().splitlines()
     if status.code != 0 or not line:
         raise SandboxError(f"cannot set up account {username!r} in the sandbox (exit {status.code})")
     parts = line[-1].split(":")

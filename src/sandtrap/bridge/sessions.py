@@ -188,7 +188,7 @@ class SessionManager:
         except SandboxError as exc:
             log.warning("honeytokens not planted in %s: %s", sandbox.name, exc)
             return []
-        self.watcher.watch(sandbox.id, await sandbox.host_root(), tokens)
+        await self.watcher.watch(sandbox, tokens)
         return tokens
 
     async def account(self, lease: Lease, username: str, password: str | None) -> Account:

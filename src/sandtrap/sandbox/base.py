@@ -7,14 +7,20 @@ nspawn, a VM monitor) crosses this seam: backends translate their errors into
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import signal
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 STDOUT = 1
 STDERR = 2
+
+# A command line: text, or bytes where an attacker's command is not UTF-8. A backend that can carry bytes
+# (the box's listener) passes them exactly; one that carries text only (the engine's API) decodes them with
+# U+FFFD for the bytes that are not UTF-8.
+Argv = Sequence[str | bytes]
 
 SandboxState = Literal["warm", "active", "preserved", "gone"]
 
@@ -69,6 +75,38 @@ class FileData:
     data: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class Login:
+    """What makes a process a login's own (what sshd starts for a session channel).
+
+    ``session_id``: the login's ``XDG_SESSION_ID``; a backend with :attr:`Features.login_scopes` places the
+    login's processes where the box's init system would (``user.slice/user-<uid>.slice/session-<n>.scope``).
+    ``client``: set for a connection's first login; a backend with :attr:`Features.connection_in_box` shows
+    that client's TCP connection to the box's :22 while the process lives."""
+
+    uid: int = 0
+    session_id: int | None = None
+    client: ClientAddress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What a sandbox can do beyond the Protocol's minimum; the bridge asks, never checks a backend's type."""
+
+    login_scopes: bool = False  # exec(login=Login(session_id=n)) puts the login in its own cgroup scope
+    connection_in_box: bool = False  # exec(login=Login(client=...)) shows the login's TCP connection in the box
+
+
+class ReadWatch(Protocol):
+    """A watch on reads of some files in a box (see :meth:`Sandbox.watch_reads`)."""
+
+    def close(self) -> None:
+        """Stop watching; harmless twice."""
+
+
+ReadReport = Callable[[str], object]  # the path in the box that a process of the box opened
+
+
 @dataclass(slots=True)
 class SandboxInfo:
     """What the pool knows about a sandbox; persisted so a restart can reconcile."""
@@ -82,6 +120,22 @@ class SandboxInfo:
     acquired: datetime | None = None
     released: datetime | None = None
     labels: dict[str, str] = field(default_factory=dict)
+
+
+# The signals SSH's exit-signal names (RFC 4254 6.10); any other signal is reported as an exit code.
+_SSH_SIGNALS = {"KILL", "TERM", "HUP", "INT", "QUIT", "SEGV", "ABRT", "PIPE", "ALRM", "USR1", "USR2", "ILL", "FPE"}
+
+
+def exit_status(code: int) -> ExitStatus:
+    """An exit code as a shell reports it (a process killed by signal N: 128+N) as SSH wants it: the signal's name."""
+    if 128 < code < 128 + 32:
+        try:
+            name = signal.Signals(code - 128).name.removeprefix("SIG")
+        except ValueError:
+            return ExitStatus(code)
+        if name in _SSH_SIGNALS:
+            return ExitStatus(code, name)
+    return ExitStatus(code)
 
 
 class Process(Protocol):
@@ -114,38 +168,27 @@ class Sandbox(Protocol):
     name: str
 
     @property
-    def session_scopes(self) -> bool:
-        """Whether :meth:`enter_scope` moves processes (else it does nothing)."""
+    def features(self) -> Features:
+        """What this sandbox can do beyond the minimum (login scopes, the login's connection in the box)."""
 
     async def exec(
         self,
-        argv: list[str],
+        argv: Argv,
         *,
         tty: TermSize | None = None,
         env: Mapping[str, str] | None = None,
         user: str = "root",
         workdir: str | None = None,
-        login: bool = False,
-        client: ClientAddress | None = None,
+        login: Login | None = None,
     ) -> Process:
         """Start ``argv`` in the sandbox. ``login``: a login's own process (what sshd would start); a backend may
-        start it another way (the box's init, ``sandbox.session_transport``), with the same result. ``client``
-        (with ``login``, the connection's first login): where the backend can, the box also shows that client's
-        TCP connection to its :22 while the process lives (``sandbox.connection_in_box``)."""
-
-    async def enter_scope(self, session_id: int, unit: str) -> None:
-        """Put the processes of login ``session_id`` (their ``XDG_SESSION_ID``) where the box's init system
-        would (a cgroup ``unit`` such as ``user.slice/user-0.slice/session-3.scope``); a no-op where the
-        backend cannot."""
+        start it another way (the box's init, its own sshd), with the same result."""
 
     async def network_address(self) -> str:
         """The box's own address on its network interface (eth0), '' when it has none or it is unknown."""
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
         """Write a file (its directory must exist), owned by root, dated ``mtime`` (default now)."""
-
-    async def host_root(self) -> Path | None:
-        """The box's root file system as a directory on this host, if the backend has one here."""
 
     async def get_file(self, path: str, max_bytes: int) -> FileData | None:
         """A file's metadata (``None`` if missing) and, for a regular file up to ``max_bytes``, its bytes.
@@ -154,6 +197,13 @@ class Sandbox(Protocol):
         """
 
     async def changed_files(self) -> list[ChangedFile]: ...
+
+    async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> ReadWatch | None:
+        """Report each open of one of ``paths`` by a process of the box, seen from outside it (nothing in the box
+        can see or stop the watch); None where this backend cannot see them."""
+
+    async def claim(self, session: str, src_ip: str) -> None:
+        """A warm sandbox becomes a session's: recorded where reconciliation after a crash finds it."""
 
     async def is_running(self) -> bool: ...
 
@@ -165,15 +215,10 @@ class Sandbox(Protocol):
 
 
 class SandboxBackend(Protocol):
-    """Creates sandboxes and finds the ones a previous run left behind."""
+    """Creates sandboxes and finds the ones a previous run left behind. Names and labels are its business."""
 
-    async def create(self, labels: Mapping[str, str], name: str) -> Sandbox:
-        """Create and start a sandbox, ready for :meth:`Sandbox.exec`."""
-
-    def labels(self, session: str = "", src_ip: str = "") -> dict[str, str]:
-        """The labels a new sandbox carries (sensor, created time, session and source if known)."""
-
-    def new_name(self, session: str = "") -> str: ...
+    async def create(self, session: str = "", src_ip: str = "") -> Sandbox:
+        """Create and start a sandbox, ready for :meth:`Sandbox.exec`: a warm one without a session."""
 
     def sandbox(self, sandbox_id: str, name: str) -> Sandbox:
         """A handle on an existing sandbox (found by :meth:`list_managed`)."""
@@ -181,10 +226,50 @@ class SandboxBackend(Protocol):
     async def list_managed(self) -> list[SandboxInfo]:
         """Every sandbox of this sensor, with its state now (warm, active, preserved)."""
 
-    async def assign(self, sandbox: Sandbox, session: str, src_ip: str) -> None:
-        """Mark a warm sandbox as a session's (name, records); visible to reconciliation."""
-
     async def ping(self) -> None:
-        """Raise :class:`~sandtrap.errors.SandboxUnavailable` if the engine does not answer."""
+        """Raise :class:`~sandtrap.errors.SandboxUnavailable` if the backend cannot make sandboxes now."""
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a command run to its end went: its status and its output (each stream capped)."""
+
+    status: ExitStatus
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status.code == 0 and self.status.signal is None
+
+
+async def run(
+    sandbox: Sandbox,
+    argv: Argv,
+    stdin: bytes = b"",
+    *,
+    user: str = "root",
+    max_output: int = 4 * 1024 * 1024,
+    timeout_s: float | None = None,
+) -> RunResult:
+    """Run ``argv`` to its end: write ``stdin``, close it, drain the output (each stream kept up to
+    ``max_output`` bytes, the rest read and dropped so the process never blocks), return its status.
+    With ``timeout_s`` the process is killed and :class:`TimeoutError` raised when it takes longer."""
+    proc = await sandbox.exec(argv, user=user)
+    try:
+        async with asyncio.timeout(timeout_s):
+            if stdin:
+                await proc.write(stdin)
+            await proc.close_stdin()
+            out = {STDOUT: bytearray(), STDERR: bytearray()}
+            while (chunk := await proc.read()) is not None:
+                buf = out.get(chunk.stream, out[STDOUT])
+                if len(buf) < max_output:
+                    buf += chunk.data[: max_output - len(buf)]
+            status = await proc.wait()
+    except BaseException:
+        await asyncio.shield(proc.kill())  # the process's I/O goes back even when this is cancelled
+        raise
+    return RunResult(status, bytes(out[STDOUT]), bytes(out[STDERR]))

@@ -188,7 +188,7 @@ class Pool:
             box_id = sandbox.id
             self._assigning.add(box_id)  # until it is active (no await between here and there)
             try:
-                await self._backend.assign(sandbox, session, src_ip)
+                await sandbox.claim(session, src_ip)
             except SandboxError as exc:
                 # E.g. the engine restarted: every warm box is stopped. Drop them all and refill.
                 log.warning("warm sandbox %s unusable (%s); dropping the warm pool", sandbox.name, exc)
@@ -381,7 +381,7 @@ class Pool:
     async def _create(self, session: str, src_ip: str) -> Sandbox:
         self._creating += 1
         try:
-            return await self._backend.create(self._backend.labels(session, src_ip), self._backend.new_name(session))
+            return await self._backend.create(session, src_ip)
         except SandboxError:
             self.start_failures += 1
             raise

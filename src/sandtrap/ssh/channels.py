@@ -39,7 +39,7 @@ from sandtrap.events import (
     SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
-from sandtrap.sandbox.base import ClientAddress, Process, TermSize
+from sandtrap.sandbox.base import ClientAddress, Login, Process, TermSize
 from sandtrap.ssh.wire import accept_any_exec_command
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
             tty = self._size if self._term is not None else None
             workdir = account.home
             user = "root"  # the session helper runs as root and drops to the account itself
-            scope = lease.sandbox.session_scopes and h.login_id is not None
+            scope = lease.sandbox.features.login_scopes and h.login_id is not None
             if self._kind == "shell":
                 argv = shell_argv(account, env, peer, method, failures, scope)
                 # Keystrokes become command lines (PTY or not: bots pipe commands into a shell).
@@ -224,16 +224,14 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
                 user = account.name
                 self._transfers = True
                 self.observers.append(SftpWatcher(self._sftp_report(account.home)))
-            # The connection's login shows its TCP connection in the box, as sshd's does (sandbox.connection_in_box).
-            client = ClientAddress(h.src_ip, h.src_port, server_ip) if first else None
-            self._process = await lease.sandbox.exec(
-                argv, tty=tty, user=user, workdir=workdir, login=True, client=client
+            # The connection's login shows its TCP connection in the box, as sshd's does (sandbox.connection_in_box),
+            # and its processes go where pam_systemd puts a login's (the helper waits for that).
+            login = Login(
+                uid=account.uid,
+                session_id=h.login_id if scope else None,
+                client=ClientAddress(h.src_ip, h.src_port, server_ip) if first else None,
             )
-            if (
-                scope and h.login_id is not None
-            ):  # the connection's login scope, as pam_systemd makes it (the helper waits for it)
-                unit = f"user.slice/user-{account.uid}.slice/session-{h.login_id}.scope"
-                h.track(lease.sandbox.enter_scope(h.login_id, unit))
+            self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=workdir, login=login)
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
                 self._open_cast(account.shell)
             if self._kind == "shell":  # the interactive terminal can be watched live, read-only

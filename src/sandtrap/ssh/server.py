@@ -51,6 +51,7 @@ from sandtrap.events import (
 )
 from sandtrap.logs import RateLimited, session_context
 from sandtrap.outputs.recording import RecordingHealth
+from sandtrap.sandbox.base import run
 from sandtrap.ssh.algorithms import (
     COMPRESSION_ALGS,
     ENCRYPTION_ALGS,
@@ -248,12 +249,8 @@ class ConnectionHandler(asyncssh.SSHServer):
         assert self.login_account is not None
         argv = close_argv(self.login_account, Peer(self.src_ip, self.src_port, self.dst_ip, self.dst_port))
         try:
-            async with self.ctx.engine_work, asyncio.timeout(10):
-                proc = await lease.sandbox.exec(argv)
-                await proc.close_stdin()
-                while await proc.read() is not None:
-                    pass
-                await proc.wait()
+            async with self.ctx.engine_work:
+                await run(lease.sandbox, argv, timeout_s=10)
         except (SandboxError, TimeoutError) as exc:  # a box that died or hangs: nothing more to log there
             log.info("closing lines not logged in the box: %s", exc)
 

@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from sandtrap.sandbox.base import ExitStatus, TermSize
-from sandtrap.sandbox.broker import (
+from sandtrap.sandbox.host.broker import (
     MAGIC,
     MAX_REQUEST,
     BrokerError,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sandtrap.config import SandboxSettings
-from sandtrap.sandbox.cgroups import CgroupError, Limits, ParentCgroups, cpuset_for
-from sandtrap.sandbox.docker import create_config
+from sandtrap.sandbox.docker.spec import create_config
+from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups, cpuset_for
 
 MiB = 1 << 20
 

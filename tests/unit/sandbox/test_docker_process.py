@@ -4,7 +4,7 @@ import gc
 import warnings
 from typing import Any
 
-from sandtrap.sandbox.docker import DockerProcess
+from sandtrap.sandbox.docker.process import DockerProcess
 
 
 class FakeResponse:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sandtrap.sandbox import hostfs
 from sandtrap.sandbox.base import ChangedFile
+from sandtrap.sandbox.host import hostfs
 
 
 @pytest.fixture

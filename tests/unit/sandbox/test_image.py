@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sandtrap.config import ImageSettings
-from sandtrap.sandbox import image as image_module
-from sandtrap.sandbox.image import image_inputs, rootfs_digest
+from sandtrap.sandbox.docker import image as image_module
+from sandtrap.sandbox.docker.image import image_inputs, rootfs_digest
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sandtrap.sandbox import loadavg
-from sandtrap.sandbox.loadavg import (
+from sandtrap.sandbox.host import loadavg
+from sandtrap.sandbox.host.loadavg import (
     EXP,
     FIXED_1,
     CgroupLayout,

@@ -10,8 +10,8 @@ from pathlib import Path
 import mfusepy
 import pytest
 
-from sandtrap.sandbox import loadavgfs
-from sandtrap.sandbox.loadavgfs import LoadavgFs
+from sandtrap.sandbox.host import loadavgfs
+from sandtrap.sandbox.host.loadavgfs import LoadavgFs
 
 FILE = "/proc/loadavg"
 

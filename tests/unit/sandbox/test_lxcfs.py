@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from sandtrap.sandbox.docker import LXCFS_FILES, loadavg_bind, lxcfs_binds, proc_binds
-from sandtrap.sandbox.proxy_policy import Policy, Refused, _check_bind
+from sandtrap.sandbox.docker.proxy_policy import Policy, Refused, _check_bind
+from sandtrap.sandbox.host.procviews import LXCFS_FILES, ProcViews, lxcfs_binds
+
+
+def proc_binds(lxcfs_dir: str, loadavg_dir: str) -> list[str]:
+    return ProcViews(lxcfs_dir, loadavg_dir).binds()
+
+
+def loadavg_bind(loadavg_dir: str) -> str | None:
+    return ProcViews("", loadavg_dir).loadavg_bind()
 
 
 def test_no_dir_configured_gives_no_binds() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from sandtrap.sandbox.docker import files_archive
+from sandtrap.sandbox.docker.spec import files_archive
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
 
 

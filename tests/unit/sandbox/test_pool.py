@@ -136,8 +136,8 @@ async def test_the_sweep_stops_untracked_running_boxes_only(tmp_path: Path) -> N
     active = await pool.acquire("s1", "198.51.100.7")
     await pool.wait_refilled()
     old = datetime.now(UTC) - timedelta(hours=1)
-    stray = await backend.create(backend.labels("lost", "198.51.100.8"), backend.new_name("lost"))
-    young = await backend.create(backend.labels(), backend.new_name())  # being created right now
+    stray = await backend.create("lost", "198.51.100.8")
+    young = await backend.create()  # being created right now
     for b in backend.boxes.values():
         if b is not young:
             b.created_at = old

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from sandtrap.config import Settings
-from sandtrap.sandbox.docker import LABEL_MANAGED, LABEL_SENSOR, create_config
-from sandtrap.sandbox.network import network_config
-from sandtrap.sandbox.proxy_policy import Policy, Refused, check_create, check_network_create
+from sandtrap.sandbox.docker.network import network_config
+from sandtrap.sandbox.docker.proxy_policy import Policy, Refused, check_create, check_network_create
+from sandtrap.sandbox.docker.spec import LABEL_MANAGED, LABEL_SENSOR, create_config
 
 
 def settings(network: str) -> Settings:

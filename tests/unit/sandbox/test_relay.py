@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandtrap.sandbox.base import ClientAddress
-from sandtrap.sandbox.relay import RelayPlan, accept_first, input_rule, mangle_rule, plan
+from sandtrap.sandbox.host.relay import RelayPlan, accept_first, input_rule, mangle_rule, plan
 
 BOX = "10.20.1.5"
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from sandtrap.config import Settings
-from sandtrap.sandbox import seccomp
-from sandtrap.sandbox.docker import LABEL_MANAGED, LABEL_SENSOR, create_config
-from sandtrap.sandbox.proxy_policy import Policy, check_create
+from sandtrap.sandbox.docker import seccomp
+from sandtrap.sandbox.docker.proxy_policy import Policy, check_create
+from sandtrap.sandbox.docker.spec import LABEL_MANAGED, LABEL_SENSOR, create_config
 
 
 def engine_default() -> dict[str, Any]:

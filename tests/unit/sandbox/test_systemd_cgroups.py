@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sandtrap.config import SandboxSettings
-from sandtrap.sandbox import systemd_cgroups
-from sandtrap.sandbox.docker import SYSTEMD_CGROUP, create_config, run_for_systemd
-from sandtrap.sandbox.systemd_cgroups import HandOverError, own_cgroup
+from sandtrap.sandbox.docker.spec import SYSTEMD_CGROUP, create_config, run_for_systemd
+from sandtrap.sandbox.host import systemd_cgroups
+from sandtrap.sandbox.host.systemd_cgroups import HandOverError, own_cgroup
 
 BOX = "9da11395ebee3eada84be5559810cfcb6a7327998e3408bd8af8dad652aa961d"
 ROWS = f"12:pids:/sandtrap-s/1d4bf8d5ddad/{BOX}\n9:name=systemd:/sandtrap-s/1d4bf8d5ddad/{BOX}\n0::/\n"

@@ -37,7 +37,7 @@ import socket
 from dataclasses import dataclass
 
 from sandtrap.sandbox.base import ClientAddress
-from sandtrap.sandbox.network import run_command
+from sandtrap.sandbox.host.commands import run_command
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def accept_first(listing: str, bridge: str) -> bool:
 async def open_reply_path(bridge: str) -> str:
     """The rules that deliver the box's replies to the host's relay sockets (idempotent); '' when they are in
     place, else why not (the caller logs it; logins then go on without the connection). Run after
-    :func:`sandtrap.sandbox.network.close_host_path` (the ACCEPT goes before its DROP)."""
+    :func:`sandtrap.sandbox.docker.network.close_host_path` (the ACCEPT goes before its DROP)."""
     fix = "or set sandbox.connection_in_box: false"
     iptables = shutil.which("iptables") or shutil.which("iptables", path="/usr/sbin:/sbin")
     ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")

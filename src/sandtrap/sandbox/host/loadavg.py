@@ -2,7 +2,7 @@
 
 The kernel's /proc/loadavg counts the host's tasks; lxcfs's counts the box's but takes the last field (the
 newest pid) from the host and says ``0/1`` until it has sampled a box. This view, served by the FUSE file
-system in :mod:`sandtrap.sandbox.loadavgfs`, finds the reader's box from the reader's host pid (the root of
+system in :mod:`sandtrap.sandbox.host.loadavgfs`, finds the reader's box from the reader's host pid (the root of
 its cgroup namespace, from its mounts; its pid namespace), counts the box's threads (its cgroup and the login
 scopes below it) at every read, keeps exponentially-damped load averages per box exactly as the kernel does
 (``calc_load``, sampled every 5 s) and takes the last pid from the box's own numbering (NSpid), so the first

@@ -6,8 +6,8 @@ thread of its own that enters that namespace (``setns``) and dies right after, a
 (argv, env, user, workdir, pty size) and receives its pty master and a pipe of the pty's output, or its
 three pipes (``SCM_RIGHTS``);
 the exit status comes back on the socket. The bytes then flow between the honeypot and the box's pty
-directly, never through the engine. With a :class:`~sandtrap.sandbox.relay.RelayPlan`, the login's own TCP
-connection to the box's :22 is made between the request and the start (see :mod:`sandtrap.sandbox.relay`);
+directly, never through the engine. With a :class:`~sandtrap.sandbox.host.relay.RelayPlan`, the login's own TCP
+connection to the box's :22 is made between the request and the start (see :mod:`sandtrap.sandbox.host.relay`);
 its client end is closed with the process.
 
 Everything the box sends is hostile: one bounded packet at a time, exact sizes, exactly the fds the
@@ -35,8 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import relay as relays
-from sandtrap.sandbox.base import STDERR, STDOUT, Chunk, ExitStatus, TermSize
+from sandtrap.sandbox.base import STDERR, STDOUT, Chunk, ExitStatus, TermSize, exit_status
+from sandtrap.sandbox.host import relay as relays
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class BrokerError(SandboxError):
 
 
 def encode_request(
-    argv: Sequence[str],
+    argv: Sequence[str | bytes],
     env: Mapping[str, str],
     user: str,
     workdir: str,
@@ -70,14 +70,15 @@ def encode_request(
     connection to :22 the listener is to expect for this session (flag 2)."""
     if not argv or len(argv) + len(env) > MAX_STRINGS:
         raise BrokerError("argv empty or too many strings")
-    strings = [user, workdir, *([peer] if peer is not None else []), *argv, *(f"{k}={v}" for k, v in env.items())]
-    if any("\0" in s for s in strings) or any("=" in k or not k for k in env):
+    texts = [user, workdir, *([peer] if peer is not None else []), *argv, *(f"{k}={v}" for k, v in env.items())]
+    strings = [s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape") for s in texts]
+    if any(b"\0" in s for s in strings) or any("=" in k or not k for k in env):
         raise BrokerError("NUL in a string, or a bad variable name")
     cols = min(max(tty.cols, 0), 0xFFFF) if tty else 0
     rows = min(max(tty.rows, 0), 0xFFFF) if tty else 0
     flags = (1 if tty else 0) | (2 if peer is not None else 0)
     head = MAGIC + struct.pack("<BHHHH", flags, cols, rows, len(argv), len(env))
-    body = b"".join(s.encode("utf-8", "surrogateescape") + b"\0" for s in strings)
+    body = b"".join(s + b"\0" for s in strings)
     data = head + body
     if len(data) > MAX_REQUEST:
         raise BrokerError("request too large")
@@ -111,8 +112,6 @@ Reply = Started | Exited | Failed | Connect
 
 def wait_status(raw: int) -> ExitStatus:
     """A waitpid status as the engine reports an exec's: the code, or 128+N for signal N (named for SSH)."""
-    from sandtrap.sandbox.docker import exit_status  # one mapping of codes to signal names
-
     raw &= 0xFFFFFFFF
     sig = raw & 0x7F
     if sig == 0:  # the session helper exits 128+N for a shell signal N ended, as the engine reports it
@@ -289,7 +288,7 @@ async def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
 async def start(
     pid: int,
     is_same_box: Callable[[], bool],
-    argv: Sequence[str],
+    argv: Sequence[str | bytes],
     env: Mapping[str, str],
     user: str,
     workdir: str,

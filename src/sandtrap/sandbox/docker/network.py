@@ -22,7 +22,6 @@ test here or elsewhere sends a packet to find out: the settings and rules are in
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import logging
@@ -33,7 +32,8 @@ import aiodocker
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox import engine
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.host.commands import run_command
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,6 @@ async def ensure_network(client: aiodocker.Docker, s: SandboxSettings) -> str:
     bridge = bridge_name(s.network_name)
     await close_host_path(bridge)
     return bridge
-
-
-async def run_command(argv: list[str]) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode(errors="replace").strip()
 
 
 async def close_host_path(bridge: str) -> None:

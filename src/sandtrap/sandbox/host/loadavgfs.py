@@ -1,7 +1,7 @@
 """A read-only FUSE file system holding one file, ``proc/loadavg``, whose content depends on who reads it.
 
 Bind-mounted read-only over each box's /proc/loadavg (``DockerBackend``); the content is
-:class:`sandtrap.sandbox.loadavg.LoadavgView`'s for the reader's host pid, which libfuse hands over with
+:class:`sandtrap.sandbox.host.loadavg.LoadavgView`'s for the reader's host pid, which libfuse hands over with
 every request (``fuse_get_context``). libfuse 3 (Debian's ``libfuse3-3``, which lxcfs needs too) speaks the
 kernel's protocol, through mfusepy's ctypes bindings; its loop runs on one thread, and a second one samples
 the load averages every 5 s.
@@ -24,6 +24,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from sandtrap.sandbox.host.loadavg import LoadavgView, parse_layout
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +233,6 @@ def confine_cpu(share: float, mountinfo: str = "/proc/self/mountinfo") -> str | 
 
 def serve(mountpoint: str) -> None:
     """Mount, then serve until SIGTERM/SIGINT/SIGHUP or an unmount; libfuse unmounts on the way out."""
-    from sandtrap.sandbox.loadavg import LoadavgView, parse_layout
-
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         layout = parse_layout(f.read())
     if layout is None:

@@ -5,7 +5,7 @@ bind-mounted is enough). In proxy mode the honeypot is pointed at this proxy ins
 (``sandbox.docker_host: unix:///run/sandtrap/engine.sock``) and only the proxy holds the real socket.
 The proxy lets through the calls :class:`~sandtrap.sandbox.docker.DockerBackend` and the image check
 make (``proxy_policy.ROUTES``, nothing else), reads every container-create and exec-create body and
-refuses what would weaken a sandbox (:mod:`sandtrap.sandbox.proxy_policy`), and, with a sensor name,
+refuses what would weaken a sandbox (:mod:`sandtrap.sandbox.docker.proxy_policy`), and, with a sensor name,
 touches only containers labelled for that sensor. Anything else gets 403 with a JSON ``message``, worded as
 the engine words its own errors, so the client raises its usual error.
 
@@ -13,7 +13,7 @@ Every request gets its own engine connection, sent with ``Connection: close``: t
 find where one answer ends and the next request begins. Exec start is the one upgrade: after the
 allow decision the bytes are spliced both ways, half-closes passed on (stdin EOF).
 
-Run: ``python -m sandtrap.sandbox.proxy --listen /run/sandtrap/engine.sock --config sandtrap.yaml``
+Run: ``python -m sandtrap.sandbox.docker.proxy --listen /run/sandtrap/engine.sock --config sandtrap.yaml``
 (SECURITY.md, "Engine proxy").
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 from sandtrap.config import load_settings
 from sandtrap.errors import ConfigError
-from sandtrap.sandbox.proxy_policy import (
+from sandtrap.sandbox.docker.proxy_policy import (
     MAX_BODY,
     MAX_HEAD,
     Policy,
@@ -376,7 +376,7 @@ async def splice(
 # -- command line ------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sandtrap.sandbox.proxy",
+        prog="python -m sandtrap.sandbox.docker.proxy",
         description="Allow-list proxy for the Docker engine API (see SECURITY.md, 'Engine proxy').",
     )
     p.add_argument("--listen", required=True, type=Path, help="unix socket for the honeypot (sandbox.docker_host)")

@@ -1,6 +1,6 @@
 """What the engine proxy lets through: the routes, the request-head parser and the body checks.
 
-Pure (no I/O): :mod:`sandtrap.sandbox.proxy` does the sockets. The routes are exactly the calls
+Pure (no I/O): :mod:`sandtrap.sandbox.docker.proxy` does the sockets. The routes are exactly the calls
 :class:`~sandtrap.sandbox.docker.DockerBackend` (pool, bridge, retention) and the image check make.
 The body checks are an allow-list too: a key the policy does not know is refused, so an engine
 upgrade that adds a dangerous field cannot slip through. The engine decodes JSON keys without regard
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from sandtrap.config import SandboxSettings, Settings
-from sandtrap.sandbox.docker import LABEL_MANAGED, LABEL_SENSOR
+from sandtrap.sandbox.docker.spec import LABEL_MANAGED, LABEL_SENSOR
 
 MAX_HEAD = 32 * 1024  # request line and headers
 MAX_HEADERS = 64

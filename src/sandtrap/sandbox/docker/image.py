@@ -39,12 +39,12 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 
 from sandtrap.config import ImageSettings, SandboxSettings
 from sandtrap.errors import ImageError, SandboxError
-from sandtrap.sandbox.engine import call, engine, is_not_found
+from sandtrap.sandbox.docker.engine import call, engine, is_not_found
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "box"  # the in-box payload
 ROOTFS_DIR = HERE / "rootfs"
 SETUP_SCRIPT = HERE / "rootfs_setup.sh"
 INIT_SOURCE = HERE / "init.c"

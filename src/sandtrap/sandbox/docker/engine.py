@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import TypeVar
 
 import aiodocker
@@ -61,7 +63,7 @@ async def call(what: str, aw: Awaitable[T], timeout_s: float = DEFAULT_TIMEOUT_S
     except aiodocker.DockerError as exc:
         if exc.status == 900:  # aiodocker's "cannot connect to the engine"
             raise SandboxUnavailable(f"{what}: engine unreachable: {exc.message}") from exc
-        raise SandboxError(f"{what}: engine said {exc.status}: {exc.message}") from exc
+        raise refusal(what, exc.status, str(exc.message)) from exc
     except TimeoutError as exc:
         raise SandboxUnavailable(f"{what}: engine did not answer within {timeout_s:.0f}s") from exc
     except (OSError, ConnectionError) as exc:
@@ -74,6 +76,68 @@ async def call(what: str, aw: Awaitable[T], timeout_s: float = DEFAULT_TIMEOUT_S
         raise
 
 
+class EngineRefused(SandboxError):
+    """The engine answered with an error status (``status``, its HTTP code)."""
+
+    def __init__(self, what: str, status: int, message: str) -> None:
+        super().__init__(f"{what}: engine said {status}: {message}")
+        self.status = status
+
+
+class NotFound(EngineRefused):
+    """404: no such container, image, network or path."""
+
+
+class NotModified(EngineRefused):
+    """304: already in the state asked for (a stop of a stopped container)."""
+
+
+class Conflict(EngineRefused):
+    """409: the object is busy or exists (a removal already in progress, a name taken)."""
+
+
+class Forbidden(EngineRefused):
+    """403: sandtrap's engine proxy (:mod:`sandtrap.sandbox.docker.proxy_policy`) refused the request."""
+
+
+class LimitRefused(EngineRefused):
+    """500 from the runtime: a resource limit the engine cannot grant (its own is lower)."""
+
+
+class CgroupParentRefused(EngineRefused):
+    """The engine refused the container's cgroup parent (e.g. its systemd cgroup driver takes only slices)."""
+
+
+_BY_STATUS: dict[int, type[EngineRefused]] = {404: NotFound, 304: NotModified, 409: Conflict, 403: Forbidden}
+
+# The engine gives a runtime's failure no code of its own (a 500 or 400 with the runtime's words): these two are
+# told apart here, where engine errors enter, and nowhere else.
+_RUNTIME_REFUSALS: tuple[tuple[str, type[EngineRefused]], ...] = (
+    ("error setting rlimit", LimitRefused),
+    ("cgroup", CgroupParentRefused),
+)
+
+
+def refusal(what: str, status: int, message: str) -> EngineRefused:
+    """The typed error for an engine's error answer."""
+    kind = _BY_STATUS.get(status)
+    if kind is None and status in (400, 500):
+        lowered = message.lower()
+        kind = next((k for text, k in _RUNTIME_REFUSALS if text in lowered), None)
+    return (kind or EngineRefused)(what, status, message)
+
+
 def is_not_found(exc: BaseException) -> bool:
-    cause = exc.__cause__ if isinstance(exc, SandboxError) else exc
-    return isinstance(cause, aiodocker.DockerError) and cause.status == 404
+    return isinstance(exc, NotFound) or isinstance(exc.__cause__, NotFound)
+
+
+def parse_docker_time(text: str) -> datetime | None:
+    """Docker's RFC 3339 times carry nanoseconds; Python takes microseconds."""
+    if not text or text.startswith("0001"):
+        return None
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", text)
+    if not m:
+        return None
+    frac = (m.group(2) or ".0")[:7]
+    tz = "+00:00" if m.group(3) == "Z" else m.group(3)
+    return datetime.fromisoformat(m.group(1) + frac + tz)

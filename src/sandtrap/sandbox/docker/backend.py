@@ -1,0 +1,396 @@
+"""Docker backend: hardened containers driven through aiodocker (asyncio-native, no threads).
+
+aiodocker over docker-py: every engine call (exec streams included) stays on the SSH event loop
+without a thread per stream, and its exec stream has flow control (a bounded queue that pauses the
+socket), which gives the bridge back-pressure for free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+from sandtrap.config import SandboxSettings
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import SandboxInfo, run
+from sandtrap.sandbox.docker import engine, network
+from sandtrap.sandbox.docker.sandbox import BoxHost, DockerSandbox
+from sandtrap.sandbox.docker.spec import (
+    LABEL_MANAGED,
+    LABEL_SENSOR,
+    LABEL_SESSION,
+    LABEL_SRC_IP,
+    SYSTEMD_CGROUP,
+    box_labels,
+    box_name,
+    create_config,
+    files_archive,
+    safe_name,
+    seed_archive,
+)
+from sandtrap.sandbox.host import relay, systemd_cgroups
+from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups, cpuset_for
+from sandtrap.sandbox.host.procviews import ProcViews
+
+log = logging.getLogger(__name__)
+
+
+def init_transport_refused(s: SandboxSettings) -> str:
+    """Why logins cannot be started by the box's listener (``session_transport: init``), or ''."""
+    if s.session_transport != "init":
+        return "session_transport is exec"
+    if s.docker_host and not s.docker_host.startswith("unix://"):
+        return f"the engine at {s.docker_host} is not on this host"
+    if os.geteuid() != 0:
+        return "the honeypot does not run as root (entering a box's network namespace needs it)"
+    return ""
+
+
+class DockerBackend:
+    """Creates hardened containers for one sensor and finds those a previous run left.
+
+    ``files`` (path relative to / -> content, mode, mtime) are written into every box before its init
+    runs: the sensor's SSH host keys (``sandbox.share_host_keys``)."""
+
+    # Per engine address: the open-files hard limit the engine was last seen to grant (see create); what one
+    # backend learned, the next in this process starts from instead of probing again.
+    _nofile_learned: ClassVar[dict[str, int]] = {}
+
+    def __init__(
+        self,
+        settings: SandboxSettings,
+        sensor: str,
+        seccomp: str | None,
+        files: Mapping[str, tuple[bytes, int, float]] | None = None,
+    ) -> None:
+        """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default."""
+        self._settings = settings
+        self._sensor = sensor
+        self._seccomp = seccomp
+        self._planted = files_archive(files) if files else b""
+        self._client = engine.connect(settings.docker_host)
+        self._host = BoxHost(self._client, sensor)
+        self._views = ProcViews(settings.lxcfs_dir, settings.loadavg_dir)
+        self._image_seed: tuple[bytes, str] | None = None
+        self._network_ready = False
+        self._network_lock = asyncio.Lock()
+        # Lowered if the engine cannot grant it (create); what one backend learned, the next starts from.
+        self._nofile_hard = min(settings.ulimit_nofile_hard, self._nofile_learned.get(settings.docker_host, 1 << 30))
+        # Where limits go and how many CPUs the engine's host has: decided once, from the engine's info.
+        self._placement_lock = asyncio.Lock()
+        self._placed = False
+        self._parents: ParentCgroups | None = None
+        self._creating: set[str] = set()  # parents made but not yet holding their box: never swept
+        self._cpu_list: list[int] = []  # the CPUs boxes may be pinned to
+        self._mask_systemd_cgroup = False
+        self._systemd = False  # sandbox.init: systemd, where this host allows it (decided with the placement)
+        self._init_refused = init_transport_refused(settings)
+        self._transparent_refused = "sandbox.network is none"  # until the host's rules are in place
+        if settings.session_transport == "init" and self._init_refused:
+            log.warning("logins by docker exec, not by the box's listener: %s", self._init_refused)
+
+    @property
+    def settings(self) -> SandboxSettings:
+        return self._settings
+
+    @property
+    def nofile_hard(self) -> int:
+        """The open-files hard limit boxes get: ``ulimit_nofile_hard``, or less where the engine cannot grant it."""
+        return self._nofile_hard
+
+    async def _ensure_network(self) -> None:
+        if self._settings.network != "internal" or self._network_ready:
+            return
+        async with self._network_lock:
+            if not self._network_ready:
+                bridge = await network.ensure_network(self._client, self._settings)
+                if self._settings.connection_in_box and not self._init_refused:
+                    self._transparent_refused = await relay.open_reply_path(bridge)
+                self._network_ready = True
+
+    @property
+    def parents(self) -> ParentCgroups | None:
+        """The per-box parent cgroups, when limits go there (``limits_in_parent`` and a host that allows it)."""
+        return self._parents
+
+    async def _placement(self) -> None:
+        if self._placed:
+            return
+        async with self._placement_lock:
+            if self._placed:
+                return
+            s = self._settings
+            # A local engine (a unix socket): its host is this one; its info is not needed (and the engine
+            # proxy, a local socket too, does not pass GET /info on). A remote one: CPUs from its info.
+            local = not s.docker_host or s.docker_host.startswith("unix://")
+            if local:
+                self._cpu_list = sorted(os.sched_getaffinity(0))
+                v1 = not await asyncio.to_thread(Path("/sys/fs/cgroup/cgroup.controllers").exists)
+            else:
+                try:
+                    info = await engine.call("engine info", self._client.system.info(), 10)
+                    self._cpu_list = list(range(int(info.get("NCPU") or 0)))
+                except SandboxError as exc:
+                    log.info("engine info not readable (%s): boxes are not pinned to CPUs", exc)
+                v1 = False
+            self._mask_systemd_cgroup = bool(
+                s.mask_cgroupns
+                and s.cgroupns == "private"
+                and v1
+                and await asyncio.to_thread(Path(SYSTEMD_CGROUP).is_dir)
+            )
+            if s.init == "systemd":
+                reason = systemd_cgroups.unavailable(local, v1, s.cgroupns, self._mask_systemd_cgroup)
+                self._systemd = True
+                if reason:
+                    self._no_systemd(reason)
+            if s.limits_in_parent:
+                parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
+                reason = parents.available() if local else f"the engine at {s.docker_host} is not on this host"
+                if reason:
+                    log.warning(
+                        "sandbox limits stay on each container, where a box sees them at its root cgroup (%s)", reason
+                    )
+                else:
+                    self._parents = parents
+                    swept = await asyncio.to_thread(parents.sweep, set(self._creating))
+                    if swept:
+                        log.info("removed %d parent cgroups of boxes that are gone", swept)
+            if self._systemd and self._parents is None:
+                self._no_systemd("its cgroups are handed over from a per-box parent cgroup, and boxes have none")
+            self._placed = True
+
+    async def create(self, session: str = "", src_ip: str = "") -> DockerSandbox:
+        """A started box (a warm one without a session). A box's open-files hard limit cannot exceed the engine's own (runc sets it without
+        CAP_SYS_RESOURCE): when the engine refuses ``ulimit_nofile_hard``, halve it (down to the soft limit)
+        until it starts, and keep that value for the boxes that follow."""
+        labels = box_labels(self._sensor, session, src_ip)
+        name = box_name(self._sensor, session)
+        while True:
+            tried = self._nofile_hard
+            try:
+                return await self._create(labels, name, tried)
+            except engine.LimitRefused:
+                soft = self._settings.ulimit_nofile
+                if tried <= soft:
+                    raise
+                if tried == self._nofile_hard:
+                    self._nofile_hard = max(soft, tried // 2)
+                    self._nofile_learned[self._settings.docker_host] = self._nofile_hard
+                    log.warning(
+                        "the engine cannot give sandboxes an open-files hard limit of %d (its own is lower; raise "
+                        "LimitNOFILE of containerd and docker, or lower sandbox.ulimit_nofile_hard): trying %d",
+                        tried,
+                        self._nofile_hard,
+                    )
+
+    async def _create(self, labels: Mapping[str, str], name: str, nofile_hard: int) -> DockerSandbox:
+        await self._ensure_network()
+        await self._placement()
+        settings = self._settings
+        if nofile_hard != settings.ulimit_nofile_hard:
+            settings = settings.model_copy(update={"ulimit_nofile_hard": nofile_hard})
+        cgroup = secrets.token_hex(6) if self._parents is not None else ""
+        cpuset = cpuset_for(cgroup or name, settings.cpus, self._cpu_list) if settings.pin_cpus else ""
+        self._creating.add(cgroup)
+        try:
+            parent = ""
+            if self._parents is not None:
+                limits = Limits(
+                    settings.memory, settings.memory_swap or settings.memory, settings.cpus, settings.pids_limit
+                )
+                try:
+                    parent = await asyncio.to_thread(self._parents.create, cgroup, limits)
+                except CgroupError as exc:
+                    raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
+            config = create_config(
+                settings,
+                labels,
+                self._seccomp,
+                parent,
+                cpuset,
+                self._mask_systemd_cgroup,
+                self._systemd,
+                await asyncio.to_thread(self._views.binds),
+            )
+            try:
+                container = await engine.call(
+                    "create container", self._client.containers.create(config, name=name), settings.start_timeout_s
+                )
+            except BaseException as exc:
+                if self._parents is not None:
+                    self._parents.remove(cgroup)
+                if parent and isinstance(exc, engine.CgroupParentRefused):
+                    # e.g. the systemd cgroup driver, which takes only `*.slice` parents
+                    self._no_parents(f"the engine refused the parent cgroup: {exc}")
+                    return await self._create(labels, name, nofile_hard)
+                if self._systemd and isinstance(exc, engine.Forbidden):
+                    # e.g. the engine proxy, which refuses what systemd needs (CAP_SETPCAP) as a parent cgroup
+                    self._no_systemd(f"the engine refused the container systemd needs: {exc}")
+                    return await self._create(labels, name, nofile_hard)
+                raise
+            sandbox = DockerSandbox(self._host, container.id, name, tuple(settings.tmpfs))
+            sandbox.cgroup, sandbox.parents = cgroup, self._parents
+            self._share_relay(sandbox)
+            seeded = settings.read_only_root and bool(settings.writable)
+            try:
+                if self._planted and not seeded:  # in the container's own layer, before init starts sshd
+                    await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
+                await engine.call("start container", container.start(), settings.start_timeout_s)
+                if parent and not await self._check_placement(sandbox, parent):
+                    await asyncio.shield(sandbox.remove())
+                    self._no_parents(f"box {name} did not start below its parent cgroup {parent}")
+                    return await self._create(labels, name, nofile_hard)
+                if seeded:
+                    await self._seed(sandbox)
+                if self._systemd:
+                    await self._start_systemd(sandbox, parent)
+            except BaseException:
+                await asyncio.shield(sandbox.remove())
+                raise
+            return sandbox
+        finally:
+            self._creating.discard(cgroup)
+
+    async def _start_systemd(self, sandbox: DockerSandbox, parent: str) -> None:
+        """Hand the box its cgroups (its init then execs systemd) and wait until systemd has started the listener
+        (ssh.service), 10 s at most. When the hand-over fails, its init goes on as sandtrap's."""
+        view = await sandbox._host_view()
+        if view is None:
+            log.warning("box %s keeps sandtrap's init: its pid 1 is not visible on this host", sandbox.name)
+            return
+        try:
+            await systemd_cgroups.hand_over(view.pid, view.mnt_ns, sandbox.id, parent)
+        except systemd_cgroups.HandOverError as exc:
+            log.warning("box %s keeps sandtrap's init: %s", sandbox.name, exc)
+            with contextlib.suppress(OSError):
+                os.kill(view.pid, systemd_cgroups.GIVE_UP_SIGNAL)
+            return
+        if not await asyncio.to_thread(systemd_cgroups.wait_for_listener, view.pid, view.verify):
+            log.warning("box %s: systemd did not start ssh.service within %.0f s", sandbox.name, systemd_cgroups.BOOT_S)
+
+    def _no_parents(self, reason: str) -> None:
+        log.warning("sandbox limits stay on each container from now on (%s)", reason)
+        self._parents = None
+        if self._systemd:
+            self._no_systemd("its cgroups are handed over from a per-box parent cgroup, and boxes have none now")
+
+    def _no_systemd(self, reason: str) -> None:
+        log.warning("boxes keep sandtrap's init, not systemd (%s)", reason)
+        self._systemd = False
+
+    async def _check_placement(self, sandbox: DockerSandbox, parent: str) -> bool:
+        """The box's processes are below its parent in every limiting hierarchy (else it would be unlimited)."""
+        info = await engine.call("inspect", sandbox._container().show(), 10)
+        pid = int((info.get("State") or {}).get("Pid") or 0)
+        try:
+            rows = (await asyncio.to_thread(Path(f"/proc/{pid}/cgroup").read_text)).splitlines() if pid > 0 else []
+        except OSError:
+            rows = []
+        where = {ctrl: path for _, ctrls, path in (r.split(":", 2) for r in rows) for ctrl in ctrls.split(",")}
+        wrong = [c for c in ParentCgroups.CONTROLLERS if not where.get(c, "").startswith(parent + "/")]
+        if wrong:
+            log.error("box %s is not below its parent cgroup %s for %s", sandbox.name, parent, ", ".join(wrong))
+        return not wrong
+
+    async def _seed(self, sandbox: DockerSandbox) -> None:
+        """Fill the writable tmpfs mounts with the image's files (owners, modes and times kept), then tell
+        init, which waits for them before it starts the box's daemons."""
+        if self._image_seed is None:
+            self._image_seed = await self._image_files()
+        data, fix_roots = self._image_seed
+        # --skip-old-files: what the box's init wrote at boot (/etc/machine-id) stays. The planted files
+        # (host keys) then replace the image's in the fresh mounts, before init starts the daemons.
+        script = f"tar -x -p --numeric-owner --skip-old-files -C / -f - && {fix_roots}"
+        await self._run_with_input(sandbox, script, data, "seeding the writable mounts")
+        if self._planted:
+            await self._run_with_input(sandbox, "tar -x -p --numeric-owner -C / -f -", self._planted, "planting files")
+        await self._run_with_input(sandbox, "kill -USR1 1", b"", "starting the daemons")  # init.c, wait_for_files
+        sandbox.seeded_at = time.time()
+
+    @staticmethod
+    async def _run_with_input(sandbox: DockerSandbox, script: str, data: bytes, what: str) -> None:
+        result = await run(sandbox, ["sh", "-c", script], data, max_output=4096)
+        if result.status.code != 0:
+            raise SandboxError(f"{what} failed ({result.status.code}): {result.stderr.decode(errors='replace')}")
+
+    async def _image_files(self) -> tuple[bytes, str]:
+        """The image's files under each writable path, read once from a container that never starts."""
+        s = self._settings
+        labels = box_labels(self._sensor, role="template")
+        config = create_config(s.model_copy(update={"read_only_root": False}), labels, self._seccomp)
+        name = f"sandtrap-{safe_name(self._sensor)}-t-{secrets.token_hex(4)}"
+        template = await engine.call("create template", self._client.containers.create(config, name=name))
+        try:
+            parts = {p: await engine.call(f"read {p} from the image", template.get_archive(p)) for p in s.writable}
+        finally:
+            await asyncio.shield(DockerSandbox(self._host, template.id, name).remove())
+        return seed_archive(parts)
+
+    def sandbox(self, container_id: str, name: str) -> DockerSandbox:
+        sandbox = DockerSandbox(self._host, container_id, name, tuple(self._settings.tmpfs))
+        self._share_relay(sandbox)
+        return sandbox
+
+    def _share_relay(self, sandbox: DockerSandbox) -> None:
+        """What the backend knows about the transport and the login's connection, given to one of its boxes."""
+        sandbox.init_refused = self._init_refused
+        sandbox.connection_in_box = self._settings.connection_in_box
+        sandbox.transparent_refused = self._transparent_refused
+
+    async def list_managed(self) -> list[SandboxInfo]:
+        """Every container of this sensor, with the state it is in now (and the parent cgroups of boxes that
+        are gone removed: a crash or a busy rmdir at stop leaves them)."""
+        if self._parents is not None:
+            await asyncio.to_thread(self._parents.sweep, set(self._creating))
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_SENSOR}={self._sensor}"]}
+        rows = await engine.call("list containers", self._client.containers.list(all=True, filters=filters))
+        out = []
+        for c in rows:
+            raw = c._container
+            labels: dict[str, str] = raw.get("Labels") or {}
+            name = (raw.get("Names") or ["/" + c.id[:12]])[0].lstrip("/")
+            running = raw.get("State") == "running"
+            is_session = bool(labels.get(LABEL_SESSION)) or "-s-" in name
+            state = ("active" if is_session else "warm") if running else "preserved"
+            released = None if running else await self._finished_at(c.id)
+            out.append(
+                SandboxInfo(
+                    id=c.id,
+                    name=name,
+                    state=state,  # type: ignore[arg-type]
+                    created=datetime.fromtimestamp(raw.get("Created", 0), UTC),
+                    session=labels.get(LABEL_SESSION, ""),
+                    src_ip=labels.get(LABEL_SRC_IP, ""),
+                    released=released,
+                    labels=labels,
+                )
+            )
+        return out
+
+    async def _finished_at(self, container_id: str) -> datetime | None:
+        try:
+            info = await engine.call("inspect", self._client.containers.container(container_id).show())
+        except SandboxError:
+            return None
+        return engine.parse_docker_time((info.get("State") or {}).get("FinishedAt") or "")
+
+    async def ping(self) -> None:
+        await engine.call("ping", self._client.version(), 5)
+
+    async def close(self) -> None:
+        if self._parents is not None:  # parents of boxes that are gone, and the sensor's directory if empty
+            await asyncio.to_thread(self._parents.sweep, set(self._creating), True)
+        # Exec streams still open (a task cancelled mid-session at shutdown) go back before the client does.
+        for proc in list(self._host.open_processes):
+            await proc.kill()
+        self._host.reads.close()
+        await engine.close(self._client)

@@ -1,0 +1,104 @@
+"""A ``docker exec`` as a :class:`~sandtrap.sandbox.base.Process`: aiodocker's hijacked stream, whose bounded
+queue pauses the socket, gives the bridge back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiodocker
+from aiodocker.execs import Exec
+from aiodocker.stream import Stream
+
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import Chunk, ExitStatus, TermSize, exit_status
+from sandtrap.sandbox.docker import engine
+
+log = logging.getLogger(__name__)
+
+
+class DockerProcess:
+    """A ``docker exec`` with its hijacked stream; output is bounded by aiodocker's flow-control queue."""
+
+    def __init__(self, execution: Exec, stream: Stream, tty: bool) -> None:
+        self._exec = execution
+        self._stream = stream
+        self._tty = tty
+        self._stdin_closed = False
+        self._status: ExitStatus | None = None
+
+    async def read(self) -> Chunk | None:
+        try:
+            msg = await self._stream.read_out()
+        except (aiodocker.DockerError, OSError) as exc:
+            log.debug("exec stream read ended: %r", exc)
+            return None
+        if msg is None:
+            return None
+        return Chunk(msg.stream, msg.data)
+
+    async def write(self, data: bytes) -> None:
+        if self._stdin_closed:
+            return
+        try:
+            await self._stream.write_in(data)
+        except (RuntimeError, OSError, AssertionError) as exc:
+            raise SandboxError(f"write to process stdin failed: {exc}") from exc
+
+    async def close_stdin(self) -> None:
+        """Half-close the hijacked connection: the engine turns it into EOF on the process's stdin."""
+        if self._stdin_closed:
+            return
+        self._stdin_closed = True
+        resp = self._stream._resp  # aiodocker keeps no public half-close; this is its own transport
+        conn = resp.connection if resp is not None else None
+        transport = conn.transport if conn is not None else None
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+
+    async def resize(self, size: TermSize) -> None:
+        if not self._tty:
+            return
+        try:
+            await engine.call("exec resize", self._exec.resize(h=size.rows, w=size.cols), 10)
+        except SandboxError as exc:
+            log.debug("resize ignored: %s", exc)
+
+    async def wait(self) -> ExitStatus:
+        if self._status is not None:
+            return self._status
+        deadline = time.monotonic() + 10.0
+        delay = 0.005
+        try:
+            while True:
+                info = await engine.call("exec inspect", self._exec.inspect(), 10)
+                if not info.get("Running") or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        finally:  # the stream is closed even when the engine is gone (an unclosed one warns when collected)
+            await self._close()
+        code = info.get("ExitCode")
+        self._status = exit_status(code if isinstance(code, int) else 255)
+        return self._status
+
+    async def kill(self) -> None:
+        await self._close()
+
+    def __del__(self) -> None:
+        # A process dropped without wait() or kill() (its task cancelled at shutdown, an error half-way):
+        # release its engine connection now rather than leave aiodocker to warn when it is collected.
+        stream = getattr(self, "_stream", None)
+        resp = getattr(stream, "_resp", None)
+        if stream is not None and resp is not None and not stream._closed:
+            stream._closed = True
+            with contextlib.suppress(Exception):
+                resp.close()
+
+    async def _close(self) -> None:
+        try:
+            await self._stream.close()
+        except Exception as exc:  # closing a broken stream must never break a session
+            log.debug("exec stream close: %r", exc)

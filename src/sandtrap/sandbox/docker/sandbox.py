@@ -1,0 +1,425 @@
+"""A Docker container as a :class:`~sandtrap.sandbox.base.Sandbox`: logins by the box's listener or ``docker
+exec``, files read on this host where the engine's storage is (else through the engine), changes from the
+overlay's upper directory."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import secrets
+import tarfile
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import (
+    Argv,
+    ChangedFile,
+    ClientAddress,
+    Features,
+    FileData,
+    Login,
+    ReadReport,
+    TermSize,
+    run,
+)
+from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker.process import DockerProcess
+from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
+from sandtrap.sandbox.host import broker, hostfs, relay
+from sandtrap.sandbox.host.cgroups import ParentCgroups
+from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoxHost:
+    """What a backend shares with its boxes: the engine client, the sensor, the processes to close with the
+    client, and the host's watch on reads."""
+
+    client: aiodocker.Docker
+    sensor: str
+    reads: OpenWatcher = field(default_factory=OpenWatcher)
+    open_processes: weakref.WeakSet[DockerProcess] = field(default_factory=weakref.WeakSet)
+
+
+@dataclass(frozen=True)
+class HostView:
+    """Where a running box's files are on this host (see :mod:`sandtrap.sandbox.host.hostfs`)."""
+
+    pid: int
+    mnt_ns: int  # the inode of pid 1's mount namespace: proves the pid was not reused
+    upper: str
+    lowers: list[str]
+    tmpfs: list[str]
+    volumes: list[str]
+    address: str = ""  # its eth0's IPv4 address (sandbox.network: internal), '' = none
+
+    @property
+    def root(self) -> str:
+        return f"/proc/{self.pid}/root"
+
+    def verify(self) -> bool:
+        try:
+            return Path(f"/proc/{self.pid}/ns/mnt").stat().st_ino == self.mnt_ns
+        except OSError:
+            return False
+
+    @classmethod
+    def from_inspect(cls, info: Mapping[str, Any]) -> HostView | None:
+        """None when the box is not running or its files are not on this host (a remote engine)."""
+        state = info.get("State") or {}
+        pid = int(state.get("Pid") or 0)
+        data = (info.get("GraphDriver") or {}).get("Data") or {}
+        if not state.get("Running") or pid <= 0 or not data.get("UpperDir"):
+            return None
+        try:
+            mnt_ns = Path(f"/proc/{pid}/ns/mnt").stat().st_ino
+        except OSError:
+            return None
+        return cls(
+            pid=pid,
+            mnt_ns=mnt_ns,
+            upper=str(data["UpperDir"]),
+            lowers=[p for p in str(data.get("LowerDir") or "").split(":") if p],
+            tmpfs=sorted((info.get("HostConfig") or {}).get("Tmpfs") or {}),
+            volumes=sorted(m["Destination"] for m in info.get("Mounts") or [] if m.get("Type") == "volume"),
+            address=next(
+                (
+                    str(n.get("IPAddress"))
+                    for n in ((info.get("NetworkSettings") or {}).get("Networks") or {}).values()
+                    if isinstance(n, Mapping) and n.get("IPAddress")
+                ),
+                "",
+            ),
+        )
+
+
+class DockerSandbox:
+    """A container of this sensor. Its backend shares with it what it knows of the host (``host``)."""
+
+    def __init__(self, host: BoxHost, container_id: str, name: str, tmpfs: tuple[str, ...] = ()) -> None:
+        self._box_host = host
+        self._client = host.client
+        self.id = container_id
+        self.name = name
+        self._tmpfs = tmpfs  # the engine's archive API cannot see into these mounts
+        self._scopes: set[asyncio.Task[None]] = set()  # logins being moved into their scope
+        self.seeded_at: float | None = None  # when DockerBackend filled the writable mounts (read_only_root)
+        self._host: HostView | None = None
+        self._host_checked = False
+        self.cgroup = ""  # the name of its parent cgroup, when the backend made one (limits_in_parent)
+        self.parents: ParentCgroups | None = None
+        # Why logins are not started by the box's listener (sandbox.session_transport: init), '' = they are.
+        self.init_refused = "session_transport is exec"
+        # A login's TCP connection shown in the box (sandbox.connection_in_box, see relay.py); why a client off
+        # loopback cannot have it ('' = it can: the host's rules for the transparent socket are in place).
+        self.connection_in_box = False
+        self.transparent_refused = "sandbox.network is none"
+
+    async def _host_view(self) -> HostView | None:
+        """The box's files on this host, looked up once (None: use the engine)."""
+        if not self._host_checked:
+            try:
+                info = await engine.call("inspect", self._container().show(), 10)
+            except SandboxError:
+                return None
+            self._host, self._host_checked = HostView.from_inspect(info), True
+        return self._host
+
+    def _container(self) -> aiodocker.containers.DockerContainer:
+        return self._client.containers.container(self.id)
+
+    @property
+    def features(self) -> Features:
+        return Features(
+            login_scopes=self.parents is not None and bool(self.cgroup),
+            connection_in_box=self.connection_in_box and not self.init_refused,
+        )
+
+    async def exec(
+        self,
+        argv: Argv,
+        *,
+        tty: TermSize | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str = "root",
+        workdir: str | None = None,
+        login: Login | None = None,
+    ) -> DockerProcess | broker.BrokerProcess:
+        proc = await self._start(argv, tty, env, user, workdir, login)
+        if login is not None and login.session_id is not None and self.features.login_scopes:
+            # the login's scope, as pam_systemd makes it (the session helper waits for it)
+            task = asyncio.get_running_loop().create_task(self._enter_scope(login.session_id, login.uid))
+            self._scopes.add(task)
+            task.add_done_callback(self._scopes.discard)
+        return proc
+
+    async def _start(
+        self,
+        argv: Argv,
+        tty: TermSize | None,
+        env: Mapping[str, str] | None,
+        user: str,
+        workdir: str | None,
+        login: Login | None,
+    ) -> DockerProcess | broker.BrokerProcess:
+        if login is not None and not self.init_refused:
+            started = await self._start_by_init(argv, tty, env, user, workdir, login.client)
+            if started is not None:
+                return started
+        container = self._container()
+        execution = await engine.call(
+            "exec create",
+            container.exec(
+                cmd=[a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in argv],  # the API takes text
+                stdout=True,
+                stderr=True,
+                stdin=True,
+                tty=tty is not None,
+                environment=dict(env) if env else None,
+                user=user,
+                workdir=workdir,
+            ),
+        )
+        stream = execution.start(detach=False)
+        try:
+            await engine.call("exec start", stream._init())
+        except BaseException:
+            await stream.close()
+            raise
+        proc = DockerProcess(execution, stream, tty is not None)
+        self._box_host.open_processes.add(proc)
+        if tty is not None:
+            await proc.resize(tty)
+        return proc
+
+    async def _start_by_init(
+        self,
+        argv: Argv,
+        tty: TermSize | None,
+        env: Mapping[str, str] | None,
+        user: str,
+        workdir: str | None,
+        client: ClientAddress | None = None,
+    ) -> broker.BrokerProcess | None:
+        """The process started by the box's listener (see :mod:`sandtrap.sandbox.host.broker`), or None (logged) when
+        it cannot be: the caller then uses ``docker exec``, so a session never fails because of this path."""
+        view = await self._host_view()
+        if view is not None and not view.verify():  # the box restarted: its pid 1 is another process now
+            self._host_checked = False
+            view = await self._host_view()
+        if view is None:
+            log.warning("login in %s by docker exec: the box's pid 1 is not visible on this host", self.name)
+            return None
+        plan: relay.RelayPlan | None = None
+        if client is not None and self.connection_in_box:
+            planned = relay.plan(client, view.address, self.transparent_refused)
+            if isinstance(planned, str):
+                relay.note(planned)
+            else:
+                plan = planned
+        try:
+            return await broker.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty, plan)
+        except broker.BrokerError as exc:
+            log.warning("login in %s by docker exec: the box's listener failed (%s)", self.name, exc)
+        except OSError as exc:
+            log.warning("login in %s by docker exec: %r", self.name, exc)
+        return None
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
+        p = Path(path)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(p.name)
+            info.size = len(data)
+            info.mode = mode
+            info.mtime = int(mtime if mtime is not None else time.time())
+            tar.addfile(info, io.BytesIO(data))
+        await engine.call("put archive", self._container().put_archive(str(p.parent), buf.getvalue()))  # type: ignore[no-untyped-call]
+
+    async def get_file(self, path: str, max_bytes: int) -> FileData | None:
+        view = await self._host_view()
+        if view is not None:
+            try:
+                return await asyncio.to_thread(hostfs.read_file, view.root, path, max_bytes, view.verify)
+            except (hostfs.NeedEngine, OSError) as exc:
+                log.debug("reading %s from the host: %s; asking the engine", path, exc)
+        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in self._tmpfs):
+            return await self._read_by_exec(path, max_bytes)
+        stat = await self._stat(path)
+        if stat is None:
+            return None
+        mode = int(stat.get("mode", 0))
+        size = int(stat.get("size", 0))
+        # Go's os.FileMode: the type bits sit above the permission bits (dir 1<<31, symlink 1<<27, ...).
+        is_regular = mode & 0xFFFFFE00 == 0
+        data = None
+        if is_regular and size <= max_bytes:
+            tar = await engine.call("get archive", self._container().get_archive(path))
+            try:
+                with tar:
+                    member = tar.next()
+                    if member is not None and member.isfile() and member.size <= max_bytes:
+                        f = tar.extractfile(member)
+                        data = f.read() if f is not None else None
+            except (tarfile.TarError, OSError) as exc:  # e.g. the file changed while the engine read it
+                raise SandboxError(f"reading {path!r}: {exc}") from exc
+        return FileData(path=path, size=size, mode=mode & 0o7777, is_regular=is_regular, data=data)
+
+    async def _read_by_exec(self, path: str, max_bytes: int) -> FileData | None:
+        """Stat and read through the box's own tools (tmpfs mounts); content bounded by ``head -c``."""
+        script = 'stat -L -c "%s %f" -- "$1" && if [ -f "$1" ]; then head -c "$2" -- "$1"; fi'
+        result = await run(self, ["sh", "-c", script, "sh", path, str(max_bytes + 1)], max_output=max_bytes + 64)
+        if result.status.code != 0 or b"\n" not in result.stdout:
+            return None
+        head, _, body = result.stdout.partition(b"\n")
+        try:
+            size_text, mode_hex = head.decode().split()
+            size, raw_mode = int(size_text), int(mode_hex, 16)
+        except ValueError:
+            return None
+        is_regular = raw_mode & 0o170000 == 0o100000
+        data = body if is_regular and size <= max_bytes and len(body) == size else None
+        return FileData(path=path, size=size, mode=raw_mode & 0o7777, is_regular=is_regular, data=data)
+
+    async def _stat(self, path: str) -> dict[str, Any] | None:
+        """The engine's stat of a path (HEAD on the archive endpoint): no content is transferred."""
+
+        async def head() -> dict[str, Any] | None:
+            try:
+                async with self._client._query(
+                    f"containers/{self.id}/archive", method="HEAD", params={"path": path}
+                ) as resp:
+                    header = resp.headers.get("X-Docker-Container-Path-Stat", "")
+                    return json.loads(base64.b64decode(header)) if header else None
+            except ValueError:
+                # An error answer to HEAD has no body for the client to parse: the path is not there.
+                return None
+
+        try:
+            return await engine.call("stat", head())
+        except engine.NotFound:
+            return None
+
+    async def changed_files(self) -> list[ChangedFile]:
+        """What the box changed: read on this host when its files are here, else through the engine."""
+        info = await engine.call("inspect", self._container().show())
+        view = HostView.from_inspect(info)
+        self._host, self._host_checked = view, True
+        if view is not None:
+            try:
+                return await asyncio.to_thread(self._changed_on_host, view)
+            except (hostfs.NeedEngine, OSError) as exc:
+                log.info("changed files from the host failed (%s); asking the engine", exc)
+        return await self._changed_by_engine()
+
+    def _changed_on_host(self, view: HostView) -> list[ChangedFile]:
+        out = hostfs.upper_changes(view.upper, view.lowers)
+        for mount in view.tmpfs:
+            out += [ChangedFile(p, "A") for p in hostfs.new_files(view.root, mount, None, view.verify)]
+        for mount in view.volumes:
+            found = hostfs.new_files(view.root, mount, self.seeded_at, view.verify)
+            out += [ChangedFile(p, "C") for p in found if p.lstrip("/") not in ENGINE_FILES]
+        return out
+
+    async def _changed_by_engine(self) -> list[ChangedFile]:
+        """The engine's diff against the image, plus regular files in the tmpfs mounts it cannot see."""
+        raw = await engine.call("container changes", self._client._query_json(f"containers/{self.id}/changes"))
+        out = [ChangedFile(c["Path"], CHANGE_KIND.get(c["Kind"], "C")) for c in raw or []]  # type: ignore[arg-type]
+        info = await engine.call("inspect", self._container().show())
+        running = info.get("State", {}).get("Running")
+        tmpfs = sorted((info.get("HostConfig") or {}).get("Tmpfs") or {})
+        if tmpfs and running:
+            out += [ChangedFile(p, "A") for p in await self._find([*tmpfs, "-xdev", "-type", "f"])]
+        # The writable mounts of a read-only root: what changed after seeding (ctime cannot be set back).
+        volumes = sorted(m["Destination"] for m in info.get("Mounts") or [] if m.get("Type") == "volume")
+        if volumes and running:
+            since = ["-newerct", f"@{self.seeded_at:.6f}"] if self.seeded_at is not None else []
+            found = await self._find([*volumes, "-xdev", "-type", "f", *since])
+            out += [ChangedFile(p, "C") for p in found if p.lstrip("/") not in ENGINE_FILES]
+        return out
+
+    async def _find(self, args: list[str]) -> list[str]:
+        result = await run(self, ["find", *args])
+        return [line for line in result.stdout.decode("utf-8", "surrogateescape").splitlines() if line]
+
+    async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> OpenWatch | None:
+        """Opens seen by inotify on the overlay's ``merged`` directory, when the engine's storage is on this host."""
+        try:
+            info = await engine.call("inspect", self._container().show(), 10)
+        except SandboxError:
+            return None
+        merged = ((info.get("GraphDriver") or {}).get("Data") or {}).get("MergedDir")
+        if not merged:
+            return None
+        return self._box_host.reads.watch(Path(merged), paths, report)
+
+    async def claim(self, session: str, src_ip: str) -> None:
+        """Docker labels are immutable: a warm box takes the session into its name instead."""
+        new = f"{box_name(self._box_host.sensor, session)}-{secrets.token_hex(2)}"
+        await engine.call("rename", self._container().rename(new), 10)
+        self.name = new
+
+    async def is_running(self) -> bool:
+        try:
+            info = await engine.call("inspect", self._container().show(), 10)
+        except engine.NotFound:
+            return False
+        return bool(info.get("State", {}).get("Running"))
+
+    async def stop(self) -> None:
+        try:
+            await engine.call("stop", self._container().stop(t=2), 30)
+        except (engine.NotFound, engine.NotModified):
+            pass
+        await self._drop_parent()
+
+    async def remove(self) -> None:
+        try:
+            await engine.call("remove", self._container().delete(force=True, v=True), 30)
+        except (engine.NotFound, engine.Conflict):
+            pass
+        await self._drop_parent()
+
+    async def network_address(self) -> str:
+        """The box's eth0 IPv4 address (sandbox.network: internal), from the engine's inspect (cached); ''."""
+        view = await self._host_view()
+        return view.address if view is not None else ""
+
+    async def _enter_scope(self, session_id: int, uid: int) -> None:
+        """Move the processes of login ``session_id`` (``XDG_SESSION_ID``) below the box's cgroup, where
+        pam_systemd puts a login (``user.slice/user-<uid>.slice/session-<n>.scope``). Only with a parent
+        cgroup (limits_in_parent); a failure costs realism, never the session."""
+        if self.parents is None or not self.cgroup:
+            return
+        unit = f"user.slice/user-{uid}.slice/session-{session_id}.scope"
+        marker = f"XDG_SESSION_ID={session_id}".encode()
+        try:
+            moved = await asyncio.to_thread(self.parents.join, self.cgroup, self.id, unit, marker)
+        except (OSError, ValueError) as exc:
+            log.debug("session scope %s not entered: %s", unit, exc)
+            return
+        if not moved:
+            log.debug("session scope %s: no process of the login found", unit)
+
+    async def _drop_parent(self) -> None:
+        """The parent cgroup goes with the box. The engine removes the box's own cgroup just after the stop
+        returns: wait for that (3 s at most; else the backend's sweep removes it later)."""
+        if self.parents is None or not self.cgroup:
+            return
+        for _ in range(30):
+            if await asyncio.to_thread(self.parents.remove, self.cgroup):
+                self.cgroup = ""
+                return
+            await asyncio.sleep(0.1)
