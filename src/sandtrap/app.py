@@ -16,7 +16,8 @@ from sandtrap.api.app import create_app
 from sandtrap.api.deps import ApiDeps
 from sandtrap.api.server import ApiServer, check_exposure
 from sandtrap.bridge.artifacts import ArtifactStore
-from sandtrap.bridge.sessions import SessionManager
+from sandtrap.bridge.connection import Hub
+from sandtrap.bridge.sessions import Prepared, SessionManager
 from sandtrap.config import Settings
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.outputs.database import DatabaseSink
@@ -52,7 +53,7 @@ def build_backend(settings: Settings) -> SandboxBackend:
 class Services:
     settings: Settings
     backend: SandboxBackend
-    pool: Pool
+    pool: Pool[Prepared]
     bus: EventBus
     manager: SessionManager
     ssh: SSHFrontEnd
@@ -74,7 +75,7 @@ async def running(
     check_exposure(settings)  # ConfigError: a non-loopback api.listen needs api.token
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     backend = build_backend(settings)
-    pool = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
+    pool: Pool[Prepared] = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
     bus = EventBus()
     for sink in sinks or []:
         bus.add_sink(sink)
@@ -110,14 +111,23 @@ async def running(
     for sid in await asyncio.to_thread(repository.close_crashed_sessions, now, settings.sensor):
         log.warning("session %s was left open by a previous run: closed as crash", sid)
         Emitter(bus, settings.sensor, sid, "", 0, "", 0, uuid).emit(SESSION_CRASHED, reason="crash")
-    ctx = ServerContext(
-        settings, AuthPolicy(settings.auth), manager, bus, artifacts, sensor_uuid=uuid, recording=recording
+    hub = Hub(
+        manager,
+        bus,
+        artifacts,
+        settings.limits,
+        settings.recording,
+        settings.data_dir,
+        settings.sensor,
+        sensor_uuid=uuid,
+        health=recording,
     )
+    ctx = ServerContext(hub, settings.ssh, settings.auth, AuthPolicy(settings.auth))
     ssh = SSHFrontEnd(ctx, settings.data_dir)
     api_deps = ApiDeps(
         settings,
         repository,
-        live=ctx.live,
+        live=hub.live,
         pool_stats=pool.stats,
         engine_ping=backend.ping,
         storage_status=database.status,
@@ -138,7 +148,7 @@ async def running(
         log.info("shutting down: closing listeners, stopping sandboxes")
         await asyncio.shield(api.close())
         await asyncio.shield(ssh.close())
-        await asyncio.shield(ctx.drain())
+        await asyncio.shield(hub.drain())
         await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
         await backend.close()

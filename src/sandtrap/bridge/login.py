@@ -162,7 +162,7 @@ def login_env(
     return env
 
 
-def _with_env(env: Mapping[str, str], argv: list[str]) -> list[str]:
+def _with_env(env: Mapping[str, str], argv: Sequence[str | bytes]) -> list[str | bytes]:
     # `env -i` drops what the engine adds to every exec (HOSTNAME, the image's own variables).
     return ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
 
@@ -172,16 +172,16 @@ def _helper(
     peer: Peer,
     method: str | None,
     failures: Sequence[FailedLogin],
-    command: str | None,
+    command: str | bytes | None,
     scope: bool = False,
-) -> list[str]:
+) -> list[str | bytes]:
     """``sshd-session [-s] [-f TIME:METHOD:USER]... -- USER IP PORT METHOD [COMMAND]`` (see session.c).
 
     ``method`` None: a later channel of a connection whose login the helper has logged already
     (METHOD ``-``: no second ``Accepted`` line). ``failures``: the wrong passwords tried before.
     ``scope``: the backend moves the helper into its session scope; it waits for that before forking.
     """
-    argv = [SESSION_HELPER, "-s"] if scope else [SESSION_HELPER]
+    argv: list[str | bytes] = [SESSION_HELPER, "-s"] if scope else [SESSION_HELPER]
     for f in failures[-MAX_FAILED_LOGGED:]:
         if "\0" not in f.username:
             argv += ["-f", f"{f.time:.6f}:{f.method}:{f.username}"]
@@ -196,7 +196,7 @@ def shell_argv(
     method: str | None,
     failures: Sequence[FailedLogin] = (),
     scope: bool = False,
-) -> list[str]:
+) -> list[str | bytes]:
     """An interactive (or, without a pty, a plain) login shell, as sshd starts it."""
     return _with_env(env, _helper(account, peer, method, failures, None, scope))
 
@@ -206,11 +206,12 @@ def exec_argv(
     env: Mapping[str, str],
     peer: Peer,
     method: str | None,
-    command: str,
+    command: str | bytes,
     failures: Sequence[FailedLogin] = (),
     scope: bool = False,
-) -> list[str]:
-    """``$SHELL -c COMMAND`` as the user, under an ``sshd: user@notty`` parent, as sshd runs it."""
+) -> list[str | bytes]:
+    """``$SHELL -c COMMAND`` as the user, under an ``sshd: user@notty`` parent, as sshd runs it. ``command`` as
+    bytes where it is not UTF-8: a backend that carries bytes runs exactly what the client sent."""
     return _with_env(env, _helper(account, peer, method, failures, command, scope))
 
 
@@ -220,5 +221,5 @@ def close_argv(account: Account, peer: Peer) -> list[str]:
     return [SESSION_HELPER, "-x", "--", account.name, peer.src_ip, str(peer.src_port), "-"]
 
 
-def sftp_argv(env: Mapping[str, str]) -> list[str]:
+def sftp_argv(env: Mapping[str, str]) -> list[str | bytes]:
     return _with_env(env, [SFTP_SERVER])

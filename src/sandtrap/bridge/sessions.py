@@ -76,7 +76,7 @@ class Lease:
 
 
 class SessionManager:
-    def __init__(self, pool: Pool, sandbox: SandboxSettings, limits: LimitsSettings, honeytokens: bool = True) -> None:
+    def __init__(self, pool: Pool[Prepared], sandbox: SandboxSettings, limits: LimitsSettings, honeytokens: bool = True) -> None:
         self._pool = pool
         self._honeytokens = honeytokens
         self.watcher = ReadWatcher()
@@ -174,7 +174,7 @@ class SessionManager:
     async def _prepared(self, sandbox: Sandbox) -> Prepared:
         """What was done to this box while it was warm; honeytokens planted now if it came cold."""
         prepared = self._pool.take_prepared(sandbox.id)
-        if isinstance(prepared, Prepared):
+        if prepared is not None:
             return prepared
         return Prepared(await self._plant_new(sandbox))
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 ledger_errors = RateLimited(log)
 
 Progress = Callable[[int, int], None]
+
+P = TypeVar("P")
+# Work done on a box while it waits warm, its result kept for the session that takes the box. Given by the
+# layer above (the bridge plants honeytokens and reads the box's accounts); the pool knows only its type.
+WarmStep = Callable[[Sandbox], Awaitable[P]]
 
 
 class Ledger:
@@ -76,8 +81,14 @@ def _when(value: Any) -> datetime | None:
 SWEEP_INTERVAL_S = 60.0  # how often running boxes nobody tracks are looked for
 
 
-class Pool:
-    def __init__(self, backend: SandboxBackend, settings: SandboxSettings, state_dir: Path) -> None:
+class Pool(Generic[P]):
+    def __init__(
+        self,
+        backend: SandboxBackend,
+        settings: SandboxSettings,
+        state_dir: Path,
+        prepare: WarmStep[P] | None = None,
+    ) -> None:
         self._backend = backend
         self._settings = settings
         self._ledger = Ledger(state_dir)
@@ -89,9 +100,8 @@ class Pool:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._assigning: set[str] = set()  # taken from the warm list, not yet active
-        # Work done on a box while it waits warm (e.g. planting honeytokens), its result kept for its session.
-        self.prepare: Callable[[Sandbox], Awaitable[Any]] | None = None
-        self._prepared: dict[str, Any] = {}
+        self.prepare: WarmStep[P] | None = prepare
+        self._prepared: dict[str, P] = {}
         self.start_failures = 0
         self.on_demand_creations = 0
         self.stop_retries = 0  # stops that failed at release and were retried in the background
@@ -374,7 +384,7 @@ class Pool:
             return
         self._warm.append(sandbox)
 
-    def take_prepared(self, sandbox_id: str) -> Any:
+    def take_prepared(self, sandbox_id: str) -> P | None:
         """What :attr:`prepare` made for this box while it was warm (None: nothing, prepare it now)."""
         return self._prepared.pop(sandbox_id, None)
 

@@ -10,21 +10,16 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 
-from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
-from sandtrap.bridge.live import LiveHub
-from sandtrap.bridge.login import MAX_FAILED_LOGGED, Account, FailedLogin, Peer, close_argv
-from sandtrap.bridge.proxy import Usage
-from sandtrap.bridge.sessions import Lease, SessionManager
-from sandtrap.config import Settings, split_listen
-from sandtrap.errors import SandboxError
+from sandtrap.bridge.channel import Channel
+from sandtrap.bridge.connection import Connection, Hub, printable
+from sandtrap.config import AuthSettings, SSHSettings, split_listen
 from sandtrap.events import (
     AGENT_REQUEST,
     AUTH_TOO_MANY,
@@ -33,25 +28,11 @@ from sandtrap.events import (
     CLIENT_VERSION,
     DIRECT_TCPIP_REQUEST,
     FORWARD_REQUEST,
-    HONEYTOKEN_ISSUED,
-    HONEYTOKEN_READ,
-    LIMIT_HIT,
     LOGIN_FAILED,
     LOGIN_SUCCESS,
-    SANDBOX_ASSIGNED,
-    SANDBOX_RELEASED,
-    SANDBOX_UNAVAILABLE,
-    SESSION_CLOSED,
-    SESSION_CONNECT,
-    SESSION_FILE_CHANGED,
     X11_REQUEST,
     Emitter,
-    EventBus,
-    new_session_id,
 )
-from sandtrap.logs import RateLimited, session_context
-from sandtrap.outputs.recording import RecordingHealth
-from sandtrap.sandbox.base import run
 from sandtrap.ssh.algorithms import (
     COMPRESSION_ALGS,
     ENCRYPTION_ALGS,
@@ -61,88 +42,45 @@ from sandtrap.ssh.algorithms import (
     host_key_pairs,
 )
 from sandtrap.ssh.auth import AttemptState, AuthPolicy
+from sandtrap.ssh.channels import ChannelBridge
 from sandtrap.ssh.hostkeys import host_key_dir, load_host_keys
 from sandtrap.ssh.kex import kex_event_fields, parse_kexinit
 from sandtrap.ssh.wire import imitate_sshd
 
 log = logging.getLogger(__name__)
-refusals = RateLimited(log)  # floods of refused connections log a line a minute, not a line each
 
 DISC_PROTOCOL_ERROR = 2
 DISC_BY_APPLICATION = 11
 
 
-def printable(text: str | bytes, limit: int = 512) -> str:
-    """Escape non-printables the way Cowrie does for client versions; bound the length."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "backslashreplace")
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")
-
-
 @dataclass
 class ServerContext:
-    """What every connection shares: settings, policy, session manager, event bus, artifact store."""
+    """What every SSH connection shares: the bridge's hub, the SSH and auth settings, the auth policy."""
 
-    settings: Settings
+    hub: Hub
+    ssh: SSHSettings
+    auth: AuthSettings
     policy: AuthPolicy
-    manager: SessionManager
-    bus: EventBus
-    artifacts: ArtifactStore
-    live: LiveHub = field(default_factory=LiveHub)
-    sensor_uuid: str = ""
-    recording: RecordingHealth | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    connections: set[ConnectionHandler] = field(default_factory=set)
-    all_closed: asyncio.Event = field(default_factory=asyncio.Event)
-    engine_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
-    # Stops of released boxes, bounded on their own: a burst of them (a stop takes up to 2 s when shells
-    # ignore SIGTERM) must not hold up the next sessions' file collection and closing records.
-    stop_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """A background task that outlives its connection's callbacks (kept until done)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def drain(self, timeout_s: float = 30.0) -> None:
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout_s)
 
 
 class ConnectionHandler(asyncssh.SSHServer):
+    """asyncssh's hooks for one TCP connection; its life (sandbox, limits, records) is the bridge's Connection."""
+
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.session = new_session_id()
-        self.emitter: Emitter | None = None
         self.conn: asyncssh.SSHServerConnection | None = None
-        self.src_ip = ""
-        self.src_port = 0
-        self.dst_ip = ""
-        self.dst_port = 0
-        self.username = ""
-        self.password: str | None = None
-        self.auth_method = "password"  # as sshd names it in "Accepted <method> for ..."
-        self.failed_logins: deque[FailedLogin] = deque(maxlen=MAX_FAILED_LOGGED)  # for the box's auth.log
-        # The connection's login session in the box (XDG_SESSION_ID), set by its first shell or exec channel,
-        # whose helper logs "Accepted"; the account it logged in, for the closing lines (_log_close).
-        self.login_id: int | None = None
-        self.login_account: Account | None = None
-        self.close_reason = ""
-        self.started = time.monotonic()
-        self._admitted = False
+        self.link: Connection | None = None
         self._attempts = AttemptState()
         self._tries = 0
         self._kex_emitted = False
-        self._lease_task: asyncio.Task[Lease] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
         self._channels = 0
-        self.usage = Usage()
-        self.artifacts = SessionArtifacts(ctx.artifacts, ctx.settings.recording)
-        self._pending: set[asyncio.Task[None]] = set()
         self._keys_seen: set[tuple[str, str]] = set()
         self._pending_key: dict[str, str] | None = None
+
+    @property
+    def emitter(self) -> Emitter:
+        assert self.link is not None
+        return self.link.emitter
 
     # -- connection life cycle ----------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -150,183 +88,22 @@ class ConnectionHandler(asyncssh.SSHServer):
         imitate_sshd(conn)  # answer on the wire as sshd 9.2p1 does before login (ssh/wire.py)
         peer = conn.get_extra_info("peername") or ("", 0)
         sock = conn.get_extra_info("sockname") or ("", 0)
-        self.src_ip, self.src_port = str(peer[0]), int(peer[1])
-        self.dst_ip, self.dst_port = str(sock[0]), int(sock[1])
-        if self.src_ip.startswith("::ffff:"):
-            self.src_ip = self.src_ip[7:]
-        self.emitter = Emitter(
-            self.ctx.bus,
-            self.ctx.settings.sensor,
-            self.session,
-            self.src_ip,
-            self.src_port,
-            self.dst_ip,
-            self.dst_port,
-            self.ctx.sensor_uuid,
-        )
-        session_context.set(f"{self.session} {self.src_ip}")
-        self.emitter.emit(SESSION_CONNECT)
-        refused = self.ctx.manager.admit(self.src_ip)
-        if refused is not None:
-            self.emitter.emit(LIMIT_HIT, limit=refused, value=1)
-            self.close_reason = refused
-            refusals.log(logging.INFO, refused, "connection from %s refused: %s", self.src_ip, refused)
+        self.link = Connection(self.ctx.hub, (str(peer[0]), int(peer[1])), (str(sock[0]), int(sock[1])), conn.close)
+        if not self.link.open():
             conn.abort()
             return
-        self._admitted = True
-        self.ctx.connections.add(self)
         # Refusals asyncssh does itself, made visible: X11 and agent forwarding requests.
         conn.attach_x11_listener = self._refuse_x11  # type: ignore[method-assign,assignment]
         conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if not self.close_reason:
-            self.close_reason = "client_closed" if exc is None else f"error: {printable(str(exc), 200)}"
         self._emit_kex()
-        duration = time.monotonic() - self.started
-        if self._admitted:
-            self.ctx.manager.leave(self.src_ip)
-            self._admitted = False
-        self.ctx.connections.discard(self)
-        if not self.ctx.connections:
-            self.ctx.all_closed.set()
-        self.ctx.spawn(self._finish(duration))
-
-    def track(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Work that must finish before the session's closing record (e.g. storing uploads)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _finish(self, duration: float) -> None:
-        """After the connection: collect what the session left in its box, close the record, release.
-
-        Each step is guarded on its own: nothing that goes wrong collecting files may cost the
-        session its closing record or leak its sandbox.
-        """
-        session_context.set(f"{self.session} {self.src_ip}")
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=120)
-        lease = None
-        if self._lease_task is not None:
-            try:
-                lease = await self._lease_task
-            except (Exception, asyncio.CancelledError):  # recorded where it failed; the close record still comes
-                lease = None
-        if lease is not None and self.login_account is not None:
-            await self._log_close(lease)
-        if lease is not None and self.emitter is not None:
-            # Our own reads of the box's files (artifact collection) are not the attacker's.
-            self.ctx.manager.watcher.report_to(lease.sandbox.id, None)
-            try:
-                async with self.ctx.engine_work:  # a burst of closing sessions must not swamp the engine
-                    await self.artifacts.collect_changes(lease.sandbox, self._reporter(SESSION_FILE_CHANGED))
-            except Exception:
-                log.exception("collecting changed files failed")
-        if self.emitter is not None:
-            self.emitter.emit(
-                SESSION_CLOSED,
-                duration=f"{duration:.1f}",
-                duration_ms=int(duration * 1000),
-                reason=self.close_reason,
-                bytes_in=self.usage.bytes_in,
-                bytes_out=self.usage.bytes_out,
-            )
-        if lease is not None:
-            try:
-                async with self.ctx.stop_work:
-                    released = await self.ctx.manager.end(lease)
-                if released and self.emitter is not None:
-                    self.emitter.emit(SANDBOX_RELEASED, sandbox_id=lease.sandbox.id, sandbox_name=lease.sandbox.name)
-            except Exception:
-                log.exception("releasing the sandbox failed")
-
-    async def _log_close(self, lease: Lease) -> None:
-        """sshd's lines for the end of the connection, once, in the box's auth.log (session.c, -x)."""
-        assert self.login_account is not None
-        argv = close_argv(self.login_account, Peer(self.src_ip, self.src_port, self.dst_ip, self.dst_port))
-        try:
-            async with self.ctx.engine_work:
-                await run(lease.sandbox, argv, timeout_s=10)
-        except (SandboxError, TimeoutError) as exc:  # a box that died or hangs: nothing more to log there
-            log.info("closing lines not logged in the box: %s", exc)
-
-    def _reporter(self, eventid: str) -> Callable[..., object]:
-        assert self.emitter is not None
-        emit = self.emitter.emit
-
-        def report(**fields: object) -> object:
-            return emit(eventid, **fields)
-
-        return report
-
-    def end(self, reason: str, value: object = "", limit: bool = True) -> None:
-        """Close the connection on purpose (a limit, shutdown), recording why."""
-        if self.close_reason:
-            return
-        self.close_reason = reason
-        if self.emitter is not None and limit:
-            self.emitter.emit(LIMIT_HIT, limit=reason, value=value)
-        log.info("closing connection: %s", reason)
-        if self.conn is not None:
-            self.conn.close()
-
-    async def _watch(self) -> None:
-        limits = self.ctx.settings.limits
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            if now - self.started > limits.max_duration_s:
-                return self.end("max_duration_s", limits.max_duration_s)
-            if self._lease_task is not None and now - self.usage.last_activity > limits.idle_timeout_s:
-                return self.end("idle_timeout_s", limits.idle_timeout_s)
-            if self.usage.bytes_in > limits.max_bytes_in:
-                return self.end("max_bytes_in", self.usage.bytes_in)
-            if self.usage.bytes_out > limits.max_bytes_out:
-                return self.end("max_bytes_out", self.usage.bytes_out)
-
-    # -- the sandbox this connection uses -------------------------------------------------------------
-    def lease(self) -> asyncio.Future[Lease]:
-        """The connection's sandbox; the first call starts the acquisition, later ones share it."""
-        if self._lease_task is None:
-            self._lease_task = asyncio.get_running_loop().create_task(self._acquire())
-            # Its failure is recorded and handled by whoever awaits it; never "exception never retrieved".
-            self._lease_task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return asyncio.shield(self._lease_task)
-
-    def _start_lease(self) -> None:
-        """Start the acquisition now without waiting for it (its shield is not awaited by anyone)."""
-        self.lease().add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    async def _acquire(self) -> Lease:
-        assert self.emitter is not None
-        try:
-            lease = await self.ctx.manager.lease(self.session, self.src_ip)
-        except SandboxError as exc:
-            self.emitter.emit(SANDBOX_UNAVAILABLE, reason=printable(str(exc), 300))
-            refusals.log(logging.WARNING, "no-sandbox", "no sandbox for a session: %s", exc)
-            raise
-        self.emitter.emit(
-            SANDBOX_ASSIGNED,
-            sandbox_id=lease.sandbox.id,
-            sandbox_name=lease.sandbox.name,
-            acquire_ms=round(lease.acquire_ms, 1),
-            reused=lease.reused,
-        )
-        for token in lease.tokens:  # the session's record names every lure value it was given
-            self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
-        emit = self.emitter.emit
-        self.ctx.manager.watcher.report_to(
-            lease.sandbox.id, lambda kind, path: emit(HONEYTOKEN_READ, kind=kind, path=path)
-        )
-        return lease
+        if self.link is not None:
+            self.link.lost(None if exc is None else str(exc))
 
     # -- auth ---------------------------------------------------------------------------------------
     def _emit_kex(self) -> None:
-        if self._kex_emitted or self.conn is None or self.emitter is None:
+        if self._kex_emitted or self.conn is None or self.link is None:
             return
         self._kex_emitted = True
         version = self.conn.get_extra_info("client_version") or ""
@@ -347,7 +124,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         return True
 
     def kbdint_auth_supported(self) -> bool:
-        return self.ctx.settings.auth.keyboard_interactive  # Debian: KbdInteractiveAuthentication no
+        return self.ctx.auth.keyboard_interactive  # Debian: KbdInteractiveAuthentication no
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -367,26 +144,26 @@ class ConnectionHandler(asyncssh.SSHServer):
 
     async def _pam_delay(self, accepted: bool) -> None:
         """Answer when sshd with PAM would: a timer, not a busy wait (an instant answer is a tell)."""
-        auth = self.ctx.settings.auth
+        auth = self.ctx.auth
         base = auth.success_delay_s if accepted else auth.failure_delay_s
         if base > 0:
             await asyncio.sleep(base * random.uniform(0.75, 1.25))
 
     def _check_password(self, username: str, password: str, method: str) -> bool:
-        assert self.emitter is not None
-        decision = self.ctx.policy.check_password(self._attempts, self.src_ip, username, password)
+        link = self.link
+        assert link is not None
+        decision = self.ctx.policy.check_password(self._attempts, link.src_ip, username, password)
         name = printable(username, 256)
         event = LOGIN_SUCCESS if decision.accepted else LOGIN_FAILED
         self.emitter.emit(
             event, username=name, password=printable(password, 256), method=method, reason=decision.reason
         )
-        if decision.accepted:
-            self.username, self.password = username, password
-            self.auth_method = "password" if method == "password" else "keyboard-interactive/pam"
-            self._start_lease()  # start acquiring now: the box is ready by the time the channel asks
-            return True
         sshd_method = "password" if method == "password" else "keyboard-interactive/pam"
-        self.failed_logins.append(FailedLogin(time.time(), username, sshd_method))
+        if decision.accepted:
+            link.username, link.password, link.auth_method = username, password, sshd_method
+            link.start_lease()  # start acquiring now: the box is ready by the time the channel asks
+            return True
+        link.login_failed(username, sshd_method)
         self._count_failure(name)
         return False
 
@@ -395,7 +172,8 @@ class ConnectionHandler(asyncssh.SSHServer):
 
         Success is recorded in :meth:`auth_completed`, after asyncssh has checked the signature.
         """
-        assert self.emitter is not None
+        link = self.link
+        assert link is not None
         fields = {
             "username": printable(username, 256),
             "fingerprint": key.get_fingerprint("md5").removeprefix("MD5:"),
@@ -408,11 +186,10 @@ class ConnectionHandler(asyncssh.SSHServer):
         if first_time and len(self._keys_seen) < 100:
             self._keys_seen.add(seen)
             self.emitter.emit(CLIENT_FINGERPRINT, **fields)
-        decision = self.ctx.policy.check_publickey(self._attempts, self.src_ip, username)
+        decision = self.ctx.policy.check_publickey(self._attempts, link.src_ip, username)
         if decision.accepted:
             self._pending_key = fields
-            self.username, self.password = username, None
-            self.auth_method = "publickey"
+            link.username, link.password, link.auth_method = username, None, "publickey"
             return True
         if first_time:
             self.emitter.emit(LOGIN_FAILED, method="publickey", **fields)
@@ -420,27 +197,25 @@ class ConnectionHandler(asyncssh.SSHServer):
         return False
 
     def auth_completed(self) -> None:
-        if self._pending_key is not None and self.emitter is not None:
+        if self._pending_key is not None and self.link is not None:
             self.emitter.emit(LOGIN_SUCCESS, method="publickey", **self._pending_key)
-            self._start_lease()
+            self.link.start_lease()
 
     def _count_failure(self, name: str) -> None:
         self._tries += 1
-        if self._tries >= self.ctx.settings.ssh.max_auth_tries and self.conn is not None:
-            assert self.emitter is not None
+        if self._tries >= self.ctx.ssh.max_auth_tries and self.conn is not None and self.link is not None:
             self.emitter.emit(AUTH_TOO_MANY, username=name, attempts=self._tries)
-            self.close_reason = "max_auth_tries"
+            self.link.close_reason = "max_auth_tries"
             self.conn.disconnect(DISC_PROTOCOL_ERROR, "Too many authentication failures")
 
     # -- channels and refusals --------------------------------------------------------------------
     def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
-        from sandtrap.ssh.channels import ChannelBridge
-
+        assert self.link is not None
         self._channels += 1
-        return ChannelBridge(self, self._channels - 1)
+        channel = Channel(self.link, self._channels - 1, self.ctx.ssh.advertised_port)
+        return ChannelBridge(channel, self.ctx.ssh.max_env_vars)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
-        assert self.emitter is not None
         self.emitter.emit(
             DIRECT_TCPIP_REQUEST,
             dst_ip=printable(dest_host, 256),
@@ -452,17 +227,16 @@ class ConnectionHandler(asyncssh.SSHServer):
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed")
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        assert self.emitter is not None
         self.emitter.emit(FORWARD_REQUEST, kind="remote", dst_ip=printable(listen_host, 256), dst_port=listen_port)
         return False
 
     async def _refuse_x11(self, *_: Any) -> None:
-        if self.emitter is not None:
+        if self.link is not None:
             self.emitter.emit(X11_REQUEST, channel=-1)
         return None
 
     async def _refuse_agent(self, *_: Any) -> bool:
-        if self.emitter is not None:
+        if self.link is not None:
             self.emitter.emit(AGENT_REQUEST, channel=-1)
         return False
 
@@ -470,7 +244,7 @@ class ConnectionHandler(asyncssh.SSHServer):
 class SSHFrontEnd:
     """Owns the listening server."""
 
-    def __init__(self, ctx: ServerContext, data_dir: Any) -> None:
+    def __init__(self, ctx: ServerContext, data_dir: Path) -> None:
         self._ctx = ctx
         self._data_dir = data_dir
         self._server: asyncssh.SSHAcceptor | None = None
@@ -481,7 +255,7 @@ class SSHFrontEnd:
         return int(self._server.get_port())
 
     async def start(self) -> None:
-        s = self._ctx.settings.ssh
+        s = self._ctx.ssh
         host, port = split_listen(s.listen)
         keys = await asyncio.to_thread(load_host_keys, host_key_dir(s.host_key_dir, self._data_dir))
         self._server = await asyncssh.create_server(
@@ -512,11 +286,6 @@ class SSHFrontEnd:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
-        for handler in list(self._ctx.connections):
-            handler.end("shutdown", limit=False)
-        if self._ctx.connections:
-            self._ctx.all_closed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await self._ctx.all_closed.wait()
-        await self._ctx.drain()
+        self._ctx.hub.end_all("shutdown")
+        await self._ctx.hub.wait_all_closed(10)
+        await self._ctx.hub.drain()

@@ -1,0 +1,314 @@
+"""One attacker connection's life, whatever protocol it came in on: admission, its sandbox (lease), its login
+in the box, the limits, and its end (the closing lines in the box, the changed files, the closing record,
+the release).
+
+The front ends (``ssh/``) hand it what they learn and call :meth:`Connection.lost` when the transport goes;
+it calls back only through the :data:`Closer` it was given. It is its own failure domain: each step of the
+end is guarded on its own, so nothing that goes wrong collecting files costs the session its closing record
+or leaks its sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
+from sandtrap.bridge.live import LiveHub
+from sandtrap.bridge.login import MAX_FAILED_LOGGED, Account, FailedLogin, Peer, close_argv
+from sandtrap.bridge.proxy import Usage
+from sandtrap.bridge.sessions import Lease, SessionManager
+from sandtrap.config import LimitsSettings, RecordingSettings
+from sandtrap.errors import SandboxError
+from sandtrap.events import (
+    HONEYTOKEN_ISSUED,
+    HONEYTOKEN_READ,
+    LIMIT_HIT,
+    SANDBOX_ASSIGNED,
+    SANDBOX_RELEASED,
+    SANDBOX_UNAVAILABLE,
+    SESSION_CLOSED,
+    SESSION_CONNECT,
+    SESSION_FILE_CHANGED,
+    Emitter,
+    EventBus,
+    new_session_id,
+)
+from sandtrap.logs import RateLimited, session_context
+from sandtrap.outputs.recording import RecordingHealth
+from sandtrap.sandbox.base import run
+
+log = logging.getLogger(__name__)
+refusals = RateLimited(log)  # floods of refused connections log a line a minute, not a line each
+
+Closer = Callable[[], None]  # closes the transport (the front end's own polite close)
+
+
+def printable(text: str | bytes, limit: int = 512) -> str:
+    """Escape non-printables the way Cowrie does for client versions; bound the length."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
+@dataclass
+class Hub:
+    """What every connection shares: the session manager, the event bus, the artifact store, the limits."""
+
+    manager: SessionManager
+    bus: EventBus
+    artifacts: ArtifactStore
+    limits: LimitsSettings
+    recording: RecordingSettings
+    data_dir: Path
+    sensor: str
+    sensor_uuid: str = ""
+    live: LiveHub = field(default_factory=LiveHub)
+    health: RecordingHealth | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    connections: set[Connection] = field(default_factory=set)
+    all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+    # Stops of released boxes, bounded on their own: a burst of them (a stop takes up to 2 s when shells
+    # ignore SIGTERM) must not hold up the next sessions' file collection and closing records.
+    stop_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task that outlives its connection's callbacks (kept until done)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout_s)
+
+    def end_all(self, reason: str) -> None:
+        """End every open connection (recorded with ``reason``)."""
+        for conn in list(self.connections):
+            conn.end(reason, limit=False)
+
+    async def wait_all_closed(self, timeout_s: float = 10.0) -> None:
+        if self.connections:
+            self.all_closed.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.all_closed.wait()
+            except TimeoutError:
+                pass
+
+
+class Connection:
+    """One TCP connection from an attacker, from its first byte to its closing record."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        src: tuple[str, int],
+        dst: tuple[str, int],
+        closer: Closer,
+        protocol: str = "ssh",
+    ) -> None:
+        self.hub = hub
+        self.session = new_session_id()
+        self.protocol = protocol
+        self.src_ip, self.src_port = src
+        self.dst_ip, self.dst_port = dst
+        if self.src_ip.startswith("::ffff:"):
+            self.src_ip = self.src_ip[7:]
+        self._closer = closer
+        self.emitter = Emitter(
+            hub.bus,
+            hub.sensor,
+            self.session,
+            self.src_ip,
+            self.src_port,
+            self.dst_ip,
+            self.dst_port,
+            hub.sensor_uuid,
+        )
+        # Who logged in, and how: set by the front end's auth hooks.
+        self.username = ""
+        self.password: str | None = None
+        self.auth_method = "password"  # as sshd names it in "Accepted <method> for ..."
+        self.failed_logins: deque[FailedLogin] = deque(maxlen=MAX_FAILED_LOGGED)  # for the box's auth.log
+        # The connection's login session in the box (XDG_SESSION_ID), set by its first shell or exec channel,
+        # whose helper logs "Accepted"; the account it logged in, for the closing lines.
+        self.login_id: int | None = None
+        self.login_account: Account | None = None
+        self.close_reason = ""
+        self.started = time.monotonic()
+        self.usage = Usage()
+        self.artifacts = SessionArtifacts(hub.artifacts, hub.recording)
+        self._admitted = False
+        self._lease_task: asyncio.Task[Lease] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def is_admitted(self) -> bool:
+        return self._admitted
+
+    # -- start and end ----------------------------------------------------------------------------
+    def open(self) -> bool:
+        """Record the connection and admit it, or refuse it (recorded, False: the front end aborts)."""
+        session_context.set(f"{self.session} {self.src_ip}")
+        self.emitter.emit(SESSION_CONNECT)
+        refused = self.hub.manager.admit(self.src_ip)
+        if refused is not None:
+            self.emitter.emit(LIMIT_HIT, limit=refused, value=1)
+            self.close_reason = refused
+            refusals.log(logging.INFO, refused, "connection from %s refused: %s", self.src_ip, refused)
+            return False
+        self._admitted = True
+        self.hub.connections.add(self)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        return True
+
+    def end(self, reason: str, value: object = "", limit: bool = True) -> None:
+        """Close the connection on purpose (a limit, shutdown, a failed sandbox), recording why."""
+        if self.close_reason:
+            return
+        self.close_reason = reason
+        if limit:
+            self.emitter.emit(LIMIT_HIT, limit=reason, value=value)
+        log.info("closing connection: %s", reason)
+        self._closer()
+
+    def lost(self, error: str | None = None) -> None:
+        """The transport is gone (``error``: why, None for a clean close): finish in the background."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if not self.close_reason:
+            self.close_reason = "client_closed" if error is None else f"error: {printable(error, 200)}"
+        duration = time.monotonic() - self.started
+        if self._admitted:
+            self.hub.manager.leave(self.src_ip)
+            self._admitted = False
+        self.hub.connections.discard(self)
+        if not self.hub.connections:
+            self.hub.all_closed.set()
+        self.hub.spawn(self._finish(duration))
+
+    def track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Work that must finish before the session's closing record (e.g. storing uploads)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def reporter(self, eventid: str, **extra: object) -> Callable[..., object]:
+        """A callable that emits ``eventid`` with the fields it is given (and ``extra``)."""
+        emit = self.emitter.emit
+
+        def report(**fields: object) -> object:
+            return emit(eventid, **extra, **fields)
+
+        return report
+
+    async def _finish(self, duration: float) -> None:
+        """After the connection: the closing lines in the box, its changed files, the record, the release."""
+        session_context.set(f"{self.session} {self.src_ip}")
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=120)
+        lease = None
+        if self._lease_task is not None:
+            try:
+                lease = await self._lease_task
+            except (Exception, asyncio.CancelledError):  # recorded where it failed; the close record still comes
+                lease = None
+        if lease is not None and self.login_account is not None:
+            await self._log_close(lease, self.login_account)
+        if lease is not None:
+            # Our own reads of the box's files (artifact collection) are not the attacker's.
+            self.hub.manager.watcher.report_to(lease.sandbox.id, None)
+            try:
+                async with self.hub.engine_work:  # a burst of closing sessions must not swamp the engine
+                    await self.artifacts.collect_changes(lease.sandbox, self.reporter(SESSION_FILE_CHANGED))
+            except Exception:
+                log.exception("collecting changed files failed")
+        self.emitter.emit(
+            SESSION_CLOSED,
+            duration=f"{duration:.1f}",
+            duration_ms=int(duration * 1000),
+            reason=self.close_reason,
+            bytes_in=self.usage.bytes_in,
+            bytes_out=self.usage.bytes_out,
+        )
+        if lease is not None:
+            try:
+                async with self.hub.stop_work:
+                    released = await self.hub.manager.end(lease)
+                if released:
+                    self.emitter.emit(SANDBOX_RELEASED, sandbox_id=lease.sandbox.id, sandbox_name=lease.sandbox.name)
+            except Exception:
+                log.exception("releasing the sandbox failed")
+
+    async def _log_close(self, lease: Lease, account: Account) -> None:
+        """sshd's lines for the end of the connection, once, in the box's auth.log (session.c, -x)."""
+        argv = close_argv(account, Peer(self.src_ip, self.src_port, self.dst_ip, self.dst_port))
+        try:
+            async with self.hub.engine_work:
+                await run(lease.sandbox, argv, timeout_s=10)
+        except (SandboxError, TimeoutError) as exc:  # a box that died or hangs: nothing more to log there
+            log.info("closing lines not logged in the box: %s", exc)
+
+    async def _watch(self) -> None:
+        limits = self.hub.limits
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if now - self.started > limits.max_duration_s:
+                return self.end("max_duration_s", limits.max_duration_s)
+            if self._lease_task is not None and now - self.usage.last_activity > limits.idle_timeout_s:
+                return self.end("idle_timeout_s", limits.idle_timeout_s)
+            if self.usage.bytes_in > limits.max_bytes_in:
+                return self.end("max_bytes_in", self.usage.bytes_in)
+            if self.usage.bytes_out > limits.max_bytes_out:
+                return self.end("max_bytes_out", self.usage.bytes_out)
+
+    # -- the sandbox this connection uses ---------------------------------------------------------
+    def lease(self) -> asyncio.Future[Lease]:
+        """The connection's sandbox; the first call starts the acquisition, later ones share it."""
+        if self._lease_task is None:
+            self._lease_task = asyncio.get_running_loop().create_task(self._acquire())
+            # Its failure is recorded and handled by whoever awaits it; never "exception never retrieved".
+            self._lease_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return asyncio.shield(self._lease_task)
+
+    def start_lease(self) -> None:
+        """Start the acquisition now without waiting for it (a login succeeded: the box is ready by the time a
+        channel asks)."""
+        self.lease().add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _acquire(self) -> Lease:
+        try:
+            lease = await self.hub.manager.lease(self.session, self.src_ip)
+        except SandboxError as exc:
+            self.emitter.emit(SANDBOX_UNAVAILABLE, reason=printable(str(exc), 300))
+            refusals.log(logging.WARNING, "no-sandbox", "no sandbox for a session: %s", exc)
+            raise
+        self.emitter.emit(
+            SANDBOX_ASSIGNED,
+            sandbox_id=lease.sandbox.id,
+            sandbox_name=lease.sandbox.name,
+            acquire_ms=round(lease.acquire_ms, 1),
+            reused=lease.reused,
+        )
+        for token in lease.tokens:  # the session's record names every lure value it was given
+            self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
+        emit = self.emitter.emit
+        self.hub.manager.watcher.report_to(
+            lease.sandbox.id, lambda kind, path: emit(HONEYTOKEN_READ, kind=kind, path=path)
+        )
+        return lease
+
+    def login_failed(self, username: str, method: str) -> None:
+        """A refused attempt, for the box's auth.log when the login finally succeeds."""
+        self.failed_logins.append(FailedLogin(time.time(), username, method))
