@@ -136,11 +136,17 @@ if [ "$MODE" = test ]; then
   bash scripts/chromium.sh  # headless Chromium for the web UI tests
 fi
 
-# 6. sandtrap's seccomp profile (<data_dir>/seccomp/sandtrap.json): Docker's default rules with io_uring
-#    refused (README "Hardening"). Docker's default.json comes as data from Debian's package of the engine's
-#    source, the version of the installed docker.io when there is one; nothing of it is installed.
-if "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" seccomp check >/dev/null 2>&1; then
+# 6. sandtrap's seccomp profile: Docker's default rules with io_uring refused (README "Hardening"), installed
+#    once for every data dir in .venv/share/sandtrap/seccomp/sandtrap.json (a data dir may hold its own copy,
+#    <data_dir>/seccomp/sandtrap.json, used first). Docker's default.json comes as data from Debian's package of
+#    the engine's source, the version of the installed docker.io when there is one; nothing of it is installed.
+#    A profile an earlier set-up left in $DATA/seccomp is installed instead, with nothing fetched.
+EARLIER_PROFILE="$DATA/seccomp/sandtrap.json"
+if "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" seccomp check --installed >/dev/null 2>&1; then
   say "seccomp profile: present"
+elif [ -f "$EARLIER_PROFILE" ] && "$VENV/bin/sandtrap" seccomp build --from "$EARLIER_PROFILE" \
+    && "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" seccomp check --installed >/dev/null 2>&1; then
+  say "seccomp profile: installed from $EARLIER_PROFILE (an earlier set-up's)"
 else
   DOCKER_SRC_PKG=golang-github-docker-docker-dev
   if [ "$(id -u)" != 0 ] || ! is_debian; then
@@ -168,7 +174,7 @@ or set sandbox.seccomp_profile: default (the engine's own profile, which allows 
   dpkg-deb -x "$deb" "$tmp/x"
   src="$tmp/x/usr/share/gocode/src/github.com/docker/docker/profiles/seccomp/default.json"
   [ -f "$src" ] || die "$(basename "$deb") has no profiles/seccomp/default.json"
-  "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" seccomp build --from "$src"
+  "$VENV/bin/sandtrap" seccomp build --from "$src"
   rm -rf "$tmp"
   trap - EXIT
 fi

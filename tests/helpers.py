@@ -11,7 +11,7 @@ from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.spec import LABEL_SENSOR, safe_name
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 
-# The checkout's data dir, where `make setup` puts the image cache and sandtrap's seccomp profile.
+# The checkout's data dir, where `make setup` puts the image cache (and earlier set-ups sandtrap's seccomp profile).
 DATA_DIR = Path(__file__).resolve().parents[1] / Settings().storage.data_dir
 
 

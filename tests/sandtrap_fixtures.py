@@ -131,7 +131,8 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             },
         }
         settings = load_settings(None, merge(base, overrides))
-        # The default profile (`sandtrap`) lives in the data dir: the one `make setup` made, copied in.
+        # The default profile (`sandtrap`): the checkout's data dir's own, if an earlier set-up left one there,
+        # copied in; else the test's data dir falls back to the one `make setup` installed for every data dir.
         made = seccomp.profile_path(DATA_DIR)
         if made.exists() and not seccomp.profile_path(settings.data_dir).exists():
             seccomp.profile_path(settings.data_dir).parent.mkdir(parents=True, exist_ok=True)

@@ -212,11 +212,11 @@ async def start(
         "api": {"listen": f"{HOST}:{free_port()}"},
         # Login as root, the name attackers use; only the benchmark's password gets in, so a flood fails.
         "auth": {"credentials": [{"username": "root", "password": password}], "accept_all_after": 0},
-        # The profile `make setup` derived into the checkout's data dir (this run has a data dir of its own).
+        # The profile `make setup` installed (or the checkout's data dir's own); this run has a data dir of its own.
         "sandbox": {
             "pool_size": pool_size,
             "max_sandboxes": max_sandboxes,
-            "seccomp_profile": str(seccomp.profile_path(ROOT / Settings().storage.data_dir)),
+            "seccomp_profile": str(seccomp.find(ROOT / Settings().storage.data_dir)),
         },
         "limits": {"max_sessions": max_sandboxes + 100, "max_sessions_per_ip": max_sandboxes + 100},
         "storage": {"data_dir": str(data_dir)},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sandtrap import __version__
-from sandtrap.config import Settings, load_settings, settings_as_yaml
+from sandtrap.cli_config import ConfigOption, reset, settings
+from sandtrap.cli_sessions import sessions_app
+from sandtrap.config import settings_as_yaml
 from sandtrap.errors import SandtrapError
 from sandtrap.logs import setup_logging
 
@@ -29,24 +30,10 @@ seccomp_app = typer.Typer(
 )
 app.add_typer(image_app, name="image")
 app.add_typer(seccomp_app, name="seccomp")
+app.add_typer(sessions_app, name="sessions")
 
 console = Console(stderr=True)
 out = Console()
-
-
-class _State:
-    config_path: str | None = None
-
-
-state = _State()
-
-
-def settings() -> Settings:
-    try:
-        return load_settings(state.config_path)
-    except SandtrapError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -54,24 +41,28 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(1)
 
 
-@app.callback()
-def main_options(
-    config: Annotated[
-        str | None,
-        typer.Option("--config", "-c", help="YAML config file (default: $SANDTRAP_CONFIG, else built-in defaults)"),
-    ] = None,
-    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:  # eager: before click asks for the command that `sandtrap --version` does not give
         out.print(__version__)
         raise typer.Exit(0)
-    state.config_path = config or os.environ.get("SANDTRAP_CONFIG") or None
+
+
+@app.callback()
+def main_options(
+    config: ConfigOption = None,
+    version: Annotated[
+        bool, typer.Option("--version", help="print the version and exit", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
+    reset(config)
 
 
 @config_app.command("show")
-def config_show(as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML")] = False) -> None:
+def config_show(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML")] = False, config: ConfigOption = None
+) -> None:
     """Print the effective configuration (file values over defaults)."""
-    s = settings()
+    s = settings(config)
     if as_json:
         out.print_json(json.dumps(s.model_dump(mode="json")))
     else:
@@ -84,11 +75,12 @@ def image_build(
         str | None, typer.Option("--from", help="customise this local image instead of debootstrap")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="rebuild even if the inputs are unchanged")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Build the sandbox image (debootstrap + our layer); a no-op when its inputs are unchanged."""
     from sandtrap.sandbox.docker.image import build_image
 
-    s = settings()
+    s = settings(config)
     setup_logging(s.log_level)
     cache = Path(s.image.cache_dir) if s.image.cache_dir else s.data_dir / "cache"
     try:
@@ -110,11 +102,11 @@ def image_build(
 
 
 @image_app.command("check")
-def image_check() -> None:
+def image_check(config: ConfigOption = None) -> None:
     """Exit 0 if the sandbox image is present and current."""
     from sandtrap.sandbox.docker.image import check_image
 
-    s = settings()
+    s = settings(config)
     try:
         r = asyncio.run(check_image(s.image, s.sandbox.image, s.sandbox.docker_host))
     except SandtrapError as exc:
@@ -127,64 +119,58 @@ def image_check() -> None:
 def seccomp_build(
     source: Annotated[Path, typer.Option("--from", help="Docker's default.json (profiles/seccomp in its source)")],
 ) -> None:
-    """Derive sandtrap's profile from Docker's default one into <data_dir>/seccomp/sandtrap.json."""
+    """Derive sandtrap's profile from Docker's default one and install it for every data dir (no config read)."""
     from sandtrap.sandbox.docker import seccomp
 
-    s = settings()
     try:
-        path, changed = seccomp.build(source, s.data_dir)
+        path, changed = seccomp.build(source, seccomp.installed_path())
     except SandtrapError as exc:
         raise _fail(exc) from None
-    console.print(f"seccomp profile {path} {'written' if changed else 'up to date'} (io_uring refused: ENOSYS)")
+    console.print(
+        f"seccomp profile {path} {'written' if changed else 'up to date'} (io_uring refused: ENOSYS)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @seccomp_app.command("check")
-def seccomp_check() -> None:
+def seccomp_check(
+    installed: Annotated[
+        bool, typer.Option("--installed", help="for 'sandtrap': the installed profile, not a data dir's own copy")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
     """Exit 0 if the configured profile can be used (sandtrap's: present and refusing io_uring)."""
     from sandtrap.sandbox.docker import seccomp
 
-    s = settings()
+    s = settings(config)
+    setting = s.sandbox.seccomp_profile
     try:
-        seccomp.resolve(s.sandbox.seccomp_profile, s.data_dir)
+        seccomp.resolve(setting, None if installed else s.data_dir)
     except SandtrapError as exc:
         raise _fail(exc) from None
-    out.print(f"sandbox.seccomp_profile: {s.sandbox.seccomp_profile} usable")
-
-
-def _sessions_settings() -> None:
-    from sandtrap import cli_sessions
-
-    cli_sessions.context.settings = settings()
-
-
-def _register_sessions() -> None:
-    from sandtrap.cli_sessions import sessions_app
-
-    sessions_app.callback()(_sessions_settings)
-    app.add_typer(sessions_app, name="sessions")
-
-
-_register_sessions()
+    where = f" ({seccomp.find(None if installed else s.data_dir)})" if setting == seccomp.SANDTRAP else ""
+    out.print(f"sandbox.seccomp_profile: {setting}{where} usable", highlight=False, soft_wrap=True)
 
 
 @app.command("stats")
 def stats_command(
     top: Annotated[int, typer.Option(min=1, max=1000, help="how many of each")] = 10,
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or an ISO time")] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Top usernames, passwords, pairs, source IPs, commands and client versions."""
     from sandtrap import cli_sessions
 
-    cli_sessions.context.settings = settings()
-    cli_sessions.stats(top, since)
+    cli_sessions.stats(settings(config), top, since)
 
 
 @app.command()
-def doctor() -> None:
+def doctor(config: ConfigOption = None) -> None:
     """Check that this machine can run the honeypot; non-zero exit on any failure."""
     from sandtrap.doctor import run_checks
 
-    s = settings()
+    s = settings(config)
     checks = asyncio.run(run_checks(s))
     table = Table(title="sandtrap doctor")
     table.add_column("check")
@@ -197,11 +183,11 @@ def doctor() -> None:
 
 
 @app.command()
-def run() -> None:
+def run(config: ConfigOption = None) -> None:
     """Run the honeypot with the configured settings until interrupted."""
     from sandtrap.app import serve
 
-    s = settings()
+    s = settings(config)
     setup_logging(s.log_level)
     progress = Progress(
         TextColumn("warming sandbox pool"),
@@ -234,9 +220,10 @@ def loadavgfs_command(
     mountpoint: Annotated[
         str | None, typer.Argument(help="where to mount (default: sandbox.loadavg_dir)", show_default=False)
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Serve each box's own /proc/loadavg (a FUSE file system; root on the engine's host) until stopped."""
-    s = settings()
+    s = settings(config)
     setup_logging(s.log_level)
     target = mountpoint or s.sandbox.loadavg_dir
     if not target:
@@ -250,11 +237,11 @@ def loadavgfs_command(
 
 
 @app.command("api")
-def api_command() -> None:
+def api_command(config: ConfigOption = None) -> None:
     """Serve the API (and web UI) alone against the configured storage, until interrupted."""
     from sandtrap.api.console import serve_console
 
-    s = settings()
+    s = settings(config)
     setup_logging(s.log_level)
     try:
         asyncio.run(serve_console(s))

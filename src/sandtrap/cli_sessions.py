@@ -20,8 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from sandtrap.api.files import cast_paths, write_export
+from sandtrap.cli_config import ConfigOption, remember, settings
 from sandtrap.config import Settings
 from sandtrap.errors import SandtrapError
+from sandtrap.storage.engine import shown_url
+from sandtrap.storage.migrate import is_migrated
 from sandtrap.storage.records import SessionDetail
 from sandtrap.storage.repository import Repository
 
@@ -63,21 +66,24 @@ def strip_talkback(text: str) -> str:
     return _TALKBACK.sub("", text)
 
 
-class _Context:
-    settings: Settings | None = None
-
-
-context = _Context()
-
-
-def _repo() -> Repository:
-    assert context.settings is not None
-    return Repository(context.settings.database_url)
+@sessions_app.callback()
+def sessions_options(config: ConfigOption = None) -> None:
+    remember(config)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(Text("error: ", style="bold red") + Text(message))
+    err.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
     return typer.Exit(code)
+
+
+def _nothing_recorded(s: Settings) -> str | None:
+    """Why there is nothing to read (no database yet, or one without sandtrap's tables), or None."""
+    try:
+        if is_migrated(s.database_url):
+            return None
+    except SandtrapError as exc:
+        raise _fail(str(exc)) from None
+    return f"nothing recorded yet in {shown_url(s.database_url)}"
 
 
 def _when(value: datetime | None) -> str:
@@ -93,12 +99,19 @@ def list_sessions(
     has_commands: Annotated[bool, typer.Option("--has-commands", help="only sessions that ran commands")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Recorded sessions, newest first."""
+    s = settings(config)
+    when = parse_since(since)
+    why = _nothing_recorded(s)
+    if why:  # no sessions: said on stderr with --json (no lines on stdout), else in place of the table
+        (err if as_json else out).print(Text(f"no sessions: {why}"), soft_wrap=True)
+        return
     try:
-        with _repo() as repo:
+        with Repository(s.database_url) as repo:
             rows = repo.list_sessions(
-                since=parse_since(since),
+                since=when,
                 src_ip=src_ip,
                 username=username,
                 command=command,
@@ -131,11 +144,14 @@ def list_sessions(
     out.print(table)
 
 
-def _load(session_id: str) -> SessionDetail:
+def _load(s: Settings, session_id: str) -> SessionDetail:
     if not re.fullmatch(r"[0-9a-f]{12}", session_id):
         raise _fail(f"{session_id!r} is not a session id (12 hex characters)", 2)
+    why = _nothing_recorded(s)
+    if why:
+        raise _fail(f"no session {session_id}: {why}")
     try:
-        with _repo() as repo:
+        with Repository(s.database_url) as repo:
             detail = repo.get_session(session_id)
     except SandtrapError as exc:
         raise _fail(str(exc)) from None
@@ -145,9 +161,11 @@ def _load(session_id: str) -> SessionDetail:
 
 
 @sessions_app.command("show")
-def show(session_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def show(
+    session_id: str, as_json: Annotated[bool, typer.Option("--json")] = False, config: ConfigOption = None
+) -> None:
     """One session: metadata, auth attempts, commands, artifacts, recordings."""
-    d = _load(session_id)
+    d = _load(settings(config), session_id)
     if as_json:
         sys.stdout.write(d.model_dump_json(indent=2) + "\n")
         return
@@ -201,9 +219,8 @@ def show(session_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fal
         out.print(Text(f"recording: channel {rec.channel}: {rec.path} ({rec.size or 0} bytes)"))
 
 
-def _cast_paths(detail: SessionDetail, channel: int | None) -> list[Path]:
-    assert context.settings is not None
-    return [path for _, path in cast_paths(context.settings.data_dir, detail.casts, channel)]
+def _cast_paths(s: Settings, detail: SessionDetail, channel: int | None) -> list[Path]:
+    return [path for _, path in cast_paths(s.data_dir, detail.casts, channel)]
 
 
 @sessions_app.command("replay")
@@ -212,9 +229,11 @@ def replay(
     speed: Annotated[float, typer.Option(min=0.01, max=1000.0, help="playback speed factor")] = 1.0,
     channel: Annotated[int | None, typer.Option(help="only this channel")] = None,
     max_wait: Annotated[float, typer.Option(help="longest pause kept between frames, seconds")] = 2.0,
+    config: ConfigOption = None,
 ) -> None:
     """Play a session's terminal recording here, as it happened (talk-back escape sequences removed)."""
-    paths = _cast_paths(_load(session_id), channel)
+    s = settings(config)
+    paths = _cast_paths(s, _load(s, session_id), channel)
     if not paths:
         raise _fail(f"session {session_id} has no recording")
     for path in paths:
@@ -241,36 +260,45 @@ def replay(
 def export(
     session_id: str,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: ./session-<id>.tar.gz")] = None,
+    config: ConfigOption = None,
 ) -> None:
     """A tar.gz with metadata.json, events.jsonl, the casts and the artifacts (never executable)."""
-    detail = _load(session_id)
-    assert context.settings is not None
+    s = settings(config)
+    detail = _load(s, session_id)
     target = output or Path(f"session-{session_id}.tar.gz")
     try:
-        with _repo() as repo:
+        with Repository(s.database_url) as repo:
             events = repo.events(session_id)
     except SandtrapError as exc:
         raise _fail(str(exc)) from None
     with target.open("wb") as f:
-        n_files = write_export(detail, events, context.settings.data_dir, f)
+        n_files = write_export(detail, events, s.data_dir, f)
     err.print(Text(f"wrote {target} ({len(events)} events, {len(detail.casts)} casts, {n_files} artifacts)"))
 
 
-def stats(top: int, since: str | None) -> None:
+def stats(s: Settings, top: int, since: str | None) -> None:
+    """`sandtrap stats` (a command of the top level, registered in :mod:`sandtrap.cli`)."""
+    when = parse_since(since)
+    why = _nothing_recorded(s)
+    if why:
+        out.print(Text(f"0 sessions: {why}"), soft_wrap=True)
+        return
     try:
-        with _repo() as repo:
-            s = repo.stats(top, since=parse_since(since))
+        with Repository(s.database_url) as repo:
+            st = repo.stats(top, since=when)
     except SandtrapError as exc:
         raise _fail(str(exc)) from None
     out.print(
-        Text(f"{s.sessions} sessions, {s.auth_attempts} login attempts, {s.commands} commands, {s.artifacts} artifacts")
+        Text(
+            f"{st.sessions} sessions, {st.auth_attempts} login attempts, {st.commands} commands, {st.artifacts} artifacts"
+        )
     )
     tables: list[tuple[str, list[Any]]] = [
-        ("usernames", s.top_usernames),
-        ("passwords", s.top_passwords),
-        ("source IPs", s.top_src_ips),
-        ("commands", s.top_commands),
-        ("client versions", s.top_client_versions),
+        ("usernames", st.top_usernames),
+        ("passwords", st.top_passwords),
+        ("source IPs", st.top_src_ips),
+        ("commands", st.top_commands),
+        ("client versions", st.top_client_versions),
     ]
     for title, rows in tables:
         t = Table(title=f"top {title}")
@@ -282,6 +310,6 @@ def stats(top: int, since: str | None) -> None:
     pairs = Table(title="top username/password pairs")
     for col in ("username", "password", "count"):
         pairs.add_column(col)
-    for p in s.top_pairs:
+    for p in st.top_pairs:
         pairs.add_row(visible(p.username, 40), visible(p.password, 60), str(p.count))
     out.print(pairs)

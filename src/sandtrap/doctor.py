@@ -61,7 +61,7 @@ def _seccomp(settings: Settings) -> Check:
         return Check("seccomp profile", False, str(exc))
     if text is None:
         return Check("seccomp profile", True, "the engine's own (io_uring allowed before Docker 25)")
-    where = seccomp.profile_path(settings.data_dir) if setting == seccomp.SANDTRAP else setting
+    where = seccomp.find(settings.data_dir) if setting == seccomp.SANDTRAP else setting
     return Check("seccomp profile", True, f"{setting}: {where}")
 
 

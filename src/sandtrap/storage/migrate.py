@@ -13,7 +13,7 @@ from alembic.util import CommandError as AlembicError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from sandtrap.storage.engine import StorageError, describe, make_engine, shown_url
+from sandtrap.storage.engine import StorageError, describe, make_engine, normalize_url, shown_url
 
 log = logging.getLogger(__name__)
 # Alembic says "Context impl ..." at INFO on every start; our own line below is the one worth reading.
@@ -48,6 +48,17 @@ def current(url: str) -> str | None:
         raise StorageError(f"cannot read the schema version of {shown_url(url)}: {describe(exc)}") from exc
     finally:
         engine.dispose()
+
+
+def is_migrated(url: str) -> bool:
+    """Whether the database has sandtrap's tables (any revision). For a read on a fresh data dir: a SQLite
+    file that is not there (nothing recorded yet) is not created, nor is its directory."""
+    parsed = normalize_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:"):
+        if not Path(database).expanduser().exists():
+            return False
+    return current(url) is not None
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,51 +111,86 @@ def test_a_profile_of_the_wrong_shape_is_refused(profile: Any, message: str) -> 
         seccomp.derive(profile)
 
 
+@pytest.fixture
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the set-up installs sandtrap's profile for every data dir, in this test (nothing there yet)."""
+    path = tmp_path / "prefix" / "share" / "sandtrap" / "seccomp" / "sandtrap.json"
+    monkeypatch.setattr(seccomp, "installed_path", lambda: path)
+    return path
+
+
 def test_build_writes_once_then_reports_up_to_date(tmp_path: Path) -> None:
     source = tmp_path / "default.json"
     source.write_text(json.dumps(engine_default()), encoding="utf-8")
-    path, changed = seccomp.build(source, tmp_path / "data")
-    assert changed and path == tmp_path / "data" / "seccomp" / "sandtrap.json"
+    target = tmp_path / "share" / "seccomp" / "sandtrap.json"
+    path, changed = seccomp.build(source, target)
+    assert changed and path == target
     assert json.loads(path.read_text(encoding="utf-8")) == seccomp.derive(engine_default())
     assert path.stat().st_mode & 0o777 == 0o644
-    assert seccomp.build(source, tmp_path / "data") == (path, False)
+    assert seccomp.build(source, target) == (path, False)
+    assert seccomp.build(path, target) == (path, False)  # a derived profile as the source: the same text
     assert [p.name for p in path.parent.iterdir()] == ["sandtrap.json"]  # no temporary file left
+
+
+def test_the_installed_profile_sits_under_the_installations_prefix() -> None:
+    assert seccomp.installed_path() == Path(sys.prefix) / "share" / "sandtrap" / "seccomp" / "sandtrap.json"
 
 
 def test_build_names_a_bad_source(tmp_path: Path) -> None:
     with pytest.raises(seccomp.ProfileError, match="cannot read"):
-        seccomp.build(tmp_path / "missing.json", tmp_path)
+        seccomp.build(tmp_path / "missing.json", tmp_path / "out.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(seccomp.ProfileError, match=r"bad\.json is not JSON"):
-        seccomp.build(bad, tmp_path)
+        seccomp.build(bad, tmp_path / "out.json")
 
 
-def test_resolve_sandtrap_reads_the_data_dirs_profile(tmp_path: Path) -> None:
+def test_resolve_sandtrap_reads_the_data_dirs_profile(tmp_path: Path, installed: Path) -> None:
     path = seccomp.profile_path(tmp_path)
     path.parent.mkdir()
     path.write_text(seccomp.render(seccomp.derive(engine_default())), encoding="utf-8")
     text = seccomp.resolve("sandtrap", tmp_path)
     assert text is not None and seccomp.allowed_io_uring(json.loads(text)) == []
+    assert seccomp.find(tmp_path) == path and seccomp.find(None) == installed
 
 
-def test_resolve_sandtrap_missing_names_the_key_and_the_fix(tmp_path: Path) -> None:
+def test_resolve_sandtrap_falls_back_to_the_installed_profile_for_any_data_dir(tmp_path: Path, installed: Path) -> None:
+    source = tmp_path / "default.json"
+    source.write_text(json.dumps(engine_default()), encoding="utf-8")
+    seccomp.build(source, installed)
+    fresh = tmp_path / "new" / "data"  # not even there yet
+    assert seccomp.find(fresh) == installed
+    assert seccomp.resolve("sandtrap", fresh) == installed.read_text(encoding="utf-8")
+    assert seccomp.resolve("sandtrap", None) == installed.read_text(encoding="utf-8")
+    assert not fresh.exists()  # found, not copied
+
+
+def test_resolve_sandtrap_missing_names_the_key_and_the_fix(tmp_path: Path, installed: Path) -> None:
     with pytest.raises(seccomp.ProfileError) as info:
         seccomp.resolve("sandtrap", tmp_path)
     message = str(info.value)
     assert message.startswith("sandbox.seccomp_profile: ")
-    assert str(seccomp.profile_path(tmp_path)) in message and "make setup" in message
+    assert str(seccomp.profile_path(tmp_path)) in message and str(installed) in message
+    assert "make setup" in message and "seccomp build --from" in message
+    with pytest.raises(seccomp.ProfileError, match=f"not at {installed}"):
+        seccomp.resolve("sandtrap", None)
 
 
-def test_resolve_sandtrap_refuses_a_profile_that_allows_io_uring(tmp_path: Path) -> None:
+def test_resolve_sandtrap_refuses_a_profile_that_allows_io_uring(tmp_path: Path, installed: Path) -> None:
     path = seccomp.profile_path(tmp_path)
     path.parent.mkdir()
     path.write_text(json.dumps(engine_default()), encoding="utf-8")
     with pytest.raises(seccomp.ProfileError, match="allows io_uring_setup, io_uring_enter, io_uring_register"):
         seccomp.resolve("sandtrap", tmp_path)
     path.write_text("[]", encoding="utf-8")
-    with pytest.raises(seccomp.ProfileError, match="make setup"):
+    with pytest.raises(seccomp.ProfileError, match="make setup") as info:
         seccomp.resolve("sandtrap", tmp_path)
+    assert f"or remove {path}" in str(info.value)  # a data dir's own bad copy shadows the installed one
+    installed.parent.mkdir(parents=True)
+    installed.write_text(json.dumps(engine_default()), encoding="utf-8")
+    with pytest.raises(seccomp.ProfileError, match="allows io_uring_setup") as info:
+        seccomp.resolve("sandtrap", None)
+    assert "or remove" not in str(info.value)
 
 
 def test_resolve_default_and_a_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -22,7 +22,7 @@ from sandtrap.events import CATALOGUE, Event, EventBus
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink, cowrie_dict
 from sandtrap.storage.engine import make_engine
-from sandtrap.storage.migrate import current, head, upgrade
+from sandtrap.storage.migrate import current, head, is_migrated, upgrade
 from sandtrap.storage.models import Base
 from sandtrap.storage.repository import Repository
 
@@ -607,10 +607,10 @@ def test_catch_up_from_jsonlog(
 
 
 def test_migrations_are_idempotent_and_match_the_models(db_url: str) -> None:
-    assert current(db_url) is None
+    assert current(db_url) is None and not is_migrated(db_url)
     upgrade(db_url)
     upgrade(db_url)
-    assert current(db_url) == head()
+    assert current(db_url) == head() and is_migrated(db_url)
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:

@@ -11,7 +11,7 @@ from sandtrap.events import CATALOGUE, Event
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.storage.engine import StorageError, make_engine, normalize_url
 from sandtrap.storage.ingest import HANDLERS, SESSIONLESS
-from sandtrap.storage.migrate import upgrade
+from sandtrap.storage.migrate import is_migrated, upgrade
 from sandtrap.storage.replay import jsonlog_files, parse_line
 from sandtrap.storage.repository import Repository, like_pattern
 from sandtrap.storage.types import clean, clean_json
@@ -125,3 +125,14 @@ def test_database_errors_leave_as_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot migrate the database postgresql") as info:
         upgrade(unreachable)
     assert "secret" not in str(info.value)
+
+
+def test_is_migrated_reads_without_creating_a_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh' / 'sandtrap.db'}"
+    assert not is_migrated(url)
+    assert not (tmp_path / "fresh").exists()  # a read on a fresh data dir leaves it as it was
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "sandtrap.db").touch()
+    assert not is_migrated(url)  # a file with no tables
+    upgrade(url)
+    assert is_migrated(url)

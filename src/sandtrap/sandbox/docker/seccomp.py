@@ -7,8 +7,10 @@ it: the three names taken out of every rule, and one rule of our own that answer
 kernel built without io_uring does. The engine then applies it to every process of a box (PID 1's tree,
 every exec), with no filter of our own in the box and so no ``no_new_privs`` needed for one.
 
-``sandbox.seccomp_profile`` picks the profile: ``sandtrap`` (this one, ``<data_dir>/seccomp/sandtrap.json``),
-``default`` (the engine's own) or a path. :func:`resolve` reads it once, at start-up.
+``sandbox.seccomp_profile`` picks the profile: ``sandtrap`` (this one), ``default`` (the engine's own) or a
+path. :func:`resolve` reads it once, at start-up. ``sandtrap`` is found by :func:`find`: a data dir's own
+``<data_dir>/seccomp/sandtrap.json`` if it has one, else the installed one the set-up builds for every data dir
+(:func:`installed_path`, under the installation's prefix: the virtualenv's ``share/sandtrap``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,10 @@ ENOSYS = 38  # on every architecture but MIPS, where the rule below does not app
 # three syscalls get the profile's default action (EPERM) instead.
 MIPS = ["mips", "mipsle", "mipsel", "mips64", "mips64n32", "mipsel64", "mips3l64n32"]
 REFUSING = {"SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_TRAP"}
-FIX = "run `make setup` (it derives the profile from Docker's default one)"
+FIX = (
+    "run `make setup` in sandtrap's checkout (it installs the profile, derived from Docker's default one, "
+    "for every data dir) or `sandtrap seccomp build --from <docker source>/profiles/seccomp/default.json`"
+)
 
 
 class ProfileError(ConfigError):
@@ -41,8 +47,21 @@ class ProfileError(ConfigError):
 
 
 def profile_path(data_dir: Path) -> Path:
-    """Where the set-up writes sandtrap's profile."""
+    """A data dir's own copy of sandtrap's profile (optional; earlier set-ups wrote it there)."""
     return data_dir / "seccomp" / "sandtrap.json"
+
+
+def installed_path() -> Path:
+    """sandtrap's profile for every data dir, where the set-up builds it: beside the installation, not in a
+    data dir (in the virtualenv, ``.venv/share/sandtrap/seccomp/sandtrap.json``)."""
+    return Path(sys.prefix) / "share" / "sandtrap" / "seccomp" / "sandtrap.json"
+
+
+def find(data_dir: Path | None) -> Path:
+    """The file ``sandtrap`` means for ``data_dir``: its own if it has one, else (or for None) the installed one."""
+    if data_dir is not None and profile_path(data_dir).exists():
+        return profile_path(data_dir)
+    return installed_path()
 
 
 def io_uring_rule() -> dict[str, Any]:
@@ -124,14 +143,14 @@ def parse(text: str, where: str) -> dict[str, Any]:
         raise ProfileError(f"{where}: {exc}") from None
 
 
-def build(source: Path, data_dir: Path) -> tuple[Path, bool]:
-    """Write sandtrap's profile derived from ``source`` (Docker's default.json); (its path, whether it changed)."""
+def build(source: Path, target: Path) -> tuple[Path, bool]:
+    """Write sandtrap's profile derived from ``source`` (Docker's default.json, or a profile derived before) to
+    ``target`` (:func:`installed_path` for the set-up); (its path, whether it changed)."""
     try:
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProfileError(f"cannot read {source}: {exc.strerror}") from None
     rendered = render(derive(parse(text, str(source))))
-    target = profile_path(data_dir)
     try:
         if target.read_text(encoding="utf-8") == rendered:
             return target, False
@@ -150,34 +169,38 @@ def build(source: Path, data_dir: Path) -> tuple[Path, bool]:
     return target, True
 
 
-def resolve(setting: str, data_dir: Path) -> str | None:
+def resolve(setting: str, data_dir: Path | None) -> str | None:
     """The profile's JSON text for the engine (``seccomp=<text>``), or None for the engine's own default.
 
-    ``sandtrap`` must exist and refuse io_uring; another path must be a profile that refuses by default
-    (one that allows io_uring is used, with a warning)."""
+    ``sandtrap`` (:func:`find`; ``data_dir`` None: the installed one only) must exist and refuse io_uring; another
+    path must be a profile that refuses by default (one that allows io_uring is used, with a warning)."""
     key = "sandbox.seccomp_profile"
     if setting == ENGINE_DEFAULT:
         log.warning("%s: default: the engine's own profile, which allows io_uring on Docker before 25.0", key)
         return None
-    path = profile_path(data_dir) if setting == SANDTRAP else Path(setting).expanduser()
+    path = find(data_dir) if setting == SANDTRAP else Path(setting).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if setting == SANDTRAP:
+            where = f"in neither {profile_path(data_dir)} nor {path}" if data_dir is not None else f"not at {path}"
             raise ProfileError(
-                f"{key}: sandtrap's profile {path} is missing: {FIX}, "
+                f"{key}: sandtrap's profile is missing ({where}, where the set-up installs it): {FIX}; "
                 f"or set {key} to 'default' (the engine's own) or a path"
             ) from None
         raise ProfileError(f"{key}: {path} does not exist") from None
     except OSError as exc:
         raise ProfileError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    # A data dir's own file that is wrong shadows the installed one: removing it is a fix too.
+    fix = FIX + (f", or remove {path} (the installed profile is used then)" if path != installed_path() else "")
     try:
         profile = parse(text, str(path))
     except ProfileError as exc:
-        raise ProfileError(f"{key}: {exc}" + (f"; {FIX}" if setting == SANDTRAP else "")) from None
+        raise ProfileError(f"{key}: {exc}" + (f"; {fix}" if setting == SANDTRAP else "")) from None
     left = allowed_io_uring(profile)
     if left and setting == SANDTRAP:
-        raise ProfileError(f"{key}: {path} allows {', '.join(left)}: {FIX}")
+        raise ProfileError(f"{key}: {path} allows {', '.join(left)}: {fix}")
     if left:
         log.warning("%s: %s allows %s", key, path, ", ".join(left))
+    log.info("%s: %s, from %s", key, setting, path)
     return text
