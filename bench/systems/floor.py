@@ -41,7 +41,7 @@ class Floor:
 
 async def create_floor(sensor: str) -> Floor:
     backend = default_backend(sensor)
-    sandbox = await backend.create(backend.labels(), f"sandtrap-{sensor}-floor")
+    sandbox = await backend.create()
     return Floor(backend, sandbox)
 
 
@@ -103,7 +103,7 @@ async def cold_creations(sensor: str, count: int) -> list[dict[str, float]]:
     try:
         for i in range(count):
             t0 = time.perf_counter()
-            box = await backend.create(backend.labels(), f"sandtrap-{sensor}-cold-{i}")
+            box = await backend.create()
             t1 = time.perf_counter()
             proc = await box.exec(["true"])
             await proc.close_stdin()

@@ -319,7 +319,7 @@ async def test_live_view_streams_an_active_shell_and_ends_with_it(honeypot: Hone
         proc = await conn.create_process(term_type="xterm", term_size=(90, 25), encoding=None)
         await read_until(proc.stdout, PROMPT)
         async with asyncio.timeout(10):
-            while not hp.services.ctx.live.is_live(sid):
+            while not hp.services.ctx.hub.live.is_live(sid):
                 await asyncio.sleep(0.05)
         assert (await c.get(f"/api/v1/sessions/{sid}")).status_code in (200, 404)  # row may still be queued
         async with c.stream("GET", f"/api/v1/sessions/{sid}/live") as stream:

@@ -18,11 +18,11 @@ import pytest
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox.docker import LOADAVG_FILE, engine
+from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.docker.sandbox import DockerSandbox
 from sandtrap.sandbox.docker.spec import LABEL_CREATED, LABEL_MANAGED, LABEL_SENSOR
-from sandtrap.sandbox.host.procviews import LXCFS_FILES, lxcfs_binds
+from sandtrap.sandbox.host.procviews import LOADAVG_FILE, LXCFS_FILES, lxcfs_binds
 from sandtrap.ssh.hostkeys import box_host_key_files, load_host_keys
 
 from helpers import counter_total, limit_files, run, seccomp_profile

@@ -253,7 +253,7 @@ def deps_for(hp: Any) -> ApiDeps:
     return ApiDeps(
         settings=hp.settings,
         repository=s.repository,
-        live=s.ctx.live,
+        live=s.ctx.hub.live,
         pool_stats=s.pool.stats,
         engine_ping=s.backend.ping,
     )
