@@ -95,11 +95,11 @@ def image_build(
         result = asyncio.run(
             build_image(
                 s.image,
-                s.sandbox.image,
+                s.sandbox.docker.image,
                 cache,
                 base=base,
                 force=force,
-                docker_host=s.sandbox.docker_host,
+                docker_host=s.sandbox.docker.docker_host,
                 console=console,
             )
         )
@@ -116,7 +116,7 @@ def image_check() -> None:
 
     s = settings()
     try:
-        r = asyncio.run(check_image(s.image, s.sandbox.image, s.sandbox.docker_host))
+        r = asyncio.run(check_image(s.image, s.sandbox.docker.image, s.sandbox.docker.docker_host))
     except SandtrapError as exc:
         raise _fail(exc) from None
     out.print(f"present={r.present} current={r.current} expected={r.expected[:12]} actual={(r.actual or '-')[:12]}")
@@ -145,10 +145,10 @@ def seccomp_check() -> None:
 
     s = settings()
     try:
-        seccomp.resolve(s.sandbox.seccomp_profile, s.data_dir)
+        seccomp.resolve(s.sandbox.docker.seccomp_profile, s.data_dir)
     except SandtrapError as exc:
         raise _fail(exc) from None
-    out.print(f"sandbox.seccomp_profile: {s.sandbox.seccomp_profile} usable")
+    out.print(f"sandbox.docker.seccomp_profile: {s.sandbox.docker.seccomp_profile} usable")
 
 
 def _sessions_settings() -> None:

@@ -114,28 +114,20 @@ class AuthSettings(_Section):
     success_delay_s: float = Field(0.08, ge=0, le=5, description="answer to a right password after this (±25%)")
 
 
-class SandboxSettings(_Section):
-    backend: Literal["docker"] = "docker"
-    image: str = "sandtrap-target:latest"
-    pool_size: int = Field(3, ge=0, le=1000)
-    max_sandboxes: int = Field(50, ge=1, description="global cap on live (running) sandboxes")
-    hostname: str = "web-prod-03"
-    domain: str = "corp.internal"
-    affinity: Literal["session", "source_ip"] = "session"
-    ip_ttl_s: float = Field(1800.0, gt=0)
+# The sandbox backends sandtrap knows; only these are built today (see app.BACKENDS).
+BACKENDS = ("docker", "microvm", "nspawn")
+AVAILABLE_BACKENDS = ("docker",)
+
+
+class DockerSettings(_Section):
+    """``sandbox.docker``: what only the Docker backend has (an engine, its image, a container's create body)."""
+
     docker_host: str = Field("", description="engine address; default: DOCKER_HOST or the local socket")
-    # Hardening (each item documented in README "Hardening").
-    network: Literal["none", "internal"] = Field(
-        "none",
-        description="none: only lo; internal: an eth0 with an address and a default route on a network with no "
-        "way out (README Network)",
+    image: str = Field("sandtrap-target:latest", description="the engine's tag of the box image (`sandtrap build`)")
+    network_name: str = Field(
+        "sandtrap-internal", description="with sandbox.network: internal: the engine network's name"
     )
-    network_name: str = Field("sandtrap-internal", description="with network: internal: the engine network's name")
-    network_subnet: str = Field("10.20.1.0/24", description="with network: internal: its subnet (gateway: .1)")
-    memory: ByteSize = parse_size("256m")
-    memory_swap: ByteSize = Field(0, description="0 = same as memory (no swap)")
-    cpus: float = Field(0.5, gt=0, le=64)
-    pids_limit: int = Field(128, ge=8)
+    # Hardening (each item documented in README "Hardening").
     cap_add: list[str] = Field(
         default_factory=lambda: [
             "CHOWN",
@@ -195,70 +187,16 @@ class SandboxSettings(_Section):
         "reads unlimited as a real machine's does; needs cgroup v1 with the cgroupfs driver and the honeypot as "
         "root on the engine's host, else the limits stay on the container",
     )
-    session_transport: Literal["exec", "init"] = Field(
-        "init",
-        description="how a login's processes start: exec = `docker exec` (parent pid 0 in the box); init = the box's "
-        "sshd-titled listener (forked by its PID 1) starts them and hands their pty or pipes to the honeypot "
-        "(needs the honeypot as root on the engine's host; any failure falls back to exec)",
-    )
-    connection_in_box: bool = Field(
-        True,
-        description="with session_transport init: each login's TCP connection shows in the box (`ss -tnp`: :22, "
-        "the client's address and port, held by sshd): the honeypot connects to the box's :22 from the client's "
-        "address (inside the box for a loopback client; else, with network internal, by a transparent socket on "
-        'the host and three host rules that deliver the replies, README "Network")',
-    )
-    init: Literal["sandtrap", "systemd"] = Field(
-        "sandtrap",
-        description="the box's PID 1: sandtrap = our small init starts rsyslog, cron, nginx and the listener; systemd "
-        "= it does the same boot work, then the host gives the box its own name=systemd cgroups and it becomes "
-        "/lib/systemd/systemd, which starts them as units (the listener as ssh.service) and answers systemctl "
-        "(adds CAP_SETPCAP, which units need to shrink their bounding set; needs cgroup v1, a private cgroup "
-        "namespace, mask_cgroupns and the honeypot as root on the engine's host, else boxes keep sandtrap's init)",
-    )
     pin_cpus: bool = Field(
         True,
-        description="pin each box to ceil(cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota gives",
+        description="pin each box to ceil(sandbox.cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota "
+        "gives",
     )
     mask_cgroupns: bool = Field(
         True,
         description="cgroup v1: a small tmpfs with the root's file names over /sys/fs/cgroup/systemd, whose "
         "namespace root lacks release_agent (how systemd-detect-virt spots a container)",
     )
-    share_host_keys: bool = Field(
-        True,
-        description="the box's /etc/ssh holds the sensor's host keys, so the key the client saw is the box's own "
-        "sshd's (an attacker who is root in the box can read them, as on any server)",
-    )
-    honeytokens: bool = Field(True, description="plant lure credentials unique to each box; record reads")
-    lxcfs_dir: str = Field(
-        "/var/lib/lxcfs", description="lxcfs mount: /proc/meminfo etc. as the box's limits show them; '' = off"
-    )
-    loadavg_dir: str = Field(
-        "/var/lib/sandtrap-loadavg",
-        description="mount of `sandtrap loadavgfs`: each box's /proc/loadavg counts its own tasks, load and newest "
-        "pid (started by the set-up); '' = off, and when it is not mounted there boxes get lxcfs's loadavg",
-    )
-    # Forensics retention of released (stopped) sandboxes.
-    retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
-    retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")
-    start_timeout_s: float = Field(30.0, gt=0)
-
-    @field_validator("hostname")
-    @classmethod
-    def _hostname(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", v):
-            raise ValueError("must be a single DNS label (letters, digits, '-'), e.g. web-prod-03")
-        return v
-
-    @field_validator("lxcfs_dir", "loadavg_dir")
-    @classmethod
-    def _mount_dir(cls, v: str) -> str:
-        if v and (not v.startswith("/") or ":" in v or "," in v or v.rstrip("/") == ""):
-            raise ValueError(
-                "must be an absolute directory path without ':' or ',' (or '' for off), e.g. /var/lib/sandtrap-loadavg"
-            )
-        return v.rstrip("/")
 
     @field_validator("network_name")
     @classmethod
@@ -266,17 +204,6 @@ class SandboxSettings(_Section):
         if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", v):
             raise ValueError("must be a Docker network name (letters, digits, '_', '.', '-'), e.g. sandtrap-internal")
         return v
-
-    @field_validator("network_subnet")
-    @classmethod
-    def _network_subnet(cls, v: str) -> str:
-        try:
-            net = ipaddress.IPv4Network(v)
-        except ValueError as exc:
-            raise ValueError(f"{v!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
-        if not net.is_private or net.prefixlen > 29:
-            raise ValueError(f"{v!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
-        return str(net)
 
     @field_validator("writable")
     @classmethod
@@ -302,11 +229,130 @@ class SandboxSettings(_Section):
         return out
 
     @model_validator(mode="after")
+    def _nofile(self) -> DockerSettings:
+        if self.ulimit_nofile_hard < self.ulimit_nofile:
+            raise ValueError("sandbox.docker.ulimit_nofile_hard must be at least sandbox.docker.ulimit_nofile")
+        return self
+
+
+# Keys of the flat ``sandbox`` section of earlier versions that now sit in ``sandbox.docker``.
+MOVED_KEYS = {f"sandbox.{key}": f"sandbox.docker.{key}" for key in DockerSettings.model_fields}
+
+
+class SandboxSettings(_Section):
+    """``sandbox``: what every backend has (the pool, the box's name and limits, how logins reach it), and one
+    section per backend with what only that backend has; ``backend`` picks the one used."""
+
+    backend: Literal["docker", "microvm", "nspawn"] = Field(
+        "docker", description="docker (microvm and nspawn are planned, not available yet)"
+    )
+    # The pool and who gets which box.
+    pool_size: int = Field(3, ge=0, le=1000)
+    max_sandboxes: int = Field(50, ge=1, description="global cap on live (running) sandboxes")
+    affinity: Literal["session", "source_ip"] = "session"
+    ip_ttl_s: float = Field(1800.0, gt=0)
+    # Forensics retention of released (stopped) sandboxes.
+    retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
+    retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")
+    # The box: its name and the limits every backend enforces.
+    hostname: str = "web-prod-03"
+    domain: str = "corp.internal"
+    memory: ByteSize = parse_size("256m")
+    memory_swap: ByteSize = Field(0, description="0 = same as memory (no swap)")
+    cpus: float = Field(0.5, gt=0, le=64)
+    pids_limit: int = Field(128, ge=8)
+    start_timeout_s: float = Field(30.0, gt=0)
+    # The box's network (a top-level `network:` section later: the capture gateway's, issue 12).
+    network: Literal["none", "internal"] = Field(
+        "none",
+        description="none: only lo; internal: an eth0 with an address and a default route on a network with no "
+        "way out (README Network)",
+    )
+    network_subnet: str = Field("10.20.1.0/24", description="with network: internal: its subnet (gateway: .1)")
+    # How the box boots and how a login reaches it.
+    init: Literal["sandtrap", "systemd"] = Field(
+        "sandtrap",
+        description="the box's PID 1: sandtrap = our small init starts rsyslog, cron, nginx and the listener; systemd "
+        "= it does the same boot work, then the host gives the box its own name=systemd cgroups and it becomes "
+        "/lib/systemd/systemd, which starts them as units (the listener as ssh.service) and answers systemctl "
+        "(adds CAP_SETPCAP, which units need to shrink their bounding set; needs cgroup v1, a private cgroup "
+        "namespace, mask_cgroupns and the honeypot as root on the engine's host, else boxes keep sandtrap's init)",
+    )
+    session_transport: Literal["exec", "init"] = Field(
+        "init",
+        description="how a login's processes start: exec = by the backend (`docker exec`: parent pid 0 in the box); "
+        "init = the box's sshd-titled listener (forked by its PID 1) starts them and hands their pty or pipes to the "
+        "honeypot (needs the honeypot as root on the engine's host; any failure falls back to exec)",
+    )
+    connection_in_box: bool = Field(
+        True,
+        description="with session_transport init: each login's TCP connection shows in the box (`ss -tnp`: :22, "
+        "the client's address and port, held by sshd): the honeypot connects to the box's :22 from the client's "
+        "address (inside the box for a loopback client; else, with network internal, by a transparent socket on "
+        'the host and three host rules that deliver the replies, README "Network")',
+    )
+    # What the host lends every box.
+    share_host_keys: bool = Field(
+        True,
+        description="the box's /etc/ssh holds the sensor's host keys, so the key the client saw is the box's own "
+        "sshd's (an attacker who is root in the box can read them, as on any server)",
+    )
+    honeytokens: bool = Field(True, description="plant lure credentials unique to each box; record reads")
+    lxcfs_dir: str = Field(
+        "/var/lib/lxcfs",
+        description="lxcfs mount: /proc/meminfo etc. as the box's limits show them (boxes sharing the host's "
+        "kernel); '' = off",
+    )
+    loadavg_dir: str = Field(
+        "/var/lib/sandtrap-loadavg",
+        description="mount of `sandtrap loadavgfs`: each box's /proc/loadavg counts its own tasks, load and newest "
+        "pid (started by the set-up); '' = off, and when it is not mounted there boxes get lxcfs's loadavg",
+    )
+    # One section per backend.
+    docker: DockerSettings = DockerSettings()
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in AVAILABLE_BACKENDS:
+            raise ValueError(
+                f"the {v} backend is not available yet (planned); this version has only "
+                + ", ".join(AVAILABLE_BACKENDS)
+                + ": set sandbox.backend: docker"
+            )
+        return v
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", v):
+            raise ValueError("must be a single DNS label (letters, digits, '-'), e.g. web-prod-03")
+        return v
+
+    @field_validator("lxcfs_dir", "loadavg_dir")
+    @classmethod
+    def _mount_dir(cls, v: str) -> str:
+        if v and (not v.startswith("/") or ":" in v or "," in v or v.rstrip("/") == ""):
+            raise ValueError(
+                "must be an absolute directory path without ':' or ',' (or '' for off), e.g. /var/lib/sandtrap-loadavg"
+            )
+        return v.rstrip("/")
+
+    @field_validator("network_subnet")
+    @classmethod
+    def _network_subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
+        if not net.is_private or net.prefixlen > 29:
+            raise ValueError(f"{v!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
+        return str(net)
+
+    @model_validator(mode="after")
     def _swap(self) -> SandboxSettings:
         if self.memory_swap and self.memory_swap < self.memory:
             raise ValueError("sandbox.memory_swap must be 0 (no swap) or at least sandbox.memory")
-        if self.ulimit_nofile_hard < self.ulimit_nofile:
-            raise ValueError("sandbox.ulimit_nofile_hard must be at least sandbox.ulimit_nofile")
         return self
 
 
@@ -497,6 +543,9 @@ def _describe(err: Any) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
+        if key in MOVED_KEYS:
+            new, name = MOVED_KEYS[key], key.rsplit(".", 1)[1]
+            return f"{key}: moved to {new}; write it as `{name}:` in a `docker:` section inside `sandbox:`"
         return f"{key}: unknown key; remove it or check its spelling (see config/sandtrap.example.yaml)"
     given = err.get("input")
     msg = err["msg"]

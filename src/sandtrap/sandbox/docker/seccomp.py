@@ -7,7 +7,7 @@ it: the three names taken out of every rule, and one rule of our own that answer
 kernel built without io_uring does. The engine then applies it to every process of a box (PID 1's tree,
 every exec), with no filter of our own in the box and so no ``no_new_privs`` needed for one.
 
-``sandbox.seccomp_profile`` picks the profile: ``sandtrap`` (this one, ``<data_dir>/seccomp/sandtrap.json``),
+``sandbox.docker.seccomp_profile`` picks the profile: ``sandtrap`` (this one, ``<data_dir>/seccomp/sandtrap.json``),
 ``default`` (the engine's own) or a path. :func:`resolve` reads it once, at start-up.
 """
 
@@ -155,7 +155,7 @@ def resolve(setting: str, data_dir: Path) -> str | None:
 
     ``sandtrap`` must exist and refuse io_uring; another path must be a profile that refuses by default
     (one that allows io_uring is used, with a warning)."""
-    key = "sandbox.seccomp_profile"
+    key = "sandbox.docker.seccomp_profile"
     if setting == ENGINE_DEFAULT:
         log.warning("%s: default: the engine's own profile, which allows io_uring on Docker before 25.0", key)
         return None
