@@ -140,6 +140,14 @@ def test_several_moved_keys_each_get_a_line(tmp_path: Path) -> None:
     assert any(line.strip().startswith("sandbox.pool_sz: unknown key") for line in lines)
 
 
+def test_common_key_in_the_docker_section_names_its_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "sandbox:\n  docker:\n    memory: 1g\n"))
+    assert "sandbox.docker.memory: not a Docker-only key; every backend has it: write it as sandbox.memory" in str(
+        err.value
+    )
+
+
 def test_moved_key_in_overrides_names_its_new_place() -> None:
     with pytest.raises(ConfigError, match=r"sandbox\.tmpfs: moved to sandbox\.docker\.tmpfs"):
         load_settings(None, {"sandbox": {"tmpfs": {}}})

@@ -93,6 +93,9 @@ def _describe(err: Any) -> str:
         if key in MOVED_KEYS:
             new, name = MOVED_KEYS[key], key.rsplit(".", 1)[1]
             return f"{key}: moved to {new}; write it as `{name}:` in a `docker:` section inside `sandbox:`"
+        leaf = key.removeprefix("sandbox.docker.")
+        if leaf != key and leaf in SandboxSettings.model_fields:
+            return f"{key}: not a Docker-only key; every backend has it: write it as sandbox.{leaf}"
         return f"{key}: unknown key; remove it or check its spelling (see config/sandtrap.example.yaml)"
     given = err.get("input")
     msg = err["msg"]
