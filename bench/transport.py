@@ -51,7 +51,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             pool_size=4,
             max_sandboxes=20,
             wrap=[sys.executable],
-            extra={"sandbox": {"session_transport": transport, "image": args.image}},
+            extra={"sandbox": {"session_transport": transport, "docker": {"image": args.image}}},
         )
         server.name = server.label = f"sandtrap-{transport}"
         servers[transport] = server

@@ -51,7 +51,7 @@ if ! docker info >/dev/null 2>&1; then
   say "starting dockerd in the background (log: $DATA/log/dockerd.log)"
   # Not a service manager's child: a plain background daemon that outlives this script.
   # LimitNOFILE=infinity as Debian's docker and containerd units set it: a box's open-files hard limit
-  # cannot exceed the engine's, and a login on a real server has 524288 (sandbox.ulimit_nofile_hard).
+  # cannot exceed the engine's, and a login on a real server has 524288 (sandbox.docker.ulimit_nofile_hard).
   setsid nohup sh -c 'ulimit -Hn 1048576 2>/dev/null; ulimit -Sn 1048576 2>/dev/null; exec dockerd --log-level=warn' \
     >>"$DATA/log/dockerd.log" 2>&1 < /dev/null &
   for _ in $(seq 1 90); do
@@ -152,7 +152,7 @@ else
   if [ "$(id -u)" != 0 ] || ! is_debian; then
     die "sandtrap's seccomp profile is missing. On Debian/Ubuntu as root this step fetches $DOCKER_SRC_PKG; elsewhere run
   sandtrap seccomp build --from <docker source>/profiles/seccomp/default.json
-or set sandbox.seccomp_profile: default (the engine's own profile, which allows io_uring before Docker 25)."
+or set sandbox.docker.seccomp_profile: default (the engine's own profile, which allows io_uring before Docker 25)."
   fi
   want="$DOCKER_SRC_PKG"
   engine_src="$(dpkg-query -W -f='${source:Version}' docker.io 2>/dev/null || true)"

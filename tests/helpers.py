@@ -16,7 +16,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / Settings().storage.data_dir
 
 
 def seccomp_profile(setting: str = seccomp.SANDTRAP) -> str | None:
-    """The profile's text for a backend (``sandbox.seccomp_profile`` resolved against the checkout's data dir)."""
+    """The profile's text for a backend (``sandbox.docker.seccomp_profile`` resolved against the checkout's data dir)."""
     return seccomp.resolve(setting, DATA_DIR)
 
 
@@ -77,7 +77,7 @@ async def _limit_dir(container_id: str, controller: str) -> Path:
 
 async def limit_files(container_id: str, controller: str, *names: str) -> dict[str, str]:
     """Files of the host cgroup that holds a box's ``controller`` limit, read from the host: the box's parent
-    cgroup when the limits sit there (``sandbox.limits_in_parent``), else the box's own cgroup."""
+    cgroup when the limits sit there (``sandbox.docker.limits_in_parent``), else the box's own cgroup."""
     where = await _limit_dir(container_id, controller)
     return {name: (await asyncio.to_thread((where / name).read_text)).strip() for name in names}
 

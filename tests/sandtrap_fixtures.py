@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sandtrap.app import Services, running
-from sandtrap.config import SandboxSettings, Settings, load_settings, merge
+from sandtrap.config import DockerSettings, SandboxSettings, Settings, load_settings, merge
 from sandtrap.events import CaptureSink, Event
 from sandtrap.sandbox.docker import seccomp
 from sandtrap.sandbox.docker.backend import DockerBackend
@@ -34,8 +34,10 @@ def sensor() -> str:
 
 @pytest.fixture
 def sandbox_settings(built_image: str) -> Callable[..., SandboxSettings]:
-    def make(**overrides: Any) -> SandboxSettings:
-        return SandboxSettings(image=built_image, **{"init": INIT, **overrides})
+    def make(docker: dict[str, Any] | None = None, **overrides: Any) -> SandboxSettings:
+        """``sandbox`` keys as keywords, ``sandbox.docker`` ones in ``docker``."""
+        section = DockerSettings(**{"image": built_image, **(docker or {})})
+        return SandboxSettings(**{"init": INIT, **overrides, "docker": section})
 
     return make
 
@@ -45,7 +47,7 @@ async def backend_factory(sensor: str) -> AsyncIterator[Callable[[SandboxSetting
     made: list[DockerBackend] = []
 
     def make(settings: SandboxSettings, files: Mapping[str, tuple[bytes, int, float]] | None = None) -> DockerBackend:
-        b = DockerBackend(settings, sensor, seccomp_profile(settings.seccomp_profile), files)
+        b = DockerBackend(settings.docker, settings, sensor, seccomp_profile(settings.docker.seccomp_profile), files)
         made.append(b)
         return b
 
@@ -114,7 +116,7 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             # SANDTRAP_TEST_NETWORK=internal: every box of the suite on the internal network (eth0, no way out).
             # SANDTRAP_TEST_INIT=systemd with systemd as the boxes' PID 1.
             "sandbox": {
-                "image": built_image,
+                "docker": {"image": built_image},
                 "pool_size": 1,
                 "session_transport": SESSION_TRANSPORT,
                 "network": NETWORK,

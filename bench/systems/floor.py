@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def default_backend(sensor: str) -> DockerBackend:
     """A backend with sandtrap's defaults, its seccomp profile from the checkout's data dir (``make setup``)."""
     s = Settings()
-    return DockerBackend(s.sandbox, sensor, seccomp.resolve(s.sandbox.seccomp_profile, ROOT / s.storage.data_dir))
+    docker = s.sandbox.docker
+    return DockerBackend(docker, s.sandbox, sensor, seccomp.resolve(docker.seccomp_profile, ROOT / s.storage.data_dir))
 
 
 @dataclass

@@ -216,7 +216,7 @@ async def start(
         "sandbox": {
             "pool_size": pool_size,
             "max_sandboxes": max_sandboxes,
-            "seccomp_profile": str(seccomp.find(ROOT / Settings().storage.data_dir)),
+            "docker": {"seccomp_profile": str(seccomp.find(ROOT / Settings().storage.data_dir))},
         },
         "limits": {"max_sessions": max_sandboxes + 100, "max_sessions_per_ip": max_sandboxes + 100},
         "storage": {"data_dir": str(data_dir)},

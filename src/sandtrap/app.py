@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,6 +19,7 @@ from sandtrap.bridge.artifacts import ArtifactStore
 from sandtrap.bridge.connection import Hub
 from sandtrap.bridge.sessions import Prepared, SessionManager
 from sandtrap.config import Settings
+from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
@@ -37,16 +38,30 @@ from sandtrap.storage.repository import Repository
 log = logging.getLogger(__name__)
 
 
+def _planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]] | None:
+    """What every box gets before it boots, whatever its backend: the sensor's host keys (share_host_keys)."""
+    if not settings.sandbox.share_host_keys:
+        return None
+    keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
+    load_host_keys(keys)  # generated now if missing: the SSH front end loads the same files
+    return box_host_key_files(keys, settings.sandbox.hostname)
+
+
+def _docker(settings: Settings) -> SandboxBackend:
+    docker = settings.sandbox.docker
+    profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
+    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, _planted_files(settings))
+
+
+# sandbox.backend -> how to build it from the settings; config.SandboxSettings refuses a name not here.
+BACKENDS: dict[str, Callable[[Settings], SandboxBackend]] = {"docker": _docker}
+
+
 def build_backend(settings: Settings) -> SandboxBackend:
-    if settings.sandbox.backend == "docker":
-        files = None
-        if settings.sandbox.share_host_keys:
-            keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
-            load_host_keys(keys)  # generated now if missing: the SSH front end loads the same files
-            files = box_host_key_files(keys, settings.sandbox.hostname)
-        profile = seccomp.resolve(settings.sandbox.seccomp_profile, settings.data_dir)
-        return DockerBackend(settings.sandbox, settings.sensor, profile, files)
-    raise AssertionError(settings.sandbox.backend)  # the config's Literal makes this unreachable
+    build = BACKENDS.get(settings.sandbox.backend)
+    if build is None:  # config.AVAILABLE_BACKENDS and BACKENDS name the same backends (a unit test checks)
+        raise ConfigError(f"sandbox.backend: {settings.sandbox.backend} is not available; set sandbox.backend: docker")
+    return build(settings)
 
 
 @dataclass

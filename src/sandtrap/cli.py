@@ -87,11 +87,11 @@ def image_build(
         result = asyncio.run(
             build_image(
                 s.image,
-                s.sandbox.image,
+                s.sandbox.docker.image,
                 cache,
                 base=base,
                 force=force,
-                docker_host=s.sandbox.docker_host,
+                docker_host=s.sandbox.docker.docker_host,
                 console=console,
             )
         )
@@ -108,7 +108,7 @@ def image_check(config: ConfigOption = None) -> None:
 
     s = settings(config)
     try:
-        r = asyncio.run(check_image(s.image, s.sandbox.image, s.sandbox.docker_host))
+        r = asyncio.run(check_image(s.image, s.sandbox.docker.image, s.sandbox.docker.docker_host))
     except SandtrapError as exc:
         raise _fail(exc) from None
     out.print(f"present={r.present} current={r.current} expected={r.expected[:12]} actual={(r.actual or '-')[:12]}")
@@ -144,13 +144,13 @@ def seccomp_check(
     from sandtrap.sandbox.docker import seccomp
 
     s = settings(config)
-    setting = s.sandbox.seccomp_profile
+    setting = s.sandbox.docker.seccomp_profile
     try:
         seccomp.resolve(setting, None if installed else s.data_dir)
     except SandtrapError as exc:
         raise _fail(exc) from None
     where = f" ({seccomp.find(None if installed else s.data_dir)})" if setting == seccomp.SANDTRAP else ""
-    out.print(f"sandbox.seccomp_profile: {setting}{where} usable", highlight=False, soft_wrap=True)
+    out.print(f"sandbox.docker.seccomp_profile: {setting}{where} usable", highlight=False, soft_wrap=True)
 
 
 @app.command("stats")

@@ -7,8 +7,9 @@ import os
 import socket
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from sandtrap.config import Settings, split_listen
+from sandtrap.config import DockerSettings, ImageSettings, Settings, split_listen
 from sandtrap.errors import SandtrapError
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.image import check_image
@@ -22,28 +23,31 @@ class Check:
 
 
 async def run_checks(settings: Settings) -> list[Check]:
-    checks = [await _engine(settings)]
-    checks.append(await _image(settings))
-    checks.append(_seccomp(settings))
+    checks = []
+    if settings.sandbox.backend == "docker":
+        docker = settings.sandbox.docker
+        checks.append(await _engine(docker))
+        checks.append(await _image(settings.image, docker))
+        checks.append(_seccomp(docker, settings.data_dir))
     checks.append(_data_dir(settings))
     checks.append(_port("ssh port free", settings.ssh.listen))
     checks.append(_port("api port free", settings.api.listen))
     return checks
 
 
-async def _engine(settings: Settings) -> Check:
+async def _engine(docker: DockerSettings) -> Check:
     try:
-        async with engine.engine(settings.sandbox.docker_host) as client:
+        async with engine.engine(docker.docker_host) as client:
             v = await engine.call("version", client.version(), 5)
     except SandtrapError as exc:
         return Check("docker engine", False, f"{exc} (run 'make run' or start dockerd)")
     return Check("docker engine", True, f"{v.get('Version')} (API {v.get('ApiVersion')})")
 
 
-async def _image(settings: Settings) -> Check:
-    tag = settings.sandbox.image
+async def _image(image: ImageSettings, docker: DockerSettings) -> Check:
+    tag = docker.image
     try:
-        result = await check_image(settings.image, tag, settings.sandbox.docker_host)
+        result = await check_image(image, tag, docker.docker_host)
     except SandtrapError as exc:
         return Check("sandbox image", False, str(exc))
     if not result.present:
@@ -53,15 +57,15 @@ async def _image(settings: Settings) -> Check:
     return Check("sandbox image", True, f"{tag} current ({result.expected[:12]})")
 
 
-def _seccomp(settings: Settings) -> Check:
-    setting = settings.sandbox.seccomp_profile
+def _seccomp(docker: DockerSettings, data_dir: Path) -> Check:
+    setting = docker.seccomp_profile
     try:
-        text = seccomp.resolve(setting, settings.data_dir)
+        text = seccomp.resolve(setting, data_dir)
     except SandtrapError as exc:
         return Check("seccomp profile", False, str(exc))
     if text is None:
         return Check("seccomp profile", True, "the engine's own (io_uring allowed before Docker 25)")
-    where = seccomp.find(settings.data_dir) if setting == seccomp.SANDTRAP else setting
+    where = seccomp.find(data_dir) if setting == seccomp.SANDTRAP else setting
     return Check("seccomp profile", True, f"{setting}: {where}")
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def built_image() -> str:
     settings = Settings()
-    tag = os.environ.get("SANDTRAP_TEST_IMAGE") or settings.sandbox.image
+    tag = os.environ.get("SANDTRAP_TEST_IMAGE") or settings.sandbox.docker.image
     cache_dir = ROOT / settings.storage.data_dir / "cache"
     console = Console(stderr=True, quiet=True)
     asyncio.run(build_image(settings.image, tag, cache_dir, console=console))

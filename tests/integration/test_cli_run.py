@@ -33,7 +33,7 @@ def write_config(path: Path, sensor: str, image: str, port: int, data_dir: Path)
         "sensor": sensor,
         "ssh": {"listen": f"{HOST}:{port}"},
         "sandbox": {
-            "image": image,
+            "docker": {"image": image},
             "pool_size": 1,
             "session_transport": SESSION_TRANSPORT,
             "network": NETWORK,
@@ -96,7 +96,7 @@ async def test_run_with_config_before_or_after_and_a_fresh_data_dir_serves_a_log
             await proc.wait()
         await remove_sensor_containers(sensor)
     text = log.read_text(errors="replace")
-    assert f"sandbox.seccomp_profile: sandtrap, from {seccomp.installed_path()}" in text, text
+    assert f"sandbox.docker.seccomp_profile: sandtrap, from {seccomp.installed_path()}" in text, text
     assert not seccomp.profile_path(data_dir).exists()  # found where the set-up put it, not copied
     assert (data_dir / "sandtrap.db").exists()
 

@@ -1,6 +1,6 @@
 """The engine proxy (least privilege for the honeypot): what it lets through is enough, the rest is refused.
 
-A whole honeypot session runs with ``sandbox.docker_host`` pointed at the proxy (pool warm-up, acquire,
+A whole honeypot session runs with ``sandbox.docker.docker_host`` pointed at the proxy (pool warm-up, acquire,
 exec and PTY, SFTP, changed files and artifacts, stop) and nothing it asks for is refused. Then every
 call an attacker who took over the honeypot would want is tried through it and answered 403, and the
 engine is checked from the outside (the real socket) to be unchanged.
@@ -29,7 +29,7 @@ import aiodocker
 import asyncssh
 import pytest
 
-from sandtrap.config import SandboxSettings, Settings
+from sandtrap.config import DockerSettings, SandboxSettings
 from sandtrap.events import (
     SANDBOX_ASSIGNED,
     SESSION_CLOSED,
@@ -65,7 +65,7 @@ def report(request: pytest.FixtureRequest, output_dir: Path, name: str, text: st
 async def engine_proxy(sensor: str, built_image: str) -> AsyncIterator[EngineProxy]:
     """The proxy in this process, on a short socket path (sun_path holds 108 bytes), scoped to ``sensor``."""
     directory = Path(tempfile.mkdtemp(prefix="st-proxy-"))
-    policy = Policy.from_settings(Settings(sensor=sensor, sandbox=SandboxSettings(image=built_image)))
+    policy = Policy.from_settings(DockerSettings(image=built_image), SandboxSettings(), sensor)
     proxy = EngineProxy(directory / "engine.sock", upstream_socket(), policy)
     try:
         async with proxy:
@@ -109,7 +109,7 @@ async def test_a_whole_honeypot_session_runs_through_the_proxy(
 ) -> None:
     # limits_in_parent off: behind the proxy the honeypot is meant to run unprivileged, where it cannot
     # make parent cgroups (the proxy refuses CgroupParent; as root the backend would fall back after one refusal).
-    hp = await honeypot(sandbox={"docker_host": f"unix://{engine_proxy.listen}", "limits_in_parent": False})
+    hp = await honeypot(sandbox={"docker": {"docker_host": f"unix://{engine_proxy.listen}", "limits_in_parent": False}})
     options: dict[str, Any] = {"known_hosts": None, "username": "root", "password": "hunter2", "client_keys": None}
     options |= {"agent_path": None, "config": [], "preferred_auth": "password"}
     async with asyncio.timeout(90):
@@ -163,8 +163,8 @@ async def test_a_whole_honeypot_session_runs_through_the_proxy(
 def good_body(image: str, sensor: str) -> dict[str, Any]:
     """Exactly what DockerBackend sends: the control that proves each refusal is the mutation's doing."""
     # The open-files hard limit at the soft one: any engine grants that (DockerBackend learns what it may ask).
-    settings = SandboxSettings(image=image, ulimit_nofile_hard=SandboxSettings().ulimit_nofile)
-    return create_config(settings, {LABEL_MANAGED: "true", LABEL_SENSOR: sensor}, seccomp_profile())
+    docker = DockerSettings(image=image, ulimit_nofile_hard=DockerSettings().ulimit_nofile)
+    return create_config(docker, SandboxSettings(), {LABEL_MANAGED: "true", LABEL_SENSOR: sensor}, seccomp_profile())
 
 
 def mutated(image: str, sensor: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

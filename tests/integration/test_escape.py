@@ -387,7 +387,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         # The box has an eth0 (network: internal); its way to the host is proven closed by inspection, no packet.
         r = await sh(conn, "ip route show default")
         assert r.out.startswith("default via "), r
-        bridge = bridge_name(hp.settings.sandbox.network_name)
+        bridge = bridge_name(hp.settings.sandbox.docker.network_name)
         # Before the DROP, IPv4 only: replies to the honeypot's own transparent relay sockets (connection_in_box).
         relay_accept = (
             f"-A INPUT -i {bridge} -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate "
@@ -700,7 +700,7 @@ async def test_disk_filler_in_the_scratch_mounts_hits_enospc(honeypot: Honeypot,
 # The limit this engine can enforce: a read-only root, and the places people write (/etc, /root, /home,
 # /var, /opt, /srv, /usr/local) as size-limited tmpfs volumes seeded from the image. tmpfs pages are
 # charged to the box's memory cgroup, so the sum of all writes is bounded by `memory` as well.
-# Needs the `sandbox.writable` setting and the seeding in DockerBackend.create (see SECURITY.md).
+# Needs the `sandbox.docker.writable` setting and the seeding in DockerBackend.create (see SECURITY.md).
 async def test_writable_places_are_size_limited_with_a_read_only_root(honeypot: Honeypot, battery: list[Row]) -> None:
     writable = {
         "/etc": "16m",
@@ -711,7 +711,7 @@ async def test_writable_places_are_size_limited_with_a_read_only_root(honeypot: 
         "/srv": "8m",
         "/usr/local": "32m",
     }
-    hp = await honeypot(sandbox={"read_only_root": True, "writable": writable})
+    hp = await honeypot(sandbox={"docker": {"read_only_root": True, "writable": writable}})
     async with login(hp) as conn:
         box = await sandbox_id(hp, conn)
         r = await sh(conn, "test -s /root/.bashrc && grep -q '^root:' /etc/passwd && echo seeded")

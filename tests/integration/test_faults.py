@@ -399,7 +399,7 @@ async def private_engine(built_image: str) -> AsyncIterator[PrivateEngine]:
 
 
 def engine_overrides(eng: PrivateEngine, **sandbox: Any) -> dict[str, Any]:
-    return {"sandbox": {"docker_host": eng.url, "pool_size": 2, **sandbox}, **API}
+    return {"sandbox": {"docker": {"docker_host": eng.url}, "pool_size": 2, **sandbox}, **API}
 
 
 # -- 2b. the engine restarted mid-session --------------------------------------------------------------------------

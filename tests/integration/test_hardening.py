@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sandtrap.config import SandboxSettings
+from sandtrap.config import DockerSettings, SandboxSettings, merge
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.backend import DockerBackend
@@ -200,7 +200,7 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     }
     assert host["CpusetCpus"] and len(host["CpusetCpus"].split(",")) == 1  # ceil(0.5 CPU) = one CPU
     assert host["CapDrop"] == ["ALL"]
-    assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == sorted(DEFAULT_CAPS | for_init(backend.settings))
+    assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == sorted(DEFAULT_CAPS | for_init(backend.box))
     # sandtrap's seccomp profile (Docker's default rules, io_uring refused); no no-new-privileges.
     assert host["SecurityOpt"] == ["seccomp=" + str(seccomp_profile())]
     assert host["Privileged"] is False
@@ -221,7 +221,7 @@ async def test_inspect_shows_every_hardening_item(backend: DockerBackend, sensor
     )
     assert host["Tmpfs"]["/tmp"] == "rw,exec,nosuid,nodev,size=64m"
     # systemd as PID 1 needs 16 MiB free in /run to reload: 20% of memory (see docker.run_for_systemd).
-    run = "rw,nosuid,nodev,size=52428k" if backend.settings.init == "systemd" else "rw,nosuid,nodev,size=16m"
+    run = "rw,nosuid,nodev,size=52428k" if backend.box.init == "systemd" else "rw,nosuid,nodev,size=16m"
     assert host["Tmpfs"]["/run"] == run
     assert {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]} == {
         "nofile": (1024, backend.nofile_hard),  # ulimit_nofile_hard, or what the engine can grant
@@ -245,7 +245,7 @@ async def test_unknown_runtime_is_a_clear_sandbox_error(
     backend_factory: Callable[[SandboxSettings], DockerBackend],
     sandbox_settings: Callable[..., SandboxSettings],
 ) -> None:
-    backend = backend_factory(sandbox_settings(runtime="no-such-runtime"))
+    backend = backend_factory(sandbox_settings(docker={"runtime": "no-such-runtime"}))
     with pytest.raises(SandboxError, match="no-such-runtime"):
         await create_sandbox(backend)
     assert await backend.list_managed() == []  # nothing half-made left behind
@@ -289,7 +289,7 @@ async def test_capabilities_are_exactly_the_configured_set(
     cap_add: list[str] | None,
     expected: set[str],
 ) -> None:
-    settings = sandbox_settings() if cap_add is None else sandbox_settings(cap_add=cap_add)
+    settings = sandbox_settings() if cap_add is None else sandbox_settings(docker={"cap_add": cap_add})
     sandbox = await create_sandbox(backend_factory(settings))
     expected = set(expected) | for_init(settings)
 
@@ -333,7 +333,7 @@ async def test_the_engines_own_profile_is_an_option_and_allows_io_uring(
     sandbox_settings: Callable[..., SandboxSettings],
 ) -> None:
     # Why sandtrap's profile is the default: Docker 20.10's own lets io_uring through (Docker 25 refuses it).
-    sandbox = await create_sandbox(backend_factory(sandbox_settings(seccomp_profile="default")))
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(docker={"seccomp_profile": "default"})))
     host = (await inspect(sandbox))["HostConfig"]
     assert not any(opt.startswith("seccomp") for opt in host["SecurityOpt"] or [])
     assert status_fields(await cat(sandbox, "/proc/self/status"))["Seccomp"] == "2"
@@ -345,7 +345,7 @@ async def test_no_new_privileges_true_is_honoured(
     backend_factory: Callable[[SandboxSettings], DockerBackend],
     sandbox_settings: Callable[..., SandboxSettings],
 ) -> None:
-    sandbox = await create_sandbox(backend_factory(sandbox_settings(no_new_privileges=True)))
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(docker={"no_new_privileges": True})))
     host = (await inspect(sandbox))["HostConfig"]
     assert "no-new-privileges:true" in host["SecurityOpt"]
 
@@ -371,7 +371,7 @@ async def test_ulimits(backend: DockerBackend) -> None:
     assert code == 0, err
     # Hard: systemd's 524288, or the largest half of it the engine can grant (its own limit is the cap). systemd
     # as PID 1 (SANDTRAP_TEST_INIT=systemd) raises its own soft limit to the hard one, as on any machine.
-    soft = backend.nofile_hard if backend.settings.init == "systemd" else 1024
+    soft = backend.nofile_hard if backend.box.init == "systemd" else 1024
     assert out.split()[3:5] == [str(soft), str(backend.nofile_hard)], out
     assert backend.nofile_hard in {524288 >> n for n in range(10)}
     code, out, err = await sh(sandbox, "exec bash -c 'ulimit -Su; ulimit -Hu'")
@@ -405,10 +405,10 @@ async def test_read_only_root(
     backend_factory: Callable[[SandboxSettings], DockerBackend],
     sandbox_settings: Callable[..., SandboxSettings],
 ) -> None:
-    sandbox = await create_sandbox(backend_factory(sandbox_settings(read_only_root=True)))
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(docker={"read_only_root": True})))
     info = await inspect(sandbox)
     assert info["HostConfig"]["ReadonlyRootfs"] is True
-    assert {m["Destination"] for m in info["Mounts"] if m["Type"] == "volume"} == set(SandboxSettings().writable)
+    assert {m["Destination"] for m in info["Mounts"] if m["Type"] == "volume"} == set(DockerSettings().writable)
 
     for path in ("/usr/sandtrap-probe", "/usr/bin/sandtrap-probe", "/sandtrap-probe"):
         code, _, err = await sh(sandbox, f"echo x > {path}")
@@ -464,7 +464,7 @@ async def test_planted_host_keys_are_what_the_box_sshd_serves(
     before init starts the box's sshd, so the key a client saw is the one the box's own sshd on :22 serves."""
     load_host_keys(tmp_path)
     files = box_host_key_files(tmp_path, "web-prod-03")
-    sandbox = await create_sandbox(backend_factory(sandbox_settings(read_only_root=read_only_root), files))
+    sandbox = await create_sandbox(backend_factory(sandbox_settings(docker={"read_only_root": read_only_root}), files))
     pub = files["etc/ssh/ssh_host_ed25519_key.pub"][0].decode()
     assert pub.endswith(" root@web-prod-03\n")
     assert await cat(sandbox, "/etc/ssh/ssh_host_ed25519_key.pub") == pub
@@ -496,7 +496,7 @@ async def test_planted_host_keys_are_what_the_box_sshd_serves(
             },
         ),
         (
-            {"pids_limit": 64, "memory": "128m", "memory_swap": "192m", "cpus": 0.25, "ulimit_nofile": 256},
+            {"pids_limit": 64, "memory": "128m", "memory_swap": "192m", "cpus": 0.25, "docker": {"ulimit_nofile": 256}},
             {
                 "pids": 64,
                 "memory": 128 * MiB,
@@ -517,7 +517,7 @@ async def test_limits_in_engine_and_cgroup_match_settings(
     expected: dict[str, int],
     in_parent: bool,
 ) -> None:
-    backend = backend_factory(sandbox_settings(limits_in_parent=in_parent, **overrides))
+    backend = backend_factory(sandbox_settings(**merge({"docker": {"limits_in_parent": in_parent}}, overrides)))
     sandbox = await create_sandbox(backend)
     host = (await inspect(sandbox))["HostConfig"]
     assert {u["Name"]: u["Soft"] for u in host["Ulimits"]}["nofile"] == expected["nofile"]
@@ -555,14 +555,14 @@ async def test_limits_in_engine_and_cgroup_match_settings(
         assert host["MemorySwap"] == expected["swap"]
         assert host["NanoCpus"] == expected["nano_cpus"]
     code, out, _ = await sh(sandbox, "grep 'Max open files' /proc/1/limits")
-    soft = int(out.split()[4]) if backend.settings.init == "systemd" else expected["nofile"]  # see test_ulimits
+    soft = int(out.split()[4]) if backend.box.init == "systemd" else expected["nofile"]  # see test_ulimits
     assert code == 0 and int(out.split()[3]) == soft, out
     code, out, _ = await sh(sandbox, "nproc; grep -c ^processor /proc/cpuinfo")
     assert out.split() == ["1", "1"], out  # ceil(cpus) CPUs, and lxcfs's cpuinfo counts the same
 
 
 async def test_fork_loop_is_stopped_by_pids_limit(backend: DockerBackend) -> None:
-    limit = backend.settings.pids_limit
+    limit = backend.box.pids_limit
     sandbox = await create_sandbox(backend)
     peak = 0
     stop = asyncio.Event()

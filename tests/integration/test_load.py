@@ -97,11 +97,11 @@ async def sandtrap_run(tmp_path: Path, sensor: str, image: str) -> AsyncIterator
         "sensor": sensor,
         "ssh": {"listen": f"127.0.0.1:{ssh_port}", "host_key_dir": str(tmp_path / "hostkeys")},
         "sandbox": {
-            "image": image,
             "pool_size": POOL_SIZE,
             # Raised for the test: a box per session, the warm ones, and room for the refill.
             "max_sandboxes": SESSIONS + 2 * POOL_SIZE,
-            "seccomp_profile": str(seccomp.find(DATA_DIR)),  # the one the set-up made
+            # the profile the set-up made
+            "docker": {"image": image, "seccomp_profile": str(seccomp.find(DATA_DIR))},
         },
         # Everything comes from 127.0.0.1 here: per-source and overall caps raised above what the test opens.
         "limits": {"max_sessions": 2 * (SESSIONS + BRUTE), "max_sessions_per_ip": 2 * (SESSIONS + BRUTE)},

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandtrap.config import SandboxSettings
+from sandtrap.config import DockerSettings, SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.backend import DockerBackend
@@ -40,7 +40,7 @@ async def test_internal_network_gives_an_interface_and_a_route_but_no_way_out(
     settings = sandbox_settings(network="internal")
     backend = backend_factory(settings)
     box = await backend.create()
-    bridge = bridge_name(settings.network_name)
+    bridge = bridge_name(settings.docker.network_name)
     gw = gateway(SUBNET)
 
     # In the box: what a server on a LAN shows.
@@ -54,12 +54,12 @@ async def test_internal_network_gives_an_interface_and_a_route_but_no_way_out(
 
     async with engine.engine() as client:
         info = await client.containers.container(box.id).show()
-        net = await client.networks.get(settings.network_name)
+        net = await client.networks.get(settings.docker.network_name)
         net_info = await net.show()
     host = info["HostConfig"]
     # The box is on that network only, its embedded DNS server's only upstream is the gateway (dropped).
-    assert host["NetworkMode"] == settings.network_name
-    assert set(info["NetworkSettings"]["Networks"]) == {settings.network_name}
+    assert host["NetworkMode"] == settings.docker.network_name
+    assert set(info["NetworkSettings"]["Networks"]) == {settings.docker.network_name}
     assert host["Dns"] == [gw]
     assert not host.get("PortBindings") and not host.get("Privileged") and host["CapDrop"] == ["ALL"]
     assert "NET_ADMIN" not in host["CapAdd"] and "NET_RAW" not in host["CapAdd"]  # it cannot change its routes
@@ -67,7 +67,9 @@ async def test_internal_network_gives_an_interface_and_a_route_but_no_way_out(
     assert net_info["Internal"] is True and net_info["EnableIPv6"] is False
     assert net_info["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     assert net_info["Options"]["com.docker.network.bridge.enable_ip_masquerade"] == "false"
-    check_network(net_info, settings)  # the same check the honeypot makes before using it
+    check_network(
+        net_info, settings.docker.network_name, settings.network_subnet
+    )  # the same check the honeypot makes before using it
 
     # The host's packet filter: from the bridge, nothing reaches the host itself (first INPUT rule,
     # IPv4 and IPv6) but, before it in IPv4, replies to the honeypot's own transparent relay sockets
@@ -113,7 +115,7 @@ async def test_boxes_on_the_network_get_their_own_addresses(
 
 
 def test_the_default_is_no_network() -> None:
-    config = create_config(SandboxSettings(), {}, None)
+    config = create_config(DockerSettings(), SandboxSettings(), {}, None)
     assert config["NetworkDisabled"] is True and config["HostConfig"]["NetworkMode"] == "none"
     assert "Dns" not in config["HostConfig"]
 
@@ -127,5 +129,5 @@ async def test_a_look_alike_network_that_routes_out_is_refused(
         "Options": {"com.docker.network.bridge.enable_icc": "true"},
         "IPAM": {"Config": [{"Subnet": SUBNET}]},
     }
-    with pytest.raises(SandboxError, match=r"sandbox.network_name: .*not internal.*Fix: remove it"):
-        check_network(fake, settings)
+    with pytest.raises(SandboxError, match=r"sandbox.docker.network_name: .*not internal.*Fix: remove it"):
+        check_network(fake, settings.docker.network_name, settings.network_subnet)

@@ -90,15 +90,15 @@ CRASHER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from sandtrap.config import SandboxSettings
+    from sandtrap.config import DockerSettings, SandboxSettings
     from sandtrap.sandbox.docker import seccomp
     from sandtrap.sandbox.docker.backend import DockerBackend
     from sandtrap.sandbox.pool import Pool
 
     async def main():
-        s = SandboxSettings(image=sys.argv[1], pool_size=2)
-        profile = seccomp.resolve(s.seccomp_profile, Path(sys.argv[4]))
-        pool = Pool(DockerBackend(s, sys.argv[2], profile), s, Path(sys.argv[3]))
+        s = SandboxSettings(docker=DockerSettings(image=sys.argv[1]), pool_size=2)
+        profile = seccomp.resolve(s.docker.seccomp_profile, Path(sys.argv[4]))
+        pool = Pool(DockerBackend(s.docker, s, sys.argv[2], profile), s, Path(sys.argv[3]))
         await pool.start()
         box = await pool.acquire("crashsess", "127.0.0.9")
         await pool.wait_refilled()

@@ -427,7 +427,10 @@ async def test_sigkill_mid_session_leaves_a_crashed_session_with_its_cast_and_co
         {
             "sensor": sensor,
             "ssh": {"listen": f"127.0.0.1:{port}", "host_key_dir": str(tmp_path / "hostkeys")},
-            "sandbox": {"image": built_image, "pool_size": 1, "seccomp_profile": str(seccomp.find(DATA_DIR))},
+            "sandbox": {
+                "pool_size": 1,
+                "docker": {"image": built_image, "seccomp_profile": str(seccomp.find(DATA_DIR))},
+            },
             "storage": {"data_dir": str(data_dir)},
             "auth": {"credentials": [{"username": "root", "password": "hunter2"}], "accept_all_after": 0},
             **API,

@@ -248,7 +248,9 @@ async def test_detection_battery(
         conn_a.close()
         conn_b.close()
 
-    plain_backend = backend_factory(sandbox_settings(cgroupns="host", lxcfs_dir="", loadavg_dir="", init="sandtrap"))
+    plain_backend = backend_factory(
+        sandbox_settings(docker={"cgroupns": "host"}, lxcfs_dir="", loadavg_dir="", init="sandtrap")
+    )
     p1, p2 = await asyncio.gather(started(plain_backend), started(plain_backend))
     t1, t2 = DockerTarget(p1), DockerTarget(p2)
     try:

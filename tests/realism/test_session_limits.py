@@ -19,7 +19,7 @@ async def test_every_channel_gets_the_box_open_files_limits(honeypot: Callable[.
     async with asyncssh_connected(hp) as conn:
         box = await conn.run("grep 'Max open files' /proc/1/limits", check=True)
         pid1_soft, hard = str(box.stdout).split()[3:5]
-        soft = str(hp.settings.sandbox.ulimit_nofile)
+        soft = str(hp.settings.sandbox.docker.ulimit_nofile)
         if hp.settings.sandbox.init != "systemd":  # systemd raises its own soft limit, as on a real server
             assert pid1_soft == soft
         for _ in range(8):

@@ -3,7 +3,7 @@ cgroup, in every hierarchy, with ``n`` the login's ``XDG_SESSION_ID``; the box's
 still bind the session; and when the box goes, nothing of its cgroups stays on the host.
 
 Needs the honeypot on the engine's host as root with cgroup v1 and the cgroupfs driver (what
-``sandbox.limits_in_parent`` needs); skipped elsewhere.
+``sandbox.docker.limits_in_parent`` needs); skipped elsewhere.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def test_seccomp_build_installs_the_profile_for_every_data_dir(tmp_path: Path, i
     for name in ("one.yaml", "two.yaml"):
         checked = invoke("seccomp", "check", "-c", str(config(tmp_path, name)))
         assert checked.exit_code == 0, checked.output
-        assert f"sandbox.seccomp_profile: sandtrap ({installed}) usable" in said(checked)
+        assert f"sandbox.docker.seccomp_profile: sandtrap ({installed}) usable" in said(checked)
     assert not (tmp_path / "one-data").exists()
     # `make setup` installs a profile an earlier set-up left in a data dir by building from it (same text).
     again = tmp_path / "again.json"
@@ -216,7 +216,7 @@ def test_seccomp_check_without_a_profile_names_the_key_both_places_and_the_fix(t
     result = invoke("seccomp", "check", "-c", str(f))
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     message = said(result)
-    assert message.startswith("error: sandbox.seccomp_profile: sandtrap's profile is missing")
+    assert message.startswith("error: sandbox.docker.seccomp_profile: sandtrap's profile is missing")
     assert str(seccomp.profile_path(tmp_path / "sandtrap-data")) in message and str(installed) in message
     assert "make setup" in message and "sandtrap seccomp build --from" in message and "'default'" in message
 

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from sandtrap.config import Settings, load_settings, parse_size, settings_as_yaml, split_listen
+from sandtrap.app import BACKENDS
+from sandtrap.config import (
+    AVAILABLE_BACKENDS,
+    MOVED_KEYS,
+    DockerSettings,
+    SandboxSettings,
+    Settings,
+    load_settings,
+    parse_size,
+    settings_as_yaml,
+    split_listen,
+)
 from sandtrap.errors import ConfigError
 
 
@@ -39,18 +51,28 @@ def test_yaml_round_trip_of_effective_config(tmp_path: Path) -> None:
     ("text", "needle"),
     [
         ("sandbox:\n  pool_sz: 3\n", "sandbox.pool_sz: unknown key"),
-        ("sandbox:\n  backend: lxc\n", "sandbox.backend: must be 'docker'"),
+        ("sandbox:\n  backend: lxc\n", "sandbox.backend: must be 'docker', 'microvm' or 'nspawn'"),
         ("sandbox:\n  memory: lots\n", "sandbox.memory: expected a size"),
         ("ssh:\n  listen: nope\n", "ssh.listen: expected 'host:port'"),
         ("ssh:\n  listen: '1.2.3.4:99999'\n", "out of range"),
         ("auth:\n  accept_all_after: -1\n", "auth.accept_all_after"),
         ("auth:\n  credentials:\n    - {username: root}\n", "auth.credentials.0.password"),
-        ("sandbox:\n  cap_add: [SYS_ADMIN]\n", "SYS_ADMIN would let an attacker escape"),
+        (
+            "sandbox:\n  docker:\n    cap_add: [SYS_ADMIN]\n",
+            "sandbox.docker.cap_add: SYS_ADMIN would let an attacker escape",
+        ),
         ("sandbox:\n  hostname: 'bad host'\n", "sandbox.hostname"),
         ("sandbox:\n  affinity: random\n", "'session' or 'source_ip'"),
         ("sandbox:\n  memory: 256m\n  memory_swap: 1m\n", "memory_swap"),
-        ("sandbox:\n  ulimit_nofile: 4096\n  ulimit_nofile_hard: 2048\n", "ulimit_nofile_hard must be at least"),
-        ("sandbox:\n  ulimit_nofile_hard: 2000000\n", "sandbox.ulimit_nofile_hard"),
+        (
+            "sandbox:\n  docker: {ulimit_nofile: 4096, ulimit_nofile_hard: 2048}\n",
+            "ulimit_nofile_hard must be at least",
+        ),
+        ("sandbox:\n  docker:\n    ulimit_nofile_hard: 2000000\n", "sandbox.docker.ulimit_nofile_hard"),
+        ("sandbox:\n  docker:\n    network_name: 'a b'\n", "sandbox.docker.network_name: must be a Docker network"),
+        ("sandbox:\n  docker:\n    writable: {/var: 10k}\n", "sandbox.docker.writable: /var: a size below 1m"),
+        ("sandbox:\n  docker:\n    image_tag: x\n", "sandbox.docker.image_tag: unknown key"),
+        ("sandbox:\n  network_subnet: 8.8.8.0/24\n", "sandbox.network_subnet: '8.8.8.0/24': use a private subnet"),
         ("image:\n  packages: ['rm -rf']\n", "not a Debian package name"),
         ("sandbox:\n  loadavg_dir: var/lib/x\n", "sandbox.loadavg_dir: must be an absolute directory"),
         ("sandbox:\n  lxcfs_dir: '/a:b'\n", "sandbox.lxcfs_dir"),
@@ -62,6 +84,88 @@ def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, needle: str) ->
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, text))
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["microvm", "nspawn"])
+def test_planned_backend_is_refused_as_not_available_yet(tmp_path: Path, backend: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, f"sandbox:\n  backend: {backend}\n"))
+    message = str(err.value)
+    assert f"sandbox.backend: the {backend} backend is not available yet" in message
+    assert "set sandbox.backend: docker" in message
+
+
+def test_every_available_backend_has_a_builder() -> None:
+    assert set(AVAILABLE_BACKENDS) == set(BACKENDS), "config.AVAILABLE_BACKENDS and app.BACKENDS must agree"
+    assert set(AVAILABLE_BACKENDS) <= set(get_args(SandboxSettings.model_fields["backend"].annotation))
+
+
+@pytest.mark.parametrize(
+    ("old", "value"),
+    [
+        ("docker_host", "unix:///run/sandtrap/engine.sock"),
+        ("image", "mine:1"),
+        ("seccomp_profile", "default"),
+        ("cap_add", "[CHOWN]"),
+        ("read_only_root", "true"),
+        ("ulimit_nofile_hard", "4096"),
+        ("network_name", "x"),
+        ("limits_in_parent", "false"),
+        ("cgroupns", "host"),
+        ("runtime", "runsc"),
+    ],
+)
+def test_key_moved_to_the_docker_section_names_its_new_place(tmp_path: Path, old: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, f"sandbox:\n  {old}: {value}\n"))
+    message = str(err.value)
+    assert f"sandbox.{old}: moved to sandbox.docker.{old}" in message
+    assert f"as `{old}:` in a `docker:` section inside `sandbox:`" in message
+    assert "unknown key" not in message
+    # ...and the value is taken where it is now.
+    load_settings(write(tmp_path, f"sandbox:\n  docker:\n    {old}: {value}\n"))
+
+
+def test_every_docker_key_that_was_flat_is_a_moved_key() -> None:
+    assert set(MOVED_KEYS) == {f"sandbox.{k}" for k in DockerSettings.model_fields}
+    assert not set(DockerSettings.model_fields) & set(SandboxSettings.model_fields), "a key lives in one place"
+
+
+def test_several_moved_keys_each_get_a_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "sandbox:\n  docker_host: ''\n  image: x\n  pool_sz: 1\n"))
+    lines = str(err.value).splitlines()
+    assert any(line.strip().startswith("sandbox.docker_host: moved to sandbox.docker.docker_host") for line in lines)
+    assert any(line.strip().startswith("sandbox.image: moved to sandbox.docker.image") for line in lines)
+    assert any(line.strip().startswith("sandbox.pool_sz: unknown key") for line in lines)
+
+
+def test_common_key_in_the_docker_section_names_its_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "sandbox:\n  docker:\n    memory: 1g\n"))
+    assert "sandbox.docker.memory: not a Docker-only key; every backend has it: write it as sandbox.memory" in str(
+        err.value
+    )
+
+
+def test_moved_key_in_overrides_names_its_new_place() -> None:
+    with pytest.raises(ConfigError, match=r"sandbox\.tmpfs: moved to sandbox\.docker\.tmpfs"):
+        load_settings(None, {"sandbox": {"tmpfs": {}}})
+
+
+def test_docker_section_defaults_and_overrides(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "sandbox:\n  memory: 1g\n  docker:\n    image: mine:2\n"))
+    assert s.sandbox.memory == 2**30 and s.sandbox.docker.image == "mine:2"
+    assert s.sandbox.docker.seccomp_profile == "sandtrap" and s.sandbox.docker.cap_add == DockerSettings().cap_add
+
+
+def test_config_show_prints_the_tree() -> None:
+    dumped = yaml.safe_load(settings_as_yaml(load_settings(None)))
+    assert dumped["sandbox"]["backend"] == "docker"
+    assert dumped["sandbox"]["docker"]["docker_host"] == "" and "docker_host" not in dumped["sandbox"]
+    assert dumped["sandbox"]["docker"]["image"] == "sandtrap-target:latest"
+    keys = list(dumped["sandbox"])
+    assert keys[0] == "backend" and keys[-1] == "docker"
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
@@ -89,9 +193,16 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
                 out.append(f"{prefix}{name}")
         return out
 
+    # Every key is written out, at its place in the tree (not only defaulted).
+    tree = yaml.safe_load(text)
     for dotted in keys(load_settings(None)):
-        leaf = dotted.rsplit(".", 1)[-1]
-        assert f"{leaf}:" in text, f"config/sandtrap.example.yaml does not document {dotted}"
+        if dotted == "sensor":
+            assert "sensor:" in text, "config/sandtrap.example.yaml does not document sensor"
+            continue
+        node = tree
+        for part in dotted.split("."):
+            assert isinstance(node, dict) and part in node, f"config/sandtrap.example.yaml does not document {dotted}"
+            node = node[part]
 
 
 @pytest.mark.parametrize(

@@ -302,6 +302,7 @@ class Channel:
 
     async def _collect_uploads(self) -> None:
         lease = await self._conn.lease()
+
         def report(**fields: object) -> object:
             return self._emit(SESSION_FILE_UPLOAD, channel=self.number, **fields)
 

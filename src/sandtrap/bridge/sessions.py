@@ -76,7 +76,9 @@ class Lease:
 
 
 class SessionManager:
-    def __init__(self, pool: Pool[Prepared], sandbox: SandboxSettings, limits: LimitsSettings, honeytokens: bool = True) -> None:
+    def __init__(
+        self, pool: Pool[Prepared], sandbox: SandboxSettings, limits: LimitsSettings, honeytokens: bool = True
+    ) -> None:
         self._pool = pool
         self._honeytokens = honeytokens
         self.watcher = ReadWatcher()

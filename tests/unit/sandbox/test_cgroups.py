@@ -85,8 +85,8 @@ def test_available_names_what_is_missing(tmp_path: Path) -> None:
 
 def test_create_config_moves_the_limits_to_the_parent() -> None:
     s = SandboxSettings()
-    own = create_config(s, {}, None)["HostConfig"]
+    own = create_config(s.docker, s, {}, None)["HostConfig"]
     assert own["Memory"] == 256 * MiB and own["PidsLimit"] == 128 and "CgroupParent" not in own
-    parent = create_config(s, {}, None, "/sandtrap-x/abc", "1")["HostConfig"]
+    parent = create_config(s.docker, s, {}, None, "/sandtrap-x/abc", "1")["HostConfig"]
     assert parent["CgroupParent"] == "/sandtrap-x/abc" and parent["CpusetCpus"] == "1"
     assert not {"Memory", "MemorySwap", "NanoCpus", "PidsLimit"} & set(parent)

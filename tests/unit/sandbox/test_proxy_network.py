@@ -14,6 +14,10 @@ def settings(network: str) -> Settings:
     return Settings.model_validate({"sandbox": {"network": network}})
 
 
+def policy_of(s: Settings) -> Policy:
+    return Policy.from_settings(s.sandbox.docker, s.sandbox, s.sensor)
+
+
 def body(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
@@ -24,9 +28,9 @@ def labels(policy: Policy) -> dict[str, str]:
 
 def test_the_internal_network_and_boxes_on_it_pass() -> None:
     s = settings("internal")
-    policy = Policy.from_settings(s)
-    check_network_create(body(network_config(s.sandbox)), policy)
-    config = create_config(s.sandbox, labels(policy), None)
+    policy = policy_of(s)
+    check_network_create(body(network_config(s.sandbox.docker.network_name, s.sandbox.network_subnet)), policy)
+    config = create_config(s.sandbox.docker, s.sandbox, labels(policy), None)
     check_create(body(config), policy)
 
 
@@ -44,18 +48,21 @@ def test_the_internal_network_and_boxes_on_it_pass() -> None:
 def test_any_other_network_is_refused(change: dict[str, object]) -> None:
     s = settings("internal")
     with pytest.raises(Refused):
-        check_network_create(body({**network_config(s.sandbox), **change}), Policy.from_settings(s))
+        made = network_config(s.sandbox.docker.network_name, s.sandbox.network_subnet)
+        check_network_create(body({**made, **change}), policy_of(s))
 
 
 def test_without_network_internal_no_network_and_no_network_mode_pass() -> None:
     s = settings("none")
-    policy = Policy.from_settings(s)
+    policy = policy_of(s)
     with pytest.raises(Refused):
-        check_network_create(body(network_config(settings("internal").sandbox)), policy)
-    config = create_config(settings("internal").sandbox, labels(policy), None)
+        internal = settings("internal").sandbox
+        check_network_create(body(network_config(internal.docker.network_name, internal.network_subnet)), policy)
+    internal = settings("internal").sandbox
+    config = create_config(internal.docker, internal, labels(policy), None)
     with pytest.raises(Refused, match="NetworkMode"):
         check_create(body(config), policy)
     for mode in ("bridge", "host", "container:abc"):
         config["HostConfig"]["NetworkMode"] = mode
         with pytest.raises(Refused):
-            check_create(body(config), Policy.from_settings(settings("internal")))
+            check_create(body(config), policy_of(settings("internal")))

@@ -169,7 +169,7 @@ def test_resolve_sandtrap_missing_names_the_key_and_the_fix(tmp_path: Path, inst
     with pytest.raises(seccomp.ProfileError) as info:
         seccomp.resolve("sandtrap", tmp_path)
     message = str(info.value)
-    assert message.startswith("sandbox.seccomp_profile: ")
+    assert message.startswith("sandbox.docker.seccomp_profile: ")
     assert str(seccomp.profile_path(tmp_path)) in message and str(installed) in message
     assert "make setup" in message and "seccomp build --from" in message
     with pytest.raises(seccomp.ProfileError, match=f"not at {installed}"):
@@ -203,19 +203,23 @@ def test_resolve_default_and_a_path(tmp_path: Path, caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING):
         assert seccomp.resolve(str(own), tmp_path) == own.read_text(encoding="utf-8")  # used, with a warning
     assert "allows io_uring_setup" in caplog.text
-    with pytest.raises(seccomp.ProfileError, match=r"sandbox\.seccomp_profile: .*nope\.json does not exist"):
+    with pytest.raises(seccomp.ProfileError, match=r"sandbox\.docker\.seccomp_profile: .*nope\.json does not exist"):
         seccomp.resolve(str(tmp_path / "nope.json"), tmp_path)
 
 
 def test_the_defaults_block_io_uring_without_no_new_privs() -> None:
-    s = Settings().sandbox
+    s = Settings().sandbox.docker
     assert s.seccomp_profile == "sandtrap" and s.no_new_privileges is False
 
 
 def test_the_create_body_carries_the_profile_and_passes_the_engine_proxy() -> None:
     settings = Settings(sensor="unit")
     text = seccomp.render(seccomp.derive(engine_default()))
-    config = create_config(settings.sandbox, {LABEL_MANAGED: "true", LABEL_SENSOR: "unit"}, text)
+    config = create_config(
+        settings.sandbox.docker, settings.sandbox, {LABEL_MANAGED: "true", LABEL_SENSOR: "unit"}, text
+    )
     assert config["HostConfig"]["SecurityOpt"] == ["seccomp=" + text]  # no no-new-privileges by default
-    check_create(json.dumps(config).encode(), Policy.from_settings(settings))
-    assert create_config(settings.sandbox, {}, None)["HostConfig"]["SecurityOpt"] == []
+    check_create(
+        json.dumps(config).encode(), Policy.from_settings(settings.sandbox.docker, settings.sandbox, settings.sensor)
+    )
+    assert create_config(settings.sandbox.docker, settings.sandbox, {}, None)["HostConfig"]["SecurityOpt"] == []

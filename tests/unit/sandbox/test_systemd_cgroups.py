@@ -37,10 +37,10 @@ def test_anything_else_is_refused(rows: str, parent: str) -> None:
 
 def test_systemd_boxes_get_setpcap_run_lock_and_systemds_stop_signal() -> None:
     s = SandboxSettings(init="systemd")
-    plain = create_config(s, {}, None, mask_systemd_cgroup=True)
-    config = create_config(s, {}, None, mask_systemd_cgroup=True, systemd=True)
+    plain = create_config(s.docker, s, {}, None, mask_systemd_cgroup=True)
+    config = create_config(s.docker, s, {}, None, mask_systemd_cgroup=True, systemd=True)
     host = config["HostConfig"]
-    assert host["CapAdd"] == [*s.cap_add, "SETPCAP"] and "SYS_ADMIN" not in host["CapAdd"]
+    assert host["CapAdd"] == [*s.docker.cap_add, "SETPCAP"] and "SYS_ADMIN" not in host["CapAdd"]
     assert host["Privileged"] is False and host["Devices"] == [] and host["CapDrop"] == ["ALL"]
     assert host["Tmpfs"]["/run/lock"] == "rw,nosuid,nodev,noexec,size=5m" and SYSTEMD_CGROUP in host["Tmpfs"]
     assert config["StopSignal"] == "SIGRTMIN+3" and config["Cmd"] == ["/sbin/init", "--systemd"]
@@ -48,7 +48,7 @@ def test_systemd_boxes_get_setpcap_run_lock_and_systemds_stop_signal() -> None:
     assert "SETPCAP" not in plain["HostConfig"]["CapAdd"]
     assert (
         host["Tmpfs"]["/run"] == "rw,nosuid,nodev,size=52428k"
-        and plain["HostConfig"]["Tmpfs"]["/run"] == s.tmpfs["/run"]
+        and plain["HostConfig"]["Tmpfs"]["/run"] == s.docker.tmpfs["/run"]
     )
 
 

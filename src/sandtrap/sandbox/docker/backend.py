@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
-from sandtrap.config import SandboxSettings
+from sandtrap.config import DockerSettings, SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker import engine, network
@@ -43,12 +43,12 @@ from sandtrap.sandbox.host.procviews import ProcViews
 log = logging.getLogger(__name__)
 
 
-def init_transport_refused(s: SandboxSettings) -> str:
-    """Why logins cannot be started by the box's listener (``session_transport: init``), or ''."""
+def init_transport_refused(d: DockerSettings, s: SandboxSettings) -> str:
+    """Why logins cannot be started by the box's listener (``sandbox.session_transport: init``), or ''."""
     if s.session_transport != "init":
         return "session_transport is exec"
-    if s.docker_host and not s.docker_host.startswith("unix://"):
-        return f"the engine at {s.docker_host} is not on this host"
+    if d.docker_host and not d.docker_host.startswith("unix://"):
+        return f"the engine at {d.docker_host} is not on this host"
     if os.geteuid() != 0:
         return "the honeypot does not run as root (entering a box's network namespace needs it)"
     return ""
@@ -57,7 +57,8 @@ def init_transport_refused(s: SandboxSettings) -> str:
 class DockerBackend:
     """Creates hardened containers for one sensor and finds those a previous run left.
 
-    ``files`` (path relative to / -> content, mode, mtime) are written into every box before its init
+    ``docker`` is its own section (``sandbox.docker``); ``box`` the ``sandbox`` section, read only for what every
+    backend has (the box's name, limits, network, init, transport, host views). ``files`` (path relative to / -> content, mode, mtime) are written into every box before its init
     runs: the sensor's SSH host keys (``sandbox.share_host_keys``)."""
 
     # Per engine address: the open-files hard limit the engine was last seen to grant (see create); what one
@@ -66,24 +67,26 @@ class DockerBackend:
 
     def __init__(
         self,
-        settings: SandboxSettings,
+        docker: DockerSettings,
+        box: SandboxSettings,
         sensor: str,
         seccomp: str | None,
         files: Mapping[str, tuple[bytes, int, float]] | None = None,
     ) -> None:
         """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default."""
-        self._settings = settings
+        self._docker = docker
+        self._box = box
         self._sensor = sensor
         self._seccomp = seccomp
         self._planted = files_archive(files) if files else b""
-        self._client = engine.connect(settings.docker_host)
+        self._client = engine.connect(docker.docker_host)
         self._host = BoxHost(self._client, sensor)
-        self._views = ProcViews(settings.lxcfs_dir, settings.loadavg_dir)
+        self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
         self._image_seed: tuple[bytes, str] | None = None
         self._network_ready = False
         self._network_lock = asyncio.Lock()
         # Lowered if the engine cannot grant it (create); what one backend learned, the next starts from.
-        self._nofile_hard = min(settings.ulimit_nofile_hard, self._nofile_learned.get(settings.docker_host, 1 << 30))
+        self._nofile_hard = min(docker.ulimit_nofile_hard, self._nofile_learned.get(docker.docker_host, 1 << 30))
         # Where limits go and how many CPUs the engine's host has: decided once, from the engine's info.
         self._placement_lock = asyncio.Lock()
         self._placed = False
@@ -92,14 +95,18 @@ class DockerBackend:
         self._cpu_list: list[int] = []  # the CPUs boxes may be pinned to
         self._mask_systemd_cgroup = False
         self._systemd = False  # sandbox.init: systemd, where this host allows it (decided with the placement)
-        self._init_refused = init_transport_refused(settings)
+        self._init_refused = init_transport_refused(docker, box)
         self._transparent_refused = "sandbox.network is none"  # until the host's rules are in place
-        if settings.session_transport == "init" and self._init_refused:
+        if box.session_transport == "init" and self._init_refused:
             log.warning("logins by docker exec, not by the box's listener: %s", self._init_refused)
 
     @property
-    def settings(self) -> SandboxSettings:
-        return self._settings
+    def docker(self) -> DockerSettings:
+        return self._docker
+
+    @property
+    def box(self) -> SandboxSettings:
+        return self._box
 
     @property
     def nofile_hard(self) -> int:
@@ -107,12 +114,12 @@ class DockerBackend:
         return self._nofile_hard
 
     async def _ensure_network(self) -> None:
-        if self._settings.network != "internal" or self._network_ready:
+        if self._box.network != "internal" or self._network_ready:
             return
         async with self._network_lock:
             if not self._network_ready:
-                bridge = await network.ensure_network(self._client, self._settings)
-                if self._settings.connection_in_box and not self._init_refused:
+                bridge = await network.ensure_network(self._client, self._docker.network_name, self._box.network_subnet)
+                if self._box.connection_in_box and not self._init_refused:
                     self._transparent_refused = await relay.open_reply_path(bridge)
                 self._network_ready = True
 
@@ -127,10 +134,10 @@ class DockerBackend:
         async with self._placement_lock:
             if self._placed:
                 return
-            s = self._settings
+            s, d = self._box, self._docker
             # A local engine (a unix socket): its host is this one; its info is not needed (and the engine
             # proxy, a local socket too, does not pass GET /info on). A remote one: CPUs from its info.
-            local = not s.docker_host or s.docker_host.startswith("unix://")
+            local = not d.docker_host or d.docker_host.startswith("unix://")
             if local:
                 self._cpu_list = sorted(os.sched_getaffinity(0))
                 v1 = not await asyncio.to_thread(Path("/sys/fs/cgroup/cgroup.controllers").exists)
@@ -142,19 +149,19 @@ class DockerBackend:
                     log.info("engine info not readable (%s): boxes are not pinned to CPUs", exc)
                 v1 = False
             self._mask_systemd_cgroup = bool(
-                s.mask_cgroupns
-                and s.cgroupns == "private"
+                d.mask_cgroupns
+                and d.cgroupns == "private"
                 and v1
                 and await asyncio.to_thread(Path(SYSTEMD_CGROUP).is_dir)
             )
             if s.init == "systemd":
-                reason = systemd_cgroups.unavailable(local, v1, s.cgroupns, self._mask_systemd_cgroup)
+                reason = systemd_cgroups.unavailable(local, v1, d.cgroupns, self._mask_systemd_cgroup)
                 self._systemd = True
                 if reason:
                     self._no_systemd(reason)
-            if s.limits_in_parent:
+            if d.limits_in_parent:
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
-                reason = parents.available() if local else f"the engine at {s.docker_host} is not on this host"
+                reason = parents.available() if local else f"the engine at {d.docker_host} is not on this host"
                 if reason:
                     log.warning(
                         "sandbox limits stay on each container, where a box sees them at its root cgroup (%s)", reason
@@ -179,15 +186,15 @@ class DockerBackend:
             try:
                 return await self._create(labels, name, tried)
             except engine.LimitRefused:
-                soft = self._settings.ulimit_nofile
+                soft = self._docker.ulimit_nofile
                 if tried <= soft:
                     raise
                 if tried == self._nofile_hard:
                     self._nofile_hard = max(soft, tried // 2)
-                    self._nofile_learned[self._settings.docker_host] = self._nofile_hard
+                    self._nofile_learned[self._docker.docker_host] = self._nofile_hard
                     log.warning(
                         "the engine cannot give sandboxes an open-files hard limit of %d (its own is lower; raise "
-                        "LimitNOFILE of containerd and docker, or lower sandbox.ulimit_nofile_hard): trying %d",
+                        "LimitNOFILE of containerd and docker, or lower sandbox.docker.ulimit_nofile_hard): trying %d",
                         tried,
                         self._nofile_hard,
                     )
@@ -195,24 +202,23 @@ class DockerBackend:
     async def _create(self, labels: Mapping[str, str], name: str, nofile_hard: int) -> DockerSandbox:
         await self._ensure_network()
         await self._placement()
-        settings = self._settings
-        if nofile_hard != settings.ulimit_nofile_hard:
-            settings = settings.model_copy(update={"ulimit_nofile_hard": nofile_hard})
+        box, docker = self._box, self._docker
+        if nofile_hard != docker.ulimit_nofile_hard:
+            docker = docker.model_copy(update={"ulimit_nofile_hard": nofile_hard})
         cgroup = secrets.token_hex(6) if self._parents is not None else ""
-        cpuset = cpuset_for(cgroup or name, settings.cpus, self._cpu_list) if settings.pin_cpus else ""
+        cpuset = cpuset_for(cgroup or name, box.cpus, self._cpu_list) if docker.pin_cpus else ""
         self._creating.add(cgroup)
         try:
             parent = ""
             if self._parents is not None:
-                limits = Limits(
-                    settings.memory, settings.memory_swap or settings.memory, settings.cpus, settings.pids_limit
-                )
+                limits = Limits(box.memory, box.memory_swap or box.memory, box.cpus, box.pids_limit)
                 try:
                     parent = await asyncio.to_thread(self._parents.create, cgroup, limits)
                 except CgroupError as exc:
                     raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
             config = create_config(
-                settings,
+                docker,
+                box,
                 labels,
                 self._seccomp,
                 parent,
@@ -223,7 +229,7 @@ class DockerBackend:
             )
             try:
                 container = await engine.call(
-                    "create container", self._client.containers.create(config, name=name), settings.start_timeout_s
+                    "create container", self._client.containers.create(config, name=name), box.start_timeout_s
                 )
             except BaseException as exc:
                 if self._parents is not None:
@@ -237,14 +243,14 @@ class DockerBackend:
                     self._no_systemd(f"the engine refused the container systemd needs: {exc}")
                     return await self._create(labels, name, nofile_hard)
                 raise
-            sandbox = DockerSandbox(self._host, container.id, name, tuple(settings.tmpfs))
+            sandbox = DockerSandbox(self._host, container.id, name, tuple(docker.tmpfs))
             sandbox.cgroup, sandbox.parents = cgroup, self._parents
             self._share_relay(sandbox)
-            seeded = settings.read_only_root and bool(settings.writable)
+            seeded = docker.read_only_root and bool(docker.writable)
             try:
                 if self._planted and not seeded:  # in the container's own layer, before init starts sshd
                     await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
-                await engine.call("start container", container.start(), settings.start_timeout_s)
+                await engine.call("start container", container.start(), box.start_timeout_s)
                 if parent and not await self._check_placement(sandbox, parent):
                     await asyncio.shield(sandbox.remove())
                     self._no_parents(f"box {name} did not start below its parent cgroup {parent}")
@@ -324,26 +330,26 @@ class DockerBackend:
 
     async def _image_files(self) -> tuple[bytes, str]:
         """The image's files under each writable path, read once from a container that never starts."""
-        s = self._settings
+        d = self._docker
         labels = box_labels(self._sensor, role="template")
-        config = create_config(s.model_copy(update={"read_only_root": False}), labels, self._seccomp)
+        config = create_config(d.model_copy(update={"read_only_root": False}), self._box, labels, self._seccomp)
         name = f"sandtrap-{safe_name(self._sensor)}-t-{secrets.token_hex(4)}"
         template = await engine.call("create template", self._client.containers.create(config, name=name))
         try:
-            parts = {p: await engine.call(f"read {p} from the image", template.get_archive(p)) for p in s.writable}
+            parts = {p: await engine.call(f"read {p} from the image", template.get_archive(p)) for p in d.writable}
         finally:
             await asyncio.shield(DockerSandbox(self._host, template.id, name).remove())
         return seed_archive(parts)
 
     def sandbox(self, container_id: str, name: str) -> DockerSandbox:
-        sandbox = DockerSandbox(self._host, container_id, name, tuple(self._settings.tmpfs))
+        sandbox = DockerSandbox(self._host, container_id, name, tuple(self._docker.tmpfs))
         self._share_relay(sandbox)
         return sandbox
 
     def _share_relay(self, sandbox: DockerSandbox) -> None:
         """What the backend knows about the transport and the login's connection, given to one of its boxes."""
         sandbox.init_refused = self._init_refused
-        sandbox.connection_in_box = self._settings.connection_in_box
+        sandbox.connection_in_box = self._box.connection_in_box
         sandbox.transparent_refused = self._transparent_refused
 
     async def list_managed(self) -> list[SandboxInfo]:

@@ -30,7 +30,6 @@ from typing import Any
 
 import aiodocker
 
-from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.host.commands import run_command
@@ -49,17 +48,19 @@ def gateway(subnet: str) -> str:
     return str(next(ipaddress.IPv4Network(subnet).hosts()))
 
 
-def network_config(s: SandboxSettings) -> dict[str, Any]:
+def network_config(name: str, subnet: str) -> dict[str, Any]:
+    """The create body of the internal network ``name`` (``sandbox.docker.network_name``) on ``subnet``
+    (``sandbox.network_subnet``)."""
     return {
-        "Name": s.network_name,
+        "Name": name,
         "Driver": "bridge",
         "Internal": True,
         "EnableIPv6": False,
         "Attachable": False,
         "CheckDuplicate": True,
-        "IPAM": {"Driver": "default", "Config": [{"Subnet": s.network_subnet, "Gateway": gateway(s.network_subnet)}]},
+        "IPAM": {"Driver": "default", "Config": [{"Subnet": subnet, "Gateway": gateway(subnet)}]},
         "Options": {
-            "com.docker.network.bridge.name": bridge_name(s.network_name),
+            "com.docker.network.bridge.name": bridge_name(name),
             "com.docker.network.bridge.enable_icc": "false",
             "com.docker.network.bridge.enable_ip_masquerade": "false",
         },
@@ -67,7 +68,7 @@ def network_config(s: SandboxSettings) -> dict[str, Any]:
     }
 
 
-def check_network(info: dict[str, Any], s: SandboxSettings) -> None:
+def check_network(info: dict[str, Any], name: str, subnet: str) -> None:
     """Refuse an existing network of that name unless it is the one sandtrap would create."""
     options = info.get("Options") or {}
     subnets = [c.get("Subnet") for c in (info.get("IPAM") or {}).get("Config") or []]
@@ -76,37 +77,37 @@ def check_network(info: dict[str, Any], s: SandboxSettings) -> None:
         problems.append("it is not internal (it may route out)")
     if options.get("com.docker.network.bridge.enable_icc") != "false":
         problems.append("boxes on it can reach each other (enable_icc)")
-    if subnets != [s.network_subnet]:
-        problems.append(f"its subnet is {subnets}, not {s.network_subnet}")
-    if options.get("com.docker.network.bridge.name") != bridge_name(s.network_name):
+    if subnets != [subnet]:
+        problems.append(f"its subnet is {subnets}, not {subnet}")
+    if options.get("com.docker.network.bridge.name") != bridge_name(name):
         problems.append("its bridge is not sandtrap's")
     if problems:
         raise SandboxError(
-            f"sandbox.network_name: the engine network {s.network_name!r} exists but {'; '.join(problems)}. "
-            f"Fix: remove it (`docker network rm {s.network_name}`) so sandtrap creates it, or set "
-            "sandbox.network_name to another name"
+            f"sandbox.docker.network_name: the engine network {name!r} exists but {'; '.join(problems)}. "
+            f"Fix: remove it (`docker network rm {name}`) so sandtrap creates it, or set "
+            "sandbox.docker.network_name to another name"
         )
 
 
-async def ensure_network(client: aiodocker.Docker, s: SandboxSettings) -> str:
+async def ensure_network(client: aiodocker.Docker, name: str, subnet: str) -> str:
     """Create the internal network if missing (or check the one there), close the host path; its bridge."""
     try:
-        info = await engine.call("inspect network", client._query_json(f"networks/{s.network_name}"), 30)
+        info = await engine.call("inspect network", client._query_json(f"networks/{name}"), 30)
     except SandboxError as exc:
         if not engine.is_not_found(exc):
             raise
-        log.info("creating the internal network %s (%s, no way out)", s.network_name, s.network_subnet)
+        log.info("creating the internal network %s (%s, no way out)", name, subnet)
         try:
-            await engine.call("create network", client.networks.create(network_config(s)), 30)
+            await engine.call("create network", client.networks.create(network_config(name, subnet)), 30)
         except SandboxError as create_exc:
             if "409" not in str(create_exc) and "already exists" not in str(create_exc):
                 raise SandboxError(
                     f"sandbox.network_subnet: creating the network failed ({create_exc}). Fix: pick a subnet no "
                     "other network or host route uses, or set sandbox.network: none"
                 ) from create_exc
-        info = await engine.call("inspect network", client._query_json(f"networks/{s.network_name}"), 30)
-    check_network(info, s)
-    bridge = bridge_name(s.network_name)
+        info = await engine.call("inspect network", client._query_json(f"networks/{name}"), 30)
+    check_network(info, name, subnet)
+    bridge = bridge_name(name)
     await close_host_path(bridge)
     return bridge
 

@@ -2,7 +2,7 @@
 
 Whoever holds the engine's socket is root on the host (one privileged container with ``/``
 bind-mounted is enough). In proxy mode the honeypot is pointed at this proxy instead
-(``sandbox.docker_host: unix:///run/sandtrap/engine.sock``) and only the proxy holds the real socket.
+(``sandbox.docker.docker_host: unix:///run/sandtrap/engine.sock``) and only the proxy holds the real socket.
 The proxy lets through the calls :class:`~sandtrap.sandbox.docker.DockerBackend` and the image check
 make (``proxy_policy.ROUTES``, nothing else), reads every container-create and exec-create body and
 refuses what would weaken a sandbox (:mod:`sandtrap.sandbox.docker.proxy_policy`), and, with a sensor name,
@@ -379,11 +379,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sandtrap.sandbox.docker.proxy",
         description="Allow-list proxy for the Docker engine API (see SECURITY.md, 'Engine proxy').",
     )
-    p.add_argument("--listen", required=True, type=Path, help="unix socket for the honeypot (sandbox.docker_host)")
+    p.add_argument(
+        "--listen", required=True, type=Path, help="unix socket for the honeypot (sandbox.docker.docker_host)"
+    )
     p.add_argument("--upstream", default="/var/run/docker.sock", help="the engine's socket (path or unix:// URL)")
     p.add_argument("--config", "-c", default=os.environ.get("SANDTRAP_CONFIG"), help="sandtrap YAML config")
     p.add_argument("--sensor", help="only containers labelled for this sensor ('' = no label scoping)")
-    p.add_argument("--image", action="append", help="allowed image (repeatable); default: sandbox.image")
+    p.add_argument("--image", action="append", help="allowed image (repeatable); default: sandbox.docker.image")
     p.add_argument("--mode", default="660", help="socket permissions, octal (default 660)")
     p.add_argument("--group", help="socket group (the honeypot's user must be in it)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    policy = Policy.from_settings(settings)
+    policy = Policy.from_settings(settings.sandbox.docker, settings.sandbox, settings.sensor)
     if args.sensor is not None:
         policy = policy.with_sensor(args.sensor)
     if args.image:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
-from sandtrap.config import SandboxSettings, Settings
+from sandtrap.config import DockerSettings, SandboxSettings
 from sandtrap.sandbox.docker.spec import LABEL_MANAGED, LABEL_SENSOR
 
 MAX_HEAD = 32 * 1024  # request line and headers
@@ -56,7 +56,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/images/{image}/json", "image inspect", scope="image"),
     _route("GET", "/containers/json", "container list", scope="list"),
     _route("POST", "/containers/create", "container create", body="create"),
-    _route("GET", "/networks/{id}", "network inspect", scope="network"),  # only sandbox.network_name
+    _route("GET", "/networks/{id}", "network inspect", scope="network"),  # only sandbox.docker.network_name
     _route("POST", "/networks/create", "network create", body="network"),  # only an internal one, checked
     _route("GET", "/containers/{id}/json", "container inspect", scope="container"),
     _route("POST", "/containers/{id}/start", "container start", scope="container"),
@@ -174,7 +174,7 @@ def match(req: Request) -> Route:
 class Policy:
     sensor: str = ""  # "" = no label scoping
     images: frozenset[str] = frozenset()  # empty = any image
-    cap_add: frozenset[str] = field(default_factory=lambda: frozenset(SandboxSettings().cap_add))
+    cap_add: frozenset[str] = field(default_factory=lambda: frozenset(DockerSettings().cap_add))
     lxcfs_dir: str = ""
     loadavg_dir: str = ""
     host_cgroupns: bool = False
@@ -187,19 +187,20 @@ class Policy:
     network_subnet: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Policy:
-        s = settings.sandbox
+    def from_settings(cls, d: DockerSettings, s: SandboxSettings, sensor: str) -> Policy:
+        """What the honeypot with these settings asks of the engine: ``d`` is ``sandbox.docker``, ``s`` the
+        ``sandbox`` section (the limits and /proc views every box gets), ``sensor`` the top-level name."""
         return cls(
-            sensor=settings.sensor,
-            images=frozenset({s.image}),
-            cap_add=frozenset(s.cap_add),
+            sensor=sensor,
+            images=frozenset({d.image}),
+            cap_add=frozenset(d.cap_add),
             lxcfs_dir=s.lxcfs_dir.rstrip("/"),
             loadavg_dir=s.loadavg_dir.rstrip("/"),
-            host_cgroupns=s.cgroupns == "host",
+            host_cgroupns=d.cgroupns == "host",
             max_memory=max(s.memory, s.memory_swap),
             max_nano_cpus=int(s.cpus * 1e9),
             max_pids=s.pids_limit,
-            network=s.network_name if s.network == "internal" else "",
+            network=d.network_name if s.network == "internal" else "",
             network_subnet=s.network_subnet if s.network == "internal" else "",
         )
 

@@ -7,7 +7,7 @@ it: the three names taken out of every rule, and one rule of our own that answer
 kernel built without io_uring does. The engine then applies it to every process of a box (PID 1's tree,
 every exec), with no filter of our own in the box and so no ``no_new_privs`` needed for one.
 
-``sandbox.seccomp_profile`` picks the profile: ``sandtrap`` (this one), ``default`` (the engine's own) or a
+``sandbox.docker.seccomp_profile`` picks the profile: ``sandtrap`` (this one), ``default`` (the engine's own) or a
 path. :func:`resolve` reads it once, at start-up. ``sandtrap`` is found by :func:`find`: a data dir's own
 ``<data_dir>/seccomp/sandtrap.json`` if it has one, else the installed one the set-up builds for every data dir
 (:func:`installed_path`, under the installation's prefix: the virtualenv's ``share/sandtrap``).
@@ -174,7 +174,7 @@ def resolve(setting: str, data_dir: Path | None) -> str | None:
 
     ``sandtrap`` (:func:`find`; ``data_dir`` None: the installed one only) must exist and refuse io_uring; another
     path must be a profile that refuses by default (one that allows io_uring is used, with a warning)."""
-    key = "sandbox.seccomp_profile"
+    key = "sandbox.docker.seccomp_profile"
     if setting == ENGINE_DEFAULT:
         log.warning("%s: default: the engine's own profile, which allows io_uring on Docker before 25.0", key)
         return None

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sandtrap.config import SandboxSettings, parse_size
+from sandtrap.config import DockerSettings, SandboxSettings, parse_size
 from sandtrap.sandbox.docker import network
 
 LABEL_MANAGED = "sandtrap.managed"
@@ -85,6 +85,7 @@ def seed_archive(parts: Mapping[str, tarfile.TarFile]) -> tuple[bytes, str]:
 
 
 def create_config(
+    d: DockerSettings,
     s: SandboxSettings,
     labels: Mapping[str, str],
     seccomp: str | None,
@@ -94,7 +95,8 @@ def create_config(
     systemd: bool = False,
     proc_binds: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The container's create body: every hardening item in one place (see README, Hardening).
+    """The container's create body: every hardening item in one place (see README, Hardening). ``d`` is
+    ``sandbox.docker``; ``s`` is ``sandbox``, read for what every backend has (name, limits, network, init).
 
     ``seccomp`` is the profile's JSON text (``seccomp.resolve``), None for the engine's own default. With a
     ``cgroup_parent`` (see :mod:`sandtrap.sandbox.host.cgroups`) the memory, CPU and pids limits are already on
@@ -105,26 +107,26 @@ def create_config(
     as Debian mounts it, and systemd's stop signal. ``proc_binds``: the read-only /proc views
     (:class:`~sandtrap.sandbox.host.procviews.ProcViews`)."""
     security = []
-    if s.no_new_privileges:
+    if d.no_new_privileges:
         security.append("no-new-privileges:true")
     if seccomp is not None:
         security.append("seccomp=" + seccomp)
     internal = s.network == "internal"
     host: dict[str, Any] = {
-        "NetworkMode": s.network_name if internal else "none",
+        "NetworkMode": d.network_name if internal else "none",
         "Memory": s.memory,
         "MemorySwap": s.memory_swap or s.memory,
         "NanoCpus": int(s.cpus * 1e9),
         "PidsLimit": s.pids_limit,
         "CapDrop": ["ALL"],
-        "CapAdd": [*s.cap_add, *(["SETPCAP"] if systemd and "SETPCAP" not in s.cap_add else [])],
+        "CapAdd": [*d.cap_add, *(["SETPCAP"] if systemd and "SETPCAP" not in d.cap_add else [])],
         "SecurityOpt": security,
         "Privileged": False,
-        "ReadonlyRootfs": s.read_only_root,
-        "Tmpfs": dict(s.tmpfs),
+        "ReadonlyRootfs": d.read_only_root,
+        "Tmpfs": dict(d.tmpfs),
         "Ulimits": [
-            {"Name": "nofile", "Soft": s.ulimit_nofile, "Hard": s.ulimit_nofile_hard},
-            {"Name": "nproc", "Soft": s.ulimit_nproc, "Hard": s.ulimit_nproc},
+            {"Name": "nofile", "Soft": d.ulimit_nofile, "Hard": d.ulimit_nofile_hard},
+            {"Name": "nproc", "Soft": d.ulimit_nproc, "Hard": d.ulimit_nproc},
         ],
         "IpcMode": "private",
         "ShmSize": 64 * 1024 * 1024,
@@ -135,7 +137,7 @@ def create_config(
         "LogConfig": {"Type": "none", "Config": {}},
         "Binds": list(proc_binds or []),
         "Mounts": [],
-        "CgroupnsMode": s.cgroupns,
+        "CgroupnsMode": d.cgroupns,
         "Devices": [],
     }
     if cgroup_parent:
@@ -150,18 +152,18 @@ def create_config(
         host["Tmpfs"]["/run/lock"] = "rw,nosuid,nodev,noexec,size=5m"
         if "/run" in host["Tmpfs"]:
             host["Tmpfs"]["/run"] = run_for_systemd(host["Tmpfs"]["/run"], s.memory)
-    if s.read_only_root:
+    if d.read_only_root:
         # The places people write, each a size-limited tmpfs (as a local volume, so the engine's archive API
         # sees into it), seeded from the image by DockerBackend.create. A tmpfs page is charged to the box's
         # memory cgroup: the sum of all writes is bounded by `memory` too, and nothing reaches the host's disk.
-        host["Mounts"] = [writable_mount(path, size) for path, size in s.writable.items()]
+        host["Mounts"] = [writable_mount(path, size) for path, size in d.writable.items()]
     if internal:
         # The embedded DNS server's only upstream is the gateway, which drops it (see network.py).
         host["Dns"] = [network.gateway(s.network_subnet)]
-    if s.runtime:
-        host["Runtime"] = s.runtime
+    if d.runtime:
+        host["Runtime"] = d.runtime
     return {
-        "Image": s.image,
+        "Image": d.image,
         "Hostname": s.hostname,
         "Domainname": s.domain,
         "Labels": dict(labels),

@@ -167,9 +167,9 @@ def unavailable(local: bool, v1: bool, cgroupns: str, masked: bool) -> str:
     if not v1:
         return "only cgroup v1 hosts are supported"
     if cgroupns != "private":
-        return "it needs sandbox.cgroupns: private"
+        return "it needs sandbox.docker.cgroupns: private"
     if not masked:
-        return "it needs sandbox.mask_cgroupns (a tmpfs over /sys/fs/cgroup/systemd)"
+        return "it needs sandbox.docker.mask_cgroupns (a tmpfs over /sys/fs/cgroup/systemd)"
     if not HIERARCHY.is_dir():
         return f"no name=systemd hierarchy at {HIERARCHY}"
     return ""

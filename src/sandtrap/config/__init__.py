@@ -1,0 +1,150 @@
+"""All settings: one pydantic model per concern, defaults that run on a fresh machine.
+
+The YAML file mirrors the tree of :class:`Settings`. A typo or a bad value becomes a
+:class:`~sandtrap.errors.ConfigError` that names the key, what was given and what is allowed.
+A component gets only its section (``settings.sandbox.docker`` for the Docker backend).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from sandtrap.config.image import ImageSettings
+from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, SandboxSettings
+from sandtrap.config.sections import (
+    DEFAULT_SSH_VERSION,
+    APISettings,
+    AuthSettings,
+    Credential,
+    LimitsSettings,
+    RecordingSettings,
+    SSHSettings,
+    StorageSettings,
+)
+from sandtrap.config.values import ByteSize, Listen, Section, parse_size, split_listen
+from sandtrap.errors import ConfigError
+
+__all__ = [
+    "AVAILABLE_BACKENDS",
+    "DEFAULT_SSH_VERSION",
+    "MOVED_KEYS",
+    "APISettings",
+    "AuthSettings",
+    "ByteSize",
+    "Credential",
+    "DockerSettings",
+    "ImageSettings",
+    "LimitsSettings",
+    "Listen",
+    "RecordingSettings",
+    "SSHSettings",
+    "SandboxSettings",
+    "Section",
+    "Settings",
+    "StorageSettings",
+    "load_settings",
+    "merge",
+    "parse_size",
+    "settings_as_yaml",
+    "split_listen",
+]
+
+
+class Settings(Section):
+    sensor: str = Field(default_factory=socket.gethostname)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ssh: SSHSettings = SSHSettings()
+    auth: AuthSettings = AuthSettings()
+    sandbox: SandboxSettings = SandboxSettings()
+    image: ImageSettings = ImageSettings()
+    limits: LimitsSettings = LimitsSettings()
+    recording: RecordingSettings = RecordingSettings()
+    storage: StorageSettings = StorageSettings()
+    api: APISettings = APISettings()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir).expanduser().resolve()
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{self.data_dir / 'sandtrap.db'}"
+
+    def api_is_loopback(self) -> bool:
+        host, _ = split_listen(self.api.listen)
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def _describe(err: Any) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        if key in MOVED_KEYS:
+            new, name = MOVED_KEYS[key], key.rsplit(".", 1)[1]
+            return f"{key}: moved to {new}; write it as `{name}:` in a `docker:` section inside `sandbox:`"
+        leaf = key.removeprefix("sandbox.docker.")
+        if leaf != key and leaf in SandboxSettings.model_fields:
+            return f"{key}: not a Docker-only key; every backend has it: write it as sandbox.{leaf}"
+        return f"{key}: unknown key; remove it or check its spelling (see config/sandtrap.example.yaml)"
+    given = err.get("input")
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if kind == "literal_error":
+        msg = "must be " + msg.removeprefix("Input should be ")
+    shown = repr(given)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{key}: {msg} (given: {shown})"
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load settings from a YAML file (or defaults when ``path`` is None), applying ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (ssh:, auth:, sandbox:, ...)")
+        data = loaded
+    if overrides:
+        data = merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def settings_as_yaml(settings: Settings) -> str:
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,251 @@
+"""``sandbox``: what every backend has, and one section per backend with what only that backend has."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sandtrap.config.values import ByteSize, Section, parse_size
+
+# The backends sandbox.backend may name that this version builds (app.BACKENDS); the Literal also names the planned.
+AVAILABLE_BACKENDS = ("docker",)
+
+
+class DockerSettings(Section):
+    """``sandbox.docker``: what only the Docker backend has (an engine, its image, a container's create body)."""
+
+    docker_host: str = Field("", description="engine address; default: DOCKER_HOST or the local socket")
+    image: str = Field("sandtrap-target:latest", description="the engine's tag of the box image (`sandtrap build`)")
+    network_name: str = Field(
+        "sandtrap-internal", description="with sandbox.network: internal: the engine network's name"
+    )
+    # Hardening (each item documented in README "Hardening").
+    cap_add: list[str] = Field(
+        default_factory=lambda: [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "FOWNER",
+            "FSETID",
+            "KILL",
+            "SETGID",
+            "SETUID",
+            "AUDIT_WRITE",
+            "NET_BIND_SERVICE",  # sshd in the box listens on port 22 (its own network namespace)
+            "SYS_CHROOT",  # ...and chroots its pre-auth child to /run/sshd (without it every connection dies)
+        ]
+    )
+    no_new_privileges: bool = Field(
+        False,
+        description="true: setuid binaries cannot raise privileges (sudo then fails for users, a tell); inside "
+        "the box that only keeps a user from the box's root, which any attacker can log in as",
+    )
+    seccomp_profile: str = Field(
+        "sandtrap",
+        description="'sandtrap' (Docker's default rules with io_uring refused, <data_dir>/seccomp/sandtrap.json, "
+        "made by `make setup`), 'default' (the engine's own) or a path to a JSON profile",
+    )
+    read_only_root: bool = False
+    writable: dict[str, ByteSize] = Field(
+        default_factory=lambda: {
+            "/etc": parse_size("16m"),
+            "/root": parse_size("64m"),
+            "/home": parse_size("64m"),
+            "/var": parse_size("128m"),
+            "/opt": parse_size("32m"),
+            "/srv": parse_size("8m"),
+            "/usr/local": parse_size("32m"),
+        },
+        description="with read_only_root: the places left writable, each a tmpfs of this size seeded from the "
+        "image; every byte written there is charged to the box's memory",
+    )
+    tmpfs: dict[str, str] = Field(
+        default_factory=lambda: {"/tmp": "rw,exec,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
+    )
+    ulimit_nofile: int = Field(1024, ge=16, description="open files: the soft limit every process starts with")
+    ulimit_nofile_hard: int = Field(
+        524288,
+        ge=16,
+        le=1048576,
+        description="open files: the hard limit a process may raise its soft limit to (systemd's default); "
+        "every descriptor is still charged to the box's memory cgroup",
+    )
+    ulimit_nproc: int = Field(512, ge=8)
+    runtime: str = Field("", description="alternative OCI runtime, e.g. runsc; empty = engine default")
+    # Realism (README "Realism"): what gives a container away, removed where the security cost is nil.
+    cgroupns: Literal["private", "host"] = Field("private", description="private: /proc/self/cgroup shows '/'")
+    limits_in_parent: bool = Field(
+        True,
+        description="memory/pids/CPU limits on a per-box parent cgroup, so the box's own (namespace root) cgroup "
+        "reads unlimited as a real machine's does; needs cgroup v1 with the cgroupfs driver and the honeypot as "
+        "root on the engine's host, else the limits stay on the container",
+    )
+    pin_cpus: bool = Field(
+        True,
+        description="pin each box to ceil(sandbox.cpus) CPUs, so nproc and /proc/cpuinfo count what its CPU quota "
+        "gives",
+    )
+    mask_cgroupns: bool = Field(
+        True,
+        description="cgroup v1: a small tmpfs with the root's file names over /sys/fs/cgroup/systemd, whose "
+        "namespace root lacks release_agent (how systemd-detect-virt spots a container)",
+    )
+
+    @field_validator("network_name")
+    @classmethod
+    def _network_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", v):
+            raise ValueError("must be a Docker network name (letters, digits, '_', '.', '-'), e.g. sandtrap-internal")
+        return v
+
+    @field_validator("writable")
+    @classmethod
+    def _writable(cls, v: dict[str, int]) -> dict[str, int]:
+        for path, size in v.items():
+            if not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", path) or {".", ".."} & set(path.split("/")):
+                raise ValueError(f"{path!r} is not an absolute directory such as /var")
+            if size < 1024 * 1024:
+                raise ValueError(f"{path}: a size below 1m leaves no room for the image's files")
+        return v
+
+    @field_validator("cap_add")
+    @classmethod
+    def _caps(cls, v: list[str]) -> list[str]:
+        out = []
+        for cap in v:
+            name = cap.upper().removeprefix("CAP_")
+            if not re.fullmatch(r"[A-Z_]+", name):
+                raise ValueError(f"{cap!r} is not a capability name such as CHOWN or SETUID")
+            if name in {"SYS_ADMIN", "SYS_MODULE", "SYS_RAWIO", "SYS_PTRACE", "SYS_BOOT", "ALL"}:
+                raise ValueError(f"{name} would let an attacker escape the sandbox; remove it")
+            out.append(name)
+        return out
+
+    @model_validator(mode="after")
+    def _nofile(self) -> DockerSettings:
+        if self.ulimit_nofile_hard < self.ulimit_nofile:
+            raise ValueError("sandbox.docker.ulimit_nofile_hard must be at least sandbox.docker.ulimit_nofile")
+        return self
+
+
+# Keys of the flat ``sandbox`` section of earlier versions that now sit in ``sandbox.docker``.
+MOVED_KEYS = {f"sandbox.{key}": f"sandbox.docker.{key}" for key in DockerSettings.model_fields}
+
+
+class SandboxSettings(Section):
+    """``sandbox``: what every backend has (the pool, the box's name and limits, how logins reach it), and one
+    section per backend with what only that backend has; ``backend`` picks the one used."""
+
+    backend: Literal["docker", "microvm", "nspawn"] = Field(
+        "docker", description="docker (microvm and nspawn are planned, not available yet)"
+    )
+    # The pool and who gets which box.
+    pool_size: int = Field(3, ge=0, le=1000)
+    max_sandboxes: int = Field(50, ge=1, description="global cap on live (running) sandboxes")
+    affinity: Literal["session", "source_ip"] = "session"
+    ip_ttl_s: float = Field(1800.0, gt=0)
+    # Forensics retention of released (stopped) sandboxes.
+    retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
+    retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")
+    # The box: its name and the limits every backend enforces.
+    hostname: str = "web-prod-03"
+    domain: str = "corp.internal"
+    memory: ByteSize = parse_size("256m")
+    memory_swap: ByteSize = Field(0, description="0 = same as memory (no swap)")
+    cpus: float = Field(0.5, gt=0, le=64)
+    pids_limit: int = Field(128, ge=8)
+    start_timeout_s: float = Field(30.0, gt=0)
+    # The box's network (a top-level `network:` section later: the capture gateway's, issue 12).
+    network: Literal["none", "internal"] = Field(
+        "none",
+        description="none: only lo; internal: an eth0 with an address and a default route on a network with no "
+        "way out (README Network)",
+    )
+    network_subnet: str = Field("10.20.1.0/24", description="with network: internal: its subnet (gateway: .1)")
+    # How the box boots and how a login reaches it.
+    init: Literal["sandtrap", "systemd"] = Field(
+        "sandtrap",
+        description="the box's PID 1: sandtrap = our small init starts rsyslog, cron, nginx and the listener; systemd "
+        "= it does the same boot work, then the host gives the box its own name=systemd cgroups and it becomes "
+        "/lib/systemd/systemd, which starts them as units (the listener as ssh.service) and answers systemctl "
+        "(adds CAP_SETPCAP, which units need to shrink their bounding set; needs cgroup v1, a private cgroup "
+        "namespace, mask_cgroupns and the honeypot as root on the engine's host, else boxes keep sandtrap's init)",
+    )
+    session_transport: Literal["exec", "init"] = Field(
+        "init",
+        description="how a login's processes start: exec = by the backend (`docker exec`: parent pid 0 in the box); "
+        "init = the box's sshd-titled listener (forked by its PID 1) starts them and hands their pty or pipes to the "
+        "honeypot (needs the honeypot as root on the engine's host; any failure falls back to exec)",
+    )
+    connection_in_box: bool = Field(
+        True,
+        description="with session_transport init: each login's TCP connection shows in the box (`ss -tnp`: :22, "
+        "the client's address and port, held by sshd): the honeypot connects to the box's :22 from the client's "
+        "address (inside the box for a loopback client; else, with network internal, by a transparent socket on "
+        'the host and three host rules that deliver the replies, README "Network")',
+    )
+    # What the host lends every box.
+    share_host_keys: bool = Field(
+        True,
+        description="the box's /etc/ssh holds the sensor's host keys, so the key the client saw is the box's own "
+        "sshd's (an attacker who is root in the box can read them, as on any server)",
+    )
+    honeytokens: bool = Field(True, description="plant lure credentials unique to each box; record reads")
+    lxcfs_dir: str = Field(
+        "/var/lib/lxcfs",
+        description="lxcfs mount: /proc/meminfo etc. as the box's limits show them (boxes sharing the host's "
+        "kernel); '' = off",
+    )
+    loadavg_dir: str = Field(
+        "/var/lib/sandtrap-loadavg",
+        description="mount of `sandtrap loadavgfs`: each box's /proc/loadavg counts its own tasks, load and newest "
+        "pid (started by the set-up); '' = off, and when it is not mounted there boxes get lxcfs's loadavg",
+    )
+    # One section per backend.
+    docker: DockerSettings = DockerSettings()
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in AVAILABLE_BACKENDS:
+            raise ValueError(
+                f"the {v} backend is not available yet (planned); this version has only "
+                + ", ".join(AVAILABLE_BACKENDS)
+                + ": set sandbox.backend: docker"
+            )
+        return v
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", v):
+            raise ValueError("must be a single DNS label (letters, digits, '-'), e.g. web-prod-03")
+        return v
+
+    @field_validator("lxcfs_dir", "loadavg_dir")
+    @classmethod
+    def _mount_dir(cls, v: str) -> str:
+        if v and (not v.startswith("/") or ":" in v or "," in v or v.rstrip("/") == ""):
+            raise ValueError(
+                "must be an absolute directory path without ':' or ',' (or '' for off), e.g. /var/lib/sandtrap-loadavg"
+            )
+        return v.rstrip("/")
+
+    @field_validator("network_subnet")
+    @classmethod
+    def _network_subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
+        if not net.is_private or net.prefixlen > 29:
+            raise ValueError(f"{v!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
+        return str(net)
+
+    @model_validator(mode="after")
+    def _swap(self) -> SandboxSettings:
+        if self.memory_swap and self.memory_swap < self.memory:
+            raise ValueError("sandbox.memory_swap must be 0 (no swap) or at least sandbox.memory")
+        return self
