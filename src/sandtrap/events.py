@@ -254,3 +254,12 @@ class Emitter:
         event = Event(eventid=eventid, message=_safe_format(template, values), **values)
         self._bus.emit(event)
         return event
+
+
+def cowrie_dict(event: Event) -> dict[str, Any]:
+    """The event as Cowrie's JSON log has it: envelope plus fields, ``timestamp`` in ``...Z`` form."""
+    data = event.model_dump(mode="json")
+    # Cowrie 2.x names next to 3.x's where they differ (T-Pot and most dashboards read 2.x).
+    if "duration_ms" in data and "duration" not in data:
+        data["duration"] = f"{data['duration_ms'] / 1000:.1f}"
+    return data

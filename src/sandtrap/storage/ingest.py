@@ -16,8 +16,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from sandtrap import events as ev
-from sandtrap.events import Event
-from sandtrap.outputs.jsonlog import cowrie_dict
+from sandtrap.events import Event, cowrie_dict
 from sandtrap.storage.models import ArtifactRow, AuthAttemptRow, CastRow, CommandRow, EventRow, SandboxRow, SessionRow
 from sandtrap.storage.types import as_utc, clean
 

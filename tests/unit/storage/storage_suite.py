@@ -18,9 +18,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from sandtrap import events as ev
-from sandtrap.events import CATALOGUE, Event, EventBus
+from sandtrap.events import CATALOGUE, Event, EventBus, cowrie_dict
 from sandtrap.outputs.database import DatabaseSink
-from sandtrap.outputs.jsonlog import JsonLogSink, cowrie_dict
+from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.storage.engine import make_engine
 from sandtrap.storage.migrate import current, head, is_migrated, upgrade
 from sandtrap.storage.models import Base
