@@ -370,6 +370,9 @@ class DockerSandbox:
         new = f"{box_name(self._box_host.sensor, session)}-{secrets.token_hex(2)}"
         await engine.call("rename", self._container().rename(new), 10)
         self.name = new
+        # The engine renames a stopped container too: a warm box an engine restart stopped must not go to a session.
+        if not await self.is_running():
+            raise SandboxError(f"box {new} is not running")
 
     async def is_running(self) -> bool:
         try:
