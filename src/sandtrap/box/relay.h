@@ -2,13 +2,13 @@
  * The session's own TCP connection to :22 (included by listener.c).
  *
  * On a real server the attacker's connection ends at sshd: `ss -tnp` in the box shows it, server end :22,
- * held by "sshd: USER [priv]". Here the attacker's SSH ends at the honeypot, so the honeypot makes a TCP
+ * held by "sshd: USER [priv]". Here the attacker's SSH ends at the host, so the host makes a TCP
  * connection of its own to the box's :22 from the attacker's address and port (broker.py: inside the box's
  * network namespace for a 127/8 attacker, else an IP_TRANSPARENT socket on the host) and the login's worker
  * holds the server end until the session ends. The listener must tell that connection apart from genuine
  * in-box connections to :22 (those still go to `sshd -i`):
  *
- *  - the host's request names the peer to expect (flag REQUEST_RELAY, see listener.c);
+ *  - the host's request names the peer to expect (flag REQUEST_RELAY, see PROTOCOL.md);
  *  - the worker announces it to the listener over a socketpair made at its fork ('P' + the sockaddr), then
  *    tells the host to connect ('R');
  *  - the listener matches each accepted connection's peer against the announced ones: a match goes to that
@@ -18,15 +18,14 @@
  *
  * Only the host can create an expectation: the abstract socket refuses peers of the box's own pid namespace.
  * A process in the box that connects from the expected address and port first (it can read them in
- * SSH_CONNECTION, but must bind them within the few milliseconds between the 'P' and the honeypot's connect)
- * only gets its own connection held, unread, by the worker; the honeypot's connect then fails on the taken
+ * SSH_CONNECTION, but must bind them within the few milliseconds between the 'P' and the host's connect)
+ * only gets its own connection held, unread, by the worker; the host's connect then fails on the taken
  * address and the session goes on without its connection. Nothing is read from or written to the socket.
  */
 #include <arpa/inet.h>
 #include <time.h>
 
-#define EXPECT_TIMEOUT_MS 5000
-#define RELAY_WAIT_MS 3000
+#include "protocol.h" /* EXPECT_TIMEOUT_MS, RELAY_WAIT_MS, REPLY_CONNECT, REPLY_NO_RELAY */
 
 struct expectation {
 	int ctrl; /* the listener's end of the worker's socketpair; -1 = free slot */
@@ -183,10 +182,10 @@ static int relay_accept(int sock, int ctrl, const struct sockaddr_storage *peer,
 	msg[0] = 'P';
 	memcpy(msg + 1, peer, len);
 	if (ctrl < 0 || send(ctrl, msg, 1 + (size_t)len, MSG_NOSIGNAL) != (ssize_t)(1 + len)) {
-		send_msg(sock, "N", 1, NULL, 0); /* no relay: the host does not connect */
+		send_msg(sock, (const char[]){REPLY_NO_RELAY}, 1, NULL, 0); /* no relay: the host does not connect */
 		return -1;
 	}
-	if (send_msg(sock, "R", 1, NULL, 0) != 0)
+	if (send_msg(sock, (const char[]){REPLY_CONNECT}, 1, NULL, 0) != 0)
 		_exit(1);
 	long long deadline = now_ms() + RELAY_WAIT_MS;
 	for (;;) {
@@ -204,7 +203,7 @@ static int relay_accept(int sock, int ctrl, const struct sockaddr_storage *peer,
 			ssize_t n = recv(sock, m, sizeof(m), MSG_DONTWAIT);
 			if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
 				_exit(0); /* the host gave up: start nothing */
-			if (n == 1 && m[0] == 'N')
+			if (n == 1 && m[0] == REPLY_NO_RELAY)
 				return -1;
 		}
 		if (p[0].revents) {
