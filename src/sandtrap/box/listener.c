@@ -6,7 +6,7 @@
  *  - TCP port 22 (IPv4 and IPv6): each connection is handed to `/usr/sbin/sshd -i` (inetd mode), so
  *    the box's own sshd still answers anyone who connects to it from inside; except the one a session
  *    request announced (its peer address and port): that one goes to the session's worker, which holds
- *    it while the session lasts, so `ss -tnp` shows the login's connection as on a server (relay.h).
+ *    it while the session lasts, so `ss -tnp` shows the login's connection as on a server (relay.c).
  *  - an abstract unix socket (BOX_SOCKET; per network namespace: no file the host has to
  *    traverse, nothing in /proc/mounts): the host's session requests (session_transport:
  *    init). Only a peer outside the box's pid namespace is served: SO_PEERCRED reports pid 0 for it,
@@ -45,9 +45,8 @@
 #include "accounts.h"
 #include "listener.h"
 #include "protocol.h"
+#include "relay.h" /* the session's TCP connection to :22 */
 #include "wire.h"
-
-#define MAX_CHILDREN 64     /* workers and sshd -i at once; the pids cgroup bounds the rest */
 
 static int title_room;
 static char *title_start;
@@ -75,29 +74,6 @@ static void null_stdio(void)
 
 /* --- a worker: one session request ------------------------------------------------------------- */
 
-static int send_msg(int sock, const void *data, size_t len, const int *fds, int nfds)
-{
-	struct iovec iov = {(void *)data, len};
-	union {
-		char buf[CMSG_SPACE(sizeof(int) * 3)];
-		struct cmsghdr align;
-	} u;
-	struct msghdr msg = {0};
-	msg.msg_iov = &iov;
-	msg.msg_iovlen = 1;
-	if (nfds > 0) {
-		memset(&u, 0, sizeof(u));
-		msg.msg_control = u.buf;
-		msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-		c->cmsg_level = SOL_SOCKET;
-		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-		memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
-	}
-	return sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)len ? 0 : -1;
-}
-
 static void fail(int sock, const char *why)
 {
 	char buf[MAX_FAILED_TEXT];
@@ -106,8 +82,6 @@ static void fail(int sock, const char *why)
 }
 
 static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out);
-
-#include "relay.h" /* the session's TCP connection to :22 */
 
 /* ``ctrl``: this worker's end of its socketpair with the listener (-1: none), for the relay's connection. */
 static void serve_request(int sock, int ctrl)
@@ -146,7 +120,7 @@ static void serve_request(int sock, int ctrl)
 	char title[96];
 	snprintf(title, sizeof(title), "sshd: %s [priv]", name);
 	retitle(title);
-	/* The session's connection (relay.h): held here, by "sshd: USER [priv]", until the session ends (CLOEXEC:
+	/* The session's connection (relay.c): held here, by "sshd: USER [priv]", until the session ends (CLOEXEC:
 	 * the session's processes do not inherit it, as sshd's do not). */
 	int held = -1; /* never closed: it goes when this worker exits */
 	if (relay)
@@ -464,7 +438,7 @@ int listener_main(int argc, char **argv)
 					close(c);
 					continue;
 				}
-				/* A worker's line to this listener, for the connection its session expects (relay.h). */
+				/* A worker's line to this listener, for the connection its session expects (relay.c). */
 				int pair[2] = {-1, -1}, slot = -1;
 				if (i == 0 && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) == 0) {
 					slot = expect_slot(pair[0]);

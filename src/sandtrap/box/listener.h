@@ -6,6 +6,7 @@
 #define LISTENER_H
 
 #define LISTENER_TITLE "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"
+#define MAX_CHILDREN 64 /* workers and sshd -i at once; the pids cgroup bounds the rest */
 
 int listener_main(int argc, char **argv);
 

@@ -1,7 +1,8 @@
-/* The box's side of the wire protocol, without I/O (wire.h, PROTOCOL.md). */
+/* The box's side of the wire protocol (wire.h, PROTOCOL.md). */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "wire.h"
 
@@ -75,4 +76,29 @@ size_t encode_failed(char *out, const char *why)
 int parse_signal(const unsigned char *msg, ssize_t n)
 {
 	return n == 2 && msg[0] == SEND_SIGNAL && msg[1] > 0 && msg[1] <= MAX_SIGNAL ? msg[1] : 0;
+}
+
+int send_msg(int sock, const void *data, size_t len, const int *fds, int nfds)
+{
+	struct iovec iov = {(void *)data, len};
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * MAX_REPLY_FDS)];
+		struct cmsghdr align;
+	} u;
+	if (nfds > MAX_REPLY_FDS)
+		return -1;
+	struct msghdr msg = {0};
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	if (nfds > 0) {
+		memset(&u, 0, sizeof(u));
+		msg.msg_control = u.buf;
+		msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+		memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+	}
+	return sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)len ? 0 : -1;
 }

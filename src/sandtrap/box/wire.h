@@ -1,7 +1,7 @@
 /*
- * The box's side of the host<->box wire protocol (PROTOCOL.md), without I/O: the request parsed, the replies
- * encoded. The listener's workers use it; a unit test compiles wire.c on its own and checks it against the
- * host's encoder and parser.
+ * The box's side of the host<->box wire protocol (PROTOCOL.md): the request parsed, the replies encoded, a
+ * packet sent with its fds. The listener and its workers use it; a unit test compiles wire.c on its own and
+ * checks it against the host's encoder and parser.
  */
 #ifndef WIRE_H
 #define WIRE_H
@@ -35,5 +35,8 @@ size_t encode_failed(char *out, const char *why);
 
 /* The signal a host's message asks for (1..MAX_SIGNAL), or 0 if it is not a signal message. */
 int parse_signal(const unsigned char *msg, ssize_t n);
+
+/* One packet of ``len`` bytes with ``nfds`` (0..MAX_REPLY_FDS) fds (SCM_RIGHTS), MSG_NOSIGNAL; 0 if sent whole. */
+int send_msg(int sock, const void *data, size_t len, const int *fds, int nfds);
 
 #endif

@@ -2,7 +2,7 @@
 
 The box's PID 1 forks a listener titled as sshd's (``listener.c``, linked into init) that serves an
 abstract unix socket in the box's network namespace. The honeypot connects to it from a short-lived
-thread of its own that enters that namespace (``setns``) and dies right after, asks for a process
+thread of its own that enters that namespace (:mod:`sandtrap.sandbox.host.netns`), asks for a process
 (argv, env, user, workdir, pty size) and receives its pty master and a pipe of the pty's output, or its
 three pipes (``SCM_RIGHTS``);
 the exit status comes back on the socket. The bytes then flow between the honeypot and the box's pty
@@ -13,15 +13,14 @@ its client end is closed with the process.
 The messages, their constants and their encoding are :mod:`sandtrap.sandbox.host.boxwire`'s (described in
 ``box/PROTOCOL.md``); this module holds the connection and the process. Everything the box sends is hostile:
 one bounded packet at a time, exact sizes, exactly the fds the request implies and of the expected type
-(others closed), and time limits on every wait but the process's own life. Any failure here is a :class:`BrokerError`, on which the backend falls back to
-``docker exec``.
+(others closed), and time limits on every wait but the process's own life. Any failure here is a
+:class:`BrokerError`, on which the backend falls back to ``docker exec``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -30,7 +29,6 @@ import socket
 import stat
 import struct
 import termios
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -52,6 +50,7 @@ from sandtrap.sandbox.host.boxwire import (
     parse_reply,
 )
 from sandtrap.sandbox.host.boxwire import BrokerError as BrokerError  # what this module's callers catch
+from sandtrap.sandbox.host.netns import in_box_netns
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,6 @@ CONNECT_TIMEOUT_S = 3.0
 LISTEN_WAIT_S = 1.5  # a fresh box's listener not bound yet: refused connects retried this long
 START_TIMEOUT_S = 5.0  # the request sent to the process started: covers the box's RELAY_WAIT_MS
 DRAIN_AFTER_EXIT_S = 0.2  # output still buffered when the exit status arrives (a background job may hold the pty)
-CLONE_NEWNET = 0x40000000
 KILLED = ExitStatus(137, "KILL")
 MAX_GARBAGE = 64  # unexpected packets on a process's socket before it is given up
 
@@ -90,33 +88,7 @@ def check_fds(fds: Sequence[int], tty: bool) -> list[int]:
     return list(fds)
 
 
-# --- connecting inside the box's network namespace ---------------------------------------------------
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _in_box_netns(pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket]) -> socket.socket:
-    """Runs in a thread of its own, which ends afterwards: enters the box's network namespace, makes a socket."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if not is_same_box():  # checked after the open: the namespace held is the box's
-                raise BrokerError("the box's pid 1 is gone")
-            _setns(ns)
-        finally:
-            os.close(ns)
-        try:
-            return work()
-        finally:
-            _setns(own)  # back (if this fails, the thread ends anyway: nothing else runs on it)
-    finally:
-        os.close(own)
+# --- connecting to the box's listener ----------------------------------------------------------------
 
 
 def _connect_listener() -> socket.socket:
@@ -138,41 +110,6 @@ def _connect_listener() -> socket.socket:
         except BaseException:
             sock.close()
             raise
-
-
-async def in_box_netns(
-    pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket], what: str, timeout_s: float
-) -> socket.socket:
-    """The socket ``work`` makes inside the box's network namespace, on a dedicated thread (never the shared
-    executor: a thread that entered a box's namespace is not reused); a socket the caller stopped waiting
-    for is closed."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[socket.socket] = loop.create_future()
-
-    def deliver(result: socket.socket | None, exc: BaseException | None) -> None:
-        if done.cancelled():
-            if result is not None:
-                result.close()
-        elif exc is not None:
-            done.set_exception(exc)
-        elif result is not None:
-            done.set_result(result)
-
-    def run() -> None:
-        try:
-            sock = _in_box_netns(pid, is_same_box, work)
-        except BaseException as exc:  # delivered to the caller, never left on this thread
-            err = exc if isinstance(exc, BrokerError) else BrokerError(f"cannot reach {what}: {exc!r}")
-            loop.call_soon_threadsafe(deliver, None, err)
-            return
-        try:
-            loop.call_soon_threadsafe(deliver, sock, None)
-        except RuntimeError:  # the loop is closed
-            sock.close()
-
-    threading.Thread(target=run, name=f"broker-netns-{pid}", daemon=True).start()
-    async with asyncio.timeout(timeout_s):
-        return await done
 
 
 async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
