@@ -4,6 +4,7 @@ included), and no Python module over 500 lines (issue 14's acceptance)."""
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def _imports(name: str, path: Path, known: set[str]) -> Iterator[str]:
                 yield target
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     found = modules()
     return {name: set(_imports(name, path, set(found))) for name, path in found.items()}
