@@ -3,8 +3,8 @@
 What the image is made from, and how, is backend-neutral (:mod:`sandtrap.sandbox.rootfs`); this module is
 the Docker part:
 
-1. Import the debootstrapped tarball (``<cache>/rootfs-<hash>.tar``) through the engine API as
-   ``sandtrap-base:<hash12>``; or use a local ``base`` image instead.
+1. Import the debootstrapped tarball (``<cache>/rootfs-<hash>.tar``, made first when missing) through the
+   engine API as ``sandtrap-base:<hash12>``; or use a local ``base`` image instead.
 2. In a helper container with no network: copy in the overlay tar (the ``rootfs/`` overlay, the setup
    script and the compiled programs), run ``rootfs_setup.sh``, commit the result as the target tag.
 3. The image carries the hash of every input as a label, so an unchanged rebuild is a no-op and

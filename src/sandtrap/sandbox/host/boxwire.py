@@ -2,11 +2,10 @@
 
 ``src/sandtrap/box/PROTOCOL.md`` describes the protocol; this module is its one machine-readable source.
 ``box/protocol.h`` (the constants as the box's C code sees them) is generated from :data:`CONSTANTS` by
-``python -m sandtrap.sandbox.host.boxwire > src/sandtrap/box/protocol.h`` (the header itself names no
-``sandtrap``: the box's sources must not); ``tests/unit/box/`` checks that the
-committed header is current, that PROTOCOL.md names the same values, and that the box's own request parser
-(``box/wire.c``, compiled by the test) reads what :func:`encode_request` writes and writes what
-:func:`parse_reply` reads.
+``python -m sandtrap.sandbox.host.boxwire > src/sandtrap/box/protocol.h`` (the header names no ``sandtrap``:
+the box's sources must not). ``tests/unit/box/`` checks that the committed header is current, that
+PROTOCOL.md names the same values, and that the box's own parser and encoder (``box/wire.c``, compiled by the
+test) read what :func:`encode_request` writes and write what :func:`parse_reply` reads.
 """
 
 from __future__ import annotations
