@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -129,7 +130,7 @@ async def test_stdout_and_stderr_apart_without_a_tty(box: Sandbox) -> None:
 
 
 # -- 20 MB with back-pressure -----------------------------------------------------------------------------------
-LINES = 2_500_000  # `seq 1 LINES`: 18.9 MB, every byte's place checked
+LINES = 2_800_000  # `seq 1 LINES`: 21.3 MB, every byte's place checked
 
 
 def seq_digest(n: int) -> tuple[int, str]:
@@ -147,7 +148,13 @@ async def test_20_mb_of_output_arrive_in_order_and_a_slow_reader_holds_the_write
     assert first is not None
     got.update(first.data)
     received += len(first.data)
-    await asyncio.sleep(1.0)  # a reader that does not read: the writer must wait, not fill memory
+    tracemalloc.start()  # what the honeypot's side allocates while its reader waits
+    try:
+        await asyncio.sleep(1.0)  # a reader that does not read: the writer must wait, not fill memory
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, f"{peak} bytes allocated here while the reader waited"
     held = await box.get_file("/tmp/seq-done", 100)
     assert held is None, "the writer finished while nobody read: its output was buffered somewhere"
     peak = 0
