@@ -372,9 +372,9 @@ class ChrootSandbox:
             environment["TERM"] = "xterm"
         environment |= dict(env or {})
         chroot = ["chroot"] if user == "root" else ["chroot", f"--userspec={account[0]}:{account[1]}"]
-        command = [*chroot, str(self.root), "/bin/sh", "-c", _CD, "sh", workdir or "/", *argv]
-        wrapped = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _CHROOT, "sh"]
-        wrapped += [str(self.root), *command]
+        command: list[str | bytes] = [*chroot, str(self.root), "/bin/sh", "-c", _CD, "sh", workdir or "/", *argv]
+        wrapped: list[str | bytes] = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c"]
+        wrapped += [_CHROOT, "sh", str(self.root), *command]
         master: int | None = None
         if tty is None:
             proc = await asyncio.create_subprocess_exec(

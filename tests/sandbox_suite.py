@@ -1,8 +1,8 @@
 """The conformance suite: what any :class:`~sandtrap.sandbox.base.Sandbox` and its backend must do.
 
 It runs on whatever backend the ``make_backend`` fixture makes: the fake that behaves like a box
-(tests/fakes.py ``ChrootBackend``, in tests/unit/sandbox/test_sandbox_suite.py) and the Docker backend on the
-real engine (tests/integration/test_sandbox_suite.py); a micro-VM or nspawn backend adds a file of its own.
+(tests/fakes.py ``ChrootBackend``, in tests/unit/sandbox/test_sandbox_suite_fake.py) and the Docker backend on the
+real engine (tests/integration/test_sandbox_suite_docker.py); a micro-VM or nspawn backend adds a file of its own.
 
 ``make_backend()`` returns a new backend object of one sensor each call: a second object must find what the
 first left (a honeypot killed and started again). The fixture closes them and removes every box they made.

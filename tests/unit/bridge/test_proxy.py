@@ -73,7 +73,7 @@ async def test_stderr_and_the_exit_status_come_back(box: Sandbox) -> None:
     relay = Relay(await box.exec(["sh", "-c", "echo out; echo err >&2; exit 7"]), port, Usage())
     relay.feed_eof()
     assert await asyncio.wait_for(relay.run(), 5) == ExitStatus(7)
-    assert (port.out, port.err) == (b"out\n", b"err\n")
+    assert (bytes(port.out), bytes(port.err)) == (b"out\n", b"err\n")
 
 
 async def test_an_exit_signal_comes_back(box: Sandbox) -> None:
