@@ -256,6 +256,15 @@ async def test_stop_twice_and_remove_twice_are_harmless(make_backend: MakeBacken
     assert not await sandbox.is_running()
 
 
+async def test_claiming_a_box_that_has_stopped_fails(make_backend: MakeBackend) -> None:
+    """Pool.acquire counts on it: a warm box found stopped (the engine restarted) drops the warm pool."""
+    sandbox = await make_backend().create()
+    await sandbox.stop()
+    with pytest.raises(SandboxError):
+        await sandbox.claim("s-late", "192.0.2.1")
+    await sandbox.remove()
+
+
 async def test_stop_ends_the_box_processes(box: Sandbox) -> None:
     proc = await box.exec(["sleep", "60"])
     async with asyncio.timeout(30):

@@ -43,3 +43,12 @@ async def test_put_file_into_tmp(box: Sandbox) -> None:
 )
 async def test_run_timeout_kills_the_process(box: Sandbox) -> None:
     await suite.test_run_timeout_kills_the_process(box)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DockerSandbox.claim renames, and the engine renames a stopped container: a warm box stopped by an engine "
+    "restart is handed to a session (Pool.acquire's drop-the-warm-pool path never runs) and its first exec fails",
+)
+async def test_claiming_a_box_that_has_stopped_fails(make_backend: MakeBackend) -> None:
+    await suite.test_claiming_a_box_that_has_stopped_fails(make_backend)
