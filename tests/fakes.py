@@ -170,10 +170,14 @@ class FakeBackend:
 # Each process is a real host subprocess (asyncio.create_subprocess_exec) in a mount namespace of its own,
 # chrooted into the box's root: what it writes lands in the box, never on the host (/usr is read-only), so
 # code under test (useradd, mkdir -p /root/.aws) behaves as in a box. A TTY is a real pty (os.openpty).
-# Test-only: it runs as root (mount, chroot) and isolates nothing from a hostile process.
+# Test-only: it runs as root (mount, chroot), or rootless in a user namespace (ROOTLESS), and isolates nothing
+# from a hostile process.
 
 _CHROOT = 'r=$1; shift; mount --rbind -o ro /usr "$r/usr" && mount --rbind /dev "$r/dev" && mount --rbind /proc "$r/proc" && exec "$@"'
 _CD = 'cd "$1" || exit 126; shift; exec "$@"'
+# Not root: the box's processes are root in a user namespace of their own (only that one uid is mapped, so
+# exec(user=...) of another user and useradd's chown fail there).
+ROOTLESS = os.geteuid() != 0
 _BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MOUNTED = ("usr", "dev", "proc")  # bound from the host at each exec: not the box's own files
 _QUEUE_CHUNKS = 8  # output chunks held per process before its pipe fills (back-pressure)
@@ -373,7 +377,8 @@ class ChrootSandbox:
         environment |= dict(env or {})
         chroot = ["chroot"] if user == "root" else ["chroot", f"--userspec={account[0]}:{account[1]}"]
         command: list[str | bytes] = [*chroot, str(self.root), "/bin/sh", "-c", _CD, "sh", workdir or "/", *argv]
-        wrapped: list[str | bytes] = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c"]
+        wrapped: list[str | bytes] = ["unshare", *(["--user", "--map-root-user"] if ROOTLESS else [])]
+        wrapped += ["--mount", "--propagation", "private", "--", "/bin/sh", "-c"]
         wrapped += [_CHROOT, "sh", str(self.root), *command]
         master: int | None = None
         if tty is None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sandtrap.sandbox.base import SandboxBackend
+from sandtrap.sandbox.base import Sandbox, SandboxBackend
 
-from fakes import ChrootBackend
+import sandbox_suite as suite
+from fakes import ROOTLESS, ChrootBackend
 from sandbox_suite import *  # noqa: F403  (the suite's tests and fixtures, collected here)
 from sandbox_suite import MakeBackend
 
@@ -32,3 +33,8 @@ async def make_backend(tmp_path: Path) -> AsyncIterator[MakeBackend]:
         for info in await cleaner.list_managed():
             await cleaner.sandbox(info.id, info.name).remove()
         await cleaner.close()
+
+
+@pytest.mark.skipif(ROOTLESS, reason="a rootless fake box maps one uid only")
+async def test_exec_as_another_user(box: Sandbox) -> None:
+    await suite.test_exec_as_another_user(box)
