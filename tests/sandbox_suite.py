@@ -274,6 +274,17 @@ async def test_stop_ends_the_box_processes(box: Sandbox) -> None:
     assert status != ExitStatus(0)
 
 
+async def test_a_stop_through_a_new_backend_object_ends_what_the_old_one_started(make_backend: MakeBackend) -> None:
+    sandbox = await make_backend().create()
+    proc = await sandbox.exec(["sh", "-c", "sleep 60 & sleep 60; wait"])
+    await make_backend().sandbox(sandbox.id, sandbox.name).stop()  # the honeypot restarted: reconcile stops it
+    async with asyncio.timeout(30):
+        await read_all(proc)
+        status = await proc.wait()
+    assert status != ExitStatus(0)
+    assert not await sandbox.is_running()
+
+
 async def test_a_box_that_is_removed_is_no_longer_listed(make_backend: MakeBackend) -> None:
     backend = make_backend()
     sandbox = await backend.create()
