@@ -338,7 +338,7 @@ async def test_run_timeout_kills_the_process(box: Sandbox) -> None:
     started = asyncio.get_running_loop().time()
     with pytest.raises(TimeoutError):
         await run(box, ["sh", "-c", "echo $$ > /tmp/pid; while :; do sleep 1; done"], timeout_s=1.0)
-    assert asyncio.get_running_loop().time() - started < 5
+    assert asyncio.get_running_loop().time() - started < 10  # the timeout, not the endless loop
     pid = await box.get_file("/tmp/pid", 100)
     assert pid is not None and pid.data
     gone = False

@@ -49,7 +49,7 @@ class Observer:
         self.sizes.append(size)
 
 
-async def wait_for(predicate: object, timeout_s: float = 5.0) -> None:
+async def wait_for(predicate: object, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():  # type: ignore[operator]
             await asyncio.sleep(0.01)
@@ -63,7 +63,7 @@ async def test_bytes_cross_both_ways_and_eof_ends_the_process(box: Sandbox) -> N
     relay.feed(b"box\n")
     await wait_for(lambda: port.out == b"hello box\n")
     relay.feed_eof()
-    assert await asyncio.wait_for(task, 5) == ExitStatus(0)
+    assert await asyncio.wait_for(task, 10) == ExitStatus(0)
     assert (usage.bytes_in, usage.bytes_out) == (10, 10)
     assert seen.input == seen.output == b"hello box\n"
 
@@ -72,19 +72,19 @@ async def test_stderr_and_the_exit_status_come_back(box: Sandbox) -> None:
     port = Port()
     relay = Relay(await box.exec(["sh", "-c", "echo out; echo err >&2; exit 7"]), port, Usage())
     relay.feed_eof()
-    assert await asyncio.wait_for(relay.run(), 5) == ExitStatus(7)
+    assert await asyncio.wait_for(relay.run(), 10) == ExitStatus(7)
     assert (bytes(port.out), bytes(port.err)) == (b"out\n", b"err\n")
 
 
 async def test_an_exit_signal_comes_back(box: Sandbox) -> None:
     relay = Relay(await box.exec(["sh", "-c", "kill -TERM $$"]), Port(), Usage())
     relay.feed_eof()
-    assert await asyncio.wait_for(relay.run(), 5) == ExitStatus(143, "TERM")
+    assert await asyncio.wait_for(relay.run(), 10) == ExitStatus(143, "TERM")
 
 
 async def test_input_the_process_does_not_read_pauses_the_channel_until_it_drains(box: Sandbox) -> None:
     port = Port()
-    relay = Relay(await box.exec(["sh", "-c", "sleep 1; exec wc -c"]), port, Usage())
+    relay = Relay(await box.exec(["sh", "-c", "sleep 2; exec wc -c"]), port, Usage())
     task = asyncio.create_task(relay.run())
     block = b"x" * 32768
     total = 0
@@ -122,5 +122,5 @@ async def test_a_resize_reaches_the_terminal_and_the_observers(box: Sandbox) -> 
     task = asyncio.create_task(relay.run())
     await relay.resize(TermSize(cols=120, rows=40))
     relay.feed(b"\r")
-    assert await asyncio.wait_for(task, 5) == ExitStatus(0)
+    assert await asyncio.wait_for(task, 10) == ExitStatus(0)
     assert b"40 120" in port.out and seen.sizes == [TermSize(120, 40)]

@@ -66,7 +66,7 @@ async def test_honeytokens_are_planted_old_and_their_reads_reported(manager: Mak
     seen: list[tuple[str, str]] = []
     mgr.watcher.report_to(box.id, lambda kind, path: seen.append((kind, path)))
     assert (await run(box, ["cat", "/root/.pgpass"])).ok  # first: the watcher reports a file once a second
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(10):
         while not seen:
             await asyncio.sleep(0.01)
     assert seen == [("db_password", "/root/.pgpass")]
@@ -108,10 +108,10 @@ async def test_source_ip_affinity_shares_a_box_until_the_ttl_after_the_last_conn
     back = await mgr.lease("s4", "203.0.113.5")  # within the TTL: the same box, its timer cancelled
     assert back.sandbox is first.sandbox and back.reused
     await mgr.end(back)
-    async with asyncio.timeout(5):
-        while await first.sandbox.is_running():
+    async with asyncio.timeout(10):
+        while pool.preserved == 0:  # released after the TTL: stopped, kept for forensics
             await asyncio.sleep(0.05)
-    assert pool.preserved == 1
+    assert not await first.sandbox.is_running()
     fresh = await mgr.lease("s5", "203.0.113.5")  # after the TTL: a box of its own
     assert fresh.sandbox.id != first.sandbox.id and not fresh.reused
     await mgr.end(fresh)
