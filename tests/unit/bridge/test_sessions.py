@@ -155,12 +155,6 @@ async def test_an_existing_account_comes_from_the_warm_read_and_a_new_one_is_mad
 
 
 @pytest.mark.skipif(ROOTLESS, reason="useradd in a rootless fake box cannot chown the new home")
-@pytest.mark.xfail(
-    strict=False,
-    reason="bridge/login.py's account script rewrites /etc/shadow through one shared /etc/shadow.new with no lock: "
-    "two logins setting passwords at once in one box (a background password set and a new account) can lose one "
-    "(about 1 in 10 pairs on the fake box)",
-)
 async def test_passwords_set_at_once_in_one_box_are_all_kept(box: ChrootSandbox) -> None:
     for i in range(20):
         await asyncio.gather(ensure_account(box, "root", f"pw{i}"), ensure_account(box, f"user{i}", "pw"))
