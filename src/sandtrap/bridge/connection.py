@@ -151,6 +151,7 @@ class Connection:
         self._lease_task: asyncio.Task[Lease] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._read_reporter: Callable[[str, str], object] | None = None  # this session's honeytoken reads
 
     @property
     def is_admitted(self) -> bool:
@@ -227,7 +228,8 @@ class Connection:
             await self._log_close(lease, self.login_account)
         if lease is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
-            self.hub.manager.watcher.report_to(lease.sandbox.id, None)
+            if self._read_reporter is not None:
+                self.hub.manager.watcher.withdraw(lease.sandbox.id, self._read_reporter)
             try:
                 async with self.hub.engine_work:  # a burst of closing sessions must not swamp the engine
                     await self.artifacts.collect_changes(lease.sandbox, self.reporter(SESSION_FILE_CHANGED))
@@ -304,9 +306,12 @@ class Connection:
         for token in lease.tokens:  # the session's record names every lure value it was given
             self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
         emit = self.emitter.emit
-        self.hub.manager.watcher.report_to(
-            lease.sandbox.id, lambda kind, path: emit(HONEYTOKEN_READ, kind=kind, path=path)
-        )
+
+        def read(kind: str, path: str) -> object:
+            return emit(HONEYTOKEN_READ, kind=kind, path=path)
+
+        self._read_reporter = read
+        self.hub.manager.watcher.report_to(lease.sandbox.id, read)
         return lease
 
     def login_failed(self, username: str, method: str) -> None:

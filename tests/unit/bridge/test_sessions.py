@@ -80,6 +80,37 @@ async def test_honeytokens_are_planted_old_and_their_reads_reported(manager: Mak
     await mgr.end(lease)
 
 
+async def test_reads_go_to_the_newest_session_in_the_box_and_back_when_it_ends(manager: Make) -> None:
+    """source_ip affinity: two connections in one box; the newest gets the reads, the older gets them again."""
+    mgr, _ = await manager(affinity="source_ip")
+    lease = await mgr.lease("s1", "198.51.100.1")
+    box = lease.sandbox
+    first: list[str] = []
+    second: list[str] = []
+
+    def older(kind: str, path: str) -> None:
+        first.append(path)
+
+    def newer(kind: str, path: str) -> None:
+        second.append(path)
+
+    async def read(path: str, into: list[str]) -> None:
+        assert (await run(box, ["cat", path])).ok
+        async with asyncio.timeout(10):
+            while path not in into:
+                await asyncio.sleep(0.01)
+
+    mgr.watcher.report_to(box.id, older)
+    mgr.watcher.report_to(box.id, newer)
+    await read("/root/.pgpass", second)
+    assert first == []
+    mgr.watcher.withdraw(box.id, newer)
+    await read("/root/.aws/credentials", first)
+    assert second == ["/root/.pgpass"]
+    mgr.watcher.withdraw(box.id, older)
+    await mgr.end(lease)
+
+
 async def test_without_honeytokens_nothing_is_planted(manager: Make, tmp_path: Path) -> None:
     mgr, pool = await manager()
     mgr._honeytokens = False
