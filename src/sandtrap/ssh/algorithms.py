@@ -1,80 +1,65 @@
 """What the server offers in its KEXINIT: Debian bookworm's OpenSSH 9.2p1 defaults, in its order.
 
 Scanners compare the offered lists with the version in the banner (hasshServer); see README "SSH fingerprint".
-``tests/integration/test_sshd_fingerprint.py`` compares them with a real sshd's, side by side, and
-documents what asyncssh cannot match.
+``tests/integration/test_sshd_fingerprint.py`` compares them with a real sshd's, side by side.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from hashlib import sha512
-from typing import Any
 
 import asyncssh
 from asyncssh.crypto import Curve25519DH
 from asyncssh.kex import get_kex_algs, register_kex_alg
 from asyncssh.kex_dh import _KexHybridECDH
 
+from sandtrap.ssh import sntrup761
+
 SNTRUP761_KEX_ALGS = ("sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com")
 
 
-class PQCryptoSNTRUP761:
-    """asyncssh's KEM interface over the ``pqcrypto`` wheel's sntrup761 (PQClean, same as liboqs and OpenSSH)."""
+class SNTRUP761Server:
+    """asyncssh's post-quantum KEM interface (``asyncssh.crypto.pq.PQKey``), server side: encapsulation only.
 
-    pubkey_bytes, privkey_bytes, ciphertext_bytes, secret_bytes = 1158, 1763, 1039, 32
+    A server of a hybrid kex only encapsulates against the client's key (``ssh/sntrup761.py``, our own
+    implementation). Registered for servers only (not in asyncssh's client defaults): an asyncssh client
+    in this process never asks it for a key pair.
+    """
 
-    def __init__(self, alg_name: bytes, kem: Any) -> None:
-        self._kem = kem
-        self._keys: tuple[bytes, bytes] | None = None  # made on first use: a server only encapsulates
+    pubkey_bytes = sntrup761.PUBLIC_KEY_BYTES
+    privkey_bytes = 1763  # the specification's secret key size; we never hold one
+    ciphertext_bytes = sntrup761.CIPHERTEXT_BYTES
+    secret_bytes = sntrup761.SECRET_BYTES
 
-    def _keypair(self) -> tuple[bytes, bytes]:
-        if self._keys is None:
-            self._keys = self._kem.keygen()
-        return self._keys
+    def __init__(self, alg_name: bytes) -> None:
+        self.alg_name = alg_name
 
     def get_public(self) -> bytes:
-        return bytes(self._keypair()[0])
+        raise NotImplementedError("sntrup761 is implemented for the server side only")
 
     def encaps(self, peer_public: bytes) -> tuple[bytes, bytes]:
-        if len(peer_public) != self.pubkey_bytes:
-            raise ValueError("Invalid public key")
-        ciphertext, secret = self._kem.encaps(peer_public)
-        return bytes(secret), bytes(ciphertext)
+        """(secret, ciphertext), as asyncssh wants them; ValueError (asyncssh: ProtocolError) on a bad key."""
+        ciphertext, secret = sntrup761.encapsulate(peer_public)
+        return secret, ciphertext
 
     def decaps(self, ciphertext: bytes) -> bytes:
-        if len(ciphertext) != self.ciphertext_bytes:
-            raise ValueError("Invalid ciphertext")
-        return bytes(self._kem.decaps(self._keypair()[1], ciphertext))
+        raise NotImplementedError("sntrup761 is implemented for the server side only")
 
 
-def register_sntrup761() -> bool:
-    """Give asyncssh sntrup761x25519-sha512 when it lacks liboqs but ``pqcrypto`` is installed.
+def register_sntrup761() -> None:
+    """Give asyncssh sntrup761x25519-sha512 under both names, unless it has them already (through liboqs).
 
-    Returns whether asyncssh now has it. asyncssh 2.24 internals: its hybrid kex class and registry.
+    asyncssh 2.24 internals: its hybrid kex class and registry (``tests/unit/ssh/test_wire_internals.py``).
     """
-    if all(a.encode() in get_kex_algs() for a in SNTRUP761_KEX_ALGS):
-        return True
-    try:
-        kem = importlib.import_module("pqcrypto.kem.sntrup_761")
-    except ImportError:
-        return False
-
-    def make(alg_name: bytes) -> PQCryptoSNTRUP761:
-        return PQCryptoSNTRUP761(alg_name, kem)
-
     for alg in SNTRUP761_KEX_ALGS:
         if alg.encode() not in get_kex_algs():
-            register_kex_alg(alg.encode(), _KexHybridECDH, sha512, (make, b"sntrup761", Curve25519DH), True)
-    return True
+            register_kex_alg(alg.encode(), _KexHybridECDH, sha512, (SNTRUP761Server, b"sntrup761", Curve25519DH), False)
 
 
 register_sntrup761()
 
 # `sshd -T` of Debian's 9.2p1-2+deb12u10 (the Debian build also carries the RFC name of sntrup761).
-# asyncssh offers sntrup761 with liboqs or, through register_sntrup761, with the pqcrypto wheel;
-# with neither, those two are left out.
 OPENSSH_KEX_ALGS = (
     "sntrup761x25519-sha512",
     "sntrup761x25519-sha512@openssh.com",
@@ -88,7 +73,7 @@ OPENSSH_KEX_ALGS = (
     "diffie-hellman-group18-sha512",
     "diffie-hellman-group14-sha256",
 )
-KEX_ALGS = [alg for alg in OPENSSH_KEX_ALGS if alg.encode() in get_kex_algs()]
+KEX_ALGS = list(OPENSSH_KEX_ALGS)
 
 # What sshd appends to its kex list: the strict-kex marker (Debian's fix for Terrapin, CVE-2023-48795).
 # asyncssh appends ``ext-info-s`` as well, which OpenSSH 9.2's server does not: see use_openssh_kex_extras.
