@@ -11,12 +11,16 @@ sent, and ``client_version`` holds them as ``bytes`` for the record to escape.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import asyncssh
+from asyncssh.auth import MSG_USERAUTH_PK_OK, ServerAuth, _server_auth_handlers
+from asyncssh.packet import PacketDecodeError, SSHPacket, String
 
 from sandtrap.ssh.algorithms import use_openssh_kex_extras
 
@@ -51,6 +55,43 @@ def _judge_partial(buf: bytes) -> bytes | None:
     return None
 
 
+def sshd_bytes_read(buf: bytes) -> int | None:
+    """How many bytes of ``buf`` sshd has read when it has judged the first line (None: it waits for more).
+
+    sshd reads the client's identification one byte at a time and stops at the line's ``\\n``, at a byte it
+    refuses (NUL, anything after a CR but ``\\n``) or at the byte that makes the line too long. What it has
+    not read is still in the socket when it closes, and the kernel answers that with a reset.
+    """
+    expect_nl = False
+    length = 0
+    for i, byte in enumerate(buf):
+        if byte == 0x0D:
+            expect_nl = True
+            continue
+        if byte == 0x0A or byte == 0 or expect_nl:
+            return i + 1
+        length += 1
+        if length > SSH_MAX_BANNER_LEN:
+            return i + 1
+    return None
+
+
+def close_as_sshd(conn: asyncssh.SSHServerConnection, answer: bytes, unread: int) -> None:
+    """sshd's ``send_error`` and exit: the text, then ``\\r\\n`` in a write of its own, then the close.
+
+    When sshd leaves input unread the kernel resets the connection instead of a FIN; asyncio has read
+    everything, so SO_LINGER 0 makes the same reset (after the two writes, already on their way).
+    """
+    c = conn  # asyncssh internals below
+    c._send(answer)
+    c._send(b"\r\n")
+    sock = c.get_extra_info("socket")
+    if unread and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c._force_close(asyncssh.ProtocolError(answer.decode()))
+
+
 def _is_plain_packet(data: bytes) -> bool:
     if len(data) < 9:
         return False
@@ -69,8 +110,8 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
         idx = buf.find(b"\n")
         answer = _judge_partial(buf) if idx < 0 else judge_identification(buf[:idx])
         if answer is not None:
-            c._send(answer + b"\r\n")
-            c._force_close(asyncssh.ProtocolError(answer.decode()))
+            read = sshd_bytes_read(buf)
+            close_as_sshd(c, answer, len(buf) - (len(buf) if read is None else read))
             return False
         if idx < 0:
             return False
@@ -104,12 +145,68 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
 
     def send_openssh_ext_info() -> None:
         c._extensions_to_send.pop(b"global-requests-ok", None)
+        c._extensions_to_send[HOSTBOUND_EXTENSION] = b"0"  # after server-sig-algs, as sshd sends them
         send_ext_info()
 
     c._recv_handler = recv_identification
     c._send = send_zero_padded  # type: ignore[method-assign]
     c._send_disconnect = send_disconnect_once_encrypted  # type: ignore[method-assign]
     c._send_ext_info = send_openssh_ext_info  # type: ignore[method-assign]
+
+
+HOSTBOUND_METHOD = b"publickey-hostbound-v00@openssh.com"
+HOSTBOUND_EXTENSION = b"publickey-hostbound@openssh.com"
+
+
+class HostBoundPublicKeyAuth(ServerAuth):
+    """OpenSSH's ``publickey-hostbound-v00@openssh.com`` (PROTOCOL §2.5), as sshd 9.2 takes it.
+
+    The ``publickey`` request with one more field, the server's host key, which the signature covers too.
+    sshd drops the connection, without a word, when that key is not the one of the key exchange or the
+    request does not parse; otherwise it answers as for ``publickey`` (PK_OK, success or failure), and the
+    key goes through the same ``validate_public_key`` hook, so it is recorded like any other.
+    """
+
+    _conn: asyncssh.SSHServerConnection
+
+    @classmethod
+    def supported(cls, conn: asyncssh.SSHServerConnection) -> bool:
+        return conn.public_key_auth_supported()
+
+    async def _start(self, packet: SSHPacket) -> None:
+        c = self._conn  # asyncssh internals below
+        try:
+            has_signature = packet.get_boolean()
+            algorithm = packet.get_string()
+            key_data = packet.get_string()
+            host_key = packet.get_string()
+            msg = packet.get_consumed_payload() if has_signature else b""
+            signature = packet.get_string() if has_signature else b""
+            packet.check_end()
+        except PacketDecodeError:
+            c._force_close(asyncssh.ProtocolError("malformed publickey-hostbound request"))
+            return
+        ours = c.get_server_host_key()
+        if ours is None or host_key != ours.public_data:
+            c._force_close(asyncssh.ProtocolError("publickey-hostbound request with another host key"))
+            return
+        if await c.validate_public_key(self._username, key_data, msg, signature):
+            if has_signature:
+                await self.send_success()
+            else:
+                self.send_packet(MSG_USERAUTH_PK_OK, String(algorithm), String(key_data))
+        else:
+            self.send_failure()
+
+
+def register_hostbound_auth() -> None:
+    """Give asyncssh's servers the method without listing it: sshd counts it as ``publickey`` (a synonym),
+    so "Authentications that can continue" stays ``publickey,password``. asyncssh 2.24's auth registry:
+    the handler table that ``lookup_server_auth`` reads, not the method list failures name."""
+    _server_auth_handlers.setdefault(HOSTBOUND_METHOD, HostBoundPublicKeyAuth)
+
+
+register_hostbound_auth()
 
 
 def accept_any_exec_command(chan: asyncssh.SSHServerChannel[bytes]) -> None:
