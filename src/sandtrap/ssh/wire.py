@@ -12,84 +12,44 @@ sent, and ``client_version`` holds them as ``bytes`` for the record to escape.
 from __future__ import annotations
 
 import contextlib
-import re
+import logging
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 from asyncssh.auth import MSG_USERAUTH_PK_OK, ServerAuth, _server_auth_handlers
-from asyncssh.packet import PacketDecodeError, SSHPacket, String
+from asyncssh.packet import PacketDecodeError, SSHPacket, String, UInt32
 
 from sandtrap.ssh.algorithms import use_openssh_kex_extras
+from sandtrap.ssh.preauth import (
+    DISC_PROTOCOL_ERROR,
+    MSG_NEWKEYS,
+    MSG_UNIMPLEMENTED,
+    Verdict,
+    disconnect_reason,
+    identification_bytes_read,
+    judge_identification,
+    judge_partial,
+    judge_plain_packet,
+    packets_bytes_read,
+)
 
-SSH_MAX_BANNER_LEN = 8192  # OpenSSH kex.c
-INVALID_IDENT = b"Invalid SSH identification string."
-VERSION_MISMATCH = b"Protocol major versions differ."
-# sscanf(ident, "SSH-%d.%d-%[^\n]\n", ...) == 3
-_IDENT_RE = re.compile(rb"SSH-\s*([+-]?\d+)\.\s*([+-]?\d+)-[^\n]")
-
-
-def judge_identification(line: bytes) -> bytes | None:
-    """sshd's answer to a client's identification line (without its ``\\n``), or None if it accepts it."""
-    text = line.rstrip(b"\r")
-    if b"\r" in text or b"\0" in text or len(text) > SSH_MAX_BANNER_LEN:
-        return INVALID_IDENT
-    if not (len(text) > 4 and text.startswith(b"SSH-")):
-        return INVALID_IDENT  # sshd takes no other line before a client's identification
-    m = _IDENT_RE.match(text)
-    if m is None:
-        return INVALID_IDENT
-    major, minor = int(m.group(1)), int(m.group(2))
-    if major == 2 or (major == 1 and minor == 99):
-        return None
-    return VERSION_MISMATCH
+log = logging.getLogger(__name__)
 
 
-def _judge_partial(buf: bytes) -> bytes | None:
-    """For a line still without its ``\\n``: reject what sshd rejects before the line ends."""
-    text = buf.rstrip(b"\r")
-    if b"\r" in text or b"\0" in text or len(text) > SSH_MAX_BANNER_LEN:
-        return INVALID_IDENT
-    return None
+def _set_reset_on_close(conn: asyncssh.SSHServerConnection) -> None:
+    """Make the coming close a reset (SO_LINGER 0), as the kernel does when sshd closes with input unread.
 
-
-def sshd_bytes_read(buf: bytes) -> int | None:
-    """How many bytes of ``buf`` sshd has read when it has judged the first line (None: it waits for more).
-
-    sshd reads the client's identification one byte at a time and stops at the line's ``\\n``, at a byte it
-    refuses (NUL, anything after a CR but ``\\n``) or at the byte that makes the line too long. What it has
-    not read is still in the socket when it closes, and the kernel answers that with a reset.
+    asyncio has read everything the kernel had, so the kernel alone would send a FIN. What was written
+    before is already on its way (asyncio writes at once while its buffer is empty).
     """
-    expect_nl = False
-    length = 0
-    for i, byte in enumerate(buf):
-        if byte == 0x0D:
-            expect_nl = True
-            continue
-        if byte == 0x0A or byte == 0 or expect_nl:
-            return i + 1
-        length += 1
-        if length > SSH_MAX_BANNER_LEN:
-            return i + 1
-    return None
-
-
-def close_as_sshd(conn: asyncssh.SSHServerConnection, answer: bytes, unread: int) -> None:
-    """sshd's ``send_error`` and exit: the text, then ``\\r\\n`` in a write of its own, then the close.
-
-    When sshd leaves input unread the kernel resets the connection instead of a FIN; asyncio has read
-    everything, so SO_LINGER 0 makes the same reset (after the two writes, already on their way).
-    """
-    c = conn  # asyncssh internals below
-    c._send(answer)
-    c._send(b"\r\n")
-    sock = c.get_extra_info("socket")
-    if unread and sock is not None:
+    sock = conn.get_extra_info("socket")
+    if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    c._force_close(asyncssh.ProtocolError(answer.decode()))
 
 
 def _is_plain_packet(data: bytes) -> bool:
@@ -99,22 +59,52 @@ def _is_plain_packet(data: bytes) -> bool:
     return length == len(data) - 4 and 4 <= data[4] <= length - 2
 
 
+@dataclass
+class _Stream:
+    """What the client has sent so far, for how much of it sshd would have read."""
+
+    received: int = 0
+    identification: int = 0  # bytes of the identification line, CR LF included (0 until accepted)
+
+
 def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
     """Install every hook on ``conn``; call from ``connection_made`` (before asyncssh reads a byte)."""
     use_openssh_kex_extras(conn)
     c = conn  # asyncssh internals below
+    stream = _Stream()
     accept_version: Callable[[], bool] = c._recv_version
+    force_close = c._force_close
+    send_disconnect = c._send_disconnect
+    data_received = c.data_received
+
+    def count_received(data: bytes, datatype: Any = None) -> None:
+        stream.received += len(data)
+        data_received(data, datatype)
+
+    def close_as_sshd(exc: Exception | None) -> None:
+        """Before login, a close resets when sshd would have left input unread (it reads 8 KiB at a time)."""
+        if c._transport is not None and not c._auth_complete and stream.identification:
+            processed = stream.received - len(c._inpbuf)
+            if packets_bytes_read(stream.received, stream.identification, processed) < stream.received:
+                _set_reset_on_close(c)
+        force_close(exc)
 
     def recv_identification() -> bool:
         buf = c._inpbuf
         idx = buf.find(b"\n")
-        answer = _judge_partial(buf) if idx < 0 else judge_identification(buf[:idx])
+        answer = judge_partial(buf) if idx < 0 else judge_identification(buf[:idx])
         if answer is not None:
-            read = sshd_bytes_read(buf)
-            close_as_sshd(c, answer, len(buf) - (len(buf) if read is None else read))
+            # sshd's send_error: the text and CR LF in two writes, then exit; a reset if it left input unread.
+            read = identification_bytes_read(buf)
+            c._send(answer)
+            c._send(b"\r\n")
+            if read is not None and read < len(buf):
+                _set_reset_on_close(c)
+            force_close(asyncssh.ProtocolError(answer.decode()))
             return False
         if idx < 0:
             return False
+        stream.identification = stream.received - len(buf) + idx + 1
         line = buf[:idx]
         if line.isascii():
             return accept_version()
@@ -128,6 +118,37 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
             c.set_extra_info(client_version=raw)
         return accepted
 
+    recv_packet = c._recv_packet
+
+    def recv_packet_as_sshd() -> bool:
+        """Before encryption, packets sshd takes differently than asyncssh: answered here, the rest passed on."""
+        if c._recv_encryption is not None:
+            return recv_packet()
+        rem = 4 + c._pktlen - c._recv_blocksize  # no MAC before encryption
+        if len(c._inpbuf) < rem:
+            return False
+        packet_data = c._packet[4:] + c._inpbuf[:rem]
+        payload = packet_data[1 : len(packet_data) - packet_data[0]] if packet_data else b""
+        if not payload:
+            return recv_packet()
+        seq: int = c._recv_seq
+        verdict = judge_plain_packet(payload[0], bool(c._client_kexinit), c._strict_kex, _expected_kex_messages(c))
+        if verdict is Verdict.PASS:
+            return recv_packet()
+        c._inpbuf = c._inpbuf[rem:]
+        c._packet = b""
+        if verdict in (Verdict.INVALID_TYPE, Verdict.STRICT_VIOLATION):
+            reason = disconnect_reason(verdict, payload[0], seq)
+            log.info("pre-auth packet refused as sshd refuses it: %s", reason)
+            send_disconnect(DISC_PROTOCOL_ERROR, reason, "")
+            close_as_sshd(asyncssh.ProtocolError(reason))
+            return False
+        if verdict is Verdict.UNIMPLEMENTED:
+            c.send_packet(MSG_UNIMPLEMENTED, UInt32(seq))
+        c._recv_seq = (seq + 1) & 0xFFFFFFFF
+        c._recv_handler = c._recv_pkthdr
+        return True
+
     send = c._send
 
     def send_zero_padded(data: bytes) -> None:
@@ -135,10 +156,10 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
             data = data[: len(data) - data[4]] + bytes(data[4])
         send(data)
 
-    send_disconnect = c._send_disconnect
-
     def send_disconnect_once_encrypted(code: int, reason: str, lang: str) -> None:
-        if c._send_encryption is not None:
+        # sshd closes without a word on errors of the initial key exchange, even after its own NEWKEYS:
+        # asyncssh's DISCONNECT is sent only once the client's NEWKEYS is in.
+        if c._recv_encryption is not None:
             send_disconnect(code, reason, lang)
 
     send_ext_info = c._send_ext_info
@@ -149,9 +170,24 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
         send_ext_info()
 
     c._recv_handler = recv_identification
+    c.data_received = count_received  # type: ignore[method-assign]
+    c._force_close = close_as_sshd  # type: ignore[method-assign]
+    c._recv_packet = recv_packet_as_sshd  # type: ignore[method-assign]
     c._send = send_zero_padded  # type: ignore[method-assign]
     c._send_disconnect = send_disconnect_once_encrypted  # type: ignore[method-assign]
     c._send_ext_info = send_openssh_ext_info  # type: ignore[method-assign]
+
+
+def _expected_kex_messages(conn: asyncssh.SSHServerConnection) -> frozenset[int]:
+    """The key exchange messages a server waits for now: the method's own until it has replied, then NEWKEYS."""
+    kex = conn._kex
+    if kex is None:
+        return frozenset({MSG_NEWKEYS}) if conn._next_recv_encryption is not None else frozenset()
+    return frozenset(t for t in kex._packet_handlers if t in SERVER_RECEIVED_KEX_MESSAGES)
+
+
+# KEXDH_INIT / KEX_ECDH_INIT / KEX_DH_GEX_REQUEST_OLD (30), KEX_DH_GEX_INIT (32), KEX_DH_GEX_REQUEST (34).
+SERVER_RECEIVED_KEX_MESSAGES = frozenset({30, 32, 34})
 
 
 HOSTBOUND_METHOD = b"publickey-hostbound-v00@openssh.com"
