@@ -184,6 +184,15 @@ class ConnectionHandler(asyncssh.SSHServer):
             self._watchdog.cancel()
         if not self.close_reason:
             self.close_reason = "client_closed" if exc is None else f"error: {printable(str(exc), 200)}"
+            if exc is not None and self.conn is not None and not self.conn.get_extra_info("username"):
+                # Before login: a bad identification, key exchange or packet (ssh/wire.py answered it as sshd).
+                refusals.log(
+                    logging.INFO,
+                    "pre-auth-error",
+                    "connection from %s ended before login: %s",
+                    self.src_ip,
+                    printable(str(exc), 200),
+                )
         self._emit_kex()
         duration = time.monotonic() - self.started
         if self._admitted:
