@@ -35,12 +35,18 @@ Ints = npt.NDArray[np.int64]
 
 @dataclass(frozen=True, slots=True)
 class _Level:
-    """One step of the radix encoding: pairs of digits (radices m0, m1) merged into radix m (< 2**14)."""
+    """One step of the radix encoding: pairs of digits (radices m0, m1) merged into radix m (< 2**14).
+
+    Everything that depends on sizes only is computed once per (n, radix): the loops below are numpy's.
+    """
 
     pairs: int
     radix_lo: Ints  # M[2i], per pair
-    radix_pair: Ints  # M[2i]·M[2i+1] before its low bytes are split off, per pair
-    nbytes: npt.NDArray[np.intp]  # bytes each pair emits
+    radix_hi: Ints  # M[2i+1], per pair
+    nbytes: Ints  # bytes each pair emits (its low bytes, least significant first)
+    shifts: Ints  # 0, 8, 16, ... up to the most bytes a pair emits
+    emitted: npt.NDArray[np.bool_]  # (pairs, most): which of those bytes a pair emits
+    gather: npt.NDArray[np.intp]  # (pairs, most): where Decode finds each of them (a zero byte if none)
     odd_radix: int  # radix of the unpaired last digit (0 if the count is even)
 
 
@@ -66,19 +72,29 @@ def _plan(n: int, radix: int) -> _Plan:
     """The spec's Encode/Decode recursion for ``n`` digits of one radix, unrolled (it depends on sizes only)."""
     radices = [radix] * n
     levels: list[_Level] = []
+    pos = 0
+    raw_levels: list[tuple[int, Ints, Ints, Ints, int]] = []
     while len(radices) > 1:
         pairs = len(radices) // 2
         lo = np.array(radices[0 : 2 * pairs : 2], dtype=np.int64)
         hi = np.array(radices[1 : 2 * pairs : 2], dtype=np.int64)
         split = [_split(int(m)) for m in lo * hi]
         odd = radices[-1] if len(radices) % 2 else 0
-        levels.append(_Level(pairs, lo, lo * hi, np.array([c for c, _ in split], dtype=np.intp), odd))
+        raw_levels.append((pairs, lo, hi, np.array([c for c, _ in split], dtype=np.int64), odd))
         radices = [m for _, m in split] + ([odd] if odd else [])
     top_bytes, m = 0, radices[0]
     while m > 1:
         m = (m + 255) // 256
         top_bytes += 1
-    total = sum(int(level.nbytes.sum()) for level in levels) + top_bytes
+    total = sum(int(nbytes.sum()) for _, _, _, nbytes, _ in raw_levels) + top_bytes
+    for pairs, lo, hi, nbytes, odd in raw_levels:
+        most = int(nbytes.max(initial=0))
+        emitted = np.arange(most) < nbytes[:, None]
+        gather = np.full((pairs, most), total, dtype=np.intp)  # index ``total``: the zero byte after the data
+        count = int(nbytes.sum())
+        gather[emitted] = np.arange(pos, pos + count)
+        pos += count
+        levels.append(_Level(pairs, lo, hi, nbytes, np.arange(most, dtype=np.int64) * 8, emitted, gather, odd))
     return _Plan(tuple(levels), radices[0], top_bytes, total)
 
 
@@ -89,13 +105,10 @@ def encode(values: Ints, radix: int) -> bytes:
     r = values.astype(np.int64)
     for level in plan.levels:
         merged = r[0 : 2 * level.pairs : 2] + level.radix_lo * r[1 : 2 * level.pairs : 2]
-        most = int(level.nbytes.max(initial=0))
-        if most:
-            shifts = np.arange(most, dtype=np.int64) * 8
-            digits = (merged[:, None] >> shifts) & 0xFF  # little-endian bytes of each pair
-            emitted = np.arange(most) < level.nbytes[:, None]
-            out.append(digits[emitted].astype(np.uint8).tobytes())
-            merged = merged >> (level.nbytes.astype(np.int64) * 8)
+        if level.shifts.size:
+            digits = (merged[:, None] >> level.shifts) & 0xFF  # little-endian bytes of each pair
+            out.append(digits[level.emitted].astype(np.uint8).tobytes())
+            merged = merged >> (level.nbytes * 8)
         r = np.concatenate([merged, r[-1:]]) if level.odd_radix else merged
     out.append(int(r[0]).to_bytes(plan.top_bytes, "little") if plan.top_bytes else b"")
     return b"".join(out)
@@ -106,32 +119,16 @@ def decode(data: bytes, n: int, radix: int) -> Ints:
     plan = _plan(n, radix)
     if len(data) != plan.nbytes:
         raise ValueError(f"{plan.nbytes} bytes expected, got {len(data)}")
-    raw = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-    # Bottom bytes of every level, in the order Encode wrote them; the top digit's bytes come last.
-    bottoms: list[tuple[Ints, Ints]] = []
-    pos = 0
-    for level in plan.levels:
-        most = int(level.nbytes.max(initial=0))
-        low = np.zeros(level.pairs, dtype=np.int64)
-        scale = np.ones(level.pairs, dtype=np.int64)
-        if most:
-            count = int(level.nbytes.sum())
-            emitted = np.arange(most) < level.nbytes[:, None]
-            digits = np.zeros((level.pairs, most), dtype=np.int64)
-            digits[emitted] = raw[pos : pos + count]
-            pos += count
-            low = (digits << (np.arange(most, dtype=np.int64) * 8)).sum(axis=1)
-            scale = np.int64(1) << (level.nbytes.astype(np.int64) * 8)
-        bottoms.append((low, scale))
-    top = int.from_bytes(data[pos:], "little") % plan.top_radix if plan.top_bytes else 0
+    raw = np.frombuffer(data + b"\0", dtype=np.uint8).astype(np.int64)
+    top = int.from_bytes(data[plan.nbytes - plan.top_bytes :], "little") % plan.top_radix if plan.top_bytes else 0
     r: Ints = np.array([top], dtype=np.int64)
-    for level, (low, scale) in zip(reversed(plan.levels), reversed(bottoms), strict=True):
-        paired = r[: level.pairs]
-        whole = low + scale * paired
-        lo = whole % level.radix_lo
-        hi = (whole // level.radix_lo) % (level.radix_pair // level.radix_lo)
+    for level in reversed(plan.levels):
+        whole = r[: level.pairs]
+        if level.shifts.size:  # the pair's low bytes, then what the level above decoded
+            whole = (raw[level.gather] << level.shifts).sum(axis=1) + (whole << (level.nbytes * 8))
         merged = np.empty(2 * level.pairs, dtype=np.int64)
-        merged[0::2], merged[1::2] = lo, hi
+        merged[0::2] = whole % level.radix_lo
+        merged[1::2] = (whole // level.radix_lo) % level.radix_hi
         r = np.concatenate([merged, r[-1:] % level.odd_radix]) if level.odd_radix else merged
     return r
 

@@ -164,4 +164,4 @@ def test_encapsulation_costs_well_under_a_millisecond() -> None:
     for _ in range(rounds):
         kem.encapsulate(public_key)
     per_call_ms = (time.process_time() - started) / rounds * 1000
-    assert per_call_ms < 2.0, f"{per_call_ms:.2f} ms per encapsulation"  # about 0.4 ms here, loaded CI allowed
+    assert per_call_ms < 2.0, f"{per_call_ms:.2f} ms per encapsulation"  # about 0.23 ms here; a loaded CI allowed for
