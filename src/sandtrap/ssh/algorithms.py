@@ -6,15 +6,18 @@ Scanners compare the offered lists with the version in the banner (hasshServer);
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from hashlib import sha512
+from typing import Any
 
 import asyncssh
+from asyncssh import kex, kex_dh
 from asyncssh.crypto import Curve25519DH
 from asyncssh.kex import get_kex_algs, register_kex_alg
-from asyncssh.kex_dh import _KexHybridECDH
+from asyncssh.kex_dh import MSG_KEX_DH_GEX_REQUEST, MSG_KEX_DH_GEX_REQUEST_OLD, _KexDHGex, _KexHybridECDH
+from asyncssh.packet import MPInt, SSHPacket
 
-from sandtrap.ssh import sntrup761
+from sandtrap.ssh import gex, sntrup761
 
 SNTRUP761_KEX_ALGS = ("sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com")
 
@@ -58,6 +61,56 @@ def register_sntrup761() -> None:
 
 
 register_sntrup761()
+
+
+class SshdGroupExchange(_KexDHGex):
+    """asyncssh's DH group exchange, server side, choosing the group as sshd does (``ssh/gex.py``).
+
+    It takes ``KEX_DH_GEX_REQUEST`` only (sshd 9.2 answers the old single-size request as an unknown
+    message); a request outside sshd's bounds ends the connection without a word, as sshd's does.
+    """
+
+    def _process_request(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        if self._conn.is_client():
+            super()._process_request(pkttype, pktid, packet)
+            return
+        if self._p:
+            raise asyncssh.ProtocolError("Kex DH group already requested")
+        self._gex_data = packet.get_remaining_payload()
+        requested = packet.get_uint32(), packet.get_uint32(), packet.get_uint32()
+        packet.check_end()
+        bounds = gex.in_range(*requested)
+        if bounds is None:
+            raise asyncssh.ProtocolError(f"DH group exchange request out of range: {requested}")
+        group = gex.choose(*bounds, gex.host_moduli_sizes(), _RFC3526_GROUPS)
+        self._init_group(group.g, group.p)
+        self._gex_data += MPInt(group.p) + MPInt(group.g)
+        self.send_packet(self._group_type, MPInt(group.p), MPInt(group.g))
+
+    _packet_handlers: Mapping[int, Callable[..., Any]] = {
+        **{t: h for t, h in _KexDHGex._packet_handlers.items() if t != MSG_KEX_DH_GEX_REQUEST_OLD},
+        MSG_KEX_DH_GEX_REQUEST: _process_request,
+    }
+
+
+# RFC 3526 groups 14 to 18, which asyncssh carries (14, 16 and 18 are sshd's own fallback groups).
+_RFC3526_GROUPS = {
+    2048: gex.Group(2048, kex_dh._group14_g, kex_dh._group14_p),
+    3072: gex.Group(3072, kex_dh._group15_g, kex_dh._group15_p),
+    4096: gex.Group(4096, kex_dh._group16_g, kex_dh._group16_p),
+    6144: gex.Group(6144, kex_dh._group17_g, kex_dh._group17_p),
+    8192: gex.Group(8192, kex_dh._group18_g, kex_dh._group18_p),
+}
+GEX_ALG = b"diffie-hellman-group-exchange-sha256"
+
+
+def use_sshd_group_exchange() -> None:
+    """asyncssh 2.24's kex registry: its handler for sshd's one GEX algorithm replaced by ours."""
+    _handler, hash_alg, args = kex._kex_handlers[GEX_ALG]
+    kex._kex_handlers[GEX_ALG] = (SshdGroupExchange, hash_alg, args)
+
+
+use_sshd_group_exchange()
 
 # `sshd -T` of Debian's 9.2p1-2+deb12u10 (the Debian build also carries the RFC name of sntrup761).
 OPENSSH_KEX_ALGS = (

@@ -183,11 +183,12 @@ def _expected_kex_messages(conn: asyncssh.SSHServerConnection) -> frozenset[int]
     kex = conn._kex
     if kex is None:
         return frozenset({MSG_NEWKEYS}) if conn._next_recv_encryption is not None else frozenset()
-    return frozenset(t for t in kex._packet_handlers if t in SERVER_RECEIVED_KEX_MESSAGES)
+    if MSG_KEX_DH_GEX_REQUEST in kex._packet_handlers:  # group exchange: the request, then (group sent) INIT
+        return frozenset({MSG_KEX_DH_GEX_INIT}) if getattr(kex, "_p", 0) else frozenset({MSG_KEX_DH_GEX_REQUEST})
+    return frozenset({MSG_KEX_ECDH_INIT})  # KEXDH_INIT and KEX_ECDH_INIT alike
 
 
-# KEXDH_INIT / KEX_ECDH_INIT / KEX_DH_GEX_REQUEST_OLD (30), KEX_DH_GEX_INIT (32), KEX_DH_GEX_REQUEST (34).
-SERVER_RECEIVED_KEX_MESSAGES = frozenset({30, 32, 34})
+MSG_KEX_ECDH_INIT, MSG_KEX_DH_GEX_INIT, MSG_KEX_DH_GEX_REQUEST = 30, 32, 34
 
 
 HOSTBOUND_METHOD = b"publickey-hostbound-v00@openssh.com"

@@ -127,3 +127,15 @@ def test_sntrup761_is_registered_for_servers_only() -> None:
         "args",
         "default",
     ]
+
+
+def test_group_exchange_handler_is_sshds() -> None:
+    from sandtrap.ssh.algorithms import GEX_ALG, SshdGroupExchange
+
+    handler, _hash, _args = asyncssh.kex._kex_handlers[GEX_ALG]
+    assert handler is SshdGroupExchange and issubclass(handler, asyncssh.kex_dh._KexDHGex)
+    base = inspect.getsource(asyncssh.kex_dh._KexDHGex._process_request)
+    assert "self._gex_data = packet.get_remaining_payload()" in base and "self._init_group(g, p)" in base
+    assert "self.send_packet(self._group_type, MPInt(p), MPInt(g))" in base
+    for n in (14, 15, 16, 17, 18):
+        assert getattr(asyncssh.kex_dh, f"_group{n}_g") == 2
