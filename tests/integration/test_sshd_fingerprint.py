@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -445,4 +447,50 @@ async def test_openssh_client_sees_the_same_server(sshd: RealSSHD, sandtrap_port
     assert set(real) == {"algorithm", "host key algorithm", "ext_info", "auth methods"}, real
     assert real["algorithm"] == "sntrup761x25519-sha512"
     assert "publickey-hostbound@openssh.com=<0>" in real["ext_info"]
+    assert ours == real
+
+
+async def command(*argv: str, timeout_s: float = 120.0) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    async with asyncio.timeout(timeout_s):
+        out, _ = await proc.communicate()
+    return out.decode("utf-8", "replace")
+
+
+SSH_AUDIT = Path(sys.executable).with_name("ssh-audit")
+
+
+@pytest.mark.skipif(not SSH_AUDIT.exists(), reason="ssh-audit (dev extras) not installed")
+async def test_ssh_audit_policy_made_from_real_sshd_passes(sshd: RealSSHD, sandtrap_port: int, tmp_path: Path) -> None:
+    """ssh-audit -M on the real sshd, -P on sandtrap: algorithms, host keys, key sizes, GEX modulus sizes."""
+    policy = tmp_path / "policy.txt"
+    made = await command(str(SSH_AUDIT), "-M", str(policy), "-p", str(sshd.port), HOST)
+    assert policy.exists(), made
+    text = policy.read_text(encoding="utf-8")
+    assert "sntrup761x25519-sha512" in text and "dh_modulus_sizes" in text, text
+    real = await command(str(SSH_AUDIT), "-P", str(policy), "-p", str(sshd.port), HOST)
+    ours = await command(str(SSH_AUDIT), "-P", str(policy), "-p", str(sandtrap_port), HOST)
+    assert "Passed" in real, real
+    assert "Passed" in ours and "Failed" not in ours, ours
+
+
+@pytest.mark.skipif(shutil.which("nmap") is None, reason="nmap not installed (scripts/setup.sh test packages)")
+async def test_nmap_ssh2_enum_algos_output_is_identical(sshd: RealSSHD, sandtrap_port: int) -> None:
+    """nmap -sV with ssh2-enum-algos and ssh-hostkey: service line, algorithm lists, host key types and sizes."""
+
+    async def scan(port: int) -> list[str]:
+        out = await command(
+            "nmap", "-Pn", "-n", "-sV", "-p", str(port), "--script", "ssh2-enum-algos,ssh-hostkey", HOST
+        )
+        lines = out[out.index("PORT ") :].splitlines()
+        service = next(line.split(None, 1)[1] for line in lines if line.startswith(f"{port}/tcp"))
+        keys = [re.sub(r"[0-9a-f]{32}", "<fingerprint>", line) for line in lines if re.search(r"[0-9a-f]{32}", line)]
+        algos = [line for line in lines if line.startswith(("|", "|_")) and not re.search(r"[0-9a-f]{32}", line)]
+        return [service, *algos, *keys]
+
+    real, ours = await asyncio.gather(scan(sshd.port), scan(sandtrap_port))
+    assert any("sntrup761x25519-sha512@openssh.com" in line for line in real), real
+    assert real[0].startswith("open  ssh     OpenSSH 9.2p1 Debian"), real[0]
     assert ours == real
