@@ -41,6 +41,7 @@ MSG_DISCONNECT = 1
 MSG_UNIMPLEMENTED = 3
 MSG_KEXINIT = 20
 MSG_NEWKEYS = 21
+MSG_KEX_DH_GEX_GROUP = 31  # also KEX_ECDH_REPLY: told apart by its shape (name_is_gex)
 MSG_KEX_ECDH_INIT = 30
 
 KEXINIT_FIELDS = ("kex", "host_key", "enc_cs", "enc_sc", "mac_cs", "mac_sc", "comp_cs", "comp_sc", "lang_cs", "lang_sc")
@@ -165,11 +166,21 @@ def describe(data: bytes, banner: bytes) -> list[str]:
         elif payload[0] == MSG_NEWKEYS:  # the rest is encrypted: its length (same cipher, same messages) only
             out += ["NEWKEYS", f"encrypted {len(data) - pos} bytes"]
             break
+        elif payload[0] == MSG_KEX_DH_GEX_GROUP and name_is_gex(payload):
+            (n,) = struct.unpack_from(">I", payload, 1)
+            out.append(f"GEX group of {int.from_bytes(payload[5 : 5 + n], 'big').bit_length()} bits")
         elif payload[0] == MSG_UNIMPLEMENTED:
             out.append(f"UNIMPLEMENTED seq {struct.unpack_from('>I', payload, 1)[0]}")
         else:
             out.append(f"message {payload[0]}")
     return out
+
+
+def name_is_gex(payload: bytes) -> bool:
+    """A KEX_DH_GEX_GROUP is two mpints (p, then g = 2 or 5) and nothing else; a KEX_ECDH_REPLY is not."""
+    (n,) = struct.unpack_from(">I", payload, 1)
+    rest = payload[5 + n :]
+    return len(rest) in (5, 6) and rest[:4] == b"\0\0\0\x01" and rest[4:] in (b"\x02", b"\x05")
 
 
 async def probe(port: int, send: bytes, wait_s: float = PROBE_WAIT_S) -> Reply:
@@ -255,6 +266,13 @@ for _type in (2, 4, 5, 20, 21, 31, 34, 50, 200):
     MATRIX[f"type-{_type}-after-kex-init"] = (
         CLIENT_BANNER + client_kexinit(enc=("aes128-ctr",)) + kex_ecdh_init(x25519_public()) + _body
     )
+# Group exchange: sshd's bounds (2048..8192 bits) and its choice of size; the old single-size request is unknown to it.
+GEX_KEXINIT = client_kexinit(kex=("diffie-hellman-group-exchange-sha256", "ext-info-c", "kex-strict-c-v00@openssh.com"))
+for _bits in ((512, 1024, 1536), (1024, 1024, 1024), (2048, 2048, 2048), (2048, 3072, 4096), (4096, 2048, 8192)):
+    MATRIX[f"gex-request-{'-'.join(map(str, _bits))}"] = (
+        CLIENT_BANNER + GEX_KEXINIT + plain_packet(bytes([34]) + struct.pack(">III", *_bits))
+    )
+MATRIX["gex-request-old"] = CLIENT_BANNER + GEX_KEXINIT + plain_packet(bytes([30]) + struct.pack(">I", 2048))
 # sshd reads 8 KiB at a time after the identification line: a flood past that leaves input unread (reset).
 for _size in (8192, 8200):
     _kexinit = client_kexinit()
