@@ -45,6 +45,9 @@ from sandtrap.events import (
     SESSION_CLOSED,
     SESSION_CONNECT,
 )
+from sandtrap.logs import RateLimited
+from sandtrap.ssh import server as ssh_server
+from sandtrap.ssh import wire as ssh_wire
 
 from sshclient import asyncssh_options as client_options
 
@@ -1014,10 +1017,13 @@ def plain_messages(data: bytes) -> list[str]:
 
 
 async def test_sntrup761_abuse_and_kexinit_floods_get_sshds_answer_a_record_and_no_crash(
-    honeypot: Honeypot, logtap: LogTap
+    honeypot: Honeypot, logtap: LogTap, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What ssh/wire.py answers here is checked against the real sshd, case by case, in test_sshd_fingerprint.py;
     this test sends each many times, with the heartbeat running, and checks the record and the log."""
+    # Fresh rate limits: earlier tests in this process may have used this minute's line of each kind.
+    monkeypatch.setattr(ssh_server, "refusals", RateLimited(ssh_server.log))
+    monkeypatch.setattr(ssh_wire, "refusals", RateLimited(ssh_wire.log))
     hp = await honeypot(**OVERRIDES)
     port = hp.port
     base = rss()
@@ -1076,6 +1082,7 @@ async def test_sntrup761_abuse_and_kexinit_floods_get_sshds_answer_a_record_and_
     assert str(reasons["strict KEXINIT flood"]).startswith("error: strict KEX violation"), reasons
     lines = logtap.lines(mark)
     assert any("ended before login" in line for line in lines), lines
+    assert any("refused as sshd refuses it: strict KEX violation" in line for line in lines), lines
     assert len(lines) <= len(results), "more than one log line per case:\n" + "\n".join(lines[:50])
     await settle(hp)
     assert_json_log_is_clean(hp)

@@ -74,11 +74,10 @@ def packets_bytes_read(received: int, identification: int, processed: int) -> in
     """Bytes sshd has read of a connection when it stops after ``processed`` bytes (its last packet's end).
 
     After the identification line (``identification`` bytes, read one at a time) sshd reads 8 KiB at a
-    time: it has read whole chunks up to the one holding the end of its last packet, or all there was.
+    time, at least once (it always wants a packet): whole chunks up to the one holding the end of its last
+    packet, or all there was.
     """
-    if processed <= identification:
-        return min(received, processed)
-    chunks = -(-(processed - identification) // SSHD_READ_CHUNK)
+    chunks = max(1, -(-(processed - identification) // SSHD_READ_CHUNK))
     return min(received, identification + chunks * SSHD_READ_CHUNK)
 
 

@@ -1,12 +1,18 @@
 """Per-connection hooks that make asyncssh answer on the wire the way sshd 9.2p1 does, before login.
 
-Each one replaces an asyncssh internal on one connection (never the class): the client's identification
-line judged as sshd's ``kex_exchange_identification`` does, no DISCONNECT before encryption starts (sshd
-drops such connections silently), zeroed padding on unencrypted packets, no ``global-requests-ok``. A
-client identification with non-ASCII bytes (sshd takes any byte but CR and NUL; asyncssh's ASCII decode
-would drop the connection silently) is accepted as sshd accepts it: the exchange hash gets the bytes as
-sent, and ``client_version`` holds them as ``bytes`` for the record to escape.
-``tests/integration/test_sshd_fingerprint.py`` shows each against a real sshd. asyncssh 2.24's internals.
+Each one replaces an asyncssh internal on one connection (never the class), applying the rules of
+``ssh/preauth.py``: the client's identification line judged as sshd's ``kex_exchange_identification``
+judges it and refused in sshd's two writes; packets before encryption taken as sshd takes them
+(UNIMPLEMENTED, skipped, or sshd's DISCONNECT); no other DISCONNECT before the client's NEWKEYS (sshd
+drops such connections without a word); a reset instead of a FIN wherever sshd would have left input
+unread; zeroed padding on unencrypted packets; EXT_INFO without ``global-requests-ok`` and with
+``publickey-hostbound@openssh.com=0``. Also here, registered once: the ``publickey-hostbound-v00`` auth
+method. A client identification with non-ASCII bytes (sshd takes any byte but CR and NUL; asyncssh's
+ASCII decode would drop the connection silently) is accepted as sshd accepts it: the exchange hash gets
+the bytes as sent, and ``client_version`` holds them as ``bytes`` for the record to escape.
+
+``tests/integration/test_sshd_fingerprint.py`` compares each with a real sshd;
+``tests/unit/ssh/test_asyncssh_internals.py`` names every asyncssh 2.24 internal used here.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import asyncssh
 from asyncssh.auth import MSG_USERAUTH_PK_OK, ServerAuth, _server_auth_handlers
 from asyncssh.packet import PacketDecodeError, SSHPacket, String, UInt32
 
+from sandtrap.logs import RateLimited
 from sandtrap.ssh.algorithms import use_openssh_kex_extras
 from sandtrap.ssh.preauth import (
     DISC_PROTOCOL_ERROR,
@@ -38,6 +45,7 @@ from sandtrap.ssh.preauth import (
 )
 
 log = logging.getLogger(__name__)
+refusals = RateLimited(log)  # a flood of refused packets logs a line a minute per kind, not a line each
 
 
 def _set_reset_on_close(conn: asyncssh.SSHServerConnection) -> None:
@@ -82,8 +90,13 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
         data_received(data, datatype)
 
     def close_as_sshd(exc: Exception | None) -> None:
-        """Before login, a close resets when sshd would have left input unread (it reads 8 KiB at a time)."""
-        if c._transport is not None and not c._auth_complete and stream.identification:
+        """Before login, a close resets when sshd would have left input unread (it reads 8 KiB at a time).
+
+        Only for an error on a packet: at the login grace time sshd has read all there was (it waits for
+        more), and a client that closed first gets nothing back anyway.
+        """
+        on_a_packet = isinstance(exc, asyncssh.DisconnectError) and not isinstance(exc, asyncssh.ConnectionLost)
+        if on_a_packet and c._transport is not None and not c._auth_complete and stream.identification:
             processed = stream.received - len(c._inpbuf)
             if packets_bytes_read(stream.received, stream.identification, processed) < stream.received:
                 _set_reset_on_close(c)
@@ -139,7 +152,7 @@ def imitate_sshd(conn: asyncssh.SSHServerConnection) -> None:
         c._packet = b""
         if verdict in (Verdict.INVALID_TYPE, Verdict.STRICT_VIOLATION):
             reason = disconnect_reason(verdict, payload[0], seq)
-            log.info("pre-auth packet refused as sshd refuses it: %s", reason)
+            refusals.log(logging.INFO, verdict.value, "pre-auth packet refused as sshd refuses it: %s", reason)
             send_disconnect(DISC_PROTOCOL_ERROR, reason, "")
             close_as_sshd(asyncssh.ProtocolError(reason))
             return False

@@ -61,6 +61,7 @@ def test_how_far_sshd_reads_the_identification(buf: bytes, read: int | None) -> 
 
 def test_sshd_reads_packets_8_kib_at_a_time() -> None:
     assert packets_bytes_read(received=100, identification=41, processed=60) == 100
+    assert packets_bytes_read(received=45, identification=41, processed=41) == 45  # half a header: read too
     assert packets_bytes_read(received=41 + SSHD_READ_CHUNK, identification=41, processed=500) == 41 + SSHD_READ_CHUNK
     assert packets_bytes_read(received=50_000, identification=41, processed=500) == 41 + SSHD_READ_CHUNK
     assert packets_bytes_read(received=50_000, identification=41, processed=41 + SSHD_READ_CHUNK + 1) == 41 + 16384
