@@ -498,17 +498,25 @@ async def test_ssh_audit_policy_made_from_real_sshd_passes(sshd: RealSSHD, sandt
 async def test_nmap_ssh2_enum_algos_output_is_identical(sshd: RealSSHD, sandtrap_port: int) -> None:
     """nmap -sV with ssh2-enum-algos and ssh-hostkey: service line, algorithm lists, host key types and sizes."""
 
-    async def scan(port: int) -> list[str]:
+    async def scan(port: int) -> dict[str, list[str]]:
+        """The service line and each script's lines (nmap prints the scripts in either order)."""
         out = await command(
             "nmap", "-Pn", "-n", "-sV", "-p", str(port), "--script", "ssh2-enum-algos,ssh-hostkey", HOST
         )
         lines = out[out.index("PORT ") :].splitlines()
-        service = next(line.split(None, 1)[1] for line in lines if line.startswith(f"{port}/tcp"))
-        keys = [re.sub(r"[0-9a-f]{32}", "<fingerprint>", line) for line in lines if re.search(r"[0-9a-f]{32}", line)]
-        algos = [line for line in lines if line.startswith(("|", "|_")) and not re.search(r"[0-9a-f]{32}", line)]
-        return [service, *algos, *keys]
+        found = {"service": [next(line.split(None, 1)[1] for line in lines if line.startswith(f"{port}/tcp"))]}
+        script = ""
+        for line in lines:
+            if m := re.match(r"\| ([\w-]+):", line):
+                script = m.group(1)
+            if script and line.startswith(("|", "|_")):  # host keys: type and size, not fingerprints
+                found.setdefault(script, []).append(re.sub(r"[0-9a-f]{32}", "<fingerprint>", line))
+            if line.startswith("|_"):
+                script = ""
+        return found
 
     real, ours = await asyncio.gather(scan(sshd.port), scan(sandtrap_port))
-    assert any("sntrup761x25519-sha512@openssh.com" in line for line in real), real
-    assert real[0].startswith("open  ssh     OpenSSH 9.2p1 Debian"), real[0]
+    assert any("sntrup761x25519-sha512@openssh.com" in line for line in real["ssh2-enum-algos"]), real
+    assert real["service"][0].startswith("open  ssh     OpenSSH 9.2p1 Debian"), real
+    assert "ssh-hostkey" in real
     assert ours == real
