@@ -50,6 +50,16 @@ refusals = RateLimited(log)  # floods of refused connections log a line a minute
 Closer = Callable[[], None]  # closes the transport (the front end's own polite close)
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceBounds:
+    """The listener a connection came in on (config ``services``): its name, and its own bounds on one
+    connection over the ``limits`` section's (None: the section's)."""
+
+    name: str
+    timeout_s: float | None = None
+    max_bytes: int | None = None
+
+
 def printable(text: str | bytes, limit: int = 512) -> str:
     """Escape non-printables the way Cowrie does for client versions; bound the length."""
     if isinstance(text, bytes):
@@ -115,10 +125,12 @@ class Connection:
         dst: tuple[str, int],
         closer: Closer,
         protocol: str = "ssh",
+        service: ServiceBounds | None = None,
     ) -> None:
         self.hub = hub
         self.session = new_session_id()
         self.protocol = protocol
+        self.service = service or ServiceBounds(protocol)
         self.src_ip, self.src_port = src
         self.dst_ip, self.dst_port = dst
         if self.src_ip.startswith("::ffff:"):
@@ -133,6 +145,8 @@ class Connection:
             self.dst_ip,
             self.dst_port,
             hub.sensor_uuid,
+            protocol,
+            self.service.name,
         )
         # Who logged in, and how: set by the front end's auth hooks.
         self.username = ""
@@ -144,6 +158,7 @@ class Connection:
         self.login_id: int | None = None
         self.login_account: Account | None = None
         self.close_reason = ""
+        self.collects_changes = True  # the box's changed files collected at the end (raw services: no)
         self.started = time.monotonic()
         self.usage = Usage()
         self.artifacts = SessionArtifacts(hub.artifacts, hub.recording)
@@ -223,9 +238,9 @@ class Connection:
                 lease = await self._lease_task
             except (Exception, asyncio.CancelledError):  # recorded where it failed; the close record still comes
                 lease = None
-        if lease is not None and self.login_account is not None:
-            await self._log_close(lease, self.login_account)
-        if lease is not None:
+        if lease is not None and self.login_account is not None and self.protocol == "ssh":
+            await self._log_close(lease, self.login_account)  # sshd's lines; login(1) logs its own close
+        if lease is not None and self.collects_changes:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
             self.hub.manager.watcher.report_to(lease.sandbox.id, None)
             try:
@@ -272,6 +287,11 @@ class Connection:
                 return self.end("max_bytes_in", self.usage.bytes_in)
             if self.usage.bytes_out > limits.max_bytes_out:
                 return self.end("max_bytes_out", self.usage.bytes_out)
+            if self.service.timeout_s is not None and now - self.started > self.service.timeout_s:
+                return self.end("timeout_seconds", self.service.timeout_s)
+            both = self.usage.bytes_in + self.usage.bytes_out
+            if self.service.max_bytes is not None and both > self.service.max_bytes:
+                return self.end("max_bytes", both)
 
     # -- the sandbox this connection uses ---------------------------------------------------------
     def lease(self) -> asyncio.Future[Lease]:

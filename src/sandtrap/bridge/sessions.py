@@ -4,6 +4,8 @@ Affinity ``session``: a fresh box per connection, released when the connection e
 Affinity ``source_ip``: one box per source address; a reconnect within ``ip_ttl_s`` of the last
 connection's end lands in the same box; after the TTL the box is released.
 Concurrent channels of one connection share its box (the acquisition is one shared future).
+With raw (tcp/udp) services configured, :attr:`SessionManager.share_by_ip` makes every connection use its IP's
+box whatever the affinity: a port scan, a request to the fake HTTP and an SSH login land in one machine.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ class SessionManager:
         self._by_ip: dict[str, _IpBox] = {}
         self._ip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.share_by_ip = False  # set by app.py when raw services need the IP's box (as affinity source_ip)
+
+    @property
+    def _by_source_ip(self) -> bool:
+        return self._settings.affinity == "source_ip" or self.share_by_ip
 
     @property
     def active_connections(self) -> int:
@@ -113,7 +120,7 @@ class SessionManager:
     async def lease(self, session: str, src_ip: str) -> Lease:
         """The sandbox for a connection (raises SandboxUnavailable when none can be had)."""
         start = time.monotonic()
-        if self._settings.affinity == "source_ip":
+        if self._by_source_ip:
             lock = self._ip_locks.setdefault(src_ip, asyncio.Lock())
             async with lock:
                 held = self._by_ip.get(src_ip)
@@ -218,7 +225,7 @@ class SessionManager:
 
     async def end(self, lease: Lease) -> bool:
         """The connection is over: release its box now (session affinity, returns True) or after the IP's TTL."""
-        if self._settings.affinity == "source_ip":
+        if self._by_source_ip:
             box = self._by_ip.get(lease.src_ip)
             if box is not None and box.sandbox.id == lease.sandbox.id:
                 box.users -= 1

@@ -27,6 +27,7 @@ from sandtrap.config.sections import (
     RecordingSettings,
     SSHSettings,
     StorageSettings,
+    TelnetSettings,
 )
 from sandtrap.config.services import (
     CaptureSettings,
@@ -59,6 +60,7 @@ __all__ = [
     "ServiceSettings",
     "Settings",
     "StorageSettings",
+    "TelnetSettings",
     "load_settings",
     "merge",
     "parse_size",
@@ -71,6 +73,7 @@ class Settings(Section):
     sensor: str = Field(default_factory=socket.gethostname)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ssh: SSHSettings = SSHSettings()
+    telnet: TelnetSettings = TelnetSettings()
     auth: AuthSettings = AuthSettings()
     sandbox: SandboxSettings = SandboxSettings()
     image: ImageSettings = ImageSettings()
