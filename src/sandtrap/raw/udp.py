@@ -175,11 +175,9 @@ class UDPPeer:
                 stream=str(recorder.path.relative_to(hub.data_dir)) if recorder.path else "",
                 pcap=str(recorder.pcap_path.relative_to(hub.data_dir)) if recorder.pcap_path else "",
                 shasum=sha,
-                reason=self.link.close_reason or "idle",
+                reason=self.link.close_reason or "closed",
                 dropped=self.dropped,
             )
-        if not self.link.close_reason:
-            self.link.close_reason = "idle_timeout_seconds"
         self.link.lost()
 
 
@@ -204,7 +202,8 @@ class UDPFrontEnd(asyncio.DatagramProtocol):
     async def start(self) -> None:
         host, port = split_listen(self._listen)
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(host or "0.0.0.0", port), reuse_port=False)
+        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host or "0.0.0.0", port))
+        self._transport = transport
         self._sweeper = loop.create_task(self._sweep())
         log.info("udp service %s listening on %s (port %d) -> box port %d", self.service.name, self._listen,
                  self.port, self.service.target_port)  # fmt: skip
@@ -254,6 +253,7 @@ class UDPFrontEnd(asyncio.DatagramProtocol):
             now = time.monotonic()
             for peer in list(self._peers.values()):
                 if now - peer.last > self.service.idle_timeout_s:
+                    peer.link.close_reason = peer.link.close_reason or "idle_timeout_seconds"
                     peer.end()
 
     async def close(self) -> None:
