@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from sandtrap.events import (
@@ -144,6 +145,26 @@ async def test_mirai_style_scripted_login(honeypot: Honeypot) -> None:
     for cmd in ("enable", "system", "shell", "sh", "/bin/busybox MIRAI"):
         assert cmd in inputs
     assert [e.get("username") for e in hp.events(LOGIN_FAILED, closed.session)] == ["admin"]
+    # The API lists it by service and protocol, and the dashboard counts it.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hp.services.api.port}", timeout=30) as api:
+        async with asyncio.timeout(30):
+            while True:
+                page = (await api.get("/api/v1/sessions", params={"service": "telnet"})).json()
+                if page["total"] and page["items"][0]["ended_at"]:
+                    break
+                await asyncio.sleep(0.2)
+        row = page["items"][0]
+        assert (row["id"], row["protocol"], row["service"], row["username"]) == (
+            closed.session,
+            "telnet",
+            "telnet",
+            "root",
+        )
+        assert (await api.get("/api/v1/sessions", params={"protocol": "tcp"})).json()["total"] == 0
+        dashboard = (await api.get("/")).text
+        assert "Sessions per service" in dashboard and "/sessions?service=telnet" in dashboard
+        listing = (await api.get("/sessions", params={"service": "telnet"})).text
+        assert closed.session in listing
 
 
 async def test_bad_input_floods_garbage_and_half_open(honeypot: Honeypot) -> None:
