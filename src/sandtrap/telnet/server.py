@@ -91,7 +91,7 @@ class TelnetSession(asyncio.Protocol):
         self._input.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        if self.link is not None and self.link.is_admitted:
+        if self.link is not None:  # refused ones too: their closing record says why (as SSH's)
             self.link.lost(None if exc is None else str(exc))
 
     def eof_received(self) -> bool:
