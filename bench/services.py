@@ -152,7 +152,7 @@ async def connect_time(via: str, port: int, box: Any, n: int) -> list[float]:
     return out
 
 
-async def main(quick: bool, image: str) -> dict[str, Any]:
+async def main(quick: bool, image: str, capture: bool = True) -> dict[str, Any]:
     sensor = f"bench-svc-{secrets.token_hex(4)}"
     tmp = Path(tempfile.mkdtemp(prefix="sandtrap-bench-services-"))
     settings = load_settings(
@@ -163,7 +163,7 @@ async def main(quick: bool, image: str) -> dict[str, Any]:
                 {"name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0"},
                 {"name": "telnet", "protocol": "telnet", "listen": "127.0.0.1:0"},
                 {"name": "echo", "protocol": "tcp", "listen": "127.0.0.1:0", "target_port": 9000,
-                 "capture": {"pcap": True, "metadata": True}},
+                 "capture": {"pcap": capture, "metadata": capture}},
             ],
             "sandbox": {"docker": {"image": image}, "pool_size": 2},
             "storage": {"data_dir": str(tmp / "data")},
@@ -178,7 +178,7 @@ async def main(quick: bool, image: str) -> dict[str, Any]:
         seccomp.profile_path(settings.data_dir).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(made, seccomp.profile_path(settings.data_dir))
     n_login, n_lat, size = (5, 100, 20 * 2**20) if quick else (30, 1000, 200 * 2**20)
-    res: dict[str, Any] = {"quick": quick, "sensor": sensor}
+    res: dict[str, Any] = {"quick": quick, "sensor": sensor, "capture": capture}
     try:
         async with running(settings) as svc:
             tport, eport = svc.port("telnet"), svc.port("echo")
@@ -229,12 +229,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(prog="python -m bench.services", description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--image", default="sandtrap-target:latest")
+    ap.add_argument("--no-capture", action="store_true", help="the tcp service without stream file and pcap")
     args = ap.parse_args()
-    result = asyncio.run(main(args.quick, args.image))
+    result = asyncio.run(main(args.quick, args.image, not args.no_capture))
     out = ROOT / "bench" / (".work/quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "services.json").write_text(json.dumps(result, indent=1))
+    suffix = "-nocapture" if args.no_capture else ""
+    (out / f"services{suffix}.json").write_text(json.dumps(result, indent=1))
     text = table(result)
-    (out / "services.md").write_text(f"# services bench ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+    (out / f"services{suffix}.md").write_text(f"# services bench ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
                                      + text)  # fmt: skip
     print(text)

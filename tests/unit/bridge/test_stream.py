@@ -27,7 +27,7 @@ def test_tcp_pcap_has_a_handshake_valid_checksums_and_the_payload_in_order() -> 
     buf = io.BytesIO()
     w = PcapWriter(buf, ("203.0.113.9", 40000), ("192.0.2.1", 80), "tcp")
     w.data(True, b"GET / HTTP/1.1\r\n\r\n")
-    w.data(False, b"x" * 4000)  # split at the MSS
+    w.data(False, b"x" * 140_000)  # split in segments
     w.close(True)
     pkts = packets(buf.getvalue())
     flags = [p[20 + 13] for p in pkts]
@@ -45,7 +45,7 @@ def test_tcp_pcap_has_a_handshake_valid_checksums_and_the_payload_in_order() -> 
             assert s == seq.get(src, s)
             seq[src] = s + len(body)
             payload[src] += body
-    assert payload == {True: b"GET / HTTP/1.1\r\n\r\n", False: b"x" * 4000}
+    assert payload == {True: b"GET / HTTP/1.1\r\n\r\n", False: b"x" * 140_000}
 
 
 def test_udp_pcap_datagrams() -> None:
