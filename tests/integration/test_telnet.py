@@ -193,3 +193,36 @@ async def test_bad_input_floods_garbage_and_half_open(honeypot: Honeypot) -> Non
     closed = await hp.wait_for(SESSION_CLOSED, 3, protocol="telnet")
     assert len({e.session for e in closed}) == 3
     assert len(hp.events(SESSION_CONNECT)) == 3
+
+
+async def test_telnet_dash_l_user_retries_and_login_timeout(honeypot: Honeypot) -> None:
+    hp = await honeypot(**{**services(), "telnet": {"failure_delay_s": 0.2, "login_retries": 2, "login_timeout_s": 3}})
+    port = hp.services.port("telnet")
+    # telnet -l root: the name comes by NEW-ENVIRON (USER), login asks for the password only.
+    async with tmux_session(["telnet", "-l", "root", "127.0.0.1", str(port)], 80, 24) as t:
+        await t.wait_for("Password: ")
+        assert "login: " not in await t.screen()
+        await t.line("hunter2")
+        await t.wait_for(r"root@.*# $", 30)
+        await t.line("exit")
+        await t.wait_for("Connection closed by foreign host", 20)
+    # LOGIN_RETRIES wrong passwords: login exits, the connection closes.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    screen = Screen(reader)
+    for _ in range(2):
+        await screen.until(b"login: ")
+        writer.write(b"root\r\n")
+        await screen.until(b"Password: ")
+        writer.write(b"nope\r\n")
+        await screen.until(b"Login incorrect")
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
+    writer.close()
+    # LOGIN_TIMEOUT: nothing typed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    screen = Screen(reader)
+    await screen.until(b"login: ")
+    await screen.until(b"Login timed out after 3 seconds.", 10)
+    writer.close()
+    reasons = {e.get("reason") for e in await hp.wait_for(SESSION_CLOSED, 3, protocol="telnet")}
+    assert {"login_retries", "login_timeout"} <= reasons
