@@ -192,6 +192,7 @@ async def test_bad_input_floods_garbage_and_half_open(honeypot: Honeypot) -> Non
         w.close()
     closed = await hp.wait_for(SESSION_CLOSED, 3, protocol="telnet")
     assert len({e.session for e in closed}) == 3
+    assert "closed_before_login" in {e.get("reason") for e in closed}  # the half-open one
     assert len(hp.events(SESSION_CONNECT)) == 3
 
 

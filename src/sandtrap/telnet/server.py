@@ -218,6 +218,10 @@ class TelnetSession(asyncio.Protocol):
                 self._close()
                 return
             if not accepted:
+                if self._eof and not link.close_reason:  # half-closed (or gone) before logging in
+                    link.close_reason = "closed_before_login"
+                    anomalies.log(logging.INFO, "half-open", "telnet from %s: closed its side before logging in",
+                                  link.src_ip)  # fmt: skip
                 self._close()
                 return
             await self._shell()
