@@ -1,6 +1,6 @@
 """All settings: one pydantic model per concern, defaults that run on a fresh machine.
 
-The YAML file mirrors the tree of :class:`Settings`. A typo or a bad value becomes a
+The file mirrors the tree of :class:`Settings`, in YAML or TOML (``.toml``, read by ``tomllib``). A typo or a bad value becomes a
 :class:`~sandtrap.errors.ConfigError` that names the key, what was given and what is allowed.
 A component gets only its section (``settings.sandbox.docker`` for the Docker backend).
 """

@@ -13,25 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sandtrap.bridge.auth import AttemptState, AuthPolicy
+from sandtrap.bridge.auth import AuthPolicy
 from sandtrap.bridge.channel import Channel
 from sandtrap.bridge.connection import Connection, Hub, ServiceBounds, printable
 from sandtrap.config import TelnetSettings, split_listen
-from sandtrap.events import AUTH_TOO_MANY, CLIENT_SIZE, LOGIN_FAILED, LOGIN_SUCCESS, TELNET_ANOMALY, TELNET_CLIENT
+from sandtrap.events import CLIENT_SIZE, TELNET_ANOMALY, TELNET_CLIENT
 from sandtrap.logs import RateLimited, session_context
 from sandtrap.sandbox.base import ExitStatus
 from sandtrap.telnet import protocol as tp
+from sandtrap.telnet.login import MAX_PENDING, Keyboard, login
 from sandtrap.telnet.protocol import Command, Data, Item, Options, Parser, Signal, Sub
 
 log = logging.getLogger(__name__)
 anomalies = RateLimited(log)
 
-MAX_PENDING = 64 * 1024  # input held before the shell starts (typed ahead of the prompt)
-MAX_NAME = 256  # login(1) reads at most this much of a user name or password
 TELNET_PORT = 23
 _ASKED_FIRST = (tp.TTYPE, tp.TSPEED, tp.XDISPLOC, tp.NEW_ENVIRON)  # telnetd's getterminaltype()
 
@@ -54,9 +52,7 @@ class TelnetSession(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = Parser()
         self._options = Options()
-        self._pending = bytearray()
-        self._input = asyncio.Event()
-        self._eof = False
+        self._keys = Keyboard(self._write, self._echoes)
         self._task: asyncio.Task[None] | None = None
         self._channel: Channel | None = None
         self._term = ""
@@ -65,7 +61,6 @@ class TelnetSession(asyncio.Protocol):
         self._client: dict[str, str] = {}
         self._subs_seen: set[int] = set()
         self._reported: set[str] = set()
-        self._attempts = AttemptState()
 
     # -- connection life cycle ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -87,8 +82,7 @@ class TelnetSession(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._input.set()
+        self._keys.end()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.link is not None:  # refused ones too: their closing record says why (as SSH's)
@@ -96,8 +90,7 @@ class TelnetSession(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """Half-closed by the client: what it sent still reaches the shell, then the shell gets EOF."""
-        self._eof = True
-        self._input.set()
+        self._keys.end()
         if self._channel is not None:
             self._channel.feed_eof()
         return True  # keep our side open: the box's output (e.g. of a piped script) still goes out
@@ -105,6 +98,9 @@ class TelnetSession(asyncio.Protocol):
     def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def _echoes(self) -> bool:
+        return tp.ECHO in self._options.us or tp.ECHO in self._options.asked_us
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -125,10 +121,7 @@ class TelnetSession(asyncio.Protocol):
         if isinstance(item, Data):
             if self._channel is not None:
                 self._channel.feed(item.data, self)
-            elif len(self._pending) + len(item.data) <= MAX_PENDING:
-                self._pending += item.data
-                self._input.set()
-            else:
+            elif not self._keys.typed(item.data):
                 self._anomaly("input_flood", f"more than {MAX_PENDING} bytes typed ahead of the shell")
         elif isinstance(item, Command):
             answer, changed = self._options.receive(item)
@@ -154,11 +147,11 @@ class TelnetSession(asyncio.Protocol):
                 self._parser.crlf = False
         elif cmd.verb == tp.WONT and opt == tp.BINARY:
             self._parser.crlf = True
-        self._input.set()  # the negotiation wait looks again
+        self._keys.poke()  # the negotiation wait looks again
 
     def _sub(self, item: Sub) -> None:
         self._subs_seen.add(item.option)
-        self._input.set()
+        self._keys.poke()
         if item.option == tp.NAWS:
             size = tp.parse_naws(item.payload)
             if size is None:
@@ -218,7 +211,7 @@ class TelnetSession(asyncio.Protocol):
                 self._close()
                 return
             if not accepted:
-                if self._eof and not link.close_reason:  # half-closed (or gone) before logging in
+                if self._keys.eof and not link.close_reason:  # half-closed (or gone) before logging in
                     link.close_reason = "closed_before_login"
                     anomalies.log(logging.INFO, "half-open", "telnet from %s: closed its side before logging in",
                                   link.src_ip)  # fmt: skip
@@ -253,85 +246,14 @@ class TelnetSession(asyncio.Protocol):
     async def _until(self, done: Callable[[], bool], timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                while not done() and not self._eof:
-                    self._input.clear()
-                    await self._input.wait()
+                while not done() and not self._keys.eof:
+                    await self._keys.changed()
 
     async def _login(self) -> bool:
-        """login(1)'s dialog; True once a password is accepted."""
         link = self.link
         assert link is not None
-        s = self.ctx.settings
-        hint = self._env.get("USER", "")  # telnet -l USER: login is told the name and asks for the password only
-        failures = 0
-        while failures < s.login_retries:
-            if hint:
-                username, hint = hint[:MAX_NAME], ""
-            else:
-                self._write(f"{self.ctx.hostname} login: ".encode())
-                line = await self._line(echo=True)
-                if line is None:
-                    return False
-                username = line.decode("utf-8", "replace")
-                if not username:
-                    continue
-            self._write(b"Password: ")
-            raw = await self._line(echo=False)
-            if raw is None:
-                return False
-            self._write(b"\r\n")
-            password = raw.decode("utf-8", "replace")
-            decision = self.ctx.policy.check_password(self._attempts, link.src_ip, username, password)
-            link.emitter.emit(
-                LOGIN_SUCCESS if decision.accepted else LOGIN_FAILED,
-                username=printable(username, 256),
-                password=printable(password, 256),
-                method="password",
-                reason=decision.reason,
-            )
-            if decision.accepted:
-                link.username, link.password, link.auth_method = username, password, "password"
-                link.start_lease()
-                return True
-            link.login_failed(username, "password")
-            failures += 1
-            await asyncio.sleep(s.failure_delay_s * random.uniform(0.9, 1.1))
-            self._write(b"\r\nLogin incorrect\r\n")
-        link.emitter.emit(AUTH_TOO_MANY, username=printable(username, 256), attempts=failures)
-        link.close_reason = "login_retries"
-        return False
-
-    async def _line(self, echo: bool) -> bytes | None:
-        """One line as login reads it from a terminal in canonical mode (erase, kill), echoed or not; None at EOF."""
-        line = bytearray()
-        while True:
-            while not self._pending:
-                if self._eof:
-                    return None
-                self._input.clear()
-                await self._input.wait()
-            b = self._pending[0]
-            del self._pending[0]
-            shown = echo and (tp.ECHO in self._options.us or tp.ECHO in self._options.asked_us)
-            if b in (13, 10):
-                if echo:
-                    self._write(b"\r\n")
-                return bytes(line)
-            if b in (8, 127):
-                if line:
-                    line.pop()
-                    if shown:
-                        self._write(b"\b \b")
-            elif b == 21:  # ^U
-                if shown:
-                    self._write(b"\b \b" * len(line))
-                line.clear()
-            elif b == 0:
-                continue
-            elif len(line) < MAX_NAME:
-                line.append(b)
-                if shown:
-                    self._write(tp.escape(bytes([b])))
+        ctx = self.ctx
+        return await login(self._keys, link, ctx.policy, ctx.settings, ctx.hostname, self._env.get("USER", ""))
 
     async def _shell(self) -> None:
         link = self.link
@@ -343,10 +265,10 @@ class TelnetSession(asyncio.Protocol):
         channel.terminal_login()
         env = channel.client_env({k.encode(): v.encode() for k, v in self._env.items()}, tp.MAX_ENV_VARS)
         self._channel = channel
-        if self._pending:  # typed ahead of the shell (bots do not wait for the prompt)
-            channel.feed(bytes(self._pending), self)
-            self._pending.clear()
-        if self._eof:
+        ahead = self._keys.take()
+        if ahead:  # typed ahead of the shell (bots do not wait for the prompt)
+            channel.feed(ahead, self)
+        if self._keys.eof:
             channel.feed_eof()
         await channel.run(self, env)
 
