@@ -158,7 +158,9 @@ class Connection:
         self.login_id: int | None = None
         self.login_account: Account | None = None
         self.close_reason = ""
-        self.collects_changes = True  # the box's changed files collected at the end (raw services: no)
+        # The box's activity (honeytoken reads, changed files) is this connection's: a login's, not a raw service's
+        # (an HTTP request to a box must not take the reads of the SSH session in it, nor collect its files).
+        self.owns_box_activity = True
         self.started = time.monotonic()
         self.usage = Usage()
         self.artifacts = SessionArtifacts(hub.artifacts, hub.recording)
@@ -166,6 +168,7 @@ class Connection:
         self._lease_task: asyncio.Task[Lease] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._read_reporter: Callable[[str, str], object] | None = None  # this session's honeytoken reads
 
     @property
     def is_admitted(self) -> bool:
@@ -240,9 +243,10 @@ class Connection:
                 lease = None
         if lease is not None and self.login_account is not None and self.protocol == "ssh":
             await self._log_close(lease, self.login_account)  # sshd's lines; login(1) logs its own close
-        if lease is not None and self.collects_changes:
+        if lease is not None and self._read_reporter is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
-            self.hub.manager.watcher.report_to(lease.sandbox.id, None)
+            self.hub.manager.watcher.withdraw(lease.sandbox.id, self._read_reporter)
+        if lease is not None and self.owns_box_activity:
             try:
                 async with self.hub.engine_work:  # a burst of closing sessions must not swamp the engine
                     await self.artifacts.collect_changes(lease.sandbox, self.reporter(SESSION_FILE_CHANGED))
@@ -321,12 +325,17 @@ class Connection:
             acquire_ms=round(lease.acquire_ms, 1),
             reused=lease.reused,
         )
+        if not self.owns_box_activity:  # a raw service's connection: the box's lures are its logins' business
+            return lease
         for token in lease.tokens:  # the session's record names every lure value it was given
             self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
         emit = self.emitter.emit
-        self.hub.manager.watcher.report_to(
-            lease.sandbox.id, lambda kind, path: emit(HONEYTOKEN_READ, kind=kind, path=path)
-        )
+
+        def read(kind: str, path: str) -> object:
+            return emit(HONEYTOKEN_READ, kind=kind, path=path)
+
+        self._read_reporter = read
+        self.hub.manager.watcher.report_to(lease.sandbox.id, read)
         return lease
 
     def login_failed(self, username: str, method: str) -> None:

@@ -69,7 +69,7 @@ class TCPStream:
 
     async def run(self) -> None:
         link = self.link
-        link.collects_changes = False  # a box's changes are collected when its logins end, not per request
+        link.owns_box_activity = False  # honeytoken reads and changed files are the box's logins', not a request's
         if not link.open():
             self.writer.transport.abort()
             link.lost()

@@ -37,7 +37,7 @@ class UDPPeer:
         service = front.service
         bounds = ServiceBounds(service.name, service.timeout_s, service.max_bytes)
         self.link = Connection(front.hub, addr, local, self.end, "udp", bounds)
-        self.link.collects_changes = False
+        self.link.owns_box_activity = False
         self.queue: list[bytes] = []
         self.dropped = 0
         self.sock: socket.socket | None = None
