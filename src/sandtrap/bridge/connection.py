@@ -313,7 +313,7 @@ class Connection:
 
     async def _acquire(self) -> Lease:
         try:
-            lease = await self.hub.manager.lease(self.session, self.src_ip)
+            lease = await self.hub.manager.lease(self.session, self.src_ip, login=self.owns_box_activity)
         except SandboxError as exc:
             self.emitter.emit(SANDBOX_UNAVAILABLE, reason=printable(str(exc), 300))
             refusals.log(logging.WARNING, "no-sandbox", "no sandbox for a session: %s", exc)
