@@ -24,6 +24,7 @@ from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import (
     STDERR,
     STDOUT,
+    BoxPorts,
     ClientAddress,
     ExitStatus,
     Features,
@@ -385,3 +386,41 @@ async def test_network_address_is_text(box: Sandbox) -> None:
     assert isinstance(address, str)
     if address:
         assert address.count(".") == 3 or ":" in address
+
+
+# -- a box's own ports (Features.box_ports: raw tcp/udp services, issue 17) ------------------------------------
+_ECHO = (
+    "import socket,sys\n"
+    "kind=socket.SOCK_STREAM if sys.argv[1]=='tcp' else socket.SOCK_DGRAM\n"
+    "s=socket.socket(socket.AF_INET,kind);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+    "s.bind(('127.0.0.1',int(sys.argv[2])))\n"
+    "open('/tmp/'+sys.argv[1]+'-ready','w').close()\n"
+    "if kind==socket.SOCK_STREAM:\n"
+    " s.listen(1);c,a=s.accept();d=c.recv(100);c.sendall(d+b' '+a[0].encode());c.close()\n"
+    "else:\n"
+    " d,a=s.recvfrom(100);s.sendto(d+b' '+a[0].encode(),a)\n"
+)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+async def test_open_port_reaches_a_port_on_the_box_loopback_from_the_clients_address(
+    box: Sandbox, transport: str
+) -> None:
+    if not box.features.box_ports:
+        pytest.skip("this backend has no box_ports")
+    assert isinstance(box, BoxPorts)
+    port = 7000 + (transport == "udp")
+    server = await box.exec(["python3", "-c", _ECHO, transport, str(port)])
+    try:
+        async with asyncio.timeout(10):
+            while (await box.get_file(f"/tmp/{transport}-ready", 0)) is None:
+                await asyncio.sleep(0.05)
+            sock = await box.open_port(port, "tcp" if transport == "tcp" else "udp", ClientAddress("127.0.0.9", 0, ""))
+            loop = asyncio.get_running_loop()
+            with sock:
+                await loop.sock_sendall(sock, b"hello")
+                assert await loop.sock_recv(sock, 100) == b"hello 127.0.0.9"  # the client's own address
+    finally:
+        await server.kill()
+    with pytest.raises(SandboxError):  # nothing listens there
+        await box.open_port(7999, "tcp")

@@ -224,5 +224,15 @@ def close_argv(account: Account, peer: Peer) -> list[str]:
     return [SESSION_HELPER, "-x", "--", account.name, peer.src_ip, str(peer.src_port), "-"]
 
 
+def terminal_login_argv(
+    account: Account, host: str, term: str | None, client_env: Mapping[str, str]
+) -> list[str | bytes]:
+    """``login -h HOST -f USER`` on the session's pty, as Debian's telnetd runs login for a user it has
+    authenticated: login sets up the PAM session, utmp/wtmp (with HOST), lastlog, the motd and the login shell.
+    Of the client's variables (telnet NEW-ENVIRON) only what ``login -p`` would keep of sshd's AcceptEnv."""
+    env = {"TERM": term or "network"} | accepted_env(client_env)
+    return _with_env(env, ["/bin/login", "-p", "-h", host, "-f", account.name])
+
+
 def sftp_argv(env: Mapping[str, str]) -> list[str | bytes]:
     return _with_env(env, [SFTP_SERVER])

@@ -17,8 +17,9 @@ from typing import Any
 
 import asyncssh
 
+from sandtrap.bridge.auth import AttemptState, AuthPolicy
 from sandtrap.bridge.channel import Channel
-from sandtrap.bridge.connection import Connection, Hub, printable, refusals
+from sandtrap.bridge.connection import Connection, Hub, ServiceBounds, printable, refusals
 from sandtrap.config import AuthSettings, SSHSettings, split_listen
 from sandtrap.events import (
     AGENT_REQUEST,
@@ -41,7 +42,6 @@ from sandtrap.ssh.algorithms import (
     SIGNATURE_ALGS,
     host_key_pairs,
 )
-from sandtrap.ssh.auth import AttemptState, AuthPolicy
 from sandtrap.ssh.channels import ChannelBridge
 from sandtrap.ssh.hostkeys import host_key_dir, load_host_keys
 from sandtrap.ssh.kex import kex_event_fields, parse_kexinit
@@ -61,6 +61,7 @@ class ServerContext:
     ssh: SSHSettings
     auth: AuthSettings
     policy: AuthPolicy
+    service: ServiceBounds | None = None  # the ssh listener's name and bounds (config `services`)
 
 
 class ConnectionHandler(asyncssh.SSHServer):
@@ -88,7 +89,14 @@ class ConnectionHandler(asyncssh.SSHServer):
         imitate_sshd(conn)  # answer on the wire as sshd 9.2p1 does before login (ssh/wire.py)
         peer = conn.get_extra_info("peername") or ("", 0)
         sock = conn.get_extra_info("sockname") or ("", 0)
-        self.link = Connection(self.ctx.hub, (str(peer[0]), int(peer[1])), (str(sock[0]), int(sock[1])), conn.close)
+        self.link = Connection(
+            self.ctx.hub,
+            (str(peer[0]), int(peer[1])),
+            (str(sock[0]), int(sock[1])),
+            conn.close,
+            "ssh",
+            self.ctx.service,
+        )
         if not self.link.open():
             conn.abort()
             return

@@ -211,3 +211,21 @@ async def test_close_releases_the_boxes_held_for_source_ips(manager: Make) -> No
     assert await lease.sandbox.is_running()
     await mgr.close()
     assert not await lease.sandbox.is_running() and pool.preserved == 1
+
+
+async def test_a_box_only_raw_services_used_goes_back_after_raw_ttl_unless_a_login_came(manager: Make) -> None:
+    """Issue 17: raw services share the IP's box; a scan's box is not held for ip_ttl_s."""
+    mgr, pool = await manager(ip_ttl_s=3600)
+    mgr.share_by_ip, mgr.raw_ttl_s = True, 0.2
+    probe = await mgr.lease("h1", "203.0.113.8", login=False)
+    assert await mgr.end(probe) is False
+    async with asyncio.timeout(10):
+        while pool.preserved == 0:  # released after raw_ttl_s, not ip_ttl_s
+            await asyncio.sleep(0.05)
+    probe = await mgr.lease("h2", "203.0.113.9", login=False)
+    ssh = await mgr.lease("s1", "203.0.113.9")  # a login joins the probe's box: the IP's box from now on
+    assert ssh.sandbox is probe.sandbox and ssh.reused
+    await mgr.end(probe)
+    await mgr.end(ssh)
+    await asyncio.sleep(0.5)
+    assert await ssh.sandbox.is_running()  # held for ip_ttl_s now

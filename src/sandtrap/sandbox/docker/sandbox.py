@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import secrets
+import socket
 import tarfile
 import time
 import weakref
@@ -30,12 +31,13 @@ from sandtrap.sandbox.base import (
     Login,
     ReadReport,
     TermSize,
+    Transport,
     run,
 )
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.process import DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
-from sandtrap.sandbox.host import broker, hostfs, relay
+from sandtrap.sandbox.host import broker, hostfs, netns, relay
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
 
@@ -146,6 +148,26 @@ class DockerSandbox:
         return Features(
             login_scopes=self.parents is not None and bool(self.cgroup),
             connection_in_box=self.connection_in_box and not self.init_refused,
+            box_ports=True,
+        )
+
+    async def open_port(
+        self, port: int, transport: Transport = "tcp", client: ClientAddress | None = None
+    ) -> socket.socket:
+        """A socket to the box's 127.0.0.1:``port`` from inside its network namespace (see
+        :func:`sandtrap.sandbox.host.relay.connect_port`), on a thread of netns.py's."""
+        view = await self._host_view()
+        if view is not None and not view.verify():  # the box restarted: its pid 1 is another process now
+            self._host_checked = False
+            view = await self._host_view()
+        if view is None:
+            raise SandboxError(f"{self.name}: the box's network namespace is not visible on this host")
+        return await netns.in_box_netns(
+            view.pid,
+            view.verify,
+            lambda: relay.connect_port(port, transport, client),
+            f"the box's {transport} port {port}",
+            relay.CONNECT_TIMEOUT_S + 1,
         )
 
     async def exec(

@@ -134,6 +134,37 @@ async def connect_transparent(p: RelayPlan) -> socket.socket:
     return sock
 
 
+def connect_port(port: int, transport: str, client: ClientAddress | None) -> socket.socket:
+    """A socket to the box's 127.0.0.1:``port`` (a raw service's), made on a thread that has entered the box's
+    network namespace. A loopback client's address (and port, when free in the box) is its source, so the service
+    in the box sees the attacker's own address, as sshd's logins do; any other client shows as 127.0.0.1."""
+    kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
+    try:
+        src = client.ip if client is not None and _is_loopback_v4(client.ip) else ""
+        if src:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((src, client.port if client is not None else 0))
+            except OSError:  # the port is taken in the box: the address alone
+                sock.bind((src, 0))
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_loopback_v4(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return addr.version == 4 and addr.is_loopback
+
+
 # --- the host's rules for the transparent path -------------------------------------------------------
 
 
