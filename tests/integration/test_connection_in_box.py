@@ -129,7 +129,7 @@ def client_netns() -> Iterator[str]:
 
 
 async def test_off_loopback_clients_connection_shows_in_the_box(honeypot: Any, client_netns: str) -> None:
-    hp = await honeypot(ssh={"listen": f"{NS_HOST}:0"}, sandbox={**INIT, "network": "internal"})
+    hp = await honeypot(ssh={"listen": f"{NS_HOST}:0"}, sandbox=INIT, network={"mode": "internal"})
     argv = ["ip", "netns", "exec", client_netns, "sshpass", "-p", PASSWORD, "ssh", *client_options(), "-T"]
     argv += ["-p", str(hp.port), f"{USER}@{NS_HOST}", SCRIPT]
     await check_login(hp, argv, NS_CLIENT, None)

@@ -239,7 +239,7 @@ async def test_detection_battery(
     output_dir: Path,
 ) -> None:
     # Every realism option on, `network: internal` included (off by default: README "Network").
-    hp = await honeypot(sandbox={"network": "internal", "session_transport": transport, "init": init})
+    hp = await honeypot(sandbox={"session_transport": transport, "init": init}, network={"mode": "internal"})
     conn_a = await connect(hp.port)
     conn_b = await connect(hp.port, wrong_first=True)
     try:

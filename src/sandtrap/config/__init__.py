@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from sandtrap.config.image import ImageSettings
+from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
 from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, SandboxSettings
 from sandtrap.config.sections import (
     DEFAULT_SSH_VERSION,
@@ -38,10 +39,14 @@ __all__ = [
     "AuthSettings",
     "ByteSize",
     "Credential",
+    "DnsSettings",
     "DockerSettings",
+    "EgressSettings",
     "ImageSettings",
     "LimitsSettings",
     "Listen",
+    "NetworkSettings",
+    "PcapSettings",
     "RecordingSettings",
     "SSHSettings",
     "SandboxSettings",
@@ -63,10 +68,21 @@ class Settings(Section):
     auth: AuthSettings = AuthSettings()
     sandbox: SandboxSettings = SandboxSettings()
     image: ImageSettings = ImageSettings()
+    network: NetworkSettings = NetworkSettings()
     limits: LimitsSettings = LimitsSettings()
     recording: RecordingSettings = RecordingSettings()
     storage: StorageSettings = StorageSettings()
     api: APISettings = APISettings()
+
+    @model_validator(mode="after")
+    def _network_to_sandbox(self) -> Settings:
+        """The backend reads the box's network from its own section: ``sandbox`` gets ``network.mode`` and
+        ``network.subnet`` (a copy: the default section is shared)."""
+        net = self.network
+        if (self.sandbox.network, self.sandbox.network_subnet) != (net.mode, net.subnet):
+            update = {"network": net.mode, "network_subnet": net.subnet}
+            object.__setattr__(self, "sandbox", self.sandbox.model_copy(update=update))
+        return self
 
     @property
     def data_dir(self) -> Path:
@@ -128,10 +144,19 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
         data = loaded
     if overrides:
         data = merge(data, overrides)
+    where = f" in {path}" if path else ""
+    sandbox = data.get("sandbox")
+    moved = [k for k in MOVED_NETWORK_KEYS if isinstance(sandbox, dict) and k.split(".", 1)[1] in sandbox]
+    if moved:
+        lines = [
+            f"{k}: moved to {MOVED_NETWORK_KEYS[k]}; write it as `{MOVED_NETWORK_KEYS[k].split('.')[1]}:` in a "
+            "top-level `network:` section (README Network)"
+            for k in moved
+        ]
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines))
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        where = f" in {path}" if path else ""
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
 
