@@ -35,7 +35,7 @@ apt_install() {
 #    libfuse, through the mfusepy package; lxcfs depends on it too).
 PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
 if [ "$MODE" = test ]; then
-  PKGS+=(openssh-client sshpass tmux openssh-server)
+  PKGS+=(openssh-client sshpass tmux openssh-server tshark)  # tshark: reads the capture gateway's pcaps
 fi
 apt_install "${PKGS[@]}"
 

@@ -21,6 +21,7 @@ from sandtrap.bridge.sessions import Prepared, SessionManager
 from sandtrap.config import Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
+from sandtrap.network.gateway import Gateway
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
@@ -47,21 +48,23 @@ def _planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]] | 
     return box_host_key_files(keys, settings.sandbox.hostname)
 
 
-def _docker(settings: Settings) -> SandboxBackend:
+def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
     docker = settings.sandbox.docker
     profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
-    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, _planted_files(settings))
+    attach = gateway.attach if gateway is not None else None
+    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, _planted_files(settings), attach)
 
 
-# sandbox.backend -> how to build it from the settings; config.SandboxSettings refuses a name not here.
-BACKENDS: dict[str, Callable[[Settings], SandboxBackend]] = {"docker": _docker}
+# sandbox.backend -> how to build it from the settings (and the capture gateway, network.mode: capture);
+# config.SandboxSettings refuses a name not here.
+BACKENDS: dict[str, Callable[[Settings, Gateway | None], SandboxBackend]] = {"docker": _docker}
 
 
-def build_backend(settings: Settings) -> SandboxBackend:
+def build_backend(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
     build = BACKENDS.get(settings.sandbox.backend)
     if build is None:  # config.AVAILABLE_BACKENDS and BACKENDS name the same backends (a unit test checks)
         raise ConfigError(f"sandbox.backend: {settings.sandbox.backend} is not available; set sandbox.backend: docker")
-    return build(settings)
+    return build(settings, gateway)
 
 
 @dataclass
@@ -89,7 +92,10 @@ async def running(
     """Start every service; stop them all (gracefully) on exit."""
     check_exposure(settings)  # ConfigError: a non-loopback api.listen needs api.token
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    backend = build_backend(settings)
+    gateway = (
+        Gateway(settings.network, settings.sensor, settings.data_dir) if settings.network.mode == "capture" else None
+    )
+    backend = build_backend(settings, gateway)
     pool: Pool[Prepared] = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
     bus = EventBus()
     for sink in sinks or []:
@@ -136,6 +142,7 @@ async def running(
         settings.sensor,
         sensor_uuid=uuid,
         health=recording,
+        network=gateway,
     )
     ctx = ServerContext(hub, settings.ssh, settings.auth, AuthPolicy(settings.auth))
     ssh = SSHFrontEnd(ctx, settings.data_dir)
@@ -153,6 +160,8 @@ async def running(
     api = ApiServer(api_app, settings.api.listen)
     try:
         await backend.ping()
+        if gateway is not None:
+            await gateway.start()  # before the first box: each gets its eth0 there
         await pool.start(progress)
         await ssh.start()
         await api.start()
@@ -167,6 +176,8 @@ async def running(
         await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
         await backend.close()
+        if gateway is not None:
+            await asyncio.shield(gateway.close())
         await asyncio.to_thread(database.close, 10.0)
         repository.close()
         if jsonlog is not None:

@@ -126,6 +126,7 @@ class DockerSandbox:
         # loopback cannot have it ('' = it can: the host's rules for the transparent socket are in place).
         self.connection_in_box = False
         self.transparent_refused = "sandbox.network is none"
+        self.captured_address = ""  # its eth0's address on the capture gateway (network.mode: capture)
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -393,7 +394,10 @@ class DockerSandbox:
         await self._drop_parent()
 
     async def network_address(self) -> str:
-        """The box's eth0 IPv4 address (sandbox.network: internal), from the engine's inspect (cached); ''."""
+        """The box's eth0 IPv4 address: the capture gateway's link (network.mode: capture), else the engine
+        network's (internal), from the engine's inspect (cached); ''."""
+        if self.captured_address:
+            return self.captured_address
         view = await self._host_view()
         return view.address if view is not None else ""
 
