@@ -13,14 +13,22 @@ import hashlib
 import ipaddress
 import secrets
 import shutil
+import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from sandtrap.config import EgressSettings
 from sandtrap.events import (
     LIMIT_HIT,
     NETWORK_DNS,
@@ -31,6 +39,7 @@ from sandtrap.events import (
     SESSION_FILE_DOWNLOAD,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
+from sandtrap.network.fetcher import Failed, Fetcher, Refused
 from sandtrap.network.gateway import Gateway
 
 from sshclient import asyncssh_connected as connect
@@ -240,3 +249,80 @@ async def test_dns_flood_is_recorded_and_rate_limited(captured: Any, internet: I
     assert 10 <= len(hp.events(NETWORK_DNS, session=session)) <= 20
     assert any(e.get("limit") == "network.dns.queries_per_s" for e in hp.events(LIMIT_HIT, session=session))
     assert gateway_of(hp).dns_dropped >= 200  # of 300 sent at once
+
+
+# -- a hostile server, against the fetcher itself (its "internet": the test's servers on loopback) -------------
+
+
+def fetcher(**egress: Any) -> Fetcher:
+    settings = {"allow": ["127.0.0.1/32"], "hosts": {NAME: "127.0.0.1"}, "timeout_s": 3, "max_redirects": 3}
+    return Fetcher(EgressSettings(**{**settings, **egress}))
+
+
+async def test_a_redirect_to_loopback_or_a_private_range_is_refused_before_any_connection(internet: Internet) -> None:
+    f = fetcher()
+    for path in ("/to-loopback", "/to-private"):
+        with pytest.raises(Refused, match="not an allowed destination"):
+            await f.fetch("GET", f"http://{NAME}:{internet.port}{path}", {}, 1 << 20)
+    assert internet.forbidden_hits == 0  # 127.0.0.2 was never connected to
+    # And directly: the policy answers from the address alone.
+    with pytest.raises(Refused):
+        await f.fetch("GET", f"http://127.0.0.2:{internet.forbidden_port}/", {}, 1 << 20)
+    with pytest.raises(Refused):
+        await f.fetch("GET", "http://10.1.2.3/x", {}, 1 << 20)
+    with pytest.raises(Refused):
+        await f.fetch("POST", f"http://{NAME}:{internet.port}/bins.sh", {}, 1 << 20)
+    assert internet.forbidden_hits == 0
+    # Without the test's allow range, the test server itself is refused (loopback): nothing connects.
+    before = list(internet.requests)
+    with pytest.raises(Refused):
+        await fetcher(allow=[]).fetch("GET", f"http://{NAME}:{internet.port}/bins.sh", {}, 1 << 20)
+    assert internet.requests == before
+
+
+async def test_a_hostile_server_is_bounded(internet: Internet) -> None:
+    f = fetcher()
+    base = f"http://{NAME}:{internet.port}"
+    got = await f.fetch("GET", f"{base}/moved", {"User-Agent": "Wget/1.21"}, 1 << 20)
+    assert got.body == PAYLOAD and got.redirects == [f"{base}/bins.sh"]
+    with pytest.raises(Failed, match="larger than"):
+        await f.fetch("GET", f"{base}/huge", {}, 4 << 20)  # an endless body: cut at the cap
+    with pytest.raises(Failed, match="timed out"):
+        await f.fetch("GET", f"{base}/drip", {}, 4 << 20)  # a byte every 0.2 s: cut at timeout_s
+    with pytest.raises(Failed, match="redirects"):
+        await f.fetch("GET", f"{base}/loop", {}, 1 << 20)
+
+
+async def test_a_tls_server_with_a_bad_certificate_fails(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAME)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    app = web.Application()
+    app.router.add_get("/x", lambda _: web.Response(body=b"secret"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        with pytest.raises(Failed, match=r"(?i)certificate"):
+            await fetcher().fetch("GET", f"https://{NAME}:{port}/x", {}, 1 << 20)
+    finally:
+        await runner.cleanup()
