@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from cryptography import x509
@@ -197,6 +198,16 @@ async def test_wget_and_curl_get_the_payload_through_the_fetcher(captured: Any, 
     assert detail is not None
     downloaded = [(a.via, a.sha256, a.path) for a in detail.artifacts if a.via == "download"]
     assert downloaded == [("download", digest, url)] * 2
+    # The API lists the capture and hands it out; the session page links it and lists the downloads.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hp.services.api.port}", timeout=30) as api:
+        view = (await api.get(f"/api/v1/sessions/{session}")).json()
+        assert view["pcap_bytes"] == path.stat().st_size
+        assert sum(a["via"] == "download" and a["sha256"] == digest for a in view["artifacts"]) == 2
+        got = await api.get(f"/api/v1/sessions/{session}/pcap")
+        assert got.status_code == 200 and got.content == path.read_bytes()
+        assert (await api.get("/api/v1/sessions/000000000000/pcap")).status_code == 404
+        page = (await api.get(f"/sessions/{session}")).text
+        assert "Network capture" in page and f"/api/v1/sessions/{session}/pcap" in page and digest in page
 
 
 async def test_sinkhole_answers_404_and_records_the_url(captured: Any, internet: Internet) -> None:
