@@ -160,6 +160,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
+        # The boxes are gone or stopped by now (the pool closes first); their links went with them.
+        await self.ns.delete()
 
     async def _inside(self, work: Callable[[], T]) -> T:
         """``work`` on a fresh thread inside the namespace (never a shared executor thread)."""
