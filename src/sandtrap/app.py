@@ -92,9 +92,15 @@ async def running(
     """Start every service; stop them all (gracefully) on exit."""
     check_exposure(settings)  # ConfigError: a non-loopback api.listen needs api.token
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    gateway = (
-        Gateway(settings.network, settings.sensor, settings.data_dir) if settings.network.mode == "capture" else None
-    )
+    gateway = None
+    if settings.network.mode == "capture":
+        host = settings.sandbox.docker.docker_host
+        if settings.sandbox.backend == "docker" and host and not host.startswith("unix://"):
+            raise ConfigError(
+                f"network.mode: capture links each box to a namespace on this host; the engine at {host} is not "
+                "on it. Fix: use the local engine, or set network.mode: none"
+            )
+        gateway = Gateway(settings.network, settings.sensor, settings.data_dir)
     backend = build_backend(settings, gateway)
     pool: Pool[Prepared] = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
     bus = EventBus()

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,7 @@ from sandtrap.network.gateway import Gateway
 from sshclient import asyncssh_connected as connect
 
 PAYLOAD = b"#!/bin/sh\necho pwned\n" + secrets.token_bytes(200_000)
+BIG = secrets.token_bytes(20 * 1024 * 1024)
 NAME = "dl.sandtrap-test.com"
 SUBNET = "10.20.9.0/24"
 ANSWERS = ipaddress.IPv4Network("198.18.0.0/15")
@@ -76,6 +78,8 @@ async def internet() -> AsyncIterator[Internet]:
         net.requests.append(request.path)
         if request.path == "/bins.sh":
             return web.Response(body=PAYLOAD, content_type="application/x-sh")
+        if request.path == "/20m":
+            return web.Response(body=BIG, content_type="application/octet-stream")
         if request.path == "/moved":
             raise web.HTTPFound("/bins.sh")
         if request.path == "/loop":
@@ -112,8 +116,9 @@ async def internet() -> AsyncIterator[Internet]:
         trap.close()
 
 
-def capture_config(port: int, fetch: bool = True, **dns: Any) -> dict[str, Any]:
+def capture_config(port: int, fetch: bool = True, pcap: bool = True, **dns: Any) -> dict[str, Any]:
     return {
+        "pcap": {"enabled": pcap, "max_bytes": "64m"},
         "mode": "capture",
         "subnet": SUBNET,
         "namespace": f"sandtrap-t-{secrets.token_hex(4)}",
@@ -121,7 +126,7 @@ def capture_config(port: int, fetch: bool = True, **dns: Any) -> dict[str, Any]:
             "fetch": fetch,
             "allow": ["127.0.0.1/32"],
             "hosts": {NAME: "127.0.0.1"},
-            "max_file_bytes": "4m",
+            "max_file_bytes": "24m",
             "timeout_s": 3,
             "max_redirects": 3,
         },
@@ -208,6 +213,26 @@ async def test_wget_and_curl_get_the_payload_through_the_fetcher(captured: Any, 
         assert (await api.get("/api/v1/sessions/000000000000/pcap")).status_code == 404
         page = (await api.get(f"/sessions/{session}")).text
         assert "Network capture" in page and f"/api/v1/sessions/{session}/pcap" in page and digest in page
+
+
+@pytest.mark.parametrize("pcap", [True, False], ids=["pcap", "no-pcap"])
+async def test_a_20mb_download_through_the_gateway(captured: Any, internet: Internet, pcap: bool) -> None:
+    """Measured (printed; README "Network"): a box's wget of 20 MB through the fetcher, its wall time, the
+    honeypot process's CPU time (gateway, fetcher, pcap, and the SSH session around it) per MB."""
+    hp = await captured(capture_config(internet.port, pcap=pcap))
+    url = f"http://{NAME}:{internet.port}/20m"
+    async with connect(hp) as conn:
+        await conn.run("true")  # the session's box is leased, its capture open
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = await asyncio.wait_for(conn.run(f"wget -q -O /tmp/big {url} && sha256sum /tmp/big"), 120)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert hashlib.sha256(BIG).hexdigest() in str(result.stdout)
+    mb = len(BIG) / 1e6
+    print(
+        f"\n20 MB through the gateway (pcap {'on' if pcap else 'off'}): {mb / wall:.1f} MB/s, "
+        f"{cpu / mb * 1000:.1f} ms CPU per MB (honeypot process), wall {wall:.2f} s"
+    )
+    assert mb / wall > 1.0
 
 
 async def test_sinkhole_answers_404_and_records_the_url(captured: Any, internet: Internet) -> None:

@@ -67,7 +67,10 @@ def _tool(name: str) -> str:
 async def _run(argv: list[str], what: str) -> str:
     code, out = await run_command(argv)
     if code != 0:
-        raise NetworkError(f"network.mode capture: {what} failed ({' '.join(argv)}: {out})")
+        raise NetworkError(
+            f"network.mode capture: {what} failed ({' '.join(argv)}: {out}). Fix: run sandtrap as root on the "
+            "engine's host, or set network.mode: none"
+        )
     return out
 
 
