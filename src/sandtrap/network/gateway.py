@@ -9,6 +9,7 @@ of a process in the box's network namespace (Docker, nspawn); a micro-VM's tap w
   HTTP (by its first bytes, on any port) is answered: sinkholed (a 404 with a server header) or, with
   ``network.egress.fetch``, fetched by :mod:`.fetcher` and served. Anything else: its first bytes recorded,
   the connection held open, silently, until the box closes it or its session ends.
+* TFTP (:mod:`.tftp`) to any address: recorded, answered "File not found".
 * ICMP echo to any address: the kernel answers (every address is local in the namespace).
 
 Traffic is tied to a session by the box's address (:meth:`Gateway.open`, when a session takes the box); a box
@@ -46,6 +47,7 @@ from sandtrap.network import dns
 from sandtrap.network.fetcher import Failed, Fetcher, Refused
 from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
 from sandtrap.network.pcap import PcapWriter
+from sandtrap.network.tftp import RRQ, Request, TftpSinkhole, socket_for_any_address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +60,7 @@ FIRST_BYTES_S = 10.0
 HOLD_S = 600.0
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ")
 SO_ORIGINAL_DST = 80
+FETCHES_AT_ONCE = 8
 
 
 def not_found(server: str) -> bytes:
@@ -94,6 +97,8 @@ class Tap:
     dns_limit_noted: bool = False
     pcap: PcapWriter | None = None
     held: set[asyncio.StreamWriter] = field(default_factory=set)
+    # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
+    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -131,7 +136,9 @@ class Gateway:
         self._boxes: dict[str, Box] = {}
         self._attach_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
+        self._fetches = asyncio.Semaphore(FETCHES_AT_ONCE)  # across sessions: memory is bounded by the sensor
         self._dns: asyncio.DatagramTransport | None = None
+        self._tftp: TftpSinkhole | None = None
         self.dns_dropped = 0
 
     # -- life ------------------------------------------------------------------------------------------
@@ -147,6 +154,7 @@ class Gateway:
         udp = await self._inside(self._dns_socket)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: _Dns(self), sock=udp)
         self._dns = transport
+        self._tftp = TftpSinkhole(await self._inside(socket_for_any_address), self.tftp_request)
         log.info("capture gateway serving in %s (fetch: %s)", self.ns.name, self.settings.egress.fetch)
 
     async def close(self) -> None:
@@ -155,6 +163,8 @@ class Gateway:
                 await self._close_tap(box, box.tap)
         if self._dns is not None:
             self._dns.close()
+        if self._tftp is not None:
+            self._tftp.close()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -294,6 +304,19 @@ class Gateway:
             tap.emit(NETWORK_DNS, query=result.name, qtype=result.qtype, rcode=result.rcode, answer=result.address)
         return result.reply
 
+    # -- TFTP (a sinkhole) -------------------------------------------------------------------------------
+
+    def tftp_request(self, request: Request) -> bool:
+        """Record a box's TFTP request; whether to answer it (the box's query bucket applies)."""
+        box = self._boxes.get(request.src)
+        if box is None or not box.bucket.take():
+            return False
+        if box.tap is not None:
+            url = f"tftp://{request.dst}/{request.filename.lstrip('/')}"
+            verb = "read" if request.opcode == RRQ else "write"
+            box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"tftp {verb} ({request.mode}): not fetched")
+        return True
+
     # -- TCP -------------------------------------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -411,6 +434,14 @@ class Gateway:
         if tap is None or method not in ("GET", "HEAD"):
             writer.write(response(404, "Not Found", not_found(server), server, "text/html", head_only))
             return
+        async with tap.fetching, self._fetches:
+            await self._serve_get(box, tap, method, url, headers, writer)
+
+    async def _serve_get(
+        self, box: Box, tap: Tap, method: str, url: str, headers: dict[str, str], writer: asyncio.StreamWriter
+    ) -> None:
+        server = self.settings.http_server
+        head_only = method == "HEAD"
         egress = self.settings.egress
         error = ""
         if not egress.fetch:
@@ -424,7 +455,7 @@ class Gateway:
             writer.write(response(404, "Not Found", not_found(server), server, "text/html", head_only))
             return
         tap.fetches += 1
-        fetch_url = self._real_url(url, box, dst_ip)
+        fetch_url = self._real_url(url, box)
         room = min(egress.max_file_bytes, egress.max_session_bytes - tap.fetched_bytes)
         try:
             got = await self.fetcher.fetch(method, fetch_url, headers, room)
@@ -453,7 +484,7 @@ class Gateway:
         async with asyncio.timeout(egress.timeout_s):
             await writer.drain()
 
-    def _real_url(self, url: str, box: Box, dst_ip: str) -> str:
+    def _real_url(self, url: str, box: Box) -> str:
         """The URL the attacker meant: a name the box resolved here keeps its name (the fetcher resolves it for
         real); a bare address of ours (no Host) becomes the name it stood for."""
         parts = urlsplit(url)

@@ -193,6 +193,10 @@ class Namespace:
             await _run([*box, "addr", "add", f"{address}/{prefix}", "dev", "eth0"], "eth0's address")
             await _run([*box, "link", "set", "eth0", "up"], "eth0 up")
             await _run([*box, "route", "add", "default", "via", self.gateway, "dev", "eth0"], "the default route")
+            # ICMP datagram sockets for every group, as the engine sets for its own networks: a user's ping
+            # (without CAP_NET_RAW) reaches the gateway, which answers for any address.
+            sysctl = [nsenter, "-t", str(pid), "-n", _tool("sysctl"), "-q", "-w"]
+            await _run([*sysctl, "net.ipv4.ping_group_range=0 2147483647"], "ping_group_range")
             await _run([*here, "addr", "add", f"{self.gateway}/32", "dev", link], "the gateway's address")
             await _run([*here, "link", "set", link, "up"], "the gateway's link up")
             await _run([*here, "route", "replace", f"{address}/32", "dev", link, "src", self.gateway], "the box route")

@@ -11,7 +11,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from sandtrap.config import EgressSettings, NetworkSettings, load_settings
 from sandtrap.errors import ConfigError
-from sandtrap.network import dns
+from sandtrap.network import dns, tftp
 from sandtrap.network.fetcher import Policy, Refused
 from sandtrap.network.gateway import not_found, response
 from sandtrap.network.namespace import CATCH_PORT, rules
@@ -109,3 +109,11 @@ def test_network_settings_bounds() -> None:
         load_settings(None, {"network": {"dns": {"answer_subnet": "198.18.0.0/30"}}})
     s = load_settings(None, {"network": {"mode": "capture", "subnet": "10.30.0.0/24"}})
     assert (s.sandbox.network, s.sandbox.network_subnet) == ("capture", "10.30.0.0/24")
+
+
+def test_tftp_requests_are_parsed_and_junk_is_not() -> None:
+    assert tftp.parse(b"\x00\x01mips.bin\x00octet\x00tsize\x000\x00") == (tftp.RRQ, "mips.bin", "octet")
+    assert tftp.parse(b"\x00\x02up\x00NETASCII\x00") == (tftp.WRQ, "up", "netascii")
+    for junk in (b"", b"\x00\x01", b"\x00\x03data", b"\x00\x01noterminator", b"\x00\x01" + b"a" * 2000):
+        assert tftp.parse(junk) is None
+    assert tftp.error_packet(1, "File not found") == b"\x00\x05\x00\x01File not found\x00"
