@@ -112,6 +112,9 @@ class NetworkSettings(Section):
     http_server: str = Field("nginx", description="capture: the Server header of the gateway's own HTTP answers")
     max_connections: int = Field(64, ge=1, le=4096, description="capture: TCP connections one box holds at once")
     max_record_bytes: ByteSize = Field(parse_size("64k"), description="capture: bytes of a non-HTTP stream recorded")
+    max_logged: int = Field(
+        2000, ge=0, description="capture: TCP and HTTP records per session (a port scan is counted past it)"
+    )
     egress: EgressSettings = EgressSettings()
     dns: DnsSettings = DnsSettings()
     pcap: PcapSettings = PcapSettings()

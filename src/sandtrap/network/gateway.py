@@ -95,6 +95,7 @@ class Tap:
     fetched_bytes: int = 0
     dns_logged: int = 0
     dns_limit_noted: bool = False
+    logged: int = 0  # TCP and HTTP records
     pcap: PcapWriter | None = None
     held: set[asyncio.StreamWriter] = field(default_factory=set)
     # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
@@ -283,6 +284,14 @@ class Gateway:
                 NETWORK_PCAP, pcap=rel, size=tap.pcap.size, packets=tap.pcap.packets, not_written=tap.pcap.not_written
             )
 
+    def _record(self, tap: Tap, eventid: str, **fields: object) -> None:
+        """A TCP or HTTP record, up to ``network.max_logged`` per session (then one limit record)."""
+        tap.logged += 1
+        if tap.logged <= self.settings.max_logged:
+            tap.emit(eventid, **fields)
+        elif tap.logged == self.settings.max_logged + 1:
+            tap.emit(LIMIT_HIT, limit="network.max_logged", value=self.settings.max_logged)
+
     # -- DNS -------------------------------------------------------------------------------------------
 
     def dns_query(self, data: bytes, src: str) -> bytes | None:
@@ -380,7 +389,8 @@ class Gateway:
                     if len(kept) < cap:
                         kept += chunk[: cap - len(kept)]
         if tap is not None:
-            tap.emit(
+            self._record(
+                tap,
                 NETWORK_TCP,
                 dst_ip=dst_ip,
                 dst_port=dst_port,
@@ -421,7 +431,8 @@ class Gateway:
         url = url[:2048]
         tap = box.tap
         if tap is not None:
-            tap.emit(
+            self._record(
+                tap,
                 NETWORK_HTTP,
                 method=method[:16],
                 url=url,
