@@ -34,7 +34,8 @@ def test_defaults_run() -> None:
     s = load_settings(None)
     assert s.ssh.listen == "0.0.0.0:2222"
     assert s.api.listen == "127.0.0.1:8080" and s.api_is_loopback()
-    assert s.sandbox.backend == "docker" and s.sandbox.network == "none"
+    assert s.sandbox.backend == "docker" and s.network.mode == s.sandbox.network == "capture"
+    assert s.network.egress.fetch is False and s.network.egress.allow == []
     assert s.sandbox.memory == 256 * 2**20
     assert s.storage.data_dir == "./data"
     assert s.ssh.version.startswith("SSH-2.0-OpenSSH_9.2p1 Debian")

@@ -102,7 +102,7 @@ class NetworkSettings(Section):
     """``network``: what a box's network is and what its traffic may reach."""
 
     mode: Literal["none", "internal", "capture"] = Field(
-        "none",
+        "capture",
         description="none: only lo; capture: eth0 whose only peer is sandtrap's capture gateway (DNS, HTTP, any "
         "TCP, ping answered and recorded, nothing routed out; needs root on the engine's host); internal: the "
         "Docker backend's engine network that drops everything (README Network)",
