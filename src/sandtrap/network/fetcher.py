@@ -5,8 +5,9 @@ Every hop (the URL and each redirect) is checked before any socket is opened:
 * the scheme is http or https, the method GET or HEAD;
 * the name is resolved through ``network.egress.hosts`` first, then the sensor's resolver;
 * every address is checked against the policy: private, loopback, link-local, multicast, reserved and
-  unspecified addresses are refused unless inside a ``network.egress.allow`` range; a name with any refused
-  address is refused as a whole;
+  unspecified addresses, and the sensor's own addresses (a box asking for the sensor's public address would
+  reach the sensor's services), are refused unless inside a ``network.egress.allow`` range; a name with any
+  refused address is refused as a whole;
 * the connection then goes to the checked addresses only (a pinned resolver: no second lookup, so a name
   cannot resolve to a public address for the check and a private one for the connect).
 
@@ -50,6 +51,17 @@ class Fetched:
     redirects: list[str] = field(default_factory=list)
 
 
+def is_own(address: str) -> bool:
+    """Whether ``address`` is one of this host's (the kernel lets a socket bind it; nothing is sent)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 class Policy:
     """Where the fetcher may connect: public addresses, and private ones only inside ``allow``."""
 
@@ -61,7 +73,9 @@ class Policy:
         ip = ipaddress.ip_address(address)
         if any(ip in net for net in self.allow if net.version == ip.version):
             return True
-        return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+        if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+            return False
+        return not is_own(str(ip))  # the sensor's own public address: its services are not the internet
 
     async def resolve(self, host: str) -> list[str]:
         """The addresses the fetcher may connect to for ``host``; :class:`Refused` if any is not allowed."""

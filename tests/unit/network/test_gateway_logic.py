@@ -12,7 +12,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from sandtrap.config import EgressSettings, NetworkSettings, load_settings
 from sandtrap.errors import ConfigError
 from sandtrap.network import dns, tftp
-from sandtrap.network.fetcher import Policy, Refused
+from sandtrap.network.fetcher import Policy, Refused, is_own
 from sandtrap.network.gateway import not_found, response
 from sandtrap.network.namespace import CATCH_PORT, rules
 from sandtrap.network.pcap import file_header, record
@@ -70,6 +70,8 @@ def test_the_fetchers_policy_refuses_private_loopback_and_link_local_unless_allo
     assert policy.permits("93.184.215.14")
     assert Policy(EgressSettings(allow=["127.0.0.1/32"])).permits("127.0.0.1")
     assert not Policy(EgressSettings(allow=["127.0.0.1/32"])).permits("127.0.0.2")
+    # The sensor's own addresses are not the internet (told by bind: no packet is sent).
+    assert is_own("127.0.0.1") and not is_own("192.0.2.1") and not is_own("93.184.215.14")
 
 
 async def test_a_name_is_resolved_by_hosts_first_and_refused_by_its_address() -> None:
