@@ -9,7 +9,8 @@ of a process in the box's network namespace (Docker, nspawn); a micro-VM's tap w
   HTTP (by its first bytes, on any port) is answered: sinkholed (a 404 with a server header) or, with
   ``network.egress.fetch``, fetched by :mod:`.fetcher` and served. Anything else: its first bytes recorded,
   the connection held open, silently, until the box closes it or its session ends.
-* TFTP (:mod:`.tftp`) to any address: recorded, answered "File not found".
+* TFTP (:mod:`.tftp`) to any address: recorded, answered "File not found"; FTP (:mod:`.ftp`) on port 21:
+  a vsftpd that takes any login, offers passive ports (which land here too) and has no file.
 * ICMP echo to any address: the kernel answers (every address is local in the namespace).
 
 Traffic is tied to a session by the box's address (:meth:`Gateway.open`, when a session takes the box); a box
@@ -43,7 +44,7 @@ from sandtrap.events import (
     SESSION_FILE_DOWNLOAD,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
-from sandtrap.network import dns
+from sandtrap.network import dns, ftp
 from sandtrap.network.fetcher import Failed, Fetcher, Refused
 from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
 from sandtrap.network.pcap import PcapWriter
@@ -344,6 +345,9 @@ class Gateway:
             dst_ip, dst_port = "", 0
         tap = box.tap
         try:
+            if dst_port == 21:  # the server speaks first
+                await self._ftp(box, reader, writer, dst_ip)
+                return
             try:
                 async with asyncio.timeout(FIRST_BYTES_S):
                     first = await reader.read(8)
@@ -362,6 +366,17 @@ class Gateway:
             if tap is not None:
                 tap.held.discard(writer)
             writer.close()
+
+    async def _ftp(self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dst_ip: str) -> None:
+        def record(user: str, command: str, path: str) -> None:
+            if box.tap is None:
+                return
+            who = f"{user}@" if user and user not in ("anonymous", "ftp") else ""
+            url = f"ftp://{who}{dst_ip}/{path.lstrip('/')}"
+            verb = "store" if command == "STOR" else "retrieve"
+            box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"ftp {verb}: not fetched")
+
+        await ftp.serve(reader, writer, dst_ip, 30000 + secrets.randbelow(30000), record)
 
     async def _hold(
         self,

@@ -3,6 +3,7 @@ the namespace's rules."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 
@@ -11,7 +12,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from sandtrap.config import EgressSettings, NetworkSettings, load_settings
 from sandtrap.errors import ConfigError
-from sandtrap.network import dns, tftp
+from sandtrap.network import dns, ftp, tftp
 from sandtrap.network.fetcher import Policy, Refused, is_own
 from sandtrap.network.gateway import not_found, response
 from sandtrap.network.namespace import CATCH_PORT, rules
@@ -119,3 +120,26 @@ def test_tftp_requests_are_parsed_and_junk_is_not() -> None:
     for junk in (b"", b"\x00\x01", b"\x00\x03data", b"\x00\x01noterminator", b"\x00\x01" + b"a" * 2000):
         assert tftp.parse(junk) is None
     assert tftp.error_packet(1, "File not found") == b"\x00\x05\x00\x01File not found\x00"
+
+
+async def test_ftp_answers_as_vsftpd_and_records_each_path_once() -> None:
+    reader = asyncio.StreamReader()
+    for line in (b"USER bot\r\n", b"PASS x\r\n", b"CWD bins\r\n", b"EPSV\r\n", b"SIZE x86\r\n", b"RETR x86\r\n",
+                 b"PASV\r\n", b"QUIT\r\n"):  # fmt: skip
+        reader.feed_data(line)
+    reader.feed_eof()
+    sent = bytearray()
+    recorded: list[tuple[str, str, str]] = []
+
+    class Writer:
+        def write(self, data: bytes) -> None:
+            sent.extend(data)
+
+        async def drain(self) -> None:
+            return None
+
+    count = await ftp.serve(reader, Writer(), "198.18.6.6", 40000, lambda *r: recorded.append(r))  # type: ignore[arg-type]
+    assert count == 8 and recorded == [("bot", "SIZE", "/bins/x86")]
+    text = sent.decode()
+    assert text.startswith("220 (vsFTPd 3.0.3)\r\n331 ") and "229 Entering Extended Passive Mode (|||40000|)" in text
+    assert "550 Failed to open file." in text and "(198,18,6,6,156,64)" in text and text.endswith("221 Goodbye.\r\n")
