@@ -52,7 +52,10 @@ def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBacken
     docker = settings.sandbox.docker
     profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
     attach = gateway.attach if gateway is not None else None
-    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, _planted_files(settings), attach)
+    files = dict(_planted_files(settings) or {})
+    if gateway is not None and gateway.ca is not None:  # the capture gateway's CA, trusted as a local CA
+        files.update(gateway.ca.box_files())
+    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach)
 
 
 # sandbox.backend -> how to build it from the settings (and the capture gateway, network.mode: capture);

@@ -243,6 +243,8 @@ async def test_sinkhole_answers_404_and_records_the_url(captured: Any, internet:
         f"wget -S -O /tmp/w.sh {url} 2>&1 | grep -E 'HTTP/|Server:'; printf 'hello' | timeout 2 nc 198.18.7.7 4444; echo rc=$?; "
         "curl -sS -m 5 -o /tmp/t tftp://198.18.5.5/mips.bin; echo tftp=$?; "
         "curl -sS -m 8 -o /tmp/f ftp://198.18.6.6/bins/x86; echo ftp=$?; "
+        "curl -sS -m 8 -o /dev/null -w 'https=%{http_code} ' https://secure.sandtrap-test.com/x.sh; echo tls=$?; "
+        "wget -q -O /dev/null https://secure.sandtrap-test.com:8443/y; echo wget=$?; "
         'python3 -c "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM,socket.IPPROTO_ICMP);'
         "s.settimeout(3);s.sendto(bytes([8,0,0,0,0,1,0,1])+b'hi',('198.18.9.9',0));print('echo-reply', s.recv(64)[0])\"",
     )
@@ -255,6 +257,10 @@ async def test_sinkhole_answers_404_and_records_the_url(captured: Any, internet:
     assert tcp and tcp[0].get("data") == "hello" and tcp[0].get("dst_ip") == "198.18.7.7", out
     # TFTP: recorded, answered "File not found" (curl: exit 68, TFTP_NOTFOUND); an echo to anywhere: answered.
     assert "tftp=68" in out and "echo-reply 0" in out, out
+    # HTTPS: the box trusts the sensor's CA (no -k), the gateway answers for the name; recorded as https.
+    assert "https=404 tls=0" in out and "wget=8" in out, out  # wget: 8 = the server answered an error
+    urls = [e.get("url") for e in hp.events(NETWORK_HTTP, session=session)]
+    assert "https://secure.sandtrap-test.com/x.sh" in urls and "https://secure.sandtrap-test.com:8443/y" in urls
     # FTP: a vsftpd without the file (curl: exit 78, remote file not found), the path recorded once.
     assert "ftp=78" in out, out
     ftp = [e for e in hp.events(SESSION_FILE_DOWNLOAD_FAILED, session=session) if str(e.get("url")).startswith("ftp")]

@@ -110,6 +110,11 @@ class NetworkSettings(Section):
     subnet: str = Field("10.20.1.0/24", description="the boxes' subnet (the gateway: its first address)")
     namespace: str = Field("", description="capture: the gateway's network namespace; '' = sandtrap-<sensor hash>")
     http_server: str = Field("nginx", description="capture: the Server header of the gateway's own HTTP answers")
+    tls_intercept: bool = Field(
+        True,
+        description="capture: boxes trust a per-sensor CA (planted as a local CA and in the bundle) and the "
+        "gateway speaks HTTPS with a certificate for each name; false: TLS is held as any other TCP",
+    )
     max_connections: int = Field(64, ge=1, le=4096, description="capture: TCP connections one box holds at once")
     max_record_bytes: ByteSize = Field(parse_size("64k"), description="capture: bytes of a non-HTTP stream recorded")
     max_logged: int = Field(

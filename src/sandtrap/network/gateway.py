@@ -25,13 +25,14 @@ import ipaddress
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from sandtrap.config import NetworkSettings
@@ -49,9 +50,19 @@ from sandtrap.network.fetcher import Failed, Fetcher, Refused
 from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
 from sandtrap.network.pcap import PcapWriter
 from sandtrap.network.tftp import RRQ, Request, TftpSinkhole, socket_for_any_address
+from sandtrap.network.tls import SensorCA, TlsStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Writer(Protocol):
+    """Where the gateway writes a connection's answers: the stream, or TLS over it."""
+
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
+
 
 Emit = Callable[..., object]
 Store = Callable[[bytes], Awaitable[tuple[str, str, bool, bool]]]  # data -> (sha256, outfile, stored, duplicate)
@@ -98,7 +109,7 @@ class Tap:
     dns_limit_noted: bool = False
     logged: int = 0  # TCP and HTTP records
     pcap: PcapWriter | None = None
-    held: set[asyncio.StreamWriter] = field(default_factory=set)
+    held: set[Writer] = field(default_factory=set)
     # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -133,6 +144,7 @@ class Gateway:
         self.ns = Namespace(settings.namespace or namespace_name(sensor), settings.subnet)
         self.data_dir = data_dir
         self.fetcher = Fetcher(settings.egress)
+        self.ca = SensorCA(data_dir / "network") if settings.tls_intercept else None
         self._subnet = ipaddress.IPv4Network(settings.subnet)
         self._answers = ipaddress.IPv4Network(settings.dns.answer_subnet)
         self._boxes: dict[str, Box] = {}
@@ -353,11 +365,18 @@ class Gateway:
                     first = await reader.read(8)
             except TimeoutError:
                 first = b""
-            if first and any(m.startswith(first[: len(m)]) or first.startswith(m) for m in HTTP_METHODS):
-                await self._http(box, first, reader, writer, dst_ip, dst_port)
+            if first[:1] == b"\x16" and self.ca is not None:  # a TLS handshake
+                await self._tls(box, first, reader, writer, dst_ip, dst_port, started)
             else:
-                await self._hold(box, first, reader, writer, dst_ip, dst_port, started)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                await self._plain(box, first, reader, writer, dst_ip, dst_port, started, "http")
+        except (
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            ssl.SSLError,
+            TimeoutError,
+        ) as exc:
             log.debug("gateway connection from %s: %s", box.address, exc)
         except Exception:
             log.exception("gateway connection from %s", box.address)
@@ -366,6 +385,59 @@ class Gateway:
             if tap is not None:
                 tap.held.discard(writer)
             writer.close()
+
+    async def _plain(
+        self,
+        box: Box,
+        first: bytes,
+        reader: asyncio.StreamReader,
+        writer: Writer,
+        dst_ip: str,
+        dst_port: int,
+        started: float,
+        scheme: str,
+    ) -> None:
+        if first and any(m.startswith(first[: len(m)]) or first.startswith(m) for m in HTTP_METHODS):
+            await self._http(box, first, reader, writer, dst_ip, dst_port, scheme)
+        else:
+            await self._hold(box, first, reader, writer, dst_ip, dst_port, started)
+
+    async def _tls(
+        self,
+        box: Box,
+        first: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dst_ip: str,
+        dst_port: int,
+        started: float,
+    ) -> None:
+        """TLS with a certificate for the name asked (the sensor's CA, which the box trusts), then as plain."""
+        assert self.ca is not None
+        ctx, _ = self.ca.server_context(dst_ip)
+        tls = TlsStream(ctx, reader, writer, first)
+        async with asyncio.timeout(30):
+            await tls.handshake()
+        plain = asyncio.StreamReader(limit=HEAD_LIMIT)
+
+        async def pump() -> None:
+            while True:
+                data = await tls.read()
+                if not data:
+                    plain.feed_eof()
+                    return
+                plain.feed_data(data)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            try:
+                async with asyncio.timeout(FIRST_BYTES_S):
+                    head = await plain.read(8)
+            except TimeoutError:
+                head = b""
+            await self._plain(box, head, plain, tls, dst_ip, dst_port, started, "https")
+        finally:
+            task.cancel()
 
     async def _ftp(self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dst_ip: str) -> None:
         def record(user: str, command: str, path: str) -> None:
@@ -383,7 +455,7 @@ class Gateway:
         box: Box,
         first: bytes,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        writer: Writer,
         dst_ip: str,
         dst_port: int,
         started: float,
@@ -420,9 +492,10 @@ class Gateway:
         box: Box,
         first: bytes,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        writer: Writer,
         dst_ip: str,
         dst_port: int,
+        scheme: str,
     ) -> None:
         async with asyncio.timeout(30):
             head = first + await reader.readuntil(b"\r\n\r\n")
@@ -441,8 +514,9 @@ class Gateway:
         if target.startswith(("http://", "https://")):
             url = target  # a proxy-style request line
         else:
-            host_part = host if (":" in host or dst_port == 80) else f"{host}:{dst_port}"
-            url = f"http://{host_part}{target if target.startswith('/') else '/' + target}"
+            default = 443 if scheme == "https" else 80
+            host_part = host if (":" in host or dst_port == default) else f"{host}:{dst_port}"
+            url = f"{scheme}://{host_part}{target if target.startswith('/') else '/' + target}"
         url = url[:2048]
         tap = box.tap
         if tap is not None:
@@ -464,7 +538,7 @@ class Gateway:
             await self._serve_get(box, tap, method, url, headers, writer)
 
     async def _serve_get(
-        self, box: Box, tap: Tap, method: str, url: str, headers: dict[str, str], writer: asyncio.StreamWriter
+        self, box: Box, tap: Tap, method: str, url: str, headers: dict[str, str], writer: Writer
     ) -> None:
         server = self.settings.http_server
         head_only = method == "HEAD"
