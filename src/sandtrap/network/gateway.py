@@ -5,7 +5,7 @@ enters it, and served on sandtrap's event loop. Backend-neutral: a backend hands
 of a process in the box's network namespace (Docker, nspawn); a micro-VM's tap would join the same namespace.
 
 * DNS (:mod:`.dns`): every query to any address's port 53 lands here (a REDIRECT), answered per box, rate-limited.
-* TCP to any address and port lands on one listener (a REDIRECT); the original destination is read back.
+* TCP to any address and port lands on one listener (a REDIRECT), handled by :mod:`.streams`.
   HTTP (by its first bytes, on any port) is answered: sinkholed (a 404 with a server header) or, with
   ``network.egress.fetch``, fetched by :mod:`.fetcher` and served. Anything else: its first bytes recorded,
   the connection held open, silently, until the box closes it or its session ends.
@@ -25,103 +25,29 @@ import ipaddress
 import logging
 import secrets
 import socket
-import ssl
 import threading
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from email.utils import formatdate
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 from sandtrap.config import NetworkSettings
 from sandtrap.events import (
     LIMIT_HIT,
     NETWORK_DNS,
-    NETWORK_HTTP,
     NETWORK_PCAP,
-    NETWORK_TCP,
-    SESSION_FILE_DOWNLOAD,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
-from sandtrap.network import dns, ftp
-from sandtrap.network.fetcher import Failed, Fetcher, Refused
+from sandtrap.network import dns
+from sandtrap.network.fetcher import Fetcher
 from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
 from sandtrap.network.pcap import PcapWriter
+from sandtrap.network.streams import HEAD_LIMIT, Streams
+from sandtrap.network.taps import Box, Emit, Store, Tap
 from sandtrap.network.tftp import RRQ, Request, TftpSinkhole, socket_for_any_address
-from sandtrap.network.tls import SensorCA, TlsStream
+from sandtrap.network.tls import SensorCA
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Writer(Protocol):
-    """Where the gateway writes a connection's answers: the stream, or TLS over it."""
-
-    def write(self, data: bytes) -> None: ...
-    async def drain(self) -> None: ...
-    def close(self) -> None: ...
-
-
-Emit = Callable[..., object]
-Store = Callable[[bytes], Awaitable[tuple[str, str, bool, bool]]]  # data -> (sha256, outfile, stored, duplicate)
-
-HEAD_LIMIT = 16 * 1024
-FIRST_BYTES_S = 10.0
-HOLD_S = 600.0
-HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ")
-SO_ORIGINAL_DST = 80
-FETCHES_AT_ONCE = 8
-
-
-def not_found(server: str) -> bytes:
-    """nginx's own 404 page."""
-    return (
-        "<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n<center><h1>404 Not Found</h1></center>"
-        f"\r\n<hr><center>{server}</center>\r\n</body>\r\n</html>\r\n"
-    ).encode()
-
-
-def response(status: int, reason: str, body: bytes, server: str, ctype: str, head_only: bool = False) -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nServer: {server}\r\nDate: {formatdate(usegmt=True)}\r\n"
-        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode("latin-1", "replace") + (b"" if head_only else body)
-
-
-def shown(data: bytes, limit: int = 1024) -> str:
-    """Bytes as text for a record: printable ASCII kept, the rest escaped."""
-    return data[:limit].decode("latin-1").encode("unicode_escape").decode("ascii")
-
-
-@dataclass
-class Tap:
-    """A session's hold on its box's traffic: where its events and files go, and its counters."""
-
-    session: str
-    emit: Emit
-    store: Store
-    fetches: int = 0
-    fetched_bytes: int = 0
-    dns_logged: int = 0
-    dns_limit_noted: bool = False
-    logged: int = 0  # TCP and HTTP records
-    pcap: PcapWriter | None = None
-    held: set[Writer] = field(default_factory=set)
-    # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
-    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass
-class Box:
-    address: str
-    link: str
-    names: dns.Names
-    bucket: dns.Bucket
-    connections: int = 0
-    tap: Tap | None = None
 
 
 class _Dns(asyncio.DatagramProtocol):
@@ -148,9 +74,9 @@ class Gateway:
         self._subnet = ipaddress.IPv4Network(settings.subnet)
         self._answers = ipaddress.IPv4Network(settings.dns.answer_subnet)
         self._boxes: dict[str, Box] = {}
+        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca)
         self._attach_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
-        self._fetches = asyncio.Semaphore(FETCHES_AT_ONCE)  # across sessions: memory is bounded by the sensor
         self._dns: asyncio.DatagramTransport | None = None
         self._tftp: TftpSinkhole | None = None
         self.dns_dropped = 0
@@ -161,7 +87,7 @@ class Gateway:
         await self.ns.create()
         tcp = await self._inside(self._tcp_listener)
         try:
-            self._server = await asyncio.start_server(self._connection, sock=tcp, limit=HEAD_LIMIT)
+            self._server = await asyncio.start_server(self._streams.connection, sock=tcp, limit=HEAD_LIMIT)
         except BaseException:
             tcp.close()
             raise
@@ -297,14 +223,6 @@ class Gateway:
                 NETWORK_PCAP, pcap=rel, size=tap.pcap.size, packets=tap.pcap.packets, not_written=tap.pcap.not_written
             )
 
-    def _record(self, tap: Tap, eventid: str, **fields: object) -> None:
-        """A TCP or HTTP record, up to ``network.max_logged`` per session (then one limit record)."""
-        tap.logged += 1
-        if tap.logged <= self.settings.max_logged:
-            tap.emit(eventid, **fields)
-        elif tap.logged == self.settings.max_logged + 1:
-            tap.emit(LIMIT_HIT, limit="network.max_logged", value=self.settings.max_logged)
-
     # -- DNS -------------------------------------------------------------------------------------------
 
     def dns_query(self, data: bytes, src: str) -> bytes | None:
@@ -338,259 +256,3 @@ class Gateway:
             verb = "read" if request.opcode == RRQ else "write"
             box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"tftp {verb} ({request.mode}): not fetched")
         return True
-
-    # -- TCP -------------------------------------------------------------------------------------------
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        box = self._boxes.get(peer[0]) if peer else None
-        if box is None or box.connections >= self.settings.max_connections:
-            writer.transport.abort()
-            return
-        box.connections += 1
-        started = time.monotonic()
-        sock = writer.get_extra_info("socket")
-        try:
-            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            dst_ip, dst_port = socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
-        except OSError:
-            dst_ip, dst_port = "", 0
-        tap = box.tap
-        try:
-            if dst_port == 21:  # the server speaks first
-                await self._ftp(box, reader, writer, dst_ip)
-                return
-            try:
-                async with asyncio.timeout(FIRST_BYTES_S):
-                    first = await reader.read(8)
-            except TimeoutError:
-                first = b""
-            if first[:1] == b"\x16" and self.ca is not None:  # a TLS handshake
-                await self._tls(box, first, reader, writer, dst_ip, dst_port, started)
-            else:
-                await self._plain(box, first, reader, writer, dst_ip, dst_port, started, "http")
-        except (
-            ConnectionError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ValueError,
-            ssl.SSLError,
-            TimeoutError,
-        ) as exc:
-            log.debug("gateway connection from %s: %s", box.address, exc)
-        except Exception:
-            log.exception("gateway connection from %s", box.address)
-        finally:
-            box.connections -= 1
-            if tap is not None:
-                tap.held.discard(writer)
-            writer.close()
-
-    async def _plain(
-        self,
-        box: Box,
-        first: bytes,
-        reader: asyncio.StreamReader,
-        writer: Writer,
-        dst_ip: str,
-        dst_port: int,
-        started: float,
-        scheme: str,
-    ) -> None:
-        if first and any(m.startswith(first[: len(m)]) or first.startswith(m) for m in HTTP_METHODS):
-            await self._http(box, first, reader, writer, dst_ip, dst_port, scheme)
-        else:
-            await self._hold(box, first, reader, writer, dst_ip, dst_port, started)
-
-    async def _tls(
-        self,
-        box: Box,
-        first: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        dst_ip: str,
-        dst_port: int,
-        started: float,
-    ) -> None:
-        """TLS with a certificate for the name asked (the sensor's CA, which the box trusts), then as plain."""
-        assert self.ca is not None
-        ctx, _ = self.ca.server_context(dst_ip)
-        tls = TlsStream(ctx, reader, writer, first)
-        async with asyncio.timeout(30):
-            await tls.handshake()
-        plain = asyncio.StreamReader(limit=HEAD_LIMIT)
-
-        async def pump() -> None:
-            while True:
-                data = await tls.read()
-                if not data:
-                    plain.feed_eof()
-                    return
-                plain.feed_data(data)
-
-        task = asyncio.get_running_loop().create_task(pump())
-        try:
-            try:
-                async with asyncio.timeout(FIRST_BYTES_S):
-                    head = await plain.read(8)
-            except TimeoutError:
-                head = b""
-            await self._plain(box, head, plain, tls, dst_ip, dst_port, started, "https")
-        finally:
-            task.cancel()
-
-    async def _ftp(self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dst_ip: str) -> None:
-        def record(user: str, command: str, path: str) -> None:
-            if box.tap is None:
-                return
-            who = f"{user}@" if user and user not in ("anonymous", "ftp") else ""
-            url = f"ftp://{who}{dst_ip}/{path.lstrip('/')}"
-            verb = "store" if command == "STOR" else "retrieve"
-            box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"ftp {verb}: not fetched")
-
-        await ftp.serve(reader, writer, dst_ip, 30000 + secrets.randbelow(30000), record)
-
-    async def _hold(
-        self,
-        box: Box,
-        first: bytes,
-        reader: asyncio.StreamReader,
-        writer: Writer,
-        dst_ip: str,
-        dst_port: int,
-        started: float,
-    ) -> None:
-        """Say nothing; record what the box sends (the first ``max_record_bytes``), until it closes."""
-        kept, total = bytearray(first), len(first)
-        tap = box.tap
-        if tap is not None:
-            tap.held.add(writer)
-        cap = self.settings.max_record_bytes
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(HOLD_S):
-                while True:
-                    chunk = await reader.read(65536)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if len(kept) < cap:
-                        kept += chunk[: cap - len(kept)]
-        if tap is not None:
-            self._record(
-                tap,
-                NETWORK_TCP,
-                dst_ip=dst_ip,
-                dst_port=dst_port,
-                bytes_in=total,
-                bytes_out=0,
-                data=shown(bytes(kept), 2048),
-                duration=round(time.monotonic() - started, 1),
-            )
-
-    async def _http(
-        self,
-        box: Box,
-        first: bytes,
-        reader: asyncio.StreamReader,
-        writer: Writer,
-        dst_ip: str,
-        dst_port: int,
-        scheme: str,
-    ) -> None:
-        async with asyncio.timeout(30):
-            head = first + await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            writer.write(response(400, "Bad Request", b"", self.settings.http_server, "text/html"))
-            return
-        method, target, _ = parts
-        headers: dict[str, str] = {}
-        for line in lines[1:60]:
-            name, sep, value = line.partition(":")
-            if sep and len(headers) < 50:
-                headers[name.strip().lower()] = value.strip()
-        host = headers.get("host", "") or box.names.reverse.get(dst_ip, "") or dst_ip
-        if target.startswith(("http://", "https://")):
-            url = target  # a proxy-style request line
-        else:
-            default = 443 if scheme == "https" else 80
-            host_part = host if (":" in host or dst_port == default) else f"{host}:{dst_port}"
-            url = f"{scheme}://{host_part}{target if target.startswith('/') else '/' + target}"
-        url = url[:2048]
-        tap = box.tap
-        if tap is not None:
-            self._record(
-                tap,
-                NETWORK_HTTP,
-                method=method[:16],
-                url=url,
-                user_agent=headers.get("user-agent", "")[:512],
-                dst_ip=dst_ip,
-                dst_port=dst_port,
-            )
-        server = self.settings.http_server
-        head_only = method == "HEAD"
-        if tap is None or method not in ("GET", "HEAD"):
-            writer.write(response(404, "Not Found", not_found(server), server, "text/html", head_only))
-            return
-        async with tap.fetching, self._fetches:
-            await self._serve_get(box, tap, method, url, headers, writer)
-
-    async def _serve_get(
-        self, box: Box, tap: Tap, method: str, url: str, headers: dict[str, str], writer: Writer
-    ) -> None:
-        server = self.settings.http_server
-        head_only = method == "HEAD"
-        egress = self.settings.egress
-        error = ""
-        if not egress.fetch:
-            error = "not fetched (network.egress.fetch: false)"
-        elif tap.fetches >= egress.max_fetches:
-            error = f"not fetched: the session's {egress.max_fetches} downloads are used up"
-        elif tap.fetched_bytes >= egress.max_session_bytes:
-            error = "not fetched: the session's download bytes are used up"
-        if error:
-            tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=error)
-            writer.write(response(404, "Not Found", not_found(server), server, "text/html", head_only))
-            return
-        tap.fetches += 1
-        fetch_url = self._real_url(url, box)
-        room = min(egress.max_file_bytes, egress.max_session_bytes - tap.fetched_bytes)
-        try:
-            got = await self.fetcher.fetch(method, fetch_url, headers, room)
-        except (Refused, Failed) as exc:
-            tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=str(exc)[:300])
-            writer.write(response(404, "Not Found", not_found(server), server, "text/html", head_only))
-            return
-        tap.fetched_bytes += len(got.body)
-        if method == "GET" and 200 <= got.status < 300:
-            sha, outfile, stored, duplicate = await tap.store(got.body)
-            tap.emit(
-                SESSION_FILE_DOWNLOAD,
-                url=url,
-                outfile=outfile,
-                shasum=sha,
-                destfile="",
-                size=len(got.body),
-                stored=stored,
-                duplicate=duplicate,
-                redirects=got.redirects,
-            )
-        elif method == "GET":
-            tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"HTTP {got.status}")
-        ctype = got.content_type or "application/octet-stream"
-        writer.write(response(got.status, "OK" if got.status == 200 else "", got.body, server, ctype, head_only))
-        async with asyncio.timeout(egress.timeout_s):
-            await writer.drain()
-
-    def _real_url(self, url: str, box: Box) -> str:
-        """The URL the attacker meant: a name the box resolved here keeps its name (the fetcher resolves it for
-        real); a bare address of ours (no Host) becomes the name it stood for."""
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        name = box.names.reverse.get(host)
-        if name:
-            netloc = name + (f":{parts.port}" if parts.port else "")
-            return parts._replace(netloc=netloc).geturl()
-        return url

@@ -14,9 +14,9 @@ from sandtrap.config import EgressSettings, NetworkSettings, load_settings
 from sandtrap.errors import ConfigError
 from sandtrap.network import dns, ftp, tftp
 from sandtrap.network.fetcher import Policy, Refused, is_own
-from sandtrap.network.gateway import not_found, response
 from sandtrap.network.namespace import CATCH_PORT, rules
 from sandtrap.network.pcap import file_header, record
+from sandtrap.network.streams import not_found, response
 
 ANSWERS = ipaddress.IPv4Network("198.18.0.0/15")
 
