@@ -35,7 +35,11 @@ apt_install() {
 #    libfuse, through the mfusepy package; lxcfs depends on it too).
 PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
 if [ "$MODE" = test ]; then
+<<<<<<< HEAD
   PKGS+=(openssh-client sshpass tmux openssh-server tshark)  # tshark: reads the capture gateway's pcaps
+=======
+  PKGS+=(openssh-client sshpass tmux openssh-server nmap)  # nmap: the fingerprint test runs ssh2-enum-algos
+>>>>>>> integrate
 fi
 apt_install "${PKGS[@]}"
 

@@ -165,6 +165,7 @@ class Connection:
         self._lease_task: asyncio.Task[Lease] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._read_reporter: Callable[[str, str], object] | None = None  # this session's honeytoken reads
         self._capture_close: Callable[[], Awaitable[None]] | None = None
 
     @property
@@ -247,7 +248,8 @@ class Connection:
                 log.exception("closing the session's network capture failed")
         if lease is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
-            self.hub.manager.watcher.report_to(lease.sandbox.id, None)
+            if self._read_reporter is not None:
+                self.hub.manager.watcher.withdraw(lease.sandbox.id, self._read_reporter)
             try:
                 async with self.hub.engine_work:  # a burst of closing sessions must not swamp the engine
                     await self.artifacts.collect_changes(lease.sandbox, self.reporter(SESSION_FILE_CHANGED))
@@ -331,9 +333,12 @@ class Connection:
                     self._capture_close = await self.hub.network.open(address, self.session, emit, self.artifacts.keep)
             except Exception:  # the session goes on unrecorded on the network rather than not at all
                 log.exception("the session's network capture did not start")
-        self.hub.manager.watcher.report_to(
-            lease.sandbox.id, lambda kind, path: emit(HONEYTOKEN_READ, kind=kind, path=path)
-        )
+
+        def read(kind: str, path: str) -> object:
+            return emit(HONEYTOKEN_READ, kind=kind, path=path)
+
+        self._read_reporter = read
+        self.hub.manager.watcher.report_to(lease.sandbox.id, read)
         return lease
 
     def login_failed(self, username: str, method: str) -> None:

@@ -28,6 +28,9 @@ _MAX_ENV_VALUE = 1024
 # the attacker logged in with, so `sudo` and `su` in the box agree with the login. Prints passwd line.
 _ENSURE_ACCOUNT = r"""
 u="$1"
+# One account change at a time in a box (two logins at once would each rewrite /etc/shadow): the lock file
+# shadow-utils itself uses, opened without writing to it.
+exec 9>>/etc/.pwd.lock && flock -w 10 9 2>/dev/null
 if ! getent passwd "$u" >/dev/null; then
   useradd -m -s /bin/bash "$u" >/dev/null 2>&1 || exit 3
 fi
@@ -35,8 +38,8 @@ IFS= read -r pw || true
 if [ -n "$pw" ]; then
   # Straight into /etc/shadow: chpasswd and usermod would each leave a line in the auth log.
   h=$(printf '%s' "$pw" | openssl passwd -6 -stdin 2>/dev/null) && [ -n "$h" ] &&
-    awk -F: -v OFS=: -v u="$u" -v h="$h" '$1 == u { $2 = h } { print }' /etc/shadow > /etc/shadow.new &&
-    cat /etc/shadow.new > /etc/shadow && rm -f /etc/shadow.new
+    awk -F: -v OFS=: -v u="$u" -v h="$h" '$1 == u { $2 = h } { print }' /etc/shadow > "/etc/shadow.$$" &&
+    cat "/etc/shadow.$$" > /etc/shadow && rm -f "/etc/shadow.$$"
 fi
 getent passwd "$u"
 """

@@ -18,7 +18,7 @@ from typing import Any
 import asyncssh
 
 from sandtrap.bridge.channel import Channel
-from sandtrap.bridge.connection import Connection, Hub, printable
+from sandtrap.bridge.connection import Connection, Hub, printable, refusals
 from sandtrap.config import AuthSettings, SSHSettings, split_listen
 from sandtrap.events import (
     AGENT_REQUEST,
@@ -97,6 +97,20 @@ class ConnectionHandler(asyncssh.SSHServer):
         conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if (
+            exc is not None
+            and self.link is not None
+            and self.conn is not None
+            and not self.conn.get_extra_info("username")
+        ):
+            # Before login: a bad identification, key exchange or packet (ssh/wire.py answered it as sshd).
+            refusals.log(
+                logging.INFO,
+                "pre-auth-error",
+                "connection from %s ended before login: %s",
+                self.link.src_ip,
+                printable(str(exc), 200),
+            )
         self._emit_kex()
         if self.link is not None:
             self.link.lost(None if exc is None else str(exc))

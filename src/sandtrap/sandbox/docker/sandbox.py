@@ -49,6 +49,7 @@ class BoxHost:
 
     client: aiodocker.Docker
     sensor: str
+    local: bool = False  # the engine runs on this host (a unix socket)
     reads: OpenWatcher = field(default_factory=OpenWatcher)
     open_processes: weakref.WeakSet[DockerProcess] = field(default_factory=weakref.WeakSet)
 
@@ -199,7 +200,7 @@ class DockerSandbox:
         except BaseException:
             await stream.close()
             raise
-        proc = DockerProcess(execution, stream, tty is not None)
+        proc = DockerProcess(execution, stream, tty is not None, self._box_host.local)
         self._box_host.open_processes.add(proc)
         if tty is not None:
             await proc.resize(tty)
@@ -239,13 +240,20 @@ class DockerSandbox:
         return None
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
+        when = mtime if mtime is not None else time.time()
+        if self._in_tmpfs(path):  # the engine's archive API writes below a tmpfs mount, where the box sees nothing
+            script = 'cat > "$1" && chmod "$2" "$1" && touch -c -d "@$3" "$1"'
+            result = await run(self, ["sh", "-c", script, "sh", path, f"{mode & 0o7777:o}", f"{when:.6f}"], data)
+            if not result.ok:
+                raise SandboxError(f"writing {path!r} failed: {result.stderr.decode(errors='replace')[:200]}")
+            return
         p = Path(path)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             info = tarfile.TarInfo(p.name)
             info.size = len(data)
             info.mode = mode
-            info.mtime = int(mtime if mtime is not None else time.time())
+            info.mtime = int(when)
             tar.addfile(info, io.BytesIO(data))
         await engine.call("put archive", self._container().put_archive(str(p.parent), buf.getvalue()))  # type: ignore[no-untyped-call]
 
@@ -256,7 +264,7 @@ class DockerSandbox:
                 return await asyncio.to_thread(hostfs.read_file, view.root, path, max_bytes, view.verify)
             except (hostfs.NeedEngine, OSError) as exc:
                 log.debug("reading %s from the host: %s; asking the engine", path, exc)
-        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in self._tmpfs):
+        if self._in_tmpfs(path):
             return await self._read_by_exec(path, max_bytes)
         stat = await self._stat(path)
         if stat is None:
@@ -277,6 +285,9 @@ class DockerSandbox:
             except (tarfile.TarError, OSError) as exc:  # e.g. the file changed while the engine read it
                 raise SandboxError(f"reading {path!r}: {exc}") from exc
         return FileData(path=path, size=size, mode=mode & 0o7777, is_regular=is_regular, data=data)
+
+    def _in_tmpfs(self, path: str) -> bool:
+        return any(path == m or path.startswith(m.rstrip("/") + "/") for m in self._tmpfs)
 
     async def _read_by_exec(self, path: str, max_bytes: int) -> FileData | None:
         """Stat and read through the box's own tools (tmpfs mounts); content bounded by ``head -c``."""
@@ -371,6 +382,9 @@ class DockerSandbox:
         new = f"{box_name(self._box_host.sensor, session)}-{secrets.token_hex(2)}"
         await engine.call("rename", self._container().rename(new), 10)
         self.name = new
+        # The engine renames a stopped container too: a warm box an engine restart stopped must not go to a session.
+        if not await self.is_running():
+            raise SandboxError(f"box {new} is not running")
 
     async def is_running(self) -> bool:
         try:

@@ -4,7 +4,7 @@ On a real server ``ss -tnp`` shows the attacker's connection: server end :22, he
 peer the attacker's address and source port (what SSH_CONNECTION says). The attacker's SSH ends at the
 honeypot, so for each login started by the box's listener the honeypot makes a TCP connection of its own to
 the box's :22, from the attacker's address and port, and the login's worker holds the server end while the
-session lasts (``relay.h``: how the listener tells it from genuine connections to its sshd). Nothing is ever
+session lasts (``box/relay.c``: how the listener tells it from genuine connections to its sshd). Nothing is ever
 sent on it; the honeypot closes its end when the session ends, the worker when its process exits.
 
 Where the client end lives:
