@@ -14,7 +14,6 @@ import asyncio
 import ipaddress
 import os
 import ssl
-import tempfile
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_NAME = "Internal Root CA G2"
-CA_FILE = "sandtrap-internal-root-ca.crt"
+CA_FILE = "internal-root-ca.crt"  # no product name in the box: a corporate inspection root
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CACHE = 256
 
@@ -67,7 +66,8 @@ class SensorCA:
                 f.write(self._key_pem(key))
             cert_path.write_bytes(self.pem)
         self._leaves: OrderedDict[str, ssl.SSLContext] = OrderedDict()
-        self._tmp = tempfile.TemporaryDirectory(prefix="sandtrap-tls-")
+        self._leaf_dir = directory / "leaf"  # a leaf's key is there only while its context loads it
+        self._leaf_dir.mkdir(mode=0o700, exist_ok=True)
 
     @staticmethod
     def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -104,11 +104,15 @@ class SensorCA:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        path = Path(self._tmp.name) / f"{time.monotonic_ns()}.pem"
-        path.write_bytes(self._key_pem(key) + cert.public_bytes(serialization.Encoding.PEM))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(path)
-        path.unlink()
+        path = self._leaf_dir / f"{time.monotonic_ns()}.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._key_pem(key) + cert.public_bytes(serialization.Encoding.PEM))
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(path)
+        finally:
+            path.unlink(missing_ok=True)
         self._leaves[name] = ctx
         while len(self._leaves) > CACHE:
             self._leaves.popitem(last=False)

@@ -4,8 +4,11 @@ the namespace's rules."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import ssl
 import struct
+from pathlib import Path
 
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
@@ -17,6 +20,7 @@ from sandtrap.network.fetcher import Policy, Refused, is_own
 from sandtrap.network.namespace import CATCH_PORT, rules
 from sandtrap.network.pcap import file_header, record
 from sandtrap.network.streams import not_found, response
+from sandtrap.network.tls import SensorCA
 
 ANSWERS = ipaddress.IPv4Network("198.18.0.0/15")
 
@@ -143,3 +147,29 @@ async def test_ftp_answers_as_vsftpd_and_records_each_path_once() -> None:
     text = sent.decode()
     assert text.startswith("220 (vsFTPd 3.0.3)\r\n331 ") and "229 Entering Extended Passive Mode (|||40000|)" in text
     assert "550 Failed to open file." in text and "(198,18,6,6,156,64)" in text and text.endswith("221 Goodbye.\r\n")
+
+
+def test_the_sensor_ca_signs_a_leaf_per_name_that_verifies_and_is_kept(tmp_path: Path) -> None:
+    ca = SensorCA(tmp_path / "network")
+    assert (tmp_path / "network" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert SensorCA(tmp_path / "network").pem == ca.pem  # made once, then read
+    files = ca.box_files()
+    assert set(files) == {"usr/local/share/ca-certificates/internal-root-ca.crt", "etc/ssl/certs/ca-certificates.crt"}
+    assert files["etc/ssl/certs/ca-certificates.crt"][0].endswith(ca.pem)
+    assert not any(
+        b"sandtrap" in name.encode() + data for name, (data, _, _) in files.items() if name.startswith("usr")
+    )
+    assert ca.context_for("c2.example.com") is ca.context_for("C2.example.com.")
+    client = ssl.create_default_context(cadata=ca.pem.decode())
+    server_ctx, _ = ca.server_context("198.18.0.9")
+    a, b = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(a, b, server_side=True)
+    cl = client.wrap_bio(c_in, c_out, server_hostname="c2.example.com")
+    for _ in range(10):  # the handshake, by hand: the client verifies the leaf against the CA alone
+        for obj in (cl, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        a.write(c_out.read())
+        c_in.write(b.read())
+    assert cl.getpeercert()["subject"] == ((("commonName", "c2.example.com"),),)
