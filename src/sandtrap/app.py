@@ -55,7 +55,8 @@ def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBacken
     files = dict(_planted_files(settings) or {})
     if gateway is not None and gateway.ca is not None:  # the capture gateway's CA, trusted as a local CA
         files.update(gateway.ca.box_files())
-    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach)
+    netns = gateway.ns.path if gateway is not None else ""
+    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach, netns)
 
 
 # sandbox.backend -> how to build it from the settings (and the capture gateway, network.mode: capture);

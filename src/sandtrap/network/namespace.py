@@ -120,6 +120,7 @@ class Namespace:
             ("net.ipv4.conf.all.send_redirects", "0"),
             ("net.ipv4.conf.default.send_redirects", "0"),
             ("net.ipv4.icmp_echo_ignore_all", "0"),
+            ("net.ipv4.ip_nonlocal_bind", "1"),  # a login's relay binds the client's address here (relay.py)
         ):
             await _run([*ns, _tool("sysctl"), "-q", "-w", f"{key}={value}"], f"sysctl {key}")
         await _run(

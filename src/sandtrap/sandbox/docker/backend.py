@@ -73,11 +73,13 @@ class DockerBackend:
         seccomp: str | None,
         files: Mapping[str, tuple[bytes, int, float]] | None = None,
         attach: Callable[[int], Awaitable[str]] | None = None,
+        relay_netns: str = "",
     ) -> None:
         """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default.
         ``attach``: with ``network.mode: capture``, gives the box whose pid 1 is that host pid its ``eth0`` on the
         capture gateway (:meth:`sandtrap.network.gateway.Gateway.attach`); its address."""
         self._attach = attach
+        self._relay_netns = relay_netns  # the gateway's namespace (a path), where off-loopback relays start
         self._docker = docker
         self._box = box
         self._sensor = sensor
@@ -280,6 +282,7 @@ class DockerBackend:
         if view is None:
             raise SandboxError(f"box {sandbox.name}: its pid 1 is not visible on this host (network.mode: capture)")
         sandbox.captured_address = await self._attach(view.pid)
+        sandbox.relay_netns = self._relay_netns
 
     async def _start_systemd(self, sandbox: DockerSandbox, parent: str) -> None:
         """Hand the box its cgroups (its init then execs systemd) and wait until systemd has started the listener

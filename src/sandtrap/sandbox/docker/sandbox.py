@@ -128,6 +128,7 @@ class DockerSandbox:
         self.connection_in_box = False
         self.transparent_refused = "sandbox.network is none"
         self.captured_address = ""  # its eth0's address on the capture gateway (network.mode: capture)
+        self.relay_netns = ""  # network.mode capture: the gateway's namespace, where off-loopback relays start
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -226,7 +227,10 @@ class DockerSandbox:
             return None
         plan: relay.RelayPlan | None = None
         if client is not None and self.connection_in_box:
-            planned = relay.plan(client, view.address, self.transparent_refused)
+            if self.captured_address and self.relay_netns:
+                planned = relay.plan(client, self.captured_address, "", self.relay_netns)
+            else:
+                planned = relay.plan(client, view.address, self.transparent_refused)
             if isinstance(planned, str):
                 relay.note(planned)
             else:
