@@ -35,7 +35,7 @@ apt_install() {
 #    libfuse, through the mfusepy package; lxcfs depends on it too).
 PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
 if [ "$MODE" = test ]; then
-  PKGS+=(openssh-client sshpass tmux openssh-server nmap telnet curl)  # nmap: the fingerprint test runs ssh2-enum-algos
+  PKGS+=(openssh-client sshpass tmux openssh-server nmap telnet curl tshark)  # nmap: the fingerprint test; tshark: the gateway's pcaps
 fi
 apt_install "${PKGS[@]}"
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sandtrap.app import Services, running
-from sandtrap.config import DockerSettings, SandboxSettings, Settings, load_settings, merge
+from sandtrap.config import DockerSettings, NetworkSettings, SandboxSettings, Settings, load_settings, merge
 from sandtrap.events import CaptureSink, Event
 from sandtrap.sandbox.docker import seccomp
 from sandtrap.sandbox.docker.backend import DockerBackend
@@ -119,9 +119,9 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
                 "docker": {"image": built_image},
                 "pool_size": 1,
                 "session_transport": SESSION_TRANSPORT,
-                "network": NETWORK,
                 "init": INIT,
             },
+            "network": {"mode": NETWORK},
             "storage": {"data_dir": str(tmp_path / "data")},
             "api": {"listen": "127.0.0.1:0"},
             # No PAM-like delays in tests (test_auth_timing checks them): brute-force tests stay fast.
@@ -174,7 +174,7 @@ class _FallbackLog(logging.Handler):
 
 
 SESSION_TRANSPORT = os.environ.get("SANDTRAP_TEST_SESSION_TRANSPORT", SandboxSettings().session_transport)
-NETWORK = os.environ.get("SANDTRAP_TEST_NETWORK", SandboxSettings().network)
+NETWORK = os.environ.get("SANDTRAP_TEST_NETWORK", NetworkSettings().mode)
 INIT = os.environ.get("SANDTRAP_TEST_INIT", SandboxSettings().init)
 
 

@@ -24,6 +24,7 @@ from sandtrap.bridge.stream import RawService
 from sandtrap.config import ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
+from sandtrap.network.gateway import Gateway
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
@@ -52,21 +53,27 @@ def _planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]] | 
     return box_host_key_files(keys, settings.sandbox.hostname)
 
 
-def _docker(settings: Settings) -> SandboxBackend:
+def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
     docker = settings.sandbox.docker
     profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
-    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, _planted_files(settings))
+    attach = gateway.attach if gateway is not None else None
+    files = dict(_planted_files(settings) or {})
+    if gateway is not None and gateway.ca is not None:  # the capture gateway's CA, trusted as a local CA
+        files.update(gateway.ca.box_files())
+    netns = gateway.ns.path if gateway is not None else ""
+    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach, netns)
 
 
-# sandbox.backend -> how to build it from the settings; config.SandboxSettings refuses a name not here.
-BACKENDS: dict[str, Callable[[Settings], SandboxBackend]] = {"docker": _docker}
+# sandbox.backend -> how to build it from the settings (and the capture gateway, network.mode: capture);
+# config.SandboxSettings refuses a name not here.
+BACKENDS: dict[str, Callable[[Settings, Gateway | None], SandboxBackend]] = {"docker": _docker}
 
 
-def build_backend(settings: Settings) -> SandboxBackend:
+def build_backend(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
     build = BACKENDS.get(settings.sandbox.backend)
     if build is None:  # config.AVAILABLE_BACKENDS and BACKENDS name the same backends (a unit test checks)
         raise ConfigError(f"sandbox.backend: {settings.sandbox.backend} is not available; set sandbox.backend: docker")
-    return build(settings)
+    return build(settings, gateway)
 
 
 class Listener(Protocol):
@@ -146,7 +153,16 @@ async def running(
     """Start every service; stop them all (gracefully) on exit."""
     check_exposure(settings)  # ConfigError: a non-loopback api.listen needs api.token
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    backend = build_backend(settings)
+    gateway = None
+    if settings.network.mode == "capture":
+        host = settings.sandbox.docker.docker_host
+        if settings.sandbox.backend == "docker" and host and not host.startswith("unix://"):
+            raise ConfigError(
+                f"network.mode: capture links each box to a namespace on this host; the engine at {host} is not "
+                "on it. Fix: use the local engine, or set network.mode: none"
+            )
+        gateway = Gateway(settings.network, settings.sensor, settings.data_dir)
+    backend = build_backend(settings, gateway)
     pool: Pool[Prepared] = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
     bus = EventBus()
     for sink in sinks or []:
@@ -193,6 +209,7 @@ async def running(
         settings.sensor,
         sensor_uuid=uuid,
         health=recording,
+        network=gateway,
     )
     policy = AuthPolicy(settings.auth)  # one policy: a password tried over telnet counts for SSH too
     services = settings.listeners()
@@ -216,6 +233,8 @@ async def running(
     api = ApiServer(api_app, settings.api.listen)
     try:
         await backend.ping()
+        if gateway is not None:
+            await gateway.start()  # before the first box: each gets its eth0 there
         await pool.start(progress)
         if ssh_service is not None:
             await ssh.start()
@@ -248,6 +267,8 @@ async def running(
         await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
         await backend.close()
+        if gateway is not None:
+            await asyncio.shield(gateway.close())
         await asyncio.to_thread(database.close, 10.0)
         repository.close()
         if jsonlog is not None:

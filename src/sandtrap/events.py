@@ -30,6 +30,8 @@ CLIENT_SIZE = "cowrie.client.size"
 CLIENT_VAR = "cowrie.client.var"
 COMMAND_INPUT = "cowrie.command.input"
 SESSION_FILE_UPLOAD = "cowrie.session.file_upload"
+SESSION_FILE_DOWNLOAD = "cowrie.session.file_download"
+SESSION_FILE_DOWNLOAD_FAILED = "cowrie.session.file_download.failed"
 DIRECT_TCPIP_REQUEST = "cowrie.direct-tcpip.request"
 LOG_OPEN = "cowrie.log.open"
 LOG_CLOSED = "cowrie.log.closed"
@@ -62,6 +64,10 @@ TELNET_CLIENT = "sandtrap.telnet.client"
 STREAM_OPEN = "sandtrap.stream.open"
 STREAM_INPUT = "sandtrap.stream.input"
 STREAM_CLOSED = "sandtrap.stream.closed"
+NETWORK_DNS = "sandtrap.network.dns"
+NETWORK_HTTP = "sandtrap.network.http"
+NETWORK_TCP = "sandtrap.network.tcp"
+NETWORK_PCAP = "sandtrap.network.pcap"
 
 CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     SESSION_CONNECT: (
@@ -87,6 +93,18 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
         ("filename", "destfile", "outfile", "shasum", "size", "via", "stored", "duplicate"),
         "Uploaded file {destfile} to {outfile}",
     ),
+    SESSION_FILE_DOWNLOAD: (
+        ("url", "outfile", "shasum", "destfile", "size", "stored", "duplicate", "redirects"),
+        "Downloaded URL ({url}) with SHA-256 {shasum} to {outfile}",
+    ),
+    SESSION_FILE_DOWNLOAD_FAILED: (("url", "error"), "Attempt to download file(s) from URL ({url}) failed"),
+    NETWORK_DNS: (("query", "qtype", "rcode", "answer"), "DNS {qtype} {query}: {rcode} {answer}"),
+    NETWORK_HTTP: (("method", "url", "user_agent", "dst_ip", "dst_port"), "HTTP {method} {url}"),
+    NETWORK_TCP: (
+        ("dst_ip", "dst_port", "bytes_in", "bytes_out", "data", "duration"),
+        "TCP to {dst_ip}:{dst_port}: {bytes_in} bytes from the box",
+    ),
+    NETWORK_PCAP: (("pcap", "size", "packets", "not_written"), "capture {pcap}: {packets} packets"),
     SESSION_FILE_CHANGED: (
         ("filename", "kind", "shasum", "size", "mode", "outfile", "stored"),
         "file {filename} {kind} in the sandbox",

@@ -36,9 +36,9 @@ def write_config(path: Path, sensor: str, image: str, port: int, data_dir: Path)
             "docker": {"image": image},
             "pool_size": 1,
             "session_transport": SESSION_TRANSPORT,
-            "network": NETWORK,
             "init": INIT,
         },
+        "network": {"mode": NETWORK},
         "storage": {"data_dir": str(data_dir)},
         "api": {"listen": f"{HOST}:{free_port()}"},
         "auth": {

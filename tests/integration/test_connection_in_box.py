@@ -128,8 +128,9 @@ def client_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
-async def test_off_loopback_clients_connection_shows_in_the_box(honeypot: Any, client_netns: str) -> None:
-    hp = await honeypot(ssh={"listen": f"{NS_HOST}:0"}, sandbox={**INIT, "network": "internal"})
+@pytest.mark.parametrize("mode", ["internal", "capture"])
+async def test_off_loopback_clients_connection_shows_in_the_box(honeypot: Any, client_netns: str, mode: str) -> None:
+    hp = await honeypot(ssh={"listen": f"{NS_HOST}:0"}, sandbox=INIT, network={"mode": mode})
     argv = ["ip", "netns", "exec", client_netns, "sshpass", "-p", PASSWORD, "ssh", *client_options(), "-T"]
     argv += ["-p", str(hp.port), f"{USER}@{NS_HOST}", SCRIPT]
     await check_login(hp, argv, NS_CLIENT, None)

@@ -64,7 +64,7 @@ def honeypot(honeypot: Honeypot) -> Honeypot:
     """
 
     async def start(**overrides: Any) -> Any:
-        return await honeypot(**merge({"sandbox": {"network": "internal"}}, overrides))
+        return await honeypot(**merge({"network": {"mode": "internal"}}, overrides))
 
     return start
 

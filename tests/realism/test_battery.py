@@ -222,6 +222,10 @@ def table(rows: list[tuple[Check, Outcome, Outcome]]) -> str:
     return "\n".join(out)
 
 
+# The box's eth0 ends in the gateway namespace the honeypot creates (and removes); names resolve in 198.18.0.0/15.
+CAPTURE = {"mode": "capture", "dns": {"answer_subnet": "198.18.0.0/15"}}
+
+
 # init (the default): logins started by the box's listener (no-orphan-roots and sshd-ancestry pass); exec: each
 # login a `docker exec` (what a honeypot that is not root on the engine's host falls back to); systemd: the
 # listener's logins with systemd as the boxes' PID 1 (sandbox.init: systemd; systemd-answers passes).
@@ -238,8 +242,8 @@ async def test_detection_battery(
     sandbox_settings: Callable[..., SandboxSettings],
     output_dir: Path,
 ) -> None:
-    # Every realism option on, `network: internal` included (off by default: README "Network").
-    hp = await honeypot(sandbox={"network": "internal", "session_transport": transport, "init": init})
+    # Every realism option on, `network: capture` included (eth0 on the capture gateway: README "Network").
+    hp = await honeypot(sandbox={"session_transport": transport, "init": init}, network=CAPTURE)
     conn_a = await connect(hp.port)
     conn_b = await connect(hp.port, wrong_first=True)
     try:

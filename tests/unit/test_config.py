@@ -34,7 +34,8 @@ def test_defaults_run() -> None:
     s = load_settings(None)
     assert s.ssh.listen == "0.0.0.0:2222"
     assert s.api.listen == "127.0.0.1:8080" and s.api_is_loopback()
-    assert s.sandbox.backend == "docker" and s.sandbox.network == "none"
+    assert s.sandbox.backend == "docker" and s.network.mode == s.sandbox.network == "capture"
+    assert s.network.egress.fetch is False and s.network.egress.allow == []
     assert s.sandbox.memory == 256 * 2**20
     assert s.storage.data_dir == "./data"
     assert s.ssh.version.startswith("SSH-2.0-OpenSSH_9.2p1 Debian")
@@ -72,7 +73,9 @@ def test_yaml_round_trip_of_effective_config(tmp_path: Path) -> None:
         ("sandbox:\n  docker:\n    network_name: 'a b'\n", "sandbox.docker.network_name: must be a Docker network"),
         ("sandbox:\n  docker:\n    writable: {/var: 10k}\n", "sandbox.docker.writable: /var: a size below 1m"),
         ("sandbox:\n  docker:\n    image_tag: x\n", "sandbox.docker.image_tag: unknown key"),
-        ("sandbox:\n  network_subnet: 8.8.8.0/24\n", "sandbox.network_subnet: '8.8.8.0/24': use a private subnet"),
+        ("network:\n  subnet: 8.8.8.0/24\n", "network.subnet: '8.8.8.0/24': use a private subnet"),
+        ("sandbox:\n  network: internal\n", "sandbox.network: moved to network.mode; write it as `mode:`"),
+        ("sandbox:\n  network_subnet: 10.9.0.0/24\n", "sandbox.network_subnet: moved to network.subnet"),
         ("image:\n  packages: ['rm -rf']\n", "not a Debian package name"),
         ("sandbox:\n  loadavg_dir: var/lib/x\n", "sandbox.loadavg_dir: must be an absolute directory"),
         ("sandbox:\n  lxcfs_dir: '/a:b'\n", "sandbox.lxcfs_dir"),
@@ -185,7 +188,9 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
 
     def keys(model: BaseModel, prefix: str = "") -> list[str]:
         out = []
-        for name in type(model).model_fields:
+        for name, info in type(model).model_fields.items():
+            if info.exclude:  # set from another section (sandbox.network from network.mode)
+                continue
             value = getattr(model, name)
             if isinstance(value, BaseModel):
                 out += keys(value, f"{prefix}{name}.")

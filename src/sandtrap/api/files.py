@@ -52,6 +52,11 @@ def artifact_path(data_dir: Path, sha256: str) -> Path | None:
     return under(data_dir, Path("artifacts") / sha256[:2] / sha256)
 
 
+def pcap_path(data_dir: Path, session_id: str) -> Path | None:
+    """The session's network capture (``<data_dir>/pcap/<session>.pcap``, network.mode: capture), if there."""
+    return under(data_dir, Path("pcap") / f"{session_id}.pcap")
+
+
 def cast_paths(data_dir: Path, casts: list[CastInfo], channel: int | None = None) -> list[tuple[CastInfo, Path]]:
     """The recordings that are on disk, optionally only ``channel``'s."""
     found = []

@@ -28,6 +28,9 @@ class SessionView(SessionDetail):
     """One session in full, and whether it can be watched live right now."""
 
     is_live: bool = Field(description="the session has an open terminal that /live streams")
+    pcap_bytes: int | None = Field(
+        None, description="the size of the session's network capture (network.mode: capture; /pcap); null: none"
+    )
 
 
 class EventPage(BaseModel):

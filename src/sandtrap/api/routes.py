@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator
 
 from sandtrap.api.deps import ApiDeps
-from sandtrap.api.files import artifact_path, cast_paths, download, export_download
+from sandtrap.api.files import artifact_path, cast_paths, download, export_download, pcap_path
 from sandtrap.api.models import EventPage, Problem, SessionPage, SessionView
 from sandtrap.storage.records import SessionDetail, Stats
 from sandtrap.storage.repository import SessionSort
@@ -139,7 +139,8 @@ def api_router(deps: ApiDeps) -> APIRouter:
         """One session in full: client version, HASSH, auth attempts, commands, artifacts, casts, sandbox."""
         detail = session_or_404(session_id)
         is_live = deps.live is not None and deps.live.is_live(session_id)
-        return SessionView(**detail.model_dump(), is_live=is_live)
+        pcap = pcap_path(deps.data_dir, session_id)
+        return SessionView(**detail.model_dump(), is_live=is_live, pcap_bytes=pcap.stat().st_size if pcap else None)
 
     @router.get("/sessions/{session_id}/events", tags=["sessions"])
     def session_events(
@@ -180,6 +181,23 @@ def api_router(deps: ApiDeps) -> APIRouter:
             return download(path, "application/x-asciicast", name)
         except OSError:
             raise HTTPException(404, f"session {session_id}: recording not readable") from None
+
+    @router.get(
+        "/sessions/{session_id}/pcap",
+        tags=["sessions"],
+        response_class=StreamingResponse,
+        responses={200: {"description": "pcap (libpcap 2.4)", "content": {"application/vnd.tcpdump.pcap": {}}}},
+    )
+    def session_pcap(session_id: SessionId) -> StreamingResponse:
+        """What the session's box sent and received on its eth0 (network.mode: capture), as a pcap download."""
+        session_or_404(session_id)
+        path = pcap_path(deps.data_dir, session_id)
+        if path is None:
+            raise HTTPException(404, f"session {session_id} has no network capture")
+        try:
+            return download(path, "application/vnd.tcpdump.pcap", f"{session_id}.pcap")
+        except OSError:
+            raise HTTPException(404, f"session {session_id}: capture not readable") from None
 
     @router.get(
         "/sessions/{session_id}/export",

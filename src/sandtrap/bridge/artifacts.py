@@ -114,6 +114,17 @@ class SessionArtifacts:
             self.stored_bytes += len(info.data)
         return info, stored
 
+    async def keep(self, data: bytes) -> tuple[str, str, bool, bool]:
+        """Store bytes the session fetched through the network (a download) under the session's cap:
+        (sha256, outfile, stored, duplicate)."""
+        allow = len(data) <= self.settings.artifact_max_file_bytes and (
+            self.stored_bytes + len(data) <= self.settings.artifact_max_session_bytes
+        )
+        stored = await asyncio.to_thread(self.store.put, data, allow)
+        if stored.stored and not stored.duplicate:
+            self.stored_bytes += len(data)
+        return stored.sha256, stored.outfile, stored.stored, stored.duplicate
+
     async def collect_uploads(self, sandbox: Sandbox, report: Report) -> None:
         """Store every file uploaded so far (called when a transfer channel closes)."""
         pending, self.uploads = self.uploads, []

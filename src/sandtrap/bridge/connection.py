@@ -14,10 +14,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
 from sandtrap.bridge.live import LiveHub
@@ -60,6 +60,19 @@ class ServiceBounds:
     max_bytes: int | None = None
 
 
+class NetworkCapture(Protocol):
+    """The capture gateway as the bridge sees it (``network.mode: capture``; :class:`sandtrap.network.gateway.
+    Gateway`): a session takes its box's traffic (events, downloads stored, a pcap) until the close is awaited."""
+
+    async def open(
+        self,
+        address: str,
+        session: str,
+        emit: Callable[..., object],
+        store: Callable[[bytes], Awaitable[tuple[str, str, bool, bool]]],
+    ) -> Callable[[], Awaitable[None]] | None: ...
+
+
 def printable(text: str | bytes, limit: int = 512) -> str:
     """Escape non-printables the way Cowrie does for client versions; bound the length."""
     if isinstance(text, bytes):
@@ -82,6 +95,7 @@ class Hub:
     sensor_uuid: str = ""
     live: LiveHub = field(default_factory=LiveHub)
     health: RecordingHealth | None = None
+    network: NetworkCapture | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     connections: set[Connection] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -169,6 +183,7 @@ class Connection:
         self._watchdog: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._read_reporter: Callable[[str, str], object] | None = None  # this session's honeytoken reads
+        self._capture_close: Callable[[], Awaitable[None]] | None = None
 
     @property
     def is_admitted(self) -> bool:
@@ -243,6 +258,11 @@ class Connection:
                 lease = None
         if lease is not None and self.login_account is not None and self.protocol == "ssh":
             await self._log_close(lease, self.login_account)  # sshd's lines; login(1) logs its own close
+        if self._capture_close is not None:
+            try:
+                await self._capture_close()
+            except Exception:
+                log.exception("closing the session's network capture failed")
         if lease is not None and self._read_reporter is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
             self.hub.manager.watcher.withdraw(lease.sandbox.id, self._read_reporter)
@@ -330,6 +350,13 @@ class Connection:
         for token in lease.tokens:  # the session's record names every lure value it was given
             self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
         emit = self.emitter.emit
+        if self.hub.network is not None:
+            try:
+                address = await lease.sandbox.network_address()
+                if address:
+                    self._capture_close = await self.hub.network.open(address, self.session, emit, self.artifacts.keep)
+            except Exception:  # the session goes on unrecorded on the network rather than not at all
+                log.exception("the session's network capture did not start")
 
         def read(kind: str, path: str) -> object:
             return emit(HONEYTOKEN_READ, kind=kind, path=path)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from sandtrap.config.image import ImageSettings
+from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
 from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, SandboxSettings
 from sandtrap.config.sections import (
     DEFAULT_SSH_VERSION,
@@ -48,10 +49,14 @@ __all__ = [
     "ByteSize",
     "CaptureSettings",
     "Credential",
+    "DnsSettings",
     "DockerSettings",
+    "EgressSettings",
     "ImageSettings",
     "LimitsSettings",
     "Listen",
+    "NetworkSettings",
+    "PcapSettings",
     "RecordingSettings",
     "SSHSettings",
     "SandboxSettings",
@@ -77,6 +82,7 @@ class Settings(Section):
     auth: AuthSettings = AuthSettings()
     sandbox: SandboxSettings = SandboxSettings()
     image: ImageSettings = ImageSettings()
+    network: NetworkSettings = NetworkSettings()
     limits: LimitsSettings = LimitsSettings()
     recording: RecordingSettings = RecordingSettings()
     storage: StorageSettings = StorageSettings()
@@ -104,6 +110,16 @@ class Settings(Section):
         if self.services:
             return list(self.services)
         return [ServiceSettings(name="ssh", protocol="ssh", listen=self.ssh.listen)]
+
+    @model_validator(mode="after")
+    def _network_to_sandbox(self) -> Settings:
+        """The backend reads the box's network from its own section: ``sandbox`` gets ``network.mode`` and
+        ``network.subnet`` (a copy: the default section is shared)."""
+        net = self.network
+        if (self.sandbox.network, self.sandbox.network_subnet) != (net.mode, net.subnet):
+            update = {"network": net.mode, "network_subnet": net.subnet}
+            object.__setattr__(self, "sandbox", self.sandbox.model_copy(update=update))
+        return self
 
     @property
     def data_dir(self) -> Path:
@@ -178,6 +194,16 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
         data = _read(Path(path))
     if overrides:
         data = merge(data, overrides)
+    where = f" in {path}" if path else ""
+    sandbox = data.get("sandbox")
+    moved = [k for k in MOVED_NETWORK_KEYS if isinstance(sandbox, dict) and k.split(".", 1)[1] in sandbox]
+    if moved:
+        lines = [
+            f"{k}: moved to {MOVED_NETWORK_KEYS[k]}; write it as `{MOVED_NETWORK_KEYS[k].split('.')[1]}:` in a "
+            "top-level `network:` section (README Network)"
+            for k in moved
+        ]
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines))
     try:
         data = map_seed_keys(data)
     except ValueError as exc:

@@ -157,13 +157,13 @@ class SandboxSettings(Section):
     cpus: float = Field(0.5, gt=0, le=64)
     pids_limit: int = Field(128, ge=8)
     start_timeout_s: float = Field(30.0, gt=0)
-    # The box's network (a top-level `network:` section later: the capture gateway's, issue 12).
-    network: Literal["none", "internal"] = Field(
-        "none",
-        description="none: only lo; internal: an eth0 with an address and a default route on a network with no "
-        "way out (README Network)",
+    # The box's network: set from the top-level `network` section (mode, subnet), never written here.
+    network: Literal["none", "internal", "capture"] = Field(
+        "none", exclude=True, description="network.mode (set from the top-level network section)"
     )
-    network_subnet: str = Field("10.20.1.0/24", description="with network: internal: its subnet (gateway: .1)")
+    network_subnet: str = Field(
+        "10.20.1.0/24", exclude=True, description="network.subnet (set from the top-level network section)"
+    )
     # How the box boots and how a login reaches it.
     init: Literal["sandtrap", "systemd"] = Field(
         "sandtrap",

@@ -281,7 +281,7 @@ def _log_closed(db: Session, e: Event) -> None:
     cast.closed_at = _ts(e)
 
 
-def _artifact(db: Session, e: Event, via: str) -> None:
+def _artifact(db: Session, e: Event, via: str, path: str = "") -> None:
     row = _session(db, e)
     outfile = _str(e, "outfile") or None  # "" when the content was not kept
     db.add(
@@ -289,7 +289,7 @@ def _artifact(db: Session, e: Event, via: str) -> None:
             session=row.id,
             timestamp=_ts(e),
             sha256=_str(e, "shasum") or None,
-            path=_str(e, "destfile") or _str(e, "filename") or "",
+            path=_str(e, "destfile") or _str(e, "filename") or path,
             size=_int(e, "size"),
             mode=_mode(e.get("mode")),
             via=via,
@@ -303,6 +303,12 @@ def _artifact(db: Session, e: Event, via: str) -> None:
 
 def _file_upload(db: Session, e: Event) -> None:
     _artifact(db, e, _str(e, "via") or "upload")
+
+
+def _file_download(db: Session, e: Event) -> None:
+    """A file the box fetched through the capture gateway: its URL stands for the path (where the box saved it
+    shows as a changed file)."""
+    _artifact(db, e, "download", _str(e, "url") or "")
 
 
 def _file_changed(db: Session, e: Event) -> None:
@@ -350,6 +356,7 @@ HANDLERS: dict[str, Handler] = {
     ev.LOG_CLOSED: _log_closed,
     ev.SESSION_FILE_UPLOAD: _file_upload,
     ev.SESSION_FILE_CHANGED: _file_changed,
+    ev.SESSION_FILE_DOWNLOAD: _file_download,
     ev.CHANNEL_CLOSED: _channel_closed,
     ev.SESSION_CLOSED: _session_closed,
     ev.SESSION_CRASHED: _session_crashed,

@@ -11,7 +11,7 @@ from sandtrap.sandbox.docker.spec import LABEL_MANAGED, LABEL_SENSOR, create_con
 
 
 def settings(network: str) -> Settings:
-    return Settings.model_validate({"sandbox": {"network": network}})
+    return Settings.model_validate({"network": {"mode": network}})
 
 
 def policy_of(s: Settings) -> Policy:

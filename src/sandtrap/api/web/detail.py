@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from sandtrap.api.files import pcap_path
 from sandtrap.storage.records import ArtifactInfo, CastInfo, CommandInfo, SessionDetail
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -79,6 +81,15 @@ def place_commands(detail: SessionDetail, recs: list[Recording]) -> list[PlacedC
 def offset(moment: datetime, origin: datetime) -> float:
     """Seconds from ``origin`` to ``moment``, never negative (an exec command comes just before its cast)."""
     return round(max(0.0, (moment - origin).total_seconds()), 3)
+
+
+def pcap_bytes(data_dir: Path, session_id: str) -> int | None:
+    """The size of the session's network capture (network.mode: capture), None when it has none."""
+    path = pcap_path(data_dir, session_id)
+    try:
+        return path.stat().st_size if path is not None else None
+    except OSError:
+        return None
 
 
 def split_artifacts(artifacts: list[ArtifactInfo]) -> tuple[list[ArtifactInfo], list[ArtifactInfo]]:

@@ -117,6 +117,7 @@ class Pages:
             "artifact_url": detail.artifact_url,
             "format_offset": detail.format_offset,
             "api_path": detail.api_session_path(found.id),
+            "pcap_bytes": await asyncio.to_thread(detail.pcap_bytes, self.deps.data_dir, found.id),
         }
         return self._page(request, "session.html", context, nav="sessions", player=True)
 

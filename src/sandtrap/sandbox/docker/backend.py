@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -72,8 +72,14 @@ class DockerBackend:
         sensor: str,
         seccomp: str | None,
         files: Mapping[str, tuple[bytes, int, float]] | None = None,
+        attach: Callable[[int], Awaitable[str]] | None = None,
+        relay_netns: str = "",
     ) -> None:
-        """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default."""
+        """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default.
+        ``attach``: with ``network.mode: capture``, gives the box whose pid 1 is that host pid its ``eth0`` on the
+        capture gateway (:meth:`sandtrap.network.gateway.Gateway.attach`); its address."""
+        self._attach = attach
+        self._relay_netns = relay_netns  # the gateway's namespace (a path), where off-loopback relays start
         self._docker = docker
         self._box = box
         self._sensor = sensor
@@ -256,6 +262,8 @@ class DockerBackend:
                     await asyncio.shield(sandbox.remove())
                     self._no_parents(f"box {name} did not start below its parent cgroup {parent}")
                     return await self._create(labels, name, nofile_hard)
+                if self._attach is not None:
+                    await self._link(sandbox)
                 if seeded:
                     await self._seed(sandbox)
                 if self._systemd:
@@ -266,6 +274,15 @@ class DockerBackend:
             return sandbox
         finally:
             self._creating.discard(cgroup)
+
+    async def _link(self, sandbox: DockerSandbox) -> None:
+        """The box's eth0 on the capture gateway (network.mode: capture)."""
+        assert self._attach is not None
+        view = await sandbox._host_view()
+        if view is None:
+            raise SandboxError(f"box {sandbox.name}: its pid 1 is not visible on this host (network.mode: capture)")
+        sandbox.captured_address = await self._attach(view.pid)
+        sandbox.relay_netns = self._relay_netns
 
     async def _start_systemd(self, sandbox: DockerSandbox, parent: str) -> None:
         """Hand the box its cgroups (its init then execs systemd) and wait until systemd has started the listener

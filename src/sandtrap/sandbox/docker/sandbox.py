@@ -129,6 +129,8 @@ class DockerSandbox:
         # loopback cannot have it ('' = it can: the host's rules for the transparent socket are in place).
         self.connection_in_box = False
         self.transparent_refused = "sandbox.network is none"
+        self.captured_address = ""  # its eth0's address on the capture gateway (network.mode: capture)
+        self.relay_netns = ""  # network.mode capture: the gateway's namespace, where off-loopback relays start
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -247,7 +249,10 @@ class DockerSandbox:
             return None
         plan: relay.RelayPlan | None = None
         if client is not None and self.connection_in_box:
-            planned = relay.plan(client, view.address, self.transparent_refused)
+            if self.captured_address and self.relay_netns:
+                planned = relay.plan(client, self.captured_address, "", self.relay_netns)
+            else:
+                planned = relay.plan(client, view.address, self.transparent_refused)
             if isinstance(planned, str):
                 relay.note(planned)
             else:
@@ -429,7 +434,10 @@ class DockerSandbox:
         await self._drop_parent()
 
     async def network_address(self) -> str:
-        """The box's eth0 IPv4 address (sandbox.network: internal), from the engine's inspect (cached); ''."""
+        """The box's eth0 IPv4 address: the capture gateway's link (network.mode: capture), else the engine
+        network's (internal), from the engine's inspect (cached); ''."""
+        if self.captured_address:
+            return self.captured_address
         view = await self._host_view()
         return view.address if view is not None else ""
 

@@ -206,9 +206,14 @@ async def _recv_reply(sock: socket.socket) -> tuple[Reply, list[int]]:
 async def _relay(pid: int, is_same_box: Callable[[], bool], plan: relays.RelayPlan) -> socket.socket | None:
     """The client end of the login's connection to the box's :22, or None (the session goes on without it)."""
     try:
-        if plan.in_box:
+        if plan.in_box or plan.netns:  # in the box, or in the capture gateway's namespace (its only peer)
             return await in_box_netns(
-                pid, is_same_box, lambda: relays.connect_in_box(plan), "the box's :22", relays.CONNECT_TIMEOUT_S + 1
+                pid,
+                is_same_box,
+                lambda: relays.connect_in_box(plan),
+                "the box's :22",
+                relays.CONNECT_TIMEOUT_S + 1,
+                plan.netns,
             )
         return await relays.connect_transparent(plan)
     except (OSError, BrokerError, TimeoutError) as exc:

@@ -26,11 +26,14 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _in_box_netns(pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket]) -> socket.socket:
-    """Runs in a thread of its own, which ends afterwards: enters the box's network namespace, makes a socket."""
+def _in_box_netns(
+    pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket], path: str = ""
+) -> socket.socket:
+    """Runs in a thread of its own, which ends afterwards: enters the box's network namespace (or the one at
+    ``path``: the capture gateway's, whose only peers are boxes), makes a socket."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        ns = os.open(path or f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if not is_same_box():  # checked after the open: the namespace held is the box's
                 raise BrokerError("the box's pid 1 is gone")
@@ -46,7 +49,12 @@ def _in_box_netns(pid: int, is_same_box: Callable[[], bool], work: Callable[[], 
 
 
 async def in_box_netns(
-    pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket], what: str, timeout_s: float
+    pid: int,
+    is_same_box: Callable[[], bool],
+    work: Callable[[], socket.socket],
+    what: str,
+    timeout_s: float,
+    path: str = "",
 ) -> socket.socket:
     """The socket ``work`` makes inside the box's network namespace, on a dedicated thread (never the shared
     executor: a thread that entered a box's namespace is not reused); a socket the caller stopped waiting
@@ -65,7 +73,7 @@ async def in_box_netns(
 
     def run() -> None:
         try:
-            sock = _in_box_netns(pid, is_same_box, work)
+            sock = _in_box_netns(pid, is_same_box, work, path)
         except BaseException as exc:  # delivered to the caller, never left on this thread
             err = exc if isinstance(exc, BrokerError) else BrokerError(f"cannot reach {what}: {exc!r}")
             loop.call_soon_threadsafe(deliver, None, err)

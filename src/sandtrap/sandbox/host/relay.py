@@ -13,7 +13,11 @@ Where the client end lives:
   bound to the client's address and port, connected to the server address SSH_CONNECTION names (when on
   loopback, else 127.0.0.1). All of 127/8 is local on the box's ``lo``, so both ends show, as on a server
   a local client reached.
-* any other IPv4 client, with ``sandbox.network: internal``: on the host, an ``IP_TRANSPARENT`` socket
+* any other IPv4 client, with ``network.mode: capture``: inside the capture gateway's namespace (the box's only
+  peer), bound to the client's address (every address is the gateway's own there, ``ip_nonlocal_bind``),
+  connected to the box's ``eth0`` address; the box's replies go to its default route, the gateway, whose
+  local delivery hands them to that socket (a reply of a connection the gateway opened is not redirected).
+* any other IPv4 client, with ``network.mode: internal``: on the host, an ``IP_TRANSPARENT`` socket
   bound to the client's address and port, connected to the box's ``eth0`` address. The box answers its
   default gateway, the host's bridge; :func:`open_reply_path` delivers those replies to that socket and to
   nothing else: mangle PREROUTING marks a packet from the bridge only when it belongs to a transparent
@@ -58,6 +62,7 @@ class RelayPlan:
     src_port: int
     server_ip: str
     in_box: bool
+    netns: str = ""  # not in_box: the named namespace the client end is made in ('' = the host's, transparent)
 
     @property
     def peer(self) -> str:
@@ -72,7 +77,7 @@ def note(reason: str) -> None:
         log.warning("logins show no TCP connection in the box: %s", reason)
 
 
-def plan(client: ClientAddress, box_address: str, transparent_refused: str) -> RelayPlan | str:
+def plan(client: ClientAddress, box_address: str, transparent_refused: str, netns: str = "") -> RelayPlan | str:
     """Where the login's connection comes from, or why it cannot be made.
 
     ``box_address``: the box's eth0 address ('' = none); ``transparent_refused``: why the host cannot hold a
@@ -97,7 +102,7 @@ def plan(client: ClientAddress, box_address: str, transparent_refused: str) -> R
         return "a client off loopback and a box without eth0 (sandbox.network: none)"
     if transparent_refused:
         return transparent_refused
-    return RelayPlan(str(ip), client.port, box_address, in_box=False)
+    return RelayPlan(str(ip), client.port, box_address, in_box=False, netns=netns)
 
 
 def _family(ip: str) -> socket.AddressFamily:

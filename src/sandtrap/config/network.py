@@ -1,0 +1,143 @@
+"""``network``: the box's network, whatever the backend (README "Network").
+
+``mode`` picks what a box gets: ``none`` (only ``lo``), ``internal`` (the Docker backend's engine network whose
+gateway drops everything) or ``capture`` (an ``eth0`` whose only peer is sandtrap's capture gateway, in a network
+namespace sandtrap owns: DNS, HTTP, other TCP and ICMP answered there, recorded, nothing routed or NATed out).
+``egress`` decides whether the sensor fetches what a box asks for, from where, and how much.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from sandtrap.config.values import ByteSize, Section, parse_size
+
+# Keys of earlier versions' ``sandbox`` section that now sit here.
+MOVED_NETWORK_KEYS = {"sandbox.network": "network.mode", "sandbox.network_subnet": "network.subnet"}
+
+
+def _cidr(v: str) -> str:
+    try:
+        return str(ipaddress.ip_network(v, strict=False))
+    except ValueError as exc:
+        raise ValueError(f"{v!r} is not an address range such as 127.0.0.1/32 ({exc})") from None
+
+
+class EgressSettings(Section):
+    """``network.egress``: what leaves the sensor on a box's behalf (only ever the sensor's own requests)."""
+
+    fetch: bool = Field(
+        False,
+        description="true: a box's HTTP GET/HEAD is fetched by the sensor from the real internet (its own "
+        "address) and the bytes served to the box and stored; false: a sinkhole (a plausible 404, the URL "
+        "recorded as a failed download). Off by default: a fetch is a request from the sensor's address that "
+        "the attacker wrote (many exploits are a single GET); turn it on knowingly (README Network)",
+    )
+    allow: list[str] = Field(
+        default_factory=list,
+        description="CIDRs the fetcher may reach although they are private, loopback or link-local (never "
+        "otherwise); empty by default",
+    )
+    hosts: dict[str, str] = Field(
+        default_factory=dict,
+        description="name -> address the fetcher uses before DNS (tests point names at their servers)",
+    )
+    max_file_bytes: ByteSize = Field(parse_size("32m"), description="a larger download is cut and recorded failed")
+    max_session_bytes: ByteSize = Field(parse_size("128m"), description="all downloads of one session")
+    max_fetches: int = Field(20, ge=0, description="downloads fetched per session; more are sinkholed")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="one download, redirects included")
+    max_redirects: int = Field(5, ge=0, le=20, description="redirects followed (each checked and recorded)")
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, v: list[str]) -> list[str]:
+        return [_cidr(x) for x in v]
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, addr in v.items():
+            try:
+                out[name.lower().rstrip(".")] = str(ipaddress.ip_address(addr))
+            except ValueError:
+                raise ValueError(f"{name}: {addr!r} is not an IP address") from None
+        return out
+
+
+class DnsSettings(Section):
+    """``network.dns``: the gateway's resolver, which answers every name that could exist."""
+
+    answer_subnet: str = Field(
+        "104.16.0.0/13",
+        description="the addresses names resolve to (one per name for a box's life; never routed anywhere: "
+        "every packet ends in the gateway); tests use 198.18.0.0/15",
+    )
+    queries_per_s: float = Field(20.0, gt=0, description="per box; a flood above it is dropped (and counted)")
+    burst: int = Field(100, ge=1, description="queries a box may send at once before the rate applies")
+    max_logged: int = Field(500, ge=0, description="queries recorded per session; the rest are counted")
+
+    @field_validator("answer_subnet")
+    @classmethod
+    def _answers(cls, v: str) -> str:
+        net = ipaddress.ip_network(_cidr(v))
+        if net.version != 4 or net.prefixlen > 24:
+            raise ValueError(f"{v!r}: use an IPv4 range of /24 or larger, e.g. 198.18.0.0/15")
+        return str(net)
+
+
+class PcapSettings(Section):
+    """``network.pcap``: one capture file per session of what its box sent and received."""
+
+    enabled: bool = True
+    max_bytes: ByteSize = Field(parse_size("16m"), description="per session; packets past it are counted, not written")
+    snaplen: int = Field(2048, ge=64, le=65535, description="bytes kept of each packet")
+
+
+class NetworkSettings(Section):
+    """``network``: what a box's network is and what its traffic may reach."""
+
+    mode: Literal["none", "internal", "capture"] = Field(
+        "capture",
+        description="none: only lo; capture: eth0 whose only peer is sandtrap's capture gateway (DNS, HTTP, any "
+        "TCP, ping answered and recorded, nothing routed out; needs root on the engine's host); internal: the "
+        "Docker backend's engine network that drops everything (README Network)",
+    )
+    subnet: str = Field("10.20.1.0/24", description="the boxes' subnet (the gateway: its first address)")
+    namespace: str = Field("", description="capture: the gateway's network namespace; '' = sandtrap-<sensor hash>")
+    http_server: str = Field("nginx", description="capture: the Server header of the gateway's own HTTP answers")
+    tls_intercept: bool = Field(
+        True,
+        description="capture: boxes trust a per-sensor CA (planted as a local CA and in the bundle) and the "
+        "gateway speaks HTTPS with a certificate for each name; false: TLS is held as any other TCP",
+    )
+    max_connections: int = Field(64, ge=1, le=4096, description="capture: TCP connections one box holds at once")
+    max_record_bytes: ByteSize = Field(parse_size("64k"), description="capture: bytes of a non-HTTP stream recorded")
+    max_logged: int = Field(
+        2000, ge=0, description="capture: TCP and HTTP records per session (a port scan is counted past it)"
+    )
+    egress: EgressSettings = EgressSettings()
+    dns: DnsSettings = DnsSettings()
+    pcap: PcapSettings = PcapSettings()
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
+        if not net.is_private or net.prefixlen > 29:
+            raise ValueError(f"{v!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
+        return str(net)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,30}", v):
+            raise ValueError("must be a network namespace name (letters, digits, '_', '.', '-')")
+        return v

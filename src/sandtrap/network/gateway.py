@@ -1,0 +1,258 @@
+"""The capture gateway: the only peer of every box's ``eth0``, answering as the internet would.
+
+It lives in a network namespace sandtrap owns (:mod:`.namespace`); its sockets are made there by a thread that
+enters it, and served on sandtrap's event loop. Backend-neutral: a backend hands :meth:`Gateway.attach` the pid
+of a process in the box's network namespace (Docker, nspawn); a micro-VM's tap would join the same namespace.
+
+* DNS (:mod:`.dns`): every query to any address's port 53 lands here (a REDIRECT), answered per box, rate-limited.
+* TCP to any address and port lands on one listener (a REDIRECT), handled by :mod:`.streams`.
+  HTTP (by its first bytes, on any port) is answered: sinkholed (a 404 with a server header) or, with
+  ``network.egress.fetch``, fetched by :mod:`.fetcher` and served. Anything else: its first bytes recorded,
+  the connection held open, silently, until the box closes it or its session ends.
+* TFTP (:mod:`.tftp`) to any address: recorded, answered "File not found"; FTP (:mod:`.ftp`) on port 21:
+  a vsftpd that takes any login, offers passive ports (which land here too) and has no file.
+* ICMP echo to any address: the kernel answers (every address is local in the namespace).
+
+Traffic is tied to a session by the box's address (:meth:`Gateway.open`, when a session takes the box); a box
+without one is answered and not recorded. Each session gets a pcap of its box's link (:mod:`.pcap`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sandtrap.config import NetworkSettings
+from sandtrap.events import (
+    LIMIT_HIT,
+    NETWORK_DNS,
+    NETWORK_PCAP,
+    SESSION_FILE_DOWNLOAD_FAILED,
+)
+from sandtrap.network import dns
+from sandtrap.network.fetcher import Fetcher
+from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
+from sandtrap.network.pcap import PcapWriter
+from sandtrap.network.streams import HEAD_LIMIT, Streams
+from sandtrap.network.taps import Box, Emit, Store, Tap
+from sandtrap.network.tftp import RRQ, Request, TftpSinkhole, socket_for_any_address
+from sandtrap.network.tls import SensorCA
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Dns(asyncio.DatagramProtocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        reply = self.gateway.dns_query(data, str(addr[0]))
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+class Gateway:
+    def __init__(self, settings: NetworkSettings, sensor: str, data_dir: Path) -> None:
+        self.settings = settings
+        self.ns = Namespace(settings.namespace or namespace_name(sensor), settings.subnet)
+        self.data_dir = data_dir
+        self.fetcher = Fetcher(settings.egress)
+        self.ca = SensorCA(data_dir / "network") if settings.tls_intercept else None
+        self._subnet = ipaddress.IPv4Network(settings.subnet)
+        self._answers = ipaddress.IPv4Network(settings.dns.answer_subnet)
+        self._boxes: dict[str, Box] = {}
+        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca)
+        self._attach_lock = asyncio.Lock()
+        self._server: asyncio.Server | None = None
+        self._dns: asyncio.DatagramTransport | None = None
+        self._tftp: TftpSinkhole | None = None
+        self.dns_dropped = 0
+
+    # -- life ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.ns.create()
+        tcp = await self._inside(self._tcp_listener)
+        try:
+            self._server = await asyncio.start_server(self._streams.connection, sock=tcp, limit=HEAD_LIMIT)
+        except BaseException:
+            tcp.close()
+            raise
+        udp = await self._inside(self._dns_socket)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: _Dns(self), sock=udp)
+        self._dns = transport
+        self._tftp = TftpSinkhole(await self._inside(socket_for_any_address), self.tftp_request)
+        log.info("capture gateway serving in %s (fetch: %s)", self.ns.name, self.settings.egress.fetch)
+
+    async def close(self) -> None:
+        for box in self._boxes.values():
+            if box.tap is not None:
+                await self._close_tap(box, box.tap)
+        if self._dns is not None:
+            self._dns.close()
+        if self._tftp is not None:
+            self._tftp.close()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
+        # The boxes are gone or stopped by now (the pool closes first); their links went with them.
+        await self.ns.delete()
+
+    async def _inside(self, work: Callable[[], T]) -> T:
+        """``work`` on a fresh thread inside the namespace (never a shared executor thread)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def fail(exc: BaseException) -> None:
+            if not done.done():
+                done.set_exception(exc)
+
+        def deliver(result: T) -> None:
+            if not done.done():
+                done.set_result(result)
+            elif isinstance(result, socket.socket):  # the caller stopped waiting
+                result.close()
+
+        def run() -> None:
+            try:
+                result = self.ns.run_inside(work)
+            except BaseException as exc:  # handed to the caller
+                loop.call_soon_threadsafe(fail, exc)
+                return
+            loop.call_soon_threadsafe(deliver, result)
+
+        threading.Thread(target=run, name="gateway-netns", daemon=True).start()
+        async with asyncio.timeout(10):
+            return await done
+
+    @staticmethod
+    def _tcp_listener() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", CATCH_PORT))
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    @staticmethod
+    def _dns_socket() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 53))
+        sock.setblocking(False)
+        return sock
+
+    # -- boxes -----------------------------------------------------------------------------------------
+
+    async def attach(self, pid: int) -> str:
+        """Give the box whose network namespace ``pid`` is in an ``eth0`` linked to the gateway; its address."""
+        async with self._attach_lock:
+            present = await self.ns.links()
+            for address, box in list(self._boxes.items()):
+                if box.link not in present and box.tap is None:
+                    del self._boxes[address]  # its box is gone (the pair went with its namespace)
+            gateway = self.ns.gateway
+            hosts = self._subnet.num_addresses - 2
+            for _ in range(hosts):
+                index = secrets.randbelow(hosts) + 1
+                address = str(self._subnet.network_address + index)
+                if address != gateway and address not in self._boxes and f"sg{index}" not in present:
+                    break
+            else:
+                raise NetworkError(f"network.subnet {self._subnet} has no free address for another box")
+            link = await self.ns.attach(pid, index, address)
+            key = secrets.token_bytes(32)
+            rate = self.settings.dns
+            self._boxes[address] = Box(
+                address, link, dns.Names(self._answers, key), dns.Bucket(rate.queries_per_s, rate.burst)
+            )
+            return address
+
+    async def open(self, address: str, session: str, emit: Emit, store: Store) -> Callable[[], Awaitable[None]] | None:
+        """A session takes the box at ``address``: its traffic is recorded for the session (and a pcap written)
+        until the returned close is awaited. None: the box is not on this gateway."""
+        box = self._boxes.get(address)
+        if box is None:
+            return None
+        if box.tap is not None:
+            await self._close_tap(box, box.tap)
+        tap = Tap(session, emit, store)
+        box.tap = tap
+        pcap = self.settings.pcap
+        if pcap.enabled:
+            try:
+                sock = await self._inside(lambda: packet_socket(box.link))
+                path = self.pcap_path(session)
+                tap.pcap = PcapWriter(sock, path, pcap.max_bytes, pcap.snaplen)
+            except (OSError, TimeoutError) as exc:
+                log.warning("no pcap for session %s: %s", session, exc)
+
+        async def close() -> None:
+            if box.tap is tap:
+                await self._close_tap(box, tap)
+
+        return close
+
+    def pcap_path(self, session: str) -> Path:
+        return self.data_dir / "pcap" / f"{session}.pcap"
+
+    async def _close_tap(self, box: Box, tap: Tap) -> None:
+        box.tap = None
+        for writer in list(tap.held):
+            writer.close()
+        if tap.pcap is not None:
+            await asyncio.sleep(0.05)  # the last packets of the session's own closing
+            tap.pcap.close()
+            rel = str(tap.pcap.path.relative_to(self.data_dir))
+            tap.emit(
+                NETWORK_PCAP, pcap=rel, size=tap.pcap.size, packets=tap.pcap.packets, not_written=tap.pcap.not_written
+            )
+
+    # -- DNS -------------------------------------------------------------------------------------------
+
+    def dns_query(self, data: bytes, src: str) -> bytes | None:
+        box = self._boxes.get(src)
+        if box is None:
+            return None
+        tap = box.tap
+        if not box.bucket.take():
+            self.dns_dropped += 1
+            if tap is not None and not tap.dns_limit_noted:
+                tap.dns_limit_noted = True
+                tap.emit(LIMIT_HIT, limit="network.dns.queries_per_s", value=self.settings.dns.queries_per_s)
+            return None
+        result = dns.answer(data, box.names)
+        if result is None:
+            return None
+        if tap is not None and tap.dns_logged < self.settings.dns.max_logged:
+            tap.dns_logged += 1
+            tap.emit(NETWORK_DNS, query=result.name, qtype=result.qtype, rcode=result.rcode, answer=result.address)
+        return result.reply
+
+    # -- TFTP (a sinkhole) -------------------------------------------------------------------------------
+
+    def tftp_request(self, request: Request) -> bool:
+        """Record a box's TFTP request; whether to answer it (the box's query bucket applies)."""
+        box = self._boxes.get(request.src)
+        if box is None or not box.bucket.take():
+            return False
+        if box.tap is not None:
+            url = f"tftp://{request.dst}/{request.filename.lstrip('/')}"
+            verb = "read" if request.opcode == RRQ else "write"
+            box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"tftp {verb} ({request.mode}): not fetched")
+        return True

@@ -1,0 +1,51 @@
+"""What the gateway keeps per box and per session, shared by its parts (:mod:`.gateway`, :mod:`.streams`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sandtrap.network import dns
+from sandtrap.network.pcap import PcapWriter
+
+
+class Writer(Protocol):
+    """Where the gateway writes a connection's answers: the stream, or TLS over it."""
+
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
+
+
+Emit = Callable[..., object]
+Store = Callable[[bytes], Awaitable[tuple[str, str, bool, bool]]]  # data -> (sha256, outfile, stored, duplicate)
+
+
+@dataclass
+class Tap:
+    """A session's hold on its box's traffic: where its events and files go, and its counters."""
+
+    session: str
+    emit: Emit
+    store: Store
+    fetches: int = 0
+    fetched_bytes: int = 0
+    dns_logged: int = 0
+    dns_limit_noted: bool = False
+    logged: int = 0  # TCP and HTTP records
+    pcap: PcapWriter | None = None
+    held: set[Writer] = field(default_factory=set)
+    # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
+    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Box:
+    address: str
+    link: str
+    names: dns.Names
+    bucket: dns.Bucket
+    connections: int = 0
+    tap: Tap | None = None
