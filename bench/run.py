@@ -122,7 +122,8 @@ async def run(plan: Plan, work: Path, profile: str | None, max_wait_quiet_s: flo
                 "label": s.label, "version": s.version, "listening": s.listening, "notes": s.notes, "pid": s.pid,
             }  # fmt: skip
             log(f"  {s.version}: 127.0.0.1:{s.port}, listening on {s.listening}")
-        floor = await create_floor(st.sensor)
+        # A sensor of its own: sandtrap's pool sweeps running boxes of its sensor that it does not track.
+        floor = await create_floor(f"{st.sensor}-floor")
         phases = Phases(PySpy(st.pid, work / "profiles") if profile == "py-spy" else None)
         by_name = {s.name: s for s in servers}
 
@@ -132,7 +133,7 @@ async def run(plan: Plan, work: Path, profile: str | None, max_wait_quiet_s: flo
 
         async with phases("cold-creation"):
             await st.settle(60)
-            raw["cold"] = await cold_creations(st.sensor, plan.cold_creations)
+            raw["cold"] = await cold_creations(f"{st.sensor}-floor", plan.cold_creations)
 
         async with phases("auth-flood"):
             raw["flood"] = {s.name: [] for s in servers}
@@ -204,8 +205,10 @@ async def run(plan: Plan, work: Path, profile: str | None, max_wait_quiet_s: flo
             with contextlib.suppress(Exception):
                 await s.stop()
         if st is not None:
-            removed = await sandtrap_system.remove_sensor_containers(st.sensor)
-            log(f"  removed {removed} containers labelled sandtrap.sensor={st.sensor}")
+            removed = 0
+            for sensor in (st.sensor, f"{st.sensor}-floor"):
+                removed += await sandtrap_system.remove_sensor_containers(sensor)
+            log(f"  removed {removed} containers labelled sandtrap.sensor={st.sensor}[-floor]")
             # The casts of 20 MB transfers are hundreds of MB; logs and events stay for inspection.
             for bulky in ("casts", "artifacts"):
                 await asyncio.to_thread(shutil.rmtree, st.data_dir / bulky, True)

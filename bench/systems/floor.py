@@ -102,7 +102,7 @@ async def cold_creations(sensor: str, count: int) -> list[dict[str, float]]:
     backend = default_backend(sensor)
     out = []
     try:
-        for i in range(count):
+        for _ in range(count):
             t0 = time.perf_counter()
             box = await backend.create()
             t1 = time.perf_counter()
