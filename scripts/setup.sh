@@ -34,6 +34,8 @@ apt_install() {
 # 1. System packages the honeypot needs to build its image and run (libfuse3-3: `sandtrap loadavgfs`'s
 #    libfuse, through the mfusepy package; lxcfs depends on it too).
 PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
+# sandbox.backend: microvm: QEMU (qemu-system-x86, qemu-utils for the overlays), e2fsprogs for `mkfs.ext4 -d`.
+PKGS+=(qemu-system-x86 qemu-utils e2fsprogs iproute2 util-linux)
 if [ "$MODE" = test ]; then
   PKGS+=(openssh-client sshpass tmux openssh-server)
 fi

@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -28,6 +29,7 @@ from sandtrap.outputs.recording import RecordingHealth
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import seccomp
 from sandtrap.sandbox.docker.backend import DockerBackend
+from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.auth import AuthPolicy
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
@@ -53,8 +55,21 @@ def _docker(settings: Settings) -> SandboxBackend:
     return DockerBackend(docker, settings.sandbox, settings.sensor, profile, _planted_files(settings))
 
 
+def cache_dir(settings: Settings) -> Path:
+    """``image.cache_dir``, or ``<data_dir>/cache``: the debootstrap tarball and the VM images."""
+    return Path(settings.image.cache_dir) if settings.image.cache_dir else settings.data_dir / "cache"
+
+
+def _microvm(settings: Settings) -> SandboxBackend:
+    sandbox = settings.sandbox
+    return MicroVMBackend(
+        sandbox.microvm, sandbox, settings.image, cache_dir(settings), settings.data_dir / "microvm",
+        _planted_files(settings),
+    )  # fmt: skip
+
+
 # sandbox.backend -> how to build it from the settings; config.SandboxSettings refuses a name not here.
-BACKENDS: dict[str, Callable[[Settings], SandboxBackend]] = {"docker": _docker}
+BACKENDS: dict[str, Callable[[Settings], SandboxBackend]] = {"docker": _docker, "microvm": _microvm}
 
 
 def build_backend(settings: Settings) -> SandboxBackend:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from sandtrap.config.image import ImageSettings
-from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, SandboxSettings
+from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, MicroVMSettings, SandboxSettings
 from sandtrap.config.sections import (
     DEFAULT_SSH_VERSION,
     APISettings,
@@ -42,6 +42,7 @@ __all__ = [
     "ImageSettings",
     "LimitsSettings",
     "Listen",
+    "MicroVMSettings",
     "RecordingSettings",
     "SSHSettings",
     "SandboxSettings",
