@@ -137,11 +137,12 @@ class MicroVMBackend:
             )
             await connected
             await self._wait_ready(sandbox, directory)
-            ready = time.monotonic() - started
+            sandbox.boot_s = time.monotonic() - started
             await sandbox.take_baseline()
+            sandbox.baseline_s = time.monotonic() - started - sandbox.boot_s
             log.info(
-                "VM %s ready in %.1fs (%s, baseline %.1fs)", record.name, ready, self._accel.name,
-                time.monotonic() - started - ready,
+                "VM %s: sshd ready %.1fs after QEMU's start (%s), baseline in %.1fs", record.name, sandbox.boot_s,
+                self._accel.name, sandbox.baseline_s,
             )  # fmt: skip
             if session:
                 await sandbox.claim(session, src_ip)

@@ -93,6 +93,7 @@ def vm_inputs(image: ImageSettings, guest: GuestFiles) -> str:
 
     feed("box", docker_image.image_inputs(image).encode())
     feed("vm_setup", VM_SETUP.read_bytes())
+    feed("finish", Path(__file__).read_bytes())  # what the host writes into the tree is this module's code
     feed("guest", f"{guest.hostname} {guest.domain} {guest.address} {guest.gateway} {guest.disk_bytes}".encode())
     feed("access_key", guest.access_key)
     for path in sorted(guest.planted):
@@ -336,6 +337,9 @@ def _finish_tree(tree: Path, guest: GuestFiles) -> str:
     fqdn = f"{guest.hostname}.{guest.domain}" if guest.domain else guest.hostname
     address = guest.address.split("/")[0]
     _write(tree / "etc/hostname", f"{guest.hostname}\n".encode(), 0o644)
+    # Empty, as Debian's cloud images ship it: systemd makes the id at first boot (in a VM from QEMU's -uuid,
+    # unique per VM), holds it over the read-only root, and systemd-machine-id-commit writes it once root is rw.
+    _write(tree / "etc/machine-id", b"", 0o444)
     hosts = (
         f"127.0.0.1\tlocalhost\n{address}\t{fqdn} {guest.hostname}\n\n"
         "# The following lines are desirable for IPv6 capable hosts\n"

@@ -67,6 +67,8 @@ class MicroVMSandbox:
         self._sftp: asyncssh.SFTPClient | None = None
         self._lock = asyncio.Lock()
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
+        self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
+        self.baseline_s: float | None = None  # the file listing taken when it was warmed
 
     @property
     def directory(self) -> Path:
