@@ -41,6 +41,16 @@ if [ "$MODE" = test ]; then
 fi
 apt_install "${PKGS[@]}"
 
+# 1b. The unprivileged user QEMU becomes (sandbox.microvm.run_as) once its tap, disk and sockets are open.
+if ! id sandtrap-qemu >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    say "creating the system user sandtrap-qemu (QEMU's, for sandbox.backend: microvm)"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sandtrap-qemu
+  else
+    say "no user sandtrap-qemu (needed by sandbox.backend: microvm): run this as root to create it"
+  fi
+fi
+
 # 2. A Docker engine that answers.
 if ! docker info >/dev/null 2>&1; then
   if ! command -v dockerd >/dev/null 2>&1; then

@@ -94,6 +94,11 @@ async def test_vm_boots_its_own_kernel_in_a_network_with_no_way_out(
     print(f"[microvm] accel {backend.accel.name} ({backend.accel.reason})")
     print(f"[microvm] cold boot to sshd ready: {box.boot_s:.1f}s; baseline listing {box.baseline_s:.1f}s")
 
+    # QEMU itself: the unprivileged user, no capabilities, its syscall filter on.
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {ln.split(":")[0]: ln.split(":", 1)[1].split() for ln in status.splitlines() if ":" in ln}
+    assert fields["Uid"][0] != "0" and fields["CapEff"] == ["0000000000000000"] and fields["Seccomp"] == ["2"], fields
+
     # The guest's own Debian kernel, and its modules directory.
     uname = await run(box, ["uname", "-a"])
     assert uname.ok, uname
@@ -161,7 +166,7 @@ async def test_vm_boots_its_own_kernel_in_a_network_with_no_way_out(
     await asyncio.sleep(5)  # idle
     rss = _status_kib(pid, "VmRSS")
     pss = _rollup_kib(pid, "Pss")
-    print(f"[microvm] QEMU of an idle VM (memory 512m): RSS {rss / 1024:.0f} MiB, PSS {pss / 1024:.0f} MiB")
+    print(f"[microvm] QEMU of an idle VM (memory 512m, tcg_cache 128m): RSS {rss / 1024:.0f} MiB, PSS {pss / 1024:.0f} MiB")
 
     # A restarted honeypot finds it (list_managed), and a QEMU no state directory accounts for is killed.
     again = build_backend(_settings())

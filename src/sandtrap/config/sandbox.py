@@ -134,6 +134,11 @@ class MicroVMSettings(Section):
     """``sandbox.microvm``: what only the QEMU micro-VM backend has (README "Micro-VMs")."""
 
     qemu: str = Field("qemu-system-x86_64", description="the QEMU system emulator (Debian: qemu-system-x86)")
+    run_as: str = Field(
+        "sandtrap-qemu",
+        description="the unprivileged user QEMU becomes once its tap, disk and sockets are open (-runas; made by "
+        "scripts/setup.sh); '' keeps QEMU root (with its syscall filter, but root)",
+    )
     accel: Literal["auto", "kvm", "tcg"] = Field(
         "auto",
         description="auto: KVM where a probe shows it works (/dev/kvm opens and the CPU has vmx or svm), else TCG "
@@ -154,6 +159,11 @@ class MicroVMSettings(Section):
     kernel_cmdline_extra: str = Field(
         "", description="appended to the guest kernel's command line (the guest can read it in /proc/cmdline)"
     )
+    tcg_cache: ByteSize = Field(
+        parse_size("128m"),
+        description="under TCG: each VM's translated-code cache (QEMU's own default, 1 GiB, is most of an idle VM's "
+        "resident memory); smaller saves memory, costs retranslation",
+    )
     console_log_max: ByteSize = Field(
         parse_size("1m"), description="each VM's serial console log stops growing at this size (the rest is dropped)"
     )
@@ -165,6 +175,22 @@ class MicroVMSettings(Section):
             raise ValueError(
                 "must be one line of space-separated kernel parameters without ',' (e.g. 'mitigations=off')"
             )
+        return v
+
+    @field_validator("run_as")
+    @classmethod
+    def _run_as(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v):
+            raise ValueError("must be a user name such as sandtrap-qemu (or '' for root)")
+        if v == "root":
+            raise ValueError("QEMU as root is '' (and not advised); use an unprivileged user such as sandtrap-qemu")
+        return v
+
+    @field_validator("tcg_cache")
+    @classmethod
+    def _tcg_cache(cls, v: int) -> int:
+        if not 16 * 1024 * 1024 <= v <= 4 * 1024 * 1024 * 1024:
+            raise ValueError("must be between 16m and 4g; e.g. 128m")
         return v
 
     @field_validator("memory")

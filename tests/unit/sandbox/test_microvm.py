@@ -52,8 +52,11 @@ def test_qemu_argv_is_bounded_and_sandboxed(tmp_path: Path) -> None:
     argv = qemu.qemu_argv(settings, qemu.Accel("tcg", "test"), _launch(tmp_path))
     joined = " ".join(argv)
     assert argv[argv.index("-m") + 1] == "768M" and argv[argv.index("-smp") + 1] == "2"
-    assert argv[argv.index("-sandbox") + 1].startswith("on,")
-    assert "tcg,thread=multi" in argv and "-nodefaults" in argv
+    assert argv[argv.index("-sandbox") + 1].startswith("on,obsolete=deny,elevateprivileges=allow,spawn=deny")
+    assert argv[argv.index("-runas") + 1] == "sandtrap-qemu"
+    as_root = qemu.qemu_argv(MicroVMSettings(run_as=""), qemu.Accel("tcg", "test"), _launch(tmp_path))
+    assert "-runas" not in as_root and "elevateprivileges=deny" in as_root[as_root.index("-sandbox") + 1]
+    assert "tcg,thread=multi,tb-size=128" in argv and "-nodefaults" in argv
     assert "tap,id=net0,ifname=tap0,script=no,downscript=no" in argv
     assert "user," not in joined and "hostfwd" not in joined  # no user-mode network: nothing NATed
     assert argv[argv.index("-append") + 1].endswith("quiet mitigations=off")
@@ -78,6 +81,12 @@ def test_accel_forced_kvm_without_kvm_names_the_key(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(qemu, "probe_kvm", lambda: (True, "vmx"))
     assert qemu.choose_accel("auto").name == "kvm"
     assert qemu.choose_accel("tcg").name == "tcg"
+
+
+def test_missing_qemu_user_names_the_key() -> None:
+    with pytest.raises(SandboxUnavailable, match=r"sandbox\.microvm\.run_as: user no-such-user-x does not exist"):
+        qemu.check_user(MicroVMSettings(run_as="no-such-user-x"))
+    qemu.check_user(MicroVMSettings(run_as=""))
 
 
 def test_probe_says_no_without_vmx_or_svm(monkeypatch: pytest.MonkeyPatch) -> None:

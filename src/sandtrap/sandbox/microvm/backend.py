@@ -79,6 +79,7 @@ class MicroVMBackend:
         self._net = qemu.GuestNet.from_subnet(sandbox.network_subnet)
         self._inputs = vm_inputs(image, self._guest)
         self._cache_dir = Path(cache_dir)
+        qemu.check_user(settings)
         self._accel = qemu.choose_accel(settings.accel)  # SandboxUnavailable names sandbox.microvm.accel
         if self._accel.name == "tcg":
             log.warning("micro-VMs run under TCG: %s", self._accel.reason)

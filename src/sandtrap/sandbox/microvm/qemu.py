@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -121,6 +122,22 @@ class Launch:
         return self.state_dir / "serial.sock"
 
 
+def check_user(settings: MicroVMSettings) -> None:
+    """``sandbox.microvm.run_as`` must exist (and not be root)."""
+    if not settings.run_as:
+        return
+    try:
+        entry = pwd.getpwnam(settings.run_as)
+    except KeyError:
+        raise SandboxUnavailable(
+            f"sandbox.microvm.run_as: user {settings.run_as} does not exist: run scripts/setup.sh (or useradd "
+            f"--system --no-create-home --shell /usr/sbin/nologin {settings.run_as}), or set run_as: '' to keep "
+            "QEMU root"
+        ) from None
+    if entry.pw_uid == 0:
+        raise SandboxUnavailable(f"sandbox.microvm.run_as: {settings.run_as} has uid 0; use an unprivileged user")
+
+
 def kernel_cmdline(settings: MicroVMSettings) -> str:
     base = "root=/dev/vda ro console=ttyS0,115200 quiet"
     return f"{base} {settings.kernel_cmdline_extra}".strip()
@@ -132,11 +149,15 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         settings.qemu,
         "-name", f"{launch.name},process={launch.name}",
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "q35", "-accel", "kvm" if accel.name == "kvm" else "tcg,thread=multi",
+        "-machine", "q35", "-accel", "kvm" if accel.name == "kvm" else f"tcg,thread=multi,tb-size={settings.tcg_cache >> 20}",
         "-cpu", "host" if accel.name == "kvm" else "max",
         "-m", f"{settings.memory >> 20}M", "-smp", str(settings.vcpus),
         "-uuid", launch.machine_uuid,  # systemd takes the guest's machine-id from it (SMBIOS product uuid)
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        # With -runas QEMU must be allowed setuid once (to drop root); as that user, with no capabilities, it can
+        # never get back. Without it, set*id stays denied.
+        "-sandbox", f"on,obsolete=deny,elevateprivileges={'allow' if settings.run_as else 'deny'},spawn=deny,"
+        "resourcecontrol=deny",
+        *(["-runas", settings.run_as] if settings.run_as else []),
         "-kernel", str(launch.kernel), "-initrd", str(launch.initrd), "-append", kernel_cmdline(settings),
         "-drive", f"file={launch.disk},if=none,id=disk0,format=qcow2,discard=unmap",
         "-device", "virtio-blk-pci,drive=disk0",
