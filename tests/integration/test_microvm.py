@@ -166,7 +166,9 @@ async def test_vm_boots_its_own_kernel_in_a_network_with_no_way_out(
     await asyncio.sleep(5)  # idle
     rss = _status_kib(pid, "VmRSS")
     pss = _rollup_kib(pid, "Pss")
-    print(f"[microvm] QEMU of an idle VM (memory 512m, tcg_cache 128m): RSS {rss / 1024:.0f} MiB, PSS {pss / 1024:.0f} MiB")
+    print(
+        f"[microvm] QEMU of an idle VM (memory 512m, tcg_cache 128m): RSS {rss / 1024:.0f} MiB, PSS {pss / 1024:.0f} MiB"
+    )
 
     # A restarted honeypot finds it (list_managed), and a QEMU no state directory accounts for is killed.
     again = build_backend(_settings())
