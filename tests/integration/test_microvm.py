@@ -15,12 +15,14 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import asyncssh
 import pytest
 from rich.console import Console
 
-from sandtrap.app import _planted_files, build_backend, cache_dir
-from sandtrap.config import Settings
+from sandtrap.app import _planted_files, build_backend, cache_dir, running
+from sandtrap.config import Settings, merge
 from sandtrap.sandbox.base import STDOUT, TermSize, run
 from sandtrap.sandbox.microvm import qemu
 from sandtrap.sandbox.microvm.backend import MicroVMBackend, access_key_path, guest_files
@@ -42,14 +44,13 @@ pytestmark = [
 ]
 
 
-def _settings() -> Settings:
-    return Settings.model_validate(
-        {
-            "storage": {"data_dir": str(DATA)},
-            "image": {"cache_dir": str(ROOT / "data" / "cache")},
-            "sandbox": {"backend": "microvm", "microvm": {"memory": "512m", "vcpus": 1}},
-        }
-    )
+def _settings(overrides: dict[str, Any] | None = None) -> Settings:
+    base: dict[str, Any] = {
+        "storage": {"data_dir": str(DATA)},
+        "image": {"cache_dir": str(ROOT / "data" / "cache")},
+        "sandbox": {"backend": "microvm", "microvm": {"memory": "512m", "vcpus": 1}},
+    }
+    return Settings.model_validate(merge(base, overrides or {}))
 
 
 def _ns(pid: int, *argv: str) -> str:
@@ -209,3 +210,47 @@ def _rollup_kib(pid: int, field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+async def test_honeypot_serves_a_login_into_a_vm(vm_image: tuple[VMImage, float, bool]) -> None:
+    """ssh/ and bridge/ unchanged: an attacker's password login, an exec and a pty shell reach a VM."""
+    overrides: dict[str, Any] = {
+        "ssh": {"listen": "127.0.0.1:0"},
+        "api": {"listen": "127.0.0.1:0"},
+        "sandbox": {"pool_size": 1},
+        "auth": {
+            "credentials": [{"username": "root", "password": "hunter2"}],
+            "accept_all_after": 0,
+            "failure_delay_s": 0,
+            "success_delay_s": 0,
+        },
+    }
+    settings = _settings(overrides)
+    t0 = time.monotonic()
+    async with running(settings) as services:
+        warm_s = time.monotonic() - t0
+        port = services.ssh.port
+        async with asyncssh.connect("127.0.0.1", port, username="root", password="hunter2", known_hosts=None) as client:
+            t1 = time.monotonic()
+            result = await client.run("uname -r; ls -d /lib/modules/$(uname -r)", timeout=120)
+            exec_s = time.monotonic() - t1
+            assert result.exit_status == 0
+            release = str(result.stdout).split()[0]
+            assert release == vm_image[0].release
+            proc = await client.create_process(term_type="xterm", term_size=(80, 24))
+            proc.stdin.write("tty; exit 7\n")
+            out = await asyncio.wait_for(proc.stdout.read(), 120)
+            await proc.wait_closed()
+            assert proc.exit_status == 7 and "/dev/pts/" in str(out)
+    print(f"[microvm] honeypot: pool of 1 warm in {warm_s:.0f}s; login + exec answered in {exec_s:.1f}s")
+    for directory in (DATA / "microvm" / "vms").iterdir():  # released VMs are kept for forensics: not here
+        shutil.rmtree(directory)
+    left = [n for n, pid in qemu.find_qemus("sandtrap-vm-").items() if str(DATA) in _cmdline(pid)]
+    assert left == [], f"QEMUs left running: {left}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
