@@ -219,8 +219,9 @@ class MicroVMBackend:
         return out
 
     async def close(self) -> None:
+        """Close our connections and console copies; the VMs themselves run on (the pool stops what it owns)."""
         for sandbox in list(self._live.values()):
-            await sandbox._close_connection()
+            await sandbox.detach()
         self._live.clear()
 
 

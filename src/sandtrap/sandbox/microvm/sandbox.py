@@ -190,6 +190,15 @@ class MicroVMSandbox:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 5)
 
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it: its SSH connection and the console copy end."""
+        await self._close_connection()
+        if self.console is not None:
+            self.console.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.console
+            self.console = None
+
     async def stop(self) -> None:
         """Sync the guest's disk, quit QEMU (the overlay stays for forensics); harmless twice."""
         if self._is_alive():
@@ -199,12 +208,7 @@ class MicroVMSandbox:
             with contextlib.suppress(SandboxError):
                 await qemu.qmp(self._dir / "qmp.sock", "quit")
             await qemu.kill(self._record.pid, self.name)
-        await self._close_connection()
-        if self.console is not None:
-            self.console.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.console
-            self.console = None
+        await self.detach()
         if self._record.state != "preserved" and self._dir.exists():
             self._record.state, self._record.released = "preserved", VMRecord.now()
             await asyncio.to_thread(state.save, self._dir, self._record)
