@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tarfile
@@ -326,8 +327,6 @@ def _write(path: Path, data: bytes, mode: int, mtime: float | None = None) -> No
     path.write_bytes(data)
     path.chmod(mode)
     if mtime is not None:
-        import os
-
         os.utime(path, (mtime, mtime))
 
 

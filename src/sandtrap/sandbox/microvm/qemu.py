@@ -12,6 +12,7 @@ import logging
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -217,8 +218,6 @@ async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: Gu
 
 
 def _which(tool: str) -> bool:
-    import shutil
-
     return shutil.which(tool) is not None
 
 
