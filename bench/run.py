@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import machine, timeline
-from bench.measures import latency, load
+from bench.measures import kex, latency, load
 from bench.profiles import PySpy, pyinstrument_render, pyinstrument_wrap
 from bench.stats import summary
 from bench.systems import cowrie, openssh
@@ -31,6 +31,8 @@ class Plan:
     auth_rounds: int = 2
     concurrency: int = 8
     per_connection: int = 3  # wrong passwords tried per connection
+    kex_attempts: int = 600  # per system and kex algorithm, OpenSSH's client (bench/measures/kex.py)
+    kex_samples: int = 20  # connect -> logged in, per system and kex algorithm
     latency_samples: int = 50  # connect-to-prompt and exec samples per system
     keystrokes: int = 200
     bulk_bytes: int = 20_000_000
@@ -45,7 +47,7 @@ class Plan:
 
 
 QUICK = Plan(
-    auth_attempts=24, auth_rounds=1, latency_samples=4, keystrokes=20, bulk_bytes=2_000_000, bulk_repeats=1,
+    auth_attempts=24, auth_rounds=1, kex_attempts=60, kex_samples=4, latency_samples=4, keystrokes=20, bulk_bytes=2_000_000, bulk_repeats=1,
     sessions_sandtrap=8, sessions_other=4, session_checkpoints=2, session_idle_s=1.0, cold_creations=2,
     pool_size=4, max_sandboxes=30,
 )  # fmt: skip
@@ -143,6 +145,19 @@ async def run(plan: Plan, work: Path, profile: str | None, max_wait_quiet_s: flo
                         f"  {s.name}: {row['attempts']} attempts in {row['wall_s']:.1f}s, server CPU {row['server_cpu_s']:.2f}s"
                     )
                     await st.settle(60)
+
+        async with phases("kex"):  # OpenSSH's default kex (sntrup761) next to curve25519, its own client
+            raw["kex"] = {}
+            for s in (st, by_name["openssh"]):
+                rows = await kex.compare(s, plan.kex_attempts, plan.concurrency, plan.per_connection, plan.kex_samples)
+                raw["kex"][s.name] = rows
+                log(
+                    f"  {s.name}: attempts per server CPU-second "
+                    + ", ".join(f"{k} {rows[k]['per_cpu_s'] or 0:.0f}" for k in kex.KEX_COMPARED)
+                    + "; connect -> logged in p50 "
+                    + ", ".join(f"{k} {rows[k]['auth_ms_p50'] or 0:.0f} ms" for k in kex.KEX_COMPARED)
+                )
+                await st.settle(60)
 
         async with phases("latency"):
             window = [now_iso()]

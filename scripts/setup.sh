@@ -37,7 +37,7 @@ PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
 # sandbox.backend: microvm: QEMU (qemu-system-x86, qemu-utils for the overlays), e2fsprogs for `mkfs.ext4 -d`.
 PKGS+=(qemu-system-x86 qemu-utils e2fsprogs iproute2 util-linux)
 if [ "$MODE" = test ]; then
-  PKGS+=(openssh-client sshpass tmux openssh-server)
+  PKGS+=(openssh-client sshpass tmux openssh-server nmap telnet curl)  # nmap: the fingerprint test runs ssh2-enum-algos
 fi
 apt_install "${PKGS[@]}"
 

@@ -7,9 +7,10 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from fastapi import FastAPI
 
@@ -17,25 +18,29 @@ from sandtrap.api.app import create_app
 from sandtrap.api.deps import ApiDeps
 from sandtrap.api.server import ApiServer, check_exposure
 from sandtrap.bridge.artifacts import ArtifactStore
-from sandtrap.bridge.connection import Hub
+from sandtrap.bridge.auth import AuthPolicy
+from sandtrap.bridge.connection import Hub, ServiceBounds
 from sandtrap.bridge.sessions import Prepared, SessionManager
-from sandtrap.config import Settings
+from sandtrap.bridge.stream import RawService
+from sandtrap.config import ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
 from sandtrap.outputs.recording import RecordingHealth
+from sandtrap.raw.tcp import TCPFrontEnd
+from sandtrap.raw.udp import UDPFrontEnd
 from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import seccomp
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.pool import Pool, Progress
-from sandtrap.ssh.auth import AuthPolicy
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
 from sandtrap.ssh.server import ServerContext, SSHFrontEnd
 from sandtrap.storage.migrate import upgrade
 from sandtrap.storage.repository import Repository
+from sandtrap.telnet.server import TelnetContext, TelnetFrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,51 @@ def build_backend(settings: Settings) -> SandboxBackend:
     return build(settings)
 
 
+class Listener(Protocol):
+    """A front end other than SSH's (telnet, raw tcp/udp): started, asked its port, closed."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _bounds(service: ServiceSettings) -> ServiceBounds:
+    return ServiceBounds(service.name, service.session.timeout_seconds, service.session.max_bytes)
+
+
+def _raw(service: ServiceSettings) -> RawService:
+    assert service.target_port is not None  # config: tcp/udp services have one
+    return RawService(
+        service.name,
+        service.protocol,
+        service.target_port,
+        pcap=service.capture.pcap,
+        metadata=service.capture.metadata,
+        max_bytes=service.session.max_bytes,
+        timeout_s=service.session.timeout_seconds,
+        idle_timeout_s=service.session.idle_timeout_seconds or 60.0,
+    )
+
+
+def build_listeners(settings: Settings, hub: Hub, policy: AuthPolicy) -> dict[str, Listener]:
+    """Every configured listener but SSH's (the SSH front end is built on its own: it has the host keys)."""
+    out: dict[str, Listener] = {}
+    for service in settings.listeners():
+        if service.persona or service.image:
+            log.warning("service %s: persona/image are not applied yet; its box is sandbox.docker.image", service.name)
+        if service.protocol == "telnet":
+            ctx = TelnetContext(hub, settings.telnet, policy, settings.sandbox.hostname, _bounds(service))
+            out[service.name] = TelnetFrontEnd(ctx, service.address)
+        elif service.protocol == "tcp":
+            out[service.name] = TCPFrontEnd(hub, _raw(service), service.address)
+        elif service.protocol == "udp":
+            out[service.name] = UDPFrontEnd(hub, _raw(service), service.address)
+    return out
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -95,6 +145,13 @@ class Services:
     metrics: MetricsSink | None = None
     api_app: FastAPI | None = None
     api: ApiServer | None = None
+    listeners: dict[str, Listener] = field(default_factory=dict)  # telnet, tcp, udp services by name
+
+    def port(self, service: str) -> int:
+        """The port a service listens on (its configured one, or the one port 0 got)."""
+        if service in self.listeners:
+            return self.listeners[service].port
+        return self.ssh.port
 
 
 @contextlib.asynccontextmanager
@@ -152,8 +209,14 @@ async def running(
         sensor_uuid=uuid,
         health=recording,
     )
-    ctx = ServerContext(hub, settings.ssh, settings.auth, AuthPolicy(settings.auth))
+    policy = AuthPolicy(settings.auth)  # one policy: a password tried over telnet counts for SSH too
+    services = settings.listeners()
+    ssh_service = next((s for s in services if s.protocol == "ssh"), None)
+    ctx = ServerContext(hub, settings.ssh, settings.auth, policy, _bounds(ssh_service) if ssh_service else None)
     ssh = SSHFrontEnd(ctx, settings.data_dir)
+    listeners = build_listeners(settings, hub, policy)
+    # A raw service proxies into the box its IP's logins get: boxes are shared per source IP (ip_ttl_s).
+    manager.share_by_ip = any(s.is_raw for s in services)
     api_deps = ApiDeps(
         settings,
         repository,
@@ -169,14 +232,32 @@ async def running(
     try:
         await backend.ping()
         await pool.start(progress)
-        await ssh.start()
+        if ssh_service is not None:
+            await ssh.start()
+        for listener in listeners.values():
+            await listener.start()
         await api.start()
         yield Services(
-            settings, backend, pool, bus, manager, ssh, database, repository, jsonlog, ctx, metrics, api_app, api
+            settings,
+            backend,
+            pool,
+            bus,
+            manager,
+            ssh,
+            database,
+            repository,
+            jsonlog,
+            ctx,
+            metrics,
+            api_app,
+            api,
+            listeners,
         )
     finally:
         log.info("shutting down: closing listeners, stopping sandboxes")
         await asyncio.shield(api.close())
+        for listener in listeners.values():
+            await asyncio.shield(listener.close())
         await asyncio.shield(ssh.close())
         await asyncio.shield(hub.drain())
         await asyncio.shield(manager.close())

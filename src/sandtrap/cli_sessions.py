@@ -97,6 +97,7 @@ def list_sessions(
     username: Annotated[str | None, typer.Option(help="exact user name")] = None,
     command: Annotated[str | None, typer.Option(help="substring of any command")] = None,
     has_commands: Annotated[bool, typer.Option("--has-commands", help="only sessions that ran commands")] = False,
+    service: Annotated[str | None, typer.Option(help="the listener's name (ssh, telnet, http, ...)")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
     config: ConfigOption = None,
@@ -116,6 +117,7 @@ def list_sessions(
                 username=username,
                 command=command,
                 has_commands=True if has_commands else None,
+                service=service,
                 limit=limit,
             )
     except SandtrapError as exc:
@@ -127,13 +129,14 @@ def list_sessions(
     table = Table(title=f"sessions ({len(rows)})")
     table.add_column("session", no_wrap=True, min_width=12)
     table.add_column("started (UTC)", no_wrap=True)
-    for col in ("source", "user", "login", "cmds", "files", "duration", "closed"):
+    for col in ("source", "service", "user", "login", "cmds", "files", "duration", "closed"):
         table.add_column(col)
     for r in rows:
         table.add_row(
             r.id,
             _when(r.started_at),
             f"{r.src_ip}:{r.src_port}",
+            visible(r.service or r.protocol, 32),
             visible(r.username, 32),
             "yes" if r.login_success else "no",
             str(r.commands_count),
@@ -297,6 +300,7 @@ def stats(s: Settings, top: int, since: str | None) -> None:
         ("usernames", st.top_usernames),
         ("passwords", st.top_passwords),
         ("source IPs", st.top_src_ips),
+        ("services", st.sessions_per_service),
         ("commands", st.top_commands),
         ("client versions", st.top_client_versions),
     ]

@@ -57,6 +57,11 @@ HONEYTOKEN_ISSUED = "sandtrap.honeytoken.issued"
 HONEYTOKEN_READ = "sandtrap.honeytoken.read"
 SFTP_REQUEST = "sandtrap.sftp.request"
 SCP_FILE = "sandtrap.scp.file"
+TELNET_ANOMALY = "sandtrap.telnet.anomaly"
+TELNET_CLIENT = "sandtrap.telnet.client"
+STREAM_OPEN = "sandtrap.stream.open"
+STREAM_INPUT = "sandtrap.stream.input"
+STREAM_CLOSED = "sandtrap.stream.closed"
 
 CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     SESSION_CONNECT: (
@@ -116,6 +121,14 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     HONEYTOKEN_ISSUED: (("kind", "path", "value"), "honeytoken {kind} planted at {path}"),
     HONEYTOKEN_READ: (("kind", "path"), "honeytoken {kind} at {path} was opened"),
     SCP_FILE: (("channel", "kind", "filename", "size", "mode"), "scp upload of {kind} {filename} ({size} bytes)"),
+    TELNET_ANOMALY: (("kind", "detail"), "telnet: {kind} ({detail})"),
+    TELNET_CLIENT: (("ttype", "tspeed", "xdisploc", "options"), "telnet client: terminal {ttype}"),
+    STREAM_OPEN: (("target_port", "transport", "stream"), "{transport} stream to the box's port {target_port}"),
+    STREAM_INPUT: (("input", "size"), "stream input: {input}"),
+    STREAM_CLOSED: (
+        ("target_port", "bytes_in", "bytes_out", "stream", "shasum", "reason"),
+        "stream to port {target_port} closed: {bytes_in} bytes in, {bytes_out} out ({reason})",
+    ),
 }
 
 
@@ -230,9 +243,12 @@ class Emitter:
         dst_ip: str,
         dst_port: int,
         uuid: str = "",
+        protocol: str = "ssh",
+        service: str = "",
     ):
         self._bus = bus
         self.envelope: dict[str, Any] = {
+            "protocol": protocol,
             "sensor": sensor,
             "uuid": uuid,
             "session": session,
@@ -241,6 +257,8 @@ class Emitter:
             "dst_ip": dst_ip,
             "dst_port": dst_port,
         }
+        if service:  # the listener's name (config `services`): e.g. http for a tcp service on 8081
+            self.envelope["service"] = service
 
     @property
     def session(self) -> str:
@@ -254,3 +272,12 @@ class Emitter:
         event = Event(eventid=eventid, message=_safe_format(template, values), **values)
         self._bus.emit(event)
         return event
+
+
+def cowrie_dict(event: Event) -> dict[str, Any]:
+    """The event as Cowrie's JSON log has it: envelope plus fields, ``timestamp`` in ``...Z`` form."""
+    data = event.model_dump(mode="json")
+    # Cowrie 2.x names next to 3.x's where they differ (T-Pot and most dashboards read 2.x).
+    if "duration_ms" in data and "duration" not in data:
+        data["duration"] = f"{data['duration_ms'] / 1000:.1f}"
+    return data

@@ -33,6 +33,7 @@ import httpx
 import psutil
 import pytest
 from asyncssh.packet import Boolean, String
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sandtrap.events import (
     CHANNEL_EXEC,
@@ -44,6 +45,9 @@ from sandtrap.events import (
     SESSION_CLOSED,
     SESSION_CONNECT,
 )
+from sandtrap.logs import RateLimited
+from sandtrap.ssh import server as ssh_server
+from sandtrap.ssh import wire as ssh_wire
 
 from sshclient import asyncssh_options as client_options
 
@@ -285,8 +289,8 @@ def name_list(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
-def kexinit(lists: list[bytes] | None = None, follows: int = 0, trailer: bytes = b"\0\0\0\0") -> bytes:
-    base = [
+def kexinit_lists() -> list[bytes]:
+    return [
         b"curve25519-sha256,ext-info-c",
         b"ssh-ed25519,rsa-sha2-256",
         b"aes128-ctr",
@@ -298,7 +302,10 @@ def kexinit(lists: list[bytes] | None = None, follows: int = 0, trailer: bytes =
         b"",
         b"",
     ]
-    lists = lists or base
+
+
+def kexinit(lists: list[bytes] | None = None, follows: int = 0, trailer: bytes = b"\0\0\0\0") -> bytes:
+    lists = lists or kexinit_lists()
     return bytes([20]) + os.urandom(16) + b"".join(name_list(x) for x in lists) + bytes([follows]) + trailer
 
 
@@ -968,3 +975,115 @@ async def test_status_and_metrics_answer_during_a_flood(honeypot: Honeypot) -> N
     assert status.status_code == 200, status.text
     assert metrics.status_code == 200
     assert "sandtrap_sessions_active" in metrics.text
+
+
+# -- 7. post-quantum key exchange and KEXINIT floods -------------------------------------------------------------
+SNTRUP_PUBLIC_BYTES = 1158
+STRICT_KEXINIT = kexinit([b"curve25519-sha256,ext-info-c,kex-strict-c-v00@openssh.com", *kexinit_lists()[1:]])
+
+
+def sntrup_init(client_pub: bytes, alg: bytes = b"sntrup761x25519-sha512@openssh.com") -> bytes:
+    """Identification, a KEXINIT offering only ``alg`` (strict kex), and a KEX_ECDH_INIT carrying ``client_pub``."""
+    lists = [alg + b",ext-info-c,kex-strict-c-v00@openssh.com", *kexinit_lists()[1:]]
+    return IDENT + packet(kexinit(lists)) + packet(b"\x1e" + name_list(client_pub))
+
+
+def x25519_public() -> bytes:
+    return X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+
+def plain_messages(data: bytes) -> list[str]:
+    """The server's cleartext after its identification line (``Raw.received``): message types (DISCONNECT with
+    its reason), up to its NEWKEYS; what follows is encrypted."""
+    out: list[str] = []
+    pos = 0
+    while pos + 5 <= len(data):
+        length, padding = struct.unpack_from(">IB", data, pos)
+        payload = data[pos + 5 : pos + 4 + length - padding]
+        pos += 4 + length
+        if not payload:
+            break
+        if payload[0] == 1:
+            (n,) = struct.unpack_from(">I", payload, 5)
+            out.append(f"DISCONNECT {payload[9 : 9 + n].decode(errors='replace')}")
+        elif payload[0] == 3:
+            out.append(f"UNIMPLEMENTED {struct.unpack_from('>I', payload, 1)[0]}")
+        else:
+            out.append(str(payload[0]))
+        if payload[0] == 21:
+            out.append("encrypted" if pos < len(data) else "")
+            break
+    return out
+
+
+async def test_sntrup761_abuse_and_kexinit_floods_get_sshds_answer_a_record_and_no_crash(
+    honeypot: Honeypot, logtap: LogTap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ssh/wire.py answers here is checked against the real sshd, case by case, in test_sshd_fingerprint.py;
+    this test sends each many times, with the heartbeat running, and checks the record and the log."""
+    # Fresh rate limits: earlier tests in this process may have used this minute's line of each kind.
+    monkeypatch.setattr(ssh_server, "refusals", RateLimited(ssh_server.log))
+    monkeypatch.setattr(ssh_wire, "refusals", RateLimited(ssh_wire.log))
+    hp = await honeypot(**OVERRIDES)
+    port = hp.port
+    base = rss()
+    mark = len(logtap.records)
+    kexinit_only = ["20"]
+    cases: list[tuple[str, bytes, list[str]]] = []
+    for _ in range(5):
+        cases += [
+            ("truncated key", sntrup_init(os.urandom(SNTRUP_PUBLIC_BYTES - 1) + x25519_public()), kexinit_only),
+            ("oversized key", sntrup_init(os.urandom(SNTRUP_PUBLIC_BYTES + 1) + x25519_public()), kexinit_only),
+            ("huge key", sntrup_init(os.urandom(30000)), kexinit_only),
+            ("empty key", sntrup_init(b""), kexinit_only),
+            ("sntrup part only", sntrup_init(os.urandom(SNTRUP_PUBLIC_BYTES), b"sntrup761x25519-sha512"), kexinit_only),
+            ("all-zero key", sntrup_init(bytes(SNTRUP_PUBLIC_BYTES + 32)), kexinit_only),
+            # A key of the right size is any key (the specification decodes every byte string): the server
+            # answers; the client cannot decapsulate, so its NEWKEYS and what follows are garbage to the server.
+            (
+                "garbage key, garbage ciphertext after",
+                sntrup_init(os.urandom(SNTRUP_PUBLIC_BYTES) + x25519_public()) + packet(b"\x15") + os.urandom(4096),
+                ["20", "31", "21", "encrypted"],
+            ),
+            (
+                "strict KEXINIT flood",
+                IDENT + packet(STRICT_KEXINIT) * 2000,
+                ["20", "DISCONNECT strict KEX violation: unexpected packet type 20 (seqnr 1)"],
+            ),
+            (
+                "KEXINIT flood",
+                IDENT + packet(kexinit()) * 300,
+                ["20", *(f"UNIMPLEMENTED {seq}" for seq in range(1, 300))],
+            ),
+        ]
+    # No half-close: sshd answers everything sent before an EOF, asyncssh closes at once (see README).
+    # The non-strict flood's connection stays open (as sshd's does) until the login grace time.
+    async with Heartbeat(port).running() as beat:
+        replies = await asyncio.gather(
+            *(raw_case(port, data, half_close=False, timeout_s=LOGIN_GRACE_S + 10) for _, data, _ in cases)
+        )
+        alive_s = await exec_ok(port)
+    results = [(name, reply, expected) for (name, _, expected), reply in zip(cases, replies, strict=True)]
+    beat.check(min_beats=1)
+    grown = rss() - base
+    print(
+        f"\n[fuzz] sntrup761 and KEXINIT floods: {len(results)} cases; heartbeat {beat.beats} answers, "
+        f"worst {beat.worst_s:.2f}s; new login after {alive_s:.1f}s; RSS growth {mib(grown)}"
+    )
+    wrong = [(name, plain_messages(r.received)) for name, r, want in results if plain_messages(r.received) != want]
+    assert not wrong, wrong
+    assert all(r.closed_by_server for _, r, _ in results)
+    records = await wait_closed_events(hp, [r.src_port for _, r, _ in results])
+    assert set(records.values()) == {1}, records
+    closed = {e.get("src_port"): e for e in hp.events(SESSION_CLOSED)}
+    sessions = {e.get("src_port"): e.session for e in hp.events(SESSION_CONNECT)}
+    reasons = {name: closed[r.src_port].get("reason") for name, r, _ in results if r.src_port in sessions}
+    assert str(reasons["truncated key"]).startswith("error:"), reasons
+    assert str(reasons["strict KEXINIT flood"]).startswith("error: strict KEX violation"), reasons
+    lines = logtap.lines(mark)
+    assert any("ended before login" in line for line in lines), lines
+    assert any("refused as sshd refuses it: strict KEX violation" in line for line in lines), lines
+    assert len(lines) <= len(results), "more than one log line per case:\n" + "\n".join(lines[:50])
+    await settle(hp)
+    assert_json_log_is_clean(hp)
+    assert grown < RSS_GROWTH_LIMIT, mib(grown)

@@ -24,6 +24,7 @@ import pytest
 from sandtrap.events import (
     CHANNEL_EXEC,
     CHANNEL_SUBSYSTEM,
+    CLIENT_FINGERPRINT,
     CLIENT_SIZE,
     COMMAND_INPUT,
     DIRECT_TCPIP_REQUEST,
@@ -36,6 +37,7 @@ from sandtrap.events import (
     Event,
 )
 from sandtrap.sandbox.docker import engine
+from sandtrap.ssh.algorithms import OPENSSH_KEX_ALGS
 
 from sshclient import free_port, remote, run, scp_argv, sftp_argv, ssh_argv, started, stop, tmux_session
 
@@ -377,3 +379,44 @@ async def test_connection_over_the_per_ip_limit_is_closed_and_the_first_keeps_wo
             assert await first.wait() == 0
     assert len(hp.events(LOGIN_SUCCESS)) == 1
     assert len(hp.events(SANDBOX_ASSIGNED)) == 1
+
+
+# -- 7. the key exchanges and auth methods sshd offers ----------------------------------------------------
+async def test_every_kex_sshd_offers_logs_in_one_at_a_time(honeypot: Honeypot) -> None:
+    """OpenSSH's client with ``-o KexAlgorithms=X`` for each X of sshd's list, both sntrup761 names included:
+    its sntrup761 decapsulates what ssh/sntrup761.py encapsulated, or the keys would not match."""
+    hp = await honeypot(sandbox={"pool_size": 2})
+    for alg in OPENSSH_KEX_ALGS:
+        r = await run(ssh_argv(hp.port, "echo logged-in", options=["-o", f"KexAlgorithms={alg}"], log_level="DEBUG"))
+        assert r.returncode == 0 and r.out == "logged-in\n", (alg, r.err[-2000:])
+        assert f"debug1: kex: algorithm: {alg}\n" in r.err.replace("\r", ""), alg
+    assert len(hp.events(LOGIN_SUCCESS)) == len(OPENSSH_KEX_ALGS)
+
+
+async def test_default_client_negotiates_sntrup761(honeypot: Honeypot) -> None:
+    hp = await honeypot()
+    r = await run(ssh_argv(hp.port, "true", log_level="DEBUG"))
+    assert r.returncode == 0, r.err[-2000:]
+    assert "debug1: kex: algorithm: sntrup761x25519-sha512\n" in r.err.replace("\r", "")
+
+
+async def test_host_bound_public_key_is_accepted_and_recorded(honeypot: Honeypot, tmp_path: Path) -> None:
+    """OpenSSH signs with publickey-hostbound-v00@openssh.com once EXT_INFO announces it, as sshd does."""
+    hp = await honeypot(auth={"accept_publickey": True})
+    key = tmp_path / "id_ed25519"
+    await run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(key)])
+    argv = [
+        *("ssh", "-F", "/dev/null", "-vvv", "-p", str(hp.port), "-i", str(key)),
+        *("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"),
+        *("-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "PasswordAuthentication=no"),
+        *("root@127.0.0.1", "id -un"),
+    ]
+    r = await run(argv)
+    assert r.returncode == 0 and r.out == "root\n", r.err[-3000:]
+    assert "publickey-hostbound@openssh.com=<0>" in r.err
+    assert "using publickey-hostbound-v00@openssh.com with ED25519" in r.err
+    fingerprint = (await run(["ssh-keygen", "-l", "-E", "sha256", "-f", f"{key}.pub"])).out.split()[1]
+    (offered,) = hp.events(CLIENT_FINGERPRINT)
+    assert offered.get("fingerprint_sha256") == fingerprint
+    (ok,) = await hp.wait_for(LOGIN_SUCCESS)
+    assert (ok.get("method"), ok.get("fingerprint_sha256")) == ("publickey", fingerprint)

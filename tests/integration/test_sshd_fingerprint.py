@@ -1,9 +1,10 @@
 """sandtrap against Debian's real sshd, side by side: what a scanner sees before it logs in.
 
 A raw socket client (no SSH library) reads each server's identification line and KEXINIT, and sends
-the probes honeypot scanners use. Where asyncssh cannot answer like OpenSSH 9.2p1, the difference is
-written down here, with why, and asserted exactly: the test fails when a difference appears, goes
-away or changes, so README's "SSH fingerprint" table stays true.
+the probes honeypot scanners use, and malformed key exchanges. Both servers must answer each alike,
+byte for byte, and close alike: a reset (input left unread) is not a FIN. There is no list of known
+differences: any difference fails the test. ``ssh/wire.py`` bends asyncssh's internals for this;
+``tests/unit/ssh/test_asyncssh_internals.py`` fails first if an asyncssh upgrade moves them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -20,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sandtrap.config import DEFAULT_SSH_VERSION
-from sandtrap.ssh.algorithms import KEX_ALGS
+from sandtrap.ssh.algorithms import ENCRYPTION_ALGS, HOST_KEY_ALGS, MAC_ALGS, OPENSSH_KEX_ALGS
 from sandtrap.ssh.kex import KexInit, parse_kexinit
 
 from sshd import RealSSHD, real_sshd
@@ -34,70 +38,13 @@ CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n"
 IO_TIMEOUT_S = 10.0
 PROBE_WAIT_S = 3.0  # how long a probe listens; real sshd's LoginGraceTime is 120 s, so "open" means open at 3 s
 MSG_DISCONNECT = 1
+MSG_UNIMPLEMENTED = 3
 MSG_KEXINIT = 20
+MSG_NEWKEYS = 21
+MSG_KEX_DH_GEX_GROUP = 31  # also KEX_ECDH_REPLY: told apart by its shape (name_is_gex)
+MSG_KEX_ECDH_INIT = 30
 
-# -- documented differences --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ListDifference:
-    """How sandtrap's list differs from real sshd's, exactly."""
-
-    why: str
-    only_real: tuple[str, ...] = ()
-    only_sandtrap: tuple[str, ...] = ()
-    sandtrap_order: tuple[str, ...] | None = None  # the shared names in sandtrap's order, when it differs
-
-
-@dataclass(frozen=True)
-class ReplyDifference:
-    """What each server answers to a probe, when the answers differ."""
-
-    why: str
-    real: tuple[str, ...]
-    sandtrap: tuple[str, ...]
-
-
-SNTRUP_WHY = (
-    "asyncssh implements sntrup761x25519-sha512 only through liboqs, which Debian bookworm does not package "
-    "and sandtrap does not install; OpenSSH 9.2 carries its own sntrup761 and offers it first."
-)
-HAS_SNTRUP = "sntrup761x25519-sha512" in KEX_ALGS  # offered as soon as asyncssh finds liboqs
-
-# KEXINIT name-lists (server-to-client and client-to-server are the same lists in both servers).
-KNOWN_DIFFERENCES: dict[str, ListDifference] = {
-    "kex": ListDifference(
-        why=SNTRUP_WHY,
-        only_real=() if HAS_SNTRUP else ("sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com"),
-    ),
-}
 KEXINIT_FIELDS = ("kex", "host_key", "enc_cs", "enc_sc", "mac_cs", "mac_sc", "comp_cs", "comp_sc", "lang_cs", "lang_sc")
-HASSH_SERVER_FIELDS = ("kex", "enc_sc", "mac_sc", "comp_sc")
-
-# How the KEXINIT packet itself is framed.
-KNOWN_FRAMING_DIFFERENCES: dict[str, tuple[object, object, str]] = {}
-
-KNOWN_PROBE_DIFFERENCES: dict[str, ReplyDifference] = {}
-
-# What OpenSSH's own client reports about the server in its debug log (ssh -vvv), up to authentication.
-REAL_SERVER_SIG_ALGS = (
-    "ssh-ed25519,sk-ssh-ed25519@openssh.com,ecdsa-sha2-nistp256,ecdsa-sha2-nistp384,ecdsa-sha2-nistp521,"
-    "sk-ecdsa-sha2-nistp256@openssh.com,webauthn-sk-ecdsa-sha2-nistp256@openssh.com,ssh-dss,ssh-rsa,"
-    "rsa-sha2-256,rsa-sha2-512"
-)
-KNOWN_CLIENT_VIEW_DIFFERENCES: dict[str, tuple[str, str, str]] = {
-    "algorithm": (
-        "sntrup761x25519-sha512",
-        "sntrup761x25519-sha512" if HAS_SNTRUP else "curve25519-sha256",
-        SNTRUP_WHY,
-    ),
-    "ext_info": (
-        f"server-sig-algs=<{REAL_SERVER_SIG_ALGS}>; publickey-hostbound@openssh.com=<0>",
-        f"server-sig-algs=<{REAL_SERVER_SIG_ALGS}>",
-        "asyncssh does not implement the publickey-hostbound-v00@openssh.com auth method, so sandtrap does not "
-        "announce it: OpenSSH clients would then sign agent keys for a method the server cannot check.",
-    ),
-}
 
 # -- the raw client ----------------------------------------------------------------------------
 
@@ -180,7 +127,7 @@ class Reply:
     after_s: float
 
     def summary(self, banner: bytes) -> tuple[str, ...]:
-        return (*describe(self.data, banner), "closed" if self.closed else "open")
+        return (*describe(self.data, banner), "reset" if self.reset else "closed" if self.closed else "open")
 
 
 def describe(data: bytes, banner: bytes) -> list[str]:
@@ -216,9 +163,24 @@ def describe(data: bytes, banner: bytes) -> list[str]:
             out.append(f"DISCONNECT {code} {reason!r} {lang!r}")
         elif payload[0] == MSG_KEXINIT:
             out.append("KEXINIT")
+        elif payload[0] == MSG_NEWKEYS:  # the rest is encrypted: its length (same cipher, same messages) only
+            out += ["NEWKEYS", f"encrypted {len(data) - pos} bytes"]
+            break
+        elif payload[0] == MSG_KEX_DH_GEX_GROUP and name_is_gex(payload):
+            (n,) = struct.unpack_from(">I", payload, 1)
+            out.append(f"GEX group of {int.from_bytes(payload[5 : 5 + n], 'big').bit_length()} bits")
+        elif payload[0] == MSG_UNIMPLEMENTED:
+            out.append(f"UNIMPLEMENTED seq {struct.unpack_from('>I', payload, 1)[0]}")
         else:
             out.append(f"message {payload[0]}")
     return out
+
+
+def name_is_gex(payload: bytes) -> bool:
+    """A KEX_DH_GEX_GROUP is two mpints (p, then g = 2 or 5) and nothing else; a KEX_ECDH_REPLY is not."""
+    (n,) = struct.unpack_from(">I", payload, 1)
+    rest = payload[5 + n :]
+    return len(rest) in (5, 6) and rest[:4] == b"\0\0\0\x01" and rest[4:] in (b"\x02", b"\x05")
 
 
 async def probe(port: int, send: bytes, wait_s: float = PROBE_WAIT_S) -> Reply:
@@ -245,6 +207,24 @@ async def probe(port: int, send: bytes, wait_s: float = PROBE_WAIT_S) -> Reply:
     return Reply(bytes(data), closed, reset, round(time.monotonic() - started, 2))
 
 
+def kex_ecdh_init(client_pub: bytes) -> bytes:
+    """SSH_MSG_KEX_ECDH_INIT (30): the client's key of a curve25519 or sntrup761x25519 exchange."""
+    return plain_packet(bytes([MSG_KEX_ECDH_INIT]) + struct.pack(">I", len(client_pub)) + client_pub)
+
+
+def x25519_public() -> bytes:
+    return X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+
+SNTRUP = "sntrup761x25519-sha512@openssh.com"
+SNTRUP_PUBLIC_BYTES = 1158
+
+
+def sntrup_client(kex_alg: str, client_pub: bytes) -> bytes:
+    kexinit = client_kexinit(kex=(kex_alg, "ext-info-c", "kex-strict-c-v00@openssh.com"))
+    return CLIENT_BANNER + kexinit + kex_ecdh_init(client_pub)
+
+
 PROBES: dict[str, bytes] = {
     "no-banner": b"",
     "bad-version": b"SSH-1337-x\r\n",
@@ -252,9 +232,63 @@ PROBES: dict[str, bytes] = {
     "blank-line-flood": b"\r\n" * 200 + CLIENT_BANNER,
     "doubled-banner": CLIENT_BANNER * 2,
     "http-request": b"GET / HTTP/1.0\r\n\r\n",
+    "http-request-1.1": b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n",
+    "slash-lines": b"/\r\n" * 7,
+    "one-bad-line-all-read": b"/\r\n",
+    "cr-inside-line": b"SSH-2.0-x\ry\r\n",
+    "nul-in-line": b"SSH-2.0-x\0y\r\nmore",
     "no-common-kex": CLIENT_BANNER + client_kexinit(kex=("diffie-hellman-group1-sha1",)),
     "sha1-rsa-host-key-only": CLIENT_BANNER + client_kexinit(host_key=("ssh-rsa",)),
+    "aead-cipher-no-common-mac": CLIENT_BANNER
+    + client_kexinit(enc=("chacha20-poly1305@openssh.com",), mac=("hmac-md5",)),
+    "kexinit-flood": CLIENT_BANNER + client_kexinit() * 50,
+    "kexinit-twice-no-strict": CLIENT_BANNER + client_kexinit(kex=("curve25519-sha256", "ext-info-c")) * 2,
+    "curve25519-garbage-then-more": CLIENT_BANNER + client_kexinit() + kex_ecdh_init(os.urandom(32)) + os.urandom(64),
+    "sntrup-zero-key": sntrup_client(SNTRUP, bytes(SNTRUP_PUBLIC_BYTES + 32)),
+    "sntrup-truncated-key": sntrup_client(SNTRUP, os.urandom(SNTRUP_PUBLIC_BYTES - 1) + x25519_public()),
+    "sntrup-oversized-key": sntrup_client(SNTRUP, os.urandom(SNTRUP_PUBLIC_BYTES + 1) + x25519_public()),
+    "sntrup-empty-key": sntrup_client(SNTRUP, b""),
+    "sntrup-pq-part-only": sntrup_client("sntrup761x25519-sha512", os.urandom(SNTRUP_PUBLIC_BYTES)),
+    "sntrup-garbage-key": sntrup_client("sntrup761x25519-sha512", os.urandom(SNTRUP_PUBLIC_BYTES) + x25519_public()),
+    "sntrup-init-before-kexinit": CLIENT_BANNER + kex_ecdh_init(os.urandom(SNTRUP_PUBLIC_BYTES + 32)),
 }
+# Many more cases, each compared the same way but all at once in one test (test_probe_matrix_matches_real_sshd).
+MATRIX: dict[str, bytes] = {}
+# Packets before encryption: sshd skips IGNORE/DEBUG/UNIMPLEMENTED unparsed, answers an unknown transport
+# message with UNIMPLEMENTED, refuses types 0 and >= 192, and under strict kex refuses all it does not wait for.
+for _type in (2, 4, 5, 20, 21, 31, 34, 50, 200):
+    _body = plain_packet(bytes([_type]) + bytes(12))
+    MATRIX[f"type-{_type}-first"] = CLIENT_BANNER + _body
+    MATRIX[f"type-{_type}-after-kexinit"] = CLIENT_BANNER + client_kexinit() + _body
+    MATRIX[f"type-{_type}-after-kexinit-no-strict"] = (
+        CLIENT_BANNER + client_kexinit(kex=("curve25519-sha256", "ext-info-c")) + _body
+    )
+    MATRIX[f"type-{_type}-after-kex-init"] = (
+        CLIENT_BANNER + client_kexinit(enc=("aes128-ctr",)) + kex_ecdh_init(x25519_public()) + _body
+    )
+# Group exchange: sshd's bounds (2048..8192 bits) and its choice of size; the old single-size request is unknown to it.
+GEX_KEXINIT = client_kexinit(kex=("diffie-hellman-group-exchange-sha256", "ext-info-c", "kex-strict-c-v00@openssh.com"))
+for _bits in ((512, 1024, 1536), (1024, 1024, 1024), (2048, 2048, 2048), (2048, 3072, 4096), (4096, 2048, 8192)):
+    MATRIX[f"gex-request-{'-'.join(map(str, _bits))}"] = (
+        CLIENT_BANNER + GEX_KEXINIT + plain_packet(bytes([34]) + struct.pack(">III", *_bits))
+    )
+MATRIX["gex-request-old"] = CLIENT_BANNER + GEX_KEXINIT + plain_packet(bytes([30]) + struct.pack(">I", 2048))
+# sshd reads 8 KiB at a time after the identification line: a flood past that leaves input unread (reset).
+for _size in (8192, 8200):
+    _kexinit = client_kexinit()
+    _count = _size // len(_kexinit)
+    MATRIX[f"kexinit-flood-{_size}-bytes"] = CLIENT_BANNER + _kexinit * _count + bytes(_size - _count * len(_kexinit))
+# Key exchange goes on wherever the client's lists meet the server's: each algorithm offered alone.
+for _kex in OPENSSH_KEX_ALGS:
+    MATRIX[f"only-kex-{_kex}"] = CLIENT_BANNER + client_kexinit(
+        kex=(_kex, "ext-info-c", "kex-strict-c-v00@openssh.com")
+    )
+for _alg in HOST_KEY_ALGS:
+    MATRIX[f"only-host-key-{_alg}"] = CLIENT_BANNER + client_kexinit(host_key=(_alg,))
+for _enc in ENCRYPTION_ALGS:
+    MATRIX[f"only-cipher-{_enc}"] = CLIENT_BANNER + client_kexinit(enc=(_enc,))
+for _mac in MAC_ALGS:
+    MATRIX[f"only-mac-{_mac}"] = CLIENT_BANNER + client_kexinit(enc=("aes128-ctr",), mac=(_mac,))
 
 # -- fixtures ----------------------------------------------------------------------------------
 
@@ -272,15 +306,6 @@ async def sandtrap_port(honeypot: Callable[..., Any]) -> int:
     return int(hp.port)
 
 
-def check_list(field: str, real: list[str], ours: list[str]) -> None:
-    diff = KNOWN_DIFFERENCES.get(field, ListDifference(why="", sandtrap_order=None))
-    assert tuple(a for a in real if a not in ours) == diff.only_real, f"{field}: real sshd only"
-    assert tuple(a for a in ours if a not in real) == diff.only_sandtrap, f"{field}: sandtrap only"
-    shared_real = tuple(a for a in real if a in ours)
-    shared_ours = tuple(a for a in ours if a in real)
-    assert shared_ours == (diff.sandtrap_order or shared_real), f"{field}: order"
-
-
 # -- tests -------------------------------------------------------------------------------------
 
 
@@ -295,20 +320,15 @@ async def test_identification_string_is_real_sshds(sshd: RealSSHD, sandtrap_port
 async def test_kexinit_lists_match_real_sshd(sshd: RealSSHD, sandtrap_port: int) -> None:
     real, ours = await asyncio.gather(read_server_kexinit(sshd.port), read_server_kexinit(sandtrap_port))
     for field in KEXINIT_FIELDS:
-        check_list(field, getattr(real.kexinit, field), getattr(ours.kexinit, field))
-    hassh_can_match = not any(f in KNOWN_DIFFERENCES for f in HASSH_SERVER_FIELDS)
-    assert (ours.kexinit.hassh_server == real.kexinit.hassh_server) is hassh_can_match, (
-        real.kexinit.hassh_server_algorithms,
-        ours.kexinit.hassh_server_algorithms,
-    )
+        assert getattr(ours.kexinit, field) == getattr(real.kexinit, field), field
+    assert ours.kexinit.hassh_server == real.kexinit.hassh_server
+    assert real.kexinit.kex[:2] == ["sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com"]
 
 
 async def test_kexinit_packet_framing(sshd: RealSSHD, sandtrap_port: int) -> None:
     real, ours = await asyncio.gather(read_server_kexinit(sshd.port), read_server_kexinit(sandtrap_port))
     assert 4 <= len(ours.padding) < 4 + 8 and 4 <= len(real.padding) < 4 + 8
-    for name, real_value in real.framing().items():
-        expected_real, expected_ours, _ = KNOWN_FRAMING_DIFFERENCES.get(name, (real_value, real_value, ""))
-        assert (real_value, ours.framing()[name]) == (expected_real, expected_ours), name
+    assert ours.framing() == real.framing()
 
 
 async def keyscan(port: int) -> set[str]:
@@ -336,9 +356,9 @@ async def test_host_key_types_offered(sshd: RealSSHD, sandtrap_port: int) -> Non
     assert ours == real
 
 
-def record(output_dir: Path, name: str, replies: dict[str, Reply], banner: bytes) -> None:
+def record(output_dir: Path, name: str, sent: bytes, replies: dict[str, Reply], banner: bytes) -> None:
     """Keep what each server sent back to a probe in test-output/, for README and for whoever debugs."""
-    lines = [f"probe {name}: sent {PROBES[name][:200]!r}"]
+    lines = [f"probe {name}: sent {sent[:200]!r}"]
     for server, reply in replies.items():
         how = "reset" if reply.reset else "closed" if reply.closed else "open"
         lines += [f"{server}: {how} after {reply.after_s}s, {reply.summary(banner)}", f"  bytes {reply.data!r}"]
@@ -347,19 +367,45 @@ def record(output_dir: Path, name: str, replies: dict[str, Reply], banner: bytes
     (folder / f"probe-{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@pytest.mark.parametrize("name", list(PROBES))
-async def test_probe_answers_match_real_sshd(name: str, sshd: RealSSHD, sandtrap_port: int, output_dir: Path) -> None:
-    real, ours = await asyncio.gather(probe(sshd.port, PROBES[name]), probe(sandtrap_port, PROBES[name]))
+async def compare(name: str, sent: bytes, real_port: int, our_port: int, output_dir: Path) -> str | None:
+    """Send ``sent`` to both servers at once; None if they answer alike, else what differs."""
+    real, ours = await asyncio.gather(probe(real_port, sent), probe(our_port, sent))
     banner = (DEFAULT_SSH_VERSION + "\r\n").encode()
-    record(output_dir, name, {"real sshd": real, "sandtrap": ours}, banner)
+    record(output_dir, name, sent, {"real sshd": real, "sandtrap": ours}, banner)
     got = (real.summary(banner), ours.summary(banner))
-    known = KNOWN_PROBE_DIFFERENCES.get(name)
-    if known is None:
-        assert got[1] == got[0], f"{name}: sandtrap answers unlike sshd (real, sandtrap): {got}"
-    else:
-        assert got == (known.real, known.sandtrap), f"{name}: the documented difference changed"
+    # sshd writes without TCP_NODELAY: now and then Nagle holds its last small write back until the close,
+    # and the reset drops it. A reply cut that way is sshd's too: it must be a prefix of ours.
+    cut_by_reset = real.reset and ours.reset and got[1][: len(got[0]) - 1] == got[0][:-1]
+    if got[1] != got[0] and not cut_by_reset:
+        return f"{name}: sandtrap answers unlike sshd (real, sandtrap): {got}"
+    # The same race with sshd's error text and its CR LF, written in two writes.
+    real_data = real.data.removesuffix(b"\r\n") if real.reset else real.data
+    our_data = ours.data.removesuffix(b"\r\n") if ours.reset else ours.data
+    if all(part.startswith(("banner", "text")) for part in got[0][:-1]) and our_data != real_data:
+        return f"{name}: same lines, different bytes: {real.data!r} {ours.data!r}"  # packets carry random cookies
     for reply in (real, ours):
         assert reply.closed or reply.after_s >= PROBE_WAIT_S
+    return None
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+async def test_probe_answers_match_real_sshd(name: str, sshd: RealSSHD, sandtrap_port: int, output_dir: Path) -> None:
+    difference = await compare(name, PROBES[name], sshd.port, sandtrap_port, output_dir)
+    assert difference is None, difference
+
+
+async def test_probe_matrix_matches_real_sshd(sshd: RealSSHD, sandtrap_port: int, output_dir: Path) -> None:
+    """Every algorithm offered alone, every packet type in every kex state, floods: all alike, reset included."""
+    slots = asyncio.Semaphore(4)  # within sandtrap's 5 connections per address, and sshd unhurried
+
+    async def one(name: str) -> str | None:
+        async with slots:
+            return await compare(name, MATRIX[name], sshd.port, sandtrap_port, output_dir)
+
+    results = await asyncio.gather(*(one(name) for name in MATRIX))
+    differences = [r for r in results if r is not None]
+    assert not differences, "\n".join(differences)
+    assert len(MATRIX) > 60
 
 
 async def test_login_grace_time_expiry_matches_real_sshd(tmp_path: Path, honeypot: Callable[..., Any]) -> None:
@@ -417,6 +463,60 @@ async def openssh_client_log(port: int) -> dict[str, str]:
 async def test_openssh_client_sees_the_same_server(sshd: RealSSHD, sandtrap_port: int) -> None:
     real, ours = await asyncio.gather(openssh_client_log(sshd.port), openssh_client_log(sandtrap_port))
     assert set(real) == {"algorithm", "host key algorithm", "ext_info", "auth methods"}, real
-    for key, real_value in real.items():
-        expected_real, expected_ours, _ = KNOWN_CLIENT_VIEW_DIFFERENCES.get(key, (real_value, real_value, ""))
-        assert (real_value, ours.get(key)) == (expected_real, expected_ours), f"{key}: (real, sandtrap) {real} {ours}"
+    assert real["algorithm"] == "sntrup761x25519-sha512"
+    assert "publickey-hostbound@openssh.com=<0>" in real["ext_info"]
+    assert ours == real
+
+
+async def command(*argv: str, timeout_s: float = 120.0) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    async with asyncio.timeout(timeout_s):
+        out, _ = await proc.communicate()
+    return out.decode("utf-8", "replace")
+
+
+SSH_AUDIT = Path(sys.executable).with_name("ssh-audit")
+
+
+@pytest.mark.skipif(not SSH_AUDIT.exists(), reason="ssh-audit (dev extras) not installed")
+async def test_ssh_audit_policy_made_from_real_sshd_passes(sshd: RealSSHD, sandtrap_port: int, tmp_path: Path) -> None:
+    """ssh-audit -M on the real sshd, -P on sandtrap: algorithms, host keys, key sizes, GEX modulus sizes."""
+    policy = tmp_path / "policy.txt"
+    made = await command(str(SSH_AUDIT), "-M", str(policy), "-p", str(sshd.port), HOST)
+    assert policy.exists(), made
+    text = policy.read_text(encoding="utf-8")
+    assert "sntrup761x25519-sha512" in text and "dh_modulus_sizes" in text, text
+    real = await command(str(SSH_AUDIT), "-P", str(policy), "-p", str(sshd.port), HOST)
+    ours = await command(str(SSH_AUDIT), "-P", str(policy), "-p", str(sandtrap_port), HOST)
+    assert "Passed" in real, real
+    assert "Passed" in ours and "Failed" not in ours, ours
+
+
+@pytest.mark.skipif(shutil.which("nmap") is None, reason="nmap not installed (scripts/setup.sh test packages)")
+async def test_nmap_ssh2_enum_algos_output_is_identical(sshd: RealSSHD, sandtrap_port: int) -> None:
+    """nmap -sV with ssh2-enum-algos and ssh-hostkey: service line, algorithm lists, host key types and sizes."""
+
+    async def scan(port: int) -> dict[str, list[str]]:
+        """The service line and each script's lines (nmap prints the scripts in either order)."""
+        out = await command(
+            "nmap", "-Pn", "-n", "-sV", "-p", str(port), "--script", "ssh2-enum-algos,ssh-hostkey", HOST
+        )
+        lines = out[out.index("PORT ") :].splitlines()
+        found = {"service": [next(line.split(None, 1)[1] for line in lines if line.startswith(f"{port}/tcp"))]}
+        script = ""
+        for line in lines:
+            if m := re.match(r"\| ([\w-]+):", line):
+                script = m.group(1)
+            if script and line.startswith(("|", "|_")):  # host keys: type and size, not fingerprints
+                found.setdefault(script, []).append(re.sub(r"[0-9a-f]{32}", "<fingerprint>", line))
+            if line.startswith("|_"):
+                script = ""
+        return found
+
+    real, ours = await asyncio.gather(scan(sshd.port), scan(sandtrap_port))
+    assert any("sntrup761x25519-sha512@openssh.com" in line for line in real["ssh2-enum-algos"]), real
+    assert real["service"][0].startswith("open  ssh     OpenSSH 9.2p1 Debian"), real
+    assert "ssh-hostkey" in real
+    assert ours == real

@@ -229,3 +229,24 @@ def test_a_data_dirs_own_profile_is_used_first_and_check_installed_ignores_it(tm
     assert f"({own}) usable" in said(invoke("seccomp", "check", "-c", str(f)))
     result = invoke("seccomp", "check", "--installed", "-c", str(f))
     assert result.exit_code == 1 and f"not at {installed}" in said(result)
+
+
+# -- config show on TOML (issue 17) -----------------------------------------------------------------------------
+def test_config_show_reads_toml_and_its_output_loads_again(tmp_path: Path) -> None:
+    f = tmp_path / "sandtrap.toml"
+    f.write_text(
+        '[storage]\ndata_dir = "/tmp/x"\n[[service]]\nname = "ssh"\nprotocol = "ssh"\nport = 2200\n'
+        '[[service]]\nname = "http"\nprotocol = "tcp"\nport = 8081\ntarget_port = 80\n'
+    )
+    result = invoke("config", "show", "-c", str(f))
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["ssh"]["listen"] == "0.0.0.0:2200"
+    assert [s["name"] for s in shown["services"]] == ["ssh", "http"]
+    again = tmp_path / "shown.yaml"
+    again.write_text(result.stdout)
+    assert invoke("config", "show", "-c", str(again)).stdout == result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[service]]\nname = "web"\nprotocol = "tcp"\nport = 1\n')
+    refused = invoke("config", "show", "-c", str(bad))
+    assert refused.exit_code != 0 and "needs target_port" in said(refused)

@@ -103,6 +103,10 @@ def api_router(deps: ApiDeps) -> APIRouter:
         ] = None,
         has_commands: Annotated[bool | None, Query(description="sessions that ran commands (or not)")] = None,
         has_artifacts: Annotated[bool | None, Query(description="sessions that left files (or not)")] = None,
+        protocol: Annotated[
+            str | None, Query(max_length=16, description="ssh, telnet, tcp or udp (the events' `protocol`)")
+        ] = None,
+        service: Annotated[str | None, Query(max_length=32, description="the listener's name, e.g. http")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
         offset: Offset = 0,
         sort: Annotated[SessionSort, Query(description="a column; '-' first for descending")] = "-started_at",
@@ -116,6 +120,8 @@ def api_router(deps: ApiDeps) -> APIRouter:
             "command": text(command),
             "has_commands": has_commands,
             "has_artifacts": has_artifacts,
+            "protocol": text(protocol),
+            "service": text(service),
         }
         items = repo.list_sessions(**filters, limit=limit, offset=offset, sort=sort)
         total = repo.count_sessions(**filters)

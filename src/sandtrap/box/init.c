@@ -30,7 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "listener.c" /* the SSH listener and session broker */
+#include "listener.h" /* the SSH listener and session broker (listener.c, linked in) */
 
 #define GRACE_TENTHS 30 /* 3 s between SIGTERM and SIGKILL */
 

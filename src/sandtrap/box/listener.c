@@ -1,13 +1,13 @@
 /*
- * The box's SSH listener, compiled into init (init.c includes this file: one static binary). PID 1
+ * The box's SSH listener, linked into init (listener.h: one static binary). PID 1
  * forks it and re-executes itself with argv[0] = LISTENER_TITLE, so ps shows what sshd's listener
  * shows. It serves two sockets and stays a small poll loop that never blocks:
  *
  *  - TCP port 22 (IPv4 and IPv6): each connection is handed to `/usr/sbin/sshd -i` (inetd mode), so
  *    the box's own sshd still answers anyone who connects to it from inside; except the one a session
  *    request announced (its peer address and port): that one goes to the session's worker, which holds
- *    it while the session lasts, so `ss -tnp` shows the login's connection as on a server (relay.h).
- *  - an abstract unix socket (LISTENER_SOCKET; per network namespace: no file the host has to
+ *    it while the session lasts, so `ss -tnp` shows the login's connection as on a server (relay.c).
+ *  - an abstract unix socket (BOX_SOCKET; per network namespace: no file the host has to
  *    traverse, nothing in /proc/mounts): the host's session requests (session_transport:
  *    init). Only a peer outside the box's pid namespace is served: SO_PEERCRED reports pid 0 for it,
  *    while anything started in the box has a pid here. Others are closed at once, without a fork.
@@ -16,42 +16,37 @@
  * sshd's monitor, so a login's chain is listener -> "sshd: USER [priv]" -> "sshd: USER@pts/N"
  * (session.c) -> "-bash", and no session process has parent 0.
  *
- * Protocol (SOCK_SEQPACKET: one message a packet; little-endian):
- *   request   "STB1" u8 flags (1 = tty, 2 = relay) u16 cols u16 rows u16 argc u16 envc, then NUL-terminated
- *             strings: user, workdir ("" = the user's home, else /), with flag 2 the peer ("ADDR PORT": the
- *             attacker's, whose connection to :22 the host makes next), argv[argc], env[envc]
- *   connect   'R' (flag 2, before 'started'): the peer is expected now; the host connects from it to :22,
- *             or answers 'N' (it cannot); the worker waits RELAY_WAIT_MS at most, then starts the process
- *   no relay  'N' (flag 2, instead of 'R'): the listener could not take the expectation; do not connect
- *   started   'O' u32 pid, with SCM_RIGHTS: the pty master (input, resize) and a pipe of its output (tty),
- *             or stdin, stdout, stderr pipes
- *   exited    'X' i32 wait status (as waitpid gives it)
- *   failed    'E' text
- *   signal    'K' u8 signal (from the host): sent to the process group
- * The host closing its end hangs up the process group (SIGHUP, SIGKILL 2 s later) and the terminal.
+ * The protocol on the abstract socket (request, 'R'/'N', 'O' with the fds, 'X', 'E', 'K', the hang-up) is
+ * described in PROTOCOL.md; its constants are protocol.h's, the request's parsing and the replies' encoding
+ * wire.c's.
  */
-#include <poll.h>
-#include <stddef.h>
-#include <pwd.h>
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
-
-#include "accounts.h"
-
 #include <netinet/in.h>
+#include <poll.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <termios.h>
+#include <unistd.h>
 
-#define LISTENER_TITLE "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"
-#define LISTENER_SOCKET "/org/freedesktop/systemd1/private"
-#define MAX_CHILDREN 64     /* workers and sshd -i at once; the pids cgroup bounds the rest */
-#define MAX_REQUEST 65536   /* one request packet */
-#define MAX_STRINGS 512     /* argv + env */
-#define REQUEST_TIMEOUT_MS 5000
+#include "accounts.h"
+#include "listener.h"
+#include "protocol.h"
+#include "relay.h" /* the session's TCP connection to :22 */
+#include "wire.h"
 
 static int title_room;
 static char *title_start;
@@ -79,45 +74,14 @@ static void null_stdio(void)
 
 /* --- a worker: one session request ------------------------------------------------------------- */
 
-static int send_msg(int sock, const void *data, size_t len, const int *fds, int nfds)
-{
-	struct iovec iov = {(void *)data, len};
-	union {
-		char buf[CMSG_SPACE(sizeof(int) * 3)];
-		struct cmsghdr align;
-	} u;
-	struct msghdr msg = {0};
-	msg.msg_iov = &iov;
-	msg.msg_iovlen = 1;
-	if (nfds > 0) {
-		memset(&u, 0, sizeof(u));
-		msg.msg_control = u.buf;
-		msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-		c->cmsg_level = SOL_SOCKET;
-		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-		memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
-	}
-	return sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)len ? 0 : -1;
-}
-
 static void fail(int sock, const char *why)
 {
-	char buf[128];
-	int n = snprintf(buf, sizeof(buf), "E%s", why);
-	send_msg(sock, buf, (size_t)n, NULL, 0);
+	char buf[MAX_FAILED_TEXT];
+	send_msg(sock, buf, encode_failed(buf, why), NULL, 0);
 	_exit(1);
 }
 
-static uint16_t u16(const unsigned char *p)
-{
-	return (uint16_t)(p[0] | p[1] << 8);
-}
-
 static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_out);
-
-#include "relay.h" /* the session's TCP connection to :22 */
 
 /* ``ctrl``: this worker's end of its socketpair with the listener (-1: none), for the relay's connection. */
 static void serve_request(int sock, int ctrl)
@@ -128,34 +92,18 @@ static void serve_request(int sock, int ctrl)
 	if (poll(&p, 1, REQUEST_TIMEOUT_MS) != 1)
 		_exit(1);
 	ssize_t n = recv(sock, req, sizeof(req), MSG_DONTWAIT);
-	if (n < 15 || n > MAX_REQUEST || memcmp(req, "STB1", 4) != 0)
-		fail(sock, "bad request");
-	int tty = req[4] & 1, relay = (req[4] & 2) != 0;
-	struct winsize ws = {u16(req + 7), u16(req + 5), 0, 0};
-	int argc = u16(req + 9), envc = u16(req + 11);
-	if (argc < 1 || argc + envc > MAX_STRINGS)
-		fail(sock, "bad counts");
-	int want = argc + envc + 2 + relay, got = 0;
-	char *s = (char *)req + 13, *end = (char *)req + n;
-	while (s < end && got < want) {
-		char *nul = memchr(s, 0, (size_t)(end - s));
-		if (!nul)
-			break;
-		strings[got++] = s;
-		s = nul + 1;
-	}
-	if (got != want || s != end)
-		fail(sock, "bad strings");
-	const char *user = strings[0], *workdir = strings[1];
+	struct request r;
+	const char *bad = n < 0 ? "bad request" : parse_request(req, (size_t)n, strings, &r);
+	if (bad)
+		fail(sock, bad);
+	int tty = r.tty, relay = r.relay;
+	struct winsize ws = {r.rows, r.cols, 0, 0};
+	const char *user = r.user, *workdir = r.workdir;
 	struct sockaddr_storage peer;
 	socklen_t peer_len = 0;
-	if (relay && parse_peer(strings[2], &peer, &peer_len) != 0)
+	if (relay && parse_peer(r.peer, &peer, &peer_len) != 0)
 		fail(sock, "bad peer");
-	char **argv = strings + 2 + relay, **env = strings + 2 + relay + argc + 1;
-	/* argv and env as NULL-terminated arrays: shift env up one slot to make room for argv's NULL. */
-	memmove(env, env - 1, sizeof(char *) * (size_t)envc);
-	argv[argc] = NULL;
-	env[envc] = NULL;
+	char **argv = r.argv, **env = r.env;
 
 	/* The host gave up meanwhile (a time-out): start nothing. */
 	struct pollfd gone = {sock, POLLRDHUP, 0};
@@ -172,7 +120,7 @@ static void serve_request(int sock, int ctrl)
 	char title[96];
 	snprintf(title, sizeof(title), "sshd: %s [priv]", name);
 	retitle(title);
-	/* The session's connection (relay.h): held here, by "sshd: USER [priv]", until the session ends (CLOEXEC:
+	/* The session's connection (relay.c): held here, by "sshd: USER [priv]", until the session ends (CLOEXEC:
 	 * the session's processes do not inherit it, as sshd's do not). */
 	int held = -1; /* never closed: it goes when this worker exits */
 	if (relay)
@@ -252,8 +200,8 @@ static void serve_request(int sock, int ctrl)
 	for (int i = 0; i < 3; i++)
 		if (theirs[i] >= 0)
 			close(theirs[i]);
-	unsigned char started[5] = {'O', (unsigned char)pid, (unsigned char)(pid >> 8), (unsigned char)(pid >> 16),
-				    (unsigned char)(pid >> 24)};
+	unsigned char started[REPLY_PID_SIZE];
+	encode_started(started, pid);
 	if (send_msg(sock, started, sizeof(started), mine, nfds) != 0) {
 		kill(-pid, SIGKILL);
 		kill(pid, SIGKILL);
@@ -279,7 +227,7 @@ static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_ou
 					{hung_up ? -1 : sock, POLLIN, 0},
 					{master >= 0 && have == 0 ? master : -1, POLLIN, 0},
 					{master >= 0 && have > 0 ? pipe_out : -1, POLLOUT, 0}};
-		int r = poll(fds, 4, hung_up ? 2000 : -1);
+		int r = poll(fds, 4, hung_up ? HANGUP_KILL_MS : -1);
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
@@ -310,8 +258,8 @@ static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_ou
 		int status;
 		if (!exited && waitpid(pid, &status, WNOHANG) == pid) {
 			exited = 1;
-			unsigned char msg[5] = {'X', (unsigned char)status, (unsigned char)(status >> 8),
-						(unsigned char)(status >> 16), (unsigned char)(status >> 24)};
+			unsigned char msg[REPLY_PID_SIZE];
+			encode_exited(msg, status);
 			if (!hung_up)
 				send_msg(sock, msg, sizeof(msg), NULL, 0);
 		}
@@ -320,7 +268,7 @@ static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_ou
 			while (read(sfd, &si, sizeof(si)) > 0)
 				;
 		}
-		if (r == 0 && hung_up) { /* 2 s after the hang-up */
+		if (r == 0 && hung_up) { /* HANGUP_KILL_MS after the hang-up */
 			kill(-pid, SIGKILL);
 			kill(pid, SIGKILL);
 			if (exited)
@@ -330,9 +278,10 @@ static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_ou
 		if (!hung_up && fds[1].revents) {
 			unsigned char msg[16];
 			ssize_t m = recv(sock, msg, sizeof(msg), MSG_DONTWAIT);
-			if (m == 2 && msg[0] == 'K' && msg[1] > 0 && msg[1] < 32) {
-				kill(-pid, msg[1]);
-				kill(pid, msg[1]);
+			int sig = parse_signal(msg, m);
+			if (sig) {
+				kill(-pid, sig);
+				kill(pid, sig);
 			} else if (m == 0 || (m < 0 && errno != EAGAIN && errno != EINTR) ||
 				   (fds[1].revents & (POLLHUP | POLLERR))) {
 				hung_up = 1;
@@ -391,8 +340,8 @@ static int listen_broker(void)
 		return -1;
 	struct sockaddr_un a = {0};
 	a.sun_family = AF_UNIX;
-	memcpy(a.sun_path + 1, LISTENER_SOCKET, sizeof(LISTENER_SOCKET) - 1);
-	socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + sizeof(LISTENER_SOCKET) - 1);
+	memcpy(a.sun_path + 1, BOX_SOCKET, sizeof(BOX_SOCKET) - 1);
+	socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + sizeof(BOX_SOCKET) - 1);
 	if (bind(fd, (struct sockaddr *)&a, len) != 0 || listen(fd, 64) != 0) {
 		close(fd);
 		return -1;
@@ -422,7 +371,7 @@ static void notify_ready(void)
 	unsetenv("NOTIFY_SOCKET");
 }
 
-static int listener_main(int argc, char **argv)
+int listener_main(int argc, char **argv)
 {
 	title_start = argv[0];
 	title_room = (int)(argv[argc - 1] + strlen(argv[argc - 1]) - argv[0]) + 1;
@@ -489,7 +438,7 @@ static int listener_main(int argc, char **argv)
 					close(c);
 					continue;
 				}
-				/* A worker's line to this listener, for the connection its session expects (relay.h). */
+				/* A worker's line to this listener, for the connection its session expects (relay.c). */
 				int pair[2] = {-1, -1}, slot = -1;
 				if (i == 0 && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) == 0) {
 					slot = expect_slot(pair[0]);

@@ -21,7 +21,15 @@ from typing import Literal, Protocol
 from sandtrap.bridge.commands import CommandReconstructor
 from sandtrap.bridge.connection import Connection
 from sandtrap.bridge.live import LiveTap
-from sandtrap.bridge.login import Peer, exec_argv, is_loopback, login_env, sftp_argv, shell_argv
+from sandtrap.bridge.login import (
+    Peer,
+    exec_argv,
+    is_loopback,
+    login_env,
+    sftp_argv,
+    shell_argv,
+    terminal_login_argv,
+)
 from sandtrap.bridge.proxy import HIGH_WATER, ChannelPort, Relay, RelayObserver
 from sandtrap.bridge.recorder import CastRecorder
 from sandtrap.bridge.transfers import ScpWatcher, SftpWatcher, is_scp_sink
@@ -51,7 +59,7 @@ log = logging.getLogger(__name__)
 MAX_COMMAND = 64 * 1024
 SUBSYSTEMS = {"sftp"}
 
-Kind = Literal["", "shell", "exec", "subsystem"]
+Kind = Literal["", "shell", "exec", "subsystem", "login"]  # login: a terminal login (telnet), login(1) in the box
 
 
 class Port(ChannelPort, Protocol):
@@ -106,6 +114,11 @@ class Channel:
 
     def shell(self) -> None:
         self._kind = "shell"
+        self._emit(CHANNEL_SHELL, channel=self.number)
+
+    def terminal_login(self) -> None:
+        """A terminal login the front end has authenticated (telnet): login(1) in the box, as telnetd starts it."""
+        self._kind = "login"
         self._emit(CHANNEL_SHELL, channel=self.number)
 
     def exec(self, raw: bytes) -> None:
@@ -197,8 +210,13 @@ class Channel:
             login_vars = login_env(account, peer, env, self._term, self._advertised_port, c.login_id)
             tty = self._size if self._term is not None else None
             user = "root"  # the session helper runs as root and drops to the account itself
-            scope = lease.sandbox.features.login_scopes and c.login_id is not None
-            if self._kind == "shell":
+            scope = lease.sandbox.features.login_scopes and c.login_id is not None and self._kind != "login"
+            if self._kind == "login":
+                # login -f: the PAM session, utmp/wtmp/lastlog, motd, "Last login", the login shell, as after
+                # telnetd's login (no sshd helper: no "Accepted" line, no SSH_* variables).
+                argv = terminal_login_argv(account, peer.src_ip, self._term, env)
+                self.observers.append(CommandReconstructor(self._command_typed))
+            elif self._kind == "shell":
                 argv = shell_argv(account, login_vars, peer, method, failures, scope)
                 # Keystrokes become command lines (PTY or not: bots pipe commands into a shell).
                 self.observers.append(CommandReconstructor(self._command_typed))
@@ -219,12 +237,12 @@ class Channel:
             login = Login(
                 uid=account.uid,
                 session_id=c.login_id if scope else None,
-                client=ClientAddress(c.src_ip, c.src_port, server_ip) if first else None,
+                client=ClientAddress(c.src_ip, c.src_port, server_ip) if first and self._kind != "login" else None,
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
                 self._open_cast(account.shell)
-            if self._kind == "shell":  # the interactive terminal can be watched live, read-only
+            if self._kind in ("shell", "login"):  # the interactive terminal can be watched live, read-only
                 self._live = LiveTap(c.hub.live, c.session, self._size or TermSize(80, 24))
                 self.observers.append(self._live)
             relay = Relay(self._process, port, c.usage, self.observers)

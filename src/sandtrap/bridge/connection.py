@@ -50,6 +50,16 @@ refusals = RateLimited(log)  # floods of refused connections log a line a minute
 Closer = Callable[[], None]  # closes the transport (the front end's own polite close)
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceBounds:
+    """The listener a connection came in on (config ``services``): its name, and its own bounds on one
+    connection over the ``limits`` section's (None: the section's)."""
+
+    name: str
+    timeout_s: float | None = None
+    max_bytes: int | None = None
+
+
 def printable(text: str | bytes, limit: int = 512) -> str:
     """Escape non-printables the way Cowrie does for client versions; bound the length."""
     if isinstance(text, bytes):
@@ -115,10 +125,12 @@ class Connection:
         dst: tuple[str, int],
         closer: Closer,
         protocol: str = "ssh",
+        service: ServiceBounds | None = None,
     ) -> None:
         self.hub = hub
         self.session = new_session_id()
         self.protocol = protocol
+        self.service = service or ServiceBounds(protocol)
         self.src_ip, self.src_port = src
         self.dst_ip, self.dst_port = dst
         if self.src_ip.startswith("::ffff:"):
@@ -133,6 +145,8 @@ class Connection:
             self.dst_ip,
             self.dst_port,
             hub.sensor_uuid,
+            protocol,
+            self.service.name,
         )
         # Who logged in, and how: set by the front end's auth hooks.
         self.username = ""
@@ -144,6 +158,9 @@ class Connection:
         self.login_id: int | None = None
         self.login_account: Account | None = None
         self.close_reason = ""
+        # The box's activity (honeytoken reads, changed files) is this connection's: a login's, not a raw service's
+        # (an HTTP request to a box must not take the reads of the SSH session in it, nor collect its files).
+        self.owns_box_activity = True
         self.started = time.monotonic()
         self.usage = Usage()
         self.artifacts = SessionArtifacts(hub.artifacts, hub.recording)
@@ -151,6 +168,7 @@ class Connection:
         self._lease_task: asyncio.Task[Lease] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._read_reporter: Callable[[str, str], object] | None = None  # this session's honeytoken reads
 
     @property
     def is_admitted(self) -> bool:
@@ -223,11 +241,12 @@ class Connection:
                 lease = await self._lease_task
             except (Exception, asyncio.CancelledError):  # recorded where it failed; the close record still comes
                 lease = None
-        if lease is not None and self.login_account is not None:
-            await self._log_close(lease, self.login_account)
-        if lease is not None:
+        if lease is not None and self.login_account is not None and self.protocol == "ssh":
+            await self._log_close(lease, self.login_account)  # sshd's lines; login(1) logs its own close
+        if lease is not None and self._read_reporter is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
-            self.hub.manager.watcher.report_to(lease.sandbox.id, None)
+            self.hub.manager.watcher.withdraw(lease.sandbox.id, self._read_reporter)
+        if lease is not None and self.owns_box_activity:
             try:
                 async with self.hub.engine_work:  # a burst of closing sessions must not swamp the engine
                     await self.artifacts.collect_changes(lease.sandbox, self.reporter(SESSION_FILE_CHANGED))
@@ -272,6 +291,11 @@ class Connection:
                 return self.end("max_bytes_in", self.usage.bytes_in)
             if self.usage.bytes_out > limits.max_bytes_out:
                 return self.end("max_bytes_out", self.usage.bytes_out)
+            if self.service.timeout_s is not None and now - self.started > self.service.timeout_s:
+                return self.end("timeout_seconds", self.service.timeout_s)
+            both = self.usage.bytes_in + self.usage.bytes_out
+            if self.service.max_bytes is not None and both > self.service.max_bytes:
+                return self.end("max_bytes", both)
 
     # -- the sandbox this connection uses ---------------------------------------------------------
     def lease(self) -> asyncio.Future[Lease]:
@@ -289,7 +313,7 @@ class Connection:
 
     async def _acquire(self) -> Lease:
         try:
-            lease = await self.hub.manager.lease(self.session, self.src_ip)
+            lease = await self.hub.manager.lease(self.session, self.src_ip, login=self.owns_box_activity)
         except SandboxError as exc:
             self.emitter.emit(SANDBOX_UNAVAILABLE, reason=printable(str(exc), 300))
             refusals.log(logging.WARNING, "no-sandbox", "no sandbox for a session: %s", exc)
@@ -301,12 +325,17 @@ class Connection:
             acquire_ms=round(lease.acquire_ms, 1),
             reused=lease.reused,
         )
+        if not self.owns_box_activity:  # a raw service's connection: the box's lures are its logins' business
+            return lease
         for token in lease.tokens:  # the session's record names every lure value it was given
             self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
         emit = self.emitter.emit
-        self.hub.manager.watcher.report_to(
-            lease.sandbox.id, lambda kind, path: emit(HONEYTOKEN_READ, kind=kind, path=path)
-        )
+
+        def read(kind: str, path: str) -> object:
+            return emit(HONEYTOKEN_READ, kind=kind, path=path)
+
+        self._read_reporter = read
+        self.hub.manager.watcher.report_to(lease.sandbox.id, read)
         return lease
 
     def login_failed(self, username: str, method: str) -> None:

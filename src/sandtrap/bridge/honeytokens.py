@@ -86,7 +86,9 @@ class ReadWatcher:
 
     def __init__(self) -> None:
         self._watches: dict[str, ReadWatch] = {}
-        self._reporters: dict[str, Reporter] = {}
+        # Per box, the sessions in it now, newest last: a read goes to the newest (source_ip affinity can
+        # put several connections in one box; when the newest ends, the one before it gets them again).
+        self._reporters: dict[str, list[Reporter]] = {}
         self._warned = False
 
     async def watch(self, sandbox: Sandbox, tokens: list[Token]) -> bool:
@@ -95,7 +97,8 @@ class ReadWatcher:
         box = sandbox.id
 
         def seen(path: str) -> None:
-            reporter = self._reporters.get(box)
+            reporters = self._reporters.get(box)
+            reporter = reporters[-1] if reporters else None
             if reporter is not None:
                 reporter(kinds.get(path, "unknown"), path)
 
@@ -109,12 +112,17 @@ class ReadWatcher:
         self._watches[box] = watch
         return True
 
-    def report_to(self, sandbox_id: str, reporter: Reporter | None) -> None:
-        """Reads in this box are reported to ``reporter`` (the session using the box now)."""
-        if reporter is None:
+    def report_to(self, sandbox_id: str, reporter: Reporter) -> None:
+        """Reads in this box are reported to ``reporter`` (the session that came into the box last)."""
+        self._reporters.setdefault(sandbox_id, []).append(reporter)
+
+    def withdraw(self, sandbox_id: str, reporter: Reporter) -> None:
+        """``reporter``'s session is over (or its own reads begin): reads go to the session before it, if any."""
+        reporters = self._reporters.get(sandbox_id, [])
+        if reporter in reporters:
+            reporters.remove(reporter)
+        if not reporters:
             self._reporters.pop(sandbox_id, None)
-        else:
-            self._reporters[sandbox_id] = reporter
 
     def forget(self, sandbox_id: str) -> None:
         watch = self._watches.pop(sandbox_id, None)

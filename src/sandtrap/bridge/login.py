@@ -28,6 +28,9 @@ _MAX_ENV_VALUE = 1024
 # the attacker logged in with, so `sudo` and `su` in the box agree with the login. Prints passwd line.
 _ENSURE_ACCOUNT = r"""
 u="$1"
+# One account change at a time in a box (two logins at once would each rewrite /etc/shadow): the lock file
+# shadow-utils itself uses, opened without writing to it.
+exec 9>>/etc/.pwd.lock && flock -w 10 9 2>/dev/null
 if ! getent passwd "$u" >/dev/null; then
   useradd -m -s /bin/bash "$u" >/dev/null 2>&1 || exit 3
 fi
@@ -35,8 +38,8 @@ IFS= read -r pw || true
 if [ -n "$pw" ]; then
   # Straight into /etc/shadow: chpasswd and usermod would each leave a line in the auth log.
   h=$(printf '%s' "$pw" | openssl passwd -6 -stdin 2>/dev/null) && [ -n "$h" ] &&
-    awk -F: -v OFS=: -v u="$u" -v h="$h" '$1 == u { $2 = h } { print }' /etc/shadow > /etc/shadow.new &&
-    cat /etc/shadow.new > /etc/shadow && rm -f /etc/shadow.new
+    awk -F: -v OFS=: -v u="$u" -v h="$h" '$1 == u { $2 = h } { print }' /etc/shadow > "/etc/shadow.$$" &&
+    cat "/etc/shadow.$$" > /etc/shadow && rm -f "/etc/shadow.$$"
 fi
 getent passwd "$u"
 """
@@ -219,6 +222,16 @@ def close_argv(account: Account, peer: Peer) -> list[str]:
     """The connection is over: the helper logs sshd's disconnect and ``session closed`` lines, once, under the
     pid that logged the connection's ``Accepted`` line."""
     return [SESSION_HELPER, "-x", "--", account.name, peer.src_ip, str(peer.src_port), "-"]
+
+
+def terminal_login_argv(
+    account: Account, host: str, term: str | None, client_env: Mapping[str, str]
+) -> list[str | bytes]:
+    """``login -h HOST -f USER`` on the session's pty, as Debian's telnetd runs login for a user it has
+    authenticated: login sets up the PAM session, utmp/wtmp (with HOST), lastlog, the motd and the login shell.
+    Of the client's variables (telnet NEW-ENVIRON) only what ``login -p`` would keep of sshd's AcceptEnv."""
+    env = {"TERM": term or "network"} | accepted_env(client_env)
+    return _with_env(env, ["/bin/login", "-p", "-h", host, "-f", account.name])
 
 
 def sftp_argv(env: Mapping[str, str]) -> list[str | bytes]:

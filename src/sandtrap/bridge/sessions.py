@@ -4,6 +4,8 @@ Affinity ``session``: a fresh box per connection, released when the connection e
 Affinity ``source_ip``: one box per source address; a reconnect within ``ip_ttl_s`` of the last
 connection's end lands in the same box; after the TTL the box is released.
 Concurrent channels of one connection share its box (the acquisition is one shared future).
+With raw (tcp/udp) services configured, :attr:`SessionManager.share_by_ip` makes every connection use its IP's
+box whatever the affinity: a port scan, a request to the fake HTTP and an SSH login land in one machine.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class _IpBox:
     accounts: dict[str, Account] = field(default_factory=dict)
     prepared: Prepared = field(default_factory=Prepared)
     logins: BoxLogins = field(default_factory=BoxLogins)
+    had_login: bool = False  # a login (ssh, telnet) used it, not only raw services' connections
 
     @property
     def tokens(self) -> list[Token]:
@@ -89,6 +92,14 @@ class SessionManager:
         self._by_ip: dict[str, _IpBox] = {}
         self._ip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.share_by_ip = False  # set by app.py when raw services need the IP's box (as affinity source_ip)
+        # A box that only raw services' connections used (a scan, an HTTP probe) waits this long for its IP, not
+        # ip_ttl_s: a scan of many addresses must not hold a box per address for half an hour.
+        self.raw_ttl_s = 60.0
+
+    @property
+    def _by_source_ip(self) -> bool:
+        return self._settings.affinity == "source_ip" or self.share_by_ip
 
     @property
     def active_connections(self) -> int:
@@ -110,10 +121,11 @@ class SessionManager:
         if self._per_ip[src_ip] <= 0:
             del self._per_ip[src_ip]
 
-    async def lease(self, session: str, src_ip: str) -> Lease:
-        """The sandbox for a connection (raises SandboxUnavailable when none can be had)."""
+    async def lease(self, session: str, src_ip: str, login: bool = True) -> Lease:
+        """The sandbox for a connection (raises SandboxUnavailable when none can be had). ``login``: False for a
+        raw service's connection (its box, if no login ever uses it, goes back after ``raw_ttl_s``)."""
         start = time.monotonic()
-        if self._settings.affinity == "source_ip":
+        if self._by_source_ip:
             lock = self._ip_locks.setdefault(src_ip, asyncio.Lock())
             async with lock:
                 held = self._by_ip.get(src_ip)
@@ -122,6 +134,7 @@ class SessionManager:
                         held.timer.cancel()
                         held.timer = None
                     held.users += 1
+                    held.had_login |= login
                     return Lease(
                         session,
                         src_ip,
@@ -137,7 +150,7 @@ class SessionManager:
                     self._by_ip.pop(src_ip, None)
                     self._spawn(self._pool.release(held.sandbox))
                 sandbox = await self._pool.acquire(session, src_ip)
-                box = _IpBox(sandbox, users=1, prepared=await self._prepared(sandbox))
+                box = _IpBox(sandbox, users=1, prepared=await self._prepared(sandbox), had_login=login)
                 self._by_ip[src_ip] = box
                 return Lease(
                     session,
@@ -218,13 +231,14 @@ class SessionManager:
 
     async def end(self, lease: Lease) -> bool:
         """The connection is over: release its box now (session affinity, returns True) or after the IP's TTL."""
-        if self._settings.affinity == "source_ip":
+        if self._by_source_ip:
             box = self._by_ip.get(lease.src_ip)
             if box is not None and box.sandbox.id == lease.sandbox.id:
                 box.users -= 1
                 if box.users <= 0:
                     loop = asyncio.get_running_loop()
-                    box.timer = loop.call_later(self._settings.ip_ttl_s, self._expire, lease.src_ip, box)
+                    ttl = self._settings.ip_ttl_s if box.had_login else min(self.raw_ttl_s, self._settings.ip_ttl_s)
+                    box.timer = loop.call_later(ttl, self._expire, lease.src_ip, box)
                 return False
         await self._release(lease.sandbox)
         return True

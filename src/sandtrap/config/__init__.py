@@ -1,6 +1,6 @@
 """All settings: one pydantic model per concern, defaults that run on a fresh machine.
 
-The YAML file mirrors the tree of :class:`Settings`. A typo or a bad value becomes a
+The file mirrors the tree of :class:`Settings`, in YAML or TOML (``.toml``, read by ``tomllib``). A typo or a bad value becomes a
 :class:`~sandtrap.errors.ConfigError` that names the key, what was given and what is allowed.
 A component gets only its section (``settings.sandbox.docker`` for the Docker backend).
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from sandtrap.config.image import ImageSettings
 from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, MicroVMSettings, SandboxSettings
@@ -26,6 +27,14 @@ from sandtrap.config.sections import (
     RecordingSettings,
     SSHSettings,
     StorageSettings,
+    TelnetSettings,
+)
+from sandtrap.config.services import (
+    CaptureSettings,
+    ServiceSessionSettings,
+    ServiceSettings,
+    check_services,
+    map_seed_keys,
 )
 from sandtrap.config.values import ByteSize, Listen, Section, parse_size, split_listen
 from sandtrap.errors import ConfigError
@@ -37,6 +46,7 @@ __all__ = [
     "APISettings",
     "AuthSettings",
     "ByteSize",
+    "CaptureSettings",
     "Credential",
     "DockerSettings",
     "ImageSettings",
@@ -47,8 +57,11 @@ __all__ = [
     "SSHSettings",
     "SandboxSettings",
     "Section",
+    "ServiceSessionSettings",
+    "ServiceSettings",
     "Settings",
     "StorageSettings",
+    "TelnetSettings",
     "load_settings",
     "merge",
     "parse_size",
@@ -61,6 +74,7 @@ class Settings(Section):
     sensor: str = Field(default_factory=socket.gethostname)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ssh: SSHSettings = SSHSettings()
+    telnet: TelnetSettings = TelnetSettings()
     auth: AuthSettings = AuthSettings()
     sandbox: SandboxSettings = SandboxSettings()
     image: ImageSettings = ImageSettings()
@@ -68,6 +82,29 @@ class Settings(Section):
     recording: RecordingSettings = RecordingSettings()
     storage: StorageSettings = StorageSettings()
     api: APISettings = APISettings()
+    services: list[ServiceSettings] = Field(
+        default_factory=list, description="the listeners (TOML [[service]]); empty = one SSH listener at ssh.listen"
+    )
+
+    @model_validator(mode="after")
+    def _services(self) -> Settings:
+        check_services(self.services)
+        ssh = next((s for s in self.services if s.protocol == "ssh"), None)
+        if ssh is not None and ssh.address != self.ssh.listen:
+            if "listen" in self.ssh.model_fields_set:
+                raise ValueError(
+                    f"ssh.listen ({self.ssh.listen}) and service {ssh.name}'s listen ({ssh.address}) both say where "
+                    "SSH listens; keep one (the service's is mapped onto ssh.listen)"
+                )
+            # The ssh service's address is ssh.listen: one value, shown once by `config show`.
+            object.__setattr__(self, "ssh", self.ssh.model_copy(update={"listen": ssh.address}))
+        return self
+
+    def listeners(self) -> list[ServiceSettings]:
+        """Every listener to start: the services, or (none configured) today's single SSH listener."""
+        if self.services:
+            return list(self.services)
+        return [ServiceSettings(name="ssh", protocol="ssh", listen=self.ssh.listen)]
 
     @property
     def data_dir(self) -> Path:
@@ -88,8 +125,10 @@ class Settings(Section):
 
 
 def _describe(err: Any) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
+    if not key:  # a check across sections: its message names the keys
+        return str(err["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
         if key in MOVED_KEYS:
             new, name = MOVED_KEYS[key], key.rsplit(".", 1)[1]
@@ -109,30 +148,44 @@ def _describe(err: Any) -> str:
     return f"{key}: {msg} (given: {shown})"
 
 
+def _read(p: Path) -> dict[str, Any]:
+    """The file's tree: TOML (``.toml``) or YAML (anything else), the same tree either way."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+    if p.suffix.lower() == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (ssh:, auth:, sandbox:, ...)")
+    return loaded
+
+
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Load settings from a YAML file (or defaults when ``path`` is None), applying ``overrides``."""
+    """Load settings from a TOML (``.toml``) or YAML file (or defaults when ``path`` is None), applying
+    ``overrides``. The Architecture seed's ``[global]`` and ``[[service]]`` are mapped (config/services.py)."""
     data: dict[str, Any] = {}
+    where = f" in {path}" if path else ""
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (ssh:, auth:, sandbox:, ...)")
-        data = loaded
+        data = _read(Path(path))
     if overrides:
         data = merge(data, overrides)
     try:
+        data = map_seed_keys(data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration{where}:\n  {exc}") from None
+    try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        where = f" in {path}" if path else ""
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
 

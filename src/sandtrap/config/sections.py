@@ -28,6 +28,23 @@ class SSHSettings(Section):
         return v
 
 
+class TelnetSettings(Section):
+    """Every telnet service: what Debian's telnetd and login(1) show and when (login.defs, pam_faildelay)."""
+
+    banner: str = Field("Debian GNU/Linux 12", description="/etc/issue.net, shown before the first prompt")
+    login_timeout_s: float = Field(60.0, gt=0, description="login.defs LOGIN_TIMEOUT")
+    login_retries: int = Field(5, ge=1, description="login.defs LOGIN_RETRIES: wrong passwords before login exits")
+    failure_delay_s: float = Field(3.0, ge=0, le=30, description="pam_faildelay: 'Login incorrect' after this")
+    negotiation_wait_s: float = Field(1.0, ge=0, le=10, description="how long telnetd waits for option answers")
+
+    @field_validator("banner")
+    @classmethod
+    def _banner(cls, v: str) -> str:
+        if any(not c.isprintable() for c in v):
+            raise ValueError("must be one line of printable text (e.g. Debian GNU/Linux 12)")
+        return v
+
+
 class Credential(Section):
     username: str
     password: str = Field(description="'*' accepts any password for this username")

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sandtrap.events import Event
+from sandtrap.events import Event, cowrie_dict
 from sandtrap.logs import RateLimited
 from sandtrap.outputs.recording import JSONLOG, RecordingHealth
 
@@ -29,15 +29,6 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 _limited = RateLimited(log)
-
-
-def cowrie_dict(event: Event) -> dict[str, Any]:
-    """The event as Cowrie's JSON log has it: envelope plus fields, ``timestamp`` in ``...Z`` form."""
-    data = event.model_dump(mode="json")
-    # Cowrie 2.x names next to 3.x's where they differ (T-Pot and most dashboards read 2.x).
-    if "duration_ms" in data and "duration" not in data:
-        data["duration"] = f"{data['duration_ms'] / 1000:.1f}"
-    return data
 
 
 class JsonLogSink:

@@ -38,6 +38,12 @@ class MetricsSink:
         r = self.registry
         self._active: set[str] = set()
         self.sessions = Counter("sandtrap_sessions", "SSH connections accepted", registry=r)
+        self.per_service = Counter(
+            "sandtrap_service_sessions",
+            "Connections accepted, by listener (config services) and protocol",
+            ["service", "protocol"],
+            registry=r,
+        )
         self.active = Gauge("sandtrap_sessions_active", "SSH connections open now", registry=r)
         self.active.set_function(lambda: len(self._active))
         self.auth_attempts = Counter(
@@ -67,6 +73,9 @@ class MetricsSink:
         self.events.labels(eventid=eventid if eventid in ev.CATALOGUE else "other").inc()
         if eventid == ev.SESSION_CONNECT:
             self.sessions.inc()
+            protocol = event.protocol if event.protocol in ("ssh", "telnet", "tcp", "udp") else "other"
+            service = str(event.get("service") or protocol)[:32]  # a configured name: bounded label values
+            self.per_service.labels(service=service, protocol=protocol).inc()
             if event.session:
                 self._active.add(event.session)
         elif eventid == ev.SESSION_CLOSED:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -95,6 +96,7 @@ class Features:
 
     login_scopes: bool = False  # exec(login=Login(session_id=n)) puts the login in its own cgroup scope
     connection_in_box: bool = False  # exec(login=Login(client=...)) shows the login's TCP connection in the box
+    box_ports: bool = False  # a BoxPorts sandbox: open_port() reaches a port on the box's own loopback
 
 
 class ReadWatch(Protocol):
@@ -212,6 +214,22 @@ class Sandbox(Protocol):
 
     async def remove(self) -> None:
         """Delete for good; harmless if already gone."""
+
+
+Transport = Literal["tcp", "udp"]
+
+
+@runtime_checkable
+class BoxPorts(Protocol):
+    """A sandbox whose own ports the honeypot can reach (raw TCP/UDP services), though the box has no network:
+    asked through :attr:`Features.box_ports`."""
+
+    async def open_port(
+        self, port: int, transport: Transport = "tcp", client: ClientAddress | None = None
+    ) -> socket.socket:
+        """A non-blocking socket connected to ``port`` on the box's 127.0.0.1, made from inside the box's network
+        namespace. ``client``: the attacker's address; a client on loopback is bound as the socket's source (the
+        service in the box sees it), any other shows as 127.0.0.1. Raises SandboxError (nothing listening too)."""
 
 
 class SandboxBackend(Protocol):

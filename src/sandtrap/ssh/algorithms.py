@@ -1,80 +1,118 @@
 """What the server offers in its KEXINIT: Debian bookworm's OpenSSH 9.2p1 defaults, in its order.
 
 Scanners compare the offered lists with the version in the banner (hasshServer); see README "SSH fingerprint".
-``tests/integration/test_sshd_fingerprint.py`` compares them with a real sshd's, side by side, and
-documents what asyncssh cannot match.
+``tests/integration/test_sshd_fingerprint.py`` compares them with a real sshd's, side by side.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from hashlib import sha512
 from typing import Any
 
 import asyncssh
+from asyncssh import kex, kex_dh
 from asyncssh.crypto import Curve25519DH
 from asyncssh.kex import get_kex_algs, register_kex_alg
-from asyncssh.kex_dh import _KexHybridECDH
+from asyncssh.kex_dh import MSG_KEX_DH_GEX_REQUEST, MSG_KEX_DH_GEX_REQUEST_OLD, _KexDHGex, _KexHybridECDH
+from asyncssh.packet import MPInt, SSHPacket
+
+from sandtrap.ssh import gex, sntrup761
 
 SNTRUP761_KEX_ALGS = ("sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com")
 
 
-class PQCryptoSNTRUP761:
-    """asyncssh's KEM interface over the ``pqcrypto`` wheel's sntrup761 (PQClean, same as liboqs and OpenSSH)."""
+class SNTRUP761Server:
+    """asyncssh's post-quantum KEM interface (``asyncssh.crypto.pq.PQKey``), server side: encapsulation only.
 
-    pubkey_bytes, privkey_bytes, ciphertext_bytes, secret_bytes = 1158, 1763, 1039, 32
+    A server of a hybrid kex only encapsulates against the client's key (``ssh/sntrup761.py``, our own
+    implementation). Registered for servers only (not in asyncssh's client defaults): an asyncssh client
+    in this process never asks it for a key pair.
+    """
 
-    def __init__(self, alg_name: bytes, kem: Any) -> None:
-        self._kem = kem
-        self._keys: tuple[bytes, bytes] | None = None  # made on first use: a server only encapsulates
+    pubkey_bytes = sntrup761.PUBLIC_KEY_BYTES
+    privkey_bytes = 1763  # the specification's secret key size; we never hold one
+    ciphertext_bytes = sntrup761.CIPHERTEXT_BYTES
+    secret_bytes = sntrup761.SECRET_BYTES
 
-    def _keypair(self) -> tuple[bytes, bytes]:
-        if self._keys is None:
-            self._keys = self._kem.keygen()
-        return self._keys
+    def __init__(self, alg_name: bytes) -> None:
+        self.alg_name = alg_name
 
     def get_public(self) -> bytes:
-        return bytes(self._keypair()[0])
+        raise NotImplementedError("sntrup761 is implemented for the server side only")
 
     def encaps(self, peer_public: bytes) -> tuple[bytes, bytes]:
-        if len(peer_public) != self.pubkey_bytes:
-            raise ValueError("Invalid public key")
-        ciphertext, secret = self._kem.encaps(peer_public)
-        return bytes(secret), bytes(ciphertext)
+        """(secret, ciphertext), as asyncssh wants them; ValueError (asyncssh: ProtocolError) on a bad key."""
+        ciphertext, secret = sntrup761.encapsulate(peer_public)
+        return secret, ciphertext
 
     def decaps(self, ciphertext: bytes) -> bytes:
-        if len(ciphertext) != self.ciphertext_bytes:
-            raise ValueError("Invalid ciphertext")
-        return bytes(self._kem.decaps(self._keypair()[1], ciphertext))
+        raise NotImplementedError("sntrup761 is implemented for the server side only")
 
 
-def register_sntrup761() -> bool:
-    """Give asyncssh sntrup761x25519-sha512 when it lacks liboqs but ``pqcrypto`` is installed.
+def register_sntrup761() -> None:
+    """Give asyncssh sntrup761x25519-sha512 under both names, unless it has them already (through liboqs).
 
-    Returns whether asyncssh now has it. asyncssh 2.24 internals: its hybrid kex class and registry.
+    asyncssh 2.24 internals: its hybrid kex class and registry (``tests/unit/ssh/test_wire_internals.py``).
     """
-    if all(a.encode() in get_kex_algs() for a in SNTRUP761_KEX_ALGS):
-        return True
-    try:
-        kem = importlib.import_module("pqcrypto.kem.sntrup_761")
-    except ImportError:
-        return False
-
-    def make(alg_name: bytes) -> PQCryptoSNTRUP761:
-        return PQCryptoSNTRUP761(alg_name, kem)
-
     for alg in SNTRUP761_KEX_ALGS:
         if alg.encode() not in get_kex_algs():
-            register_kex_alg(alg.encode(), _KexHybridECDH, sha512, (make, b"sntrup761", Curve25519DH), True)
-    return True
+            register_kex_alg(alg.encode(), _KexHybridECDH, sha512, (SNTRUP761Server, b"sntrup761", Curve25519DH), False)
 
 
 register_sntrup761()
 
+
+class SshdGroupExchange(_KexDHGex):
+    """asyncssh's DH group exchange, server side, choosing the group as sshd does (``ssh/gex.py``).
+
+    It takes ``KEX_DH_GEX_REQUEST`` only (sshd 9.2 answers the old single-size request as an unknown
+    message); a request outside sshd's bounds ends the connection without a word, as sshd's does.
+    """
+
+    def _process_request(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        if self._conn.is_client():
+            super()._process_request(pkttype, pktid, packet)
+            return
+        if self._p:
+            raise asyncssh.ProtocolError("Kex DH group already requested")
+        self._gex_data = packet.get_remaining_payload()
+        requested = packet.get_uint32(), packet.get_uint32(), packet.get_uint32()
+        packet.check_end()
+        bounds = gex.in_range(*requested)
+        if bounds is None:
+            raise asyncssh.ProtocolError(f"DH group exchange request out of range: {requested}")
+        group = gex.choose(*bounds, gex.host_moduli_sizes(), _RFC3526_GROUPS)
+        self._init_group(group.g, group.p)
+        self._gex_data += MPInt(group.p) + MPInt(group.g)
+        self.send_packet(self._group_type, MPInt(group.p), MPInt(group.g))
+
+    _packet_handlers: Mapping[int, Callable[..., Any]] = {
+        **{t: h for t, h in _KexDHGex._packet_handlers.items() if t != MSG_KEX_DH_GEX_REQUEST_OLD},
+        MSG_KEX_DH_GEX_REQUEST: _process_request,
+    }
+
+
+# RFC 3526 groups 14 to 18, which asyncssh carries (14, 16 and 18 are sshd's own fallback groups).
+_RFC3526_GROUPS = {
+    2048: gex.Group(2048, kex_dh._group14_g, kex_dh._group14_p),
+    3072: gex.Group(3072, kex_dh._group15_g, kex_dh._group15_p),
+    4096: gex.Group(4096, kex_dh._group16_g, kex_dh._group16_p),
+    6144: gex.Group(6144, kex_dh._group17_g, kex_dh._group17_p),
+    8192: gex.Group(8192, kex_dh._group18_g, kex_dh._group18_p),
+}
+GEX_ALG = b"diffie-hellman-group-exchange-sha256"
+
+
+def use_sshd_group_exchange() -> None:
+    """asyncssh 2.24's kex registry: its handler for sshd's one GEX algorithm replaced by ours."""
+    _handler, hash_alg, args = kex._kex_handlers[GEX_ALG]
+    kex._kex_handlers[GEX_ALG] = (SshdGroupExchange, hash_alg, args)
+
+
+use_sshd_group_exchange()
+
 # `sshd -T` of Debian's 9.2p1-2+deb12u10 (the Debian build also carries the RFC name of sntrup761).
-# asyncssh offers sntrup761 with liboqs or, through register_sntrup761, with the pqcrypto wheel;
-# with neither, those two are left out.
 OPENSSH_KEX_ALGS = (
     "sntrup761x25519-sha512",
     "sntrup761x25519-sha512@openssh.com",
@@ -88,7 +126,7 @@ OPENSSH_KEX_ALGS = (
     "diffie-hellman-group18-sha512",
     "diffie-hellman-group14-sha256",
 )
-KEX_ALGS = [alg for alg in OPENSSH_KEX_ALGS if alg.encode() in get_kex_algs()]
+KEX_ALGS = list(OPENSSH_KEX_ALGS)
 
 # What sshd appends to its kex list: the strict-kex marker (Debian's fix for Terrapin, CVE-2023-48795).
 # asyncssh appends ``ext-info-s`` as well, which OpenSSH 9.2's server does not: see use_openssh_kex_extras.

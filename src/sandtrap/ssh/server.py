@@ -17,8 +17,9 @@ from typing import Any
 
 import asyncssh
 
+from sandtrap.bridge.auth import AttemptState, AuthPolicy
 from sandtrap.bridge.channel import Channel
-from sandtrap.bridge.connection import Connection, Hub, printable
+from sandtrap.bridge.connection import Connection, Hub, ServiceBounds, printable, refusals
 from sandtrap.config import AuthSettings, SSHSettings, split_listen
 from sandtrap.events import (
     AGENT_REQUEST,
@@ -41,7 +42,6 @@ from sandtrap.ssh.algorithms import (
     SIGNATURE_ALGS,
     host_key_pairs,
 )
-from sandtrap.ssh.auth import AttemptState, AuthPolicy
 from sandtrap.ssh.channels import ChannelBridge
 from sandtrap.ssh.hostkeys import host_key_dir, load_host_keys
 from sandtrap.ssh.kex import kex_event_fields, parse_kexinit
@@ -61,6 +61,7 @@ class ServerContext:
     ssh: SSHSettings
     auth: AuthSettings
     policy: AuthPolicy
+    service: ServiceBounds | None = None  # the ssh listener's name and bounds (config `services`)
 
 
 class ConnectionHandler(asyncssh.SSHServer):
@@ -88,7 +89,14 @@ class ConnectionHandler(asyncssh.SSHServer):
         imitate_sshd(conn)  # answer on the wire as sshd 9.2p1 does before login (ssh/wire.py)
         peer = conn.get_extra_info("peername") or ("", 0)
         sock = conn.get_extra_info("sockname") or ("", 0)
-        self.link = Connection(self.ctx.hub, (str(peer[0]), int(peer[1])), (str(sock[0]), int(sock[1])), conn.close)
+        self.link = Connection(
+            self.ctx.hub,
+            (str(peer[0]), int(peer[1])),
+            (str(sock[0]), int(sock[1])),
+            conn.close,
+            "ssh",
+            self.ctx.service,
+        )
         if not self.link.open():
             conn.abort()
             return
@@ -97,6 +105,20 @@ class ConnectionHandler(asyncssh.SSHServer):
         conn.create_agent_listener = self._refuse_agent  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if (
+            exc is not None
+            and self.link is not None
+            and self.conn is not None
+            and not self.conn.get_extra_info("username")
+        ):
+            # Before login: a bad identification, key exchange or packet (ssh/wire.py answered it as sshd).
+            refusals.log(
+                logging.INFO,
+                "pre-auth-error",
+                "connection from %s ended before login: %s",
+                self.link.src_ip,
+                printable(str(exc), 200),
+            )
         self._emit_kex()
         if self.link is not None:
             self.link.lost(None if exc is None else str(exc))

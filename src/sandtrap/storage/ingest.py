@@ -16,8 +16,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from sandtrap import events as ev
-from sandtrap.events import Event
-from sandtrap.outputs.jsonlog import cowrie_dict
+from sandtrap.events import Event, cowrie_dict
 from sandtrap.storage.models import ArtifactRow, AuthAttemptRow, CastRow, CommandRow, EventRow, SandboxRow, SessionRow
 from sandtrap.storage.types import as_utc, clean
 
@@ -137,6 +136,7 @@ def _stub(event: Event) -> SessionRow:
         id=event.session,
         sensor=event.sensor,
         protocol=event.protocol or "ssh",
+        service=str(event.get("service") or event.protocol or "ssh"),
         src_ip=event.src_ip,
         src_port=event.src_port,
         dst_ip=event.dst_ip,
@@ -156,6 +156,7 @@ def _connect(db: Session, e: Event) -> None:
     row = _session(db, e)
     row.sensor = e.sensor or row.sensor
     row.protocol = e.protocol or row.protocol
+    row.service = str(e.get("service") or row.service or row.protocol)
     row.src_ip, row.src_port = e.src_ip or row.src_ip, e.src_port or row.src_port
     row.dst_ip, row.dst_port = e.dst_ip or row.dst_ip, e.dst_port or row.dst_port
     row.started_at = min(row.started_at, _ts(e))

@@ -42,6 +42,7 @@ class SessionRow(Base):
     id: Mapped[str] = mapped_column(String, primary_key=True, comment="12 hex chars, the events' `session`")
     sensor: Mapped[str] = mapped_column(String, default="")
     protocol: Mapped[str] = mapped_column(String, default="ssh")
+    service: Mapped[str] = mapped_column(String, default="", comment="the listener's name (config `services`)")
     src_ip: Mapped[str] = mapped_column(String, default="")
     src_port: Mapped[int] = mapped_column(Integer, default=0)
     dst_ip: Mapped[str] = mapped_column(String, default="")
@@ -69,6 +70,7 @@ class SessionRow(Base):
         Index(None, "started_at"),
         Index(None, "src_ip"),
         Index(None, "username", postgresql_using="hash"),
+        Index(None, "service"),
     )
 
 

@@ -20,6 +20,7 @@ class SessionSummary(_Row):
     id: str
     sensor: str
     protocol: str
+    service: str = ""
     src_ip: str
     src_port: int
     dst_ip: str
@@ -139,6 +140,7 @@ class Stats(_Row):
     top_passwords: list[Count]
     top_pairs: list[PairCount]
     top_src_ips: list[Count]
+    sessions_per_service: list[Count] = []
     top_commands: list[Count]
     top_client_versions: list[Count]
     sessions_per_hour: list[HourCount]

@@ -97,12 +97,16 @@ class Repository:
         command: str | None = None,
         has_commands: bool | None = None,
         has_artifacts: bool | None = None,
+        protocol: str | None = None,
+        service: str | None = None,
         limit: int = 50,
         offset: int = 0,
         sort: SessionSort = "-started_at",
     ) -> list[SessionSummary]:
         """Sessions matching every filter given; ``command`` is a case-insensitive substring of any command."""
-        where = _session_filters(since, until, src_ip, username, command, has_commands, has_artifacts)
+        where = _session_filters(
+            since, until, src_ip, username, command, has_commands, has_artifacts, protocol, service
+        )
         column = getattr(SessionRow, sort.lstrip("-"))
         order = column.desc() if sort.startswith("-") else column.asc()
         tiebreak = SessionRow.id.desc() if sort.startswith("-") else SessionRow.id.asc()
@@ -127,8 +131,12 @@ class Repository:
         command: str | None = None,
         has_commands: bool | None = None,
         has_artifacts: bool | None = None,
+        protocol: str | None = None,
+        service: str | None = None,
     ) -> int:
-        where = _session_filters(since, until, src_ip, username, command, has_commands, has_artifacts)
+        where = _session_filters(
+            since, until, src_ip, username, command, has_commands, has_artifacts, protocol, service
+        )
         with self._sessions() as db:
             return db.scalar(select(func.count()).select_from(SessionRow).where(*where)) or 0
 
@@ -224,6 +232,7 @@ class Repository:
                 top_passwords=ranked(AuthAttemptRow.password, *attempts_in),
                 top_pairs=[PairCount(username=u, password=p, count=c) for u, p, c in db.execute(pairs)],
                 top_src_ips=ranked(SessionRow.src_ip, *window(SessionRow.started_at)),
+                sessions_per_service=ranked(SessionRow.service, *window(SessionRow.started_at)),
                 top_commands=ranked(CommandRow.input, *window(CommandRow.timestamp)),
                 top_client_versions=ranked(SessionRow.client_version, *window(SessionRow.started_at)),
                 sessions_per_hour=sorted(
@@ -270,8 +279,14 @@ def _session_filters(
     command: str | None,
     has_commands: bool | None,
     has_artifacts: bool | None,
+    protocol: str | None = None,
+    service: str | None = None,
 ) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
+    if protocol:
+        where.append(SessionRow.protocol == protocol)
+    if service:
+        where.append(SessionRow.service == service)
     if since is not None:
         where.append(SessionRow.started_at >= since)
     if until is not None:

@@ -95,6 +95,8 @@ async def test_openapi_document_lists_every_endpoint(client: Client) -> None:
         "command",
         "has_commands",
         "has_artifacts",
+        "protocol",
+        "service",
         "limit",
         "offset",
         "sort",

@@ -93,11 +93,14 @@ def test_bucket_label() -> None:
 # -- the sessions form ------------------------------------------------------------------------------------
 def test_parse_query_turns_the_form_into_filters() -> None:
     q = parse_query(
-        {"src_ip": " 203.0.113.7 ", "username": "root", "command": "wget", "has_artifacts": "yes", "since": "24h"}, NOW
-    )
+        {"src_ip": " 203.0.113.7 ", "username": "root", "command": "wget", "has_artifacts": "yes", "since": "24h",
+         "service": "telnet"},
+        NOW,
+    )  # fmt: skip
     assert q.errors == []
     assert q.filters == {
         "src_ip": "203.0.113.7",
+        "service": "telnet",
         "username": "root",
         "command": "wget",
         "has_artifacts": True,

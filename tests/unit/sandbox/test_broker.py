@@ -1,4 +1,4 @@
-"""The session broker's messages: requests as listener.c reads them, replies and fds judged as hostile."""
+"""The session broker's messages (boxwire.py): requests as listener.c reads them, replies and fds judged as hostile."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from sandtrap.sandbox.base import ExitStatus, TermSize
-from sandtrap.sandbox.host.broker import (
+from sandtrap.sandbox.host.boxwire import (
     MAGIC,
     MAX_REQUEST,
     BrokerError,
@@ -17,11 +17,11 @@ from sandtrap.sandbox.host.broker import (
     Exited,
     Failed,
     Started,
-    check_fds,
     encode_request,
     parse_reply,
     wait_status,
 )
+from sandtrap.sandbox.host.broker import check_fds
 
 
 def test_request_layout() -> None:

@@ -1,4 +1,4 @@
-"""image_inputs: one hash over everything the sandbox image is made from."""
+"""image_inputs: one hash over everything the sandbox image is made from (sandbox/rootfs.py, for any backend)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandtrap.config import ImageSettings
-from sandtrap.sandbox.docker import image as image_module
+from sandtrap.sandbox import rootfs as image_module
 from sandtrap.sandbox.docker.image import image_inputs, rootfs_digest
 
 
@@ -84,23 +84,37 @@ def test_a_base_image_replaces_the_debootstrap_inputs(overlay: Path) -> None:
 
 def test_setup_script_and_c_sources_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     before = image_inputs(ImageSettings())
-    for name in ("SETUP_SCRIPT", "INIT_SOURCE", "SESSION_SOURCE"):
-        copy = tmp_path / name
-        copy.write_bytes(getattr(image_module, name).read_bytes() + b"\n")
-        with monkeypatch.context() as m:
-            m.setattr(image_module, name, copy)
-            assert image_inputs(ImageSettings()) != before
+    copy = tmp_path / "setup.sh"
+    copy.write_bytes(image_module.SETUP_SCRIPT.read_bytes() + b"\n")
+    with monkeypatch.context() as m:
+        m.setattr(image_module, "SETUP_SCRIPT", copy)
+        assert image_inputs(ImageSettings()) != before
+    box = tmp_path / "box"
+    box.mkdir()
+    for path in image_module.c_sources():
+        shutil.copyfile(path, box / path.name)
+    monkeypatch.setattr(image_module, "BOX_DIR", box)
+    assert image_inputs(ImageSettings()) == before
+    for path in sorted(box.iterdir()):
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert image_inputs(ImageSettings()) != before, path.name
+        path.write_bytes(original)
+    (box / "new.h").write_text("/* a header a program may include */\n")
+    assert image_inputs(ImageSettings()) != before
+
+
+def test_every_c_file_of_the_box_is_compiled_and_every_input_exists() -> None:
+    """The cache key covers what the compiler sees (every box/*.c and *.h); each .c belongs to a program."""
+    sources = {p.name for p in image_module.c_sources()}
+    linked = [unit for units in image_module.PROGRAMS.values() for unit in units]
+    assert sorted(linked) == sorted({n for n in sources if n.endswith(".c")})
+    assert {"protocol.h", "wire.h", "listener.h", "accounts.h", "relay.h"} <= sources
 
 
 def test_nothing_shipped_into_the_image_gives_the_trap_away() -> None:
     shipped = [p for p in image_module.ROOTFS_DIR.rglob("*") if p.is_file()]
-    shipped += [
-        image_module.SETUP_SCRIPT,
-        image_module.INIT_SOURCE,
-        image_module.LISTENER_SOURCE,
-        image_module.SESSION_SOURCE,
-        image_module.ACCOUNTS_HEADER,
-    ]
+    shipped += [image_module.SETUP_SCRIPT, *image_module.c_sources()]
     for path in shipped:
         text = path.read_bytes().lower()
         for word in (b"sandtrap", b"honeypot"):

@@ -12,7 +12,7 @@ from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxUnavailable
 from sandtrap.sandbox.pool import Pool
 
-from fakes import FakeBackend
+from fakes import ChrootBackend, FakeBackend
 
 
 def make_pool(tmp_path: Path, backend: FakeBackend | None = None, **overrides: object) -> tuple[Pool, FakeBackend]:
@@ -163,3 +163,23 @@ async def test_warm_boxes_are_prepared_once_and_the_result_goes_to_their_session
     assert pool.take_prepared(box.id) == f"tokens-of-{box.id}"
     assert pool.take_prepared(box.id) is None  # handed over once
     await pool.close()
+
+
+async def test_warm_boxes_found_stopped_are_dropped_and_the_session_gets_a_running_one(tmp_path: Path) -> None:
+    backend = ChrootBackend(tmp_path / "boxes")
+    pool = Pool(backend, SandboxSettings(pool_size=2, max_sandboxes=10), tmp_path / "ledger")
+    try:
+        await pool.start()
+        stale = [box.id for box in pool._warm]
+        for box in pool._warm:
+            await box.stop()  # the engine restarted: every warm box is stopped
+        box = await pool.acquire("s1", "198.51.100.7")
+        assert await box.is_running() and box.id not in stale
+        assert pool.on_demand_creations == 1
+        await pool.wait_refilled()
+        assert pool.warm == 2 and not {b.id for b in pool._warm} & set(stale)
+    finally:
+        await pool.close()
+        await backend.close()
+        for info in await backend.list_managed():
+            await backend.sandbox(info.id, info.name).remove()

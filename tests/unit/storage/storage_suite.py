@@ -18,9 +18,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from sandtrap import events as ev
-from sandtrap.events import CATALOGUE, Event, EventBus
+from sandtrap.events import CATALOGUE, Event, EventBus, cowrie_dict
 from sandtrap.outputs.database import DatabaseSink
-from sandtrap.outputs.jsonlog import JsonLogSink, cowrie_dict
+from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.storage.engine import make_engine
 from sandtrap.storage.migrate import current, head, is_migrated, upgrade
 from sandtrap.storage.models import Base
@@ -618,3 +618,24 @@ def test_migrations_are_idempotent_and_match_the_models(db_url: str) -> None:
     finally:
         engine.dispose()
     assert diff == []
+
+
+# -- services (issue 17): a session names its listener; filters and per-service counts ------------------------
+def test_sessions_by_service_and_protocol(repo: Repository, store: Callable[[list[Event]], DatabaseSink]) -> None:
+    telnet = Conn("aaaaaaaaaaa1")
+    http = Conn("aaaaaaaaaaa2")
+    ssh = Conn("aaaaaaaaaaa3")
+    store(
+        [
+            telnet(ev.SESSION_CONNECT, after_s=0, protocol="telnet", service="telnet"),
+            http(ev.SESSION_CONNECT, after_s=0, protocol="tcp", service="http"),
+            http(ev.SESSION_CLOSED, duration="1.0", duration_ms=1000, reason="client_closed", protocol="tcp",
+                 service="http"),
+            ssh(ev.SESSION_CONNECT, after_s=0),  # an event from before services: no service field
+        ]
+    )  # fmt: skip
+    assert [s.id for s in repo.list_sessions(service="http")] == ["aaaaaaaaaaa2"]
+    assert [s.service for s in repo.list_sessions(protocol="telnet")] == ["telnet"]
+    assert repo.count_sessions(protocol="ssh") == 1 and repo.list_sessions(protocol="ssh")[0].service == "ssh"
+    per_service = {c.value: c.count for c in repo.stats().sessions_per_service}
+    assert per_service == {"telnet": 1, "http": 1, "ssh": 1}

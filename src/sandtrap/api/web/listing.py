@@ -26,7 +26,7 @@ SORTS: dict[str, str] = {
 }
 _RELATIVE = re.compile(r"(\d{1,5})\s*([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-FORM_KEYS = ("src_ip", "username", "command", "has_artifacts", "since", "sort", "per_page")
+FORM_KEYS = ("src_ip", "service", "username", "command", "has_artifacts", "since", "sort", "per_page")
 
 
 @dataclass
@@ -81,6 +81,7 @@ def parse_query(params: Mapping[str, str], now: datetime) -> SessionQuery:
     errors: list[str] = []
     filters: dict[str, Any] = {
         "src_ip": form["src_ip"] or None,
+        "service": form["service"] or None,
         "username": form["username"] or None,
         "command": form["command"] or None,
         "has_artifacts": {"yes": True, "no": False}.get(form["has_artifacts"]),

@@ -80,7 +80,8 @@ class DockerBackend:
         self._seccomp = seccomp
         self._planted = files_archive(files) if files else b""
         self._client = engine.connect(docker.docker_host)
-        self._host = BoxHost(self._client, sensor)
+        url = docker.docker_host or os.environ.get("DOCKER_HOST") or "unix://"
+        self._host = BoxHost(self._client, sensor, local=url.startswith("unix://"))
         self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
         self._image_seed: tuple[bytes, str] | None = None
         self._network_ready = False

@@ -1,10 +1,12 @@
 """Build the sandbox image without a registry: debootstrap, import, then one layer of our own.
 
-1. ``debootstrap`` a Debian root file system into ``<cache>/rootfs-<hash>.tar`` (kept; rebuilt only
-   when missing) and import it through the engine API as ``sandtrap-base:<hash12>``; or use a local
-   ``base`` image instead.
-2. In a helper container with no network: copy the ``rootfs/`` overlay and a static ``/sbin/init``
-   compiled from ``init.c``, run ``rootfs_setup.sh``, commit the result as the target tag.
+What the image is made from, and how, is backend-neutral (:mod:`sandtrap.sandbox.rootfs`); this module is
+the Docker part:
+
+1. Import the debootstrapped tarball (``<cache>/rootfs-<hash>.tar``, made first when missing) through the
+   engine API as ``sandtrap-base:<hash12>``; or use a local ``base`` image instead.
+2. In a helper container with no network: copy in the overlay tar (the ``rootfs/`` overlay, the setup
+   script and the compiled programs), run ``rootfs_setup.sh``, commit the result as the target tag.
 3. The image carries the hash of every input as a label, so an unchanged rebuild is a no-op and
    ``check_image`` can tell whether the image is current.
 """
@@ -12,22 +14,14 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import logging
-import os
-import re
 import secrets
-import shutil
-import signal
-import subprocess
-import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,35 +29,31 @@ from typing import Any, TypeVar
 import aiodocker
 from aiodocker.containers import DockerContainer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from sandtrap.config import ImageSettings, SandboxSettings
 from sandtrap.errors import ImageError, SandboxError
 from sandtrap.sandbox.docker.engine import call, engine, is_not_found
+from sandtrap.sandbox.rootfs import (
+    Detail,
+    Steps,
+    compile_programs,
+    image_inputs,
+    make_rootfs_tar,
+    overlay_tar,
+    rootfs_digest,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HERE = Path(__file__).resolve().parents[2] / "box"  # the in-box payload
-ROOTFS_DIR = HERE / "rootfs"
-SETUP_SCRIPT = HERE / "rootfs_setup.sh"
-INIT_SOURCE = HERE / "init.c"
-LISTENER_SOURCE = HERE / "listener.c"  # included by init.c: the SSH listener and session broker
-SESSION_SOURCE = HERE / "session.c"  # sshd's session work in the box (utmp, motd, login shell)
-ACCOUNTS_HEADER = HERE / "accounts.h"  # included by listener.c and session.c: /etc/passwd and /etc/group
-RELAY_HEADER = HERE / "relay.h"  # included by listener.c: the session's TCP connection to :22
-
-VARIANT = "minbase"
 BASE_REPO = "sandtrap-base"
 LABEL_INPUTS = "sandtrap.image.inputs"
 LABEL_BASE = "sandtrap.image.base"
 IMAGE_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
-DEBOOTSTRAP_TIMEOUT_S = 1800.0
 IMPORT_TIMEOUT_S = 900.0
 SETUP_TIMEOUT_S = 600.0
-OVERLAY_AGE_S = 150 * 86400  # overlay files look this old unless the setup script says otherwise
 
-Detail = Callable[[str], None]
+__all__ = ["BuildResult", "ImageCheck", "build_image", "check_image", "image_inputs", "rootfs_digest"]
 
 
 @dataclass
@@ -80,53 +70,6 @@ class BuildResult:
     image_id: str
     inputs: str
     built: bool  # False when the image was already current
-
-
-# --- inputs ------------------------------------------------------------------------------------
-
-
-def _packages(image: ImageSettings) -> list[str]:
-    return sorted(set(image.packages) | set(image.extra_packages))
-
-
-def rootfs_digest(image: ImageSettings) -> str:
-    """Hash of what debootstrap is asked for; names the cached tarball and the base image."""
-    spec = {"suite": image.suite, "mirror": image.mirror, "variant": VARIANT, "packages": _packages(image)}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _overlay_files() -> list[Path]:
-    return sorted(
-        p for p in ROOTFS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-    )
-
-
-def _mode(path: Path) -> int:
-    return 0o755 if path.stat().st_mode & 0o111 else 0o644
-
-
-def image_inputs(image: ImageSettings, base: str | None = None) -> str:
-    """Hex digest of everything the image is made from.
-
-    ``base`` is the id of a local base image (``build_image`` resolves a reference to its id);
-    without it, the debootstrap inputs count instead.
-    """
-    h = hashlib.sha256()
-
-    def feed(name: str, data: bytes) -> None:
-        h.update(f"{name}\0{len(data)}\0".encode())
-        h.update(data)
-
-    feed("base", f"image {base}".encode() if base else f"debootstrap {rootfs_digest(image)}".encode())
-    for path in _overlay_files():
-        feed(f"rootfs/{path.relative_to(ROOTFS_DIR).as_posix()} {_mode(path):o}", path.read_bytes())
-    feed("setup", SETUP_SCRIPT.read_bytes())
-    feed("init", INIT_SOURCE.read_bytes())
-    feed("listener", LISTENER_SOURCE.read_bytes())
-    feed("session", SESSION_SOURCE.read_bytes())
-    feed("accounts", ACCOUNTS_HEADER.read_bytes())
-    feed("relay", RELAY_HEADER.read_bytes())
-    return h.hexdigest()
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -182,113 +125,20 @@ async def build_image(
             log.info("image %s is current (inputs %s), nothing to build", tag, inputs[:12])
             return BuildResult(tag=tag, image_id=str(old["Id"]), inputs=inputs, built=False)
 
-        with _Steps(console or Console(stderr=True)) as steps, tempfile.TemporaryDirectory() as tmp:
-            init = await _compile_init(Path(tmp), steps)
+        with Steps(console or Console(stderr=True)) as steps, tempfile.TemporaryDirectory() as tmp:
+            programs = await compile_programs(Path(tmp), steps)
             base_ref = base or await _debootstrap_base(docker, image, Path(cache_dir), steps)
-            image_id = await _build_layer(docker, base_ref, tag, inputs, init, steps)
+            image_id = await _build_layer(docker, base_ref, tag, inputs, programs, steps)
         if old is not None and old["Id"] != image_id:
             await _remove_quietly(docker, str(old["Id"]))
     log.info("built %s (%s) in %.0fs", tag, image_id[:19], time.monotonic() - started)
     return BuildResult(tag=tag, image_id=image_id, inputs=inputs, built=True)
 
 
-# --- progress ----------------------------------------------------------------------------------
+# --- engine side -------------------------------------------------------------------------------
 
 
-class _Steps:
-    """One progress line per step: spinner, name, elapsed time, latest detail (e.g. debootstrap's I: line)."""
-
-    def __init__(self, console: Console) -> None:
-        self._progress = Progress(
-            SpinnerColumn(finished_text="[green]✓[/]"),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}", markup=False, style="dim"),
-            console=console,
-        )
-        self._task: TaskID | None = None
-
-    def __enter__(self) -> _Steps:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        t0 = time.monotonic()
-        log.info("image build: %s", name)
-        self._task = task = self._progress.add_task(name, total=1, detail="")
-        try:
-            yield
-        except BaseException:
-            self._progress.update(task, description=f"[red]✗ {name}[/]")
-            self._progress.stop_task(task)
-            raise
-        self._progress.update(task, completed=1, detail="")
-        log.info("image build: %s done in %.1fs", name, time.monotonic() - t0)
-
-    def detail(self, text: str) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, detail=text if len(text) <= 72 else text[:71] + "…")
-
-
-# --- host side: init and the Debian root file system -------------------------------------------
-
-
-async def _run(
-    argv: list[str], on_line: Detail | None = None, env: dict[str, str] | None = None
-) -> tuple[int, list[str]]:
-    """Run ``argv``, streaming its merged output line by line; return exit code and the last lines."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        limit=1 << 20,
-    )
-    tail: deque[str] = deque(maxlen=20)
-    try:
-        assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            tail.append(line)
-            log.debug("%s: %s", argv[0], line)
-            if on_line is not None:
-                on_line(line)
-        return await proc.wait(), list(tail)
-    finally:
-        if proc.returncode is None:  # cancelled or failed while reading: take its children down too
-            os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-
-
-async def _compile_init(tmp: Path, steps: _Steps) -> Path:
-    """Compile the box's own programs (init and the session helper) into ``tmp``; return ``tmp``."""
-    with steps.step("compiling /sbin/init and the session helper"):
-        gcc = shutil.which("gcc")
-        if gcc is None:
-            raise ImageError("gcc is needed to build the sandbox's init: apt-get install gcc libc6-dev")
-        # The sources copied into ``tmp``: what is compiled is what was hashed.
-        src = tmp / "src"
-        await asyncio.to_thread(src.mkdir)
-        for path in (INIT_SOURCE, LISTENER_SOURCE, SESSION_SOURCE, ACCOUNTS_HEADER, RELAY_HEADER):
-            await asyncio.to_thread(shutil.copyfile, path, src / path.name)
-        for source, name in ((INIT_SOURCE, "init"), (SESSION_SOURCE, "session")):
-            # -s: no symbol table, so the binary names no build path.
-            code, tail = await _run([gcc, "-static", "-Os", "-s", "-o", str(tmp / name), str(src / source.name)])
-            if code != 0:
-                raise ImageError(
-                    f"compiling {source.name} failed (a static libc is needed: apt-get install gcc libc6-dev):\n"
-                    + "\n".join(tail)
-                )
-        return tmp
-
-
-async def _debootstrap_base(docker: aiodocker.Docker, image: ImageSettings, cache_dir: Path, steps: _Steps) -> str:
+async def _debootstrap_base(docker: aiodocker.Docker, image: ImageSettings, cache_dir: Path, steps: Steps) -> str:
     digest = rootfs_digest(image)
     ref = f"{BASE_REPO}:{digest[:12]}"
     if await _inspect(docker, ref) is not None:
@@ -297,107 +147,10 @@ async def _debootstrap_base(docker: aiodocker.Docker, image: ImageSettings, cach
     tarball = cache_dir / f"rootfs-{digest}.tar"
     if not tarball.exists():
         with steps.step(f"debootstrap {image.suite} from {image.mirror}"):
-            await _make_rootfs_tar(image, cache_dir, tarball, steps.detail)
+            await make_rootfs_tar(image, cache_dir, tarball, steps.detail)
     with steps.step(f"importing {tarball.name[:19]}… as {ref}"):
         await _import(docker, tarball, ref, steps.detail)
     return ref
-
-
-async def _make_rootfs_tar(image: ImageSettings, cache_dir: Path, tarball: Path, detail: Detail) -> None:
-    if shutil.which("debootstrap") is None:
-        raise ImageError("debootstrap is not installed: apt-get install debootstrap")
-    if os.geteuid() != 0:
-        raise ImageError("debootstrap must run as root (it creates device nodes and uses chroot)")
-    await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
-    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="rootfs-", suffix=".tmp", dir=cache_dir))
-    root = work / "root"
-    env = {
-        **os.environ,
-        "LC_ALL": "C",
-        "DEBIAN_FRONTEND": "noninteractive",
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    }
-    argv = [
-        "debootstrap",
-        f"--variant={VARIANT}",
-        "--include=" + ",".join(_packages(image)),
-        image.suite,
-        str(root),
-        image.mirror,
-    ]
-    try:
-        async with asyncio.timeout(DEBOOTSTRAP_TIMEOUT_S):
-            code, tail = await _run(argv, lambda line: detail(line) if line[:2] in ("I:", "W:", "E:") else None, env)
-        if code != 0:
-            raise ImageError(f"debootstrap failed with exit code {code}; its last lines:\n" + "\n".join(tail))
-        detail("cleaning caches")
-        await asyncio.to_thread(_clean_rootfs, root)
-        detail(f"writing {tarball.name}")
-        part = tarball.with_name(tarball.name + ".part")
-        code, tail = await _run(
-            [
-                "tar",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=security.capability",
-                "--exclude=./dev/*",
-                "--exclude=./proc/*",
-                "--exclude=./sys/*",
-                "-C",
-                str(root),
-                "-cf",
-                str(part),
-                ".",
-            ]
-        )
-        if code != 0:
-            part.unlink(missing_ok=True)
-            raise ImageError("tar of the root file system failed:\n" + "\n".join(tail))
-        part.replace(tarball)
-    except TimeoutError as exc:
-        raise ImageError(f"debootstrap took longer than {DEBOOTSTRAP_TIMEOUT_S:.0f}s") from exc
-    finally:
-        await asyncio.to_thread(_remove_tree, work)
-
-
-def _clean_rootfs(root: Path) -> None:
-    """Drop what only the bootstrap needed, and whatever names the build host."""
-    for pattern in (
-        "var/cache/apt/archives/*.deb",
-        "var/cache/apt/archives/partial/*",
-        "var/cache/apt/*.bin",
-        "var/lib/apt/lists/*_*",
-        "var/log/bootstrap.log",
-        "debootstrap",
-    ):
-        for path in root.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    for name, text in (("etc/hostname", "localhost\n"), ("etc/resolv.conf", "")):  # the engine mounts its own
-        (root / name).unlink(missing_ok=True)
-        (root / name).write_text(text)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a debootstrap work dir, first unmounting anything a failed run left mounted in it."""
-    for point in sorted(_mounts_under(path), key=len, reverse=True):
-        subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
-    if left := _mounts_under(path):
-        log.error("leaving %s in place: still mounted: %s", path, ", ".join(left))
-        return
-    shutil.rmtree(path, ignore_errors=True)
-
-
-# --- engine side -------------------------------------------------------------------------------
 
 
 async def _engine(what: str, aw: Awaitable[T], timeout_s: float = 60.0) -> T:
@@ -460,27 +213,8 @@ async def _import(docker: aiodocker.Docker, tarball: Path, ref: str, detail: Det
     await _engine(f"import {tarball.name}", upload(), IMPORT_TIMEOUT_S)
 
 
-def _overlay_tar(stage: str, init: Path) -> bytes:
-    """The overlay as root-owned files, plus the setup script and init in ``stage``."""
-    buf = io.BytesIO()
-    mtime = int(time.time()) - OVERLAY_AGE_S
-
-    def add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime, info.uname, info.gname = len(data), mode, mtime, "root", "root"
-        tar.addfile(info, io.BytesIO(data))
-
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in _overlay_files():
-            add(tar, path.relative_to(ROOTFS_DIR).as_posix(), path.read_bytes(), _mode(path))
-        add(tar, f"{stage.strip('/')}/setup.sh", SETUP_SCRIPT.read_bytes(), 0o755)
-        add(tar, f"{stage.strip('/')}/init", (init / "init").read_bytes(), 0o755)
-        add(tar, f"{stage.strip('/')}/session", (init / "session").read_bytes(), 0o755)
-    return buf.getvalue()
-
-
 async def _build_layer(
-    docker: aiodocker.Docker, base_ref: str, tag: str, inputs: str, init: Path, steps: _Steps
+    docker: aiodocker.Docker, base_ref: str, tag: str, inputs: str, programs: Path, steps: Steps
 ) -> str:
     stage = f"/tmp/build-{secrets.token_hex(4)}"
     helper: dict[str, Any] = {
@@ -504,7 +238,7 @@ async def _build_layer(
         container = await _engine("create the build container", docker.containers.create(helper))
         try:
             steps.detail("copying files")
-            layer = io.BytesIO(_overlay_tar(stage, init))  # a file object: aiohttp streams it
+            layer = io.BytesIO(overlay_tar(stage, programs))  # a file object: aiohttp streams it
             await _engine("copy files into the build container", container.put_archive("/", layer))  # type: ignore[no-untyped-call]
             await _engine("start the build container", container.start())
             await _run_setup(container, stage, steps.detail)

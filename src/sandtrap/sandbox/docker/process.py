@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 
 import aiodocker
@@ -22,7 +24,10 @@ log = logging.getLogger(__name__)
 class DockerProcess:
     """A ``docker exec`` with its hijacked stream; output is bounded by aiodocker's flow-control queue."""
 
-    def __init__(self, execution: Exec, stream: Stream, tty: bool) -> None:
+    def __init__(self, execution: Exec, stream: Stream, tty: bool, local: bool = False) -> None:
+        """``local``: the engine runs on this host, so the exec's pid (the engine reports the host's) can be
+        signalled from here."""
+        self._local = local
         self._exec = execution
         self._stream = stream
         self._tty = tty
@@ -85,6 +90,17 @@ class DockerProcess:
         return self._status
 
     async def kill(self) -> None:
+        """End the process: closing the stream hangs a TTY up, but a process without one would run on, so one
+        still running is killed (a local engine: its host pid, as the engine reports it)."""
+        if self._status is None and self._local:
+            try:
+                info = await engine.call("exec inspect", self._exec.inspect(), 5)
+            except SandboxError:
+                info = {}
+            pid = int(info.get("Pid") or 0)
+            if info.get("Running") and pid > 0:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         await self._close()
 
     def __del__(self) -> None:

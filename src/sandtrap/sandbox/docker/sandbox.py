@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import secrets
+import socket
 import tarfile
 import time
 import weakref
@@ -30,12 +31,13 @@ from sandtrap.sandbox.base import (
     Login,
     ReadReport,
     TermSize,
+    Transport,
     run,
 )
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.process import DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
-from sandtrap.sandbox.host import broker, hostfs, relay
+from sandtrap.sandbox.host import broker, hostfs, netns, relay
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
 
@@ -49,6 +51,7 @@ class BoxHost:
 
     client: aiodocker.Docker
     sensor: str
+    local: bool = False  # the engine runs on this host (a unix socket)
     reads: OpenWatcher = field(default_factory=OpenWatcher)
     open_processes: weakref.WeakSet[DockerProcess] = field(default_factory=weakref.WeakSet)
 
@@ -145,6 +148,26 @@ class DockerSandbox:
         return Features(
             login_scopes=self.parents is not None and bool(self.cgroup),
             connection_in_box=self.connection_in_box and not self.init_refused,
+            box_ports=True,
+        )
+
+    async def open_port(
+        self, port: int, transport: Transport = "tcp", client: ClientAddress | None = None
+    ) -> socket.socket:
+        """A socket to the box's 127.0.0.1:``port`` from inside its network namespace (see
+        :func:`sandtrap.sandbox.host.relay.connect_port`), on a thread of netns.py's."""
+        view = await self._host_view()
+        if view is not None and not view.verify():  # the box restarted: its pid 1 is another process now
+            self._host_checked = False
+            view = await self._host_view()
+        if view is None:
+            raise SandboxError(f"{self.name}: the box's network namespace is not visible on this host")
+        return await netns.in_box_netns(
+            view.pid,
+            view.verify,
+            lambda: relay.connect_port(port, transport, client),
+            f"the box's {transport} port {port}",
+            relay.CONNECT_TIMEOUT_S + 1,
         )
 
     async def exec(
@@ -198,7 +221,7 @@ class DockerSandbox:
         except BaseException:
             await stream.close()
             raise
-        proc = DockerProcess(execution, stream, tty is not None)
+        proc = DockerProcess(execution, stream, tty is not None, self._box_host.local)
         self._box_host.open_processes.add(proc)
         if tty is not None:
             await proc.resize(tty)
@@ -238,13 +261,20 @@ class DockerSandbox:
         return None
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
+        when = mtime if mtime is not None else time.time()
+        if self._in_tmpfs(path):  # the engine's archive API writes below a tmpfs mount, where the box sees nothing
+            script = 'cat > "$1" && chmod "$2" "$1" && touch -c -d "@$3" "$1"'
+            result = await run(self, ["sh", "-c", script, "sh", path, f"{mode & 0o7777:o}", f"{when:.6f}"], data)
+            if not result.ok:
+                raise SandboxError(f"writing {path!r} failed: {result.stderr.decode(errors='replace')[:200]}")
+            return
         p = Path(path)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             info = tarfile.TarInfo(p.name)
             info.size = len(data)
             info.mode = mode
-            info.mtime = int(mtime if mtime is not None else time.time())
+            info.mtime = int(when)
             tar.addfile(info, io.BytesIO(data))
         await engine.call("put archive", self._container().put_archive(str(p.parent), buf.getvalue()))  # type: ignore[no-untyped-call]
 
@@ -255,7 +285,7 @@ class DockerSandbox:
                 return await asyncio.to_thread(hostfs.read_file, view.root, path, max_bytes, view.verify)
             except (hostfs.NeedEngine, OSError) as exc:
                 log.debug("reading %s from the host: %s; asking the engine", path, exc)
-        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in self._tmpfs):
+        if self._in_tmpfs(path):
             return await self._read_by_exec(path, max_bytes)
         stat = await self._stat(path)
         if stat is None:
@@ -276,6 +306,9 @@ class DockerSandbox:
             except (tarfile.TarError, OSError) as exc:  # e.g. the file changed while the engine read it
                 raise SandboxError(f"reading {path!r}: {exc}") from exc
         return FileData(path=path, size=size, mode=mode & 0o7777, is_regular=is_regular, data=data)
+
+    def _in_tmpfs(self, path: str) -> bool:
+        return any(path == m or path.startswith(m.rstrip("/") + "/") for m in self._tmpfs)
 
     async def _read_by_exec(self, path: str, max_bytes: int) -> FileData | None:
         """Stat and read through the box's own tools (tmpfs mounts); content bounded by ``head -c``."""
@@ -370,6 +403,9 @@ class DockerSandbox:
         new = f"{box_name(self._box_host.sensor, session)}-{secrets.token_hex(2)}"
         await engine.call("rename", self._container().rename(new), 10)
         self.name = new
+        # The engine renames a stopped container too: a warm box an engine restart stopped must not go to a session.
+        if not await self.is_running():
+            raise SandboxError(f"box {new} is not running")
 
     async def is_running(self) -> bool:
         try:

@@ -1,8 +1,8 @@
 """Sessions started by the box's own listener (``sandbox.session_transport: init``) instead of ``docker exec``.
 
-The box's PID 1 forks a listener titled as sshd's (``listener.c``, compiled into init) that serves an
+The box's PID 1 forks a listener titled as sshd's (``listener.c``, linked into init) that serves an
 abstract unix socket in the box's network namespace. The honeypot connects to it from a short-lived
-thread of its own that enters that namespace (``setns``) and dies right after, asks for a process
+thread of its own that enters that namespace (:mod:`sandtrap.sandbox.host.netns`), asks for a process
 (argv, env, user, workdir, pty size) and receives its pty master and a pipe of the pty's output, or its
 three pipes (``SCM_RIGHTS``);
 the exit status comes back on the socket. The bytes then flow between the honeypot and the box's pty
@@ -10,17 +10,17 @@ directly, never through the engine. With a :class:`~sandtrap.sandbox.host.relay.
 connection to the box's :22 is made between the request and the start (see :mod:`sandtrap.sandbox.host.relay`);
 its client end is closed with the process.
 
-Everything the box sends is hostile: one bounded packet at a time, exact sizes, exactly the fds the
-request implies and of the expected type (others closed), and time limits on every wait but the
-process's own life. Any failure here is a :class:`BrokerError`, on which the backend falls back to
-``docker exec``.
+The messages, their constants and their encoding are :mod:`sandtrap.sandbox.host.boxwire`'s (described in
+``box/PROTOCOL.md``); this module holds the connection and the process. Everything the box sends is hostile:
+one bounded packet at a time, exact sizes, exactly the fds the request implies and of the expected type
+(others closed), and time limits on every wait but the process's own life. Any failure here is a
+:class:`BrokerError`, on which the backend falls back to ``docker exec``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -29,115 +29,38 @@ import socket
 import stat
 import struct
 import termios
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from sandtrap.errors import SandboxError
-from sandtrap.sandbox.base import STDERR, STDOUT, Chunk, ExitStatus, TermSize, exit_status
+from sandtrap.sandbox.base import STDERR, STDOUT, Chunk, ExitStatus, TermSize
 from sandtrap.sandbox.host import relay as relays
+from sandtrap.sandbox.host.boxwire import (
+    MAX_FDS,
+    MAX_REPLY,
+    MAX_SIGNAL,
+    REPLY_NO_RELAY,
+    SOCKET_NAME,
+    Connect,
+    Exited,
+    Reply,
+    Started,
+    encode_request,
+    encode_signal,
+    parse_reply,
+)
+from sandtrap.sandbox.host.boxwire import BrokerError as BrokerError  # what this module's callers catch
+from sandtrap.sandbox.host.netns import in_box_netns
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = b"\0/org/freedesktop/systemd1/private"  # listener.c, LISTENER_SOCKET
-MAGIC = b"STB1"
-MAX_REQUEST = 65536
-MAX_STRINGS = 512
 READ_SIZE = 65536
 CONNECT_TIMEOUT_S = 3.0
 LISTEN_WAIT_S = 1.5  # a fresh box's listener not bound yet: refused connects retried this long
-START_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 5.0  # the request sent to the process started: covers the box's RELAY_WAIT_MS
 DRAIN_AFTER_EXIT_S = 0.2  # output still buffered when the exit status arrives (a background job may hold the pty)
-CLONE_NEWNET = 0x40000000
 KILLED = ExitStatus(137, "KILL")
 MAX_GARBAGE = 64  # unexpected packets on a process's socket before it is given up
-
-
-class BrokerError(SandboxError):
-    """The listener could not start the process (the caller falls back to ``docker exec``)."""
-
-
-def encode_request(
-    argv: Sequence[str | bytes],
-    env: Mapping[str, str],
-    user: str,
-    workdir: str,
-    tty: TermSize | None,
-    peer: str | None = None,
-) -> bytes:
-    """One request packet (see listener.c); refuses what the listener would refuse. ``peer`` ("ADDR PORT"): the
-    connection to :22 the listener is to expect for this session (flag 2)."""
-    if not argv or len(argv) + len(env) > MAX_STRINGS:
-        raise BrokerError("argv empty or too many strings")
-    texts = [user, workdir, *([peer] if peer is not None else []), *argv, *(f"{k}={v}" for k, v in env.items())]
-    strings = [s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape") for s in texts]
-    if any(b"\0" in s for s in strings) or any("=" in k or not k for k in env):
-        raise BrokerError("NUL in a string, or a bad variable name")
-    cols = min(max(tty.cols, 0), 0xFFFF) if tty else 0
-    rows = min(max(tty.rows, 0), 0xFFFF) if tty else 0
-    flags = (1 if tty else 0) | (2 if peer is not None else 0)
-    head = MAGIC + struct.pack("<BHHHH", flags, cols, rows, len(argv), len(env))
-    body = b"".join(s + b"\0" for s in strings)
-    data = head + body
-    if len(data) > MAX_REQUEST:
-        raise BrokerError("request too large")
-    return data
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    pid: int
-
-
-@dataclass(frozen=True, slots=True)
-class Exited:
-    status: ExitStatus
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Connect:
-    """The listener expects the session's connection now (``ready``), or cannot (the host does not connect)."""
-
-    ready: bool
-
-
-Reply = Started | Exited | Failed | Connect
-
-
-def wait_status(raw: int) -> ExitStatus:
-    """A waitpid status as the engine reports an exec's: the code, or 128+N for signal N (named for SSH)."""
-    raw &= 0xFFFFFFFF
-    sig = raw & 0x7F
-    if sig == 0:  # the session helper exits 128+N for a shell signal N ended, as the engine reports it
-        return exit_status((raw >> 8) & 0xFF)
-    if sig != 0x7F:  # killed by a signal (0x7f would be "stopped", which waitpid without WUNTRACED never says)
-        return exit_status(128 + sig)
-    return ExitStatus(255)
-
-
-def parse_reply(data: bytes) -> Reply:
-    """One packet from the listener; anything else is a :class:`BrokerError`."""
-    if not data:
-        raise BrokerError("empty reply")
-    kind, body = data[:1], data[1:]
-    if kind == b"O" and len(body) == 4:
-        pid = struct.unpack("<I", body)[0]
-        if not 0 < pid < 1 << 22:
-            raise BrokerError("bad pid")
-        return Started(pid)
-    if kind == b"X" and len(body) == 4:
-        return Exited(wait_status(struct.unpack("<I", body)[0]))
-    if kind == b"E" and len(body) <= 128:
-        return Failed(body.decode("ascii", "replace"))
-    if kind in (b"R", b"N") and not body:
-        return Connect(kind == b"R")
-    raise BrokerError(f"unexpected reply ({len(data)} bytes)")
 
 
 def is_pty_master(st: os.stat_result) -> bool:
@@ -165,33 +88,7 @@ def check_fds(fds: Sequence[int], tty: bool) -> list[int]:
     return list(fds)
 
 
-# --- connecting inside the box's network namespace ---------------------------------------------------
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _in_box_netns(pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket]) -> socket.socket:
-    """Runs in a thread of its own, which ends afterwards: enters the box's network namespace, makes a socket."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if not is_same_box():  # checked after the open: the namespace held is the box's
-                raise BrokerError("the box's pid 1 is gone")
-            _setns(ns)
-        finally:
-            os.close(ns)
-        try:
-            return work()
-        finally:
-            _setns(own)  # back (if this fails, the thread ends anyway: nothing else runs on it)
-    finally:
-        os.close(own)
+# --- connecting to the box's listener ----------------------------------------------------------------
 
 
 def _connect_listener() -> socket.socket:
@@ -215,41 +112,6 @@ def _connect_listener() -> socket.socket:
             raise
 
 
-async def in_box_netns(
-    pid: int, is_same_box: Callable[[], bool], work: Callable[[], socket.socket], what: str, timeout_s: float
-) -> socket.socket:
-    """The socket ``work`` makes inside the box's network namespace, on a dedicated thread (never the shared
-    executor: a thread that entered a box's namespace is not reused); a socket the caller stopped waiting
-    for is closed."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[socket.socket] = loop.create_future()
-
-    def deliver(result: socket.socket | None, exc: BaseException | None) -> None:
-        if done.cancelled():
-            if result is not None:
-                result.close()
-        elif exc is not None:
-            done.set_exception(exc)
-        elif result is not None:
-            done.set_result(result)
-
-    def run() -> None:
-        try:
-            sock = _in_box_netns(pid, is_same_box, work)
-        except BaseException as exc:  # delivered to the caller, never left on this thread
-            err = exc if isinstance(exc, BrokerError) else BrokerError(f"cannot reach {what}: {exc!r}")
-            loop.call_soon_threadsafe(deliver, None, err)
-            return
-        try:
-            loop.call_soon_threadsafe(deliver, sock, None)
-        except RuntimeError:  # the loop is closed
-            sock.close()
-
-    threading.Thread(target=run, name=f"broker-netns-{pid}", daemon=True).start()
-    async with asyncio.timeout(timeout_s):
-        return await done
-
-
 async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
     """A socket connected to the box's listener."""
     return await in_box_netns(
@@ -268,7 +130,7 @@ async def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            data, fds, flags, _ = socket.recv_fds(sock, 512, maxfds, socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags, _ = socket.recv_fds(sock, MAX_REPLY, maxfds, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             ready: asyncio.Future[None] = loop.create_future()
             loop.add_reader(sock.fileno(), _wake, ready)
@@ -310,7 +172,9 @@ async def start(
                 if reply.ready:
                     held = await _relay(pid, is_same_box, plan)
                     if held is None:
-                        await asyncio.get_running_loop().sock_sendall(sock, b"N")  # the worker waits no longer
+                        await asyncio.get_running_loop().sock_sendall(
+                            sock, REPLY_NO_RELAY
+                        )  # the worker waits no longer
                 reply, fds = await _recv_reply(sock)
         if not isinstance(reply, Started):
             for fd in fds:
@@ -330,7 +194,7 @@ async def start(
 
 async def _recv_reply(sock: socket.socket) -> tuple[Reply, list[int]]:
     """One reply of the listener and the fds that came with it (closed if the reply does not parse)."""
-    data, fds = await _recv(sock, 3)  # at most 3 taken: more and MSG_CTRUNC refuses the reply
+    data, fds = await _recv(sock, MAX_FDS)  # at most MAX_FDS taken: more and MSG_CTRUNC refuses the reply
     try:
         return parse_reply(data), fds
     except BrokerError:
@@ -381,7 +245,7 @@ class BrokerProcess:
 
     def _on_socket(self) -> None:
         try:
-            data, fds, _flags, _ = socket.recv_fds(self._sock, 512, 0)
+            data, fds, _flags, _ = socket.recv_fds(self._sock, MAX_REPLY, 0)
         except BlockingIOError:
             return
         except OSError:
@@ -524,9 +388,9 @@ class BrokerProcess:
         return self._status or ExitStatus(255)
 
     async def signal(self, signum: int) -> None:
-        if not self._closed and 0 < signum < 32:
+        if not self._closed and 0 < signum <= MAX_SIGNAL:
             with contextlib.suppress(OSError):
-                self._sock.send(b"K" + bytes([signum]))
+                self._sock.send(encode_signal(signum))
 
     async def kill(self) -> None:
         """Closing the socket hangs the process group up (the listener's worker kills it 2 s later)."""

@@ -4,7 +4,7 @@ On a real server ``ss -tnp`` shows the attacker's connection: server end :22, he
 peer the attacker's address and source port (what SSH_CONNECTION says). The attacker's SSH ends at the
 honeypot, so for each login started by the box's listener the honeypot makes a TCP connection of its own to
 the box's :22, from the attacker's address and port, and the login's worker holds the server end while the
-session lasts (``relay.h``: how the listener tells it from genuine connections to its sshd). Nothing is ever
+session lasts (``box/relay.c``: how the listener tells it from genuine connections to its sshd). Nothing is ever
 sent on it; the honeypot closes its end when the session ends, the worker when its process exits.
 
 Where the client end lives:
@@ -132,6 +132,37 @@ async def connect_transparent(p: RelayPlan) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def connect_port(port: int, transport: str, client: ClientAddress | None) -> socket.socket:
+    """A socket to the box's 127.0.0.1:``port`` (a raw service's), made on a thread that has entered the box's
+    network namespace. A loopback client's address (and port, when free in the box) is its source, so the service
+    in the box sees the attacker's own address, as sshd's logins do; any other client shows as 127.0.0.1."""
+    kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
+    try:
+        src = client.ip if client is not None and _is_loopback_v4(client.ip) else ""
+        if src:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((src, client.port if client is not None else 0))
+            except OSError:  # the port is taken in the box: the address alone
+                sock.bind((src, 0))
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_loopback_v4(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return addr.version == 4 and addr.is_loopback
 
 
 # --- the host's rules for the transparent path -------------------------------------------------------

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sandtrap.sandbox.host.broker import SOCKET_NAME
+from sandtrap.sandbox.host.boxwire import SOCKET_NAME
 
 log = logging.getLogger(__name__)
 

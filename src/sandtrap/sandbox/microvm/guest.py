@@ -16,7 +16,7 @@ import asyncssh
 
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import STDERR, STDOUT, Argv, Chunk, ExitStatus, TermSize
-from sandtrap.sandbox.host import broker
+from sandtrap.sandbox.host import netns
 
 SSH_PORT = 22
 CONNECT_TIMEOUT_S = 5.0
@@ -40,7 +40,7 @@ async def connect(
 ) -> asyncssh.SSHClientConnection:
     """An SSH connection to the guest's sshd at ``address``:22 inside the namespace of QEMU ``pid``."""
     try:
-        sock = await broker.in_box_netns(pid, is_same_vm, _tcp(address), f"{name}'s sshd", CONNECT_TIMEOUT_S + 2)
+        sock = await netns.in_box_netns(pid, is_same_vm, _tcp(address), f"{name}'s sshd", CONNECT_TIMEOUT_S + 2)
     except (SandboxError, TimeoutError) as exc:
         raise SandboxError(f"cannot reach {name}'s sshd: {exc}") from exc
     try:

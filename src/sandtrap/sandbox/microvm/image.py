@@ -38,12 +38,13 @@ from rich.console import Console
 
 from sandtrap.config import ImageSettings
 from sandtrap.errors import ImageError, SandboxError
+from sandtrap.sandbox import rootfs
 from sandtrap.sandbox.docker import image as docker_image
 from sandtrap.sandbox.docker.engine import call, engine
 
 log = logging.getLogger(__name__)
 
-VM_SETUP = docker_image.HERE / "vm_setup.sh"
+VM_SETUP = rootfs.BOX_DIR / "vm_setup.sh"
 LABEL_BUILD = "sandtrap.microvm.build"  # on the build container: what we create, we remove
 PREFIX = "microvm-"
 MANIFEST = "manifest.json"
@@ -92,7 +93,7 @@ def vm_inputs(image: ImageSettings, guest: GuestFiles) -> str:
         h.update(f"{name}\0{len(data)}\0".encode())
         h.update(data)
 
-    feed("box", docker_image.image_inputs(image).encode())
+    feed("box", rootfs.image_inputs(image).encode())
     feed("vm_setup", VM_SETUP.read_bytes())
     feed("finish", Path(__file__).read_bytes())  # what the host writes into the tree is this module's code
     feed("guest", f"{guest.hostname} {guest.domain} {guest.address} {guest.gateway} {guest.disk_bytes}".encode())
@@ -144,8 +145,8 @@ async def build_vm_image(
     await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{PREFIX}build-", suffix=".tmp", dir=cache_dir))
     try:
-        with docker_image._Steps(console or Console(stderr=True)) as steps:
-            init = await docker_image._compile_init(work, steps)
+        with rootfs.Steps(console or Console(stderr=True)) as steps:
+            init = await rootfs.compile_programs(work, steps)
             tree = work / "tree"
             async with engine(docker_host) as docker:
                 base_ref = await docker_image._debootstrap_base(docker, image, cache_dir, steps)
@@ -199,7 +200,7 @@ async def build_vm_image(
 async def _check(argv: list[str], what: str, timeout_s: float) -> None:
     try:
         async with asyncio.timeout(timeout_s):
-            code, tail = await docker_image._run(argv)
+            code, tail = await rootfs.run(argv)
     except TimeoutError as exc:
         raise ImageError(f"{what} took longer than {timeout_s:.0f}s") from exc
     if code != 0:
@@ -208,7 +209,7 @@ async def _check(argv: list[str], what: str, timeout_s: float) -> None:
 
 def _stage_tar(stage: str, init: Path) -> bytes:
     """The overlay, rootfs_setup.sh, init and the session helper (as for the Docker image), and vm_setup.sh."""
-    data = bytearray(docker_image._overlay_tar(stage, init))
+    data = bytearray(rootfs.overlay_tar(stage, init))
     buf = io.BytesIO()
     with (
         tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r") as src,

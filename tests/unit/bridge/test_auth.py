@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from sandtrap.bridge import auth
+from sandtrap.bridge.auth import AttemptState, AuthPolicy, Decision, is_valid_username
 from sandtrap.config import AuthSettings, Credential
-from sandtrap.ssh import auth
-from sandtrap.ssh.auth import AttemptState, AuthPolicy, Decision, is_valid_username
 
 IP = "198.51.100.7"
 OTHER_IP = "203.0.113.9"

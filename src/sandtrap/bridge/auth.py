@@ -1,4 +1,4 @@
-"""The auth policy: pure decisions, no I/O. Which attempts get in, and why."""
+"""The auth policy: pure decisions, no I/O. Which attempts get in, and why (for every front end: ssh, telnet)."""
 
 from __future__ import annotations
 
