@@ -34,10 +34,22 @@ apt_install() {
 # 1. System packages the honeypot needs to build its image and run (libfuse3-3: `sandtrap loadavgfs`'s
 #    libfuse, through the mfusepy package; lxcfs depends on it too).
 PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
+# sandbox.backend: microvm: QEMU (qemu-system-x86, qemu-utils for the overlays), e2fsprogs for `mkfs.ext4 -d`.
+PKGS+=(qemu-system-x86 qemu-utils e2fsprogs iproute2 util-linux)
 if [ "$MODE" = test ]; then
   PKGS+=(openssh-client sshpass tmux openssh-server nmap telnet curl tshark)  # nmap: the fingerprint test; tshark: the gateway's pcaps
 fi
 apt_install "${PKGS[@]}"
+
+# 1b. The unprivileged user QEMU becomes (sandbox.microvm.run_as) once its tap, disk and sockets are open.
+if ! id sandtrap-qemu >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    say "creating the system user sandtrap-qemu (QEMU's, for sandbox.backend: microvm)"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sandtrap-qemu
+  else
+    say "no user sandtrap-qemu (needed by sandbox.backend: microvm): run this as root to create it"
+  fi
+fi
 
 # 2. A Docker engine that answers.
 if ! docker info >/dev/null 2>&1; then

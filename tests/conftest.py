@@ -38,7 +38,7 @@ def pytest_report_header() -> str:
 
 # Figures the battery tests print ("[load] ...", "[fuzz] ...", "[faults] ..."): pytest keeps a passing test's
 # output to itself, so they are gathered here and shown at the end of the run (and in test-output/figures.txt).
-FIGURE_PREFIXES = ("[load]", "[fuzz]", "[faults]", "[escape]")
+FIGURE_PREFIXES = ("[load]", "[fuzz]", "[faults]", "[escape]", "[microvm]")
 _figures: list[str] = []
 
 

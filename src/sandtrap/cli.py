@@ -17,7 +17,7 @@ from rich.table import Table
 from sandtrap import __version__
 from sandtrap.cli_config import ConfigOption, reset, settings
 from sandtrap.cli_sessions import sessions_app
-from sandtrap.config import settings_as_yaml
+from sandtrap.config import Settings, settings_as_yaml
 from sandtrap.errors import SandtrapError
 from sandtrap.logs import setup_logging
 
@@ -77,11 +77,17 @@ def image_build(
     force: Annotated[bool, typer.Option("--force", help="rebuild even if the inputs are unchanged")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Build the sandbox image (debootstrap + our layer); a no-op when its inputs are unchanged."""
+    """Build the sandbox image (debootstrap + our layer; with sandbox.backend: microvm, the VM's disk image and
+    kernel); a no-op when its inputs are unchanged."""
     from sandtrap.sandbox.docker.image import build_image
 
     s = settings(config)
     setup_logging(s.log_level)
+    if s.sandbox.backend == "microvm":
+        if base is not None:
+            raise _fail(SandtrapError("--from: the VM image is built from the debootstrap base only"))
+        _vm_image_build(s, force)
+        return
     cache = Path(s.image.cache_dir) if s.image.cache_dir else s.data_dir / "cache"
     try:
         result = asyncio.run(
@@ -99,6 +105,26 @@ def image_build(
         raise _fail(exc) from None
     verb = "built" if result.built else "up to date"
     console.print(f"image {result.tag} {verb} ({result.image_id[:19]}, inputs {result.inputs[:12]})")
+
+
+def _vm_image_build(s: Settings, force: bool) -> None:
+    from sandtrap.app import _planted_files, cache_dir
+    from sandtrap.sandbox.microvm.backend import access_key_path, guest_files
+    from sandtrap.sandbox.microvm.guest import load_access_key
+    from sandtrap.sandbox.microvm.image import build_vm_image
+
+    key = load_access_key(access_key_path(s.data_dir / "microvm"))
+    guest = guest_files(s.sandbox, key, _planted_files(s))
+    try:
+        image, built = asyncio.run(
+            build_vm_image(
+                s.image, guest, cache_dir(s), force=force, docker_host=s.sandbox.docker.docker_host, console=console
+            )
+        )
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    verb = "built" if built else "up to date"
+    console.print(f"VM image {image.directory.name} {verb} (kernel {image.release}, inputs {image.inputs[:12]})")
 
 
 @image_app.command("check")

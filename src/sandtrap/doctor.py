@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from sandtrap.config import DockerSettings, ImageSettings, Settings, split_liste
 from sandtrap.errors import SandtrapError
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.image import check_image
+from sandtrap.sandbox.microvm import qemu
+from sandtrap.sandbox.microvm.backend import MicroVMBackend
+from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ async def run_checks(settings: Settings) -> list[Check]:
         checks.append(await _engine(docker))
         checks.append(await _image(settings.image, docker))
         checks.append(_seccomp(docker, settings.data_dir))
+    if settings.sandbox.backend == "microvm":
+        checks.extend(_microvm(settings))
+        checks.append(await _engine(settings.sandbox.docker))  # `sandtrap image build` starts from the Docker base
     checks.append(_data_dir(settings))
     checks.append(_port("ssh port free", settings.ssh.listen))
     checks.append(_port("api port free", settings.api.listen))
@@ -67,6 +74,32 @@ def _seccomp(docker: DockerSettings, data_dir: Path) -> Check:
         return Check("seccomp profile", True, "the engine's own (io_uring allowed before Docker 25)")
     where = seccomp.find(data_dir) if setting == seccomp.SANDTRAP else setting
     return Check("seccomp profile", True, f"{setting}: {where}")
+
+
+def _microvm(settings: Settings) -> list[Check]:
+    vm = settings.sandbox.microvm
+    checks = []
+    for name, tool, package in (("qemu", vm.qemu, "qemu-system-x86"), ("qemu-img", "qemu-img", "qemu-utils")):
+        where = shutil.which(tool)
+        checks.append(Check(name, where is not None, where or f"{tool} missing: apt-get install {package}"))
+    usable, why = qemu.probe_kvm()
+    if usable:
+        checks.append(Check("KVM", True, why))
+    else:  # TCG works, slowly; only a forced accel: kvm makes this a failure
+        checks.append(Check("KVM", vm.accel != "kvm", f"not usable: {why}; VMs run under TCG (software, slow)"))
+    cache = Path(settings.image.cache_dir) if settings.image.cache_dir else settings.data_dir / "cache"
+    keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
+    planted = None
+    if settings.sandbox.share_host_keys and (keys / "ssh_host_ed25519_key").exists():
+        planted = box_host_key_files(keys, settings.sandbox.hostname)
+    try:
+        backend = MicroVMBackend(vm, settings.sandbox, settings.image, cache, settings.data_dir / "microvm", planted)
+        image = backend.image()
+    except SandtrapError as exc:
+        checks.append(Check("VM image", False, str(exc)))
+    else:
+        checks.append(Check("VM image", True, f"{image.directory} (kernel {image.release}, {backend.accel.name})"))
+    return checks
 
 
 def _data_dir(settings: Settings) -> Check:

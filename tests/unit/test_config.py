@@ -89,13 +89,38 @@ def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, needle: str) ->
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("backend", ["microvm", "nspawn"])
+@pytest.mark.parametrize("backend", ["nspawn"])
 def test_planned_backend_is_refused_as_not_available_yet(tmp_path: Path, backend: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, f"sandbox:\n  backend: {backend}\n"))
     message = str(err.value)
     assert f"sandbox.backend: the {backend} backend is not available yet" in message
     assert "set sandbox.backend: docker" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (
+            "sandbox:\n  microvm:\n    memory: 64m\n",
+            "sandbox.microvm.memory: Debian's kernel and systemd need at least",
+        ),
+        ("sandbox:\n  microvm:\n    disk_size: 1g\n", "sandbox.microvm.disk_size: the image (kernel included) needs"),
+        ("sandbox:\n  microvm:\n    accel: hvf\n", "sandbox.microvm.accel: must be 'auto', 'kvm' or 'tcg'"),
+        ("sandbox:\n  microvm:\n    kernel_cmdline_extra: 'a,b'\n", "sandbox.microvm.kernel_cmdline_extra: must be"),
+        ("sandbox:\n  microvm:\n    vcpus: 0\n", "sandbox.microvm.vcpus"),
+    ],
+)
+def test_microvm_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "sandbox:\n  backend: microvm\n" + text.removeprefix("sandbox:\n")))
+    assert needle in str(err.value)
+
+
+def test_microvm_is_available(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "sandbox:\n  backend: microvm\n  microvm:\n    memory: 1g\n    vcpus: 2\n"))
+    assert s.sandbox.backend == "microvm"
+    assert (s.sandbox.microvm.memory, s.sandbox.microvm.vcpus, s.sandbox.microvm.accel) == (1 << 30, 2, "auto")
 
 
 def test_every_available_backend_has_a_builder() -> None:
@@ -168,7 +193,7 @@ def test_config_show_prints_the_tree() -> None:
     assert dumped["sandbox"]["docker"]["docker_host"] == "" and "docker_host" not in dumped["sandbox"]
     assert dumped["sandbox"]["docker"]["image"] == "sandtrap-target:latest"
     keys = list(dumped["sandbox"])
-    assert keys[0] == "backend" and keys[-1] == "docker"
+    assert keys[0] == "backend" and keys[-2:] == ["docker", "microvm"]
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

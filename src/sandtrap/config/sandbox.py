@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from sandtrap.config.values import ByteSize, Section, parse_size
 
 # The backends sandbox.backend may name that this version builds (app.BACKENDS); the Literal also names the planned.
-AVAILABLE_BACKENDS = ("docker",)
+AVAILABLE_BACKENDS = ("docker", "microvm")
 
 
 class DockerSettings(Section):
@@ -130,6 +130,84 @@ class DockerSettings(Section):
         return self
 
 
+class MicroVMSettings(Section):
+    """``sandbox.microvm``: what only the QEMU micro-VM backend has (README "Micro-VMs")."""
+
+    qemu: str = Field("qemu-system-x86_64", description="the QEMU system emulator (Debian: qemu-system-x86)")
+    run_as: str = Field(
+        "sandtrap-qemu",
+        description="the unprivileged user QEMU becomes once its tap, disk and sockets are open (-runas; made by "
+        "scripts/setup.sh); '' keeps QEMU root (with its syscall filter, but root)",
+    )
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto",
+        description="auto: KVM where a probe shows it works (/dev/kvm opens and the CPU has vmx or svm), else TCG "
+        "(software emulation, much slower) with a warning; kvm: refuse to start without it; tcg: always emulate",
+    )
+    memory: ByteSize = Field(
+        parse_size("512m"),
+        description="each VM's RAM, fixed (its kernel and page cache included: sandbox.memory is a container's limit)",
+    )
+    vcpus: int = Field(1, ge=1, le=16, description="each VM's virtual CPUs, fixed")
+    disk_size: ByteSize = Field(
+        parse_size("4g"),
+        description="the guest's disk (the base image's size; each VM's overlay can grow to it and no further)",
+    )
+    boot_timeout_s: float = Field(
+        300.0, gt=0, description="from QEMU's start to the guest's sshd answering (TCG boots in tens of seconds)"
+    )
+    kernel_cmdline_extra: str = Field(
+        "", description="appended to the guest kernel's command line (the guest can read it in /proc/cmdline)"
+    )
+    tcg_cache: ByteSize = Field(
+        parse_size("128m"),
+        description="under TCG: each VM's translated-code cache (QEMU's own default, 1 GiB, is most of an idle VM's "
+        "resident memory); smaller saves memory, costs retranslation",
+    )
+    console_log_max: ByteSize = Field(
+        parse_size("1m"), description="each VM's serial console log stops growing at this size (the rest is dropped)"
+    )
+
+    @field_validator("kernel_cmdline_extra")
+    @classmethod
+    def _cmdline(cls, v: str) -> str:
+        if any(c in v for c in "\n\r\0,") or len(v) > 512:
+            raise ValueError(
+                "must be one line of space-separated kernel parameters without ',' (e.g. 'mitigations=off')"
+            )
+        return v
+
+    @field_validator("run_as")
+    @classmethod
+    def _run_as(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v):
+            raise ValueError("must be a user name such as sandtrap-qemu (or '' for root)")
+        if v == "root":
+            raise ValueError("QEMU as root is '' (and not advised); use an unprivileged user such as sandtrap-qemu")
+        return v
+
+    @field_validator("tcg_cache")
+    @classmethod
+    def _tcg_cache(cls, v: int) -> int:
+        if not 16 * 1024 * 1024 <= v <= 4 * 1024 * 1024 * 1024:
+            raise ValueError("must be between 16m and 4g; e.g. 128m")
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: int) -> int:
+        if v < 128 * 1024 * 1024:
+            raise ValueError("Debian's kernel and systemd need at least 128m; e.g. 512m")
+        return v
+
+    @field_validator("disk_size")
+    @classmethod
+    def _disk(cls, v: int) -> int:
+        if v < 2 * 1024 * 1024 * 1024:
+            raise ValueError("the image (kernel included) needs at least 2g; e.g. 4g")
+        return v
+
+
 # Keys of the flat ``sandbox`` section of earlier versions that now sit in ``sandbox.docker``.
 MOVED_KEYS = {f"sandbox.{key}": f"sandbox.docker.{key}" for key in DockerSettings.model_fields}
 
@@ -139,7 +217,7 @@ class SandboxSettings(Section):
     section per backend with what only that backend has; ``backend`` picks the one used."""
 
     backend: Literal["docker", "microvm", "nspawn"] = Field(
-        "docker", description="docker (microvm and nspawn are planned, not available yet)"
+        "docker", description="docker, or microvm (a QEMU VM per box: sandbox.microvm); nspawn is planned"
     )
     # The pool and who gets which box.
     pool_size: int = Field(3, ge=0, le=1000)
@@ -205,6 +283,7 @@ class SandboxSettings(Section):
     )
     # One section per backend.
     docker: DockerSettings = DockerSettings()
+    microvm: MicroVMSettings = MicroVMSettings()
 
     @field_validator("backend")
     @classmethod

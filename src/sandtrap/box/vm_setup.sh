@@ -1,0 +1,47 @@
+#!/bin/sh
+# Makes the box's root file system a virtual machine's, inside a throw-away build container with network.
+# Usage: vm_setup.sh STAGE_DIR HOSTNAME
+#   STAGE_DIR holds this script, rootfs_setup.sh and the compiled init and session helper (rootfs_setup.sh removes it).
+# 1. Debian's kernel (linux-image-amd64, its initramfs made here) and udev: a VM has devices to manage.
+# 2. rootfs_setup.sh, as for a container box: users, history, logs, lures.
+# 3. Undo what only a container box needs: the guest's PID 1 is systemd, its sshd Debian's own.
+set -eu
+
+STAGE=$1
+HOST=$2
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C
+say() { echo "vm-setup: $*"; }
+
+# The NIC keeps the kernel's name, eth0 (as on a cloud image), in the initramfs and after: udev's default
+# naming policy masked. Before the kernel's install, so its initramfs holds the mask too.
+mkdir -p /etc/systemd/network
+ln -sf /dev/null /etc/systemd/network/99-default.link
+
+say "apt-get update"
+apt-get update -q
+say "installing linux-image-amd64 and udev"
+apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold linux-image-amd64 udev
+
+# rootfs_setup.sh makes ssh.service start the container box's listener: keep Debian's unit to put back.
+KEEP=$(mktemp -d)
+cp -p /lib/systemd/system/ssh.service "$KEEP/ssh.service"
+sh "$STAGE/setup.sh" "$STAGE" "$HOST"
+
+say "systemd as PID 1, Debian's sshd"
+cp -p "$KEEP/ssh.service" /lib/systemd/system/ssh.service
+rm -rf "$KEEP"
+ln -sf /lib/systemd/systemd /sbin/init
+# /usr/lib/openssh/sshd-session (session.c) stays for now: the bridge's logins run it (utmp, motd, the login
+# shell) until the attacker's SSH is relayed into this sshd (issue 15, step 3); then it goes.
+# A VM's kernel has audit: pam_loginuid as Debian ships it.
+for svc in cron sshd; do
+    if [ -f "/etc/pam.d/$svc" ]; then
+        sed -i 's/^session\s\+optional\s\+pam_loginuid\.so/session    required     pam_loginuid.so/' "/etc/pam.d/$svc"
+    fi
+done
+mkdir -p /etc/systemd/system/multi-user.target.wants
+ln -sf /lib/systemd/system/ssh.service /etc/systemd/system/multi-user.target.wants/ssh.service
+say "tidy"
+apt-get clean
+rm -rf /var/lib/apt/lists/*_* /var/cache/apt/*.bin /var/log/apt/eipp.log.xz
+say "done"

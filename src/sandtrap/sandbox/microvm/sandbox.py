@@ -1,0 +1,256 @@
+"""One VM behind the seam: exec and files over SSH to the guest's own sshd, life through QEMU and QMP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import asyncssh
+
+from sandtrap.errors import SandboxError
+from sandtrap.sandbox.base import (
+    Argv,
+    ChangedFile,
+    Features,
+    FileData,
+    Login,
+    Process,
+    ReadReport,
+    ReadWatch,
+    TermSize,
+    run,
+)
+from sandtrap.sandbox.microvm import guest, qemu, state
+from sandtrap.sandbox.microvm.state import VMRecord
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+STOP_SYNC_TIMEOUT_S = 10.0
+LISTING_TIMEOUT_S = 300.0
+# Every path on the root file system with type, size, mode, mtime and ctime; NUL-separated (any byte in a name).
+LISTING = ["find", "/", "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
+
+
+def parse_listing(data: bytes) -> dict[str, str]:
+    parts = data.split(b"\0")
+    return {
+        parts[i].decode(errors="surrogateescape"): parts[i + 1].decode(errors="replace")
+        for i in range(0, len(parts) - 1, 2)
+    }
+
+
+def diff_listing(before: Mapping[str, str], after: Mapping[str, str]) -> list[ChangedFile]:
+    out = [ChangedFile(p, "A") for p in after if p not in before]
+    out += [ChangedFile(p, "D") for p in before if p not in after]
+    out += [ChangedFile(p, "C") for p, meta in after.items() if p in before and before[p] != meta]
+    return sorted(out, key=lambda c: c.path)
+
+
+class MicroVMSandbox:
+    """A QEMU VM found by its state directory. Its SSH connection is made on first use."""
+
+    def __init__(self, directory: Path, record: VMRecord, key: asyncssh.SSHKey, address: str) -> None:
+        self.id = record.id
+        self.name = record.name
+        self._dir = directory
+        self._record = record
+        self._key = key
+        self._address = address
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._lock = asyncio.Lock()
+        self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
+        self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
+        self.baseline_s: float | None = None  # the file listing taken when it was warmed
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def record(self) -> VMRecord:
+        return self._record
+
+    @property
+    def features(self) -> Features:
+        return Features()
+
+    def _is_alive(self) -> bool:
+        return qemu.is_alive(self._record.pid, self.name)
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        async with self._lock:
+            if self._conn is not None and self._conn.is_closed():
+                self._conn, self._sftp = None, None
+            if self._conn is None:
+                if not self._is_alive():
+                    raise SandboxError(f"VM {self.name} is not running")
+                self._conn = await guest.connect(self._record.pid, self._is_alive, self._address, self._key, self.name)
+            return self._conn
+
+    async def _sftp_client(self) -> asyncssh.SFTPClient:
+        conn = await self.connection()
+        if self._sftp is None:
+            try:
+                self._sftp = await conn.start_sftp_client()
+            except (asyncssh.Error, OSError) as exc:
+                raise SandboxError(f"SFTP to {self.name}: {exc!r}") from exc
+        return self._sftp
+
+    async def exec(
+        self,
+        argv: Argv,
+        *,
+        tty: TermSize | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str = "root",
+        workdir: str | None = None,
+        login: Login | None = None,
+    ) -> Process:
+        conn = await self.connection()
+        return await guest.start(conn, argv, tty=tty, env=env, user=user, workdir=workdir)
+
+    async def network_address(self) -> str:
+        return self._address
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
+        sftp = await self._sftp_client()
+        try:
+            async with sftp.open(path, "wb", encoding=None) as f:
+                await f.write(data)
+            await sftp.chmod(path, mode)
+            await sftp.chown(path, 0, 0)
+            if mtime is not None:
+                await sftp.utime(path, (mtime, mtime))
+        except (asyncssh.Error, OSError) as exc:
+            raise SandboxError(f"put {path} into {self.name}: {exc!r}") from exc
+
+    async def get_file(self, path: str, max_bytes: int) -> FileData | None:
+        sftp = await self._sftp_client()
+        try:
+            attrs = await sftp.lstat(path)
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        except (asyncssh.Error, OSError) as exc:
+            raise SandboxError(f"stat {path} in {self.name}: {exc!r}") from exc
+        mode = attrs.permissions or 0
+        size = attrs.size or 0
+        regular = stat.S_ISREG(mode)
+        data: bytes | None = None
+        if regular and size <= max_bytes:
+            try:
+                async with sftp.open(path, "rb", encoding=None) as f:
+                    raw = await f.read(max_bytes + 1)
+                data = raw if isinstance(raw, bytes) else raw.encode()
+            except (asyncssh.Error, OSError) as exc:
+                raise SandboxError(f"read {path} in {self.name}: {exc!r}") from exc
+            if len(data) > max_bytes:  # grew since the stat
+                data = None
+        return FileData(path, size, stat.S_IMODE(mode), regular, data)
+
+    async def listing(self) -> dict[str, str]:
+        result = await run(self, LISTING, max_output=256 << 20, timeout_s=LISTING_TIMEOUT_S)
+        if result.status.code not in (0, 1):  # 1: a file vanished while find walked
+            raise SandboxError(f"listing {self.name}'s files failed: {result.stderr[-500:]!r}")
+        return parse_listing(result.stdout)
+
+    async def take_baseline(self) -> None:
+        data = await run(self, LISTING, max_output=256 << 20, timeout_s=LISTING_TIMEOUT_S)
+        await asyncio.to_thread((self._dir / BASELINE).write_bytes, data.stdout)
+
+    async def changed_files(self) -> list[ChangedFile]:
+        try:
+            raw = await asyncio.to_thread((self._dir / BASELINE).read_bytes)
+        except OSError as exc:
+            raise SandboxError(f"{self.name} has no baseline listing: {exc}") from exc
+        return diff_listing(parse_listing(raw), await self.listing())
+
+    async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> ReadWatch | None:
+        return None  # inotify on a host path cannot see inside a VM (the virtio-fs lure file system will)
+
+    async def claim(self, session: str, src_ip: str) -> None:
+        self._record.session, self._record.src_ip = session, src_ip
+        self._record.state, self._record.acquired = "active", VMRecord.now()
+        await asyncio.to_thread(state.save, self._dir, self._record)
+
+    async def is_running(self) -> bool:
+        return self._is_alive()
+
+    async def _close_connection(self) -> None:
+        conn, self._conn, self._sftp = self._conn, None, None
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 5)
+
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it: its SSH connection and the console copy end."""
+        await self._close_connection()
+        if self.console is not None:
+            self.console.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.console
+            self.console = None
+
+    async def stop(self) -> None:
+        """Sync the guest's disk, quit QEMU (the overlay stays for forensics); harmless twice."""
+        if self._is_alive():
+            with contextlib.suppress(SandboxError, TimeoutError, OSError):
+                await run(self, ["sync"], timeout_s=STOP_SYNC_TIMEOUT_S)
+            await self._close_connection()
+            with contextlib.suppress(SandboxError):
+                await qemu.qmp(self._dir / "qmp.sock", "quit")
+            await qemu.kill(self._record.pid, self.name)
+        await self.detach()
+        if self._record.state != "preserved" and self._dir.exists():
+            self._record.state, self._record.released = "preserved", VMRecord.now()
+            await asyncio.to_thread(state.save, self._dir, self._record)
+
+    async def remove(self) -> None:
+        """Stop and delete the VM's state directory and overlay; harmless when gone."""
+        await self.stop()
+        await asyncio.to_thread(shutil.rmtree, self._dir, True)
+
+
+async def copy_console(sock_path: Path, log_path: Path, max_bytes: int, connected: asyncio.Future[None]) -> None:
+    """Connect to QEMU's serial socket (QEMU waits for this before it runs the guest) and copy what the guest
+    writes to ``log_path`` up to ``max_bytes``; the rest is read and dropped, so the guest never blocks."""
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        for _ in range(200):
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(sock_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.05)
+        if reader is None:
+            raise SandboxError(f"QEMU's serial socket {sock_path} never appeared")
+        connected.set_result(None)
+        fd = await asyncio.to_thread(os.open, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        written, dropped = 0, 0
+        try:
+            while data := await reader.read(64 * 1024):
+                keep = data[: max(0, max_bytes - written)]
+                if keep:
+                    written += os.write(fd, keep)
+                dropped += len(data) - len(keep)
+        finally:
+            if dropped:
+                os.write(fd, f"\n[sandtrap: {dropped} more bytes of console output dropped]\n".encode())
+            os.close(fd)
+    except BaseException as exc:
+        if not connected.done():
+            connected.set_exception(exc if isinstance(exc, Exception) else SandboxError("console copy cancelled"))
+        if not isinstance(exc, OSError):  # a guest whose QEMU died: its console just ends
+            raise
+    finally:
+        if writer is not None:
+            writer.close()
