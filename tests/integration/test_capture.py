@@ -380,3 +380,21 @@ async def test_a_tls_server_with_a_bad_certificate_fails(tmp_path: Path) -> None
             await fetcher().fetch("GET", f"https://{NAME}:{port}/x", {}, 1 << 20)
     finally:
         await runner.cleanup()
+
+
+async def test_a_second_sandtrap_of_the_same_sensor_refuses_the_live_gateway_and_leaves_it_alone(
+    honeypot: Any, tmp_path: Path
+) -> None:
+    """The gateway's namespace is one per sensor: a second sandtrap with the same sensor name says so (naming the
+    fix), and its failed start neither takes over nor removes the first one's namespace."""
+    from sandtrap.network.namespace import NetworkError
+
+    hp = await honeypot()
+    gateway = hp.services.ctx.hub.network
+    assert gateway is not None and gateway.ns.exists()
+    with pytest.raises(NetworkError, match=r"another running sandtrap.*network\.namespace"):
+        await honeypot(storage={"data_dir": str(tmp_path / "data-2")})
+    assert gateway.ns.exists()
+    async with connect(hp) as conn:
+        result = await conn.run("getent hosts example.com", check=False)
+    assert result.exit_status == 0 and str(result.stdout).strip(), result

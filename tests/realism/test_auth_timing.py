@@ -47,9 +47,12 @@ async def test_failure_is_delayed_like_pam_and_costs_no_cpu(honeypot: Callable[.
 async def test_success_is_quick_but_not_instant(honeypot: Callable[..., Any], tmp_path: Path) -> None:
     hp = await honeypot(auth={"failure_delay_s": 0, "success_delay_s": 0.3})
     _, fast = await attempt(hp.port, "hunter2")
-    # A data dir of its own: two live honeypots must not share one (each closes what it finds open as crashed).
+    # A data dir of its own: two live honeypots must not share one (each closes what it finds open as crashed);
+    # nor the capture gateway's namespace, which is one per sensor (the second refuses to start in it).
     other = {"data_dir": str(tmp_path / "data-2")}
-    hp_default = await honeypot(auth={"failure_delay_s": 0, "success_delay_s": 0}, storage=other)
+    hp_default = await honeypot(
+        auth={"failure_delay_s": 0, "success_delay_s": 0}, storage=other, network={"mode": "none"}
+    )
     _, instant = await attempt(hp_default.port, "hunter2")
     assert fast - instant >= 0.2, (fast, instant)  # the configured delay is really applied
 

@@ -59,8 +59,8 @@ async def test_last_in_the_box_lists_both_logins_with_their_addresses(
     manager = hp.services.manager
     lease = manager.lease
 
-    async def one_box(session: str, src_ip: str) -> Lease:
-        return await lease(session, "both-test-addresses")
+    async def one_box(session: str, src_ip: str, **kwargs: Any) -> Lease:
+        return await lease(session, "both-test-addresses", **kwargs)
 
     monkeypatch.setattr(manager, "lease", one_box)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import secrets
@@ -80,12 +81,18 @@ class Gateway:
         self._dns: asyncio.DatagramTransport | None = None
         self._tftp: TftpSinkhole | None = None
         self.dns_dropped = 0
+        self._owns_namespace = False
 
     # -- life ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        tcp = None
+        if self.ns.exists():  # left by a crash, or another live sandtrap's: find out before touching its rules
+            tcp = await self._inside(self._tcp_listener)
         await self.ns.create()
-        tcp = await self._inside(self._tcp_listener)
+        self._owns_namespace = True  # from here on, close() removes it
+        if tcp is None:
+            tcp = await self._inside(self._tcp_listener)
         try:
             self._server = await asyncio.start_server(self._streams.connection, sock=tcp, limit=HEAD_LIMIT)
         except BaseException:
@@ -110,8 +117,10 @@ class Gateway:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
-        # The boxes are gone or stopped by now (the pool closes first); their links went with them.
-        await self.ns.delete()
+        # The boxes are gone or stopped by now (the pool closes first); their links went with them. A namespace
+        # another live sandtrap holds (start refused it) is left alone.
+        if self._owns_namespace:
+            await self.ns.delete()
 
     async def _inside(self, work: Callable[[], T]) -> T:
         """``work`` on a fresh thread inside the namespace (never a shared executor thread)."""
@@ -140,22 +149,39 @@ class Gateway:
         async with asyncio.timeout(10):
             return await done
 
-    @staticmethod
-    def _tcp_listener() -> socket.socket:
+    def _tcp_listener(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", CATCH_PORT))
-        sock.listen(1024)
-        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._bind(sock, CATCH_PORT)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
-    @staticmethod
-    def _dns_socket() -> socket.socket:
+    def _dns_socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", 53))
-        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._bind(sock, 53)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
         return sock
+
+    def _bind(self, sock: socket.socket, port: int) -> None:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise NetworkError(
+                f"the capture gateway's namespace {self.ns.name} is in use by another running sandtrap (the same "
+                "sensor name on this host): give each its own `sensor`, or set network.namespace"
+            ) from exc
 
     # -- boxes -----------------------------------------------------------------------------------------
 

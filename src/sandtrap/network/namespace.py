@@ -104,6 +104,9 @@ class Namespace:
         self.gateway = gateway_address(subnet)
         self.path = f"/run/netns/{name}"
 
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
     async def create(self) -> None:
         """Create (or take over) the namespace and (re)apply its settings and rules: idempotent."""
         ip = _tool("ip")

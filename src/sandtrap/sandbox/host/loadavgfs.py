@@ -193,7 +193,10 @@ def detach_dead(mountpoint: str) -> None:
     if not mounted_here(mountpoint):
         return
     try:
-        os.stat(os.path.join(mountpoint, FILE))
+        # A read, not a stat: the kernel answers a stat from its attribute cache for a second after the daemon
+        # died, while every read goes to the daemon (direct I/O).
+        with open(os.path.join(mountpoint, FILE), "rb") as f:
+            f.read(256)
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
