@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from sandtrap.config.values import ByteSize, Section, parse_size
+from sandtrap.config.values import ByteSize, Section, box_subnet, parse_size
 
 # Keys of earlier versions' ``sandbox`` section that now sit here.
 MOVED_NETWORK_KEYS = {"sandbox.network": "network.mode", "sandbox.network_subnet": "network.subnet"}
@@ -127,13 +127,7 @@ class NetworkSettings(Section):
     @field_validator("subnet")
     @classmethod
     def _subnet(cls, v: str) -> str:
-        try:
-            net = ipaddress.IPv4Network(v)
-        except ValueError as exc:
-            raise ValueError(f"{v!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
-        if not net.is_private or net.prefixlen > 29:
-            raise ValueError(f"{v!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
-        return str(net)
+        return box_subnet(v)
 
     @field_validator("namespace")
     @classmethod

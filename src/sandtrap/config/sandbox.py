@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sandtrap.config.values import ByteSize, Section, parse_size
+from sandtrap.config.values import ByteSize, Section, box_subnet, parse_size
 
 # The backends sandbox.backend may name that this version builds (app.BACKENDS); the Literal also names the planned.
 AVAILABLE_BACKENDS = ("docker", "microvm")
@@ -315,13 +314,7 @@ class SandboxSettings(Section):
     @field_validator("network_subnet")
     @classmethod
     def _network_subnet(cls, v: str) -> str:
-        try:
-            net = ipaddress.IPv4Network(v)
-        except ValueError as exc:
-            raise ValueError(f"{v!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
-        if not net.is_private or net.prefixlen > 29:
-            raise ValueError(f"{v!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
-        return str(net)
+        return box_subnet(v)
 
     @model_validator(mode="after")
     def _swap(self) -> SandboxSettings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any
 
@@ -53,3 +54,14 @@ class Section(BaseModel):
     """One section of the YAML tree: an unknown key is an error (``extra="forbid"``); defaults are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+
+
+def box_subnet(value: str) -> str:
+    """The boxes' subnet: a private IPv4 subnet of /29 or larger, normalised (``network.subnet``)."""
+    try:
+        net = ipaddress.IPv4Network(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 subnet such as 10.20.1.0/24 ({exc})") from None
+    if not net.is_private or net.prefixlen > 29:
+        raise ValueError(f"{value!r}: use a private subnet of /29 or larger, e.g. 10.20.1.0/24")
+    return str(net)
