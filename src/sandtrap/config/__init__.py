@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from sandtrap.config.alerts import AlertRule, AlertSettings, AlertTarget
 from sandtrap.config.image import ImageSettings
 from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
 from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, MicroVMSettings, SandboxSettings
@@ -45,6 +46,9 @@ __all__ = [
     "DEFAULT_SSH_VERSION",
     "MOVED_KEYS",
     "APISettings",
+    "AlertRule",
+    "AlertSettings",
+    "AlertTarget",
     "AuthSettings",
     "ByteSize",
     "CaptureSettings",
@@ -88,6 +92,7 @@ class Settings(Section):
     recording: RecordingSettings = RecordingSettings()
     storage: StorageSettings = StorageSettings()
     api: APISettings = APISettings()
+    alerts: AlertSettings = AlertSettings()
     services: list[ServiceSettings] = Field(
         default_factory=list, description="the listeners (TOML [[service]]); empty = one SSH listener at ssh.listen"
     )
