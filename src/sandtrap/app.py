@@ -26,6 +26,7 @@ from sandtrap.config import ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.network.gateway import Gateway
+from sandtrap.outputs.alerts import AlertSink
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
 from sandtrap.outputs.metrics import MetricsSink
@@ -155,6 +156,7 @@ class Services:
     api_app: FastAPI | None = None
     api: ApiServer | None = None
     listeners: dict[str, Listener] = field(default_factory=dict)  # telnet, tcp, udp services by name
+    alerts: AlertSink | None = None
 
     def port(self, service: str) -> int:
         """The port a service listens on (its configured one, or the one port 0 got)."""
@@ -212,6 +214,10 @@ async def running(
     bus.add_sink(database)
     metrics = MetricsSink(pool.stats, database.status, recording.status)
     bus.add_sink(metrics)
+    # Alerts: write() only queues; the targets' workers start with the services (alerts.start below).
+    alerts = AlertSink(settings.alerts, settings.data_dir)
+    metrics.registry.register(alerts)
+    bus.add_sink(alerts)
     now = datetime.now(UTC)
     for sid in await asyncio.to_thread(repository.close_crashed_sessions, now, settings.sensor):
         log.warning("session %s was left open by a previous run: closed as crash", sid)
@@ -245,10 +251,12 @@ async def running(
         storage_status=database.status,
         recording_status=recording.status,
         metrics=metrics.registry,
+        alerts_status=alerts.status,
     )
     api_app = create_app(api_deps)
     api = ApiServer(api_app, settings.api.listen)
     try:
+        await alerts.start()
         await backend.ping()
         if gateway is not None:
             await gateway.start()  # before the first box: each gets its eth0 there
@@ -273,6 +281,7 @@ async def running(
             api_app,
             api,
             listeners,
+            alerts,
         )
     finally:
         log.info("shutting down: closing listeners, stopping sandboxes")
@@ -283,6 +292,7 @@ async def running(
         await asyncio.shield(hub.drain())
         await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
+        await asyncio.shield(alerts.close())
         await backend.close()
         if gateway is not None:
             await asyncio.shield(gateway.close())

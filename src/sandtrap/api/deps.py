@@ -33,6 +33,8 @@ class ApiDeps:
     started_monotonic: float = field(default_factory=time.monotonic)
     # What /metrics exposes (the MetricsSink's registry); None: /metrics answers 404.
     metrics: CollectorRegistry | None = None
+    # AlertSink.status: per rule and target, alerts sent, failed, dropped, retried.
+    alerts_status: Callable[[], dict[str, Any]] | None = None
 
     @property
     def data_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""``/healthz`` (liveness, no token), ``/api/v1/status`` (pool, engine, storage, recording) and ``/metrics``."""
+"""``/healthz`` (liveness, no token), ``/api/v1/status`` (pool, engine, storage, recording, alerts) and ``/metrics``."""
 
 # No ``from __future__ import annotations`` here: FastAPI reads these signatures at run time.
 
@@ -12,7 +12,16 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 
 from sandtrap import __version__
 from sandtrap.api.deps import ApiDeps
-from sandtrap.api.models import Health, Healthz, PoolStatus, Problem, RecordingStatus, Status, StorageStatus
+from sandtrap.api.models import (
+    AlertsStatus,
+    Health,
+    Healthz,
+    PoolStatus,
+    Problem,
+    RecordingStatus,
+    Status,
+    StorageStatus,
+)
 from sandtrap.storage.engine import StorageError
 
 ENGINE_TIMEOUT_S = 5.0
@@ -55,6 +64,7 @@ def health_router(deps: ApiDeps) -> APIRouter:
             engine=engine,
             storage=await _storage(deps),
             recording=recording,
+            alerts=AlertsStatus(**deps.alerts_status()) if deps.alerts_status is not None else None,
         )
 
     @router.get(

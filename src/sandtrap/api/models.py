@@ -79,6 +79,44 @@ class RecordingStatus(Health):
     low_space: bool = Field(description="free_bytes is below the low-space mark (16 MiB)")
 
 
+class AlertRuleStatus(BaseModel):
+    name: str
+    when: str
+    matched: int = Field(description="events the rule picked")
+    fired: int = Field(description="alerts it made")
+    suppressed: int = Field(description="alerts its rate limit held back")
+
+
+class AlertTargetStatus(BaseModel):
+    name: str
+    kind: str
+    address: str = Field(description="the kind and the URL's host only (a webhook URL's path is a secret)")
+    queued: int
+    ok: bool = Field(description="false while the latest alert for this target failed")
+    last_error: str | None
+    sent: int
+    failed: int
+    dropped: int
+    retried: int
+
+
+class AlertDelivery(BaseModel):
+    rule: str
+    target: str
+    sent: int = Field(description="alerts the target took")
+    failed: int = Field(description="alerts given up on after their retries")
+    dropped: int = Field(description="alerts that found the target's queue full")
+    retried: int = Field(description="attempts after a failed one")
+
+
+class AlertsStatus(Health):
+    """The alerts output: ``ok`` is false while a target's latest alert failed; ``error`` names the targets."""
+
+    rules: list[AlertRuleStatus]
+    targets: list[AlertTargetStatus]
+    deliveries: list[AlertDelivery]
+
+
 class Status(BaseModel):
     version: str
     sensor: str
@@ -92,6 +130,7 @@ class Status(BaseModel):
     recording: RecordingStatus | None = Field(
         description="write failures of the recording outputs and the data dir's free space; null in console mode"
     )
+    alerts: AlertsStatus | None = Field(None, description="alert rules and targets; null in console mode")
 
 
 class Healthz(BaseModel):

@@ -1,6 +1,6 @@
 """The ``alerts`` section: rules that pick events, and the targets their alerts go to.
 
-A rule names what it watches (``on``), how many matching events from one source within ``window_s`` make an
+A rule names what it watches (``when``), how many matching events from one source within ``window_s`` make an
 alert (``threshold``), at most how many alerts it sends per ``rate_period_s`` (``rate_limit``) and its targets
 by name. A target is a generic JSON webhook, a Slack-compatible webhook or a command (argv, no shell) that
 reads the alert's JSON on stdin. Command patterns are RE2 (linear time: no pattern backtracks).
@@ -60,8 +60,8 @@ class AlertTarget(Section):
 
 class AlertRule(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    on: Literal["login_success", "login_failed", "command", "transfer", "honeytoken", "new_hassh"]
-    pattern: str = Field("", max_length=MAX_PATTERN_CHARS, description="on: command: an RE2 pattern searched in it")
+    when: Literal["login_success", "login_failed", "command", "transfer", "honeytoken", "new_hassh"]
+    pattern: str = Field("", max_length=MAX_PATTERN_CHARS, description="when: command: an RE2 pattern searched in it")
     threshold: int = Field(1, ge=1, le=100_000, description="matching events from one source that make an alert")
     window_s: float = Field(60.0, gt=0, le=86_400, description="threshold: within this many seconds")
     rate_limit: int = Field(10, ge=1, le=100_000, description="alerts this rule sends per rate_period_s at most")
@@ -83,10 +83,10 @@ class AlertRule(Section):
 
     @model_validator(mode="after")
     def _pattern_for_commands(self) -> AlertRule:
-        if self.on == "command" and not self.pattern:
-            raise ValueError(f"alert rule {self.name}: on: command needs a pattern, e.g. 'wget|curl'")
-        if self.on != "command" and self.pattern:
-            raise ValueError(f"alert rule {self.name}: pattern is for on: command only")
+        if self.when == "command" and not self.pattern:
+            raise ValueError(f"alert rule {self.name}: when: command needs a pattern, e.g. 'wget|curl'")
+        if self.when != "command" and self.pattern:
+            raise ValueError(f"alert rule {self.name}: pattern is for when: command only")
         return self
 
 

@@ -40,7 +40,7 @@ class Alert:
         )
 
     def as_json(self) -> bytes:
-        body = {"rule": self.rule, "on": self.kind, "count": self.count, "summary": self.summary, "event": self.event}
+        body = {"rule": self.rule, "when": self.kind, "count": self.count, "summary": self.summary, "event": self.event}
         return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
     def as_slack(self) -> bytes:

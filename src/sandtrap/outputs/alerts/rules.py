@@ -89,14 +89,16 @@ class RuleState:
 
     def picks(self, event: ev.Event) -> bool:
         """Whether the event is of this rule's kind (and matches its pattern, a HASSH not seen before)."""
-        if event.eventid not in KIND_EVENTS[self.rule.on]:
+        if event.eventid not in KIND_EVENTS[self.rule.when]:
             return False
         if self._pattern is not None:
             text = event.get("input")
             return isinstance(text, str) and self._pattern.search(text[:MAX_MATCH_CHARS]) is not None
-        if self.rule.on == "new_hassh":
+        if self.rule.when == "new_hassh":
             hassh = event.get("hassh")
-            return self.seen is not None and isinstance(hassh, str) and bool(_HASSH.match(hassh)) and self.seen.add(hassh)
+            return (
+                self.seen is not None and isinstance(hassh, str) and bool(_HASSH.match(hassh)) and self.seen.add(hassh)
+            )
         return True
 
     def _reaches_threshold(self, source: str, now: float) -> tuple[bool, int]:

@@ -45,7 +45,7 @@ class AlertSink:
         self._clock = clock
         self.seen_path = data_dir / "alerts" / "hassh-seen.txt"
         self.seen: SeenSet | None = None
-        if any(r.on == "new_hassh" for r in settings.rules):
+        if any(r.when == "new_hassh" for r in settings.rules):
             self.seen = SeenSet(settings.seen_hassh_max, _read_seen(self.seen_path, settings.seen_hassh_max))
         self.rules = [RuleState(r, settings.max_sources, self.seen) for r in settings.rules]
         given = senders or {}
@@ -88,7 +88,7 @@ class AlertSink:
                 if not count:
                     continue
                 rule = state.rule
-                alert = make_alert(rule.name, rule.on, count, event, self.settings.max_field_chars)
+                alert = make_alert(rule.name, rule.when, count, event, self.settings.max_field_chars)
             except Exception:
                 self.errors += 1
                 log.exception("alert rule %s failed on %s (session %s)", state.rule.name, event.eventid, event.session)
@@ -121,7 +121,7 @@ class AlertSink:
             {"rule": rule, "target": w.name, **{c: getattr(w.counts[rule], c) for c in COUNTERS}}
             for rule, w in self._pairs()
         ]
-        rules = [{"name": s.rule.name, "on": s.rule.on, **vars(s.counters)} for s in self.rules]
+        rules = [{"name": s.rule.name, "when": s.rule.when, **vars(s.counters)} for s in self.rules]
         error = f"failing: {', '.join(failing)}" if failing else None
         return {"ok": not failing, "error": error, "rules": rules, "targets": targets, "deliveries": deliveries}
 
