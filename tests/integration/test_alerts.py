@@ -89,8 +89,12 @@ async def receiver(**kw: Any) -> AsyncIterator[Receiver]:
 
 def command_target(name: str, out: Path) -> dict[str, Any]:
     """A command target: a Python one-liner appending the JSON it reads on stdin to ``out``."""
-    code = "import sys; f = open(sys.argv[1], 'ab'); f.write(sys.stdin.buffer.read() + b'\\n')"
-    return {"name": name, "kind": "command", "argv": [sys.executable, "-c", code, str(out)], "timeout_s": 30}
+    code = (
+        "import os, sys; open(sys.argv[1], 'ab').write(sys.stdin.buffer.read() + b'\\n'); "
+        "open(sys.argv[1] + '.env', 'w').write(' '.join(sorted(os.environ)))"
+    )
+    argv = [sys.executable, "-c", code, str(out)]
+    return {"name": name, "kind": "command", "argv": argv, "timeout_s": 30, "env": {"ALERT_ROUTE": "test"}}
 
 
 async def status_and_metrics(hp: Any) -> tuple[dict[str, Any], str]:
@@ -149,6 +153,8 @@ async def test_login_command_and_failed_attempts_reach_webhook_slack_and_command
                 await asyncio.sleep(0.05)
         (from_command,) = [json.loads(line) for line in out.read_text().splitlines()]
         assert from_command["rule"] == "login" and from_command["event"]["session"] == ok_event.session
+        # Its environment: PATH, LANG and its own env, not sandtrap's (which may hold secrets).
+        assert Path(f"{out}.env").read_text().split() == ["ALERT_ROUTE", "LANG", "PATH"]
 
         status, metrics = await status_and_metrics(hp)
     alerts = status["alerts"]
@@ -166,11 +172,17 @@ async def test_a_flaky_receiver_is_retried_and_a_hung_one_blocks_no_session(hone
             alerts={
                 "targets": [
                     {"name": "flaky", "kind": "webhook", "url": f"{rec.url}/flaky", "retries": 5, "backoff_s": 0.2},
-                    {"name": "hung", "kind": "webhook", "url": f"{rec.url}/hang", "timeout_s": 3, "retries": 0,
-                     "queue_size": 1},
+                    {
+                        "name": "hung",
+                        "kind": "webhook",
+                        "url": f"{rec.url}/hang",
+                        "timeout_s": 3,
+                        "retries": 0,
+                        "queue_size": 1,
+                    },
                 ],
                 "rules": [{"name": "login", "when": "login_success", "targets": ["flaky", "hung"]}],
-            }  # fmt: skip
+            }
         )
         # Three sessions, one after the other, while every alert to `hung` waits for an answer that never comes.
         for i in range(3):

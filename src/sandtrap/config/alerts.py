@@ -41,6 +41,10 @@ class AlertTarget(Section):
     backoff_max_s: float = Field(30.0, gt=0, le=3600)
     queue_size: int = Field(1000, ge=1, le=1_000_000, description="alerts waiting for this target; more are dropped")
     max_output_bytes: int = Field(4096, ge=0, le=1 << 20, description="command: output kept for the log")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="command: its environment besides PATH and LANG (sandtrap's own is not passed)",
+    )
 
     @model_validator(mode="after")
     def _kind_needs(self) -> AlertTarget:
@@ -48,8 +52,8 @@ class AlertTarget(Section):
             parts = urlsplit(self.url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"alert target {self.name}: url must be an http(s) URL such as https://host/path")
-            if self.argv:
-                raise ValueError(f"alert target {self.name}: argv is for kind: command only")
+            if self.argv or self.env:
+                raise ValueError(f"alert target {self.name}: argv and env are for kind: command only")
         else:
             if not self.argv or not self.argv[0]:
                 raise ValueError(f"alert target {self.name}: kind: command needs argv, e.g. [/usr/local/bin/notify]")

@@ -21,6 +21,7 @@ from sandtrap.outputs.alerts.payload import Alert, redact
 # An HTTP answer worth retrying: the receiver is busy or broken for now.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "sandtrap-alerts"
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 class SendError(SandtrapError):
@@ -81,7 +82,7 @@ class WebhookSender:
 class CommandSender:
     """Runs ``argv`` (no shell) with the alert's JSON on stdin; exit status 0 is success.
 
-    The command runs in a process group of its own, killed whole when ``timeout_s`` passes. Its output
+    Its environment is PATH, LANG and the target's ``env``. The command runs in a process group of its own, killed whole when ``timeout_s`` passes. Its output
     (stdout and stderr together) is read to the end, the first ``max_output_bytes`` kept for the log.
     """
 
@@ -89,6 +90,8 @@ class CommandSender:
         self._target = target
         self.description = f"command {os.path.basename(target.argv[0])}"
         self.last_output = b""
+        # Not sandtrap's environment (it may hold the database URL's password): PATH, LANG and the target's env.
+        self._env = {"PATH": os.environ.get("PATH", DEFAULT_PATH), "LANG": "C.UTF-8", **target.env}
 
     async def send(self, alert: Alert) -> None:
         target = self._target
@@ -99,6 +102,7 @@ class CommandSender:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                env=self._env,
             )
         except OSError as exc:
             raise SendError(f"cannot run {target.argv[0]}: {exc.strerror}", retry=False) from None
