@@ -24,9 +24,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from sandtrap.events import COMMAND_INPUT, LOGIN_FAILED, LOGIN_SUCCESS
+from sandtrap.events import CLIENT_KEX, COMMAND_INPUT, LOGIN_FAILED, LOGIN_SUCCESS, SESSION_FILE_UPLOAD
 
-from sshclient import asyncssh_connected, ssh_argv
+from sshclient import asyncssh_connected, remote, scp_argv, ssh_argv
 from sshclient import run as run_client
 
 pytestmark = pytest.mark.timeout(300)
@@ -121,6 +121,9 @@ async def test_login_command_and_failed_attempts_reach_webhook_slack_and_command
                     {"name": "login", "when": "login_success", "targets": ["hook", "chat", "pager"]},
                     {"name": "fetchers", "when": "command", "pattern": r"(wget|curl)\s", "targets": ["hook"]},
                     {"name": "brute", "when": "login_failed", "threshold": 3, "window_s": 120, "targets": ["hook"]},
+                    {"name": "lure", "when": "honeytoken", "targets": ["hook"]},
+                    {"name": "upload", "when": "transfer", "targets": ["hook"]},
+                    {"name": "client", "when": "new_hassh", "targets": ["hook"]},
                 ],
             }
         )
@@ -134,36 +137,58 @@ async def test_login_command_and_failed_attempts_reach_webhook_slack_and_command
         assert brute["event"]["src_ip"] == "127.0.0.1"
 
         # A login with OpenSSH's client, running a command that matches the fetchers pattern.
-        done = await run_client(ssh_argv(hp.port, "type wget curl >/dev/null 2>&1; echo alert-test-done"))
+        command = "type wget curl >/dev/null 2>&1; cat /root/.aws/credentials >/dev/null; echo alert-test-done"
+        done = await run_client(ssh_argv(hp.port, command))
         assert "alert-test-done" in done.out, done.err
         (login,) = await rec.wait_for("/hook/SECRET-TOKEN", rule="login")
         (fetch,) = await rec.wait_for("/hook/SECRET-TOKEN", rule="fetchers")
-        (ok_event,) = hp.events(LOGIN_SUCCESS)
+        (ok_event,) = hp.events(LOGIN_SUCCESS)  # the scp below logs in again (a second login alert)
         assert login["event"]["session"] == ok_event.session and login["event"]["username"] == "root"
         assert fetch["event"]["eventid"] == COMMAND_INPUT
         assert fetch["event"]["input"].startswith("type wget curl")
+        (lure,) = await rec.wait_for("/hook/SECRET-TOKEN", rule="lure")
+        assert lure["event"]["path"] == "/root/.aws/credentials" and lure["event"]["session"] == ok_event.session
         arrived = next(t for p, b, t in rec.got if p.startswith("/hook/") and b["rule"] == "login")
         latency = arrived - datetime.fromisoformat(login["event"]["timestamp"].replace("Z", "+00:00")).timestamp()
         print(f"[alerts] login success to the webhook receiver: {latency:.3f} s")
 
         (slack,) = await rec.wait_for("/slack/T0/B0/SECRET")
-        assert set(slack) == {"text"} and "rule login" in slack["text"] and ok_event.session in slack["text"]
+        assert slack["unfurl_links"] is False and "rule login" in slack["text"] and ok_event.session in slack["text"]
         async with asyncio.timeout(30):
             while not out.exists() or not out.read_text().strip():
                 await asyncio.sleep(0.05)
-        (from_command,) = [json.loads(line) for line in out.read_text().splitlines()]
+        from_command = json.loads(out.read_text().splitlines()[0])
         assert from_command["rule"] == "login" and from_command["event"]["session"] == ok_event.session
         # Its environment: PATH, LANG and its own env, not sandtrap's (which may hold secrets).
         assert Path(f"{out}.env").read_text().split() == ["ALERT_ROUTE", "LANG", "PATH"]
 
-        status, metrics = await status_and_metrics(hp)
+        # An upload with OpenSSH's scp: a transfer alert.
+        local = tmp_path / "dropper.sh"
+        local.write_bytes(b"#!/bin/sh\necho dropped\n")
+        copied = await run_client(scp_argv(hp.port, str(local), remote("/tmp/dropper.sh")))
+        assert copied.returncode == 0, copied.err
+        (upload,) = await rec.wait_for("/hook/SECRET-TOKEN", rule="upload")
+        assert upload["event"]["eventid"] == SESSION_FILE_UPLOAD and upload["event"]["destfile"] == "/tmp/dropper.sh"
+
+        # One alert per client fingerprint: asyncssh's (three connections) and OpenSSH's (ssh and scp).
+        hasshes = {e.get("hassh") for e in hp.events(CLIENT_KEX)}
+        assert len(hasshes) == 2
+        clients = await rec.wait_for("/hook/SECRET-TOKEN", count=2, rule="client")
+        expected = {("login", "hook"): 2, ("login", "chat"): 2, ("login", "pager"): 2, ("fetchers", "hook"): 1,
+                    ("brute", "hook"): 1, ("lure", "hook"): 1, ("upload", "hook"): 1, ("client", "hook"): 2}  # fmt: skip
+        async with asyncio.timeout(30):  # each target has its own queue: the slowest (the command) settles last
+            while True:
+                status, metrics = await status_and_metrics(hp)
+                sent = {(d["rule"], d["target"]): d["sent"] for d in status["alerts"]["deliveries"]}
+                if sum(sent.values()) >= sum(expected.values()):
+                    break
+                await asyncio.sleep(0.1)
+    assert {c["event"]["hassh"] for c in clients} == hasshes and len(clients) == 2
     alerts = status["alerts"]
     assert alerts["ok"] is True
-    sent = {(d["rule"], d["target"]): d["sent"] for d in alerts["deliveries"]}
-    assert sent == {("login", "hook"): 1, ("login", "chat"): 1, ("login", "pager"): 1, ("fetchers", "hook"): 1,
-                    ("brute", "hook"): 1}  # fmt: skip
+    assert sent == expected
     assert all("SECRET" not in t["address"] for t in alerts["targets"])
-    assert 'sandtrap_alerts_sent_total{rule="login",target="chat"} 1.0' in metrics
+    assert 'sandtrap_alerts_sent_total{rule="login",target="chat"} 2.0' in metrics
 
 
 async def test_a_flaky_receiver_is_retried_and_a_hung_one_blocks_no_session(honeypot: Honeypot) -> None:

@@ -139,6 +139,7 @@ def test_slack_text_escapes_only_what_slack_reads() -> None:
 def test_redact_keeps_no_token() -> None:
     assert redact(HOOK["url"]) == "https://hooks.example.net/…"
     assert redact("http://user:pw@127.0.0.1:8080/x") == "http://127.0.0.1:8080/…"
+    assert redact("http://[::1]:8080/hook?token=x") == "http://[::1]:8080/…"
 
 
 def test_backoff_doubles_capped_with_jitter() -> None:

@@ -44,7 +44,9 @@ class Alert:
         return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
     def as_slack(self) -> bytes:
-        return json.dumps({"text": slack_text(self.summary)}, ensure_ascii=True).encode("ascii")
+        # No unfurling: Slack would fetch a URL the attacker typed, telling them the alert went out.
+        body = {"text": slack_text(self.summary), "unfurl_links": False, "unfurl_media": False}
+        return json.dumps(body, ensure_ascii=True).encode("ascii")
 
 
 def make_alert(rule: str, kind: str, count: int, event: ev.Event, max_field_chars: int) -> Alert:
@@ -78,6 +80,7 @@ def redact(url: str) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname or "?"
+        host = f"[{host}]" if ":" in host else host
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<url>"

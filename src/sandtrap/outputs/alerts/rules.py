@@ -79,9 +79,9 @@ class RuleState:
     max_sources: int
     seen: SeenSet | None = None
     counters: RuleCounters = field(default_factory=RuleCounters)
-    _pattern: Any = None
-    _sources: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
-    _sent: deque[float] = field(default_factory=deque)
+    _pattern: Any = field(default=None, init=False)
+    _sources: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict, init=False)
+    _sent: deque[float] = field(default_factory=deque, init=False)  # when its latest alerts went out
 
     def __post_init__(self) -> None:
         if self.rule.pattern:
