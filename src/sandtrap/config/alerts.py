@@ -106,16 +106,16 @@ class AlertSettings(Section):
         names = [t.name for t in self.targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"alerts.targets: the name {dupes[0]} is used twice")
+            raise ValueError(f"targets: the name {dupes[0]} is used twice")
         rules = [r.name for r in self.rules]
         dupes = sorted({n for n in rules if rules.count(n) > 1})
         if dupes:
-            raise ValueError(f"alerts.rules: the name {dupes[0]} is used twice")
+            raise ValueError(f"rules: the name {dupes[0]} is used twice")
         for i, rule in enumerate(self.rules):
             for name in rule.targets:
                 if name not in names:
                     raise ValueError(
-                        f"alerts.rules.{i}.targets: no target named {name!r}; define it under alerts.targets "
+                        f"rules.{i}.targets names {name!r}, which is no target; define it under alerts.targets "
                         f"(defined: {', '.join(names) or 'none'})"
                     )
         return self

@@ -158,13 +158,13 @@ def test_backoff_doubles_capped_with_jitter() -> None:
         ({"rules": [{"name": "c", "when": "command", "targets": ["hook"]}], "targets": [HOOK]},
          "alert rule c: when: command needs a pattern"),
         ({"rules": [{"name": "l", "when": "login_success", "targets": ["nope"]}], "targets": [HOOK]},
-         "alerts.rules.0.targets: no target named 'nope'; define it under alerts.targets (defined: hook)"),
+         "alerts: rules.0.targets names 'nope', which is no target; define it under alerts.targets (defined: hook)"),
         ({"targets": [{"name": "w", "kind": "webhook", "url": "ftp://x/"}]},
          "alert target w: url must be an http(s) URL"),
         ({"targets": [{"name": "w", "kind": "command"}]}, "alert target w: kind: command needs argv"),
         ({"rules": [{"name": "l", "when": "login", "targets": ["hook"]}], "targets": [HOOK]},
          "alerts.rules.0.when: must be 'login_success', 'login_failed'"),
-        ({"targets": [HOOK, HOOK]}, "alerts.targets: the name hook is used twice"),
+        ({"targets": [HOOK, HOOK]}, "alerts: targets: the name hook is used twice"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_key(alerts: dict[str, Any], message: str) -> None:
