@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,10 @@ import httpx
 import pytest
 from aiohttp import web
 
+from sandtrap.config.alerts import AlertTarget
 from sandtrap.events import CLIENT_KEX, COMMAND_INPUT, LOGIN_FAILED, LOGIN_SUCCESS, SESSION_FILE_UPLOAD
+from sandtrap.outputs.alerts.payload import Alert
+from sandtrap.outputs.alerts.targets import CommandSender, SendError
 
 from sshclient import asyncssh_connected, remote, scp_argv, ssh_argv
 from sshclient import run as run_client
@@ -228,3 +232,31 @@ async def test_a_flaky_receiver_is_retried_and_a_hung_one_blocks_no_session(hone
     assert hung["sent"] == 0 and hung["failed"] >= 1
     assert hung["last_error"] == "no answer within 3s" and status["alerts"]["ok"] is False
     assert 'sandtrap_alerts_retried_total{rule="login",target="flaky"} 2.0' in metrics
+
+
+async def test_command_target_output_is_bounded_and_a_slow_one_is_killed_whole(tmp_path: Path) -> None:
+    alert = Alert("r", "login_success", 1, {"eventid": LOGIN_SUCCESS, "message": "m"})
+    chatty = AlertTarget(
+        name="chatty", kind="command", argv=["sh", "-c", "cat >/dev/null; head -c 10000000 /dev/zero; exit 3"],
+        max_output_bytes=1000,
+    )  # fmt: skip
+    sender = CommandSender(chatty)
+    with pytest.raises(SendError, match="exited with 3"):
+        await sender.send(alert)
+    assert sender.last_output == bytes(1000)  # read to the end (the command finished), 1000 bytes kept
+    # A command whose child outlives it: the whole process group is killed at timeout_s.
+    slow = AlertTarget(name="slow", kind="command", argv=["sh", "-c", "sleep 600 & sleep 600"], timeout_s=1)
+    sender = CommandSender(slow)
+    with pytest.raises(SendError, match="did not finish within 1s"):
+        await sender.send(alert)
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                os.killpg(sender.last_pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.05)
+    missing = CommandSender(AlertTarget(name="gone", kind="command", argv=[str(tmp_path / "no-such-program")]))
+    with pytest.raises(SendError, match="cannot run") as err:
+        await missing.send(alert)
+    assert err.value.retry is False

@@ -90,6 +90,7 @@ class CommandSender:
         self._target = target
         self.description = f"command {os.path.basename(target.argv[0])}"
         self.last_output = b""
+        self.last_pid = 0  # the latest run's process (and process group) id
         # Not sandtrap's environment (it may hold the database URL's password): PATH, LANG and the target's env.
         self._env = {"PATH": os.environ.get("PATH", DEFAULT_PATH), "LANG": "C.UTF-8", **target.env}
 
@@ -106,6 +107,7 @@ class CommandSender:
             )
         except OSError as exc:
             raise SendError(f"cannot run {target.argv[0]}: {exc.strerror}", retry=False) from None
+        self.last_pid = proc.pid
         try:
             async with asyncio.timeout(target.timeout_s):
                 output = await self._talk(proc, alert.as_json())
