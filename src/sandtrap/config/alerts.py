@@ -8,11 +8,12 @@ reads the alert's JSON on stdin. Command patterns are RE2 (linear time: no patte
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 from urllib.parse import urlsplit
 
 import re2
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from sandtrap.config.values import Section
 
@@ -34,6 +35,9 @@ class AlertTarget(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="what rules call it")
     kind: Literal["webhook", "slack", "command"]
     url: str = Field("", description="webhook and slack: the http(s) URL to POST to (kept out of logs)")
+    url_env: str = Field(
+        "", pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$", description="or: the environment variable holding the URL"
+    )
     argv: list[str] = Field(default_factory=list, description="command: the program and its arguments, no shell")
     timeout_s: float = Field(5.0, gt=0, le=300, description="one attempt: the request, or the command's run")
     retries: int = Field(3, ge=0, le=20, description="attempts after the first failed one")
@@ -46,19 +50,37 @@ class AlertTarget(Section):
         description="command: its environment besides PATH and LANG (sandtrap's own is not passed)",
     )
 
+    _url: str = PrivateAttr("")
+
+    @property
+    def webhook_url(self) -> str:
+        """``url``, or the value of the environment variable ``url_env`` names (read when the config loads)."""
+        return self._url
+
     @model_validator(mode="after")
     def _kind_needs(self) -> AlertTarget:
         if self.kind in ("webhook", "slack"):
-            parts = urlsplit(self.url)
+            if self.url and self.url_env:
+                raise ValueError(f"alert target {self.name}: give url or url_env, not both")
+            self._url = self.url
+            if self.url_env:
+                self._url = os.environ.get(self.url_env, "")
+                if not self._url:
+                    raise ValueError(
+                        f"alert target {self.name}: url_env names {self.url_env}, which is not set; export it with "
+                        "the webhook URL, or write the URL as url"
+                    )
+            parts = urlsplit(self._url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"alert target {self.name}: url must be an http(s) URL such as https://host/path")
+                where = f"the value of {self.url_env}" if self.url_env else "url"
+                raise ValueError(f"alert target {self.name}: {where} must be an http(s) URL such as https://host/path")
             if self.argv or self.env:
                 raise ValueError(f"alert target {self.name}: argv and env are for kind: command only")
         else:
             if not self.argv or not self.argv[0]:
                 raise ValueError(f"alert target {self.name}: kind: command needs argv, e.g. [/usr/local/bin/notify]")
-            if self.url:
-                raise ValueError(f"alert target {self.name}: url is for kind: webhook or slack only")
+            if self.url or self.url_env:
+                raise ValueError(f"alert target {self.name}: url and url_env are for kind: webhook or slack only")
         return self
 
 

@@ -185,3 +185,13 @@ def test_toml_and_yaml_load_the_same_alerts(tmp_path: Path) -> None:
     yaml_alerts = load_settings(tmp_path / "a.yaml").alerts
     assert yaml_alerts == load_settings(tmp_path / "a.toml").alerts
     assert yaml_alerts.rules[0].threshold == 5
+
+
+def test_url_env_reads_the_webhook_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    target = {"name": "chat", "kind": "slack", "url_env": "SANDTRAP_TEST_SLACK_URL"}
+    with pytest.raises(ConfigError, match="url_env names SANDTRAP_TEST_SLACK_URL, which is not set"):
+        load_settings(None, {"alerts": {"targets": [target]}})
+    monkeypatch.setenv("SANDTRAP_TEST_SLACK_URL", "https://hooks.example.net/T/B/secret")
+    (loaded,) = load_settings(None, {"alerts": {"targets": [target]}}).alerts.targets
+    assert loaded.webhook_url == "https://hooks.example.net/T/B/secret" and loaded.url == ""
+    assert "secret" not in str(load_settings(None, {"alerts": {"targets": [target]}}).model_dump())

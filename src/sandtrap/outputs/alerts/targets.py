@@ -43,8 +43,8 @@ class WebhookSender:
 
     def __init__(self, target: AlertTarget) -> None:
         self._target = target
-        self._url = target.url
-        self.description = f"{target.kind} {redact(target.url)}"
+        self._url = target.webhook_url
+        self.description = f"{target.kind} {redact(self._url)}"
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
