@@ -132,6 +132,13 @@ def test_payload_is_json_with_bounded_strings_and_slack_text_escaped() -> None:
     assert len(text) < 700  # the summary is cut
 
 
+def test_an_alert_is_bounded_in_bytes_whatever_the_event_holds() -> None:
+    e = event(ev.CLIENT_KEX, hassh="a" * 32, kexAlgs=["k" * 5000] * 1000, encCS=["e" * 5000] * 1000)
+    alert = make_alert("r", "new_hassh", 1, e, max_field_chars=100_000)
+    assert len(alert.as_json()) <= 64 * 1024 + 1024  # the event's JSON fits 64 KiB; the envelope is small
+    assert alert.event["hassh"] == "a" * 32  # short fields are whole
+
+
 def test_slack_text_escapes_only_what_slack_reads() -> None:
     assert slack_text("a<b>&c") == "a&lt;b&gt;&amp;c"
 

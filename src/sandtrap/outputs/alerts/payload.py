@@ -17,6 +17,8 @@ from sandtrap import events as ev
 MAX_ITEMS = 100
 MAX_DEPTH = 4
 MAX_SUMMARY_CHARS = 500
+MAX_EVENT_BYTES = 64 * 1024  # an alert's event as JSON, at most (strings are cut further to fit)
+MIN_FIELD_CHARS = 16
 _SLACK_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
 
 
@@ -50,7 +52,15 @@ class Alert:
 
 
 def make_alert(rule: str, kind: str, count: int, event: ev.Event, max_field_chars: int) -> Alert:
-    return Alert(rule, kind, count, bounded(ev.cowrie_dict(event), max_field_chars))
+    """The alert for ``event``, its strings cut to ``max_field_chars`` (less, until its JSON fits
+    ``MAX_EVENT_BYTES``: a queue of alerts is bounded in bytes too)."""
+    data = ev.cowrie_dict(event)
+    chars = max_field_chars
+    while True:
+        kept = bounded(data, chars)
+        if chars <= MIN_FIELD_CHARS or len(json.dumps(kept, ensure_ascii=True)) <= MAX_EVENT_BYTES:
+            return Alert(rule, kind, count, kept)
+        chars = max(MIN_FIELD_CHARS, chars // 4)
 
 
 def bounded(value: Any, max_chars: int, depth: int = 0) -> Any:
