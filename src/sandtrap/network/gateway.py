@@ -9,8 +9,9 @@ of a process in the box's network namespace (Docker, nspawn); a micro-VM's tap w
   HTTP (by its first bytes, on any port) is answered: sinkholed (a 404 with a server header) or, with
   ``network.egress.fetch``, fetched by :mod:`.fetcher` and served. Anything else: its first bytes recorded,
   the connection held open, silently, until the box closes it or its session ends.
-* TFTP (:mod:`.tftp`) to any address: recorded, answered "File not found"; FTP (:mod:`.ftp`) on port 21:
-  a vsftpd that takes any login, offers passive ports (which land here too) and has no file.
+* TFTP (:mod:`.tftp`) and FTP (:mod:`.ftp`, port 21, a vsftpd that takes any login) to any address: a
+  retrieval is recorded, then answered "not found" (the sinkhole) or, with ``network.egress.fetch``, fetched
+  from the name's real server and served; DNS over TCP is answered like UDP.
 * ICMP echo to any address: the kernel answers (every address is local in the namespace).
 
 Traffic is tied to a session by the box's address (:meth:`Gateway.open`, when a session takes the box); a box
@@ -38,13 +39,14 @@ from sandtrap.events import (
     NETWORK_PCAP,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
-from sandtrap.network import dns
+from sandtrap.network import dns, downloads
 from sandtrap.network.fetcher import Fetcher
 from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
 from sandtrap.network.pcap import PcapWriter
 from sandtrap.network.streams import HEAD_LIMIT, Streams
 from sandtrap.network.taps import Box, Emit, Store, Tap
-from sandtrap.network.tftp import RRQ, Request, TftpSinkhole, socket_for_any_address
+from sandtrap.network.tftp import RRQ, Request, TftpFailed, TftpSinkhole, bound_to, socket_for_any_address
+from sandtrap.network.tftp import send as tftp_send
 from sandtrap.network.tls import SensorCA
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,11 @@ class Gateway:
         self.fetcher = Fetcher(settings.egress)
         self.ca = SensorCA(data_dir / "network") if settings.tls_intercept else None
         self._subnet = ipaddress.IPv4Network(settings.subnet)
-        self._answers = ipaddress.IPv4Network(settings.dns.answer_subnet)
+        self._answers = tuple(ipaddress.IPv4Network(x) for x in settings.dns.answer_subnet)
         self._boxes: dict[str, Box] = {}
-        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca)
+        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca, self.dns_query)
+        self.commands = downloads.CommandLog()  # an event sink (app.py): each session's recent command lines
+        self._tasks: set[asyncio.Task[None]] = set()
         self._attach_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._dns: asyncio.DatagramTransport | None = None
@@ -105,6 +109,8 @@ class Gateway:
         log.info("capture gateway serving in %s (fetch: %s)", self.ns.name, self.settings.egress.fetch)
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for box in self._boxes.values():
             if box.tap is not None:
                 await self._close_tap(box, box.tap)
@@ -217,7 +223,8 @@ class Gateway:
             return None
         if box.tap is not None:
             await self._close_tap(box, box.tap)
-        tap = Tap(session, emit, store)
+        tap = Tap(session, emit, store, commands=lambda: self.commands.recent(session))
+        self.commands.watch(session)
         box.tap = tap
         pcap = self.settings.pcap
         if pcap.enabled:
@@ -239,6 +246,7 @@ class Gateway:
 
     async def _close_tap(self, box: Box, tap: Tap) -> None:
         box.tap = None
+        self.commands.forget(tap.session)
         for writer in list(tap.held):
             writer.close()
         if tap.pcap is not None:
@@ -270,15 +278,45 @@ class Gateway:
             tap.emit(NETWORK_DNS, query=result.name, qtype=result.qtype, rcode=result.rcode, answer=result.address)
         return result.reply
 
-    # -- TFTP (a sinkhole) -------------------------------------------------------------------------------
+    # -- TFTP ------------------------------------------------------------------------------------------
 
     def tftp_request(self, request: Request) -> bool:
-        """Record a box's TFTP request; whether to answer it (the box's query bucket applies)."""
+        """A box's TFTP request (the box's query bucket applies): whether to refuse it at once ("File not
+        found"); a read by a session's box is taken over (:meth:`_tftp_read`), recorded either way."""
         box = self._boxes.get(request.src)
         if box is None or not box.bucket.take():
             return False
-        if box.tap is not None:
-            url = f"tftp://{request.dst}/{request.filename.lstrip('/')}"
-            verb = "read" if request.opcode == RRQ else "write"
-            box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"tftp {verb} ({request.mode}): not fetched")
-        return True
+        tap = box.tap
+        if tap is None:
+            return True
+        host = box.names.reverse.get(request.dst, request.dst)
+        url = f"tftp://{host}/{request.filename.lstrip('/')}"
+        if request.opcode != RRQ:
+            tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"tftp write ({request.mode}): not accepted")
+            return True
+        transfer = (request.port, request.filename)
+        if transfer in box.tftp or len(box.tftp) >= 4:
+            return False  # a retransmitted request of a transfer under way (or too many at once)
+        box.tftp.add(transfer)
+        task = asyncio.get_running_loop().create_task(self._tftp_read(box, tap, request, host, url))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _tftp_read(self, box: Box, tap: Tap, request: Request, host: str, url: str) -> None:
+        try:
+
+            async def get(room: int) -> bytes:
+                return await self.fetcher.fetch_tftp(host, request.filename, room)
+
+            body = await downloads.obtain(tap, self.settings.egress, url, get, self._streams.fetches)
+            if body is None:
+                if self._tftp is not None:
+                    self._tftp.refuse(request)
+                return
+            sock = await self._inside(lambda: bound_to(request.dst))
+            await tftp_send(sock, (request.src, request.port), body)
+        except (OSError, TftpFailed, TimeoutError) as exc:
+            log.info("tftp transfer to %s (session %s): %s", box.address, tap.session, exc)
+        finally:
+            box.tftp.discard((request.port, request.filename))

@@ -39,6 +39,7 @@ class Tap:
     held: set[Writer] = field(default_factory=set)
     # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+    commands: Callable[[], list[str]] = list  # the session's recent command lines, newest first (destfile)
 
 
 @dataclass
@@ -49,3 +50,15 @@ class Box:
     bucket: dns.Bucket
     connections: int = 0
     tap: Tap | None = None
+    # FTP passive data connections the box was told to open: (address, port) -> where to hand the connection.
+    passive: dict[tuple[str, int], asyncio.Future[DataChannel]] = field(default_factory=dict)
+    tftp: set[tuple[int, str]] = field(default_factory=set)  # transfers under way: (client port, file)
+
+
+@dataclass
+class DataChannel:
+    """A box's FTP data connection, held by the control connection that expected it until ``done``."""
+
+    reader: asyncio.StreamReader
+    writer: Writer
+    done: asyncio.Event = field(default_factory=asyncio.Event)
