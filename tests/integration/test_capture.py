@@ -202,7 +202,8 @@ async def test_wget_and_curl_get_the_payload_through_the_fetcher(captured: Any, 
     detail = await asyncio.to_thread(hp.services.repository.get_session, session)
     assert detail is not None
     downloaded = [(a.via, a.sha256, a.path) for a in detail.artifacts if a.via == "download"]
-    assert downloaded == [("download", digest, url)] * 2
+    # The path: the file the box's client wrote (destfile, from the command line), as Cowrie's.
+    assert downloaded == [("download", digest, "/tmp/w.sh"), ("download", digest, "/tmp/c.sh")]
     # The API lists the capture and hands it out; the session page links it and lists the downloads.
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hp.services.api.port}", timeout=30) as api:
         view = (await api.get(f"/api/v1/sessions/{session}")).json()

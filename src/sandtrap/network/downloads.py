@@ -15,8 +15,9 @@ import asyncio
 import posixpath
 import re
 import shlex
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from sandtrap.config import EgressSettings
@@ -25,29 +26,47 @@ from sandtrap.network.fetcher import Failed, Refused
 from sandtrap.network.taps import Tap
 
 KEPT_COMMANDS = 20
+KEPT_SESSIONS = 4096
 SEPARATORS = re.compile(r"\|\||&&|[;|&\n]")
 
 
+@dataclass
+class _Line:
+    text: str
+    claimed: set[int] = field(default_factory=set)  # its commands already matched to a download
+
+
 class CommandLog:
-    """An event sink keeping each open session's last command lines (the gateway opens and closes sessions)."""
+    """An event sink keeping the last command lines of the latest sessions (a session's first command may come
+    before its box is on the gateway: an exec request leases the box); the gateway forgets a session it closes."""
 
     def __init__(self) -> None:
-        self._lines: dict[str, deque[str]] = {}
-
-    def watch(self, session: str) -> None:
-        self._lines[session] = deque(maxlen=KEPT_COMMANDS)
+        self._lines: OrderedDict[str, deque[_Line]] = OrderedDict()
 
     def forget(self, session: str) -> None:
         self._lines.pop(session, None)
 
     def write(self, event: Event) -> None:
-        if event.eventid == COMMAND_INPUT:
-            lines = self._lines.get(event.session)
-            if lines is not None:
-                lines.append(str(event.get("input", ""))[:4096])
+        if event.eventid != COMMAND_INPUT or not event.session:
+            return
+        lines = self._lines.get(event.session)
+        if lines is None:
+            lines = self._lines[event.session] = deque(maxlen=KEPT_COMMANDS)
+            while len(self._lines) > KEPT_SESSIONS:
+                self._lines.popitem(last=False)
+        lines.append(_Line(str(event.get("input", ""))[:4096]))
 
-    def recent(self, session: str) -> list[str]:
-        return list(reversed(self._lines.get(session, ())))
+    def destfile(self, session: str, url: str) -> str:
+        """Where the session's command that asked for ``url`` wrote it: the newest line naming it, its first
+        command not yet matched to a download (``a; b`` both fetching one URL: a's, then b's)."""
+        lines = list(reversed(self._lines.get(session, ())))
+        first = None
+        for index, part, path in candidates(url, [line.text for line in lines]):
+            first = path if first is None else first
+            if part not in lines[index].claimed:
+                lines[index].claimed.add(part)
+                return path
+        return first or ""
 
 
 def _words(part: str) -> list[str]:
@@ -89,17 +108,24 @@ def _basename(path: str, default: str = "index.html") -> str:
 
 def destfile(url: str, lines: list[str]) -> str:
     """Where a client in ``lines`` (newest first) wrote ``url``; '' when none names it or it went to stdout."""
+    for _, _, path in candidates(url, lines):
+        return path
+    return ""
+
+
+def candidates(url: str, lines: list[str]) -> Iterator[tuple[int, int, str]]:
+    """(line, command, path) of each command in ``lines`` (newest first; a line's commands in order) that
+    fetches ``url``; path '' for standard output."""
     parts = urlsplit(url)
     host, path = (parts.hostname or "").lower(), unquote(parts.path or "/")
-    for line in lines:
-        for part in reversed(SEPARATORS.split(line)):
+    for index, line in enumerate(lines):
+        for number, part in enumerate(SEPARATORS.split(line)):
             words = _words(part)
             if not words:
                 continue
             found = _destfile(parts.scheme, host, path, words)
             if found is not None:
-                return "" if found == "-" else found
-    return ""
+                yield index, number, "" if found == "-" else found
 
 
 def _destfile(scheme: str, host: str, path: str, words: list[str]) -> str | None:
@@ -150,7 +176,7 @@ def _positional(args: list[str], with_value: tuple[str, ...]) -> list[str]:
 
 async def record(tap: Tap, url: str, body: bytes, redirects: list[str] | None = None) -> None:
     """Store ``body`` by sha256 and emit the session's ``file_download`` for it."""
-    destination = destfile(url, tap.commands())
+    destination = tap.destfile(url)
     sha, outfile, stored, duplicate = await tap.store(body)
     tap.emit(
         SESSION_FILE_DOWNLOAD,

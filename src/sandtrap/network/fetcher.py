@@ -21,6 +21,7 @@ Bounds: ``max_file_bytes`` (the body is read in chunks and cut there), ``timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -132,6 +133,26 @@ class PinnedResolver(AbstractResolver):
         return None
 
 
+class _FtpClient(aioftp.Client):
+    """aioftp's client, keeping every connection it opens: a data connection opened before a refused RETR is
+    not closed by aioftp; the fetch closes them all."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.opened: list[asyncio.StreamWriter] = []
+
+    async def _open_connection(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await super()._open_connection(host, port)
+        self.opened.append(writer)
+        return reader, writer
+
+    async def close_all(self) -> None:
+        for writer in self.opened:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
 class Fetcher:
     def __init__(self, egress: EgressSettings) -> None:
         self.egress = egress
@@ -190,7 +211,7 @@ class Fetcher:
     async def fetch_ftp(self, host: str, path: str, user: str, password: str, max_bytes: int) -> bytes:
         """RETR ``path`` from ``host``'s FTP server (port 21), logged in as the box's client was."""
         address = (await self.policy.resolve(host))[0]  # Refused here: nothing connected
-        client = aioftp.Client(
+        client = _FtpClient(
             socket_timeout=min(15.0, self.egress.timeout_s),
             connection_timeout=min(15.0, self.egress.timeout_s),
             passive_commands=("epsv", "pasv"),
@@ -209,7 +230,7 @@ class Fetcher:
                             if len(body) > max_bytes:
                                 raise Failed(f"larger than {max_bytes} bytes")
                 finally:
-                    client.close()
+                    await client.close_all()
         except TimeoutError:
             raise Failed(f"timed out after {self.egress.timeout_s:g} s") from None
         except (aioftp.AIOFTPException, OSError, ValueError, IndexError) as exc:
@@ -221,7 +242,7 @@ class Fetcher:
         address = (await self.policy.resolve(host))[0]
         try:
             async with asyncio.timeout(self.egress.timeout_s):
-                return await tftp.fetch(address, 69, filename, max_bytes)
+                return await tftp.fetch(address, 69, filename, max_bytes, self.policy.permits)
         except TimeoutError:
             raise Failed(f"timed out after {self.egress.timeout_s:g} s") from None
         except (tftp.TftpFailed, OSError) as exc:

@@ -223,8 +223,7 @@ class Gateway:
             return None
         if box.tap is not None:
             await self._close_tap(box, box.tap)
-        tap = Tap(session, emit, store, commands=lambda: self.commands.recent(session))
-        self.commands.watch(session)
+        tap = Tap(session, emit, store, destfile=lambda url: self.commands.destfile(session, url))
         box.tap = tap
         pcap = self.settings.pcap
         if pcap.enabled:

@@ -39,7 +39,7 @@ class Tap:
     held: set[Writer] = field(default_factory=set)
     # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
-    commands: Callable[[], list[str]] = list  # the session's recent command lines, newest first (destfile)
+    destfile: Callable[[str], str] = lambda url: ""  # url -> the path the box's client wrote it to ('' unknown)
 
 
 @dataclass

@@ -152,8 +152,11 @@ def _error_text(packet: bytes) -> str:
     return f"tftp error {code}: {message}"
 
 
-async def fetch(address: str, port: int, filename: str, max_bytes: int) -> bytes:
-    """Read ``filename`` from the TFTP server at ``address`` (the caller checked it and bounds the time)."""
+async def fetch(address: str, port: int, filename: str, max_bytes: int, permits: Callable[[str], bool]) -> bytes:
+    """Read ``filename`` from the TFTP server at ``address`` (the caller checked it and bounds the time).
+
+    A server may answer from another of its addresses (one whose transfer socket is not bound: the route's
+    source): the first DATA's sender becomes the peer only if ``permits`` its address, as for any destination."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     transport, inbox = await loop.create_datagram_endpoint(_Inbox, family=family)
@@ -174,8 +177,10 @@ async def fetch(address: str, port: int, filename: str, max_bytes: int) -> bytes
                 transport.sendto(last, dest)
                 continue
             packet, source = got
-            if source[0] != address or (peer is not None and source != peer):
-                continue  # not the server asked (or another of its transfers)
+            if (peer is None and source[0] != address and not permits(source[0])) or (
+                peer is not None and source != peer
+            ):
+                continue  # not a sender we may answer (or another of the server's transfers)
             opcode = struct.unpack(">H", packet[:2])[0] if len(packet) >= 2 else 0
             if opcode == ERROR:
                 raise TftpFailed(_error_text(packet))
