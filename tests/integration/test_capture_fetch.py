@@ -10,6 +10,7 @@ of its own (127.77.x.y), the HTTP server of ``test_capture`` on 127.0.0.1, all n
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -20,11 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 import tftpy
 from test_capture import NAME, PAYLOAD, Internet, capture_config, captured, internet, shell  # noqa: F401
 
-from sandtrap.events import NETWORK_DNS, SESSION_FILE_DOWNLOAD, SESSION_FILE_DOWNLOAD_FAILED
+from sandtrap.events import (
+    DIRECT_TCPIP_REQUEST,
+    NETWORK_DNS,
+    NETWORK_HTTP,
+    NETWORK_TCP,
+    SESSION_CLOSED,
+    SESSION_FILE_DOWNLOAD,
+    SESSION_FILE_DOWNLOAD_FAILED,
+)
+
+from sshclient import asyncssh_connected as connect
 
 with warnings.catch_warnings():  # pyftpdlib still imports asyncore (deprecated in 3.11)
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -160,3 +172,47 @@ async def test_a_hostile_ftp_or_tftp_server_is_bounded(file_servers: Servers) ->
         await fetcher.fetch_ftp(FTP_NAME, "/nothing", "", "", 1 << 20)
     with pytest.raises(Refused):  # not allowed: nothing connected
         await Fetcher(EgressSettings()).fetch_tftp(file_servers.address, "mips.bin", 1 << 20)
+
+
+async def test_ssh_port_forwarding_lands_in_the_gateway_and_is_recorded(
+    captured: Any,
+    internet: Internet,
+    file_servers: Servers,
+) -> None:
+    """A client's direct-tcpip channel (``ssh -L``, a bot relaying through the sensor) is answered by the gateway
+    as the box's own connection would be: an HTTP request fetched and served, other TCP held and recorded."""
+    hp = await captured(config(internet, file_servers))
+    async with connect(hp) as conn:
+        await conn.run("true")
+        reader, writer = await conn.open_connection(NAME, internet.port)
+        writer.write(f"GET /bins.sh HTTP/1.1\r\nHost: {NAME}:{internet.port}\r\nUser-Agent: relay\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 30)
+        smtp_reader, smtp = await conn.open_connection("mx.sandtrap-test.com", 25)
+        smtp.write(b"EHLO spam.example.com\r\n")
+        smtp.write_eof()
+        await asyncio.wait_for(smtp_reader.read(), 30)
+    closed = await hp.wait_for(SESSION_CLOSED, timeout_s=30)
+    session = closed[-1].session
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(PAYLOAD), answer[:200]
+    requests = hp.events(DIRECT_TCPIP_REQUEST, session=session)
+    assert [(e.get("dst_ip"), e.get("dst_port")) for e in requests] == [
+        (NAME, internet.port),
+        ("mx.sandtrap-test.com", 25),
+    ]
+    [download] = hp.events(SESSION_FILE_DOWNLOAD, session=session)
+    assert download.get("shasum") == hashlib.sha256(PAYLOAD).hexdigest()
+    assert [e.get("user_agent") for e in hp.events(NETWORK_HTTP, session=session)] == ["relay"]
+    held = [e for e in hp.events(NETWORK_TCP, session=session) if e.get("dst_port") == 25]
+    assert held and held[0].get("data") == "EHLO spam.example.com\\r\\n", held
+
+
+async def test_ssh_port_forwarding_refused_when_configured(captured: Any, internet: Internet) -> None:
+    network = capture_config(internet.port)
+    network["direct_tcpip"] = "refuse"
+    hp = await captured(network)
+    async with connect(hp) as conn:
+        with pytest.raises(asyncssh.ChannelOpenError, match="open failed"):
+            await conn.open_connection(NAME, internet.port)
+    closed = await hp.wait_for(SESSION_CLOSED, timeout_s=30)
+    assert len(hp.events(DIRECT_TCPIP_REQUEST, session=closed[-1].session)) == 1
+    assert internet.requests == []

@@ -240,6 +240,27 @@ class Gateway:
 
         return close
 
+    @property
+    def forwards(self) -> bool:
+        """Whether SSH clients' direct-tcpip requests are routed here (``network.direct_tcpip: capture``)."""
+        return self.settings.direct_tcpip == "capture"
+
+    async def forward(
+        self, address: str, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """An SSH client's forwarded connection (direct-tcpip) of the session whose box is at ``address``, to
+        ``host:port``: handled as if the box had connected there (a name resolved as the box's resolver
+        answers it), recorded for the session. Nothing is connected anywhere: not even the box sees it."""
+        box = self._boxes.get(address)
+        if box is None:
+            writer.close()
+            return
+        try:
+            dst_ip = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            dst_ip = box.names.address(host) if dns.could_exist(host) else self.ns.gateway
+        await self._streams.handle(box, reader, writer, dst_ip, port)
+
     def pcap_path(self, session: str) -> Path:
         return self.data_dir / "pcap" / f"{session}.pcap"
 

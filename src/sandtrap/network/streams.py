@@ -96,14 +96,24 @@ class Streams:
         if box is None or box.connections >= self.settings.max_connections:
             writer.transport.abort()
             return
-        box.connections += 1
-        started = time.monotonic()
         sock = writer.get_extra_info("socket")
         try:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             dst_ip, dst_port = socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
         except OSError:
             dst_ip, dst_port = "", 0
+        await self.handle(box, reader, writer, dst_ip, dst_port)
+
+    async def handle(
+        self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dst_ip: str, dst_port: int
+    ) -> None:
+        """One connection of ``box`` to ``dst_ip:dst_port`` (from the listener, or an SSH client's forwarding
+        request routed here: any reader/writer with asyncio's stream methods)."""
+        if box.connections >= self.settings.max_connections:
+            writer.close()
+            return
+        box.connections += 1
+        started = time.monotonic()
         tap = box.tap
         try:
             expected = box.passive.pop((dst_ip, dst_port), None)
