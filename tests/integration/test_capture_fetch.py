@@ -181,7 +181,9 @@ async def test_ssh_port_forwarding_lands_in_the_gateway_and_is_recorded(
 ) -> None:
     """A client's direct-tcpip channel (``ssh -L``, a bot relaying through the sensor) is answered by the gateway
     as the box's own connection would be: an HTTP request fetched and served, other TCP held and recorded."""
-    hp = await captured(config(internet, file_servers))
+    network = config(internet, file_servers)
+    network["direct_tcpip"] = "capture"
+    hp = await captured(network)
     async with connect(hp) as conn:
         await conn.run("true")
         reader, writer = await conn.open_connection(NAME, internet.port)
@@ -206,13 +208,18 @@ async def test_ssh_port_forwarding_lands_in_the_gateway_and_is_recorded(
     assert held and held[0].get("data") == "EHLO spam.example.com\\r\\n", held
 
 
-async def test_ssh_port_forwarding_refused_when_configured(captured: Any, internet: Internet) -> None:
-    network = capture_config(internet.port)
-    network["direct_tcpip"] = "refuse"
-    hp = await captured(network)
+async def test_ssh_port_forwarding_refused_by_default_and_to_loopback(captured: Any, internet: Internet) -> None:
+    hp = await captured(capture_config(internet.port))
     async with connect(hp) as conn:
         with pytest.raises(asyncssh.ChannelOpenError, match="open failed"):
             await conn.open_connection(NAME, internet.port)
     closed = await hp.wait_for(SESSION_CLOSED, timeout_s=30)
     assert len(hp.events(DIRECT_TCPIP_REQUEST, session=closed[-1].session)) == 1
+    network = capture_config(internet.port)
+    network["direct_tcpip"] = "capture"
+    hp = await captured(network)
+    async with connect(hp) as conn:
+        for host in ("127.0.0.1", "localhost", "::1"):
+            with pytest.raises(asyncssh.ChannelOpenError, match="open failed"):
+                await conn.open_connection(host, 22)
     assert internet.requests == []

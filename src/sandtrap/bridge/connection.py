@@ -72,8 +72,7 @@ class NetworkCapture(Protocol):
         store: Callable[[bytes], Awaitable[tuple[str, str, bool, bool]]],
     ) -> Callable[[], Awaitable[None]] | None: ...
 
-    @property
-    def forwards(self) -> bool: ...
+    def forwards(self, host: str) -> bool: ...
 
     async def forward(self, address: str, host: str, port: int, reader: Any, writer: Any) -> None: ...
 
@@ -326,7 +325,7 @@ class Connection:
         """A handler for an SSH client's direct-tcpip channel to ``host:port``, routed into the capture
         gateway as the session box's own connection (``network.direct_tcpip: capture``); None: refuse it."""
         network = self.hub.network
-        if network is None or not network.forwards:
+        if network is None or not network.forwards(host):
             return None
 
         async def relay(reader: Any, writer: Any) -> None:

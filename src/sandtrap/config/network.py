@@ -155,11 +155,11 @@ class NetworkSettings(Section):
         2000, ge=0, description="capture: TCP and HTTP records per session (a port scan is counted past it)"
     )
     direct_tcpip: Literal["refuse", "capture"] = Field(
-        "capture",
-        description="capture: an SSH client's port-forwarding request (direct-tcpip) is answered by the capture "
-        "gateway as the box's own connection to that address would be (HTTP, TLS, FTP, held TCP; recorded), "
-        "nothing connected anywhere (Cowrie's forward redirect, always to the gateway); refuse: as sshd with "
-        "AllowTcpForwarding no. Recorded either way; without network.mode capture, refused",
+        "refuse",
+        description="refuse: an SSH client's port-forwarding request (direct-tcpip) is refused as sshd with "
+        "AllowTcpForwarding no; capture: answered by the capture gateway as the box's own connection to that "
+        "address would be (HTTP, TLS, FTP, held TCP; recorded), nothing connected anywhere (Cowrie's forward "
+        "redirect, always to the gateway); loopback destinations stay refused. Recorded either way",
     )
     egress: EgressSettings = EgressSettings()
     dns: DnsSettings = DnsSettings()

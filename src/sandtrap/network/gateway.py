@@ -240,10 +240,16 @@ class Gateway:
 
         return close
 
-    @property
-    def forwards(self) -> bool:
-        """Whether SSH clients' direct-tcpip requests are routed here (``network.direct_tcpip: capture``)."""
-        return self.settings.direct_tcpip == "capture"
+    def forwards(self, host: str) -> bool:
+        """Whether an SSH client's direct-tcpip request to ``host`` is routed here (``network.direct_tcpip:
+        capture``); never one to the box's own loopback (its services are the box's, not the internet's)."""
+        if self.settings.direct_tcpip != "capture":
+            return False
+        name = host.lower().rstrip(".")
+        try:
+            return not ipaddress.ip_address(name.strip("[]")).is_loopback
+        except ValueError:
+            return name != "localhost" and not name.endswith(".localhost")
 
     async def forward(
         self, address: str, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
