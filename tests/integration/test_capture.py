@@ -34,6 +34,7 @@ from sandtrap.config import EgressSettings
 from sandtrap.events import (
     LIMIT_HIT,
     NETWORK_DNS,
+    NETWORK_DNS_SUMMARY,
     NETWORK_HTTP,
     NETWORK_PCAP,
     NETWORK_TCP,
@@ -304,6 +305,10 @@ async def test_dns_flood_is_recorded_and_rate_limited(captured: Any, internet: I
     assert 10 <= len(hp.events(NETWORK_DNS, session=session)) <= 20
     assert any(e.get("limit") == "network.dns.queries_per_s" for e in hp.events(LIMIT_HIT, session=session))
     assert gateway_of(hp).dns_dropped >= 200  # of 300 sent at once
+    [summary] = hp.events(NETWORK_DNS_SUMMARY, session=session)  # every query, past max_logged too
+    assert summary.get("queries") == 300 and int(summary.get("dropped") or 0) >= 200, summary
+    assert summary.get("names") == 300 - summary.get("dropped"), summary  # the answered ones, each distinct
+    assert len("x0.example.com") <= int(summary.get("longest") or 0) <= len("x299.example.com"), summary
 
 
 # -- a hostile server, against the fetcher itself (its "internet": the test's servers on loopback) -------------

@@ -36,6 +36,7 @@ from sandtrap.config import NetworkSettings
 from sandtrap.events import (
     LIMIT_HIT,
     NETWORK_DNS,
+    NETWORK_DNS_SUMMARY,
     NETWORK_PCAP,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
@@ -51,6 +52,7 @@ from sandtrap.network.tls import SensorCA
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DNS_NAMES_KEPT = 10_000  # distinct names counted per session (memory bound)
 
 
 class _Dns(asyncio.DatagramProtocol):
@@ -273,6 +275,15 @@ class Gateway:
     async def _close_tap(self, box: Box, tap: Tap) -> None:
         box.tap = None
         self.commands.forget(tap.session)
+        if tap.dns_queries:
+            tap.emit(
+                NETWORK_DNS_SUMMARY,
+                queries=tap.dns_queries,
+                dropped=tap.dns_dropped,
+                names=len(tap.dns_names),
+                name_bytes=tap.dns_name_bytes,
+                longest=tap.dns_longest,
+            )
         for writer in list(tap.held):
             writer.close()
         if tap.pcap is not None:
@@ -290,8 +301,12 @@ class Gateway:
         if box is None:
             return None
         tap = box.tap
+        if tap is not None:
+            tap.dns_queries += 1
         if not box.bucket.take():
             self.dns_dropped += 1
+            if tap is not None:
+                tap.dns_dropped += 1
             if tap is not None and not tap.dns_limit_noted:
                 tap.dns_limit_noted = True
                 tap.emit(LIMIT_HIT, limit="network.dns.queries_per_s", value=self.settings.dns.queries_per_s)
@@ -299,6 +314,11 @@ class Gateway:
         result = dns.answer(data, box.names)
         if result is None:
             return None
+        if tap is not None:
+            tap.dns_name_bytes += len(result.name)
+            tap.dns_longest = max(tap.dns_longest, len(result.name))
+            if len(tap.dns_names) < DNS_NAMES_KEPT:
+                tap.dns_names.add(result.name.lower())
         if tap is not None and tap.dns_logged < self.settings.dns.max_logged:
             tap.dns_logged += 1
             tap.emit(NETWORK_DNS, query=result.name, qtype=result.qtype, rcode=result.rcode, answer=result.address)

@@ -34,6 +34,12 @@ class Tap:
     fetched_bytes: int = 0
     dns_logged: int = 0
     dns_limit_noted: bool = False
+    # The session's DNS in sum (a tunnel shows as many long, distinct names; recorded when the session ends)
+    dns_queries: int = 0
+    dns_dropped: int = 0
+    dns_name_bytes: int = 0
+    dns_longest: int = 0
+    dns_names: set[str] = field(default_factory=set)  # up to DNS_NAMES_KEPT, then counted by name_bytes only
     logged: int = 0  # TCP and HTTP records
     pcap: PcapWriter | None = None
     held: set[Writer] = field(default_factory=set)
