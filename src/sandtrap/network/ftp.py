@@ -100,7 +100,7 @@ async def serve(
             port = 0
             if command in ("PASV", "EPSV"):
                 if data is not None:
-                    data.cancel()
+                    release(data)
                 port = ports()
                 data = passive(port)
             if command in ("RETR", "SIZE") and len(files) < 100 and path not in files:
@@ -116,7 +116,7 @@ async def serve(
                 data = None
             else:
                 if command in ("LIST", "NLST", "RETR", "STOR") and data is not None:
-                    data.cancel()  # the connection, if the box opened it, is closed by its handler
+                    release(data)  # an empty listing, or no file: the data connection closed unused
                     data = None
                 answer = reply(command, argument, address, port)
                 if answer is None:
@@ -126,8 +126,18 @@ async def serve(
             await writer.drain()
     finally:
         if data is not None:
-            data.cancel()
+            release(data)
     return count
+
+
+def release(data: asyncio.Future[DataChannel]) -> None:
+    """Done with an expected data connection: close it if the box opened it, else expect it no more."""
+    if data.done() and not data.cancelled():
+        channel = data.result()
+        channel.writer.close()
+        channel.done.set()
+    else:
+        data.cancel()
 
 
 async def _send(writer: asyncio.StreamWriter, data: asyncio.Future[DataChannel] | None, path: str, body: bytes) -> None:

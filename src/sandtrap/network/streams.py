@@ -230,6 +230,8 @@ class Streams:
 
         def passive(port: int) -> asyncio.Future[DataChannel]:
             future: asyncio.Future[DataChannel] = asyncio.get_running_loop().create_future()
+            for key in [k for k, f in box.passive.items() if f.done()]:
+                del box.passive[key]  # expected no more (the control connection moved on)
             if len(box.passive) < 16:
                 box.passive[(dst_ip, port)] = future
             return future
