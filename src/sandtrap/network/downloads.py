@@ -25,8 +25,9 @@ from sandtrap.events import COMMAND_INPUT, SESSION_FILE_DOWNLOAD, SESSION_FILE_D
 from sandtrap.network.fetcher import Failed, Refused
 from sandtrap.network.taps import Tap
 
-KEPT_COMMANDS = 20
-KEPT_SESSIONS = 4096
+KEPT_COMMANDS = 10
+KEPT_SESSIONS = 1024  # the latest sessions' lines: at most 1024 x 10 x 2 KB
+LINE_CHARS = 2048
 SEPARATORS = re.compile(r"\|\||&&|[;|&\n]")
 
 
@@ -54,7 +55,7 @@ class CommandLog:
             lines = self._lines[event.session] = deque(maxlen=KEPT_COMMANDS)
             while len(self._lines) > KEPT_SESSIONS:
                 self._lines.popitem(last=False)
-        lines.append(_Line(str(event.get("input", ""))[:4096]))
+        lines.append(_Line(str(event.get("input", ""))[:LINE_CHARS]))
 
     def destfile(self, session: str, url: str) -> str:
         """Where the session's command that asked for ``url`` wrote it: the newest line naming it, its first

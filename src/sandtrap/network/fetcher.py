@@ -210,6 +210,8 @@ class Fetcher:
 
     async def fetch_ftp(self, host: str, path: str, user: str, password: str, max_bytes: int) -> bytes:
         """RETR ``path`` from ``host``'s FTP server (port 21), logged in as the box's client was."""
+        if any(ord(c) < 32 or ord(c) == 127 for c in path + user + password):
+            raise Refused("ftp: a control character in the path or login (never sent on)")
         address = (await self.policy.resolve(host))[0]  # Refused here: nothing connected
         client = _FtpClient(
             socket_timeout=min(15.0, self.egress.timeout_s),

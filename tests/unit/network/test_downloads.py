@@ -1,15 +1,18 @@
 """destfile: the path a box's client wrote a download to, read from the session's command lines; the DNS
-answer ranges."""
+answer ranges; the FTP fetcher's refusal of control characters."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
 
-from sandtrap.config import NetworkSettings
+import pytest
+
+from sandtrap.config import EgressSettings, NetworkSettings
 from sandtrap.events import COMMAND_INPUT, Event
 from sandtrap.network import dns
 from sandtrap.network.downloads import CommandLog, destfile
+from sandtrap.network.fetcher import Fetcher, Refused
 
 URL = "http://cdn.example.com/bins/x86.sh"
 
@@ -65,3 +68,10 @@ def test_answers_spread_over_the_default_ranges_and_stay_put() -> None:
     assert len(used) == len(ranges) and max(used.values()) < 60  # every range, none dominant
     assert all(names.address(f"h{i}.example.com") == str(answers[i]) for i in range(400))
     assert NetworkSettings(dns={"answer_subnet": "198.18.0.0/15"}).dns.answer_subnet == ["198.18.0.0/15"]
+
+
+async def test_an_ftp_path_or_login_with_a_control_character_is_never_sent_on() -> None:
+    fetcher = Fetcher(EgressSettings(allow=["127.0.0.1/32"]))
+    for path, user in (("/a\rDELE b", ""), ("/a", "bot\r\nSITE x"), ("/a\x00", "")):
+        with pytest.raises(Refused, match="control character"):
+            await fetcher.fetch_ftp("127.0.0.1", path, user, "", 1024)  # refused before any connection
