@@ -8,7 +8,7 @@ capture`` with ``egress.fetch: true``, one with ``network.pcap.enabled`` and one
 file server in a child process (``python -m http.server`` on 127.0.0.1, named through ``egress.hosts`` and
 allowed by ``egress.allow``), so this process's CPU time is the honeypot's: the gateway's accept and HTTP
 parsing, the fetcher, the copy to the box, the pcap (when on) and the artifact store, plus the SSH session
-around the ``wget`` (a few KB). Rounds alternate between the two, so the machine's load falls on both alike.
+around the ``wget`` (a few KB). Rounds alternate between the two (and which goes first), so the load falls on both.
 "Fetcher alone" is :class:`Fetcher` fetching the same URL in this process (no box, no gateway). Writes
 bench/results/capture.md and capture.json (--quick: bench/.work/quick/).
 """
@@ -114,8 +114,8 @@ async def main(quick: bool, image: str) -> dict[str, Any]:
                 )  # fmt: skip
                 await conns[pcap].run("true")  # the box leased, its capture open
             samples: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-            for _ in range(rounds):
-                for pcap in (True, False):
+            for n in range(rounds):
+                for pcap in (True, False) if n % 2 == 0 else (False, True):  # neither always goes first
                     samples[pcap].append(await download(conns[pcap], url))
                     print(f"  pcap {'on ' if pcap else 'off'}: {samples[pcap][-1][0]:.1f} MB/s", flush=True)
             res["pcap_on"], res["pcap_off"] = samples[True], samples[False]
