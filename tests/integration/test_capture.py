@@ -219,8 +219,8 @@ async def test_wget_and_curl_get_the_payload_through_the_fetcher(captured: Any, 
 
 @pytest.mark.parametrize("pcap", [True, False], ids=["pcap", "no-pcap"])
 async def test_a_20mb_download_through_the_gateway(captured: Any, internet: Internet, pcap: bool) -> None:
-    """Measured (printed; README "Network"): a box's wget of 20 MB through the fetcher, its wall time, the
-    honeypot process's CPU time (gateway, fetcher, pcap, and the SSH session around it) per MB."""
+    """A box's wget of 20 MB through the fetcher arrives whole, pcap on or off. Its wall time and the honeypot
+    process's CPU per MB are printed (-s); the figures belong to `make bench` (bench/capture.py)."""
     hp = await captured(capture_config(internet.port, pcap=pcap))
     url = f"http://{NAME}:{internet.port}/20m"
     async with connect(hp) as conn:
@@ -234,7 +234,6 @@ async def test_a_20mb_download_through_the_gateway(captured: Any, internet: Inte
         f"\n20 MB through the gateway (pcap {'on' if pcap else 'off'}): {mb / wall:.1f} MB/s, "
         f"{cpu / mb * 1000:.1f} ms CPU per MB (honeypot process), wall {wall:.2f} s"
     )
-    assert mb / wall > 1.0
 
 
 async def test_sinkhole_answers_404_and_records_the_url(captured: Any, internet: Internet) -> None:
