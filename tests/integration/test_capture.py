@@ -305,8 +305,9 @@ async def test_dns_flood_is_recorded_and_rate_limited(captured: Any, internet: I
     assert any(e.get("limit") == "network.dns.queries_per_s" for e in hp.events(LIMIT_HIT, session=session))
     assert gateway_of(hp).dns_dropped >= 200  # of 300 sent at once
     [summary] = hp.events(NETWORK_DNS_SUMMARY, session=session)  # every query, past max_logged too
-    assert summary.get("queries") == 300 and int(summary.get("dropped") or 0) >= 200, summary
-    assert summary.get("names") == 300 - summary.get("dropped"), summary  # the answered ones, each distinct
+    queries, dropped = int(summary.get("queries") or 0), int(summary.get("dropped") or 0)
+    assert 200 <= dropped < queries <= 300, summary  # datagrams the kernel dropped under load never arrived
+    assert summary.get("names") == queries - dropped, summary  # the answered ones, each distinct
     assert len("x0.example.com") <= int(summary.get("longest") or 0) <= len("x299.example.com"), summary
 
 
