@@ -186,6 +186,8 @@ async def running(
     bus = EventBus()
     for sink in sinks or []:
         bus.add_sink(sink)
+    if gateway is not None:
+        bus.add_sink(gateway.commands)  # a download's destfile: the command line that asked for it
     manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens)
     # Done while a box waits warm, not while the attacker does: honeytokens planted, accounts read.
     pool.prepare = manager.prepare

@@ -68,6 +68,7 @@ NETWORK_DNS = "sandtrap.network.dns"
 NETWORK_HTTP = "sandtrap.network.http"
 NETWORK_TCP = "sandtrap.network.tcp"
 NETWORK_PCAP = "sandtrap.network.pcap"
+NETWORK_DNS_SUMMARY = "sandtrap.network.dns_summary"
 
 CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     SESSION_CONNECT: (
@@ -105,6 +106,10 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
         "TCP to {dst_ip}:{dst_port}: {bytes_in} bytes from the box",
     ),
     NETWORK_PCAP: (("pcap", "size", "packets", "not_written"), "capture {pcap}: {packets} packets"),
+    NETWORK_DNS_SUMMARY: (
+        ("queries", "dropped", "names", "name_bytes", "longest"),
+        "DNS: {queries} queries for {names} names ({name_bytes} bytes of names), {dropped} dropped",
+    ),
     SESSION_FILE_CHANGED: (
         ("filename", "kind", "shasum", "size", "mode", "outfile", "stored"),
         "file {filename} {kind} in the sandbox",

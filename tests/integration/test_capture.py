@@ -34,6 +34,7 @@ from sandtrap.config import EgressSettings
 from sandtrap.events import (
     LIMIT_HIT,
     NETWORK_DNS,
+    NETWORK_DNS_SUMMARY,
     NETWORK_HTTP,
     NETWORK_PCAP,
     NETWORK_TCP,
@@ -202,7 +203,8 @@ async def test_wget_and_curl_get_the_payload_through_the_fetcher(captured: Any, 
     detail = await asyncio.to_thread(hp.services.repository.get_session, session)
     assert detail is not None
     downloaded = [(a.via, a.sha256, a.path) for a in detail.artifacts if a.via == "download"]
-    assert downloaded == [("download", digest, url)] * 2
+    # The path: the file the box's client wrote (destfile, from the command line), as Cowrie's.
+    assert downloaded == [("download", digest, "/tmp/w.sh"), ("download", digest, "/tmp/c.sh")]
     # The API lists the capture and hands it out; the session page links it and lists the downloads.
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hp.services.api.port}", timeout=30) as api:
         view = (await api.get(f"/api/v1/sessions/{session}")).json()
@@ -217,8 +219,8 @@ async def test_wget_and_curl_get_the_payload_through_the_fetcher(captured: Any, 
 
 @pytest.mark.parametrize("pcap", [True, False], ids=["pcap", "no-pcap"])
 async def test_a_20mb_download_through_the_gateway(captured: Any, internet: Internet, pcap: bool) -> None:
-    """Measured (printed; README "Network"): a box's wget of 20 MB through the fetcher, its wall time, the
-    honeypot process's CPU time (gateway, fetcher, pcap, and the SSH session around it) per MB."""
+    """A box's wget of 20 MB through the fetcher arrives whole, pcap on or off. Its wall time and the honeypot
+    process's CPU per MB are printed (-s); the figures belong to `make bench` (bench/capture.py)."""
     hp = await captured(capture_config(internet.port, pcap=pcap))
     url = f"http://{NAME}:{internet.port}/20m"
     async with connect(hp) as conn:
@@ -232,7 +234,6 @@ async def test_a_20mb_download_through_the_gateway(captured: Any, internet: Inte
         f"\n20 MB through the gateway (pcap {'on' if pcap else 'off'}): {mb / wall:.1f} MB/s, "
         f"{cpu / mb * 1000:.1f} ms CPU per MB (honeypot process), wall {wall:.2f} s"
     )
-    assert mb / wall > 1.0
 
 
 async def test_sinkhole_answers_404_and_records_the_url(captured: Any, internet: Internet) -> None:
@@ -303,6 +304,11 @@ async def test_dns_flood_is_recorded_and_rate_limited(captured: Any, internet: I
     assert 10 <= len(hp.events(NETWORK_DNS, session=session)) <= 20
     assert any(e.get("limit") == "network.dns.queries_per_s" for e in hp.events(LIMIT_HIT, session=session))
     assert gateway_of(hp).dns_dropped >= 200  # of 300 sent at once
+    [summary] = hp.events(NETWORK_DNS_SUMMARY, session=session)  # every query, past max_logged too
+    queries, dropped = int(summary.get("queries") or 0), int(summary.get("dropped") or 0)
+    assert 200 <= dropped < queries <= 300, summary  # datagrams the kernel dropped under load never arrived
+    assert summary.get("names") == queries - dropped, summary  # the answered ones, each distinct
+    assert len("x0.example.com") <= int(summary.get("longest") or 0) <= len("x299.example.com"), summary
 
 
 # -- a hostile server, against the fetcher itself (its "internet": the test's servers on loopback) -------------

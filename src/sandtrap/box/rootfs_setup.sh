@@ -396,6 +396,10 @@ touch -d "$(ago 1 31000)" /home/admin/.bash_history /home/admin
 touch -d "$(at 1 8198)" /var/backups/inventory
 touch -d "$(at 7 22800)" /var/log/nginx
 
+# ping: a box holds no CAP_NET_RAW, and execve refuses a program whose file capabilities lie outside the bounding
+# set ("Operation not permitted"); without them iputils' ping uses an ICMP datagram socket (ping_group_range).
+if command -v setcap >/dev/null 2>&1; then setcap -r /usr/bin/ping 2>/dev/null || true; fi
+
 # --- tidy up -----------------------------------------------------------------------------------
 say "tidy"
 rm -rf /root/.cache /root/.lesshst /root/.wget-hsts /var/cache/apt/*.bin

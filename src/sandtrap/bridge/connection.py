@@ -72,6 +72,10 @@ class NetworkCapture(Protocol):
         store: Callable[[bytes], Awaitable[tuple[str, str, bool, bool]]],
     ) -> Callable[[], Awaitable[None]] | None: ...
 
+    def forwards(self, host: str) -> bool: ...
+
+    async def forward(self, address: str, host: str, port: int, reader: Any, writer: Any) -> None: ...
+
 
 def printable(text: str | bytes, limit: int = 512) -> str:
     """Escape non-printables the way Cowrie does for client versions; bound the length."""
@@ -316,6 +320,26 @@ class Connection:
             both = self.usage.bytes_in + self.usage.bytes_out
             if self.service.max_bytes is not None and both > self.service.max_bytes:
                 return self.end("max_bytes", both)
+
+    def forwarding(self, host: str, port: int) -> Callable[[Any, Any], Awaitable[None]] | None:
+        """A handler for an SSH client's direct-tcpip channel to ``host:port``, routed into the capture
+        gateway as the session box's own connection (``network.direct_tcpip: capture``); None: refuse it."""
+        network = self.hub.network
+        if network is None or not network.forwards(host):
+            return None
+
+        async def relay(reader: Any, writer: Any) -> None:
+            try:
+                lease = await self.lease()
+                address = await lease.sandbox.network_address()
+                if address:
+                    await network.forward(address, host, port, reader, writer)
+            except SandboxError:
+                pass  # recorded by the lease
+            finally:
+                writer.close()
+
+        return relay
 
     # -- the sandbox this connection uses ---------------------------------------------------------
     def lease(self) -> asyncio.Future[Lease]:

@@ -31,6 +31,8 @@ class ImageSettings(Section):
             "sudo",
             "ca-certificates",
             "iputils-ping",
+            # busybox: its tftp and ftpget applets are what bots fetch payloads with (README Network)
+            "busybox",
             "cron",
             "rsyslog",
             "net-tools",

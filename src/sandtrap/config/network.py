@@ -16,6 +16,29 @@ from pydantic import Field, field_validator
 
 from sandtrap.config.values import ByteSize, Section, box_subnet, parse_size
 
+# Where the gateway's names point by default: ranges of large cloud, hosting and CDN providers (AWS, Google Cloud,
+# Azure, DigitalOcean, OVH, Hetzner, Linode, Cloudflare, Fastly), each as likely as the next, so a box's answers
+# look like the internet's mix rather than one provider's block (a single range was a tell).
+ANSWER_RANGES = (
+    "3.208.0.0/12",
+    "52.0.0.0/11",
+    "54.144.0.0/12",
+    "34.64.0.0/10",
+    "35.184.0.0/13",
+    "20.64.0.0/10",
+    "159.89.0.0/16",
+    "167.99.0.0/16",
+    "134.209.0.0/16",
+    "51.75.0.0/16",
+    "51.178.0.0/16",
+    "95.216.0.0/15",
+    "65.108.0.0/15",
+    "172.104.0.0/15",
+    "139.162.0.0/16",
+    "104.16.0.0/13",
+    "151.101.0.0/16",
+)
+
 # Keys of earlier versions' ``sandbox`` section that now sit here.
 MOVED_NETWORK_KEYS = {"sandbox.network": "network.mode", "sandbox.network_subnet": "network.subnet"}
 
@@ -72,22 +95,33 @@ class EgressSettings(Section):
 class DnsSettings(Section):
     """``network.dns``: the gateway's resolver, which answers every name that could exist."""
 
-    answer_subnet: str = Field(
-        "104.16.0.0/13",
-        description="the addresses names resolve to (one per name for a box's life; never routed anywhere: "
-        "every packet ends in the gateway); tests use 198.18.0.0/15",
+    answer_subnet: list[str] = Field(
+        default_factory=lambda: list(ANSWER_RANGES),
+        description="the address ranges names resolve to (one range or a list; a name keeps one address for a "
+        "box's life; never routed anywhere: every packet ends in the gateway). The default spreads names over "
+        "ranges of large hosting and CDN providers, as real names are; tests use 198.18.0.0/15",
     )
     queries_per_s: float = Field(20.0, gt=0, description="per box; a flood above it is dropped (and counted)")
     burst: int = Field(100, ge=1, description="queries a box may send at once before the rate applies")
     max_logged: int = Field(500, ge=0, description="queries recorded per session; the rest are counted")
 
+    @field_validator("answer_subnet", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
     @field_validator("answer_subnet")
     @classmethod
-    def _answers(cls, v: str) -> str:
-        net = ipaddress.ip_network(_cidr(v))
-        if net.version != 4 or net.prefixlen > 24:
-            raise ValueError(f"{v!r}: use an IPv4 range of /24 or larger, e.g. 198.18.0.0/15")
-        return str(net)
+    def _answers(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one range, e.g. 198.18.0.0/15")
+        out = []
+        for item in v:
+            net = ipaddress.ip_network(_cidr(item))
+            if net.version != 4 or net.prefixlen > 24:
+                raise ValueError(f"{item!r}: use IPv4 ranges of /24 or larger, e.g. 198.18.0.0/15")
+            out.append(str(net))
+        return out
 
 
 class PcapSettings(Section):
@@ -119,6 +153,13 @@ class NetworkSettings(Section):
     max_record_bytes: ByteSize = Field(parse_size("64k"), description="capture: bytes of a non-HTTP stream recorded")
     max_logged: int = Field(
         2000, ge=0, description="capture: TCP and HTTP records per session (a port scan is counted past it)"
+    )
+    direct_tcpip: Literal["refuse", "capture"] = Field(
+        "refuse",
+        description="refuse: an SSH client's port-forwarding request (direct-tcpip) is refused as sshd with "
+        "AllowTcpForwarding no; capture: answered by the capture gateway as the box's own connection to that "
+        "address would be (HTTP, TLS, FTP, held TCP; recorded), nothing connected anywhere (Cowrie's forward "
+        "redirect, always to the gateway); loopback destinations stay refused. Recorded either way",
     )
     egress: EgressSettings = EgressSettings()
     dns: DnsSettings = DnsSettings()

@@ -1,6 +1,6 @@
 """The gateway's resolver: every name that could exist resolves, the same way for a box's whole life.
 
-A name gets an address in ``network.dns.answer_subnet`` drawn from a keyed hash (the key is the box's, so two
+A name gets an address in one of ``network.dns.answer_subnet``'s ranges drawn from a keyed hash (the key is the box's, so two
 boxes see different addresses for a name, one box always the same); a name that could not exist (a label
 over 63 bytes, characters DNS names never have, a top-level domain no registry has) gets NXDOMAIN, as a real
 resolver would answer. Each box's queries pass a token bucket: a flood, or a tunnel pushing data out through
@@ -42,9 +42,12 @@ def could_exist(name: str) -> bool:
 
 @dataclass
 class Names:
-    """One box's view of the internet's names: name -> address, and back (for a Host-less request)."""
+    """One box's view of the internet's names: name -> address, and back (for a Host-less request).
 
-    subnet: ipaddress.IPv4Network
+    A name's range is drawn first (each range as likely as the next, so a box's names spread over several
+    providers as real ones do), then its address in it; both from the box's keyed hash."""
+
+    subnets: tuple[ipaddress.IPv4Network, ...]
     key: bytes
     forward: dict[str, str] = field(default_factory=dict)
     reverse: dict[str, str] = field(default_factory=dict)
@@ -53,13 +56,14 @@ class Names:
         name = name.lower().rstrip(".")
         if name in self.forward:
             return self.forward[name]
-        size = self.subnet.num_addresses
-        digest = int.from_bytes(hashlib.blake2b(name.encode(), key=self.key[:64], digest_size=8).digest(), "big")
+        digest = int.from_bytes(hashlib.blake2b(name.encode(), key=self.key[:64], digest_size=16).digest(), "big")
+        subnet = self.subnets[(digest >> 64) % len(self.subnets)]
+        size = subnet.num_addresses
         for step in range(64):  # avoid the network and broadcast ends and addresses another name has
             offset = (digest + step * 7919) % size
             if offset in (0, size - 1) or (offset & 0xFF) in (0, 255):
                 continue
-            addr = str(self.subnet.network_address + offset)
+            addr = str(subnet.network_address + offset)
             if addr not in self.reverse:
                 break
         if len(self.forward) < 50_000:  # a box cannot grow this without bound

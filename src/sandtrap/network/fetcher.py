@@ -11,6 +11,9 @@ Every hop (the URL and each redirect) is checked before any socket is opened:
 * the connection then goes to the checked addresses only (a pinned resolver: no second lookup, so a name
   cannot resolve to a public address for the check and a private one for the connect).
 
+FTP (aioftp, passive: the data connection goes to the checked address whatever a 227 reply names) and TFTP
+(:mod:`.tftp`) are fetched the same way, for a box's ``ftpget``/``tftp -g``: the same policy, bounds and time.
+
 Bounds: ``max_file_bytes`` (the body is read in chunks and cut there), ``timeout_s`` for the whole fetch,
 ``max_redirects`` (each recorded). TLS is verified against the sensor's trust store; a bad certificate fails.
 """
@@ -18,16 +21,19 @@ Bounds: ``max_file_bytes`` (the body is read in chunks and cut there), ``timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import aioftp
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from sandtrap.config import EgressSettings
+from sandtrap.network import tftp
 
 CHUNK = 64 * 1024
 PASSED_HEADERS = ("user-agent", "accept", "range")
@@ -127,6 +133,26 @@ class PinnedResolver(AbstractResolver):
         return None
 
 
+class _FtpClient(aioftp.Client):
+    """aioftp's client, keeping every connection it opens: a data connection opened before a refused RETR is
+    not closed by aioftp; the fetch closes them all."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.opened: list[asyncio.StreamWriter] = []
+
+    async def _open_connection(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await super()._open_connection(host, port)
+        self.opened.append(writer)
+        return reader, writer
+
+    async def close_all(self) -> None:
+        for writer in self.opened:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
 class Fetcher:
     def __init__(self, egress: EgressSettings) -> None:
         self.egress = egress
@@ -181,6 +207,48 @@ class Fetcher:
             raise Failed(f"{type(exc).__name__}: {exc}") from None
         except (OSError, ValueError) as exc:
             raise Failed(f"{type(exc).__name__}: {exc}") from None
+
+    async def fetch_ftp(self, host: str, path: str, user: str, password: str, max_bytes: int) -> bytes:
+        """RETR ``path`` from ``host``'s FTP server (port 21), logged in as the box's client was."""
+        if any(ord(c) < 32 or ord(c) == 127 for c in path + user + password):
+            raise Refused("ftp: a control character in the path or login (never sent on)")
+        address = (await self.policy.resolve(host))[0]  # Refused here: nothing connected
+        client = _FtpClient(
+            socket_timeout=min(15.0, self.egress.timeout_s),
+            connection_timeout=min(15.0, self.egress.timeout_s),
+            passive_commands=("epsv", "pasv"),
+            trust_server_pasv_ipv4_address=False,  # the data connection: to the checked address only
+            encoding="latin-1",
+        )
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.egress.timeout_s):
+                await client.connect(address, 21)
+                try:
+                    await client.login(user or "anonymous", password or "anonymous@")
+                    async with client.download_stream(path) as stream:
+                        async for block in stream.iter_by_block(CHUNK):
+                            body += block
+                            if len(body) > max_bytes:
+                                raise Failed(f"larger than {max_bytes} bytes")
+                finally:
+                    await client.close_all()
+        except TimeoutError:
+            raise Failed(f"timed out after {self.egress.timeout_s:g} s") from None
+        except (aioftp.AIOFTPException, OSError, ValueError, IndexError) as exc:
+            raise Failed(f"ftp: {type(exc).__name__}: {str(exc)[:200]}") from None
+        return bytes(body)
+
+    async def fetch_tftp(self, host: str, filename: str, max_bytes: int) -> bytes:
+        """Read ``filename`` from ``host``'s TFTP server (port 69)."""
+        address = (await self.policy.resolve(host))[0]
+        try:
+            async with asyncio.timeout(self.egress.timeout_s):
+                return await tftp.fetch(address, 69, filename, max_bytes, self.policy.permits)
+        except TimeoutError:
+            raise Failed(f"timed out after {self.egress.timeout_s:g} s") from None
+        except (tftp.TftpFailed, OSError) as exc:
+            raise Failed(str(exc)[:300]) from None
 
 
 def describe(exc: Any) -> str:

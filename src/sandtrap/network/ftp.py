@@ -1,20 +1,27 @@
-"""FTP at the gateway (RFC 959), a sinkhole: any address's port 21 answers as vsftpd does, takes any login,
-offers a passive data port (which lands on the gateway's catch-all like any TCP) or accepts an active one,
-and answers every retrieval "550 Failed to open file." after recording it. Never fetched.
+"""FTP at the gateway (RFC 959): any address's port 21 answers as vsftpd does and takes any login. A passive
+data port (PASV/EPSV) is expected (``passive``): the box's connection to it lands on the gateway's
+catch-all like any TCP and is handed here. A retrieval asks ``retrieve`` (the gateway: recorded, then
+sinkholed or fetched with ``network.egress.fetch``): no bytes is vsftpd's "550 Failed to open file.", bytes are
+sent over the data connection as vsftpd sends them. Active mode (PORT) is acknowledged, never connected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import posixpath
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+from sandtrap.network.taps import DataChannel
 
 BANNER = b"220 (vsFTPd 3.0.3)\r\n"
 MAX_COMMANDS = 200
 LINE_LIMIT = 1024
 IDLE_S = 60.0
 
-Record = Callable[[str, str, str], None]  # (user, command, argument) of a retrieval or store
+DATA_WAIT_S = 10.0
+
+Record = Callable[[str, str, str], None]  # (user, command, argument) of a store
+Retrieve = Callable[[str, str, str], Awaitable[bytes | None]]  # (user, password, path) -> the file, or None
 
 
 def passive_reply(address: str, port: int) -> bytes:
@@ -54,36 +61,106 @@ def reply(command: str, argument: str, address: str, port: int) -> bytes | None:
 
 
 async def serve(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str, data_port: int, record: Record
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    address: str,
+    ports: Callable[[], int],
+    passive: Callable[[int], asyncio.Future[DataChannel]],
+    retrieve: Retrieve,
+    record: Record,
 ) -> int:
-    """One control connection (bounded in commands, line length and idle time); the commands seen."""
+    """One control connection (bounded in commands, line length and idle time); the commands seen.
+
+    ``ports()`` picks a passive port, ``passive(port)`` expects the box's data connection on it."""
     writer.write(BANNER)
-    user = ""
+    user = password = ""
     cwd = "/"
     count = 0
-    seen: set[str] = set()  # a path is recorded once (clients ask SIZE, then RETR)
-    while count < MAX_COMMANDS:
-        try:
-            async with asyncio.timeout(IDLE_S):
-                line = await reader.readuntil(b"\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            break
-        count += 1
-        text = line[:LINE_LIMIT].decode("latin-1").strip()
-        command, _, argument = text.partition(" ")
-        command = command.upper()[:8]
-        if command == "USER":
-            user = argument[:64]
-        elif command == "CWD":
-            cwd = posixpath.normpath(posixpath.join(cwd, argument[:512]))[:1024]
-        path = posixpath.join(cwd, argument[:512])
-        if command in ("RETR", "STOR", "SIZE") and path not in seen and len(seen) < 100:
-            seen.add(path)
-            record(user, command, path)
-        answer = reply(command, argument, address, data_port)
-        if answer is None:
-            writer.write(b"221 Goodbye.\r\n")
-            break
-        writer.write(answer)
-        await writer.drain()
+    seen: set[str] = set()  # a store is recorded once
+    files: dict[str, bytes | None] = {}  # a path is retrieved once (clients ask SIZE, then RETR)
+    data: asyncio.Future[DataChannel] | None = None
+    try:
+        while count < MAX_COMMANDS:
+            try:
+                async with asyncio.timeout(IDLE_S):
+                    line = await reader.readuntil(b"\n")
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                break
+            count += 1
+            text = line[:LINE_LIMIT].decode("latin-1").strip()
+            command, _, argument = text.partition(" ")
+            command = command.upper()[:8]
+            if command == "USER":
+                user = argument[:64]
+            elif command == "PASS":
+                password = argument[:128]
+            elif command == "CWD":
+                cwd = posixpath.normpath(posixpath.join(cwd, argument[:512]))[:1024]
+            path = posixpath.join(cwd, argument[:512])
+            port = 0
+            if command in ("PASV", "EPSV"):
+                if data is not None:
+                    release(data)
+                port = ports()
+                data = passive(port)
+            if command in ("RETR", "SIZE") and len(files) < 100 and path not in files:
+                files[path] = await retrieve(user, password, path)
+            if command == "STOR" and path not in seen and len(seen) < 100:
+                seen.add(path)
+                record(user, command, path)
+            got = files.get(path) if command in ("RETR", "SIZE") else None
+            if got is not None and command == "SIZE":
+                writer.write(f"213 {len(got)}\r\n".encode())
+            elif got is not None and command == "RETR":
+                await _send(writer, data, path, got)
+                data = None
+            else:
+                if command in ("LIST", "NLST", "RETR", "STOR") and data is not None:
+                    release(data)  # an empty listing, or no file: the data connection closed unused
+                    data = None
+                answer = reply(command, argument, address, port)
+                if answer is None:
+                    writer.write(b"221 Goodbye.\r\n")
+                    break
+                writer.write(answer)
+            await writer.drain()
+    finally:
+        if data is not None:
+            release(data)
     return count
+
+
+def release(data: asyncio.Future[DataChannel]) -> None:
+    """Done with an expected data connection: close it if the box opened it, else expect it no more."""
+    if data.done() and not data.cancelled():
+        channel = data.result()
+        channel.writer.close()
+        channel.done.set()
+    else:
+        data.cancel()
+
+
+async def _send(writer: asyncio.StreamWriter, data: asyncio.Future[DataChannel] | None, path: str, body: bytes) -> None:
+    """vsftpd's RETR: 150, the bytes over the data connection, 226 (425 without a data connection)."""
+    if data is None:
+        writer.write(b"425 Use PORT or PASV first.\r\n")
+        return
+    try:
+        async with asyncio.timeout(DATA_WAIT_S):
+            channel = await asyncio.shield(data)
+    except TimeoutError:
+        data.cancel()
+        writer.write(b"425 Failed to establish connection.\r\n")
+        return
+    name = posixpath.basename(path)
+    writer.write(f"150 Opening BINARY mode data connection for {name} ({len(body)} bytes).\r\n".encode())
+    try:
+        channel.writer.write(body)
+        async with asyncio.timeout(120):
+            await channel.writer.drain()
+        channel.writer.close()
+        writer.write(b"226 Transfer complete.\r\n")
+    except (ConnectionError, TimeoutError):
+        writer.write(b"426 Failure writing network stream.\r\n")
+    finally:
+        channel.done.set()

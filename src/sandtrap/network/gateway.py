@@ -9,8 +9,9 @@ of a process in the box's network namespace (Docker, nspawn); a micro-VM's tap w
   HTTP (by its first bytes, on any port) is answered: sinkholed (a 404 with a server header) or, with
   ``network.egress.fetch``, fetched by :mod:`.fetcher` and served. Anything else: its first bytes recorded,
   the connection held open, silently, until the box closes it or its session ends.
-* TFTP (:mod:`.tftp`) to any address: recorded, answered "File not found"; FTP (:mod:`.ftp`) on port 21:
-  a vsftpd that takes any login, offers passive ports (which land here too) and has no file.
+* TFTP (:mod:`.tftp`) and FTP (:mod:`.ftp`, port 21, a vsftpd that takes any login) to any address: a
+  retrieval is recorded, then answered "not found" (the sinkhole) or, with ``network.egress.fetch``, fetched
+  from the name's real server and served; DNS over TCP is answered like UDP.
 * ICMP echo to any address: the kernel answers (every address is local in the namespace).
 
 Traffic is tied to a session by the box's address (:meth:`Gateway.open`, when a session takes the box); a box
@@ -35,20 +36,23 @@ from sandtrap.config import NetworkSettings
 from sandtrap.events import (
     LIMIT_HIT,
     NETWORK_DNS,
+    NETWORK_DNS_SUMMARY,
     NETWORK_PCAP,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
-from sandtrap.network import dns
+from sandtrap.network import dns, downloads
 from sandtrap.network.fetcher import Fetcher
 from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
 from sandtrap.network.pcap import PcapWriter
 from sandtrap.network.streams import HEAD_LIMIT, Streams
 from sandtrap.network.taps import Box, Emit, Store, Tap
-from sandtrap.network.tftp import RRQ, Request, TftpSinkhole, socket_for_any_address
+from sandtrap.network.tftp import RRQ, Request, TftpFailed, TftpSinkhole, bound_to, socket_for_any_address
+from sandtrap.network.tftp import send as tftp_send
 from sandtrap.network.tls import SensorCA
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DNS_NAMES_KEPT = 10_000  # distinct names counted per session (memory bound)
 
 
 class _Dns(asyncio.DatagramProtocol):
@@ -73,9 +77,11 @@ class Gateway:
         self.fetcher = Fetcher(settings.egress)
         self.ca = SensorCA(data_dir / "network") if settings.tls_intercept else None
         self._subnet = ipaddress.IPv4Network(settings.subnet)
-        self._answers = ipaddress.IPv4Network(settings.dns.answer_subnet)
+        self._answers = tuple(ipaddress.IPv4Network(x) for x in settings.dns.answer_subnet)
         self._boxes: dict[str, Box] = {}
-        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca)
+        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca, self.dns_query)
+        self.commands = downloads.CommandLog()  # an event sink (app.py): each session's recent command lines
+        self._tasks: set[asyncio.Task[None]] = set()
         self._attach_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._dns: asyncio.DatagramTransport | None = None
@@ -105,6 +111,8 @@ class Gateway:
         log.info("capture gateway serving in %s (fetch: %s)", self.ns.name, self.settings.egress.fetch)
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for box in self._boxes.values():
             if box.tap is not None:
                 await self._close_tap(box, box.tap)
@@ -217,7 +225,7 @@ class Gateway:
             return None
         if box.tap is not None:
             await self._close_tap(box, box.tap)
-        tap = Tap(session, emit, store)
+        tap = Tap(session, emit, store, destfile=lambda url: self.commands.destfile(session, url))
         box.tap = tap
         pcap = self.settings.pcap
         if pcap.enabled:
@@ -234,11 +242,48 @@ class Gateway:
 
         return close
 
+    def forwards(self, host: str) -> bool:
+        """Whether an SSH client's direct-tcpip request to ``host`` is routed here (``network.direct_tcpip:
+        capture``); never one to the box's own loopback (its services are the box's, not the internet's)."""
+        if self.settings.direct_tcpip != "capture":
+            return False
+        name = host.lower().rstrip(".")
+        try:
+            return not ipaddress.ip_address(name.strip("[]")).is_loopback
+        except ValueError:
+            return name != "localhost" and not name.endswith(".localhost")
+
+    async def forward(
+        self, address: str, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """An SSH client's forwarded connection (direct-tcpip) of the session whose box is at ``address``, to
+        ``host:port``: handled as if the box had connected there (a name resolved as the box's resolver
+        answers it), recorded for the session. Nothing is connected anywhere: not even the box sees it."""
+        box = self._boxes.get(address)
+        if box is None:
+            writer.close()
+            return
+        try:
+            dst_ip = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            dst_ip = box.names.address(host) if dns.could_exist(host) else self.ns.gateway
+        await self._streams.handle(box, reader, writer, dst_ip, port)
+
     def pcap_path(self, session: str) -> Path:
         return self.data_dir / "pcap" / f"{session}.pcap"
 
     async def _close_tap(self, box: Box, tap: Tap) -> None:
         box.tap = None
+        self.commands.forget(tap.session)
+        if tap.dns_queries:
+            tap.emit(
+                NETWORK_DNS_SUMMARY,
+                queries=tap.dns_queries,
+                dropped=tap.dns_dropped,
+                names=len(tap.dns_names),
+                name_bytes=tap.dns_name_bytes,
+                longest=tap.dns_longest,
+            )
         for writer in list(tap.held):
             writer.close()
         if tap.pcap is not None:
@@ -256,8 +301,12 @@ class Gateway:
         if box is None:
             return None
         tap = box.tap
+        if tap is not None:
+            tap.dns_queries += 1
         if not box.bucket.take():
             self.dns_dropped += 1
+            if tap is not None:
+                tap.dns_dropped += 1
             if tap is not None and not tap.dns_limit_noted:
                 tap.dns_limit_noted = True
                 tap.emit(LIMIT_HIT, limit="network.dns.queries_per_s", value=self.settings.dns.queries_per_s)
@@ -265,20 +314,55 @@ class Gateway:
         result = dns.answer(data, box.names)
         if result is None:
             return None
+        if tap is not None:
+            tap.dns_name_bytes += len(result.name)
+            tap.dns_longest = max(tap.dns_longest, len(result.name))
+            if len(tap.dns_names) < DNS_NAMES_KEPT:
+                tap.dns_names.add(result.name.lower())
         if tap is not None and tap.dns_logged < self.settings.dns.max_logged:
             tap.dns_logged += 1
             tap.emit(NETWORK_DNS, query=result.name, qtype=result.qtype, rcode=result.rcode, answer=result.address)
         return result.reply
 
-    # -- TFTP (a sinkhole) -------------------------------------------------------------------------------
+    # -- TFTP ------------------------------------------------------------------------------------------
 
     def tftp_request(self, request: Request) -> bool:
-        """Record a box's TFTP request; whether to answer it (the box's query bucket applies)."""
+        """A box's TFTP request (the box's query bucket applies): whether to refuse it at once ("File not
+        found"); a read by a session's box is taken over (:meth:`_tftp_read`), recorded either way."""
         box = self._boxes.get(request.src)
         if box is None or not box.bucket.take():
             return False
-        if box.tap is not None:
-            url = f"tftp://{request.dst}/{request.filename.lstrip('/')}"
-            verb = "read" if request.opcode == RRQ else "write"
-            box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"tftp {verb} ({request.mode}): not fetched")
-        return True
+        tap = box.tap
+        if tap is None:
+            return True
+        host = box.names.reverse.get(request.dst, request.dst)
+        url = f"tftp://{host}/{request.filename.lstrip('/')}"
+        if request.opcode != RRQ:
+            tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"tftp write ({request.mode}): not accepted")
+            return True
+        transfer = (request.port, request.filename)
+        if transfer in box.tftp or len(box.tftp) >= 4:
+            return False  # a retransmitted request of a transfer under way (or too many at once)
+        box.tftp.add(transfer)
+        task = asyncio.get_running_loop().create_task(self._tftp_read(box, tap, request, host, url))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _tftp_read(self, box: Box, tap: Tap, request: Request, host: str, url: str) -> None:
+        try:
+
+            async def get(room: int) -> bytes:
+                return await self.fetcher.fetch_tftp(host, request.filename, room)
+
+            body = await downloads.obtain(tap, self.settings.egress, url, get, self._streams.fetches)
+            if body is None:
+                if self._tftp is not None:
+                    self._tftp.refuse(request)
+                return
+            sock = await self._inside(lambda: bound_to(request.dst))
+            await tftp_send(sock, (request.src, request.port), body)
+        except (OSError, TftpFailed, TimeoutError) as exc:
+            log.info("tftp transfer to %s (session %s): %s", box.address, tap.session, exc)
+        finally:
+            box.tftp.discard((request.port, request.filename))

@@ -2,8 +2,9 @@
 
 HTTP (by its first bytes, on any port) is answered: sinkholed (nginx's 404) or, with ``network.egress.fetch``,
 fetched by :mod:`.fetcher` and served; TLS first (a handshake byte) is answered with a certificate from the
-sensor's CA (:mod:`.tls`), then as plain; port 21 is FTP (:mod:`.ftp`); anything else is held open, silently,
-its first bytes recorded.
+sensor's CA (:mod:`.tls`), then as plain; port 21 is FTP (:mod:`.ftp`), and a connection to a passive port an
+FTP reply named is handed to that control connection; port 53 is DNS over TCP (RFC 7766: the same answers and
+bucket as over UDP); anything else is held open, silently, its first bytes recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import secrets
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from urllib.parse import urlsplit
 
@@ -23,12 +25,11 @@ from sandtrap.events import (
     LIMIT_HIT,
     NETWORK_HTTP,
     NETWORK_TCP,
-    SESSION_FILE_DOWNLOAD,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
-from sandtrap.network import ftp
+from sandtrap.network import downloads, ftp
 from sandtrap.network.fetcher import Failed, Fetcher, Refused
-from sandtrap.network.taps import Box, Tap, Writer
+from sandtrap.network.taps import Box, DataChannel, Tap, Writer
 from sandtrap.network.tls import SensorCA, TlsStream
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ HOLD_S = 600.0
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ")
 SO_ORIGINAL_DST = 80
 FETCHES_AT_ONCE = 8
+DNS_MESSAGES = 100  # per DNS-over-TCP connection
 
 
 def not_found(server: str) -> bytes:
@@ -65,12 +67,20 @@ def shown(data: bytes, limit: int = 1024) -> str:
 class Streams:
     """The TCP connections of the boxes in ``boxes`` (address -> :class:`Box`, the gateway's own map)."""
 
-    def __init__(self, settings: NetworkSettings, boxes: dict[str, Box], fetcher: Fetcher, ca: SensorCA | None) -> None:
+    def __init__(
+        self,
+        settings: NetworkSettings,
+        boxes: dict[str, Box],
+        fetcher: Fetcher,
+        ca: SensorCA | None,
+        dns_query: Callable[[bytes, str], bytes | None],
+    ) -> None:
         self.settings = settings
+        self.dns_query = dns_query
         self._boxes = boxes
         self.fetcher = fetcher
         self.ca = ca
-        self._fetches = asyncio.Semaphore(FETCHES_AT_ONCE)  # across sessions: memory is bounded by the sensor
+        self.fetches = asyncio.Semaphore(FETCHES_AT_ONCE)  # across sessions: memory is bounded by the sensor
 
     def _record(self, tap: Tap, eventid: str, **fields: object) -> None:
         """A TCP or HTTP record, up to ``network.max_logged`` per session (then one limit record)."""
@@ -86,18 +96,38 @@ class Streams:
         if box is None or box.connections >= self.settings.max_connections:
             writer.transport.abort()
             return
-        box.connections += 1
-        started = time.monotonic()
         sock = writer.get_extra_info("socket")
         try:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             dst_ip, dst_port = socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
         except OSError:
             dst_ip, dst_port = "", 0
+        await self.handle(box, reader, writer, dst_ip, dst_port)
+
+    async def handle(
+        self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dst_ip: str, dst_port: int
+    ) -> None:
+        """One connection of ``box`` to ``dst_ip:dst_port`` (from the listener, or an SSH client's forwarding
+        request routed here: any reader/writer with asyncio's stream methods)."""
+        if box.connections >= self.settings.max_connections:
+            writer.close()
+            return
+        box.connections += 1
+        started = time.monotonic()
         tap = box.tap
         try:
+            expected = box.passive.pop((dst_ip, dst_port), None)
+            if expected is not None and not expected.done():  # an FTP data connection
+                channel = DataChannel(reader, writer)
+                expected.set_result(channel)
+                async with asyncio.timeout(HOLD_S):
+                    await channel.done.wait()
+                return
             if dst_port == 21:  # the server speaks first
                 await self._ftp(box, reader, writer, dst_ip)
+                return
+            if dst_port == 53:
+                await self._dns(box, reader, writer)
                 return
             try:
                 async with asyncio.timeout(FIRST_BYTES_S):
@@ -179,15 +209,51 @@ class Streams:
             task.cancel()
 
     async def _ftp(self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dst_ip: str) -> None:
-        def record(user: str, command: str, path: str) -> None:
-            if box.tap is None:
-                return
+        def url(user: str, path: str) -> str:
             who = f"{user}@" if user and user not in ("anonymous", "ftp") else ""
-            url = f"ftp://{who}{dst_ip}/{path.lstrip('/')}"
-            verb = "store" if command == "STOR" else "retrieve"
-            box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"ftp {verb}: not fetched")
+            return f"ftp://{who}{box.names.reverse.get(dst_ip, dst_ip)}/{path.lstrip('/')}"
 
-        await ftp.serve(reader, writer, dst_ip, 30000 + secrets.randbelow(30000), record)
+        def record(user: str, command: str, path: str) -> None:  # a store: nothing to fetch
+            if box.tap is not None:
+                box.tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url(user, path), error="ftp store: not accepted")
+
+        async def retrieve(user: str, password: str, path: str) -> bytes | None:
+            tap = box.tap
+            if tap is None:
+                return None
+            host = box.names.reverse.get(dst_ip, dst_ip)
+
+            async def get(room: int) -> bytes:
+                return await self.fetcher.fetch_ftp(host, path, user, password, room)
+
+            return await downloads.obtain(tap, self.settings.egress, url(user, path), get, self.fetches)
+
+        def passive(port: int) -> asyncio.Future[DataChannel]:
+            future: asyncio.Future[DataChannel] = asyncio.get_running_loop().create_future()
+            for key in [k for k, f in box.passive.items() if f.done()]:
+                del box.passive[key]  # expected no more (the control connection moved on)
+            if len(box.passive) < 16:
+                box.passive[(dst_ip, port)] = future
+            return future
+
+        def port() -> int:
+            return 30000 + secrets.randbelow(30000)
+
+        await ftp.serve(reader, writer, dst_ip, port, passive, retrieve, record)
+
+    async def _dns(self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """DNS over TCP: two-byte length, message; each answered as a datagram would be (or dropped)."""
+        for _ in range(DNS_MESSAGES):
+            try:
+                async with asyncio.timeout(FIRST_BYTES_S):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    message = await reader.readexactly(size)
+            except (TimeoutError, asyncio.IncompleteReadError):
+                return
+            reply = self.dns_query(message, box.address)
+            if reply is not None:
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
 
     async def _hold(
         self,
@@ -273,7 +339,7 @@ class Streams:
         if tap is None or method not in ("GET", "HEAD"):
             writer.write(response(404, "Not Found", not_found(server), server, "text/html", head_only))
             return
-        async with tap.fetching, self._fetches:
+        async with tap.fetching, self.fetches:
             await self._serve_get(box, tap, method, url, headers, writer)
 
     async def _serve_get(
@@ -282,13 +348,7 @@ class Streams:
         server = self.settings.http_server
         head_only = method == "HEAD"
         egress = self.settings.egress
-        error = ""
-        if not egress.fetch:
-            error = "not fetched (network.egress.fetch: false)"
-        elif tap.fetches >= egress.max_fetches:
-            error = f"not fetched: the session's {egress.max_fetches} downloads are used up"
-        elif tap.fetched_bytes >= egress.max_session_bytes:
-            error = "not fetched: the session's download bytes are used up"
+        error = downloads.refusal(tap, egress)
         if error:
             tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=error)
             writer.write(response(404, "Not Found", not_found(server), server, "text/html", head_only))
@@ -304,18 +364,7 @@ class Streams:
             return
         tap.fetched_bytes += len(got.body)
         if method == "GET" and 200 <= got.status < 300:
-            sha, outfile, stored, duplicate = await tap.store(got.body)
-            tap.emit(
-                SESSION_FILE_DOWNLOAD,
-                url=url,
-                outfile=outfile,
-                shasum=sha,
-                destfile="",
-                size=len(got.body),
-                stored=stored,
-                duplicate=duplicate,
-                redirects=got.redirects,
-            )
+            await downloads.record(tap, url, got.body, got.redirects)
         elif method == "GET":
             tap.emit(SESSION_FILE_DOWNLOAD_FAILED, url=url, error=f"HTTP {got.status}")
         ctype = got.content_type or "application/octet-stream"

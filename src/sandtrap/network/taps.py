@@ -34,11 +34,18 @@ class Tap:
     fetched_bytes: int = 0
     dns_logged: int = 0
     dns_limit_noted: bool = False
+    # The session's DNS in sum (a tunnel shows as many long, distinct names; recorded when the session ends)
+    dns_queries: int = 0
+    dns_dropped: int = 0
+    dns_name_bytes: int = 0
+    dns_longest: int = 0
+    dns_names: set[str] = field(default_factory=set)  # up to DNS_NAMES_KEPT, then counted by name_bytes only
     logged: int = 0  # TCP and HTTP records
     pcap: PcapWriter | None = None
     held: set[Writer] = field(default_factory=set)
     # One fetch at a time per session: the session's byte cap holds, and its memory is one file's.
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+    destfile: Callable[[str], str] = lambda url: ""  # url -> the path the box's client wrote it to ('' unknown)
 
 
 @dataclass
@@ -49,3 +56,15 @@ class Box:
     bucket: dns.Bucket
     connections: int = 0
     tap: Tap | None = None
+    # FTP passive data connections the box was told to open: (address, port) -> where to hand the connection.
+    passive: dict[tuple[str, int], asyncio.Future[DataChannel]] = field(default_factory=dict)
+    tftp: set[tuple[int, str]] = field(default_factory=set)  # transfers under way: (client port, file)
+
+
+@dataclass
+class DataChannel:
+    """A box's FTP data connection, held by the control connection that expected it until ``done``."""
+
+    reader: asyncio.StreamReader
+    writer: Writer
+    done: asyncio.Event = field(default_factory=asyncio.Event)

@@ -237,7 +237,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         channel = Channel(self.link, self._channels - 1, self.ctx.ssh.advertised_port)
         return ChannelBridge(channel, self.ctx.ssh.max_env_vars)
 
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         self.emitter.emit(
             DIRECT_TCPIP_REQUEST,
             dst_ip=printable(dest_host, 256),
@@ -245,8 +245,11 @@ class ConnectionHandler(asyncssh.SSHServer):
             orig_ip=printable(orig_host, 256),
             orig_port=orig_port,
         )
-        # What OpenSSH answers with AllowTcpForwarding no.
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed")
+        # Into the capture gateway (network.direct_tcpip), or what OpenSSH answers with AllowTcpForwarding no.
+        relay = self.link.forwarding(dest_host[:255], dest_port) if self.link is not None else None
+        if relay is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed")
+        return relay
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self.emitter.emit(FORWARD_REQUEST, kind="remote", dst_ip=printable(listen_host, 256), dst_port=listen_port)

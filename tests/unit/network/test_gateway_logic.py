@@ -20,6 +20,7 @@ from sandtrap.network.fetcher import Policy, Refused, is_own
 from sandtrap.network.namespace import CATCH_PORT, rules
 from sandtrap.network.pcap import file_header, record
 from sandtrap.network.streams import not_found, response
+from sandtrap.network.taps import DataChannel
 from sandtrap.network.tls import SensorCA
 
 ANSWERS = ipaddress.IPv4Network("198.18.0.0/15")
@@ -34,7 +35,7 @@ def test_names_that_could_exist_and_those_that_could_not() -> None:
 
 
 def test_one_box_sees_one_address_per_name_and_two_boxes_differ() -> None:
-    one, two = dns.Names(ANSWERS, b"k" * 32), dns.Names(ANSWERS, b"j" * 32)
+    one, two = dns.Names((ANSWERS,), b"k" * 32), dns.Names((ANSWERS,), b"j" * 32)
     first = one.address("Payload.Example.COM.")
     assert first == one.address("payload.example.com") and ipaddress.ip_address(first) in ANSWERS
     assert one.reverse[first] == "payload.example.com"
@@ -47,7 +48,7 @@ def query(name: str, qtype: str = "A") -> bytes:
 
 
 def test_answers_nxdomain_and_malformed_datagrams() -> None:
-    names = dns.Names(ANSWERS, b"k" * 32)
+    names = dns.Names((ANSWERS,), b"k" * 32)
     a = dns.answer(query("c2.example.com"), names)
     assert a is not None and a.rcode == "NOERROR" and a.address == names.address("c2.example.com")
     parsed = DNSRecord.parse(a.reply)
@@ -126,27 +127,52 @@ def test_tftp_requests_are_parsed_and_junk_is_not() -> None:
     assert tftp.error_packet(1, "File not found") == b"\x00\x05\x00\x01File not found\x00"
 
 
-async def test_ftp_answers_as_vsftpd_and_records_each_path_once() -> None:
+class Sent:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data.extend(data)
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_ftp_answers_as_vsftpd_and_asks_for_each_path_once() -> None:
     reader = asyncio.StreamReader()
     for line in (b"USER bot\r\n", b"PASS x\r\n", b"CWD bins\r\n", b"EPSV\r\n", b"SIZE x86\r\n", b"RETR x86\r\n",
-                 b"PASV\r\n", b"QUIT\r\n"):  # fmt: skip
+                 b"PASV\r\n", b"SIZE ok\r\n", b"RETR ok\r\n", b"STOR up\r\n", b"QUIT\r\n"):  # fmt: skip
         reader.feed_data(line)
     reader.feed_eof()
-    sent = bytearray()
-    recorded: list[tuple[str, str, str]] = []
+    control, data = Sent(), Sent()
+    asked: list[tuple[str, str, str]] = []
+    stored: list[tuple[str, str, str]] = []
+    ports: list[int] = []
 
-    class Writer:
-        def write(self, data: bytes) -> None:
-            sent.extend(data)
+    async def retrieve(user: str, password: str, path: str) -> bytes | None:
+        asked.append((user, password, path))
+        return b"payload" if path == "/bins/ok" else None
 
-        async def drain(self) -> None:
-            return None
+    def passive(port: int) -> asyncio.Future[DataChannel]:
+        ports.append(port)
+        future: asyncio.Future[DataChannel] = asyncio.get_running_loop().create_future()
+        future.set_result(DataChannel(asyncio.StreamReader(), data))
+        return future
 
-    count = await ftp.serve(reader, Writer(), "198.18.6.6", 40000, lambda *r: recorded.append(r))  # type: ignore[arg-type]
-    assert count == 8 and recorded == [("bot", "SIZE", "/bins/x86")]
-    text = sent.decode()
+    count = await ftp.serve(
+        reader, control, "198.18.6.6", lambda: 40000, passive, retrieve, lambda *r: stored.append(r)
+    )  # type: ignore[arg-type]
+    assert count == 11 and asked == [("bot", "x", "/bins/x86"), ("bot", "x", "/bins/ok")]
+    assert stored == [("bot", "STOR", "/bins/up")] and ports == [40000, 40000]
+    text = control.data.decode()
     assert text.startswith("220 (vsFTPd 3.0.3)\r\n331 ") and "229 Entering Extended Passive Mode (|||40000|)" in text
     assert "550 Failed to open file." in text and "(198,18,6,6,156,64)" in text and text.endswith("221 Goodbye.\r\n")
+    assert "213 7\r\n150 Opening BINARY mode data connection for ok (7 bytes).\r\n226 Transfer complete." in text
+    assert data.data == b"payload" and data.closed
 
 
 def test_the_sensor_ca_signs_a_leaf_per_name_that_verifies_and_is_kept(tmp_path: Path) -> None:
