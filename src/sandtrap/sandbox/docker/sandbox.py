@@ -37,7 +37,7 @@ from sandtrap.sandbox.base import (
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.process import DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
-from sandtrap.sandbox.host import broker, hostfs, netns, relay
+from sandtrap.sandbox.host import boxports, broker, hostfs, netns, relay
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
 
@@ -156,14 +156,23 @@ class DockerSandbox:
     async def open_port(
         self, port: int, transport: Transport = "tcp", client: ClientAddress | None = None
     ) -> socket.socket:
-        """A socket to the box's 127.0.0.1:``port`` from inside its network namespace (see
-        :func:`sandtrap.sandbox.host.relay.connect_port`), on a thread of netns.py's."""
+        """A socket to the box's ``port``: from the client's own address to the box's eth0 for a client off loopback
+        whose service answers there (:func:`sandtrap.sandbox.host.boxports.open_as_client`), else to its 127.0.0.1 from inside its network namespace
+        (see :func:`sandtrap.sandbox.host.relay.connect_port`), on a thread of netns.py's."""
         view = await self._host_view()
         if view is not None and not view.verify():  # the box restarted: its pid 1 is another process now
             self._host_checked = False
             view = await self._host_view()
         if view is None:
             raise SandboxError(f"{self.name}: the box's network namespace is not visible on this host")
+        if client is not None and self.connection_in_box and not relay.is_loopback(client.ip):
+            box_address = self.captured_address or view.address
+            gateway = self.relay_netns if self.captured_address else ""  # network.mode capture: from its namespace
+            refused = "" if gateway else self.transparent_refused
+            route = boxports.Route(view.pid, view.verify, box_address, refused, gateway)
+            sock = await boxports.open_as_client(route, port, transport, client, self.name)
+            if sock is not None:
+                return sock
         return await netns.in_box_netns(
             view.pid,
             view.verify,
