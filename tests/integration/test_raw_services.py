@@ -187,6 +187,7 @@ async def test_services_in_the_box_see_a_client_off_loopback(honeypot: Honeypot,
             {"name": "http", "protocol": "tcp", "listen": listen, "target_port": 80},
             {"name": "echo", "protocol": "udp", "listen": listen, "target_port": 7777},
         ],
+        ssh={"listen": listen},
         sandbox={"session_transport": "init"},
         network={"mode": mode},
     )
@@ -198,7 +199,7 @@ async def test_services_in_the_box_see_a_client_off_loopback(honeypot: Honeypot,
     done = await run([*in_ns, "curl", "-sS", "--max-time", "20", f"http://{NS_HOST}:{http}/probe-off-loopback"])
     assert done.returncode == 0 and "nginx" in done.out, done.err
     done = await run([*in_ns, "python3", "-c", UDP_CLIENT, NS_HOST, str(echo)])
-    reply, port = done.out.split()
+    reply, port = done.out.strip().rsplit(maxsplit=1)
     assert reply == f"echo:ping from {NS_CLIENT}:{port}", done.out + done.err
     async with started([*in_ns, "python3", "-c", TCP_HOLD, NS_HOST, str(http)]) as hold:
         assert hold.stdout is not None and hold.stdin is not None
