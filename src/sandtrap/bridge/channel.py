@@ -52,7 +52,7 @@ from sandtrap.events import (
     SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
-from sandtrap.sandbox.base import ClientAddress, ExitStatus, Login, Process, TermSize
+from sandtrap.sandbox.base import SSH_PORT, TELNET_PORT, ClientAddress, ExitStatus, Login, Process, TermSize
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,12 @@ class Channel:
             login = Login(
                 uid=account.uid,
                 session_id=c.login_id if scope else None,
-                client=ClientAddress(c.src_ip, c.src_port, server_ip) if first and self._kind != "login" else None,
+                # a telnet login's connection shows on :23, held by telnetd under inetd
+                client=ClientAddress(
+                    c.src_ip, c.src_port, server_ip, TELNET_PORT if self._kind == "login" else SSH_PORT
+                )
+                if first
+                else None,
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)

@@ -229,9 +229,16 @@ def terminal_login_argv(
 ) -> list[str | bytes]:
     """``login -h HOST -f USER`` on the session's pty, as Debian's telnetd runs login for a user it has
     authenticated: login sets up the PAM session, utmp/wtmp (with HOST), lastlog, the motd and the login shell.
-    Of the client's variables (telnet NEW-ENVIRON) only what ``login -p`` would keep of sshd's AcceptEnv."""
+    HOST as telnetd names the client (:func:`telnet_host`). Of the client's variables (telnet NEW-ENVIRON) only
+    what ``login -p`` would keep of sshd's AcceptEnv."""
     env = {"TERM": term or "network"} | accepted_env(client_env)
-    return _with_env(env, ["/bin/login", "-p", "-h", host, "-f", account.name])
+    return _with_env(env, ["/bin/login", "-p", "-h", telnet_host(host), "-f", account.name])
+
+
+def telnet_host(ip: str) -> str:
+    """The client's name as telnetd gives it to login and wtmp: the box's /etc/hosts names 127.0.0.1 and ::1
+    ``localhost``; any other address it cannot resolve (no DNS in the box) stays an address."""
+    return "localhost" if ip in ("127.0.0.1", "::1") else ip
 
 
 def sftp_argv(env: Mapping[str, str]) -> list[str | bytes]:

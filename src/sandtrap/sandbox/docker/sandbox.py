@@ -23,6 +23,7 @@ import aiodocker
 
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import (
+    TELNET_PORT,
     Argv,
     ChangedFile,
     ClientAddress,
@@ -37,7 +38,7 @@ from sandtrap.sandbox.base import (
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.process import DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
-from sandtrap.sandbox.host import boxports, broker, hostfs, netns, relay
+from sandtrap.sandbox.host import boxports, broker, hostfs, netns, relay, telnet
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
 
@@ -259,13 +260,18 @@ class DockerSandbox:
         plan: relay.RelayPlan | None = None
         if client is not None and self.connection_in_box:
             if self.captured_address and self.relay_netns:
-                planned = relay.plan(client, self.captured_address, "", self.relay_netns)
+                planned = relay.plan(client, self.captured_address, "", self.relay_netns, client.server_port)
             else:
-                planned = relay.plan(client, view.address, self.transparent_refused)
+                planned = relay.plan(client, view.address, self.transparent_refused, "", client.server_port)
             if isinstance(planned, str):
                 relay.note(planned)
             else:
                 plan = planned
+        if client is not None and client.server_port == TELNET_PORT:
+            started = await telnet.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty, plan)
+            if started is not None:
+                return started
+            plan = None  # sshd's listener, as before inetd: no connection on :23 to show
         try:
             return await broker.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty, plan)
         except broker.BrokerError as exc:
