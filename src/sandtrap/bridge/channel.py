@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
+from sandtrap.bridge import terminal_login
 from sandtrap.bridge.commands import CommandReconstructor
 from sandtrap.bridge.connection import Connection
 from sandtrap.bridge.live import LiveTap
@@ -211,10 +212,14 @@ class Channel:
             tty = self._size if self._term is not None else None
             user = "root"  # the session helper runs as root and drops to the account itself
             scope = lease.sandbox.features.login_scopes and c.login_id is not None and self._kind != "login"
+            password = c.password or ""
+            answered = self._kind == "login" and terminal_login.answerable(account.name, password)
+            if answered:  # login checks it itself: the box's account has this password before login starts
+                await c.hub.manager.set_password(lease, account.name, password)
             if self._kind == "login":
-                # login -f: the PAM session, utmp/wtmp/lastlog, motd, "Last login", the login shell, as after
+                # login: the PAM session, utmp/wtmp/lastlog, motd, "Last login", the login shell, as after
                 # telnetd's login (no sshd helper: no "Accepted" line, no SSH_* variables).
-                argv = terminal_login_argv(account, peer.src_ip, self._term, env)
+                argv = terminal_login_argv(account, peer.src_ip, self._term, env, answered)
                 self.observers.append(CommandReconstructor(self._command_typed))
             elif self._kind == "shell":
                 argv = shell_argv(account, login_vars, peer, method, failures, scope)
@@ -245,6 +250,18 @@ class Channel:
                 else None,
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)
+            if answered:  # login's own prompts, answered; else (they did not come) login -f, as before
+                ask_user = env.get("USER") != account.name  # else login has the name (terminal_login_argv)
+                done = await terminal_login.answer(self._process, account.name, password, ask_user)
+                if done is None:
+                    log.warning("telnet login: login's prompts did not come; starting login -f")
+                    await self._process.kill()
+                    argv = terminal_login_argv(account, peer.src_ip, self._term, env)
+                    self._process = await lease.sandbox.exec(
+                        argv, tty=tty, user=user, workdir=account.home, login=login
+                    )
+                else:
+                    self._process = done
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
                 self._open_cast(account.shell)
             if self._kind in ("shell", "login"):  # the interactive terminal can be watched live, read-only

@@ -216,14 +216,15 @@ class SessionManager:
             # The account is there (read while the box was warm): the shell need not wait for the
             # password to be set in /etc/shadow; that runs alongside.
             lease.accounts[username] = existing
-            self._spawn(self._set_password(lease, username, password))
+            self._spawn(self.set_password(lease, username, password))
             return existing
         account = await ensure_account(lease.sandbox, username, password)
         lease.accounts[username] = account
         return account
 
     @staticmethod
-    async def _set_password(lease: Lease, username: str, password: str | None) -> None:
+    async def set_password(lease: Lease, username: str, password: str | None) -> None:
+        """The account's password in the box (/etc/shadow) made ``password``; a failure is logged."""
         try:
             await ensure_account(lease.sandbox, username, password)
         except SandboxError as exc:
