@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandtrap.sandbox.base import ClientAddress
-from sandtrap.sandbox.host.relay import RelayPlan, accept_first, input_rule, mangle_rule, plan
+from sandtrap.sandbox.host.relay import RelayPlan, accept_first, input_rule, mangle_rule, older_rules, plan
 
 BOX = "10.20.1.5"
 
@@ -51,6 +51,16 @@ def test_rules_name_the_bridge_and_match_only_replies_to_transparent_sockets() -
     rule = input_rule("st-x")
     assert rule[:6] == ["INPUT", "-i", "st-x", "-m", "mark", "--mark"]
     assert rule[-5:] == ["conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"]
+
+
+def test_an_older_versions_rules_for_port_22_are_the_ones_replaced() -> None:
+    (mangle_table, mangle), (filter_table, accept) = older_rules("st-x")
+    assert mangle_table == ["-t", "mangle"] and filter_table == []
+    assert (
+        mangle[:7] == ["PREROUTING", "-i", "st-x", "-p", "tcp", "--sport", "22"]
+        and mangle[7:] == mangle_rule("st-x")[3:]
+    )
+    assert accept[:7] == ["INPUT", "-i", "st-x", "-p", "tcp", "--sport", "22"] and accept[7:] == input_rule("st-x")[3:]
 
 
 ACCEPT = "-A INPUT -i st-x -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"

@@ -223,6 +223,14 @@ def input_rule(bridge: str) -> list[str]:
     ]  # fmt: skip
 
 
+def older_rules(bridge: str) -> list[tuple[list[str], list[str]]]:
+    """An older version's rules for :22 only (``-p tcp --sport 22``), as (table args, rule): replaced by the rules
+    above, so the host keeps one set."""
+    mangle = ["PREROUTING", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT), *mangle_rule(bridge)[3:]]
+    accept = ["INPUT", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT), *input_rule(bridge)[3:]]
+    return [(["-t", "mangle"], mangle), ([], accept)]
+
+
 def accept_first(listing: str, bridge: str) -> bool:
     """Whether ``iptables -S INPUT`` has the relay's ACCEPT before the bridge's DROP (and both there)."""
     lines = listing.splitlines()
@@ -242,6 +250,9 @@ async def open_reply_path(bridge: str) -> str:
     if iptables is None or ip is None:
         return f"sandbox.connection_in_box: iptables and ip are needed. Fix: apt-get install iptables iproute2, {fix}"
     mangle = ["-t", "mangle"]
+    for table, rule in older_rules(bridge):
+        while (await run_command([iptables, "-w", *table, "-D", *rule]))[0] == 0:
+            pass
     if (await run_command([iptables, "-w", *mangle, "-C", *mangle_rule(bridge)]))[0] != 0:
         code, out = await run_command([iptables, "-w", *mangle, "-I", "PREROUTING", "1", *mangle_rule(bridge)[1:]])
         if code != 0:
