@@ -30,7 +30,7 @@ from sandtrap.events import (
 )
 from sandtrap.telnet import protocol as tp
 
-from helpers import box_of, run
+from helpers import NS_CLIENT, NS_HOST, box_of, client_netns, run  # noqa: F401 (a fixture)
 from sshclient import tmux_session
 
 pytestmark = pytest.mark.timeout(120)
@@ -267,5 +267,38 @@ async def test_a_telnet_login_looks_like_inetd_and_telnetd_in_the_box(honeypot: 
         assert re.search(r"^\.telnet\s+pts/\d+\s+localhost\s", out, re.M), out  # telnetd's wtmp record
         assert re.search(r"login\[\d+\]: pam_unix\(login:session\): session opened for user root\(uid=0\)", out), out
         assert "ROOT LOGIN  on '/dev/pts/" in out and "from 'localhost'" in out, out
+        await t.line("exit")
+        await t.wait_for("Connection closed by foreign host", 20)
+
+
+async def test_a_telnet_login_off_loopback_shows_the_clients_address(honeypot: Honeypot, client_netns: str) -> None:
+    """The real telnet client at 198.51.100.2 (a namespace of the test's own), with the capture gateway: telnetd in
+    the box holds a connection from that address to eth0:23, and login, ``w`` and ``last`` name it."""
+    listen = f"{NS_HOST}:0"
+    cfg = {
+        "services": [
+            {"name": "ssh", "protocol": "ssh", "listen": listen},
+            {"name": "telnet", "protocol": "telnet", "listen": listen},
+        ],
+        "ssh": {"listen": listen},
+        "sandbox": {"hostname": HOSTNAME, "session_transport": "init"},
+        "network": {"mode": "capture"},
+    }
+    hp = await honeypot(**cfg)
+    argv = ["ip", "netns", "exec", client_netns, "telnet", NS_HOST, str(hp.services.port("telnet"))]
+    async with tmux_session(argv, 100, 30) as t:
+        await t.wait_for(rf"{HOSTNAME} login: ")
+        await t.line("root")
+        await t.wait_for("Password: ")
+        await t.line("hunter2")
+        await t.wait_for(r"root@.*# $", 30)
+        [connect] = hp.events(SESSION_CONNECT)
+        box = await box_of(hp)
+        script = "ss -Htnp state established '( sport = :23 )'; w -h; last -n 2; ps -o args= -p $(pgrep -x login)"
+        _, out, _ = await run(box, script)
+        assert re.search(rf":23\s+{re.escape(NS_CLIENT)}:{connect.get('src_port')}\s.*\"telnetd\"", out), out
+        assert re.search(rf"^root\s+pts/\d+\s+{re.escape(NS_CLIENT)}\s", out, re.M), out
+        assert re.search(rf"^\.telnet\s+pts/\d+\s+{re.escape(NS_CLIENT)}\s", out, re.M), out
+        assert f"/bin/login -p -h {NS_CLIENT}" in out, out
         await t.line("exit")
         await t.wait_for("Connection closed by foreign host", 20)

@@ -91,7 +91,7 @@ def check_fds(fds: Sequence[int], tty: bool) -> list[int]:
 # --- connecting to the box's listener ----------------------------------------------------------------
 
 
-def _connect_listener(name: bytes = SOCKET_NAME) -> socket.socket:
+def _connect_listener(name: bytes) -> socket.socket:
     # A box created a moment ago (the pool ran dry) may not listen yet: its init starts the listener
     # after its boot work. Refused connects are retried for LISTEN_WAIT_S, on this thread only.
     deadline = time.monotonic() + LISTEN_WAIT_S
@@ -112,10 +112,15 @@ def _connect_listener(name: bytes = SOCKET_NAME) -> socket.socket:
             raise
 
 
-async def connect(pid: int, is_same_box: Callable[[], bool], name: bytes = SOCKET_NAME) -> socket.socket:
-    """A socket connected to the box's listener: sshd's, or (``name``: INETD_SOCKET_NAME) inetd's."""
+async def connect(pid: int, is_same_box: Callable[[], bool], name: bytes | None = None) -> socket.socket:
+    """A socket connected to the box's listener: sshd's (SOCKET_NAME), or ``name`` (INETD_SOCKET_NAME: inetd's)."""
+    address = name or SOCKET_NAME
     return await in_box_netns(
-        pid, is_same_box, lambda: _connect_listener(name), "the box's listener", CONNECT_TIMEOUT_S + LISTEN_WAIT_S + 1
+        pid,
+        is_same_box,
+        lambda: _connect_listener(address),
+        "the box's listener",
+        CONNECT_TIMEOUT_S + LISTEN_WAIT_S + 1,
     )
 
 
@@ -156,7 +161,7 @@ async def start(
     workdir: str,
     tty: TermSize | None,
     plan: relays.RelayPlan | None = None,
-    listener: bytes = SOCKET_NAME,
+    listener: bytes | None = None,
 ) -> BrokerProcess:
     """A process started by the box's listener (raises :class:`BrokerError` if it cannot be); with ``plan``, the
     box also holds the login's TCP connection to its :22 (inetd's ``listener``: :23) while the process lives (when
