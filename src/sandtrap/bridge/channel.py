@@ -193,7 +193,10 @@ class Channel:
         session_context.set(f"{c.session} {c.src_ip}")
         try:
             lease = await c.lease()
-            account = await c.hub.manager.account(lease, c.username, c.password)
+            password = c.password or ""
+            # telnet: login checks the password itself (its prompts answered), so the box has it first
+            answered = self._kind == "login" and terminal_login.answerable(c.username, password)
+            account = await c.hub.manager.account(lease, c.username, c.password, wait_password=answered)
             # The server address a login sees (SSH_CONNECTION, `ss` in the box) is one of the box's own, as a
             # server behind NAT shows its private address: the box's eth0 for a client off loopback.
             server_ip = c.dst_ip
@@ -212,10 +215,6 @@ class Channel:
             tty = self._size if self._term is not None else None
             user = "root"  # the session helper runs as root and drops to the account itself
             scope = lease.sandbox.features.login_scopes and c.login_id is not None and self._kind != "login"
-            password = c.password or ""
-            answered = self._kind == "login" and terminal_login.answerable(account.name, password)
-            if answered:  # login checks it itself: the box's account has this password before login starts
-                await c.hub.manager.set_password(lease, account.name, password)
             if self._kind == "login":
                 # login: the PAM session, utmp/wtmp/lastlog, motd, "Last login", the login shell, as after
                 # telnetd's login (no sshd helper: no "Accepted" line, no SSH_* variables).
