@@ -31,7 +31,7 @@ from sandtrap.events import (
 from sandtrap.telnet import protocol as tp
 
 from helpers import NS_CLIENT, NS_HOST, box_of, client_netns, run  # noqa: F401 (a fixture)
-from sshclient import tmux_session
+from sshclient import asyncssh_connected, tmux_session
 
 pytestmark = pytest.mark.timeout(120)
 Honeypot = Callable[..., Any]
@@ -302,3 +302,28 @@ async def test_a_telnet_login_off_loopback_shows_the_clients_address(honeypot: H
         assert f"/bin/login -p -h {NS_CLIENT}" in out, out
         await t.line("exit")
         await t.wait_for("Connection closed by foreign host", 20)
+
+
+async def warm(hp: Any) -> None:
+    """Until the pool holds a warm box (a session then gets a claimed box, not one made on demand)."""
+    async with asyncio.timeout(60):
+        while not hp.services.pool._warm:
+            await asyncio.sleep(0.1)
+
+
+async def test_inetd_listens_on_23_only_in_the_boxes_of_a_sensor_with_telnet(honeypot: Honeypot) -> None:
+    """With a telnet service a box shows inetd on :23 from its claim on: an SSH login sees it."""
+    hp = await honeypot(**{**services(), "sandbox": {"hostname": HOSTNAME, "session_transport": "init"}})
+    await warm(hp)
+    async with asyncssh_connected(hp) as conn:
+        r = await conn.run("for i in 1 2 3 4 5 6 7 8 9 10; do ss -Htlnp 'sport = :23' | grep -q . && break; "
+                           "sleep 0.5; done; ss -Htlnp 'sport = :23'; ps -o args= -p $(pgrep -x inetd)")  # fmt: skip
+    assert re.search(r"0\.0\.0\.0:23\s.*\"inetd\"", r.stdout) and "/usr/sbin/inetd" in r.stdout, r.stdout
+
+
+async def test_no_inetd_in_the_boxes_of_a_sensor_without_telnet(honeypot: Honeypot) -> None:
+    plain = await honeypot(sandbox={"hostname": HOSTNAME, "session_transport": "init"})
+    await warm(plain)
+    async with asyncssh_connected(plain) as conn:
+        r = await conn.run("sleep 1; ss -Htln 'sport = :23'; pgrep -x inetd; echo end", check=False)
+    assert r.stdout == "end\n", r.stdout

@@ -132,6 +132,7 @@ class DockerSandbox:
         self.transparent_refused = "sandbox.network is none"
         self.captured_address = ""  # its eth0's address on the capture gateway (network.mode: capture)
         self.relay_netns = ""  # network.mode capture: the gateway's namespace, where off-loopback relays start
+        self.telnet_in_box = False  # a telnet service is configured: inetd on :23 from the box's claim on
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -426,6 +427,10 @@ class DockerSandbox:
         # The engine renames a stopped container too: a warm box an engine restart stopped must not go to a session.
         if not await self.is_running():
             raise SandboxError(f"box {new} is not running")
+        if self.telnet_in_box and not self.init_refused:  # :23 listening before any login, as on the server
+            view = await self._host_view()
+            if view is not None and view.verify():
+                telnet.ask_inetd(view.pid, view.verify)
 
     async def is_running(self) -> bool:
         try:
