@@ -23,6 +23,15 @@ from sandtrap.sandbox.host import netns, relay
 from sandtrap.sandbox.host.boxwire import BrokerError
 
 log = logging.getLogger(__name__)
+_noted: set[str] = set()
+
+
+def _note(reason: str) -> None:
+    """Why a raw service's client off loopback shows as 127.0.0.1 in the box: logged once per reason."""
+    if reason not in _noted:
+        _noted.add(reason)
+        log.warning("raw services: clients off loopback show as 127.0.0.1 in the box: %s", reason)
+
 
 TCP_LISTEN = "0A"
 UDP_UNCONNECTED = "07"
@@ -120,7 +129,7 @@ async def open_as_client(
     service listens on the box's loopback only: the caller then connects from the box's 127.0.0.1."""
     planned = relay.plan(client, route.box_address, route.transparent_refused, route.gateway_netns, port, transport)
     if isinstance(planned, str):
-        relay.note(planned)
+        _note(planned)
         return None
     if not await asyncio.to_thread(reachable_outside, route.pid, port, transport, route.box_address):
         log.debug("%s: the box's %s port %d answers on its loopback only", box, transport, port)
@@ -137,6 +146,6 @@ async def open_as_client(
             )
         return await relay.connect_transparent(planned)
     except (OSError, TimeoutError, BrokerError) as exc:
-        relay.note(f"connecting to a box's service from the client's address failed ({type(exc).__name__})")
+        _note(f"connecting to a box's service from the client's address failed ({type(exc).__name__})")
         log.debug("%s: %s %s -> %s:%d: %r", box, transport, planned.peer, route.box_address, port, exc)
         return None
