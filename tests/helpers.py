@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from sandtrap.config import Settings
 from sandtrap.sandbox.docker import engine, seccomp
@@ -90,3 +97,35 @@ async def box_of(hp: Any) -> Any:
             return active[0][0]
         await asyncio.sleep(0.05)
     raise AssertionError("no active box")
+
+
+# --- a client off loopback: a network namespace of the test's own ----------------------------------------
+
+NS_HOST, NS_CLIENT = "198.51.100.1", "198.51.100.2"
+
+
+def _ip(*args: str, netns: str | None = None) -> None:
+    argv = ["ip", *(["-n", netns] if netns else []), *args]
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def client_netns() -> Iterator[str]:
+    """A network namespace at 198.51.100.2/30 joined to the host (198.51.100.1/30) by a veth pair; removed
+    afterwards (with it the veth pair and its routes)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2")
+    tag = secrets.token_hex(3)
+    ns, host_if, ns_if = f"st-conn-{tag}", f"stc{tag}h", f"stc{tag}n"
+    _ip("netns", "add", ns)
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
+        _ip("addr", "add", f"{NS_HOST}/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("addr", "add", f"{NS_CLIENT}/30", "dev", ns_if, netns=ns)
+        _ip("link", "set", ns_if, "up", netns=ns)
+        _ip("link", "set", "lo", "up", netns=ns)
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)

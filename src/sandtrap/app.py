@@ -127,8 +127,6 @@ def build_listeners(settings: Settings, hub: Hub, policy: AuthPolicy) -> dict[st
     """Every configured listener but SSH's (the SSH front end is built on its own: it has the host keys)."""
     out: dict[str, Listener] = {}
     for service in settings.listeners():
-        if service.persona or service.image:
-            log.warning("service %s: persona/image are not applied yet; its box is sandbox.docker.image", service.name)
         if service.protocol == "telnet":
             ctx = TelnetContext(hub, settings.telnet, policy, settings.sandbox.hostname, _bounds(service))
             out[service.name] = TelnetFrontEnd(ctx, service.address)

@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import re
-import secrets
-import shutil
-import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +20,7 @@ import pytest
 
 from sandtrap.sandbox.host import relay as relays
 
-from helpers import box_of
+from helpers import NS_CLIENT, NS_HOST, box_of, client_netns  # noqa: F401 (a fixture)
 from sshclient import PASSWORD, USER, client_options, ssh_argv, started
 from sshclient import asyncssh_connected as connect
 
@@ -97,35 +92,6 @@ async def test_loopback_clients_connection_shows_in_the_box(honeypot: Any) -> No
 
 
 # --- a client off loopback: its own network namespace -----------------------------------------------------
-
-NS_HOST, NS_CLIENT = "198.51.100.1", "198.51.100.2"
-
-
-def _ip(*args: str, netns: str | None = None) -> None:
-    argv = ["ip", *(["-n", netns] if netns else []), *args]
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def client_netns() -> Iterator[str]:
-    """A network namespace at 198.51.100.2/30 joined to the host (198.51.100.1/30) by a veth pair; removed
-    afterwards (with it the veth pair and its routes)."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2")
-    tag = secrets.token_hex(3)
-    ns, host_if, ns_if = f"st-conn-{tag}", f"stc{tag}h", f"stc{tag}n"
-    _ip("netns", "add", ns)
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
-        _ip("addr", "add", f"{NS_HOST}/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("addr", "add", f"{NS_CLIENT}/30", "dev", ns_if, netns=ns)
-        _ip("link", "set", ns_if, "up", netns=ns)
-        _ip("link", "set", "lo", "up", netns=ns)
-        yield ns
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 @pytest.mark.parametrize("mode", ["internal", "capture"])

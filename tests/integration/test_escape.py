@@ -389,10 +389,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         assert r.out.startswith("default via "), r
         bridge = bridge_name(hp.settings.sandbox.docker.network_name)
         # Before the DROP, IPv4 only: replies to the honeypot's own transparent relay sockets (connection_in_box).
-        relay_accept = (
-            f"-A INPUT -i {bridge} -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate "
-            "ESTABLISHED -j ACCEPT"
-        )
+        relay_accept = f"-A INPUT -i {bridge} -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
         for tool in ("iptables", "ip6tables"):
             first = await asyncio.to_thread(
                 subprocess.run, [tool, "-w", "-S", "INPUT"], capture_output=True, text=True, check=True

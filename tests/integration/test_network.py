@@ -73,21 +73,15 @@ async def test_internal_network_gives_an_interface_and_a_route_but_no_way_out(
 
     # The host's packet filter: from the bridge, nothing reaches the host itself (first INPUT rule,
     # IPv4 and IPv6) but, before it in IPv4, replies to the honeypot's own transparent relay sockets
-    # (connection_in_box: marked only for a transparent socket, ESTABLISHED only, from port 22); nothing is
+    # (connection_in_box and raw services: marked only for a transparent socket, ESTABLISHED only); nothing is
     # forwarded off the subnet, nothing between boxes, no NAT.
-    relay_accept = (
-        f"-A INPUT -i {bridge} -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED "
-        "-j ACCEPT"
-    )
+    relay_accept = f"-A INPUT -i {bridge} -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
     for tool in ("iptables", "ip6tables"):
         listing = rules(tool, "-S", "INPUT")[1:]
         drop = listing.index(f"-A INPUT -i {bridge} -j DROP")
         assert listing[:drop] == ([relay_accept] if tool == "iptables" else []), (tool, listing)
     marks = [r for r in rules("iptables", "-t", "mangle", "-S") if "0x5354" in r]
-    assert marks == [
-        f"-A PREROUTING -i {bridge} -p tcp -m tcp --sport 22 -m socket --transparent "
-        "-j MARK --set-xmark 0x5354/0xffffffff"
-    ], marks
+    assert marks == [f"-A PREROUTING -i {bridge} -m socket --transparent -j MARK --set-xmark 0x5354/0xffffffff"], marks
     assert any(r.endswith("from all fwmark 0x5354 lookup 21332") for r in ip("-4", "rule", "show"))
     assert [r.split() for r in ip("-4", "route", "show", "table", "21332")] == [
         ["local", "default", "dev", "lo", "scope", "host"]

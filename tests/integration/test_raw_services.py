@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import struct
@@ -22,7 +23,8 @@ from sandtrap.events import (
     STREAM_OPEN,
 )
 
-from sshclient import asyncssh_connected, run
+from helpers import NS_CLIENT, NS_HOST, client_netns  # noqa: F401 (a fixture)
+from sshclient import PASSWORD, USER, asyncssh_connected, client_options, run, started
 
 pytestmark = pytest.mark.timeout(120)
 Honeypot = Callable[..., Any]
@@ -154,3 +156,58 @@ async def test_max_sessions_per_ip_counts_every_service_and_a_udp_flood_costs_no
     assert page
     for s in socks:
         s.close()
+
+
+# A UDP echo service in the box on every address: it answers with the address and port it saw.
+ECHO_ALL = (
+    "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',7777))\n"
+    "while True:\n d,a=s.recvfrom(65535)\n s.sendto(b'echo:'+d+b' from '+a[0].encode()+b':'+str(a[1]).encode(),a)\n"
+)
+UDP_CLIENT = (
+    "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(10)\n"
+    "s.bind(('0.0.0.0',0))\ns.sendto(b'ping',(sys.argv[1],int(sys.argv[2])))\n"
+    "print(s.recvfrom(65535)[0].decode(), s.getsockname()[1])\n"
+)
+# Holds a TCP connection to the fake HTTP open while the box's `ss` is read; prints its own source port.
+TCP_HOLD = (
+    "import socket,sys,time\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])),10)\n"
+    "print(c.getsockname()[1],flush=True)\nsys.stdin.readline()\n"
+)
+
+
+@pytest.mark.parametrize("mode", ["internal", "capture"])
+async def test_services_in_the_box_see_a_client_off_loopback(honeypot: Honeypot, client_netns: str, mode: str) -> None:
+    """A client at 198.51.100.2 (a namespace of the test's own, joined to the host by a veth pair): the box's nginx
+    logs its address, ``ss`` in the box shows its TCP connection to eth0:80, and a UDP service there answers its
+    own address and port, as on a server; packets only between the host, the test's namespace and the box."""
+    listen = f"{NS_HOST}:0"
+    hp = await honeypot(
+        services=[
+            {"name": "ssh", "protocol": "ssh", "listen": listen},
+            {"name": "http", "protocol": "tcp", "listen": listen, "target_port": 80},
+            {"name": "echo", "protocol": "udp", "listen": listen, "target_port": 7777},
+        ],
+        ssh={"listen": listen},
+        sandbox={"session_transport": "init"},
+        network={"mode": mode},
+    )
+    in_ns = ["ip", "netns", "exec", client_netns]
+    ssh = [*in_ns, "sshpass", "-p", PASSWORD, "ssh", *client_options(), "-T", "-p", str(hp.port), f"{USER}@{NS_HOST}"]
+    done = await run([*ssh, f'nohup python3 -c "{ECHO_ALL}" >/dev/null 2>&1 & sleep 1; echo started'])
+    assert "started" in done.out, done.err
+    http, echo = hp.services.port("http"), hp.services.port("echo")
+    done = await run([*in_ns, "curl", "-sS", "--max-time", "20", f"http://{NS_HOST}:{http}/probe-off-loopback"])
+    assert done.returncode == 0 and "nginx" in done.out, done.err
+    done = await run([*in_ns, "python3", "-c", UDP_CLIENT, NS_HOST, str(echo)])
+    reply, port = done.out.strip().rsplit(maxsplit=1)
+    assert reply == f"echo:ping from {NS_CLIENT}:{port}", done.out + done.err
+    async with started([*in_ns, "python3", "-c", TCP_HOLD, NS_HOST, str(http)]) as hold:
+        assert hold.stdout is not None and hold.stdin is not None
+        async with asyncio.timeout(20):
+            src_port = int(await hold.stdout.readline())
+        await hp.wait_for(STREAM_OPEN, 2)
+        done = await run([*ssh, "grep probe-off-loopback /var/log/nginx/access.log; ss -Htn state established"])
+        hold.stdin.write(b"\n")
+        await hold.stdin.drain()
+    assert done.out.startswith(f"{NS_CLIENT} - "), done.out  # nginx's log: the client's own address
+    assert re.search(rf":80\s+{re.escape(NS_CLIENT)}:{src_port}\s", done.out + " "), done.out

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +30,8 @@ from sandtrap.events import (
 )
 from sandtrap.telnet import protocol as tp
 
-from sshclient import tmux_session
+from helpers import NS_CLIENT, NS_HOST, box_of, client_netns, run  # noqa: F401 (a fixture)
+from sshclient import asyncssh_connected, tmux_session
 
 pytestmark = pytest.mark.timeout(120)
 Honeypot = Callable[..., Any]
@@ -227,3 +230,100 @@ async def test_telnet_dash_l_user_retries_and_login_timeout(honeypot: Honeypot) 
     writer.close()
     reasons = {e.get("reason") for e in await hp.wait_for(SESSION_CLOSED, 3, protocol="telnet")}
     assert {"login_retries", "login_timeout"} <= reasons
+
+
+async def test_a_telnet_login_looks_like_inetd_and_telnetd_in_the_box(honeypot: Honeypot) -> None:
+    """What Debian 12's openbsd-inetd + inetutils-telnetd show for a telnet login (compared on a throw-away box):
+    login's parent is ``telnetd``, a child of ``/usr/sbin/inetd`` (PID 1's), which listens on :23; telnetd holds the
+    connection on fds 0-2; ``w``, ``last`` and auth.log name the client as telnetd does (``localhost``)."""
+    hp = await honeypot(**{**services(), "sandbox": {"hostname": HOSTNAME, "session_transport": "init"}})
+    port = hp.services.port("telnet")
+    async with tmux_session(["telnet", "-b", "127.0.0.1", "127.0.0.1", str(port)], 100, 30) as t:
+        # inetutils' telnetd's host line (no /etc/issue.net), a blank line, then login's prompt
+        await t.wait_for(rf"Linux {re.escape(platform.release())} \({HOSTNAME}\) \(pts/0\)\s+{HOSTNAME} login: ")
+        await t.line("root")
+        await t.wait_for("Password: ")
+        await t.line("hunter2")
+        await t.wait_for(r"root@.*# $", 30)
+        [connect] = hp.events(SESSION_CONNECT)
+        src_port = connect.get("src_port")
+        box = await box_of(hp)
+        tree = "login=$(pgrep -x login); t=$(ps -o ppid= -p $login | tr -d ' '); i=$(ps -o ppid= -p $t | tr -d ' '); "
+        tree += "for p in $login $t $i; do ps -o comm=,args= -p $p; done; ps -o ppid= -p $i; ls -l /proc/$t/fd"
+        code, out, err = await run(box, tree)
+        lines = out.splitlines()
+        # login's own arguments, as telnetd gives them (it asked for the password itself: no -f)
+        assert code == 0 and lines[0].split() == ["login", "/bin/login", "-p", "-h", "localhost"], out + err
+        assert lines[1].split() == ["telnetd", "telnetd"], out
+        assert lines[2].split() == ["inetd", "/usr/sbin/inetd"], out
+        assert lines[3].strip() == "1", out
+        fds = {m.group(1) for m in re.finditer(r" (\d+) -> socket:", out)}
+        assert {"0", "1", "2"} <= fds, out  # telnetd's connection on its stdio
+        code, out, _ = await run(box, "ss -Htlnp 'sport = :23'; ss -Htnp state established '( sport = :23 )'")
+        assert re.search(r"0\.0\.0\.0:23\s.*\"inetd\"", out), out
+        assert re.search(rf"127\.0\.0\.1:23\s+127\.0\.0\.1:{src_port}\s.*\"telnetd\"", out), out
+        code, out, _ = await run(box, "w -h; last -n 2; grep -a 'login\\[' /var/log/auth.log | tail -n 2")
+        assert re.search(r"^root\s+pts/\d+\s+localhost\s", out, re.M), out  # w's FROM
+        assert re.search(r"^\.telnet\s+pts/\d+\s+localhost\s", out, re.M), out  # telnetd's wtmp record
+        assert re.search(r"login\[\d+\]: pam_unix\(login:session\): session opened for user root\(uid=0\)", out), out
+        assert "ROOT LOGIN  on '/dev/pts/" in out and "from 'localhost'" in out, out
+        await t.line("exit")
+        await t.wait_for("Connection closed by foreign host", 20)
+
+
+async def test_a_telnet_login_off_loopback_shows_the_clients_address(honeypot: Honeypot, client_netns: str) -> None:
+    """The real telnet client at 198.51.100.2 (a namespace of the test's own), with the capture gateway: telnetd in
+    the box holds a connection from that address to eth0:23, and login, ``w`` and ``last`` name it."""
+    listen = f"{NS_HOST}:0"
+    cfg = {
+        "services": [
+            {"name": "ssh", "protocol": "ssh", "listen": listen},
+            {"name": "telnet", "protocol": "telnet", "listen": listen},
+        ],
+        "ssh": {"listen": listen},
+        "sandbox": {"hostname": HOSTNAME, "session_transport": "init"},
+        "network": {"mode": "capture"},
+    }
+    hp = await honeypot(**cfg)
+    argv = ["ip", "netns", "exec", client_netns, "telnet", NS_HOST, str(hp.services.port("telnet"))]
+    async with tmux_session(argv, 100, 30) as t:
+        await t.wait_for(rf"{HOSTNAME} login: ")
+        await t.line("root")
+        await t.wait_for("Password: ")
+        await t.line("hunter2")
+        await t.wait_for(r"root@.*# $", 30)
+        [connect] = hp.events(SESSION_CONNECT)
+        box = await box_of(hp)
+        script = "ss -Htnp state established '( sport = :23 )'; w -h; last -n 2; ps -o args= -p $(pgrep -x login)"
+        _, out, _ = await run(box, script)
+        assert re.search(rf":23\s+{re.escape(NS_CLIENT)}:{connect.get('src_port')}\s.*\"telnetd\"", out), out
+        assert re.search(rf"^root\s+pts/\d+\s+{re.escape(NS_CLIENT)}\s", out, re.M), out
+        assert re.search(rf"^\.telnet\s+pts/\d+\s+{re.escape(NS_CLIENT)}\s", out, re.M), out
+        assert f"/bin/login -p -h {NS_CLIENT}" in out, out
+        await t.line("exit")
+        await t.wait_for("Connection closed by foreign host", 20)
+
+
+async def warm(hp: Any) -> None:
+    """Until the pool holds a warm box (a session then gets a claimed box, not one made on demand)."""
+    async with asyncio.timeout(60):
+        while not hp.services.pool._warm:
+            await asyncio.sleep(0.1)
+
+
+async def test_inetd_listens_on_23_only_in_the_boxes_of_a_sensor_with_telnet(honeypot: Honeypot) -> None:
+    """With a telnet service a box shows inetd on :23 from its claim on: an SSH login sees it."""
+    hp = await honeypot(**{**services(), "sandbox": {"hostname": HOSTNAME, "session_transport": "init"}})
+    await warm(hp)
+    async with asyncssh_connected(hp) as conn:
+        r = await conn.run("for i in 1 2 3 4 5 6 7 8 9 10; do ss -Htlnp 'sport = :23' | grep -q . && break; "
+                           "sleep 0.5; done; ss -Htlnp 'sport = :23'; ps -o args= -p $(pgrep -x inetd)")  # fmt: skip
+    assert re.search(r"0\.0\.0\.0:23\s.*\"inetd\"", r.stdout) and "/usr/sbin/inetd" in r.stdout, r.stdout
+
+
+async def test_no_inetd_in_the_boxes_of_a_sensor_without_telnet(honeypot: Honeypot) -> None:
+    plain = await honeypot(sandbox={"hostname": HOSTNAME, "session_transport": "init"})
+    await warm(plain)
+    async with asyncssh_connected(plain) as conn:
+        r = await conn.run("sleep 1; ss -Htln 'sport = :23'; pgrep -x inetd; echo end", check=False)
+    assert r.stdout == "end\n", r.stdout

@@ -30,6 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "inetd.h"    /* INETD_TITLE: the same listener as inetd's, for telnet (inetd.c) */
 #include "listener.h" /* the SSH listener and session broker (listener.c, linked in) */
 
 #define GRACE_TENTHS 30 /* 3 s between SIGTERM and SIGKILL */
@@ -71,28 +72,38 @@ static int reap(void)
 	return pid == 0;
 }
 
-/* Reap every exited child; return whether one of them was ``listener``. */
+static pid_t inetd; /* inetd's listener (telnet), once the host asked for it; 0 = none running */
+
+/* Reap every exited child; return whether one of them was ``listener`` (inetd's gone: ``inetd`` is 0). */
 static int reap_listener(pid_t listener)
 {
 	pid_t pid;
 	int gone = 0;
-	while ((pid = waitpid(-1, NULL, WNOHANG)) > 0)
+	while ((pid = waitpid(-1, NULL, WNOHANG)) > 0) {
 		if (listener > 0 && pid == listener)
 			gone = 1;
+		if (inetd > 0 && pid == inetd)
+			inetd = 0;
+	}
 	return gone;
 }
 
-/* Fork the listener and re-execute this program as it: argv[0] is its title (what ps shows), and a fresh
- * image keeps PID 1's memory out of the process attackers can reach. */
-static pid_t start_listener(void)
+/* Fork a listener and re-execute this program as it: argv[0] is its title (what ps shows: sshd's, or inetd's),
+ * and a fresh image keeps PID 1's memory out of the process attackers can reach. */
+static pid_t start_listener_as(const char *title)
 {
 	pid_t pid = fork();
 	if (pid != 0)
 		return pid < 0 ? 0 : pid;
 	detach();
-	char *argv[] = {LISTENER_TITLE, NULL};
+	char *argv[] = {(char *)title, NULL};
 	execv("/sbin/init", argv);
 	_exit(127);
+}
+
+static pid_t start_listener(void)
+{
+	return start_listener_as(LISTENER_TITLE);
 }
 
 static void stop_all(void)
@@ -311,8 +322,8 @@ static void read_loadavg(void)
 
 int main(int argc, char **argv)
 {
-	if (getpid() != 1 && argv[0] && strncmp(argv[0], "sshd: ", 6) == 0)
-		return listener_main(argc, argv); /* re-executed by start_listener() below */
+	if (getpid() != 1 && argv[0] && (strncmp(argv[0], "sshd: ", 6) == 0 || strcmp(argv[0], INETD_TITLE) == 0))
+		return listener_main(argc, argv); /* re-executed by start_listener_as() below */
 	int systemd = argc > 1 && strcmp(argv[1], "--systemd") == 0;
 	if (systemd) {
 		/* The host's go-ahead may come at any time from now on (even during the re-exec below): a blocked
@@ -333,6 +344,7 @@ int main(int argc, char **argv)
 	sigaddset(&watched, SIGTERM);
 	sigaddset(&watched, SIGINT);
 	sigaddset(&watched, SIGPWR);
+	sigaddset(&watched, SIGUSR2); /* after boot: the host asks for inetd's listener (a telnet service) */
 	sigprocmask(SIG_BLOCK, &watched, NULL);
 
 	static char *const sshd[] = {"/usr/sbin/sshd", "-D", NULL};
@@ -363,7 +375,8 @@ int main(int argc, char **argv)
 	pid_t listener = start_listener();
 	if (listener <= 0)
 		start(sshd); /* something listens on port 22, as on any server reached by SSH */
-	time_t listener_started = time(NULL);
+	time_t listener_started = time(NULL), inetd_started = 0;
+	int inetd_wanted = 0;
 	start(nginx); /* the web role the box's story tells (logs, the inventory site) */
 	read_loadavg();
 
@@ -373,12 +386,18 @@ int main(int argc, char **argv)
 		int sig = sigtimedwait(&watched, NULL, &second);
 		if (sig < 0 && errno != EAGAIN)
 			continue;
-		if (sig == SIGCHLD || sig < 0) {
+		if (sig == SIGUSR2) /* the telnet service's inetd: started below, and again if it dies */
+			inetd_wanted = 1;
+		if (sig == SIGCHLD || sig == SIGUSR2 || sig < 0) {
 			if (reap_listener(listener))
 				listener = 0;
 			if (listener == 0 && time(NULL) != listener_started) {
 				listener = start_listener();
 				listener_started = time(NULL);
+			}
+			if (inetd_wanted && inetd == 0 && time(NULL) != inetd_started) {
+				inetd = start_listener_as(INETD_TITLE);
+				inetd_started = time(NULL);
 			}
 			continue;
 		}

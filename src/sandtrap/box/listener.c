@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "accounts.h"
+#include "inetd.h" /* sshd's listener or inetd's (telnet) */
 #include "listener.h"
 #include "protocol.h"
 #include "relay.h" /* the session's TCP connection to :22 */
@@ -50,14 +51,15 @@
 
 static int title_room;
 static char *title_start;
+static const struct service *svc; /* which listener this is: sshd's or inetd's (inetd.h) */
 
-static void retitle(const char *title)
+static void retitle(const char *title, const char *comm)
 {
 	if (!title_start)
 		return;
 	memset(title_start, 0, (size_t)title_room);
 	strncpy(title_start, title, (size_t)title_room - 1);
-	prctl(PR_SET_NAME, "sshd", 0, 0, 0);
+	prctl(PR_SET_NAME, comm, 0, 0, 0);
 }
 
 static void null_stdio(void)
@@ -117,15 +119,22 @@ static void serve_request(int sock, int ctrl)
 	char name[64], home[256];
 	snprintf(name, sizeof(name), "%s", pw->pw_name);
 	snprintf(home, sizeof(home), "%s", pw->pw_dir);
-	char title[96];
+	char title[96], host[64] = "";
 	snprintf(title, sizeof(title), "sshd: %s [priv]", name);
-	retitle(title);
+	retitle(svc->telnet ? "telnetd" : title, svc->telnet ? "telnetd" : "sshd");
 	/* The session's connection (relay.c): held here, by "sshd: USER [priv]", until the session ends (CLOEXEC:
-	 * the session's processes do not inherit it, as sshd's do not). */
+	 * the session's processes do not inherit it, as sshd's do not). telnetd holds it on its fds 0, 1 and 2. */
 	int held = -1; /* never closed: it goes when this worker exits */
 	if (relay)
 		held = relay_accept(sock, ctrl, &peer, peer_len);
-	(void)held;
+	if (relay && svc->telnet)
+		telnet_host(&peer, host, sizeof(host));
+	if (held > 2 && svc->telnet) {
+		dup2(held, 0); /* not inherited all the same: the session's child puts its pty there */
+		dup2(held, 1);
+		dup2(held, 2);
+		close(held);
+	}
 	if (ctrl >= 0)
 		close(ctrl);
 
@@ -186,6 +195,8 @@ static void serve_request(int sock, int ctrl)
 			dup2(theirs[1], 1);
 			dup2(theirs[2], 2);
 		}
+		if (svc->telnet && tty && host[0])
+			telnet_utmp(ttyname(0), host);
 		(void)!set_groups(name, gid);
 		if (setgid(gid) != 0 || setuid(uid) != 0)
 			_exit(126);
@@ -304,7 +315,7 @@ static void relay_and_wait(int sock, int sfd, pid_t pid, int master, int pipe_ou
 
 /* --- the listener ------------------------------------------------------------------------------ */
 
-static int listen_tcp(int family)
+static int listen_tcp(int family, int port)
 {
 	int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
@@ -316,13 +327,13 @@ static int listen_tcp(int family)
 		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
 		struct sockaddr_in6 a = {0};
 		a.sin6_family = AF_INET6;
-		a.sin6_port = htons(22);
+		a.sin6_port = htons((uint16_t)port);
 		a.sin6_addr = in6addr_any;
 		ok = bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
 	} else {
 		struct sockaddr_in a = {0};
 		a.sin_family = AF_INET;
-		a.sin_port = htons(22);
+		a.sin_port = htons((uint16_t)port);
 		a.sin_addr.s_addr = htonl(INADDR_ANY);
 		ok = bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
 	}
@@ -340,8 +351,9 @@ static int listen_broker(void)
 		return -1;
 	struct sockaddr_un a = {0};
 	a.sun_family = AF_UNIX;
-	memcpy(a.sun_path + 1, BOX_SOCKET, sizeof(BOX_SOCKET) - 1);
-	socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + sizeof(BOX_SOCKET) - 1);
+	size_t n = strlen(svc->socket);
+	memcpy(a.sun_path + 1, svc->socket, n);
+	socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n);
 	if (bind(fd, (struct sockaddr *)&a, len) != 0 || listen(fd, 64) != 0) {
 		close(fd);
 		return -1;
@@ -375,7 +387,8 @@ int listener_main(int argc, char **argv)
 {
 	title_start = argv[0];
 	title_room = (int)(argv[argc - 1] + strlen(argv[argc - 1]) - argv[0]) + 1;
-	prctl(PR_SET_NAME, "sshd", 0, 0, 0);
+	svc = service_for(argv[0]);
+	prctl(PR_SET_NAME, svc->comm, 0, 0, 0);
 	prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0);
 	null_stdio();
 	sigset_t chld;
@@ -384,7 +397,7 @@ int listener_main(int argc, char **argv)
 	sigprocmask(SIG_BLOCK, &chld, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
-	int fds[3] = {listen_broker(), listen_tcp(AF_INET), listen_tcp(AF_INET6)};
+	int fds[3] = {listen_broker(), listen_tcp(AF_INET, svc->port), listen_tcp(AF_INET6, svc->port)};
 	if (fds[0] < 0 && fds[1] < 0)
 		return 1; /* nothing to serve: init starts it again later */
 	notify_ready();
@@ -463,13 +476,17 @@ int listener_main(int argc, char **argv)
 						serve_request(c, pair[1]);
 						_exit(0);
 					}
-					/* sshd in inetd mode on this connection. */
+					/* sshd in inetd mode on this connection (or inetd's telnet line). */
 					int flags = fcntl(c, F_GETFD);
 					fcntl(c, F_SETFD, flags & ~FD_CLOEXEC);
 					dup2(c, 0);
 					dup2(c, 1);
 					if (c > 1)
 						close(c);
+					if (svc->telnet) {
+						dup2(0, 2);
+						telnet_inetd_exec();
+					}
 					static char *const sshd[] = {"/usr/sbin/sshd", "-i", NULL};
 					execv(sshd[0], sshd);
 					_exit(127);

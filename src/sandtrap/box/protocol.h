@@ -6,6 +6,7 @@
 #define PROTOCOL_H
 
 #define BOX_SOCKET          "/org/freedesktop/systemd1/private"
+#define INETD_SOCKET        "/org/freedesktop/systemd1/inetd"
 #define REQUEST_MAGIC       "STB1"
 #define REQUEST_MAGIC_SIZE  4
 #define REQUEST_FLAGS_AT    4

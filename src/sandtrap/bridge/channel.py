@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
+from sandtrap.bridge import terminal_login
 from sandtrap.bridge.commands import CommandReconstructor
 from sandtrap.bridge.connection import Connection
 from sandtrap.bridge.live import LiveTap
@@ -52,7 +53,7 @@ from sandtrap.events import (
     SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
-from sandtrap.sandbox.base import ClientAddress, ExitStatus, Login, Process, TermSize
+from sandtrap.sandbox.base import SSH_PORT, TELNET_PORT, ClientAddress, ExitStatus, Login, Process, TermSize
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,10 @@ class Channel:
         session_context.set(f"{c.session} {c.src_ip}")
         try:
             lease = await c.lease()
-            account = await c.hub.manager.account(lease, c.username, c.password)
+            password = c.password or ""
+            # telnet: login checks the password itself (its prompts answered), so the box has it first
+            answered = self._kind == "login" and terminal_login.answerable(c.username, password)
+            account = await c.hub.manager.account(lease, c.username, c.password, wait_password=answered)
             # The server address a login sees (SSH_CONNECTION, `ss` in the box) is one of the box's own, as a
             # server behind NAT shows its private address: the box's eth0 for a client off loopback.
             server_ip = c.dst_ip
@@ -212,9 +216,9 @@ class Channel:
             user = "root"  # the session helper runs as root and drops to the account itself
             scope = lease.sandbox.features.login_scopes and c.login_id is not None and self._kind != "login"
             if self._kind == "login":
-                # login -f: the PAM session, utmp/wtmp/lastlog, motd, "Last login", the login shell, as after
+                # login: the PAM session, utmp/wtmp/lastlog, motd, "Last login", the login shell, as after
                 # telnetd's login (no sshd helper: no "Accepted" line, no SSH_* variables).
-                argv = terminal_login_argv(account, peer.src_ip, self._term, env)
+                argv = terminal_login_argv(account, peer.src_ip, self._term, env, answered)
                 self.observers.append(CommandReconstructor(self._command_typed))
             elif self._kind == "shell":
                 argv = shell_argv(account, login_vars, peer, method, failures, scope)
@@ -237,9 +241,26 @@ class Channel:
             login = Login(
                 uid=account.uid,
                 session_id=c.login_id if scope else None,
-                client=ClientAddress(c.src_ip, c.src_port, server_ip) if first and self._kind != "login" else None,
+                # a telnet login's connection shows on :23, held by telnetd under inetd
+                client=ClientAddress(
+                    c.src_ip, c.src_port, server_ip, TELNET_PORT if self._kind == "login" else SSH_PORT
+                )
+                if first
+                else None,
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)
+            if answered:  # login's own prompts, answered; else (they did not come) login -f, as before
+                ask_user = env.get("USER") != account.name  # else login has the name (terminal_login_argv)
+                done = await terminal_login.answer(self._process, account.name, password, ask_user)
+                if done is None:
+                    log.warning("telnet login: login's prompts did not come; starting login -f")
+                    await self._process.kill()
+                    argv = terminal_login_argv(account, peer.src_ip, self._term, env)
+                    self._process = await lease.sandbox.exec(
+                        argv, tty=tty, user=user, workdir=account.home, login=login
+                    )
+                else:
+                    self._process = done
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
                 self._open_cast(account.shell)
             if self._kind in ("shell", "login"):  # the interactive terminal can be watched live, read-only

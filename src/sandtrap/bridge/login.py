@@ -225,13 +225,26 @@ def close_argv(account: Account, peer: Peer) -> list[str]:
 
 
 def terminal_login_argv(
-    account: Account, host: str, term: str | None, client_env: Mapping[str, str]
+    account: Account, host: str, term: str | None, client_env: Mapping[str, str], answered: bool = False
 ) -> list[str | bytes]:
-    """``login -h HOST -f USER`` on the session's pty, as Debian's telnetd runs login for a user it has
-    authenticated: login sets up the PAM session, utmp/wtmp (with HOST), lastlog, the motd and the login shell.
-    Of the client's variables (telnet NEW-ENVIRON) only what ``login -p`` would keep of sshd's AcceptEnv."""
+    """``login -p -h HOST [USER]`` on the session's pty, as Debian's inetutils telnetd runs it (USER: the client's,
+    by NEW-ENVIRON), its prompts ``answered`` by the honeypot (bridge/terminal_login.py); else ``login -p -h HOST
+    -f USER``, which asks nothing. login sets up the PAM session, utmp/wtmp (with HOST), lastlog, the motd and the
+    login shell. HOST as telnetd names the client (:func:`telnet_host`). Of the client's variables (telnet
+    NEW-ENVIRON) only what ``login -p`` would keep of sshd's AcceptEnv."""
     env = {"TERM": term or "network"} | accepted_env(client_env)
-    return _with_env(env, ["/bin/login", "-p", "-h", host, "-f", account.name])
+    argv = ["/bin/login", "-p", "-h", telnet_host(host)]
+    if not answered:
+        argv += ["-f", account.name]
+    elif client_env.get("USER") == account.name:
+        argv.append(account.name)
+    return _with_env(env, argv)
+
+
+def telnet_host(ip: str) -> str:
+    """The client's name as telnetd gives it to login and wtmp: the box's /etc/hosts names 127.0.0.1 and ::1
+    ``localhost``; any other address it cannot resolve (no DNS in the box) stays an address."""
+    return "localhost" if ip in ("127.0.0.1", "::1") else ip
 
 
 def sftp_argv(env: Mapping[str, str]) -> list[str | bytes]:

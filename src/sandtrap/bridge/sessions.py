@@ -206,24 +206,31 @@ class SessionManager:
         await self.watcher.watch(sandbox, tokens)
         return tokens
 
-    async def account(self, lease: Lease, username: str, password: str | None) -> Account:
-        """The user's account in the box, created on first use (cached per box)."""
+    async def account(self, lease: Lease, username: str, password: str | None, wait_password: bool = False) -> Account:
+        """The user's account in the box, created on first use (cached per box). ``wait_password``: the account has
+        ``password`` in the box's /etc/shadow before this returns (a login that checks it itself, telnet's)."""
         known = lease.accounts.get(username)
         if known is not None:
+            if wait_password:
+                await self.set_password(lease, username, password)
             return known
         existing = lease.passwd.get(username)
         if existing is not None:
             # The account is there (read while the box was warm): the shell need not wait for the
             # password to be set in /etc/shadow; that runs alongside.
             lease.accounts[username] = existing
-            self._spawn(self._set_password(lease, username, password))
+            if wait_password:
+                await self.set_password(lease, username, password)
+            else:
+                self._spawn(self.set_password(lease, username, password))
             return existing
         account = await ensure_account(lease.sandbox, username, password)
         lease.accounts[username] = account
         return account
 
     @staticmethod
-    async def _set_password(lease: Lease, username: str, password: str | None) -> None:
+    async def set_password(lease: Lease, username: str, password: str | None) -> None:
+        """The account's password in the box (/etc/shadow) made ``password``; a failure is logged."""
         try:
             await ensure_account(lease.sandbox, username, password)
         except SandboxError as exc:

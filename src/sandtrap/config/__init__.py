@@ -120,10 +120,15 @@ class Settings(Section):
     @model_validator(mode="after")
     def _network_to_sandbox(self) -> Settings:
         """The backend reads the box's network from its own section: ``sandbox`` gets ``network.mode`` and
-        ``network.subnet`` (a copy: the default section is shared)."""
+        ``network.subnet``, and whether a telnet service is configured (a copy: the default section is shared)."""
         net = self.network
-        if (self.sandbox.network, self.sandbox.network_subnet) != (net.mode, net.subnet):
-            update = {"network": net.mode, "network_subnet": net.subnet}
+        telnet = any(s.protocol == "telnet" for s in self.services)  # boxes then show inetd on :23 (box/inetd.c)
+        if (self.sandbox.network, self.sandbox.network_subnet, self.sandbox.telnet_in_box) != (
+            net.mode,
+            net.subnet,
+            telnet,
+        ):
+            update = {"network": net.mode, "network_subnet": net.subnet, "telnet_in_box": telnet}
             object.__setattr__(self, "sandbox", self.sandbox.model_copy(update=update))
         return self
 

@@ -241,6 +241,9 @@ class SandboxSettings(Section):
     network_subnet: str = Field(
         "10.20.1.0/24", exclude=True, description="network.subnet (set from the top-level network section)"
     )
+    telnet_in_box: bool = Field(
+        False, exclude=True, description="a telnet service is configured (set from services): boxes run inetd on :23"
+    )
     # How the box boots and how a login reaches it.
     init: Literal["sandtrap", "systemd"] = Field(
         "sandtrap",

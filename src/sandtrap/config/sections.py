@@ -31,7 +31,14 @@ class SSHSettings(Section):
 class TelnetSettings(Section):
     """Every telnet service: what Debian's telnetd and login(1) show and when (login.defs, pam_faildelay)."""
 
-    banner: str = Field("Debian GNU/Linux 12", description="/etc/issue.net, shown before the first prompt")
+    host_info: bool = Field(
+        True,
+        description="inetutils' telnetd (Debian's inetutils-telnetd): before the first prompt 'Linux RELEASE "
+        "(HOSTNAME) (pts/0)' and a blank line; false = telnetd -h (no host information)",
+    )
+    banner: str = Field(
+        "", description="a line shown before the first prompt ('' = none: inetutils' telnetd shows no /etc/issue.net)"
+    )
     login_timeout_s: float = Field(60.0, gt=0, description="login.defs LOGIN_TIMEOUT")
     login_retries: int = Field(5, ge=1, description="login.defs LOGIN_RETRIES: wrong passwords before login exits")
     failure_delay_s: float = Field(3.0, ge=0, le=30, description="pam_faildelay: 'Login incorrect' after this")

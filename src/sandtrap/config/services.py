@@ -64,9 +64,10 @@ class ServiceSettings(Section):
     target_port: int | None = Field(None, ge=1, le=65535, description="tcp/udp: the port in the attacker's box")
     capture: CaptureSettings = CaptureSettings()
     session: ServiceSessionSettings = ServiceSessionSettings()
-    # Issue 19's per-service persona: accepted and validated; every service's box is the sandbox image for now.
-    persona: str = Field("", description="not applied yet: every service's box is sandbox.docker.image")
-    image: str = Field("", description="not applied yet: every service's box is sandbox.docker.image")
+    # Issue 19's per-service persona or image: planned. Refused when set (never silently ignored): every service's
+    # box is the sandbox image for now.
+    persona: str = Field("", description="planned (issue 19); must stay unset: every service's box is the sandbox's")
+    image: str = Field("", description="planned (issue 19); must stay unset: every service's box is the sandbox's")
 
     @field_validator("name")
     @classmethod
@@ -75,11 +76,15 @@ class ServiceSettings(Section):
             raise ValueError("must be 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit (e.g. http)")
         return v
 
-    @field_validator("persona")
+    @field_validator("persona", "image")
     @classmethod
-    def _persona(cls, v: str) -> str:
-        if v and not _NAME.fullmatch(v):
-            raise ValueError("must be a persona name: 1-32 of a-z, 0-9, '_' and '-'")
+    def _planned(cls, v: str) -> str:
+        if v:
+            raise ValueError(
+                "a service's own persona or image is planned (issue 19, personas), not available yet: every "
+                "service's box is sandbox.docker.image. Fix: remove this key (set the image for all boxes in "
+                "sandbox.docker.image)"
+            )
         return v
 
     @model_validator(mode="after")

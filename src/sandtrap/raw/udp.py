@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import time
+from typing import cast
 
 from sandtrap.bridge.connection import Connection, Hub, ServiceBounds, printable
 from sandtrap.bridge.stream import RawService, StreamRecorder, open_box_port, recorder_for
@@ -209,8 +210,8 @@ class UDPFrontEnd(asyncio.DatagramProtocol):
                  self.port, self.service.target_port)  # fmt: skip
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # A datagram endpoint's transport (Python 3.11's selector one is no DatagramTransport subclass).
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         peer_addr = (str(addr[0]), int(addr[1]))

@@ -32,13 +32,19 @@ class TermSize:
     rows: int
 
 
+SSH_PORT = 22
+TELNET_PORT = 23
+
+
 @dataclass(frozen=True, slots=True)
 class ClientAddress:
-    """The client's end of an SSH connection and the server address it reached (what SSH_CONNECTION says)."""
+    """The client's end of a connection and the server address it reached (what SSH_CONNECTION says);
+    ``server_port``: the box's port a login's connection shows on (22 for SSH, 23 for telnet)."""
 
     ip: str
     port: int
     server_ip: str
+    server_port: int = SSH_PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +89,8 @@ class Login:
     ``session_id``: the login's ``XDG_SESSION_ID``; a backend with :attr:`Features.login_scopes` places the
     login's processes where the box's init system would (``user.slice/user-<uid>.slice/session-<n>.scope``).
     ``client``: set for a connection's first login; a backend with :attr:`Features.connection_in_box` shows
-    that client's TCP connection to the box's :22 while the process lives."""
+    that client's TCP connection to the box's :22 while the process lives (a telnet login's: :23, held by
+    ``telnetd`` under ``inetd``)."""
 
     uid: int = 0
     session_id: int | None = None

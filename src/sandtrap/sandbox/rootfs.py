@@ -45,7 +45,7 @@ SETUP_SCRIPT = BOX_DIR / "rootfs_setup.sh"
 #: The box's programs and the C files each is linked from; every ``*.c`` and ``*.h`` in ``box/`` counts as an
 #: input (:func:`c_sources`) and is what the compiler sees.
 PROGRAMS: dict[str, tuple[str, ...]] = {
-    "init": ("init.c", "listener.c", "relay.c", "wire.c"),  # PID 1, the SSH listener and the session broker
+    "init": ("init.c", "listener.c", "inetd.c", "relay.c", "wire.c"),  # PID 1, the listeners (sshd's, inetd's)
     "session": ("session.c",),  # sshd's session work in the box (utmp, motd, login shell)
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -200,6 +201,9 @@ class TelnetSession(asyncio.Protocol):
         s = self.ctx.settings
         try:
             await self._negotiate()
+            if s.host_info:  # inetutils' telnetd: the host's line, then a blank one (the pty: a fresh box's first)
+                info = f"{platform.system()} {platform.release()} ({self.ctx.hostname}) (pts/0)"
+                self._write(b"\r\n" + tp.escape(info.encode()) + b"\r\n\r\n")
             if s.banner:
                 self._write(b"\r\n" + tp.escape(s.banner.encode()) + b"\r\n")
             try:

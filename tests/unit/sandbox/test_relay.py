@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandtrap.sandbox.base import ClientAddress
-from sandtrap.sandbox.host.relay import RelayPlan, accept_first, input_rule, mangle_rule, plan
+from sandtrap.sandbox.host.relay import RelayPlan, accept_first, input_rule, mangle_rule, older_rules, plan
 
 BOX = "10.20.1.5"
 
@@ -46,15 +46,27 @@ def test_the_peer_as_the_listener_reads_it() -> None:
     assert RelayPlan("198.51.100.2", 5555, BOX, False).peer == "198.51.100.2 5555"
 
 
-def test_rules_name_the_bridge_and_only_replies_from_port_22() -> None:
-    assert mangle_rule("st-x")[:7] == ["PREROUTING", "-i", "st-x", "-p", "tcp", "--sport", "22"]
-    assert "--transparent" in mangle_rule("st-x")
+def test_rules_name_the_bridge_and_match_only_replies_to_transparent_sockets() -> None:
+    assert mangle_rule("st-x")[:6] == ["PREROUTING", "-i", "st-x", "-m", "socket", "--transparent"]
     rule = input_rule("st-x")
-    assert rule[:7] == ["INPUT", "-i", "st-x", "-p", "tcp", "--sport", "22"]
+    assert rule[:6] == ["INPUT", "-i", "st-x", "-m", "mark", "--mark"]
     assert rule[-5:] == ["conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"]
 
 
-ACCEPT = "-A INPUT -i st-x -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
+def test_an_older_versions_rules_for_port_22_are_the_ones_replaced() -> None:
+    (mangle_table, mangle), (filter_table, accept) = older_rules("st-x")
+    assert mangle_table == ["-t", "mangle"] and filter_table == []
+    assert (
+        mangle[:7] == ["PREROUTING", "-i", "st-x", "-p", "tcp", "--sport", "22"]
+        and mangle[7:] == mangle_rule("st-x")[3:]
+    )
+    assert accept[:7] == ["INPUT", "-i", "st-x", "-p", "tcp", "--sport", "22"] and accept[7:] == input_rule("st-x")[3:]
+
+
+ACCEPT = "-A INPUT -i st-x -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
+OLD_ACCEPT = (
+    "-A INPUT -i st-x -p tcp -m tcp --sport 22 -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
+)
 DROP = "-A INPUT -i st-x -j DROP"
 
 
@@ -66,6 +78,7 @@ DROP = "-A INPUT -i st-x -j DROP"
         (["-P INPUT ACCEPT", ACCEPT], False),  # no DROP: close_host_path has not run
         (["-P INPUT ACCEPT", DROP], False),
         (["-P INPUT ACCEPT", ACCEPT.replace("st-x", "st-y"), DROP], False),  # another bridge's
+        (["-P INPUT ACCEPT", OLD_ACCEPT, DROP], False),  # an older version's, for :22 only
     ],
 )
 def test_accept_before_drop(lines: list[str], ok: bool) -> None:

@@ -369,6 +369,7 @@ class DockerBackend:
         sandbox.init_refused = self._init_refused
         sandbox.connection_in_box = self._box.connection_in_box
         sandbox.transparent_refused = self._transparent_refused
+        sandbox.telnet_in_box = self._box.telnet_in_box
 
     async def list_managed(self) -> list[SandboxInfo]:
         """Every container of this sensor, with the state it is in now (and the parent cgroups of boxes that

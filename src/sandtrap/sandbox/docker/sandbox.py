@@ -23,6 +23,7 @@ import aiodocker
 
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import (
+    TELNET_PORT,
     Argv,
     ChangedFile,
     ClientAddress,
@@ -37,7 +38,7 @@ from sandtrap.sandbox.base import (
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.process import DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
-from sandtrap.sandbox.host import broker, hostfs, netns, relay
+from sandtrap.sandbox.host import boxports, broker, hostfs, netns, relay, telnet
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
 
@@ -131,6 +132,7 @@ class DockerSandbox:
         self.transparent_refused = "sandbox.network is none"
         self.captured_address = ""  # its eth0's address on the capture gateway (network.mode: capture)
         self.relay_netns = ""  # network.mode capture: the gateway's namespace, where off-loopback relays start
+        self.telnet_in_box = False  # a telnet service is configured: inetd on :23 from the box's claim on
 
     async def _host_view(self) -> HostView | None:
         """The box's files on this host, looked up once (None: use the engine)."""
@@ -156,14 +158,23 @@ class DockerSandbox:
     async def open_port(
         self, port: int, transport: Transport = "tcp", client: ClientAddress | None = None
     ) -> socket.socket:
-        """A socket to the box's 127.0.0.1:``port`` from inside its network namespace (see
-        :func:`sandtrap.sandbox.host.relay.connect_port`), on a thread of netns.py's."""
+        """A socket to the box's ``port``: from the client's own address to the box's eth0 for a client off loopback
+        whose service answers there (:func:`sandtrap.sandbox.host.boxports.open_as_client`), else to its 127.0.0.1 from inside its network namespace
+        (see :func:`sandtrap.sandbox.host.relay.connect_port`), on a thread of netns.py's."""
         view = await self._host_view()
         if view is not None and not view.verify():  # the box restarted: its pid 1 is another process now
             self._host_checked = False
             view = await self._host_view()
         if view is None:
             raise SandboxError(f"{self.name}: the box's network namespace is not visible on this host")
+        if client is not None and self.connection_in_box and not relay.is_loopback(client.ip):
+            box_address = self.captured_address or view.address
+            gateway = self.relay_netns if self.captured_address else ""  # network.mode capture: from its namespace
+            refused = "" if gateway else self.transparent_refused
+            route = boxports.Route(view.pid, view.verify, box_address, refused, gateway)
+            sock = await boxports.open_as_client(route, port, transport, client, self.name)
+            if sock is not None:
+                return sock
         return await netns.in_box_netns(
             view.pid,
             view.verify,
@@ -250,13 +261,18 @@ class DockerSandbox:
         plan: relay.RelayPlan | None = None
         if client is not None and self.connection_in_box:
             if self.captured_address and self.relay_netns:
-                planned = relay.plan(client, self.captured_address, "", self.relay_netns)
+                planned = relay.plan(client, self.captured_address, "", self.relay_netns, client.server_port)
             else:
-                planned = relay.plan(client, view.address, self.transparent_refused)
+                planned = relay.plan(client, view.address, self.transparent_refused, "", client.server_port)
             if isinstance(planned, str):
                 relay.note(planned)
             else:
                 plan = planned
+        if client is not None and client.server_port == TELNET_PORT:
+            started = await telnet.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty, plan)
+            if started is not None:
+                return started
+            plan = None  # sshd's listener, as before inetd: no connection on :23 to show
         try:
             return await broker.start(view.pid, view.verify, argv, env or {}, user, workdir or "", tty, plan)
         except broker.BrokerError as exc:
@@ -411,6 +427,10 @@ class DockerSandbox:
         # The engine renames a stopped container too: a warm box an engine restart stopped must not go to a session.
         if not await self.is_running():
             raise SandboxError(f"box {new} is not running")
+        if self.telnet_in_box and not self.init_refused:  # :23 listening before any login, as on the server
+            view = await self._host_view()
+            if view is not None and view.verify():
+                telnet.ask_inetd(view.pid, view.verify)
 
     async def is_running(self) -> bool:
         try:

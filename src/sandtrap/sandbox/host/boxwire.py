@@ -22,6 +22,8 @@ from sandtrap.sandbox.base import ExitStatus, TermSize, exit_status
 
 SOCKET_PATH = "/org/freedesktop/systemd1/private"  # an abstract unix socket (SOCK_SEQPACKET) in the box's netns
 SOCKET_NAME = b"\0" + SOCKET_PATH.encode()  # as Python's socket module spells an abstract address
+INETD_SOCKET_PATH = "/org/freedesktop/systemd1/inetd"  # inetd's listener (telnet logins), the same protocol
+INETD_SOCKET_NAME = b"\0" + INETD_SOCKET_PATH.encode()
 MAGIC = b"STB1"
 HEADER = struct.Struct("<4sBHHHH")  # magic, flags, cols, rows, argc, envc
 FLAG_TTY = 1
@@ -48,6 +50,7 @@ HANGUP_KILL_MS = 2000  # SIGHUP on the host's hang-up, SIGKILL this much later
 #: ``bytes`` a character literal, ints numbers.
 CONSTANTS: tuple[tuple[str, str | bytes | int], ...] = (
     ("BOX_SOCKET", SOCKET_PATH),
+    ("INETD_SOCKET", INETD_SOCKET_PATH),
     ("REQUEST_MAGIC", MAGIC.decode()),
     ("REQUEST_MAGIC_SIZE", len(MAGIC)),
     ("REQUEST_FLAGS_AT", struct.calcsize("<4s")),

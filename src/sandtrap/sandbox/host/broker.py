@@ -91,7 +91,7 @@ def check_fds(fds: Sequence[int], tty: bool) -> list[int]:
 # --- connecting to the box's listener ----------------------------------------------------------------
 
 
-def _connect_listener() -> socket.socket:
+def _connect_listener(name: bytes) -> socket.socket:
     # A box created a moment ago (the pool ran dry) may not listen yet: its init starts the listener
     # after its boot work. Refused connects are retried for LISTEN_WAIT_S, on this thread only.
     deadline = time.monotonic() + LISTEN_WAIT_S
@@ -99,7 +99,7 @@ def _connect_listener() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(SOCKET_NAME)
+            sock.connect(name)
             sock.setblocking(False)
             return sock
         except ConnectionRefusedError:
@@ -112,10 +112,15 @@ def _connect_listener() -> socket.socket:
             raise
 
 
-async def connect(pid: int, is_same_box: Callable[[], bool]) -> socket.socket:
-    """A socket connected to the box's listener."""
+async def connect(pid: int, is_same_box: Callable[[], bool], name: bytes | None = None) -> socket.socket:
+    """A socket connected to the box's listener: sshd's (SOCKET_NAME), or ``name`` (INETD_SOCKET_NAME: inetd's)."""
+    address = name or SOCKET_NAME
     return await in_box_netns(
-        pid, is_same_box, _connect_listener, "the box's listener", CONNECT_TIMEOUT_S + LISTEN_WAIT_S + 1
+        pid,
+        is_same_box,
+        lambda: _connect_listener(address),
+        "the box's listener",
+        CONNECT_TIMEOUT_S + LISTEN_WAIT_S + 1,
     )
 
 
@@ -156,11 +161,13 @@ async def start(
     workdir: str,
     tty: TermSize | None,
     plan: relays.RelayPlan | None = None,
+    listener: bytes | None = None,
 ) -> BrokerProcess:
     """A process started by the box's listener (raises :class:`BrokerError` if it cannot be); with ``plan``, the
-    box also holds the login's TCP connection to its :22 while the process lives (when it can be made)."""
+    box also holds the login's TCP connection to its :22 (inetd's ``listener``: :23) while the process lives (when
+    it can be made)."""
     request = encode_request(argv, env, user, workdir, tty, plan.peer if plan is not None else None)
-    sock = await connect(pid, is_same_box)
+    sock = await connect(pid, is_same_box, listener)
     held: socket.socket | None = None
     try:
         async with asyncio.timeout(START_TIMEOUT_S):

@@ -63,6 +63,8 @@ class RelayPlan:
     server_ip: str
     in_box: bool
     netns: str = ""  # not in_box: the named namespace the client end is made in ('' = the host's, transparent)
+    server_port: int = SSH_PORT  # the box's port: 22 for a login's, a raw service's target port
+    transport: str = "tcp"  # "udp" for a raw UDP service's peer
 
     @property
     def peer(self) -> str:
@@ -77,8 +79,16 @@ def note(reason: str) -> None:
         log.warning("logins show no TCP connection in the box: %s", reason)
 
 
-def plan(client: ClientAddress, box_address: str, transparent_refused: str, netns: str = "") -> RelayPlan | str:
-    """Where the login's connection comes from, or why it cannot be made.
+def plan(
+    client: ClientAddress,
+    box_address: str,
+    transparent_refused: str,
+    netns: str = "",
+    server_port: int = SSH_PORT,
+    transport: str = "tcp",
+) -> RelayPlan | str:
+    """Where the login's connection (or a raw service's, to ``server_port`` over ``transport``) comes from, or why
+    it cannot be made.
 
     ``box_address``: the box's eth0 address ('' = none); ``transparent_refused``: why the host cannot hold a
     transparent socket for it ('' = it can)."""
@@ -95,14 +105,14 @@ def plan(client: ClientAddress, box_address: str, transparent_refused: str, netn
             server = None
         if server is None or not server.is_loopback or server.version != ip.version:
             server = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
-        return RelayPlan(str(ip), client.port, str(server), in_box=True)
+        return RelayPlan(str(ip), client.port, str(server), True, "", server_port, transport)
     if ip.version != 4:
         return "an IPv6 client (the box's network is IPv4 only)"
     if not box_address:
         return "a client off loopback and a box without eth0 (sandbox.network: none)"
     if transparent_refused:
         return transparent_refused
-    return RelayPlan(str(ip), client.port, box_address, in_box=False, netns=netns)
+    return RelayPlan(str(ip), client.port, box_address, False, netns, server_port, transport)
 
 
 def _family(ip: str) -> socket.AddressFamily:
@@ -110,13 +120,14 @@ def _family(ip: str) -> socket.AddressFamily:
 
 
 def connect_in_box(p: RelayPlan) -> socket.socket:
-    """The client end, made on a thread that has entered the box's network namespace (blocking, bounded)."""
-    sock = socket.socket(_family(p.src_ip), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    """The client end, made on a thread that has entered the box's network namespace, or the capture gateway's
+    (blocking, bounded)."""
+    sock = socket.socket(_family(p.src_ip), _kind(p.transport) | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((p.src_ip, p.src_port))
+        _bind_client(sock, p)
         sock.settimeout(CONNECT_TIMEOUT_S)
-        sock.connect((p.server_ip, SSH_PORT))
+        sock.connect((p.server_ip, p.server_port))
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -126,17 +137,32 @@ def connect_in_box(p: RelayPlan) -> socket.socket:
 
 async def connect_transparent(p: RelayPlan) -> socket.socket:
     """The client end on the host: a transparent socket with the client's address (needs CAP_NET_ADMIN)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    sock = socket.socket(socket.AF_INET, _kind(p.transport) | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((p.src_ip, p.src_port))
+        _bind_client(sock, p)
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            await asyncio.get_running_loop().sock_connect(sock, (p.server_ip, SSH_PORT))
+            await asyncio.get_running_loop().sock_connect(sock, (p.server_ip, p.server_port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _kind(transport: str) -> socket.SocketKind:
+    return socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+
+
+def _bind_client(sock: socket.socket, p: RelayPlan) -> None:
+    """The client's address and port; a raw service's connection takes the address alone when the port is
+    taken (a login's must be exact: the box's listener matches it)."""
+    try:
+        sock.bind((p.src_ip, p.src_port))
+    except OSError:
+        if p.server_port == SSH_PORT and p.transport == "tcp":
+            raise
+        sock.bind((p.src_ip, 0))
 
 
 def connect_port(port: int, transport: str, client: ClientAddress | None) -> socket.socket:
@@ -162,6 +188,14 @@ def connect_port(port: int, transport: str, client: ClientAddress | None) -> soc
     return sock
 
 
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1 (what is not an address is not loopback)."""
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
 def _is_loopback_v4(ip: str) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
@@ -173,24 +207,35 @@ def _is_loopback_v4(ip: str) -> bool:
 # --- the host's rules for the transparent path -------------------------------------------------------
 
 
+# Any port and TCP or UDP: a login's :22 and the raw services' ports. Only a packet that belongs to a transparent
+# socket of the host (the relay's, nothing else is transparent) is marked, and only as a reply it is accepted.
 def mangle_rule(bridge: str) -> list[str]:
     return [
-        "PREROUTING", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT),
-        "-m", "socket", "--transparent", "-j", "MARK", "--set-xmark", f"{MARK:#x}/0xffffffff",
+        "PREROUTING", "-i", bridge, "-m", "socket", "--transparent",
+        "-j", "MARK", "--set-xmark", f"{MARK:#x}/0xffffffff",
     ]  # fmt: skip
 
 
 def input_rule(bridge: str) -> list[str]:
     return [
-        "INPUT", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT), "-m", "mark", "--mark", f"{MARK:#x}",
+        "INPUT", "-i", bridge, "-m", "mark", "--mark", f"{MARK:#x}",
         "-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT",
     ]  # fmt: skip
+
+
+def older_rules(bridge: str) -> list[tuple[list[str], list[str]]]:
+    """An older version's rules for :22 only (``-p tcp --sport 22``), as (table args, rule): replaced by the rules
+    above, so the host keeps one set."""
+    mangle = ["PREROUTING", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT), *mangle_rule(bridge)[3:]]
+    accept = ["INPUT", "-i", bridge, "-p", "tcp", "--sport", str(SSH_PORT), *input_rule(bridge)[3:]]
+    return [(["-t", "mangle"], mangle), ([], accept)]
 
 
 def accept_first(listing: str, bridge: str) -> bool:
     """Whether ``iptables -S INPUT`` has the relay's ACCEPT before the bridge's DROP (and both there)."""
     lines = listing.splitlines()
-    accept = next((i for i, x in enumerate(lines) if x.startswith(f"-A INPUT -i {bridge} ") and "ACCEPT" in x), -1)
+    rule = " ".join(["-A", *input_rule(bridge)])  # as `iptables -S` prints it (an older --sport 22 one is not it)
+    accept = next((i for i, x in enumerate(lines) if x == rule), -1)
     drop = next((i for i, x in enumerate(lines) if x == f"-A INPUT -i {bridge} -j DROP"), -1)
     return 0 <= accept < drop
 
@@ -205,6 +250,9 @@ async def open_reply_path(bridge: str) -> str:
     if iptables is None or ip is None:
         return f"sandbox.connection_in_box: iptables and ip are needed. Fix: apt-get install iptables iproute2, {fix}"
     mangle = ["-t", "mangle"]
+    for table, rule in older_rules(bridge):
+        while (await run_command([iptables, "-w", *table, "-D", *rule]))[0] == 0:
+            pass
     if (await run_command([iptables, "-w", *mangle, "-C", *mangle_rule(bridge)]))[0] != 0:
         code, out = await run_command([iptables, "-w", *mangle, "-I", "PREROUTING", "1", *mangle_rule(bridge)[1:]])
         if code != 0:
