@@ -16,13 +16,14 @@ import posixpath
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from sandtrap.bridge.commands import CommandReconstructor
 from sandtrap.bridge.connection import Connection
 from sandtrap.bridge.live import LiveTap
 from sandtrap.bridge.login import (
     Peer,
+    accepted_env,
     exec_argv,
     is_loopback,
     login_env,
@@ -41,6 +42,7 @@ from sandtrap.events import (
     CHANNEL_OPEN,
     CHANNEL_PTY,
     CHANNEL_SHELL,
+    CHANNEL_SIGNAL,
     CHANNEL_SUBSYSTEM,
     CLIENT_SIZE,
     CLIENT_VAR,
@@ -52,7 +54,7 @@ from sandtrap.events import (
     SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
-from sandtrap.sandbox.base import ClientAddress, ExitStatus, Login, Process, TermSize
+from sandtrap.sandbox.base import ClientAddress, ExitStatus, Login, Process, Signals, TermSize
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,7 @@ class Channel:
                 uid=account.uid,
                 session_id=c.login_id if scope else None,
                 client=ClientAddress(c.src_ip, c.src_port, server_ip) if first and self._kind != "login" else None,
+                **self._asked(env),
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
@@ -277,6 +280,34 @@ class Channel:
                 # close cannot cancel (the connection's closing record waits for it).
                 c.track(self._collect_uploads())
             self._emit(CHANNEL_CLOSED, channel=self.number, bytes_in=c.usage.bytes_in, bytes_out=c.usage.bytes_out)
+
+    def _asked(self, env: Mapping[str, str]) -> dict[str, Any]:
+        """What the client asked sshd for on this channel (Login's fields for a backend with its own sshd)."""
+        c = self._conn
+        if self._kind == "exec":
+            command: bytes | None = self._raw_command or self._command.encode("utf-8", "surrogateescape")
+        elif self._kind == "subsystem":
+            command = self._command.encode()
+        else:
+            command = None
+        return {
+            "session": c.session,
+            "peer": ClientAddress(c.src_ip, c.src_port, c.dst_ip),
+            "username": c.username,
+            "password": c.password,
+            "auth_method": c.auth_method,
+            "kind": self._kind if self._kind != "login" else "",
+            "command": command,
+            "term": self._term,
+            "env": tuple(accepted_env(env).items()),
+        }
+
+    def signal(self, name: str) -> None:
+        """The client's ``signal`` request: delivered where the process takes signals (the box's own sshd)."""
+        self._emit(CHANNEL_SIGNAL, channel=self.number, signal=name[:32])
+        process = self._process
+        if process is not None and isinstance(process, Signals):
+            asyncio.get_running_loop().create_task(process.signal(name[:32]))
 
     def _command_typed(self, line: str) -> None:
         self._emit(COMMAND_INPUT, input=line, channel=self.number, source="tty")

@@ -212,9 +212,9 @@ class SessionManager:
         if known is not None:
             return known
         existing = lease.passwd.get(username)
-        if existing is not None:
+        if existing is not None and not lease.sandbox.features.own_sshd:
             # The account is there (read while the box was warm): the shell need not wait for the
-            # password to be set in /etc/shadow; that runs alongside.
+            # password to be set in /etc/shadow; that runs alongside. Not where the box's own sshd checks it.
             lease.accounts[username] = existing
             self._spawn(self._set_password(lease, username, password))
             return existing
