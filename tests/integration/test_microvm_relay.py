@@ -68,7 +68,7 @@ def _settings() -> Settings:
         "sandbox": {
             "backend": "microvm",
             "microvm": {"memory": "512m", "vcpus": 1},
-            "pool_size": 1,
+            "pool_size": 0,  # the one VM is made for the first connection: no second one booting alongside
             "affinity": "source_ip",
         },
         "auth": {
@@ -156,8 +156,8 @@ async def test_attacker_session_is_the_guests_own_sshd(tmp_path: Path) -> None:
                 proc.stdin.write(b"stty size\n")
                 await _read_until(proc, b"43 132")
                 proc.close()
-                sleeper = await conn.create_process("sleep 600", encoding=None)
-                await asyncio.sleep(2)
+                sleeper = await conn.create_process("echo started; exec sleep 600", encoding=None)
+                await _read_until(sleeper, b"started")  # running in the guest: sshd has a process to signal
                 sleeper.send_signal("INT")
                 await asyncio.wait_for(sleeper.wait_closed(), 60)
                 assert sleeper.exit_signal is not None and sleeper.exit_signal[0] == "INT", sleeper.exit_signal
