@@ -156,8 +156,13 @@ async def test_attacker_session_is_the_guests_own_sshd(tmp_path: Path) -> None:
                 proc.stdin.write(b"stty size\n")
                 await _read_until(proc, b"43 132")
                 proc.close()
+            # A signal request reaches the session's process group, as OpenSSH's sshd delivers it: for an account
+            # that is not root (sshd serves root's session from its privileged monitor, which refuses signals).
+            async with asyncssh.connect(
+                HOST, port, username="deploy", password="any", known_hosts=None, agent_path=None, config=None
+            ) as conn:
                 sleeper = await conn.create_process("echo started; exec sleep 600", encoding=None)
-                await _read_until(sleeper, b"started")  # running in the guest: sshd has a process to signal
+                await _read_until(sleeper, b"started", timeout_s=180)  # running: sshd has a process to signal
                 sleeper.send_signal("INT")
                 await asyncio.wait_for(sleeper.wait_closed(), 60)
                 assert sleeper.exit_signal is not None and sleeper.exit_signal[0] == "INT", sleeper.exit_signal
@@ -177,7 +182,7 @@ async def test_attacker_session_is_the_guests_own_sshd(tmp_path: Path) -> None:
             got = await box.get_file("/tmp/sftp-tool.bin", 1 << 20)
             assert got is not None and got.data == payload
 
-            # -- an account the attacker made up: created, its password set, sshd lets it in with it ----------
+            # -- another password for that account: set first, sshd lets it in with it ---------------------------
             r = await client(ssh_argv(port, "id -un; echo $HOME", user="deploy", password="s3cret!"), timeout_s=120)
             assert r.out == "deploy\n/home/deploy\n", (r.out, r.err)
 

@@ -96,6 +96,7 @@ class Channel:
         self._pending_eof = False
         self._relay: Relay | None = None
         self._process: Process | None = None
+        self._takes_signals = False  # the box's own sshd runs the process (Features.own_sshd): signals go to it
         self.observers: list[RelayObserver] = []
         self._transfers = False
         self._cast: CastRecorder | None = None
@@ -243,6 +244,7 @@ class Channel:
                 **self._asked(env),
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)
+            self._takes_signals = lease.sandbox.features.own_sshd
             if self._kind != "subsystem":  # no cast of the binary SFTP protocol (its requests are events)
                 self._open_cast(account.shell)
             if self._kind in ("shell", "login"):  # the interactive terminal can be watched live, read-only
@@ -306,7 +308,7 @@ class Channel:
         """The client's ``signal`` request: delivered where the process takes signals (the box's own sshd)."""
         self._emit(CHANNEL_SIGNAL, channel=self.number, signal=name[:32])
         process = self._process
-        if process is not None and isinstance(process, Signals):
+        if process is not None and self._takes_signals and isinstance(process, Signals):
             asyncio.get_running_loop().create_task(process.signal(name[:32]))
 
     def _command_typed(self, line: str) -> None:
