@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ pytestmark = [
 
 def _settings() -> Settings:
     base: dict[str, Any] = {
+        "sensor": f"vmrelay-{secrets.token_hex(3)}",  # a capture gateway namespace of its own
         "storage": {"data_dir": str(DATA)},
         "image": {"cache_dir": str(ROOT / "data" / "cache")},
         "ssh": {"listen": "127.0.0.1:0"},
