@@ -46,6 +46,7 @@ CHANNEL_PTY = "sandtrap.channel.pty"
 CHANNEL_SHELL = "sandtrap.channel.shell"
 CHANNEL_EXEC = "sandtrap.channel.exec"
 CHANNEL_SUBSYSTEM = "sandtrap.channel.subsystem"
+CHANNEL_SIGNAL = "sandtrap.channel.signal"
 CHANNEL_EXIT = "sandtrap.channel.exit"
 CHANNEL_CLOSED = "sandtrap.channel.closed"
 FORWARD_REQUEST = "sandtrap.forward.request"
@@ -134,6 +135,7 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     CHANNEL_SHELL: (("channel",), "interactive shell started"),
     CHANNEL_EXEC: (("channel", "input"), "exec: {input}"),
     CHANNEL_SUBSYSTEM: (("channel", "subsystem"), "subsystem {subsystem} requested"),
+    CHANNEL_SIGNAL: (("channel", "signal"), "signal {signal} requested"),
     CHANNEL_EXIT: (("channel", "exit_status"), "process exited with {exit_status}"),
     CHANNEL_CLOSED: (("channel", "bytes_in", "bytes_out"), "channel {channel} closed"),
     FORWARD_REQUEST: (("kind", "dst_ip", "dst_port"), "refused {kind} forwarding to {dst_ip}:{dst_port}"),

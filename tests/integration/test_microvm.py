@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -215,6 +216,7 @@ def _rollup_kib(pid: int, field: str) -> int:
 async def test_honeypot_serves_a_login_into_a_vm(vm_image: tuple[VMImage, float, bool]) -> None:
     """ssh/ and bridge/ unchanged: an attacker's password login, an exec and a pty shell reach a VM."""
     overrides: dict[str, Any] = {
+        "sensor": f"vmtest-{secrets.token_hex(3)}",  # a capture gateway namespace of its own (checkouts run at once)
         "ssh": {"listen": "127.0.0.1:0"},
         "api": {"listen": "127.0.0.1:0"},
         "sandbox": {"pool_size": 1},

@@ -31,8 +31,15 @@ say "systemd as PID 1, Debian's sshd"
 cp -p "$KEEP/ssh.service" /lib/systemd/system/ssh.service
 rm -rf "$KEEP"
 ln -sf /lib/systemd/systemd /sbin/init
-# /usr/lib/openssh/sshd-session (session.c) stays for now: the bridge's logins run it (utmp, motd, the login
-# shell) until the attacker's SSH is relayed into this sshd (issue 15, step 3); then it goes.
+# The attacker's SSH is relayed into this sshd (sandbox/microvm/relay.py): sshd itself does utmp, motd, the
+# login shell and the auth log, so sandtrap's container session helper (session.c) goes. Bookworm's OpenSSH
+# (9.2) has no sshd-session of its own.
+rm -f /usr/lib/openssh/sshd-session
+# Logins come as the attacker made them, root's password ones too: a server that lets root in by password
+# (what attackers look for). Debian's default is prohibit-password; the drop-in is how an admin would say it.
+mkdir -p /etc/ssh/sshd_config.d
+printf 'PermitRootLogin yes\n' > /etc/ssh/sshd_config.d/10-root-login.conf
+chmod 0644 /etc/ssh/sshd_config.d/10-root-login.conf
 # A VM's kernel has audit: pam_loginuid as Debian ships it.
 for svc in cron sshd; do
     if [ -f "/etc/pam.d/$svc" ]; then

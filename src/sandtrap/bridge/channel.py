@@ -16,7 +16,7 @@ import posixpath
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from sandtrap.bridge import terminal_login
 from sandtrap.bridge.commands import CommandReconstructor
@@ -24,6 +24,7 @@ from sandtrap.bridge.connection import Connection
 from sandtrap.bridge.live import LiveTap
 from sandtrap.bridge.login import (
     Peer,
+    accepted_env,
     exec_argv,
     is_loopback,
     login_env,
@@ -42,6 +43,7 @@ from sandtrap.events import (
     CHANNEL_OPEN,
     CHANNEL_PTY,
     CHANNEL_SHELL,
+    CHANNEL_SIGNAL,
     CHANNEL_SUBSYSTEM,
     CLIENT_SIZE,
     CLIENT_VAR,
@@ -53,7 +55,7 @@ from sandtrap.events import (
     SFTP_REQUEST,
 )
 from sandtrap.logs import session_context
-from sandtrap.sandbox.base import SSH_PORT, TELNET_PORT, ClientAddress, ExitStatus, Login, Process, TermSize
+from sandtrap.sandbox.base import SSH_PORT, TELNET_PORT, ClientAddress, ExitStatus, Login, Process, Signals, TermSize
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class Channel:
         self._pending_eof = False
         self._relay: Relay | None = None
         self._process: Process | None = None
+        self._takes_signals = False  # the box's own sshd runs the process (Features.own_sshd): signals go to it
         self.observers: list[RelayObserver] = []
         self._transfers = False
         self._cast: CastRecorder | None = None
@@ -247,8 +250,10 @@ class Channel:
                 )
                 if first
                 else None,
+                **self._asked(env),
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)
+            self._takes_signals = lease.sandbox.features.own_sshd
             if answered:  # login's own prompts, answered; else (they did not come) login -f, as before
                 ask_user = env.get("USER") != account.name  # else login has the name (terminal_login_argv)
                 done = await terminal_login.answer(self._process, account.name, password, ask_user)
@@ -298,6 +303,34 @@ class Channel:
                 # close cannot cancel (the connection's closing record waits for it).
                 c.track(self._collect_uploads())
             self._emit(CHANNEL_CLOSED, channel=self.number, bytes_in=c.usage.bytes_in, bytes_out=c.usage.bytes_out)
+
+    def _asked(self, env: Mapping[str, str]) -> dict[str, Any]:
+        """What the client asked sshd for on this channel (Login's fields for a backend with its own sshd)."""
+        c = self._conn
+        if self._kind == "exec":
+            command: bytes | None = self._raw_command or self._command.encode("utf-8", "surrogateescape")
+        elif self._kind == "subsystem":
+            command = self._command.encode()
+        else:
+            command = None
+        return {
+            "session": c.session,
+            "peer": ClientAddress(c.src_ip, c.src_port, c.dst_ip),
+            "username": c.username,
+            "password": c.password,
+            "auth_method": c.auth_method,
+            "kind": self._kind if self._kind != "login" else "",
+            "command": command,
+            "term": self._term,
+            "env": tuple(accepted_env(env).items()),
+        }
+
+    def signal(self, name: str) -> None:
+        """The client's ``signal`` request: delivered where the process takes signals (the box's own sshd)."""
+        self._emit(CHANNEL_SIGNAL, channel=self.number, signal=name[:32])
+        process = self._process
+        if process is not None and self._takes_signals and isinstance(process, Signals):
+            asyncio.get_running_loop().create_task(process.signal(name[:32]))
 
     def _command_typed(self, line: str) -> None:
         self._emit(COMMAND_INPUT, input=line, channel=self.number, source="tty")

@@ -42,7 +42,7 @@ from sandtrap.events import (
 )
 from sandtrap.logs import RateLimited, session_context
 from sandtrap.outputs.recording import RecordingHealth
-from sandtrap.sandbox.base import run
+from sandtrap.sandbox.base import OwnSshd, run
 
 log = logging.getLogger(__name__)
 refusals = RateLimited(log)  # floods of refused connections log a line a minute, not a line each
@@ -260,7 +260,7 @@ class Connection:
                 lease = await self._lease_task
             except (Exception, asyncio.CancelledError):  # recorded where it failed; the close record still comes
                 lease = None
-        if lease is not None and self.login_account is not None and self.protocol == "ssh":
+        if lease is not None and self.protocol == "ssh":
             await self._log_close(lease, self.login_account)  # sshd's lines; login(1) logs its own close
         if self._capture_close is not None:
             try:
@@ -293,8 +293,18 @@ class Connection:
             except Exception:
                 log.exception("releasing the sandbox failed")
 
-    async def _log_close(self, lease: Lease, account: Account) -> None:
-        """sshd's lines for the end of the connection, once, in the box's auth.log (session.c, -x)."""
+    async def _log_close(self, lease: Lease, account: Account | None) -> None:
+        """sshd's lines for the end of the connection, once, in the box's auth.log (session.c, -x); a box whose
+        own sshd served the login closes that connection instead (its sshd logs the rest)."""
+        box = lease.sandbox
+        if box.features.own_sshd and isinstance(box, OwnSshd):
+            try:
+                await box.end_login(self.session)
+            except SandboxError as exc:
+                log.info("the box's sshd connection did not close: %s", exc)
+            return
+        if account is None:  # no shell or exec channel: the helper logged no login
+            return
         argv = close_argv(account, Peer(self.src_ip, self.src_port, self.dst_ip, self.dst_port))
         try:
             async with self.hub.engine_work:

@@ -54,6 +54,7 @@ class _IpBox:
     users: int = 0
     timer: asyncio.TimerHandle | None = None
     accounts: dict[str, Account] = field(default_factory=dict)
+    passwords: dict[str, str | None] = field(default_factory=dict)
     prepared: Prepared = field(default_factory=Prepared)
     logins: BoxLogins = field(default_factory=BoxLogins)
     had_login: bool = False  # a login (ssh, telnet) used it, not only raw services' connections
@@ -76,6 +77,7 @@ class Lease:
     tokens: list[Token] = field(default_factory=list)
     passwd: dict[str, Account] = field(default_factory=dict)  # the box's accounts when it was prepared
     logins: BoxLogins = field(default_factory=BoxLogins)  # shared by every connection to the same box
+    passwords: dict[str, str | None] = field(default_factory=dict)  # each account's password as last set in the box
 
 
 class SessionManager:
@@ -145,6 +147,7 @@ class SessionManager:
                         tokens=held.tokens,
                         passwd=held.prepared.passwd,
                         logins=held.logins,
+                        passwords=held.passwords,
                     )
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
@@ -161,6 +164,7 @@ class SessionManager:
                     tokens=box.tokens,
                     passwd=box.prepared.passwd,
                     logins=box.logins,
+                    passwords=box.passwords,
                 )
         sandbox = await self._pool.acquire(session, src_ip)
         prepared = await self._prepared(sandbox)
@@ -210,14 +214,19 @@ class SessionManager:
         """The user's account in the box, created on first use (cached per box). ``wait_password``: the account has
         ``password`` in the box's /etc/shadow before this returns (a login that checks it itself, telnet's)."""
         known = lease.accounts.get(username)
-        if known is not None:
+        own_sshd = lease.sandbox.features.own_sshd
+        if known is not None and (not own_sshd or lease.passwords.get(username) == password):
             if wait_password:
                 await self.set_password(lease, username, password)
             return known
+        if known is not None:  # the box's own sshd checks this login's password: set it before the login
+            account = await ensure_account(lease.sandbox, username, password)
+            lease.passwords[username] = password
+            return account
         existing = lease.passwd.get(username)
-        if existing is not None:
+        if existing is not None and not lease.sandbox.features.own_sshd:
             # The account is there (read while the box was warm): the shell need not wait for the
-            # password to be set in /etc/shadow; that runs alongside.
+            # password to be set in /etc/shadow; that runs alongside. Not where the box's own sshd checks it.
             lease.accounts[username] = existing
             if wait_password:
                 await self.set_password(lease, username, password)
@@ -226,6 +235,7 @@ class SessionManager:
             return existing
         account = await ensure_account(lease.sandbox, username, password)
         lease.accounts[username] = account
+        lease.passwords[username] = password
         return account
 
     @staticmethod

@@ -24,6 +24,8 @@ STDERR = 2
 Argv = Sequence[str | bytes]
 
 SandboxState = Literal["warm", "active", "preserved", "gone"]
+# What a login channel asked sshd for ("": not a login's, or a terminal login that is not SSH's).
+LoginKind = Literal["", "shell", "exec", "subsystem"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,17 @@ class Login:
     uid: int = 0
     session_id: int | None = None
     client: ClientAddress | None = None
+    # What sshd was asked, for a backend with :attr:`Features.own_sshd` (the box's own sshd serves the login:
+    # ``argv`` is then only what sandtrap would run itself). The bridge fills these in for every login channel.
+    session: str = ""  # the attacker's connection: its channels share one connection to the box's sshd
+    peer: ClientAddress | None = None  # the attacker's address, on every channel (``client`` is the first's)
+    username: str = ""
+    password: str | None = None  # what the attacker logged in with (None: a publickey login)
+    auth_method: str = ""  # as sshd names it: "password", "keyboard-interactive/pam", "publickey"
+    kind: LoginKind = ""
+    command: bytes | None = None  # exec: the client's command as it sent it; subsystem: the subsystem's name
+    term: str | None = None  # the pty's TERM (None: no pty); its size is exec's ``tty``
+    env: tuple[tuple[str, str], ...] = ()  # the client's variables sshd accepts (AcceptEnv LANG LC_*)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,9 @@ class Features:
     login_scopes: bool = False  # exec(login=Login(session_id=n)) puts the login in its own cgroup scope
     connection_in_box: bool = False  # exec(login=Login(client=...)) shows the login's TCP connection in the box
     box_ports: bool = False  # a BoxPorts sandbox: open_port() reaches a port on the box's own loopback
+    # An OwnSshd sandbox: exec(login=Login(kind=...)) is served by the box's own sshd (argv unused), and its
+    # processes take signals; the connection's end is end_login(session), not sandtrap's helper.
+    own_sshd: bool = False
 
 
 class ReadWatch(Protocol):
@@ -221,6 +237,23 @@ class Sandbox(Protocol):
 
     async def remove(self) -> None:
         """Delete for good; harmless if already gone."""
+
+
+@runtime_checkable
+class Signals(Protocol):
+    """A :class:`Process` that takes SSH's ``signal`` requests (a backend with :attr:`Features.own_sshd`)."""
+
+    async def signal(self, name: str) -> None:
+        """Deliver the signal SSH names ``name`` (``INT``, ``TERM``...); harmless once it has ended."""
+
+
+@runtime_checkable
+class OwnSshd(Protocol):
+    """A sandbox whose own sshd serves logins: asked through :attr:`Features.own_sshd`."""
+
+    async def end_login(self, session: str) -> None:
+        """The attacker's connection ``session`` is over: close its connection to the box's sshd (sshd logs the
+        disconnect and the session's close itself); harmless when there is none."""
 
 
 Transport = Literal["tcp", "udp"]

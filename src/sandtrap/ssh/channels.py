@@ -53,6 +53,9 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         self._channel.feed_eof()
         return True
 
+    def signal_received(self, signal: str) -> None:
+        self._channel.signal(signal)
+
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         self._channel.resize(width, height)
 

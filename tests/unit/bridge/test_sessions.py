@@ -14,7 +14,7 @@ import pytest
 from sandtrap.bridge.login import ensure_account
 from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import LimitsSettings, SandboxSettings
-from sandtrap.sandbox.base import run
+from sandtrap.sandbox.base import Features, run
 from sandtrap.sandbox.pool import Pool
 
 from fakes import ROOTLESS, ChrootBackend, ChrootSandbox
@@ -229,3 +229,29 @@ async def test_a_box_only_raw_services_used_goes_back_after_raw_ttl_unless_a_log
     await mgr.end(ssh)
     await asyncio.sleep(0.5)
     assert await ssh.sandbox.is_running()  # held for ip_ttl_s now
+
+
+@pytest.mark.skipif(ROOTLESS, reason="useradd in a rootless fake box cannot chown the new home")
+async def test_where_the_boxs_own_sshd_checks_it_each_new_password_is_set_before_the_login(manager: Make) -> None:
+    mgr, _ = await manager(affinity="source_ip")
+    lease = await mgr.lease("s1", "198.51.100.1")
+    box = lease.sandbox
+    assert isinstance(box, ChrootSandbox)
+    box.features = Features(own_sshd=True)  # type: ignore[misc]
+
+    def root_hash() -> str:
+        shadow = (box.root / "etc/shadow").read_text().splitlines()
+        return next(line.split(":")[1] for line in shadow if line.startswith("root:"))
+
+    before = root_hash()
+    await mgr.account(lease, "root", "first")  # an existing account: set now, not alongside the login
+    first = root_hash()
+    assert first != before and first.startswith("$6$")
+    execs = len(box.logins)
+    await mgr.account(lease, "root", "first")
+    assert len(box.logins) == execs  # the same password: nothing to do
+    again = await mgr.lease("s2", "198.51.100.1")  # the same box, another connection with another password
+    await mgr.account(again, "root", "second")
+    assert root_hash() not in (before, first)
+    await mgr.end(lease)
+    await mgr.end(again)

@@ -26,7 +26,7 @@ from sandtrap.sandbox.base import (
     TermSize,
     run,
 )
-from sandtrap.sandbox.microvm import guest, qemu, state
+from sandtrap.sandbox.microvm import guest, qemu, relay, state
 from sandtrap.sandbox.microvm.state import VMRecord
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class MicroVMSandbox:
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
+        self._logins: relay.GuestLogins | None = None  # the attackers' own connections to the guest's sshd
 
     @property
     def directory(self) -> Path:
@@ -80,7 +81,7 @@ class MicroVMSandbox:
 
     @property
     def features(self) -> Features:
-        return Features()
+        return Features(own_sshd=True)
 
     def _is_alive(self) -> bool:
         return qemu.is_alive(self._record.pid, self.name)
@@ -114,8 +115,28 @@ class MicroVMSandbox:
         workdir: str | None = None,
         login: Login | None = None,
     ) -> Process:
+        if login is not None and login.kind:  # the guest's own sshd serves it (relay.py); argv is ours, unused
+            return await self._relay().open(login, tty)
         conn = await self.connection()
         return await guest.start(conn, argv, tty=tty, env=env, user=user, workdir=workdir)
+
+    def _relay(self) -> relay.GuestLogins:
+        if self._logins is None:
+            self._logins = relay.GuestLogins(
+                self._record.pid, self._is_alive, self._address, self._key, self.name, self._authorize
+            )
+        return self._logins
+
+    async def _authorize(self, username: str) -> None:
+        """The access key in ``username``'s authorized_keys (a publickey login relayed: relay.py)."""
+        line = self._key.export_public_key("openssh").decode().strip()
+        result = await run(self, ["sh", "-c", relay.AUTHORIZE, "sh", username, line], timeout_s=30)
+        if not result.ok:
+            raise SandboxError(f"cannot authorize the access key for {username!r} in {self.name}: {result.stderr!r}")
+
+    async def end_login(self, session: str) -> None:
+        if self._logins is not None:
+            await self._logins.end(session)
 
     async def network_address(self) -> str:
         return self._address
@@ -184,6 +205,9 @@ class MicroVMSandbox:
         return self._is_alive()
 
     async def _close_connection(self) -> None:
+        logins, self._logins = self._logins, None
+        if logins is not None:
+            await logins.close()
         conn, self._conn, self._sftp = self._conn, None, None
         if conn is not None:
             conn.close()
