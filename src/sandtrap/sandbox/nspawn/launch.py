@@ -1,0 +1,87 @@
+"""How a box is started: systemd-nspawn's command line, every hardening item in one place (README "nspawn boxes").
+
+- ``--register=no --keep-unit``: no machined, no scope of its own (PID 1 here is not systemd); nspawn and the box
+  stay in the cgroups they are started in: the per-box parent cgroup with the memory, pids and CPU limits
+  (:mod:`sandtrap.sandbox.host.cgroups`), entered by a tiny ``sh`` before it execs nspawn.
+- ``--private-network``: a network namespace with ``lo`` only (network.mode none; :func:`network_args` is where
+  the capture network plugs in). Private PID, IPC, UTS and mount namespaces are nspawn's own.
+- ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
+- ``--system-call-filter``: nspawn's allow-list, with io_uring refused (EPERM: nspawn 252 cannot name an errno).
+- ``--resolv-conf=off --timezone=off --link-journal=no``: nothing of the host's is copied or bound in; the only
+  host files a box sees are the read-only /proc views (``--bind-ro``), and /run/host (nspawn's own) is unmounted
+  by the backend before the box is used.
+- ``SYSTEMD_NSPAWN_TMPFS_TMP=0``: /tmp is on the box's overlay (bounded by its disk, diffed, kept).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from sandtrap.config import NspawnSettings, SandboxSettings
+
+# Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
+ALL_CAPS = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE NET_BIND_SERVICE "
+    "NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT "
+    "SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+    "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
+).split()
+IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+
+
+def dropped_caps(keep: Sequence[str]) -> list[str]:
+    wanted = {c.upper().removeprefix("CAP_") for c in keep}
+    return [f"CAP_{c}" for c in ALL_CAPS if c not in wanted]
+
+
+def network_args(box: SandboxSettings) -> list[str]:
+    """The box's network: only ``lo`` (sandbox.network none). The capture network (issue 12) gives a box an
+    interface here (``--network-namespace-path=`` of a namespace the gateway has linked) once it is wired."""
+    return ["--private-network"]
+
+
+def cgroup_procs(root: Path, prefix: str, name: str, controllers: Sequence[str]) -> list[str]:
+    return [str(root / ctrl / prefix / name / "cgroup.procs") for ctrl in controllers] if name else []
+
+
+def argv(
+    settings: NspawnSettings,
+    box: SandboxSettings,
+    machine: str,
+    root: Path,
+    binds: Sequence[str],
+    procs: Sequence[str],
+) -> list[str]:
+    """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then nspawn running /sbin/init."""
+    nspawn = [
+        settings.nspawn,
+        "--quiet",
+        "--register=no",
+        "--keep-unit",
+        f"--directory={root}",
+        f"--machine={machine}",
+        f"--hostname={box.hostname}",
+        *network_args(box),
+        "--resolv-conf=off",
+        "--timezone=off",
+        "--link-journal=no",
+        "--console=passive",
+        "--kill-signal=SIGTERM",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
+        "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
+        "--system-call-filter=~" + " ".join(IO_URING),
+        *(["--no-new-privileges=yes"] if settings.no_new_privileges else []),
+        *(f"--bind-ro={b.removesuffix(':ro')}" for b in binds),
+        "/sbin/init",
+    ]
+    enter = "".join(f'echo $$ > "{p}" && ' for p in procs)
+    return ["/bin/sh", "-c", enter + 'exec "$@"', "sh", *nspawn]
+
+
+def environment() -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "SYSTEMD_NSPAWN_TMPFS_TMP": "0",
+        "LANG": "C",
+    }
