@@ -54,3 +54,16 @@ async def nspawn_factory(nspawn_tree: Path, tmp_path: Path, sensor: str) -> Asyn
             for info in await b.list_managed():
                 await b.sandbox(info.id, info.name).remove()
             await b.close()
+
+
+@pytest.fixture
+async def nspawn_cleanup(tmp_path: Path) -> AsyncIterator[None]:
+    """After a test's honeypots have closed (request it before ``honeypot``): every box left under the test's
+    ``hp`` data dir (stopped boxes kept for forensics) removed, so no mount or process outlives the test."""
+    yield
+    boxes = tmp_path / "hp" / "nspawn"
+    if boxes.exists():
+        backend = NspawnBackend(NspawnSettings(), SandboxSettings(backend="nspawn"), ImageSettings(), CACHE, boxes, "x")
+        for info in await backend.list_managed():
+            await backend.sandbox(info.id, info.name).remove()
+        await backend.close()

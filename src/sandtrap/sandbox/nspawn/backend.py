@@ -134,7 +134,11 @@ class NspawnBackend:
             if session:
                 await sandbox.claim(session, src_ip)
         except BaseException:
-            await asyncio.shield(sandbox.remove())
+            sandbox.kill_now()  # at once: a cancelled create may never see its shielded removal finish
+            try:
+                await asyncio.shield(sandbox.remove())
+            except BaseException:
+                await asyncio.to_thread(mounts.unmount_box, directory)
             raise
         self._live[box_id] = sandbox
         return sandbox

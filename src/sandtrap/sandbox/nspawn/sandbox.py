@@ -189,6 +189,14 @@ class NspawnSandbox:
             if fd >= 0:
                 os.close(fd)
 
+    def kill_now(self) -> None:
+        """SIGKILL the box's PID 1 and systemd-nspawn, without waiting."""
+        self._kill_init()
+        r = self._record
+        if state.is_alive(r.nspawn_pid, r.nspawn_start):
+            with contextlib.suppress(OSError):
+                os.kill(r.nspawn_pid, signal.SIGKILL)
+
     def _kill_init(self) -> None:
         if self._same_box():  # SIGKILL to a PID namespace's init kills every process in it
             with contextlib.suppress(OSError):

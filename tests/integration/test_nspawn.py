@@ -1,0 +1,153 @@
+"""The nspawn backend from outside and inside: the honeypot with ``sandbox.backend: nspawn`` and the stock OpenSSH
+client (exec, a shell, scp recorded), the hardening (capabilities, seccomp, io_uring, mounts, network, limits),
+and systemd-nspawn killed mid-session. Isolation is shown by inspection only; no packet leaves loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nspawn_fixtures import CACHE, needs_nspawn, nspawn_cleanup, nspawn_factory, nspawn_tree  # noqa: F401  (fixtures)
+from sandtrap.events import CHANNEL_EXEC, LOGIN_SUCCESS, SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_FILE_UPLOAD
+from sandtrap.sandbox.nspawn.backend import NspawnBackend
+from sandtrap.sandbox.nspawn.mounts import mount_points
+from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
+
+from helpers import box_of, run
+from sshclient import asyncssh_connected, remote, scp_argv, ssh_argv
+from sshclient import run as client
+
+pytestmark = [*needs_nspawn, pytest.mark.timeout(240)]
+
+Honeypot = Callable[..., Any]
+HOSTNAME = "db-nspawn-2"
+CAP_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7,
+            "NET_BIND_SERVICE": 10, "SYS_CHROOT": 18, "AUDIT_WRITE": 29}  # fmt: skip
+
+
+def nspawn_settings(data: Path, **sandbox: Any) -> dict[str, Any]:
+    return {
+        "image": {"cache_dir": str(CACHE)},
+        "sandbox": {"backend": "nspawn", "hostname": HOSTNAME, "pool_size": 1, **sandbox},
+        "storage": {"data_dir": str(data)},
+    }
+
+
+def mounts_below(path: Path) -> list[str]:
+    return [p for p in mount_points() if p.startswith(str(path) + "/")]
+
+
+# -- the honeypot on nspawn, and OpenSSH --------------------------------------------------------------------
+async def test_openssh_exec_shell_and_scp_upload_are_served_and_recorded(
+    nspawn_tree: Path, nspawn_cleanup: None, honeypot: Honeypot, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "hp"
+    hp = await honeypot(**nspawn_settings(data_dir, affinity="source_ip"))
+    r = await client(ssh_argv(hp.port, "hostname; id -un; cat /proc/1/cmdline | tr '\\0' ' '; ls /run/host"))
+    assert r.out.splitlines()[:3] == [HOSTNAME, "root", "/sbin/init "], r.out + r.err
+    assert "No such file" in r.err  # nspawn's /run/host is gone
+    await hp.wait_for(LOGIN_SUCCESS, username="root", password="hunter2")
+    await hp.wait_for(CHANNEL_EXEC, input="hostname; id -un; cat /proc/1/cmdline | tr '\\0' ' '; ls /run/host")
+
+    shell = await client(ssh_argv(hp.port, None, ["-tt"]), stdin=b"echo shell-$((6*7)); exit 3\n", timeout_s=60)
+    assert "shell-42" in shell.out and shell.returncode == 3, shell.out + shell.err
+
+    payload = os.urandom(512 * 1024)
+    local = tmp_path / "tool.bin"
+    local.write_bytes(payload)
+    up = await client(scp_argv(hp.port, "-O", str(local), remote("/root/tool.bin")), timeout_s=60)
+    assert up.returncode == 0, up.err
+    [upload] = await hp.wait_for(SESSION_FILE_UPLOAD, count=1)
+    assert upload.get("shasum") == hashlib.sha256(payload).hexdigest()
+    # The same box (affinity by source address) holds it, in its overlay's upper directory on the host.
+    assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=3)
+    [box_id] = {e.get("sandbox_id") for e in assigned}
+    upper = data_dir / "nspawn" / "boxes" / box_id / "disk" / "upper" / "root" / "tool.bin"
+    assert upper.read_bytes() == payload
+    await hp.wait_for(SESSION_CLOSED, count=3)
+
+
+async def test_killing_systemd_nspawn_ends_the_session_recorded_and_leaks_no_box_or_mount(
+    nspawn_tree: Path, nspawn_cleanup: None, honeypot: Honeypot, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "hp"
+    hp = await honeypot(**nspawn_settings(data_dir))
+    async with asyncssh_connected(hp) as conn:
+        proc = await conn.create_process(term_type="xterm")
+        proc.stdin.write("echo before-$((6*7))\n")
+        out = ""
+        async with asyncio.timeout(30):
+            while "before-42" not in out:
+                out += await proc.stdout.read(1024)
+        box = await box_of(hp)
+        assert isinstance(box, NspawnSandbox)
+        os.kill(box.record.nspawn_pid, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            await proc.wait_closed()
+    [closed] = await hp.wait_for(SESSION_CLOSED, count=1)
+    assert closed.get("reason"), closed
+    assert not await box.is_running()
+    async with asyncio.timeout(30):
+        while hp.services.pool.active:
+            await asyncio.sleep(0.1)
+    # Stopped and kept for forensics: the overlay still answers; removing it leaves no mount behind.
+    assert (await box.get_file("/etc/hostname", 100)) is not None
+    await box.remove()
+    assert not (data_dir / "nspawn" / "boxes" / box.id).exists()
+    assert mounts_below(data_dir / "nspawn" / "boxes" / box.id) == []
+
+
+# -- hardening, from inside the box ------------------------------------------------------------------------
+async def test_capabilities_seccomp_io_uring_mounts_network_and_limits(
+    nspawn_factory: Callable[..., NspawnBackend],
+) -> None:
+    backend = nspawn_factory({"disk_size": "64m"}, memory=200 * 1024 * 1024, pids_limit=100)
+    box = await backend.create()
+    try:
+        _, status, _ = await run(box, "grep -E '^(CapEff|CapBnd|CapPrm|Seccomp|NoNewPrivs):' /proc/self/status")
+        fields = dict(line.split(":\t") for line in status.splitlines())
+        want = sum(1 << bit for bit in CAP_BITS.values())
+        assert int(fields["CapBnd"], 16) == want and int(fields["CapEff"], 16) == want, fields
+        assert fields["Seccomp"] == "2", fields  # a filter on every process of the box
+
+        probe = "import ctypes;l=ctypes.CDLL(None,use_errno=True);print(l.syscall(425,1,0),ctypes.get_errno())"
+        _, uring, _ = await run(box, f'python3 -c "{probe}"')
+        assert uring.split() == ["-1", "1"], uring  # io_uring_setup: EPERM, refused before the kernel sees it
+
+        code, _, err = await run(box, "mount -t tmpfs x /mnt")
+        assert code != 0, err  # no CAP_SYS_ADMIN
+        _, mounts, _ = await run(box, "cat /proc/self/mountinfo")
+        assert "/run/host" not in mounts
+        sources = {line.split(" - ")[1].split()[1] for line in mounts.splitlines()}
+        assert not any(s.startswith("/dev/") and s not in ("/dev/pts",) for s in sources), sources  # no host disk
+
+        _, links, _ = await run(box, "cat /proc/net/dev | tail -n +3 | cut -d: -f1")
+        assert [x.strip() for x in links.split()] == ["lo"]
+        _, routes, _ = await run(box, "tail -n +2 /proc/net/route")
+        assert routes.strip() == ""
+
+        # The box's own namespaces: not the host's.
+        for ns in ("pid", "ipc", "uts", "net", "mnt"):
+            assert os.readlink(f"/proc/{box.record.init_pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+
+        # The limits on the box's parent cgroup, and the box's processes below it.
+        assert backend.parents is not None
+        parent = backend.parents.root / "memory" / backend.parents.prefix / box.id
+        assert (parent / "memory.limit_in_bytes").read_text().strip() == str(200 * 1024 * 1024)
+        pids = backend.parents.root / "pids" / backend.parents.prefix / box.id / "pids.max"
+        assert pids.read_text().strip() == "100"
+        assert f"memory:/{backend.parents.prefix}/{box.id}" in Path(f"/proc/{box.record.init_pid}/cgroup").read_text()
+
+        # The disk bound: the upper directory is a tmpfs of sandbox.nspawn.disk_size; a full one is ENOSPC in the box.
+        code, _, err = await run(box, "head -c 100M /dev/zero > /root/fill")
+        assert code != 0 and "No space left" in err, err
+    finally:
+        await box.remove()
+    assert mounts_below(box.directory) == []
