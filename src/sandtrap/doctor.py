@@ -14,8 +14,8 @@ from sandtrap.config import DockerSettings, ImageSettings, Settings, split_liste
 from sandtrap.errors import SandtrapError
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.image import check_image
-from sandtrap.sandbox.microvm import qemu
 from sandtrap.sandbox.host.cgroups import ParentCgroups
+from sandtrap.sandbox.microvm import qemu
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir
