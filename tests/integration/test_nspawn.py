@@ -16,11 +16,13 @@ import pytest
 
 from nspawn_fixtures import CACHE, needs_nspawn, nspawn_cleanup, nspawn_factory, nspawn_tree  # noqa: F401  (fixtures)
 from sandtrap.events import CHANNEL_EXEC, LOGIN_SUCCESS, SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_FILE_UPLOAD
+from sandtrap.sandbox.base import STDOUT, ClientAddress, ExitStatus, Login
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
 from sandtrap.sandbox.nspawn.mounts import mount_points
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
 
 from helpers import box_of, run
+from sandbox_suite import read_all
 from sshclient import asyncssh_connected, remote, scp_argv, ssh_argv
 from sshclient import run as client
 
@@ -151,3 +153,26 @@ async def test_capabilities_seccomp_io_uring_mounts_network_and_limits(
     finally:
         await box.remove()
     assert mounts_below(box.directory) == []
+
+
+async def test_a_login_gets_its_scope_its_connection_and_a_cgroup_root_of_its_own(
+    nspawn_factory: Callable[..., NspawnBackend],
+) -> None:
+    box = await nspawn_factory().create()
+    try:
+        assert box.features.login_scopes and box.features.connection_in_box
+        _, own, _ = await run(box, "cat /proc/1/cgroup")
+        assert {line.split(":", 2)[2] for line in own.splitlines()} == {"/"}, own  # a private cgroup namespace
+        login = Login(uid=0, session_id=7, client=ClientAddress("127.0.0.9", 40022, "127.0.0.1"))
+        proc = await box.exec(
+            ["sh", "-c", "sleep 1; cat /proc/self/cgroup; cat /proc/net/tcp"], env={"XDG_SESSION_ID": "7"}, login=login
+        )
+        await proc.close_stdin()
+        out = (await read_all(proc))[STDOUT].decode()
+        assert "name=systemd:/user.slice/user-0.slice/session-7.scope" in out, out
+        assert "pids:/user.slice/user-0.slice/session-7.scope" in out, out
+        # the login's connection: 127.0.0.9:40022 -> 127.0.0.1:22, established (state 01), both ends in the box
+        assert "0900007F:9C56 0100007F:0016 01" in out.upper(), out
+        assert await proc.wait() == ExitStatus(0)
+    finally:
+        await box.remove()

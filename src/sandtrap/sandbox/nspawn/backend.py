@@ -118,7 +118,7 @@ class NspawnBackend:
         await asyncio.to_thread(directory.mkdir, 0o700)
         record = BoxRecord(id=box_id, name=f"sandtrap-{self._sensor}-{box_id}"[-64:], created=BoxRecord.now(),
                            tree=str(tree))  # fmt: skip
-        sandbox = NspawnSandbox(directory, record, self._parents, self._reads)
+        sandbox = NspawnSandbox(directory, record, self._parents, self._reads, self._box.connection_in_box)
         started = time.monotonic()
         try:
             await asyncio.to_thread(state.save, directory, record)
@@ -155,7 +155,15 @@ class NspawnBackend:
             raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
         record.cgroup = record.id
         p = self._parents
-        return launch.cgroup_procs(p.root, p.prefix, record.id, ParentCgroups.CONTROLLERS)
+        # the limits' controllers and systemd's named hierarchy (where a login's scope shows, as pam_systemd's; nspawn
+        # makes its payload cgroup there below the box's). Not the unified one: nspawn then fails to move itself.
+        named = ("systemd",) if (p.root / "systemd" / "cgroup.procs").exists() else ()
+        try:
+            return await asyncio.to_thread(
+                launch.cgroup_procs, p.root, p.prefix, record.id, (*ParentCgroups.CONTROLLERS, *named)
+            )
+        except OSError as exc:
+            raise SandboxError(f"cannot make the box's cgroup: {exc}") from exc
 
     async def _start(self, sandbox: NspawnSandbox, argv: list[str]) -> None:
         record, directory = sandbox.record, sandbox.directory
@@ -207,7 +215,7 @@ class NspawnBackend:
             return live
         directory = self._boxes / sandbox_id
         record = state.load(directory) or BoxRecord(sandbox_id, name, BoxRecord.now(), "", state="preserved")
-        return NspawnSandbox(directory, record, self._parents, self._reads)
+        return NspawnSandbox(directory, record, self._parents, self._reads, self._box.connection_in_box)
 
     async def list_managed(self) -> list[SandboxInfo]:
         out = []
@@ -232,9 +240,13 @@ class NspawnBackend:
         return out
 
     async def close(self) -> None:
-        """The boxes run on (the pool stops what it owns); our watches end."""
+        """The boxes run on (the pool stops what it owns); our watches end; parent cgroups no running box holds
+        go, and the sensor's own cgroup directory when it is left empty."""
         self._reads.close()
         self._live.clear()
+        if self._parents is not None:
+            running = {i.id for i in await self.list_managed() if i.state != "preserved"}
+            await asyncio.to_thread(self._parents.sweep, running, not running)
 
 
 def _find_init(nspawn_pid: int) -> int:

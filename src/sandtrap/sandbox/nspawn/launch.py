@@ -1,8 +1,9 @@
 """How a box is started: systemd-nspawn's command line, every hardening item in one place (README "nspawn boxes").
 
 - ``--register=no --keep-unit``: no machined, no scope of its own (PID 1 here is not systemd); nspawn and the box
-  stay in the cgroups they are started in: the per-box parent cgroup with the memory, pids and CPU limits
-  (:mod:`sandtrap.sandbox.host.cgroups`), entered by a tiny ``sh`` before it execs nspawn.
+  stay in the cgroups they are started in: a ``box`` cgroup below the per-box parent with the memory, pids and CPU
+  limits (:mod:`sandtrap.sandbox.host.cgroups`), entered by a tiny ``sh`` before it execs nspawn, through
+  ``unshare --cgroup``: the box's cgroup is its namespace's root (``/proc/self/cgroup`` reads ``/``, as a machine's).
 - ``--private-network``: a network namespace with ``lo`` only (network.mode none; :func:`network_args` is where
   the capture network plugs in). Private PID, IPC, UTS and mount namespaces are nspawn's own.
 - ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
@@ -42,8 +43,20 @@ def network_args(box: SandboxSettings) -> list[str]:
     return ["--private-network"]
 
 
-def cgroup_procs(root: Path, prefix: str, name: str, controllers: Sequence[str]) -> list[str]:
-    return [str(root / ctrl / prefix / name / "cgroup.procs") for ctrl in controllers] if name else []
+BOX_CGROUP = "box"  # the box's own cgroup below its parent (where login scopes are made, as on Docker)
+# Where the box's cgroup namespace is rooted below BOX_CGROUP, per hierarchy: nspawn moves the box into a "payload"
+# cgroup of its own in systemd's named hierarchy (and gives the box a namespace rooted there).
+INNER_CGROUPS = {"systemd": "payload"}
+
+
+def cgroup_procs(root: Path, prefix: str, name: str, hierarchies: Sequence[str]) -> list[str]:
+    """The ``cgroup.procs`` of the box's own cgroup in each hierarchy (made here: below the parent)."""
+    out = []
+    for hierarchy in hierarchies:
+        box = root / hierarchy / prefix / name / BOX_CGROUP
+        box.mkdir(mode=0o755, parents=True, exist_ok=True)
+        out.append(str(box / "cgroup.procs"))
+    return out
 
 
 def argv(
@@ -54,7 +67,8 @@ def argv(
     binds: Sequence[str],
     procs: Sequence[str],
 ) -> list[str]:
-    """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then nspawn running /sbin/init."""
+    """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then a cgroup namespace of its own,
+    then nspawn running /sbin/init (each ``exec``: nspawn keeps the pid that was started)."""
     nspawn = [
         settings.nspawn,
         "--quiet",
@@ -76,12 +90,13 @@ def argv(
         "/sbin/init",
     ]
     enter = "".join(f'echo $$ > "{p}" && ' for p in procs)
-    return ["/bin/sh", "-c", enter + 'exec "$@"', "sh", *nspawn]
+    return ["/bin/sh", "-c", enter + 'exec unshare --cgroup -- "$@"', "sh", *nspawn]
 
 
 def environment() -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "SYSTEMD_NSPAWN_TMPFS_TMP": "0",
+        "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "0",  # legacy cgroups: no "payload" cgroup at the hierarchy root
         "LANG": "C",
     }

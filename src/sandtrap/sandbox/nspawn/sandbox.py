@@ -30,7 +30,7 @@ from sandtrap.sandbox.base import (
 from sandtrap.sandbox.host import broker, hostfs, netns, relay
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
-from sandtrap.sandbox.nspawn import mounts, state
+from sandtrap.sandbox.nspawn import launch, mounts, state
 from sandtrap.sandbox.nspawn.state import BoxRecord
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,12 @@ class NspawnSandbox:
     """A box found by its state directory (``state.py``)."""
 
     def __init__(
-        self, directory: Path, record: BoxRecord, parents: ParentCgroups | None, reads: OpenWatcher | None = None
+        self,
+        directory: Path,
+        record: BoxRecord,
+        parents: ParentCgroups | None,
+        reads: OpenWatcher | None = None,
+        connection_in_box: bool = False,
     ) -> None:
         self.id = record.id
         self.name = record.name
@@ -52,6 +57,8 @@ class NspawnSandbox:
         self._parents = parents
         self._reads = reads
         self._monitor: asyncio.Task[None] | None = None
+        self._connection_in_box = connection_in_box
+        self._scopes: set[asyncio.Task[None]] = set()
 
     @property
     def directory(self) -> Path:
@@ -67,7 +74,11 @@ class NspawnSandbox:
 
     @property
     def features(self) -> Features:
-        return Features(box_ports=True)
+        return Features(
+            login_scopes=self._parents is not None and bool(self._record.cgroup),
+            connection_in_box=self._connection_in_box,
+            box_ports=True,
+        )
 
     def _same_box(self) -> bool:
         return state.is_alive(self._record.init_pid, self._record.init_start)
@@ -90,10 +101,40 @@ class NspawnSandbox:
         login: Login | None = None,
     ) -> broker.BrokerProcess:
         pid = self._init_pid()
+        plan: relay.RelayPlan | None = None
+        if login is not None and login.client is not None and self._connection_in_box:
+            planned = relay.plan(login.client, "", "sandbox.network is none")  # a loopback client: inside the box
+            if isinstance(planned, str):
+                relay.note(planned)
+            else:
+                plan = planned
         try:
-            return await broker.start(pid, self._same_box, argv, env or {}, user, workdir or "", tty)
+            proc = await broker.start(pid, self._same_box, argv, env or {}, user, workdir or "", tty, plan)
         except OSError as exc:
             raise SandboxError(f"box {self.name}: {exc!r}") from exc
+        if login is not None and login.session_id is not None and self.features.login_scopes:
+            # the login's scope, as pam_systemd makes it (the session helper waits for it)
+            task = asyncio.get_running_loop().create_task(self._enter_scope(login.session_id, login.uid))
+            self._scopes.add(task)
+            task.add_done_callback(self._scopes.discard)
+        return proc
+
+    async def _enter_scope(self, session_id: int, uid: int) -> None:
+        """Move the login's processes to ``user.slice/user-<uid>.slice/session-<n>.scope`` below the box's cgroup;
+        a failure costs realism, never the session."""
+        if self._parents is None or not self._record.cgroup:
+            return
+        unit = f"user.slice/user-{uid}.slice/session-{session_id}.scope"
+        marker = f"XDG_SESSION_ID={session_id}".encode()
+        try:
+            moved = await asyncio.to_thread(
+                self._parents.join, self._record.cgroup, launch.BOX_CGROUP, unit, marker, 0.25, launch.INNER_CGROUPS
+            )
+        except (OSError, ValueError) as exc:
+            log.debug("session scope %s not entered: %s", unit, exc)
+            return
+        if not moved:
+            log.debug("session scope %s: no process of the login found", unit)
 
     async def open_port(
         self, port: int, transport: Transport = "tcp", client: ClientAddress | None = None
