@@ -3,7 +3,8 @@ idle box. ``python -m bench.backends_side_by_side [N]`` as root, with the Docker
 (``SANDTRAP_TEST_IMAGE`` names the image tag). Boxes are made one after the other, alternating backends, so both
 see the same load; every box made is removed.
 
-- create+start: ``backend.create()`` until the box's listener has run a command (what a pool refill waits for).
+- create+start: ``backend.create()`` and then until a command has run in the box (Docker's create returns when the
+  engine has started the container; nspawn's when the box's listener has run one).
 - warm acquire: ``Pool.acquire`` with a warm box ready (claim and hand-over).
 - memory per idle box: the box's per-box parent cgroup ``memory.usage_in_bytes`` after 5 s idle (everything the
   box's processes are charged, page cache and tmpfs included; for nspawn the systemd-nspawn process too, which
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sandtrap.config import DockerSettings, ImageSettings, NspawnSettings, SandboxSettings
-from sandtrap.sandbox.base import SandboxBackend
+from sandtrap.sandbox.base import SandboxBackend, run
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.docker.seccomp import find
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
@@ -46,6 +47,10 @@ async def measure(name: str, make: Any, n: int, out: dict[str, dict[str, list[fl
     for _ in range(n):
         t0 = time.monotonic()
         box = await backend.create()
+        for _ in range(3000):  # Docker's create returns at the engine's start: until a command has run
+            if (await run(box, ["true"], timeout_s=30)).ok:
+                break
+            await asyncio.sleep(0.01)
         fig["create_s"].append(time.monotonic() - t0)
         await asyncio.sleep(5)
         fig["idle_mib"].append(_memory(backend, box) / 2**20)

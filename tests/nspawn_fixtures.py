@@ -61,9 +61,13 @@ async def nspawn_cleanup(tmp_path: Path) -> AsyncIterator[None]:
     """After a test's honeypots have closed (request it before ``honeypot``): every box left under the test's
     ``hp`` data dir (stopped boxes kept for forensics) removed, so no mount or process outlives the test."""
     yield
-    boxes = tmp_path / "hp" / "nspawn"
-    if boxes.exists():
-        backend = NspawnBackend(NspawnSettings(), SandboxSettings(backend="nspawn"), ImageSettings(), CACHE, boxes, "x")
+    await remove_nspawn_boxes(tmp_path / "hp" / "nspawn")
+
+
+async def remove_nspawn_boxes(root: Path) -> None:
+    """Every box under a honeypot's ``<data_dir>/nspawn`` removed (stopped ones too: mounts, cgroups, state)."""
+    if root.exists():
+        backend = NspawnBackend(NspawnSettings(), SandboxSettings(backend="nspawn"), ImageSettings(), CACHE, root, "x")
         for info in await backend.list_managed():
             await backend.sandbox(info.id, info.name).remove()
         await backend.close()

@@ -176,3 +176,29 @@ async def test_a_login_gets_its_scope_its_connection_and_a_cgroup_root_of_its_ow
         assert await proc.wait() == ExitStatus(0)
     finally:
         await box.remove()
+
+
+async def test_a_memory_hog_is_oom_killed_and_its_box_and_another_keep_working(
+    nspawn_factory: Callable[..., NspawnBackend],
+) -> None:
+    backend = nspawn_factory(memory=128 * 1024 * 1024)
+    hog_box, bystander = await backend.create(), await backend.create()
+    try:
+        hog = "python3 -c 'import itertools; hog = [b\"x\" * (16 << 20) for _ in itertools.count()]'"
+        code, _, _ = await run(hog_box, hog)
+        assert code == 137  # SIGKILL from the OOM killer
+        assert backend.parents is not None
+        memory = backend.parents.root / "memory" / backend.parents.prefix / hog_box.id
+        assert int((memory / "memory.max_usage_in_bytes").read_text()) <= 128 * 1024 * 1024
+        kills = 0  # counted in the victim's cgroup: summed over the box's cgroups
+        for control in memory.rglob("memory.oom_control"):
+            kills += sum(
+                int(line.split()[1]) for line in control.read_text().splitlines() if line.startswith("oom_kill ")
+            )
+        assert kills >= 1
+        assert await hog_box.is_running() and await bystander.is_running()
+        assert (await run(hog_box, "echo still here"))[:2] == (0, "still here\n")
+        assert (await run(bystander, "echo fine"))[:2] == (0, "fine\n")
+    finally:
+        await hog_box.remove()
+        await bystander.remove()
