@@ -202,3 +202,23 @@ async def test_a_memory_hog_is_oom_killed_and_its_box_and_another_keep_working(
     finally:
         await hog_box.remove()
         await bystander.remove()
+
+
+async def test_what_the_box_shows_of_nspawn_and_the_host(nspawn_factory: Callable[..., NspawnBackend]) -> None:
+    box = await nspawn_factory().create()
+    try:
+        _, environ, _ = await run(box, "tr '\\0' '\\n' < /proc/1/environ")
+        assert "container" not in environ and "NOTIFY_SOCKET" not in environ, environ  # a kernel's environment
+        assert "TERM=linux" in environ.splitlines()
+        _, mounts, _ = await run(box, "cat /proc/mounts")
+        for tell in ("sandtrap", "/run/host", str(box.directory), "nspawn"):
+            assert tell not in mounts, (tell, mounts)
+        assert mounts.startswith("overlay / overlay ")
+        sizes = {line.split()[1]: line.split()[3] for line in mounts.splitlines()}
+        assert "size=16384k" in sizes["/run"] and "size=65536k" in sizes["/dev/shm"]
+        _, stat, _ = await run(box, "cat /proc/1/stat")
+        assert stat.rsplit(")", 1)[1].split()[4] == "0"  # tty_nr: PID 1 has no terminal
+        code, _, _ = await run(box, "test -e /dev/console")
+        assert code != 0
+    finally:
+        await box.remove()

@@ -190,7 +190,7 @@ class NspawnBackend:
         record.init_start = state.start_time(record.init_pid)
         await asyncio.to_thread(state.save, directory, record)
         sandbox.watch_nspawn()
-        await _hide_host_mounts(record.init_pid)
+        await _tidy_mounts(record.init_pid)
 
     async def _ready(self, sandbox: NspawnSandbox) -> None:
         """Until the box's listener runs a command, within sandbox.start_timeout_s."""
@@ -269,16 +269,16 @@ def _find_init(nspawn_pid: int) -> int:
     return 0
 
 
-async def _hide_host_mounts(init_pid: int) -> None:
-    """nspawn binds the host's os-release (and a propagation directory) under /run/host: gone before the box is
-    used. The image's own umount runs in the box's mount namespace (the box is fresh: its tools are ours)."""
-    for argv in (["umount", "-R", "/run/host"], ["rm", "-rf", "--one-file-system", "/run/host"]):
-        proc = await asyncio.create_subprocess_exec(
-            "nsenter", "-t", str(init_pid), "-m", "-p", "--", *argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise SandboxError(f"hiding nspawn's /run/host from the box: {out.decode(errors='replace')[:300]}")
+async def _tidy_mounts(init_pid: int) -> None:
+    """:data:`launch.TIDY` run in the box's mount and PID namespaces by the image's own shell (the box is fresh:
+    its tools are ours), before the box is used."""
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", "-t", str(init_pid), "-m", "-p", "--", "/bin/sh", "-c", launch.TIDY,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise SandboxError(f"tidying the box's mounts: {out.decode(errors='replace')[:300]}")
 
 
 def _tail(directory: Path, limit: int = 1500) -> str:

@@ -10,7 +10,7 @@
 - ``--system-call-filter``: nspawn's allow-list, with io_uring refused (EPERM: nspawn 252 cannot name an errno).
 - ``--resolv-conf=off --timezone=off --link-journal=no``: nothing of the host's is copied or bound in; the only
   host files a box sees are the read-only /proc views (``--bind-ro``), and /run/host (nspawn's own) is unmounted
-  by the backend before the box is used.
+  by the backend before the box is used (:data:`TIDY`).
 - ``SYSTEMD_NSPAWN_TMPFS_TMP=0``: /tmp is on the box's overlay (bounded by its disk, diffed, kept).
 """
 
@@ -30,6 +30,13 @@ ALL_CAPS = (
     "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
 ).split()
 IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+# Run in the new box before it is used: nspawn's /run/host (the host's os-release, a propagation directory, files
+# naming the container manager) unmounted and removed; /run and /dev/shm sized as Docker's boxes have them, not
+# as shares of the host's RAM (their pages are charged to the box's memory either way).
+TIDY = (
+    "umount -R /run/host && rm -rf --one-file-system /run/host"
+    " && mount -o remount,size=16m /run && mount -o remount,size=64m /dev/shm"
+)
 
 
 def dropped_caps(keep: Sequence[str]) -> list[str]:
@@ -77,11 +84,14 @@ def argv(
         f"--directory={root}",
         f"--machine={machine}",
         f"--hostname={box.hostname}",
+        # init takes HOSTNAME as the sign of an engine's environment and starts again with a kernel's: PID 1's
+        # environ (container=systemd-nspawn, container_uuid, NOTIFY_SOCKET, ...) is gone before the box is used
+        f"--setenv=HOSTNAME={box.hostname}",
         *network_args(box),
         "--resolv-conf=off",
         "--timezone=off",
         "--link-journal=no",
-        "--console=passive",
+        "--console=pipe",  # no /dev/console pty: PID 1 has no terminal, as on Docker
         "--kill-signal=SIGTERM",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
         "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
         "--system-call-filter=~" + " ".join(IO_URING),

@@ -32,8 +32,8 @@ def is_mounted(path: Path) -> bool:
     return str(path) in mount_points()
 
 
-def _run(argv: list[str]) -> None:
-    out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+def _run(argv: list[str], cwd: Path | None = None) -> None:
+    out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30, cwd=cwd)
     if out.returncode != 0:
         raise MountError(f"{' '.join(argv)}: {(out.stderr or out.stdout).strip()[:300]}")
 
@@ -43,15 +43,20 @@ def mount_box(directory: Path, tree: Path, disk_bytes: int) -> Path:
     for path in (directory, tree):
         if _UNSAFE.search(str(path)):
             raise MountError(f"{path}: an overlay path must not hold ',', ':', '\\' or blanks")
-    disk, root, seed = directory / "disk", directory / "root", directory / "seed"
+    disk, root = directory / "disk", directory / "root"
     for d in (disk, root):
         d.mkdir(mode=0o700, exist_ok=True)
-    _run(["mount", "-t", "tmpfs", "-o", f"size={disk_bytes},mode=0700,nosuid,nodev", "sandtrap-box", str(disk)])
+    _run(["mount", "-t", "tmpfs", "-o", f"size={disk_bytes},mode=0700,nosuid,nodev", "tmpfs", str(disk)])
     try:
         (disk / "upper").mkdir(mode=0o755)
         (disk / "work").mkdir(mode=0o700)
-        options = f"lowerdir={seed}:{tree},upperdir={disk / 'upper'},workdir={disk / 'work'}"
-        _run(["mount", "-t", "overlay", "-o", options, "sandtrap-box", str(root)])
+        link = directory / "lower"
+        link.unlink(missing_ok=True)
+        link.symlink_to(tree.resolve())
+        # Paths relative to the box's directory: the box reads its root's mount options in /proc/mounts, and they
+        # name neither this host's paths nor sandtrap.
+        _run(["mount", "-t", "overlay", "-o", "lowerdir=seed:lower,upperdir=disk/upper,workdir=disk/work",
+              "overlay", "root"], cwd=directory)  # fmt: skip
     except BaseException:
         unmount_box(directory)
         raise
