@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -13,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_recording import PROMPT, sandtrap, sandtrap_run, write_config
 
-from nspawn_fixtures import CACHE, needs_nspawn, nspawn_cleanup, nspawn_factory, nspawn_tree  # noqa: F401  (fixtures)
+from nspawn_fixtures import CACHE, needs_nspawn, nspawn_cleanup, nspawn_factory, nspawn_tree, remove_nspawn_boxes  # noqa: F401  (fixtures)
 from sandtrap.events import CHANNEL_EXEC, LOGIN_SUCCESS, SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_FILE_UPLOAD
 from sandtrap.sandbox.base import STDOUT, ClientAddress, ExitStatus, Login
+from sandtrap.sandbox.nspawn import state
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
 from sandtrap.sandbox.nspawn.mounts import mount_points
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
 
 from helpers import box_of, run
 from sandbox_suite import read_all
-from sshclient import asyncssh_connected, remote, scp_argv, ssh_argv
+from sshclient import asyncssh_connected, free_port, remote, scp_argv, ssh_argv, tmux_session
 from sshclient import run as client
 
 pytestmark = [*needs_nspawn, pytest.mark.timeout(240)]
@@ -222,3 +225,56 @@ async def test_what_the_box_shows_of_nspawn_and_the_host(nspawn_factory: Callabl
         assert code != 0
     finally:
         await box.remove()
+
+
+async def test_the_honeypot_killed_mid_session_leaves_its_box_preserved_and_the_next_start_leaks_nothing(
+    nspawn_tree: Path, sensor: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    data_dir = tmp_path / "hp"
+    config = write_config(
+        tmp_path / "sandtrap.yaml",
+        {
+            "sensor": sensor,
+            "ssh": {"listen": f"127.0.0.1:{port}", "host_key_dir": str(tmp_path / "hostkeys")},
+            "api": {"listen": "127.0.0.1:0"},
+            "auth": {"credentials": [{"username": "root", "password": "hunter2"}], "accept_all_after": 0},
+            **nspawn_settings(data_dir),
+        },
+    )
+    boxes = data_dir / "nspawn" / "boxes"
+    try:
+        async with sandtrap_run(config, tmp_path / "run-1.log") as first:
+            async with tmux_session(ssh_argv(port, options=["-tt"]), width=100, height=30) as term:
+                await term.wait_for(PROMPT, timeout_s=30)
+                await term.line("echo alpha-$((3*4)) | tee /root/evidence")
+                await term.wait_for(r"^alpha-12$")
+                first.kill()
+                async with asyncio.timeout(10):
+                    assert await first.wait() == -signal.SIGKILL
+        [active] = [s for s in map(state.load, boxes.iterdir()) if s is not None and s.session]
+        assert state.is_alive(active.init_pid, active.init_start)  # the box outlived the honeypot
+
+        async with sandtrap_run(config, tmp_path / "run-2.log"):
+            listed = await sandtrap(config, "sessions", "list", "--json")
+            rows = [json.loads(line) for line in listed.out.splitlines()]
+            assert [r["close_reason"] for r in rows] == ["crash"], listed.out
+            after = state.load(boxes / active.id)
+            assert after is not None and after.state == "preserved"  # reconciled: stopped, kept for forensics
+            assert not state.is_alive(active.init_pid, active.init_start)
+            assert not state.is_alive(active.nspawn_pid, active.nspawn_start)
+            assert (boxes / active.id / "disk" / "upper" / "root" / "evidence").read_text() == "alpha-12\n"
+        # The second run's warm box went with it; only the preserved box is left, and it goes on remove.
+        left = [s for s in map(state.load, boxes.iterdir()) if s is not None]
+        assert [s.id for s in left] == [active.id]
+    finally:
+        await remove_nspawn_boxes(data_dir / "nspawn")
+    assert mounts_below(data_dir) == []
+    assert not any(f"--machine=sandtrap-{sensor}" in _cmdline(p) for p in os.listdir("/proc") if p.isdigit())
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
