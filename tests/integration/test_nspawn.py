@@ -278,3 +278,24 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+async def test_a_box_whose_pid_1_was_never_recorded_still_goes_with_its_cgroup(
+    nspawn_factory: Callable[..., NspawnBackend],
+) -> None:
+    """A create cancelled between nspawn's start and finding the box's PID 1: killing nspawn alone would leave the
+    box running, orphaned; the box's cgroup finds it."""
+    backend = nspawn_factory()
+    box = await backend.create()
+    init_pid, init_start = box.record.init_pid, box.record.init_start
+    box.record.init_pid = box.record.init_start = 0  # as if never found
+    os.kill(box.record.nspawn_pid, signal.SIGKILL)  # what a cancelled create did before: the box lives on
+    async with asyncio.timeout(10):
+        while state.is_alive(box.record.nspawn_pid, box.record.nspawn_start):
+            await asyncio.sleep(0.05)
+    assert state.is_alive(init_pid, init_start)
+    await box.remove()
+    assert not state.is_alive(init_pid, init_start)
+    assert backend.parents is not None
+    assert not (backend.parents.root / "pids" / backend.parents.prefix / box.id).exists()
+    assert mounts_below(box.directory) == []

@@ -231,12 +231,33 @@ class NspawnSandbox:
                 os.close(fd)
 
     def kill_now(self) -> None:
-        """SIGKILL the box's PID 1 and systemd-nspawn, without waiting."""
+        """SIGKILL the box's PID 1, systemd-nspawn and whatever else is in the box's cgroup, without waiting (a
+        box whose PID 1 is not known yet, a create cancelled early, still goes: nspawn's death alone would leave
+        it running)."""
         self._kill_init()
         r = self._record
         if state.is_alive(r.nspawn_pid, r.nspawn_start):
             with contextlib.suppress(OSError):
                 os.kill(r.nspawn_pid, signal.SIGKILL)
+        self._kill_cgroup()
+
+    def _kill_cgroup(self) -> int:
+        """SIGKILL every process in the box's parent cgroup (pids hierarchy): only the box and its nspawn are
+        there. Returns how many were signalled."""
+        if self._parents is None or not self._record.cgroup:
+            return 0
+        top = self._parents.root / "pids" / self._parents.prefix / self._record.cgroup
+        killed = 0
+        for directory, _, _ in os.walk(top):
+            try:
+                pids = [int(p) for p in (Path(directory) / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+        return killed
 
     def _kill_init(self) -> None:
         if self._same_box():  # SIGKILL to a PID namespace's init kills every process in it
@@ -264,11 +285,10 @@ class NspawnSandbox:
                 os.kill(r.init_pid, signal.SIGTERM)
         if not await self._wait_gone(STOP_GRACE_S):
             log.info("box %s did not stop within %.0fs: killing it", self.name, STOP_GRACE_S)
-            self._kill_init()
-            if state.is_alive(r.nspawn_pid, r.nspawn_start):
-                with contextlib.suppress(OSError):
-                    os.kill(r.nspawn_pid, signal.SIGKILL)
+            self.kill_now()
             await self._wait_gone(10.0)
+        if await asyncio.to_thread(self._kill_cgroup):  # a box whose PID 1 was never recorded, or a straggler
+            log.info("box %s: processes left in its cgroup after the stop were killed", self.name)
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
