@@ -153,7 +153,7 @@ class NspawnBackend:
             await asyncio.to_thread(self._parents.create, record.id, limits)
         except CgroupError as exc:
             raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
-        record.cgroup = record.id
+        record.cgroup, record.cgroup_prefix = record.id, self._parents.prefix
         p = self._parents
         # the limits' controllers and systemd's named hierarchy (where a login's scope shows, as pam_systemd's; nspawn
         # makes its payload cgroup there below the box's). Not the unified one: nspawn then fails to move itself.

@@ -54,6 +54,8 @@ class NspawnSandbox:
         self.name = record.name
         self._dir = directory
         self._record = record
+        if parents is not None and record.cgroup_prefix and record.cgroup_prefix != parents.prefix:
+            parents = ParentCgroups(parents.root, record.cgroup_prefix)  # a box of another sensor's backend
         self._parents = parents
         self._reads = reads
         self._monitor: asyncio.Task[None] | None = None

@@ -29,6 +29,7 @@ class BoxRecord:
     init_pid: int = 0  # the box's PID 1 as this host sees it
     init_start: int = 0
     cgroup: str = ""  # the per-box parent cgroup's name (host/cgroups.py), '' without one
+    cgroup_prefix: str = ""  # the directory of the sensor's parents in each hierarchy
     state: str = "warm"  # warm, active, preserved
     session: str = ""
     src_ip: str = ""
