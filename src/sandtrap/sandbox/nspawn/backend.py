@@ -90,6 +90,10 @@ class NspawnBackend:
         if reason:
             log.warning("nspawn boxes get no memory, pids or CPU limits: %s", reason)
         self._live: dict[str, NspawnSandbox] = {}
+        if box.network != "none":  # the hook is launch.network_args
+            log.warning(
+                "network.mode: %s is not wired to nspawn boxes yet: they have only lo (as with none)", box.network
+            )
 
     @property
     def parents(self) -> ParentCgroups | None:
