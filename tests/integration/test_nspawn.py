@@ -299,3 +299,25 @@ async def test_a_box_whose_pid_1_was_never_recorded_still_goes_with_its_cgroup(
     assert backend.parents is not None
     assert not (backend.parents.root / "pids" / backend.parents.prefix / box.id).exists()
     assert mounts_below(box.directory) == []
+
+
+async def test_namespaces_mounts_and_keyrings_are_refused_as_on_docker(
+    nspawn_factory: Callable[..., NspawnBackend],
+) -> None:
+    box = await nspawn_factory().create()
+    try:
+        for flags in ("-U", "-m", "-n", "-p", "-r"):
+            code, _, err = await run(box, f"unshare {flags} id")
+            assert code == 1 and "unshare failed: Operation not permitted" in err, (flags, err)
+        probe = (
+            "import ctypes,os;l=ctypes.CDLL(None,use_errno=True)\n"
+            "for name,nr,args in (('setns',308,(os.open('/proc/1/ns/mnt',0),0)),('keyctl',250,(0,0)),"
+            "('bpf',321,(0,0,0)),('mount',165,(0,0,0,0,0))):\n"
+            " print(name,l.syscall(nr,*args),ctypes.get_errno())"
+        )
+        _, out, _ = await run(box, f'python3 -c "{probe}"')
+        assert out.split("\n")[:4] == ["setns -1 1", "keyctl -1 1", "bpf -1 1", "mount -1 1"], out
+        _, whoami, _ = await run(box, "sh -c 'sleep 0 & wait; id -u'")  # fork and exec still work
+        assert whoami == "0\n"
+    finally:
+        await box.remove()

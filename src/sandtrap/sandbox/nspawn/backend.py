@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -82,6 +83,8 @@ class NspawnBackend:
         self._boxes.chmod(0o700)
         self._seed = seed_files(box, planted)
         self._sensor = safe_name(sensor)
+        # nspawn takes a host name as the machine's name: letters, digits and '-' only
+        self._machine = "sandtrap-" + re.sub(r"[^a-zA-Z0-9-]", "-", sensor)[:40].strip("-")
         self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
         self._reads = OpenWatcher()
         parents = ParentCgroups(prefix=f"sandtrap-{self._sensor}-nspawn")
@@ -120,7 +123,7 @@ class NspawnBackend:
         box_id = secrets.token_hex(6)
         directory = self._boxes / box_id
         await asyncio.to_thread(directory.mkdir, 0o700)
-        record = BoxRecord(id=box_id, name=f"sandtrap-{self._sensor}-{box_id}"[-64:], created=BoxRecord.now(),
+        record = BoxRecord(id=box_id, name=f"{self._machine}-{box_id}", created=BoxRecord.now(),
                            tree=str(tree))  # fmt: skip
         sandbox = NspawnSandbox(directory, record, self._parents, self._reads, self._box.connection_in_box)
         started = time.monotonic()

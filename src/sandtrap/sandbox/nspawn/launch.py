@@ -7,7 +7,8 @@
 - ``--private-network``: a network namespace with ``lo`` only (network.mode none; :func:`network_args` is where
   the capture network plugs in). Private PID, IPC, UTS and mount namespaces are nspawn's own.
 - ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
-- ``--system-call-filter``: nspawn's allow-list, with io_uring refused (EPERM: nspawn 252 cannot name an errno).
+- ``--system-call-filter``: nspawn's allow-list, with io_uring and what Docker allows only with CAP_SYS_ADMIN
+  refused (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno).
 - ``--resolv-conf=off --timezone=off --link-journal=no``: nothing of the host's is copied or bound in; the only
   host files a box sees are the read-only /proc views (``--bind-ro``), and /run/host (nspawn's own) is unmounted
   by the backend before the box is used (:data:`TIDY`).
@@ -30,6 +31,16 @@ ALL_CAPS = (
     "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
 ).split()
 IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+# What Docker's default profile allows only with CAP_SYS_ADMIN (or CAP_PERFMON, CAP_BPF), which boxes never have:
+# refused here too. Without it a box could make a user namespace (unshare -U) and mount, pivot or set namespaces
+# inside it, and reach the keyrings, which are not namespaced. Not refusable by nspawn's filter: clone() and
+# clone3() with CLONE_NEWUSER (Docker filters clone's flags; nspawn 252 takes names only).
+DENIED = (
+    *IO_URING,
+    *("unshare", "setns", "mount", "umount2", "pivot_root", "mount_setattr"),
+    *("fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree"),
+    *("add_key", "keyctl", "request_key", "bpf", "perf_event_open", "userfaultfd"),
+)
 # Run in the new box before it is used: nspawn's /run/host (the host's os-release, a propagation directory, files
 # naming the container manager) unmounted and removed; /run and /dev/shm sized as Docker's boxes have them, not
 # as shares of the host's RAM (their pages are charged to the box's memory either way).
@@ -94,7 +105,7 @@ def argv(
         "--console=pipe",  # no /dev/console pty: PID 1 has no terminal, as on Docker
         "--kill-signal=SIGTERM",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
         "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
-        "--system-call-filter=~" + " ".join(IO_URING),
+        "--system-call-filter=~" + " ".join(DENIED),
         *(["--no-new-privileges=yes"] if settings.no_new_privileges else []),
         *(f"--bind-ro={b.removesuffix(':ro')}" for b in binds),
         "/sbin/init",
