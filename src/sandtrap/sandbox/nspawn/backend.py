@@ -40,19 +40,23 @@ READY_POLL_S = 0.05
 
 
 def seed_files(box: SandboxSettings, planted: Planted | None) -> Planted:
-    """The per-box lower layer: what the engine writes into a Docker box (hostname, hosts, resolv.conf) and the
-    sensor's planted files (its SSH host keys)."""
+    """The per-box lower layer: hostname, and hosts and resolv.conf byte for byte as the box's init writes them at
+    boot (box/init.c ``names()``: a rewrite with the same bytes is no change), and the sensor's planted files (its
+    SSH host keys)."""
     now = time.time()
-    fqdn = f"{box.hostname}.{box.domain}" if box.domain else box.hostname
-    hosts = (
-        f"127.0.0.1\tlocalhost\n127.0.1.1\t{fqdn} {box.hostname}\n\n"
-        "# The following lines are desirable for IPv6 capable hosts\n"
-        "::1     localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n"
-    )
+    if box.domain:
+        hosts = (
+            f"127.0.0.1\tlocalhost\n127.0.1.1\t{box.hostname}.{box.domain}\t{box.hostname}\n\n"
+            "# The following lines are desirable for IPv6 capable hosts\n"
+            "::1     localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n"
+        )
+        resolv = f"search {box.domain}\nnameserver 10.20.0.2\nnameserver 10.20.0.3\n"
+    else:
+        hosts, resolv = f"127.0.0.1\tlocalhost\n127.0.1.1\t{box.hostname}\n", "nameserver 10.20.0.2\n"
     files: Planted = {
         "etc/hostname": (f"{box.hostname}\n".encode(), 0o644, now),
         "etc/hosts": (hosts.encode(), 0o644, now),
-        "etc/resolv.conf": ((f"search {box.domain}\n" if box.domain else "").encode(), 0o644, now),
+        "etc/resolv.conf": (resolv.encode(), 0o644, now),
     }
     files.update(planted or {})
     return files

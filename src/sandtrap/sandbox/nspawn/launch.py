@@ -111,7 +111,12 @@ def argv(
         "/sbin/init",
     ]
     enter = "".join(f'echo $$ > "{p}" && ' for p in procs)
-    return ["/bin/sh", "-c", enter + 'exec unshare --cgroup -- "$@"', "sh", *nspawn]
+    # A UTS namespace of nspawn's own with the box's domain name, which the box's UTS namespace inherits (nspawn sets
+    # only the host name): init writes /etc/hosts and resolv.conf from it, as on Docker (its Domainname).
+    domain = 'printf %s "$0" > /proc/sys/kernel/domainname && exec "$@"'
+    return [
+        "/bin/sh", "-c", enter + 'exec unshare --cgroup --uts -- /bin/sh -c "$0" "$@"', domain, box.domain, *nspawn,
+    ]  # fmt: skip
 
 
 def environment() -> dict[str, str]:

@@ -36,7 +36,11 @@ from sandtrap.sandbox.nspawn.state import BoxRecord
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 6.0  # nspawn's SIGTERM to the box's init, whose own grace is 3 s
-PROPAGATE = Path("/run/systemd/nspawn/propagate")  # nspawn leaves a directory per machine here
+PROPAGATE = Path("/run/systemd/nspawn/propagate")
+SEEDED_AT_BOOT = (
+    "/etc/hosts",
+    "/etc/resolv.conf",
+)  # rewritten by the box's init at boot, as the seed has them  # nspawn leaves a directory per machine here
 
 
 class NspawnSandbox:
@@ -180,9 +184,19 @@ class NspawnSandbox:
         await asyncio.to_thread(self._mounted)
         lowers = [str(self._dir / "seed"), self._record.tree]
         try:
-            return await asyncio.to_thread(hostfs.upper_changes, str(self._dir / "disk" / "upper"), lowers)
+            found = await asyncio.to_thread(hostfs.upper_changes, str(self._dir / "disk" / "upper"), lowers)
+            return [c for c in found if not await asyncio.to_thread(self._as_seeded, c)]
         except OSError as exc:
             raise SandboxError(f"changed files of {self.name}: {exc}") from exc
+
+    def _as_seeded(self, change: ChangedFile) -> bool:
+        """A file init rewrites at boot (/etc/hosts, /etc/resolv.conf) still holding the seed's bytes: no change
+        (an attacker's edit still shows)."""
+        if change.kind != "C" or change.path not in SEEDED_AT_BOOT:
+            return False
+        seed = hostfs.read_file(str(self._dir / "seed"), change.path, 1 << 16, None)
+        upper = hostfs.read_file(str(self._dir / "disk" / "upper"), change.path, 1 << 16, None)
+        return seed is not None and upper is not None and seed.data is not None and seed.data == upper.data
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> OpenWatch | None:
         if self._reads is None or not self._same_box():
