@@ -223,6 +223,8 @@ async def test_what_the_box_shows_of_nspawn_and_the_host(nspawn_factory: Callabl
         assert stat.rsplit(")", 1)[1].split()[4] == "0"  # tty_nr: PID 1 has no terminal
         code, _, _ = await run(box, "test -e /dev/console")
         assert code != 0
+        _, virt, _ = await run(box, "systemd-detect-virt --container")
+        assert virt == "none\n"  # the named cgroup hierarchy's root files, as Docker's mask_cgroupns
         _, fqdn, _ = await run(box, "hostname -f; domainname")
         assert fqdn == "web-prod-03.corp.internal\ncorp.internal\n"  # init's /etc/hosts, from the UTS domain name
         assert not {"/etc/hosts", "/etc/resolv.conf"} & {c.path for c in await box.changed_files()}

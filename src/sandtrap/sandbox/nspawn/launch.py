@@ -44,9 +44,17 @@ DENIED = (
 # Run in the new box before it is used: nspawn's /run/host (the host's os-release, a propagation directory, files
 # naming the container manager) unmounted and removed; /run and /dev/shm sized as Docker's boxes have them, not
 # as shares of the host's RAM (their pages are charged to the box's memory either way).
+# And, as Docker's mask_cgroupns: a small tmpfs over the named systemd hierarchy (nspawn mounts it writable) with
+# the files a real root of it has (its namespace root has no release_agent: how systemd-detect-virt spots a
+# container), as box/init.c cgroup_root_files() gives Docker's.
 TIDY = (
     "umount -R /run/host && rm -rf --one-file-system /run/host"
     " && mount -o remount,size=16m /run && mount -o remount,size=64m /dev/shm"
+    " && if [ -d /sys/fs/cgroup/systemd ]; then"
+    " mount -t tmpfs -o rw,nosuid,nodev,noexec,size=16k,nr_inodes=64,mode=755 tmpfs /sys/fs/cgroup/systemd"
+    " && cd /sys/fs/cgroup/systemd && for f in cgroup.clone_children notify_on_release cgroup.sane_behavior;"
+    " do echo 0 > $f; done && : > cgroup.procs && : > release_agent && : > tasks && chmod 444 cgroup.sane_behavior;"
+    " fi"
 )
 
 
