@@ -97,6 +97,8 @@ class NspawnBackend:
         if reason:
             log.warning("nspawn boxes get no memory, pids or CPU limits: %s", reason)
         self._live: dict[str, NspawnSandbox] = {}
+        if box.init == "systemd":
+            log.warning("sandbox.init: systemd is not available with nspawn yet: boxes run sandtrap's init")
         if box.network != "none":  # the hook is launch.network_args
             log.warning(
                 "network.mode: %s is not wired to nspawn boxes yet: they have only lo (as with none)", box.network
