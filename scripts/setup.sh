@@ -36,6 +36,8 @@ apt_install() {
 PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
 # sandbox.backend: microvm: QEMU (qemu-system-x86, qemu-utils for the overlays), e2fsprogs for `mkfs.ext4 -d`.
 PKGS+=(qemu-system-x86 qemu-utils e2fsprogs iproute2 util-linux)
+# sandbox.backend: nspawn: systemd-nspawn (run with --register=no --keep-unit: PID 1 need not be systemd).
+PKGS+=(systemd-container)
 if [ "$MODE" = test ]; then
   PKGS+=(openssh-client sshpass tmux openssh-server nmap telnet curl tshark)  # nmap: the fingerprint test; tshark: the gateway's pcaps
 fi

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from nspawn_fixtures import CACHE as NSPAWN_CACHE
+from nspawn_fixtures import remove_nspawn_boxes
 from sandtrap.app import Services, running
 from sandtrap.config import DockerSettings, NetworkSettings, SandboxSettings, Settings, load_settings, merge
 from sandtrap.events import CaptureSink, Event
@@ -115,7 +117,10 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
             # SANDTRAP_TEST_SESSION_TRANSPORT=init runs a suite with logins started by the box's listener.
             # SANDTRAP_TEST_NETWORK=internal: every box of the suite on the internal network (eth0, no way out).
             # SANDTRAP_TEST_INIT=systemd with systemd as the boxes' PID 1.
+            # SANDTRAP_TEST_BACKEND=nspawn: every honeypot of the suite on the nspawn backend (its tree built once).
+            **NSPAWN,
             "sandbox": {
+                "backend": BACKEND,
                 "docker": {"image": built_image},
                 "pool_size": 1,
                 "session_transport": SESSION_TRANSPORT,
@@ -155,6 +160,8 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
         docker_log.removeHandler(fallbacks)
         await stack.aclose()
         await remove_sensor_containers(sensor)
+        if BACKEND == "nspawn":
+            await remove_nspawn_boxes(tmp_path / "data" / "nspawn")
     if fallbacks.lines and not any(hp.expect_fallback for hp in started):
         pytest.fail(f"logins fell back to docker exec, or boxes to sandtrap's init: {fallbacks.lines[:3]}")
 
@@ -176,6 +183,8 @@ class _FallbackLog(logging.Handler):
 SESSION_TRANSPORT = os.environ.get("SANDTRAP_TEST_SESSION_TRANSPORT", SandboxSettings().session_transport)
 NETWORK = os.environ.get("SANDTRAP_TEST_NETWORK", NetworkSettings().mode)
 INIT = os.environ.get("SANDTRAP_TEST_INIT", SandboxSettings().init)
+BACKEND = os.environ.get("SANDTRAP_TEST_BACKEND", SandboxSettings().backend)
+NSPAWN: dict[str, Any] = {"image": {"cache_dir": str(NSPAWN_CACHE)}} if BACKEND == "nspawn" else {}
 
 
 # Host keys are generated once per test run (RSA 3072 takes a moment) and shared by every honeypot.

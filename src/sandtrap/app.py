@@ -37,6 +37,7 @@ from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import seccomp
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
+from sandtrap.sandbox.nspawn.backend import NspawnBackend
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
 from sandtrap.ssh.server import ServerContext, SSHFrontEnd
@@ -82,9 +83,22 @@ def _microvm(settings: Settings, gateway: Gateway | None = None) -> SandboxBacke
     )  # fmt: skip
 
 
+def _nspawn(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
+    # network none (lo only); the capture gateway plugs in at sandbox/nspawn/launch.py network_args.
+    sandbox = settings.sandbox
+    return NspawnBackend(
+        sandbox.nspawn, sandbox, settings.image, cache_dir(settings), settings.data_dir / "nspawn", settings.sensor,
+        _planted_files(settings),
+    )  # fmt: skip
+
+
 # sandbox.backend -> how to build it from the settings (and the capture gateway, network.mode: capture);
 # config.SandboxSettings refuses a name not here.
-BACKENDS: dict[str, Callable[[Settings, Gateway | None], SandboxBackend]] = {"docker": _docker, "microvm": _microvm}
+BACKENDS: dict[str, Callable[[Settings, Gateway | None], SandboxBackend]] = {
+    "docker": _docker,
+    "microvm": _microvm,
+    "nspawn": _nspawn,
+}
 
 
 def build_backend(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:

@@ -88,6 +88,11 @@ def image_build(
             raise _fail(SandtrapError("--from: the VM image is built from the debootstrap base only"))
         _vm_image_build(s, force)
         return
+    if s.sandbox.backend == "nspawn":
+        if base is not None:
+            raise _fail(SandtrapError("--from: the nspawn tree is built from the debootstrap base only"))
+        _nspawn_tree_build(s, force)
+        return
     cache = Path(s.image.cache_dir) if s.image.cache_dir else s.data_dir / "cache"
     try:
         result = asyncio.run(
@@ -125,6 +130,22 @@ def _vm_image_build(s: Settings, force: bool) -> None:
         raise _fail(exc) from None
     verb = "built" if built else "up to date"
     console.print(f"VM image {image.directory.name} {verb} (kernel {image.release}, inputs {image.inputs[:12]})")
+
+
+def _nspawn_tree_build(s: Settings, force: bool) -> None:
+    from sandtrap.app import cache_dir
+    from sandtrap.sandbox.nspawn.image import build_tree
+
+    try:
+        tree, built = asyncio.run(
+            build_tree(
+                s.image, s.sandbox.docker.image, cache_dir(s), force=force, docker_host=s.sandbox.docker.docker_host,
+                console=console,
+            )
+        )  # fmt: skip
+    except SandtrapError as exc:
+        raise _fail(exc) from None
+    console.print(f"nspawn tree {tree.parent.name} {'built' if built else 'up to date'} ({tree})")
 
 
 @image_app.command("check")

@@ -14,8 +14,10 @@ from sandtrap.config import DockerSettings, ImageSettings, Settings, split_liste
 from sandtrap.errors import SandtrapError
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.image import check_image
+from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.microvm import qemu
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
+from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir
 
 
@@ -36,6 +38,9 @@ async def run_checks(settings: Settings) -> list[Check]:
     if settings.sandbox.backend == "microvm":
         checks.extend(_microvm(settings))
         checks.append(await _engine(settings.sandbox.docker))  # `sandtrap image build` starts from the Docker base
+    if settings.sandbox.backend == "nspawn":
+        checks.extend(_nspawn(settings))
+        checks.append(await _engine(settings.sandbox.docker))  # `sandtrap image build` unpacks the Docker image
     checks.append(_data_dir(settings))
     checks.append(_port("ssh port free", settings.ssh.listen))
     checks.append(_port("api port free", settings.api.listen))
@@ -99,6 +104,31 @@ def _microvm(settings: Settings) -> list[Check]:
         checks.append(Check("VM image", False, str(exc)))
     else:
         checks.append(Check("VM image", True, f"{image.directory} (kernel {image.release}, {backend.accel.name})"))
+    return checks
+
+
+def _nspawn(settings: Settings) -> list[Check]:
+    """What sandbox.backend: nspawn needs: root, systemd-nspawn, nsenter, overlayfs, cgroup v1 parents, the tree."""
+    ns = settings.sandbox.nspawn
+    checks = [Check("running as root", os.geteuid() == 0, "mounts and namespaces need root")]
+    for name, tool, package in (
+        ("systemd-nspawn", ns.nspawn, "systemd-container"),
+        ("nsenter", "nsenter", "util-linux"),
+    ):
+        where = shutil.which(tool)
+        checks.append(Check(name, where is not None, where or f"{tool} missing: apt-get install {package}"))
+    try:
+        overlay = "overlay" in Path("/proc/filesystems").read_text()
+    except OSError:
+        overlay = False
+    checks.append(Check("overlayfs", overlay, "in /proc/filesystems" if overlay else "not available: modprobe overlay"))
+    why = ParentCgroups().available()
+    checks.append(Check("box limits (cgroup v1)", not why, why or "memory, pids and cpu hierarchies writable"))
+    cache = Path(settings.image.cache_dir) if settings.image.cache_dir else settings.data_dir / "cache"
+    inputs = tree_inputs(settings.image)
+    tree = find_tree(cache, inputs)
+    detail = str(tree) if tree else f"nspawn-{inputs[:16]} missing in {cache}: run 'sandtrap image build'"
+    checks.append(Check("nspawn tree", tree is not None, detail))
     return checks
 
 

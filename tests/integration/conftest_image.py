@@ -16,6 +16,7 @@ from rich.console import Console
 
 from sandtrap.config import Settings
 from sandtrap.sandbox.docker.image import build_image
+from sandtrap.sandbox.nspawn.image import build_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,4 +28,6 @@ def built_image() -> str:
     cache_dir = ROOT / settings.storage.data_dir / "cache"
     console = Console(stderr=True, quiet=True)
     asyncio.run(build_image(settings.image, tag, cache_dir, console=console))
+    if os.environ.get("SANDTRAP_TEST_BACKEND") == "nspawn":  # the nspawn boxes' tree, unpacked from that image
+        asyncio.run(build_tree(settings.image, tag, cache_dir, console=console))
     return tag

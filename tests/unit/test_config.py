@@ -89,13 +89,25 @@ def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, needle: str) ->
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("backend", ["nspawn"])
-def test_planned_backend_is_refused_as_not_available_yet(tmp_path: Path, backend: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("sandbox:\n  nspawn:\n    disk_size: 1m\n", "sandbox.nspawn.disk_size: must be between 16m and 64g"),
+        ("sandbox:\n  nspawn:\n    cap_add: [SYS_ADMIN]\n", "sandbox.nspawn.cap_add: SYS_ADMIN would let a box reach"),
+        ("sandbox:\n  nspawn:\n    cap_add: ['chown;rm']\n", "sandbox.nspawn.cap_add: 'chown;rm' is not a capability"),
+        ("sandbox:\n  nspawn:\n    private_users: true\n", "sandbox.nspawn.private_users: unknown key"),
+    ],
+)
+def test_nspawn_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_settings(write(tmp_path, f"sandbox:\n  backend: {backend}\n"))
-    message = str(err.value)
-    assert f"sandbox.backend: the {backend} backend is not available yet" in message
-    assert "set sandbox.backend: docker" in message
+        load_settings(write(tmp_path, "sandbox:\n  backend: nspawn\n" + text.removeprefix("sandbox:\n")))
+    assert needle in str(err.value)
+
+
+def test_nspawn_is_available_and_keeps_dockers_capabilities_by_default(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "sandbox:\n  backend: nspawn\n  nspawn:\n    disk_size: 1g\n"))
+    assert (s.sandbox.backend, s.sandbox.nspawn.disk_size) == ("nspawn", 1 << 30)
+    assert s.sandbox.nspawn.cap_add == s.sandbox.docker.cap_add
 
 
 @pytest.mark.parametrize(
@@ -193,7 +205,7 @@ def test_config_show_prints_the_tree() -> None:
     assert dumped["sandbox"]["docker"]["docker_host"] == "" and "docker_host" not in dumped["sandbox"]
     assert dumped["sandbox"]["docker"]["image"] == "sandtrap-target:latest"
     keys = list(dumped["sandbox"])
-    assert keys[0] == "backend" and keys[-2:] == ["docker", "microvm"]
+    assert keys[0] == "backend" and keys[-3:] == ["docker", "microvm", "nspawn"]
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -19,7 +19,14 @@ from pydantic import Field, ValidationError, model_validator
 from sandtrap.config.alerts import AlertRule, AlertSettings, AlertTarget
 from sandtrap.config.image import ImageSettings
 from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
-from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, MicroVMSettings, SandboxSettings
+from sandtrap.config.sandbox import (
+    AVAILABLE_BACKENDS,
+    MOVED_KEYS,
+    DockerSettings,
+    MicroVMSettings,
+    NspawnSettings,
+    SandboxSettings,
+)
 from sandtrap.config.sections import (
     DEFAULT_SSH_VERSION,
     APISettings,
@@ -61,6 +68,7 @@ __all__ = [
     "Listen",
     "MicroVMSettings",
     "NetworkSettings",
+    "NspawnSettings",
     "PcapSettings",
     "RecordingSettings",
     "SSHSettings",

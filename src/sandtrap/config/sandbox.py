@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from sandtrap.config.values import ByteSize, Section, box_subnet, parse_size
 
 # The backends sandbox.backend may name that this version builds (app.BACKENDS); the Literal also names the planned.
-AVAILABLE_BACKENDS = ("docker", "microvm")
+AVAILABLE_BACKENDS = ("docker", "microvm", "nspawn")
 
 
 class DockerSettings(Section):
@@ -207,6 +207,45 @@ class MicroVMSettings(Section):
         return v
 
 
+class NspawnSettings(Section):
+    """``sandbox.nspawn``: what only the systemd-nspawn backend has (README "nspawn boxes")."""
+
+    nspawn: str = Field(
+        "systemd-nspawn", description="the systemd-nspawn program (Debian: apt-get install systemd-container)"
+    )
+    disk_size: ByteSize = Field(
+        parse_size("512m"),
+        description="each box's writable layer (the overlay's upper directory) is a tmpfs of this size: what a box "
+        "writes, /tmp included, can grow to it and no further; its pages are charged to the box's memory while it "
+        "runs, and it is kept (in memory) after the stop for forensics until the box is removed",
+    )
+    cap_add: list[str] = Field(
+        default_factory=lambda: list(DockerSettings.model_fields["cap_add"].get_default(call_default_factory=True)),
+        description="the only capabilities a box keeps (every other one is dropped): Docker's list by default",
+    )
+    no_new_privileges: bool = Field(False, description="as sandbox.docker.no_new_privileges")
+
+    @field_validator("cap_add")
+    @classmethod
+    def _caps(cls, v: list[str]) -> list[str]:
+        out = []
+        for cap in v:
+            name = cap.upper().removeprefix("CAP_")
+            if not re.fullmatch(r"[A-Z_]{2,32}", name):
+                raise ValueError(f"{cap!r} is not a capability name; e.g. CHOWN or CAP_CHOWN")
+            if name in {"SYS_ADMIN", "SYS_MODULE", "SYS_RAWIO", "SYS_PTRACE", "SYS_BOOT", "MAC_ADMIN", "BPF"}:
+                raise ValueError(f"{name} would let a box reach the host; leave it out")
+            out.append(name)
+        return out
+
+    @field_validator("disk_size")
+    @classmethod
+    def _disk(cls, v: int) -> int:
+        if not 16 * 1024 * 1024 <= v <= 64 * 1024 * 1024 * 1024:
+            raise ValueError("must be between 16m and 64g; e.g. 512m")
+        return v
+
+
 # Keys of the flat ``sandbox`` section of earlier versions that now sit in ``sandbox.docker``.
 MOVED_KEYS = {f"sandbox.{key}": f"sandbox.docker.{key}" for key in DockerSettings.model_fields}
 
@@ -216,7 +255,8 @@ class SandboxSettings(Section):
     section per backend with what only that backend has; ``backend`` picks the one used."""
 
     backend: Literal["docker", "microvm", "nspawn"] = Field(
-        "docker", description="docker, or microvm (a QEMU VM per box: sandbox.microvm); nspawn is planned"
+        "docker",
+        description="docker, microvm (a QEMU VM per box: sandbox.microvm) or nspawn (systemd-nspawn: sandbox.nspawn)",
     )
     # The pool and who gets which box.
     pool_size: int = Field(3, ge=0, le=1000)
@@ -286,6 +326,7 @@ class SandboxSettings(Section):
     # One section per backend.
     docker: DockerSettings = DockerSettings()
     microvm: MicroVMSettings = MicroVMSettings()
+    nspawn: NspawnSettings = NspawnSettings()
 
     @field_validator("backend")
     @classmethod

@@ -153,12 +153,21 @@ class ParentCgroups:
         if hierarchy.exists() and hierarchy.read_text().strip() != "1":
             raise CgroupError(errno.EIO, f"{hierarchy} is 0: the limit would not bind the box's cgroup")
 
-    def join(self, name: str, container: str, unit: str, marker: bytes, wait_s: float = 0.25) -> int:
+    def join(
+        self,
+        name: str,
+        container: str,
+        unit: str,
+        marker: bytes,
+        wait_s: float = 0.25,
+        inner: dict[str, str] | None = None,
+    ) -> int:
         """Move the processes of a login into ``unit`` (e.g. ``user.slice/user-0.slice/session-3.scope``) under
         the box's own cgroup, in every hierarchy, as pam_systemd places a login. A login's processes are the
         ones still at the box's cgroup root whose environment holds ``marker`` (``XDG_SESSION_ID=3``), with
         everything below them; they are looked for up to ``wait_s`` (the engine starts an exec
-        asynchronously). Limits are unchanged: they sit above. Returns how many processes moved."""
+        asynchronously). Limits are unchanged: they sit above. ``inner``: per hierarchy, the cgroup below the box's
+        that is its namespace's root there (nspawn's ``payload`` in the named systemd one). Returns how many moved."""
         self._check(name)
         self._check(container)
         parts = unit.split("/")
@@ -182,7 +191,7 @@ class ParentCgroups:
             if depth == 0:
                 continue
             box = hierarchy / self.prefix / name / container
-            target = box
+            target = box / (inner or {}).get(hierarchy.name, "")
             for part in parts[:depth]:
                 parent, target = target, target / part
                 if not target.is_dir():

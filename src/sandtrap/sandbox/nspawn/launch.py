@@ -1,0 +1,136 @@
+"""How a box is started: systemd-nspawn's command line, every hardening item in one place (README "nspawn boxes").
+
+- ``--register=no --keep-unit``: no machined, no scope of its own (PID 1 here is not systemd); nspawn and the box
+  stay in the cgroups they are started in: a ``box`` cgroup below the per-box parent with the memory, pids and CPU
+  limits (:mod:`sandtrap.sandbox.host.cgroups`), entered by a tiny ``sh`` before it execs nspawn, through
+  ``unshare --cgroup``: the box's cgroup is its namespace's root (``/proc/self/cgroup`` reads ``/``, as a machine's).
+- ``--private-network``: a network namespace with ``lo`` only (network.mode none; :func:`network_args` is where
+  the capture network plugs in). Private PID, IPC, UTS and mount namespaces are nspawn's own.
+- ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
+- ``--system-call-filter``: nspawn's allow-list, with io_uring and what Docker allows only with CAP_SYS_ADMIN
+  refused (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno).
+- ``--resolv-conf=off --timezone=off --link-journal=no``: nothing of the host's is copied or bound in; the only
+  host files a box sees are the read-only /proc views (``--bind-ro``), and /run/host (nspawn's own) is unmounted
+  by the backend before the box is used (:data:`TIDY`).
+- ``SYSTEMD_NSPAWN_TMPFS_TMP=0``: /tmp is on the box's overlay (bounded by its disk, diffed, kept).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from sandtrap.config import NspawnSettings, SandboxSettings
+
+# Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
+ALL_CAPS = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE NET_BIND_SERVICE "
+    "NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT "
+    "SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+    "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
+).split()
+IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+# What Docker's default profile allows only with CAP_SYS_ADMIN (or CAP_PERFMON, CAP_BPF), which boxes never have:
+# refused here too. Without it a box could make a user namespace (unshare -U) and mount, pivot or set namespaces
+# inside it, and reach the keyrings, which are not namespaced. Not refusable by nspawn's filter: clone() and
+# clone3() with CLONE_NEWUSER (Docker filters clone's flags; nspawn 252 takes names only).
+DENIED = (
+    *IO_URING,
+    *("unshare", "setns", "mount", "umount2", "pivot_root", "mount_setattr"),
+    *("fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree"),
+    *("add_key", "keyctl", "request_key", "bpf", "perf_event_open", "userfaultfd"),
+)
+# Run in the new box before it is used: nspawn's /run/host (the host's os-release, a propagation directory, files
+# naming the container manager) unmounted and removed; /run and /dev/shm sized as Docker's boxes have them, not
+# as shares of the host's RAM (their pages are charged to the box's memory either way).
+# And, as Docker's mask_cgroupns: a small tmpfs over the named systemd hierarchy (nspawn mounts it writable) with
+# the files a real root of it has (its namespace root has no release_agent: how systemd-detect-virt spots a
+# container), as box/init.c cgroup_root_files() gives Docker's.
+TIDY = (
+    "umount -R /run/host && rm -rf --one-file-system /run/host"
+    " && mount -o remount,size=16m /run && mount -o remount,size=64m /dev/shm"
+    " && if [ -d /sys/fs/cgroup/systemd ]; then"
+    " mount -t tmpfs -o rw,nosuid,nodev,noexec,size=16k,nr_inodes=64,mode=755 tmpfs /sys/fs/cgroup/systemd"
+    " && cd /sys/fs/cgroup/systemd && for f in cgroup.clone_children notify_on_release cgroup.sane_behavior;"
+    " do echo 0 > $f; done && : > cgroup.procs && : > release_agent && : > tasks && chmod 444 cgroup.sane_behavior;"
+    " fi"
+)
+
+
+def dropped_caps(keep: Sequence[str]) -> list[str]:
+    wanted = {c.upper().removeprefix("CAP_") for c in keep}
+    return [f"CAP_{c}" for c in ALL_CAPS if c not in wanted]
+
+
+def network_args(box: SandboxSettings) -> list[str]:
+    """The box's network: only ``lo`` (sandbox.network none). The capture network (issue 12) gives a box an
+    interface here (``--network-namespace-path=`` of a namespace the gateway has linked) once it is wired."""
+    return ["--private-network"]
+
+
+BOX_CGROUP = "box"  # the box's own cgroup below its parent (where login scopes are made, as on Docker)
+# Where the box's cgroup namespace is rooted below BOX_CGROUP, per hierarchy: nspawn moves the box into a "payload"
+# cgroup of its own in systemd's named hierarchy (and gives the box a namespace rooted there).
+INNER_CGROUPS = {"systemd": "payload"}
+
+
+def cgroup_procs(root: Path, prefix: str, name: str, hierarchies: Sequence[str]) -> list[str]:
+    """The ``cgroup.procs`` of the box's own cgroup in each hierarchy (made here: below the parent)."""
+    out = []
+    for hierarchy in hierarchies:
+        box = root / hierarchy / prefix / name / BOX_CGROUP
+        box.mkdir(mode=0o755, parents=True, exist_ok=True)
+        out.append(str(box / "cgroup.procs"))
+    return out
+
+
+def argv(
+    settings: NspawnSettings,
+    box: SandboxSettings,
+    machine: str,
+    root: Path,
+    binds: Sequence[str],
+    procs: Sequence[str],
+) -> list[str]:
+    """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then a cgroup namespace of its own,
+    then nspawn running /sbin/init (each ``exec``: nspawn keeps the pid that was started)."""
+    nspawn = [
+        settings.nspawn,
+        "--quiet",
+        "--register=no",
+        "--keep-unit",
+        f"--directory={root}",
+        f"--machine={machine}",
+        f"--hostname={box.hostname}",
+        # init takes HOSTNAME as the sign of an engine's environment and starts again with a kernel's: PID 1's
+        # environ (container=systemd-nspawn, container_uuid, NOTIFY_SOCKET, ...) is gone before the box is used
+        f"--setenv=HOSTNAME={box.hostname}",
+        *network_args(box),
+        "--resolv-conf=off",
+        "--timezone=off",
+        "--link-journal=no",
+        "--console=pipe",  # no /dev/console pty: PID 1 has no terminal, as on Docker
+        "--kill-signal=SIGTERM",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
+        "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
+        "--system-call-filter=~" + " ".join(DENIED),
+        *(["--no-new-privileges=yes"] if settings.no_new_privileges else []),
+        *(f"--bind-ro={b.removesuffix(':ro')}" for b in binds),
+        "/sbin/init",
+    ]
+    enter = "".join(f'echo $$ > "{p}" && ' for p in procs)
+    # A UTS namespace of nspawn's own with the box's domain name, which the box's UTS namespace inherits (nspawn sets
+    # only the host name): init writes /etc/hosts and resolv.conf from it, as on Docker (its Domainname).
+    domain = 'printf %s "$0" > /proc/sys/kernel/domainname && exec "$@"'
+    return [
+        "/bin/sh", "-c", enter + 'exec unshare --cgroup --uts -- /bin/sh -c "$0" "$@"', domain, box.domain, *nspawn,
+    ]  # fmt: skip
+
+
+def environment() -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "SYSTEMD_NSPAWN_TMPFS_TMP": "0",
+        "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "0",  # legacy cgroups: no "payload" cgroup at the hierarchy root
+        "LANG": "C",
+    }
