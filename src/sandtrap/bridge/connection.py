@@ -344,6 +344,7 @@ class Connection:
             sandbox_name=lease.sandbox.name,
             acquire_ms=round(lease.acquire_ms, 1),
             reused=lease.reused,
+            **({"evicted": lease.evicted} if lease.evicted else {}),
         )
         if not self.owns_box_activity:  # a raw service's connection: the box's lures are its logins' business
             return lease

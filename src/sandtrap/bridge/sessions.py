@@ -1,8 +1,11 @@
 """Which sandbox a connection gets, who may connect, and when a box goes back for forensics.
 
 Affinity ``session``: a fresh box per connection, released when the connection ends.
-Affinity ``source_ip``: one box per source address; a reconnect within ``ip_ttl_s`` of the last
-connection's end lands in the same box; after the TTL the box is released.
+Affinity ``source_ip`` (the default): one box per source address; a reconnect within ``ip_ttl_s`` of the last
+connection's end lands in the same box; after the TTL the box is released. A box older than ``ip_max_lifetime_s``
+takes no new connection (the next one gets a fresh box) and goes back when its last connection ends. At
+``max_sandboxes`` the box idle longest (no connection, waiting out its TTL) is released early to make room;
+with none idle the connection is refused. Both are counted in the pool's stats and named in the events.
 Concurrent channels of one connection share its box (the acquisition is one shared future).
 With raw (tcp/udp) services configured, :attr:`SessionManager.share_by_ip` makes every connection use its IP's
 box whatever the affinity: a port scan, a request to the fake HTTP and an SSH login land in one machine.
@@ -21,7 +24,7 @@ from sandtrap.bridge import honeytokens
 from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.bridge.login import Account, ensure_account, read_passwd
 from sandtrap.config import LimitsSettings, SandboxSettings
-from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import Sandbox
 from sandtrap.sandbox.pool import Pool
 
@@ -57,6 +60,8 @@ class _IpBox:
     prepared: Prepared = field(default_factory=Prepared)
     logins: BoxLogins = field(default_factory=BoxLogins)
     had_login: bool = False  # a login (ssh, telnet) used it, not only raw services' connections
+    born: float = field(default_factory=time.monotonic)
+    idle_since: float = 0.0  # when its last connection ended (monotonic); 0 while one is using it
 
     @property
     def tokens(self) -> list[Token]:
@@ -76,6 +81,7 @@ class Lease:
     tokens: list[Token] = field(default_factory=list)
     passwd: dict[str, Account] = field(default_factory=dict)  # the box's accounts when it was prepared
     logins: BoxLogins = field(default_factory=BoxLogins)  # shared by every connection to the same box
+    evicted: str = ""  # the idle box released early to make room for this one at max_sandboxes
 
 
 class SessionManager:
@@ -90,6 +96,7 @@ class SessionManager:
         self._per_ip: Counter[str] = Counter()
         self._total = 0
         self._by_ip: dict[str, _IpBox] = {}
+        self._retired: dict[str, _IpBox] = {}  # past ip_max_lifetime_s, still used: released when the last ends
         self._ip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.share_by_ip = False  # set by app.py when raw services need the IP's box (as affinity source_ip)
@@ -129,11 +136,15 @@ class SessionManager:
             lock = self._ip_locks.setdefault(src_ip, asyncio.Lock())
             async with lock:
                 held = self._by_ip.get(src_ip)
+                if held is not None and time.monotonic() - held.born >= self._settings.ip_max_lifetime_s:
+                    self._retire(src_ip, held)
+                    held = None
                 if held is not None and await self._still_running(held.sandbox):
                     if held.timer is not None:
                         held.timer.cancel()
                         held.timer = None
                     held.users += 1
+                    held.idle_since = 0.0
                     held.had_login |= login
                     return Lease(
                         session,
@@ -149,7 +160,7 @@ class SessionManager:
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
                     self._spawn(self._pool.release(held.sandbox))
-                sandbox = await self._pool.acquire(session, src_ip)
+                sandbox, evicted = await self._acquire_with_room(session, src_ip)
                 box = _IpBox(sandbox, users=1, prepared=await self._prepared(sandbox), had_login=login)
                 self._by_ip[src_ip] = box
                 return Lease(
@@ -161,6 +172,7 @@ class SessionManager:
                     tokens=box.tokens,
                     passwd=box.prepared.passwd,
                     logins=box.logins,
+                    evicted=evicted,
                 )
         sandbox = await self._pool.acquire(session, src_ip)
         prepared = await self._prepared(sandbox)
@@ -173,6 +185,45 @@ class SessionManager:
             tokens=prepared.tokens,
             passwd=prepared.passwd,
         )
+
+    async def _acquire_with_room(self, session: str, src_ip: str) -> tuple[Sandbox, str]:
+        """A box from the pool; at the cap, the IP box idle longest is released first (its name returned)."""
+        try:
+            return await self._pool.acquire(session, src_ip), ""
+        except SandboxCapReached:
+            idle = [(box.idle_since, ip, box) for ip, box in self._by_ip.items() if box.users <= 0]
+            if not idle:
+                log.warning("max_sandboxes reached and every box is in use: %s refused", src_ip)
+                raise
+            _, ip, box = min(idle, key=lambda row: row[0])
+            if box.timer is not None:
+                box.timer.cancel()
+            del self._by_ip[ip]
+            self._pool.evictions += 1
+            log.warning(
+                "max_sandboxes reached: box %s of %s (idle %.0fs) released before its TTL for %s",
+                box.sandbox.name,
+                ip,
+                time.monotonic() - box.idle_since,
+                src_ip,
+            )
+            await self._release(box.sandbox)
+            return await self._pool.acquire(session, src_ip), box.sandbox.name
+
+    def _retire(self, src_ip: str, box: _IpBox) -> None:
+        """The IP's box reached ip_max_lifetime_s: no new connection joins it; it goes when its last ends."""
+        del self._by_ip[src_ip]
+        log.info(
+            "source %s: box %s reached ip_max_lifetime_s; the next connection gets a fresh box",
+            src_ip,
+            box.sandbox.name,
+        )
+        if box.users <= 0:
+            if box.timer is not None:
+                box.timer.cancel()
+            self._spawn(self._release(box.sandbox))
+        else:
+            self._retired[box.sandbox.id] = box
 
     @staticmethod
     async def _still_running(sandbox: Sandbox) -> bool:
@@ -232,13 +283,23 @@ class SessionManager:
     async def end(self, lease: Lease) -> bool:
         """The connection is over: release its box now (session affinity, returns True) or after the IP's TTL."""
         if self._by_source_ip:
+            retired = self._retired.get(lease.sandbox.id)
+            if retired is not None:
+                retired.users -= 1
+                if retired.users > 0:
+                    return False
+                del self._retired[lease.sandbox.id]
+                await self._release(lease.sandbox)
+                return True
             box = self._by_ip.get(lease.src_ip)
             if box is not None and box.sandbox.id == lease.sandbox.id:
                 box.users -= 1
                 if box.users <= 0:
+                    box.idle_since = time.monotonic()
                     loop = asyncio.get_running_loop()
                     ttl = self._settings.ip_ttl_s if box.had_login else min(self.raw_ttl_s, self._settings.ip_ttl_s)
-                    box.timer = loop.call_later(ttl, self._expire, lease.src_ip, box)
+                    left = self._settings.ip_max_lifetime_s - (box.idle_since - box.born)
+                    box.timer = loop.call_later(max(0.0, min(ttl, left)), self._expire, lease.src_ip, box)
                 return False
         await self._release(lease.sandbox)
         return True
@@ -246,7 +307,7 @@ class SessionManager:
     def _expire(self, src_ip: str, box: _IpBox) -> None:
         if self._by_ip.get(src_ip) is box and box.users <= 0:
             del self._by_ip[src_ip]
-            log.info("source %s: box %s released after ip_ttl_s", src_ip, box.sandbox.name)
+            log.info("source %s: box %s released after ip_ttl_s (or ip_max_lifetime_s)", src_ip, box.sandbox.name)
             self._spawn(self._release(box.sandbox))
 
     async def _release(self, sandbox: Sandbox) -> None:
@@ -263,6 +324,9 @@ class SessionManager:
                 box.timer.cancel()
             del self._by_ip[src_ip]
             await self._release(box.sandbox)
+        for box in list(self._retired.values()):
+            await self._release(box.sandbox)
+        self._retired.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.watcher.close()

@@ -221,8 +221,18 @@ class SandboxSettings(Section):
     # The pool and who gets which box.
     pool_size: int = Field(3, ge=0, le=1000)
     max_sandboxes: int = Field(50, ge=1, description="global cap on live (running) sandboxes")
-    affinity: Literal["session", "source_ip"] = "session"
-    ip_ttl_s: float = Field(1800.0, gt=0)
+    affinity: Literal["session", "source_ip"] = Field(
+        "source_ip",
+        description="source_ip: one box per client address (concurrent and later connections share it, as a "
+        "bot that uploads in one connection and runs in the next expects); session: a fresh box per connection",
+    )
+    ip_ttl_s: float = Field(1800.0, gt=0, description="source_ip: a box outlives its last connection by this long")
+    ip_max_lifetime_s: float = Field(
+        21600.0,
+        gt=0,
+        description="source_ip: a box older than this takes no new connection (the next gets a fresh box); it goes "
+        "back when its last connection ends",
+    )
     # Forensics retention of released (stopped) sandboxes.
     retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
     retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")

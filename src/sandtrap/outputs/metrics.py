@@ -127,6 +127,16 @@ class _ScrapeTime:
                 "Running sandboxes nobody tracked, stopped by the periodic sweep",
                 value=float(stats.get("strays_stopped", 0)),
             )
+            yield CounterMetricFamily(
+                "sandtrap_sandbox_cap_hits",
+                "Acquires that found sandbox.max_sandboxes boxes live and none warm",
+                value=float(stats.get("cap_hits", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_sandbox_evictions",
+                "Idle boxes held for a source IP, released before their TTL to make room at the cap",
+                value=float(stats.get("evictions", 0)),
+            )
         if self._storage_status is not None:
             status = self._storage_status()
             for key, name, doc in _STORAGE_COUNTERS:

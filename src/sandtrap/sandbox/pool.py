@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sandtrap.config import SandboxSettings
-from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
 from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
 
@@ -106,6 +106,8 @@ class Pool(Generic[P]):
         self.on_demand_creations = 0
         self.stop_retries = 0  # stops that failed at release and were retried in the background
         self.strays_stopped = 0  # running boxes nobody tracked, stopped by the sweep
+        self.cap_hits = 0  # acquires that found max_sandboxes boxes live and nothing warm
+        self.evictions = 0  # idle boxes held for a source IP, released early to make room at the cap
 
     # -- counts -----------------------------------------------------------------------------
     @property
@@ -133,6 +135,8 @@ class Pool(Generic[P]):
             "start_failures": self.start_failures,
             "stop_retries": self.stop_retries,
             "strays_stopped": self.strays_stopped,
+            "cap_hits": self.cap_hits,
+            "evictions": self.evictions,
         }
 
     def info(self, sandbox: Sandbox) -> SandboxInfo | None:
@@ -213,7 +217,8 @@ class Pool(Generic[P]):
         if sandbox is None:
             if self.live >= self._settings.max_sandboxes:
                 self.refill()
-                raise SandboxUnavailable(
+                self.cap_hits += 1
+                raise SandboxCapReached(
                     f"sandbox cap reached ({self._settings.max_sandboxes} live; sandbox.max_sandboxes)"
                 )
             log.warning("pool empty: creating a sandbox on demand for session %s", session)

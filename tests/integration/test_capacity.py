@@ -1,0 +1,36 @@
+"""Issue 19 with the defaults: one box per source address across connections (OpenSSH's scp then ssh on
+127.0.0.1), a burst of logins served from warm boxes."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+
+from sandtrap.config import SandboxSettings
+from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CLOSED
+
+from sandtrap_fixtures import Honeypot
+from sshclient import remote, run, scp_argv, ssh_argv
+
+DEFAULT_AFFINITY = SandboxSettings().affinity  # the fixture pins "session" for older tests; these use the default
+
+
+async def test_a_file_uploaded_with_scp_is_there_in_the_next_connection_from_the_same_address(
+    honeypot: Honeypot, tmp_path: Path
+) -> None:
+    assert DEFAULT_AFFINITY == "source_ip"
+    hp = await honeypot(sandbox={"affinity": DEFAULT_AFFINITY})
+    payload = secrets.token_bytes(64 * 1024)
+    local = tmp_path / "bot.bin"
+    local.write_bytes(payload)
+    up = await run(scp_argv(hp.port, str(local), remote("/tmp/bot.bin")), timeout_s=60)
+    assert up.returncode == 0, up.err
+    await hp.wait_for(SESSION_CLOSED)
+    second = await run(ssh_argv(hp.port, "chmod +x /tmp/bot.bin && sha256sum /tmp/bot.bin"), timeout_s=60)
+    assert second.returncode == 0, second.err
+    assert second.out.split()[0] == hashlib.sha256(payload).hexdigest()
+    await hp.wait_for(SESSION_CLOSED, count=2)
+    a1, a2 = await hp.wait_for(SANDBOX_ASSIGNED, count=2)
+    assert a1.session != a2.session and a1.get("sandbox_id") == a2.get("sandbox_id")
+    assert (a1.get("reused"), a2.get("reused")) == (False, True)
