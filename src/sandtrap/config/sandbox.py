@@ -219,7 +219,18 @@ class SandboxSettings(Section):
         "docker", description="docker, or microvm (a QEMU VM per box: sandbox.microvm); nspawn is planned"
     )
     # The pool and who gets which box.
-    pool_size: int = Field(3, ge=0, le=1000)
+    pool_size: int = Field(3, ge=0, le=1000, description="warm boxes kept ready at least")
+    pool_max: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="warm boxes at most: the pool grows toward it when logins arrive faster than boxes warm, "
+        "and shrinks back to pool_size when they stop (also bounded by max_sandboxes and the host's MemAvailable)",
+    )
+    pool_refill_parallel: int = Field(4, ge=1, le=64, description="boxes warmed at once")
+    pool_shrink_after_s: float = Field(
+        120.0, gt=0, description="the pool keeps its grown size this long after arrivals slow, then shrinks"
+    )
     max_sandboxes: int = Field(50, ge=1, description="global cap on live (running) sandboxes")
     affinity: Literal["session", "source_ip"] = Field(
         "source_ip",
@@ -325,6 +336,15 @@ class SandboxSettings(Section):
     @classmethod
     def _network_subnet(cls, v: str) -> str:
         return box_subnet(v)
+
+    @model_validator(mode="after")
+    def _pool_max(self) -> SandboxSettings:
+        if self.pool_max < self.pool_size:
+            raise ValueError(
+                f"sandbox.pool_max ({self.pool_max}) must be at least sandbox.pool_size ({self.pool_size}): "
+                f"raise pool_max to {self.pool_size} or more"
+            )
+        return self
 
     @model_validator(mode="after")
     def _swap(self) -> SandboxSettings:

@@ -127,6 +127,21 @@ class _ScrapeTime:
                 "Running sandboxes nobody tracked, stopped by the periodic sweep",
                 value=float(stats.get("strays_stopped", 0)),
             )
+            yield GaugeMetricFamily(
+                "sandtrap_pool_target",
+                "Warm boxes the pool aims for now (grows with the arrival rate, shrinks when idle)",
+                value=float(stats.get("target", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_pool_memory_bound_hits",
+                "Refills held back because MemAvailable had no room for another box",
+                value=float(stats.get("memory_bound_hits", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_pool_shrunk",
+                "Warm boxes removed because arrivals slowed",
+                value=float(stats.get("shrunk", 0)),
+            )
             yield CounterMetricFamily(
                 "sandtrap_sandbox_cap_hits",
                 "Acquires that found sandbox.max_sandboxes boxes live and none warm",
