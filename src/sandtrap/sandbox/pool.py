@@ -10,24 +10,20 @@ acquired and released times. At start-up :meth:`Pool.start` reconciles what a cr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
-from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
+from sandtrap.sandbox.ledger import Ledger, when
 from sandtrap.sandbox.sizing import Demand, Memory, missing, parse_meminfo
 
 log = logging.getLogger(__name__)
-ledger_errors = RateLimited(log)
 
 Progress = Callable[[int, int], None]
 
@@ -35,49 +31,6 @@ P = TypeVar("P")
 # Work done on a box while it waits warm, its result kept for the session that takes the box. Given by the
 # layer above (the bridge plants honeytokens and reads the box's accounts); the pool knows only its type.
 WarmStep = Callable[[Sandbox], Awaitable[P]]
-
-
-class Ledger:
-    """Per-sandbox JSON records, written atomically so a SIGKILL leaves whole files."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self._dir.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, sandbox_id: str) -> Path:
-        return self._dir / f"{sandbox_id[:64]}.json"
-
-    def write(self, info: SandboxInfo) -> None:
-        data = asdict(info)
-        for key in ("created", "acquired", "released"):
-            if data[key] is not None:
-                data[key] = data[key].isoformat()
-        path = self._path(info.id)
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(data), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as exc:  # best effort (a full disk): the engine's labels and names still tell
-            ledger_errors.log(logging.WARNING, "ledger", "sandbox ledger not written: %s", exc)
-
-    def read(self, sandbox_id: str) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(self._path(sandbox_id).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data
-
-    def delete(self, sandbox_id: str) -> None:
-        self._path(sandbox_id).unlink(missing_ok=True)
-
-
-def _when(value: Any) -> datetime | None:
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    return None
 
 
 SWEEP_INTERVAL_S = 60.0  # how often running boxes nobody tracks are looked for
@@ -207,8 +160,8 @@ class Pool(Generic[P]):
             info.state = "preserved"
             info.session = record.get("session") or info.session
             info.src_ip = record.get("src_ip") or info.src_ip
-            info.acquired = _when(record.get("acquired"))
-            info.released = _when(record.get("released")) or info.released or datetime.now(UTC)
+            info.acquired = when(record.get("acquired"))
+            info.released = when(record.get("released")) or info.released or datetime.now(UTC)
             self._ledger.write(info)
             self._preserved[info.id] = info
         await self.enforce_retention()
