@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sandtrap.bridge import honeytokens
@@ -29,6 +30,8 @@ from sandtrap.sandbox.base import Sandbox
 from sandtrap.sandbox.pool import Pool
 
 log = logging.getLogger(__name__)
+
+Ender = Callable[[str, int], object]  # (reason, value): a connection's end, as a limit ends it
 
 
 @dataclass
@@ -99,6 +102,7 @@ class SessionManager:
         self._retired: dict[str, _IpBox] = {}  # past ip_max_lifetime_s, still used: released when the last ends
         self._ip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._enders: dict[str, list[Ender]] = {}  # per box: how its connections are ended (a backend's bound hit)
         self.share_by_ip = False  # set by app.py when raw services need the IP's box (as affinity source_ip)
         # A box that only raw services' connections used (a scan, an HTTP probe) waits this long for its IP, not
         # ip_ttl_s: a scan of many addresses must not hold a box per address for half an hour.
@@ -224,6 +228,24 @@ class SessionManager:
             self._spawn(self._release(box.sandbox))
         else:
             self._retired[box.sandbox.id] = box
+
+    def on_overrun(self, sandbox_id: str, end: Ender) -> None:
+        """``end(reason, value)`` is called when the backend stops this box for a bound it passed (its disk)."""
+        self._enders.setdefault(sandbox_id, []).append(end)
+
+    def withdraw(self, sandbox_id: str, end: Ender) -> None:
+        enders = self._enders.get(sandbox_id, [])
+        if end in enders:
+            enders.remove(end)
+        if not enders:
+            self._enders.pop(sandbox_id, None)
+
+    def overrun(self, sandbox_id: str, reason: str, value: int) -> None:
+        """The backend froze and is stopping this box (``reason``: e.g. disk_quota): its connections end."""
+        enders = self._enders.get(sandbox_id, [])
+        log.warning("box %s stopped (%s, %d): ending its %d connections", sandbox_id[:12], reason, value, len(enders))
+        for end in list(enders):
+            end(reason, value)
 
     @staticmethod
     async def _still_running(sandbox: Sandbox) -> bool:

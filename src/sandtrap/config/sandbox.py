@@ -63,6 +63,18 @@ class DockerSettings(Section):
     tmpfs: dict[str, str] = Field(
         default_factory=lambda: {"/tmp": "rw,exec,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
     )
+    disk_quota: ByteSize = Field(
+        parse_size("256m"),
+        description="each box's writable layer (the engine's overlay upper dir, measured from this host) may hold "
+        "this much; past it the box is frozen, its connections end (sandtrap.limit.hit disk_quota) and it is stopped, "
+        "kept for forensics. Nothing shows in the box's df or mount. 0 = off (overlay2 on ext4 has no other bound)",
+    )
+    disk_files_max: int = Field(
+        200000, ge=1000, description="entries a box's writable layer may hold (also bounds the cost of a measure)"
+    )
+    disk_check_s: float = Field(
+        1.0, gt=0, le=60, description="how often a box at rest is measured (a growing one sooner, down to 0.05 s)"
+    )
     ulimit_nofile: int = Field(1024, ge=16, description="open files: the soft limit every process starts with")
     ulimit_nofile_hard: int = Field(
         524288,
@@ -107,6 +119,13 @@ class DockerSettings(Section):
                 raise ValueError(f"{path!r} is not an absolute directory such as /var")
             if size < 1024 * 1024:
                 raise ValueError(f"{path}: a size below 1m leaves no room for the image's files")
+        return v
+
+    @field_validator("disk_quota")
+    @classmethod
+    def _disk_quota(cls, v: int) -> int:
+        if v and v < 16 * 1024 * 1024:
+            raise ValueError("must be 0 (off) or at least 16m (a login writes its logs and history); e.g. 256m")
         return v
 
     @field_validator("cap_add")
