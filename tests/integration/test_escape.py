@@ -705,10 +705,11 @@ async def test_disk_filler_in_the_writable_layer_is_frozen_and_stopped_at_the_qu
     [hit] = await hp.wait_for(LIMIT_HIT, limit="disk_quota")
     [closed] = await hp.wait_for(SESSION_CLOSED, session=hit.session)
     assert closed.get("reason") == "disk_quota"  # recorded in the session
-    info = await inspect(box, size=True)
-    assert not info["State"]["Running"]  # stopped, kept for forensics
+    async with asyncio.timeout(30):
+        while (info := await inspect(box, size=True))["State"]["Running"]:  # stopping: kept for forensics
+            await asyncio.sleep(0.2)
     size_rw = int(info.get("SizeRw", 0))
-    assert quota <= size_rw <= quota + 128 * MiB, size_rw  # stopped within a little of the quota
+    assert quota // 2 <= size_rw <= quota + 64 * MiB, size_rw  # stopped near the quota (a fast writer a bit under)
     moved = free_before - shutil.disk_usage(docker_root).free
     assert moved < 1024 * MiB, moved  # 2 GiB asked for (others share this disk: a loose bound)
     probe = hp.settings.data_dir / "still-writable"

@@ -73,7 +73,11 @@ class DockerSettings(Section):
         200000, ge=1000, description="entries a box's writable layer may hold (also bounds the cost of a measure)"
     )
     disk_check_s: float = Field(
-        1.0, gt=0, le=60, description="how often a box at rest is measured (a growing one sooner, down to 0.05 s)"
+        0.25,
+        gt=0,
+        le=60,
+        description="how often a box at rest is measured (a growing one sooner, down to 0.05 s; one of many files "
+        "less often): a writer gets about this long at full speed before the first look",
     )
     ulimit_nofile: int = Field(1024, ge=16, description="open files: the soft limit every process starts with")
     ulimit_nofile_hard: int = Field(
