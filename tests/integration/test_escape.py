@@ -656,7 +656,7 @@ async def test_memory_hog_is_oom_killed_inside_its_box(honeypot: Honeypot, batte
 async def test_disk_filler_in_the_scratch_mounts_hits_enospc(honeypot: Honeypot, battery: list[Row]) -> None:
     hp = await honeypot()
     async with login(hp) as conn:
-        box = await sandbox_id(hp, conn)
+        await sandbox_id(hp, conn)
         # systemd as PID 1 (SANDTRAP_TEST_INIT=systemd) gets a larger /run (docker.run_for_systemd).
         run_mib = (
             16
