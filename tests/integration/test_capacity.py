@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from pathlib import Path
@@ -34,3 +35,30 @@ async def test_a_file_uploaded_with_scp_is_there_in_the_next_connection_from_the
     a1, a2 = await hp.wait_for(SANDBOX_ASSIGNED, count=2)
     assert a1.session != a2.session and a1.get("sandbox_id") == a2.get("sandbox_id")
     assert (a1.get("reused"), a2.get("reused")) == (False, True)
+
+
+async def test_a_burst_of_logins_is_served_from_warm_boxes_and_the_pool_grows_for_it(honeypot: Honeypot) -> None:
+    defaults = SandboxSettings()
+    hp = await honeypot(
+        sandbox={"affinity": "session", "pool_size": defaults.pool_size, "pool_max": defaults.pool_max},
+        limits={"max_sessions_per_ip": 20},  # every login comes from 127.0.0.1
+    )
+    pool = hp.services.pool
+    assert pool.warm == defaults.pool_size == 3
+
+    async def login(i: int) -> None:
+        done = await run(ssh_argv(hp.port, f"echo login-{i}"), timeout_s=120)
+        assert done.returncode == 0 and done.out == f"login-{i}\n", done.err
+
+    logins = []
+    for i in range(12):  # 2 a second: four times the default pool
+        logins.append(asyncio.create_task(login(i)))
+        await asyncio.sleep(0.5)
+    await asyncio.gather(*logins)
+    assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=12)
+    assert len({e.get("sandbox_id") for e in assigned}) == 12
+    assert pool.demand.target() > defaults.pool_size  # the pool grew for the burst
+    # Served warm: from the pool or from a warm-up under way, not made on demand (at most two, on a loaded host).
+    assert pool.on_demand_creations <= 2, pool.stats()
+    ms = sorted(float(e.get("acquire_ms")) for e in assigned)
+    print(f"burst of 12 at 2/s: acquire p50 {ms[6]:.0f} ms, max {ms[-1]:.0f} ms; {pool.stats()}")

@@ -63,7 +63,7 @@ class Pool(Generic[P]):
         self._creating = 0
         self._warming = 0  # warm-ups under way (create, start, prepare)
         self._waiters: list[asyncio.Future[None]] = []  # acquires waiting for a warm-up to land
-        self._refill_task: asyncio.Task[None] | None = None
+        self._workers: set[asyncio.Task[None]] = set()  # refill workers (at most pool_refill_parallel)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._assigning: set[str] = set()  # taken from the warm list, not yet active
@@ -284,14 +284,18 @@ class Pool(Generic[P]):
             self._ledger.delete(info.id)
 
     def refill(self) -> None:
-        """Start (at most one) background task that brings the warm count up to the demand's target."""
-        if self._closed or (self._refill_task is not None and not self._refill_task.done()):
+        """Start refill workers (up to ``pool_refill_parallel``) that bring the warm count up to the demand's
+        target; each starts its next box as soon as its last is warm and stops when the target is met."""
+        if self._closed:
             return
-        self._refill_task = self._spawn(self._refill())
+        for _ in range(min(self._settings.pool_refill_parallel - len(self._workers), self._refill_target())):
+            worker = self._spawn(self._refill_worker())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
 
     async def wait_refilled(self) -> None:
-        while self._refill_task is not None and not self._refill_task.done():
-            await asyncio.wait({self._refill_task})
+        while self._workers:
+            await asyncio.wait(set(self._workers))
 
     async def close(self) -> None:
         """Graceful shutdown: warm boxes are removed (never used), active ones stopped and kept."""
@@ -375,23 +379,18 @@ class Pool(Generic[P]):
             wanted = max(0, room)
         return wanted
 
-    async def _refill(self) -> None:
-        """Warm boxes up to the target, ``pool_refill_parallel`` at a time; while the engine fails, keep trying
-        with backoff."""
+    async def _refill_worker(self) -> None:
         failures = 0
-        while not self._closed and (want := self._refill_target()) > 0:
-            batch = min(want, self._settings.pool_refill_parallel)
-            results = await asyncio.gather(*(self._warm_one() for _ in range(batch)), return_exceptions=True)
-            errs = [r for r in results if isinstance(r, BaseException)]
-            for err in errs:
-                if isinstance(err, asyncio.CancelledError):
-                    raise err
-            if errs:
+        while not self._closed and self._refill_target() > 0:
+            try:
+                await self._warm_one()
+            except SandboxError as exc:
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
-                    log.warning("pool refill failing (%d attempts so far): %s", failures, errs[0])
+                    log.warning("pool refill failing (%d attempts so far): %s", failures, exc)
                 await asyncio.sleep(min(30.0, 0.5 * 2.0**failures))
-            elif failures:
+                continue
+            if failures:
                 log.info("pool refill recovered after %d failed attempts", failures)
                 failures = 0
 
