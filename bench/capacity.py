@@ -154,7 +154,11 @@ async def main(quick: bool, image: str) -> dict[str, Any]:
                 f"{burst} back to back from one address (source_ip): {res['back_to_back_one_ip_ratio']:.2f}x",
                 flush=True,
             )
-            await svc.manager.close()  # its box goes back (not after ip_ttl_s)
+            for ip, box in list(svc.manager._by_ip.items()):  # its box goes back now, not after ip_ttl_s (bench only)
+                del svc.manager._by_ip[ip]
+                if box.timer is not None:
+                    box.timer.cancel()
+                await svc.manager._release(box.sandbox)
             await settle(svc)
 
             res["rates"] = {}
