@@ -5,8 +5,9 @@ it (the box's connections end with ``sandtrap.limit.hit`` ``disk_quota``) and st
 
 Nothing shows in the box: no mount, no ``df`` figure changes (the attacker sees the host's file system as before
 and is cut off only past the quota). The cost is bounded: a measure is one ``lstat`` per entry of the layer (a
-warm box's layer holds a few hundred), at most ``disk_files_max`` entries, in a worker thread; each box is looked
-at every ``disk_check_s`` at rest and sooner while its layer grows (when, at the growth just seen, a quarter of
+fresh box's layer holds about 50: under a millisecond), at most ``disk_files_max`` entries, in a worker thread;
+each box is looked at every ``disk_check_s`` at rest (a box whose measure takes long, less often: at most 1% of
+a core per box, at least every 10 s) and sooner while its layer grows (when, at the growth just seen, a quarter of
 the room left would be gone); a writer fast enough to pass the quota before the next look lands is frozen at once,
 a little under it.
 """
@@ -28,7 +29,8 @@ from sandtrap.sandbox.docker.sandbox import DockerSandbox
 log = logging.getLogger(__name__)
 
 MIN_CHECK_S = 0.05  # the soonest a growing box is looked at again
-COST_S_PER_ENTRY = 2e-5  # a box at rest with N entries is looked at no more often than every N * this
+COST_SHARE = 100  # a box at rest is looked at no more often than every 100 times its last measure took
+MAX_CHECK_S = 10.0  # ...and at least this often (a layer of disk_files_max entries: ~2-10 s to measure)
 FREEZE_S = 0.2  # from a measure to the box frozen (the engine's pause), under load
 
 
@@ -71,8 +73,14 @@ def measure(top: str, max_files: int) -> Usage | None:
     return Usage(total, files)
 
 
-def measure_all(tops: list[str], max_files: int) -> list[Usage | None]:
-    return [measure(top, max_files) for top in tops]
+def measure_all(tops: list[str], max_files: int) -> list[tuple[Usage | None, float]]:
+    """Each layer's usage and the seconds its measure took."""
+    out = []
+    for top in tops:
+        started = time.perf_counter()
+        usage = measure(top, max_files)
+        out.append((usage, time.perf_counter() - started))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +156,10 @@ class DiskWatch:
             usages = await asyncio.to_thread(measure_all, [w.upper for w in due], self.max_files)
             self.measure_s += time.monotonic() - started
             self.measures += len(due)
-            for watched, usage in zip(due, usages, strict=True):
-                await self._judge(watched, usage)
+            for watched, (usage, took_s) in zip(due, usages, strict=True):
+                await self._judge(watched, usage, took_s)
 
-    async def _judge(self, w: _Watched, usage: Usage | None) -> None:
+    async def _judge(self, w: _Watched, usage: Usage | None, took_s: float) -> None:
         now = time.monotonic()
         if usage is None:  # the layer is gone: the box was removed
             self.forget(w.sandbox.id)
@@ -165,9 +173,9 @@ class DiskWatch:
             self.forget(w.sandbox.id)
             await self._overrun(w, Overrun(w.sandbox.id, w.sandbox.name, reason, usage.bytes, usage.files))
             return
-        # At rest: every disk_check_s, less often for a layer of many entries (each look costs an lstat per entry:
-        # about 2 ms per 100 entries at most per second per box).
-        next_s = max(self.interval_s, usage.files * COST_S_PER_ENTRY)
+        # At rest: every disk_check_s, less often for a layer whose measure takes long (many entries): a box's
+        # looks take at most 1/COST_SHARE of a core, and every box is looked at within MAX_CHECK_S.
+        next_s = max(self.interval_s, min(MAX_CHECK_S, took_s * COST_SHARE))
         if rate:
             next_s = min(next_s, max(MIN_CHECK_S, (self.quota - usage.bytes) / rate / 4))
         w.last_bytes, w.last_at, w.due = usage.bytes, now, now + next_s
