@@ -74,8 +74,10 @@ async def close(conn: asyncssh.SSHClientConnection) -> None:
 
 async def settle(svc: Any) -> None:
     """Every session closed and released, the pool refilled: the next measure starts from a quiet honeypot."""
-    async with asyncio.timeout(120):
-        while svc.manager.active_connections:  # noqa: ASYNC110 (a count of another component's, polled)
+    async with asyncio.timeout(300):
+        # Connections gone, and their boxes stopped (a release stops the box after the session's record is
+        # closed; until then it counts as live against max_sandboxes).
+        while svc.manager.active_connections or svc.pool.active:  # noqa: ASYNC110 (another component's counts)
             await asyncio.sleep(0.1)
         await svc.pool.wait_refilled()
 
