@@ -272,3 +272,23 @@ async def test_at_the_cap_the_longest_idle_ip_box_makes_room_and_with_none_idle_
     assert pool.stats()["cap_hits"] == 2 and pool.stats()["evictions"] == 1
     for lease in (c, again):
         await mgr.end(lease)
+
+
+async def test_a_box_stopped_for_a_bound_ends_its_connections_and_no_other(manager: Make) -> None:
+    mgr, _ = await manager(affinity="source_ip")
+    first = await mgr.lease("s1", "203.0.113.5")
+    second = await mgr.lease("s2", "203.0.113.5")
+    other = await mgr.lease("s3", "203.0.113.6")
+    ended: list[tuple[str, str, int]] = []
+    for lease in (first, second, other):
+        mgr.on_overrun(lease.sandbox.id, lambda reason, value, s=lease.session: ended.append((s, reason, value)))
+
+    def withdrawn(reason: str, value: int) -> None:  # registered, then withdrawn: never called
+        ended.append(("withdrawn", reason, value))
+
+    mgr.on_overrun(first.sandbox.id, withdrawn)
+    mgr.withdraw(first.sandbox.id, withdrawn)
+    mgr.overrun(first.sandbox.id, "disk_quota", 300 << 20)
+    assert sorted(ended) == [("s1", "disk_quota", 300 << 20), ("s2", "disk_quota", 300 << 20)]
+    for lease in (first, second, other):
+        await mgr.end(lease)
