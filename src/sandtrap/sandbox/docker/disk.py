@@ -73,14 +73,11 @@ def measure(top: str, max_files: int) -> Usage | None:
     return Usage(total, files)
 
 
-def measure_all(tops: list[str], max_files: int) -> list[tuple[Usage | None, float]]:
-    """Each layer's usage and the seconds its measure took."""
-    out = []
-    for top in tops:
-        started = time.perf_counter()
-        usage = measure(top, max_files)
-        out.append((usage, time.perf_counter() - started))
-    return out
+def timed_measure(top: str, max_files: int) -> tuple[Usage | None, float]:
+    """The layer's usage and the seconds its measure took."""
+    started = time.perf_counter()
+    usage = measure(top, max_files)
+    return usage, time.perf_counter() - started
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +98,14 @@ Report = Callable[[Overrun], object]
 class _Watched:
     sandbox: DockerSandbox
     upper: str
-    due: float
     last_bytes: int = 0
     last_at: float = 0.0
+    task: asyncio.Task[None] | None = None
 
 
 class DiskWatch:
-    """Each running box's writable layer, measured and bounded (see the module's doc)."""
+    """Each running box's writable layer, measured and bounded (see the module's doc). One small task per box, its
+    measures in the loop's worker threads: a layer of many entries holds up no other box's looks."""
 
     def __init__(self, quota: int, max_files: int, interval_s: float) -> None:
         self.quota = quota
@@ -115,55 +113,48 @@ class DiskWatch:
         self.interval_s = interval_s
         self.report: Report | None = None  # set by the composition root: the bridge ends the box's connections
         self._boxes: dict[str, _Watched] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._kick = asyncio.Event()
         self.measures = 0
-        self.measure_s = 0.0  # time spent measuring, all boxes, in the worker thread
+        self.measure_s = 0.0  # time spent measuring, all boxes, in worker threads
         self.overruns = 0
 
     def watch(self, sandbox: DockerSandbox, upper: str) -> None:
-        self._boxes[sandbox.id] = _Watched(sandbox, upper, time.monotonic())
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        self._kick.set()
+        self.forget(sandbox.id)
+        watched = _Watched(sandbox, upper)
+        watched.task = asyncio.get_running_loop().create_task(self._watch(watched))
+        self._boxes[sandbox.id] = watched
 
     def forget(self, sandbox_id: str) -> None:
-        self._boxes.pop(sandbox_id, None)
+        watched = self._boxes.pop(sandbox_id, None)
+        if watched is not None and watched.task is not None and watched.task is not asyncio.current_task():
+            watched.task.cancel()
 
     @property
     def watched(self) -> int:
         return len(self._boxes)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [w.task for w in self._boxes.values() if w.task is not None]
+        self._boxes.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self) -> None:
-        while self._boxes:
-            now = time.monotonic()
-            due = [w for w in self._boxes.values() if w.due <= now]
-            if not due:
-                wait = min(w.due for w in self._boxes.values()) - now
-                self._kick.clear()
-                try:
-                    async with asyncio.timeout(wait):
-                        await self._kick.wait()
-                except TimeoutError:
-                    pass
-                continue
-            started = time.monotonic()
-            usages = await asyncio.to_thread(measure_all, [w.upper for w in due], self.max_files)
-            self.measure_s += time.monotonic() - started
-            self.measures += len(due)
-            for watched, (usage, took_s) in zip(due, usages, strict=True):
-                await self._judge(watched, usage, took_s)
+    async def _watch(self, w: _Watched) -> None:
+        while self._boxes.get(w.sandbox.id) is w:
+            usage, took_s = await asyncio.to_thread(timed_measure, w.upper, self.max_files)
+            self.measures += 1
+            self.measure_s += took_s
+            next_s = await self._judge(w, usage, took_s)
+            if next_s is None:
+                return
+            await asyncio.sleep(next_s)
 
-    async def _judge(self, w: _Watched, usage: Usage | None, took_s: float) -> None:
+    async def _judge(self, w: _Watched, usage: Usage | None, took_s: float) -> float | None:
+        """Freeze and stop the box past its bound (None: watch no more), else when to look again."""
         now = time.monotonic()
         if usage is None:  # the layer is gone: the box was removed
             self.forget(w.sandbox.id)
-            return
+            return None
         grown = usage.bytes - w.last_bytes
         rate = grown / max(1e-3, now - w.last_at) if w.last_at and grown > 0 else 0.0
         # A fast writer would be past the quota before the next look and the freeze land: it is frozen now.
@@ -172,13 +163,14 @@ class DiskWatch:
         if reason:
             self.forget(w.sandbox.id)
             await self._overrun(w, Overrun(w.sandbox.id, w.sandbox.name, reason, usage.bytes, usage.files))
-            return
+            return None
         # At rest: every disk_check_s, less often for a layer whose measure takes long (many entries): a box's
         # looks take at most 1/COST_SHARE of a core, and every box is looked at within MAX_CHECK_S.
         next_s = max(self.interval_s, min(MAX_CHECK_S, took_s * COST_SHARE))
         if rate:
             next_s = min(next_s, max(MIN_CHECK_S, (self.quota - usage.bytes) / rate / 4))
-        w.last_bytes, w.last_at, w.due = usage.bytes, now, now + next_s
+        w.last_bytes, w.last_at = usage.bytes, now
+        return next_s
 
     async def _overrun(self, w: _Watched, overrun: Overrun) -> None:
         self.overruns += 1
