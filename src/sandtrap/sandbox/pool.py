@@ -19,11 +19,13 @@ from typing import Any, Generic, TypeVar
 
 from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
+from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
 from sandtrap.sandbox.ledger import Ledger, when
 from sandtrap.sandbox.sizing import Demand, Memory, missing, parse_meminfo
 
 log = logging.getLogger(__name__)
+memory_warnings = RateLimited(log)
 
 Progress = Callable[[int, int], None]
 
@@ -370,7 +372,9 @@ class Pool(Generic[P]):
         wanted = missing(target, len(self._warm), self._creating, self.live, self._settings.max_sandboxes, None)
         if room is not None and wanted > room:
             self.memory_bound_hits += 1
-            log.warning(
+            memory_warnings.log(
+                logging.WARNING,
+                "memory",
                 "pool: %d more warm boxes wanted, MemAvailable has room for %d (%d MiB available)",
                 wanted,
                 max(0, room),
