@@ -26,10 +26,12 @@ from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.bridge.login import Account, ensure_account, read_passwd
 from sandtrap.config import LimitsSettings, SandboxSettings
 from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
+from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox
 from sandtrap.sandbox.pool import Pool
 
 log = logging.getLogger(__name__)
+cap_warnings = RateLimited(log)
 
 Ender = Callable[[str, int], object]  # (reason, value): a connection's end, as a limit ends it
 
@@ -143,7 +145,10 @@ class SessionManager:
                 if held is not None and time.monotonic() - held.born >= self._settings.ip_max_lifetime_s:
                     self._retire(src_ip, held)
                     held = None
-                if held is not None and await self._still_running(held.sandbox):
+                alive = held is not None and await self._still_running(held.sandbox)
+                if held is not None and self._by_ip.get(src_ip) is not held:  # evicted for another IP meanwhile
+                    held = None
+                if held is not None and alive:
                     if held.timer is not None:
                         held.timer.cancel()
                         held.timer = None
@@ -197,7 +202,9 @@ class SessionManager:
         except SandboxCapReached:
             idle = [(box.idle_since, ip, box) for ip, box in self._by_ip.items() if box.users <= 0]
             if not idle:
-                log.warning("max_sandboxes reached and every box is in use: %s refused", src_ip)
+                cap_warnings.log(
+                    logging.WARNING, "cap", "max_sandboxes reached and every box is in use: %s refused", src_ip
+                )
                 raise
             _, ip, box = min(idle, key=lambda row: row[0])
             if box.timer is not None:
