@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sandtrap.config import SandboxSettings
 from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CLOSED
+from sandtrap.sandbox.docker import engine
 
 from sandtrap_fixtures import Honeypot
 from sshclient import remote, run, scp_argv, ssh_argv
@@ -62,3 +63,30 @@ async def test_a_burst_of_logins_is_served_from_warm_boxes_and_the_pool_grows_fo
     assert pool.on_demand_creations <= 2, pool.stats()
     ms = sorted(float(e.get("acquire_ms")) for e in assigned)
     print(f"burst of 12 at 2/s: acquire p50 {ms[6]:.0f} ms, max {ms[-1]:.0f} ms; {pool.stats()}")
+
+
+async def test_a_writer_left_running_after_the_connection_is_stopped_at_the_quota_and_the_ip_gets_a_fresh_box(
+    honeypot: Honeypot,
+) -> None:
+    hp = await honeypot(sandbox={"affinity": DEFAULT_AFFINITY})
+    quota = hp.settings.sandbox.docker.disk_quota
+    left = await run(
+        ssh_argv(
+            hp.port, "nohup sh -c 'sleep 2; dd if=/dev/zero of=/root/.cache.bin bs=1M count=1024' >/dev/null 2>&1 &"
+        ),
+        timeout_s=60,
+    )
+    assert left.returncode == 0, left.err
+    [first] = await hp.wait_for(SANDBOX_ASSIGNED)
+    box = str(first.get("sandbox_id"))
+    async with engine.engine() as client, asyncio.timeout(90):
+        while True:  # no connection is left: the watch stops the box on its own
+            info = await client._query_json(f"containers/{box}/json", params={"size": "1"})
+            if not info["State"]["Running"]:
+                break
+            await asyncio.sleep(0.5)
+    assert int(info.get("SizeRw", 0)) <= quota + 64 * 1024 * 1024, info.get("SizeRw")
+    again = await run(ssh_argv(hp.port, "test -e /root/.cache.bin || echo fresh"), timeout_s=60)
+    assert again.returncode == 0 and again.out == "fresh\n", again.err
+    _, second = await hp.wait_for(SANDBOX_ASSIGNED, count=2)
+    assert second.get("sandbox_id") != box and second.get("reused") is False
