@@ -31,6 +31,7 @@ bench: setup
 	.venv/bin/python -m bench $(BENCH_ARGS)
 	.venv/bin/python -m bench.services $(BENCH_ARGS)
 	.venv/bin/python -m bench.capture $(BENCH_ARGS)
+	.venv/bin/python -m bench.capacity $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

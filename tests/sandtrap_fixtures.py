@@ -123,6 +123,9 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
                 "backend": BACKEND,
                 "docker": {"image": built_image},
                 "pool_size": 1,
+                # The suite's tests were written for a box per connection (they count boxes, compare sessions'
+                # boxes); tests of the default (source_ip) pass it: tests/integration/test_capacity.py.
+                "affinity": "session",
                 "session_transport": SESSION_TRANSPORT,
                 "init": INIT,
             },
@@ -137,7 +140,11 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
                 "success_delay_s": 0,
             },
         }
-        settings = load_settings(None, merge(base, overrides))
+        merged = merge(base, overrides)
+        # A fixed pool (pool_max = pool_size) unless the test says otherwise: the suite's tests count containers;
+        # the pool's sizing has tests of its own (tests/unit/sandbox/test_sizing.py, test_capacity.py).
+        merged["sandbox"].setdefault("pool_max", merged["sandbox"]["pool_size"])
+        settings = load_settings(None, merged)
         # The default profile (`sandtrap`): the checkout's data dir's own, if an earlier set-up left one there,
         # copied in; else the test's data dir falls back to the one `make setup` installed for every data dir.
         made = seccomp.profile_path(DATA_DIR)

@@ -216,6 +216,9 @@ async def start(
         "sandbox": {
             "pool_size": pool_size,
             "max_sandboxes": max_sandboxes,
+            # Every bench login comes from 127.0.0.1: with the default affinity (source_ip) they would share one box;
+            # a box per connection is what the per-session figures (latency, memory per session) measure.
+            "affinity": "session",
             "docker": {"seccomp_profile": str(seccomp.find(ROOT / Settings().storage.data_dir))},
         },
         "limits": {"max_sessions": max_sandboxes + 100, "max_sessions_per_ip": max_sandboxes + 100},

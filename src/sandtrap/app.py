@@ -203,6 +203,8 @@ async def running(
     manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens)
     # Done while a box waits warm, not while the attacker does: honeytokens planted, accounts read.
     pool.prepare = manager.prepare
+    if isinstance(backend, DockerBackend) and backend.disk is not None:  # a box past its disk bound: its sessions end
+        backend.disk.report = lambda overrun: manager.overrun(overrun.sandbox_id, overrun.reason, overrun.bytes)
     # Every output that writes to the data dir reports its failures here (the database sink: its status).
     recording = RecordingHealth(settings.data_dir)
     jsonlog = None

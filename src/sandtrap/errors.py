@@ -19,6 +19,10 @@ class SandboxUnavailable(SandboxError):
     """No sandbox can be had right now (engine down, global cap reached)."""
 
 
+class SandboxCapReached(SandboxUnavailable):
+    """``sandbox.max_sandboxes`` boxes are live: none can be made until one goes back."""
+
+
 class ImageError(SandtrapError):
     """Building or checking the sandbox image failed."""
 

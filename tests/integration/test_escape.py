@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ import asyncssh
 import pytest
 
 from sandtrap.config import merge
-from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CONNECT
+from sandtrap.events import LIMIT_HIT, SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_CONNECT
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.network import bridge_name
 from sandtrap.sandbox.docker.spec import RUN_MIN_FOR_SYSTEMD
@@ -652,7 +653,7 @@ async def test_memory_hog_is_oom_killed_inside_its_box(honeypot: Honeypot, batte
 async def test_disk_filler_in_the_scratch_mounts_hits_enospc(honeypot: Honeypot, battery: list[Row]) -> None:
     hp = await honeypot()
     async with login(hp) as conn:
-        box = await sandbox_id(hp, conn)
+        await sandbox_id(hp, conn)
         # systemd as PID 1 (SANDTRAP_TEST_INIT=systemd) gets a larger /run (docker.run_for_systemd).
         run_mib = (
             16
@@ -674,24 +675,53 @@ async def test_disk_filler_in_the_scratch_mounts_hits_enospc(honeypot: Honeypot,
                 )
             )
 
-        # The writable layer on overlay2 (/root, /etc, /usr, ...) has no bound on this engine (ext4, no
-        # project quotas): today a root attacker can write until the host's disk is full. Shown, bounded
-        # at 300 MiB, then removed; the fix is the xfail test below.
+    await still_serving(hp)
+
+
+async def test_disk_filler_in_the_writable_layer_is_frozen_and_stopped_at_the_quota(
+    honeypot: Honeypot, battery: list[Row]
+) -> None:
+    # The writable layer on overlay2 (/root, /etc, /usr, ...): this engine's ext4 has no project quotas, so the
+    # honeypot measures each box's layer from the host and freezes and stops the box past sandbox.docker.disk_quota
+    # (on by default). Nothing in the box's df or mount tells.
+    hp = await honeypot()
+    quota = hp.settings.sandbox.docker.disk_quota
+    assert quota == 256 * MiB  # the default
+    async with engine.engine() as client:
+        docker_root = (await client.system.info())["DockerRootDir"]
+    async with login(hp) as conn:
+        box = await sandbox_id(hp, conn)
+        r = await sh(conn, "df -h / | tail -1; mount | grep -c ' on / ' ; mount | grep -ci quota")
+        df_before = r.out.splitlines()[0].split()[1:2]  # the size column: the host's file system, as before
+        assert r.out.splitlines()[1:] == ["1", "0"], r
+        free_before = shutil.disk_usage(docker_root).free
         t0 = time.monotonic()
-        r = await sh(conn, "dd if=/dev/zero of=/root/.fill bs=1M count=300 conv=fsync 2>&1 | tail -1", timeout_s=60)
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            await sh(conn, "dd if=/dev/zero of=/root/.fill bs=1M count=2048 conv=fsync", timeout_s=120)
         elapsed = time.monotonic() - t0
-        assert r.status == 0 and "314572800 bytes" in r.out, r
-        size_rw = (await inspect(box, size=True)).get("SizeRw", 0)
-        assert size_rw >= 300 * MiB
-        await sh(conn, "rm -f /root/.fill")
+    [hit] = await hp.wait_for(LIMIT_HIT, limit="disk_quota")
+    [closed] = await hp.wait_for(SESSION_CLOSED, session=hit.session)
+    assert closed.get("reason") == "disk_quota"  # recorded in the session
+    async with asyncio.timeout(30):
+        while (info := await inspect(box, size=True))["State"]["Running"]:  # stopping: kept for forensics
+            await asyncio.sleep(0.2)
+    size_rw = int(info.get("SizeRw", 0))
+    assert quota // 2 <= size_rw <= quota + 64 * MiB, size_rw  # stopped near the quota (a fast writer a bit under)
+    moved = free_before - shutil.disk_usage(docker_root).free
+    assert moved < 1024 * MiB, moved  # 2 GiB asked for (others share this disk: a loose bound)
+    probe = hp.settings.data_dir / "still-writable"
+    probe.write_bytes(b"x" * 4096)  # the honeypot's own data dir (on the same disk) is writable
+    probe.unlink()
+    await still_serving(hp)
     battery.append(
         Row(
             "disk filler in /root (writable layer)",
-            "NOT contained",
-            f"300 MiB accepted in {elapsed:.1f}s, engine SizeRw {size_rw // MiB} MiB: overlay2 on ext4 has no size limit",
+            "contained",
+            f"2 GiB asked; box frozen and stopped after {elapsed:.1f}s at SizeRw {size_rw // MiB} MiB "
+            f"(disk_quota {quota // MiB} MiB); host free space moved {moved // MiB} MiB; session closed disk_quota; "
+            f"df showed {''.join(df_before)} (the host's), no quota mount",
         )
     )
-    await still_serving(hp)
 
 
 # The limit this engine can enforce: a read-only root, and the places people write (/etc, /root, /home,

@@ -98,6 +98,7 @@ async def sandtrap_run(tmp_path: Path, sensor: str, image: str) -> AsyncIterator
         "ssh": {"listen": f"127.0.0.1:{ssh_port}", "host_key_dir": str(tmp_path / "hostkeys")},
         "sandbox": {
             "pool_size": POOL_SIZE,
+            "pool_max": POOL_SIZE,  # a fixed pool: this test counts what a set number of warm boxes serves
             # Raised for the test: a box per session, the warm ones, and room for the refill.
             "max_sandboxes": SESSIONS + 2 * POOL_SIZE,
             # the profile the set-up made

@@ -267,6 +267,8 @@ class Connection:
                 await self._capture_close()
             except Exception:
                 log.exception("closing the session's network capture failed")
+        if lease is not None:
+            self.hub.manager.withdraw(lease.sandbox.id, self.end)
         if lease is not None and self._read_reporter is not None:
             # Our own reads of the box's files (artifact collection) are not the attacker's.
             self.hub.manager.watcher.withdraw(lease.sandbox.id, self._read_reporter)
@@ -378,7 +380,9 @@ class Connection:
             sandbox_name=lease.sandbox.name,
             acquire_ms=round(lease.acquire_ms, 1),
             reused=lease.reused,
+            **({"evicted": lease.evicted} if lease.evicted else {}),
         )
+        self.hub.manager.on_overrun(lease.sandbox.id, self.end)  # e.g. its disk bound: sandtrap.limit.hit disk_quota
         if not self.owns_box_activity:  # a raw service's connection: the box's lures are its logins' business
             return lease
         for token in lease.tokens:  # the session's record names every lure value it was given

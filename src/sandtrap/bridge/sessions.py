@@ -1,8 +1,11 @@
 """Which sandbox a connection gets, who may connect, and when a box goes back for forensics.
 
 Affinity ``session``: a fresh box per connection, released when the connection ends.
-Affinity ``source_ip``: one box per source address; a reconnect within ``ip_ttl_s`` of the last
-connection's end lands in the same box; after the TTL the box is released.
+Affinity ``source_ip`` (the default): one box per source address; a reconnect within ``ip_ttl_s`` of the last
+connection's end lands in the same box; after the TTL the box is released. A box older than ``ip_max_lifetime_s``
+takes no new connection (the next one gets a fresh box) and goes back when its last connection ends. At
+``max_sandboxes`` the box idle longest (no connection, waiting out its TTL) is released early to make room;
+with none idle the connection is refused. Both are counted in the pool's stats and named in the events.
 Concurrent channels of one connection share its box (the acquisition is one shared future).
 With raw (tcp/udp) services configured, :attr:`SessionManager.share_by_ip` makes every connection use its IP's
 box whatever the affinity: a port scan, a request to the fake HTTP and an SSH login land in one machine.
@@ -15,17 +18,22 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sandtrap.bridge import honeytokens
 from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.bridge.login import Account, ensure_account, read_passwd
 from sandtrap.config import LimitsSettings, SandboxSettings
-from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
+from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox
 from sandtrap.sandbox.pool import Pool
 
 log = logging.getLogger(__name__)
+cap_warnings = RateLimited(log)
+
+Ender = Callable[[str, int], object]  # (reason, value): a connection's end, as a limit ends it
 
 
 @dataclass
@@ -58,6 +66,8 @@ class _IpBox:
     prepared: Prepared = field(default_factory=Prepared)
     logins: BoxLogins = field(default_factory=BoxLogins)
     had_login: bool = False  # a login (ssh, telnet) used it, not only raw services' connections
+    born: float = field(default_factory=time.monotonic)
+    idle_since: float = 0.0  # when its last connection ended (monotonic); 0 while one is using it
 
     @property
     def tokens(self) -> list[Token]:
@@ -78,6 +88,7 @@ class Lease:
     passwd: dict[str, Account] = field(default_factory=dict)  # the box's accounts when it was prepared
     logins: BoxLogins = field(default_factory=BoxLogins)  # shared by every connection to the same box
     passwords: dict[str, str | None] = field(default_factory=dict)  # each account's password as last set in the box
+    evicted: str = ""  # the idle box released early to make room for this one at max_sandboxes
 
 
 class SessionManager:
@@ -92,8 +103,10 @@ class SessionManager:
         self._per_ip: Counter[str] = Counter()
         self._total = 0
         self._by_ip: dict[str, _IpBox] = {}
+        self._retired: dict[str, _IpBox] = {}  # past ip_max_lifetime_s, still used: released when the last ends
         self._ip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._enders: dict[str, list[Ender]] = {}  # per box: how its connections are ended (a backend's bound hit)
         self.share_by_ip = False  # set by app.py when raw services need the IP's box (as affinity source_ip)
         # A box that only raw services' connections used (a scan, an HTTP probe) waits this long for its IP, not
         # ip_ttl_s: a scan of many addresses must not hold a box per address for half an hour.
@@ -131,11 +144,18 @@ class SessionManager:
             lock = self._ip_locks.setdefault(src_ip, asyncio.Lock())
             async with lock:
                 held = self._by_ip.get(src_ip)
-                if held is not None and await self._still_running(held.sandbox):
+                if held is not None and time.monotonic() - held.born >= self._settings.ip_max_lifetime_s:
+                    self._retire(src_ip, held)
+                    held = None
+                alive = held is not None and await self._still_running(held.sandbox)
+                if held is not None and self._by_ip.get(src_ip) is not held:  # evicted for another IP meanwhile
+                    held = None
+                if held is not None and alive:
                     if held.timer is not None:
                         held.timer.cancel()
                         held.timer = None
                     held.users += 1
+                    held.idle_since = 0.0
                     held.had_login |= login
                     return Lease(
                         session,
@@ -152,7 +172,7 @@ class SessionManager:
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
                     self._spawn(self._pool.release(held.sandbox))
-                sandbox = await self._pool.acquire(session, src_ip)
+                sandbox, evicted = await self._acquire_with_room(session, src_ip)
                 box = _IpBox(sandbox, users=1, prepared=await self._prepared(sandbox), had_login=login)
                 self._by_ip[src_ip] = box
                 return Lease(
@@ -165,6 +185,7 @@ class SessionManager:
                     passwd=box.prepared.passwd,
                     logins=box.logins,
                     passwords=box.passwords,
+                    evicted=evicted,
                 )
         sandbox = await self._pool.acquire(session, src_ip)
         prepared = await self._prepared(sandbox)
@@ -177,6 +198,65 @@ class SessionManager:
             tokens=prepared.tokens,
             passwd=prepared.passwd,
         )
+
+    async def _acquire_with_room(self, session: str, src_ip: str) -> tuple[Sandbox, str]:
+        """A box from the pool; at the cap, the IP box idle longest is released first (its name returned)."""
+        try:
+            return await self._pool.acquire(session, src_ip), ""
+        except SandboxCapReached:
+            idle = [(box.idle_since, ip, box) for ip, box in self._by_ip.items() if box.users <= 0]
+            if not idle:
+                cap_warnings.log(
+                    logging.WARNING, "cap", "max_sandboxes reached and every box is in use: %s refused", src_ip
+                )
+                raise
+            _, ip, box = min(idle, key=lambda row: row[0])
+            if box.timer is not None:
+                box.timer.cancel()
+            del self._by_ip[ip]
+            self._pool.evictions += 1
+            log.warning(
+                "max_sandboxes reached: box %s of %s (idle %.0fs) released before its TTL for %s",
+                box.sandbox.name,
+                ip,
+                time.monotonic() - box.idle_since,
+                src_ip,
+            )
+            await self._release(box.sandbox)
+            return await self._pool.acquire(session, src_ip), box.sandbox.name
+
+    def _retire(self, src_ip: str, box: _IpBox) -> None:
+        """The IP's box reached ip_max_lifetime_s: no new connection joins it; it goes when its last ends."""
+        del self._by_ip[src_ip]
+        log.info(
+            "source %s: box %s reached ip_max_lifetime_s; the next connection gets a fresh box",
+            src_ip,
+            box.sandbox.name,
+        )
+        if box.users <= 0:
+            if box.timer is not None:
+                box.timer.cancel()
+            self._spawn(self._release(box.sandbox))
+        else:
+            self._retired[box.sandbox.id] = box
+
+    def on_overrun(self, sandbox_id: str, end: Ender) -> None:
+        """``end(reason, value)`` is called when the backend stops this box for a bound it passed (its disk)."""
+        self._enders.setdefault(sandbox_id, []).append(end)
+
+    def withdraw(self, sandbox_id: str, end: Ender) -> None:
+        enders = self._enders.get(sandbox_id, [])
+        if end in enders:
+            enders.remove(end)
+        if not enders:
+            self._enders.pop(sandbox_id, None)
+
+    def overrun(self, sandbox_id: str, reason: str, value: int) -> None:
+        """The backend froze and is stopping this box (``reason``: e.g. disk_quota): its connections end."""
+        enders = self._enders.get(sandbox_id, [])
+        log.warning("box %s stopped (%s, %d): ending its %d connections", sandbox_id[:12], reason, value, len(enders))
+        for end in list(enders):
+            end(reason, value)
 
     @staticmethod
     async def _still_running(sandbox: Sandbox) -> bool:
@@ -249,13 +329,23 @@ class SessionManager:
     async def end(self, lease: Lease) -> bool:
         """The connection is over: release its box now (session affinity, returns True) or after the IP's TTL."""
         if self._by_source_ip:
+            retired = self._retired.get(lease.sandbox.id)
+            if retired is not None:
+                retired.users -= 1
+                if retired.users > 0:
+                    return False
+                del self._retired[lease.sandbox.id]
+                await self._release(lease.sandbox)
+                return True
             box = self._by_ip.get(lease.src_ip)
             if box is not None and box.sandbox.id == lease.sandbox.id:
                 box.users -= 1
                 if box.users <= 0:
+                    box.idle_since = time.monotonic()
                     loop = asyncio.get_running_loop()
                     ttl = self._settings.ip_ttl_s if box.had_login else min(self.raw_ttl_s, self._settings.ip_ttl_s)
-                    box.timer = loop.call_later(ttl, self._expire, lease.src_ip, box)
+                    left = self._settings.ip_max_lifetime_s - (box.idle_since - box.born)
+                    box.timer = loop.call_later(max(0.0, min(ttl, left)), self._expire, lease.src_ip, box)
                 return False
         await self._release(lease.sandbox)
         return True
@@ -263,7 +353,7 @@ class SessionManager:
     def _expire(self, src_ip: str, box: _IpBox) -> None:
         if self._by_ip.get(src_ip) is box and box.users <= 0:
             del self._by_ip[src_ip]
-            log.info("source %s: box %s released after ip_ttl_s", src_ip, box.sandbox.name)
+            log.info("source %s: box %s released after ip_ttl_s (or ip_max_lifetime_s)", src_ip, box.sandbox.name)
             self._spawn(self._release(box.sandbox))
 
     async def _release(self, sandbox: Sandbox) -> None:
@@ -280,6 +370,9 @@ class SessionManager:
                 box.timer.cancel()
             del self._by_ip[src_ip]
             await self._release(box.sandbox)
+        for box in list(self._retired.values()):
+            await self._release(box.sandbox)
+        self._retired.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.watcher.close()

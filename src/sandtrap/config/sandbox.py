@@ -63,6 +63,22 @@ class DockerSettings(Section):
     tmpfs: dict[str, str] = Field(
         default_factory=lambda: {"/tmp": "rw,exec,nosuid,nodev,size=64m", "/run": "rw,nosuid,nodev,size=16m"}
     )
+    disk_quota: ByteSize = Field(
+        parse_size("256m"),
+        description="each box's writable layer (the engine's overlay upper dir, measured from this host) may hold "
+        "this much; past it the box is frozen, its connections end (sandtrap.limit.hit disk_quota) and it is stopped, "
+        "kept for forensics. Nothing shows in the box's df or mount. 0 = off (overlay2 on ext4 has no other bound)",
+    )
+    disk_files_max: int = Field(
+        200000, ge=1000, description="entries a box's writable layer may hold (also bounds the cost of a measure)"
+    )
+    disk_check_s: float = Field(
+        0.25,
+        gt=0,
+        le=60,
+        description="how often a box at rest is measured (a growing one sooner, down to 0.05 s; one of many files "
+        "less often): a writer gets about this long at full speed before the first look",
+    )
     ulimit_nofile: int = Field(1024, ge=16, description="open files: the soft limit every process starts with")
     ulimit_nofile_hard: int = Field(
         524288,
@@ -107,6 +123,13 @@ class DockerSettings(Section):
                 raise ValueError(f"{path!r} is not an absolute directory such as /var")
             if size < 1024 * 1024:
                 raise ValueError(f"{path}: a size below 1m leaves no room for the image's files")
+        return v
+
+    @field_validator("disk_quota")
+    @classmethod
+    def _disk_quota(cls, v: int) -> int:
+        if v and v < 16 * 1024 * 1024:
+            raise ValueError("must be 0 (off) or at least 16m (a login writes its logs and history); e.g. 256m")
         return v
 
     @field_validator("cap_add")
@@ -259,10 +282,31 @@ class SandboxSettings(Section):
         description="docker, microvm (a QEMU VM per box: sandbox.microvm) or nspawn (systemd-nspawn: sandbox.nspawn)",
     )
     # The pool and who gets which box.
-    pool_size: int = Field(3, ge=0, le=1000)
+    pool_size: int = Field(3, ge=0, le=1000, description="warm boxes kept ready at least")
+    pool_max: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="warm boxes at most: the pool grows toward it when logins arrive faster than boxes warm, "
+        "and shrinks back to pool_size when they stop (also bounded by max_sandboxes and the host's MemAvailable)",
+    )
+    pool_refill_parallel: int = Field(4, ge=1, le=64, description="boxes warmed at once")
+    pool_shrink_after_s: float = Field(
+        120.0, gt=0, description="the pool keeps its grown size this long after arrivals slow, then shrinks"
+    )
     max_sandboxes: int = Field(50, ge=1, description="global cap on live (running) sandboxes")
-    affinity: Literal["session", "source_ip"] = "session"
-    ip_ttl_s: float = Field(1800.0, gt=0)
+    affinity: Literal["session", "source_ip"] = Field(
+        "source_ip",
+        description="source_ip: one box per client address (concurrent and later connections share it, as a "
+        "bot that uploads in one connection and runs in the next expects); session: a fresh box per connection",
+    )
+    ip_ttl_s: float = Field(1800.0, gt=0, description="source_ip: a box outlives its last connection by this long")
+    ip_max_lifetime_s: float = Field(
+        21600.0,
+        gt=0,
+        description="source_ip: a box older than this takes no new connection (the next gets a fresh box); it goes "
+        "back when its last connection ends",
+    )
     # Forensics retention of released (stopped) sandboxes.
     retention_keep: int = Field(20, ge=0, description="keep at most K stopped sandboxes")
     retention_hours: float = Field(72.0, ge=0, description="remove stopped sandboxes older than this")
@@ -359,6 +403,15 @@ class SandboxSettings(Section):
     @classmethod
     def _network_subnet(cls, v: str) -> str:
         return box_subnet(v)
+
+    @model_validator(mode="after")
+    def _pool_max(self) -> SandboxSettings:
+        if self.pool_max < self.pool_size:
+            raise ValueError(
+                f"sandbox.pool_max ({self.pool_max}) must be at least sandbox.pool_size ({self.pool_size}): "
+                f"raise pool_max to {self.pool_size} or more"
+            )
+        return self
 
     @model_validator(mode="after")
     def _swap(self) -> SandboxSettings:

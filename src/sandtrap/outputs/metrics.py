@@ -127,6 +127,31 @@ class _ScrapeTime:
                 "Running sandboxes nobody tracked, stopped by the periodic sweep",
                 value=float(stats.get("strays_stopped", 0)),
             )
+            yield GaugeMetricFamily(
+                "sandtrap_pool_target",
+                "Warm boxes the pool aims for now (grows with the arrival rate, shrinks when idle)",
+                value=float(stats.get("target", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_pool_memory_bound_hits",
+                "Refills held back because MemAvailable had no room for another box",
+                value=float(stats.get("memory_bound_hits", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_pool_shrunk",
+                "Warm boxes removed because arrivals slowed",
+                value=float(stats.get("shrunk", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_sandbox_cap_hits",
+                "Acquires that found sandbox.max_sandboxes boxes live and none warm",
+                value=float(stats.get("cap_hits", 0)),
+            )
+            yield CounterMetricFamily(
+                "sandtrap_sandbox_evictions",
+                "Idle boxes held for a source IP, released before their TTL to make room at the cap",
+                value=float(stats.get("evictions", 0)),
+            )
         if self._storage_status is not None:
             status = self._storage_status()
             for key, name, doc in _STORAGE_COUNTERS:

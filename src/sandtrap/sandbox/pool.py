@@ -10,22 +10,22 @@ acquired and released times. At start-up :meth:`Pool.start` reconciles what a cr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sandtrap.config import SandboxSettings
-from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
 from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
+from sandtrap.sandbox.ledger import Ledger, when
+from sandtrap.sandbox.sizing import Demand, Memory, missing, parse_meminfo
 
 log = logging.getLogger(__name__)
-ledger_errors = RateLimited(log)
+memory_warnings = RateLimited(log)
 
 Progress = Callable[[int, int], None]
 
@@ -35,50 +35,17 @@ P = TypeVar("P")
 WarmStep = Callable[[Sandbox], Awaitable[P]]
 
 
-class Ledger:
-    """Per-sandbox JSON records, written atomically so a SIGKILL leaves whole files."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self._dir.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, sandbox_id: str) -> Path:
-        return self._dir / f"{sandbox_id[:64]}.json"
-
-    def write(self, info: SandboxInfo) -> None:
-        data = asdict(info)
-        for key in ("created", "acquired", "released"):
-            if data[key] is not None:
-                data[key] = data[key].isoformat()
-        path = self._path(info.id)
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(data), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as exc:  # best effort (a full disk): the engine's labels and names still tell
-            ledger_errors.log(logging.WARNING, "ledger", "sandbox ledger not written: %s", exc)
-
-    def read(self, sandbox_id: str) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(self._path(sandbox_id).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data
-
-    def delete(self, sandbox_id: str) -> None:
-        self._path(sandbox_id).unlink(missing_ok=True)
-
-
-def _when(value: Any) -> datetime | None:
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    return None
-
-
 SWEEP_INTERVAL_S = 60.0  # how often running boxes nobody tracks are looked for
+SHRINK_INTERVAL_S = 5.0  # how often warm boxes beyond the target are removed
+MEMINFO = Path("/proc/meminfo")
+
+
+def host_memory() -> Memory | None:
+    """The host's MemAvailable and MemTotal (None where /proc/meminfo cannot be read)."""
+    try:
+        return parse_meminfo(MEMINFO.read_text(encoding="ascii"))
+    except OSError:
+        return None
 
 
 class Pool(Generic[P]):
@@ -96,16 +63,24 @@ class Pool(Generic[P]):
         self._active: dict[str, tuple[Sandbox, SandboxInfo]] = {}
         self._preserved: dict[str, SandboxInfo] = {}
         self._creating = 0
-        self._refill_task: asyncio.Task[None] | None = None
+        self._warming = 0  # warm-ups under way (create, start, prepare)
+        self._waiters: list[asyncio.Future[None]] = []  # acquires waiting for a warm-up to land
+        self._workers: set[asyncio.Task[None]] = set()  # refill workers (at most pool_refill_parallel)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._assigning: set[str] = set()  # taken from the warm list, not yet active
         self.prepare: WarmStep[P] | None = prepare
+        self.demand = Demand(settings.pool_size, settings.pool_max, shrink_after_s=settings.pool_shrink_after_s)
+        self.memory: Callable[[], Memory | None] = host_memory
+        self.memory_bound_hits = 0  # refills held back because MemAvailable had no room for another box
+        self.shrunk = 0  # warm boxes removed because arrivals slowed
         self._prepared: dict[str, P] = {}
         self.start_failures = 0
         self.on_demand_creations = 0
         self.stop_retries = 0  # stops that failed at release and were retried in the background
         self.strays_stopped = 0  # running boxes nobody tracked, stopped by the sweep
+        self.cap_hits = 0  # acquires that found max_sandboxes boxes live and nothing warm
+        self.evictions = 0  # idle boxes held for a source IP, released early to make room at the cap
 
     # -- counts -----------------------------------------------------------------------------
     @property
@@ -130,9 +105,14 @@ class Pool(Generic[P]):
             "active": self.active,
             "preserved": self.preserved,
             "creating": self._creating,
+            "target": self.demand.target(),
+            "memory_bound_hits": self.memory_bound_hits,
+            "shrunk": self.shrunk,
             "start_failures": self.start_failures,
             "stop_retries": self.stop_retries,
             "strays_stopped": self.strays_stopped,
+            "cap_hits": self.cap_hits,
+            "evictions": self.evictions,
         }
 
     def info(self, sandbox: Sandbox) -> SandboxInfo | None:
@@ -164,6 +144,7 @@ class Pool(Generic[P]):
             log.warning("pool warm-up: one sandbox failed: %s", err)
         log.info("pool ready: %d warm", self.warm)
         self._spawn(self._sweep_forever(SWEEP_INTERVAL_S))
+        self._spawn(self._shrink_forever(SHRINK_INTERVAL_S))
 
     async def reconcile(self) -> None:
         """Adopt what a previous run left: stale warm boxes go, session boxes are kept for forensics."""
@@ -181,8 +162,8 @@ class Pool(Generic[P]):
             info.state = "preserved"
             info.session = record.get("session") or info.session
             info.src_ip = record.get("src_ip") or info.src_ip
-            info.acquired = _when(record.get("acquired"))
-            info.released = _when(record.get("released")) or info.released or datetime.now(UTC)
+            info.acquired = when(record.get("acquired"))
+            info.released = when(record.get("released")) or info.released or datetime.now(UTC)
             self._ledger.write(info)
             self._preserved[info.id] = info
         await self.enforce_retention()
@@ -191,29 +172,27 @@ class Pool(Generic[P]):
         """A running sandbox for ``session``: a warm one if any, else a new one (with a warning)."""
         if self._closed:
             raise SandboxUnavailable("pool is shut down")
-        sandbox: Sandbox | None = None
-        if self._warm:
-            sandbox = self._warm.pop(0)
-        if sandbox is not None:
-            box_id = sandbox.id
-            self._assigning.add(box_id)  # until it is active (no await between here and there)
+        self.demand.arrived()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.start_timeout_s
+        # A box being warmed is ready sooner than one created now, and costs the engine nothing more: wait for one.
+        while (sandbox := await self._take_warm(session, src_ip)) is None and self._warming and loop.time() < deadline:
+            self.refill()
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
             try:
-                await sandbox.claim(session, src_ip)
-            except SandboxError as exc:
-                # E.g. the engine restarted: every warm box is stopped. Drop them all and refill.
-                log.warning("warm sandbox %s unusable (%s); dropping the warm pool", sandbox.name, exc)
-                stale, self._warm = [sandbox, *self._warm], []
-                for box in stale:
-                    self._prepared.pop(box.id, None)
-                for box in stale:
-                    self._spawn(self._quietly(box.remove()))
-                sandbox = None
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                break
             finally:
-                self._assigning.discard(box_id)
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
         if sandbox is None:
             if self.live >= self._settings.max_sandboxes:
                 self.refill()
-                raise SandboxUnavailable(
+                self.cap_hits += 1
+                raise SandboxCapReached(
                     f"sandbox cap reached ({self._settings.max_sandboxes} live; sandbox.max_sandboxes)"
                 )
             log.warning("pool empty: creating a sandbox on demand for session %s", session)
@@ -237,6 +216,35 @@ class Pool(Generic[P]):
         self._active[sandbox.id] = (sandbox, info)
         self.refill()
         return sandbox
+
+    async def _take_warm(self, session: str, src_ip: str) -> Sandbox | None:
+        """The oldest warm box, claimed for ``session``; None if there is none (or the engine lost them)."""
+        if not self._warm:
+            return None
+        sandbox = self._warm.pop(0)
+        box_id = sandbox.id
+        self._assigning.add(box_id)  # until it is active (no await between the caller's return and there)
+        try:
+            await sandbox.claim(session, src_ip)
+        except SandboxError as exc:
+            # E.g. the engine restarted: every warm box is stopped. Drop them all and refill.
+            log.warning("warm sandbox %s unusable (%s); dropping the warm pool", sandbox.name, exc)
+            stale, self._warm = [sandbox, *self._warm], []
+            for box in stale:
+                self._prepared.pop(box.id, None)
+            for box in stale:
+                self._spawn(self._quietly(box.remove()))
+            return None
+        finally:
+            self._assigning.discard(box_id)
+        return sandbox
+
+    def _wake(self) -> None:
+        """A warm box landed (or a warm-up ended): acquires waiting for one look again."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def release(self, sandbox: Sandbox) -> None:
         """Stop (never remove) a session's sandbox and keep it for forensics; then enforce retention."""
@@ -278,18 +286,23 @@ class Pool(Generic[P]):
             self._ledger.delete(info.id)
 
     def refill(self) -> None:
-        """Start (at most one) background task that brings the warm count back to ``pool_size``."""
-        if self._closed or (self._refill_task is not None and not self._refill_task.done()):
+        """Start refill workers (up to ``pool_refill_parallel``) that bring the warm count up to the demand's
+        target; each starts its next box as soon as its last is warm and stops when the target is met."""
+        if self._closed:
             return
-        self._refill_task = self._spawn(self._refill())
+        for _ in range(min(self._settings.pool_refill_parallel - len(self._workers), self._refill_target())):
+            worker = self._spawn(self._refill_worker())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
 
     async def wait_refilled(self) -> None:
-        while self._refill_task is not None and not self._refill_task.done():
-            await asyncio.wait({self._refill_task})
+        while self._workers:
+            await asyncio.wait(set(self._workers))
 
     async def close(self) -> None:
         """Graceful shutdown: warm boxes are removed (never used), active ones stopped and kept."""
         self._closed = True
+        self._wake()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -350,28 +363,69 @@ class Pool(Generic[P]):
 
     # -- internals ----------------------------------------------------------------------------
     def _refill_target(self) -> int:
-        room = self._settings.max_sandboxes - len(self._active) - self._creating
-        return max(0, min(self._settings.pool_size - len(self._warm) - self._creating, room))
+        """How many boxes to start warming now (the demand's target, the cap, the host's memory)."""
+        target = self.demand.target()
+        memory = self.memory()
+        # A warm box may become a session's that uses all of sandbox.memory: the warm ones and those being made
+        # must fit in MemAvailable above the reserve (running sessions already count in MemAvailable).
+        room = None if memory is None else memory.boxes(self._settings.memory) - len(self._warm) - self._creating
+        wanted = missing(target, len(self._warm), self._creating, self.live, self._settings.max_sandboxes, None)
+        if room is not None and wanted > room:
+            self.memory_bound_hits += 1
+            memory_warnings.log(
+                logging.WARNING,
+                "memory",
+                "pool: %d more warm boxes wanted, MemAvailable has room for %d (%d MiB available)",
+                wanted,
+                max(0, room),
+                memory.available // (1024 * 1024) if memory else 0,
+            )
+            wanted = max(0, room)
+        return wanted
 
-    async def _refill(self) -> None:
-        """Warm boxes until the pool is full; while the engine fails, keep trying with backoff."""
+    async def _refill_worker(self) -> None:
         failures = 0
-        while not self._closed and (missing := self._refill_target()) > 0:
-            results = await asyncio.gather(*(self._warm_one() for _ in range(missing)), return_exceptions=True)
-            errs = [r for r in results if isinstance(r, BaseException)]
-            for err in errs:
-                if isinstance(err, asyncio.CancelledError):
-                    raise err
-            if errs:
+        while not self._closed and self._refill_target() > 0:
+            try:
+                await self._warm_one()
+            except SandboxError as exc:
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
-                    log.warning("pool refill failing (%d attempts so far): %s", failures, errs[0])
+                    log.warning("pool refill failing (%d attempts so far): %s", failures, exc)
                 await asyncio.sleep(min(30.0, 0.5 * 2.0**failures))
-            elif failures:
+                continue
+            if failures:
                 log.info("pool refill recovered after %d failed attempts", failures)
                 failures = 0
 
+    async def shrink(self) -> int:
+        """Remove warm boxes beyond the target (the oldest first); returns how many."""
+        extra = len(self._warm) - self.demand.target()
+        if extra <= 0 or self._closed:
+            return 0
+        doomed, self._warm = self._warm[:extra], self._warm[extra:]
+        log.info("pool: arrivals slowed; removing %d warm boxes (target %d)", extra, self.demand.target())
+        for box in doomed:
+            self._prepared.pop(box.id, None)
+        await asyncio.gather(*(self._quietly(box.remove()) for box in doomed))
+        self.shrunk += extra
+        return extra
+
+    async def _shrink_forever(self, interval_s: float) -> None:
+        while not self._closed:
+            await asyncio.sleep(interval_s)
+            await self.shrink()
+
     async def _warm_one(self) -> None:
+        self._warming += 1
+        try:
+            await self._warm_one_counted()
+        finally:
+            self._warming -= 1
+            self._wake()
+
+    async def _warm_one_counted(self) -> None:
+        started = time.monotonic()
         sandbox = await self._create("", "")
         if self.prepare is not None and not self._closed:
             try:
@@ -382,6 +436,7 @@ class Pool(Generic[P]):
             self._prepared.pop(sandbox.id, None)
             await self._quietly(sandbox.remove())
             return
+        self.demand.warmed(time.monotonic() - started)
         self._warm.append(sandbox)
 
     def take_prepared(self, sandbox_id: str) -> P | None:

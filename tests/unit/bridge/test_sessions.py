@@ -14,6 +14,7 @@ import pytest
 from sandtrap.bridge.login import ensure_account
 from sandtrap.bridge.sessions import SessionManager
 from sandtrap.config import LimitsSettings, SandboxSettings
+from sandtrap.errors import SandboxCapReached
 from sandtrap.sandbox.base import Features, run
 from sandtrap.sandbox.pool import Pool
 
@@ -28,7 +29,7 @@ async def manager(chroot_backend: ChrootBackend, tmp_path: Path) -> AsyncIterato
     made: list[tuple[Pool, SessionManager]] = []
 
     async def make(limits: LimitsSettings | None = None, **sandbox: Any) -> tuple[SessionManager, Pool]:
-        settings = SandboxSettings(**{"pool_size": 1, "max_sandboxes": 6, **sandbox})
+        settings = SandboxSettings(**{"pool_size": 1, "max_sandboxes": 6, "affinity": "session", **sandbox})
         pool = Pool(chroot_backend, settings, tmp_path / "ledger")
         mgr = SessionManager(pool, settings, limits or LimitsSettings())
         pool.prepare = mgr.prepare  # as app.build wires them
@@ -255,3 +256,65 @@ async def test_where_the_boxs_own_sshd_checks_it_each_new_password_is_set_before
     assert root_hash() not in (before, first)
     await mgr.end(lease)
     await mgr.end(again)
+
+
+def test_source_ip_is_the_default_affinity() -> None:
+    settings = SandboxSettings()
+    assert settings.affinity == "source_ip" and settings.ip_ttl_s == 1800 and settings.ip_max_lifetime_s == 21600
+
+
+async def test_a_box_past_its_max_lifetime_takes_no_new_connection_and_goes_when_its_last_ends(manager: Make) -> None:
+    mgr, pool = await manager(affinity="source_ip", ip_ttl_s=3600, ip_max_lifetime_s=0.3)
+    first = await mgr.lease("s1", "203.0.113.5")
+    await asyncio.sleep(0.4)
+    second = await mgr.lease("s2", "203.0.113.5")  # the old box is retired: a fresh one, the old still in use
+    assert second.sandbox.id != first.sandbox.id and not second.reused
+    assert await first.sandbox.is_running()
+    assert await mgr.end(first) is True  # its last connection: released at once, not after ip_ttl_s
+    assert not await first.sandbox.is_running() and pool.preserved == 1
+    assert await mgr.end(second) is False  # idle: its timer is what is left of its lifetime, not the hour
+    async with asyncio.timeout(10):
+        while pool.preserved < 2:
+            await asyncio.sleep(0.05)
+    assert not await second.sandbox.is_running()
+
+
+async def test_at_the_cap_the_longest_idle_ip_box_makes_room_and_with_none_idle_the_refusal_is_counted(
+    manager: Make,
+) -> None:
+    mgr, pool = await manager(affinity="source_ip", ip_ttl_s=3600, max_sandboxes=2, pool_size=0)
+    a = await mgr.lease("s1", "203.0.113.1")
+    b = await mgr.lease("s2", "203.0.113.2")
+    await mgr.end(a)
+    await asyncio.sleep(0.01)
+    await mgr.end(b)  # both idle, a the longest
+    c = await mgr.lease("s3", "203.0.113.3")
+    assert c.evicted == a.sandbox.name and not await a.sandbox.is_running()
+    assert await b.sandbox.is_running() and pool.stats()["evictions"] == 1 and pool.stats()["cap_hits"] == 1
+    again = await mgr.lease("s4", "203.0.113.2")  # b's IP still finds its box
+    assert again.sandbox is b.sandbox and again.reused
+    with pytest.raises(SandboxCapReached):  # b and c in use: nothing to evict
+        await mgr.lease("s5", "203.0.113.4")
+    assert pool.stats()["cap_hits"] == 2 and pool.stats()["evictions"] == 1
+    for lease in (c, again):
+        await mgr.end(lease)
+
+
+async def test_a_box_stopped_for_a_bound_ends_its_connections_and_no_other(manager: Make) -> None:
+    mgr, _ = await manager(affinity="source_ip")
+    first = await mgr.lease("s1", "203.0.113.5")
+    second = await mgr.lease("s2", "203.0.113.5")
+    other = await mgr.lease("s3", "203.0.113.6")
+    ended: list[tuple[str, str, int]] = []
+    for lease in (first, second, other):
+        mgr.on_overrun(lease.sandbox.id, lambda reason, value, s=lease.session: ended.append((s, reason, value)))
+
+    def withdrawn(reason: str, value: int) -> None:  # registered, then withdrawn: never called
+        ended.append(("withdrawn", reason, value))
+
+    mgr.on_overrun(first.sandbox.id, withdrawn)
+    mgr.withdraw(first.sandbox.id, withdrawn)
+    mgr.overrun(first.sandbox.id, "disk_quota", 300 << 20)
+    assert sorted(ended) == [("s1", "disk_quota", 300 << 20), ("s2", "disk_quota", 300 << 20)]
+    for lease in (first, second, other):
+        await mgr.end(lease)

@@ -22,6 +22,7 @@ from sandtrap.config import DockerSettings, SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker import engine, network
+from sandtrap.sandbox.docker.disk import DiskWatch, upper_dir
 from sandtrap.sandbox.docker.sandbox import BoxHost, DockerSandbox
 from sandtrap.sandbox.docker.spec import (
     LABEL_MANAGED,
@@ -89,6 +90,14 @@ class DockerBackend:
         url = docker.docker_host or os.environ.get("DOCKER_HOST") or "unix://"
         self._host = BoxHost(self._client, sensor, local=url.startswith("unix://"))
         self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
+        # The disk bound (sandbox.docker.disk_quota): the writable layers are measured on this host.
+        self.disk: DiskWatch | None = None
+        if docker.disk_quota and self._host.local:
+            self.disk = DiskWatch(docker.disk_quota, docker.disk_files_max, docker.disk_check_s)
+            self._host.stopped.append(self.disk.forget)
+        elif docker.disk_quota:
+            log.warning("sandbox.docker.disk_quota is not enforced: the engine is not on this host (%s)", url)
+        self._disk_unbounded_said = False
         self._image_seed: tuple[bytes, str] | None = None
         self._network_ready = False
         self._network_lock = asyncio.Lock()
@@ -268,12 +277,24 @@ class DockerBackend:
                     await self._seed(sandbox)
                 if self._systemd:
                     await self._start_systemd(sandbox, parent)
+                await self._bound_disk(sandbox)
             except BaseException:
                 await asyncio.shield(sandbox.remove())
                 raise
             return sandbox
         finally:
             self._creating.discard(cgroup)
+
+    async def _bound_disk(self, sandbox: DockerSandbox) -> None:
+        """Watch the box's writable layer (sandbox.docker.disk_quota)."""
+        if self.disk is None:
+            return
+        upper = await upper_dir(sandbox)
+        if upper:
+            self.disk.watch(sandbox, upper)
+        elif not self._disk_unbounded_said:
+            self._disk_unbounded_said = True
+            log.warning("sandbox.docker.disk_quota is not enforced: the engine's storage shows no upper dir here")
 
     async def _link(self, sandbox: DockerSandbox) -> None:
         """The box's eth0 on the capture gateway (network.mode: capture)."""
@@ -418,4 +439,6 @@ class DockerBackend:
         for proc in list(self._host.open_processes):
             await proc.kill()
         self._host.reads.close()
+        if self.disk is not None:
+            await self.disk.close()
         await engine.close(self._client)

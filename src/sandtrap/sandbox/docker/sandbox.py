@@ -14,7 +14,7 @@ import socket
 import tarfile
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ class BoxHost:
     local: bool = False  # the engine runs on this host (a unix socket)
     reads: OpenWatcher = field(default_factory=OpenWatcher)
     open_processes: weakref.WeakSet[DockerProcess] = field(default_factory=weakref.WeakSet)
+    stopped: list[Callable[[str], object]] = field(default_factory=list)  # told each box id stopped or removed
 
 
 @dataclass(frozen=True)
@@ -444,6 +445,8 @@ class DockerSandbox:
             await engine.call("stop", self._container().stop(t=2), 30)
         except (engine.NotFound, engine.NotModified):
             pass
+        for told in self._box_host.stopped:
+            told(self.id)
         await self._drop_parent()
 
     async def remove(self) -> None:
@@ -451,6 +454,8 @@ class DockerSandbox:
             await engine.call("remove", self._container().delete(force=True, v=True), 30)
         except (engine.NotFound, engine.Conflict):
             pass
+        for told in self._box_host.stopped:
+            told(self.id)
         await self._drop_parent()
 
     async def network_address(self) -> str:
