@@ -358,8 +358,7 @@ class DockerSandbox:
             return None
 
     async def snapshot(self) -> Snapshot:
-        """The paths that differ from the image, with their metadata: the engine's diff (or the overlay's upper
-        directory on this host) names them, so the cost follows what changed, not the image's size."""
+        """The paths that differ from the image (cost follows what changed, not the image), with metadata."""
         return Snapshot(await self._states())
 
     async def changed_files(self, since: Snapshot | None = None) -> list[ChangedFile]:
