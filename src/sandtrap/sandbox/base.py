@@ -72,7 +72,8 @@ class Snapshot:
     ``files``: path -> its state. A backend lists what it needs to tell a later change: every path (a
     listing), or only the paths that differ from its image (the engine's diff). A state is :data:`GONE` for a
     path deleted from the image, else ``"<A|C> <type size mode mtime ctime>"``: added to or changed from the
-    image (a full listing says ``A`` for all). Compared as opaque strings; a ctime cannot be set back."""
+    image (a full listing says ``A`` for all). The metadata are compared as opaque strings (a ctime cannot be
+    set back)."""
 
     files: Mapping[str, str]
 
@@ -89,8 +90,8 @@ def diff_snapshots(before: Snapshot, after: Snapshot) -> list[ChangedFile]:
     out: list[ChangedFile] = []
     for path, now in after.files.items():
         was = before.files.get(path)
-        if was == now:
-            continue
+        if was == now or (was is not None and GONE not in (was, now) and was[2:] == now[2:]):
+            continue  # the same file (the kind is a hint, for a path missing from the other snapshot)
         if now == GONE:
             out.append(ChangedFile(path, "D"))
         elif was is None:
