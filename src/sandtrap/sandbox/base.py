@@ -336,3 +336,25 @@ async def run(
         await asyncio.shield(proc.kill())  # the process's I/O goes back even when this is cancelled
         raise
     return RunResult(status, bytes(out[STDOUT]), bytes(out[STDERR]))
+
+
+# Each path given (never below it, never through a symlink): type, size, mode, mtime, ctime (as hostfs.meta).
+_STAT_PATHS = r'exec find -P "$@" -maxdepth 0 -printf "%p\0%y %s %m %T@ %C@\0" 2>/dev/null'
+
+
+async def stat_in_box(sandbox: Sandbox, paths: Sequence[str]) -> dict[str, str]:
+    """Each path's metadata for a :class:`Snapshot`, listed by the box's own ``xargs`` and ``find`` (paths on
+    stdin: no argv limit). They are the attacker's by a session's end: bounded in time and output; a path they do
+    not answer for is missing (it then differs from any baseline: no change is lost)."""
+    stdin = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in paths)
+    try:
+        result = await run(
+            sandbox, ["xargs", "-0", "-r", "sh", "-c", _STAT_PATHS, "sh"], stdin, max_output=16 << 20, timeout_s=60
+        )
+    except TimeoutError:
+        return {}
+    parts = result.stdout.split(b"\0")
+    return {
+        parts[i].decode(errors="surrogateescape"): parts[i + 1].decode(errors="replace")
+        for i in range(0, len(parts) - 1, 2)
+    }

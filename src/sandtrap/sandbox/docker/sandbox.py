@@ -36,6 +36,7 @@ from sandtrap.sandbox.base import (
     Transport,
     diff_snapshots,
     run,
+    stat_in_box,
     state_of,
 )
 from sandtrap.sandbox.docker import engine
@@ -46,9 +47,6 @@ from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatch, OpenWatcher
 
 log = logging.getLogger(__name__)
-
-# Each path given (never below it, never through a symlink): its metadata as hostfs.meta prints it.
-_LIST_PATHS = r'exec find -P "$@" -maxdepth 0 -printf "%p\0%y %s %m %T@ %C@\0" 2>/dev/null'
 
 
 @dataclass
@@ -406,18 +404,8 @@ class DockerSandbox:
             found = await self._find([*volumes, "-xdev", "-type", "f", *since])
             kinds |= {p: "C" for p in found if p.lstrip("/") not in ENGINE_FILES}
         present = [p for p, k in kinds.items() if k != "D"]
-        metas = await self._metas(present) if running and present else {}
+        metas = await stat_in_box(self, present) if running and present else {}
         return {p: GONE if k == "D" else state_of(k, metas.get(p, "?")) for p, k in kinds.items()}
-
-    async def _metas(self, paths: list[str]) -> dict[str, str]:
-        """Each path's type, size, mode, mtime and ctime, listed in the box (paths on stdin: no argv limit)."""
-        stdin = b"\0".join(p.encode("utf-8", "surrogateescape") for p in paths) + b"\0"
-        result = await run(self, ["xargs", "-0", "-r", "sh", "-c", _LIST_PATHS, "sh"], stdin, max_output=64 << 20)
-        parts = result.stdout.split(b"\0")
-        return {
-            parts[i].decode(errors="surrogateescape"): parts[i + 1].decode(errors="replace")
-            for i in range(0, len(parts) - 1, 2)
-        }
 
     async def _find(self, args: list[str]) -> list[str]:
         result = await run(self, ["find", *args])
