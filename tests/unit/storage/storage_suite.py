@@ -412,6 +412,13 @@ def test_changed_files_keep_their_origin_and_only_the_attackers_count(
         ("/var/log/nginx/access.log", "system"),
     ]
     assert s.artifacts_count == 1
+    d = Conn("00000000001d")
+    store(
+        [d(ev.SESSION_CONNECT, after_s=0), d(ev.SESSION_FILE_CHANGED, filename="/run/utmp", origin="login", **changed)]
+    )
+    assert "00000000001d" in {x.id for x in repo.list_sessions(has_artifacts=False)}
+    assert "00000000001d" not in {x.id for x in repo.list_sessions(has_artifacts=True)}
+    assert "00000000000e" in {x.id for x in repo.list_sessions(has_artifacts=True)}
 
 
 def test_close_crashed_sessions(store: Callable[[list[Event]], DatabaseSink], repo: Repository) -> None:
