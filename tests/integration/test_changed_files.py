@@ -9,10 +9,12 @@ the password line in /etc/shadow) is there as ``origin: login``; what the honeyp
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from sandtrap.bridge.honeytokens import generate
@@ -54,12 +56,25 @@ async def test_a_scripted_session_lists_exactly_its_own_changes_and_the_bookkeep
     attacker = by_origin(events, "attacker")
     assert attacker == {"/root/.ssh/authorized_keys": "A", "/tmp/b.sh": "A", "/etc/issue.net": "D"}, events
     login = by_origin(events, "login")
+    print(f"[changed files] attacker {sorted(attacker)}; login {sorted(login)}; system {by_origin(events, 'system')}")
     assert {"/var/log/wtmp", "/run/utmp", "/var/log/auth.log", "/etc/shadow"} <= set(login), login
     assert not SETUP & {e.get("filename") for e in events}, events
     # The attacker's contents are stored as before; the bookkeeping is metadata only.
     [dropper] = [e for e in events if e.get("filename") == "/tmp/b.sh"]
     assert dropper.get("stored") is True and dropper.get("shasum") == hashlib.sha256(DROPPER).hexdigest()
     assert not [e for e in events if e.get("origin") != "attacker" and e.get("stored")]
+    # The API (over its socket) and the session page say the same, the bookkeeping apart.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hp.services.api.port}", timeout=30) as c:
+        url = f"/api/v1/sessions/{events[0].session}"
+        async with asyncio.timeout(30):
+            while len((detail := (await c.get(url)).json()).get("artifacts", [])) < len(events):
+                await asyncio.sleep(0.2)
+        api = {a["path"]: a["origin"] for a in detail["artifacts"]}
+        assert api == {e.get("filename"): e.get("origin") for e in events}
+        assert detail["artifacts_count"] == 3
+        page = (await c.get(f"/sessions/{events[0].session}")).text
+        shown = page[page.index('id="changed-files"') : page.index('<details id="bookkeeping">')]
+        assert "/tmp/b.sh" in shown and "/var/log/wtmp" not in shown
 
 
 async def test_a_new_accounts_home_and_passwd_lines_are_the_logins(honeypot: Honeypot) -> None:
