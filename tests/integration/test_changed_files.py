@@ -59,10 +59,11 @@ async def test_a_scripted_session_lists_exactly_its_own_changes_and_the_bookkeep
     print(f"[changed files] attacker {sorted(attacker)}; login {sorted(login)}; system {by_origin(events, 'system')}")
     assert {"/var/log/wtmp", "/run/utmp", "/var/log/auth.log", "/etc/shadow"} <= set(login), login
     assert not SETUP & {e.get("filename") for e in events}, events
-    # The attacker's contents are stored as before; the bookkeeping is metadata only.
+    # The attacker's contents are stored as before; the login records and logs are metadata only.
     [dropper] = [e for e in events if e.get("filename") == "/tmp/b.sh"]
     assert dropper.get("stored") is True and dropper.get("shasum") == hashlib.sha256(DROPPER).hexdigest()
-    assert not [e for e in events if e.get("origin") != "attacker" and e.get("stored")]
+    records = {"/var/log/wtmp", "/run/utmp", "/var/log/auth.log"}
+    assert not [e for e in events if e.get("filename") in records and e.get("stored")]
     # The API (over its socket) and the session page say the same, the bookkeeping apart.
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hp.services.api.port}", timeout=30) as c:
         url = f"/api/v1/sessions/{events[0].session}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandtrap.bridge.origin import SHADOW, LoginFacts, classify
+from sandtrap.bridge.origin import SHADOW, LoginFacts, classify, is_login_record
 from sandtrap.config import RecordingSettings
 from sandtrap.errors import SandboxError
 from sandtrap.outputs.recording import ARTIFACTS, RecordingHealth
@@ -185,7 +185,7 @@ class SessionArtifacts:
         self, sandbox: Sandbox, report: Report, baseline: Baseline | None = None, facts: LoginFacts | None = None
     ) -> None:
         """At session end: every file the session added or changed since ``baseline`` (and deletions, as
-        metadata), each with its origin (:mod:`sandtrap.bridge.origin`); contents kept for the attacker's only."""
+        metadata), each with its origin (:mod:`sandtrap.bridge.origin`); contents kept but for the login's records."""
         since = baseline.snapshot if baseline is not None else None
         try:
             changes = await sandbox.changed_files(since=since)
@@ -205,7 +205,7 @@ class SessionArtifacts:
                     filename=change.path, kind="D", origin=origin, shasum="", size=0, mode=0, outfile="", stored=False
                 )
                 continue
-            content = origin == "attacker" and change.path not in self.settings.changed_metadata_only
+            content = not is_login_record(change.path) and change.path not in self.settings.changed_metadata_only
             info, stored = await self.fetch(sandbox, change.path, content)
             if info is None or not info.is_regular:
                 continue

@@ -4,12 +4,14 @@ A session's changed files are diffed against the box's state when the session be
 setup and planting), so what is left is what happened during the session. Of that:
 
 * ``login``: what sshd's session writes for any login, whoever logs in: the login records (``wtmp``, ``btmp``,
-  ``lastlog``, ``utmp``), the auth log and the journal, the runtime directory ``/run/user/<uid>``, the password
-  line set for the login in ``/etc/shadow``, and for a new account what ``useradd -m`` writes (``passwd``,
-  ``group``, their backups and the skeleton files in the new home).
-* ``system``: the box's own daemons' churn (nginx's and cron's logs and state, apt's timers, the journal's other
-  files): neither the attacker's doing nor to be shown as theirs, though the attacker may have caused it (a
-  request to the box's nginx).
+  ``lastlog``, ``utmp``), the auth log and the journal's files, the runtime directory ``/run/user/<uid>`` (not
+  what is put in it), the password line set for the login in ``/etc/shadow``, and for a new account what
+  ``useradd -m`` writes (``passwd``, ``group``, their backups and the skeleton files in the new home). The
+  records and logs are kept as metadata; the rest's contents are kept (an attacker's edit of a new home's
+  ``.bashrc`` in the same session is not lost, only listed as the login's).
+* ``system``: the box's own daemons' churn (nginx's logs and state, cron's log and pid, systemd's timer stamps):
+  neither the attacker's doing nor to be shown as theirs, though the attacker may have caused it (a request to
+  the box's nginx); contents kept.
 * ``attacker``: everything else, and any bookkeeping file deleted (wiping ``wtmp`` or the auth log is an
   attacker's act), and ``/etc/shadow`` when a line other than the login's changed.
 
@@ -19,6 +21,7 @@ Pure: no I/O; the paths are the attacker's bytes and are only compared.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,8 +29,8 @@ from typing import Literal
 Origin = Literal["attacker", "login", "system"]
 ORIGINS: tuple[Origin, ...] = ("attacker", "login", "system")
 
-# What sshd's session (the box's sshd-session helper, login(1) for telnet) writes for any login.
-_LOGIN_FILES = frozenset(
+# What sshd's session (the box's sshd-session helper, login(1) for telnet) writes for any login: its records.
+_LOGIN_RECORDS = frozenset(
     {
         "/var/log/wtmp",
         "/var/log/btmp",
@@ -36,28 +39,22 @@ _LOGIN_FILES = frozenset(
         "/var/run/utmp",
         "/var/log/auth.log",
         "/var/log/faillog",
-        "/etc/.pwd.lock",  # taken (created) by the account set-up and by shadow-utils
     }
 )
-_LOGIN_TREES = ("/var/log/journal/", "/run/user/", "/run/systemd/sessions/", "/run/systemd/users/")
+_JOURNAL = "/var/log/journal/"
+_LOGIN_FILES = frozenset({"/etc/.pwd.lock"})  # taken (created) by the account set-up and by shadow-utils
+_RUNTIME_DIR = re.compile(r"/run/user/\d+")  # the directory itself; what is put in it is someone's doing
+_LOGIND = re.compile(r"/run/systemd/(sessions/[0-9a-z.]+|users/\d+)")
 # What useradd -m writes for a new account (besides the home).
 _ACCOUNT_FILES = frozenset(
     f"/etc/{name}{suffix}" for name in ("passwd", "group", "gshadow", "subuid", "subgid") for suffix in ("", "-")
 ) | {"/etc/shadow-"}
-# The box's daemons: their logs, spools and state.
-_SYSTEM_TREES = (
-    "/var/log/nginx/",
-    "/var/lib/nginx/",
-    "/var/log/apt/",
-    "/var/lib/apt/",
-    "/var/lib/systemd/",
-    "/var/lib/logrotate/",
-    "/var/spool/cron/",
-    "/var/spool/anacron/",
-    "/var/cache/",
-    "/run/nginx",
+# The box's daemons' own logs and state. Not cron's spool (a crontab is persistence), nor apt's or dpkg's (a
+# package installed), nor caches: what an attacker writes there is theirs.
+_SYSTEM_TREES = ("/var/log/nginx/", "/var/lib/nginx/", "/var/spool/anacron/", "/var/lib/systemd/timers/")
+_SYSTEM_FILES = frozenset(
+    {"/var/log/syslog", "/var/log/cron.log", "/var/log/daemon.log", "/run/crond.pid", "/var/lib/systemd/random-seed"}
 )
-_SYSTEM_FILES = frozenset({"/var/log/syslog", "/var/log/cron.log", "/var/log/daemon.log", "/run/crond.pid"})
 # Skeleton files useradd copies into a new home (Debian's /etc/skel).
 _SKELETON = frozenset({".bashrc", ".profile", ".bash_logout"})
 
@@ -89,11 +86,18 @@ def shadow_origin(facts: LoginFacts) -> Origin:
     return "login" if all(line.split(b":", 1)[0] in users for line in changed) else "attacker"
 
 
+def is_login_record(path: str) -> bool:
+    """A login record or log (wtmp, lastlog, utmp, auth.log, the journal's files): kept as metadata only."""
+    return path in _LOGIN_RECORDS or (path.startswith(_JOURNAL) and path.endswith((".journal", ".journal~")))
+
+
 def classify(path: str, kind: str, facts: LoginFacts) -> Origin:
     """The origin of one change (``kind``: A, C or D) in a session's box."""
     if path == SHADOW:
         return "attacker" if kind == "D" else shadow_origin(facts)
-    if path in _LOGIN_FILES or path.startswith(_LOGIN_TREES) or path in facts.extra:
+    if is_login_record(path) or path in _LOGIN_FILES or path in facts.extra:
+        return "attacker" if kind == "D" else "login"
+    if _RUNTIME_DIR.fullmatch(path) or _LOGIND.fullmatch(path):
         return "attacker" if kind == "D" else "login"
     if path in _ACCOUNT_FILES and facts.new_homes and kind != "D":
         return "login"

@@ -19,6 +19,10 @@ NEW_USER = LoginFacts(users=["oracle"], new_homes=["/home/oracle"])
         ("/var/log/auth.log", "A", ROOT, "login"),
         ("/var/log/journal/abc/system.journal", "C", ROOT, "login"),
         ("/run/user/0", "A", ROOT, "login"),
+        ("/etc/.pwd.lock", "A", ROOT, "login"),
+        # What is put in those places is not the login's.
+        ("/run/user/0/x.sh", "A", ROOT, "attacker"),
+        ("/var/log/journal/abc/payload.bin", "A", ROOT, "attacker"),
         # Wiping the login records is an attacker's act.
         ("/var/log/wtmp", "D", ROOT, "attacker"),
         ("/var/log/auth.log", "D", ROOT, "attacker"),
@@ -31,7 +35,11 @@ NEW_USER = LoginFacts(users=["oracle"], new_homes=["/home/oracle"])
         ("/home/oracle/x.sh", "A", NEW_USER, "attacker"),
         # The box's daemons.
         ("/var/log/nginx/access.log", "C", ROOT, "system"),
-        ("/var/spool/cron/crontabs/root", "C", ROOT, "system"),
+        ("/var/log/cron.log", "C", ROOT, "system"),
+        # Persistence and packages are the attacker's, whatever daemon reads them.
+        ("/var/spool/cron/crontabs/root", "A", ROOT, "attacker"),
+        ("/var/lib/dpkg/status", "C", ROOT, "attacker"),
+        ("/var/cache/apt/archives/x.deb", "A", ROOT, "attacker"),
         # Everything else.
         ("/root/.ssh/authorized_keys", "C", ROOT, "attacker"),
         ("/tmp/b.sh", "A", ROOT, "attacker"),
