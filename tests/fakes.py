@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -37,8 +38,11 @@ from sandtrap.sandbox.base import (
     ReadWatch,
     SandboxInfo,
     SandboxState,
+    Snapshot,
     TermSize,
+    diff_snapshots,
     exit_status,
+    state_of,
 )
 from sandtrap.sandbox.host.inotify import OpenWatcher
 
@@ -110,8 +114,11 @@ class FakeSandbox:
             return None
         return FileData(path, len(data), 0o644, True, data if len(data) <= max_bytes else None)
 
-    async def changed_files(self) -> list[ChangedFile]:
-        return [ChangedFile(p, "A") for p in self.files]
+    async def snapshot(self) -> Snapshot:
+        return Snapshot({p: state_of("A", hashlib.sha256(d).hexdigest()) for p, d in self.files.items()})
+
+    async def changed_files(self, since: Snapshot | None = None) -> list[ChangedFile]:
+        return diff_snapshots(since or Snapshot({}), await self.snapshot())
 
     async def is_running(self) -> bool:
         return self.running
@@ -461,13 +468,16 @@ class ChrootSandbox:
                 data = None
         return FileData(path, st.st_size, stat.S_IMODE(st.st_mode), regular, data)
 
-    async def changed_files(self) -> list[ChangedFile]:
-        before = json.loads((self._dir / "snapshot.json").read_text())
+    async def snapshot(self) -> Snapshot:
         now = await asyncio.to_thread(_snapshot, self.root)
-        out = [ChangedFile(p, "A") for p in now if p not in before]
-        out += [ChangedFile(p, "C") for p in now if p in before and now[p] != before[p]]
-        out += [ChangedFile(p, "D") for p in before if p not in now]
-        return sorted(out, key=lambda c: c.path)
+        return Snapshot({p: state_of("A", json.dumps(meta)) for p, meta in now.items()})
+
+    async def changed_files(self, since: Snapshot | None = None) -> list[ChangedFile]:
+        """Since ``since``, else since the box was created (``snapshot.json``)."""
+        if since is None:
+            made = json.loads((self._dir / "snapshot.json").read_text())
+            since = Snapshot({p: state_of("A", json.dumps(meta)) for p, meta in made.items()})
+        return diff_snapshots(since, await self.snapshot())
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> ReadWatch | None:
         """Opens seen by inotify on the box's directory, as the Docker backend watches its overlay."""

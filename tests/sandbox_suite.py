@@ -235,6 +235,31 @@ async def test_changed_files_added_changed_and_deleted(box: Sandbox) -> None:
     assert "/etc/issue.net" not in {c.path for c in await box.changed_files() if c.kind != "D"}
 
 
+async def test_changed_files_since_a_snapshot_are_only_what_came_after(box: Sandbox) -> None:
+    # What the honeypot does before a session (planting, the box's own set-up) is in the box, not in the session's.
+    await box.put_file("/root/planted", b"lure")
+    await box.put_file("/root/kept", b"lure too")
+    assert (await run(box, ["sh", "-c", "echo setup >> /etc/issue && rm /etc/issue.net"])).ok
+    since = await box.snapshot()
+    assert not {c.path for c in await box.changed_files(since=since)} & {"/root/planted", "/root/kept", "/etc/issue"}
+    script = "printf new > /tmp/after && echo more >> /etc/issue && rm /root/planted && printf back > /etc/issue.net"
+    assert (await run(box, ["sh", "-c", script])).ok
+    changed = {c.path: c.kind for c in await box.changed_files(since=since) if not c.path.endswith("/")}
+    wanted = {"/tmp/after": "A", "/etc/issue": "C", "/root/planted": "D", "/etc/issue.net": "A"}
+    assert {p: changed.get(p) for p in wanted} == wanted
+    assert "/root/kept" not in changed
+    # Regular files only differ from the snapshot where the session touched them.
+    assert {p for p, k in changed.items() if k != "D"} - set(wanted) <= {"/tmp", "/root", "/etc"}
+    # Without ``since``: against the box as made, as before.
+    assert ("/root/kept", "A") in {(c.path, c.kind) for c in await box.changed_files()}
+
+
+async def test_a_snapshot_then_nothing_is_no_change(box: Sandbox) -> None:
+    await box.put_file("/root/planted", b"lure")
+    since = await box.snapshot()
+    assert await box.changed_files(since=since) == []
+
+
 async def test_files_and_changes_stay_readable_after_stop(box: Sandbox) -> None:
     await box.put_file("/root/evidence", b"kept for forensics")
     await box.stop()

@@ -25,7 +25,7 @@ from sandtrap.config import Settings
 from sandtrap.errors import SandtrapError
 from sandtrap.storage.engine import shown_url
 from sandtrap.storage.migrate import is_migrated
-from sandtrap.storage.records import SessionDetail
+from sandtrap.storage.records import ArtifactInfo, SessionDetail
 from sandtrap.storage.repository import Repository
 
 sessions_app = typer.Typer(help="List, show, replay and export recorded sessions.", no_args_is_help=True)
@@ -206,20 +206,29 @@ def show(
             _when(c.timestamp), str(c.channel if c.channel is not None else "-"), c.source, visible(c.input, 300)
         )
     out.print(cmds)
-    files = Table(title=f"artifacts ({len(d.artifacts)})")
+    # The login's bookkeeping and the box's daemons' churn in a table of their own, after the attacker's files.
+    mine = [f for f in d.artifacts if f.origin in (None, "attacker")]
+    _files(out, f"artifacts ({len(mine)})", mine)
+    others = [f for f in d.artifacts if f.origin not in (None, "attacker")]
+    if others:
+        _files(out, f"login bookkeeping and the box's daemons ({len(others)})", others)
+    for rec in d.casts:
+        out.print(Text(f"recording: channel {rec.channel}: {rec.path} ({rec.size or 0} bytes)"))
+
+
+def _files(out: Console, title: str, rows: list[ArtifactInfo]) -> None:
+    files = Table(title=title)
     for col in ("how", "path", "size", "sha256", "stored"):
         files.add_column(col)
-    for f in d.artifacts:
+    for f in rows:
         files.add_row(
-            f.via + (f" ({f.kind})" if f.kind else ""),
+            f.via + (f" ({f.kind}, {f.origin})" if f.origin and f.kind else f" ({f.kind})" if f.kind else ""),
             visible(f.path, 80),
             str(f.size if f.size is not None else "-"),
             f.sha256 or "-",
             "yes" if f.stored else "no",
         )
     out.print(files)
-    for rec in d.casts:
-        out.print(Text(f"recording: channel {rec.channel}: {rec.path} ({rec.size or 0} bytes)"))
 
 
 def _cast_paths(s: Settings, detail: SessionDetail, channel: int | None) -> list[Path]:

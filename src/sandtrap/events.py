@@ -112,8 +112,8 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
         "DNS: {queries} queries for {names} names ({name_bytes} bytes of names), {dropped} dropped",
     ),
     SESSION_FILE_CHANGED: (
-        ("filename", "kind", "shasum", "size", "mode", "outfile", "stored"),
-        "file {filename} {kind} in the sandbox",
+        ("filename", "kind", "origin", "shasum", "size", "mode", "outfile", "stored"),
+        "file {filename} {kind} in the sandbox ({origin})",
     ),
     SESSION_CRASHED: (("reason",), "session closed at start-up: the previous run ended without closing it"),
     DIRECT_TCPIP_REQUEST: (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import yaml
 from typer.testing import CliRunner, Result
 
 from sandtrap import __version__
+from sandtrap import events as ev
 from sandtrap.cli import app
 from sandtrap.cli_config import ENV
+from sandtrap.outputs.database import DatabaseSink
 from sandtrap.sandbox.docker import seccomp
 from sandtrap.storage.migrate import upgrade
 
@@ -172,6 +175,31 @@ def test_an_empty_database_lists_no_sessions(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "sessions (0)" in said(result)
     assert invoke("sessions", "list", "--json", "-c", str(f)).stdout == ""
     assert said(invoke("stats", "-c", str(f))).startswith("0 sessions, 0 login attempts")
+
+
+def test_sessions_show_lists_the_bookkeeping_apart(tmp_path: Path) -> None:
+    f = config(tmp_path)
+    url = f"sqlite:///{tmp_path / 'sandtrap-data' / 'sandtrap.db'}"
+    (tmp_path / "sandtrap-data").mkdir()
+    upgrade(url)
+
+    def c(eventid: str, **fields: Any) -> ev.Event:
+        when = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+        return ev.Event(eventid=eventid, timestamp=when, session=SESSION, src_ip="203.0.113.7", sensor="s", **fields)
+
+    changed = {"kind": "C", "shasum": "", "size": 1, "mode": "0644", "outfile": "", "stored": False}
+    sink = DatabaseSink(url)
+    try:
+        sink.write(c(ev.SESSION_CONNECT))
+        sink.write(c(ev.SESSION_FILE_CHANGED, filename="/tmp/b.sh", origin="attacker", **changed))
+        sink.write(c(ev.SESSION_FILE_CHANGED, filename="/var/log/wtmp", origin="login", **changed))
+        assert sink.flush(30), sink.status()
+    finally:
+        sink.close(5)
+    out = said(invoke("sessions", "show", SESSION, "-c", str(f)))
+    mine, _, rest = out.partition("login bookkeeping and the box's daemons (1)")
+    assert "artifacts (1)" in mine and "/tmp/b.sh" in mine and "/var/log/wtmp" not in mine
+    assert "/var/log/wtmp" in rest and "(C, login)" in rest
 
 
 @pytest.mark.parametrize("command", ["show", "replay", "export"])

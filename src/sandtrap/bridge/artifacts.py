@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import posixpath
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandtrap.bridge.origin import SHADOW, LoginFacts, classify, is_login_record
 from sandtrap.config import RecordingSettings
 from sandtrap.errors import SandboxError
 from sandtrap.outputs.recording import ARTIFACTS, RecordingHealth
-from sandtrap.sandbox.base import FileData, Sandbox
+from sandtrap.sandbox.base import FileData, Sandbox, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,40 @@ class ArtifactStore:
         self.total_bytes += len(data)
         self.stored_count += 1
         return Stored(sha, rel, True, False)
+
+
+_SHADOW_MAX = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """A box's state when a session began: what its changed files are diffed against (None: the backend could
+    not take one; the diff is then against the box as made), and ``/etc/shadow`` to tell the login's line."""
+
+    snapshot: Snapshot | None
+    shadow: bytes | None
+
+
+async def _shadow(sandbox: Sandbox) -> bytes | None:
+    try:
+        info = await sandbox.get_file(SHADOW, _SHADOW_MAX)
+    except SandboxError:
+        return None
+    return info.data if info is not None else None
+
+
+async def take_baseline(sandbox: Sandbox) -> Baseline:
+    """The box now, before the session's attacker acts (after the honeypot's own setup and planting)."""
+    started = time.monotonic()
+    try:
+        snapshot: Snapshot | None = await sandbox.snapshot()
+    except SandboxError as exc:
+        log.warning("no baseline of %s's files (its changes will be against the box as made): %s", sandbox.name, exc)
+        snapshot = None
+    baseline = Baseline(snapshot, await _shadow(sandbox))
+    log.debug("baseline of %s: %d paths in %.0f ms", sandbox.name, len(snapshot.files) if snapshot else 0,
+              (time.monotonic() - started) * 1000)  # fmt: skip
+    return baseline
 
 
 @dataclass
@@ -144,26 +181,38 @@ class SessionArtifacts:
                 duplicate=bool(stored and stored.duplicate),
             )
 
-    async def collect_changes(self, sandbox: Sandbox, report: Report) -> None:
-        """At session end: every file the session added or changed (and deletions, as metadata)."""
+    async def collect_changes(
+        self, sandbox: Sandbox, report: Report, baseline: Baseline | None = None, facts: LoginFacts | None = None
+    ) -> None:
+        """At session end: every file the session added or changed since ``baseline`` (and deletions, as
+        metadata), each with its origin (:mod:`sandtrap.bridge.origin`); contents kept but for the login's records."""
+        since = baseline.snapshot if baseline is not None else None
         try:
-            changes = await sandbox.changed_files()
+            changes = await sandbox.changed_files(since=since)
         except SandboxError as exc:
             log.warning("changed files not available: %s", exc)
             return
+        facts = facts or LoginFacts()
+        if any(c.path == SHADOW for c in changes):
+            before = baseline.shadow if baseline is not None else None
+            facts = dataclasses.replace(facts, shadow_before=before, shadow_after=await _shadow(sandbox))
         for change in changes[:5000]:
             if change.path.startswith(("/proc/", "/sys/", "/dev/")):
                 continue
+            origin = classify(change.path, change.kind, facts)
             if change.kind == "D":
-                report(filename=change.path, kind="D", shasum="", size=0, mode=0, outfile="", stored=False)
+                report(
+                    filename=change.path, kind="D", origin=origin, shasum="", size=0, mode=0, outfile="", stored=False
+                )
                 continue
-            content = change.path not in self.settings.changed_metadata_only
+            content = not is_login_record(change.path) and change.path not in self.settings.changed_metadata_only
             info, stored = await self.fetch(sandbox, change.path, content)
             if info is None or not info.is_regular:
                 continue
             report(
                 filename=change.path,
                 kind=change.kind,
+                origin=origin,
                 shasum=stored.sha256 if stored else "",
                 size=info.size,
                 mode=f"{info.mode:04o}",

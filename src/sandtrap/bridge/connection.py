@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
 from sandtrap.bridge.live import LiveHub
 from sandtrap.bridge.login import MAX_FAILED_LOGGED, Account, FailedLogin, Peer, close_argv
+from sandtrap.bridge.origin import LoginFacts
 from sandtrap.bridge.proxy import Usage
 from sandtrap.bridge.sessions import Lease, SessionManager
 from sandtrap.config import LimitsSettings, RecordingSettings
@@ -275,7 +276,9 @@ class Connection:
         if lease is not None and self.owns_box_activity:
             try:
                 async with self.hub.engine_work:  # a burst of closing sessions must not swamp the engine
-                    await self.artifacts.collect_changes(lease.sandbox, self.reporter(SESSION_FILE_CHANGED))
+                    await self.artifacts.collect_changes(
+                        lease.sandbox, self.reporter(SESSION_FILE_CHANGED), lease.baseline, self._login_facts(lease)
+                    )
             except Exception:
                 log.exception("collecting changed files failed")
         self.emitter.emit(
@@ -294,6 +297,14 @@ class Connection:
                     self.emitter.emit(SANDBOX_RELEASED, sandbox_id=lease.sandbox.id, sandbox_name=lease.sandbox.name)
             except Exception:
                 log.exception("releasing the sandbox failed")
+
+    def _login_facts(self, lease: Lease) -> LoginFacts:
+        """What this connection's login did to the box (its changed files' origin tells it apart)."""
+        account = self.login_account
+        users = [u for u in {self.username, account.name if account else ""} if u]
+        # A home useradd made: the account was not in the box when it was prepared (unknown: none assumed).
+        new = account is not None and bool(lease.passwd) and account.name not in lease.passwd
+        return LoginFacts(users=users, new_homes=[account.home] if new and account else [])
 
     async def _log_close(self, lease: Lease, account: Account | None) -> None:
         """sshd's lines for the end of the connection, once, in the box's auth.log (session.c, -x); a box whose

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sandtrap.bridge import honeytokens
+from sandtrap.bridge.artifacts import Baseline, take_baseline
 from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.bridge.login import Account, ensure_account, read_passwd
 from sandtrap.config import LimitsSettings, SandboxSettings
@@ -38,10 +39,12 @@ Ender = Callable[[str, int], object]  # (reason, value): a connection's end, as 
 
 @dataclass
 class Prepared:
-    """What is done to a box before its attacker arrives: its honeytokens, its passwd entries read."""
+    """What is done to a box before its attacker arrives: its honeytokens, its passwd entries read, and its files
+    then (what the first session's changed files are diffed against)."""
 
     tokens: list[Token] = field(default_factory=list)
     passwd: dict[str, Account] = field(default_factory=dict)
+    baseline: Baseline | None = None
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Lease:
     logins: BoxLogins = field(default_factory=BoxLogins)  # shared by every connection to the same box
     passwords: dict[str, str | None] = field(default_factory=dict)  # each account's password as last set in the box
     evicted: str = ""  # the idle box released early to make room for this one at max_sandboxes
+    baseline: Baseline | None = None  # the box when this connection began: its changed files are since then
 
 
 class SessionManager:
@@ -157,6 +161,8 @@ class SessionManager:
                     held.users += 1
                     held.idle_since = 0.0
                     held.had_login |= login
+                    # Where the last connection left it (taken under the IP's lock: the box is already in use).
+                    baseline = await take_baseline(held.sandbox) if login else None
                     return Lease(
                         session,
                         src_ip,
@@ -168,6 +174,7 @@ class SessionManager:
                         passwd=held.prepared.passwd,
                         logins=held.logins,
                         passwords=held.passwords,
+                        baseline=baseline,
                     )
                 if held is not None:  # the box died meanwhile: forget it
                     self._by_ip.pop(src_ip, None)
@@ -186,6 +193,7 @@ class SessionManager:
                     logins=box.logins,
                     passwords=box.passwords,
                     evicted=evicted,
+                    baseline=box.prepared.baseline,
                 )
         sandbox = await self._pool.acquire(session, src_ip)
         prepared = await self._prepared(sandbox)
@@ -197,6 +205,7 @@ class SessionManager:
             {},
             tokens=prepared.tokens,
             passwd=prepared.passwd,
+            baseline=prepared.baseline,
         )
 
     async def _acquire_with_room(self, session: str, src_ip: str) -> tuple[Sandbox, str]:
@@ -267,15 +276,18 @@ class SessionManager:
             return True
 
     async def prepare(self, sandbox: Sandbox) -> Prepared:
-        """Warm-up work (the pool's ``prepare`` hook): plant this box's honeytokens, read its accounts."""
-        return Prepared(await self._plant_new(sandbox), await read_passwd(sandbox))
+        """Warm-up work (the pool's ``prepare`` hook): plant this box's honeytokens, read its accounts, then take
+        the baseline its first session's changes are diffed against."""
+        tokens, passwd = await self._plant_new(sandbox), await read_passwd(sandbox)
+        return Prepared(tokens, passwd, await take_baseline(sandbox))
 
     async def _prepared(self, sandbox: Sandbox) -> Prepared:
         """What was done to this box while it was warm; honeytokens planted now if it came cold."""
         prepared = self._pool.take_prepared(sandbox.id)
         if prepared is not None:
             return prepared
-        return Prepared(await self._plant_new(sandbox))
+        tokens = await self._plant_new(sandbox)
+        return Prepared(tokens, baseline=await take_baseline(sandbox))
 
     async def _plant_new(self, sandbox: Sandbox) -> list[Token]:
         """Lure credentials unique to this box, watched for reads from the host."""

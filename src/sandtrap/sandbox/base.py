@@ -74,6 +74,45 @@ class ChangedFile:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A box's files at one moment, what :meth:`Sandbox.changed_files` compares against (``since``).
+
+    ``files``: path -> its state. A backend lists what it needs to tell a later change: every path (a
+    listing), or only the paths that differ from its image (the engine's diff). A state is :data:`GONE` for a
+    path deleted from the image, else ``"<A|C> <type size mode mtime ctime>"``: added to or changed from the
+    image (a full listing says ``A`` for all). The metadata are compared as opaque strings (a ctime cannot be
+    set back)."""
+
+    files: Mapping[str, str]
+
+
+GONE = "D"
+
+
+def state_of(kind: str, meta: str) -> str:
+    return f"{kind} {meta}"
+
+
+def diff_snapshots(before: Snapshot, after: Snapshot) -> list[ChangedFile]:
+    """What changed from ``before`` to ``after``; a path missing from a snapshot is as the image has it."""
+    out: list[ChangedFile] = []
+    for path, now in after.files.items():
+        was = before.files.get(path)
+        if was == now or (was is not None and GONE not in (was, now) and was[2:] == now[2:]):
+            continue  # the same file (the kind is a hint, for a path missing from the other snapshot)
+        if now == GONE:
+            out.append(ChangedFile(path, "D"))
+        elif was is None:
+            out.append(ChangedFile(path, "A" if now.startswith("A") else "C"))
+        else:
+            out.append(ChangedFile(path, "A" if was == GONE else "C"))
+    for path, was in before.files.items():
+        if path not in after.files:  # as the image has it again
+            out.append(ChangedFile(path, "D" if was.startswith("A") else "A" if was == GONE else "C"))
+    return sorted(out, key=lambda c: c.path)
+
+
+@dataclass(frozen=True, slots=True)
 class FileData:
     """A file read from a sandbox: its size and mode always, its bytes only if under the cap."""
 
@@ -221,7 +260,13 @@ class Sandbox(Protocol):
         Never reads more than ``max_bytes`` of content into memory.
         """
 
-    async def changed_files(self) -> list[ChangedFile]: ...
+    async def snapshot(self) -> Snapshot:
+        """The box's files now, for a later ``changed_files(since=...)``: taken when a session begins (after the
+        honeypot's own setup and planting, before the attacker), so only what happened since is the session's."""
+
+    async def changed_files(self, since: Snapshot | None = None) -> list[ChangedFile]:
+        """What changed since ``since`` (a :meth:`snapshot`), else since the box was made (its warm state or
+        its image, as the backend knows it)."""
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> ReadWatch | None:
         """Report each open of one of ``paths`` by a process of the box, seen from outside it (nothing in the box
@@ -331,3 +376,25 @@ async def run(
         await asyncio.shield(proc.kill())  # the process's I/O goes back even when this is cancelled
         raise
     return RunResult(status, bytes(out[STDOUT]), bytes(out[STDERR]))
+
+
+# Each path given (never below it, never through a symlink): type, size, mode, mtime, ctime (as hostfs.meta).
+_STAT_PATHS = r'exec find -P "$@" -maxdepth 0 -printf "%p\0%y %s %m %T@ %C@\0" 2>/dev/null'
+
+
+async def stat_in_box(sandbox: Sandbox, paths: Sequence[str]) -> dict[str, str]:
+    """Each path's metadata for a :class:`Snapshot`, listed by the box's own ``xargs`` and ``find`` (paths on
+    stdin: no argv limit). They are the attacker's by a session's end: bounded in time and output; a path they do
+    not answer for is missing (it then differs from any baseline: no change is lost)."""
+    stdin = b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in paths)
+    try:
+        result = await run(
+            sandbox, ["xargs", "-0", "-r", "sh", "-c", _STAT_PATHS, "sh"], stdin, max_output=16 << 20, timeout_s=60
+        )
+    except TimeoutError:
+        return {}
+    parts = result.stdout.split(b"\0")
+    return {
+        parts[i].decode(errors="surrogateescape"): parts[i + 1].decode(errors="replace")
+        for i in range(0, len(parts) - 1, 2)
+    }

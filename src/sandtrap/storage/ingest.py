@@ -294,11 +294,13 @@ def _artifact(db: Session, e: Event, via: str, path: str = "") -> None:
             mode=_mode(e.get("mode")),
             via=via,
             kind=_str(e, "kind"),
+            origin=_str(e, "origin"),
             stored=bool(e.get("stored", bool(outfile))),
             outfile=outfile,
         )
     )
-    row.artifacts_count += 1
+    if _str(e, "origin") in (None, "attacker"):  # the login's bookkeeping is not the attacker's artifact
+        row.artifacts_count += 1
 
 
 def _file_upload(db: Session, e: Event) -> None:

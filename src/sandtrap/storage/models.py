@@ -137,6 +137,9 @@ class ArtifactRow(Base):
     mode: Mapped[str | None] = mapped_column(String)
     via: Mapped[str] = mapped_column(String, comment="'sftp', 'scp' or 'changed'")
     kind: Mapped[str | None] = mapped_column(String, comment="what changed: e.g. 'added', 'modified'")
+    origin: Mapped[str | None] = mapped_column(
+        String, comment="a changed file's: 'attacker', 'login' or 'system'; NULL for uploads and older rows"
+    )
     stored: Mapped[bool] = mapped_column(Boolean, default=False)
     outfile: Mapped[str | None] = mapped_column(SafeText, comment="where the content is kept on the sensor")
 

@@ -75,6 +75,7 @@ class ArtifactInfo(_Row):
     mode: str | None
     via: str
     kind: str | None
+    origin: str | None = None  # a changed file's: attacker, login (the login's bookkeeping) or system (daemons)
     stored: bool
     outfile: str | None
 

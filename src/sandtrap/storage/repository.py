@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from sqlalchemy import ColumnElement, exists, func, literal_column, select, update
+from sqlalchemy import ColumnElement, exists, func, literal_column, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -304,7 +304,9 @@ def _session_filters(
     if has_commands is not None:
         where.append(SessionRow.commands_count > 0 if has_commands else SessionRow.commands_count == 0)
     if has_artifacts is not None:
-        has = exists().where(ArtifactRow.session == SessionRow.id)
+        # The attacker's files: the login's bookkeeping and the box's daemons' churn are in every session.
+        mine = or_(ArtifactRow.origin.is_(None), ArtifactRow.origin == "attacker")
+        has = exists().where(ArtifactRow.session == SessionRow.id, mine)
         where.append(has if has_artifacts else ~has)
     return where
 

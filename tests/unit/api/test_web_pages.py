@@ -43,6 +43,7 @@ OSC = "\x1b]0;title\x07"
 SHELL, FAILED, OPEN = "5e55100000a1", "5e55100000b2", "5e55100000c3"
 SHA = "e" * 64
 PLAIN = 60
+CHANGED = {"/root/.ssh/authorized_keys": "attacker", "/var/log/wtmp": "login", "/var/log/nginx/access.log": "system"}
 EXPECTED_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
     "base-uri 'none'; frame-ancestors 'none'"
@@ -72,6 +73,19 @@ def hostile_events() -> list[Event]:
             stored=True,
         ),
         a(ev.LOG_CLOSED, ttylog=cast, channel=0, size=10, shasum=SHA, duration="5.0", duration_ms=5000),
+        *(
+            a(
+                ev.SESSION_FILE_CHANGED,
+                filename=path,
+                kind="C",
+                origin=origin,
+                shasum="",
+                size=1,
+                outfile="",
+                stored=False,
+            )
+            for path, origin in CHANGED.items()
+        ),
         a(ev.SESSION_CLOSED, duration="9.0", duration_ms=9000, reason="client_closed", bytes_in=1, bytes_out=2),
         b(ev.SESSION_CONNECT, after_s=0),
         b(ev.LOGIN_FAILED, username=SCRIPT, password=IMG, method="password"),
@@ -280,6 +294,21 @@ async def test_session_page(pages: Callable[..., httpx.AsyncClient]) -> None:
     assert '<script src="/static/vendor/asciinema-player.min.js" defer></script>' in r.text
     assert '<link rel="stylesheet" href="/static/vendor/asciinema-player.css">' in r.text
     assert 'id="live-start"' not in r.text
+
+
+def _between(html: str, start: str, end: str) -> str:
+    return html[html.index(start) : html.index(end, html.index(start))]
+
+
+async def test_session_page_keeps_the_bookkeeping_apart_and_collapsed(pages: Callable[..., httpx.AsyncClient]) -> None:
+    r, _ = await get_page(pages(), f"/sessions/{SHELL}")
+    section = _between(r.text, 'id="changed-files"', "</section>")
+    bookkeeping = _between(section, '<details id="bookkeeping">', "</details>")
+    assert '<details id="bookkeeping" open' not in section
+    mine = section.replace(bookkeeping, "")
+    assert "/root/.ssh/authorized_keys" in mine and "/var/log/wtmp" not in mine
+    assert "/var/log/wtmp" in bookkeeping and "/var/log/nginx/access.log" in bookkeeping
+    assert "by the session, since it began: 1" in section and "daemons: 2" in section
 
 
 async def test_failed_session_page_lists_the_attempts(pages: Callable[..., httpx.AsyncClient]) -> None:

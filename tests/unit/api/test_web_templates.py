@@ -116,7 +116,7 @@ def hostile_detail(session_id: str = "0123456789ab") -> SessionDetail:
             session=session_id, timestamp=T0 + timedelta(seconds=n), channel=channel, input=text, source=source
         )
 
-    def art(path: str, via: str, stored: bool, sha: str | None = SHA) -> ArtifactInfo:
+    def art(path: str, via: str, stored: bool, sha: str | None = SHA, origin: str | None = None) -> ArtifactInfo:
         return ArtifactInfo(
             session=session_id,
             timestamp=T0 + timedelta(seconds=9),
@@ -126,6 +126,7 @@ def hostile_detail(session_id: str = "0123456789ab") -> SessionDetail:
             mode="0644",
             via=via,
             kind=HOSTILE,
+            origin=origin,
             stored=stored,
             outfile=None,
         )
@@ -175,6 +176,7 @@ def hostile_detail(session_id: str = "0123456789ab") -> SessionDetail:
         artifacts=[
             art("/tmp/" + IMG, "download", stored=True),
             art("/etc/" + SCRIPT, "changed", stored=False, sha=None),
+            art("/var/log/" + TEMPLATE, "changed", stored=False, sha=None, origin=SCRIPT),  # a row forged in the DB
             art("/x", "upload", stored=True, sha='"><script>alert(1)</script>'),
         ],
         casts=[
@@ -240,6 +242,8 @@ def test_session_page_shows_every_payload_as_text(renderer: Renderer) -> None:
     recs = view.recordings(d)
     placed = view.place_commands(d, recs)
     artifacts, changed = view.split_artifacts(d.artifacts)
+    changed, bookkeeping = view.split_changed(changed)
+    assert len(bookkeeping) == 1
     live = {"url": view.api_session_path(d.id) + "/live", "cols": 80, "rows": 24}
     html = renderer.render(
         "session.html",
@@ -250,6 +254,7 @@ def test_session_page_shows_every_payload_as_text(renderer: Renderer) -> None:
             "commands": placed,
             "artifacts": artifacts,
             "changed": changed,
+            "bookkeeping": bookkeeping,
             "live": live,
             "player": view.player_data(d, recs, placed, live),
             "artifact_url": view.artifact_url,

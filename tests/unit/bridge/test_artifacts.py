@@ -7,7 +7,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts
+from sandtrap.bridge.artifacts import ArtifactStore, SessionArtifacts, take_baseline
+from sandtrap.bridge.origin import LoginFacts
 from sandtrap.config import RecordingSettings
 from sandtrap.sandbox.base import Sandbox, run
 
@@ -49,6 +50,7 @@ async def test_changed_files_are_collected_added_changed_and_deleted(box: Sandbo
     assert rows["/etc/issue.net"] == {
         "filename": "/etc/issue.net",
         "kind": "D",
+        "origin": "attacker",
         "shasum": "",
         "size": 0,
         "mode": 0,
@@ -57,7 +59,29 @@ async def test_changed_files_are_collected_added_changed_and_deleted(box: Sandbo
     }
     log = rows["/var/log/auth.log"]  # written by every login: metadata only
     assert log["kind"] == "A" and not log["stored"] and log["shasum"] == "" and log["size"] == 12
+    assert log["origin"] == "login"
     assert session.stored_bytes == 7 + changed["size"]
+
+
+async def test_changes_since_the_baseline_only_with_their_origin(box: Sandbox, tmp_path: Path) -> None:
+    # The honeypot's own work before the session: a lure planted, a password line set for the login.
+    await box.put_file("/root/.pgpass", b"db:5432:app:app:lure\n", mode=0o600)
+    await box.put_file("/etc/shadow", b"root:$6$old:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n", 0o640)
+    baseline = await take_baseline(box)
+    await box.put_file("/etc/shadow", b"root:$6$new:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n", 0o640)
+    script = "mkdir -p /var/log && echo 'Accepted password for root' >> /var/log/auth.log && echo x > /tmp/b.sh"
+    assert (await run(box, ["sh", "-c", script])).ok
+    reports = Reports()
+    await artifacts(tmp_path).collect_changes(box, reports, baseline, LoginFacts(users=["root"]))
+    origins = {row["filename"]: row["origin"] for row in reports.rows}
+    assert origins == {"/etc/shadow": "login", "/var/log/auth.log": "login", "/tmp/b.sh": "attacker"}
+    stored = {row["filename"]: row["stored"] for row in reports.rows}
+    assert stored == {"/etc/shadow": True, "/var/log/auth.log": False, "/tmp/b.sh": True}  # records: metadata
+    # A line other than the login's changed too: the attacker's.
+    await box.put_file("/etc/shadow", b"root:$6$new:19000:0:99999:7:::\ndaemon:$6$owned:19000:0:99999:7:::\n")
+    reports = Reports()
+    await artifacts(tmp_path).collect_changes(box, reports, baseline, LoginFacts(users=["root"]))
+    assert reports.by("filename")["/etc/shadow"]["origin"] == "attacker"
 
 
 async def test_uploads_are_stored_once_and_duplicates_named(box: Sandbox, tmp_path: Path) -> None:

@@ -384,10 +384,41 @@ def test_deleted_files_and_casts_as_the_bridge_reports_them(
         False,
     )
     assert (big.via, big.size, big.sha256, big.outfile, big.stored) == ("scp", 10**10, None, None, False)
+    assert (deleted.origin, big.origin) == (None, None)  # reported before origins were
     assert [(x.channel, x.path, x.size, x.sha256, x.opened_at, x.closed_at) for x in s.casts] == [
         (0, "/data/casts/00000000000f/0.cast", 10, SHA_CAST, at(1), at(4)),
         (1, "casts/00000000000f/1.cast", 0, None, None, at(5)),
     ]
+
+
+def test_changed_files_keep_their_origin_and_only_the_attackers_count(
+    store: Callable[[list[Event]], DatabaseSink], repo: Repository
+) -> None:
+    c = Conn("00000000000e")
+    changed = {"kind": "C", "shasum": "", "size": 1, "mode": "0644", "outfile": "", "stored": False}
+    store(
+        [
+            c(ev.SESSION_CONNECT, after_s=0),
+            c(ev.SESSION_FILE_CHANGED, filename="/tmp/b.sh", origin="attacker", **changed),
+            c(ev.SESSION_FILE_CHANGED, filename="/var/log/wtmp", origin="login", **changed),
+            c(ev.SESSION_FILE_CHANGED, filename="/var/log/nginx/access.log", origin="system", **changed),
+        ]
+    )
+    s = repo.get_session("00000000000e")
+    assert s is not None
+    assert [(a.path, a.origin) for a in s.artifacts] == [
+        ("/tmp/b.sh", "attacker"),
+        ("/var/log/wtmp", "login"),
+        ("/var/log/nginx/access.log", "system"),
+    ]
+    assert s.artifacts_count == 1
+    d = Conn("00000000001d")
+    store(
+        [d(ev.SESSION_CONNECT, after_s=0), d(ev.SESSION_FILE_CHANGED, filename="/run/utmp", origin="login", **changed)]
+    )
+    assert "00000000001d" in {x.id for x in repo.list_sessions(has_artifacts=False)}
+    assert "00000000001d" not in {x.id for x in repo.list_sessions(has_artifacts=True)}
+    assert "00000000000e" in {x.id for x in repo.list_sessions(has_artifacts=True)}
 
 
 def test_close_crashed_sessions(store: Callable[[list[Event]], DatabaseSink], repo: Repository) -> None:

@@ -97,6 +97,13 @@ def split_artifacts(artifacts: list[ArtifactInfo]) -> tuple[list[ArtifactInfo], 
     return [a for a in artifacts if a.via != CHANGED], [a for a in artifacts if a.via == CHANGED]
 
 
+def split_changed(changed: list[ArtifactInfo]) -> tuple[list[ArtifactInfo], list[ArtifactInfo]]:
+    """The attacker's changes (and rows from before origins were recorded); the login's bookkeeping and the
+    box's daemons' churn apart."""
+    mine = [a for a in changed if a.origin in (None, "attacker")]
+    return mine, [a for a in changed if a.origin not in (None, "attacker")]
+
+
 def player_data(
     detail: SessionDetail, recs: list[Recording], placed: list[PlacedCommand], live: dict[str, Any] | None
 ) -> dict[str, Any]:

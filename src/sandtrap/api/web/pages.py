@@ -97,6 +97,7 @@ class Pages:
         recs = detail.recordings(found)
         placed = detail.place_commands(found, recs)
         artifacts, changed = detail.split_artifacts(found.artifacts)
+        changed, bookkeeping = detail.split_changed(changed)
         live = None
         hub = self.deps.live
         if hub is not None and hub.is_live(found.id):
@@ -112,6 +113,7 @@ class Pages:
             "commands": placed,
             "artifacts": artifacts,
             "changed": changed,
+            "bookkeeping": bookkeeping,
             "live": live,
             "player": detail.player_data(found, recs, placed, live),
             "artifact_url": detail.artifact_url,

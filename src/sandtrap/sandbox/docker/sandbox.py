@@ -23,6 +23,7 @@ import aiodocker
 
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import (
+    GONE,
     TELNET_PORT,
     Argv,
     ChangedFile,
@@ -31,9 +32,13 @@ from sandtrap.sandbox.base import (
     FileData,
     Login,
     ReadReport,
+    Snapshot,
     TermSize,
     Transport,
+    diff_snapshots,
     run,
+    stat_in_box,
+    state_of,
 )
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.process import DockerProcess
@@ -367,43 +372,57 @@ class DockerSandbox:
         except engine.NotFound:
             return None
 
-    async def changed_files(self) -> list[ChangedFile]:
-        """What the box changed: read on this host when its files are here, else through the engine."""
+    async def snapshot(self) -> Snapshot:
+        """The paths that differ from the image (cost follows what changed, not the image), with metadata."""
+        return Snapshot(await self._states())
+
+    async def changed_files(self, since: Snapshot | None = None) -> list[ChangedFile]:
+        """What the box changed since ``since``, else since its image."""
+        if since is not None:
+            return diff_snapshots(since, Snapshot(await self._states()))
+        states = await self._states()
+        return [ChangedFile(p, "D" if s == GONE else "A" if s[0] == "A" else "C") for p, s in states.items()]
+
+    async def _states(self) -> dict[str, str]:
+        """Read on this host when its files are here, else through the engine."""
         info = await engine.call("inspect", self._container().show())
         view = HostView.from_inspect(info)
         self._host, self._host_checked = view, True
         if view is not None:
             try:
-                return await asyncio.to_thread(self._changed_on_host, view)
+                return await asyncio.to_thread(self._states_on_host, view)
             except (hostfs.NeedEngine, OSError) as exc:
                 log.info("changed files from the host failed (%s); asking the engine", exc)
-        return await self._changed_by_engine()
+        return await self._states_by_engine()
 
-    def _changed_on_host(self, view: HostView) -> list[ChangedFile]:
-        out = hostfs.upper_changes(view.upper, view.lowers)
+    def _states_on_host(self, view: HostView) -> dict[str, str]:
+        out = hostfs.upper_states(view.upper, view.lowers)
         for mount in view.tmpfs:
-            out += [ChangedFile(p, "A") for p in hostfs.new_files(view.root, mount, None, view.verify)]
+            out |= hostfs.mount_states(view.root, mount, None, view.verify)
         for mount in view.volumes:
-            found = hostfs.new_files(view.root, mount, self.seeded_at, view.verify)
-            out += [ChangedFile(p, "C") for p in found if p.lstrip("/") not in ENGINE_FILES]
+            found = hostfs.mount_states(view.root, mount, self.seeded_at, view.verify)
+            out |= {p: "C" + s[1:] for p, s in found.items() if p.lstrip("/") not in ENGINE_FILES}
         return out
 
-    async def _changed_by_engine(self) -> list[ChangedFile]:
-        """The engine's diff against the image, plus regular files in the tmpfs mounts it cannot see."""
+    async def _states_by_engine(self) -> dict[str, str]:
+        """The engine's diff against the image, plus regular files in the tmpfs mounts it cannot see; each with
+        its metadata, listed in the box."""
         raw = await engine.call("container changes", self._client._query_json(f"containers/{self.id}/changes"))
-        out = [ChangedFile(c["Path"], CHANGE_KIND.get(c["Kind"], "C")) for c in raw or []]  # type: ignore[arg-type]
+        kinds = {c["Path"]: CHANGE_KIND.get(c["Kind"], "C") for c in raw or []}
         info = await engine.call("inspect", self._container().show())
         running = info.get("State", {}).get("Running")
         tmpfs = sorted((info.get("HostConfig") or {}).get("Tmpfs") or {})
         if tmpfs and running:
-            out += [ChangedFile(p, "A") for p in await self._find([*tmpfs, "-xdev", "-type", "f"])]
+            kinds |= dict.fromkeys(await self._find([*tmpfs, "-xdev", "-type", "f"]), "A")
         # The writable mounts of a read-only root: what changed after seeding (ctime cannot be set back).
         volumes = sorted(m["Destination"] for m in info.get("Mounts") or [] if m.get("Type") == "volume")
         if volumes and running:
             since = ["-newerct", f"@{self.seeded_at:.6f}"] if self.seeded_at is not None else []
             found = await self._find([*volumes, "-xdev", "-type", "f", *since])
-            out += [ChangedFile(p, "C") for p in found if p.lstrip("/") not in ENGINE_FILES]
-        return out
+            kinds |= {p: "C" for p in found if p.lstrip("/") not in ENGINE_FILES}
+        present = [p for p, k in kinds.items() if k != "D"]
+        metas = await stat_in_box(self, present) if running and present else {}
+        return {p: GONE if k == "D" else state_of(k, metas.get(p, "?")) for p, k in kinds.items()}
 
     async def _find(self, args: list[str]) -> list[str]:
         result = await run(self, ["find", *args])

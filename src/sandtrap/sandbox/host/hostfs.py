@@ -24,7 +24,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 
-from sandtrap.sandbox.base import ChangedFile, FileData
+from sandtrap.sandbox.base import GONE, ChangedFile, FileData, state_of
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -172,41 +172,72 @@ def _exists_in(lower_fds: list[int], names: list[str]) -> bool:
     return False
 
 
-def upper_changes(upper: str, lowers: list[str], limit: int = 20_000) -> list[ChangedFile]:
-    """What a box changed in its image: regular files added (A) or changed (C), and deletions (D)."""
+_TYPES = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b"}
+_TYPES |= {stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
+
+
+def _ns(value: int) -> str:
+    return f"{value // 10**9}.{value % 10**9:09d}0"
+
+
+def meta(st: os.stat_result) -> str:
+    """A file's type, size, mode, mtime and ctime, as ``find -printf '%y %s %m %T@ %C@'`` prints them."""
+    kind = _TYPES.get(stat.S_IFMT(st.st_mode), "U")
+    return f"{kind} {st.st_size} {stat.S_IMODE(st.st_mode):o} {_ns(st.st_mtime_ns)} {_ns(st.st_ctime_ns)}"
+
+
+def upper_states(upper: str, lowers: list[str], limit: int = 20_000) -> dict[str, str]:
+    """What a box changed in its image, as :class:`~sandtrap.sandbox.base.Snapshot` states: regular files added
+    (A) or changed (C) with their metadata, and deletions (:data:`~sandtrap.sandbox.base.GONE`)."""
     lower_fds = []
     try:
         for lower in lowers:
             with contextlib.suppress(OSError):
                 lower_fds.append(os.open(lower, _DIR & ~os.O_NOFOLLOW))
-        out = []
+        out = {}
         for path, st in walk(upper, limit):
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # an overlay whiteout: deleted
-                out.append(ChangedFile(path, "D"))
+                out[path] = GONE
             elif stat.S_ISREG(st.st_mode):
-                out.append(ChangedFile(path, "C" if _exists_in(lower_fds, parts(path)) else "A"))
+                out[path] = state_of("C" if _exists_in(lower_fds, parts(path)) else "A", meta(st))
         return out
     finally:
         for fd in lower_fds:
             os.close(fd)
 
 
-def new_files(
+def upper_changes(upper: str, lowers: list[str], limit: int = 20_000) -> list[ChangedFile]:
+    """What a box changed in its image: regular files added (A) or changed (C), and deletions (D)."""
+    return [
+        ChangedFile(p, "D" if s == GONE else "A" if s[0] == "A" else "C")
+        for p, s in upper_states(upper, lowers, limit).items()
+    ]
+
+
+def mount_states(
     root: str, mount: str, since: float | None, verify: Verify | None = None, limit: int = 20_000
-) -> list[str]:
-    """Regular files under ``mount`` in the box whose status changed after ``since`` (all if None)."""
+) -> dict[str, str]:
+    """Regular files under ``mount`` in the box whose status changed after ``since`` (all if None), with their
+    metadata (as added: ``A``)."""
     names = parts(mount)
     root_fd = _open_root(root, verify)
     try:
         with _open_dir(root_fd, names) as fd:
             if fd is None:
-                return []
+                return {}
             top = f"/proc/self/fd/{fd}"
             prefix = "/" + "/".join(names)
-            return [
-                prefix + path
+            return {
+                prefix + path: state_of("A", meta(st))
                 for path, st in walk(top, limit)
                 if stat.S_ISREG(st.st_mode) and (since is None or st.st_ctime > since)
-            ]
+            }
     finally:
         os.close(root_fd)
+
+
+def new_files(
+    root: str, mount: str, since: float | None, verify: Verify | None = None, limit: int = 20_000
+) -> list[str]:
+    """Regular files under ``mount`` in the box whose status changed after ``since`` (all if None)."""
+    return list(mount_states(root, mount, since, verify, limit))

@@ -23,8 +23,11 @@ from sandtrap.sandbox.base import (
     Process,
     ReadReport,
     ReadWatch,
+    Snapshot,
     TermSize,
+    diff_snapshots,
     run,
+    state_of,
 )
 from sandtrap.sandbox.microvm import guest, qemu, relay, state
 from sandtrap.sandbox.microvm.state import VMRecord
@@ -186,7 +189,14 @@ class MicroVMSandbox:
         data = await run(self, LISTING, max_output=256 << 20, timeout_s=LISTING_TIMEOUT_S)
         await asyncio.to_thread((self._dir / BASELINE).write_bytes, data.stdout)
 
-    async def changed_files(self) -> list[ChangedFile]:
+    async def snapshot(self) -> Snapshot:
+        """The whole listing (a VM's disk has no diff to ask)."""
+        return Snapshot({path: state_of("A", meta) for path, meta in (await self.listing()).items()})
+
+    async def changed_files(self, since: Snapshot | None = None) -> list[ChangedFile]:
+        """Since ``since``, else since the listing taken when it was warmed."""
+        if since is not None:
+            return diff_snapshots(since, await self.snapshot())
         try:
             raw = await asyncio.to_thread((self._dir / BASELINE).read_bytes)
         except OSError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import (
+    GONE,
     Argv,
     ChangedFile,
     ClientAddress,
@@ -23,8 +24,10 @@ from sandtrap.sandbox.base import (
     FileData,
     Login,
     ReadReport,
+    Snapshot,
     TermSize,
     Transport,
+    diff_snapshots,
     run,
 )
 from sandtrap.sandbox.host import broker, hostfs, netns, relay
@@ -179,23 +182,33 @@ class NspawnSandbox:
         except (hostfs.NeedEngine, OSError) as exc:
             raise SandboxError(f"reading {path!r} in {self.name}: {exc}") from exc
 
-    async def changed_files(self) -> list[ChangedFile]:
-        """The overlay's upper directory against its lower layers (the seed's files count as the image's)."""
+    async def snapshot(self) -> Snapshot:
+        """The paths that differ from the tree (the seed's files count as the image's), with their metadata."""
+        return Snapshot(await self._states())
+
+    async def changed_files(self, since: Snapshot | None = None) -> list[ChangedFile]:
+        """The overlay's upper directory against ``since``, else against its lower layers."""
+        states = await self._states()
+        if since is not None:
+            return diff_snapshots(since, Snapshot(states))
+        return [ChangedFile(p, "D" if s == GONE else "A" if s[0] == "A" else "C") for p, s in states.items()]
+
+    async def _states(self) -> dict[str, str]:
         await asyncio.to_thread(self._mounted)
         lowers = [str(self._dir / "seed"), self._record.tree]
         try:
-            found = await asyncio.to_thread(hostfs.upper_changes, str(self._dir / "disk" / "upper"), lowers)
-            return [c for c in found if not await asyncio.to_thread(self._as_seeded, c)]
+            found = await asyncio.to_thread(hostfs.upper_states, str(self._dir / "disk" / "upper"), lowers)
+            return {p: st for p, st in found.items() if not await asyncio.to_thread(self._as_seeded, p, st)}
         except OSError as exc:
             raise SandboxError(f"changed files of {self.name}: {exc}") from exc
 
-    def _as_seeded(self, change: ChangedFile) -> bool:
+    def _as_seeded(self, path: str, state: str) -> bool:
         """A file init rewrites at boot (/etc/hosts, /etc/resolv.conf) still holding the seed's bytes: no change
         (an attacker's edit still shows)."""
-        if change.kind != "C" or change.path not in SEEDED_AT_BOOT:
+        if not state.startswith("C") or path not in SEEDED_AT_BOOT:
             return False
-        seed = hostfs.read_file(str(self._dir / "seed"), change.path, 1 << 16, None)
-        upper = hostfs.read_file(str(self._dir / "disk" / "upper"), change.path, 1 << 16, None)
+        seed = hostfs.read_file(str(self._dir / "seed"), path, 1 << 16, None)
+        upper = hostfs.read_file(str(self._dir / "disk" / "upper"), path, 1 << 16, None)
         return seed is not None and upper is not None and seed.data is not None and seed.data == upper.data
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> OpenWatch | None:
