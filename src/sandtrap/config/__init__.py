@@ -18,7 +18,14 @@ from pydantic import Field, ValidationError, model_validator
 
 from sandtrap.config.image import ImageSettings
 from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
-from sandtrap.config.sandbox import AVAILABLE_BACKENDS, MOVED_KEYS, DockerSettings, MicroVMSettings, SandboxSettings
+from sandtrap.config.sandbox import (
+    AVAILABLE_BACKENDS,
+    MOVED_KEYS,
+    DockerSettings,
+    LureSettings,
+    MicroVMSettings,
+    SandboxSettings,
+)
 from sandtrap.config.sections import (
     DEFAULT_SSH_VERSION,
     APISettings,
@@ -55,6 +62,7 @@ __all__ = [
     "ImageSettings",
     "LimitsSettings",
     "Listen",
+    "LureSettings",
     "MicroVMSettings",
     "NetworkSettings",
     "PcapSettings",
