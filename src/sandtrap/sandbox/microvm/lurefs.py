@@ -45,6 +45,7 @@ FSTYPE = "fuse." + FSNAME
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 PR_SET_NO_NEW_PRIVS = 38
 FLUSH_S = 1.0
+LOG_MAX = 1024 * 1024
 
 
 def _read_only(*_args: object) -> int:
@@ -228,6 +229,10 @@ def serve(config: dict[str, Any]) -> int:
     limit_as = 512 * 1024 * 1024 + 2 * int(config["max_bytes"])
     resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Its log (stderr, a file) stops at LOG_MAX: a write past it fails (EFBIG), the daemon serves on.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    logging.raiseExceptions = False
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LOG_MAX, LOG_MAX))
     os.setpriority(os.PRIO_PROCESS, 0, 10)
     log.info("%s serving %d files (%d bytes) on %s", FSTYPE, tree.entries, tree.bytes, mountpoint)
     try:

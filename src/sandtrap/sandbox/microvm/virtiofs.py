@@ -56,6 +56,7 @@ DEVICE = "lurefs-dev0"
 DROPPED_CAPS = "-chown:-dac_override:-fowner:-fsetid:-setgid:-setuid:-mknod:-setfcap"
 VIRTIOFSD_NOFILE = 4096
 MAX_TOKEN = 32 * 1024
+LOG_MAX = 1024 * 1024
 
 
 def tag_for(path: str) -> str:
@@ -66,7 +67,8 @@ def tag_for(path: str) -> str:
 def virtiofsd_argv(settings: LureSettings, directory: Path) -> list[str]:
     options = f"source={directory / MOUNT},cache=none,sandbox=namespace,no_xattr,no_posix_lock,no_flock,"
     options += f"log_level=err,modcaps={DROPPED_CAPS}"
-    return [settings.virtiofsd, f"--socket-path={directory / SOCKET}", "-o", options,
+    # prlimit: its log file stops at LOG_MAX (past it the kernel ends virtiofsd: the guest loses only its share).
+    return ["prlimit", f"--fsize={LOG_MAX}", "--core=0", "--", settings.virtiofsd, f"--socket-path={directory / SOCKET}", "-o", options,
             f"--rlimit-nofile={VIRTIOFSD_NOFILE}"]  # fmt: skip
 
 
