@@ -23,7 +23,7 @@ from sandtrap.sandbox.base import run
 from sandtrap.sandbox.microvm import qemu, virtiofs
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.microvm.image import VMImage
-from sandtrap.sandbox.microvm.lurefs import FSTYPE
+from sandtrap.sandbox.microvm.lure import FSTYPE
 
 pytestmark = [
     pytest.mark.slow,

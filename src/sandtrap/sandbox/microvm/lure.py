@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+FSNAME = "sandtrap-lure"
+FSTYPE = "fuse." + FSNAME  # its mounts' type in /proc/self/mountinfo
 MAX_DATAGRAM = 64 * 1024
 MAX_NAME = 255
 MAX_ENTRIES = 10_000

@@ -40,8 +40,8 @@ try:
 except (OSError, AttributeError) as exc:
     raise OSError(errno.ELIBACC, f"no libfuse 3 ({exc}): apt-get install libfuse3-3") from exc
 
-FSNAME = "sandtrap-lure"
-FSTYPE = "fuse." + FSNAME
+FSNAME = lure.FSNAME
+FSTYPE = lure.FSTYPE
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 PR_SET_NO_NEW_PRIVS = 38
 FLUSH_S = 1.0

@@ -39,7 +39,7 @@ from sandtrap.config import LureSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import Sandbox, run
 from sandtrap.sandbox.microvm import lure, qemu
-from sandtrap.sandbox.microvm.lurefs import FSTYPE
+from sandtrap.sandbox.microvm.lure import FSTYPE
 
 log = logging.getLogger(__name__)
 
