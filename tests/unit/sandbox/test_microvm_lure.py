@@ -8,6 +8,7 @@ import json
 import random
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,77 @@ def test_missing_virtiofsd_names_the_key_and_the_package() -> None:
     ok, why = virtiofs.usable(LureSettings(virtiofsd="/nonexistent/virtiofsd"))
     assert not ok and "sandbox.microvm.lure.virtiofsd" in why and "qemu-system-common" in why
     assert json.dumps(why)  # plain text
+
+
+class _Fi:
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.direct_io = 0
+        self.keep_cache = 1
+
+
+def _fs() -> tuple[Any, socket.socket]:
+    lurefs = pytest.importorskip("sandtrap.sandbox.microvm.lurefs")  # loads libfuse 3
+    tree = lure.LureTree(1 << 20, mtime=1.0)
+    tree.add("/d/f.txt", b"0123456789", 0o640, 2.0)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.setblocking(False)
+    return lurefs.LureFs(tree, theirs, rate=1000, burst=3), ours
+
+
+def _events(sock: socket.socket) -> list[dict[str, Any]]:
+    sock.setblocking(False)
+    out = []
+    while True:
+        try:
+            out.append(json.loads(sock.recv(65536)))
+        except BlockingIOError:
+            return out
+
+
+def test_daemon_ops_serve_read_only_with_direct_io_and_report_each_access() -> None:
+    import errno
+    import os
+
+    fs, events = _fs()
+    fi = _Fi(os.O_RDONLY)
+    assert fs.open("/d/f.txt", fi) == 0 and fi.direct_io == 1 and fi.keep_cache == 0
+    assert fs.read("/d/f.txt", 4, 8, fi) == b"89" and fs.read("/d/f.txt", 4, 100, fi) == b""
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND):
+        with pytest.raises(Exception) as refused:
+            fs.open("/d/f.txt", _Fi(flags))
+        assert refused.value.errno == errno.EROFS
+    for op in (fs.write, fs.create, fs.unlink, fs.mkdir, fs.rename, fs.truncate, fs.setxattr):
+        with pytest.raises(Exception) as refused:
+            op("/d/f.txt", 0)
+        assert refused.value.errno == errno.EROFS
+    with pytest.raises(Exception) as missing:
+        fs.getattr("/d/\udcff")  # a name that is not UTF-8 (surrogate-escaped): not there
+    assert missing.value.errno == errno.ENOENT
+    attrs = fs.getattr("/d/f.txt")
+    assert attrs["st_size"] == 10 and attrs["st_mode"] == stat.S_IFREG | 0o640 and attrs["st_uid"] == 0
+    assert fs.readdir("/d", 0) == [".", "..", "f.txt"]
+    assert _events(events) == [
+        {"op": "open", "path": "/d/f.txt"},
+        {"op": "read", "path": "/d/f.txt", "bytes": 2, "offset": 8},
+        {"op": "read", "path": "/d/f.txt", "bytes": 0, "offset": 100},
+    ]
+    fs.sock.close()
+    events.close()
+
+
+def test_daemon_bounds_its_events_and_never_blocks_on_a_full_socket() -> None:
+    fs, events = _fs()
+    fs.limit = lure.RateLimit(rate=1e-9, burst=3, now=time.monotonic())
+    for _ in range(50):
+        fs.read("/d/f.txt", 1, 0, None)
+    assert len(_events(events)) == 3
+    fs.report_suppressed()
+    assert _events(events) == [{"op": "suppressed", "count": 47}]
+    # The honeypot does not read: sends fail fast (counted), the daemon goes on.
+    fs.limit = lure.RateLimit(rate=1e9, burst=10**9, now=0.0)
+    for _ in range(20_000):
+        fs.read("/d/f.txt", 1, 0, None)
+    assert fs.dropped > 0
+    fs.sock.close()
+    events.close()

@@ -340,6 +340,8 @@ async def cleanup(directory: Path) -> None:
     for pid in pids.values() if isinstance(pids, dict) else []:
         if isinstance(pid, int) and pid > 0:
             await _kill(pid, directory)
+    for pid in await asyncio.to_thread(_pids_in, directory):  # virtiofsd's child in its own pid namespace
+        await _kill(pid, directory)
     mount = directory / MOUNT
     if await asyncio.to_thread(_mounted, mount):
         log.info("detaching the lure mount %s", mount)
@@ -376,8 +378,6 @@ async def reap_orphans(vms: Path, alive: Callable[[Path], bool]) -> None:
     for directory in await asyncio.to_thread(_lure_dirs, vms):
         if not alive(directory):
             log.warning("reaping the lure share of a VM that is gone: %s", directory.name)
-            for pid in await asyncio.to_thread(_pids_in, directory):
-                await _kill(pid, directory)
             await cleanup(directory)
 
 
