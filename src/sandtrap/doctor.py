@@ -91,7 +91,9 @@ def _microvm(settings: Settings) -> list[Check]:
         ok, why = virtiofs.usable(vm.lure)
         checks.append(Check("lure share", ok, why))
     else:
-        checks.append(Check("lure share", True, "off (sandbox.microvm.lure.enabled: false): no honeytoken reads in VMs"))
+        checks.append(
+            Check("lure share", True, "off (sandbox.microvm.lure.enabled: false): no honeytoken reads in VMs")
+        )
     cache = Path(settings.image.cache_dir) if settings.image.cache_dir else settings.data_dir / "cache"
     keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
     planted = None

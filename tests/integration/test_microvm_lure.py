@@ -184,6 +184,7 @@ async def test_lure_share_dies_with_a_killed_qemu_and_a_restart_reaps_it(
     try:
         ls = await run(box, ["ls", LURE])
         assert b"README.txt" in ls.stdout
+        print(f"[lure] daemon + virtiofsd started, device hot-plugged, guest mounted: {box.lure_s:.1f}s (TCG)")
         pids = _lure_pids(box.directory)
         daemons = [p for p in pids if b"lurefs" in _cmd(p)]
         assert len(daemons) == 1 and len(pids) >= 2  # virtiofsd: its parent, and its child in a pid namespace

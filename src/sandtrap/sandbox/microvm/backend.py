@@ -168,7 +168,8 @@ class MicroVMBackend:
         result = await run(sandbox, ["sh", "-c", script], timeout_s=virtiofs.GUEST_MOUNT_TIMEOUT_S + 30)
         if not result.ok:
             raise SandboxError(f"{sandbox.name}: the guest could not mount the lure share: {result.stderr[-300:]!r}")
-        log.info("VM %s: lure share mounted at %s in %.1fs", sandbox.name, settings.path, time.monotonic() - t0)
+        sandbox.lure_s = time.monotonic() - t0
+        log.info("VM %s: lure share mounted at %s in %.1fs", sandbox.name, settings.path, sandbox.lure_s)
 
     async def _overlay(self, image: VMImage, disk: Path) -> None:
         proc = await asyncio.create_subprocess_exec(

@@ -70,6 +70,7 @@ class MicroVMSandbox:
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
         self.lure: virtiofs.LureShare | None = None  # the lure share's events (set by the backend that made it)
+        self.lure_s: float | None = None  # the lure share's start, hot-plug and guest mount (set by create)
 
     @property
     def directory(self) -> Path:
