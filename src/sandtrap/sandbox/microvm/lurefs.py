@@ -53,7 +53,7 @@ def _read_only(*_args: object) -> int:
 
 
 class LureFs(mfusepy.Operations):
-    """The operations over a :class:`lure.LureTree`; ``emit(message)`` sends one event (rate-bounded here)."""
+    """The operations over a :class:`lure.LureTree`; ``send_event(message)`` sends one event (rate-bounded here)."""
 
     use_ns = True
 
@@ -77,7 +77,7 @@ class LureFs(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.ENOENT)
         return node
 
-    def emit(self, message: dict[str, Any]) -> None:
+    def send_event(self, message: dict[str, Any]) -> None:
         with self.emit_lock:
             if not self.limit.allow(time.monotonic()):
                 return
@@ -124,7 +124,7 @@ class LureFs(mfusepy.Operations):
     def opendir(self, path: str) -> int:
         if not self._node(path).is_dir:
             raise mfusepy.FuseOSError(errno.ENOTDIR)
-        self.emit({"op": "opendir", "path": path})
+        self.send_event({"op": "opendir", "path": path})
         return 0
 
     def open(self, path: str, fi: Any) -> int:
@@ -135,12 +135,12 @@ class LureFs(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.EROFS)
         fi.direct_io = 1  # every read comes here, never the page cache's
         fi.keep_cache = 0
-        self.emit({"op": "open", "path": path})
+        self.send_event({"op": "open", "path": path})
         return 0
 
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         data = self._node(path).data[offset : offset + size] if offset >= 0 else b""
-        self.emit({"op": "read", "path": path, "bytes": len(data), "offset": offset})
+        self.send_event({"op": "read", "path": path, "bytes": len(data), "offset": offset})
         return data
 
     def statfs(self, path: str) -> dict[str, int]:
