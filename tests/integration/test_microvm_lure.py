@@ -103,13 +103,17 @@ async def test_lure_share_reports_a_logins_reads_and_leaves_nothing(
             cat = await client.run(f"cat {LURE}/README.txt", timeout=60)
             assert "INTERNAL ONLY" in str(cat.stdout)
 
-            # Read latency through FUSE + virtio-fs (guest clock): 200 opens+reads of one small file.
+            # Latency through FUSE + virtio-fs, side by side with the guest's own disk (guest clock, ns): a read
+            # request (dd bs=1: one read() a byte) and an open+read+close (20 cats, process start included).
             timed = await client.run(
-                f"s=$(date +%s%N); for i in $(seq 200); do cat {LURE}/README.txt >/dev/null; done; "
-                "echo $(( ($(date +%s%N) - s) / 200000 ))",
+                f"f={LURE}/hr/salaries_2026.csv; n=$(stat -c %s $f); "
+                "for g in /etc/services $f; do s=$(date +%s%N); dd if=$g of=/dev/null bs=1 count=$n 2>/dev/null; "
+                "echo $(( ($(date +%s%N) - s) / n )); done; "
+                f"for g in /etc/hostname {LURE}/README.txt; do s=$(date +%s%N); "
+                "for i in $(seq 20); do cat $g >/dev/null; done; echo $(( ($(date +%s%N) - s) / 20 )); done",
                 timeout=600,
             )
-            per_read_us = int(str(timed.stdout).split()[-1])
+            disk_read_ns, lure_read_ns, disk_cat_ns, lure_cat_ns = map(int, str(timed.stdout).split())
 
             # A honeytoken outside the lure's path, read through it: the bridge's event, unchanged.
             token = await client.run("cat /root/.aws/credentials", timeout=60)
@@ -143,7 +147,10 @@ async def test_lure_share_reports_a_logins_reads_and_leaves_nothing(
         tokens = [e for e in capture.of(HONEYTOKEN_READ) if getattr(e, "kind", "") == "aws"]
         assert [(e.path, e.session) for e in tokens][:1] == [("/root/.aws/credentials", session)]
         suppressed = sum(getattr(e, "bytes", 0) for e in lure_events if getattr(e, "op", "") == "suppressed")
-        print(f"[lure] read through FUSE+virtio-fs (open+read+close of 133 B, guest cat, TCG): {per_read_us} us")
+        print(
+            f"[lure] guest read() of 1 byte: {lure_read_ns / 1000:.0f} us through the lure, {disk_read_ns / 1000:.0f} us "
+            f"from the guest's disk (page cache); cat: {lure_cat_ns / 1e6:.0f} ms vs {disk_cat_ns / 1e6:.0f} ms (TCG)"
+        )
         print(f"[lure] 3 x dd bs=1 of a file ({loop_s:.1f}s): {loop_events} events emitted, {suppressed} suppressed")
         assert suppressed > 0
         bound = 400 + 50 * (loop_s + 3)

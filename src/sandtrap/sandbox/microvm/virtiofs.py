@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ DEVICE = "lurefs-dev0"
 # virtiofsd keeps these by default for a writable share; a read-only one needs none of them.
 DROPPED_CAPS = "-chown:-dac_override:-fowner:-fsetid:-setgid:-setuid:-mknod:-setfcap"
 VIRTIOFSD_NOFILE = 4096
+LUREFS = b"sandtrap.sandbox.microvm.lurefs"  # in the command lines of the two processes (with the VM's directory)
+VIRTIOFSD = b"virtiofsd"
 MAX_TOKEN = 32 * 1024
 LOG_MAX = 1024 * 1024
 
@@ -191,42 +194,47 @@ async def start(settings: LureSettings, directory: Path, qemu_pid: int, name: st
         "max_bytes": settings.max_bytes, "rate": settings.events_per_s, "burst": settings.events_burst,
     }  # fmt: skip
     share = LureShare(settings, directory, ours, name)
-    pids: dict[str, int] = {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
-        logf = await asyncio.to_thread(open, directory / "lurefs.log", "ab")
-        with logf:
-            daemon = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sandtrap.sandbox.microvm.lurefs", json.dumps(config),
-                stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=[theirs.fileno()],
-                start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-            )  # fmt: skip
-        pids["lurefs"] = daemon.pid
+        daemon = [sys.executable, "-m", "sandtrap.sandbox.microvm.lurefs", json.dumps(config)]
+        await asyncio.to_thread(_spawn, daemon, directory / "lurefs.log", (theirs.fileno(),), env)
         theirs.close()
-        await _until(lambda: _mounted(mount), daemon, "its FUSE mount", directory / "lurefs.log")
-        logf = await asyncio.to_thread(open, directory / "virtiofsd.log", "ab")
-        with logf:
-            vfs = await asyncio.create_subprocess_exec(
-                *virtiofsd_argv(settings, directory), stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True,
-            )  # fmt: skip
-        pids["virtiofsd"] = vfs.pid
-        await _until((directory / SOCKET).exists, vfs, "virtiofsd's socket", directory / "virtiofsd.log")
+        await _until(lambda: _mounted(mount), directory, LUREFS, "its FUSE mount", "lurefs.log")
+        await asyncio.to_thread(_spawn, virtiofsd_argv(settings, directory), directory / "virtiofsd.log", (), env)
+        await _until((directory / SOCKET).exists, directory, VIRTIOFSD, "virtiofsd's socket", "virtiofsd.log")
     except BaseException:
         theirs.close()
-        await asyncio.to_thread(_save_pids, directory, pids)
         share.close()
         await cleanup(directory)
         raise
+    pids = {"lurefs": _pids_in(directory, LUREFS), "virtiofsd": _pids_in(directory, VIRTIOFSD)}
     await asyncio.to_thread(_save_pids, directory, pids)
     return share
 
 
-async def _until(ready: Callable[[], bool], proc: asyncio.subprocess.Process, what: str, logfile: Path) -> None:
+def _spawn(argv: list[str], logfile: Path, pass_fds: tuple[int, ...], env: dict[str, str]) -> None:
+    """Start ``argv`` under ``setsid --fork``: not the honeypot's child (init reaps it, and it lives on through a
+    honeypot restart, as its VM does), found again by its command line, which names the VM's directory."""
+    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        subprocess.run(
+            ["setsid", "--fork", *argv], stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, pass_fds=pass_fds,
+            env=env, check=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxError(f"cannot start {argv[0]} for the lure share: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+async def _until(ready: Callable[[], bool], directory: Path, mark: bytes, what: str, logname: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not await asyncio.to_thread(ready):
-        if proc.returncode is not None or time.monotonic() > deadline:
-            tail = await asyncio.to_thread(_tail, logfile)
-            raise SandboxError(f"the lure share's {what} did not come up (exit {proc.returncode}): {tail}")
+        gone = not await asyncio.to_thread(_pids_in, directory, mark)
+        if gone or time.monotonic() > deadline:
+            tail = await asyncio.to_thread(_tail, directory / logname)
+            state = "exited" if gone else f"not within {START_TIMEOUT_S:.0f}s"
+            raise SandboxError(f"the lure share's {what} did not come up ({state}): {tail}")
         await asyncio.sleep(0.05)
 
 
@@ -237,7 +245,7 @@ def _tail(path: Path) -> str:
         return "(no log)"
 
 
-def _save_pids(directory: Path, pids: dict[str, int]) -> None:
+def _save_pids(directory: Path, pids: dict[str, list[int]]) -> None:
     if directory.exists():
         (directory / RECORD).write_text(json.dumps(pids) + "\n")
 
@@ -337,9 +345,10 @@ async def cleanup(directory: Path) -> None:
         pids = json.loads(await asyncio.to_thread((directory / RECORD).read_text))
     except (OSError, ValueError):
         pids = {}
-    for pid in pids.values() if isinstance(pids, dict) else []:
-        if isinstance(pid, int) and pid > 0:
-            await _kill(pid, directory)
+    for group in pids.values() if isinstance(pids, dict) else []:
+        for pid in group if isinstance(group, list) else []:
+            if isinstance(pid, int) and pid > 0:
+                await _kill(pid, directory)
     for pid in await asyncio.to_thread(_pids_in, directory):  # virtiofsd's child in its own pid namespace
         await _kill(pid, directory)
     mount = directory / MOUNT
@@ -362,7 +371,7 @@ def _lure_dirs(vms: Path) -> set[Path]:
                 argv = f.read()
         except OSError:
             continue
-        if (b"sandtrap.sandbox.microvm.lurefs" in argv or b"virtiofsd" in argv) and prefix in argv:
+        if (LUREFS in argv or VIRTIOFSD in argv) and prefix in argv:
             rest = argv[argv.index(prefix) + len(prefix) :]
             dirs.add(vms / rest.split(b"/")[0].decode(errors="replace"))
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
@@ -381,14 +390,14 @@ async def reap_orphans(vms: Path, alive: Callable[[Path], bool]) -> None:
             await cleanup(directory)
 
 
-def _pids_in(directory: Path) -> list[int]:
-    """The lure daemons and virtiofsd of this VM directory (never its QEMU)."""
+def _pids_in(directory: Path, *marks: bytes) -> list[int]:
+    """The lure daemons and virtiofsd of this VM directory (never its QEMU); ``marks``: only those."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and _is_ours(int(entry), directory):
             with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read()
-                if b"sandtrap.sandbox.microvm.lurefs" in argv or b"virtiofsd" in argv:
+                if any(mark in argv for mark in marks or (LUREFS, VIRTIOFSD)):
                     out.append(int(entry))
     return out
 
