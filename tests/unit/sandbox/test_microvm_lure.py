@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.config import LureSettings, MicroVMSettings
-from sandtrap.sandbox.microvm import lure, qemu, virtiofs
+from sandtrap.sandbox.microvm import lure, lureshare, qemu, virtiofs
 
 
 def test_tree_serves_files_and_directories_and_hides_token_directories() -> None:
@@ -102,9 +102,9 @@ def test_decode_event_and_add_round_trip() -> None:
         lure.encode({"op": "read", "path": "/" + "x" * lure.MAX_DATAGRAM})
 
 
-def _share(tmp_path: Path) -> tuple[virtiofs.LureShare, socket.socket]:
+def _share(tmp_path: Path) -> tuple[lureshare.LureShare, socket.socket]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    return virtiofs.LureShare(LureSettings(path="/srv/share"), tmp_path, ours, "vm"), theirs
+    return lureshare.LureShare(LureSettings(path="/srv/share"), tmp_path, ours, "vm"), theirs
 
 
 def test_share_maps_events_to_guest_paths_and_tokens_to_their_own(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from sandtrap.sandbox.base import (
     TermSize,
     run,
 )
-from sandtrap.sandbox.microvm import guest, qemu, state, virtiofs
+from sandtrap.sandbox.microvm import guest, lureshare, qemu, state, virtiofs
 from sandtrap.sandbox.microvm.state import VMRecord
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class MicroVMSandbox:
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
-        self.lure: virtiofs.LureShare | None = None  # the lure share's events (set by the backend that made it)
+        self.lure: lureshare.LureShare | None = None  # the lure share's events (set by the backend that made it)
         self.lure_s: float | None = None  # the lure share's start, hot-plug and guest mount (set by create)
 
     @property
@@ -176,11 +176,11 @@ class MicroVMSandbox:
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> ReadWatch | None:
         """Through the lure file system (inotify on a host path cannot see inside a VM): ``paths`` outside it
-        are served from it from now on (``virtiofs.plant_tokens``); every access in it is reported too."""
+        are served from it from now on (``lureshare.plant_tokens``); every access in it is reported too."""
         share = self.lure
         if share is None:
             return None
-        await virtiofs.plant_tokens(share, self, paths)
+        await lureshare.plant_tokens(share, self, paths)
         share.watch(report)
         return _LureWatch(share)
 
@@ -233,7 +233,7 @@ class MicroVMSandbox:
 
 
 class _LureWatch:
-    def __init__(self, share: virtiofs.LureShare) -> None:
+    def __init__(self, share: lureshare.LureShare) -> None:
         self._share = share
 
     def close(self) -> None:
