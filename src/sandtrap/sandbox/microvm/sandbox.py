@@ -180,7 +180,10 @@ class MicroVMSandbox:
         share = self.lure
         if share is None:
             return None
-        await lureshare.plant_tokens(share, self, paths)
+        try:
+            await lureshare.plant_tokens(share, self, paths)
+        except SandboxError as exc:  # the lure's own files are still watched
+            log.warning("VM %s: honeytokens not served from the lure share, their reads go unseen: %s", self.name, exc)
         share.watch(report)
         return _LureWatch(share)
 
