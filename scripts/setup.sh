@@ -38,6 +38,9 @@ PKGS=(debootstrap gcc libc6-dev ca-certificates libfuse3-3)
 PKGS+=(qemu-system-x86 qemu-utils e2fsprogs iproute2 util-linux)
 # sandbox.backend: nspawn: systemd-nspawn (run with --register=no --keep-unit: PID 1 need not be systemd).
 PKGS+=(systemd-container)
+# ...and its lure share (sandbox.microvm.lure): virtiofsd is QEMU 7.2's own on bookworm, in qemu-system-common
+# (no separate virtiofsd package there); the lure daemon uses libfuse3-3 (above).
+PKGS+=(qemu-system-common)
 if [ "$MODE" = test ]; then
   PKGS+=(openssh-client sshpass tmux openssh-server nmap telnet curl tshark)  # nmap: the fingerprint test; tshark: the gateway's pcaps
 fi

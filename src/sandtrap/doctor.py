@@ -15,7 +15,7 @@ from sandtrap.errors import SandtrapError
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.image import check_image
 from sandtrap.sandbox.host.cgroups import ParentCgroups
-from sandtrap.sandbox.microvm import qemu
+from sandtrap.sandbox.microvm import qemu, virtiofs
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir
@@ -92,6 +92,13 @@ def _microvm(settings: Settings) -> list[Check]:
         checks.append(Check("KVM", True, why))
     else:  # TCG works, slowly; only a forced accel: kvm makes this a failure
         checks.append(Check("KVM", vm.accel != "kvm", f"not usable: {why}; VMs run under TCG (software, slow)"))
+    if vm.lure.enabled:  # the lure share: virtiofsd and /dev/fuse (the backend refuses to start without them)
+        ok, why = virtiofs.usable(vm.lure)
+        checks.append(Check("lure share", ok, why))
+    else:
+        checks.append(
+            Check("lure share", True, "off (sandbox.microvm.lure.enabled: false): no honeytoken reads in VMs")
+        )
     cache = Path(settings.image.cache_dir) if settings.image.cache_dir else settings.data_dir / "cache"
     keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
     planted = None

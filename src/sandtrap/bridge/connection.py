@@ -187,7 +187,7 @@ class Connection:
         self._lease_task: asyncio.Task[Lease] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
-        self._read_reporter: Callable[[str, str], object] | None = None  # this session's honeytoken reads
+        self._read_reporter: Callable[..., object] | None = None  # this session's honeytoken reads
         self._capture_close: Callable[[], Awaitable[None]] | None = None
 
     @property
@@ -407,8 +407,8 @@ class Connection:
             except Exception:  # the session goes on unrecorded on the network rather than not at all
                 log.exception("the session's network capture did not start")
 
-        def read(kind: str, path: str) -> object:
-            return emit(HONEYTOKEN_READ, kind=kind, path=path)
+        def read(kind: str, path: str, **detail: object) -> object:
+            return emit(HONEYTOKEN_READ, kind=kind, path=path, **detail)
 
         self._read_reporter = read
         self.hub.manager.watcher.report_to(lease.sandbox.id, read)

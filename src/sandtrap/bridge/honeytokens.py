@@ -75,7 +75,7 @@ async def plant(sandbox: Sandbox, tokens: list[Token]) -> None:
         await sandbox.put_file(token.path, token.content, token.mode, mtime=time.time() - age_s)
 
 
-Reporter = Callable[[str, str], object]  # (kind, path in the box)
+Reporter = Callable[..., object]  # (kind, path in the box, **detail the backend saw: op, bytes, offset)
 
 
 class ReadWatcher:
@@ -96,11 +96,11 @@ class ReadWatcher:
         kinds = {t.path: t.kind for t in tokens}
         box = sandbox.id
 
-        def seen(path: str) -> None:
+        def seen(path: str, **detail: object) -> None:
             reporters = self._reporters.get(box)
             reporter = reporters[-1] if reporters else None
-            if reporter is not None:
-                reporter(kinds.get(path, "unknown"), path)
+            if reporter is not None:  # not a token: a file of the backend's lure tree (micro-VMs)
+                reporter(kinds.get(path, "lure"), path, **detail)
 
         watch = await sandbox.watch_reads(list(kinds), seen)
         if watch is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -152,6 +153,47 @@ class DockerSettings(Section):
         return self
 
 
+class LureSettings(Section):
+    """``sandbox.microvm.lure``: the lure file system shared read-only into each VM over virtio-fs (README
+    "Micro-VMs"); every open and read in it is an event of the VM's session."""
+
+    enabled: bool = Field(True, description="false: no lure file system (and no honeytoken reads seen in VMs)")
+    path: str = Field("/opt/proprietary_data", description="where the guest mounts it")
+    source: str = Field(
+        "", description="a host directory served as the lure tree (read at each VM's start); '' generates a "
+        "plausible file share, different in every VM",
+    )  # fmt: skip
+    max_bytes: ByteSize = Field(parse_size("16m"), description="the tree's files together, at most (kept in memory)")
+    events_per_s: float = Field(
+        20.0, gt=0, le=10_000, description="lure events of one VM a second on average; beyond, counted as suppressed"
+    )
+    events_burst: int = Field(200, ge=1, le=100_000, description="lure events of one VM at once before the rate holds")
+    virtiofsd: str = Field("/usr/lib/qemu/virtiofsd", description="QEMU's virtiofsd (Debian: qemu-system-common)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", v) or {".", ".."} & set(v.split("/")):
+            raise ValueError(f"{v!r} is not an absolute directory such as /opt/proprietary_data")
+        if v.split("/")[1] in {"proc", "sys", "dev", "run", "etc", "bin", "sbin", "lib", "lib64", "usr", "boot"}:
+            raise ValueError(f"{v} would hide a system directory of the guest; use one under /opt, /srv or /mnt")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v and not os.path.isdir(v):
+            raise ValueError(f"{v} is not a directory on this host; set '' for a generated tree")
+        return v
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _max_bytes(cls, v: int) -> int:
+        if not 4096 <= v <= 1024 * 1024 * 1024:
+            raise ValueError("must be between 4k and 1g; e.g. 16m")
+        return v
+
+
 class MicroVMSettings(Section):
     """``sandbox.microvm``: what only the QEMU micro-VM backend has (README "Micro-VMs")."""
 
@@ -189,6 +231,7 @@ class MicroVMSettings(Section):
     console_log_max: ByteSize = Field(
         parse_size("1m"), description="each VM's serial console log stops growing at this size (the rest is dropped)"
     )
+    lure: LureSettings = Field(default_factory=LureSettings)
 
     @field_validator("kernel_cmdline_extra")
     @classmethod

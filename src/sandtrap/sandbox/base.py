@@ -168,7 +168,9 @@ class ReadWatch(Protocol):
         """Stop watching; harmless twice."""
 
 
-ReadReport = Callable[[str], object]  # the path in the box that a process of the box opened
+# report(path in the box that a process of the box opened); a backend that sees more of the access may add
+# keywords (the micro-VM's lure file system: op="open"|"opendir"|"read"|"suppressed", bytes=, offset=).
+ReadReport = Callable[..., object]
 
 
 @dataclass(slots=True)

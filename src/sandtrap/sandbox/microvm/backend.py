@@ -20,8 +20,8 @@ import asyncssh
 
 from sandtrap.config import ImageSettings, MicroVMSettings, SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
-from sandtrap.sandbox.base import SandboxInfo
-from sandtrap.sandbox.microvm import guest, qemu, state
+from sandtrap.sandbox.base import SandboxInfo, run
+from sandtrap.sandbox.microvm import guest, qemu, state, virtiofs
 from sandtrap.sandbox.microvm.image import GuestFiles, VMImage, find_image, vm_inputs
 from sandtrap.sandbox.microvm.sandbox import MicroVMSandbox, copy_console
 from sandtrap.sandbox.microvm.state import VMRecord
@@ -80,6 +80,8 @@ class MicroVMBackend:
         self._inputs = vm_inputs(image, self._guest)
         self._cache_dir = Path(cache_dir)
         qemu.check_user(settings)
+        if settings.lure.enabled:
+            virtiofs.check(settings.lure)  # SandboxUnavailable names sandbox.microvm.lure.*
         self._accel = qemu.choose_accel(settings.accel)  # SandboxUnavailable names sandbox.microvm.accel
         if self._accel.name == "tcg":
             log.warning("micro-VMs run under TCG: %s", self._accel.reason)
@@ -139,6 +141,8 @@ class MicroVMBackend:
             await connected
             await self._wait_ready(sandbox, directory)
             sandbox.boot_s = time.monotonic() - started
+            if self._settings.lure.enabled:  # hot-plugged after boot: never part of a saved VM state
+                await self._attach_lure(sandbox, launch)
             await sandbox.take_baseline()
             sandbox.baseline_s = time.monotonic() - started - sandbox.boot_s
             log.info(
@@ -152,6 +156,20 @@ class MicroVMBackend:
             raise
         self._live[vm_id] = sandbox
         return sandbox
+
+    async def _attach_lure(self, sandbox: MicroVMSandbox, launch: qemu.Launch) -> None:
+        """The lure share: its daemon and virtiofsd, the device hot-plugged, the guest's mount."""
+        settings = self._settings.lure
+        t0 = time.monotonic()
+        sandbox.lure = await virtiofs.start(settings, launch.state_dir, sandbox.record.pid, sandbox.name)
+        tag = virtiofs.tag_for(settings.path)
+        await asyncio.to_thread(virtiofs.hotplug, launch.qmp_socket, launch.state_dir / virtiofs.SOCKET, tag)
+        script = virtiofs.guest_mount_script(settings.path, tag)
+        result = await run(sandbox, ["sh", "-c", script], timeout_s=virtiofs.GUEST_MOUNT_TIMEOUT_S + 30)
+        if not result.ok:
+            raise SandboxError(f"{sandbox.name}: the guest could not mount the lure share: {result.stderr[-300:]!r}")
+        sandbox.lure_s = time.monotonic() - t0
+        log.info("VM %s: lure share mounted at %s in %.1fs", sandbox.name, settings.path, sandbox.lure_s)
 
     async def _overlay(self, image: VMImage, disk: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -212,11 +230,16 @@ class MicroVMBackend:
                     released=state.when(record.released),
                 )
             )
+        await virtiofs.reap_orphans(self._vms, self._vm_alive)
         for name, pid in (await asyncio.to_thread(qemu.find_qemus, NAME_PREFIX)).items():
             if name not in known and _is_ours(pid, self._vms):
                 log.warning("killing QEMU %d (%s): no state directory of this sensor accounts for it", pid, name)
                 await qemu.kill(pid, name)
         return out
+
+    def _vm_alive(self, directory: Path) -> bool:
+        record = state.load(directory)
+        return record is not None and qemu.is_alive(record.pid, record.name)
 
     async def close(self) -> None:
         """Close our connections and console copies; the VMs themselves run on (the pool stops what it owns)."""

@@ -29,6 +29,7 @@ KVM_CREATE_VM = 0xAE01
 KVM_API_VERSION = 12
 TAP = "tap0"
 QMP_TIMEOUT_S = 10.0
+HOTPLUG_PORT = "rp0"  # the root port the lure's vhost-user-fs device is hot-plugged into
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,10 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         settings.qemu,
         "-name", f"{launch.name},process={launch.name}",
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "q35", "-accel", "kvm" if accel.name == "kvm" else f"tcg,thread=multi,tb-size={settings.tcg_cache >> 20}",
+        # Guest RAM in a shared memfd (vhost-user-fs needs it: virtiofsd maps it) and a PCIe root port with room
+        # for the lure's device, hot-plugged after boot (virtiofs.py), so this line is the same cold or restored.
+        "-object", f"memory-backend-memfd,id=mem0,size={settings.memory >> 20}M,share=on",
+        "-machine", "q35,memory-backend=mem0", "-accel", "kvm" if accel.name == "kvm" else f"tcg,thread=multi,tb-size={settings.tcg_cache >> 20}",
         "-cpu", "host" if accel.name == "kvm" else "max",
         "-m", f"{settings.memory >> 20}M", "-smp", str(settings.vcpus),
         "-uuid", launch.machine_uuid,  # systemd takes the guest's machine-id from it (SMBIOS product uuid)
@@ -165,6 +169,7 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=net0,mac={launch.mac}",
         "-device", "virtio-rng-pci",
+        "-device", f"pcie-root-port,id={HOTPLUG_PORT},bus=pcie.0,chassis=1",
         "-chardev", f"socket,id=con0,path={launch.serial_socket},server=on,wait=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{launch.qmp_socket},server=on,wait=off",

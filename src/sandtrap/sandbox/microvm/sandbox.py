@@ -29,7 +29,7 @@ from sandtrap.sandbox.base import (
     run,
     state_of,
 )
-from sandtrap.sandbox.microvm import guest, qemu, relay, state
+from sandtrap.sandbox.microvm import guest, lureshare, qemu, relay, state, virtiofs
 from sandtrap.sandbox.microvm.state import VMRecord
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class MicroVMSandbox:
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
         self._logins: relay.GuestLogins | None = None  # the attackers' own connections to the guest's sshd
+        self.lure: lureshare.LureShare | None = None  # the lure share's events (set by the backend that made it)
+        self.lure_s: float | None = None  # the lure share's start, hot-plug and guest mount (set by create)
 
     @property
     def directory(self) -> Path:
@@ -204,7 +206,17 @@ class MicroVMSandbox:
         return diff_listing(parse_listing(raw), await self.listing())
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> ReadWatch | None:
-        return None  # inotify on a host path cannot see inside a VM (the virtio-fs lure file system will)
+        """Through the lure file system (inotify on a host path cannot see inside a VM): ``paths`` outside it
+        are served from it from now on (``lureshare.plant_tokens``); every access in it is reported too."""
+        share = self.lure
+        if share is None:
+            return None
+        try:
+            await lureshare.plant_tokens(share, self, paths)
+        except SandboxError as exc:  # the lure's own files are still watched
+            log.warning("VM %s: honeytokens not served from the lure share, their reads go unseen: %s", self.name, exc)
+        share.watch(report)
+        return _LureWatch(share)
 
     async def claim(self, session: str, src_ip: str) -> None:
         self._record.session, self._record.src_ip = session, src_ip
@@ -242,6 +254,10 @@ class MicroVMSandbox:
             with contextlib.suppress(SandboxError):
                 await qemu.qmp(self._dir / "qmp.sock", "quit")
             await qemu.kill(self._record.pid, self.name)
+        if self.lure is not None:
+            self.lure.close()
+            self.lure = None
+        await virtiofs.cleanup(self._dir)
         await self.detach()
         if self._record.state != "preserved" and self._dir.exists():
             self._record.state, self._record.released = "preserved", VMRecord.now()
@@ -251,6 +267,14 @@ class MicroVMSandbox:
         """Stop and delete the VM's state directory and overlay; harmless when gone."""
         await self.stop()
         await asyncio.to_thread(shutil.rmtree, self._dir, True)
+
+
+class _LureWatch:
+    def __init__(self, share: lureshare.LureShare) -> None:
+        self._share = share
+
+    def close(self) -> None:
+        self._share.unwatch()
 
 
 async def copy_console(sock_path: Path, log_path: Path, max_bytes: int, connected: asyncio.Future[None]) -> None:
