@@ -23,7 +23,8 @@ from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker import engine, network
 from sandtrap.sandbox.docker.disk import DiskWatch, upper_dir
-from sandtrap.sandbox.docker.sandbox import BoxHost, DockerSandbox
+from sandtrap.sandbox.docker.hostview import BoxHost
+from sandtrap.sandbox.docker.sandbox import DockerSandbox
 from sandtrap.sandbox.docker.spec import (
     LABEL_MANAGED,
     LABEL_SENSOR,
