@@ -113,6 +113,7 @@ class Launch:
     initrd: Path
     mac: str
     machine_uuid: str
+    incoming_fd: int | None = None  # restore: the saved state's fd (``-incoming fd:N``), inherited by QEMU
 
     @property
     def qmp_socket(self) -> Path:
@@ -168,6 +169,7 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-chardev", f"socket,id=con0,path={launch.serial_socket},server=on,wait=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{launch.qmp_socket},server=on,wait=off",
+        *(["-incoming", f"fd:{launch.incoming_fd}"] if launch.incoming_fd is not None else []),
     ]  # fmt: skip
 
 
@@ -207,8 +209,9 @@ async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: Gu
     logfile = await asyncio.to_thread(open, launch.state_dir / "qemu.log", "ab")
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True
-        )
+            *argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True,
+            pass_fds=() if launch.incoming_fd is None else (launch.incoming_fd,),
+        )  # fmt: skip
     except OSError as exc:
         raise SandboxUnavailable(f"cannot start QEMU ({argv[0]}): {exc}") from exc
     finally:
