@@ -37,6 +37,7 @@ TEMPLATE_PREFIX = "sandtrap-vmtpl-"  # not NAME_PREFIX's: a template is never a 
 READY_POLL_S = 1.0
 RESTORE_POLL_S = 0.1
 SETTLE_S = 1.0
+SAVE_ATTEMPTS = 3
 # Walked again in a restored VM before it is handed out (the rest of its baseline is the template's listing).
 FRESH_ROOTS = ("/etc/machine-id", "/var/log", "/var/lib/systemd", "/var/tmp", "/tmp", "/root", "/home")
 FRESH_LISTING = ["find", *FRESH_ROOTS, "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
@@ -225,6 +226,24 @@ class MicroVMBackend:
             image.inputs, self._qemu_version, qemu.qemu_argv(self._settings, self._accel, shape)
         )
 
+    async def _save_state(self, work: Path, name: str) -> int:
+        """QMP migrate to ``work/state``; retried after a ``cont`` where QEMU 7.2 fails it now and then (seen
+        here: "bdrv_inactivate_all() failed (-1)" on the same VM that saves fine a moment later)."""
+        for attempt in range(1, SAVE_ATTEMPTS + 1):
+            try:
+                return await asyncio.to_thread(snapshot.save_state, work / "qmp.sock", work / "state")
+            except SandboxError as exc:
+                tail = await asyncio.to_thread(_tail, work / "qemu.log", 300)
+                if attempt == SAVE_ATTEMPTS:
+                    raise SandboxError(f"{exc} (QEMU: {tail})") from exc
+                log.warning(
+                    "saving the template %s failed (attempt %d), again: %s (QEMU: %s)", name, attempt, exc, tail
+                )
+            await asyncio.to_thread((work / "state").unlink, True)
+            await qemu.qmp(work / "qmp.sock", "cont")
+            await asyncio.sleep(SETTLE_S * 2)
+        raise AssertionError("unreachable")
+
     async def _template(self, image: VMImage) -> Snapshot | None:
         """The template's snapshot for this image and command line: found, or made now (once, whoever races);
         None (cold boots) if making it failed in this run."""
@@ -269,11 +288,7 @@ class MicroVMBackend:
             await template.detach()  # our connection must not be part of the saved guest
             await asyncio.sleep(SETTLE_S)  # the guest's sshd sees the close and its session ends
             t_save = time.monotonic()
-            try:
-                size = await asyncio.to_thread(snapshot.save_state, work / "qmp.sock", work / "state")
-            except SandboxError as exc:
-                tail = await asyncio.to_thread(_tail, work / "qemu.log")
-                raise SandboxError(f"{exc} (QEMU: {tail})") from exc
+            size = await self._save_state(work, record.name)
             save_s = time.monotonic() - t_save
             with contextlib.suppress(SandboxError):
                 await qemu.qmp(work / "qmp.sock", "quit")
