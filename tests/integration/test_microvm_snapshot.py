@@ -48,7 +48,7 @@ async def test_restored_vms_are_each_their_own_machine(microvm_image: None) -> N
         before_second = time.time()
         second = await backend.create()
         assert first.restored_from and first.restored_from == second.restored_from, "both restored, not booted"
-        manifest = snapshot.read_manifest(snapshot.Snapshot(Path(first.record.image) / first.restored_from, ""))
+        manifest = snapshot.read_manifest(snapshot.Snapshot(Path(first.restored_from), ""))
         print(
             f"[microvm] template: cold boot {manifest.get('boot_s')}s, save {manifest.get('save_s')}s, "
             f"state {int(manifest.get('state_bytes', 0)) >> 20} MiB"
@@ -75,7 +75,7 @@ async def test_restored_vms_are_each_their_own_machine(microvm_image: None) -> N
         # The template is no box: not listed, not running; the boxes are.
         listed = await backend.list_managed()
         assert {i.id for i in listed} == {first.id, second.id}
-        assert not [n for n, pid in qemu.find_qemus(TEMPLATE_PREFIX).items() if first.record.image in cmdline(pid)]
+        assert not [n for n, pid in qemu.find_qemus(TEMPLATE_PREFIX).items() if str(DATA) in cmdline(pid)]
 
         # The honeypot is killed: a new backend object finds both restored VMs and the orphan QEMU of one whose
         # state directory is gone (and kills it), as for a cold-booted VM.

@@ -85,6 +85,7 @@ class MicroVMBackend:
         self._vms = self._root / "vms"
         self._vms.mkdir(parents=True, exist_ok=True)
         self._vms.chmod(0o700)
+        self._templates = self._root / "templates"  # <image dir name>/snapshot-<key16>/: the saved templates
         self._key = guest.load_access_key(access_key_path(self._root))
         self._guest = guest_files(sandbox, self._key, planted)
         self._net = qemu.GuestNet.from_subnet(sandbox.network_subnet)
@@ -159,7 +160,7 @@ class MicroVMBackend:
             if template is None:
                 await sandbox.take_baseline()
             else:
-                sandbox.restored_from = template.directory.name
+                sandbox.restored_from = str(template.directory)
                 await make_unique(sandbox, new_identity(record.machine_uuid, record.mac))
                 fresh = await run(sandbox, FRESH_LISTING, max_output=256 << 20, timeout_s=LISTING_TIMEOUT_S)
                 if fresh.status.code not in (0, 1):
@@ -248,13 +249,15 @@ class MicroVMBackend:
         """The template's snapshot for this image and command line: found, or made now (once, whoever races);
         None (cold boots) if making it failed in this run."""
         key = await asyncio.to_thread(self._snapshot_key, image)
-        if (found := await asyncio.to_thread(snapshot.find_snapshot, image.directory, key)) is not None:
+        home = self._templates / image.directory.name
+        if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
             return found
         if key in self._failed_templates:
             return None
-        lock = image.directory / f".{snapshot.PREFIX}{key[:16]}.lock"
+        await asyncio.to_thread(home.mkdir, 0o700, True, True)
+        lock = home / f".{snapshot.PREFIX}{key[:16]}.lock"
         async with self._template_lock, snapshot.locked(lock):
-            if (found := await asyncio.to_thread(snapshot.find_snapshot, image.directory, key)) is not None:
+            if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
                 return found
             try:
                 return await self._save_template(image, key)
@@ -265,11 +268,12 @@ class MicroVMBackend:
 
     async def _save_template(self, image: VMImage, key: str) -> Snapshot:
         """Cold-boot the template, take its listing, save it stopped, and publish the directory by a rename."""
-        final = snapshot.snapshot_dir(image.directory, key)
+        home = self._templates / image.directory.name
+        final = snapshot.snapshot_dir(home, key)
         stem = f".{final.name}."
-        await _clear_orphan_templates(image.directory, stem)  # we hold the lock: any such QEMU is a crash's
+        await _clear_orphan_templates(home, stem)  # we hold the lock: any such QEMU is a crash's
         token = secrets.token_hex(6)
-        work = image.directory / f"{stem}{token}.tmp"
+        work = home / f"{stem}{token}.tmp"
         await asyncio.to_thread(work.mkdir, 0o700)
         record = VMRecord(
             token, TEMPLATE_PREFIX + token, VMRecord.now(), str(image.directory), _mac(), str(uuid.uuid4())

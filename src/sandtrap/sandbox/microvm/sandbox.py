@@ -69,7 +69,7 @@ class MicroVMSandbox:
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
-        self.restored_from: str = ""  # the template snapshot's directory name, "" after a cold boot
+        self.restored_from: str = ""  # the template snapshot's directory, "" after a cold boot
 
     @property
     def directory(self) -> Path:

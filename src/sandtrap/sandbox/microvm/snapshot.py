@@ -4,7 +4,8 @@ The first create for an image and a QEMU command line cold-boots a *template* VM
 ``sandtrap-vmtpl-*``, so it is never a box of ``list_managed``), waits for its sshd, takes the file listing,
 closes the honeypot's connection and saves the stopped machine with QMP ``migrate`` to an fd handed over on the
 QMP socket (``getfd``: QEMU runs with ``-sandbox on,spawn=deny``, so no ``exec:`` migration, and as
-``-runas`` it could not open a file of ours). Everything lands in ``<image>/snapshot-<key16>/``:
+``-runas`` it could not open a file of ours). Everything lands in the sensor's
+``<data_dir>/microvm/templates/<image dir name>/snapshot-<key16>/`` (0700: it holds a guest's RAM):
 
 - ``state``: the migration stream (RAM and device state), read by each restored QEMU as ``-incoming fd:N``;
 - ``disk.qcow2``: the template's overlay, read-only from then on: the backing file of each restored VM's own
@@ -12,8 +13,8 @@ QMP socket (``getfd``: QEMU runs with ``-sandbox on,spawn=deny``, so no ``exec:`
 - ``baseline``: the template's file listing; ``manifest.json``: the key and the figures.
 
 The key hashes the image's inputs, QEMU's version and the command line's shape (memory, vCPUs, devices, the
-accelerator): any change makes a new template. A lock file serialises two creates (or two honeypots sharing the
-cache) that would build the same one; the directory appears by a rename, complete or not at all.
+accelerator): any change makes a new template. A lock file serialises two creates (or two honeypot processes
+of one sensor) that would build the same one; the directory appears by a rename, complete or not at all.
 """
 
 from __future__ import annotations
