@@ -38,6 +38,7 @@ READY_POLL_S = 1.0
 RESTORE_POLL_S = 0.1
 SETTLE_S = 1.0
 SAVE_ATTEMPTS = 3
+WORK_PREFIX = ".work-"  # a template being made: <data_dir>/microvm/templates/.work-<id>/
 # Walked again in a restored VM before it is handed out (the rest of its baseline is the template's listing).
 FRESH_ROOTS = ("/etc/machine-id", "/var/log", "/var/lib/systemd", "/var/tmp", "/tmp", "/root", "/home")
 FRESH_LISTING = ["find", *FRESH_ROOTS, "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
@@ -85,7 +86,7 @@ class MicroVMBackend:
         self._vms = self._root / "vms"
         self._vms.mkdir(parents=True, exist_ok=True)
         self._vms.chmod(0o700)
-        self._templates = self._root / "templates"  # <image dir name>/snapshot-<key16>/: the saved templates
+        self._templates = self._root / "templates"  # snapshot-<key16>/: the saved templates (snapshot.py)
         self._key = guest.load_access_key(access_key_path(self._root))
         self._guest = guest_files(sandbox, self._key, planted)
         self._net = qemu.GuestNet.from_subnet(sandbox.network_subnet)
@@ -249,14 +250,13 @@ class MicroVMBackend:
         """The template's snapshot for this image and command line: found, or made now (once, whoever races);
         None (cold boots) if making it failed in this run."""
         key = await asyncio.to_thread(self._snapshot_key, image)
-        home = self._templates / image.directory.name
+        home = self._templates
         if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
             return found
         if key in self._failed_templates:
             return None
         await asyncio.to_thread(home.mkdir, 0o700, True, True)
-        lock = home / f".{snapshot.PREFIX}{key[:16]}.lock"
-        async with self._template_lock, snapshot.locked(lock):
+        async with self._template_lock, snapshot.locked(home / ".lock"):
             if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
                 return found
             try:
@@ -268,12 +268,11 @@ class MicroVMBackend:
 
     async def _save_template(self, image: VMImage, key: str) -> Snapshot:
         """Cold-boot the template, take its listing, save it stopped, and publish the directory by a rename."""
-        home = self._templates / image.directory.name
+        home = self._templates
         final = snapshot.snapshot_dir(home, key)
-        stem = f".{final.name}."
-        await _clear_orphan_templates(home, stem)  # we hold the lock: any such QEMU is a crash's
+        await _clear_orphan_templates(home)  # we hold the lock: any such QEMU is a crash's
         token = secrets.token_hex(6)
-        work = home / f"{stem}{token}.tmp"
+        work = home / f"{WORK_PREFIX}{token}"  # short: QEMU's unix sockets are in it (108 bytes at most)
         await asyncio.to_thread(work.mkdir, 0o700)
         record = VMRecord(
             token, TEMPLATE_PREFIX + token, VMRecord.now(), str(image.directory), _mac(), str(uuid.uuid4())
@@ -392,14 +391,14 @@ def _is_ours(pid: int, vms: Path, stem: str = "") -> bool:
         return False
 
 
-async def _clear_orphan_templates(image_dir: Path, stem: str) -> None:
+async def _clear_orphan_templates(home: Path) -> None:
     """A template left half-made by a killed honeypot: its QEMU (found by the work directory in its command
     line) is killed and the directory removed."""
     for name, pid in (await asyncio.to_thread(qemu.find_qemus, TEMPLATE_PREFIX)).items():
-        if _is_ours(pid, image_dir, stem):
+        if _is_ours(pid, home, WORK_PREFIX):
             log.warning("killing QEMU %d (%s): a template VM left by a run that ended while saving it", pid, name)
             await qemu.kill(pid, name)
-    for work in await asyncio.to_thread(lambda: list(image_dir.glob(f"{stem}*.tmp"))):
+    for work in await asyncio.to_thread(lambda: list(home.glob(f"{WORK_PREFIX}*"))):
         await asyncio.to_thread(shutil.rmtree, work, True)
 
 

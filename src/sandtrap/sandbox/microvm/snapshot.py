@@ -5,7 +5,7 @@ The first create for an image and a QEMU command line cold-boots a *template* VM
 closes the honeypot's connection and saves the stopped machine with QMP ``migrate`` to an fd handed over on the
 QMP socket (``getfd``: QEMU runs with ``-sandbox on,spawn=deny``, so no ``exec:`` migration, and as
 ``-runas`` it could not open a file of ours). Everything lands in the sensor's
-``<data_dir>/microvm/templates/<image dir name>/snapshot-<key16>/`` (0700: it holds a guest's RAM):
+``<data_dir>/microvm/templates/snapshot-<key16>/`` (0700: it holds a guest's RAM):
 
 - ``state``: the migration stream (RAM and device state), read by each restored QEMU as ``-incoming fd:N``;
 - ``disk.qcow2``: the template's overlay, read-only from then on: the backing file of each restored VM's own
