@@ -205,7 +205,7 @@ class MicroVMBackend:
         await self._wait_ready(sandbox, directory)
 
     async def _wait_restored(self, sandbox: MicroVMSandbox) -> None:
-        """Until QEMU has read the whole state and runs the guest (``-incoming`` starts it when done)."""
+        """Until QEMU has read the whole state ("inmigrate" until then) and runs the guest."""
         deadline = time.monotonic() + self._settings.boot_timeout_s
         while time.monotonic() < deadline:
             if not await sandbox.is_running():
@@ -213,8 +213,11 @@ class MicroVMBackend:
                 raise SandboxError(f"QEMU of {sandbox.name} exited while restoring: {tail}")
             with contextlib.suppress(SandboxError):
                 status = await qemu.qmp(sandbox.directory / "qmp.sock", "query-status")
-                if isinstance(status, dict) and status.get("status") == "running":
+                now = status.get("status") if isinstance(status, dict) else None
+                if now == "running":
                     return
+                if now == "paused":  # the template was saved stopped, so the state says so: run it
+                    await qemu.qmp(sandbox.directory / "qmp.sock", "cont")
             await asyncio.sleep(RESTORE_POLL_S)
         raise SandboxError(f"{sandbox.name}: restoring took over {self._settings.boot_timeout_s:.0f}s")
 
@@ -229,8 +232,7 @@ class MicroVMBackend:
         )
 
     async def _save_state(self, work: Path, name: str) -> int:
-        """QMP migrate to ``work/state``; retried after a ``cont`` where QEMU 7.2 fails it now and then (seen
-        here: "bdrv_inactivate_all() failed (-1)" on the same VM that saves fine a moment later)."""
+        """QMP migrate to ``work/state``, retried after a ``cont`` (a failed migration leaves it stopped)."""
         for attempt in range(1, SAVE_ATTEMPTS + 1):
             try:
                 return await asyncio.to_thread(snapshot.save_state, work / "qmp.sock", work / "state")

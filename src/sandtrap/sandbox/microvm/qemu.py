@@ -161,7 +161,9 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "resourcecontrol=deny",
         *(["-runas", settings.run_as] if settings.run_as else []),
         "-kernel", str(launch.kernel), "-initrd", str(launch.initrd), "-append", kernel_cmdline(settings),
-        "-drive", f"file={launch.disk},if=none,id=disk0,format=qcow2,discard=unmap",
+        # auto-read-only=off: QEMU keeps its one read-write fd. With it on, saving (inactivating the disk) and
+        # restoring (activating it) reopen the file by path, which QEMU, after -runas, may not open (snapshot.py).
+        "-drive", f"file={launch.disk},if=none,id=disk0,format=qcow2,discard=unmap,auto-read-only=off",
         "-device", "virtio-blk-pci,drive=disk0",
         "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=net0,mac={launch.mac}",
