@@ -12,6 +12,11 @@ QMP socket (``getfd``: QEMU runs with ``-sandbox on,spawn=deny``, so no ``exec:`
   overlay, so the guest's page cache in ``state`` and its disk agree;
 - ``baseline``: the template's file listing; ``manifest.json``: the key and the figures.
 
+The disk is opened with ``auto-read-only=off`` (qemu.py): otherwise QEMU reopens the file by path when saving
+inactivates it and when a restore activates it, and QEMU after ``-runas`` may not open a file in a 0700
+directory of root's ("bdrv_inactivate_all() failed (-1)", "Could not open ...: Permission denied"). A VM saved
+stopped is restored paused: ``cont`` runs it.
+
 The key hashes the image's inputs, QEMU's version and the command line's shape (memory, vCPUs, devices, the
 accelerator): any change makes a new template. A lock file serialises two creates (or two honeypot processes
 of one sensor) that would build the same one; the directory appears by a rename, complete or not at all.
