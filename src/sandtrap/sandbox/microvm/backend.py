@@ -134,7 +134,7 @@ class MicroVMBackend:
         if template is not None:
             try:
                 sandbox = await self._boot(image, template)
-            except SandboxError as exc:
+            except (SandboxError, OSError) as exc:
                 log.warning("restoring a VM from %s failed, cold boot instead: %s", template.directory.name, exc)
         if sandbox is None:
             sandbox = await self._boot(image, None)
