@@ -177,6 +177,8 @@ class MicroVMSandbox:
         return None  # inotify on a host path cannot see inside a VM (the virtio-fs lure file system will)
 
     async def claim(self, session: str, src_ip: str) -> None:
+        if not self._is_alive():  # the pool drops a warm VM found stopped (its QEMU killed, the host rebooted)
+            raise SandboxError(f"VM {self.name} is not running: it cannot be claimed")
         self._record.session, self._record.src_ip = session, src_ip
         self._record.state, self._record.acquired = "active", VMRecord.now()
         await asyncio.to_thread(state.save, self._dir, self._record)
