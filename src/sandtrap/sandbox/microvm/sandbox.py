@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 STOP_SYNC_TIMEOUT_S = 10.0
+WATCH_S = 1.0
 LISTING_TIMEOUT_S = 300.0
 # Every path on the root file system with type, size, mode, mtime and ctime; NUL-separated (any byte in a name).
 LISTING = ["find", "/", "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
@@ -66,6 +67,7 @@ class MicroVMSandbox:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
@@ -94,7 +96,17 @@ class MicroVMSandbox:
                 if not self._is_alive():
                     raise SandboxError(f"VM {self.name} is not running")
                 self._conn = await guest.connect(self._record.pid, self._is_alive, self._address, self._key, self.name)
+                self._watch = asyncio.create_task(self._close_when_gone(self._conn))
             return self._conn
+
+    async def _close_when_gone(self, conn: asyncssh.SSHClientConnection) -> None:
+        """A QEMU that ends (stopped by another backend object, killed, crashed) takes its tap and namespace
+        with it and no TCP reset ever comes: close our connection, so every process on it ends at once."""
+        while not conn.is_closed():
+            if not self._is_alive():
+                conn.close()
+                return
+            await asyncio.sleep(WATCH_S)
 
     async def _sftp_client(self) -> asyncssh.SFTPClient:
         conn = await self.connection()
@@ -187,6 +199,9 @@ class MicroVMSandbox:
         return self._is_alive()
 
     async def _close_connection(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         conn, self._conn, self._sftp = self._conn, None, None
         if conn is not None:
             conn.close()
