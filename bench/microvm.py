@@ -129,7 +129,7 @@ def table(res: dict[str, Any]) -> str:
     rows = [
         ("accelerator", res.get("accel", "?")),
         ("cold boot to sshd, p50", f"{p50(res.get('cold_boot_s', [])):.1f} s (n={len(res.get('cold_boot_s', []))})"),
-        ("template: cold boot + listing", f"{tpl.get('boot_s', '?')} s" + (" (made now)" if tpl.get("made_now") else "")),
+        ("template: cold boot to sshd", f"{tpl.get('boot_s', '?')} s" + (" (made now)" if tpl.get("made_now") else "")),
         ("template: save (QMP migrate to a file)", f"{tpl.get('save_s', '?')} s"),
         ("template: state file", f"{int(tpl.get('state_bytes', 0)) / 2**20:.0f} MiB"),
         ("restore to sshd, p50", f"{p50(res.get('restore_ready_s', [])):.1f} s (n={len(res.get('restore_ready_s', []))})"),
