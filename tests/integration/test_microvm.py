@@ -94,7 +94,8 @@ async def test_vm_boots_its_own_kernel_in_a_network_with_no_way_out(
     pid = box.record.pid
     print(f"[microvm] image {image.directory.name}: {'built' if built else 'reused'} in {build_s:.0f}s")
     print(f"[microvm] accel {backend.accel.name} ({backend.accel.reason})")
-    print(f"[microvm] cold boot to sshd ready: {box.boot_s:.1f}s; baseline listing {box.baseline_s:.1f}s")
+    how = "restored from the template" if box.restored_from else "cold boot"
+    print(f"[microvm] {how} to sshd ready: {box.boot_s:.1f}s; baseline listing {box.baseline_s:.1f}s")
 
     # QEMU itself: the unprivileged user, no capabilities, its syscall filter on.
     status = Path(f"/proc/{pid}/status").read_text()

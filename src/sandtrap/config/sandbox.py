@@ -232,6 +232,11 @@ class MicroVMSettings(Section):
         parse_size("1m"), description="each VM's serial console log stops growing at this size (the rest is dropped)"
     )
     lure: LureSettings = Field(default_factory=LureSettings)
+    snapshot: bool = Field(
+        True,
+        description="refill from a saved snapshot of a booted template VM (made once per image and QEMU command "
+        "line, then each VM made unique) instead of a cold boot; false: every VM boots",
+    )
 
     @field_validator("kernel_cmdline_extra")
     @classmethod

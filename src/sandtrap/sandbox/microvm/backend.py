@@ -8,7 +8,10 @@ restarted honeypot finds it by. The honeypot reaches the guest's sshd from insid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import posixpath
 import secrets
 import shutil
 import time
@@ -21,15 +24,24 @@ import asyncssh
 from sandtrap.config import ImageSettings, MicroVMSettings, SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo, run
-from sandtrap.sandbox.microvm import guest, qemu, state, virtiofs
+from sandtrap.sandbox.microvm import guest, qemu, snapshot, state, virtiofs
 from sandtrap.sandbox.microvm.image import GuestFiles, VMImage, find_image, vm_inputs
-from sandtrap.sandbox.microvm.sandbox import MicroVMSandbox, copy_console
+from sandtrap.sandbox.microvm.sandbox import BASELINE, LISTING, LISTING_TIMEOUT_S, MicroVMSandbox, copy_console
+from sandtrap.sandbox.microvm.snapshot import Snapshot
 from sandtrap.sandbox.microvm.state import VMRecord
+from sandtrap.sandbox.microvm.unique import make_unique, new_identity
 
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "sandtrap-vm-"
+TEMPLATE_PREFIX = "sandtrap-vmtpl-"  # not NAME_PREFIX's: a template is never a box (list_managed)
 READY_POLL_S = 1.0
+RESTORE_POLL_S = 0.1
+SETTLE_S = 1.0
+SAVE_ATTEMPTS = 3
+WORK_PREFIX = ".work-"  # a template being made: <data_dir>/microvm/templates/.work-<id>/
+# Walked again in a restored VM before it is handed out (the rest of its baseline is the template's listing).
+FRESH_ROOTS = ("/etc/machine-id", "/var/log", "/var/lib/systemd", "/var/tmp", "/tmp", "/root", "/home")
 
 Planted = dict[str, tuple[bytes, int, float]]
 
@@ -74,6 +86,7 @@ class MicroVMBackend:
         self._vms = self._root / "vms"
         self._vms.mkdir(parents=True, exist_ok=True)
         self._vms.chmod(0o700)
+        self._templates = self._root / "templates"  # snapshot-<key16>/: the saved templates (snapshot.py)
         self._key = guest.load_access_key(access_key_path(self._root))
         self._guest = guest_files(sandbox, self._key, planted)
         self._net = qemu.GuestNet.from_subnet(sandbox.network_subnet)
@@ -88,6 +101,9 @@ class MicroVMBackend:
         else:
             log.info("micro-VMs run under KVM: %s", self._accel.reason)
         self._live: dict[str, MicroVMSandbox] = {}
+        self._template_lock = asyncio.Lock()
+        self._failed_templates: set[str] = set()
+        self._qemu_version: str | None = None
 
     @property
     def accel(self) -> qemu.Accel:
@@ -112,58 +128,80 @@ class MicroVMBackend:
         self.image()
 
     async def create(self, session: str = "", src_ip: str = "") -> MicroVMSandbox:
+        """A VM restored from the template's snapshot and made unique (the first create saves the template), or
+        cold-booted where there is no snapshot (``sandbox.microvm.snapshot: false``) or restoring failed."""
         image = self.image()
+        template = await self._template(image) if self._settings.snapshot else None
+        sandbox: MicroVMSandbox | None = None
+        if template is not None:
+            try:
+                sandbox = await self._boot(image, template)
+            except (SandboxError, OSError) as exc:
+                log.warning("restoring a VM from %s failed, cold boot instead: %s", template.directory.name, exc)
+        if sandbox is None:
+            sandbox = await self._boot(image, None)
+        if session:
+            try:
+                await sandbox.claim(session, src_ip)
+            except BaseException:
+                await asyncio.shield(sandbox.remove())
+                raise
+        self._live[sandbox.id] = sandbox
+        return sandbox
+
+    async def _boot(self, image: VMImage, template: Snapshot | None) -> MicroVMSandbox:
+        """One VM: restored from ``template`` (and made unique), or cold-booted; ready, with its baseline."""
         vm_id = secrets.token_hex(6)
         directory = self._vms / vm_id
         await asyncio.to_thread(directory.mkdir, 0o700)
-        record = VMRecord(
-            id=vm_id,
-            name=NAME_PREFIX + vm_id,
-            created=VMRecord.now(),
-            image=str(image.directory),
-            mac=_mac(),
-            machine_uuid=str(uuid.uuid4()),
-        )
+        record = VMRecord(vm_id, NAME_PREFIX + vm_id, VMRecord.now(), str(image.directory), _mac(), str(uuid.uuid4()))
         sandbox = MicroVMSandbox(directory, record, self._key, self._net.address)
         started = time.monotonic()
         try:
-            await self._overlay(image, directory / "disk.qcow2")
-            launch = qemu.Launch(
-                record.name, directory, directory / "disk.qcow2", image.kernel, image.initrd, record.mac,
-                record.machine_uuid,
-            )  # fmt: skip
-            record.pid = await qemu.start(self._settings, self._accel, launch, self._net)
-            await asyncio.to_thread(state.save, directory, record)
-            connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            sandbox.console = asyncio.create_task(
-                copy_console(launch.serial_socket, directory / "console.log", self._settings.console_log_max, connected)
-            )
-            await connected
-            await self._wait_ready(sandbox, directory)
+            await self._start(sandbox, image, template)
             sandbox.boot_s = time.monotonic() - started
-            if self._settings.lure.enabled:  # hot-plugged after boot: never part of a saved VM state
-                await self._attach_lure(sandbox, launch)
-            await sandbox.take_baseline()
+            if self._settings.lure.enabled:  # hot-plugged after boot or restore: never part of a saved VM state
+                await self._attach_lure(sandbox)
+            if template is None:
+                await sandbox.take_baseline()
+            else:
+                sandbox.restored_from = str(template.directory)
+                await make_unique(sandbox, new_identity(record.machine_uuid, record.mac))
+                roots = self._fresh_roots()
+                listing = ["find", *roots, "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
+                fresh = await run(sandbox, listing, max_output=256 << 20, timeout_s=LISTING_TIMEOUT_S)
+                if fresh.status.code not in (0, 1):
+                    raise SandboxError(f"listing {sandbox.name}'s files failed: {fresh.stderr[-500:]!r}")
+                kept = await asyncio.to_thread(template.baseline.read_bytes)
+                baseline = snapshot.merge_baseline(kept, fresh.stdout, tuple(r.encode() for r in roots))
+                await asyncio.to_thread((directory / BASELINE).write_bytes, baseline)
             sandbox.baseline_s = time.monotonic() - started - sandbox.boot_s
+            how = f"restored from {template.directory.name}" if template else f"cold boot ({self._accel.name})"
             log.info(
-                "VM %s: sshd ready %.1fs after QEMU's start (%s), baseline in %.1fs", record.name, sandbox.boot_s,
-                self._accel.name, sandbox.baseline_s,
+                "VM %s: sshd ready %.1fs after QEMU's start, %s; %s in %.1fs", record.name, sandbox.boot_s, how,
+                "baseline" if template is None else "made unique, baseline", sandbox.baseline_s,
             )  # fmt: skip
-            if session:
-                await sandbox.claim(session, src_ip)
         except BaseException:
             await asyncio.shield(sandbox.remove())
             raise
-        self._live[vm_id] = sandbox
         return sandbox
 
-    async def _attach_lure(self, sandbox: MicroVMSandbox, launch: qemu.Launch) -> None:
+    def _fresh_roots(self) -> tuple[str, ...]:
+        """What a restored VM's baseline walks again: what restoring and making it unique change, and the lure's
+        mount point with its parent (made after the template was saved)."""
+        if not self._settings.lure.enabled:
+            return FRESH_ROOTS
+        return (*FRESH_ROOTS, posixpath.dirname(self._settings.lure.path.rstrip("/")) or "/")
+
+    async def _attach_lure(self, sandbox: MicroVMSandbox) -> None:
         """The lure share: its daemon and virtiofsd, the device hot-plugged, the guest's mount."""
         settings = self._settings.lure
         t0 = time.monotonic()
-        sandbox.lure = await virtiofs.start(settings, launch.state_dir, sandbox.record.pid, sandbox.name)
+        sandbox.lure = await virtiofs.start(settings, sandbox.directory, sandbox.record.pid, sandbox.name)
         tag = virtiofs.tag_for(settings.path)
-        await asyncio.to_thread(virtiofs.hotplug, launch.qmp_socket, launch.state_dir / virtiofs.SOCKET, tag)
+        await asyncio.to_thread(
+            virtiofs.hotplug, sandbox.directory / "qmp.sock", sandbox.directory / virtiofs.SOCKET, tag
+        )
         script = virtiofs.guest_mount_script(settings.path, tag)
         result = await run(sandbox, ["sh", "-c", script], timeout_s=virtiofs.GUEST_MOUNT_TIMEOUT_S + 30)
         if not result.ok:
@@ -171,9 +209,142 @@ class MicroVMBackend:
         sandbox.lure_s = time.monotonic() - t0
         log.info("VM %s: lure share mounted at %s in %.1fs", sandbox.name, settings.path, sandbox.lure_s)
 
-    async def _overlay(self, image: VMImage, disk: Path) -> None:
+    async def _start(self, sandbox: MicroVMSandbox, image: VMImage, template: Snapshot | None) -> None:
+        """Overlay, QEMU (with ``-incoming`` from the template's state), console, until the guest's sshd answers."""
+        directory, record = sandbox.directory, sandbox.record
+        await self._overlay(template.disk if template else image.disk, directory / "disk.qcow2")
+        state_fd = None if template is None else await asyncio.to_thread(os.open, template.state, os.O_RDONLY)
+        try:
+            launch = qemu.Launch(
+                record.name, directory, directory / "disk.qcow2", image.kernel, image.initrd, record.mac,
+                record.machine_uuid, state_fd,
+            )  # fmt: skip
+            record.pid = await qemu.start(self._settings, self._accel, launch, self._net)
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
+        await asyncio.to_thread(state.save, directory, record)
+        connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sandbox.console = asyncio.create_task(
+            copy_console(launch.serial_socket, directory / "console.log", self._settings.console_log_max, connected)
+        )
+        await connected
+        if template is not None:
+            await self._wait_restored(sandbox)
+        await self._wait_ready(sandbox, directory)
+
+    async def _wait_restored(self, sandbox: MicroVMSandbox) -> None:
+        """Until QEMU has read the whole state ("inmigrate" until then) and runs the guest."""
+        deadline = time.monotonic() + self._settings.boot_timeout_s
+        while time.monotonic() < deadline:
+            if not await sandbox.is_running():
+                tail = await asyncio.to_thread(_tail, sandbox.directory / "qemu.log")
+                raise SandboxError(f"QEMU of {sandbox.name} exited while restoring: {tail}")
+            with contextlib.suppress(SandboxError):
+                status = await qemu.qmp(sandbox.directory / "qmp.sock", "query-status")
+                now = status.get("status") if isinstance(status, dict) else None
+                if now == "running":
+                    return
+                if now == "paused":  # the template was saved stopped, so the state says so: run it
+                    await qemu.qmp(sandbox.directory / "qmp.sock", "cont")
+            await asyncio.sleep(RESTORE_POLL_S)
+        raise SandboxError(f"{sandbox.name}: restoring took over {self._settings.boot_timeout_s:.0f}s")
+
+    # --- the template -------------------------------------------------------------------------------------
+
+    def _snapshot_key(self, image: VMImage) -> str:
+        if self._qemu_version is None:
+            self._qemu_version = snapshot.qemu_version(self._settings.qemu)
+        shape = qemu.Launch("NAME", Path("/DIR"), Path("/DIR/disk.qcow2"), image.kernel, image.initrd, "MAC", "UUID")
+        return snapshot.snapshot_key(
+            image.inputs, self._qemu_version, qemu.qemu_argv(self._settings, self._accel, shape)
+        )
+
+    async def _save_state(self, work: Path, name: str) -> int:
+        """QMP migrate to ``work/state``, retried after a ``cont`` (a failed migration leaves it stopped)."""
+        for attempt in range(1, SAVE_ATTEMPTS + 1):
+            try:
+                return await asyncio.to_thread(snapshot.save_state, work / "qmp.sock", work / "state")
+            except SandboxError as exc:
+                tail = await asyncio.to_thread(_tail, work / "qemu.log", 300)
+                if attempt == SAVE_ATTEMPTS:
+                    raise SandboxError(f"{exc} (QEMU: {tail})") from exc
+                log.warning(
+                    "saving the template %s failed (attempt %d), again: %s (QEMU: %s)", name, attempt, exc, tail
+                )
+            await asyncio.to_thread((work / "state").unlink, True)
+            await qemu.qmp(work / "qmp.sock", "cont")
+            await asyncio.sleep(SETTLE_S * 2)
+        raise AssertionError("unreachable")
+
+    async def _template(self, image: VMImage) -> Snapshot | None:
+        """The template's snapshot for this image and command line: found, or made now (once, whoever races);
+        None (cold boots) if making it failed in this run."""
+        key = await asyncio.to_thread(self._snapshot_key, image)
+        home = self._templates
+        if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
+            return found
+        if key in self._failed_templates:
+            return None
+        await asyncio.to_thread(home.mkdir, 0o700, True, True)
+        async with self._template_lock, snapshot.locked(home / ".lock"):
+            if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
+                return found
+            try:
+                return await self._save_template(image, key)
+            except (SandboxError, OSError) as exc:
+                log.warning("saving the template VM failed, every VM cold-boots in this run: %s", exc)
+                self._failed_templates.add(key)
+                return None
+
+    async def _save_template(self, image: VMImage, key: str) -> Snapshot:
+        """Cold-boot the template, take its listing, save it stopped, and publish the directory by a rename."""
+        home = self._templates
+        final = snapshot.snapshot_dir(home, key)
+        await _clear_orphan_templates(home)  # we hold the lock: any such QEMU is a crash's
+        token = secrets.token_hex(6)
+        work = home / f"{WORK_PREFIX}{token}"  # short: QEMU's unix sockets are in it (108 bytes at most)
+        await asyncio.to_thread(work.mkdir, 0o700)
+        record = VMRecord(
+            token, TEMPLATE_PREFIX + token, VMRecord.now(), str(image.directory), _mac(), str(uuid.uuid4())
+        )
+        template = MicroVMSandbox(work, record, self._key, self._net.address)
+        log.info("making the template VM %s for %s (a cold boot, then a save)", record.name, final.name)
+        started = time.monotonic()
+        try:
+            await self._start(template, image, None)
+            boot_s = time.monotonic() - started
+            listing = await run(template, LISTING, max_output=256 << 20, timeout_s=LISTING_TIMEOUT_S)
+            if listing.status.code not in (0, 1):
+                raise SandboxError(f"the template's listing failed: {listing.stderr[-500:]!r}")
+            await asyncio.to_thread((work / "baseline").write_bytes, listing.stdout)
+            await run(template, ["sync"], timeout_s=60)
+            await template.detach()  # our connection must not be part of the saved guest
+            await asyncio.sleep(SETTLE_S)  # the guest's sshd sees the close and its session ends
+            t_save = time.monotonic()
+            size = await self._save_state(work, record.name)
+            save_s = time.monotonic() - t_save
+            with contextlib.suppress(SandboxError):
+                await qemu.qmp(work / "qmp.sock", "quit")
+            await qemu.kill(record.pid, record.name)
+            for leftover in ("qmp.sock", "serial.sock", "vm.json"):
+                (work / leftover).unlink(missing_ok=True)
+            (work / "disk.qcow2").chmod(0o400)  # every restored VM's backing file: never written again
+            snapshot.write_manifest(
+                work, key, {"boot_s": round(boot_s, 2), "save_s": round(save_s, 2), "state_bytes": size,
+                            "saved": VMRecord.now(), "template": record.name},
+            )  # fmt: skip
+            await asyncio.to_thread(work.rename, final)
+        except BaseException:
+            await asyncio.shield(qemu.kill(record.pid, record.name))
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            raise
+        log.info("template %s saved: boot %.1fs, save %.1fs, state %d MiB", final.name, boot_s, save_s, size >> 20)
+        return Snapshot(final, key)
+
+    async def _overlay(self, backing: Path, disk: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(disk),
+            "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(disk),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out, _ = await proc.communicate()
@@ -248,12 +419,23 @@ class MicroVMBackend:
         self._live.clear()
 
 
-def _is_ours(pid: int, vms: Path) -> bool:
+def _is_ours(pid: int, vms: Path, stem: str = "") -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return str(vms).encode() + b"/" in f.read()
+            return (str(vms) + "/" + stem).encode() in f.read()
     except OSError:
         return False
+
+
+async def _clear_orphan_templates(home: Path) -> None:
+    """A template left half-made by a killed honeypot: its QEMU (found by the work directory in its command
+    line) is killed and the directory removed."""
+    for name, pid in (await asyncio.to_thread(qemu.find_qemus, TEMPLATE_PREFIX)).items():
+        if _is_ours(pid, home, WORK_PREFIX):
+            log.warning("killing QEMU %d (%s): a template VM left by a run that ended while saving it", pid, name)
+            await qemu.kill(pid, name)
+    for work in await asyncio.to_thread(lambda: list(home.glob(f"{WORK_PREFIX}*"))):
+        await asyncio.to_thread(shutil.rmtree, work, True)
 
 
 def _tail(path: Path, limit: int = 2000) -> str:

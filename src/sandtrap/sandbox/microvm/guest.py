@@ -21,6 +21,7 @@ from sandtrap.sandbox.host import netns
 SSH_PORT = 22
 CONNECT_TIMEOUT_S = 5.0
 READ_SIZE = 64 * 1024
+WINDOW = 1 << 20  # per channel: what a reader that does not read leaves buffered here (asyncssh's default 2 MiB)
 QUEUE_CHUNKS = 8  # per process: a reader that does not read stops the channel's window (back-pressure)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]*\$?")
@@ -172,7 +173,7 @@ async def start(
     workdir: str | None,
 ) -> GuestProcess:
     command = command_line(argv, env, user, workdir)
-    options: dict[str, Any] = {"encoding": None}
+    options: dict[str, Any] = {"encoding": None, "window": WINDOW}
     if tty is not None:
         options.update(term_type="xterm", term_size=(tty.cols, tty.rows))
     try:

@@ -114,6 +114,7 @@ class Launch:
     initrd: Path
     mac: str
     machine_uuid: str
+    incoming_fd: int | None = None  # restore: the saved state's fd (``-incoming fd:N``), inherited by QEMU
 
     @property
     def qmp_socket(self) -> Path:
@@ -164,7 +165,9 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "resourcecontrol=deny",
         *(["-runas", settings.run_as] if settings.run_as else []),
         "-kernel", str(launch.kernel), "-initrd", str(launch.initrd), "-append", kernel_cmdline(settings),
-        "-drive", f"file={launch.disk},if=none,id=disk0,format=qcow2,discard=unmap",
+        # auto-read-only=off: QEMU keeps its one read-write fd. With it on, saving (inactivating the disk) and
+        # restoring (activating it) reopen the file by path, which QEMU, after -runas, may not open (snapshot.py).
+        "-drive", f"file={launch.disk},if=none,id=disk0,format=qcow2,discard=unmap,auto-read-only=off",
         "-device", "virtio-blk-pci,drive=disk0",
         "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=net0,mac={launch.mac}",
@@ -173,6 +176,7 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-chardev", f"socket,id=con0,path={launch.serial_socket},server=on,wait=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{launch.qmp_socket},server=on,wait=off",
+        *(["-incoming", f"fd:{launch.incoming_fd}"] if launch.incoming_fd is not None else []),
     ]  # fmt: skip
 
 
@@ -212,8 +216,9 @@ async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: Gu
     logfile = await asyncio.to_thread(open, launch.state_dir / "qemu.log", "ab")
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True
-        )
+            *argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True,
+            pass_fds=() if launch.incoming_fd is None else (launch.incoming_fd,),
+        )  # fmt: skip
     except OSError as exc:
         raise SandboxUnavailable(f"cannot start QEMU ({argv[0]}): {exc}") from exc
     finally:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 STOP_SYNC_TIMEOUT_S = 10.0
+WATCH_S = 1.0
 LISTING_TIMEOUT_S = 300.0
 # Every path on the root file system with type, size, mode, mtime and ctime; NUL-separated (any byte in a name).
 LISTING = ["find", "/", "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
@@ -69,12 +70,14 @@ class MicroVMSandbox:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
         self._logins: relay.GuestLogins | None = None  # the attackers' own connections to the guest's sshd
         self.lure: lureshare.LureShare | None = None  # the lure share's events (set by the backend that made it)
         self.lure_s: float | None = None  # the lure share's start, hot-plug and guest mount (set by create)
+        self.restored_from: str = ""  # the template snapshot's directory, "" after a cold boot
 
     @property
     def directory(self) -> Path:
@@ -99,7 +102,17 @@ class MicroVMSandbox:
                 if not self._is_alive():
                     raise SandboxError(f"VM {self.name} is not running")
                 self._conn = await guest.connect(self._record.pid, self._is_alive, self._address, self._key, self.name)
+                self._watch = asyncio.create_task(self._close_when_gone(self._conn))
             return self._conn
+
+    async def _close_when_gone(self, conn: asyncssh.SSHClientConnection) -> None:
+        """A QEMU that ends (stopped by another backend object, killed, crashed) takes its tap and namespace
+        with it and no TCP reset ever comes: close our connection, so every process on it ends at once."""
+        while not conn.is_closed():
+            if not self._is_alive():
+                conn.close()
+                return
+            await asyncio.sleep(WATCH_S)
 
     async def _sftp_client(self) -> asyncssh.SFTPClient:
         conn = await self.connection()
@@ -219,6 +232,8 @@ class MicroVMSandbox:
         return _LureWatch(share)
 
     async def claim(self, session: str, src_ip: str) -> None:
+        if not self._is_alive():  # the pool drops a warm VM found stopped (its QEMU killed, the host rebooted)
+            raise SandboxError(f"VM {self.name} is not running: it cannot be claimed")
         self._record.session, self._record.src_ip = session, src_ip
         self._record.state, self._record.acquired = "active", VMRecord.now()
         await asyncio.to_thread(state.save, self._dir, self._record)
@@ -230,6 +245,9 @@ class MicroVMSandbox:
         logins, self._logins = self._logins, None
         if logins is not None:
             await logins.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         conn, self._conn, self._sftp = self._conn, None, None
         if conn is not None:
             conn.close()
