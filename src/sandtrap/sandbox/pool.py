@@ -63,6 +63,7 @@ class Pool(Generic[P]):
         self._active: dict[str, tuple[Sandbox, SandboxInfo]] = {}
         self._preserved: dict[str, SandboxInfo] = {}
         self._creating = 0
+        self._create_started: list[datetime] = []  # when each create under way began (a VM's boot takes minutes)
         self._warming = 0  # warm-ups under way (create, start, prepare)
         self._waiters: list[asyncio.Future[None]] = []  # acquires waiting for a warm-up to land
         self._workers: set[asyncio.Task[None]] = set()  # refill workers (at most pool_refill_parallel)
@@ -331,6 +332,8 @@ class Pool(Generic[P]):
         """
         tracked = {s.id for s in self._warm} | set(self._active) | self._assigning
         young = datetime.now(UTC) - timedelta(seconds=max(120.0, 4 * self._settings.start_timeout_s))
+        if self._create_started:  # a box a create under way is making is not listed as the pool's yet
+            young = min(young, min(self._create_started) - timedelta(seconds=5))
         stopped = 0
         for info in await self._backend.list_managed():
             if info.state == "preserved" or info.id in tracked or info.created > young:
@@ -445,6 +448,8 @@ class Pool(Generic[P]):
 
     async def _create(self, session: str, src_ip: str) -> Sandbox:
         self._creating += 1
+        began = datetime.now(UTC)
+        self._create_started.append(began)
         try:
             return await self._backend.create(session, src_ip)
         except SandboxError:
@@ -452,6 +457,7 @@ class Pool(Generic[P]):
             raise
         finally:
             self._creating -= 1
+            self._create_started.remove(began)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
