@@ -22,9 +22,9 @@ from sandtrap.config import ImageSettings, NetworkSettings, NspawnSettings, Sand
 from sandtrap.errors import ConfigError
 from sandtrap.events import NETWORK_HTTP, NETWORK_PCAP, SESSION_FILE_DOWNLOAD
 from sandtrap.network.gateway import Gateway
+from sandtrap.sandbox.base import run
 from sandtrap.sandbox.host.commands import run_command
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
-from sandtrap.sandbox.base import run
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
 
 from sshclient import asyncssh_connected as connect
