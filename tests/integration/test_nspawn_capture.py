@@ -55,16 +55,16 @@ async def test_wget_through_the_gateway_with_its_event_and_the_box_a_dead_end_by
         out, session = await shell(
             hp,
             f"wget -q -O /tmp/w.sh {url}; sha256sum /tmp/w.sh; curl -s -o /tmp/c.sh {url}; sha256sum /tmp/c.sh; "
-            f"getent hosts {NAME}; echo links:; ip -o link | awk -F': ' '{{print $2}}'; ip -o -4 addr show dev eth0; "
+            f"getent hosts {NAME}; echo links:; ip -o link | awk -F': ' '{{print $2}}'; echo addr:; ip -o -4 addr show dev eth0; "
             "echo routes:; ip route; hostname -I",
         )
         digest = hashlib.sha256(PAYLOAD).hexdigest()
         assert out.count(digest) == 2, out
         gateway = str(ipaddress.IPv4Network(SUBNET)[1])
         # The box's view: lo and eth0 only, an address in the subnet, a default route via the gateway.
-        links = out.split("links:\n", 1)[1].split("\n")
-        assert [name.split("@")[0] for name in links[:2]] == ["lo", "eth0"] and " eth0 " not in links[2], out
-        routes = out.split("routes:\n", 1)[1].strip().splitlines()
+        links = out.split("links:\n", 1)[1].split("addr:\n", 1)[0].split()
+        assert [name.split("@")[0] for name in links] == ["lo", "eth0"], out
+        routes = [line.strip() for line in out.split("routes:\n", 1)[1].strip().splitlines()]
         address = routes[-1].strip()
         assert ipaddress.ip_address(address) in ipaddress.IPv4Network(SUBNET) and address != gateway, out
         assert routes[:-1] == [
