@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sandtrap import doctor
 from sandtrap.app import build_backend
 from sandtrap.config import SandboxSettings, Settings
 from sandtrap.errors import ConfigError
@@ -36,3 +37,13 @@ def test_the_box_gets_a_network_namespace_of_its_own_in_both_modes(mode: str) ->
     # capture: eth0 is added to that namespace by the gateway; nspawn's own veth would sit in the host's namespace
     args = launch.network_args(SandboxSettings(backend="nspawn", network=mode))
     assert args == ["--private-network"]
+
+
+def test_doctor_names_network_mode_for_nspawn(tmp_path: Path) -> None:
+    def checks(mode: str) -> dict[str, bool]:
+        settings = Settings(sandbox={"backend": "nspawn"}, network={"mode": mode}, storage={"data_dir": str(tmp_path)})
+        return {c.name: c.ok for c in doctor._nspawn(settings)}
+
+    assert checks("internal")["network.mode"] is False
+    assert "network.mode capture: iptables" in checks("capture")
+    assert not any(name.startswith("network.mode") for name in checks("none"))
