@@ -84,11 +84,16 @@ def _microvm(settings: Settings, gateway: Gateway | None = None) -> SandboxBacke
 
 
 def _nspawn(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
-    # network none (lo only); the capture gateway plugs in at sandbox/nspawn/launch.py network_args.
+    # network.mode capture: each box's eth0 on the capture gateway, as Docker's (the same Gateway.attach)
     sandbox = settings.sandbox
+    files = dict(_planted_files(settings) or {})
+    if gateway is not None and gateway.ca is not None:  # the capture gateway's CA, trusted as a local CA
+        files.update(gateway.ca.box_files())
+    attach = gateway.attach if gateway is not None else None
+    netns = gateway.ns.path if gateway is not None else ""
     return NspawnBackend(
         sandbox.nspawn, sandbox, settings.image, cache_dir(settings), settings.data_dir / "nspawn", settings.sensor,
-        _planted_files(settings),
+        files or None, attach, netns,
     )  # fmt: skip
 
 

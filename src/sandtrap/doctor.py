@@ -115,7 +115,8 @@ def _microvm(settings: Settings) -> list[Check]:
 
 
 def _nspawn(settings: Settings) -> list[Check]:
-    """What sandbox.backend: nspawn needs: root, systemd-nspawn, nsenter, overlayfs, cgroup v1 parents, the tree."""
+    """What sandbox.backend: nspawn needs: root, systemd-nspawn, nsenter, overlayfs, cgroup v1 parents, the tree, and
+    the tools of network.mode capture (internal is refused)."""
     ns = settings.sandbox.nspawn
     checks = [Check("running as root", os.geteuid() == 0, "mounts and namespaces need root")]
     for name, tool, package in (
@@ -136,6 +137,14 @@ def _nspawn(settings: Settings) -> list[Check]:
     tree = find_tree(cache, inputs)
     detail = str(tree) if tree else f"nspawn-{inputs[:16]} missing in {cache}: run 'sandtrap image build'"
     checks.append(Check("nspawn tree", tree is not None, detail))
+    mode = settings.network.mode
+    if mode == "internal":
+        checks.append(Check("network.mode", False, "internal is Docker's engine network: set capture or none"))
+    elif mode == "capture":  # the capture gateway's namespace and each box's veth (network/namespace.py)
+        for tool in ("ip", "iptables"):
+            where = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+            checks.append(Check(f"network.mode capture: {tool}", where is not None,
+                                where or f"{tool} missing: apt-get install iproute2 iptables"))  # fmt: skip
     return checks
 
 

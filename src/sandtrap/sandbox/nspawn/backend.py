@@ -18,11 +18,12 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sandtrap.config import ImageSettings, NspawnSettings, SandboxSettings
-from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker.spec import safe_name
 from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups
@@ -64,7 +65,10 @@ def seed_files(box: SandboxSettings, planted: Planted | None) -> Planted:
 
 class NspawnBackend:
     """:class:`~sandtrap.sandbox.base.SandboxBackend` for systemd-nspawn. ``root``: this sensor's boxes
-    (``<data_dir>/nspawn``, one directory per box under ``boxes/``)."""
+    (``<data_dir>/nspawn``, one directory per box under ``boxes/``). ``attach`` (network.mode capture): gives the box
+    whose PID 1 is that host pid its ``eth0`` on the capture gateway, as Docker's boxes get it
+    (:meth:`sandtrap.network.gateway.Gateway.attach`); its address. ``relay_netns``: the gateway's namespace (a
+    path), where a login's connection from a client off loopback is made (host/relay.py)."""
 
     def __init__(
         self,
@@ -75,7 +79,10 @@ class NspawnBackend:
         root: Path,
         sensor: str,
         planted: Planted | None = None,
+        attach: Callable[[int], Awaitable[str]] | None = None,
+        relay_netns: str = "",
     ) -> None:
+        check_network(box.network, attach is not None)
         if os.geteuid() != 0:
             raise SandboxUnavailable("sandbox.backend: nspawn needs the honeypot to run as root (mounts, namespaces)")
         self._settings = settings
@@ -99,10 +106,13 @@ class NspawnBackend:
         self._live: dict[str, NspawnSandbox] = {}
         if box.init == "systemd":
             log.warning("sandbox.init: systemd is not available with nspawn yet: boxes run sandtrap's init")
-        if box.network != "none":  # the hook is launch.network_args
-            log.warning(
-                "network.mode: %s is not wired to nspawn boxes yet: they have only lo (as with none)", box.network
-            )
+        self._attach = attach if box.network == "capture" else None
+        self._relay_netns = relay_netns if self._attach is not None else ""
+
+    def _sandbox(self, directory: Path, record: BoxRecord) -> NspawnSandbox:
+        return NspawnSandbox(
+            directory, record, self._parents, self._reads, self._box.connection_in_box, self._relay_netns
+        )
 
     @property
     def parents(self) -> ParentCgroups | None:
@@ -131,7 +141,7 @@ class NspawnBackend:
         await asyncio.to_thread(directory.mkdir, 0o700)
         record = BoxRecord(id=box_id, name=f"{self._machine}-{box_id}", created=BoxRecord.now(),
                            tree=str(tree))  # fmt: skip
-        sandbox = NspawnSandbox(directory, record, self._parents, self._reads, self._box.connection_in_box)
+        sandbox = self._sandbox(directory, record)
         started = time.monotonic()
         try:
             await asyncio.to_thread(state.save, directory, record)
@@ -142,6 +152,8 @@ class NspawnBackend:
                 self._settings, self._box, record.name, root, await asyncio.to_thread(self._views.binds), procs
             )
             await self._start(sandbox, argv)
+            if self._attach is not None:
+                await self._link(sandbox)
             await self._ready(sandbox)
             log.info("box %s ready %.2fs after its creation began", record.name, time.monotonic() - started)
             if session:
@@ -205,6 +217,17 @@ class NspawnBackend:
         sandbox.watch_nspawn()
         await _tidy_mounts(record.init_pid)
 
+    async def _link(self, sandbox: NspawnSandbox) -> None:
+        """The box's eth0 on the capture gateway (network.mode: capture): a veth pair from the gateway's namespace
+        into the box's own (nspawn's ``--private-network``), by the gateway's code, as for Docker's boxes."""
+        assert self._attach is not None
+        record = sandbox.record
+        started = time.monotonic()
+        record.address = await self._attach(record.init_pid)
+        await asyncio.to_thread(state.save, sandbox.directory, record)
+        log.info("box %s: eth0 %s on the capture gateway (%.2fs)", record.name, record.address,
+                 time.monotonic() - started)  # fmt: skip
+
     async def _ready(self, sandbox: NspawnSandbox) -> None:
         """Until the box's listener runs a command, within sandbox.start_timeout_s."""
         deadline = time.monotonic() + self._box.start_timeout_s
@@ -228,7 +251,7 @@ class NspawnBackend:
             return live
         directory = self._boxes / sandbox_id
         record = state.load(directory) or BoxRecord(sandbox_id, name, BoxRecord.now(), "", state="preserved")
-        return NspawnSandbox(directory, record, self._parents, self._reads, self._box.connection_in_box)
+        return self._sandbox(directory, record)
 
     async def list_managed(self) -> list[SandboxInfo]:
         out = []
@@ -260,6 +283,20 @@ class NspawnBackend:
         if self._parents is not None:
             running = {i.id for i in await self.list_managed() if i.state != "preserved"}
             await asyncio.to_thread(self._parents.sweep, running, not running)
+
+
+def check_network(mode: str, has_gateway: bool) -> None:
+    """Refuse, at start, a ``network.mode`` nspawn boxes do not have."""
+    if mode == "internal":
+        raise ConfigError(
+            "network.mode: internal is the Docker backend's engine network; nspawn boxes have no engine. Fix: set "
+            "network.mode: capture (eth0 whose only peer is the capture gateway, nothing routed out) or none (lo only)"
+        )
+    if mode == "capture" and not has_gateway:
+        raise ConfigError(
+            "network.mode: capture: this nspawn backend was built without the capture gateway. Fix: start it "
+            "through sandtrap's app (which builds the gateway), or set network.mode: none"
+        )
 
 
 def _find_init(nspawn_pid: int) -> int:

@@ -4,8 +4,9 @@
   stay in the cgroups they are started in: a ``box`` cgroup below the per-box parent with the memory, pids and CPU
   limits (:mod:`sandtrap.sandbox.host.cgroups`), entered by a tiny ``sh`` before it execs nspawn, through
   ``unshare --cgroup``: the box's cgroup is its namespace's root (``/proc/self/cgroup`` reads ``/``, as a machine's).
-- ``--private-network``: a network namespace with ``lo`` only (network.mode none; :func:`network_args` is where
-  the capture network plugs in). Private PID, IPC, UTS and mount namespaces are nspawn's own.
+- ``--private-network``: a network namespace with ``lo`` only (network.mode none). With network.mode capture the
+  backend then links the box's ``eth0`` into it from the capture gateway's namespace (``Gateway.attach``, the code
+  Docker's boxes use): its only peer. Private PID, IPC, UTS and mount namespaces are nspawn's own.
 - ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
 - ``--system-call-filter``: nspawn's allow-list, with io_uring and what Docker allows only with CAP_SYS_ADMIN
   refused (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno).
@@ -64,8 +65,11 @@ def dropped_caps(keep: Sequence[str]) -> list[str]:
 
 
 def network_args(box: SandboxSettings) -> list[str]:
-    """The box's network: only ``lo`` (sandbox.network none). The capture network (issue 12) gives a box an
-    interface here (``--network-namespace-path=`` of a namespace the gateway has linked) once it is wired."""
+    """The box's network namespace: its own, with ``lo`` only; with network.mode capture the capture gateway adds
+    ``eth0`` to it once the box's PID 1 runs (backend ``_link``). nspawn's own ``--network-veth`` is not used: its
+    host end would be in the host's namespace, not the gateway's. (internal is refused: backend.check_network.)"""
+    if box.network not in ("none", "capture"):
+        raise ValueError(f"network.mode {box.network!r} has no nspawn form")
     return ["--private-network"]
 
 

@@ -56,6 +56,7 @@ class NspawnSandbox:
         parents: ParentCgroups | None,
         reads: OpenWatcher | None = None,
         connection_in_box: bool = False,
+        relay_netns: str = "",
     ) -> None:
         self.id = record.id
         self.name = record.name
@@ -67,6 +68,9 @@ class NspawnSandbox:
         self._reads = reads
         self._monitor: asyncio.Task[None] | None = None
         self._connection_in_box = connection_in_box
+        self._relay_netns = (
+            relay_netns  # network.mode capture: the gateway's namespace, where off-loopback relays start
+        )
         self._scopes: set[asyncio.Task[None]] = set()
 
     @property
@@ -112,7 +116,11 @@ class NspawnSandbox:
         pid = self._init_pid()
         plan: relay.RelayPlan | None = None
         if login is not None and login.client is not None and self._connection_in_box:
-            planned = relay.plan(login.client, "", "sandbox.network is none")  # a loopback client: inside the box
+            address = self._record.address
+            if address and self._relay_netns:  # capture: the client's connection arrives from the gateway
+                planned = relay.plan(login.client, address, "", self._relay_netns, login.client.server_port)
+            else:  # a loopback client: inside the box
+                planned = relay.plan(login.client, "", "sandbox.network is none")
             if isinstance(planned, str):
                 relay.note(planned)
             else:
@@ -158,7 +166,8 @@ class NspawnSandbox:
         )
 
     async def network_address(self) -> str:
-        return ""  # network none: lo only
+        """Its eth0's address on the capture gateway (network.mode capture); '' (none: lo only)."""
+        return self._record.address
 
     # -- files
 

@@ -30,6 +30,7 @@ class BoxRecord:
     init_start: int = 0
     cgroup: str = ""  # the per-box parent cgroup's name (host/cgroups.py), '' without one
     cgroup_prefix: str = ""  # the directory of the sensor's parents in each hierarchy
+    address: str = ""  # its eth0's address on the capture gateway (network.mode capture), '' = lo only
     state: str = "warm"  # warm, active, preserved
     session: str = ""
     src_ip: str = ""
