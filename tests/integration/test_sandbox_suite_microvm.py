@@ -12,9 +12,10 @@ import pytest
 from microvm_helpers import microvm_image, microvm_settings, remove_all
 
 from sandtrap.app import build_backend
-from sandtrap.sandbox.base import SandboxBackend
+from sandtrap.sandbox.base import Sandbox, SandboxBackend
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 
+import sandbox_suite
 from sandbox_suite import *  # noqa: F403  (the suite's tests and fixtures, collected here)
 from sandbox_suite import MakeBackend
 
@@ -45,3 +46,12 @@ async def make_backend(microvm_image: None) -> AsyncIterator[MakeBackend]:
     finally:
         make()
         await remove_all(made)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a stopped VM's disk is not read offline yet (its overlay is kept; reading it needs an ext4 reader on the "
+    "host that a hostile guest's file system cannot exploit): README Micro-VMs, known gaps",
+)
+async def test_files_and_changes_stay_readable_after_stop(box: Sandbox) -> None:
+    await sandbox_suite.test_files_and_changes_stay_readable_after_stop(box)

@@ -23,6 +23,9 @@ CONNECT_TIMEOUT_S = 5.0
 READ_SIZE = 64 * 1024
 WINDOW = 1 << 20  # per channel: what a reader that does not read leaves buffered here (asyncssh's default 2 MiB)
 QUEUE_CHUNKS = 8  # per process: a reader that does not read stops the channel's window (back-pressure)
+KILL_TIMEOUT_S = 10.0
+# Before a command without a pty: its pid (the session's, as sshd setsid()s it) on stderr, read back by GuestProcess.
+PID_FIRST = b"printf '%d\\n' $$ >&2; "
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]*\$?")
 
@@ -104,17 +107,31 @@ def exit_status_of(proc: asyncssh.SSHClientProcess[bytes]) -> ExitStatus:
 class GuestProcess:
     """A process in the guest on its own SSH channel: :class:`~sandtrap.sandbox.base.Process`."""
 
-    def __init__(self, proc: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self, proc: asyncssh.SSHClientProcess[bytes], conn: asyncssh.SSHClientConnection | None = None
+    ) -> None:
+        """``conn``: the process was started with :data:`PID_FIRST` (no pty): it prints its pid first on stderr,
+        and :meth:`kill` kills its process group over ``conn`` (the guest's sshd refuses ``signal`` for root, and
+        a closed channel without a pty leaves its process running)."""
         self._proc = proc
+        self._conn = conn
+        self._pid: int | None = None
         self._queue: asyncio.Queue[Chunk | None] = asyncio.Queue(QUEUE_CHUNKS)
         self._open_streams = 2
         self._pumps = [
             asyncio.create_task(self._pump(proc.stdout, STDOUT)),
-            asyncio.create_task(self._pump(proc.stderr, STDERR)),
+            asyncio.create_task(self._pump(proc.stderr, STDERR, pid_first=conn is not None)),
         ]
 
-    async def _pump(self, reader: asyncssh.SSHReader[bytes], stream: int) -> None:
+    async def _pump(self, reader: asyncssh.SSHReader[bytes], stream: int, pid_first: bool = False) -> None:
         try:
+            if pid_first:
+                with contextlib.suppress(
+                    asyncssh.Error, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
+                ):
+                    line = await reader.readuntil(b"\n")
+                    if line[:-1].isdigit() and len(line) <= 12:
+                        self._pid = int(line[:-1])
             while data := await reader.read(READ_SIZE):
                 await self._queue.put(Chunk(stream, data))
         except (asyncssh.Error, OSError):
@@ -156,6 +173,10 @@ class GuestProcess:
 
     async def kill(self) -> None:
         await self.signal("KILL")
+        if self._conn is not None and self._pid is not None and self._proc.exit_status is None:
+            with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+                async with asyncio.timeout(KILL_TIMEOUT_S):  # its session's group: sshd made it a session leader
+                    await self._conn.run(f"kill -KILL -- -{self._pid} 2>/dev/null", check=False)
         self._proc.close()
         for task in self._pumps:
             task.cancel()
@@ -173,6 +194,8 @@ async def start(
     workdir: str | None,
 ) -> GuestProcess:
     command = command_line(argv, env, user, workdir)
+    if tty is None:
+        command = PID_FIRST + command
     options: dict[str, Any] = {"encoding": None, "window": WINDOW}
     if tty is not None:
         options.update(term_type="xterm", term_size=(tty.cols, tty.rows))
@@ -181,7 +204,7 @@ async def start(
         proc = await conn.create_process(cast(str, command), **options)
     except (asyncssh.Error, OSError) as exc:
         raise SandboxError(f"exec in the guest: {exc!r}") from exc
-    return GuestProcess(cast("asyncssh.SSHClientProcess[bytes]", proc))
+    return GuestProcess(cast("asyncssh.SSHClientProcess[bytes]", proc), conn if tty is None else None)
 
 
 def load_access_key(path: Path) -> asyncssh.SSHKey:
