@@ -8,6 +8,7 @@ restarted honeypot finds it by. The honeypot reaches the guest's sshd from insid
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import shutil
@@ -21,10 +22,13 @@ import asyncssh
 from sandtrap.config import ImageSettings, MicroVMSettings, SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo
+from sandtrap.sandbox.host.cgroups import CgroupError
 from sandtrap.sandbox.microvm import guest, qemu, state
 from sandtrap.sandbox.microvm.image import GuestFiles, VMImage, find_image, vm_inputs
+from sandtrap.sandbox.microvm.limits import VMCgroups, vm_limits
 from sandtrap.sandbox.microvm.sandbox import MicroVMSandbox, copy_console
 from sandtrap.sandbox.microvm.state import VMRecord
+from sandtrap.sandbox.microvm.watch import VMWatch
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,8 @@ class MicroVMBackend:
             log.warning("micro-VMs run under TCG: %s", self._accel.reason)
         else:
             log.info("micro-VMs run under KVM: %s", self._accel.reason)
+        self._cgroups = VMCgroups()
+        self._limits = vm_limits(settings, tcg=self._accel.name == "tcg")
         self._live: dict[str, MicroVMSandbox] = {}
 
     @property
@@ -130,7 +136,15 @@ class MicroVMBackend:
                 record.name, directory, directory / "disk.qcow2", image.kernel, image.initrd, record.mac,
                 record.machine_uuid,
             )  # fmt: skip
-            record.pid = await qemu.start(self._settings, self._accel, launch, self._net)
+            cgroup = await asyncio.to_thread(self._cgroups.create, record.name, self._limits)
+            if cgroup is not None:
+                sandbox.release_cgroup = functools.partial(self._cgroups.remove, record.name)
+            proc = await qemu.spawn(self._settings, self._accel, launch, self._net, cgroup.procs if cgroup else ())
+            record.pid = proc.pid
+            sandbox.watch = VMWatch(
+                record.name, proc, launch.qmp_socket, self._settings.unresponsive_s,
+                functools.partial(self._cgroups.oom_kills, record.name), sandbox.failed,
+            )  # fmt: skip
             await asyncio.to_thread(state.save, directory, record)
             connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             sandbox.console = asyncio.create_task(
@@ -147,8 +161,10 @@ class MicroVMBackend:
             )  # fmt: skip
             if session:
                 await sandbox.claim(session, src_ip)
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(sandbox.remove())
+            if isinstance(exc, CgroupError):
+                raise SandboxUnavailable(f"{record.name}: {exc}") from exc
             raise
         self._live[vm_id] = sandbox
         return sandbox
@@ -216,6 +232,12 @@ class MicroVMBackend:
             if name not in known and _is_ours(pid, self._vms):
                 log.warning("killing QEMU %d (%s): no state directory of this sensor accounts for it", pid, name)
                 await qemu.kill(pid, name)
+        # This sensor's VMs that no longer run keep no cgroup (a crash between QEMU's end and stop); the kernel
+        # refuses to remove one that still holds a process.
+        stopped = {info.name for info in out if info.state == "preserved"}
+        swept = await asyncio.to_thread(self._cgroups.sweep, stopped)
+        if swept:
+            log.info("removed the cgroups of %d VMs that no longer run", swept)
         return out
 
     async def close(self) -> None:

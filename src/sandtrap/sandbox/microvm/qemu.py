@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,11 @@ class Launch:
     def serial_socket(self) -> Path:
         return self.state_dir / "serial.sock"
 
+    @property
+    def chroot_dir(self) -> Path:
+        """Empty and root's: QEMU's root once it runs (``sandbox.microvm.chroot``)."""
+        return self.state_dir / "chroot"
+
 
 def check_user(settings: MicroVMSettings) -> None:
     """``sandbox.microvm.run_as`` must exist (and not be root)."""
@@ -150,7 +156,7 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         settings.qemu,
         "-name", f"{launch.name},process={launch.name}",
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "q35", "-accel", "kvm" if accel.name == "kvm" else f"tcg,thread=multi,tb-size={settings.tcg_cache >> 20}",
+        "-machine", "q35,mem-merge=on", "-accel", "kvm" if accel.name == "kvm" else f"tcg,thread=multi,tb-size={settings.tcg_cache >> 20}",
         "-cpu", "host" if accel.name == "kvm" else "max",
         "-m", f"{settings.memory >> 20}M", "-smp", str(settings.vcpus),
         "-uuid", launch.machine_uuid,  # systemd takes the guest's machine-id from it (SMBIOS product uuid)
@@ -159,6 +165,9 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-sandbox", f"on,obsolete=deny,elevateprivileges={'allow' if settings.run_as else 'deny'},spawn=deny,"
         "resourcecontrol=deny",
         *(["-runas", settings.run_as] if settings.run_as else []),
+        *(["-chroot", str(launch.chroot_dir)] if settings.chroot else []),
+        # A guest kernel panic stops the VM (pvpanic), where the backend's watch sees it (query-status).
+        "-action", "panic=pause", "-device", "pvpanic-pci",
         "-kernel", str(launch.kernel), "-initrd", str(launch.initrd), "-append", kernel_cmdline(settings),
         "-drive", f"file={launch.disk},if=none,id=disk0,format=qcow2,discard=unmap",
         "-device", "virtio-blk-pci,drive=disk0",
@@ -171,12 +180,14 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
     ]  # fmt: skip
 
 
-def namespace_script(net: GuestNet) -> str:
-    """Run by ``unshare --net`` before QEMU: the tap and its host side in the VM's new network namespace, and
-    nothing else (no other interface, no route but the tap's own subnet, forwarding off)."""
+def namespace_script(net: GuestNet, cgroup_procs: Sequence[Path] = ()) -> str:
+    """Run by ``unshare --net`` before QEMU: into the VM's cgroups (``cgroup_procs``: before QEMU allocates
+    anything), the tap and its host side in the VM's new network namespace, and nothing else (no other interface,
+    no route but the tap's own subnet, forwarding off)."""
     return "; ".join(
         [
             "set -e",
+            *(f"echo $$ > {shlex.quote(str(p))}" for p in cgroup_procs),
             "ip link set lo up",
             f"ip tuntap add dev {TAP} mode tap",
             f"ip addr add {net.gateway}/{net.prefix} dev {TAP}",
@@ -190,6 +201,14 @@ def namespace_script(net: GuestNet) -> str:
 async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: GuestNet) -> int:
     """Start QEMU in a new network namespace (which lives exactly as long as QEMU); return its pid. QEMU is
     not our session's: a honeypot that restarts finds it again (list_managed)."""
+    return (await spawn(settings, accel, launch, net)).pid
+
+
+async def spawn(
+    settings: MicroVMSettings, accel: Accel, launch: Launch, net: GuestNet, cgroup_procs: Sequence[Path] = ()
+) -> asyncio.subprocess.Process:
+    """:func:`start`, in the cgroups whose ``cgroup.procs`` are given; the process, whose ``wait()`` tells how QEMU
+    ended (a signal: negative)."""
     for tool, package in (("unshare", "util-linux"), ("ip", "iproute2")):
         if not _which(tool):
             raise SandboxUnavailable(f"{tool} is missing: apt-get install {package}")
@@ -199,11 +218,13 @@ async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: Gu
         "--",
         "/bin/sh",
         "-c",
-        namespace_script(net),
+        namespace_script(net, cgroup_procs),
         "sandtrap-vm",
         *qemu_argv(settings, accel, launch),
     ]
     log.debug("starting %s", shlex.join(argv))
+    if settings.chroot:
+        await asyncio.to_thread(_empty_dir, launch.chroot_dir)
     logfile = await asyncio.to_thread(open, launch.state_dir / "qemu.log", "ab")
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -214,7 +235,13 @@ async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: Gu
     finally:
         logfile.close()
     # Reaped by asyncio's child watcher; the VM outlives this Process object.
-    return proc.pid
+    return proc
+
+
+def _empty_dir(path: Path) -> None:
+    path.mkdir(mode=0o555, exist_ok=True)
+    if any(path.iterdir()):
+        raise SandboxError(f"{path} (QEMU's chroot) is not empty")
 
 
 def _which(tool: str) -> bool:
