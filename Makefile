@@ -30,6 +30,7 @@ bench: setup
 	bash bench/setup.sh
 	.venv/bin/python -m bench $(BENCH_ARGS)
 	.venv/bin/python -m bench.services $(BENCH_ARGS)
+	.venv/bin/python -m bench.microvm $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

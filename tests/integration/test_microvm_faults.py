@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -64,6 +65,7 @@ pytestmark = [
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def hp() -> AsyncIterator[Honeypot]:
     overrides: dict[str, Any] = {
+        "sensor": f"test-vm-{secrets.token_hex(4)}",  # its own capture gateway namespace
         "storage": {"data_dir": str(DATA)},
         "image": {"cache_dir": str(ROOT / "data" / "cache")},
         "ssh": {"listen": "127.0.0.1:0"},
@@ -71,7 +73,13 @@ async def hp() -> AsyncIterator[Honeypot]:
         "sandbox": {
             "backend": "microvm",
             "pool_size": 2,
-            "microvm": {"memory": "512m", "vcpus": 1, "console_log_max": CONSOLE_MAX, "unresponsive_s": 10},
+            "microvm": {
+                "memory": "512m",
+                "vcpus": 1,
+                "console_log_max": CONSOLE_MAX,
+                "unresponsive_s": 10,
+                "boot_timeout_s": 900,
+            },
         },
         "auth": {
             "credentials": [{"username": "root", "password": "hunter2"}],
