@@ -390,6 +390,12 @@ async def test_qemu_killed_ends_the_session_with_the_reason(hp: Honeypot) -> Non
 
 async def test_qemu_out_of_memory_ends_the_session_with_the_reason(hp: Honeypot) -> None:
     async def starve(vm: MicroVMSandbox, shell: Any) -> None:
+        # The guest frees its page cache; free-page reporting hands those pages back to the host, so the hog
+        # below makes QEMU grow past a limit set just above what it holds now.
+        shell.stdin.write("sync; echo 3 > /proc/sys/vm/drop_caches; sleep 8; echo dropped-$((6*7))\n")
+        async with asyncio.timeout(120):
+            while "dropped-42" not in (await shell.stdout.readline()):
+                pass
         memory = CGROUPS / "memory" / PREFIX / vm.name
         usage = int((memory / "memory.usage_in_bytes").read_text())
         (memory / "memory.limit_in_bytes").write_text(str(usage + 32 * MiB))

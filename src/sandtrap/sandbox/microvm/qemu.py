@@ -174,6 +174,8 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=net0,mac={launch.mac}",
         "-device", "virtio-rng-pci",
+        # The guest hands its free memory back (QEMU drops those pages): an idle VM holds what its guest uses.
+        "-device", "virtio-balloon-pci,free-page-reporting=on",
         "-chardev", f"socket,id=con0,path={launch.serial_socket},server=on,wait=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{launch.qmp_socket},server=on,wait=off",
