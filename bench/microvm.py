@@ -71,7 +71,7 @@ def log(msg: str) -> None:
 def _settings(backend: str, data: Path, pool: int) -> Settings:
     sandbox: dict[str, Any] = {"backend": backend, "pool_size": pool}
     if backend == "microvm":
-        sandbox["microvm"] = {"memory": "512m", "vcpus": 1}
+        sandbox["microvm"] = {"memory": "512m", "vcpus": 1, "boot_timeout_s": 1200}  # TCG on a busy host: minutes
     return load_settings(
         None,
         {
