@@ -186,6 +186,8 @@ class MicroVMBackend:
             if not await sandbox.is_running():
                 tail = await asyncio.to_thread(_tail, directory / "qemu.log")
                 raise SandboxError(f"QEMU of {sandbox.name} exited while booting: {tail}")
+            if panic := await asyncio.to_thread(_panic_line, directory / "console.log"):
+                raise SandboxError(f"{sandbox.name}: the guest kernel panicked while booting: {panic}")
             try:
                 await sandbox.connection()
                 return
@@ -253,6 +255,18 @@ def _is_ours(pid: int, vms: Path) -> bool:
             return str(vms).encode() + b"/" in f.read()
     except OSError:
         return False
+
+
+def _panic_line(path: Path) -> str:
+    """The console's "Kernel panic" line (a panic before the pvpanic driver loads leaves the VM running, hung)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if b"Kernel panic - not syncing" in line:
+                    return line.decode(errors="replace").strip()[:300]
+    except OSError:
+        pass
+    return ""
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
