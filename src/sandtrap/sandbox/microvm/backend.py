@@ -92,6 +92,7 @@ class MicroVMBackend:
         self._cgroups = VMCgroups()
         self._limits = vm_limits(settings, tcg=self._accel.name == "tcg")
         self._live: dict[str, MicroVMSandbox] = {}
+        self._creating: set[str] = set()  # booting: not the pool's yet, and not a stray for its sweep
 
     @property
     def accel(self) -> qemu.Accel:
@@ -120,6 +121,13 @@ class MicroVMBackend:
         vm_id = secrets.token_hex(6)
         directory = self._vms / vm_id
         await asyncio.to_thread(directory.mkdir, 0o700)
+        self._creating.add(vm_id)
+        try:
+            return await self._create(image, vm_id, directory, session, src_ip)
+        finally:
+            self._creating.discard(vm_id)
+
+    async def _create(self, image: VMImage, vm_id: str, directory: Path, session: str, src_ip: str) -> MicroVMSandbox:
         record = VMRecord(
             id=vm_id,
             name=NAME_PREFIX + vm_id,
@@ -216,6 +224,8 @@ class MicroVMBackend:
             if record is None:
                 continue
             known.add(record.name)
+            if record.id in self._creating:  # a boot under TCG takes minutes; the pool's sweep must not stop it
+                continue
             running = qemu.is_alive(record.pid, record.name)
             now = "preserved" if not running else ("active" if record.session else "warm")
             out.append(
