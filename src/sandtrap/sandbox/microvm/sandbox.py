@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 STOP_SYNC_TIMEOUT_S = 10.0
+CGROUP_RELEASE_TRIES = 50
 LISTING_TIMEOUT_S = 300.0
 # Every path on the root file system with type, size, mode, mtime and ctime; NUL-separated (any byte in a name).
 LISTING = ["find", "/", "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
@@ -71,7 +72,7 @@ class MicroVMSandbox:
         self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
         self.watch: VMWatch | None = None  # set by the backend that started QEMU (watch.py)
-        self.release_cgroup: Callable[[], object] | None = None  # set with the VM's cgroups (limits.py)
+        self.release_cgroup: Callable[[], bool] | None = None  # set with the VM's cgroups (limits.py)
 
     @property
     def directory(self) -> Path:
@@ -234,8 +235,11 @@ class MicroVMSandbox:
             await qemu.kill(self._record.pid, self.name, grace_s=0 if self.failure else 5.0)
         await self.detach()
         if self.release_cgroup is not None and not self._is_alive():
-            await asyncio.to_thread(self.release_cgroup)
-            self.release_cgroup = None
+            for _ in range(CGROUP_RELEASE_TRIES):  # QEMU may be a zombie a moment longer (the kernel says EBUSY)
+                if await asyncio.to_thread(self.release_cgroup):
+                    self.release_cgroup = None
+                    break
+                await asyncio.sleep(0.1)
         if self._record.state != "preserved" and self._dir.exists():
             self._record.state, self._record.released = "preserved", VMRecord.now()
             await asyncio.to_thread(state.save, self._dir, self._record)
