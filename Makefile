@@ -33,6 +33,7 @@ bench: setup
 	.venv/bin/python -m bench.capture $(BENCH_ARGS)
 	.venv/bin/python -m bench.capacity $(BENCH_ARGS)
 	.venv/bin/python -m bench.microvm $(BENCH_ARGS)
+	.venv/bin/python -m bench.microvm_restore $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -224,6 +224,8 @@ class Connection:
         """The transport is gone (``error``: why, None for a clean close): finish in the background."""
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if not self.close_reason and (failure := self._sandbox_failure()):
+            self.close_reason = failure
         if not self.close_reason:
             self.close_reason = "client_closed" if error is None else f"error: {printable(error, 200)}"
         duration = time.monotonic() - self.started
@@ -343,6 +345,17 @@ class Connection:
             both = self.usage.bytes_in + self.usage.bytes_out
             if self.service.max_bytes is not None and both > self.service.max_bytes:
                 return self.end("max_bytes", both)
+            if failure := self._sandbox_failure():
+                return self.end(failure, limit=False)
+
+    def _sandbox_failure(self) -> str:
+        """``sandbox_failed: <why>`` when the session's sandbox died under it and its backend says why (a VM's
+        ``failure``: a panic, a kill, out of memory, no answer); else empty."""
+        task = self._lease_task
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return ""
+        failure = getattr(task.result().sandbox, "failure", "")
+        return f"sandbox_failed: {printable(str(failure), 200)}" if failure else ""
 
     def forwarding(self, host: str, port: int) -> Callable[[Any, Any], Awaitable[None]] | None:
         """A handler for an SSH client's direct-tcpip channel to ``host:port``, routed into the capture

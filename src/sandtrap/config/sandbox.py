@@ -237,6 +237,24 @@ class MicroVMSettings(Section):
         description="refill from a saved snapshot of a booted template VM (made once per image and QEMU command "
         "line, then each VM made unique) instead of a cold boot; false: every VM boots",
     )
+    memory_overhead: ByteSize = Field(
+        parse_size("256m"),
+        description="QEMU's own memory beyond the guest's RAM and TCG cache; each VM's cgroup holds QEMU to memory + "
+        "tcg_cache (under TCG) + this, and the kernel kills a QEMU past it (the session ends, recorded)",
+    )
+    pids_max: int = Field(64, ge=16, le=4096, description="threads one QEMU may have (its cgroup's pids.max)")
+    chroot: bool = Field(
+        True,
+        description="QEMU chroots into an empty directory once its disk, kernel, tap and sockets are open (-chroot): "
+        "it can open no host file by name after that",
+    )
+    unresponsive_s: float = Field(
+        20.0,
+        ge=5.0,
+        le=600.0,
+        description="a VM whose QEMU monitor has not answered for this long (a stopped or wedged QEMU) is killed and "
+        "its session ended, recorded as sandbox_failed",
+    )
 
     @field_validator("kernel_cmdline_extra")
     @classmethod

@@ -166,7 +166,7 @@ def test_qemu_has_shared_memory_and_a_hotplug_port_and_no_lure_device(tmp_path: 
     launch = qemu.Launch("n", tmp_path, tmp_path / "d", tmp_path / "k", tmp_path / "i", "52:54:00:00:00:01", "u")
     argv = qemu.qemu_argv(settings, qemu.Accel("tcg", "test"), launch)
     assert f"memory-backend-memfd,id=mem0,size={settings.memory >> 20}M,share=on" in argv
-    assert "q35,memory-backend=mem0" in argv and f"-m {settings.memory >> 20}M" in " ".join(argv)
+    assert "q35,memory-backend=mem0,mem-merge=on" in argv and f"-m {settings.memory >> 20}M" in " ".join(argv)
     assert any(a.startswith(f"pcie-root-port,id={qemu.HOTPLUG_PORT},") for a in argv)
     assert not any("vhost-user-fs" in a for a in argv)  # hot-plugged after boot: never in a saved state
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import posixpath
@@ -24,12 +25,15 @@ import asyncssh
 from sandtrap.config import ImageSettings, MicroVMSettings, SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo, run
+from sandtrap.sandbox.host.cgroups import CgroupError
 from sandtrap.sandbox.microvm import guest, qemu, snapshot, state, virtiofs
 from sandtrap.sandbox.microvm.image import GuestFiles, VMImage, find_image, vm_inputs
+from sandtrap.sandbox.microvm.limits import VMCgroups, vm_limits
 from sandtrap.sandbox.microvm.sandbox import BASELINE, LISTING, LISTING_TIMEOUT_S, MicroVMSandbox, copy_console
 from sandtrap.sandbox.microvm.snapshot import Snapshot
 from sandtrap.sandbox.microvm.state import VMRecord
 from sandtrap.sandbox.microvm.unique import make_unique, new_identity
+from sandtrap.sandbox.microvm.watch import VMWatch
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +104,13 @@ class MicroVMBackend:
             log.warning("micro-VMs run under TCG: %s", self._accel.reason)
         else:
             log.info("micro-VMs run under KVM: %s", self._accel.reason)
+        self._cgroups = VMCgroups()
+        self._limits = vm_limits(settings, tcg=self._accel.name == "tcg")
         self._live: dict[str, MicroVMSandbox] = {}
         self._template_lock = asyncio.Lock()
         self._failed_templates: set[str] = set()
         self._qemu_version: str | None = None
+        self._creating: set[str] = set()  # booting: not the pool's yet, and not a stray for its sweep
 
     @property
     def accel(self) -> qemu.Accel:
@@ -152,6 +159,13 @@ class MicroVMBackend:
     async def _boot(self, image: VMImage, template: Snapshot | None) -> MicroVMSandbox:
         """One VM: restored from ``template`` (and made unique), or cold-booted; ready, with its baseline."""
         vm_id = secrets.token_hex(6)
+        self._creating.add(vm_id)  # booting: not the pool's yet, and not a stray for its sweep (list_managed)
+        try:
+            return await self._boot_as(vm_id, image, template)
+        finally:
+            self._creating.discard(vm_id)
+
+    async def _boot_as(self, vm_id: str, image: VMImage, template: Snapshot | None) -> MicroVMSandbox:
         directory = self._vms / vm_id
         await asyncio.to_thread(directory.mkdir, 0o700)
         record = VMRecord(vm_id, NAME_PREFIX + vm_id, VMRecord.now(), str(image.directory), _mac(), str(uuid.uuid4()))
@@ -181,8 +195,10 @@ class MicroVMBackend:
                 "VM %s: sshd ready %.1fs after QEMU's start, %s; %s in %.1fs", record.name, sandbox.boot_s, how,
                 "baseline" if template is None else "made unique, baseline", sandbox.baseline_s,
             )  # fmt: skip
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(sandbox.remove())
+            if isinstance(exc, CgroupError):
+                raise SandboxUnavailable(f"{record.name}: {exc}") from exc
             raise
         return sandbox
 
@@ -219,10 +235,18 @@ class MicroVMBackend:
                 record.name, directory, directory / "disk.qcow2", image.kernel, image.initrd, record.mac,
                 record.machine_uuid, state_fd,
             )  # fmt: skip
-            record.pid = await qemu.start(self._settings, self._accel, launch, self._net)
+            cgroup = await asyncio.to_thread(self._cgroups.create, record.name, self._limits)
+            if cgroup is not None:
+                sandbox.release_cgroup = functools.partial(self._cgroups.remove, record.name)
+            proc = await qemu.spawn(self._settings, self._accel, launch, self._net, cgroup.procs if cgroup else ())
+            record.pid = proc.pid
         finally:
             if state_fd is not None:
                 os.close(state_fd)
+        sandbox.watch = VMWatch(
+            record.name, proc, launch.qmp_socket, self._settings.unresponsive_s,
+            functools.partial(self._cgroups.oom_kills, record.name), sandbox.failed,
+        )  # fmt: skip
         await asyncio.to_thread(state.save, directory, record)
         connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         sandbox.console = asyncio.create_task(
@@ -238,7 +262,7 @@ class MicroVMBackend:
         deadline = time.monotonic() + self._settings.boot_timeout_s
         while time.monotonic() < deadline:
             if not await sandbox.is_running():
-                tail = await asyncio.to_thread(_tail, sandbox.directory / "qemu.log")
+                tail = await asyncio.to_thread(state.tail, sandbox.directory / "qemu.log")
                 raise SandboxError(f"QEMU of {sandbox.name} exited while restoring: {tail}")
             with contextlib.suppress(SandboxError):
                 status = await qemu.qmp(sandbox.directory / "qmp.sock", "query-status")
@@ -266,7 +290,7 @@ class MicroVMBackend:
             try:
                 return await asyncio.to_thread(snapshot.save_state, work / "qmp.sock", work / "state")
             except SandboxError as exc:
-                tail = await asyncio.to_thread(_tail, work / "qemu.log", 300)
+                tail = await asyncio.to_thread(state.tail, work / "qemu.log", 300)
                 if attempt == SAVE_ATTEMPTS:
                     raise SandboxError(f"{exc} (QEMU: {tail})") from exc
                 log.warning(
@@ -324,9 +348,12 @@ class MicroVMBackend:
             t_save = time.monotonic()
             size = await self._save_state(work, record.name)
             save_s = time.monotonic() - t_save
+            if template.watch is not None:
+                await template.watch.close()
             with contextlib.suppress(SandboxError):
                 await qemu.qmp(work / "qmp.sock", "quit")
             await qemu.kill(record.pid, record.name)
+            await _release_cgroup(template)
             for leftover in ("qmp.sock", "serial.sock", "vm.json"):
                 (work / leftover).unlink(missing_ok=True)
             (work / "disk.qcow2").chmod(0o400)  # every restored VM's backing file: never written again
@@ -336,7 +363,10 @@ class MicroVMBackend:
             )  # fmt: skip
             await asyncio.to_thread(work.rename, final)
         except BaseException:
+            if template.watch is not None:
+                await asyncio.shield(template.watch.close())
             await asyncio.shield(qemu.kill(record.pid, record.name))
+            await asyncio.shield(_release_cgroup(template))
             await asyncio.to_thread(shutil.rmtree, work, True)
             raise
         log.info("template %s saved: boot %.1fs, save %.1fs, state %d MiB", final.name, boot_s, save_s, size >> 20)
@@ -357,8 +387,10 @@ class MicroVMBackend:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not await sandbox.is_running():
-                tail = await asyncio.to_thread(_tail, directory / "qemu.log")
+                tail = await asyncio.to_thread(state.tail, directory / "qemu.log")
                 raise SandboxError(f"QEMU of {sandbox.name} exited while booting: {tail}")
+            if panic := await asyncio.to_thread(state.panic_line, directory / "console.log"):
+                raise SandboxError(f"{sandbox.name}: the guest kernel panicked while booting: {panic}")
             try:
                 await sandbox.connection()
                 return
@@ -387,6 +419,8 @@ class MicroVMBackend:
             if record is None:
                 continue
             known.add(record.name)
+            if record.id in self._creating:  # a boot under TCG takes minutes; the pool's sweep must not stop it
+                continue
             running = qemu.is_alive(record.pid, record.name)
             now = "preserved" if not running else ("active" if record.session else "warm")
             out.append(
@@ -406,6 +440,12 @@ class MicroVMBackend:
             if name not in known and _is_ours(pid, self._vms):
                 log.warning("killing QEMU %d (%s): no state directory of this sensor accounts for it", pid, name)
                 await qemu.kill(pid, name)
+        # This sensor's VMs that no longer run keep no cgroup (a crash between QEMU's end and stop); the kernel
+        # refuses to remove one that still holds a process.
+        stopped = {info.name for info in out if info.state == "preserved"}
+        swept = await asyncio.to_thread(self._cgroups.sweep, stopped)
+        if swept:
+            log.info("removed the cgroups of %d VMs that no longer run", swept)
         return out
 
     def _vm_alive(self, directory: Path) -> bool:
@@ -438,8 +478,10 @@ async def _clear_orphan_templates(home: Path) -> None:
         await asyncio.to_thread(shutil.rmtree, work, True)
 
 
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        return path.read_bytes()[-limit:].decode(errors="replace").strip() or "(no output)"
-    except OSError:
-        return "(no qemu.log)"
+async def _release_cgroup(vm: MicroVMSandbox) -> None:
+    """The cgroup of a VM whose QEMU is gone (it may be a zombie a moment longer: the kernel says EBUSY)."""
+    for _ in range(50):
+        if vm.release_cgroup is None or await asyncio.to_thread(vm.release_cgroup):
+            vm.release_cgroup = None
+            return
+        await asyncio.sleep(0.1)

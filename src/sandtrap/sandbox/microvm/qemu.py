@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,11 @@ class Launch:
     def serial_socket(self) -> Path:
         return self.state_dir / "serial.sock"
 
+    @property
+    def chroot_dir(self) -> Path:
+        """Empty and root's: QEMU's root once it runs (``sandbox.microvm.chroot``)."""
+        return self.state_dir / "chroot"
+
 
 def check_user(settings: MicroVMSettings) -> None:
     """``sandbox.microvm.run_as`` must exist (and not be root)."""
@@ -142,7 +148,9 @@ def check_user(settings: MicroVMSettings) -> None:
 
 
 def kernel_cmdline(settings: MicroVMSettings) -> str:
-    base = "root=/dev/vda ro console=ttyS0,115200 quiet"
+    # no_timer_check, as cloud images boot: under TCG on a busy host the kernel's IO-APIC timer check fails and
+    # it panics before any driver loads ("IO-APIC + timer doesn't work!", seen here).
+    base = "root=/dev/vda ro console=ttyS0,115200 no_timer_check quiet"
     return f"{base} {settings.kernel_cmdline_extra}".strip()
 
 
@@ -155,7 +163,7 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         # Guest RAM in a shared memfd (vhost-user-fs needs it: virtiofsd maps it) and a PCIe root port with room
         # for the lure's device, hot-plugged after boot (virtiofs.py), so this line is the same cold or restored.
         "-object", f"memory-backend-memfd,id=mem0,size={settings.memory >> 20}M,share=on",
-        "-machine", "q35,memory-backend=mem0", "-accel", "kvm" if accel.name == "kvm" else f"tcg,thread=multi,tb-size={settings.tcg_cache >> 20}",
+        "-machine", "q35,memory-backend=mem0,mem-merge=on", "-accel", "kvm" if accel.name == "kvm" else f"tcg,thread=multi,tb-size={settings.tcg_cache >> 20}",
         "-cpu", "host" if accel.name == "kvm" else "max",
         "-m", f"{settings.memory >> 20}M", "-smp", str(settings.vcpus),
         "-uuid", launch.machine_uuid,  # systemd takes the guest's machine-id from it (SMBIOS product uuid)
@@ -164,6 +172,9 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-sandbox", f"on,obsolete=deny,elevateprivileges={'allow' if settings.run_as else 'deny'},spawn=deny,"
         "resourcecontrol=deny",
         *(["-runas", settings.run_as] if settings.run_as else []),
+        *(["-chroot", str(launch.chroot_dir)] if settings.chroot else []),
+        # A guest kernel panic stops the VM (pvpanic), where the backend's watch sees it (query-status).
+        "-action", "panic=pause", "-device", "pvpanic-pci",
         "-kernel", str(launch.kernel), "-initrd", str(launch.initrd), "-append", kernel_cmdline(settings),
         # auto-read-only=off: QEMU keeps its one read-write fd. With it on, saving (inactivating the disk) and
         # restoring (activating it) reopen the file by path, which QEMU, after -runas, may not open (snapshot.py).
@@ -173,6 +184,8 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-device", f"virtio-net-pci,netdev=net0,mac={launch.mac}",
         "-device", "virtio-rng-pci",
         "-device", f"pcie-root-port,id={HOTPLUG_PORT},bus=pcie.0,chassis=1",
+        # The guest hands its free memory back (QEMU drops those pages): an idle VM holds what its guest uses.
+        "-device", "virtio-balloon-pci,free-page-reporting=on",
         "-chardev", f"socket,id=con0,path={launch.serial_socket},server=on,wait=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{launch.qmp_socket},server=on,wait=off",
@@ -180,12 +193,14 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
     ]  # fmt: skip
 
 
-def namespace_script(net: GuestNet) -> str:
-    """Run by ``unshare --net`` before QEMU: the tap and its host side in the VM's new network namespace, and
-    nothing else (no other interface, no route but the tap's own subnet, forwarding off)."""
+def namespace_script(net: GuestNet, cgroup_procs: Sequence[Path] = ()) -> str:
+    """Run by ``unshare --net`` before QEMU: into the VM's cgroups (``cgroup_procs``: before QEMU allocates
+    anything), the tap and its host side in the VM's new network namespace, and nothing else (no other interface,
+    no route but the tap's own subnet, forwarding off)."""
     return "; ".join(
         [
             "set -e",
+            *(f"echo $$ > {shlex.quote(str(p))}" for p in cgroup_procs),
             "ip link set lo up",
             f"ip tuntap add dev {TAP} mode tap",
             f"ip addr add {net.gateway}/{net.prefix} dev {TAP}",
@@ -199,6 +214,14 @@ def namespace_script(net: GuestNet) -> str:
 async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: GuestNet) -> int:
     """Start QEMU in a new network namespace (which lives exactly as long as QEMU); return its pid. QEMU is
     not our session's: a honeypot that restarts finds it again (list_managed)."""
+    return (await spawn(settings, accel, launch, net)).pid
+
+
+async def spawn(
+    settings: MicroVMSettings, accel: Accel, launch: Launch, net: GuestNet, cgroup_procs: Sequence[Path] = ()
+) -> asyncio.subprocess.Process:
+    """:func:`start`, in the cgroups whose ``cgroup.procs`` are given; the process, whose ``wait()`` tells how QEMU
+    ended (a signal: negative)."""
     for tool, package in (("unshare", "util-linux"), ("ip", "iproute2")):
         if not _which(tool):
             raise SandboxUnavailable(f"{tool} is missing: apt-get install {package}")
@@ -208,11 +231,13 @@ async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: Gu
         "--",
         "/bin/sh",
         "-c",
-        namespace_script(net),
+        namespace_script(net, cgroup_procs),
         "sandtrap-vm",
         *qemu_argv(settings, accel, launch),
     ]
     log.debug("starting %s", shlex.join(argv))
+    if settings.chroot:
+        await asyncio.to_thread(_empty_dir, launch.chroot_dir)
     logfile = await asyncio.to_thread(open, launch.state_dir / "qemu.log", "ab")
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -224,7 +249,13 @@ async def start(settings: MicroVMSettings, accel: Accel, launch: Launch, net: Gu
     finally:
         logfile.close()
     # Reaped by asyncio's child watcher; the VM outlives this Process object.
-    return proc.pid
+    return proc
+
+
+def _empty_dir(path: Path) -> None:
+    path.mkdir(mode=0o555, exist_ok=True)
+    if any(path.iterdir()):
+        raise SandboxError(f"{path} (QEMU's chroot) is not empty")
 
 
 def _which(tool: str) -> bool:

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import asyncssh
@@ -31,12 +31,14 @@ from sandtrap.sandbox.base import (
 )
 from sandtrap.sandbox.microvm import guest, lureshare, qemu, relay, state, virtiofs
 from sandtrap.sandbox.microvm.state import VMRecord
+from sandtrap.sandbox.microvm.watch import VMWatch
 
 log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 STOP_SYNC_TIMEOUT_S = 10.0
 WATCH_S = 1.0
+CGROUP_RELEASE_TRIES = 50
 LISTING_TIMEOUT_S = 300.0
 # Every path on the root file system with type, size, mode, mtime and ctime; NUL-separated (any byte in a name).
 LISTING = ["find", "/", "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
@@ -78,6 +80,8 @@ class MicroVMSandbox:
         self.lure: lureshare.LureShare | None = None  # the lure share's events (set by the backend that made it)
         self.lure_s: float | None = None  # the lure share's start, hot-plug and guest mount (set by create)
         self.restored_from: str = ""  # the template snapshot's directory, "" after a cold boot
+        self.watch: VMWatch | None = None  # set by the backend that started QEMU (watch.py)
+        self.release_cgroup: Callable[[], bool] | None = None  # set with the VM's cgroups (limits.py)
 
     @property
     def directory(self) -> Path:
@@ -94,11 +98,27 @@ class MicroVMSandbox:
     def _is_alive(self) -> bool:
         return qemu.is_alive(self._record.pid, self.name)
 
+    @property
+    def failure(self) -> str:
+        """Why the VM died under its session (a panic, a kill, out of memory, no answer); empty while it is well.
+        The bridge ends the session with it as the reason."""
+        return self.watch.failure if self.watch is not None else ""
+
+    async def failed(self, reason: str) -> None:
+        """The watch's handler: drop the connection to the guest (its channels end now, not at a keepalive's
+        timeout) and kill what is left of QEMU (a panicked or stopped VM)."""
+        conn, self._conn, self._sftp = self._conn, None, None
+        if conn is not None:
+            conn.abort()
+        await qemu.kill(self._record.pid, self.name, grace_s=0)
+
     async def connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
             if self._conn is not None and self._conn.is_closed():
                 self._conn, self._sftp = None, None
             if self._conn is None:
+                if self.failure:
+                    raise SandboxError(f"VM {self.name} failed: {self.failure}")
                 if not self._is_alive():
                     raise SandboxError(f"VM {self.name} is not running")
                 self._conn = await guest.connect(self._record.pid, self._is_alive, self._address, self._key, self.name)
@@ -264,19 +284,30 @@ class MicroVMSandbox:
             self.console = None
 
     async def stop(self) -> None:
-        """Sync the guest's disk, quit QEMU (the overlay stays for forensics); harmless twice."""
+        """Sync the guest's disk, quit QEMU (the overlay stays for forensics); harmless twice. A failed VM is
+        killed at once (nothing there answers)."""
+        if self.watch is not None:
+            await self.watch.close()
         if self._is_alive():
-            with contextlib.suppress(SandboxError, TimeoutError, OSError):
-                await run(self, ["sync"], timeout_s=STOP_SYNC_TIMEOUT_S)
+            if not self.failure:
+                with contextlib.suppress(SandboxError, TimeoutError, OSError):
+                    await run(self, ["sync"], timeout_s=STOP_SYNC_TIMEOUT_S)
             await self._close_connection()
-            with contextlib.suppress(SandboxError):
-                await qemu.qmp(self._dir / "qmp.sock", "quit")
-            await qemu.kill(self._record.pid, self.name)
+            if not self.failure:
+                with contextlib.suppress(SandboxError):
+                    await qemu.qmp(self._dir / "qmp.sock", "quit")
+            await qemu.kill(self._record.pid, self.name, grace_s=0 if self.failure else 5.0)
         if self.lure is not None:
             self.lure.close()
             self.lure = None
         await virtiofs.cleanup(self._dir)
         await self.detach()
+        if self.release_cgroup is not None and not self._is_alive():
+            for _ in range(CGROUP_RELEASE_TRIES):  # QEMU may be a zombie a moment longer (the kernel says EBUSY)
+                if await asyncio.to_thread(self.release_cgroup):
+                    self.release_cgroup = None
+                    break
+                await asyncio.sleep(0.1)
         if self._record.state != "preserved" and self._dir.exists():
             self._record.state, self._record.released = "preserved", VMRecord.now()
             await asyncio.to_thread(state.save, self._dir, self._record)

@@ -59,3 +59,22 @@ def when(text: str) -> datetime | None:
         return datetime.fromisoformat(text) if text else None
     except ValueError:
         return None
+
+
+def panic_line(path: Path) -> str:
+    """The console's "Kernel panic" line (a panic before the pvpanic driver loads leaves the VM running, hung)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if b"Kernel panic - not syncing" in line:
+                    return line.decode(errors="replace").strip()[:300]
+    except OSError:
+        pass
+    return ""
+
+
+def tail(path: Path, limit: int = 2000) -> str:
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace").strip() or "(no output)"
+    except OSError:
+        return "(no qemu.log)"
