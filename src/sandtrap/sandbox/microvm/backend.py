@@ -13,6 +13,7 @@ import secrets
 import shutil
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class MicroVMBackend:
         cache_dir: Path,
         root: Path,
         planted: Planted | None = None,
+        on_start: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
         self._root = Path(root)
@@ -86,6 +88,7 @@ class MicroVMBackend:
         else:
             log.info("micro-VMs run under KVM: %s", self._accel.reason)
         self._live: dict[str, MicroVMSandbox] = {}
+        self._on_start = on_start  # (vm id, QEMU's pid) after QEMU starts: the capture gateway (network/vmtap.py)
 
     @property
     def accel(self) -> qemu.Accel:
@@ -132,6 +135,8 @@ class MicroVMBackend:
             )  # fmt: skip
             record.pid = await qemu.start(self._settings, self._accel, launch, self._net)
             await asyncio.to_thread(state.save, directory, record)
+            if self._on_start is not None:
+                await self._on_start(vm_id, record.pid)
             connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             sandbox.console = asyncio.create_task(
                 copy_console(launch.serial_socket, directory / "console.log", self._settings.console_log_max, connected)
