@@ -26,6 +26,7 @@ from sandtrap.config import ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.network.gateway import Gateway
+from sandtrap.network.tls import SensorCA
 from sandtrap.network.vmtap import VMNet
 from sandtrap.outputs.alerts import AlertSink
 from sandtrap.outputs.database import DatabaseSink
@@ -59,6 +60,16 @@ def _planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]] | 
     return box_host_key_files(keys, settings.sandbox.hostname)
 
 
+def vm_planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]]:
+    """What a VM image bakes in (``sandtrap image build`` and the backend agree): the planted files, and with
+    network.mode: capture and tls_intercept the gateway's per-sensor CA (the same files a Docker box gets)."""
+    files = dict(_planted_files(settings) or {})
+    network = settings.network
+    if network.mode == "capture" and network.tls_intercept:
+        files.update(SensorCA(settings.data_dir / "network").box_files())
+    return files
+
+
 def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
     docker = settings.sandbox.docker
     profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
@@ -89,7 +100,7 @@ def _microvm(settings: Settings, gateway: Gateway | None = None) -> SandboxBacke
 
     return MicroVMBackend(
         sandbox.microvm, sandbox, settings.image, cache_dir(settings), settings.data_dir / "microvm",
-        _planted_files(settings), on_start,
+        vm_planted_files(settings), on_start,
     )  # fmt: skip
 
 
