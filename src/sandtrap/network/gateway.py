@@ -52,7 +52,7 @@ from sandtrap.network.taps import Box, Emit, Store, Tap
 from sandtrap.network.tftp import RRQ, Request, TftpFailed, TftpSinkhole, bound_to, socket_for_any_address
 from sandtrap.network.tftp import send as tftp_send
 from sandtrap.network.tls import SensorCA
-from sandtrap.network.vmtap import VMNet, netns_path, prepare
+from sandtrap.network.vmtap import VMNet, fd_path, pin_namespace, prepare
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +85,7 @@ class _VM:
     server: asyncio.Server
     dns: asyncio.DatagramTransport
     pidfd: int
+    nsfd: int  # the VM's namespace, held open while the gateway serves it (:func:`.vmtap.pin_namespace`)
 
 
 class Gateway:
@@ -272,9 +273,11 @@ class Gateway:
         listener and a DNS socket there, served here, until QEMU ends (its pidfd) or :meth:`detach_vm`."""
         loop = asyncio.get_running_loop()
         pidfd = os.pidfd_open(pid)
+        nsfd = -1
         try:
-            await prepare(pid, net, vm_id)
-            path = netns_path(pid)
+            nsfd = await pin_namespace(pid, net.tap, vm_id)
+            path = fd_path(nsfd)
+            await prepare(path, net, vm_id)
             key = secrets.token_bytes(32)
             rate = self.settings.dns
             box = Box(
@@ -300,8 +303,10 @@ class Gateway:
                 raise
         except BaseException:
             os.close(pidfd)
+            if nsfd >= 0:
+                os.close(nsfd)
             raise
-        self._vms[vm_id] = _VM(box, server, transport, pidfd)
+        self._vms[vm_id] = _VM(box, server, transport, pidfd, nsfd)
         loop.add_reader(pidfd, self._vm_ended, vm_id)
         log.info("capture gateway serving VM %s (pid %d) on its %s", vm_id, pid, net.tap)
 
@@ -321,6 +326,7 @@ class Gateway:
             await self._close_tap(vm.box, vm.box.tap)
         vm.dns.close()
         vm.server.close()
+        os.close(vm.nsfd)
         log.info("capture gateway: VM %s gone", vm_id)
 
     def forwards(self, host: str) -> bool:

@@ -19,8 +19,11 @@ connection: the REDIRECT (PREROUTING, new connections from the tap) never sees i
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import shutil
+import time
 from dataclasses import dataclass
 
 from sandtrap.network.namespace import NetworkError, rules
@@ -48,8 +51,43 @@ class VMNet:
     subnet: str  # the tap's subnet, e.g. 10.20.1.0/24
 
 
-def netns_path(pid: int) -> str:
-    return f"/proc/{pid}/ns/net"
+NS_WAIT_S = 10.0
+
+
+async def pin_namespace(pid: int, tap: str, vm: str) -> int:
+    """An open fd on QEMU ``pid``'s network namespace, once it is not ours and holds ``tap``.
+
+    QEMU is started by ``unshare --net`` and a script that makes the tap: right after the start the process may
+    not have left sandtrap's own namespace yet, and no rule may ever be applied there. The fd keeps that very
+    namespace for every command and socket after (``/proc/self/fd/N``), whatever becomes of the pid."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    deadline = time.monotonic() + NS_WAIT_S
+    while (fd := _ready(pid, tap, own, vm)) is None:
+        if time.monotonic() > deadline:
+            raise NetworkError(f"VM {vm}: QEMU {pid} has no namespace of its own with {tap} after {NS_WAIT_S:.0f}s")
+        await asyncio.sleep(0.05)
+    return fd
+
+
+def _ready(pid: int, tap: str, own: int, vm: str) -> int | None:
+    """An fd on ``pid``'s namespace if it is not ``own`` and holds ``tap`` (procfs only: no waiting)."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetworkError(f"VM {vm}: QEMU {pid} is gone before its network was set up ({exc})") from exc
+    try:
+        with open(f"/proc/{pid}/net/dev", encoding="ascii", errors="replace") as f:
+            has_tap = any(line.strip().startswith(f"{tap}:") for line in f)
+    except OSError:
+        has_tap = False
+    if os.fstat(fd).st_ino != own and has_tap:
+        return fd
+    os.close(fd)
+    return None
+
+
+def fd_path(fd: int) -> str:
+    return f"/proc/{os.getpid()}/fd/{fd}"
 
 
 async def _run(argv: list[str], what: str, vm: str) -> None:
@@ -61,15 +99,16 @@ async def _run(argv: list[str], what: str, vm: str) -> None:
         )
 
 
-async def prepare(pid: int, net: VMNet, vm: str) -> None:
-    """The gateway's settings, catch-all route and rules in the network namespace of QEMU ``pid``."""
+async def prepare(netns: str, net: VMNet, vm: str) -> None:
+    """The gateway's settings, catch-all route and rules in the VM's network namespace (``netns``: the path of
+    the fd :func:`pin_namespace` opened)."""
     tools = {}
     for tool in ("nsenter", "ip", "sysctl", "iptables"):
         path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin")
         if path is None:
             raise NetworkError(f"network.mode: capture needs {tool}. Fix: apt-get install iproute2 iptables util-linux")
         tools[tool] = path
-    inside = [tools["nsenter"], "-t", str(pid), "-n"]
+    inside = [tools["nsenter"], f"--net={netns}"]
     for key, value in (*SYSCTLS, (f"net.ipv4.conf.{net.tap}.rp_filter", "1")):
         await _run([*inside, tools["sysctl"], "-q", "-w", f"{key}={value}"], f"sysctl {key}", vm)
     await _run(
