@@ -118,7 +118,9 @@ async def test_the_guest_resolves_downloads_and_is_captured(internet: Internet) 
         # DNS: answered, the same address both times within the VM's life.
         lines = [ln.split()[0] for ln in out.splitlines() if ln.endswith(NAME)]
         assert len(lines) == 2 and lines[0] == lines[1], out
-        dns = [e for e in capture.events if e.eventid == NETWORK_DNS and e.get("query") == NAME]
+        dns = [
+            e for e in capture.events if e.eventid == NETWORK_DNS and e.get("query") == NAME and e.get("qtype") == "A"
+        ]
         assert dns and dns[0].get("answer") == lines[0], dns
 
         # The download: the guest got the payload; an event with its sha256 and the stored file.
