@@ -155,7 +155,7 @@ async def test_the_guest_resolves_downloads_and_is_captured(internet: Internet) 
         routes = await _ns(pid, "ip", "route", "show", "table", "all")
         assert not any(ln.startswith("default") for ln in routes.splitlines()) and " via " not in routes, routes
         assert "local default dev lo scope host" in routes, routes  # every address local: nothing routed out
-        assert await _ns(pid, "cat", "/proc/sys/net/ipv4/ip_forward").strip() == "0"
+        assert (await _ns(pid, "cat", "/proc/sys/net/ipv4/ip_forward")).strip() == "0"
         rules = await _ns(pid, "iptables", "-w", "-S")
         assert "-P FORWARD DROP" in rules and f"-A INPUT -i tap0 ! -s {SUBNET} -j DROP" in rules, rules
         nat = await _ns(pid, "iptables", "-w", "-t", "nat", "-S")
