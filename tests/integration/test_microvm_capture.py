@@ -157,7 +157,7 @@ async def test_the_guest_resolves_downloads_and_is_captured(internet: Internet) 
         assert "local default dev lo scope host" in routes, routes  # every address local: nothing routed out
         assert (await _ns(pid, "cat", "/proc/sys/net/ipv4/ip_forward")).strip() == "0"
         rules = await _ns(pid, "iptables", "-w", "-S")
-        assert "-P FORWARD DROP" in rules and f"-A INPUT -i tap0 ! -s {SUBNET} -j DROP" in rules, rules
+        assert "-P FORWARD DROP" in rules and f"-A INPUT ! -s {SUBNET} -i tap0 -j DROP" in rules, rules
         nat = await _ns(pid, "iptables", "-w", "-t", "nat", "-S")
         assert "-A PREROUTING -i tap0 -p tcp -j REDIRECT --to-ports 1" in nat, nat
         assert "MASQUERADE" not in nat and "SNAT" not in nat and "DNAT" not in nat, nat
