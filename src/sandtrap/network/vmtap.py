@@ -121,20 +121,3 @@ async def prepare(netns: str, net: VMNet, vm: str) -> None:
     await _run([*iptables, "-t", "nat", "-F"], "flushing nat", vm)
     for rule in rules(net.subnet, net.tap):
         await _run([*iptables, *rule], "a gateway rule", vm)
-
-
-async def inspect(pid: int) -> dict[str, str]:
-    """What the VM's namespace holds, as the tools print it (tests, diagnostics)."""
-    inside = ["nsenter", "-t", str(pid), "-n"]
-    out: dict[str, str] = {}
-    for key, argv in (
-        ("links", ["ip", "-o", "link"]),
-        ("addresses", ["ip", "-o", "addr"]),
-        ("routes", ["ip", "route", "show", "table", "all"]),
-        ("filter", ["iptables", "-w", "-S"]),
-        ("nat", ["iptables", "-w", "-t", "nat", "-S"]),
-        ("ip_forward", ["cat", "/proc/sys/net/ipv4/ip_forward"]),
-    ):
-        code, text = await run_command([*inside, *argv])
-        out[key] = text if code == 0 else f"(failed: {text})"
-    return out
