@@ -102,63 +102,70 @@ async def test_the_guest_resolves_downloads_and_is_captured(internet: Internet) 
         f"curl -sS -m 60 -o /dev/null -w 'https=%{{http_code}} ' https://{NAME}/x.sh; echo tls=$?; "
         f"ping -c 1 -W 5 {NAME} >/dev/null; echo ping=$?"
     )
-    async with running(settings, sinks=[capture]) as services:
-        backend = services.backend
-        assert isinstance(backend, MicroVMBackend)
-        t1 = time.monotonic()
-        r = await client(ssh_argv(services.ssh.port, command), timeout_s=600)
-        session_s = time.monotonic() - t1
-        out = r.stdout.decode(errors="replace")
-        assert r.returncode == 0, (r, out)
-        closed = await _wait(capture, SESSION_CLOSED, timeout_s=120)
-        pcap_event = await _wait(capture, NETWORK_PCAP, timeout_s=60, session=closed.session)
-        vm = next(iter(backend._live.values()))
-        pid = vm.record.pid
+    vms = DATA / "microvm" / "vms"
+    try:
+        async with running(settings, sinks=[capture]) as services:
+            backend = services.backend
+            assert isinstance(backend, MicroVMBackend)
+            t1 = time.monotonic()
+            r = await client(ssh_argv(services.ssh.port, command), timeout_s=600)
+            session_s = time.monotonic() - t1
+            out = r.stdout.decode(errors="replace")
+            assert r.returncode == 0, (r, out)
+            closed = await _wait(capture, SESSION_CLOSED, timeout_s=120)
+            pcap_event = await _wait(capture, NETWORK_PCAP, timeout_s=60, session=closed.session)
+            vm = next(iter(backend._live.values()))
+            pid = vm.record.pid
 
-        # DNS: answered, the same address both times within the VM's life.
-        lines = [ln.split()[0] for ln in out.splitlines() if ln.endswith(NAME)]
-        assert len(lines) == 2 and lines[0] == lines[1], out
-        dns = [
-            e for e in capture.events if e.eventid == NETWORK_DNS and e.get("query") == NAME and e.get("qtype") == "A"
-        ]
-        assert dns and dns[0].get("answer") == lines[0], dns
+            # DNS: answered, the same address both times within the VM's life.
+            lines = [ln.split()[0] for ln in out.splitlines() if ln.endswith(NAME)]
+            assert len(lines) == 2 and lines[0] == lines[1], out
+            dns = [
+                e
+                for e in capture.events
+                if e.eventid == NETWORK_DNS and e.get("query") == NAME and e.get("qtype") == "A"
+            ]
+            assert dns and dns[0].get("answer") == lines[0], dns
 
-        # The download: the guest got the payload; an event with its sha256 and the stored file.
-        digest = hashlib.sha256(PAYLOAD).hexdigest()
-        assert f"{digest}  /tmp/w.sh" in out, out
-        downloads = [e for e in capture.events if e.eventid == SESSION_FILE_DOWNLOAD and e.get("url") == url]
-        assert downloads and downloads[0].get("shasum") == digest, downloads
-        stored = settings.data_dir / str(downloads[0].get("outfile"))
-        assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
-        assert internet.requests.count("/bins.sh") == 1, internet.requests  # the fetcher's one GET, nothing else
-        assert internet.forbidden_hits == 0
+            # The download: the guest got the payload; an event with its sha256 and the stored file.
+            digest = hashlib.sha256(PAYLOAD).hexdigest()
+            assert f"{digest}  /tmp/w.sh" in out, out
+            downloads = [e for e in capture.events if e.eventid == SESSION_FILE_DOWNLOAD and e.get("url") == url]
+            assert downloads and downloads[0].get("shasum") == digest, downloads
+            stored = settings.data_dir / str(downloads[0].get("outfile"))
+            assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+            assert internet.requests.count("/bins.sh") == 1, internet.requests  # the fetcher's one GET, nothing else
+            assert internet.forbidden_hits == 0
 
-        # HTTPS: the guest's curl verifies the gateway's certificate (the sensor's CA, baked in the image).
-        assert "tls=0" in out and "https=" in out, out
-        assert "ping=0" in out, out  # ICMP echo to the name's address: answered in the VM's namespace
+            # HTTPS: the guest's curl verifies the gateway's certificate (the sensor's CA, baked in the image).
+            assert "tls=0" in out and "https=" in out, out
+            assert "ping=0" in out, out  # ICMP echo to the name's address: answered in the VM's namespace
 
-        # The pcap: the guest's traffic on tap0, readable by tshark when installed.
-        pcap = settings.data_dir / str(pcap_event.get("pcap"))
-        assert pcap.stat().st_size > 24 and int(pcap_event.get("packets") or 0) > 10, pcap_event
-        if shutil.which("tshark"):
-            shown = await _cmd("tshark", "-r", str(pcap), "-Y", "http.request")
-            assert "GET /bins.sh" in shown, shown
-        print(
-            f"[vmcapture] boot {vm.boot_s:.1f}s; session (dns, wget {len(PAYLOAD)} B, curl https, ping) "
-            f"{session_s:.1f}s; pcap {pcap_event.get('size')} B, {pcap_event.get('packets')} packets"
-        )
+            # The pcap: the guest's traffic on tap0, readable by tshark when installed.
+            pcap = settings.data_dir / str(pcap_event.get("pcap"))
+            assert pcap.stat().st_size > 24 and int(pcap_event.get("packets") or 0) > 10, pcap_event
+            if shutil.which("tshark"):
+                shown = await _cmd("tshark", "-r", str(pcap), "-Y", "http.request")
+                assert "GET /bins.sh" in shown, shown
+            print(
+                f"[vmcapture] boot {vm.boot_s:.1f}s; session (dns, wget {len(PAYLOAD)} B, curl https, ping) "
+                f"{session_s:.1f}s; pcap {pcap_event.get('size')} B, {pcap_event.get('packets')} packets"
+            )
 
-        # Isolation, by inspection: the VM's namespace holds lo and tap0 only, no default route, no forwarding,
-        # the gateway's REDIRECTs on tap0 and FORWARD DROP; the host has no tap of ours.
-        links = await _ns(pid, "ip", "-o", "link", "show")
-        assert sorted(ln.split(":")[1].strip() for ln in links.splitlines()) == ["lo", "tap0"], links
-        routes = await _ns(pid, "ip", "route", "show", "table", "all")
-        assert not any(ln.startswith("default") for ln in routes.splitlines()) and " via " not in routes, routes
-        assert "local default dev lo scope host" in routes, routes  # every address local: nothing routed out
-        assert (await _ns(pid, "cat", "/proc/sys/net/ipv4/ip_forward")).strip() == "0"
-        rules = await _ns(pid, "iptables", "-w", "-S")
-        assert "-P FORWARD DROP" in rules and f"-A INPUT ! -s {SUBNET} -i tap0 -j DROP" in rules, rules
-        nat = await _ns(pid, "iptables", "-w", "-t", "nat", "-S")
-        assert "-A PREROUTING -i tap0 -p tcp -j REDIRECT --to-ports 1" in nat, nat
-        assert "MASQUERADE" not in nat and "SNAT" not in nat and "DNAT" not in nat, nat
-        assert "tap0" not in await _cmd("ip", "-o", "link")
+            # Isolation, by inspection: the VM's namespace holds lo and tap0 only, no default route, no forwarding,
+            # the gateway's REDIRECTs on tap0 and FORWARD DROP; the host has no tap of ours.
+            links = await _ns(pid, "ip", "-o", "link", "show")
+            assert sorted(ln.split(":")[1].strip() for ln in links.splitlines()) == ["lo", "tap0"], links
+            routes = await _ns(pid, "ip", "route", "show", "table", "all")
+            assert not any(ln.startswith("default") for ln in routes.splitlines()) and " via " not in routes, routes
+            assert "local default dev lo scope host" in routes, routes  # every address local: nothing routed out
+            assert (await _ns(pid, "cat", "/proc/sys/net/ipv4/ip_forward")).strip() == "0"
+            rules = await _ns(pid, "iptables", "-w", "-S")
+            assert "-P FORWARD DROP" in rules and f"-A INPUT ! -s {SUBNET} -i tap0 -j DROP" in rules, rules
+            nat = await _ns(pid, "iptables", "-w", "-t", "nat", "-S")
+            assert "-A PREROUTING -i tap0 -p tcp -j REDIRECT --to-ports 1" in nat, nat
+            assert "MASQUERADE" not in nat and "SNAT" not in nat and "DNAT" not in nat, nat
+            assert "tap0" not in await _cmd("ip", "-o", "link")
+    finally:  # the VM the pool kept for forensics: the shared data dir keeps none (test_microvm counts them)
+        for directory in vms.iterdir() if vms.exists() else ():
+            shutil.rmtree(directory, ignore_errors=True)
