@@ -74,7 +74,7 @@ async def read_all(proc: Process, timeout_s: float = 10.0) -> dict[int, bytes]:
 async def test_a_tty_echoes_input_and_merges_both_streams(box: Sandbox) -> None:
     proc = await box.exec(["sh", "-c", 'read line; echo "out:$line"; echo "err:$line" >&2'], tty=TermSize(80, 24))
     await proc.write(b"hello\r")
-    out = await read_until(proc, b"err:hello")
+    out = await read_until(proc, b"err:hello\r\n")  # the line and its CR LF may come in two chunks
     assert b"hello\r\n" in out  # the terminal's own echo of the line typed
     assert b"out:hello\r\n" in out and b"err:hello\r\n" in out  # one stream, with the tty's CR LF
     assert await proc.wait() == ExitStatus(0)

@@ -26,6 +26,8 @@ from sandtrap.config import ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.network.gateway import Gateway
+from sandtrap.network.tls import SensorCA
+from sandtrap.network.vmtap import VMNet
 from sandtrap.outputs.alerts import AlertSink
 from sandtrap.outputs.database import DatabaseSink
 from sandtrap.outputs.jsonlog import JsonLogSink
@@ -37,6 +39,7 @@ from sandtrap.sandbox.base import SandboxBackend
 from sandtrap.sandbox.docker import seccomp
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
+from sandtrap.sandbox.microvm.qemu import TAP, GuestNet
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
@@ -57,6 +60,16 @@ def _planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]] | 
     return box_host_key_files(keys, settings.sandbox.hostname)
 
 
+def vm_planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]]:
+    """What a VM image bakes in (``sandtrap image build`` and the backend agree): the planted files, and with
+    network.mode: capture and tls_intercept the gateway's per-sensor CA (the same files a Docker box gets)."""
+    files = dict(_planted_files(settings) or {})
+    network = settings.network
+    if network.mode == "capture" and network.tls_intercept:
+        files.update(SensorCA(settings.data_dir / "network").box_files())
+    return files
+
+
 def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
     docker = settings.sandbox.docker
     profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
@@ -74,12 +87,20 @@ def cache_dir(settings: Settings) -> Path:
 
 
 def _microvm(settings: Settings, gateway: Gateway | None = None) -> SandboxBackend:
-    # The VM's tap is in a namespace of its own (sandbox/microvm/qemu.py); the capture gateway is not yet
-    # plugged into it (issue 16's VM part): a VM has its tap only, nothing routed out.
+    # The VM's tap is in a namespace of its own (sandbox/microvm/qemu.py); with network.mode: capture the gateway
+    # serves it there once QEMU starts (network/vmtap.py). none: the tap only, nothing answering on it.
     sandbox = settings.sandbox
+    on_start = None
+    if gateway is not None:
+        guest = GuestNet.from_subnet(sandbox.network_subnet)
+        net = VMNet(TAP, guest.address, sandbox.network_subnet)
+
+        async def on_start(vm_id: str, pid: int) -> None:
+            await gateway.attach_vm(vm_id, pid, net)
+
     return MicroVMBackend(
         sandbox.microvm, sandbox, settings.image, cache_dir(settings), settings.data_dir / "microvm",
-        _planted_files(settings),
+        vm_planted_files(settings), on_start,
     )  # fmt: skip
 
 

@@ -113,13 +113,13 @@ def image_build(
 
 
 def _vm_image_build(s: Settings, force: bool) -> None:
-    from sandtrap.app import _planted_files, cache_dir
+    from sandtrap.app import cache_dir, vm_planted_files
     from sandtrap.sandbox.microvm.backend import access_key_path, guest_files
     from sandtrap.sandbox.microvm.guest import load_access_key
     from sandtrap.sandbox.microvm.image import build_vm_image
 
     key = load_access_key(access_key_path(s.data_dir / "microvm"))
-    guest = guest_files(s.sandbox, key, _planted_files(s))
+    guest = guest_files(s.sandbox, key, vm_planted_files(s))
     try:
         image, built = asyncio.run(
             build_vm_image(

@@ -22,7 +22,7 @@ import asyncssh
 import pytest
 from rich.console import Console
 
-from sandtrap.app import _planted_files, build_backend, cache_dir, running
+from sandtrap.app import build_backend, cache_dir, running, vm_planted_files
 from sandtrap.config import Settings, merge
 from sandtrap.sandbox.base import STDOUT, TermSize, run
 from sandtrap.sandbox.microvm import qemu
@@ -68,7 +68,7 @@ def _host(*argv: str) -> str:
 def vm_image() -> tuple[VMImage, float, bool]:
     settings = _settings()
     key = load_access_key(access_key_path(settings.data_dir / "microvm"))
-    guest = guest_files(settings.sandbox, key, _planted_files(settings))
+    guest = guest_files(settings.sandbox, key, vm_planted_files(settings))
     t0 = time.monotonic()
     image, built = asyncio.run(build_vm_image(settings.image, guest, cache_dir(settings), console=Console(quiet=True)))
     return image, time.monotonic() - t0, built

@@ -71,11 +71,14 @@ class NetworkCapture(Protocol):
         session: str,
         emit: Callable[..., object],
         store: Callable[[bytes], Awaitable[tuple[str, str, bool, bool]]],
+        sandbox_id: str = "",
     ) -> Callable[[], Awaitable[None]] | None: ...
 
     def forwards(self, host: str) -> bool: ...
 
-    async def forward(self, address: str, host: str, port: int, reader: Any, writer: Any) -> None: ...
+    async def forward(
+        self, address: str, host: str, port: int, reader: Any, writer: Any, sandbox_id: str = ""
+    ) -> None: ...
 
 
 def printable(text: str | bytes, limit: int = 512) -> str:
@@ -369,7 +372,7 @@ class Connection:
                 lease = await self.lease()
                 address = await lease.sandbox.network_address()
                 if address:
-                    await network.forward(address, host, port, reader, writer)
+                    await network.forward(address, host, port, reader, writer, lease.sandbox.id)
             except SandboxError:
                 pass  # recorded by the lease
             finally:
@@ -416,7 +419,9 @@ class Connection:
             try:
                 address = await lease.sandbox.network_address()
                 if address:
-                    self._capture_close = await self.hub.network.open(address, self.session, emit, self.artifacts.keep)
+                    self._capture_close = await self.hub.network.open(
+                        address, self.session, emit, self.artifacts.keep, lease.sandbox.id
+                    )
             except Exception:  # the session goes on unrecorded on the network rather than not at all
                 log.exception("the session's network capture did not start")
 

@@ -23,12 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
+import os
 import secrets
 import socket
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,13 +45,14 @@ from sandtrap.events import (
 )
 from sandtrap.network import dns, downloads
 from sandtrap.network.fetcher import Fetcher
-from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket
+from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket, run_in
 from sandtrap.network.pcap import PcapWriter
 from sandtrap.network.streams import HEAD_LIMIT, Streams
 from sandtrap.network.taps import Box, Emit, Store, Tap
 from sandtrap.network.tftp import RRQ, Request, TftpFailed, TftpSinkhole, bound_to, socket_for_any_address
 from sandtrap.network.tftp import send as tftp_send
 from sandtrap.network.tls import SensorCA
+from sandtrap.network.vmtap import VMNet, fd_path, pin_namespace, prepare
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,17 +60,32 @@ DNS_NAMES_KEPT = 10_000  # distinct names counted per session (memory bound)
 
 
 class _Dns(asyncio.DatagramProtocol):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, box: Box | None = None) -> None:
         self.gateway = gateway
+        self.box = box  # a micro-VM's own socket: its one box (every VM's guest has the same address)
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        reply = self.gateway.dns_query(data, str(addr[0]))
+        if self.box is None:
+            reply = self.gateway.dns_query(data, str(addr[0]))
+        else:
+            reply = self.gateway.answer_dns(data, self.box) if str(addr[0]) == self.box.address else None
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
+
+
+@dataclass
+class _VM:
+    """The gateway's hold in one micro-VM's namespace: its box, listeners and QEMU's pidfd (its end)."""
+
+    box: Box
+    server: asyncio.Server
+    dns: asyncio.DatagramTransport
+    pidfd: int
+    nsfd: int  # the VM's namespace, held open while the gateway serves it (:func:`.vmtap.pin_namespace`)
 
 
 class Gateway:
@@ -79,7 +98,8 @@ class Gateway:
         self._subnet = ipaddress.IPv4Network(settings.subnet)
         self._answers = tuple(ipaddress.IPv4Network(x) for x in settings.dns.answer_subnet)
         self._boxes: dict[str, Box] = {}
-        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca, self.dns_query)
+        self._streams = Streams(settings, self._boxes, self.fetcher, self.ca, self.answer_dns)
+        self._vms: dict[str, _VM] = {}  # micro-VMs by sandbox id, each served in its own namespace (:mod:`.vmtap`)
         self.commands = downloads.CommandLog()  # an event sink (app.py): each session's recent command lines
         self._tasks: set[asyncio.Task[None]] = set()
         self._attach_lock = asyncio.Lock()
@@ -113,6 +133,8 @@ class Gateway:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for vm_id in list(self._vms):
+            await self.detach_vm(vm_id)
         for box in self._boxes.values():
             if box.tap is not None:
                 await self._close_tap(box, box.tap)
@@ -130,8 +152,9 @@ class Gateway:
         if self._owns_namespace:
             await self.ns.delete()
 
-    async def _inside(self, work: Callable[[], T]) -> T:
-        """``work`` on a fresh thread inside the namespace (never a shared executor thread)."""
+    async def _inside(self, work: Callable[[], T], netns: str = "") -> T:
+        """``work`` on a fresh thread inside the namespace, or the one at ``netns`` (never a shared executor
+        thread)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
 
@@ -147,7 +170,7 @@ class Gateway:
 
         def run() -> None:
             try:
-                result = self.ns.run_inside(work)
+                result = run_in(netns or self.ns.path, work)
             except BaseException as exc:  # handed to the caller
                 loop.call_soon_threadsafe(fail, exc)
                 return
@@ -217,10 +240,13 @@ class Gateway:
             )
             return address
 
-    async def open(self, address: str, session: str, emit: Emit, store: Store) -> Callable[[], Awaitable[None]] | None:
-        """A session takes the box at ``address``: its traffic is recorded for the session (and a pcap written)
-        until the returned close is awaited. None: the box is not on this gateway."""
-        box = self._boxes.get(address)
+    async def open(
+        self, address: str, session: str, emit: Emit, store: Store, sandbox_id: str = ""
+    ) -> Callable[[], Awaitable[None]] | None:
+        """A session takes the box at ``address`` (a micro-VM: the one ``sandbox_id`` names): its traffic is
+        recorded for the session (and a pcap written) until the returned close is awaited. None: the box is not
+        on this gateway."""
+        box = self._box(address, sandbox_id)
         if box is None:
             return None
         if box.tap is not None:
@@ -230,7 +256,7 @@ class Gateway:
         pcap = self.settings.pcap
         if pcap.enabled:
             try:
-                sock = await self._inside(lambda: packet_socket(box.link))
+                sock = await self._inside(lambda: packet_socket(box.link), box.netns)
                 path = self.pcap_path(session)
                 tap.pcap = PcapWriter(sock, path, pcap.max_bytes, pcap.snaplen)
             except (OSError, TimeoutError) as exc:
@@ -241,6 +267,67 @@ class Gateway:
                 await self._close_tap(box, tap)
 
         return close
+
+    async def attach_vm(self, vm_id: str, pid: int, net: VMNet) -> None:
+        """Serve the micro-VM ``vm_id`` whose QEMU is ``pid``: the gateway's rules in its namespace, and a TCP
+        listener and a DNS socket there, served here, until QEMU ends (its pidfd) or :meth:`detach_vm`."""
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        nsfd = -1
+        try:
+            nsfd = await pin_namespace(pid, net.tap, vm_id)
+            path = fd_path(nsfd)
+            await prepare(path, net, vm_id)
+            key = secrets.token_bytes(32)
+            rate = self.settings.dns
+            box = Box(
+                net.guest,
+                net.tap,
+                dns.Names(self._answers, key),
+                dns.Bucket(rate.queries_per_s, rate.burst),
+                netns=path,
+            )
+            tcp = await self._inside(self._tcp_listener, path)
+            try:
+                server = await asyncio.start_server(
+                    functools.partial(self._streams.serve, box), sock=tcp, limit=HEAD_LIMIT
+                )
+            except BaseException:
+                tcp.close()
+                raise
+            try:
+                udp = await self._inside(self._dns_socket, path)
+                transport, _ = await loop.create_datagram_endpoint(lambda: _Dns(self, box), sock=udp)
+            except BaseException:
+                server.close()
+                raise
+        except BaseException:
+            os.close(pidfd)
+            if nsfd >= 0:
+                os.close(nsfd)
+            raise
+        self._vms[vm_id] = _VM(box, server, transport, pidfd, nsfd)
+        loop.add_reader(pidfd, self._vm_ended, vm_id)
+        log.info("capture gateway serving VM %s (pid %d) on its %s", vm_id, pid, net.tap)
+
+    def _vm_ended(self, vm_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.detach_vm(vm_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def detach_vm(self, vm_id: str) -> None:
+        """Stop serving VM ``vm_id`` (its session's capture closed); harmless twice."""
+        vm = self._vms.pop(vm_id, None)
+        if vm is None:
+            return
+        asyncio.get_running_loop().remove_reader(vm.pidfd)
+        os.close(vm.pidfd)
+        if vm.box.tap is not None:
+            await self._close_tap(vm.box, vm.box.tap)
+        vm.dns.close()
+        vm.server.close()
+        os.close(vm.nsfd)
+        log.info("capture gateway: VM %s gone", vm_id)
 
     def forwards(self, host: str) -> bool:
         """Whether an SSH client's direct-tcpip request to ``host`` is routed here (``network.direct_tcpip:
@@ -254,12 +341,18 @@ class Gateway:
             return name != "localhost" and not name.endswith(".localhost")
 
     async def forward(
-        self, address: str, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        address: str,
+        host: str,
+        port: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sandbox_id: str = "",
     ) -> None:
         """An SSH client's forwarded connection (direct-tcpip) of the session whose box is at ``address``, to
         ``host:port``: handled as if the box had connected there (a name resolved as the box's resolver
         answers it), recorded for the session. Nothing is connected anywhere: not even the box sees it."""
-        box = self._boxes.get(address)
+        box = self._box(address, sandbox_id)
         if box is None:
             writer.close()
             return
@@ -268,6 +361,10 @@ class Gateway:
         except ValueError:
             dst_ip = box.names.address(host) if dns.could_exist(host) else self.ns.gateway
         await self._streams.handle(box, reader, writer, dst_ip, port)
+
+    def _box(self, address: str, sandbox_id: str) -> Box | None:
+        vm = self._vms.get(sandbox_id) if sandbox_id else None
+        return vm.box if vm is not None else self._boxes.get(address)
 
     def pcap_path(self, session: str) -> Path:
         return self.data_dir / "pcap" / f"{session}.pcap"
@@ -298,8 +395,9 @@ class Gateway:
 
     def dns_query(self, data: bytes, src: str) -> bytes | None:
         box = self._boxes.get(src)
-        if box is None:
-            return None
+        return None if box is None else self.answer_dns(data, box)
+
+    def answer_dns(self, data: bytes, box: Box) -> bytes | None:
         tap = box.tap
         if tap is not None:
             tap.dns_queries += 1

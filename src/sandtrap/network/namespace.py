@@ -74,9 +74,9 @@ async def _run(argv: list[str], what: str) -> str:
     return out
 
 
-def rules(subnet: str) -> list[list[str]]:
-    """The gateway namespace's iptables rules (appended after a flush), in order."""
-    links = f"{LINK_PREFIX}+"
+def rules(subnet: str, links: str = f"{LINK_PREFIX}+") -> list[list[str]]:
+    """The gateway namespace's iptables rules (appended after a flush), in order; ``links``: the boxes' side
+    (a micro-VM's namespace: its tap, :mod:`.vmtap`)."""
     lines = [
         "-P FORWARD DROP",
         "-P OUTPUT ACCEPT",
@@ -145,23 +145,7 @@ class Namespace:
     def run_inside(self, work: Callable[[], T]) -> T:
         """``work()`` on this thread after entering the namespace (blocking; call on a thread of its own, which
         is left in the namespace only while ``work`` runs). Sockets made keep the namespace."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            target = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(target, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(target)
-            try:
-                return work()
-            finally:
-                if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - the thread then must not be reused
-                    raise SystemExit("could not leave the gateway's namespace")
-        finally:
-            os.close(own)
+        return run_in(self.path, work)
 
     async def inspect(self) -> dict[str, str]:
         """What the namespace holds, as the tools print it (tests and `sandtrap` diagnostics)."""
@@ -232,3 +216,25 @@ def packet_socket(link: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def run_in(path: str, work: Callable[[], T]) -> T:
+    """``work()`` on this thread inside the network namespace at ``path`` (a bind mount or /proc/<pid>/ns/net),
+    then back in this thread's own (blocking: call on a thread of its own)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(target)
+        try:
+            return work()
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - the thread then must not be reused
+                raise SystemExit("could not leave the gateway's namespace")
+    finally:
+        os.close(own)

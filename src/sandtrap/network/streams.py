@@ -73,7 +73,7 @@ class Streams:
         boxes: dict[str, Box],
         fetcher: Fetcher,
         ca: SensorCA | None,
-        dns_query: Callable[[bytes, str], bytes | None],
+        dns_query: Callable[[bytes, Box], bytes | None],
     ) -> None:
         self.settings = settings
         self.dns_query = dns_query
@@ -93,7 +93,15 @@ class Streams:
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         box = self._boxes.get(peer[0]) if peer else None
-        if box is None or box.connections >= self.settings.max_connections:
+        if box is None:
+            writer.transport.abort()
+            return
+        await self.serve(box, reader, writer)
+
+    async def serve(self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection ``box`` made to any address and port (REDIRECTed to the listener it came in on)."""
+        peer = writer.get_extra_info("peername")
+        if not peer or peer[0] != box.address or box.connections >= self.settings.max_connections:
             writer.transport.abort()
             return
         sock = writer.get_extra_info("socket")
@@ -250,7 +258,7 @@ class Streams:
                     message = await reader.readexactly(size)
             except (TimeoutError, asyncio.IncompleteReadError):
                 return
-            reply = self.dns_query(message, box.address)
+            reply = self.dns_query(message, box)
             if reply is not None:
                 writer.write(len(reply).to_bytes(2, "big") + reply)
                 await writer.drain()

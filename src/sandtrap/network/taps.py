@@ -59,6 +59,7 @@ class Box:
     # FTP passive data connections the box was told to open: (address, port) -> where to hand the connection.
     passive: dict[tuple[str, int], asyncio.Future[DataChannel]] = field(default_factory=dict)
     tftp: set[tuple[int, str]] = field(default_factory=set)  # transfers under way: (client port, file)
+    netns: str = ""  # the namespace ``link`` is in: '' the gateway's own, else a micro-VM's (/proc/<pid>/ns/net)
 
 
 @dataclass

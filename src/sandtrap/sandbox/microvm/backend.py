@@ -17,6 +17,7 @@ import secrets
 import shutil
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class MicroVMBackend:
         cache_dir: Path,
         root: Path,
         planted: Planted | None = None,
+        on_start: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
         self._root = Path(root)
@@ -111,6 +113,7 @@ class MicroVMBackend:
         self._failed_templates: set[str] = set()
         self._qemu_version: str | None = None
         self._creating: set[str] = set()  # booting: not the pool's yet, and not a stray for its sweep
+        self._on_start = on_start  # (vm id, QEMU's pid) after QEMU starts: the capture gateway (network/vmtap.py)
 
     @property
     def accel(self) -> qemu.Accel:
@@ -225,8 +228,11 @@ class MicroVMBackend:
         sandbox.lure_s = time.monotonic() - t0
         log.info("VM %s: lure share mounted at %s in %.1fs", sandbox.name, settings.path, sandbox.lure_s)
 
-    async def _start(self, sandbox: MicroVMSandbox, image: VMImage, template: Snapshot | None) -> None:
-        """Overlay, QEMU (with ``-incoming`` from the template's state), console, until the guest's sshd answers."""
+    async def _start(
+        self, sandbox: MicroVMSandbox, image: VMImage, template: Snapshot | None, hook: bool = True
+    ) -> None:
+        """Overlay, QEMU (with ``-incoming`` from the template's state), console, until the guest's sshd answers.
+        ``hook``: the capture gateway is told (not for the template, which no attacker sees)."""
         directory, record = sandbox.directory, sandbox.record
         await self._overlay(template.disk if template else image.disk, directory / "disk.qcow2")
         state_fd = None if template is None else await asyncio.to_thread(os.open, template.state, os.O_RDONLY)
@@ -248,6 +254,8 @@ class MicroVMBackend:
             functools.partial(self._cgroups.oom_kills, record.name), sandbox.failed,
         )  # fmt: skip
         await asyncio.to_thread(state.save, directory, record)
+        if hook and self._on_start is not None:
+            await self._on_start(record.id, record.pid)
         connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         sandbox.console = asyncio.create_task(
             copy_console(launch.serial_socket, directory / "console.log", self._settings.console_log_max, connected)
@@ -336,7 +344,7 @@ class MicroVMBackend:
         log.info("making the template VM %s for %s (a cold boot, then a save)", record.name, final.name)
         started = time.monotonic()
         try:
-            await self._start(template, image, None)
+            await self._start(template, image, None, hook=False)
             boot_s = time.monotonic() - started
             listing = await run(template, LISTING, max_output=256 << 20, timeout_s=LISTING_TIMEOUT_S)
             if listing.status.code not in (0, 1):
