@@ -25,7 +25,7 @@ from rich.console import Console
 from sandtrap.app import build_backend, cache_dir, running, vm_planted_files
 from sandtrap.config import Settings, merge
 from sandtrap.sandbox.base import STDOUT, TermSize, run
-from sandtrap.sandbox.microvm import qemu
+from sandtrap.sandbox.microvm import qemu, virtiofs
 from sandtrap.sandbox.microvm.backend import MicroVMBackend, access_key_path, guest_files
 from sandtrap.sandbox.microvm.guest import load_access_key
 from sandtrap.sandbox.microvm.image import VMImage, build_vm_image
@@ -247,6 +247,7 @@ async def test_honeypot_serves_a_login_into_a_vm(vm_image: tuple[VMImage, float,
             assert proc.exit_status == 7 and "/dev/pts/" in str(out)
     print(f"[microvm] honeypot: pool of 1 warm in {warm_s:.0f}s; login + exec answered in {exec_s:.1f}s")
     for directory in (DATA / "microvm" / "vms").iterdir():  # released VMs are kept for forensics: not here
+        await virtiofs.cleanup(directory)  # a refill cut short by the honeypot's stop may leave its lure share
         shutil.rmtree(directory)
     left = [n for n, pid in qemu.find_qemus("sandtrap-vm-").items() if str(DATA) in _cmdline(pid)]
     assert left == [], f"QEMUs left running: {left}"

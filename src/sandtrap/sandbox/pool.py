@@ -435,6 +435,10 @@ class Pool(Generic[P]):
                 self._prepared[sandbox.id] = await self.prepare(sandbox)
             except Exception:  # the session prepares it again; the box itself is fine
                 log.exception("preparing warm sandbox %s failed", sandbox.name)
+            except BaseException:  # cancelled (the honeypot stops): the box is nobody's, remove it
+                self._prepared.pop(sandbox.id, None)
+                await asyncio.shield(self._quietly(sandbox.remove()))
+                raise
         if self._closed:
             self._prepared.pop(sandbox.id, None)
             await self._quietly(sandbox.remove())

@@ -179,7 +179,11 @@ def _thread(target: Any, name: str) -> None:
 def _watch_qemu(pidfd: int) -> None:
     select.select([pidfd], [], [])  # readable when QEMU has exited
     log.info("QEMU exited: the lure file system stops")
-    os.kill(os.getpid(), signal.SIGTERM)
+    # To the main thread, which blocks in libfuse's read of /dev/fuse: a signal that another thread takes sets
+    # libfuse's exit flag but does not interrupt that read, and the daemon would serve on.
+    main = threading.main_thread().ident
+    if main is not None:
+        signal.pthread_kill(main, signal.SIGTERM)
 
 
 def _control(fs: LureFs, sock: socket.socket) -> None:
