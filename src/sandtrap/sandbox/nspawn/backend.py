@@ -96,7 +96,10 @@ class NspawnBackend:
         self._sensor = safe_name(sensor)
         # nspawn takes a host name as the machine's name: letters, digits and '-' only
         self._machine = "sandtrap-" + re.sub(r"[^a-zA-Z0-9-]", "-", sensor)[:40].strip("-")
-        self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
+        # No lxcfs or loadavgfs views yet: nspawn stats a bind's source from its child, in the box's new PID
+        # namespace, and a live lxcfs answers that stat ENOENT ("Failed to stat /var/lib/lxcfs/proc/cpuinfo"):
+        # the box never starts. Boxes show the host's /proc/meminfo and loadavg until that is solved.
+        self._views = ProcViews("", "")
         self._reads = OpenWatcher()
         parents = ParentCgroups(prefix=f"sandtrap-{self._sensor}-nspawn")
         reason = parents.available()
