@@ -20,7 +20,7 @@ from test_microvm import DATA, _settings, vm_image  # noqa: F401  (the image fix
 from sandtrap.app import build_backend, running
 from sandtrap.events import HONEYTOKEN_ISSUED, HONEYTOKEN_READ, CaptureSink
 from sandtrap.sandbox.base import run
-from sandtrap.sandbox.microvm import qemu, virtiofs
+from sandtrap.sandbox.microvm import qemu, state, virtiofs
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.microvm.image import VMImage
 from sandtrap.sandbox.microvm.lure import FSTYPE
@@ -158,7 +158,12 @@ async def test_lure_share_reports_a_logins_reads_and_leaves_nothing(
 
         # The daemon runs as nobody without capabilities; virtiofsd's capabilities are trimmed.
         vms = DATA / "microvm" / "vms"
-        (directory,) = [d for d in vms.iterdir() if (d / virtiofs.RECORD).exists() and _lure_pids(d)]
+        # The session's VM (the pool's refill, restored from the template, may have its own share by now).
+        (directory,) = [
+            d
+            for d in vms.iterdir()
+            if (d / virtiofs.RECORD).exists() and _lure_pids(d) and (r := state.load(d)) and r.session == session
+        ]
         pids = _lure_pids(directory)
         daemon = [p for p in pids if b"lurefs" in Path(f"/proc/{p}/cmdline").read_bytes()]
         status = _status(daemon[0])

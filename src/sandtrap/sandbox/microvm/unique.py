@@ -52,6 +52,9 @@ ip link set dev eth0 address "$4"
 echo 0 > /proc/sys/net/ipv4/conf/eth0/arp_notify
 ip neigh flush dev eth0
 echo "$5" > /proc/sys/kernel/ns_last_pid
+# The loggers started before the save: journald keeps the old machine-id's journal and rsyslog writes nothing
+# after a restore; restarted, they log under this VM's own identity (auth.log, journalctl -u ssh).
+systemctl restart systemd-journald rsyslog
 """.replace("BOOT_ID_FILE", BOOT_ID_FILE)
 
 
