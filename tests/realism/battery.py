@@ -1250,6 +1250,12 @@ _REAL_SSHD = (
 )
 _REAL_SSHD_FIX = "Make the rule (and the container path's session helper) what Debian's sshd shows: "
 MICROVM_GAPS: dict[str, tuple[Expected, str, str]] = {
+    "proc-overmounts": (
+        "known-gap",
+        "A VM restored from the template gets a boot_id of its own by a read-only bind mount over "
+        "/proc/sys/kernel/random/boot_id (the kernel sets it once per boot): that mount shows in /proc/mounts.",
+        "Give each restored VM its boot_id from the kernel (a guest module that rewrites it, or a cold boot).",
+    ),
     "meminfo-vs-limit": (
         "known-gap",
         "A real machine's root cgroup (v2) has no memory limit file, as the guest shows; the rule needs one.",

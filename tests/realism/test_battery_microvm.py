@@ -59,7 +59,9 @@ def _settings() -> Settings:
         "sandbox": {
             "backend": "microvm",
             "microvm": {"memory": "512m", "vcpus": 1},
+            "affinity": "session",  # box A and box B: two VMs (source_ip, the default, would give one)
             "pool_size": 2,
+            "pool_max": 2,
             "max_sandboxes": 2,
         },
         "auth": {

@@ -324,10 +324,10 @@ class DockerSandbox:
         self._host, self._host_checked = view, True
         if view is not None:
             try:
-                return await asyncio.to_thread(self._states_on_host, view)
+                return _files_only(await asyncio.to_thread(self._states_on_host, view))
             except (hostfs.NeedEngine, OSError) as exc:
                 log.info("changed files from the host failed (%s); asking the engine", exc)
-        return await self._states_by_engine()
+        return _files_only(await self._states_by_engine())
 
     def _states_on_host(self, view: HostView) -> dict[str, str]:
         out = hostfs.upper_states(view.upper, view.lowers)
@@ -445,3 +445,9 @@ class DockerSandbox:
                 self.cgroup = ""
                 return
             await asyncio.sleep(0.1)
+
+
+def _files_only(states: dict[str, str]) -> dict[str, str]:
+    """Without the mount points the engine makes under /proc for lxcfs's views (an empty file in the upper dir
+    on the host, lxcfs's file through the engine): never the box's own files."""
+    return {p: st for p, st in states.items() if not p.startswith("/proc/")}

@@ -39,6 +39,10 @@ class LureShare:
         self.suppressed = 0
         self.events = 0
 
+    def __del__(self) -> None:  # a handle dropped without close (a honeypot that died): its socket goes too
+        with contextlib.suppress(Exception):
+            self._events.close()
+
     def watch(self, report: Report) -> None:
         self._report = report
         with contextlib.suppress(ValueError, RuntimeError):  # no loop or a closed socket: nothing to watch
