@@ -97,6 +97,7 @@ async def sandtrap_run(tmp_path: Path, sensor: str, image: str) -> AsyncIterator
         "sensor": sensor,
         "ssh": {"listen": f"127.0.0.1:{ssh_port}", "host_key_dir": str(tmp_path / "hostkeys")},
         "sandbox": {
+            "affinity": "session",  # a box per session (source_ip, the default, gives 127.0.0.1 one box for all)
             "pool_size": POOL_SIZE,
             "pool_max": POOL_SIZE,  # a fixed pool: this test counts what a set number of warm boxes serves
             # Raised for the test: a box per session, the warm ones, and room for the refill.
