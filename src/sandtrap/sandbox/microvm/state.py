@@ -7,11 +7,11 @@ sockets, ``console.log`` (bounded), ``qemu.log`` and ``baseline`` (the file list
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from sandtrap.sandbox.host import records
 
 RECORD = "vm.json"
 
@@ -37,28 +37,14 @@ class VMRecord:
 
 
 def save(directory: Path, record: VMRecord) -> None:
-    tmp = directory / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=1) + "\n")
-    os.replace(tmp, directory / RECORD)
+    records.save(directory / RECORD, record)
 
 
 def load(directory: Path) -> VMRecord | None:
-    try:
-        raw = json.loads((directory / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    known = {f.name for f in fields(VMRecord)}
-    try:
-        return VMRecord(**{k: v for k, v in raw.items() if k in known})
-    except TypeError:
-        return None
+    return records.load(directory / RECORD, VMRecord)
 
 
-def when(text: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text) if text else None
-    except ValueError:
-        return None
+when = records.when
 
 
 def panic_line(path: Path) -> str:

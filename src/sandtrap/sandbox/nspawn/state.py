@@ -9,11 +9,11 @@ the box is removed) and ``nspawn.log``.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from sandtrap.sandbox.host import records
 
 RECORD = "box.json"
 
@@ -43,28 +43,14 @@ class BoxRecord:
 
 
 def save(directory: Path, record: BoxRecord) -> None:
-    tmp = directory / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=1) + "\n")
-    os.replace(tmp, directory / RECORD)
+    records.save(directory / RECORD, record)
 
 
 def load(directory: Path) -> BoxRecord | None:
-    try:
-        raw = json.loads((directory / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    known = {f.name for f in fields(BoxRecord)}
-    try:
-        return BoxRecord(**{k: v for k, v in raw.items() if k in known})
-    except TypeError:
-        return None
+    return records.load(directory / RECORD, BoxRecord)
 
 
-def when(text: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text) if text else None
-    except ValueError:
-        return None
+when = records.when
 
 
 def start_time(pid: int) -> int:
