@@ -464,6 +464,7 @@ class MicroVMBackend:
         """Close our connections and console copies; the VMs themselves run on (the pool stops what it owns)."""
         for sandbox in list(self._live.values()):
             await sandbox.detach()
+            sandbox.close_lure()  # a honeypot that comes back cannot reach this socket pair again
         self._live.clear()
 
 

@@ -283,6 +283,12 @@ class MicroVMSandbox:
                 await self.console
             self.console = None
 
+    def close_lure(self) -> None:
+        """Our end of the lure share's events socket (the VM's daemons go with the VM)."""
+        share, self.lure = self.lure, None
+        if share is not None:
+            share.close()
+
     async def stop(self) -> None:
         """Sync the guest's disk, quit QEMU (the overlay stays for forensics); harmless twice. A failed VM is
         killed at once (nothing there answers)."""
@@ -297,9 +303,7 @@ class MicroVMSandbox:
                 with contextlib.suppress(SandboxError):
                     await qemu.qmp(self._dir / "qmp.sock", "quit")
             await qemu.kill(self._record.pid, self.name, grace_s=0 if self.failure else 5.0)
-        if self.lure is not None:
-            self.lure.close()
-            self.lure = None
+        self.close_lure()
         await virtiofs.cleanup(self._dir)
         await self.detach()
         if self.release_cgroup is not None and not self._is_alive():
