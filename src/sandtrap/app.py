@@ -25,6 +25,7 @@ from sandtrap.bridge.stream import RawService
 from sandtrap.config import ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
+from sandtrap.memtrim import MemoryTrim
 from sandtrap.network.gateway import Gateway
 from sandtrap.network.tls import SensorCA
 from sandtrap.network.vmtap import VMNet
@@ -260,6 +261,8 @@ async def running(
     alerts = AlertSink(settings.alerts, settings.data_dir)
     metrics.registry.register(alerts)
     bus.add_sink(alerts)
+    trimmer = MemoryTrim()  # freed session memory back to the system a little after sessions close
+    bus.add_sink(trimmer)
     now = datetime.now(UTC)
     for sid in await asyncio.to_thread(repository.close_crashed_sessions, now, settings.sensor):
         log.warning("session %s was left open by a previous run: closed as crash", sid)
@@ -335,6 +338,7 @@ async def running(
         await asyncio.shield(manager.close())
         await asyncio.shield(pool.close())
         await asyncio.shield(alerts.close())
+        await asyncio.shield(trimmer.close())
         await backend.close()
         if gateway is not None:
             await asyncio.shield(gateway.close())
