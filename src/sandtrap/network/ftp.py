@@ -2,13 +2,17 @@
 data port (PASV/EPSV) is expected (``passive``): the box's connection to it lands on the gateway's
 catch-all like any TCP and is handed here. A retrieval asks ``retrieve`` (the gateway: recorded, then
 sinkholed or fetched with ``network.egress.fetch``): no bytes is vsftpd's "550 Failed to open file.", bytes are
-sent over the data connection as vsftpd sends them. Active mode (PORT) is acknowledged, never connected.
+sent over the data connection as vsftpd sends them. Active mode (PORT/EPRT) is served as vsftpd serves it: the
+gateway connects from port 20 of the address the box asked to the box's own port, only to the box that sent the
+command (any other address is vsftpd's "500 Illegal PORT command.": no FTP bounce through the gateway), one data
+connection per PORT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import posixpath
+import socket
 from collections.abc import Awaitable, Callable
 
 from sandtrap.network.taps import DataChannel
@@ -22,6 +26,48 @@ DATA_WAIT_S = 10.0
 
 Record = Callable[[str, str, str], None]  # (user, command, argument) of a store
 Retrieve = Callable[[str, str, str], Awaitable[bytes | None]]  # (user, password, path) -> the file, or None
+Connect = Callable[[int], Awaitable[DataChannel]]  # active mode: a data connection to this port of the box
+Opener = Callable[[], Awaitable[DataChannel]]
+
+
+def data_socket(source: str) -> socket.socket:
+    """Active mode's data socket, made inside the gateway's namespace (where every address is its own): bound to
+    ``source`` port 20 as vsftpd's ``connect_from_port_20``, or any port if 20 is taken towards the same box."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((source, 20))
+        except OSError:
+            sock.bind((source, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def active_port(command: str, argument: str, client: str) -> int | str:
+    """The box's data port from PORT (``h1,h2,h3,h4,p1,p2``) or EPRT (``|1|addr|port|``), or vsftpd's refusal:
+    malformed, not IPv4, port 0, or an address other than the box's own (``client``: an FTP bounce)."""
+    if command == "PORT":
+        parts = argument.strip().split(",")
+        if len(parts) != 6 or not all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts):
+            return "500 Illegal PORT command.\r\n"
+        address, port = ".".join(str(int(p)) for p in parts[:4]), int(parts[4]) * 256 + int(parts[5])
+    else:
+        fields = argument.strip()
+        if len(fields) < 2 or fields[0] != fields[-1] or len(fields.split(fields[0])) != 5:
+            return "500 Bad EPRT command.\r\n"
+        _, family, address, text, _ = fields.split(fields[0])
+        if family != "1":
+            return "522 Bad network protocol.\r\n"
+        if not text.isdigit() or len(text) > 5:
+            return "500 Bad EPRT command.\r\n"
+        port = int(text)
+    if address != client or not 0 < port < 65536:
+        return "500 Illegal PORT command.\r\n"
+    return port
 
 
 def passive_reply(address: str, port: int) -> bytes:
@@ -68,10 +114,13 @@ async def serve(
     passive: Callable[[int], asyncio.Future[DataChannel]],
     retrieve: Retrieve,
     record: Record,
+    client: str = "",
+    connect: Connect | None = None,
 ) -> int:
     """One control connection (bounded in commands, line length and idle time); the commands seen.
 
-    ``ports()`` picks a passive port, ``passive(port)`` expects the box's data connection on it."""
+    ``ports()`` picks a passive port, ``passive(port)`` expects the box's data connection on it; ``connect(port)``
+    opens an active-mode one to the box (``client``, its address), None: PORT and EPRT are refused."""
     writer.write(BANNER)
     user = password = ""
     cwd = "/"
@@ -79,6 +128,7 @@ async def serve(
     seen: set[str] = set()  # a store is recorded once
     files: dict[str, bytes | None] = {}  # a path is retrieved once (clients ask SIZE, then RETR)
     data: asyncio.Future[DataChannel] | None = None
+    target = 0  # active mode: the box's data port from its last PORT/EPRT (one transfer each)
     try:
         while count < MAX_COMMANDS:
             try:
@@ -103,6 +153,20 @@ async def serve(
                     release(data)
                 port = ports()
                 data = passive(port)
+                target = 0
+            if command in ("PORT", "EPRT"):
+                if data is not None:
+                    release(data)
+                    data = None
+                asked = (
+                    active_port(command, argument, client) if connect is not None else "500 Illegal PORT command.\r\n"
+                )
+                if isinstance(asked, str):
+                    target = 0
+                    writer.write(asked.encode())
+                    await writer.drain()
+                    continue
+                target = asked
             if command in ("RETR", "SIZE") and len(files) < 100 and path not in files:
                 files[path] = await retrieve(user, password, path)
             if command == "STOR" and path not in seen and len(seen) < 100:
@@ -112,12 +176,17 @@ async def serve(
             if got is not None and command == "SIZE":
                 writer.write(f"213 {len(got)}\r\n".encode())
             elif got is not None and command == "RETR":
-                await _send(writer, data, path, got)
-                data = None
+                await _send(writer, _opener(data, target, connect), path, got)
+                data, target = None, 0
+            elif command in ("LIST", "NLST") and target and connect is not None:
+                await _empty_listing(writer, connect, target)
+                target = 0
             else:
                 if command in ("LIST", "NLST", "RETR", "STOR") and data is not None:
                     release(data)  # an empty listing, or no file: the data connection closed unused
                     data = None
+                if command in ("RETR", "STOR"):
+                    target = 0
                 answer = reply(command, argument, address, port)
                 if answer is None:
                     writer.write(b"221 Goodbye.\r\n")
@@ -140,16 +209,51 @@ def release(data: asyncio.Future[DataChannel]) -> None:
         data.cancel()
 
 
-async def _send(writer: asyncio.StreamWriter, data: asyncio.Future[DataChannel] | None, path: str, body: bytes) -> None:
-    """vsftpd's RETR: 150, the bytes over the data connection, 226 (425 without a data connection)."""
-    if data is None:
-        writer.write(b"425 Use PORT or PASV first.\r\n")
-        return
+def _opener(data: asyncio.Future[DataChannel] | None, target: int, connect: Connect | None) -> Opener | None:
+    """How the next transfer gets its data connection: the box's to the passive port, or ours to its port."""
+    if data is not None:
+        expected = data
+
+        async def wait() -> DataChannel:
+            try:
+                return await asyncio.shield(expected)
+            except BaseException:
+                expected.cancel()
+                raise
+
+        return wait
+    if target and connect is not None:
+        return lambda: connect(target)
+    return None
+
+
+async def _open(opener: Opener) -> DataChannel | None:
     try:
         async with asyncio.timeout(DATA_WAIT_S):
-            channel = await asyncio.shield(data)
-    except TimeoutError:
-        data.cancel()
+            return await opener()
+    except (TimeoutError, OSError):
+        return None
+
+
+async def _empty_listing(writer: asyncio.StreamWriter, connect: Connect, target: int) -> None:
+    """An active-mode LIST: the data connection made, nothing listed, closed (vsftpd's empty directory)."""
+    channel = await _open(lambda: connect(target))
+    if channel is None:
+        writer.write(b"425 Failed to establish connection.\r\n")
+        return
+    writer.write(b"150 Here comes the directory listing.\r\n")
+    channel.writer.close()
+    channel.done.set()
+    writer.write(b"226 Directory send OK.\r\n")
+
+
+async def _send(writer: asyncio.StreamWriter, opener: Opener | None, path: str, body: bytes) -> None:
+    """vsftpd's RETR: 150, the bytes over the data connection, 226 (425 without a data connection)."""
+    if opener is None:
+        writer.write(b"425 Use PORT or PASV first.\r\n")
+        return
+    channel = await _open(opener)
+    if channel is None:
         writer.write(b"425 Failed to establish connection.\r\n")
         return
     name = posixpath.basename(path)

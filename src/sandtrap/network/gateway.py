@@ -43,12 +43,12 @@ from sandtrap.events import (
     NETWORK_PCAP,
     SESSION_FILE_DOWNLOAD_FAILED,
 )
-from sandtrap.network import dns, downloads
+from sandtrap.network import dns, downloads, ftp
 from sandtrap.network.fetcher import Fetcher
 from sandtrap.network.namespace import CATCH_PORT, Namespace, NetworkError, namespace_name, packet_socket, run_in
 from sandtrap.network.pcap import PcapWriter
 from sandtrap.network.streams import HEAD_LIMIT, Streams
-from sandtrap.network.taps import Box, Emit, Store, Tap
+from sandtrap.network.taps import Box, DataChannel, Emit, Store, Tap
 from sandtrap.network.tftp import RRQ, Request, TftpFailed, TftpSinkhole, bound_to, socket_for_any_address
 from sandtrap.network.tftp import send as tftp_send
 from sandtrap.network.tls import SensorCA
@@ -99,6 +99,7 @@ class Gateway:
         self._answers = tuple(ipaddress.IPv4Network(x) for x in settings.dns.answer_subnet)
         self._boxes: dict[str, Box] = {}
         self._streams = Streams(settings, self._boxes, self.fetcher, self.ca, self.answer_dns)
+        self._streams.connect_box = self._connect_box  # FTP active mode
         self._vms: dict[str, _VM] = {}  # micro-VMs by sandbox id, each served in its own namespace (:mod:`.vmtap`)
         self.commands = downloads.CommandLog()  # an event sink (app.py): each session's recent command lines
         self._tasks: set[asyncio.Task[None]] = set()
@@ -151,6 +152,17 @@ class Gateway:
         # another live sandtrap holds (start refused it) is left alone.
         if self._owns_namespace:
             await self.ns.delete()
+
+    async def _connect_box(self, box: Box, source: str, port: int) -> DataChannel:
+        """FTP active mode: a connection from ``source`` (the server the box spoke to) to the box's ``port``."""
+        sock = await self._inside(functools.partial(ftp.data_socket, source), box.netns)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (box.address, port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return DataChannel(reader, writer)
 
     async def _inside(self, work: Callable[[], T], netns: str = "") -> T:
         """``work`` on a fresh thread inside the namespace, or the one at ``netns`` (never a shared executor

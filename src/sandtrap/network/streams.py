@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from urllib.parse import urlsplit
 
@@ -81,6 +82,8 @@ class Streams:
         self.fetcher = fetcher
         self.ca = ca
         self.fetches = asyncio.Semaphore(FETCHES_AT_ONCE)  # across sessions: memory is bounded by the sensor
+        # FTP active mode: a connection from (box, server address) to the box's port (the gateway makes it).
+        self.connect_box: Callable[[Box, str, int], Awaitable[DataChannel]] | None = None
 
     def _record(self, tap: Tap, eventid: str, **fields: object) -> None:
         """A TCP or HTTP record, up to ``network.max_logged`` per session (then one limit record)."""
@@ -247,7 +250,8 @@ class Streams:
         def port() -> int:
             return 30000 + secrets.randbelow(30000)
 
-        await ftp.serve(reader, writer, dst_ip, port, passive, retrieve, record)
+        active = None if self.connect_box is None else functools.partial(self.connect_box, box, dst_ip)
+        await ftp.serve(reader, writer, dst_ip, port, passive, retrieve, record, box.address, active)
 
     async def _dns(self, box: Box, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """DNS over TCP: two-byte length, message; each answered as a datagram would be (or dropped)."""

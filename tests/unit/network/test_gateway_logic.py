@@ -175,6 +175,58 @@ async def test_ftp_answers_as_vsftpd_and_asks_for_each_path_once() -> None:
     assert data.data == b"payload" and data.closed
 
 
+def test_port_and_eprt_name_only_the_box_itself() -> None:
+    box = "10.99.0.2"
+    assert ftp.active_port("PORT", "10,99,0,2,156,64", box) == 40000
+    assert ftp.active_port("EPRT", "|1|10.99.0.2|40001|", box) == 40001
+    assert ftp.active_port("EPRT", "!1!10.99.0.2!40001!", box) == 40001  # any delimiter (RFC 2428)
+    for command, argument in (
+        ("PORT", "127,0,0,1,0,22"),  # a bounce: another address, the host's own ports
+        ("PORT", "10,99,0,3,156,64"),  # another box
+        ("PORT", "10,99,0,2,0,0"),  # port 0
+        ("PORT", "10,99,0,2,256,1"),
+        ("PORT", "10,99,0,2,1"),
+        ("PORT", "a,b,c,d,e,f"),
+        ("EPRT", "|1|198.18.0.1|80|"),
+        ("EPRT", "|1|10.99.0.2|99999|"),
+        ("EPRT", "|1|10.99.0.2|"),
+        ("EPRT", ""),
+    ):
+        assert isinstance(ftp.active_port(command, argument, box), str), (command, argument)
+    assert ftp.active_port("EPRT", "|2|::1|80|", box) == "522 Bad network protocol.\r\n"
+
+
+async def test_ftp_active_mode_connects_to_the_box_once_per_port_and_refuses_a_bounce() -> None:
+    reader = asyncio.StreamReader()
+    for line in (b"USER bot\r\n", b"PASS x\r\n", b"PORT 127,0,0,1,0,22\r\n", b"RETR ok\r\n",
+                 b"PORT 10,99,0,2,156,64\r\n", b"RETR ok\r\n", b"RETR ok\r\n", b"EPRT |1|10.99.0.2|40001|\r\n",
+                 b"LIST\r\n", b"QUIT\r\n"):  # fmt: skip
+        reader.feed_data(line)
+    reader.feed_eof()
+    control, data, listing = Sent(), Sent(), Sent()
+    connected: list[int] = []
+
+    async def connect(port: int) -> DataChannel:
+        connected.append(port)
+        return DataChannel(asyncio.StreamReader(), data if len(connected) == 1 else listing)  # type: ignore[arg-type]
+
+    async def retrieve(user: str, password: str, path: str) -> bytes | None:
+        return b"payload"
+
+    def passive(port: int) -> asyncio.Future[DataChannel]:
+        raise AssertionError("no passive mode asked")
+
+    await ftp.serve(
+        reader, control, "198.18.6.6", lambda: 40000, passive, retrieve, lambda *r: None, "10.99.0.2", connect
+    )  # type: ignore[arg-type]
+    text = control.data.decode()
+    assert connected == [40000, 40001]  # the bounce never connected; one connection per PORT
+    assert text.count("500 Illegal PORT command.") == 1 and text.count("200 PORT command successful") == 1
+    assert text.count("226 Transfer complete.") == 1 and "425 Use PORT or PASV first." in text  # the 2nd RETR
+    assert "150 Here comes the directory listing.\r\n226 Directory send OK." in text
+    assert data.data == b"payload" and data.closed and listing.closed and listing.data == b""
+
+
 def test_the_sensor_ca_signs_a_leaf_per_name_that_verifies_and_is_kept(tmp_path: Path) -> None:
     ca = SensorCA(tmp_path / "network")
     assert (tmp_path / "network" / "ca.key").stat().st_mode & 0o777 == 0o600
