@@ -24,7 +24,15 @@ from test_capture import NAME, PAYLOAD, SUBNET, Internet, capture_config, intern
 
 from sandtrap.app import cache_dir, running, vm_planted_files
 from sandtrap.config import Settings, merge
-from sandtrap.events import NETWORK_DNS, NETWORK_PCAP, SESSION_CLOSED, SESSION_FILE_DOWNLOAD, CaptureSink, Event
+from sandtrap.events import (
+    NETWORK_DNS,
+    NETWORK_PCAP,
+    SESSION_CLOSED,
+    SESSION_FILE_DOWNLOAD,
+    SESSION_FILE_DOWNLOAD_FAILED,
+    CaptureSink,
+    Event,
+)
 from sandtrap.sandbox.microvm.backend import MicroVMBackend, access_key_path, guest_files
 from sandtrap.sandbox.microvm.guest import load_access_key
 from sandtrap.sandbox.microvm.image import build_vm_image
@@ -100,7 +108,8 @@ async def test_the_guest_resolves_downloads_and_is_captured(internet: Internet) 
     command = (
         f"getent hosts {NAME}; getent hosts {NAME}; wget -q -O /tmp/w.sh {url}; sha256sum /tmp/w.sh; "
         f"curl -sS -m 60 -o /dev/null -w 'https=%{{http_code}} ' https://{NAME}/x.sh; echo tls=$?; "
-        f"ping -c 1 -W 5 {NAME} >/dev/null; echo ping=$?"
+        f"ping -c 1 -W 5 {NAME} >/dev/null; echo ping=$?; "
+        "curl -sS -m 20 -o /tmp/t tftp://198.18.5.5/mips.bin; echo tftp=$?"
     )
     vms = DATA / "microvm" / "vms"
     try:
@@ -140,6 +149,10 @@ async def test_the_guest_resolves_downloads_and_is_captured(internet: Internet) 
             # HTTPS: the guest's curl verifies the gateway's certificate (the sensor's CA, baked in the image).
             assert "tls=0" in out and "https=" in out, out
             assert "ping=0" in out, out  # ICMP echo to the name's address: answered in the VM's namespace
+            # TFTP: answered in the VM's namespace too (not fetched: the address is not allowed), recorded.
+            assert "tftp=68" in out, out  # curl: "TFTP: File Not Found"
+            failed = [e.get("url") for e in capture.events if e.eventid == SESSION_FILE_DOWNLOAD_FAILED]
+            assert "tftp://198.18.5.5/mips.bin" in failed, failed
 
             # The pcap: the guest's traffic on tap0, readable by tshark when installed.
             pcap = settings.data_dir / str(pcap_event.get("pcap"))

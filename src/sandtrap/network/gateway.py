@@ -84,6 +84,7 @@ class _VM:
     box: Box
     server: asyncio.Server
     dns: asyncio.DatagramTransport
+    tftp: TftpSinkhole
     pidfd: int
     nsfd: int  # the VM's namespace, held open while the gateway serves it (:func:`.vmtap.pin_namespace`)
 
@@ -310,6 +311,11 @@ class Gateway:
             try:
                 udp = await self._inside(self._dns_socket, path)
                 transport, _ = await loop.create_datagram_endpoint(lambda: _Dns(self, box), sock=udp)
+                try:
+                    tftp = TftpSinkhole(await self._inside(socket_for_any_address, path), self._vm_tftp(box))
+                except BaseException:
+                    transport.close()
+                    raise
             except BaseException:
                 server.close()
                 raise
@@ -318,7 +324,7 @@ class Gateway:
             if nsfd >= 0:
                 os.close(nsfd)
             raise
-        self._vms[vm_id] = _VM(box, server, transport, pidfd, nsfd)
+        self._vms[vm_id] = _VM(box, server, transport, tftp, pidfd, nsfd)
         loop.add_reader(pidfd, self._vm_ended, vm_id)
         log.info("capture gateway serving VM %s (pid %d) on its %s", vm_id, pid, net.tap)
 
@@ -337,6 +343,7 @@ class Gateway:
         if vm.box.tap is not None:
             await self._close_tap(vm.box, vm.box.tap)
         vm.dns.close()
+        vm.tftp.close()
         vm.server.close()
         os.close(vm.nsfd)
         log.info("capture gateway: VM %s gone", vm_id)
@@ -436,10 +443,14 @@ class Gateway:
 
     # -- TFTP ------------------------------------------------------------------------------------------
 
-    def tftp_request(self, request: Request) -> bool:
+    def _vm_tftp(self, box: Box) -> Callable[[Request], bool]:
+        return lambda request: self.tftp_request(request, box)
+
+    def tftp_request(self, request: Request, vm_box: Box | None = None) -> bool:
         """A box's TFTP request (the box's query bucket applies): whether to refuse it at once ("File not
-        found"); a read by a session's box is taken over (:meth:`_tftp_read`), recorded either way."""
-        box = self._boxes.get(request.src)
+        found"); a read by a session's box is taken over (:meth:`_tftp_read`), recorded either way. ``vm_box``:
+        a micro-VM's, whose requests come in on its own namespace's socket."""
+        box = vm_box if vm_box is not None else self._boxes.get(request.src)
         if box is None or not box.bucket.take():
             return False
         tap = box.tap
@@ -467,10 +478,11 @@ class Gateway:
 
             body = await downloads.obtain(tap, self.settings.egress, url, get, self._streams.fetches)
             if body is None:
-                if self._tftp is not None:
-                    self._tftp.refuse(request)
+                sinkhole = next((vm.tftp for vm in self._vms.values() if vm.box is box), self._tftp)
+                if sinkhole is not None:
+                    sinkhole.refuse(request)
                 return
-            sock = await self._inside(lambda: bound_to(request.dst))
+            sock = await self._inside(lambda: bound_to(request.dst), box.netns)
             await tftp_send(sock, (request.src, request.port), body)
         except (OSError, TftpFailed, TimeoutError) as exc:
             log.info("tftp transfer to %s (session %s): %s", box.address, tap.session, exc)
