@@ -247,9 +247,7 @@ def api_router(deps: ApiDeps) -> APIRouter:
         sensor: SensorFilter = None,
     ) -> Stats:
         """Top usernames, passwords, pairs, source IPs, commands and client versions; sessions per hour."""
-        return repo.stats(
-            top, since=utc(since, "since"), until=utc(until, "until"), hours=hours, sensor=text(sensor)
-        )
+        return repo.stats(top, since=utc(since, "since"), until=utc(until, "until"), hours=hours, sensor=text(sensor))
 
     @router.get("/sensors", tags=["stats"])
     def sensors() -> list[SensorInfo]:

@@ -205,7 +205,9 @@ class Repository:
         of_sensor = select(SessionRow.id).where(SessionRow.sensor == sensor).scalar_subquery()
 
         def window(column: Any) -> list[ColumnElement[bool]]:
-            where = [c for c in (column >= since if since else None, column < until if until else None) if c is not None]
+            where = [
+                c for c in (column >= since if since else None, column < until if until else None) if c is not None
+            ]
             if sensor is not None:
                 model = column.class_
                 where.append(model.sensor == sensor if model is SessionRow else model.session.in_(of_sensor))
@@ -256,7 +258,8 @@ class Repository:
 
     @_storage_errors
     def sensors(self) -> list[SensorInfo]:
-        """Every sensor that recorded a session: its sessions (open ones, logins) and when it was first and last seen."""
+        """Every sensor that recorded a session: its sessions (open ones, logins), first and last seen (its
+        first session's start; its latest session start or end)."""
         last = func.max(func.coalesce(SessionRow.ended_at, SessionRow.started_at))
         query = (
             select(

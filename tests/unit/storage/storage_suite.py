@@ -670,3 +670,41 @@ def test_sessions_by_service_and_protocol(repo: Repository, store: Callable[[lis
     assert repo.count_sessions(protocol="ssh") == 1 and repo.list_sessions(protocol="ssh")[0].service == "ssh"
     per_service = {c.value: c.count for c in repo.stats().sessions_per_service}
     assert per_service == {"telnet": 1, "http": 1, "ssh": 1}
+
+
+# -- a fleet (issue 20): several sensors in one database; filters and the sensors' list ------------------------------
+def test_sessions_and_stats_by_sensor(repo: Repository, store: Callable[[list[Event]], DatabaseSink]) -> None:
+    eu = Conn("bbbbbbbbbbb1", sensor="eu-1")
+    eu2 = Conn("bbbbbbbbbbb2", sensor="eu-1", src_ip="198.51.100.9")
+    us = Conn("bbbbbbbbbbb3", sensor="us-1")
+    store(
+        [
+            eu(ev.SESSION_CONNECT, after_s=0),
+            eu(ev.LOGIN_SUCCESS, username="root", password="x"),
+            eu(ev.COMMAND_INPUT, input="uname -a", channel=0),
+            eu(ev.SESSION_CLOSED, duration="3.0", duration_ms=3000, reason="client_closed"),
+            eu2(ev.SESSION_CONNECT, after_s=5),
+            eu2(ev.LOGIN_FAILED, username="admin", password="admin"),
+            us(ev.SESSION_CONNECT, after_s=0),
+            us(ev.LOGIN_FAILED, username="oracle", password="oracle"),
+            us(ev.LOGIN_FAILED, username="oracle", password="123"),
+        ]
+    )
+    assert {s.id for s in repo.list_sessions(sensor="eu-1")} == {"bbbbbbbbbbb1", "bbbbbbbbbbb2"}
+    assert [s.id for s in repo.list_sessions(sensor="us-1")] == ["bbbbbbbbbbb3"]
+    assert repo.list_sessions(sensor="nowhere") == [] and repo.count_sessions(sensor="eu-1") == 2
+    assert repo.count_sessions() == 3
+    us_stats = repo.stats(sensor="us-1")
+    assert (us_stats.sessions, us_stats.auth_attempts, us_stats.commands) == (1, 2, 0)
+    assert [c.value for c in us_stats.top_usernames] == ["oracle"]
+    eu_stats = repo.stats(sensor="eu-1")
+    assert (eu_stats.sessions, eu_stats.auth_attempts, eu_stats.commands) == (2, 2, 1)
+    assert {c.value for c in eu_stats.top_src_ips} == {"203.0.113.7", "198.51.100.9"}
+    assert repo.stats().auth_attempts == 4
+    sensors = {s.sensor: s for s in repo.sensors()}
+    assert list(sensors) == ["eu-1", "us-1"]
+    assert (sensors["eu-1"].sessions, sensors["eu-1"].open_sessions, sensors["eu-1"].logins) == (2, 1, 1)
+    assert (sensors["us-1"].sessions, sensors["us-1"].open_sessions, sensors["us-1"].logins) == (1, 1, 0)
+    assert sensors["eu-1"].first_seen == T0 and sensors["eu-1"].last_seen == T0 + timedelta(
+        seconds=5
+    )  # a session began
