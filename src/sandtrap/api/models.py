@@ -61,8 +61,15 @@ class StorageStatus(Health):
     stored: int | None = None
     rejected: int | None = None
     errors: int | None = None
-    dropped: int | None = None
+    dropped: int | None = Field(None, description="events dropped from a full buffer (only without a JSON log)")
     is_down: bool | None = None
+    spilling: bool | None = Field(
+        None, description="the buffer is full: events go to the JSON log only, to be replayed from it"
+    )
+    spilled: int | None = Field(None, description="events left to the JSON log while spilling, since start")
+    replayed: int | None = Field(None, description="events stored from the JSON log after an outage, since start")
+    backlog: int | None = Field(None, description="events left to the JSON log and not replayed yet")
+    catch_ups: int | None = Field(None, description="replays from the JSON log finished, since start")
 
 
 class RecordingStatus(Health):

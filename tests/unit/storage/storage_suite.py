@@ -582,33 +582,55 @@ def test_a_refused_event_does_not_hold_up_its_batch(
     assert not repo.has_event(poisoned.event_id)
 
 
-def test_outage_buffers_drops_oldest_then_catches_up_from_the_json_log(
+def test_outage_buffers_then_spills_to_the_json_log_and_replays_it(
     db_url: str, make_sink: Callable[..., DatabaseSink], tmp_path: Path
 ) -> None:
     """An unmigrated database stands in for an outage: every write fails until the schema is there."""
-    log_dir = tmp_path / "log"
-    jsonlog = JsonLogSink(log_dir)
-    sink = make_sink(db_url, buffer_events=4, jsonlog=jsonlog.path)
+    jsonlog = JsonLogSink(tmp_path / "log", rotate_bytes=2048)  # small: the spill crosses rotations
+    sink = make_sink(db_url, buffer_events=4, jsonlog=jsonlog)
     bus = EventBus()
     bus.add_sink(jsonlog)
     bus.add_sink(sink)
-    events = full_session("0000000000d1")[:10]
-    for event in events:
+    events = full_session("0000000000d1") + full_session("0000000000d2")
+    for event in events[:10]:
         bus.emit(event)
     wait_until(lambda: sink.errors >= 2)
     assert bus.sink_errors == 0
-    assert (sink.pending, sink.dropped, sink.stored, sink.is_down) == (4, 6, 0, True)
+    # Memory is bounded: the buffer (and the event that found it full); the rest is in the JSON log only.
+    assert (sink.pending, sink.spilled, sink.dropped, sink.stored, sink.is_down) == (5, 5, 0, 0, True)
+    assert sink.status()["spilling"] is True and sink.backlog == 5
     assert sink.last_error
-    jsonlog.close()
 
     upgrade(db_url)
     assert sink.flush(30), sink.status()
-    assert not sink.is_down and sink.pending == 0
+    assert not sink.is_down and sink.pending == 0 and sink.backlog == 0
+    assert sink.replayed == 5 and sink.stored == 10
+    # The replay read to the log's end: the next event closes the spill and is queued again.
+    bus.emit(events[10])
+    assert sink.flush(30), sink.status()
+    assert not sink.status()["spilling"] and sink.catch_ups == 1, sink.status()
+    for event in events[11:]:  # a burst past the buffer with the database up: spills and replays again
+        bus.emit(event)
+    assert sink.flush(30), sink.status()
+    assert sink.backlog == 0 and sink.spilled > 5, sink.status()
+    assert len(list((tmp_path / "log").glob("sandtrap.json.*"))) >= 1
+    jsonlog.close()
     with Repository(db_url) as repo:
-        assert [e.event_id for e in repo.events("0000000000d1")] == [e.event_id for e in events]
+        for sid, part in (("0000000000d1", events[: len(events) // 2]), ("0000000000d2", events[len(events) // 2 :])):
+            assert [e.event_id for e in repo.events(sid)] == [e.event_id for e in part]
         s = repo.get_session("0000000000d1")
         assert s is not None and s.auth_attempts_count == 3 and s.started_at == T0
-    assert sink.stored == 10
+    assert sink.stored == len(events)
+
+
+def test_outage_without_a_json_log_drops_the_oldest(
+    db_url: str, make_sink: Callable[..., DatabaseSink], tmp_path: Path
+) -> None:
+    sink = make_sink(db_url, buffer_events=4)
+    for event in full_session("0000000000d3")[:10]:
+        sink.write(event)
+    wait_until(lambda: sink.errors >= 2)
+    assert (sink.pending, sink.dropped, sink.spilled) == (4, 6, 0) and not sink.status()["spilling"]
 
 
 def test_catch_up_from_jsonlog(
