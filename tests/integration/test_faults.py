@@ -37,7 +37,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pg_cluster import PrivatePostgres
 from sandtrap.events import (
     CHANNEL_EXIT,
     COMMAND_INPUT,
@@ -49,6 +48,7 @@ from sandtrap.events import (
 )
 from sandtrap.sandbox.docker.spec import LABEL_SENSOR
 
+from pg_cluster import PrivatePostgres
 from sshclient import asyncssh_options
 
 pytestmark = pytest.mark.timeout(300)

@@ -86,15 +86,15 @@ async def console(tmp_path: Path, database_url: str) -> AsyncIterator[str]:
     )
     log = (tmp_path / "console.log").open("wb")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sandtrap.cli", "-c", str(config), "api"], stdout=log, stderr=log, env=env
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandtrap.cli", "-c", str(config), "api", stdout=log, stderr=log, env=env
     )
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(timeout=10) as client:
             deadline = time.monotonic() + 60
             while True:
-                assert proc.poll() is None, (tmp_path / "console.log").read_text()[-3000:]
+                assert proc.returncode is None, (tmp_path / "console.log").read_text()[-3000:]
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get(base + "/healthz")).status_code == 200:
                         break
@@ -104,10 +104,11 @@ async def console(tmp_path: Path, database_url: str) -> AsyncIterator[str]:
     finally:
         proc.terminate()
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
             proc.kill()
-            proc.wait(10)
+            await proc.wait()
         log.close()
 
 
@@ -170,8 +171,8 @@ async def check_ui(base: str, sessions: dict[str, list[str]], output_dir: Path) 
             page = await browser.new_page()
             page.set_default_timeout(20_000)
             await page.goto(base + "/sessions")
-            header = await page.locator("table.sessions thead").inner_text()
-            assert "Sensor" in header
+            header = await page.locator("table.sessions thead").text_content()
+            assert header is not None and "Sensor" in header
             shown = await page.locator("table.sessions tbody td.sensor-cell").all_inner_texts()
             assert sorted(shown) == ["fleet-a", "fleet-a", "fleet-b"]
             await page.select_option("#sensor-filter", "fleet-b")
