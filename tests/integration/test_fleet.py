@@ -195,6 +195,12 @@ async def check_ui(base: str, sessions: dict[str, list[str]], output_dir: Path) 
             href = await page.locator("a.total").first.get_attribute("href")
             assert href == "/sessions?sensor=fleet-a", href
             await page.screenshot(path=str(output_dir / "fleet-dashboard.png"), full_page=True)
+            # The sensors' card: every sensor with its counts; a click shows that sensor's dashboard.
+            card = await page.locator("#sensors tbody").inner_text()
+            assert "fleet-a\t2\t0\t2" in card and "fleet-b\t1\t0\t1" in card, card
+            await page.click("#sensors a:text-is('fleet-b')")
+            await page.wait_for_url("**/?range=*sensor=fleet-b*")
+            assert (await page.locator("section.totals").inner_text()).split()[0] == "1"
         finally:
             await browser.close()
 

@@ -30,6 +30,7 @@ from sandtrap.storage.records import (
     HourCount,
     PairCount,
     SandboxInfo,
+    SensorInfo,
     SessionDetail,
     Stats,
 )
@@ -300,6 +301,10 @@ def test_dashboard_shows_every_payload_as_text(renderer: Renderer) -> None:
             "keep": "",
             "show_sensor": True,
             "sensor_error": "",
+            "sensor_rows": [
+                SensorInfo(sensor=SCRIPT, sessions=3, open_sessions=1, logins=2, first_seen=T0, last_seen=T0),
+                SensorInfo(sensor=IMG, sessions=1, open_sessions=0, logins=0, first_seen=T0, last_seen=T0),
+            ],
         },
     )
     page = Page(html)
@@ -308,6 +313,8 @@ def test_dashboard_shows_every_payload_as_text(renderer: Renderer) -> None:
         assert SHOWN[payload] in page.text, payload
     options = [attrs.get("value") for tag, attrs in page.tags if tag == "option"]
     assert options == ["", SCRIPT, IMG]  # the filter sends back the exact names
+    links = [attrs.get("href") or "" for tag, attrs in page.tags if tag == "a"]
+    assert "/?range=24h&sensor=%3Cimg+src%3Dx+onerror%3Dalert%281%29%3E" in links  # the sensors' card
     assert page.json_block("status-data") == {"pool": {"warm": 1, "note": SCRIPT}}
     assert sum(1 for tag, attrs in page.tags if tag == "rect" and attrs.get("class") == "bar") == 1
 

@@ -68,6 +68,7 @@ class Pages:
             "live_ids": self._live_ids(s.id for s in recent),
             "status": self._status(),
             **_sensor_context(sensors, sensor),
+            "sensor_rows": sensors,
             "sensor_error": sensor_error,
         }
         return self._page(request, "dashboard.html", context, nav="dashboard")
