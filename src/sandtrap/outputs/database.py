@@ -311,8 +311,11 @@ class DatabaseSink:
                 return True
             if result.events:
                 return True
-            if result.at_end and backlog.is_open and len(self._backlogs) == 1 and not self._resume:
-                self._resume = True  # read to the log's end: the next event closes the spill
+            # Read to the log's end with the database storing and room in the queue: the next event closes the
+            # spill (while the database is down, closing it would only open the next one, an event more queued).
+            caught_up = result.at_end and backlog.is_open and len(self._backlogs) == 1
+            if caught_up and not self._resume and self._down_since is None and len(self._queue) < self._buffer:
+                self._resume = True
                 self._lock.notify_all()
             return None
 

@@ -623,6 +623,31 @@ def test_outage_buffers_then_spills_to_the_json_log_and_replays_it(
     assert sink.stored == len(events)
 
 
+def test_a_long_outage_with_a_trickle_of_events_keeps_the_queue_bounded(
+    db_url: str, make_sink: Callable[..., DatabaseSink], tmp_path: Path
+) -> None:
+    """The replay reaches the log's end between events while the database is still down: the spill stays open."""
+    jsonlog = JsonLogSink(tmp_path / "log")
+    sink = make_sink(db_url, buffer_events=4, jsonlog=jsonlog)
+    bus = EventBus()
+    bus.add_sink(jsonlog)
+    bus.add_sink(sink)
+    events = full_session("0000000000d4")
+    for event in events[:5]:
+        bus.emit(event)
+    wait_until(lambda: sink.errors >= 2)
+    for event in events[5:]:
+        time.sleep(0.15)  # the writer looks at the log's end in between
+        bus.emit(event)
+        assert sink.pending <= 5, sink.status()
+    assert sink.spilled == len(events) - 5 and sink.status()["spilling"]
+    upgrade(db_url)
+    assert sink.flush(30), sink.status()
+    with Repository(db_url) as repo:
+        assert [e.event_id for e in repo.events("0000000000d4")] == [e.event_id for e in events]
+    jsonlog.close()
+
+
 def test_outage_without_a_json_log_drops_the_oldest(
     db_url: str, make_sink: Callable[..., DatabaseSink], tmp_path: Path
 ) -> None:
