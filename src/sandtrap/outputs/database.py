@@ -154,7 +154,8 @@ class DatabaseSink:
 
     @property
     def is_spilling(self) -> bool:
-        return self._spilling
+        """Events go to the JSON log only, and the replay has not caught up with it."""
+        return self._spilling and not self._resume
 
     @property
     def is_down(self) -> bool:
@@ -170,7 +171,7 @@ class DatabaseSink:
             "errors": self.errors,
             "dropped": self.dropped,
             "is_down": self.is_down,
-            "spilling": self._spilling,
+            "spilling": self.is_spilling,
             "spilled": self.spilled,
             "replayed": self.replayed,
             "backlog": self.backlog,
