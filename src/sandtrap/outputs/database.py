@@ -55,6 +55,7 @@ RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
 # While a replay waits for the log (a mark not placed yet, the log's end reached): how often it looks again.
 REPLAY_POLL_S = 0.1
+PROGRESS_S = 10.0  # a long replay says how far it is this often
 # PostgreSQL: table or schema missing (not migrated yet): wait for it like for an outage.
 _NOT_READY = frozenset({"42P01", "3F000"})
 
@@ -83,6 +84,7 @@ class DatabaseSink:
         self._backlogs: deque[Backlog] = deque()  # stretches of the log to replay, oldest first
         self._spilling = False  # events are left to the log, not queued
         self._resume = False  # the replay reached the log's end: the next write closes the spill
+        self._progress_logged = time.monotonic()
         self._lock = threading.Condition()
         self._count_lock = threading.Lock()
         self._queue: deque[tuple[int, Event]] = deque()
@@ -295,6 +297,11 @@ class DatabaseSink:
         backlog.advance(result, new)
         with self._count_lock:
             self.replayed += new
+        if new and time.monotonic() - self._progress_logged >= PROGRESS_S:
+            self._progress_logged = time.monotonic()
+            log.info(
+                "database sink replaying the JSON log: %d events replayed, about %d left", self.replayed, self.backlog
+            )
         return self._after_replay(backlog, result)
 
     def _after_replay(self, backlog: Backlog, result: ReadResult) -> bool | None:
