@@ -7,7 +7,7 @@
    and filter by the sensor chosen in their control.
 2. A honeypot on a PostgreSQL cluster of the test's own, under load (shells typing commands, a password
    guesser), with a small ``storage.buffer_events`` and a small JSON log rotation: PostgreSQL is stopped for
-   OUTAGE_S seconds (the issue says a minute; 20 s here keeps the suite's time, the mechanism is the same:
+   OUTAGE_S seconds (the issue says a minute; 20 s by default keeps the suite's time, the mechanism is the same:
    the buffer fills in the first second and the rest goes through the JSON log) while the load goes on.
    After it returns, every event of the JSON log (all its rotated files) is in the database: counted, equal.
 """
@@ -43,7 +43,8 @@ pytestmark = pytest.mark.timeout(600)
 
 Honeypot = Callable[..., Any]
 CHROMIUM = Path("/usr/bin/chromium")
-OUTAGE_S = 20.0
+# SANDTRAP_TEST_OUTAGE_S=60 runs the issue's minute.
+OUTAGE_S = float(os.environ.get("SANDTRAP_TEST_OUTAGE_S", "20"))
 BUFFER = 100  # storage.buffer_events' least: the outage spills within a second of load
 
 
