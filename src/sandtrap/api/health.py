@@ -112,6 +112,7 @@ async def _storage(deps: ApiDeps) -> StorageStatus:
             "errors",
             "dropped",
             "is_down",
+            "down_since",
             "spilling",
             "spilled",
             "replayed",

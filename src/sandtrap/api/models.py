@@ -5,6 +5,7 @@ Every string an attacker chose reaches the client as a JSON string: escaped by t
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -63,6 +64,7 @@ class StorageStatus(Health):
     errors: int | None = None
     dropped: int | None = Field(None, description="events dropped from a full buffer (only without a JSON log)")
     is_down: bool | None = None
+    down_since: datetime | None = Field(None, description="when the current outage began (UTC); null: none")
     spilling: bool | None = Field(
         None, description="the buffer is full: events go to the JSON log only, to be replayed from it"
     )

@@ -173,6 +173,7 @@ class DatabaseSink:
             "errors": self.errors,
             "dropped": self.dropped,
             "is_down": self.is_down,
+            "down_since": self._down_since,
             "spilling": self.is_spilling,
             "spilled": self.spilled,
             "replayed": self.replayed,
