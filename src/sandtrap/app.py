@@ -249,7 +249,8 @@ async def running(
     url = settings.database_url
     uuid = sensor_uuid(settings.data_dir / "sensor.uuid")
     await asyncio.to_thread(upgrade, url)  # StorageError names storage.database_url
-    database = DatabaseSink(url, settings.storage.buffer_events, jsonlog=jsonlog.path if jsonlog else None)
+    # Spills to the JSON log when its buffer is full and replays from it: the log must be a sink of the bus too.
+    database = DatabaseSink(url, settings.storage.buffer_events, jsonlog=jsonlog)
     repository = Repository(url)
     recording.database_status = database.status
     # Events written while the database was unreachable reach it now; then close what a crash left open.

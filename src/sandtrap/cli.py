@@ -204,12 +204,13 @@ def seccomp_check(
 def stats_command(
     top: Annotated[int, typer.Option(min=1, max=1000, help="how many of each")] = 10,
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or an ISO time")] = None,
+    sensor: Annotated[str | None, typer.Option(help="only this sensor's (a fleet sharing one database)")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Top usernames, passwords, pairs, source IPs, commands and client versions."""
     from sandtrap import cli_sessions
 
-    cli_sessions.stats(settings(config), top, since)
+    cli_sessions.stats(settings(config), top, since, sensor)
 
 
 @app.command()

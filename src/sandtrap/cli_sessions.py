@@ -98,6 +98,7 @@ def list_sessions(
     command: Annotated[str | None, typer.Option(help="substring of any command")] = None,
     has_commands: Annotated[bool, typer.Option("--has-commands", help="only sessions that ran commands")] = False,
     service: Annotated[str | None, typer.Option(help="the listener's name (ssh, telnet, http, ...)")] = None,
+    sensor: Annotated[str | None, typer.Option(help="only this sensor's (a fleet sharing one database)")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
     config: ConfigOption = None,
@@ -118,6 +119,7 @@ def list_sessions(
                 command=command,
                 has_commands=True if has_commands else None,
                 service=service,
+                sensor=sensor,
                 limit=limit,
             )
     except SandtrapError as exc:
@@ -129,12 +131,14 @@ def list_sessions(
     table = Table(title=f"sessions ({len(rows)})")
     table.add_column("session", no_wrap=True, min_width=12)
     table.add_column("started (UTC)", no_wrap=True)
-    for col in ("source", "service", "user", "login", "cmds", "files", "duration", "closed"):
+    several = len({r.sensor for r in rows}) > 1  # a fleet's rows: say whose
+    for col in ("sensor",) * several + ("source", "service", "user", "login", "cmds", "files", "duration", "closed"):
         table.add_column(col)
     for r in rows:
         table.add_row(
             r.id,
             _when(r.started_at),
+            *([visible(r.sensor, 32)] if several else []),
             f"{r.src_ip}:{r.src_port}",
             visible(r.service or r.protocol, 32),
             visible(r.username, 32),
@@ -288,7 +292,7 @@ def export(
     err.print(Text(f"wrote {target} ({len(events)} events, {len(detail.casts)} casts, {n_files} artifacts)"))
 
 
-def stats(s: Settings, top: int, since: str | None) -> None:
+def stats(s: Settings, top: int, since: str | None, sensor: str | None = None) -> None:
     """`sandtrap stats` (a command of the top level, registered in :mod:`sandtrap.cli`)."""
     when = parse_since(since)
     why = _nothing_recorded(s)
@@ -297,7 +301,7 @@ def stats(s: Settings, top: int, since: str | None) -> None:
         return
     try:
         with Repository(s.database_url) as repo:
-            st = repo.stats(top, since=when)
+            st = repo.stats(top, since=when, sensor=sensor)
     except SandtrapError as exc:
         raise _fail(str(exc)) from None
     out.print(

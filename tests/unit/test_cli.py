@@ -202,6 +202,29 @@ def test_sessions_show_lists_the_bookkeeping_apart(tmp_path: Path) -> None:
     assert "/var/log/wtmp" in rest and "(C, login)" in rest
 
 
+def test_sessions_list_and_stats_by_sensor(tmp_path: Path) -> None:
+    f = config(tmp_path)
+    url = f"sqlite:///{tmp_path / 'sandtrap-data' / 'sandtrap.db'}"
+    (tmp_path / "sandtrap-data").mkdir()
+    upgrade(url)
+    when = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+    sink = DatabaseSink(url)
+    try:
+        for session, sensor in (("0000000000a1", "eu-1"), ("0000000000a2", "us-1"), ("0000000000a3", "us-1")):
+            sink.write(ev.Event(eventid=ev.SESSION_CONNECT, timestamp=when, session=session, sensor=sensor))
+        assert sink.flush(30), sink.status()
+    finally:
+        sink.close(5)
+    wide = {"COLUMNS": "200"}
+    everyone = said(invoke("sessions", "list", "-c", str(f), env=wide))
+    assert "sessions (3)" in everyone and "sensor" in everyone and "eu-1" in everyone
+    us = said(invoke("sessions", "list", "--sensor", "us-1", "-c", str(f), env=wide))
+    assert "sessions (2)" in us and "eu-1" not in us and "sensor" not in us  # one sensor's rows: no column
+    rows = invoke("sessions", "list", "--sensor", "us-1", "--json", "-c", str(f)).stdout.splitlines()
+    assert sorted(json.loads(r)["id"] for r in rows) == ["0000000000a2", "0000000000a3"]
+    assert said(invoke("stats", "--sensor", "eu-1", "-c", str(f))).startswith("1 sessions,")
+
+
 @pytest.mark.parametrize("command", ["show", "replay", "export"])
 def test_one_session_on_a_fresh_data_dir_is_not_found_without_a_traceback(tmp_path: Path, command: str) -> None:
     result = invoke("sessions", command, SESSION, "-c", str(config(tmp_path)))

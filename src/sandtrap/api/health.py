@@ -103,7 +103,24 @@ async def _engine(deps: ApiDeps) -> Health:
 
 async def _storage(deps: ApiDeps) -> StorageStatus:
     sink = deps.storage_status() if deps.storage_status is not None else {}
-    counters = {k: sink[k] for k in ("pending", "stored", "rejected", "errors", "dropped", "is_down") if k in sink}
+    counters = {
+        k: sink[k]
+        for k in (
+            "pending",
+            "stored",
+            "rejected",
+            "errors",
+            "dropped",
+            "is_down",
+            "down_since",
+            "spilling",
+            "spilled",
+            "replayed",
+            "backlog",
+            "catch_ups",
+        )
+        if k in sink
+    }
     try:
         async with asyncio.timeout(STORAGE_TIMEOUT_S):
             await asyncio.to_thread(deps.repository.count_sessions, since=datetime.now(UTC))

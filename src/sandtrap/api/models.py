@@ -5,6 +5,7 @@ Every string an attacker chose reaches the client as a JSON string: escaped by t
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -61,8 +62,16 @@ class StorageStatus(Health):
     stored: int | None = None
     rejected: int | None = None
     errors: int | None = None
-    dropped: int | None = None
+    dropped: int | None = Field(None, description="events dropped from a full buffer (only without a JSON log)")
     is_down: bool | None = None
+    down_since: datetime | None = Field(None, description="when the current outage began (UTC); null: none")
+    spilling: bool | None = Field(
+        None, description="the buffer is full: events go to the JSON log only, to be replayed from it"
+    )
+    spilled: int | None = Field(None, description="events left to the JSON log while spilling, since start")
+    replayed: int | None = Field(None, description="events stored from the JSON log after an outage, since start")
+    backlog: int | None = Field(None, description="events left to the JSON log and not replayed yet")
+    catch_ups: int | None = Field(None, description="replays from the JSON log finished, since start")
 
 
 class RecordingStatus(Health):

@@ -19,12 +19,13 @@ from pydantic import BeforeValidator
 from sandtrap.api.deps import ApiDeps
 from sandtrap.api.files import artifact_path, cast_paths, download, export_download, pcap_path
 from sandtrap.api.models import EventPage, Problem, SessionPage, SessionView
-from sandtrap.storage.records import SessionDetail, Stats
+from sandtrap.storage.records import SensorInfo, SessionDetail, Stats
 from sandtrap.storage.repository import SessionSort
 from sandtrap.storage.types import as_utc, clean
 
 MAX_OFFSET = 1_000_000_000
 MAX_TEXT = 1024
+MAX_SENSOR = 256
 
 SessionId = Annotated[
     str,
@@ -53,6 +54,10 @@ Until = Annotated[
     datetime | None, BeforeValidator(iso_only), Query(description="only sessions started before this time")
 ]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+SensorFilter = Annotated[
+    str | None,
+    Query(max_length=MAX_SENSOR, description="only this sensor's (its exact name; GET /api/v1/sensors lists them)"),
+]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "no such session or file"},
@@ -107,6 +112,7 @@ def api_router(deps: ApiDeps) -> APIRouter:
             str | None, Query(max_length=16, description="ssh, telnet, tcp or udp (the events' `protocol`)")
         ] = None,
         service: Annotated[str | None, Query(max_length=32, description="the listener's name, e.g. http")] = None,
+        sensor: SensorFilter = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
         offset: Offset = 0,
         sort: Annotated[SessionSort, Query(description="a column; '-' first for descending")] = "-started_at",
@@ -122,6 +128,7 @@ def api_router(deps: ApiDeps) -> APIRouter:
             "has_artifacts": has_artifacts,
             "protocol": text(protocol),
             "service": text(service),
+            "sensor": text(sensor),
         }
         items = repo.list_sessions(**filters, limit=limit, offset=offset, sort=sort)
         total = repo.count_sessions(**filters)
@@ -237,8 +244,14 @@ def api_router(deps: ApiDeps) -> APIRouter:
         since: Since = None,
         until: Until = None,
         hours: Annotated[int, Query(ge=1, le=24 * 366, description="sessions per hour: the latest N hours")] = 168,
+        sensor: SensorFilter = None,
     ) -> Stats:
         """Top usernames, passwords, pairs, source IPs, commands and client versions; sessions per hour."""
-        return repo.stats(top, since=utc(since, "since"), until=utc(until, "until"), hours=hours)
+        return repo.stats(top, since=utc(since, "since"), until=utc(until, "until"), hours=hours, sensor=text(sensor))
+
+    @router.get("/sensors", tags=["stats"])
+    def sensors() -> list[SensorInfo]:
+        """Every sensor that recorded a session in this database: sessions, open ones, logins, first and last seen."""
+        return repo.sensors()
 
     return router

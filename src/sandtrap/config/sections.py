@@ -87,7 +87,11 @@ class LimitsSettings(Section):
 class StorageSettings(Section):
     data_dir: str = "./data"
     database_url: str = Field("", description="default: sqlite:///<data_dir>/sandtrap.db")
-    buffer_events: int = Field(100_000, ge=100, description="events held in memory while the database is down")
+    buffer_events: int = Field(
+        100_000,
+        ge=100,
+        description="events held in memory while the database is down; beyond, they are replayed from the JSON log",
+    )
 
 
 class RecordingSettings(Section):

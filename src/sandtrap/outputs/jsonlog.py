@@ -24,6 +24,7 @@ from typing import Any
 from sandtrap.events import Event, cowrie_dict
 from sandtrap.logs import RateLimited
 from sandtrap.outputs.recording import JSONLOG, RecordingHealth
+from sandtrap.storage.replay import LogMark, LogPosition
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ class JsonLogSink:
     def write(self, event: Event) -> None:
         self._queue.put(event)
 
+    def mark(self) -> LogMark:
+        """A mark in the log's order: the writer fills in its file and offset when it gets there (every event
+        written before this call lies before it). The database sink replays an outage's backlog from one."""
+        mark = LogMark()
+        self._queue.put(mark)
+        return mark
+
     def close(self, timeout_s: float = 5.0) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
@@ -67,6 +75,9 @@ class JsonLogSink:
             item = self._queue.get()
             if item is _STOP:
                 break
+            if isinstance(item, LogMark):
+                f, day = self._place(item, f, day)
+                continue
             try:
                 line = json.dumps(cowrie_dict(item), ensure_ascii=False, separators=(",", ":")) + "\n"
                 try:
@@ -117,6 +128,18 @@ class JsonLogSink:
                 log.debug("json log: event not written", exc_info=True)
         if f is not None:
             f.close()
+
+    def _place(self, mark: LogMark, f: Any, day: str) -> tuple[Any, str]:
+        """Resolve ``mark`` at the end of what is written (opening the file if need be); its file and day."""
+        try:
+            if f is None:
+                f, day = self._open(), datetime.now(UTC).strftime("%Y-%m-%d")
+            st = os.fstat(f.fileno())
+            mark.resolve(LogPosition(st.st_dev, st.st_ino, f.tell(), mark.at))
+        except OSError as exc:
+            log.warning("json log: cannot mark a replay position: %s", exc)
+            mark.resolve(None)
+        return f, day
 
     def _open(self) -> Any:
         # Kept open across events on purpose; unbuffered: each line is one write, and a failed one

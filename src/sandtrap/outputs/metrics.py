@@ -23,7 +23,10 @@ _STORAGE_COUNTERS = (
     ("stored", "sandtrap_storage_stored_events", "Events stored in the database"),
     ("errors", "sandtrap_storage_errors", "Failed attempts to store a batch of events (outages included)"),
     ("rejected", "sandtrap_storage_rejected_events", "Events the database refused"),
-    ("dropped", "sandtrap_storage_dropped_events", "Events dropped from a full buffer (they are in the JSON log)"),
+    ("dropped", "sandtrap_storage_dropped_events", "Events dropped from a full buffer with no JSON log to spill to"),
+    ("spilled", "sandtrap_storage_spilled_events", "Events left to the JSON log while the buffer was full"),
+    ("replayed", "sandtrap_storage_replayed_events", "Events stored from the JSON log after an outage"),
+    ("catch_ups", "sandtrap_storage_catch_ups", "Replays from the JSON log finished"),
 )
 
 
@@ -160,6 +163,16 @@ class _ScrapeTime:
                 "sandtrap_storage_pending_events",
                 "Events queued for the database",
                 value=_number(status.get("pending")),
+            )
+            yield GaugeMetricFamily(
+                "sandtrap_storage_backlog_events",
+                "Events left to the JSON log and not replayed into the database yet",
+                value=_number(status.get("backlog")),
+            )
+            yield GaugeMetricFamily(
+                "sandtrap_storage_spilling",
+                "1 while the buffer is full and events go to the JSON log only",
+                value=1.0 if status.get("spilling") else 0.0,
             )
             yield GaugeMetricFamily(
                 "sandtrap_storage_up",

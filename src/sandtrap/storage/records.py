@@ -116,6 +116,17 @@ class StoredEvent(_Row):
     data: dict[str, Any]
 
 
+class SensorInfo(_Row):
+    """A sensor as the shared database knows it: from the sessions it recorded."""
+
+    sensor: str
+    sessions: int
+    open_sessions: int
+    logins: int
+    first_seen: datetime
+    last_seen: datetime
+
+
 class Count(_Row):
     value: str
     count: int

@@ -28,6 +28,7 @@ from sandtrap.storage.records import (
     HourCount,
     PairCount,
     SandboxInfo,
+    SensorInfo,
     SessionDetail,
     SessionSummary,
     Stats,
@@ -99,13 +100,14 @@ class Repository:
         has_artifacts: bool | None = None,
         protocol: str | None = None,
         service: str | None = None,
+        sensor: str | None = None,
         limit: int = 50,
         offset: int = 0,
         sort: SessionSort = "-started_at",
     ) -> list[SessionSummary]:
         """Sessions matching every filter given; ``command`` is a case-insensitive substring of any command."""
         where = _session_filters(
-            since, until, src_ip, username, command, has_commands, has_artifacts, protocol, service
+            since, until, src_ip, username, command, has_commands, has_artifacts, protocol, service, sensor
         )
         column = getattr(SessionRow, sort.lstrip("-"))
         order = column.desc() if sort.startswith("-") else column.asc()
@@ -133,9 +135,10 @@ class Repository:
         has_artifacts: bool | None = None,
         protocol: str | None = None,
         service: str | None = None,
+        sensor: str | None = None,
     ) -> int:
         where = _session_filters(
-            since, until, src_ip, username, command, has_commands, has_artifacts, protocol, service
+            since, until, src_ip, username, command, has_commands, has_artifacts, protocol, service, sensor
         )
         with self._sessions() as db:
             return db.scalar(select(func.count()).select_from(SessionRow).where(*where)) or 0
@@ -186,16 +189,29 @@ class Repository:
     # -- statistics -------------------------------------------------------------------------------------
     @_storage_errors
     def stats(
-        self, top: int = 10, *, since: datetime | None = None, until: datetime | None = None, hours: int = 168
+        self,
+        top: int = 10,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        hours: int = 168,
+        sensor: str | None = None,
     ) -> Stats:
         """Totals, the ``top`` most frequent of each kind (ties by value), and sessions per UTC hour.
 
         ``sessions_per_hour`` lists the latest ``hours`` hours that have sessions, oldest first;
-        hours without sessions are left out (the display fills them).
+        hours without sessions are left out (the display fills them). ``sensor``: that sensor's only.
         """
+        of_sensor = select(SessionRow.id).where(SessionRow.sensor == sensor).scalar_subquery()
 
         def window(column: Any) -> list[ColumnElement[bool]]:
-            return [c for c in (column >= since if since else None, column < until if until else None) if c is not None]
+            where = [
+                c for c in (column >= since if since else None, column < until if until else None) if c is not None
+            ]
+            if sensor is not None:
+                model = column.class_
+                where.append(model.sensor == sensor if model is SessionRow else model.session.in_(of_sensor))
+            return where
 
         def ranked(column: Any, *where: ColumnElement[bool]) -> list[Count]:
             n = func.count().label("n")
@@ -240,6 +256,37 @@ class Repository:
                 ),
             )
 
+    @_storage_errors
+    def sensors(self) -> list[SensorInfo]:
+        """Every sensor that recorded a session: its sessions (open ones, logins), first and last seen (its
+        first session's start; its latest session start or end)."""
+        last = func.max(func.coalesce(SessionRow.ended_at, SessionRow.started_at))
+        query = (
+            select(
+                SessionRow.sensor,
+                func.count(),
+                func.count(SessionRow.id).filter(SessionRow.ended_at.is_(None)),
+                func.count(SessionRow.id).filter(SessionRow.login_success.is_(True)),
+                func.min(SessionRow.started_at),
+                func.max(SessionRow.started_at),
+                last,
+            )
+            .group_by(SessionRow.sensor)
+            .order_by(SessionRow.sensor)
+        )
+        with self._sessions() as db:
+            return [
+                SensorInfo(
+                    sensor=name,
+                    sessions=n,
+                    open_sessions=n_open,
+                    logins=n_login,
+                    first_seen=as_utc(first),
+                    last_seen=max(as_utc(latest_start), as_utc(latest)),
+                )
+                for name, n, n_open, n_login, first, latest_start, latest in db.execute(query)
+            ]
+
     # -- maintenance ------------------------------------------------------------------------------------
     @_storage_errors
     def close_crashed_sessions(self, now: datetime, sensor: str | None = None) -> list[str]:
@@ -281,8 +328,11 @@ def _session_filters(
     has_artifacts: bool | None,
     protocol: str | None = None,
     service: str | None = None,
+    sensor: str | None = None,
 ) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
+    if sensor is not None:
+        where.append(SessionRow.sensor == sensor)
     if protocol:
         where.append(SessionRow.protocol == protocol)
     if service:

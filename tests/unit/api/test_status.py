@@ -85,6 +85,7 @@ async def test_openapi_document_lists_every_endpoint(client: Client) -> None:
         "/api/v1/sessions/{session_id}/export",
         "/api/v1/sessions/{session_id}/live",
         "/api/v1/artifacts/{sha256}",
+        "/api/v1/sensors",
     } <= paths
     params = {p["name"] for p in doc["paths"]["/api/v1/sessions"]["get"]["parameters"]}
     assert params == {
@@ -97,6 +98,7 @@ async def test_openapi_document_lists_every_endpoint(client: Client) -> None:
         "has_artifacts",
         "protocol",
         "service",
+        "sensor",
         "limit",
         "offset",
         "sort",

@@ -18,7 +18,7 @@ import pytest
 
 from sandtrap.api.web import STATIC
 from sandtrap.api.web import detail as view
-from sandtrap.api.web.listing import PAGE_SIZES, SORTS, Pager, parse_query
+from sandtrap.api.web.listing import PAGE_SIZES, SORTS, Pager, parse_query, sensor_param
 from sandtrap.api.web.renderer import TEMPLATES, Renderer, make_environment
 from sandtrap.api.web.timeline import chart, fill_hours
 from sandtrap.storage.records import (
@@ -30,6 +30,7 @@ from sandtrap.storage.records import (
     HourCount,
     PairCount,
     SandboxInfo,
+    SensorInfo,
     SessionDetail,
     Stats,
 )
@@ -294,18 +295,34 @@ def test_dashboard_shows_every_payload_as_text(renderer: Renderer) -> None:
             "recent": [hostile_detail()],
             "live_ids": {"0123456789ab"},
             "status": {"pool": {"warm": 1, "note": SCRIPT}},
+            # Sensor names are whatever each sensor's config says: text like the rest.
+            "sensors": [SCRIPT, IMG],
+            "sensor_filter": None,
+            "keep": "",
+            "show_sensor": True,
+            "sensor_error": "",
+            "sensor_rows": [
+                SensorInfo(sensor=SCRIPT, sessions=3, open_sessions=1, logins=2, first_seen=T0, last_seen=T0),
+                SensorInfo(sensor=IMG, sessions=1, open_sessions=0, logins=0, first_seen=T0, last_seen=T0),
+            ],
         },
     )
     page = Page(html)
     assert_inert(page)
     for payload in PAYLOADS:
         assert SHOWN[payload] in page.text, payload
+    options = [attrs.get("value") for tag, attrs in page.tags if tag == "option"]
+    assert options == ["", SCRIPT, IMG]  # the filter sends back the exact names
+    links = [attrs.get("href") or "" for tag, attrs in page.tags if tag == "a"]
+    assert "/?range=24h&sensor=%3Cimg+src%3Dx+onerror%3Dalert%281%29%3E" in links  # the sensors' card
     assert page.json_block("status-data") == {"pool": {"warm": 1, "note": SCRIPT}}
     assert sum(1 for tag, attrs in page.tags if tag == "rect" and attrs.get("class") == "bar") == 1
 
 
 def test_sessions_page_shows_payloads_and_keeps_the_form_as_values(renderer: Renderer) -> None:
-    q = parse_query({"command": SCRIPT, "src_ip": IMG, "username": OSC, "since": TEMPLATE, "page": "2"}, T0)
+    q = parse_query(
+        {"command": SCRIPT, "src_ip": IMG, "username": OSC, "since": TEMPLATE, "page": "2", "sensor": IMG}, T0
+    )
     html = renderer.render(
         "sessions.html",
         {
@@ -316,6 +333,10 @@ def test_sessions_page_shows_payloads_and_keeps_the_form_as_values(renderer: Ren
             "sorts": SORTS,
             "page_sizes": PAGE_SIZES,
             "live_ids": set(),
+            "sensors": [SCRIPT, IMG],
+            "sensor_filter": IMG,
+            "keep": sensor_param(IMG),
+            "show_sensor": False,
         },
     )
     page = Page(html)
@@ -326,6 +347,10 @@ def test_sessions_page_shows_payloads_and_keeps_the_form_as_values(renderer: Ren
     assert "since: '{{7*7}}' is not a date" in page.text
     assert "SSH-2.0-" + IMG in page.text
     assert SHOWN[OSC] in page.text  # the username column
+    chosen = [attrs.get("value") for tag, attrs in page.tags if tag == "option" and "selected" in attrs]
+    assert IMG in chosen
+    hrefs = [attrs.get("href") or "" for tag, attrs in page.tags if tag == "a"]
+    assert any(h.endswith("&sensor=%3Cimg+src%3Dx+onerror%3Dalert%281%29%3E") for h in hrefs)
     links = [attrs["href"] for tag, attrs in page.tags if tag == "a" and attrs.get("rel") in ("prev", "next")]
     assert links and all(h and h.startswith("/sessions?") and "%3C%2Fscript%3E" in h for h in links)
 

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from sandtrap.api.web import detail as view
-from sandtrap.api.web.listing import DEFAULT_PAGE_SIZE, Pager, parse_query, parse_since
+from sandtrap.api.web.listing import DEFAULT_PAGE_SIZE, Pager, parse_query, parse_sensor, parse_since, sensor_param
 from sandtrap.api.web.timeline import Bucket, chart, fill_hours, floor_hour, window
 from sandtrap.storage.records import CastInfo, CommandInfo, HourCount, SessionDetail
 
@@ -99,6 +99,7 @@ def test_parse_query_turns_the_form_into_filters() -> None:
     )  # fmt: skip
     assert q.errors == []
     assert q.filters == {
+        "sensor": None,
         "src_ip": "203.0.113.7",
         "service": "telnet",
         "username": "root",
@@ -108,6 +109,20 @@ def test_parse_query_turns_the_form_into_filters() -> None:
     }
     assert (q.sort, q.page, q.per_page, q.offset) == ("-started_at", 1, DEFAULT_PAGE_SIZE, 0)
     assert q.is_filtered
+
+
+def test_parse_sensor_is_an_exact_name_or_every_sensor() -> None:
+    assert parse_sensor("") == (None, "") and parse_sensor("   ") == (None, "")
+    assert parse_sensor(" honeypot-eu-1 ") == ("honeypot-eu-1", "")
+    assert parse_sensor("a\x00b") == ("a\ufffdb", "")  # as stored: NUL is U+FFFD
+    name, error = parse_sensor("x" * 257)
+    assert name is None and error.startswith("sensor: longer than 256")
+    assert sensor_param(None) == "" and sensor_param("eu 1&x") == "&sensor=eu+1%26x"
+    q = parse_query({"sensor": " eu-1 ", "src_ip": "203.0.113.7"}, NOW)
+    assert q.filters["sensor"] == "eu-1" and q.is_filtered
+    assert q.url(page=2) == "/sessions?sensor=eu-1&src_ip=203.0.113.7&page=2"
+    q = parse_query({"sensor": "x" * 300}, NOW)
+    assert q.filters["sensor"] is None and q.form["sensor"] == "" and q.errors
 
 
 def test_parse_query_empty_means_no_filters() -> None:

@@ -582,33 +582,80 @@ def test_a_refused_event_does_not_hold_up_its_batch(
     assert not repo.has_event(poisoned.event_id)
 
 
-def test_outage_buffers_drops_oldest_then_catches_up_from_the_json_log(
+def test_outage_buffers_then_spills_to_the_json_log_and_replays_it(
     db_url: str, make_sink: Callable[..., DatabaseSink], tmp_path: Path
 ) -> None:
     """An unmigrated database stands in for an outage: every write fails until the schema is there."""
-    log_dir = tmp_path / "log"
-    jsonlog = JsonLogSink(log_dir)
-    sink = make_sink(db_url, buffer_events=4, jsonlog=jsonlog.path)
+    jsonlog = JsonLogSink(tmp_path / "log", rotate_bytes=2048)  # small: the spill crosses rotations
+    sink = make_sink(db_url, buffer_events=4, jsonlog=jsonlog)
     bus = EventBus()
     bus.add_sink(jsonlog)
     bus.add_sink(sink)
-    events = full_session("0000000000d1")[:10]
-    for event in events:
+    events = full_session("0000000000d1") + full_session("0000000000d2")
+    for event in events[:10]:
         bus.emit(event)
     wait_until(lambda: sink.errors >= 2)
     assert bus.sink_errors == 0
-    assert (sink.pending, sink.dropped, sink.stored, sink.is_down) == (4, 6, 0, True)
+    # Memory is bounded: the buffer (and the event that found it full); the rest is in the JSON log only.
+    assert (sink.pending, sink.spilled, sink.dropped, sink.stored, sink.is_down) == (5, 5, 0, 0, True)
+    assert sink.status()["spilling"] is True and sink.backlog == 5
     assert sink.last_error
-    jsonlog.close()
 
     upgrade(db_url)
     assert sink.flush(30), sink.status()
-    assert not sink.is_down and sink.pending == 0
+    assert not sink.is_down and sink.pending == 0 and sink.backlog == 0
+    assert sink.replayed == 5 and sink.stored == 10
+    # The replay read to the log's end: the next event closes the spill and is queued again.
+    bus.emit(events[10])
+    assert sink.flush(30), sink.status()
+    assert not sink.status()["spilling"] and sink.catch_ups == 1, sink.status()
+    for event in events[11:]:  # a burst past the buffer with the database up: spills and replays again
+        bus.emit(event)
+    assert sink.flush(30), sink.status()
+    assert sink.backlog == 0 and sink.spilled > 5, sink.status()
+    assert len(list((tmp_path / "log").glob("sandtrap.json.*"))) >= 1
+    jsonlog.close()
     with Repository(db_url) as repo:
-        assert [e.event_id for e in repo.events("0000000000d1")] == [e.event_id for e in events]
+        for sid, part in (("0000000000d1", events[: len(events) // 2]), ("0000000000d2", events[len(events) // 2 :])):
+            assert [e.event_id for e in repo.events(sid)] == [e.event_id for e in part]
         s = repo.get_session("0000000000d1")
         assert s is not None and s.auth_attempts_count == 3 and s.started_at == T0
-    assert sink.stored == 10
+    assert sink.stored == len(events)
+
+
+def test_a_long_outage_with_a_trickle_of_events_keeps_the_queue_bounded(
+    db_url: str, make_sink: Callable[..., DatabaseSink], tmp_path: Path
+) -> None:
+    """The replay reaches the log's end between events while the database is still down: the spill stays open."""
+    jsonlog = JsonLogSink(tmp_path / "log")
+    sink = make_sink(db_url, buffer_events=4, jsonlog=jsonlog)
+    bus = EventBus()
+    bus.add_sink(jsonlog)
+    bus.add_sink(sink)
+    events = full_session("0000000000d4")
+    for event in events[:5]:
+        bus.emit(event)
+    wait_until(lambda: sink.errors >= 2)
+    for event in events[5:]:
+        time.sleep(0.15)  # the writer looks at the log's end in between
+        bus.emit(event)
+        assert sink.pending <= 5, sink.status()
+    assert sink.spilled == len(events) - 5 and sink.status()["spilling"]
+    upgrade(db_url)
+    assert sink.flush(30), sink.status()
+    with Repository(db_url) as repo:
+        assert [e.event_id for e in repo.events("0000000000d4")] == [e.event_id for e in events]
+    jsonlog.close()
+
+
+def test_outage_without_a_json_log_drops_the_oldest(
+    db_url: str, make_sink: Callable[..., DatabaseSink], tmp_path: Path
+) -> None:
+    sink = make_sink(db_url, buffer_events=4)
+    for event in full_session("0000000000d3")[:10]:
+        sink.write(event)
+    wait_until(lambda: sink.errors >= 2)
+    assert (sink.pending, sink.dropped, sink.spilled) == (4, 6, 0) and not sink.status()["spilling"]
 
 
 def test_catch_up_from_jsonlog(
@@ -670,3 +717,41 @@ def test_sessions_by_service_and_protocol(repo: Repository, store: Callable[[lis
     assert repo.count_sessions(protocol="ssh") == 1 and repo.list_sessions(protocol="ssh")[0].service == "ssh"
     per_service = {c.value: c.count for c in repo.stats().sessions_per_service}
     assert per_service == {"telnet": 1, "http": 1, "ssh": 1}
+
+
+# -- a fleet (issue 20): several sensors in one database; filters and the sensors' list ------------------------------
+def test_sessions_and_stats_by_sensor(repo: Repository, store: Callable[[list[Event]], DatabaseSink]) -> None:
+    eu = Conn("bbbbbbbbbbb1", sensor="eu-1")
+    eu2 = Conn("bbbbbbbbbbb2", sensor="eu-1", src_ip="198.51.100.9")
+    us = Conn("bbbbbbbbbbb3", sensor="us-1")
+    store(
+        [
+            eu(ev.SESSION_CONNECT, after_s=0),
+            eu(ev.LOGIN_SUCCESS, username="root", password="x"),
+            eu(ev.COMMAND_INPUT, input="uname -a", channel=0),
+            eu(ev.SESSION_CLOSED, duration="3.0", duration_ms=3000, reason="client_closed"),
+            eu2(ev.SESSION_CONNECT, after_s=5),
+            eu2(ev.LOGIN_FAILED, username="admin", password="admin"),
+            us(ev.SESSION_CONNECT, after_s=0),
+            us(ev.LOGIN_FAILED, username="oracle", password="oracle"),
+            us(ev.LOGIN_FAILED, username="oracle", password="123"),
+        ]
+    )
+    assert {s.id for s in repo.list_sessions(sensor="eu-1")} == {"bbbbbbbbbbb1", "bbbbbbbbbbb2"}
+    assert [s.id for s in repo.list_sessions(sensor="us-1")] == ["bbbbbbbbbbb3"]
+    assert repo.list_sessions(sensor="nowhere") == [] and repo.count_sessions(sensor="eu-1") == 2
+    assert repo.count_sessions() == 3
+    us_stats = repo.stats(sensor="us-1")
+    assert (us_stats.sessions, us_stats.auth_attempts, us_stats.commands) == (1, 2, 0)
+    assert [c.value for c in us_stats.top_usernames] == ["oracle"]
+    eu_stats = repo.stats(sensor="eu-1")
+    assert (eu_stats.sessions, eu_stats.auth_attempts, eu_stats.commands) == (2, 2, 1)
+    assert {c.value for c in eu_stats.top_src_ips} == {"203.0.113.7", "198.51.100.9"}
+    assert repo.stats().auth_attempts == 4
+    sensors = {s.sensor: s for s in repo.sensors()}
+    assert list(sensors) == ["eu-1", "us-1"]
+    assert (sensors["eu-1"].sessions, sensors["eu-1"].open_sessions, sensors["eu-1"].logins) == (2, 1, 1)
+    assert (sensors["us-1"].sessions, sensors["us-1"].open_sessions, sensors["us-1"].logins) == (1, 1, 0)
+    assert sensors["eu-1"].first_seen == T0 and sensors["eu-1"].last_seen == T0 + timedelta(
+        seconds=5
+    )  # a session began

@@ -14,6 +14,7 @@ from typing import Any, get_args
 from urllib.parse import urlencode
 
 from sandtrap.storage.repository import SessionSort
+from sandtrap.storage.types import clean
 
 PAGE_SIZES = (25, 50, 100, 200)
 DEFAULT_PAGE_SIZE = 50
@@ -26,7 +27,8 @@ SORTS: dict[str, str] = {
 }
 _RELATIVE = re.compile(r"(\d{1,5})\s*([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-FORM_KEYS = ("src_ip", "service", "username", "command", "has_artifacts", "since", "sort", "per_page")
+FORM_KEYS = ("sensor", "src_ip", "service", "username", "command", "has_artifacts", "since", "sort", "per_page")
+MAX_SENSOR = 256  # as the API's sensor filter
 
 
 @dataclass
@@ -76,10 +78,30 @@ def parse_since(text: str, now: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def parse_sensor(text: str) -> tuple[str | None, str]:
+    """The sensor filter as typed: (its exact name or None for every sensor, an error message or '')."""
+    text = text.strip()
+    if not text:
+        return None, ""
+    if len(text) > MAX_SENSOR:
+        return None, f"sensor: longer than {MAX_SENSOR} characters; showing every sensor"
+    return clean(text), ""
+
+
+def sensor_param(sensor: str | None) -> str:
+    """``&sensor=NAME`` to append to a link's query (empty for every sensor): the filter follows the analyst."""
+    return "&" + urlencode({"sensor": sensor}) if sensor else ""
+
+
 def parse_query(params: Mapping[str, str], now: datetime) -> SessionQuery:
     form = {k: params.get(k, "").strip() for k in FORM_KEYS}
     errors: list[str] = []
+    sensor, sensor_error = parse_sensor(form["sensor"])
+    if sensor_error:
+        errors.append(sensor_error)
+        form["sensor"] = ""
     filters: dict[str, Any] = {
+        "sensor": sensor,
         "src_ip": form["src_ip"] or None,
         "service": form["service"] or None,
         "username": form["username"] or None,

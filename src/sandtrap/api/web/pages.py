@@ -19,6 +19,7 @@ from sandtrap.api.deps import ApiDeps
 from sandtrap.api.web import detail, listing, timeline
 from sandtrap.api.web.renderer import Renderer
 from sandtrap.storage.engine import StorageError
+from sandtrap.storage.records import SensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,11 @@ class Pages:
         since = timeline.window(range_name, [], now)[0] if span else None
         hours = int((now - since) / timedelta(hours=1)) + 2 if since else 24 * 400
         repo = self.deps.repository
+        sensor, sensor_error = listing.parse_sensor(request.query_params.get("sensor", ""))
         try:
-            stats = await asyncio.to_thread(repo.stats, TOP, since=since, hours=hours)
-            recent = await asyncio.to_thread(repo.list_sessions, limit=RECENT)
+            sensors = await asyncio.to_thread(repo.sensors)
+            stats = await asyncio.to_thread(lambda: repo.stats(TOP, since=since, hours=hours, sensor=sensor))
+            recent = await asyncio.to_thread(lambda: repo.list_sessions(limit=RECENT, sensor=sensor))
         except StorageError as exc:
             return self._unavailable(request, exc)
         start, end, step = timeline.window(range_name, stats.sessions_per_hour, now)
@@ -64,6 +67,9 @@ class Pages:
             "recent": recent,
             "live_ids": self._live_ids(s.id for s in recent),
             "status": self._status(),
+            **_sensor_context(sensors, sensor),
+            "sensor_rows": sensors,
+            "sensor_error": sensor_error,
         }
         return self._page(request, "dashboard.html", context, nav="dashboard")
 
@@ -71,6 +77,7 @@ class Pages:
         query = listing.parse_query(request.query_params, datetime.now(UTC))
         repo = self.deps.repository
         try:
+            sensors = await asyncio.to_thread(repo.sensors)
             total = await asyncio.to_thread(lambda: repo.count_sessions(**query.filters))
             rows = await asyncio.to_thread(
                 lambda: repo.list_sessions(**query.filters, limit=query.per_page, offset=query.offset, sort=query.sort)
@@ -84,6 +91,7 @@ class Pages:
             "sorts": listing.SORTS,
             "page_sizes": listing.PAGE_SIZES,
             "live_ids": self._live_ids(s.id for s in rows),
+            **_sensor_context(sensors, query.filters["sensor"]),
         }
         return self._page(request, "sessions.html", context, nav="sessions")
 
@@ -162,3 +170,17 @@ class Pages:
         except Exception:  # a status line must not take the dashboard down
             log.exception("pool_stats failed")
             return {}
+
+
+def _sensor_context(sensors: list[SensorInfo], chosen: str | None) -> dict[str, Any]:
+    """The sensor filter's choices (every sensor the database knows, and the chosen one even if it knows none
+    of its sessions yet), the choice, the query to keep it in links, and whether rows need a sensor column."""
+    names = [s.sensor for s in sensors]
+    if chosen is not None and chosen not in names:
+        names.append(chosen)
+    return {
+        "sensors": names,
+        "sensor_filter": chosen,
+        "keep": listing.sensor_param(chosen),
+        "show_sensor": chosen is None and len(names) > 1,
+    }
