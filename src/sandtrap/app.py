@@ -22,7 +22,7 @@ from sandtrap.bridge.auth import AuthPolicy
 from sandtrap.bridge.connection import Hub, ServiceBounds
 from sandtrap.bridge.sessions import Prepared, SessionManager
 from sandtrap.bridge.stream import RawService
-from sandtrap.config import ServiceSettings, Settings
+from sandtrap.config import PersonaSettings, ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.memtrim import MemoryTrim
@@ -42,6 +42,7 @@ from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.microvm.qemu import TAP, GuestNet
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
+from sandtrap.sandbox.personas import Persona
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
 from sandtrap.ssh.server import ServerContext, SSHFrontEnd
@@ -80,6 +81,14 @@ def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBacken
         files.update(gateway.ca.box_files())
     netns = gateway.ns.path if gateway is not None else ""
     return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach, netns)
+
+
+def box_persona(settings: Settings, persona: PersonaSettings) -> Persona:
+    """What a persona's boxes are made as: its hostname, domain and image over the sandbox section's."""
+    box = settings.sandbox
+    domain = box.domain if persona.domain is None else persona.domain
+    image = persona.image_tag(box.docker.image)
+    return Persona(persona.name, persona.hostname or box.hostname, domain, image)
 
 
 def cache_dir(settings: Settings) -> Path:
@@ -147,7 +156,7 @@ class Listener(Protocol):
 
 
 def _bounds(service: ServiceSettings) -> ServiceBounds:
-    return ServiceBounds(service.name, service.session.timeout_seconds, service.session.max_bytes)
+    return ServiceBounds(service.name, service.session.timeout_seconds, service.session.max_bytes, service.persona)
 
 
 def _raw(service: ServiceSettings) -> RawService:
@@ -161,6 +170,7 @@ def _raw(service: ServiceSettings) -> RawService:
         max_bytes=service.session.max_bytes,
         timeout_s=service.session.timeout_seconds,
         idle_timeout_s=service.session.idle_timeout_seconds or 60.0,
+        persona=service.persona,
     )
 
 
@@ -221,13 +231,20 @@ async def running(
             )
         gateway = Gateway(settings.network, settings.sensor, settings.data_dir)
     backend = build_backend(settings, gateway)
-    pool: Pool[Prepared] = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
+    personas = settings.effective_personas()
+    pool: Pool[Prepared] = Pool(
+        backend,
+        settings.sandbox,
+        settings.data_dir / "sandboxes",
+        personas=[(box_persona(settings, p), p.weight) for p in personas],
+        pinned=[s.persona for s in settings.services if s.persona],
+    )
     bus = EventBus()
     for sink in sinks or []:
         bus.add_sink(sink)
     if gateway is not None:
         bus.add_sink(gateway.commands)  # a download's destfile: the command line that asked for it
-    manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens)
+    manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens, personas)
     # Done while a box waits warm, not while the attacker does: honeytokens planted, accounts read.
     pool.prepare = manager.prepare
     if isinstance(backend, DockerBackend) and backend.disk is not None:  # a box past its disk bound: its sessions end

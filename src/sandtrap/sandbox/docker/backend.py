@@ -41,6 +41,7 @@ from sandtrap.sandbox.docker.spec import (
 from sandtrap.sandbox.host import relay, systemd_cgroups
 from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups, cpuset_for
 from sandtrap.sandbox.host.procviews import ProcViews
+from sandtrap.sandbox.personas import Persona
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class DockerBackend:
         elif docker.disk_quota:
             log.warning("sandbox.docker.disk_quota is not enforced: the engine is not on this host (%s)", url)
         self._disk_unbounded_said = False
-        self._image_seed: tuple[bytes, str] | None = None
+        self._image_seed: dict[str, tuple[bytes, str]] = {}  # per image (personas may have their own)
         self._network_ready = False
         self._network_lock = asyncio.Lock()
         # Lowered if the engine cannot grant it (create); what one backend learned, the next starts from.
@@ -192,16 +193,16 @@ class DockerBackend:
                 self._no_systemd("its cgroups are handed over from a per-box parent cgroup, and boxes have none")
             self._placed = True
 
-    async def create(self, session: str = "", src_ip: str = "") -> DockerSandbox:
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> DockerSandbox:
         """A started box (a warm one without a session). A box's open-files hard limit cannot exceed the engine's own (runc sets it without
         CAP_SYS_RESOURCE): when the engine refuses ``ulimit_nofile_hard``, halve it (down to the soft limit)
         until it starts, and keep that value for the boxes that follow."""
-        labels = box_labels(self._sensor, session, src_ip)
+        labels = box_labels(self._sensor, session, src_ip, persona=persona.name if persona else "")
         name = box_name(self._sensor, session)
         while True:
             tried = self._nofile_hard
             try:
-                return await self._create(labels, name, tried)
+                return await self._create(labels, name, tried, persona)
             except engine.LimitRefused:
                 soft = self._docker.ulimit_nofile
                 if tried <= soft:
@@ -216,12 +217,18 @@ class DockerBackend:
                         self._nofile_hard,
                     )
 
-    async def _create(self, labels: Mapping[str, str], name: str, nofile_hard: int) -> DockerSandbox:
+    async def _create(
+        self, labels: Mapping[str, str], name: str, nofile_hard: int, persona: Persona | None = None
+    ) -> DockerSandbox:
         await self._ensure_network()
         await self._placement()
         box, docker = self._box, self._docker
         if nofile_hard != docker.ulimit_nofile_hard:
             docker = docker.model_copy(update={"ulimit_nofile_hard": nofile_hard})
+        if persona is not None:  # its hostname and image over the sandbox section's
+            box = box.model_copy(update={"hostname": persona.hostname, "domain": persona.domain})
+            if persona.image and persona.image != docker.image:
+                docker = docker.model_copy(update={"image": persona.image})
         cgroup = secrets.token_hex(6) if self._parents is not None else ""
         cpuset = cpuset_for(cgroup or name, box.cpus, self._cpu_list) if docker.pin_cpus else ""
         self._creating.add(cgroup)
@@ -254,11 +261,11 @@ class DockerBackend:
                 if parent and isinstance(exc, engine.CgroupParentRefused):
                     # e.g. the systemd cgroup driver, which takes only `*.slice` parents
                     self._no_parents(f"the engine refused the parent cgroup: {exc}")
-                    return await self._create(labels, name, nofile_hard)
+                    return await self._create(labels, name, nofile_hard, persona)
                 if self._systemd and isinstance(exc, engine.Forbidden):
                     # e.g. the engine proxy, which refuses what systemd needs (CAP_SETPCAP) as a parent cgroup
                     self._no_systemd(f"the engine refused the container systemd needs: {exc}")
-                    return await self._create(labels, name, nofile_hard)
+                    return await self._create(labels, name, nofile_hard, persona)
                 raise
             sandbox = DockerSandbox(self._host, container.id, name, tuple(docker.tmpfs))
             sandbox.cgroup, sandbox.parents = cgroup, self._parents
@@ -271,11 +278,11 @@ class DockerBackend:
                 if parent and not await self._check_placement(sandbox, parent):
                     await asyncio.shield(sandbox.remove())
                     self._no_parents(f"box {name} did not start below its parent cgroup {parent}")
-                    return await self._create(labels, name, nofile_hard)
+                    return await self._create(labels, name, nofile_hard, persona)
                 if self._attach is not None:
                     await self._link(sandbox)
                 if seeded:
-                    await self._seed(sandbox)
+                    await self._seed(sandbox, docker)
                 if self._systemd:
                     await self._start_systemd(sandbox, parent)
                 await self._bound_disk(sandbox)
@@ -347,12 +354,12 @@ class DockerBackend:
             log.error("box %s is not below its parent cgroup %s for %s", sandbox.name, parent, ", ".join(wrong))
         return not wrong
 
-    async def _seed(self, sandbox: DockerSandbox) -> None:
+    async def _seed(self, sandbox: DockerSandbox, docker: DockerSettings) -> None:
         """Fill the writable tmpfs mounts with the image's files (owners, modes and times kept), then tell
         init, which waits for them before it starts the box's daemons."""
-        if self._image_seed is None:
-            self._image_seed = await self._image_files()
-        data, fix_roots = self._image_seed
+        if docker.image not in self._image_seed:
+            self._image_seed[docker.image] = await self._image_files(docker)
+        data, fix_roots = self._image_seed[docker.image]
         # --skip-old-files: what the box's init wrote at boot (/etc/machine-id) stays. The planted files
         # (host keys) then replace the image's in the fresh mounts, before init starts the daemons.
         script = f"tar -x -p --numeric-owner --skip-old-files -C / -f - && {fix_roots}"
@@ -368,9 +375,8 @@ class DockerBackend:
         if result.status.code != 0:
             raise SandboxError(f"{what} failed ({result.status.code}): {result.stderr.decode(errors='replace')}")
 
-    async def _image_files(self) -> tuple[bytes, str]:
+    async def _image_files(self, d: DockerSettings) -> tuple[bytes, str]:
         """The image's files under each writable path, read once from a container that never starts."""
-        d = self._docker
         labels = box_labels(self._sensor, role="template")
         config = create_config(d.model_copy(update={"read_only_root": False}), self._box, labels, self._seccomp)
         name = f"sandtrap-{safe_name(self._sensor)}-t-{secrets.token_hex(4)}"
