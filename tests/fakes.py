@@ -148,7 +148,10 @@ class FakeBackend:
             raise SandboxError("engine said no")
         self.created += 1
         name = f"fake-s-{session}" if session else f"fake-w-{next(_ids)}"
-        box = FakeSandbox(self, name, {"sandtrap.session": session, "sandtrap.src_ip": src_ip})
+        labels = {"sandtrap.session": session, "sandtrap.src_ip": src_ip}
+        if persona is not None:  # what a Docker box carries as its label and hostname
+            labels |= {"sandtrap.persona": persona.name, "hostname": persona.hostname}
+        box = FakeSandbox(self, name, labels)
         self.boxes[box.id] = box
         return box
 
