@@ -17,7 +17,7 @@ from rich.table import Table
 from sandtrap import __version__
 from sandtrap.cli_config import ConfigOption, reset, settings
 from sandtrap.cli_sessions import sessions_app
-from sandtrap.config import ImageSettings, Settings, settings_as_yaml
+from sandtrap.config import Settings, settings_as_yaml
 from sandtrap.errors import SandtrapError
 from sandtrap.logs import setup_logging
 
@@ -113,22 +113,12 @@ def image_build(
     _persona_images_build(s, cache, force)
 
 
-def persona_images(s: Settings) -> list[tuple[str, str, ImageSettings]]:
-    """The personas with an image of their own to build: (name, tag, what goes into it)."""
-    out = []
-    for p in s.effective_personas():
-        if p.extra_packages:
-            image = s.image.model_copy(update={"extra_packages": [*s.image.extra_packages, *p.extra_packages]})
-            out.append((p.name, p.image_tag(s.sandbox.docker.image), image))
-    return out
-
-
 def _persona_images_build(s: Settings, cache: Path, force: bool) -> None:
     """Each persona's own image (personas[].extra_packages): the sandbox image's packages and its own, from
     debootstrap (a tarball of its own in the cache, keyed by the packages), then the same layer."""
     from sandtrap.sandbox.docker.image import build_image
 
-    todo = persona_images(s)
+    todo = s.persona_images()
     for i, (name, tag, image) in enumerate(todo, 1):
         console.print(f"persona {name} ({i}/{len(todo)}): image {tag} with {', '.join(image.extra_packages)}")
         try:
@@ -189,7 +179,7 @@ def image_check(config: ConfigOption = None) -> None:
         raise _fail(exc) from None
     out.print(f"present={r.present} current={r.current} expected={r.expected[:12]} actual={(r.actual or '-')[:12]}")
     current = r.current
-    for name, tag, image in persona_images(s):  # each persona's own image too
+    for name, tag, image in s.persona_images():  # each persona's own image too
         try:
             p = asyncio.run(check_image(image, tag, s.sandbox.docker.docker_host))
         except SandtrapError as exc:

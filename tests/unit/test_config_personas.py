@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from sandtrap.app import box_persona
-from sandtrap.cli import persona_images
 from sandtrap.config import load_settings
 from sandtrap.errors import ConfigError
 
@@ -18,7 +17,7 @@ def test_no_personas_is_one_equal_to_the_sandbox_section() -> None:
     assert only.name == "default" and only.weight > 0
     box = box_persona(s, only)
     assert (box.hostname, box.domain, box.image) == ("web-prod-03", "corp.internal", "sandtrap-target:latest")
-    assert persona_images(s) == []
+    assert s.persona_images() == []
 
 
 def test_a_persona_overrides_hostname_domain_and_image() -> None:
@@ -37,7 +36,7 @@ def test_a_persona_overrides_hostname_domain_and_image() -> None:
     assert (web.hostname, web.image) == ("web-prod-03", "sandtrap-target:latest")
     assert (db.hostname, db.domain, db.image) == ("db-prod-01", "", "sandtrap-target-db:latest")
     assert (gw.hostname, gw.image) == ("gw-01", "router:1")
-    ((name, tag, image),) = persona_images(s)  # only db's packages make an image of its own
+    ((name, tag, image),) = s.persona_images()  # only db's packages make an image of its own
     assert (name, tag) == ("db", "sandtrap-target-db:latest") and image.extra_packages == ["mariadb-server"]
 
 

@@ -129,6 +129,17 @@ class Settings(Section):
         check_service_personas([(s.name, s.persona) for s in self.services], names)
         return self
 
+    def persona_images(self) -> list[tuple[str, str, ImageSettings]]:
+        """The personas with an image of their own to build (extra_packages): (name, engine tag, its packages)."""
+        out = []
+        for p in self.effective_personas():
+            if p.extra_packages:
+                image = self.image.model_copy(
+                    update={"extra_packages": [*self.image.extra_packages, *p.extra_packages]}
+                )
+                out.append((p.name, p.image_tag(self.sandbox.docker.image), image))
+        return out
+
     def effective_personas(self) -> list[PersonaSettings]:
         """The personas boxes are made as: those configured, or the one equal to the sandbox section's box."""
         return list(self.personas) or [PersonaSettings(name=DEFAULT_PERSONA)]
