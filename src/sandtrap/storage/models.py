@@ -72,6 +72,7 @@ class SessionRow(Base):
         Index(None, "src_ip"),
         Index(None, "username", postgresql_using="hash"),
         Index(None, "service"),
+        Index(None, "sensor", "started_at"),  # a fleet's console filters by sensor
     )
 
 
