@@ -53,13 +53,14 @@ from sandtrap.telnet.server import TelnetContext, TelnetFrontEnd
 log = logging.getLogger(__name__)
 
 
-def _planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]] | None:
-    """What every box gets before it boots, whatever its backend: the sensor's host keys (share_host_keys)."""
+def _planted_files(settings: Settings, hostname: str = "") -> dict[str, tuple[bytes, int, float]] | None:
+    """What every box gets before it boots, whatever its backend: the sensor's host keys (share_host_keys),
+    commented with the box's hostname (``hostname``; '' = sandbox.hostname)."""
     if not settings.sandbox.share_host_keys:
         return None
     keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
     load_host_keys(keys)  # generated now if missing: the SSH front end loads the same files
-    return box_host_key_files(keys, settings.sandbox.hostname)
+    return box_host_key_files(keys, hostname or settings.sandbox.hostname)
 
 
 def vm_planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]]:
@@ -76,11 +77,15 @@ def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBacken
     docker = settings.sandbox.docker
     profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
     attach = gateway.attach if gateway is not None else None
-    files = dict(_planted_files(settings) or {})
-    if gateway is not None and gateway.ca is not None:  # the capture gateway's CA, trusted as a local CA
-        files.update(gateway.ca.box_files())
+    ca = gateway.ca.box_files() if gateway is not None and gateway.ca is not None else {}  # trusted as a local CA
+    files = {**(_planted_files(settings) or {}), **ca}
+    own = {  # a persona with a hostname of its own: its host keys commented with it
+        p.name: {**(_planted_files(settings, p.hostname) or {}), **ca}
+        for p in settings.effective_personas()
+        if p.hostname and p.hostname != settings.sandbox.hostname
+    }
     netns = gateway.ns.path if gateway is not None else ""
-    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach, netns)
+    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach, netns, own)
 
 
 def box_persona(settings: Settings, persona: PersonaSettings) -> Persona:

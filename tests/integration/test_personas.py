@@ -33,10 +33,13 @@ SEED, LOGINS = 20261205, 6
 
 async def _login_hostname(hp: Any) -> str:
     async with asyncssh_connected(hp) as conn:
-        result = await conn.run("hostname; cat /etc/hostname", timeout=60)
+        result = await conn.run(
+            "hostname; cat /etc/hostname; cut -d' ' -f3 /etc/ssh/ssh_host_ed25519_key.pub", timeout=60
+        )
     assert result.exit_status == 0, result.stderr
     lines = str(result.stdout).split()
-    assert lines[0] == lines[1], lines  # the kernel's name and the file agree
+    # the kernel's name, the file and the host key's comment (as ssh-keygen -A leaves it) agree
+    assert lines[1] == lines[0] and lines[2] == f"root@{lines[0]}", lines
     return lines[0]
 
 

@@ -77,6 +77,7 @@ class DockerBackend:
         files: Mapping[str, tuple[bytes, int, float]] | None = None,
         attach: Callable[[int], Awaitable[str]] | None = None,
         relay_netns: str = "",
+        persona_files: Mapping[str, Mapping[str, tuple[bytes, int, float]]] | None = None,
     ) -> None:
         """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default.
         ``attach``: with ``network.mode: capture``, gives the box whose pid 1 is that host pid its ``eth0`` on the
@@ -88,6 +89,8 @@ class DockerBackend:
         self._sensor = sensor
         self._seccomp = seccomp
         self._planted = files_archive(files) if files else b""
+        # A persona's own planted files instead (its host keys commented with its hostname), by persona name.
+        self._planted_for = {name: files_archive(f) for name, f in (persona_files or {}).items() if f}
         self._client = engine.connect(docker.docker_host)
         url = docker.docker_host or os.environ.get("DOCKER_HOST") or "unix://"
         self._host = BoxHost(self._client, sensor, local=url.startswith("unix://"))
@@ -229,6 +232,7 @@ class DockerBackend:
             box = box.model_copy(update={"hostname": persona.hostname, "domain": persona.domain})
             if persona.image and persona.image != docker.image:
                 docker = docker.model_copy(update={"image": persona.image})
+        planted = self._planted_for.get(persona.name, self._planted) if persona is not None else self._planted
         cgroup = secrets.token_hex(6) if self._parents is not None else ""
         cpuset = cpuset_for(cgroup or name, box.cpus, self._cpu_list) if docker.pin_cpus else ""
         self._creating.add(cgroup)
@@ -272,8 +276,8 @@ class DockerBackend:
             self._share_relay(sandbox)
             seeded = docker.read_only_root and bool(docker.writable)
             try:
-                if self._planted and not seeded:  # in the container's own layer, before init starts sshd
-                    await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
+                if planted and not seeded:  # in the container's own layer, before init starts sshd
+                    await engine.call("plant files", container.put_archive("/", planted), 30)  # type: ignore[no-untyped-call]
                 await engine.call("start container", container.start(), box.start_timeout_s)
                 if parent and not await self._check_placement(sandbox, parent):
                     await asyncio.shield(sandbox.remove())
@@ -282,7 +286,7 @@ class DockerBackend:
                 if self._attach is not None:
                     await self._link(sandbox)
                 if seeded:
-                    await self._seed(sandbox, docker)
+                    await self._seed(sandbox, docker, planted)
                 if self._systemd:
                     await self._start_systemd(sandbox, parent)
                 await self._bound_disk(sandbox)
@@ -354,7 +358,7 @@ class DockerBackend:
             log.error("box %s is not below its parent cgroup %s for %s", sandbox.name, parent, ", ".join(wrong))
         return not wrong
 
-    async def _seed(self, sandbox: DockerSandbox, docker: DockerSettings) -> None:
+    async def _seed(self, sandbox: DockerSandbox, docker: DockerSettings, planted: bytes) -> None:
         """Fill the writable tmpfs mounts with the image's files (owners, modes and times kept), then tell
         init, which waits for them before it starts the box's daemons."""
         if docker.image not in self._image_seed:
@@ -364,8 +368,8 @@ class DockerBackend:
         # (host keys) then replace the image's in the fresh mounts, before init starts the daemons.
         script = f"tar -x -p --numeric-owner --skip-old-files -C / -f - && {fix_roots}"
         await self._run_with_input(sandbox, script, data, "seeding the writable mounts")
-        if self._planted:
-            await self._run_with_input(sandbox, "tar -x -p --numeric-owner -C / -f -", self._planted, "planting files")
+        if planted:
+            await self._run_with_input(sandbox, "tar -x -p --numeric-owner -C / -f -", planted, "planting files")
         await self._run_with_input(sandbox, "kill -USR1 1", b"", "starting the daemons")  # init.c, wait_for_files
         sandbox.seeded_at = time.time()
 
