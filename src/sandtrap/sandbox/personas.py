@@ -80,7 +80,8 @@ class PersonaChoice:
 
 def split(total: int, weights: Sequence[tuple[str, float]], pinned: Sequence[str] = ()) -> dict[str, int]:
     """``total`` warm boxes shared by weight (largest remainders; a persona with weight above 0 gets at least one
-    while ``total`` allows); a persona of weight 0 that a service names (``pinned``) gets one (when ``total`` > 0)."""
+    while ``total`` allows). A persona of weight 0 that a service names (``pinned``) gets, on top, what the least
+    weighted persona's share would be beside the others, and at least one (when ``total`` > 0)."""
     out = {name: 0 for name, _ in weights}
     if total <= 0:
         return out
@@ -98,7 +99,8 @@ def split(total: int, weights: Sequence[tuple[str, float]], pinned: Sequence[str
             if out[donor] > 1:
                 out[donor] -= 1
                 out[name] = 1
+    least = min(w for _, w in positive)
     for name in pinned:
         if name in out and out[name] == 0:
-            out[name] = 1
+            out[name] = max(1, math.floor(total * least / (whole + least)))
     return out

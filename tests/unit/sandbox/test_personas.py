@@ -79,6 +79,8 @@ def test_the_warm_pool_is_split_by_weight() -> None:
     assert split(4, [("a", 1.0), ("b", 1.0), ("c", 1.0)]) == {"a": 2, "b": 1, "c": 1}
     assert split(3, [("web", 100.0), ("db", 1.0)]) == {"web": 2, "db": 1}  # every drawn persona is kept warm
     assert split(3, [("web", 1.0), ("router", 0.0)], pinned=["router"]) == {"web": 3, "router": 1}
+    # a service's persona of weight 0 grows as the least weighted one would (here pool_max 20: 20 * 1/5)
+    assert split(20, [("web", 3.0), ("db", 1.0), ("gw", 0.0)], pinned=["gw"]) == {"web": 15, "db": 5, "gw": 4}
     assert split(3, [("web", 1.0), ("router", 0.0)]) == {"web": 3, "router": 0}
     assert split(0, [("web", 1.0)], pinned=["web"]) == {"web": 0}
 
