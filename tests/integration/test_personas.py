@@ -73,10 +73,26 @@ async def test_logins_land_in_boxes_of_personas_drawn_by_weight_each_with_its_ho
 async def test_a_service_bound_to_a_persona_always_gets_it(honeypot: Honeypot) -> None:
     hp = await honeypot(
         personas=PERSONAS,
-        services=[{"name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0", "persona": "gw"}],
+        services=[
+            {"name": "ssh", "protocol": "ssh", "listen": "127.0.0.1:0", "persona": "gw"},
+            {"name": "telnet", "protocol": "telnet", "listen": "127.0.0.1:0", "persona": "db"},
+        ],
         sandbox={"pool_size": 1, "affinity": "session"},
+        telnet={"negotiation_wait_s": 0.2},
     )
     for i in range(3):
         assert await _login_hostname(hp) == "gw-int-01"
         assigned = (await hp.wait_for(SANDBOX_ASSIGNED, count=i + 1))[i]
         assert assigned.get("persona") == "gw"
+    # telnetd's banner and prompt, before any login, already name the telnet service's persona's host
+    reader, writer = await asyncio.open_connection("127.0.0.1", hp.services.port("telnet"))
+    try:
+        async with asyncio.timeout(30):
+            seen = b""
+            while b"login: " not in seen:
+                chunk = await reader.read(4096)
+                assert chunk, seen
+                seen += chunk
+    finally:
+        writer.close()
+    assert b"(db-int-02) (pts/0)" in seen and b"db-int-02 login: " in seen, seen
