@@ -45,6 +45,7 @@ from sandtrap.sandbox.base import (
     state_of,
 )
 from sandtrap.sandbox.host.inotify import OpenWatcher
+from sandtrap.sandbox.personas import Persona
 
 _ids = itertools.count(1)
 
@@ -141,13 +142,16 @@ class FakeBackend:
         self.fail_creates = fail_creates
         self.created = 0
 
-    async def create(self, session: str = "", src_ip: str = "") -> FakeSandbox:
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> FakeSandbox:
         if self.fail_creates:
             self.fail_creates -= 1
             raise SandboxError("engine said no")
         self.created += 1
         name = f"fake-s-{session}" if session else f"fake-w-{next(_ids)}"
-        box = FakeSandbox(self, name, {"sandtrap.session": session, "sandtrap.src_ip": src_ip})
+        labels = {"sandtrap.session": session, "sandtrap.src_ip": src_ip}
+        if persona is not None:  # what a Docker box carries as its label and hostname
+            labels |= {"sandtrap.persona": persona.name, "hostname": persona.hostname}
+        box = FakeSandbox(self, name, labels)
         self.boxes[box.id] = box
         return box
 
@@ -547,7 +551,7 @@ class ChrootBackend:
         self.created = 0
         directory.mkdir(parents=True, exist_ok=True)
 
-    async def create(self, session: str = "", src_ip: str = "") -> ChrootSandbox:
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> ChrootSandbox:
         box_id = secrets.token_hex(16)
         name = f"{self.sensor}-s-{session}" if session else f"{self.sensor}-w-{box_id[:8]}"
         box = ChrootSandbox(self, box_id, name)

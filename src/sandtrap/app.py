@@ -22,7 +22,7 @@ from sandtrap.bridge.auth import AuthPolicy
 from sandtrap.bridge.connection import Hub, ServiceBounds
 from sandtrap.bridge.sessions import Prepared, SessionManager
 from sandtrap.bridge.stream import RawService
-from sandtrap.config import ServiceSettings, Settings
+from sandtrap.config import PersonaSettings, ServiceSettings, Settings
 from sandtrap.errors import ConfigError
 from sandtrap.events import SESSION_CRASHED, Emitter, EventBus, EventSink, sensor_uuid
 from sandtrap.memtrim import MemoryTrim
@@ -42,6 +42,7 @@ from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.microvm.qemu import TAP, GuestNet
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
+from sandtrap.sandbox.personas import Persona
 from sandtrap.sandbox.pool import Pool, Progress
 from sandtrap.ssh.hostkeys import box_host_key_files, host_key_dir, load_host_keys
 from sandtrap.ssh.server import ServerContext, SSHFrontEnd
@@ -52,13 +53,14 @@ from sandtrap.telnet.server import TelnetContext, TelnetFrontEnd
 log = logging.getLogger(__name__)
 
 
-def _planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]] | None:
-    """What every box gets before it boots, whatever its backend: the sensor's host keys (share_host_keys)."""
+def _planted_files(settings: Settings, hostname: str = "") -> dict[str, tuple[bytes, int, float]] | None:
+    """What every box gets before it boots, whatever its backend: the sensor's host keys (share_host_keys),
+    commented with the box's hostname (``hostname``; '' = sandbox.hostname)."""
     if not settings.sandbox.share_host_keys:
         return None
     keys = host_key_dir(settings.ssh.host_key_dir, settings.data_dir)
     load_host_keys(keys)  # generated now if missing: the SSH front end loads the same files
-    return box_host_key_files(keys, settings.sandbox.hostname)
+    return box_host_key_files(keys, hostname or settings.sandbox.hostname)
 
 
 def vm_planted_files(settings: Settings) -> dict[str, tuple[bytes, int, float]]:
@@ -75,11 +77,23 @@ def _docker(settings: Settings, gateway: Gateway | None = None) -> SandboxBacken
     docker = settings.sandbox.docker
     profile = seccomp.resolve(docker.seccomp_profile, settings.data_dir)
     attach = gateway.attach if gateway is not None else None
-    files = dict(_planted_files(settings) or {})
-    if gateway is not None and gateway.ca is not None:  # the capture gateway's CA, trusted as a local CA
-        files.update(gateway.ca.box_files())
+    ca = gateway.ca.box_files() if gateway is not None and gateway.ca is not None else {}  # trusted as a local CA
+    files = {**(_planted_files(settings) or {}), **ca}
+    own = {  # a persona with a hostname of its own: its host keys commented with it
+        p.name: {**(_planted_files(settings, p.hostname) or {}), **ca}
+        for p in settings.effective_personas()
+        if p.hostname and p.hostname != settings.sandbox.hostname
+    }
     netns = gateway.ns.path if gateway is not None else ""
-    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach, netns)
+    return DockerBackend(docker, settings.sandbox, settings.sensor, profile, files or None, attach, netns, own)
+
+
+def box_persona(settings: Settings, persona: PersonaSettings) -> Persona:
+    """What a persona's boxes are made as: its hostname, domain and image over the sandbox section's."""
+    box = settings.sandbox
+    domain = box.domain if persona.domain is None else persona.domain
+    image = persona.image_tag(box.docker.image)
+    return Persona(persona.name, persona.hostname or box.hostname, domain, image)
 
 
 def cache_dir(settings: Settings) -> Path:
@@ -147,7 +161,7 @@ class Listener(Protocol):
 
 
 def _bounds(service: ServiceSettings) -> ServiceBounds:
-    return ServiceBounds(service.name, service.session.timeout_seconds, service.session.max_bytes)
+    return ServiceBounds(service.name, service.session.timeout_seconds, service.session.max_bytes, service.persona)
 
 
 def _raw(service: ServiceSettings) -> RawService:
@@ -161,6 +175,7 @@ def _raw(service: ServiceSettings) -> RawService:
         max_bytes=service.session.max_bytes,
         timeout_s=service.session.timeout_seconds,
         idle_timeout_s=service.session.idle_timeout_seconds or 60.0,
+        persona=service.persona,
     )
 
 
@@ -221,13 +236,20 @@ async def running(
             )
         gateway = Gateway(settings.network, settings.sensor, settings.data_dir)
     backend = build_backend(settings, gateway)
-    pool: Pool[Prepared] = Pool(backend, settings.sandbox, settings.data_dir / "sandboxes")
+    personas = settings.effective_personas()
+    pool: Pool[Prepared] = Pool(
+        backend,
+        settings.sandbox,
+        settings.data_dir / "sandboxes",
+        personas=[(box_persona(settings, p), p.weight) for p in personas],
+        pinned=[s.persona for s in settings.services if s.persona],
+    )
     bus = EventBus()
     for sink in sinks or []:
         bus.add_sink(sink)
     if gateway is not None:
         bus.add_sink(gateway.commands)  # a download's destfile: the command line that asked for it
-    manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens)
+    manager = SessionManager(pool, settings.sandbox, settings.limits, settings.sandbox.honeytokens, personas)
     # Done while a box waits warm, not while the attacker does: honeytokens planted, accounts read.
     pool.prepare = manager.prepare
     if isinstance(backend, DockerBackend) and backend.disk is not None:  # a box past its disk bound: its sessions end

@@ -110,6 +110,25 @@ def image_build(
         raise _fail(exc) from None
     verb = "built" if result.built else "up to date"
     console.print(f"image {result.tag} {verb} ({result.image_id[:19]}, inputs {result.inputs[:12]})")
+    _persona_images_build(s, cache, force)
+
+
+def _persona_images_build(s: Settings, cache: Path, force: bool) -> None:
+    """Each persona's own image (personas[].extra_packages): the sandbox image's packages and its own, from
+    debootstrap (a tarball of its own in the cache, keyed by the packages), then the same layer."""
+    from sandtrap.sandbox.docker.image import build_image
+
+    todo = s.persona_images()
+    for i, (name, tag, image) in enumerate(todo, 1):
+        console.print(f"persona {name} ({i}/{len(todo)}): image {tag} with {', '.join(image.extra_packages)}")
+        try:
+            result = asyncio.run(
+                build_image(image, tag, cache, force=force, docker_host=s.sandbox.docker.docker_host, console=console)
+            )
+        except SandtrapError as exc:
+            raise _fail(exc) from None
+        verb = "built" if result.built else "up to date"
+        console.print(f"image {result.tag} {verb} ({result.image_id[:19]}, inputs {result.inputs[:12]})")
 
 
 def _vm_image_build(s: Settings, force: bool) -> None:
@@ -159,7 +178,15 @@ def image_check(config: ConfigOption = None) -> None:
     except SandtrapError as exc:
         raise _fail(exc) from None
     out.print(f"present={r.present} current={r.current} expected={r.expected[:12]} actual={(r.actual or '-')[:12]}")
-    raise typer.Exit(0 if r.current else 1)
+    current = r.current
+    for name, tag, image in s.persona_images():  # each persona's own image too
+        try:
+            p = asyncio.run(check_image(image, tag, s.sandbox.docker.docker_host))
+        except SandtrapError as exc:
+            raise _fail(exc) from None
+        out.print(f"persona {name}: {tag} present={p.present} current={p.current}")
+        current = current and p.current
+    raise typer.Exit(0 if current else 1)
 
 
 @seccomp_app.command("build")

@@ -189,6 +189,7 @@ def show(
         ("hassh", d.hassh),
         ("user", d.username),
         ("sandbox", f"{d.sandbox_name or '-'} ({(d.sandbox_id or '-')[:12]})"),
+        ("persona", d.persona),
         ("bytes in/out", f"{d.bytes_in}/{d.bytes_out}"),
     ):
         meta.add_row(name, visible(value if isinstance(value, str) else str(value or "-"), 120))

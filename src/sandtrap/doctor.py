@@ -34,6 +34,8 @@ async def run_checks(settings: Settings) -> list[Check]:
         docker = settings.sandbox.docker
         checks.append(await _engine(docker))
         checks.append(await _image(settings.image, docker))
+        for name, tag, image in settings.persona_images():  # each persona's own image (extra_packages)
+            checks.append(await _image(image, docker.model_copy(update={"image": tag}), f"persona {name} image"))
         checks.append(_seccomp(docker, settings.data_dir))
     if settings.sandbox.backend == "microvm":
         checks.extend(_microvm(settings))
@@ -56,17 +58,17 @@ async def _engine(docker: DockerSettings) -> Check:
     return Check("docker engine", True, f"{v.get('Version')} (API {v.get('ApiVersion')})")
 
 
-async def _image(image: ImageSettings, docker: DockerSettings) -> Check:
+async def _image(image: ImageSettings, docker: DockerSettings, name: str = "sandbox image") -> Check:
     tag = docker.image
     try:
         result = await check_image(image, tag, docker.docker_host)
     except SandtrapError as exc:
-        return Check("sandbox image", False, str(exc))
+        return Check(name, False, str(exc))
     if not result.present:
-        return Check("sandbox image", False, f"{tag} missing: run 'sandtrap image build'")
+        return Check(name, False, f"{tag} missing: run 'sandtrap image build'")
     if not result.current:
-        return Check("sandbox image", False, f"{tag} is out of date: run 'sandtrap image build'")
-    return Check("sandbox image", True, f"{tag} current ({result.expected[:12]})")
+        return Check(name, False, f"{tag} is out of date: run 'sandtrap image build'")
+    return Check(name, True, f"{tag} current ({result.expected[:12]})")
 
 
 def _seccomp(docker: DockerSettings, data_dir: Path) -> Check:

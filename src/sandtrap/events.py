@@ -127,7 +127,10 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     SESSION_CLOSED: (("duration", "reason"), "Connection lost after {duration} seconds"),
     SESSION_PARAMS: (("arch",), "session parameters"),
-    SANDBOX_ASSIGNED: (("sandbox_id", "sandbox_name", "acquire_ms"), "sandbox {sandbox_name} assigned"),
+    SANDBOX_ASSIGNED: (
+        ("sandbox_id", "sandbox_name", "acquire_ms", "persona"),
+        "sandbox {sandbox_name} ({persona}) assigned",
+    ),
     SANDBOX_UNAVAILABLE: (("reason",), "no sandbox available: {reason}"),
     SANDBOX_RELEASED: (("sandbox_id", "sandbox_name"), "sandbox {sandbox_name} released for forensics"),
     CHANNEL_OPEN: (("channel",), "session channel {channel} opened"),

@@ -99,7 +99,10 @@ def test_toml_example_documents_the_yaml_examples_services() -> None:
         ('[[service]]\nname = "t2"\nprotocol = "telnet"\nport = 23\nbogus = 1\n', "services.3.bogus: unknown key"),
         ('[[service]]\nname = "t2"\nprotocol = "telnet"\nport = 23\nsession = {max_bytes = "lots"}\n', "max_bytes"),
         ('[[service]]\nname = "t2"\nprotocol = "telnet"\nport = 23\npersona = "router"\n', "services.3.persona: "),
-        ('[[service]]\nname = "t2"\nprotocol = "telnet"\nport = 23\nimage = "x:1"\n', "planned (issue 19"),
+        (
+            '[[service]]\nname = "t2"\nprotocol = "telnet"\nport = 23\nimage = "x:1"\n',
+            "services.3.image: a service has no image of its own",
+        ),
         ('[global]\ncolour = "red"\n', "global.colour: unknown key"),
         ('[global]\ndata_dir = "/a"\n[storage]\ndata_dir = "/b"\n', "global.data_dir and storage.data_dir"),
     ],

@@ -59,6 +59,7 @@ class ServiceBounds:
     name: str
     timeout_s: float | None = None
     max_bytes: int | None = None
+    persona: str = ""  # services[].persona: its connections' boxes are this persona's ('' = by weight)
 
 
 class NetworkCapture(Protocol):
@@ -158,6 +159,8 @@ class Connection:
         if self.src_ip.startswith("::ffff:"):
             self.src_ip = self.src_ip[7:]
         self._closer = closer
+        # What the box is made as: the service's persona, else the address's, else by weight (config personas).
+        self.persona = hub.manager.choose_persona(self.src_ip, self.service.persona)
         self.emitter = Emitter(
             hub.bus,
             hub.sensor,
@@ -396,7 +399,9 @@ class Connection:
 
     async def _acquire(self) -> Lease:
         try:
-            lease = await self.hub.manager.lease(self.session, self.src_ip, login=self.owns_box_activity)
+            lease = await self.hub.manager.lease(
+                self.session, self.src_ip, login=self.owns_box_activity, persona=self.persona
+            )
         except SandboxError as exc:
             self.emitter.emit(SANDBOX_UNAVAILABLE, reason=printable(str(exc), 300))
             refusals.log(logging.WARNING, "no-sandbox", "no sandbox for a session: %s", exc)
@@ -407,6 +412,7 @@ class Connection:
             sandbox_name=lease.sandbox.name,
             acquire_ms=round(lease.acquire_ms, 1),
             reused=lease.reused,
+            persona=lease.persona,
             **({"evicted": lease.evicted} if lease.evicted else {}),
         )
         self.hub.manager.on_overrun(lease.sandbox.id, self.end)  # e.g. its disk bound: sandtrap.limit.hit disk_quota

@@ -13,16 +13,18 @@ Where a backend cannot see reads (a remote engine), tokens are planted and recor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncssh
 
+from sandtrap.config.personas import TOKEN_MARK, LureFile
 from sandtrap.sandbox.base import ReadWatch, Sandbox, run
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,21 @@ def generate() -> list[Token]:
         ),
         Token("api_token", "/etc/default/inventory-api", api_token, api.encode(), 0o640),
     ]
+
+
+def lures(files: Sequence[LureFile]) -> list[Token]:
+    """A persona's own lure files (``personas[].lures``), kind ``lure``: ``{token}`` in a file's text becomes a
+    value unique to this box (its value); a file without one is known by the start of its sha256."""
+    out = []
+    for lure in files:
+        value = secrets.token_hex(12)
+        if TOKEN_MARK in lure.content:
+            content = lure.content.replace(TOKEN_MARK, value).encode()
+        else:
+            content = lure.content.encode()
+            value = "sha256:" + hashlib.sha256(content).hexdigest()[:16]
+        out.append(Token("lure", lure.path, value, content, lure.mode))
+    return out
 
 
 async def plant(sandbox: Sandbox, tokens: list[Token]) -> None:

@@ -9,6 +9,9 @@ with none idle the connection is refused. Both are counted in the pool's stats a
 Concurrent channels of one connection share its box (the acquisition is one shared future).
 With raw (tcp/udp) services configured, :attr:`SessionManager.share_by_ip` makes every connection use its IP's
 box whatever the affinity: a port scan, a request to the fake HTTP and an SSH login land in one machine.
+Personas (config ``personas``): a connection's persona is its service's, else the one its address got before
+(source_ip), else drawn by weight (:class:`~sandtrap.sandbox.personas.PersonaChoice`); an address's box is per
+persona, so a service bound to another persona gets a box of its own.
 """
 
 from __future__ import annotations
@@ -18,23 +21,25 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sandtrap.bridge import honeytokens
 from sandtrap.bridge.artifacts import Baseline, take_baseline
 from sandtrap.bridge.honeytokens import ReadWatcher, Token
 from sandtrap.bridge.login import Account, ensure_account, read_passwd
-from sandtrap.config import LimitsSettings, SandboxSettings
+from sandtrap.config import DEFAULT_PERSONA, LimitsSettings, PersonaSettings, SandboxSettings
 from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
 from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox
+from sandtrap.sandbox.personas import PersonaChoice
 from sandtrap.sandbox.pool import Pool
 
 log = logging.getLogger(__name__)
 cap_warnings = RateLimited(log)
 
 Ender = Callable[[str, int], object]  # (reason, value): a connection's end, as a limit ends it
+IpKey = tuple[str, str]  # (source address, persona): the box an address's connections of one persona share
 
 
 @dataclass
@@ -93,20 +98,29 @@ class Lease:
     passwords: dict[str, str | None] = field(default_factory=dict)  # each account's password as last set in the box
     evicted: str = ""  # the idle box released early to make room for this one at max_sandboxes
     baseline: Baseline | None = None  # the box when this connection began: its changed files are since then
+    persona: str = DEFAULT_PERSONA  # what the box was made as (config personas)
 
 
 class SessionManager:
     def __init__(
-        self, pool: Pool[Prepared], sandbox: SandboxSettings, limits: LimitsSettings, honeytokens: bool = True
+        self,
+        pool: Pool[Prepared],
+        sandbox: SandboxSettings,
+        limits: LimitsSettings,
+        honeytokens: bool = True,
+        personas: Sequence[PersonaSettings] = (),
+        choice: PersonaChoice | None = None,
     ) -> None:
         self._pool = pool
+        self.personas = {p.name: p for p in personas or (PersonaSettings(name=DEFAULT_PERSONA),)}
+        self.choice = choice or PersonaChoice([(p.name, p.weight) for p in self.personas.values()])
         self._honeytokens = honeytokens
         self.watcher = ReadWatcher()
         self._settings = sandbox
         self._limits = limits
         self._per_ip: Counter[str] = Counter()
         self._total = 0
-        self._by_ip: dict[str, _IpBox] = {}
+        self._by_ip: dict[IpKey, _IpBox] = {}
         self._retired: dict[str, _IpBox] = {}  # past ip_max_lifetime_s, still used: released when the last ends
         self._ip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -124,6 +138,15 @@ class SessionManager:
     def active_connections(self) -> int:
         return self._total
 
+    def choose_persona(self, src_ip: str, bound: str = "") -> str:
+        """A new connection's persona: its service's (``bound``), else its address's (source_ip), else by weight."""
+        return self.choice.choose(src_ip, bound, remember=self._by_source_ip)
+
+    def hostname(self, persona: str) -> str:
+        """The hostname boxes of ``persona`` have (what telnetd's banner shows before the login)."""
+        known = self.personas.get(persona)
+        return (known.hostname if known is not None else "") or self._settings.hostname
+
     def admit(self, src_ip: str) -> str | None:
         """Count a new connection in, or say which limit refuses it."""
         if self._total >= self._limits.max_sessions:
@@ -140,19 +163,22 @@ class SessionManager:
         if self._per_ip[src_ip] <= 0:
             del self._per_ip[src_ip]
 
-    async def lease(self, session: str, src_ip: str, login: bool = True) -> Lease:
+    async def lease(self, session: str, src_ip: str, login: bool = True, persona: str = "") -> Lease:
         """The sandbox for a connection (raises SandboxUnavailable when none can be had). ``login``: False for a
-        raw service's connection (its box, if no login ever uses it, goes back after ``raw_ttl_s``)."""
+        raw service's connection (its box, if no login ever uses it, goes back after ``raw_ttl_s``). ``persona``:
+        what its box is made as ('' = :meth:`choose_persona`'s pick)."""
         start = time.monotonic()
+        persona = persona or self.choose_persona(src_ip)
         if self._by_source_ip:
+            key = (src_ip, persona)
             lock = self._ip_locks.setdefault(src_ip, asyncio.Lock())
             async with lock:
-                held = self._by_ip.get(src_ip)
+                held = self._by_ip.get(key)
                 if held is not None and time.monotonic() - held.born >= self._settings.ip_max_lifetime_s:
-                    self._retire(src_ip, held)
+                    self._retire(key, held)
                     held = None
                 alive = held is not None and await self._still_running(held.sandbox)
-                if held is not None and self._by_ip.get(src_ip) is not held:  # evicted for another IP meanwhile
+                if held is not None and self._by_ip.get(key) is not held:  # evicted for another IP meanwhile
                     held = None
                 if held is not None and alive:
                     if held.timer is not None:
@@ -175,13 +201,14 @@ class SessionManager:
                         logins=held.logins,
                         passwords=held.passwords,
                         baseline=baseline,
+                        persona=persona,
                     )
                 if held is not None:  # the box died meanwhile: forget it
-                    self._by_ip.pop(src_ip, None)
+                    self._by_ip.pop(key, None)
                     self._spawn(self._pool.release(held.sandbox))
-                sandbox, evicted = await self._acquire_with_room(session, src_ip)
+                sandbox, evicted = await self._acquire_with_room(session, src_ip, persona)
                 box = _IpBox(sandbox, users=1, prepared=await self._prepared(sandbox), had_login=login)
-                self._by_ip[src_ip] = box
+                self._by_ip[key] = box
                 return Lease(
                     session,
                     src_ip,
@@ -194,8 +221,9 @@ class SessionManager:
                     passwords=box.passwords,
                     evicted=evicted,
                     baseline=box.prepared.baseline,
+                    persona=persona,
                 )
-        sandbox = await self._pool.acquire(session, src_ip)
+        sandbox = await self._pool.acquire(session, src_ip, persona)
         prepared = await self._prepared(sandbox)
         return Lease(
             session,
@@ -206,12 +234,13 @@ class SessionManager:
             tokens=prepared.tokens,
             passwd=prepared.passwd,
             baseline=prepared.baseline,
+            persona=persona,
         )
 
-    async def _acquire_with_room(self, session: str, src_ip: str) -> tuple[Sandbox, str]:
+    async def _acquire_with_room(self, session: str, src_ip: str, persona: str) -> tuple[Sandbox, str]:
         """A box from the pool; at the cap, the IP box idle longest is released first (its name returned)."""
         try:
-            return await self._pool.acquire(session, src_ip), ""
+            return await self._pool.acquire(session, src_ip, persona), ""
         except SandboxCapReached:
             idle = [(box.idle_since, ip, box) for ip, box in self._by_ip.items() if box.users <= 0]
             if not idle:
@@ -219,27 +248,27 @@ class SessionManager:
                     logging.WARNING, "cap", "max_sandboxes reached and every box is in use: %s refused", src_ip
                 )
                 raise
-            _, ip, box = min(idle, key=lambda row: row[0])
+            _, key, box = min(idle, key=lambda row: row[0])
             if box.timer is not None:
                 box.timer.cancel()
-            del self._by_ip[ip]
+            del self._by_ip[key]
             self._pool.evictions += 1
             log.warning(
                 "max_sandboxes reached: box %s of %s (idle %.0fs) released before its TTL for %s",
                 box.sandbox.name,
-                ip,
+                key[0],
                 time.monotonic() - box.idle_since,
                 src_ip,
             )
             await self._release(box.sandbox)
-            return await self._pool.acquire(session, src_ip), box.sandbox.name
+            return await self._pool.acquire(session, src_ip, persona), box.sandbox.name
 
-    def _retire(self, src_ip: str, box: _IpBox) -> None:
+    def _retire(self, key: IpKey, box: _IpBox) -> None:
         """The IP's box reached ip_max_lifetime_s: no new connection joins it; it goes when its last ends."""
-        del self._by_ip[src_ip]
+        del self._by_ip[key]
         log.info(
             "source %s: box %s reached ip_max_lifetime_s; the next connection gets a fresh box",
-            src_ip,
+            key[0],
             box.sandbox.name,
         )
         if box.users <= 0:
@@ -290,10 +319,14 @@ class SessionManager:
         return Prepared(tokens, baseline=await take_baseline(sandbox))
 
     async def _plant_new(self, sandbox: Sandbox) -> list[Token]:
-        """Lure credentials unique to this box, watched for reads from the host."""
+        """Lure credentials unique to this box (its persona's), watched for reads from the host."""
+        persona = self.personas.get(self._pool.persona_of(sandbox.id))
         if not self._honeytokens:
             return []
-        tokens = honeytokens.generate()
+        standard = persona is None or persona.honeytokens
+        tokens = (honeytokens.generate() if standard else []) + honeytokens.lures(persona.lures if persona else [])
+        if not tokens:
+            return []
         try:
             await honeytokens.plant(sandbox, tokens)
         except SandboxError as exc:
@@ -349,7 +382,8 @@ class SessionManager:
                 del self._retired[lease.sandbox.id]
                 await self._release(lease.sandbox)
                 return True
-            box = self._by_ip.get(lease.src_ip)
+            key = (lease.src_ip, lease.persona)
+            box = self._by_ip.get(key)
             if box is not None and box.sandbox.id == lease.sandbox.id:
                 box.users -= 1
                 if box.users <= 0:
@@ -357,15 +391,15 @@ class SessionManager:
                     loop = asyncio.get_running_loop()
                     ttl = self._settings.ip_ttl_s if box.had_login else min(self.raw_ttl_s, self._settings.ip_ttl_s)
                     left = self._settings.ip_max_lifetime_s - (box.idle_since - box.born)
-                    box.timer = loop.call_later(max(0.0, min(ttl, left)), self._expire, lease.src_ip, box)
+                    box.timer = loop.call_later(max(0.0, min(ttl, left)), self._expire, key, box)
                 return False
         await self._release(lease.sandbox)
         return True
 
-    def _expire(self, src_ip: str, box: _IpBox) -> None:
-        if self._by_ip.get(src_ip) is box and box.users <= 0:
-            del self._by_ip[src_ip]
-            log.info("source %s: box %s released after ip_ttl_s (or ip_max_lifetime_s)", src_ip, box.sandbox.name)
+    def _expire(self, key: IpKey, box: _IpBox) -> None:
+        if self._by_ip.get(key) is box and box.users <= 0:
+            del self._by_ip[key]
+            log.info("source %s: box %s released after ip_ttl_s (or ip_max_lifetime_s)", key[0], box.sandbox.name)
             self._spawn(self._release(box.sandbox))
 
     async def _release(self, sandbox: Sandbox) -> None:
@@ -377,10 +411,10 @@ class SessionManager:
 
     async def close(self) -> None:
         """Release every box still held for a source IP (shutdown)."""
-        for src_ip, box in list(self._by_ip.items()):
+        for key, box in list(self._by_ip.items()):
             if box.timer is not None:
                 box.timer.cancel()
-            del self._by_ip[src_ip]
+            del self._by_ip[key]
             await self._release(box.sandbox)
         for box in list(self._retired.values()):
             await self._release(box.sandbox)

@@ -240,6 +240,7 @@ class RawService:
     max_bytes: int | None = None
     timeout_s: float | None = None
     idle_timeout_s: float = 60.0  # udp: a peer silent this long is forgotten
+    persona: str = ""  # the persona its connections' boxes are (services[].persona; '' = by weight)
 
 
 async def open_box_port(conn: Connection, service: RawService) -> tuple[socket.socket, str]:

@@ -19,6 +19,13 @@ from pydantic import Field, ValidationError, model_validator
 from sandtrap.config.alerts import AlertRule, AlertSettings, AlertTarget
 from sandtrap.config.image import ImageSettings
 from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
+from sandtrap.config.personas import (
+    DEFAULT_PERSONA,
+    LureFile,
+    PersonaSettings,
+    check_personas,
+    check_service_personas,
+)
 from sandtrap.config.sandbox import (
     AVAILABLE_BACKENDS,
     MOVED_KEYS,
@@ -51,6 +58,7 @@ from sandtrap.errors import ConfigError
 
 __all__ = [
     "AVAILABLE_BACKENDS",
+    "DEFAULT_PERSONA",
     "DEFAULT_SSH_VERSION",
     "MOVED_KEYS",
     "APISettings",
@@ -67,11 +75,13 @@ __all__ = [
     "ImageSettings",
     "LimitsSettings",
     "Listen",
+    "LureFile",
     "LureSettings",
     "MicroVMSettings",
     "NetworkSettings",
     "NspawnSettings",
     "PcapSettings",
+    "PersonaSettings",
     "RecordingSettings",
     "SSHSettings",
     "SandboxSettings",
@@ -106,6 +116,33 @@ class Settings(Section):
     services: list[ServiceSettings] = Field(
         default_factory=list, description="the listeners (TOML [[service]]); empty = one SSH listener at ssh.listen"
     )
+    personas: list[PersonaSettings] = Field(
+        default_factory=list,
+        description="the kinds of box attackers land in, by weight or by service (TOML [[personas]]); empty = one, "
+        "'default', the sandbox section's box",
+    )
+
+    @model_validator(mode="after")
+    def _personas(self) -> Settings:
+        check_personas(self.personas, self.sandbox.backend)
+        names = [p.name for p in self.effective_personas()]
+        check_service_personas([(s.name, s.persona) for s in self.services], names)
+        return self
+
+    def persona_images(self) -> list[tuple[str, str, ImageSettings]]:
+        """The personas with an image of their own to build (extra_packages): (name, engine tag, its packages)."""
+        out = []
+        for p in self.effective_personas():
+            if p.extra_packages:
+                image = self.image.model_copy(
+                    update={"extra_packages": [*self.image.extra_packages, *p.extra_packages]}
+                )
+                out.append((p.name, p.image_tag(self.sandbox.docker.image), image))
+        return out
+
+    def effective_personas(self) -> list[PersonaSettings]:
+        """The personas boxes are made as: those configured, or the one equal to the sandbox section's box."""
+        return list(self.personas) or [PersonaSettings(name=DEFAULT_PERSONA)]
 
     @model_validator(mode="after")
     def _services(self) -> Settings:

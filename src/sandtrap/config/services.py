@@ -64,10 +64,12 @@ class ServiceSettings(Section):
     target_port: int | None = Field(None, ge=1, le=65535, description="tcp/udp: the port in the attacker's box")
     capture: CaptureSettings = CaptureSettings()
     session: ServiceSessionSettings = ServiceSessionSettings()
-    # Issue 19's per-service persona or image: planned. Refused when set (never silently ignored): every service's
-    # box is the sandbox image for now.
-    persona: str = Field("", description="planned (issue 19); must stay unset: every service's box is the sandbox's")
-    image: str = Field("", description="planned (issue 19); must stay unset: every service's box is the sandbox's")
+    persona: str = Field(
+        "", description="logins on this service land in this persona's box (personas[].name); '' = chosen by weight"
+    )
+    # A service's own image: a persona with its own image is the way (personas[].extra_packages or image). Refused
+    # when set (never silently ignored).
+    image: str = Field("", description="not available: give the service a persona with its own image instead")
 
     @field_validator("name")
     @classmethod
@@ -76,14 +78,20 @@ class ServiceSettings(Section):
             raise ValueError("must be 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit (e.g. http)")
         return v
 
-    @field_validator("persona", "image")
+    @field_validator("persona")
     @classmethod
-    def _planned(cls, v: str) -> str:
+    def _persona(cls, v: str) -> str:
+        if v and not _NAME.fullmatch(v):
+            raise ValueError("must be a persona's name (personas[].name), e.g. db")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
         if v:
             raise ValueError(
-                "a service's own persona or image is planned (issue 19, personas), not available yet: every "
-                "service's box is sandbox.docker.image. Fix: remove this key (set the image for all boxes in "
-                "sandbox.docker.image)"
+                "a service has no image of its own: give it a persona (services[].persona) whose image is the one "
+                "you want (personas[].image or personas[].extra_packages). Fix: remove this key"
             )
         return v
 

@@ -51,7 +51,7 @@ class TCPStream:
         self.writer = writer
         peer = writer.get_extra_info("peername") or ("", 0)
         sock = writer.get_extra_info("sockname") or ("", 0)
-        bounds = ServiceBounds(service.name, service.timeout_s, service.max_bytes)
+        bounds = ServiceBounds(service.name, service.timeout_s, service.max_bytes, service.persona)
         self.link = Connection(
             hub, (str(peer[0]), int(peer[1])), (str(sock[0]), int(sock[1])), self._close, "tcp", bounds
         )

@@ -36,7 +36,7 @@ class UDPPeer:
         self.front = front
         self.addr = addr
         service = front.service
-        bounds = ServiceBounds(service.name, service.timeout_s, service.max_bytes)
+        bounds = ServiceBounds(service.name, service.timeout_s, service.max_bytes, service.persona)
         self.link = Connection(front.hub, addr, local, self.end, "udp", bounds)
         self.link.owns_box_activity = False
         self.queue: list[bytes] = []

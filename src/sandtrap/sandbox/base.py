@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
 
+from sandtrap.sandbox.personas import Persona
+
 STDOUT = 1
 STDERR = 2
 
@@ -322,8 +324,9 @@ class BoxPorts(Protocol):
 class SandboxBackend(Protocol):
     """Creates sandboxes and finds the ones a previous run left behind. Names and labels are its business."""
 
-    async def create(self, session: str = "", src_ip: str = "") -> Sandbox:
-        """Create and start a sandbox, ready for :meth:`Sandbox.exec`: a warm one without a session."""
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> Sandbox:
+        """Create and start a sandbox, ready for :meth:`Sandbox.exec`: a warm one without a session. ``persona``:
+        what it is made as (hostname, image; None = the backend's own box)."""
 
     def sandbox(self, sandbox_id: str, name: str) -> Sandbox:
         """A handle on an existing sandbox (found by :meth:`list_managed`)."""

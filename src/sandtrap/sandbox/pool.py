@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -21,8 +22,10 @@ from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxCapReached, SandboxError, SandboxUnavailable
 from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
-from sandtrap.sandbox.ledger import Ledger, when
+from sandtrap.sandbox.ledger import Ledger
+from sandtrap.sandbox.personas import Persona, split
 from sandtrap.sandbox.sizing import Demand, Memory, missing, parse_meminfo
+from sandtrap.sandbox.strays import adopt_leftovers, quietly, stop_eventually, stop_untracked
 
 log = logging.getLogger(__name__)
 memory_warnings = RateLimited(log)
@@ -55,7 +58,11 @@ class Pool(Generic[P]):
         settings: SandboxSettings,
         state_dir: Path,
         prepare: WarmStep[P] | None = None,
+        personas: Sequence[tuple[Persona, float]] = (),
+        pinned: Sequence[str] = (),
     ) -> None:
+        """``personas``: each with its weight (its share of the warm boxes; empty: one, ``default``, the backend's
+        own box); ``pinned``: personas a service names, kept warm whatever their weight."""
         self._backend = backend
         self._settings = settings
         self._ledger = Ledger(state_dir)
@@ -71,7 +78,18 @@ class Pool(Generic[P]):
         self._closed = False
         self._assigning: set[str] = set()  # taken from the warm list, not yet active
         self.prepare: WarmStep[P] | None = prepare
-        self.demand = Demand(settings.pool_size, settings.pool_max, shrink_after_s=settings.pool_shrink_after_s)
+        if not personas:
+            personas = ((Persona("default", settings.hostname, settings.domain), 1.0),)
+        self.personas = {p.name: p for p, _ in personas}
+        weights = [(p.name, w) for p, w in personas]
+        floors, ceilings = split(settings.pool_size, weights, pinned), split(settings.pool_max, weights, pinned)
+        self.demands = {
+            name: Demand(floors[name], max(floors[name], ceilings[name]), shrink_after_s=settings.pool_shrink_after_s)
+            for name in self.personas
+        }
+        self._persona_of: dict[str, str] = {}  # box id -> its persona's name (warm and active boxes)
+        self._creating_for: Counter[str] = Counter()  # creates under way, by persona
+        self._warming_for: Counter[str] = Counter()  # warm-ups under way, by persona
         self.memory: Callable[[], Memory | None] = host_memory
         self.memory_bound_hits = 0  # refills held back because MemAvailable had no room for another box
         self.shrunk = 0  # warm boxes removed because arrivals slowed
@@ -82,6 +100,27 @@ class Pool(Generic[P]):
         self.strays_stopped = 0  # running boxes nobody tracked, stopped by the sweep
         self.cap_hits = 0  # acquires that found max_sandboxes boxes live and nothing warm
         self.evictions = 0  # idle boxes held for a source IP, released early to make room at the cap
+
+    @property
+    def demand(self) -> Demand:
+        """The first persona's demand (the only one without personas)."""
+        return self.demands[next(iter(self.demands))]
+
+    @demand.setter
+    def demand(self, value: Demand) -> None:
+        self.demands[next(iter(self.demands))] = value
+
+    def persona_of(self, sandbox_id: str) -> str:
+        """The persona a box of this pool was made as ('' for one it did not make)."""
+        return self._persona_of.get(sandbox_id, "")
+
+    def _target(self) -> int:
+        return sum(d.target() for d in self.demands.values())
+
+    def _deficits(self) -> dict[str, int]:
+        """Per persona: warm boxes wanted beyond those warm and those being made."""
+        warm = Counter(self._persona_of.get(s.id, "") for s in self._warm)
+        return {name: d.target() - warm[name] - self._creating_for[name] for name, d in self.demands.items()}
 
     # -- counts -----------------------------------------------------------------------------
     @property
@@ -106,7 +145,7 @@ class Pool(Generic[P]):
             "active": self.active,
             "preserved": self.preserved,
             "creating": self._creating,
-            "target": self.demand.target(),
+            "target": self._target(),
             "memory_bound_hits": self.memory_bound_hits,
             "shrunk": self.shrunk,
             "start_failures": self.start_failures,
@@ -149,35 +188,27 @@ class Pool(Generic[P]):
 
     async def reconcile(self) -> None:
         """Adopt what a previous run left: stale warm boxes go, session boxes are kept for forensics."""
-        for info in await self._backend.list_managed():
-            sandbox = self._backend.sandbox(info.id, info.name)
-            record = self._ledger.read(info.id)
-            if info.state == "warm" and not record.get("session"):
-                log.info("reconcile: removing stale warm sandbox %s", info.name)
-                await self._quietly(sandbox.remove())
-                self._ledger.delete(info.id)
-                continue
-            if info.state in ("active", "warm"):
-                log.info("reconcile: stopping sandbox %s left running by a previous run", info.name)
-                await self._quietly(sandbox.stop())
-            info.state = "preserved"
-            info.session = record.get("session") or info.session
-            info.src_ip = record.get("src_ip") or info.src_ip
-            info.acquired = when(record.get("acquired"))
-            info.released = when(record.get("released")) or info.released or datetime.now(UTC)
-            self._ledger.write(info)
+        for info in await adopt_leftovers(self._backend, self._ledger):
             self._preserved[info.id] = info
         await self.enforce_retention()
 
-    async def acquire(self, session: str, src_ip: str) -> Sandbox:
-        """A running sandbox for ``session``: a warm one if any, else a new one (with a warning)."""
+    async def acquire(self, session: str, src_ip: str, persona: str = "") -> Sandbox:
+        """A running sandbox of ``persona`` ('' = the first) for ``session``: a warm one if any, else a new one
+        (with a warning)."""
         if self._closed:
             raise SandboxUnavailable("pool is shut down")
-        self.demand.arrived()
+        persona = persona or next(iter(self.demands))
+        if persona not in self.demands:
+            raise SandboxUnavailable(f"no persona named {persona!r} in this pool")
+        self.demands[persona].arrived()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.start_timeout_s
         # A box being warmed is ready sooner than one created now, and costs the engine nothing more: wait for one.
-        while (sandbox := await self._take_warm(session, src_ip)) is None and self._warming and loop.time() < deadline:
+        while (
+            (sandbox := await self._take_warm(session, src_ip, persona)) is None
+            and self._warming_for[persona]
+            and loop.time() < deadline
+        ):
             self.refill()
             waiter = loop.create_future()
             self._waiters.append(waiter)
@@ -196,10 +227,10 @@ class Pool(Generic[P]):
                 raise SandboxCapReached(
                     f"sandbox cap reached ({self._settings.max_sandboxes} live; sandbox.max_sandboxes)"
                 )
-            log.warning("pool empty: creating a sandbox on demand for session %s", session)
+            log.warning("pool empty: creating a %s sandbox on demand for session %s", persona, session)
             self.on_demand_creations += 1
             try:
-                sandbox = await self._create(session, src_ip)
+                sandbox = await self._create(session, src_ip, persona)
             except SandboxError:
                 self.refill()  # keeps trying in the background until the engine is back
                 raise
@@ -218,11 +249,13 @@ class Pool(Generic[P]):
         self.refill()
         return sandbox
 
-    async def _take_warm(self, session: str, src_ip: str) -> Sandbox | None:
-        """The oldest warm box, claimed for ``session``; None if there is none (or the engine lost them)."""
-        if not self._warm:
+    async def _take_warm(self, session: str, src_ip: str, persona: str) -> Sandbox | None:
+        """The oldest warm box of ``persona``, claimed for ``session``; None if there is none (or the engine lost
+        them)."""
+        index = next((i for i, s in enumerate(self._warm) if self._persona_of.get(s.id) == persona), None)
+        if index is None:
             return None
-        sandbox = self._warm.pop(0)
+        sandbox = self._warm.pop(index)
         box_id = sandbox.id
         self._assigning.add(box_id)  # until it is active (no await between the caller's return and there)
         try:
@@ -233,8 +266,9 @@ class Pool(Generic[P]):
             stale, self._warm = [sandbox, *self._warm], []
             for box in stale:
                 self._prepared.pop(box.id, None)
+                self._persona_of.pop(box.id, None)
             for box in stale:
-                self._spawn(self._quietly(box.remove()))
+                self._spawn(quietly(box.remove()))
             return None
         finally:
             self._assigning.discard(box_id)
@@ -250,6 +284,7 @@ class Pool(Generic[P]):
     async def release(self, sandbox: Sandbox) -> None:
         """Stop (never remove) a session's sandbox and keep it for forensics; then enforce retention."""
         entry = self._active.pop(sandbox.id, None)
+        self._persona_of.pop(sandbox.id, None)
         info = entry[1] if entry else SandboxInfo(sandbox.id, sandbox.name, "active", datetime.now(UTC))
         try:
             await sandbox.stop()
@@ -257,7 +292,7 @@ class Pool(Generic[P]):
             # Never left running: retried in the background (and the sweep catches what that misses).
             log.warning("release: stopping %s failed (%s); retrying in the background", sandbox.name, exc)
             self.stop_retries += 1
-            self._spawn(self._stop_eventually(sandbox))
+            self._spawn(stop_eventually(sandbox))
         info.state = "preserved"
         info.name = sandbox.name
         info.released = datetime.now(UTC)
@@ -308,22 +343,9 @@ class Pool(Generic[P]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         warm, self._warm = self._warm, []
-        await asyncio.gather(*(self._quietly(s.remove()) for s in warm))
+        await asyncio.gather(*(quietly(s.remove()) for s in warm))
         for sandbox, _ in list(self._active.values()):
             await self.release(sandbox)
-
-    async def _stop_eventually(self, sandbox: Sandbox, attempts: int = 12) -> None:
-        """Stop a box whose stop failed (an overloaded or restarting engine), with backoff."""
-        for attempt in range(1, attempts + 1):
-            await asyncio.sleep(min(30.0, 2.0**attempt))
-            try:
-                await sandbox.stop()
-            except SandboxError as exc:
-                if attempt == attempts:
-                    log.error("sandbox %s still running after %d stop attempts: %s", sandbox.name, attempts, exc)
-                continue
-            log.info("sandbox %s stopped (attempt %d)", sandbox.name, attempt + 1)
-            return
 
     async def sweep(self) -> int:
         """Stop running boxes of this sensor that the pool does not track (a failed stop, a lost task).
@@ -334,23 +356,10 @@ class Pool(Generic[P]):
         young = datetime.now(UTC) - timedelta(seconds=max(120.0, 4 * self._settings.start_timeout_s))
         if self._create_started:  # a box a create under way is making is not listed as the pool's yet
             young = min(young, min(self._create_started) - timedelta(seconds=5))
-        stopped = 0
-        for info in await self._backend.list_managed():
-            if info.state == "preserved" or info.id in tracked or info.created > young:
-                continue
-            log.warning("sweep: stopping untracked running sandbox %s (session %s)", info.name, info.session or "-")
-            try:
-                await self._backend.sandbox(info.id, info.name).stop()
-            except SandboxError as exc:
-                log.warning("sweep: stopping %s failed: %s", info.name, exc)
-                continue
-            stopped += 1
-            record = self._ledger.read(info.id)
-            info.state = "preserved"
-            info.session = record.get("session") or info.session
-            info.released = datetime.now(UTC)
-            self._ledger.write(info)
+        stray = await stop_untracked(self._backend, self._ledger, tracked, young)
+        for info in stray:
             self._preserved.setdefault(info.id, info)
+        stopped = len(stray)
         self.strays_stopped += stopped
         if stopped:
             await self.enforce_retention()
@@ -366,13 +375,13 @@ class Pool(Generic[P]):
 
     # -- internals ----------------------------------------------------------------------------
     def _refill_target(self) -> int:
-        """How many boxes to start warming now (the demand's target, the cap, the host's memory)."""
-        target = self.demand.target()
+        """How many boxes to start warming now (each persona's demand, the cap, the host's memory)."""
+        deficit = sum(max(0, d) for d in self._deficits().values())
         memory = self.memory()
         # A warm box may become a session's that uses all of sandbox.memory: the warm ones and those being made
         # must fit in MemAvailable above the reserve (running sessions already count in MemAvailable).
         room = None if memory is None else memory.boxes(self._settings.memory) - len(self._warm) - self._creating
-        wanted = missing(target, len(self._warm), self._creating, self.live, self._settings.max_sandboxes, None)
+        wanted = missing(deficit, 0, 0, self.live, self._settings.max_sandboxes, None)
         if room is not None and wanted > room:
             self.memory_bound_hits += 1
             memory_warnings.log(
@@ -402,17 +411,27 @@ class Pool(Generic[P]):
                 failures = 0
 
     async def shrink(self) -> int:
-        """Remove warm boxes beyond the target (the oldest first); returns how many."""
-        extra = len(self._warm) - self.demand.target()
-        if extra <= 0 or self._closed:
+        """Remove warm boxes beyond their persona's target (the oldest first); returns how many."""
+        if self._closed:
             return 0
-        doomed, self._warm = self._warm[:extra], self._warm[extra:]
-        log.info("pool: arrivals slowed; removing %d warm boxes (target %d)", extra, self.demand.target())
+        extra = {name: max(0, -d) for name, d in self._deficits().items()}
+        doomed = []
+        for box in self._warm:
+            name = self._persona_of.get(box.id, "")
+            if extra.get(name, 0) > 0:
+                extra[name] -= 1
+                doomed.append(box)
+        if not doomed:
+            return 0
+        self._warm = [box for box in self._warm if box not in doomed]
+        extra_n = len(doomed)
+        log.info("pool: arrivals slowed; removing %d warm boxes (target %d)", extra_n, self._target())
         for box in doomed:
             self._prepared.pop(box.id, None)
-        await asyncio.gather(*(self._quietly(box.remove()) for box in doomed))
-        self.shrunk += extra
-        return extra
+            self._persona_of.pop(box.id, None)
+        await asyncio.gather(*(quietly(box.remove()) for box in doomed))
+        self.shrunk += extra_n
+        return extra_n
 
     async def _shrink_forever(self, interval_s: float) -> None:
         while not self._closed:
@@ -420,16 +439,20 @@ class Pool(Generic[P]):
             await self.shrink()
 
     async def _warm_one(self) -> None:
+        deficits = self._deficits()  # the persona furthest below its target (the first on a tie)
+        persona = max(deficits, key=lambda name: deficits[name])
         self._warming += 1
+        self._warming_for[persona] += 1
         try:
-            await self._warm_one_counted()
+            await self._warm_one_counted(persona)
         finally:
             self._warming -= 1
+            self._warming_for[persona] -= 1
             self._wake()
 
-    async def _warm_one_counted(self) -> None:
+    async def _warm_one_counted(self, persona: str) -> None:
         started = time.monotonic()
-        sandbox = await self._create("", "")
+        sandbox = await self._create("", "", persona)
         if self.prepare is not None and not self._closed:
             try:
                 self._prepared[sandbox.id] = await self.prepare(sandbox)
@@ -437,41 +460,40 @@ class Pool(Generic[P]):
                 log.exception("preparing warm sandbox %s failed", sandbox.name)
             except BaseException:  # cancelled (the honeypot stops): the box is nobody's, remove it
                 self._prepared.pop(sandbox.id, None)
-                await asyncio.shield(self._quietly(sandbox.remove()))
+                self._persona_of.pop(sandbox.id, None)
+                await asyncio.shield(quietly(sandbox.remove()))
                 raise
         if self._closed:
             self._prepared.pop(sandbox.id, None)
-            await self._quietly(sandbox.remove())
+            self._persona_of.pop(sandbox.id, None)
+            await quietly(sandbox.remove())
             return
-        self.demand.warmed(time.monotonic() - started)
+        self.demands[persona].warmed(time.monotonic() - started)
         self._warm.append(sandbox)
 
     def take_prepared(self, sandbox_id: str) -> P | None:
         """What :attr:`prepare` made for this box while it was warm (None: nothing, prepare it now)."""
         return self._prepared.pop(sandbox_id, None)
 
-    async def _create(self, session: str, src_ip: str) -> Sandbox:
+    async def _create(self, session: str, src_ip: str, persona: str) -> Sandbox:
         self._creating += 1
+        self._creating_for[persona] += 1
         began = datetime.now(UTC)
         self._create_started.append(began)
         try:
-            return await self._backend.create(session, src_ip)
+            sandbox = await self._backend.create(session, src_ip, self.personas[persona])
         except SandboxError:
             self.start_failures += 1
             raise
         finally:
             self._creating -= 1
+            self._creating_for[persona] -= 1
             self._create_started.remove(began)
+        self._persona_of[sandbox.id] = persona
+        return sandbox
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    @staticmethod
-    async def _quietly(aw: Any) -> None:
-        try:
-            await aw
-        except SandboxError as exc:
-            log.warning("%s", exc)

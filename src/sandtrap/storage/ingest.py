@@ -234,6 +234,7 @@ def _sandbox_assigned(db: Session, e: Event) -> None:
     row = _session(db, e)
     sandbox_id, name = _str(e, "sandbox_id"), _str(e, "sandbox_name")
     row.sandbox_id, row.sandbox_name = sandbox_id, name
+    row.persona = _str(e, "persona") or row.persona or ""
     if not sandbox_id:
         return
     box = db.get(SandboxRow, sandbox_id)

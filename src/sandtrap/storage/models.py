@@ -63,6 +63,7 @@ class SessionRow(Base):
     artifacts_count: Mapped[int] = mapped_column(Integer, default=0)
     sandbox_id: Mapped[str | None] = mapped_column(String)
     sandbox_name: Mapped[str | None] = mapped_column(String)
+    persona: Mapped[str] = mapped_column(String, default="", comment="the kind of box (config `personas`)")
     bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
 

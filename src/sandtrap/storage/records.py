@@ -41,6 +41,7 @@ class SessionSummary(_Row):
     artifacts_count: int
     sandbox_id: str | None
     sandbox_name: str | None
+    persona: str = ""  # the kind of box it landed in (config personas; '' before it had one)
     bytes_in: int
     bytes_out: int
 

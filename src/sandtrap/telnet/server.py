@@ -42,7 +42,7 @@ class TelnetContext:
     hub: Hub
     settings: TelnetSettings
     policy: AuthPolicy
-    hostname: str
+    hostname: str  # sandbox.hostname; a connection's own is its persona's (SessionManager.hostname)
     service: ServiceBounds = field(default_factory=lambda: ServiceBounds("telnet"))
 
 
@@ -202,7 +202,7 @@ class TelnetSession(asyncio.Protocol):
         try:
             await self._negotiate()
             if s.host_info:  # inetutils' telnetd: the host's line, then a blank one (the pty: a fresh box's first)
-                info = f"{platform.system()} {platform.release()} ({self.ctx.hostname}) (pts/0)"
+                info = f"{platform.system()} {platform.release()} ({self._hostname()}) (pts/0)"
                 self._write(b"\r\n" + tp.escape(info.encode()) + b"\r\n\r\n")
             if s.banner:
                 self._write(b"\r\n" + tp.escape(s.banner.encode()) + b"\r\n")
@@ -257,7 +257,12 @@ class TelnetSession(asyncio.Protocol):
         link = self.link
         assert link is not None
         ctx = self.ctx
-        return await login(self._keys, link, ctx.policy, ctx.settings, ctx.hostname, self._env.get("USER", ""))
+        return await login(self._keys, link, ctx.policy, ctx.settings, self._hostname(), self._env.get("USER", ""))
+
+    def _hostname(self) -> str:
+        """The hostname of the box this connection will get (its persona's)."""
+        link = self.link
+        return link.hub.manager.hostname(link.persona) if link is not None else self.ctx.hostname
 
     async def _shell(self) -> None:
         link = self.link

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from sandtrap.config import SandboxSettings
+from sandtrap.sandbox.personas import Persona
 from sandtrap.sandbox.pool import Pool
 from sandtrap.sandbox.sizing import Demand, Memory, missing, parse_meminfo
 
@@ -95,12 +96,12 @@ class SlowBackend(FakeBackend):
         self.running = 0
         self.most = 0
 
-    async def create(self, session: str = "", src_ip: str = "") -> FakeSandbox:
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> FakeSandbox:
         self.running += 1
         self.most = max(self.most, self.running)
         try:
             await asyncio.sleep(0.01)
-            return await super().create(session, src_ip)
+            return await super().create(session, src_ip, persona)
         finally:
             self.running -= 1
 

@@ -41,6 +41,7 @@ from sandtrap.sandbox.docker.spec import (
 from sandtrap.sandbox.host import relay, systemd_cgroups
 from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups, cpuset_for
 from sandtrap.sandbox.host.procviews import ProcViews
+from sandtrap.sandbox.personas import Persona
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class DockerBackend:
         files: Mapping[str, tuple[bytes, int, float]] | None = None,
         attach: Callable[[int], Awaitable[str]] | None = None,
         relay_netns: str = "",
+        persona_files: Mapping[str, Mapping[str, tuple[bytes, int, float]]] | None = None,
     ) -> None:
         """``seccomp``: the profile's JSON text, read once (``seccomp.resolve``); None = the engine's default.
         ``attach``: with ``network.mode: capture``, gives the box whose pid 1 is that host pid its ``eth0`` on the
@@ -87,6 +89,8 @@ class DockerBackend:
         self._sensor = sensor
         self._seccomp = seccomp
         self._planted = files_archive(files) if files else b""
+        # A persona's own planted files instead (its host keys commented with its hostname), by persona name.
+        self._planted_for = {name: files_archive(f) for name, f in (persona_files or {}).items() if f}
         self._client = engine.connect(docker.docker_host)
         url = docker.docker_host or os.environ.get("DOCKER_HOST") or "unix://"
         self._host = BoxHost(self._client, sensor, local=url.startswith("unix://"))
@@ -99,7 +103,7 @@ class DockerBackend:
         elif docker.disk_quota:
             log.warning("sandbox.docker.disk_quota is not enforced: the engine is not on this host (%s)", url)
         self._disk_unbounded_said = False
-        self._image_seed: tuple[bytes, str] | None = None
+        self._image_seed: dict[str, tuple[bytes, str]] = {}  # per image (personas may have their own)
         self._network_ready = False
         self._network_lock = asyncio.Lock()
         # Lowered if the engine cannot grant it (create); what one backend learned, the next starts from.
@@ -192,16 +196,16 @@ class DockerBackend:
                 self._no_systemd("its cgroups are handed over from a per-box parent cgroup, and boxes have none")
             self._placed = True
 
-    async def create(self, session: str = "", src_ip: str = "") -> DockerSandbox:
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> DockerSandbox:
         """A started box (a warm one without a session). A box's open-files hard limit cannot exceed the engine's own (runc sets it without
         CAP_SYS_RESOURCE): when the engine refuses ``ulimit_nofile_hard``, halve it (down to the soft limit)
         until it starts, and keep that value for the boxes that follow."""
-        labels = box_labels(self._sensor, session, src_ip)
+        labels = box_labels(self._sensor, session, src_ip, persona=persona.name if persona else "")
         name = box_name(self._sensor, session)
         while True:
             tried = self._nofile_hard
             try:
-                return await self._create(labels, name, tried)
+                return await self._create(labels, name, tried, persona)
             except engine.LimitRefused:
                 soft = self._docker.ulimit_nofile
                 if tried <= soft:
@@ -216,12 +220,19 @@ class DockerBackend:
                         self._nofile_hard,
                     )
 
-    async def _create(self, labels: Mapping[str, str], name: str, nofile_hard: int) -> DockerSandbox:
+    async def _create(
+        self, labels: Mapping[str, str], name: str, nofile_hard: int, persona: Persona | None = None
+    ) -> DockerSandbox:
         await self._ensure_network()
         await self._placement()
         box, docker = self._box, self._docker
         if nofile_hard != docker.ulimit_nofile_hard:
             docker = docker.model_copy(update={"ulimit_nofile_hard": nofile_hard})
+        if persona is not None:  # its hostname and image over the sandbox section's
+            box = box.model_copy(update={"hostname": persona.hostname, "domain": persona.domain})
+            if persona.image and persona.image != docker.image:
+                docker = docker.model_copy(update={"image": persona.image})
+        planted = self._planted_for.get(persona.name, self._planted) if persona is not None else self._planted
         cgroup = secrets.token_hex(6) if self._parents is not None else ""
         cpuset = cpuset_for(cgroup or name, box.cpus, self._cpu_list) if docker.pin_cpus else ""
         self._creating.add(cgroup)
@@ -254,28 +265,28 @@ class DockerBackend:
                 if parent and isinstance(exc, engine.CgroupParentRefused):
                     # e.g. the systemd cgroup driver, which takes only `*.slice` parents
                     self._no_parents(f"the engine refused the parent cgroup: {exc}")
-                    return await self._create(labels, name, nofile_hard)
+                    return await self._create(labels, name, nofile_hard, persona)
                 if self._systemd and isinstance(exc, engine.Forbidden):
                     # e.g. the engine proxy, which refuses what systemd needs (CAP_SETPCAP) as a parent cgroup
                     self._no_systemd(f"the engine refused the container systemd needs: {exc}")
-                    return await self._create(labels, name, nofile_hard)
+                    return await self._create(labels, name, nofile_hard, persona)
                 raise
             sandbox = DockerSandbox(self._host, container.id, name, tuple(docker.tmpfs))
             sandbox.cgroup, sandbox.parents = cgroup, self._parents
             self._share_relay(sandbox)
             seeded = docker.read_only_root and bool(docker.writable)
             try:
-                if self._planted and not seeded:  # in the container's own layer, before init starts sshd
-                    await engine.call("plant files", container.put_archive("/", self._planted), 30)  # type: ignore[no-untyped-call]
+                if planted and not seeded:  # in the container's own layer, before init starts sshd
+                    await engine.call("plant files", container.put_archive("/", planted), 30)  # type: ignore[no-untyped-call]
                 await engine.call("start container", container.start(), box.start_timeout_s)
                 if parent and not await self._check_placement(sandbox, parent):
                     await asyncio.shield(sandbox.remove())
                     self._no_parents(f"box {name} did not start below its parent cgroup {parent}")
-                    return await self._create(labels, name, nofile_hard)
+                    return await self._create(labels, name, nofile_hard, persona)
                 if self._attach is not None:
                     await self._link(sandbox)
                 if seeded:
-                    await self._seed(sandbox)
+                    await self._seed(sandbox, docker, planted)
                 if self._systemd:
                     await self._start_systemd(sandbox, parent)
                 await self._bound_disk(sandbox)
@@ -347,18 +358,18 @@ class DockerBackend:
             log.error("box %s is not below its parent cgroup %s for %s", sandbox.name, parent, ", ".join(wrong))
         return not wrong
 
-    async def _seed(self, sandbox: DockerSandbox) -> None:
+    async def _seed(self, sandbox: DockerSandbox, docker: DockerSettings, planted: bytes) -> None:
         """Fill the writable tmpfs mounts with the image's files (owners, modes and times kept), then tell
         init, which waits for them before it starts the box's daemons."""
-        if self._image_seed is None:
-            self._image_seed = await self._image_files()
-        data, fix_roots = self._image_seed
+        if docker.image not in self._image_seed:
+            self._image_seed[docker.image] = await self._image_files(docker)
+        data, fix_roots = self._image_seed[docker.image]
         # --skip-old-files: what the box's init wrote at boot (/etc/machine-id) stays. The planted files
         # (host keys) then replace the image's in the fresh mounts, before init starts the daemons.
         script = f"tar -x -p --numeric-owner --skip-old-files -C / -f - && {fix_roots}"
         await self._run_with_input(sandbox, script, data, "seeding the writable mounts")
-        if self._planted:
-            await self._run_with_input(sandbox, "tar -x -p --numeric-owner -C / -f -", self._planted, "planting files")
+        if planted:
+            await self._run_with_input(sandbox, "tar -x -p --numeric-owner -C / -f -", planted, "planting files")
         await self._run_with_input(sandbox, "kill -USR1 1", b"", "starting the daemons")  # init.c, wait_for_files
         sandbox.seeded_at = time.time()
 
@@ -368,9 +379,8 @@ class DockerBackend:
         if result.status.code != 0:
             raise SandboxError(f"{what} failed ({result.status.code}): {result.stderr.decode(errors='replace')}")
 
-    async def _image_files(self) -> tuple[bytes, str]:
+    async def _image_files(self, d: DockerSettings) -> tuple[bytes, str]:
         """The image's files under each writable path, read once from a container that never starts."""
-        d = self._docker
         labels = box_labels(self._sensor, role="template")
         config = create_config(d.model_copy(update={"read_only_root": False}), self._box, labels, self._seccomp)
         name = f"sandtrap-{safe_name(self._sensor)}-t-{secrets.token_hex(4)}"

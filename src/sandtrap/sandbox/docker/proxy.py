@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         policy = policy.with_sensor(args.sensor)
     if args.image:
         policy = policy.with_images(args.image)
+    else:  # every persona's image (personas[].image), the sandbox image among them
+        docker = settings.sandbox.docker
+        policy = policy.with_images({docker.image, *(p.image_tag(docker.image) for p in settings.effective_personas())})
     upstream = Path(str(args.upstream).removeprefix("unix://"))
     proxy = EngineProxy(args.listen, upstream, policy, int(args.mode, 8), args.group)
     asyncio.run(_run(proxy))

@@ -20,6 +20,7 @@ LABEL_CREATED = "sandtrap.created"
 LABEL_SESSION = "sandtrap.session"
 LABEL_SRC_IP = "sandtrap.src_ip"
 LABEL_ROLE = "sandtrap.role"
+LABEL_PERSONA = "sandtrap.persona"
 
 _NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 
@@ -38,9 +39,10 @@ def box_name(sensor: str, session: str = "") -> str:
     return f"sandtrap-{safe_name(sensor)}-{kind}"
 
 
-def box_labels(sensor: str, session: str = "", src_ip: str = "", role: str = "") -> dict[str, str]:
-    """The labels a new box carries: this sensor's, when, and its session and source if known."""
+def box_labels(sensor: str, session: str = "", src_ip: str = "", role: str = "", persona: str = "") -> dict[str, str]:
+    """The labels a new box carries: this sensor's, when, and its session, source and persona if known."""
     return {
+        **({LABEL_PERSONA: persona} if persona else {}),
         LABEL_MANAGED: "true",
         LABEL_SENSOR: sensor,
         LABEL_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),

@@ -35,6 +35,7 @@ from sandtrap.sandbox.microvm.snapshot import Snapshot
 from sandtrap.sandbox.microvm.state import VMRecord
 from sandtrap.sandbox.microvm.unique import make_unique, new_identity
 from sandtrap.sandbox.microvm.watch import VMWatch
+from sandtrap.sandbox.personas import Persona
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ class MicroVMBackend:
             raise SandboxUnavailable("qemu-img not found: apt-get install qemu-utils")
         self.image()
 
-    async def create(self, session: str = "", src_ip: str = "") -> MicroVMSandbox:
-        """A VM restored from the template's snapshot and made unique (the first create saves the template), or
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> MicroVMSandbox:
+        """``persona`` is not used: every VM is the one image (config refuses personas here). A VM restored from the template's snapshot and made unique (the first create saves the template), or
         cold-booted where there is no snapshot (``sandbox.microvm.snapshot: false``) or restoring failed."""
         image = self.image()
         template = await self._template(image) if self._settings.snapshot else None

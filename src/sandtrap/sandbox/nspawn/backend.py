@@ -33,6 +33,7 @@ from sandtrap.sandbox.nspawn import launch, mounts, state
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
 from sandtrap.sandbox.nspawn.state import BoxRecord
+from sandtrap.sandbox.personas import Persona
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ class NspawnBackend:
             )
         self.tree()
 
-    async def create(self, session: str = "", src_ip: str = "") -> NspawnSandbox:
+    async def create(self, session: str = "", src_ip: str = "", persona: Persona | None = None) -> NspawnSandbox:
+        """A started box; ``persona`` is not used (config refuses personas with this backend)."""
         tree = self.tree()
         box_id = secrets.token_hex(6)
         directory = self._boxes / box_id
