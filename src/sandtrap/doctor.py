@@ -49,7 +49,7 @@ async def run_checks(settings: Settings) -> list[Check]:
 
 async def _engine(docker: DockerSettings) -> Check:
     try:
-        async with engine.engine(docker.docker_host) as client:
+        async with engine.engine(docker) as client:
             v = await engine.call("version", client.version(), 5)
     except SandtrapError as exc:
         return Check("docker engine", False, f"{exc} (run 'make run' or start dockerd)")
@@ -59,7 +59,7 @@ async def _engine(docker: DockerSettings) -> Check:
 async def _image(image: ImageSettings, docker: DockerSettings) -> Check:
     tag = docker.image
     try:
-        result = await check_image(image, tag, docker.docker_host)
+        result = await check_image(image, tag, docker)
     except SandtrapError as exc:
         return Check("sandbox image", False, str(exc))
     if not result.present:

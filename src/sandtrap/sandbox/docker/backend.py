@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from sandtrap.config import DockerSettings, SandboxSettings
-from sandtrap.errors import SandboxError
+from sandtrap.config.engine import REMOTE_DISK_QUOTA
+from sandtrap.errors import ConfigError, SandboxError
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker import engine, network
 from sandtrap.sandbox.docker.disk import DiskWatch, upper_dir
@@ -49,8 +50,8 @@ def init_transport_refused(d: DockerSettings, s: SandboxSettings) -> str:
     """Why logins cannot be started by the box's listener (``sandbox.session_transport: init``), or ''."""
     if s.session_transport != "init":
         return "session_transport is exec"
-    if d.docker_host and not d.docker_host.startswith("unix://"):
-        return f"the engine at {d.docker_host} is not on this host"
+    if not engine.is_local(d):
+        return f"the engine at {engine.address(d)} is not on this host"
     if os.geteuid() != 0:
         return "the honeypot does not run as root (entering a box's network namespace needs it)"
     return ""
@@ -87,17 +88,33 @@ class DockerBackend:
         self._sensor = sensor
         self._seccomp = seccomp
         self._planted = files_archive(files) if files else b""
-        self._client = engine.connect(docker.docker_host)
-        url = docker.docker_host or os.environ.get("DOCKER_HOST") or "unix://"
-        self._host = BoxHost(self._client, sensor, local=url.startswith("unix://"))
-        self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
+        url = engine.address(docker)
+        local = engine.is_local(docker)
+        if docker.disk_quota and not local:  # DOCKER_HOST names it (the config refuses a tcp:// docker_host)
+            raise ConfigError(REMOTE_DISK_QUOTA.format(host=url))
+        self._client = engine.connect(docker)
+        self._host = BoxHost(self._client, sensor, local=local)
+        if local:
+            self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
+        else:  # binds name the engine host's paths: this host cannot see what is mounted there
+            self._views = ProcViews("", "")
+            if box.lxcfs_dir or box.loadavg_dir:
+                log.warning(
+                    "sandbox.lxcfs_dir and sandbox.loadavg_dir are off: the engine at %s is not on this host, "
+                    "so boxes show its kernel's /proc files (meminfo, cpuinfo, loadavg)",
+                    url,
+                )
+            log.info(
+                "remote engine %s (TLS: %s): no host views of boxes (changed files and reads through the engine, "
+                "no box ports, logins by docker exec, limits on each container)",
+                url,
+                "yes" if docker.uses_tls and docker.docker_host else "no",
+            )
         # The disk bound (sandbox.docker.disk_quota): the writable layers are measured on this host.
         self.disk: DiskWatch | None = None
-        if docker.disk_quota and self._host.local:
+        if docker.disk_quota:
             self.disk = DiskWatch(docker.disk_quota, docker.disk_files_max, docker.disk_check_s)
             self._host.stopped.append(self.disk.forget)
-        elif docker.disk_quota:
-            log.warning("sandbox.docker.disk_quota is not enforced: the engine is not on this host (%s)", url)
         self._disk_unbounded_said = False
         self._image_seed: tuple[bytes, str] | None = None
         self._network_ready = False
@@ -154,7 +171,7 @@ class DockerBackend:
             s, d = self._box, self._docker
             # A local engine (a unix socket): its host is this one; its info is not needed (and the engine
             # proxy, a local socket too, does not pass GET /info on). A remote one: CPUs from its info.
-            local = not d.docker_host or d.docker_host.startswith("unix://")
+            local = self._host.local
             if local:
                 self._cpu_list = sorted(os.sched_getaffinity(0))
                 v1 = not await asyncio.to_thread(Path("/sys/fs/cgroup/cgroup.controllers").exists)
@@ -178,7 +195,7 @@ class DockerBackend:
                     self._no_systemd(reason)
             if d.limits_in_parent:
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
-                reason = parents.available() if local else f"the engine at {d.docker_host} is not on this host"
+                reason = parents.available() if local else f"the engine at {engine.address(d)} is not on this host"
                 if reason:
                     log.warning(
                         "sandbox limits stay on each container, where a box sees them at its root cgroup (%s)", reason

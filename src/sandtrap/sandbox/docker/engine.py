@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -13,30 +14,76 @@ from typing import TypeVar
 import aiodocker
 import aiohttp
 
-from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.config import EngineSettings
+from sandtrap.config.engine import is_loopback_host, tcp_host
+from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 60.0
 
 
-def connect(docker_host: str = "") -> aiodocker.Docker:
-    """A client for ``docker_host``, else ``DOCKER_HOST``, else the local socket.
+def address(settings: EngineSettings | None = None) -> str:
+    """The engine's address: ``sandbox.docker.docker_host``, else ``DOCKER_HOST``, else the local socket."""
+    host = settings.docker_host if settings is not None else ""
+    return host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def is_local(settings: EngineSettings | None = None) -> bool:
+    """The engine runs on this host (a unix socket): its containers' pids, files and cgroups are this host's.
+    A ``tcp://`` engine is never taken for local, even on loopback."""
+    return address(settings).startswith("unix://")
+
+
+def tls_context(settings: EngineSettings) -> ssl.SSLContext:
+    """The client side of the engine's mutual TLS: sandtrap's certificate and key; the engine's certificate checked
+    against ``tls_ca`` only (and its address), unless ``tls_verify`` is false."""
+    try:
+        if settings.tls_verify:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"sandbox.docker.tls_cert/tls_key/tls_ca: cannot be used for TLS ({exc}); give PEM files made for "
+            "`dockerd --tlsverify` (ca.pem, cert.pem, key.pem)"
+        ) from None
+    return ctx
+
+
+def connect(settings: EngineSettings | None = None) -> aiodocker.Docker:
+    """A client for the engine ``settings`` name (:func:`address`), over mutual TLS for a ``tcp://`` engine
+    with ``tls_cert``.
 
     aiohttp's default connector allows 100 connections, and every live exec stream holds one: past
     ~100 sessions every engine call would queue. The honeypot's own limits bound the streams, so the
     connector is unlimited (``limit=0``).
     """
-    url = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    url = address(settings)
     if url.startswith("unix://"):
         connector = aiohttp.UnixConnector(url[len("unix://") :], limit=0)
         return aiodocker.Docker(url="unix://localhost", connector=connector)
-    return aiodocker.Docker(url=url, connector=aiohttp.TCPConnector(limit=0))
+    host = tcp_host(url)
+    if host is None:
+        raise ConfigError(f"DOCKER_HOST={url!r}: not unix:///PATH or tcp://HOST:PORT; set sandbox.docker.docker_host")
+    if settings is not None and settings.docker_host and settings.uses_tls:
+        tls = tls_context(settings)
+        return aiodocker.Docker(url="https://" + url[len("tcp://") :], connector=aiohttp.TCPConnector(limit=0, ssl=tls))
+    if not is_loopback_host(host):  # only DOCKER_HOST can get here: the config refuses docker_host without TLS
+        raise ConfigError(
+            f"DOCKER_HOST={url} without TLS would give whoever reaches it root on the engine's host; set "
+            "sandbox.docker.docker_host with tls_ca, tls_cert and tls_key instead"
+        )
+    return aiodocker.Docker(url="http://" + url[len("tcp://") :], connector=aiohttp.TCPConnector(limit=0))
 
 
 @asynccontextmanager
-async def engine(docker_host: str = "") -> AsyncIterator[aiodocker.Docker]:
-    client = connect(docker_host)
+async def engine(settings: EngineSettings | None = None) -> AsyncIterator[aiodocker.Docker]:
+    client = connect(settings)
     try:
         yield client
     finally:
@@ -61,19 +108,70 @@ async def call(what: str, aw: Awaitable[T], timeout_s: float = DEFAULT_TIMEOUT_S
         async with asyncio.timeout(timeout_s):
             return await aw
     except aiodocker.DockerError as exc:
-        if exc.status == 900:  # aiodocker's "cannot connect to the engine"
+        if exc.status == 900:  # aiodocker's "cannot connect to the engine" (the client's error its context)
+            failed = tls_failure(exc)
+            if failed:
+                raise EngineTLSFailed(f"{what}: {failed}") from exc
             raise SandboxUnavailable(f"{what}: engine unreachable: {exc.message}") from exc
+        if exc.status == 400 and "HTTPS server" in str(exc.message):  # Go's answer to plain HTTP on a TLS port
+            raise EngineTLSFailed(
+                f"{what}: the engine wants TLS; set sandbox.docker.tls_ca, tls_cert and tls_key (the files its "
+                "--tlscacert trusts)"
+            ) from exc
         raise refusal(what, exc.status, str(exc.message)) from exc
     except TimeoutError as exc:
         raise SandboxUnavailable(f"{what}: engine did not answer within {timeout_s:.0f}s") from exc
-    except (OSError, ConnectionError) as exc:
-        raise SandboxUnavailable(f"{what}: engine unreachable: {exc}") from exc
-    except ValueError as exc:  # an error answer the client could not parse (e.g. to a HEAD request)
-        raise SandboxError(f"{what}: unreadable engine answer: {exc}") from exc
-    except Exception as exc:  # aiohttp client errors and friends
-        if type(exc).__module__.startswith("aiohttp"):
+    except Exception as exc:
+        failed = tls_failure(exc)
+        if failed:
+            raise EngineTLSFailed(f"{what}: {failed}") from exc
+        if isinstance(exc, OSError | ConnectionError):
+            raise SandboxUnavailable(f"{what}: engine unreachable: {exc}") from exc
+        if isinstance(exc, ValueError):  # an error answer the client could not parse (e.g. to a HEAD request)
+            raise SandboxError(f"{what}: unreadable engine answer: {exc}") from exc
+        if type(exc).__module__.startswith("aiohttp"):  # aiohttp client errors and friends
             raise SandboxUnavailable(f"{what}: engine connection failed: {exc}") from exc
         raise
+
+
+# What the TLS library says (the alert a peer sent, or why its certificate was not believed) -> which key to fix.
+_SERVER_REFUSED = ("ALERT_BAD_CERTIFICATE", "ALERT_UNKNOWN_CA", "CERTIFICATE_REQUIRED", "ALERT_CERTIFICATE_UNKNOWN",
+                   "ALERT_HANDSHAKE_FAILURE", "ALERT_CERTIFICATE_EXPIRED", "ALERT_ACCESS_DENIED")  # fmt: skip
+
+
+class EngineTLSFailed(SandboxUnavailable):
+    """The TLS handshake with a ``tcp://`` engine failed: the message names the ``sandbox.docker`` key to fix."""
+
+
+def tls_failure(exc: BaseException) -> str:
+    """What went wrong in TLS with the engine, naming the key to fix; '' when ``exc`` is no TLS failure."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 8:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for err in seen:
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return (
+                f"the engine's certificate is not trusted ({err.verify_message}): it is not signed by "
+                "sandbox.docker.tls_ca, or not made for the address in sandbox.docker.docker_host. Fix: set "
+                "sandbox.docker.tls_ca to the CA that signed the engine's --tlscert"
+            )
+    text = " ".join(f"{type(e).__name__}: {e}" for e in seen)
+    if any(alert in text.upper() for alert in _SERVER_REFUSED):
+        return (
+            f"the engine refused sandtrap's client certificate ({_short(text)}). Fix: set sandbox.docker.tls_cert "
+            "(and tls_key) to a certificate signed by the CA the engine trusts (its --tlscacert)"
+        )
+    if "WRONG_VERSION_NUMBER" in text.upper() or "record layer failure" in text:
+        return "the engine does not speak TLS there; check sandbox.docker.docker_host (its TLS port, e.g. 2376)"
+    if any(isinstance(e, ssl.SSLError) for e in seen) or "SSL" in text:
+        return f"TLS with the engine failed ({_short(text)}); check sandbox.docker.tls_ca, tls_cert and tls_key"
+    return ""
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class EngineRefused(SandboxError):

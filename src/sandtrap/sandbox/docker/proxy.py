@@ -418,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         policy = policy.with_sensor(args.sensor)
     if args.image:
         policy = policy.with_images(args.image)
+    if "://" in str(args.upstream) and not str(args.upstream).startswith("unix://"):
+        # A tcp:// engine is reached over mutual TLS by the honeypot itself (sandbox.docker.tls_*); this proxy
+        # belongs on the engine's host, in front of its socket.
+        print(f"error: --upstream {args.upstream}: the engine proxy forwards to a unix socket only; run it on the "
+              "engine's host, in front of its socket", file=sys.stderr)  # fmt: skip
+        return 2
     upstream = Path(str(args.upstream).removeprefix("unix://"))
     proxy = EngineProxy(args.listen, upstream, policy, int(args.mode, 8), args.group)
     asyncio.run(_run(proxy))

@@ -75,7 +75,10 @@ class DockerSandbox:
         self.telnet_in_box = False  # a telnet service is configured: inetd on :23 from the box's claim on
 
     async def _host_view(self) -> HostView | None:
-        """The box's files on this host, looked up once (None: use the engine)."""
+        """The box's files on this host, looked up once (None: use the engine; always for a remote engine, whose
+        pids and paths are its host's, never this one's)."""
+        if not self._box_host.local:
+            return None
         if not self._host_checked:
             try:
                 info = await engine.call("inspect", self._container().show(), 10)
@@ -92,7 +95,7 @@ class DockerSandbox:
         return Features(
             login_scopes=self.parents is not None and bool(self.cgroup),
             connection_in_box=self.connection_in_box and not self.init_refused,
-            box_ports=True,
+            box_ports=self._box_host.local,
         )
 
     async def open_port(
@@ -319,9 +322,11 @@ class DockerSandbox:
 
     async def _states(self) -> dict[str, str]:
         """Read on this host when its files are here, else through the engine."""
-        info = await engine.call("inspect", self._container().show())
-        view = HostView.from_inspect(info)
-        self._host, self._host_checked = view, True
+        view = None
+        if self._box_host.local:
+            info = await engine.call("inspect", self._container().show())
+            view = HostView.from_inspect(info)
+            self._host, self._host_checked = view, True
         if view is not None:
             try:
                 return _files_only(await asyncio.to_thread(self._states_on_host, view))
@@ -364,6 +369,8 @@ class DockerSandbox:
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> OpenWatch | None:
         """Opens seen by inotify on the overlay's ``merged`` directory, when the engine's storage is on this host."""
+        if not self._box_host.local:  # its MergedDir names a path on the engine's host
+            return None
         try:
             info = await engine.call("inspect", self._container().show(), 10)
         except SandboxError:
