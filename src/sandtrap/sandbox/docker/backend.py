@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from sandtrap.config import DockerSettings, SandboxSettings
 from sandtrap.config.engine import REMOTE_DISK_QUOTA
-from sandtrap.errors import ConfigError, SandboxError
+from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker import engine, network
 from sandtrap.sandbox.docker.disk import DiskWatch, upper_dir
@@ -448,7 +448,13 @@ class DockerBackend:
         return engine.parse_docker_time((info.get("State") or {}).get("FinishedAt") or "")
 
     async def ping(self) -> None:
-        await engine.call("ping", self._client.version(), 5)
+        try:
+            await engine.call("ping", self._client.version(), 5)
+        except SandboxUnavailable as exc:
+            better = await engine.explained(self._docker, exc)
+            if better is exc:
+                raise
+            raise better from exc
 
     async def close(self) -> None:
         if self._parents is not None:  # parents of boxes that are gone, and the sensor's directory if empty

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import aiohttp
 
 from sandtrap.config import EngineSettings
 from sandtrap.config.engine import is_loopback_host, tcp_host
-from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable
+from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable, SandtrapError
 
 T = TypeVar("T")
 
@@ -83,11 +84,73 @@ def connect(settings: EngineSettings | None = None) -> aiodocker.Docker:
 
 @asynccontextmanager
 async def engine(settings: EngineSettings | None = None) -> AsyncIterator[aiodocker.Docker]:
+    """A client for one piece of work; a TLS engine that cannot be reached says why (:func:`explained`)."""
     client = connect(settings)
     try:
         yield client
+    except SandtrapError as exc:  # also an error made from the engine's (an ImageError from a SandboxUnavailable)
+        cause = exc if isinstance(exc, SandboxUnavailable) else exc.__cause__
+        if not isinstance(cause, SandboxUnavailable):
+            raise
+        better = await explained(settings, cause)
+        if better is cause:
+            raise
+        raise better from exc
     finally:
         await close(client)
+
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def diagnose_tls(settings: EngineSettings) -> str:
+    """Why mutual TLS with the engine fails, naming the key to fix; '' when it works (or the engine is not there).
+
+    One connection of its own, a ``GET /_ping`` over it. Needed because in TLS 1.3 the client's handshake ends
+    before the engine has looked at the client's certificate: an engine that refuses it just closes the connection
+    (the client sees a reset or EOF, no alert), which the HTTP client reports as an unreachable engine."""
+    url = address(settings)
+    host = tcp_host(url)
+    if host is None or not settings.uses_tls:
+        return ""
+    port = int(url.rsplit(":", 1)[1])
+    ctx = tls_context(settings)
+    try:
+        raw = socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S)
+    except OSError:
+        return ""  # not there at all: not a TLS matter
+    with raw:
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname=host)
+        except (ssl.SSLError, OSError) as exc:
+            return tls_failure(exc)
+        with tls:
+            try:
+                tls.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+                answer = tls.recv(16)
+            except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+                answer = b""  # closed without a word: below
+            except (ssl.SSLError, OSError) as exc:
+                return tls_failure(exc) or f"TLS with the engine failed ({exc}); check sandbox.docker.tls_cert"
+            if answer.startswith(b"HTTP/"):
+                return ""
+            return (
+                "the engine closed the connection after the TLS handshake: it did not accept sandtrap's client "
+                "certificate. Fix: set sandbox.docker.tls_cert (and tls_key) to a certificate signed by the CA the "
+                "engine trusts (its --tlscacert)"
+            )
+
+
+async def explained(settings: EngineSettings | None, exc: SandboxUnavailable) -> SandboxUnavailable:
+    """``exc``, or for a TLS engine whose trouble is TLS, an :class:`EngineTLSFailed` that names the key to fix."""
+    if settings is None or not settings.uses_tls or isinstance(exc, EngineTLSFailed):
+        return exc
+    try:
+        failed = await asyncio.wait_for(asyncio.to_thread(diagnose_tls, settings), PROBE_TIMEOUT_S + 5)
+    except (TimeoutError, ConfigError):
+        return exc
+    what = str(exc).split(": engine ", 1)[0]
+    return EngineTLSFailed(f"{what}: {failed}") if failed else exc
 
 
 async def close(client: aiodocker.Docker) -> None:
@@ -153,7 +216,7 @@ def tls_failure(exc: BaseException) -> str:
     for err in seen:
         if isinstance(err, ssl.SSLCertVerificationError):
             return (
-                f"the engine's certificate is not trusted ({err.verify_message}): it is not signed by "
+                f"the engine's certificate is not trusted ({_verify_message(err)}): it is not signed by "
                 "sandbox.docker.tls_ca, or not made for the address in sandbox.docker.docker_host. Fix: set "
                 "sandbox.docker.tls_ca to the CA that signed the engine's --tlscert"
             )
@@ -168,6 +231,12 @@ def tls_failure(exc: BaseException) -> str:
     if any(isinstance(e, ssl.SSLError) for e in seen) or "SSL" in text:
         return f"TLS with the engine failed ({_short(text)}); check sandbox.docker.tls_ca, tls_cert and tls_key"
     return ""
+
+
+def _verify_message(err: ssl.SSLCertVerificationError) -> str:
+    """OpenSSL's reason (aiohttp's subclass keeps the ssl error in ``certificate_error``)."""
+    inner = getattr(err, "certificate_error", err)
+    return str(getattr(inner, "verify_message", "") or inner)
 
 
 def _short(text: str) -> str:
