@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 import yaml
 
-from engine_tls import EnginePKI, make_pki
 from sandtrap.errors import SandboxError
 from sandtrap.events import SANDBOX_ASSIGNED
 from sandtrap.sandbox.docker.spec import LABEL_SENSOR
+from tls_pki import EnginePKI, make_pki
 
 from sshclient import free_port, run, ssh_argv
 

@@ -39,7 +39,7 @@ from sandtrap.sandbox.base import (
     state_of,
 )
 from sandtrap.sandbox.docker import engine
-from sandtrap.sandbox.docker.hostview import BoxHost, HostView
+from sandtrap.sandbox.docker.hostview import BoxHost, HostView, inspect_address
 from sandtrap.sandbox.docker.process import DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
 from sandtrap.sandbox.host import boxports, broker, hostfs, netns, relay, telnet
@@ -423,6 +423,11 @@ class DockerSandbox:
         network's (internal), from the engine's inspect (cached); ''."""
         if self.captured_address:
             return self.captured_address
+        if not self._box_host.local:  # a remote engine: its own network's address, from its inspect
+            try:
+                return inspect_address(await engine.call("inspect", self._container().show(), 10))
+            except SandboxError:
+                return ""
         view = await self._host_view()
         return view.address if view is not None else ""
 

@@ -1,0 +1,118 @@
+"""Mutual TLS with a ``tcp://`` engine (``sandbox.docker.tls_*``): the client's SSL context, and what went wrong
+when the handshake fails, worded to name the key to fix (a wrong certificate is a clear error at start, not a
+traceback)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from sandtrap.config import EngineSettings
+from sandtrap.config.engine import tcp_host
+from sandtrap.errors import ConfigError, SandboxUnavailable
+
+
+def tls_context(settings: EngineSettings) -> ssl.SSLContext:
+    """The client side of the engine's mutual TLS: sandtrap's certificate and key; the engine's certificate checked
+    against ``tls_ca`` only (and its address), unless ``tls_verify`` is false."""
+    try:
+        if settings.tls_verify:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"sandbox.docker.tls_cert/tls_key/tls_ca: cannot be used for TLS ({exc}); give PEM files made for "
+            "`dockerd --tlsverify` (ca.pem, cert.pem, key.pem)"
+        ) from None
+    return ctx
+
+
+# What the TLS library says (the alert a peer sent, or why its certificate was not believed) -> which key to fix.
+_SERVER_REFUSED = ("ALERT_BAD_CERTIFICATE", "ALERT_UNKNOWN_CA", "CERTIFICATE_REQUIRED", "ALERT_CERTIFICATE_UNKNOWN",
+                   "ALERT_HANDSHAKE_FAILURE", "ALERT_CERTIFICATE_EXPIRED", "ALERT_ACCESS_DENIED")  # fmt: skip
+
+
+class EngineTLSFailed(SandboxUnavailable):
+    """The TLS handshake with a ``tcp://`` engine failed: the message names the ``sandbox.docker`` key to fix."""
+
+
+def tls_failure(exc: BaseException) -> str:
+    """What went wrong in TLS with the engine, naming the key to fix; '' when ``exc`` is no TLS failure."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 8:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for err in seen:
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return (
+                f"the engine's certificate is not trusted ({_verify_message(err)}): it is not signed by "
+                "sandbox.docker.tls_ca, or not made for the address in sandbox.docker.docker_host. Fix: set "
+                "sandbox.docker.tls_ca to the CA that signed the engine's --tlscert"
+            )
+    text = " ".join(f"{type(e).__name__}: {e}" for e in seen)
+    if any(alert in text.upper() for alert in _SERVER_REFUSED):
+        return (
+            f"the engine refused sandtrap's client certificate ({_short(text)}). Fix: set sandbox.docker.tls_cert "
+            "(and tls_key) to a certificate signed by the CA the engine trusts (its --tlscacert)"
+        )
+    if "WRONG_VERSION_NUMBER" in text.upper() or "record layer failure" in text:
+        return "the engine does not speak TLS there; check sandbox.docker.docker_host (its TLS port, e.g. 2376)"
+    if any(isinstance(e, ssl.SSLError) for e in seen) or "SSL" in text:
+        return f"TLS with the engine failed ({_short(text)}); check sandbox.docker.tls_ca, tls_cert and tls_key"
+    return ""
+
+
+def _verify_message(err: ssl.SSLCertVerificationError) -> str:
+    """OpenSSL's reason (aiohttp's subclass keeps the ssl error in ``certificate_error``)."""
+    inner = getattr(err, "certificate_error", err)
+    return str(getattr(inner, "verify_message", "") or inner)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def diagnose_tls(settings: EngineSettings) -> str:
+    """Why mutual TLS with the engine fails, naming the key to fix; '' when it works (or the engine is not there).
+
+    One connection of its own, a ``GET /_ping`` over it. Needed because in TLS 1.3 the client's handshake ends
+    before the engine has looked at the client's certificate: an engine that refuses it just closes the connection
+    (the client sees a reset or EOF, no alert), which the HTTP client reports as an unreachable engine."""
+    host = tcp_host(settings.docker_host)
+    if host is None or not settings.uses_tls:
+        return ""
+    port = int(settings.docker_host.rsplit(":", 1)[1])
+    ctx = tls_context(settings)
+    try:
+        raw = socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S)
+    except OSError:
+        return ""  # not there at all: not a TLS matter
+    with raw:
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname=host)
+        except (ssl.SSLError, OSError) as exc:
+            return tls_failure(exc)
+        with tls:
+            try:
+                tls.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+                answer = tls.recv(16)
+            except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+                answer = b""  # closed without a word: below
+            except (ssl.SSLError, OSError) as exc:
+                return tls_failure(exc) or f"TLS with the engine failed ({exc}); check sandbox.docker.tls_cert"
+            if answer.startswith(b"HTTP/"):
+                return ""
+            return (
+                "the engine closed the connection after the TLS handshake: it did not accept sandtrap's client "
+                "certificate. Fix: set sandbox.docker.tls_cert (and tls_key) to a certificate signed by the CA the "
+                "engine trusts (its --tlscacert)"
+            )
