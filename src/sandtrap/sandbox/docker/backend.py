@@ -51,7 +51,7 @@ def init_transport_refused(d: DockerSettings, s: SandboxSettings) -> str:
     if s.session_transport != "init":
         return "session_transport is exec"
     if not engine.is_local(d):
-        return f"the engine at {engine.address(d)} is not on this host"
+        return f"the engine at {engine.address(d)} is not on this host (sandbox.docker.docker_host)"
     if os.geteuid() != 0:
         return "the honeypot does not run as root (entering a box's network namespace needs it)"
     return ""
@@ -104,9 +104,11 @@ class DockerBackend:
                     "so boxes show its kernel's /proc files (meminfo, cpuinfo, loadavg)",
                     url,
                 )
-            log.info(
-                "remote engine %s (TLS: %s): no host views of boxes (changed files and reads through the engine, "
-                "no box ports, logins by docker exec, limits on each container)",
+            log.warning(
+                "remote engine %s (TLS: %s): nothing of a box is seen on this host: changed files and artifacts "
+                "through the engine; no honeytoken read events (inotify needs the box's files here); no box ports "
+                "(tcp/udp services); logins by docker exec; limits on each container (limits_in_parent), no "
+                "systemd init, no mask_cgroupns (see README 'Remote engine')",
                 url,
                 "yes" if docker.uses_tls and docker.docker_host else "no",
             )
@@ -132,7 +134,10 @@ class DockerBackend:
         self._init_refused = init_transport_refused(docker, box)
         self._transparent_refused = "sandbox.network is none"  # until the host's rules are in place
         if box.session_transport == "init" and self._init_refused:
-            log.warning("logins by docker exec, not by the box's listener: %s", self._init_refused)
+            log.warning(
+                "logins by docker exec, not by the box's listener (sandbox.session_transport: init): %s",
+                self._init_refused,
+            )
 
     @property
     def docker(self) -> DockerSettings:
@@ -198,7 +203,9 @@ class DockerBackend:
                 reason = parents.available() if local else f"the engine at {engine.address(d)} is not on this host"
                 if reason:
                     log.warning(
-                        "sandbox limits stay on each container, where a box sees them at its root cgroup (%s)", reason
+                        "sandbox limits stay on each container, where a box sees them at its root cgroup "
+                        "(sandbox.docker.limits_in_parent: %s)",
+                        reason,
                     )
                 else:
                     self._parents = parents
