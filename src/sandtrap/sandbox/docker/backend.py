@@ -107,7 +107,7 @@ class DockerBackend:
             log.warning(
                 "remote engine %s (TLS: %s): nothing of a box is seen on this host: changed files and artifacts "
                 "through the engine; no honeytoken read events (inotify needs the box's files here); no box ports "
-                "(tcp/udp services); logins by docker exec; limits on each container (limits_in_parent), no "
+                "(tcp/udp services); logins through the engine's exec; limits on each container (limits_in_parent), no "
                 "systemd init, no mask_cgroupns (see README 'Remote engine')",
                 url,
                 "yes" if docker.uses_tls and docker.docker_host else "no",

@@ -4,12 +4,17 @@ traceback)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import ssl
+from typing import Any
 
 from sandtrap.config import EngineSettings
 from sandtrap.config.engine import tcp_host
 from sandtrap.errors import ConfigError, SandboxUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def tls_context(settings: EngineSettings) -> ssl.SSLContext:
@@ -116,3 +121,52 @@ def diagnose_tls(settings: EngineSettings) -> str:
                 "certificate. Fix: set sandbox.docker.tls_cert (and tls_key) to a certificate signed by the CA the "
                 "engine trusts (its --tlscacert)"
             )
+
+
+class _ReadsAfterClose:
+    """An SSL object that has sent its close_notify and still reads: the peer's close_notify reads as the end of
+    the stream (b'' or 0, as asyncio's SSL protocol expects), not as an error (CPython's ``_ssl`` raises
+    SSLZeroReturnError once both sides have shut down)."""
+
+    def __init__(self, obj: ssl.SSLObject) -> None:
+        self._obj = obj
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        try:
+            return self._obj.read(len, buffer) if buffer is not None else self._obj.read(len)
+        except ssl.SSLZeroReturnError:
+            return 0 if buffer is not None else b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._obj, name)
+
+
+async def write_eof(transport: asyncio.BaseTransport, wait_s: float = 30.0) -> bool:
+    """Half-close a TLS connection: send close_notify and keep reading. A ``docker exec`` stream's stdin ends
+    only when the client half-closes; over TCP that is a FIN, over TLS a close_notify (what Go's
+    ``tls.Conn.CloseWrite`` sends, and the engine reads as EOF). asyncio's SSL transport has no ``write_eof``, so
+    this reaches into it (CPython 3.11+'s ``sslproto``); False when it cannot (then stdin stays open).
+
+    OpenSSL's shutdown reads what is waiting in the incoming buffer: records the reader has not taken yet (its
+    queue full) would be lost, so the half-close waits until they are read (``wait_s`` at most)."""
+    proto = getattr(transport, "_ssl_protocol", None)
+    obj = getattr(proto, "_sslobj", None)
+    incoming = getattr(proto, "_incoming", None)
+    if proto is None or not isinstance(obj, ssl.SSLObject) or not isinstance(incoming, ssl.MemoryBIO):
+        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while incoming.pending or getattr(proto, "_write_backlog", None):
+        if loop.time() > deadline or transport.is_closing():
+            return False
+        await asyncio.sleep(0.02)
+    try:
+        obj.unwrap()  # writes close_notify, then looks for the peer's: not there yet
+    except ssl.SSLWantReadError:
+        pass
+    except (ssl.SSLError, OSError) as exc:
+        log.warning("the engine's TLS connection could not be half-closed: %s", exc)
+        return False
+    proto._sslobj = _ReadsAfterClose(obj)
+    proto._process_outgoing()
+    return True

@@ -16,7 +16,7 @@ from aiodocker.stream import Stream
 
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import Chunk, ExitStatus, TermSize, exit_status
-from sandtrap.sandbox.docker import engine
+from sandtrap.sandbox.docker import engine, mtls
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,12 @@ class DockerProcess:
         resp = self._stream._resp  # aiodocker keeps no public half-close; this is its own transport
         conn = resp.connection if resp is not None else None
         transport = conn.transport if conn is not None else None
-        if transport is not None and transport.can_write_eof():
+        if transport is None:
+            return
+        if transport.can_write_eof():
             transport.write_eof()
+        elif not await mtls.write_eof(transport):  # a TLS engine (sandbox.docker.tls_*): close_notify
+            log.warning("a process's stdin in the box stays open: the engine's TLS connection cannot be half-closed")
 
     async def resize(self, size: TermSize) -> None:
         if not self._tty:
