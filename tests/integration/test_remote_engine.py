@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from sandtrap.errors import SandboxError
-from sandtrap.events import SANDBOX_ASSIGNED
+from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_FILE_CHANGED
 from sandtrap.sandbox.docker.spec import LABEL_SENSOR
 from tls_pki import EnginePKI, make_pki
 
@@ -196,7 +196,15 @@ async def test_honeypot_on_a_remote_tls_engine_serves_a_login_in_a_box_there(
     login = await run(ssh_argv(hp.port, "echo remote-$((6*7)) && cat /etc/hostname"))
     assert login.returncode == 0, login.err
     assert login.out.split()[:1] == ["remote-42"], login.out
-    [assigned] = await hp.wait_for(SANDBOX_ASSIGNED, timeout_s=30)
+    # A file sent on stdin: its end reaches the box (TLS cannot half-close in asyncio: close_notify by hand), and
+    # the box's change comes back through the engine (its files are not on this host).
+    payload = b"payload-over-mutual-tls\n" * 4096
+    upload = await run(ssh_argv(hp.port, "cat > /root/dropped.txt && wc -c < /root/dropped.txt"), stdin=payload)
+    assert (upload.returncode, upload.out.strip()) == (0, str(len(payload))), upload.err
+    await hp.wait_for(SESSION_CLOSED, count=2, timeout_s=60)
+    changed = [e for e in hp.events(SESSION_FILE_CHANGED) if e.get("filename") == "/root/dropped.txt"]
+    assert [(e.get("size"), e.get("stored")) for e in changed] == [(len(payload), True)], changed
+    [assigned, *_] = await hp.wait_for(SANDBOX_ASSIGNED, timeout_s=30)
     # The box is on the second engine, none of this sensor's on the main one.
     ours = await asyncio.to_thread(
         tls_engine.docker, "ps", "-a", "--no-trunc", "--filter", f"label={LABEL_SENSOR}={sensor}", "-q"
