@@ -112,6 +112,12 @@ class DockerBackend:
                 url,
                 "yes" if docker.uses_tls and docker.docker_host else "no",
             )
+        if docker.uses_tls and not docker.tls_verify:
+            log.warning(
+                "sandbox.docker.tls_verify is false: whoever answers at %s is taken for the engine (and gets what "
+                "sandtrap sends it); set tls_ca and tls_verify: true",
+                url,
+            )
         # The disk bound (sandbox.docker.disk_quota): the writable layers are measured on this host.
         self.disk: DiskWatch | None = None
         if docker.disk_quota:
