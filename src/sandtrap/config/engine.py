@@ -74,7 +74,7 @@ def _certificates(path: str, what: str) -> list[x509.Certificate]:
 
 class EngineSettings(Section):
     """The engine's address and the client's TLS material: every client of the engine (the backend, the image
-    build and check, ``sandtrap doctor``) is built from this one section (``sandbox.engine.connect``)."""
+    build and check, ``sandtrap doctor``) is built from this one section (``sandtrap.sandbox.docker.engine.connect``)."""
 
     docker_host: str = Field(
         "",
