@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,16 @@ from typing import Any
 import pytest
 import yaml
 
+from sandtrap.config import SandboxSettings
 from sandtrap.errors import SandboxError
 from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_FILE_CHANGED
+from sandtrap.sandbox.base import SandboxBackend
+from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.docker.spec import LABEL_SENSOR
 from tls_pki import EnginePKI, make_pki
 
+from sandbox_suite import *  # noqa: F403  (the conformance suite, on the remote engine: make_backend below)
+from sandbox_suite import MakeBackend
 from sshclient import free_port, run, ssh_argv
 
 pytestmark = [
@@ -265,3 +270,18 @@ async def test_wrong_certificate_from_the_cli_names_the_key_without_a_traceback(
     text = (out + err).decode(errors="replace")
     assert proc.returncode not in (0, None), text
     assert "sandbox.docker.tls_cert" in text and "Traceback" not in text, text
+
+
+@pytest.fixture
+def make_backend(
+    tls_engine: TLSEngine,
+    backend_factory: Callable[[SandboxSettings], DockerBackend],
+    sandbox_settings: Callable[..., SandboxSettings],
+) -> MakeBackend:
+    """The conformance suite's backends (tests/sandbox_suite.py): boxes on the remote engine, over mutual TLS."""
+    settings = sandbox_settings(docker=tls_engine.settings(), session_transport="exec", init="sandtrap")
+
+    def make() -> SandboxBackend:
+        return backend_factory(settings)
+
+    return make
