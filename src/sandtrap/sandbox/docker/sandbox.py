@@ -40,7 +40,7 @@ from sandtrap.sandbox.base import (
 )
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.hostview import BoxHost, HostView, inspect_address
-from sandtrap.sandbox.docker.process import DockerProcess
+from sandtrap.sandbox.docker.process import PID_ANNOUNCE, DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
 from sandtrap.sandbox.host import boxports, broker, hostfs, netns, relay, telnet
 from sandtrap.sandbox.host.cgroups import ParentCgroups
@@ -158,10 +158,16 @@ class DockerSandbox:
             if started is not None:
                 return started
         container = self._container()
+        cmd = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in argv]  # the API takes text
+        # A remote engine's exec cannot be killed from here (its pid is the engine host's): without a TTY (whose
+        # hang-up ends it), it tells its pid in the box first, on stderr (DockerProcess takes the line out).
+        announces = not self._box_host.local and tty is None
+        if announces:
+            cmd = ["/bin/sh", "-c", PID_ANNOUNCE, "sh", *cmd]
         execution = await engine.call(
             "exec create",
             container.exec(
-                cmd=[a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in argv],  # the API takes text
+                cmd=cmd,
                 stdout=True,
                 stderr=True,
                 stdin=True,
@@ -177,11 +183,22 @@ class DockerSandbox:
         except BaseException:
             await stream.close()
             raise
-        proc = DockerProcess(execution, stream, tty is not None, self._box_host.local)
+        proc = DockerProcess(
+            execution, stream, tty is not None, self._box_host.local, self._kill_in_box if announces else None
+        )
         self._box_host.open_processes.add(proc)
         if tty is not None:
             await proc.resize(tty)
         return proc
+
+    async def _kill_in_box(self, pid: int) -> None:
+        """SIGKILL to a process of the box by its pid there (a remote engine's exec, see ``_start``)."""
+        killer = await engine.call(
+            "exec create",
+            self._container().exec(cmd=["kill", "-KILL", str(pid)], stdout=False, stderr=False, user="root"),
+            10,
+        )
+        await engine.call("exec start", killer.start(detach=True), 10)
 
     async def _start_by_init(
         self,
