@@ -14,6 +14,7 @@ from sandtrap.config import DockerSettings, ImageSettings, Settings, split_liste
 from sandtrap.errors import SandtrapError
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.image import check_image
+from sandtrap.sandbox.docker.mtls import EngineTLSFailed
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.microvm import qemu, virtiofs
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
@@ -51,6 +52,8 @@ async def _engine(docker: DockerSettings) -> Check:
     try:
         async with engine.engine(docker) as client:
             v = await engine.call("version", client.version(), 5)
+    except EngineTLSFailed as exc:  # names the sandbox.docker.tls_* key to fix
+        return Check("docker engine", False, str(exc))
     except SandtrapError as exc:
         return Check("docker engine", False, f"{exc} (run 'make run' or start dockerd)")
     return Check("docker engine", True, f"{v.get('Version')} (API {v.get('ApiVersion')})")

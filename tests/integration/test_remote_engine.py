@@ -248,16 +248,24 @@ async def test_wrong_certificate_is_a_clear_error_at_start_naming_the_key(
     assert key in str(raised.value), raised.value
 
 
+@pytest.mark.parametrize("command", [["run"], ["image", "check"], ["doctor"]], ids=" ".join)
 async def test_wrong_certificate_from_the_cli_names_the_key_without_a_traceback(
-    tls_engine: TLSEngine, tmp_path: Path
+    tls_engine: TLSEngine, tmp_path: Path, command: list[str]
 ) -> None:
     pki = tls_engine.pki
     config = tmp_path / "sandtrap.yaml"
     docker = tls_engine.settings(tls_cert=str(pki.other_client.cert), tls_key=str(pki.other_client.key))
-    config.write_text(yaml.safe_dump({"sandbox": {"docker": docker}, "storage": {"data_dir": str(tmp_path / "data")}}))
+    tree = {
+        "sandbox": {"docker": docker, "session_transport": "exec"},
+        "network": {"mode": "none"},
+        "ssh": {"listen": f"127.0.0.1:{free_port()}"},
+        "api": {"listen": f"127.0.0.1:{free_port()}"},
+        "storage": {"data_dir": str(tmp_path / "data")},
+    }
+    config.write_text(yaml.safe_dump(tree))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandtrap.cli", "image", "check", "-c", str(config),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable, "-m", "sandtrap.cli", *command, "-c", str(config),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "400"},
     )  # fmt: skip
     try:
         async with asyncio.timeout(120):
@@ -268,6 +276,9 @@ async def test_wrong_certificate_from_the_cli_names_the_key_without_a_traceback(
                 proc.kill()
             await proc.wait()
     text = (out + err).decode(errors="replace")
+    print(
+        f"\n[remote engine] sandtrap {' '.join(command)} with a client certificate of another CA: {text.strip()[-400:]}"
+    )
     assert proc.returncode not in (0, None), text
     assert "sandbox.docker.tls_cert" in text and "Traceback" not in text, text
 
