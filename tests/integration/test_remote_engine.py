@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,12 +97,19 @@ def _main_engine_answers() -> bool:
     return done.returncode == 0 and bool(done.stdout.strip())
 
 
-def _start(root: Path, pki: EnginePKI, port: int) -> subprocess.Popen[bytes]:
+def _start(root: Path, pki: EnginePKI, listener: socket.socket) -> subprocess.Popen[bytes]:
+    """Our dockerd in a network namespace of its own (``unshare --net``), so nothing it does to networks reaches
+    the host's: with ``--bridge=none`` dockerd deletes the ``docker0`` of its namespace, which on the host's
+    would be the main engine's. Its TLS port is ``listener``, a socket on the host's loopback handed over as
+    systemd does (``-H fd://``, ``LISTEN_FDS``): clients on the host reach it, nothing else of the host is seen."""
+    fd = listener.fileno()
+    handover = f"exec 3<&{fd}" + ("" if fd == 3 else f" {fd}<&-") + "; export LISTEN_PID=$$ LISTEN_FDS=1; "
     argv = [
+        "sh", "-c", handover + 'exec unshare --net -- "$@"', "sh",
         "dockerd",
         "--log-level=warn",
         f"--host=unix://{root / 'docker.sock'}",
-        f"--host=tcp://127.0.0.1:{port}",
+        "--host=fd://",
         "--tlsverify",
         f"--tlscacert={pki.ca}",
         f"--tlscert={pki.server.cert}",
@@ -115,11 +123,22 @@ def _start(root: Path, pki: EnginePKI, port: int) -> subprocess.Popen[bytes]:
         "--iptables=false",
         "--ip6tables=false",
         "--ip-masq=false",
-    ]
+        "--ip-forward=false",
+    ]  # fmt: skip
     with (root / "dockerd.log").open("ab") as out:
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=(fd,),
         )
+
+
+def _host_links() -> set[str]:
+    done = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=30, check=True)
+    return {line.split(":")[1].strip().split("@")[0] for line in done.stdout.splitlines() if ":" in line}
 
 
 def _stop(engine: TLSEngine) -> None:
@@ -154,14 +173,19 @@ def tls_engine(built_image: str) -> Iterator[TLSEngine]:
     assert _main_engine_answers(), "the main engine does not answer before the test"
     root = Path(tempfile.mkdtemp(prefix="sandtrap-tls-engine-", dir="/var/tmp"))
     pki = make_pki(root / "pki")
-    port = free_port()
-    engine = TLSEngine(root, port, pki, _start(root, pki, port))
+    docker0 = "docker0" in _host_links()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        engine = TLSEngine(root, listener.getsockname()[1], pki, _start(root, pki, listener))
     try:
         deadline = time.monotonic() + 90
         while engine.docker("version").returncode != 0:
             assert engine.proc.poll() is None, f"the second dockerd exited {engine.proc.returncode}:\n{engine.log()}"
             assert time.monotonic() < deadline, f"the second dockerd did not answer within 90 s:\n{engine.log()}"
             time.sleep(0.3)
+        # The main engine's default bridge is where it was (a --bridge=none dockerd on the host deletes it).
+        assert not docker0 or "docker0" in _host_links(), "the host's docker0 is gone"
         started = time.monotonic()
         copy = f"docker save {built_image} | docker -H unix://{engine.socket} load -q"
         done = subprocess.run(["sh", "-c", copy], capture_output=True, timeout=600, check=False)
@@ -171,14 +195,20 @@ def tls_engine(built_image: str) -> Iterator[TLSEngine]:
     finally:
         _stop(engine)
         assert not root.exists(), f"{root} was not removed"
+        assert not docker0 or "docker0" in _host_links(), "the host's docker0 is gone"
         assert _main_engine_answers(), "the main engine does not answer after the test"
 
 
 def test_second_engine_is_isolated_and_speaks_only_mutual_tls(tls_engine: TLSEngine) -> None:
-    # No bridge of its own (nothing of the main engine's or the host's networks touched), its own containerd.
+    # A network namespace of its own (its TLS port a socket of the host's loopback), no bridge, its own containerd.
+    assert os.readlink(f"/proc/{tls_engine.proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
     networks = tls_engine.docker("network", "ls", "--format", "{{.Driver}}").stdout.split()
     assert "bridge" not in networks, networks
     assert _main_engine_answers()
+    plain = subprocess.run(
+        ["docker", "-H", tls_engine.tcp, "version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert plain.returncode != 0 and "Server:" not in plain.stdout, plain.stdout  # no TLS, no engine
     # Over TLS: our client certificate is accepted; one of another CA is not (the engine checks clients).
     assert tls_engine.docker_tls("version").returncode == 0, tls_engine.docker_tls("version").stderr
     refused = tls_engine.docker_tls(
