@@ -1,6 +1,6 @@
-"""Mutual TLS with a ``tcp://`` engine (``sandbox.docker.tls_*``): the client's SSL context, and what went wrong
-when the handshake fails, worded to name the key to fix (a wrong certificate is a clear error at start, not a
-traceback)."""
+"""Mutual TLS with a ``tcp://`` engine (``sandbox.docker.tls_*``): the client's SSL context; what went wrong when
+the handshake fails, worded to name the key to fix (a wrong certificate is a clear error at start, not a
+traceback); and the half-close an exec's stdin needs for its EOF, which asyncio's TLS transport lacks."""
 
 from __future__ import annotations
 
