@@ -37,7 +37,7 @@ from sandtrap.outputs.recording import RecordingHealth
 from sandtrap.raw.tcp import TCPFrontEnd
 from sandtrap.raw.udp import UDPFrontEnd
 from sandtrap.sandbox.base import SandboxBackend
-from sandtrap.sandbox.docker import seccomp
+from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
 from sandtrap.sandbox.microvm.qemu import TAP, GuestNet
@@ -228,13 +228,19 @@ async def running(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     gateway = None
     if settings.network.mode == "capture":
-        host = settings.sandbox.docker.docker_host
-        if settings.sandbox.backend == "docker" and host and not host.startswith("unix://"):
+        docker = settings.sandbox.docker
+        if settings.sandbox.backend == "docker" and not engine.is_local(docker):
             raise ConfigError(
-                f"network.mode: capture links each box to a namespace on this host; the engine at {host} is not "
-                "on it. Fix: use the local engine, or set network.mode: none"
+                f"network.mode: capture links each box to a namespace on this host; the engine at "
+                f"{engine.address(docker)} is not on it. Fix: use the local engine, or set network.mode: none"
             )
         gateway = Gateway(settings.network, settings.sensor, settings.data_dir)
+    raw = [s.name for s in settings.listeners() if s.is_raw]
+    if raw and settings.sandbox.backend == "docker" and not engine.is_local(settings.sandbox.docker):
+        raise ConfigError(
+            f"service {raw[0]}: a tcp/udp service reaches the box's port from this host; the engine at "
+            f"{engine.address(settings.sandbox.docker)} is not on it. Fix: use the local engine, or remove the service"
+        )
     backend = build_backend(settings, gateway)
     personas = settings.effective_personas()
     pool: Pool[Prepared] = Pool(

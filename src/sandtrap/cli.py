@@ -102,7 +102,7 @@ def image_build(
                 cache,
                 base=base,
                 force=force,
-                docker_host=s.sandbox.docker.docker_host,
+                endpoint=s.sandbox.docker,
                 console=console,
             )
         )
@@ -123,7 +123,7 @@ def _persona_images_build(s: Settings, cache: Path, force: bool) -> None:
         console.print(f"persona {name} ({i}/{len(todo)}): image {tag} with {', '.join(image.extra_packages)}")
         try:
             result = asyncio.run(
-                build_image(image, tag, cache, force=force, docker_host=s.sandbox.docker.docker_host, console=console)
+                build_image(image, tag, cache, force=force, endpoint=s.sandbox.docker, console=console)
             )
         except SandtrapError as exc:
             raise _fail(exc) from None
@@ -141,9 +141,7 @@ def _vm_image_build(s: Settings, force: bool) -> None:
     guest = guest_files(s.sandbox, key, vm_planted_files(s))
     try:
         image, built = asyncio.run(
-            build_vm_image(
-                s.image, guest, cache_dir(s), force=force, docker_host=s.sandbox.docker.docker_host, console=console
-            )
+            build_vm_image(s.image, guest, cache_dir(s), force=force, endpoint=s.sandbox.docker, console=console)
         )
     except SandtrapError as exc:
         raise _fail(exc) from None
@@ -158,7 +156,7 @@ def _nspawn_tree_build(s: Settings, force: bool) -> None:
     try:
         tree, built = asyncio.run(
             build_tree(
-                s.image, s.sandbox.docker.image, cache_dir(s), force=force, docker_host=s.sandbox.docker.docker_host,
+                s.image, s.sandbox.docker.image, cache_dir(s), force=force, endpoint=s.sandbox.docker,
                 console=console,
             )
         )  # fmt: skip
@@ -174,14 +172,14 @@ def image_check(config: ConfigOption = None) -> None:
 
     s = settings(config)
     try:
-        r = asyncio.run(check_image(s.image, s.sandbox.docker.image, s.sandbox.docker.docker_host))
+        r = asyncio.run(check_image(s.image, s.sandbox.docker.image, s.sandbox.docker))
     except SandtrapError as exc:
         raise _fail(exc) from None
     out.print(f"present={r.present} current={r.current} expected={r.expected[:12]} actual={(r.actual or '-')[:12]}")
     current = r.current
     for name, tag, image in s.persona_images():  # each persona's own image too
         try:
-            p = asyncio.run(check_image(image, tag, s.sandbox.docker.docker_host))
+            p = asyncio.run(check_image(image, tag, s.sandbox.docker))
         except SandtrapError as exc:
             raise _fail(exc) from None
         out.print(f"persona {name}: {tag} present={p.present} current={p.current}")

@@ -14,6 +14,7 @@ from sandtrap.config import DockerSettings, ImageSettings, Settings, split_liste
 from sandtrap.errors import SandtrapError
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.image import check_image
+from sandtrap.sandbox.docker.mtls import EngineTLSFailed
 from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.microvm import qemu, virtiofs
 from sandtrap.sandbox.microvm.backend import MicroVMBackend
@@ -51,8 +52,10 @@ async def run_checks(settings: Settings) -> list[Check]:
 
 async def _engine(docker: DockerSettings) -> Check:
     try:
-        async with engine.engine(docker.docker_host) as client:
+        async with engine.engine(docker) as client:
             v = await engine.call("version", client.version(), 5)
+    except EngineTLSFailed as exc:  # names the sandbox.docker.tls_* key to fix
+        return Check("docker engine", False, str(exc))
     except SandtrapError as exc:
         return Check("docker engine", False, f"{exc} (run 'make run' or start dockerd)")
     return Check("docker engine", True, f"{v.get('Version')} (API {v.get('ApiVersion')})")
@@ -61,7 +64,7 @@ async def _engine(docker: DockerSettings) -> Check:
 async def _image(image: ImageSettings, docker: DockerSettings, name: str = "sandbox image") -> Check:
     tag = docker.image
     try:
-        result = await check_image(image, tag, docker.docker_host)
+        result = await check_image(image, tag, docker)
     except SandtrapError as exc:
         return Check(name, False, str(exc))
     if not result.present:

@@ -229,7 +229,12 @@ class PrivateEngine:
 
     def argv(self) -> list[str]:
         r = self.root
+        # In a network namespace of its own: a --bridge=none dockerd deletes its namespace's docker0, which in the
+        # host's is the main engine's default bridge. unshare execs dockerd (same pid); its socket is a file.
         return [
+            "unshare",
+            "--net",
+            "--",
             "dockerd",
             "--log-level=warn",
             f"--host={self.url}",

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from sandtrap.config.alerts import AlertRule, AlertSettings, AlertTarget
+from sandtrap.config.engine import EngineSettings
 from sandtrap.config.image import ImageSettings
 from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
 from sandtrap.config.personas import (
@@ -72,6 +73,7 @@ __all__ = [
     "DnsSettings",
     "DockerSettings",
     "EgressSettings",
+    "EngineSettings",
     "ImageSettings",
     "LimitsSettings",
     "Listen",
@@ -200,8 +202,9 @@ class Settings(Section):
 def _describe(err: Any) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
-    if not key:  # a check across sections: its message names the keys
-        return str(err["msg"]).removeprefix("Value error, ")
+    text = str(err["msg"]).removeprefix("Value error, ")
+    if not key or text.startswith(key + "."):  # a check across keys or sections: its message names the keys
+        return text
     if kind == "extra_forbidden":
         if key in MOVED_KEYS:
             new, name = MOVED_KEYS[key], key.rsplit(".", 1)[1]

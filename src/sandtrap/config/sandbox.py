@@ -8,16 +8,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from sandtrap.config.engine import REMOTE_DISK_QUOTA, EngineSettings, tcp_host
 from sandtrap.config.values import ByteSize, Section, box_subnet, parse_size
 
 # The backends sandbox.backend may name that this version builds (app.BACKENDS); the Literal also names the planned.
 AVAILABLE_BACKENDS = ("docker", "microvm", "nspawn")
 
 
-class DockerSettings(Section):
+class DockerSettings(EngineSettings):
     """``sandbox.docker``: what only the Docker backend has (an engine, its image, a container's create body)."""
 
-    docker_host: str = Field("", description="engine address; default: DOCKER_HOST or the local socket")
     image: str = Field("sandtrap-target:latest", description="the engine's tag of the box image (`sandtrap build`)")
     network_name: str = Field(
         "sandtrap-internal", description="with sandbox.network: internal: the engine network's name"
@@ -477,6 +477,13 @@ class SandboxSettings(Section):
                 f"sandbox.pool_max ({self.pool_max}) must be at least sandbox.pool_size ({self.pool_size}): "
                 f"raise pool_max to {self.pool_size} or more"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _remote_disk(self) -> SandboxSettings:
+        d = self.docker
+        if self.backend == "docker" and tcp_host(d.docker_host) is not None and d.disk_quota:
+            raise ValueError(REMOTE_DISK_QUOTA.format(host=d.docker_host))
         return self
 
     @model_validator(mode="after")

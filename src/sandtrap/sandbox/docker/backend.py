@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from sandtrap.config import DockerSettings, SandboxSettings
-from sandtrap.errors import SandboxError
+from sandtrap.config.engine import REMOTE_DISK_QUOTA
+from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker import engine, network
 from sandtrap.sandbox.docker.disk import DiskWatch, upper_dir
@@ -50,8 +51,8 @@ def init_transport_refused(d: DockerSettings, s: SandboxSettings) -> str:
     """Why logins cannot be started by the box's listener (``sandbox.session_transport: init``), or ''."""
     if s.session_transport != "init":
         return "session_transport is exec"
-    if d.docker_host and not d.docker_host.startswith("unix://"):
-        return f"the engine at {d.docker_host} is not on this host"
+    if not engine.is_local(d):
+        return f"the engine at {engine.address(d)} is not on this host (sandbox.docker.docker_host)"
     if os.geteuid() != 0:
         return "the honeypot does not run as root (entering a box's network namespace needs it)"
     return ""
@@ -91,17 +92,41 @@ class DockerBackend:
         self._planted = files_archive(files) if files else b""
         # A persona's own planted files instead (its host keys commented with its hostname), by persona name.
         self._planted_for = {name: files_archive(f) for name, f in (persona_files or {}).items() if f}
-        self._client = engine.connect(docker.docker_host)
-        url = docker.docker_host or os.environ.get("DOCKER_HOST") or "unix://"
-        self._host = BoxHost(self._client, sensor, local=url.startswith("unix://"))
-        self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
+        url = engine.address(docker)
+        local = engine.is_local(docker)
+        if docker.disk_quota and not local:  # DOCKER_HOST names it (the config refuses a tcp:// docker_host)
+            raise ConfigError(REMOTE_DISK_QUOTA.format(host=url))
+        self._client = engine.connect(docker)
+        self._host = BoxHost(self._client, sensor, local=local)
+        if local:
+            self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
+        else:  # binds name the engine host's paths: this host cannot see what is mounted there
+            self._views = ProcViews("", "")
+            if box.lxcfs_dir or box.loadavg_dir:
+                log.warning(
+                    "sandbox.lxcfs_dir and sandbox.loadavg_dir are off: the engine at %s is not on this host, "
+                    "so boxes show its kernel's /proc files (meminfo, cpuinfo, loadavg)",
+                    url,
+                )
+            log.warning(
+                "remote engine %s (TLS: %s): nothing of a box is seen on this host: changed files and artifacts "
+                "through the engine; no honeytoken read events (inotify needs the box's files here); no box ports "
+                "(tcp/udp services); logins through the engine's exec; limits on each container (limits_in_parent), no "
+                "systemd init, no mask_cgroupns (see README 'Remote engine')",
+                url,
+                "yes" if docker.uses_tls and docker.docker_host else "no",
+            )
+        if docker.uses_tls and not docker.tls_verify:
+            log.warning(
+                "sandbox.docker.tls_verify is false: whoever answers at %s is taken for the engine (and gets what "
+                "sandtrap sends it); set tls_ca and tls_verify: true",
+                url,
+            )
         # The disk bound (sandbox.docker.disk_quota): the writable layers are measured on this host.
         self.disk: DiskWatch | None = None
-        if docker.disk_quota and self._host.local:
+        if docker.disk_quota:
             self.disk = DiskWatch(docker.disk_quota, docker.disk_files_max, docker.disk_check_s)
             self._host.stopped.append(self.disk.forget)
-        elif docker.disk_quota:
-            log.warning("sandbox.docker.disk_quota is not enforced: the engine is not on this host (%s)", url)
         self._disk_unbounded_said = False
         self._image_seed: dict[str, tuple[bytes, str]] = {}  # per image (personas may have their own)
         self._network_ready = False
@@ -119,7 +144,10 @@ class DockerBackend:
         self._init_refused = init_transport_refused(docker, box)
         self._transparent_refused = "sandbox.network is none"  # until the host's rules are in place
         if box.session_transport == "init" and self._init_refused:
-            log.warning("logins by docker exec, not by the box's listener: %s", self._init_refused)
+            log.warning(
+                "logins by docker exec, not by the box's listener (sandbox.session_transport: init): %s",
+                self._init_refused,
+            )
 
     @property
     def docker(self) -> DockerSettings:
@@ -158,7 +186,7 @@ class DockerBackend:
             s, d = self._box, self._docker
             # A local engine (a unix socket): its host is this one; its info is not needed (and the engine
             # proxy, a local socket too, does not pass GET /info on). A remote one: CPUs from its info.
-            local = not d.docker_host or d.docker_host.startswith("unix://")
+            local = self._host.local
             if local:
                 self._cpu_list = sorted(os.sched_getaffinity(0))
                 v1 = not await asyncio.to_thread(Path("/sys/fs/cgroup/cgroup.controllers").exists)
@@ -182,10 +210,12 @@ class DockerBackend:
                     self._no_systemd(reason)
             if d.limits_in_parent:
                 parents = ParentCgroups(prefix=f"sandtrap-{safe_name(self._sensor)}")
-                reason = parents.available() if local else f"the engine at {d.docker_host} is not on this host"
+                reason = parents.available() if local else f"the engine at {engine.address(d)} is not on this host"
                 if reason:
                     log.warning(
-                        "sandbox limits stay on each container, where a box sees them at its root cgroup (%s)", reason
+                        "sandbox limits stay on each container, where a box sees them at its root cgroup "
+                        "(sandbox.docker.limits_in_parent: %s)",
+                        reason,
                     )
                 else:
                     self._parents = parents
@@ -441,7 +471,13 @@ class DockerBackend:
         return engine.parse_docker_time((info.get("State") or {}).get("FinishedAt") or "")
 
     async def ping(self) -> None:
-        await engine.call("ping", self._client.version(), 5)
+        try:
+            await engine.call("ping", self._client.version(), 5)
+        except SandboxUnavailable as exc:
+            better = await engine.explained(self._docker, exc)
+            if better is exc:
+                raise
+            raise better from exc
 
     async def close(self) -> None:
         if self._parents is not None:  # parents of boxes that are gone, and the sensor's directory if empty

@@ -13,34 +13,82 @@ from typing import TypeVar
 import aiodocker
 import aiohttp
 
-from sandtrap.errors import SandboxError, SandboxUnavailable
+from sandtrap.config import EngineSettings
+from sandtrap.config.engine import is_loopback_host, tcp_host
+from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable, SandtrapError
+from sandtrap.sandbox.docker.mtls import PROBE_TIMEOUT_S, EngineTLSFailed, diagnose_tls, tls_context, tls_failure
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 60.0
 
 
-def connect(docker_host: str = "") -> aiodocker.Docker:
-    """A client for ``docker_host``, else ``DOCKER_HOST``, else the local socket.
+def address(settings: EngineSettings | None = None) -> str:
+    """The engine's address: ``sandbox.docker.docker_host``, else ``DOCKER_HOST``, else the local socket."""
+    host = settings.docker_host if settings is not None else ""
+    return host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def is_local(settings: EngineSettings | None = None) -> bool:
+    """The engine runs on this host (a unix socket): its containers' pids, files and cgroups are this host's.
+    A ``tcp://`` engine is never taken for local, even on loopback."""
+    return address(settings).startswith("unix://")
+
+
+def connect(settings: EngineSettings | None = None) -> aiodocker.Docker:
+    """A client for the engine ``settings`` name (:func:`address`), over mutual TLS for a ``tcp://`` engine
+    with ``tls_cert``.
 
     aiohttp's default connector allows 100 connections, and every live exec stream holds one: past
     ~100 sessions every engine call would queue. The honeypot's own limits bound the streams, so the
     connector is unlimited (``limit=0``).
     """
-    url = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    url = address(settings)
     if url.startswith("unix://"):
         connector = aiohttp.UnixConnector(url[len("unix://") :], limit=0)
         return aiodocker.Docker(url="unix://localhost", connector=connector)
-    return aiodocker.Docker(url=url, connector=aiohttp.TCPConnector(limit=0))
+    host = tcp_host(url)
+    if host is None:
+        raise ConfigError(f"DOCKER_HOST={url!r}: not unix:///PATH or tcp://HOST:PORT; set sandbox.docker.docker_host")
+    if settings is not None and settings.docker_host and settings.uses_tls:
+        tls = tls_context(settings)
+        return aiodocker.Docker(url="https://" + url[len("tcp://") :], connector=aiohttp.TCPConnector(limit=0, ssl=tls))
+    if not is_loopback_host(host):  # only DOCKER_HOST can get here: the config refuses docker_host without TLS
+        raise ConfigError(
+            f"DOCKER_HOST={url} without TLS would give whoever reaches it root on the engine's host; set "
+            "sandbox.docker.docker_host with tls_ca, tls_cert and tls_key instead"
+        )
+    return aiodocker.Docker(url="http://" + url[len("tcp://") :], connector=aiohttp.TCPConnector(limit=0))
 
 
 @asynccontextmanager
-async def engine(docker_host: str = "") -> AsyncIterator[aiodocker.Docker]:
-    client = connect(docker_host)
+async def engine(settings: EngineSettings | None = None) -> AsyncIterator[aiodocker.Docker]:
+    """A client for one piece of work; a TLS engine that cannot be reached says why (:func:`explained`)."""
+    client = connect(settings)
     try:
         yield client
+    except SandtrapError as exc:  # also an error made from the engine's (an ImageError from a SandboxUnavailable)
+        cause = exc if isinstance(exc, SandboxUnavailable) else exc.__cause__
+        if not isinstance(cause, SandboxUnavailable):
+            raise
+        better = await explained(settings, cause)
+        if better is cause:
+            raise
+        raise better from exc
     finally:
         await close(client)
+
+
+async def explained(settings: EngineSettings | None, exc: SandboxUnavailable) -> SandboxUnavailable:
+    """``exc``, or for a TLS engine whose trouble is TLS, an :class:`EngineTLSFailed` that names the key to fix."""
+    if settings is None or not settings.uses_tls or isinstance(exc, EngineTLSFailed):
+        return exc
+    try:
+        failed = await asyncio.wait_for(asyncio.to_thread(diagnose_tls, settings), PROBE_TIMEOUT_S + 5)
+    except (TimeoutError, ConfigError):
+        return exc
+    what = str(exc).split(": engine ", 1)[0]
+    return EngineTLSFailed(f"{what}: {failed}") if failed else exc
 
 
 async def close(client: aiodocker.Docker) -> None:
@@ -61,17 +109,28 @@ async def call(what: str, aw: Awaitable[T], timeout_s: float = DEFAULT_TIMEOUT_S
         async with asyncio.timeout(timeout_s):
             return await aw
     except aiodocker.DockerError as exc:
-        if exc.status == 900:  # aiodocker's "cannot connect to the engine"
+        if exc.status == 900:  # aiodocker's "cannot connect to the engine" (the client's error its context)
+            failed = tls_failure(exc)
+            if failed:
+                raise EngineTLSFailed(f"{what}: {failed}") from exc
             raise SandboxUnavailable(f"{what}: engine unreachable: {exc.message}") from exc
+        if exc.status == 400 and "HTTPS server" in str(exc.message):  # Go's answer to plain HTTP on a TLS port
+            raise EngineTLSFailed(
+                f"{what}: the engine wants TLS; set sandbox.docker.tls_ca, tls_cert and tls_key (the files its "
+                "--tlscacert trusts)"
+            ) from exc
         raise refusal(what, exc.status, str(exc.message)) from exc
     except TimeoutError as exc:
         raise SandboxUnavailable(f"{what}: engine did not answer within {timeout_s:.0f}s") from exc
-    except (OSError, ConnectionError) as exc:
-        raise SandboxUnavailable(f"{what}: engine unreachable: {exc}") from exc
-    except ValueError as exc:  # an error answer the client could not parse (e.g. to a HEAD request)
-        raise SandboxError(f"{what}: unreadable engine answer: {exc}") from exc
-    except Exception as exc:  # aiohttp client errors and friends
-        if type(exc).__module__.startswith("aiohttp"):
+    except Exception as exc:
+        failed = tls_failure(exc)
+        if failed:
+            raise EngineTLSFailed(f"{what}: {failed}") from exc
+        if isinstance(exc, OSError | ConnectionError):
+            raise SandboxUnavailable(f"{what}: engine unreachable: {exc}") from exc
+        if isinstance(exc, ValueError):  # an error answer the client could not parse (e.g. to a HEAD request)
+            raise SandboxError(f"{what}: unreadable engine answer: {exc}") from exc
+        if type(exc).__module__.startswith("aiohttp"):  # aiohttp client errors and friends
             raise SandboxUnavailable(f"{what}: engine connection failed: {exc}") from exc
         raise
 

@@ -69,12 +69,11 @@ class HostView:
             lowers=[p for p in str(data.get("LowerDir") or "").split(":") if p],
             tmpfs=sorted((info.get("HostConfig") or {}).get("Tmpfs") or {}),
             volumes=sorted(m["Destination"] for m in info.get("Mounts") or [] if m.get("Type") == "volume"),
-            address=next(
-                (
-                    str(n.get("IPAddress"))
-                    for n in ((info.get("NetworkSettings") or {}).get("Networks") or {}).values()
-                    if isinstance(n, Mapping) and n.get("IPAddress")
-                ),
-                "",
-            ),
+            address=inspect_address(info),
         )
+
+
+def inspect_address(info: Mapping[str, Any]) -> str:
+    """A container's IPv4 address on its engine network, from the engine's inspect; ''."""
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    return next((str(n["IPAddress"]) for n in networks.values() if isinstance(n, Mapping) and n.get("IPAddress")), "")

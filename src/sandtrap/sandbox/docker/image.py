@@ -30,7 +30,7 @@ import aiodocker
 from aiodocker.containers import DockerContainer
 from rich.console import Console
 
-from sandtrap.config import ImageSettings, SandboxSettings
+from sandtrap.config import EngineSettings, ImageSettings, SandboxSettings
 from sandtrap.errors import ImageError, SandboxError
 from sandtrap.sandbox.docker.engine import call, engine, is_not_found
 from sandtrap.sandbox.rootfs import (
@@ -75,9 +75,9 @@ class BuildResult:
 # --- public API --------------------------------------------------------------------------------
 
 
-async def check_image(image: ImageSettings, tag: str, docker_host: str = "") -> ImageCheck:
+async def check_image(image: ImageSettings, tag: str, endpoint: EngineSettings | None = None) -> ImageCheck:
     """Is ``tag`` present, and was it built from the current inputs (and from the same base)?"""
-    async with engine(docker_host) as docker:
+    async with engine(endpoint) as docker:
         info = await _inspect(docker, tag)
         if info is None:
             return ImageCheck(present=False, current=False, expected=image_inputs(image), actual=None)
@@ -99,7 +99,7 @@ async def build_image(
     *,
     base: str | None = None,
     force: bool = False,
-    docker_host: str = "",
+    endpoint: EngineSettings | None = None,
     console: Console | None = None,
 ) -> BuildResult:
     """Build ``tag`` unless it is already current; raise :class:`ImageError` when that fails.
@@ -109,7 +109,7 @@ async def build_image(
     ``base`` is any local image to build on instead of debootstrapping (nothing can be pulled).
     """
     started = time.monotonic()
-    async with engine(docker_host) as docker:
+    async with engine(endpoint) as docker:
         base_id = None
         if base is not None:
             base_info = await _inspect(docker, base)

@@ -421,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     else:  # every persona's image (personas[].image), the sandbox image among them
         docker = settings.sandbox.docker
         policy = policy.with_images({docker.image, *(p.image_tag(docker.image) for p in settings.effective_personas())})
+    if "://" in str(args.upstream) and not str(args.upstream).startswith("unix://"):
+        # A tcp:// engine is reached over mutual TLS by the honeypot itself (sandbox.docker.tls_*); this proxy
+        # belongs on the engine's host, in front of its socket.
+        print(f"error: --upstream {args.upstream}: the engine proxy forwards to a unix socket only; run it on the "
+              "engine's host, in front of its socket", file=sys.stderr)  # fmt: skip
+        return 2
     upstream = Path(str(args.upstream).removeprefix("unix://"))
     proxy = EngineProxy(args.listen, upstream, policy, int(args.mode, 8), args.group)
     asyncio.run(_run(proxy))

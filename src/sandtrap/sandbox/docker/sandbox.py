@@ -39,8 +39,8 @@ from sandtrap.sandbox.base import (
     state_of,
 )
 from sandtrap.sandbox.docker import engine
-from sandtrap.sandbox.docker.hostview import BoxHost, HostView
-from sandtrap.sandbox.docker.process import DockerProcess
+from sandtrap.sandbox.docker.hostview import BoxHost, HostView, inspect_address
+from sandtrap.sandbox.docker.process import PID_ANNOUNCE, DockerProcess
 from sandtrap.sandbox.docker.spec import CHANGE_KIND, ENGINE_FILES, box_name
 from sandtrap.sandbox.host import boxports, broker, hostfs, netns, relay, telnet
 from sandtrap.sandbox.host.cgroups import ParentCgroups
@@ -75,7 +75,10 @@ class DockerSandbox:
         self.telnet_in_box = False  # a telnet service is configured: inetd on :23 from the box's claim on
 
     async def _host_view(self) -> HostView | None:
-        """The box's files on this host, looked up once (None: use the engine)."""
+        """The box's files on this host, looked up once (None: use the engine; always for a remote engine, whose
+        pids and paths are its host's, never this one's)."""
+        if not self._box_host.local:
+            return None
         if not self._host_checked:
             try:
                 info = await engine.call("inspect", self._container().show(), 10)
@@ -92,7 +95,7 @@ class DockerSandbox:
         return Features(
             login_scopes=self.parents is not None and bool(self.cgroup),
             connection_in_box=self.connection_in_box and not self.init_refused,
-            box_ports=True,
+            box_ports=self._box_host.local,
         )
 
     async def open_port(
@@ -155,10 +158,16 @@ class DockerSandbox:
             if started is not None:
                 return started
         container = self._container()
+        cmd = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in argv]  # the API takes text
+        # A remote engine's exec cannot be killed from here (its pid is the engine host's): without a TTY (whose
+        # hang-up ends it), it tells its pid in the box first, on stderr (DockerProcess takes the line out).
+        announces = not self._box_host.local and tty is None
+        if announces:
+            cmd = ["/bin/sh", "-c", PID_ANNOUNCE, "sh", *cmd]
         execution = await engine.call(
             "exec create",
             container.exec(
-                cmd=[a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in argv],  # the API takes text
+                cmd=cmd,
                 stdout=True,
                 stderr=True,
                 stdin=True,
@@ -174,11 +183,22 @@ class DockerSandbox:
         except BaseException:
             await stream.close()
             raise
-        proc = DockerProcess(execution, stream, tty is not None, self._box_host.local)
+        proc = DockerProcess(
+            execution, stream, tty is not None, self._box_host.local, self._kill_in_box if announces else None
+        )
         self._box_host.open_processes.add(proc)
         if tty is not None:
             await proc.resize(tty)
         return proc
+
+    async def _kill_in_box(self, pid: int) -> None:
+        """SIGKILL to a process of the box by its pid there (a remote engine's exec, see ``_start``)."""
+        killer = await engine.call(
+            "exec create",
+            self._container().exec(cmd=["kill", "-KILL", str(pid)], stdout=False, stderr=False, user="root"),
+            10,
+        )
+        await engine.call("exec start", killer.start(detach=True), 10)
 
     async def _start_by_init(
         self,
@@ -319,9 +339,11 @@ class DockerSandbox:
 
     async def _states(self) -> dict[str, str]:
         """Read on this host when its files are here, else through the engine."""
-        info = await engine.call("inspect", self._container().show())
-        view = HostView.from_inspect(info)
-        self._host, self._host_checked = view, True
+        view = None
+        if self._box_host.local:
+            info = await engine.call("inspect", self._container().show())
+            view = HostView.from_inspect(info)
+            self._host, self._host_checked = view, True
         if view is not None:
             try:
                 return _files_only(await asyncio.to_thread(self._states_on_host, view))
@@ -364,6 +386,8 @@ class DockerSandbox:
 
     async def watch_reads(self, paths: Sequence[str], report: ReadReport) -> OpenWatch | None:
         """Opens seen by inotify on the overlay's ``merged`` directory, when the engine's storage is on this host."""
+        if not self._box_host.local:  # its MergedDir names a path on the engine's host
+            return None
         try:
             info = await engine.call("inspect", self._container().show(), 10)
         except SandboxError:
@@ -416,6 +440,11 @@ class DockerSandbox:
         network's (internal), from the engine's inspect (cached); ''."""
         if self.captured_address:
             return self.captured_address
+        if not self._box_host.local:  # a remote engine: its own network's address, from its inspect
+            try:
+                return inspect_address(await engine.call("inspect", self._container().show(), 10))
+            except SandboxError:
+                return ""
         view = await self._host_view()
         return view.address if view is not None else ""
 

@@ -36,7 +36,7 @@ from typing import Any
 import aiodocker
 from rich.console import Console
 
-from sandtrap.config import ImageSettings
+from sandtrap.config import EngineSettings, ImageSettings
 from sandtrap.errors import ImageError, SandboxError
 from sandtrap.sandbox import rootfs
 from sandtrap.sandbox.docker import image as docker_image
@@ -129,7 +129,7 @@ async def build_vm_image(
     cache_dir: Path,
     *,
     force: bool = False,
-    docker_host: str = "",
+    endpoint: EngineSettings | None = None,
     console: Console | None = None,
 ) -> tuple[VMImage, bool]:
     """Build the VM image unless it is current; return it and whether it was built."""
@@ -148,7 +148,7 @@ async def build_vm_image(
         with rootfs.Steps(console or Console(stderr=True)) as steps:
             init = await rootfs.compile_programs(work, steps)
             tree = work / "tree"
-            async with engine(docker_host) as docker:
+            async with engine(endpoint) as docker:
                 base_ref = await docker_image._debootstrap_base(docker, image, cache_dir, steps)
                 await _build_tree(docker, base_ref, inputs, init, guest.hostname, tree, steps)
             with steps.step("writing the sensor's files into the tree"):

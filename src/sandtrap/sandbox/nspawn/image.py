@@ -22,7 +22,7 @@ from pathlib import Path
 import aiodocker
 from rich.console import Console
 
-from sandtrap.config import ImageSettings
+from sandtrap.config import EngineSettings, ImageSettings
 from sandtrap.errors import ImageError, SandboxError
 from sandtrap.sandbox import rootfs
 from sandtrap.sandbox.docker.engine import call, engine
@@ -64,7 +64,7 @@ async def build_tree(
     cache_dir: Path,
     *,
     force: bool = False,
-    docker_host: str = "",
+    endpoint: EngineSettings | None = None,
     console: Console | None = None,
 ) -> tuple[Path, bool]:
     """Build the tree unless it is current; return it and whether it was built."""
@@ -74,7 +74,7 @@ async def build_tree(
         log.info("nspawn tree %s is current, nothing to build", found.parent.name)
         return found, False
     started = time.monotonic()
-    built = await build_image(image, tag, cache_dir, force=force, docker_host=docker_host, console=console)
+    built = await build_image(image, tag, cache_dir, force=force, endpoint=endpoint, console=console)
     await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{PREFIX}build-", suffix=".tmp", dir=cache_dir))
     try:
@@ -82,7 +82,7 @@ async def build_tree(
             with steps.step(f"unpacking {tag} into a tree"):
                 tree = work / "tree"
                 await asyncio.to_thread(tree.mkdir, 0o755)
-                async with engine(docker_host) as docker:
+                async with engine(endpoint) as docker:
                     await _export(docker, built.image_id, tree, steps.detail)
                 await asyncio.to_thread(_finish, tree)
             manifest = {"inputs": inputs, "image": built.image_id, "built": time.time()}
