@@ -168,7 +168,8 @@ async def test_compose_deployment_serves_and_records_a_login(deployment: Deploym
     # Its command, from the container's database, through the container's API with the token.
     started = time.monotonic()
     async with dep.api() as api:
-        assert (await httpx.AsyncClient().get(f"http://{HOST}:{dep.api_port}/api/v1/sessions")).status_code == 401
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=10) as anonymous:
+            assert (await anonymous.get("/api/v1/sessions")).status_code == 401  # the token is needed
         inputs: list[str] = []
         async with asyncio.timeout(60):
             while marker not in " ".join(inputs):
@@ -177,7 +178,7 @@ async def test_compose_deployment_serves_and_records_a_login(deployment: Deploym
                 inputs = []
                 for row in sessions:
                     events = await api.get(f"/api/v1/sessions/{row['id']}/events", params={"eventid": COMMAND_INPUT})
-                    inputs += [str(e.get("input")) for e in events.raise_for_status().json()["items"]]
+                    inputs += [str(e["data"].get("input")) for e in events.raise_for_status().json()["items"]]
         assert {row["sensor"] for row in sessions} == {dep.sensor}
     dep.timings["command input in the API"] = time.monotonic() - started
 
