@@ -272,7 +272,7 @@ def test_api_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert s.api.token == "s3cret"
     monkeypatch.delenv("SANDTRAP_TEST_API_TOKEN")  # unset: no token (the engine proxy reads the same file)
     assert load_settings(None, {"api": {"token_env": "SANDTRAP_TEST_API_TOKEN"}}).api.token == ""
-    with pytest.raises(ConfigError, match="api.token or api.token_env"):
+    with pytest.raises(ConfigError, match=r"api\.token or api\.token_env"):
         load_settings(None, {"api": {"token": "a", "token_env": "SANDTRAP_TEST_API_TOKEN"}})
     with pytest.raises(ConfigError, match="token_env"):
         load_settings(None, {"api": {"token_env": "not a name"}})
