@@ -42,9 +42,10 @@ if [ "$(docker image inspect -f '{{index .Config.Labels "org.sandtrap.inputs"}}'
   exit 0
 fi
 
-# The dependencies change with pyproject.toml only: installed once per its hash (and this script's), kept in the
+# The dependencies change with pyproject.toml only: installed once per its hash, kept in the
 # cache; sandtrap's own package is copied fresh from src/ on every build (a superset of what pip would install).
-deps="$( { sha256sum pyproject.toml deploy/image.sh; "$PY" -c 'import sys; print(sys.version_info[:2])'; } | sha256sum | cut -c1-16)"
+DEPS_RECIPE=1  # raise when the way the dependencies are installed changes
+deps="$( { sha256sum pyproject.toml; echo "$DEPS_RECIPE"; "$PY" -c 'import sys; print(sys.version_info[:2])'; } | sha256sum | cut -c1-16)"
 STAGE="$CACHE/honeypot-$deps"
 if [ ! -f "$STAGE/.complete" ]; then
   say "[1/3] installing sandtrap's dependencies into $STAGE/lib (pip, about a minute; cached for this pyproject.toml)"
@@ -54,6 +55,8 @@ if [ ! -f "$STAGE/.complete" ]; then
   rm -rf "$tmp/lib/bin" "$tmp/lib/sandtrap"  # entry points with this host's #! line; the package comes from src/
   touch "$tmp/.complete"
   rm -rf "$STAGE" && mv "$tmp" "$STAGE"  # whole or not at all (the cache is shared)
+  # Older dependency sets (another pyproject.toml): the three newest stay, the rest go.
+  ls -1dt "$CACHE"/honeypot-????????????????  | tail -n +4 | xargs -r rm -rf
 else
   say "[1/3] reusing the dependencies in $STAGE/lib"
 fi
@@ -91,5 +94,6 @@ EOF2
 say "[3/3] building $TAG (one layer on $BASE, which the sandbox image shares)"
 # The classic builder: FROM names a local image id, so nothing is looked up in a registry; no network for RUN.
 DOCKER_BUILDKIT=0 docker build --quiet --network none --tag "$TAG" --file "$CTX/Dockerfile" \
-  --label "org.sandtrap.inputs=$inputs" "$CTX" >/dev/null
+  --label "org.sandtrap.inputs=$inputs" "$CTX" >"$CTX.log" 2>&1 || { tail -20 "$CTX.log" >&2; rm -f "$CTX.log"; die "docker build failed"; }
+rm -f "$CTX.log"
 say "$TAG built: $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f MB", $1/1e6}') (inputs $inputs)"
