@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,10 +88,10 @@ async def container_id(dep: Deployment, service: str) -> str:
     return out.strip().splitlines()[-1]
 
 
-async def inspect(ident: str) -> dict[str, object]:
+async def inspect(ident: str) -> dict[str, Any]:
     rc, out = await sh(["docker", "inspect", ident], dict(os.environ), 30)
     assert rc == 0, out
-    info: dict[str, object] = json.loads(out)[0]
+    info: dict[str, Any] = json.loads(out)[0]
     return info
 
 
@@ -185,8 +186,8 @@ async def test_compose_deployment_serves_and_records_a_login(deployment: Deploym
     # The honeypot container holds no engine socket; only the proxy's container mounts it.
     honeypot, proxy = await container_id(dep, "honeypot"), await container_id(dep, "engine-proxy")
     hp_info, proxy_info = await inspect(honeypot), await inspect(proxy)
-    hp_sources = {str(m["Source"]) for m in hp_info["Mounts"]}  # type: ignore[attr-defined]
-    proxy_sources = {str(m["Source"]) for m in proxy_info["Mounts"]}  # type: ignore[attr-defined]
+    hp_sources = {str(m["Source"]) for m in hp_info["Mounts"]}
+    proxy_sources = {str(m["Source"]) for m in proxy_info["Mounts"]}
     assert not any(s.endswith("docker.sock") for s in hp_sources), hp_sources
     assert "/var/run/docker.sock" in proxy_sources
     rc, out = await sh(
