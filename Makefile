@@ -1,5 +1,5 @@
 # sandtrap: `make run` and `make test` each run the idempotent set-up first.
-.PHONY: setup setup-test run test unit lint typecheck bench clean
+.PHONY: setup setup-test setup-compose run test unit lint typecheck bench clean compose-up compose-down
 
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
@@ -10,8 +10,20 @@ setup:
 setup-test:
 	@bash scripts/setup.sh test
 
+setup-compose:
+	@bash scripts/setup.sh compose
+
 run: setup
 	.venv/bin/sandtrap run
+
+# The Compose deployment (README "Compose"): honeypot and engine proxy in containers. compose-down keeps the
+# volumes (data, logs, database); COMPOSE_DOWN_ARGS=--volumes removes them too.
+COMPOSE_DOWN_ARGS ?=
+compose-up: setup-compose
+	bash deploy/compose.sh up
+
+compose-down:
+	bash deploy/compose.sh down $(COMPOSE_DOWN_ARGS)
 
 test: setup-test
 	bash scripts/test.sh $(PYTEST_ARGS)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for sandtrap: system packages, a Docker engine, the virtualenv, the sandbox image.
-# Usage: scripts/setup.sh [run|test]   ("test" also installs what the test suite drives).
+# Usage: scripts/setup.sh [run|test|compose]   ("test" also installs what the test suite drives; "compose" what
+# `make compose-up` needs besides `run`'s: Debian's docker-compose).
 # Every step checks first and does nothing when its result is already there.
 set -euo pipefail
 
@@ -43,6 +44,9 @@ PKGS+=(systemd-container)
 PKGS+=(qemu-system-common)
 if [ "$MODE" = test ]; then
   PKGS+=(openssh-client sshpass tmux openssh-server nmap telnet curl tshark)  # nmap: the fingerprint test; tshark: the gateway's pcaps
+fi
+if [ "$MODE" = test ] || [ "$MODE" = compose ]; then
+  PKGS+=(docker-compose)  # deploy/compose.yaml (README "Compose"); tests/integration/test_compose.py drives it
 fi
 apt_install "${PKGS[@]}"
 

@@ -264,3 +264,15 @@ def test_split_listen(value: str, expected: tuple[str, int]) -> None:
 def test_non_loopback_api() -> None:
     s = load_settings(None, {"api": {"listen": "0.0.0.0:8080"}})
     assert not s.api_is_loopback()
+
+
+def test_api_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDTRAP_TEST_API_TOKEN", "s3cret")
+    s = load_settings(None, {"api": {"listen": "0.0.0.0:8080", "token_env": "SANDTRAP_TEST_API_TOKEN"}})
+    assert s.api.token == "s3cret"
+    monkeypatch.delenv("SANDTRAP_TEST_API_TOKEN")  # unset: no token (the engine proxy reads the same file)
+    assert load_settings(None, {"api": {"token_env": "SANDTRAP_TEST_API_TOKEN"}}).api.token == ""
+    with pytest.raises(ConfigError, match=r"api\.token or api\.token_env"):
+        load_settings(None, {"api": {"token": "a", "token_env": "SANDTRAP_TEST_API_TOKEN"}})
+    with pytest.raises(ConfigError, match="token_env"):
+        load_settings(None, {"api": {"token_env": "not a name"}})

@@ -34,7 +34,9 @@ def check_exposure(settings: Settings) -> None:
     if settings.api_is_loopback() or settings.api.token:
         return
     raise ConfigError(
-        f"api.listen is {settings.api.listen}, which other machines can reach, and api.token is empty: "
+        f"api.listen is {settings.api.listen}, which other machines can reach, and api.token is empty"
+        + (f" ({settings.api.token_env}, which api.token_env names, is not set)" if settings.api.token_env else "")
+        + ": "
         "anyone reaching that port could read every recorded session and download what attackers left. "
         "Set api.token to a long random secret (e.g. the output of "
         "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`), "

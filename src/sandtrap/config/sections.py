@@ -3,7 +3,10 @@ authentication, per-session limits, recording, storage and the API."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+import os
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from sandtrap.config.values import ByteSize, Listen, Section, parse_size
 
@@ -126,3 +129,21 @@ class RecordingSettings(Section):
 class APISettings(Section):
     listen: Listen = "127.0.0.1:8080"
     token: str = ""
+    token_env: str = Field(
+        "",
+        pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$",
+        description="or: the environment variable holding the token, read when the config loads (deploy/compose.yaml)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_env(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("token_env"):
+            return data
+        name = str(data["token_env"])
+        if data.get("token"):
+            raise ValueError("give api.token or api.token_env, not both")
+        value = os.environ.get(name, "")
+        # Unset: no token, which a non-loopback api.listen refuses at start (the engine proxy, reading the same
+        # file, needs none).
+        return {**data, "token": value} if value else data
