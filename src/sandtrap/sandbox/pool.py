@@ -118,9 +118,11 @@ class Pool(Generic[P]):
         return sum(d.target() for d in self.demands.values())
 
     def _deficits(self) -> dict[str, int]:
-        """Per persona: warm boxes wanted beyond those warm and those being made."""
+        """Per persona: warm boxes wanted beyond those warm and those being warmed (made, then prepared: a box
+        being prepared is in neither list, and counted here so that a second refill worker does not make one
+        more for the same want)."""
         warm = Counter(self._persona_of.get(s.id, "") for s in self._warm)
-        return {name: d.target() - warm[name] - self._creating_for[name] for name, d in self.demands.items()}
+        return {name: d.target() - warm[name] - self._warming_for[name] for name, d in self.demands.items()}
 
     # -- counts -----------------------------------------------------------------------------
     @property
