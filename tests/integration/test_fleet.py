@@ -328,7 +328,10 @@ async def test_database_outage_under_load_loses_no_event(
     assert lost == [], lost[:5]
     assert len(set(logged)) == len(logged) and set(emitted) <= stored
     assert peak_pending <= BUFFER + 1  # memory stays bounded however long the outage
-    assert after["spilled"] > 0 and after["replayed"] >= after["spilled"] and after["catch_ups"] >= 1
+    assert after["spilled"] > 0 and after["replayed"] >= after["spilled"]
+    # A stretch is closed by the first event after the replay reached the log's end: when the load ended before
+    # that, it stays open with nothing left in it (backlog 0), and the next event closes it.
+    assert after["catch_ups"] >= 1 or after["spilling"], after
     assert after["backlog"] == 0 and after["pending"] == 0 and after["is_down"] is False
     assert down_status["is_down"] is True and down_status["spilling"] is True and down_status["backlog"] > 0
     assert "sandtrap_storage_spilling 1.0" in down_metrics and "sandtrap_storage_up 0.0" in down_metrics
