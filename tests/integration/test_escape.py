@@ -35,17 +35,20 @@ import pytest
 
 from sandtrap.config import merge
 from sandtrap.events import LIMIT_HIT, SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_CONNECT
+from sandtrap.network.gateway import Gateway
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.network import bridge_name
 from sandtrap.sandbox.docker.spec import RUN_MIN_FOR_SYSTEMD
 
 from helpers import counter_total, limit_files
+from sandtrap_fixtures import BACKEND
 
 pytestmark = pytest.mark.timeout(240)
 
 Honeypot = Callable[..., Any]
 MiB = 1024 * 1024
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+ENGINE = "the engine" if BACKEND == "docker" else "systemd-nspawn"
 
 
 # -- the table ------------------------------------------------------------------------------------------
@@ -65,7 +68,9 @@ def honeypot(honeypot: Honeypot) -> Honeypot:
     """
 
     async def start(**overrides: Any) -> Any:
-        return await honeypot(**merge({"network": {"mode": "internal"}}, overrides))
+        # nspawn boxes have no engine network: theirs is the default, capture (eth0 whose only peer is the gateway)
+        network = {"network": {"mode": "internal"}} if BACKEND == "docker" else {}
+        return await honeypot(**merge(network, overrides))
 
     return start
 
@@ -320,13 +325,12 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
             )
         )
 
-        host_cfg = (await inspect(box))["HostConfig"]
-        assert "/proc/sysrq-trigger" in host_cfg["ReadonlyPaths"] and "/proc/kcore" in host_cfg["MaskedPaths"]
+        await proc_paths_guarded(hp, box)
         r = await sh(conn, "echo b > /proc/sysrq-trigger")
         if host_has["/proc/sysrq-trigger"]:
-            expected, why = "Read-only file system", "the engine mounts it read-only"
+            expected, why = "Read-only file system", f"{ENGINE} mounts it read-only"
         else:
-            expected, why = "No such file or directory", "kernel without sysrq; the engine lists it read-only"
+            expected, why = "No such file or directory", f"kernel without sysrq; {ENGINE} lists it read-only"
         assert r.status == 1 and expected in r.err, r
         battery.append(Row("write /proc/sysrq-trigger (b = reboot)", "refused", f"'{expected}' ({why})"))
         r = await sh(conn, "head -c 4096 /proc/kcore | wc -c")
@@ -334,7 +338,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         how = (
             "0 bytes: masked by /dev/null"
             if host_has["/proc/kcore"]
-            else "0 bytes: kernel has none; the engine masks it"
+            else f"0 bytes: kernel has none; {ENGINE} masks it"
         )
         battery.append(Row("read /proc/kcore (kernel memory)", "refused", how))
 
@@ -385,29 +389,73 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
 
         r = await sh(conn, f"exec 3<>/dev/tcp/127.0.0.1/{hp.port}")
         assert r.status == 1 and "Connection refused" in r.err, r
-        # The box has an eth0 (network: internal); its way to the host is proven closed by inspection, no packet.
-        r = await sh(conn, "ip route show default")
-        assert r.out.startswith("default via "), r
-        bridge = bridge_name(hp.settings.sandbox.docker.network_name)
-        # Before the DROP, IPv4 only: replies to the honeypot's own transparent relay sockets (connection_in_box).
-        relay_accept = f"-A INPUT -i {bridge} -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
-        for tool in ("iptables", "ip6tables"):
-            first = await asyncio.to_thread(
-                subprocess.run, [tool, "-w", "-S", "INPUT"], capture_output=True, text=True, check=True
-            )
-            listing = first.stdout.splitlines()[1:]
-            drop = listing.index(f"-A INPUT -i {bridge} -j DROP")
-            assert listing[:drop] == ([relay_accept] if tool == "iptables" else []), (tool, first.stdout)
-        battery.append(
-            Row(
-                "the honeypot's own port, and the host via eth0's gateway",
-                "refused",
-                "127.0.0.1: 'Connection refused' (own network namespace); the gateway is the host, whose INPUT "
-                "drops all from the box network (IPv4 and IPv6) but replies, marked and ESTABLISHED, to the "
-                "honeypot's transparent relay sockets (inspected, no packet sent)",
-            )
-        )
+        if BACKEND == "docker":
+            await internal_network_closed(hp, conn, battery)
+        else:
+            await capture_network_closed(hp, conn, battery)
     await still_serving(hp)
+
+
+async def proc_paths_guarded(hp: Any, box: str) -> None:
+    """/proc/sysrq-trigger read-only and /proc/kcore masked, as the backend set them up (seen from outside)."""
+    if BACKEND == "docker":
+        host_cfg = (await inspect(box))["HostConfig"]
+        assert "/proc/sysrq-trigger" in host_cfg["ReadonlyPaths"] and "/proc/kcore" in host_cfg["MaskedPaths"]
+        return
+    # nspawn: the box's own mount table, read by the host from its PID 1
+    init_pid = hp.services.backend.sandbox(box, "").record.init_pid
+    table = [line.split() for line in Path(f"/proc/{init_pid}/mountinfo").read_text().splitlines()]
+    options = {m[4]: m[5].split(",") for m in table}
+    if Path("/proc/sysrq-trigger").exists():
+        assert "ro" in options.get("/proc/sysrq-trigger", []), options.get("/proc/sysrq-trigger")
+    if Path("/proc/kcore").exists():
+        assert "/proc/kcore" in options, "/proc/kcore is not masked"
+
+
+async def internal_network_closed(hp: Any, conn: asyncssh.SSHClientConnection, battery: list[Row]) -> None:
+    """Docker's internal network: eth0, and the host's INPUT dropping all from the box network (inspected)."""
+    r = await sh(conn, "ip route show default")
+    assert r.out.startswith("default via "), r
+    bridge = bridge_name(hp.settings.sandbox.docker.network_name)
+    # Before the DROP, IPv4 only: replies to the honeypot's own transparent relay sockets (connection_in_box).
+    relay_accept = f"-A INPUT -i {bridge} -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
+    for tool in ("iptables", "ip6tables"):
+        first = await asyncio.to_thread(
+            subprocess.run, [tool, "-w", "-S", "INPUT"], capture_output=True, text=True, check=True
+        )
+        listing = first.stdout.splitlines()[1:]
+        drop = listing.index(f"-A INPUT -i {bridge} -j DROP")
+        assert listing[:drop] == ([relay_accept] if tool == "iptables" else []), (tool, first.stdout)
+    battery.append(
+        Row(
+            "the honeypot's own port, and the host via eth0's gateway",
+            "refused",
+            "127.0.0.1: 'Connection refused' (own network namespace); the gateway is the host, whose INPUT "
+            "drops all from the box network (IPv4 and IPv6) but replies, marked and ESTABLISHED, to the "
+            "honeypot's transparent relay sockets (inspected, no packet sent)",
+        )
+    )
+
+
+async def capture_network_closed(hp: Any, conn: asyncssh.SSHClientConnection, battery: list[Row]) -> None:
+    """network.mode capture: eth0's only peer is the capture gateway's namespace, a dead end (inspected)."""
+    r = await sh(conn, "ip route show default")
+    assert r.out.startswith("default via "), r
+    gw = hp.services.ctx.hub.network
+    assert isinstance(gw, Gateway)
+    seen = await gw.ns.inspect()
+    assert seen["ip_forward"].strip() == "0" and "-P FORWARD DROP" in seen["filter"].splitlines(), seen
+    for line in seen["routes"].splitlines():  # nothing but the boxes' own /32s and local delivery
+        assert line.startswith(("local ", "broadcast ")) or (" dev sg" in line and "/" not in line.split()[0]), line
+    assert not any(word in seen["nat"] for word in ("MASQUERADE", "SNAT", "DNAT")), seen["nat"]
+    battery.append(
+        Row(
+            "the honeypot's own port, and the host via eth0's gateway",
+            "refused",
+            "127.0.0.1: 'Connection refused' (own network namespace); eth0's only peer is the capture gateway's "
+            "namespace: no route out, forwarding off, FORWARD DROP, no NAT (inspected, no packet sent)",
+        )
+    )
 
 
 async def systemd_cgroups_contained(conn: asyncssh.SSHClientConnection, battery: list[Row]) -> None:

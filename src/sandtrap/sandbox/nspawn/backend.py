@@ -32,6 +32,7 @@ from sandtrap.sandbox.host.procviews import ProcViews
 from sandtrap.sandbox.nspawn import launch, mounts, state
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
+from sandtrap.sandbox.nspawn.seccomp import io_uring_filter
 from sandtrap.sandbox.nspawn.state import BoxRecord
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class NspawnBackend:
         self._boxes.mkdir(parents=True, exist_ok=True)
         self._boxes.chmod(0o700)
         self._seed = seed_files(box, planted)
+        # io_uring's ENOSYS filter (seccomp.py), compiled once; every box's nspawn loads it
+        self._io_uring_bpf = Path(root) / "io_uring.bpf"
+        self._io_uring_bpf.write_bytes(io_uring_filter())
         self._sensor = safe_name(sensor)
         # nspawn takes a host name as the machine's name: letters, digits and '-' only
         self._machine = "sandtrap-" + re.sub(r"[^a-zA-Z0-9-]", "-", sensor)[:40].strip("-")
@@ -152,7 +156,13 @@ class NspawnBackend:
             root = await asyncio.to_thread(mounts.mount_box, directory, tree, self._settings.disk_size)
             procs = await self._cgroup(record)
             argv = launch.argv(
-                self._settings, self._box, record.name, root, await asyncio.to_thread(self._views.binds), procs
+                self._settings,
+                self._box,
+                record.name,
+                root,
+                await asyncio.to_thread(self._views.binds),
+                procs,
+                self._io_uring_bpf,
             )
             await self._start(sandbox, argv)
             if self._attach is not None:

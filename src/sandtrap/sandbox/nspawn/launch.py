@@ -8,8 +8,9 @@
   backend then links the box's ``eth0`` into it from the capture gateway's namespace (``Gateway.attach``, the code
   Docker's boxes use): its only peer. Private PID, IPC, UTS and mount namespaces are nspawn's own.
 - ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
-- ``--system-call-filter``: nspawn's allow-list, with io_uring and what Docker allows only with CAP_SYS_ADMIN
-  refused (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno).
+- ``--system-call-filter``: nspawn's allow-list, with what Docker allows only with CAP_SYS_ADMIN refused
+  (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno); io_uring allowed there and answered ENOSYS by a filter
+  of sandtrap's loaded just before nspawn starts (``seccomp.py``), as Docker's boxes have it.
 - ``--resolv-conf=off --timezone=off --link-journal=no``: nothing of the host's is copied or bound in; the only
   host files a box sees are the read-only /proc views (``--bind-ro``), and /run/host (nspawn's own) is unmounted
   by the backend before the box is used (:data:`TIDY`).
@@ -19,10 +20,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sandtrap.config import NspawnSettings, SandboxSettings
+from sandtrap.sandbox.nspawn.seccomp import IO_URING, LOADER
 
 # Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
 ALL_CAPS = (
@@ -31,13 +34,15 @@ ALL_CAPS = (
     "SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
     "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
 ).split()
-IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 # What Docker's default profile allows only with CAP_SYS_ADMIN (or CAP_PERFMON, CAP_BPF), which boxes never have:
 # refused here too. Without it a box could make a user namespace (unshare -U) and mount, pivot or set namespaces
 # inside it, and reach the keyrings, which are not namespaced. Not refusable by nspawn's filter: clone() and
 # clone3() with CLONE_NEWUSER (Docker filters clone's flags; nspawn 252 takes names only).
+# What nspawn's allow-list grants only with a capability boxes do not keep, and Docker's default profile grants
+# anyway: ptrace of one's own processes (strace, gdb; the kernel's ptrace rules still apply) and mlock. And
+# io_uring, which nspawn then lets through for sandtrap's own filter to answer ENOSYS (seccomp.py).
+ALLOWED = (*IO_URING, "ptrace", "process_vm_readv", "process_vm_writev", "@memlock")
 DENIED = (
-    *IO_URING,
     *("unshare", "setns", "mount", "umount2", "pivot_root", "mount_setattr"),
     *("fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree"),
     *("add_key", "keyctl", "request_key", "bpf", "perf_event_open", "userfaultfd"),
@@ -96,10 +101,13 @@ def argv(
     root: Path,
     binds: Sequence[str],
     procs: Sequence[str],
+    io_uring_bpf: Path,
 ) -> list[str]:
     """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then a cgroup namespace of its own,
-    then nspawn running /sbin/init (each ``exec``: nspawn keeps the pid that was started)."""
+    then the io_uring filter (``io_uring_bpf``, seccomp.py), then nspawn running /sbin/init (each ``exec``: nspawn
+    keeps the pid that was started)."""
     nspawn = [
+        *(sys.executable, "-I", "-S", "-c", LOADER, str(io_uring_bpf)),
         settings.nspawn,
         "--quiet",
         "--register=no",
@@ -117,6 +125,7 @@ def argv(
         "--console=pipe",  # no /dev/console pty: PID 1 has no terminal, as on Docker
         "--kill-signal=SIGTERM",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
         "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
+        "--system-call-filter=" + " ".join(ALLOWED),
         "--system-call-filter=~" + " ".join(DENIED),
         *(["--no-new-privileges=yes"] if settings.no_new_privileges else []),
         *(f"--bind-ro={b.removesuffix(':ro')}" for b in binds),
