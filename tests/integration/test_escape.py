@@ -153,6 +153,19 @@ async def inspect(container_id: str, size: bool = False) -> dict[str, Any]:
         return info
 
 
+def limits_of(hp: Any, box: str) -> Any:
+    """What tests/helpers.py's limit_files and counter_total take: a container's id, or the nspawn box."""
+    return box if BACKEND == "docker" else hp.services.backend.sandbox(box, "")
+
+
+async def oom_score_adj(hp: Any, box: str) -> int:
+    """The box's OOM score adjustment: the engine's setting, or nspawn's box's PID 1's own (read by the host)."""
+    if BACKEND == "docker":
+        return int((await inspect(box))["HostConfig"]["OomScoreAdj"])
+    pid = hp.services.backend.sandbox(box, "").record.init_pid
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
 async def still_serving(hp: Any) -> None:
     """The honeypot itself is unaffected: a new attacker still gets a working box."""
     async with login(hp) as conn:
@@ -505,8 +518,18 @@ print(json.dumps({
 """
 
 
-async def engine_exec(container_id: str, argv: list[str]) -> str:
-    """``argv`` run by the engine in the box directly (no session helper): what any ``docker exec`` gets."""
+async def engine_exec(container_id: str, argv: list[str], hp: Any = None) -> str:
+    """``argv`` run by the engine in the box directly (no session helper): what any ``docker exec`` gets. nspawn
+    has no engine: a plain exec through the seam (no login) there, started by the box's own listener."""
+    if BACKEND != "docker":
+        proc = await hp.services.backend.sandbox(container_id, "").exec(argv)
+        await proc.close_stdin()
+        got = bytearray()
+        async with asyncio.timeout(20):
+            while (chunk := await proc.read()) is not None:
+                got += chunk.data if chunk.stream == 1 else b""
+            await proc.wait()
+        return got.decode("utf-8", "replace")
     async with engine.engine() as client:
         exe = await client.containers.container(container_id).exec(argv, user="root")
         out = bytearray()
@@ -537,12 +560,13 @@ async def test_io_uring_fails_with_enosys_in_sessions_and_in_pid1s_tree(honeypot
         }
         assert probe == expected, probe
         # The engine applies it to every process of the box: a plain `docker exec` (no session helper) too.
-        assert json.loads(await engine_exec(box, ["python3", "-c", IO_URING_PROBE])) == expected
+        assert json.loads(await engine_exec(box, ["python3", "-c", IO_URING_PROBE], hp)) == expected
 
         # The engine's one filter, and no no_new_privs, everywhere the attacker's code can run: the session,
         # PID 1 and the daemons it started (cron runs the attacker's crontab; the box's own sshd takes logins).
-        engine_only = seccomp_filters(await engine_exec(box, ["cat", "/proc/self/status"]))
-        assert engine_only == 1
+        engine_only = seccomp_filters(await engine_exec(box, ["cat", "/proc/self/status"], hp))
+        # nspawn: its own filter (one per architecture it knows) and sandtrap's io_uring one, loaded before it
+        assert engine_only == 1 if BACKEND == "docker" else engine_only >= 2
         r = await sh(
             conn,
             "for p in self 1 $(pgrep -xo cron) $(pgrep -xo rsyslogd) $(pgrep -xo sshd); do "
@@ -558,7 +582,7 @@ async def test_io_uring_fails_with_enosys_in_sessions_and_in_pid1s_tree(honeypot
         Row(
             "io_uring in PID 1's tree and in sessions",
             "refused",
-            "io_uring_setup/enter/register: ENOSYS in a session and in a plain engine exec; the engine's one filter "
+            f"io_uring_setup/enter/register: ENOSYS in a session and in a plain exec; {ENGINE}'s filters "
             f"(Seccomp_filters {engine_only}, NoNewPrivs 0) in the session, PID 1, cron, rsyslogd, sshd",
         )
     )
@@ -640,7 +664,7 @@ async def test_fork_bomb_stops_at_the_pids_limit(honeypot: Honeypot, battery: li
                 str(n) for n in range(1, 20)
             }:
                 await asyncio.sleep(0.5)
-        attacker_box = await sandbox_id(hp, attacker)
+        attacker_box = limits_of(hp, await sandbox_id(hp, attacker))
         cg = await limit_files(attacker_box, "pids", "pids.max", "pids.current")
         pids_max, current = cg["pids.max"], cg["pids.current"]
         # Refused forks and OOM kills are counted where they happened (a session scope, or the box's root).
@@ -675,15 +699,15 @@ async def test_memory_hog_is_oom_killed_inside_its_box(honeypot: Honeypot, batte
         hog = "python3 -c 'import itertools; hog = [bytearray(16 << 20) for _ in itertools.count()]'"
         r = await sh(conn, hog, timeout_s=60)
         assert r.status == 137, r  # SIGKILL from the OOM killer, not 124 from `timeout`
-        mem = await limit_files(box, "memory", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
+        mem = await limit_files(limits_of(hp, box), "memory", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
         max_usage, limit = mem["memory.max_usage_in_bytes"], mem["memory.limit_in_bytes"]
         init = (await sh(conn, "cat /proc/1/comm")).out.strip()
-        kills = await counter_total(box, "memory", "memory.oom_control", "oom_kill")
+        kills = await counter_total(limits_of(hp, box), "memory", "memory.oom_control", "oom_kill")
         assert kills >= 1 and int(max_usage) <= int(limit) == hp.settings.sandbox.memory
         # Only the hog died: the box's PID 1 (systemd with SANDTRAP_TEST_INIT=systemd) and the session carry on.
         assert init == ("systemd" if hp.settings.sandbox.init == "systemd" else "init")
         assert (await sh(conn, "echo still here")).out == "still here\n"
-    assert (await inspect(box))["HostConfig"]["OomScoreAdj"] == 500
+    assert await oom_score_adj(hp, box) == 500
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mib < 64  # the honeypot's own peak memory did not follow the hog
     battery.append(
@@ -708,7 +732,9 @@ async def test_disk_filler_in_the_scratch_mounts_hits_enospc(honeypot: Honeypot,
             if hp.settings.sandbox.init != "systemd"
             else max(RUN_MIN_FOR_SYSTEMD, hp.settings.sandbox.memory // 5) // MiB
         )
-        for path, size_mib in (("/tmp", 64), ("/dev/shm", 64), ("/run", run_mib)):
+        # nspawn's /tmp is on the box's writable layer (diffed and kept): its bound is that layer's (next test)
+        scratch = [("/tmp", 64)] if BACKEND == "docker" else []
+        for path, size_mib in (*scratch, ("/dev/shm", 64), ("/run", run_mib)):
             r = await sh(
                 conn,
                 f"dd if=/dev/zero of={path}/fill bs=1M count={size_mib + 36}; stat -c %s {path}/fill; rm -f {path}/fill",
@@ -733,6 +759,9 @@ async def test_disk_filler_in_the_writable_layer_is_frozen_and_stopped_at_the_qu
     # honeypot measures each box's layer from the host and freezes and stops the box past sandbox.docker.disk_quota
     # (on by default). Nothing in the box's df or mount tells.
     hp = await honeypot()
+    if BACKEND != "docker":
+        await nspawn_writable_layer_bounded(hp, battery)
+        return
     quota = hp.settings.sandbox.docker.disk_quota
     assert quota == 256 * MiB  # the default
     async with engine.engine() as client:
@@ -772,6 +801,44 @@ async def test_disk_filler_in_the_writable_layer_is_frozen_and_stopped_at_the_qu
     )
 
 
+async def nspawn_writable_layer_bounded(hp: Any, battery: list[Row]) -> None:
+    """nspawn: the box's whole writable layer (/root, /etc, /tmp, ...) is the overlay's upper directory on a tmpfs
+    of sandbox.nspawn.disk_size whose pages are charged to the box's memory: a filler stops at the smaller of the
+    two (ENOSPC, or the OOM killer in its own box), and nothing reaches the host's disk."""
+    disk, memory = hp.settings.sandbox.nspawn.disk_size, hp.settings.sandbox.memory
+    free_before = shutil.disk_usage(hp.settings.data_dir).free
+    async with login(hp) as conn:
+        box = hp.services.backend.sandbox(await sandbox_id(hp, conn), "")
+        t0 = time.monotonic()
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            r = await sh(conn, "dd if=/dev/zero of=/root/.fill bs=1M count=2048; rm -f /root/.fill", timeout_s=120)
+        elapsed = time.monotonic() - t0
+        held = shutil.disk_usage(box.directory / "disk").used  # the box's layer, measured on the host
+        mem = await limit_files(box, "memory", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
+    peak, limit = int(mem["memory.max_usage_in_bytes"]), int(mem["memory.limit_in_bytes"])
+    assert limit == memory and peak <= limit, mem
+    assert r.status == 137 or "No space left on device" in r.err, r  # the OOM killer in its box, or ENOSPC
+    how = "the OOM killer (in its own box)" if r.status == 137 else "ENOSPC"
+    moved = free_before - shutil.disk_usage(hp.settings.data_dir).free
+    assert moved < 1024 * MiB, moved  # 2 GiB asked for (others share this disk: a loose bound)
+    # ... and why: the layer is a tmpfs (memory), whatever the box writes
+    kinds = {
+        line.split()[4]: line.split(" - ")[1].split()[0]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    }
+    assert kinds.get(str(box.directory / "disk")) == "tmpfs", kinds.get(str(box.directory / "disk"))
+    await still_serving(hp)
+    battery.append(
+        Row(
+            "disk filler in /root (writable layer)",
+            "contained",
+            f"2 GiB asked; stopped by {how} after {elapsed:.1f}s: its layer is a tmpfs of disk_size "
+            f"{disk // MiB} MiB charged to its memory (peak {peak // MiB} of {limit // MiB} MiB, {held // MiB} MiB "
+            f"left in the layer); host free space moved {max(moved, 0) // MiB} MiB",
+        )
+    )
+
+
 # The limit this engine can enforce: a read-only root, and the places people write (/etc, /root, /home,
 # /var, /opt, /srv, /usr/local) as size-limited tmpfs volumes seeded from the image. tmpfs pages are
 # charged to the box's memory cgroup, so the sum of all writes is bounded by `memory` as well.
@@ -786,6 +853,11 @@ async def test_writable_places_are_size_limited_with_a_read_only_root(honeypot: 
         "/srv": "8m",
         "/usr/local": "32m",
     }
+    if BACKEND != "docker":
+        pytest.skip(
+            "sandbox.docker.read_only_root and writable are the Docker engine's options; an nspawn box's whole "
+            "writable layer is bounded by default (test_disk_filler_in_the_writable_layer...)"
+        )
     hp = await honeypot(sandbox={"docker": {"read_only_root": True, "writable": writable}})
     async with login(hp) as conn:
         box = await sandbox_id(hp, conn)
@@ -853,7 +925,7 @@ async def cpu_usage(conn: asyncssh.SSHClientConnection, box: str) -> tuple[float
     """The box's CPU time so far (seconds) and how many periods the CFS quota throttled it (counted where the
     quota is: the box's parent cgroup with limits_in_parent)."""
     usage = (await sh(conn, "cat /sys/fs/cgroup/cpuacct/cpuacct.usage")).out.strip()
-    stat = (await limit_files(box, "cpu", "cpu.stat"))["cpu.stat"]
+    stat = (await limit_files(box, "cpu", "cpu.stat"))["cpu.stat"]  # box: see limits_of
     throttled = next(line for line in stat.splitlines() if line.startswith("nr_throttled "))
     return int(usage) / 1e9, int(throttled.split()[1])
 
@@ -867,7 +939,7 @@ async def test_cpu_burner_leaves_the_honeypot_responsive(honeypot: Honeypot, bat
 
         burn = asyncio.create_task(sh(burner, "for i in 1 2 3 4; do (while :; do :; done) & done; wait", timeout_s=14))
         await asyncio.sleep(1.5)
-        burner_box = await sandbox_id(hp, burner)
+        burner_box = limits_of(hp, await sandbox_id(hp, burner))
         used0, throttled0 = await cpu_usage(burner, burner_box)
         t0 = time.monotonic()
         stop = asyncio.Event()

@@ -193,12 +193,9 @@ class NspawnBackend:
             raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
         record.cgroup, record.cgroup_prefix = record.id, self._parents.prefix
         p = self._parents
-        # the limits' controllers, devices and systemd's named hierarchy (where a login's scope shows, as pam_systemd's;
-        # nspawn makes its payload cgroup there below the box's). Not the unified one: nspawn then cannot move itself.
-        named = tuple(h for h in ("devices", "systemd") if (p.root / h / "cgroup.procs").exists())
         try:
             return await asyncio.to_thread(
-                launch.cgroup_procs, p.root, p.prefix, record.id, (*ParentCgroups.CONTROLLERS, *named)
+                launch.cgroup_procs, p.root, p.prefix, record.id, launch.box_hierarchies(p.root)
             )
         except OSError as exc:
             raise SandboxError(f"cannot make the box's cgroup: {exc}") from exc

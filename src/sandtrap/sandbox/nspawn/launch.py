@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sandtrap.config import NspawnSettings, SandboxSettings
+from sandtrap.sandbox.host.cgroups import ParentCgroups
 from sandtrap.sandbox.nspawn.seccomp import IO_URING, LOADER
 
 # Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
@@ -78,18 +79,47 @@ def network_args(box: SandboxSettings) -> list[str]:
     return ["--private-network"]
 
 
+# As Docker's boxes (docker/spec.py OomScoreAdj): when the host runs short, the kernel's OOM killer takes a box's
+# processes before the honeypot's. Inherited by everything in the box; raising it back needs CAP_SYS_RESOURCE.
+OOM_SCORE_ADJ = 500
 BOX_CGROUP = "box"  # the box's own cgroup below its parent (where login scopes are made, as on Docker)
 # Where the box's cgroup namespace is rooted below BOX_CGROUP, per hierarchy: nspawn moves the box into a "payload"
 # cgroup of its own in systemd's named hierarchy (and gives the box a namespace rooted there).
 INNER_CGROUPS = {"systemd": "payload"}
 
 
+def pick_hierarchies(mounted: Iterable[str]) -> tuple[str, ...]:
+    """Every cgroup v1 hierarchy the box gets a cgroup of its own in, the limits' controllers first: as a Docker
+    container has one in each. A hierarchy it were left out of would be its cgroup namespace's root there, the
+    host's: its cpuacct.usage the whole host's, the host's cgroup tree listed in it (read-only, but a leak).
+    Not the unified (v2) one: nspawn then cannot move itself."""
+    rest = sorted(h for h in mounted if h not in ParentCgroups.CONTROLLERS and h != "unified")
+    return (*ParentCgroups.CONTROLLERS, *rest)
+
+
+def box_hierarchies(root: Path) -> tuple[str, ...]:
+    """:func:`pick_hierarchies` of the v1 hierarchies mounted under ``root`` (one directory each, not the
+    co-mount's links such as cpu -> cpu,cpuacct)."""
+    return pick_hierarchies(
+        p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
+    )
+
+
 def cgroup_procs(root: Path, prefix: str, name: str, hierarchies: Sequence[str]) -> list[str]:
-    """The ``cgroup.procs`` of the box's own cgroup in each hierarchy (made here: below the parent)."""
+    """The ``cgroup.procs`` of the box's own cgroup in each hierarchy (made here: below the parent). A new cpuset
+    cgroup gets its parent's CPUs and memory nodes (an empty one takes no process)."""
     out = []
     for hierarchy in hierarchies:
-        box = root / hierarchy / prefix / name / BOX_CGROUP
+        top = root / hierarchy
+        box = top / prefix / name / BOX_CGROUP
         box.mkdir(mode=0o755, parents=True, exist_ok=True)
+        parent = top
+        for part in (prefix, name, BOX_CGROUP):
+            here = parent / part
+            for knob in ("cpuset.cpus", "cpuset.mems"):
+                if (parent / knob).exists() and not (here / knob).read_text().strip():
+                    (here / knob).write_text((parent / knob).read_text().strip())
+            parent = here
         out.append(str(box / "cgroup.procs"))
     return out
 
@@ -123,7 +153,8 @@ def argv(
         "--timezone=off",
         "--link-journal=no",
         "--console=pipe",  # no /dev/console pty: PID 1 has no terminal, as on Docker
-        "--kill-signal=SIGTERM",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
+        "--kill-signal=SIGTERM",
+        f"--oom-score-adjust={OOM_SCORE_ADJ}",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
         "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
         "--system-call-filter=" + " ".join(ALLOWED),
         "--system-call-filter=~" + " ".join(DENIED),
