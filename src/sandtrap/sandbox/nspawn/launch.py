@@ -25,8 +25,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sandtrap.config import NspawnSettings, SandboxSettings
+from sandtrap.sandbox.docker.seccomp import IO_URING
 from sandtrap.sandbox.host.cgroups import ParentCgroups
-from sandtrap.sandbox.nspawn.seccomp import IO_URING, LOADER
+from sandtrap.sandbox.nspawn.seccomp import LOADER
 
 # Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
 ALL_CAPS = (
