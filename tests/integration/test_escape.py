@@ -203,7 +203,20 @@ out = {
     "clock_settime": sc(227, 0, ctypes.create_string_buffer(16)),
     "syslog (dmesg)": sc(103, 3, ctypes.create_string_buffer(64), 64),
     "io_uring_setup": sc(425, 4, ctypes.create_string_buffer(120)),
+    "clone3": sc(435, 0, 0),
 }
+def clone(flags):
+    # clone(2) with a new namespace's flags, as unshare(2) is refused: a child that ran exits at once
+    ctypes.set_errno(0)
+    r = libc.syscall(56, flags | 17, 0, 0, 0, 0)
+    if r == 0:
+        os._exit(0)
+    if r > 0:
+        os.waitpid(r, 0)
+        return "OK"
+    return errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+out["clone(CLONE_NEWUSER|CLONE_NEWNET)"] = clone(0x10000000 | 0x40000000)
+out["clone(CLONE_NEWUSER)"] = clone(0x10000000)
 for name, fam, typ, proto in [("raw IPv4 socket", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
                               ("raw IPv6 socket", socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
                               ("packet socket", socket.AF_PACKET, socket.SOCK_RAW, 0x0300)]:
@@ -289,6 +302,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         assert r.status == 0, r
         probe = json.loads(r.out)
         io_uring = probe.pop("io_uring_setup")
+        clone3 = probe.pop("clone3")
         breakout = probe.pop("chroot breakout")
         assert breakout == "the box's own root", breakout
         battery.append(
@@ -299,6 +313,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         for group, names, why in [
             ("kernel module load/unload", ["init_module", "finit_module", "delete_module"], "no CAP_SYS_MODULE, seccomp"),
             ("mount/unshare/setns syscalls", ["mount", "mount cgroup", "unshare(CLONE_NEWUSER)", "unshare(CLONE_NEWNS)", "setns(pid 1 mnt)", "pivot_root"], "no CAP_SYS_ADMIN, seccomp"),
+            ("new namespaces by clone (user+net, user)", ["clone(CLONE_NEWUSER|CLONE_NEWNET)", "clone(CLONE_NEWUSER)"], "seccomp on clone's flags"),
             ("open_by_handle_at (Shocker)", ["open_by_handle_at"], "no CAP_DAC_READ_SEARCH, seccomp"),
             ("raw and packet sockets", ["raw IPv4 socket", "raw IPv6 socket", "packet socket"], "no CAP_NET_RAW"),
             ("kexec, reboot, swapon, iopl, clock_settime", ["kexec_load", "reboot", "swapon", "iopl", "clock_settime"], "seccomp, no caps"),
@@ -311,6 +326,9 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         # Not an escape by itself, but a large kernel attack surface: Docker 20.10's default seccomp profile
         # allows io_uring (Docker 25 blocks it); sandtrap's profile (sandbox/seccomp.py) answers ENOSYS.
         assert io_uring == "ENOSYS", io_uring
+        # clone3's flags are behind a pointer no filter reads: it answers ENOSYS and libc falls back to clone
+        assert clone3 == "ENOSYS", clone3
+        battery.append(Row("clone3 (flags a filter cannot see)", "refused", "ENOSYS (libc falls back to clone)"))
         battery.append(
             Row("io_uring (kernel attack surface)", "refused", "io_uring_setup: ENOSYS (sandtrap's seccomp profile)")
         )

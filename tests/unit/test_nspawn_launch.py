@@ -14,14 +14,15 @@ from sandtrap.config import NspawnSettings, SandboxSettings
 from sandtrap.sandbox.nspawn import launch, seccomp
 
 ENOSYS = 0x00050000 | errno.ENOSYS  # SECCOMP_RET_ERRNO with its data
+EPERM = 0x00050000 | errno.EPERM
 
 
-def verdict(program: bytes, arch: int, nr: int) -> int:
+def verdict(program: bytes, arch: int, nr: int, arg0: int = 0) -> int:
     """What the kernel's seccomp would answer: the classic BPF program run on a ``struct seccomp_data`` (the
     instructions libseccomp emits without argument checks: load word, jumps on a constant, AND, return)."""
     assert program and len(program) % 8 == 0
     prog = list(struct.iter_unpack("=HBBI", program))
-    data = struct.pack("=iIQ", nr, arch, 0) + bytes(48)
+    data = struct.pack("=iIQQ", nr, arch, 0, arg0) + bytes(40)
     a, pc = 0, 0
     while True:
         code, jt, jf, k = prog[pc]
@@ -47,14 +48,24 @@ def test_io_uring_filter_answers_enosys_for_io_uring_only_on_each_abi() -> None:
         (pyseccomp.Arch.X86_64, [(pyseccomp.Arch.X86_64, 0), (pyseccomp.Arch.X86, 0), (pyseccomp.Arch.X86_64, x32)]),
         (pyseccomp.Arch.AARCH64, [(pyseccomp.Arch.AARCH64, 0), (pyseccomp.Arch.ARM, 0)]),
     ]:
-        program = seccomp.io_uring_filter(native)
+        program = seccomp.filter_program(native)
         for arch, bit in abis:
-            for name in seccomp.IO_URING:
+            for name in seccomp.ENOSYS_CALLS:
                 nr = pyseccomp.resolve_syscall(arch, name) | bit
                 assert verdict(program, arch, nr) == ENOSYS, (hex(arch), name)
             for name in ("read", "pidfd_send_signal", "ptrace", "unshare"):  # not this filter's business
                 nr = pyseccomp.resolve_syscall(arch, name) | bit
                 assert verdict(program, arch, nr) == pyseccomp.ALLOW, (hex(arch), name)
+            clone = pyseccomp.resolve_syscall(arch, "clone") | bit
+            fork_flags = 0x01200011  # what fork() passes: CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD
+            threads = 0x003D0F00  # pthread_create's flags
+            assert verdict(program, arch, clone, fork_flags) == pyseccomp.ALLOW
+            assert verdict(program, arch, clone, threads) == pyseccomp.ALLOW
+            newuser, newnet, newns = seccomp.CLONE_NEWUSER, 0x40000000, 0x00020000
+            assert verdict(program, arch, clone, newuser | 17) == EPERM, hex(arch)
+            assert verdict(program, arch, clone, newuser | newnet | fork_flags) == EPERM
+            # the other namespaces' flags: nspawn's own (the kernel refuses them to a box without CAP_SYS_ADMIN)
+            assert verdict(program, arch, clone, newns | newnet | 17) == pyseccomp.ALLOW
 
 
 def test_the_filter_is_loaded_just_before_nspawn_and_nspawn_lets_io_uring_through(tmp_path: Path) -> None:
@@ -65,8 +76,8 @@ def test_the_filter_is_loaded_just_before_nspawn_and_nspawn_lets_io_uring_throug
     assert argv[loader + 1 : loader + 3] == [str(bpf), "systemd-nspawn"]
     allowed = next(a for a in argv if a.startswith("--system-call-filter=") and "~" not in a)
     denied = next(a for a in argv if a.startswith("--system-call-filter=~")).split("=~", 1)[1].split()
-    assert set(seccomp.IO_URING) <= set(allowed.split("=", 1)[1].split())
-    assert not set(seccomp.IO_URING) & set(denied) and {"unshare", "mount", "setns", "keyctl", "bpf"} <= set(denied)
+    assert set(seccomp.ENOSYS_CALLS) <= set(allowed.split("=", 1)[1].split())
+    assert not set(seccomp.ENOSYS_CALLS) & set(denied) and {"unshare", "mount", "setns", "keyctl", "bpf"} <= set(denied)
     assert "ptrace" in allowed and "--oom-score-adjust=500" in argv
     assert argv[-1] == "/sbin/init"
 

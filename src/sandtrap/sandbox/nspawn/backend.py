@@ -32,7 +32,7 @@ from sandtrap.sandbox.host.procviews import ProcViews
 from sandtrap.sandbox.nspawn import launch, mounts, state
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
-from sandtrap.sandbox.nspawn.seccomp import io_uring_filter
+from sandtrap.sandbox.nspawn.seccomp import filter_program
 from sandtrap.sandbox.nspawn.state import BoxRecord
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,9 @@ class NspawnBackend:
         self._boxes.mkdir(parents=True, exist_ok=True)
         self._boxes.chmod(0o700)
         self._seed = seed_files(box, planted)
-        # io_uring's ENOSYS filter (seccomp.py), compiled once; every box's nspawn loads it
-        self._io_uring_bpf = Path(root) / "io_uring.bpf"
-        self._io_uring_bpf.write_bytes(io_uring_filter())
+        # sandtrap's seccomp filter (seccomp.py), compiled once; every box's nspawn loads it
+        self._filter = Path(root) / "seccomp.bpf"
+        self._filter.write_bytes(filter_program())
         self._sensor = safe_name(sensor)
         # nspawn takes a host name as the machine's name: letters, digits and '-' only
         self._machine = "sandtrap-" + re.sub(r"[^a-zA-Z0-9-]", "-", sensor)[:40].strip("-")
@@ -162,7 +162,7 @@ class NspawnBackend:
                 root,
                 await asyncio.to_thread(self._views.binds),
                 procs,
-                self._io_uring_bpf,
+                self._filter,
             )
             await self._start(sandbox, argv)
             if self._attach is not None:

@@ -9,8 +9,9 @@
   Docker's boxes use): its only peer. Private PID, IPC, UTS and mount namespaces are nspawn's own.
 - ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
 - ``--system-call-filter``: nspawn's allow-list, with what Docker allows only with CAP_SYS_ADMIN refused
-  (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno); io_uring allowed there and answered ENOSYS by a filter
-  of sandtrap's loaded just before nspawn starts (``seccomp.py``), as Docker's boxes have it.
+  (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno); io_uring and clone3 allowed there and answered
+  ENOSYS, and clone with CLONE_NEWUSER refused, by a filter of sandtrap's loaded just before nspawn
+  starts (``seccomp.py``), as Docker's boxes have them.
 - ``--resolv-conf=off --timezone=off --link-journal=no``: nothing of the host's is copied or bound in; the only
   host files a box sees are the read-only /proc views (``--bind-ro``), and /run/host (nspawn's own) is unmounted
   by the backend before the box is used (:data:`TIDY`).
@@ -25,9 +26,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sandtrap.config import NspawnSettings, SandboxSettings
-from sandtrap.sandbox.docker.seccomp import IO_URING
 from sandtrap.sandbox.host.cgroups import ParentCgroups
-from sandtrap.sandbox.nspawn.seccomp import LOADER
+from sandtrap.sandbox.nspawn.seccomp import ENOSYS_CALLS, LOADER
 
 # Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
 ALL_CAPS = (
@@ -38,12 +38,12 @@ ALL_CAPS = (
 ).split()
 # What Docker's default profile allows only with CAP_SYS_ADMIN (or CAP_PERFMON, CAP_BPF), which boxes never have:
 # refused here too. Without it a box could make a user namespace (unshare -U) and mount, pivot or set namespaces
-# inside it, and reach the keyrings, which are not namespaced. Not refusable by nspawn's filter: clone() and
-# clone3() with CLONE_NEWUSER (Docker filters clone's flags; nspawn 252 takes names only).
+# inside it, and reach the keyrings, which are not namespaced. clone() and clone3() with CLONE_NEWUSER, which
+# nspawn 252 cannot refuse (it takes names only), are refused by sandtrap's own filter (seccomp.py).
 # What nspawn's allow-list grants only with a capability boxes do not keep, and Docker's default profile grants
 # anyway: ptrace of one's own processes (strace, gdb; the kernel's ptrace rules still apply) and mlock. And
-# io_uring, which nspawn then lets through for sandtrap's own filter to answer ENOSYS (seccomp.py).
-ALLOWED = (*IO_URING, "ptrace", "process_vm_readv", "process_vm_writev", "@memlock")
+# io_uring and clone3, which nspawn then lets through for sandtrap's own filter to answer ENOSYS (seccomp.py).
+ALLOWED = (*ENOSYS_CALLS, "ptrace", "process_vm_readv", "process_vm_writev", "@memlock")
 DENIED = (
     *("unshare", "setns", "mount", "umount2", "pivot_root", "mount_setattr"),
     *("fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree"),
@@ -132,13 +132,13 @@ def argv(
     root: Path,
     binds: Sequence[str],
     procs: Sequence[str],
-    io_uring_bpf: Path,
+    filter_bpf: Path,
 ) -> list[str]:
     """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then a cgroup namespace of its own,
-    then the io_uring filter (``io_uring_bpf``, seccomp.py), then nspawn running /sbin/init (each ``exec``: nspawn
+    then sandtrap's seccomp filter (``filter_bpf``, seccomp.py), then nspawn running /sbin/init (each ``exec``: nspawn
     keeps the pid that was started)."""
     nspawn = [
-        *(sys.executable, "-I", "-S", "-c", LOADER, str(io_uring_bpf)),
+        *(sys.executable, "-I", "-S", "-c", LOADER, str(filter_bpf)),
         settings.nspawn,
         "--quiet",
         "--register=no",

@@ -1,11 +1,18 @@
-"""io_uring answered ENOSYS in nspawn boxes, as sandtrap's Docker profile answers it (a kernel without io_uring).
+"""What nspawn's own seccomp filter cannot say, said by a filter of sandtrap's: Docker's answers, in nspawn boxes.
 
-systemd-nspawn 252 refuses what ``--system-call-filter=~`` names with EPERM only. So nspawn's own filter allows
-io_uring, and a filter of sandtrap's, compiled here by libseccomp (:func:`io_uring_filter`), refuses it with
-ENOSYS: ``launch.argv`` loads it (:data:`LOADER`, a few lines of the host's Python run by root, which may load
-a filter without no_new_privs) just before it execs nspawn. nspawn, the box's PID 1 and every process of the box
-inherit it; the kernel takes the strictest answer of all filters (ERRNO over nspawn's ALLOW), and nothing else
-is refused by it (a neighbour such as pidfd_send_signal still reaches the kernel).
+systemd-nspawn 252 refuses by name only and with EPERM only. Docker's profile (and sandtrap's, sandbox/docker/
+seccomp.py) also answers io_uring with ENOSYS (a kernel without io_uring), clone3 with ENOSYS (its flags sit
+behind a pointer; libc falls back to clone) and refuses clone with a new namespace's flag: otherwise
+``clone(CLONE_NEWUSER|CLONE_NEWNET)`` gives a box's process every capability over a network namespace of its
+own (netfilter's attack surface), though unshare and setns are refused by name. Here clone with CLONE_NEWUSER is
+refused: nspawn itself (without --private-users) makes its namespaces with the other flags, and each of them
+alone needs CAP_SYS_ADMIN, which a box never has (the kernel refuses them).
+
+:func:`filter_program` compiles that filter with libseccomp; ``launch.argv`` loads it (:data:`LOADER`, a few
+lines of the host's Python run by root, which may load a filter without no_new_privs) just before it execs
+nspawn, whose own allow-list lets io_uring and clone3 through for it. nspawn, the box's PID 1 and every process
+of the box inherit it; the kernel takes the strictest answer of all filters (ERRNO over nspawn's ALLOW). Nothing
+else is refused by it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ import tempfile
 import pyseccomp
 
 from sandtrap.sandbox.docker.seccomp import IO_URING
+
+ENOSYS_CALLS = (*IO_URING, "clone3")
+# clone(2)'s flag (include/uapi/linux/sched.h), its first argument on the architectures below.
+CLONE_NEWUSER = 0x10000000
 
 # The compat ABIs a native architecture also runs (nspawn adds the same ones to its own filter).
 _COMPAT = {
@@ -31,14 +42,15 @@ LOADER = (
     "class P(ctypes.Structure):_fields_=[('n',ctypes.c_ushort),('f',ctypes.c_void_p)]\n"
     "c=ctypes.CDLL(None,use_errno=True)\n"
     "if len(b)%8 or c.prctl(22,2,ctypes.byref(P(len(b)//8,ctypes.addressof(buf))),0,0):\n"
-    " sys.exit('loading the io_uring filter: '+os.strerror(ctypes.get_errno()))\n"
+    " sys.exit('loading the box filter: '+os.strerror(ctypes.get_errno()))\n"
     "os.execvp(sys.argv[2],sys.argv[2:])\n"
 )
 
 
-def io_uring_filter(native: int | None = None) -> bytes:
-    """The classic BPF program (``struct sock_filter`` array): io_uring_setup, _enter and _register answer
-    ENOSYS on the native architecture and its compat ABIs; everything else is allowed (by this filter)."""
+def filter_program(native: int | None = None) -> bytes:
+    """The classic BPF program (``struct sock_filter`` array) for the native architecture and its compat ABIs:
+    io_uring_setup, _enter, _register and clone3 answer ENOSYS, clone with CLONE_NEWUSER EPERM; everything else is
+    allowed (by this filter)."""
     arch = pyseccomp.system_arch() if native is None else native
     f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     if native is not None:
@@ -46,8 +58,10 @@ def io_uring_filter(native: int | None = None) -> bytes:
         f.add_arch(arch)
     for compat in _COMPAT.get(arch, ()):
         f.add_arch(compat)
-    for name in IO_URING:
+    for name in ENOSYS_CALLS:
         f.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
+    flag = pyseccomp.Arg(0, pyseccomp.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER)
+    f.add_rule(pyseccomp.ERRNO(errno.EPERM), "clone", flag)
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
         out.seek(0)
