@@ -9,9 +9,10 @@ import struct
 from pathlib import Path
 
 import pyseccomp
+import pytest
 
 from sandtrap.config import NspawnSettings, SandboxSettings
-from sandtrap.sandbox.nspawn import launch, seccomp
+from sandtrap.sandbox.nspawn import launch, seccomp, views
 
 ENOSYS = 0x00050000 | errno.ENOSYS  # SECCOMP_RET_ERRNO with its data
 EPERM = 0x00050000 | errno.EPERM
@@ -106,3 +107,16 @@ def test_a_new_cpuset_cgroup_gets_its_parents_cpus_and_mems(tmp_path: Path) -> N
         assert (tmp_path / "cpuset" / part / "cpuset.cpus").read_text() == "0-1"
         assert (tmp_path / "cpuset" / part / "cpuset.mems").read_text() == "0"
     assert not (tmp_path / "pids" / "pre" / "cpuset.cpus").exists()
+
+
+def test_proc_views_are_bound_over_proc_files_only() -> None:
+    binds = ["/var/lib/lxcfs/proc/meminfo:/proc/meminfo:ro", "/var/lib/sandtrap-loadavg/proc/loadavg:/proc/loadavg:ro"]
+    assert views.pairs(binds) == [
+        "/var/lib/lxcfs/proc/meminfo",
+        "/proc/meminfo",
+        "/var/lib/sandtrap-loadavg/proc/loadavg",
+        "/proc/loadavg",
+    ]
+    for bad in ("/x:/etc/shadow:ro", "/x:/proc/../etc/passwd:ro"):
+        with pytest.raises(ValueError, match="not a /proc view"):
+            views.pairs([bad])

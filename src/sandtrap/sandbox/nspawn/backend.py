@@ -29,7 +29,7 @@ from sandtrap.sandbox.docker.spec import safe_name
 from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatcher
 from sandtrap.sandbox.host.procviews import ProcViews
-from sandtrap.sandbox.nspawn import launch, mounts, state
+from sandtrap.sandbox.nspawn import launch, mounts, state, views
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
 from sandtrap.sandbox.nspawn.seccomp import filter_program
@@ -100,10 +100,8 @@ class NspawnBackend:
         self._sensor = safe_name(sensor)
         # nspawn takes a host name as the machine's name: letters, digits and '-' only
         self._machine = "sandtrap-" + re.sub(r"[^a-zA-Z0-9-]", "-", sensor)[:40].strip("-")
-        # No lxcfs or loadavgfs views yet: nspawn stats a bind's source from its child, in the box's new PID
-        # namespace, and a live lxcfs answers that stat ENOENT ("Failed to stat /var/lib/lxcfs/proc/cpuinfo"):
-        # the box never starts. Boxes show the host's /proc/meminfo and loadavg until that is solved.
-        self._views = ProcViews("", "")
+        # lxcfs's and loadavgfs's views: bound in once the box's PID 1 runs (views.py), not by nspawn's --bind-ro
+        self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
         self._reads = OpenWatcher()
         parents = ParentCgroups(prefix=f"sandtrap-{self._sensor}-nspawn")
         reason = parents.available()
@@ -160,11 +158,12 @@ class NspawnBackend:
                 self._box,
                 record.name,
                 root,
-                await asyncio.to_thread(self._views.binds),
+                [],
                 procs,
                 self._filter,
             )
             await self._start(sandbox, argv)
+            await views.bind_views(record.init_pid, await asyncio.to_thread(self._views.binds))
             if self._attach is not None:
                 await self._link(sandbox)
             await self._ready(sandbox)
