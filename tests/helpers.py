@@ -17,6 +17,7 @@ from sandtrap.config import Settings
 from sandtrap.sandbox.docker import engine, seccomp
 from sandtrap.sandbox.docker.spec import LABEL_SENSOR, safe_name
 from sandtrap.sandbox.host.cgroups import ParentCgroups
+from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
 
 # The checkout's data dir, where `make setup` puts the image cache (and earlier set-ups sandtrap's seccomp profile).
 DATA_DIR = Path(__file__).resolve().parents[1] / Settings().storage.data_dir
@@ -53,7 +54,7 @@ async def run(sandbox: Any, cmd: str, user: str = "root", stdin: bytes | None = 
     return status.code, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-async def counter_total(container_id: str, controller: str, name: str, key: str) -> int:
+async def counter_total(container_id: str | NspawnSandbox, controller: str, name: str, key: str) -> int:
     """A kernel event counter (``key`` in the flat-keyed file ``name``, e.g. ``oom_kill`` in
     ``memory.oom_control``, ``max`` in ``pids.events``) summed over a box's cgroups, read from the host:
     the kernel counts where the event happened, which may be a session scope below the box's root."""
@@ -72,7 +73,10 @@ async def counter_total(container_id: str, controller: str, name: str, key: str)
     return await asyncio.to_thread(total)
 
 
-async def _limit_dir(container_id: str, controller: str) -> Path:
+async def _limit_dir(container_id: str | NspawnSandbox, controller: str) -> Path:
+    if isinstance(container_id, NspawnSandbox):  # the box's per-box parent cgroup, where its limits are
+        r = container_id.record
+        return Path("/sys/fs/cgroup") / controller / r.cgroup_prefix / r.cgroup
     async with engine.engine() as client:
         info = await client.containers.container(container_id).show()
     pid = int(info["State"]["Pid"])
@@ -82,9 +86,10 @@ async def _limit_dir(container_id: str, controller: str) -> Path:
     return own.parent if info["HostConfig"].get("CgroupParent") else own
 
 
-async def limit_files(container_id: str, controller: str, *names: str) -> dict[str, str]:
+async def limit_files(container_id: str | NspawnSandbox, controller: str, *names: str) -> dict[str, str]:
     """Files of the host cgroup that holds a box's ``controller`` limit, read from the host: the box's parent
-    cgroup when the limits sit there (``sandbox.docker.limits_in_parent``), else the box's own cgroup."""
+    cgroup when the limits sit there (``sandbox.docker.limits_in_parent``, nspawn's boxes), else the box's own
+    cgroup. ``container_id``: a Docker container's id, or an nspawn box."""
     where = await _limit_dir(container_id, controller)
     return {name: (await asyncio.to_thread((where / name).read_text)).strip() for name in names}
 

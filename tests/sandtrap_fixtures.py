@@ -167,8 +167,9 @@ async def honeypot(built_image: str, sensor: str, tmp_path: Path) -> AsyncIterat
         docker_log.removeHandler(fallbacks)
         await stack.aclose()
         await remove_sensor_containers(sensor)
-        if BACKEND == "nspawn":
-            await remove_nspawn_boxes(tmp_path / "data" / "nspawn")
+        if BACKEND == "nspawn":  # every honeypot's data dir: a test may give one its own (test_auth_timing)
+            for root in {tmp_path / "data" / "nspawn", *(hp.settings.data_dir / "nspawn" for hp in started)}:
+                await remove_nspawn_boxes(root)
     if fallbacks.lines and not any(hp.expect_fallback for hp in started):
         pytest.fail(f"logins fell back to docker exec, or boxes to sandtrap's init: {fallbacks.lines[:3]}")
 

@@ -35,17 +35,20 @@ import pytest
 
 from sandtrap.config import merge
 from sandtrap.events import LIMIT_HIT, SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION_CONNECT
+from sandtrap.network.gateway import Gateway
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.network import bridge_name
 from sandtrap.sandbox.docker.spec import RUN_MIN_FOR_SYSTEMD
 
 from helpers import counter_total, limit_files
+from sandtrap_fixtures import BACKEND
 
 pytestmark = pytest.mark.timeout(240)
 
 Honeypot = Callable[..., Any]
 MiB = 1024 * 1024
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+ENGINE = "the engine" if BACKEND == "docker" else "systemd-nspawn"
 
 
 # -- the table ------------------------------------------------------------------------------------------
@@ -65,7 +68,9 @@ def honeypot(honeypot: Honeypot) -> Honeypot:
     """
 
     async def start(**overrides: Any) -> Any:
-        return await honeypot(**merge({"network": {"mode": "internal"}}, overrides))
+        # nspawn boxes have no engine network: theirs is the default, capture (eth0 whose only peer is the gateway)
+        network = {"network": {"mode": "internal"}} if BACKEND == "docker" else {}
+        return await honeypot(**merge(network, overrides))
 
     return start
 
@@ -148,6 +153,19 @@ async def inspect(container_id: str, size: bool = False) -> dict[str, Any]:
         return info
 
 
+def limits_of(hp: Any, box: str) -> Any:
+    """What tests/helpers.py's limit_files and counter_total take: a container's id, or the nspawn box."""
+    return box if BACKEND == "docker" else hp.services.backend.sandbox(box, "")
+
+
+async def oom_score_adj(hp: Any, box: str) -> int:
+    """The box's OOM score adjustment: the engine's setting, or nspawn's box's PID 1's own (read by the host)."""
+    if BACKEND == "docker":
+        return int((await inspect(box))["HostConfig"]["OomScoreAdj"])
+    pid = hp.services.backend.sandbox(box, "").record.init_pid
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
 async def still_serving(hp: Any) -> None:
     """The honeypot itself is unaffected: a new attacker still gets a working box."""
     async with login(hp) as conn:
@@ -185,7 +203,20 @@ out = {
     "clock_settime": sc(227, 0, ctypes.create_string_buffer(16)),
     "syslog (dmesg)": sc(103, 3, ctypes.create_string_buffer(64), 64),
     "io_uring_setup": sc(425, 4, ctypes.create_string_buffer(120)),
+    "clone3": sc(435, 0, 0),
 }
+def clone(flags):
+    # clone(2) with a new namespace's flags, as unshare(2) is refused: a child that ran exits at once
+    ctypes.set_errno(0)
+    r = libc.syscall(56, flags | 17, 0, 0, 0, 0)
+    if r == 0:
+        os._exit(0)
+    if r > 0:
+        os.waitpid(r, 0)
+        return "OK"
+    return errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+out["clone(CLONE_NEWUSER|CLONE_NEWNET)"] = clone(0x10000000 | 0x40000000)
+out["clone(CLONE_NEWUSER)"] = clone(0x10000000)
 for name, fam, typ, proto in [("raw IPv4 socket", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
                               ("raw IPv6 socket", socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
                               ("packet socket", socket.AF_PACKET, socket.SOCK_RAW, 0x0300)]:
@@ -271,6 +302,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         assert r.status == 0, r
         probe = json.loads(r.out)
         io_uring = probe.pop("io_uring_setup")
+        clone3 = probe.pop("clone3")
         breakout = probe.pop("chroot breakout")
         assert breakout == "the box's own root", breakout
         battery.append(
@@ -281,6 +313,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         for group, names, why in [
             ("kernel module load/unload", ["init_module", "finit_module", "delete_module"], "no CAP_SYS_MODULE, seccomp"),
             ("mount/unshare/setns syscalls", ["mount", "mount cgroup", "unshare(CLONE_NEWUSER)", "unshare(CLONE_NEWNS)", "setns(pid 1 mnt)", "pivot_root"], "no CAP_SYS_ADMIN, seccomp"),
+            ("new namespaces by clone (user+net, user)", ["clone(CLONE_NEWUSER|CLONE_NEWNET)", "clone(CLONE_NEWUSER)"], "seccomp on clone's flags"),
             ("open_by_handle_at (Shocker)", ["open_by_handle_at"], "no CAP_DAC_READ_SEARCH, seccomp"),
             ("raw and packet sockets", ["raw IPv4 socket", "raw IPv6 socket", "packet socket"], "no CAP_NET_RAW"),
             ("kexec, reboot, swapon, iopl, clock_settime", ["kexec_load", "reboot", "swapon", "iopl", "clock_settime"], "seccomp, no caps"),
@@ -293,6 +326,9 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         # Not an escape by itself, but a large kernel attack surface: Docker 20.10's default seccomp profile
         # allows io_uring (Docker 25 blocks it); sandtrap's profile (sandbox/seccomp.py) answers ENOSYS.
         assert io_uring == "ENOSYS", io_uring
+        # clone3's flags are behind a pointer no filter reads: it answers ENOSYS and libc falls back to clone
+        assert clone3 == "ENOSYS", clone3
+        battery.append(Row("clone3 (flags a filter cannot see)", "refused", "ENOSYS (libc falls back to clone)"))
         battery.append(
             Row("io_uring (kernel attack surface)", "refused", "io_uring_setup: ENOSYS (sandtrap's seccomp profile)")
         )
@@ -320,13 +356,12 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
             )
         )
 
-        host_cfg = (await inspect(box))["HostConfig"]
-        assert "/proc/sysrq-trigger" in host_cfg["ReadonlyPaths"] and "/proc/kcore" in host_cfg["MaskedPaths"]
+        await proc_paths_guarded(hp, box)
         r = await sh(conn, "echo b > /proc/sysrq-trigger")
         if host_has["/proc/sysrq-trigger"]:
-            expected, why = "Read-only file system", "the engine mounts it read-only"
+            expected, why = "Read-only file system", f"{ENGINE} mounts it read-only"
         else:
-            expected, why = "No such file or directory", "kernel without sysrq; the engine lists it read-only"
+            expected, why = "No such file or directory", f"kernel without sysrq; {ENGINE} lists it read-only"
         assert r.status == 1 and expected in r.err, r
         battery.append(Row("write /proc/sysrq-trigger (b = reboot)", "refused", f"'{expected}' ({why})"))
         r = await sh(conn, "head -c 4096 /proc/kcore | wc -c")
@@ -334,7 +369,7 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
         how = (
             "0 bytes: masked by /dev/null"
             if host_has["/proc/kcore"]
-            else "0 bytes: kernel has none; the engine masks it"
+            else f"0 bytes: kernel has none; {ENGINE} masks it"
         )
         battery.append(Row("read /proc/kcore (kernel memory)", "refused", how))
 
@@ -385,29 +420,73 @@ async def test_kernel_facing_attempts_are_refused(honeypot: Honeypot, battery: l
 
         r = await sh(conn, f"exec 3<>/dev/tcp/127.0.0.1/{hp.port}")
         assert r.status == 1 and "Connection refused" in r.err, r
-        # The box has an eth0 (network: internal); its way to the host is proven closed by inspection, no packet.
-        r = await sh(conn, "ip route show default")
-        assert r.out.startswith("default via "), r
-        bridge = bridge_name(hp.settings.sandbox.docker.network_name)
-        # Before the DROP, IPv4 only: replies to the honeypot's own transparent relay sockets (connection_in_box).
-        relay_accept = f"-A INPUT -i {bridge} -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
-        for tool in ("iptables", "ip6tables"):
-            first = await asyncio.to_thread(
-                subprocess.run, [tool, "-w", "-S", "INPUT"], capture_output=True, text=True, check=True
-            )
-            listing = first.stdout.splitlines()[1:]
-            drop = listing.index(f"-A INPUT -i {bridge} -j DROP")
-            assert listing[:drop] == ([relay_accept] if tool == "iptables" else []), (tool, first.stdout)
-        battery.append(
-            Row(
-                "the honeypot's own port, and the host via eth0's gateway",
-                "refused",
-                "127.0.0.1: 'Connection refused' (own network namespace); the gateway is the host, whose INPUT "
-                "drops all from the box network (IPv4 and IPv6) but replies, marked and ESTABLISHED, to the "
-                "honeypot's transparent relay sockets (inspected, no packet sent)",
-            )
-        )
+        if BACKEND == "docker":
+            await internal_network_closed(hp, conn, battery)
+        else:
+            await capture_network_closed(hp, conn, battery)
     await still_serving(hp)
+
+
+async def proc_paths_guarded(hp: Any, box: str) -> None:
+    """/proc/sysrq-trigger read-only and /proc/kcore masked, as the backend set them up (seen from outside)."""
+    if BACKEND == "docker":
+        host_cfg = (await inspect(box))["HostConfig"]
+        assert "/proc/sysrq-trigger" in host_cfg["ReadonlyPaths"] and "/proc/kcore" in host_cfg["MaskedPaths"]
+        return
+    # nspawn: the box's own mount table, read by the host from its PID 1
+    init_pid = hp.services.backend.sandbox(box, "").record.init_pid
+    table = [line.split() for line in Path(f"/proc/{init_pid}/mountinfo").read_text().splitlines()]
+    options = {m[4]: m[5].split(",") for m in table}
+    if Path("/proc/sysrq-trigger").exists():
+        assert "ro" in options.get("/proc/sysrq-trigger", []), options.get("/proc/sysrq-trigger")
+    if Path("/proc/kcore").exists():
+        assert "/proc/kcore" in options, "/proc/kcore is not masked"
+
+
+async def internal_network_closed(hp: Any, conn: asyncssh.SSHClientConnection, battery: list[Row]) -> None:
+    """Docker's internal network: eth0, and the host's INPUT dropping all from the box network (inspected)."""
+    r = await sh(conn, "ip route show default")
+    assert r.out.startswith("default via "), r
+    bridge = bridge_name(hp.settings.sandbox.docker.network_name)
+    # Before the DROP, IPv4 only: replies to the honeypot's own transparent relay sockets (connection_in_box).
+    relay_accept = f"-A INPUT -i {bridge} -m mark --mark 0x5354 -m conntrack --ctstate ESTABLISHED -j ACCEPT"
+    for tool in ("iptables", "ip6tables"):
+        first = await asyncio.to_thread(
+            subprocess.run, [tool, "-w", "-S", "INPUT"], capture_output=True, text=True, check=True
+        )
+        listing = first.stdout.splitlines()[1:]
+        drop = listing.index(f"-A INPUT -i {bridge} -j DROP")
+        assert listing[:drop] == ([relay_accept] if tool == "iptables" else []), (tool, first.stdout)
+    battery.append(
+        Row(
+            "the honeypot's own port, and the host via eth0's gateway",
+            "refused",
+            "127.0.0.1: 'Connection refused' (own network namespace); the gateway is the host, whose INPUT "
+            "drops all from the box network (IPv4 and IPv6) but replies, marked and ESTABLISHED, to the "
+            "honeypot's transparent relay sockets (inspected, no packet sent)",
+        )
+    )
+
+
+async def capture_network_closed(hp: Any, conn: asyncssh.SSHClientConnection, battery: list[Row]) -> None:
+    """network.mode capture: eth0's only peer is the capture gateway's namespace, a dead end (inspected)."""
+    r = await sh(conn, "ip route show default")
+    assert r.out.startswith("default via "), r
+    gw = hp.services.ctx.hub.network
+    assert isinstance(gw, Gateway)
+    seen = await gw.ns.inspect()
+    assert seen["ip_forward"].strip() == "0" and "-P FORWARD DROP" in seen["filter"].splitlines(), seen
+    for line in seen["routes"].splitlines():  # nothing but the boxes' own /32s and local delivery
+        assert line.startswith(("local ", "broadcast ")) or (" dev sg" in line and "/" not in line.split()[0]), line
+    assert not any(word in seen["nat"] for word in ("MASQUERADE", "SNAT", "DNAT")), seen["nat"]
+    battery.append(
+        Row(
+            "the honeypot's own port, and the host via eth0's gateway",
+            "refused",
+            "127.0.0.1: 'Connection refused' (own network namespace); eth0's only peer is the capture gateway's "
+            "namespace: no route out, forwarding off, FORWARD DROP, no NAT (inspected, no packet sent)",
+        )
+    )
 
 
 async def systemd_cgroups_contained(conn: asyncssh.SSHClientConnection, battery: list[Row]) -> None:
@@ -457,8 +536,18 @@ print(json.dumps({
 """
 
 
-async def engine_exec(container_id: str, argv: list[str]) -> str:
-    """``argv`` run by the engine in the box directly (no session helper): what any ``docker exec`` gets."""
+async def engine_exec(container_id: str, argv: list[str], hp: Any = None) -> str:
+    """``argv`` run by the engine in the box directly (no session helper): what any ``docker exec`` gets. nspawn
+    has no engine: a plain exec through the seam (no login) there, started by the box's own listener."""
+    if BACKEND != "docker":
+        proc = await hp.services.backend.sandbox(container_id, "").exec(argv)
+        await proc.close_stdin()
+        got = bytearray()
+        async with asyncio.timeout(20):
+            while (chunk := await proc.read()) is not None:
+                got += chunk.data if chunk.stream == 1 else b""
+            await proc.wait()
+        return got.decode("utf-8", "replace")
     async with engine.engine() as client:
         exe = await client.containers.container(container_id).exec(argv, user="root")
         out = bytearray()
@@ -489,12 +578,13 @@ async def test_io_uring_fails_with_enosys_in_sessions_and_in_pid1s_tree(honeypot
         }
         assert probe == expected, probe
         # The engine applies it to every process of the box: a plain `docker exec` (no session helper) too.
-        assert json.loads(await engine_exec(box, ["python3", "-c", IO_URING_PROBE])) == expected
+        assert json.loads(await engine_exec(box, ["python3", "-c", IO_URING_PROBE], hp)) == expected
 
         # The engine's one filter, and no no_new_privs, everywhere the attacker's code can run: the session,
         # PID 1 and the daemons it started (cron runs the attacker's crontab; the box's own sshd takes logins).
-        engine_only = seccomp_filters(await engine_exec(box, ["cat", "/proc/self/status"]))
-        assert engine_only == 1
+        engine_only = seccomp_filters(await engine_exec(box, ["cat", "/proc/self/status"], hp))
+        # nspawn: its own filter (one per architecture it knows) and sandtrap's io_uring one, loaded before it
+        assert engine_only == 1 if BACKEND == "docker" else engine_only >= 2
         r = await sh(
             conn,
             "for p in self 1 $(pgrep -xo cron) $(pgrep -xo rsyslogd) $(pgrep -xo sshd); do "
@@ -510,7 +600,7 @@ async def test_io_uring_fails_with_enosys_in_sessions_and_in_pid1s_tree(honeypot
         Row(
             "io_uring in PID 1's tree and in sessions",
             "refused",
-            "io_uring_setup/enter/register: ENOSYS in a session and in a plain engine exec; the engine's one filter "
+            f"io_uring_setup/enter/register: ENOSYS in a session and in a plain exec; {ENGINE}'s filters "
             f"(Seccomp_filters {engine_only}, NoNewPrivs 0) in the session, PID 1, cron, rsyslogd, sshd",
         )
     )
@@ -592,7 +682,7 @@ async def test_fork_bomb_stops_at_the_pids_limit(honeypot: Honeypot, battery: li
                 str(n) for n in range(1, 20)
             }:
                 await asyncio.sleep(0.5)
-        attacker_box = await sandbox_id(hp, attacker)
+        attacker_box = limits_of(hp, await sandbox_id(hp, attacker))
         cg = await limit_files(attacker_box, "pids", "pids.max", "pids.current")
         pids_max, current = cg["pids.max"], cg["pids.current"]
         # Refused forks and OOM kills are counted where they happened (a session scope, or the box's root).
@@ -627,15 +717,15 @@ async def test_memory_hog_is_oom_killed_inside_its_box(honeypot: Honeypot, batte
         hog = "python3 -c 'import itertools; hog = [bytearray(16 << 20) for _ in itertools.count()]'"
         r = await sh(conn, hog, timeout_s=60)
         assert r.status == 137, r  # SIGKILL from the OOM killer, not 124 from `timeout`
-        mem = await limit_files(box, "memory", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
+        mem = await limit_files(limits_of(hp, box), "memory", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
         max_usage, limit = mem["memory.max_usage_in_bytes"], mem["memory.limit_in_bytes"]
         init = (await sh(conn, "cat /proc/1/comm")).out.strip()
-        kills = await counter_total(box, "memory", "memory.oom_control", "oom_kill")
+        kills = await counter_total(limits_of(hp, box), "memory", "memory.oom_control", "oom_kill")
         assert kills >= 1 and int(max_usage) <= int(limit) == hp.settings.sandbox.memory
         # Only the hog died: the box's PID 1 (systemd with SANDTRAP_TEST_INIT=systemd) and the session carry on.
         assert init == ("systemd" if hp.settings.sandbox.init == "systemd" else "init")
         assert (await sh(conn, "echo still here")).out == "still here\n"
-    assert (await inspect(box))["HostConfig"]["OomScoreAdj"] == 500
+    assert await oom_score_adj(hp, box) == 500
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mib < 64  # the honeypot's own peak memory did not follow the hog
     battery.append(
@@ -660,7 +750,9 @@ async def test_disk_filler_in_the_scratch_mounts_hits_enospc(honeypot: Honeypot,
             if hp.settings.sandbox.init != "systemd"
             else max(RUN_MIN_FOR_SYSTEMD, hp.settings.sandbox.memory // 5) // MiB
         )
-        for path, size_mib in (("/tmp", 64), ("/dev/shm", 64), ("/run", run_mib)):
+        # nspawn's /tmp is on the box's writable layer (diffed and kept): its bound is that layer's (next test)
+        scratch = [("/tmp", 64)] if BACKEND == "docker" else []
+        for path, size_mib in (*scratch, ("/dev/shm", 64), ("/run", run_mib)):
             r = await sh(
                 conn,
                 f"dd if=/dev/zero of={path}/fill bs=1M count={size_mib + 36}; stat -c %s {path}/fill; rm -f {path}/fill",
@@ -685,6 +777,9 @@ async def test_disk_filler_in_the_writable_layer_is_frozen_and_stopped_at_the_qu
     # honeypot measures each box's layer from the host and freezes and stops the box past sandbox.docker.disk_quota
     # (on by default). Nothing in the box's df or mount tells.
     hp = await honeypot()
+    if BACKEND != "docker":
+        await nspawn_writable_layer_bounded(hp, battery)
+        return
     quota = hp.settings.sandbox.docker.disk_quota
     assert quota == 256 * MiB  # the default
     async with engine.engine() as client:
@@ -724,6 +819,44 @@ async def test_disk_filler_in_the_writable_layer_is_frozen_and_stopped_at_the_qu
     )
 
 
+async def nspawn_writable_layer_bounded(hp: Any, battery: list[Row]) -> None:
+    """nspawn: the box's whole writable layer (/root, /etc, /tmp, ...) is the overlay's upper directory on a tmpfs
+    of sandbox.nspawn.disk_size whose pages are charged to the box's memory: a filler stops at the smaller of the
+    two (ENOSPC, or the OOM killer in its own box), and nothing reaches the host's disk."""
+    disk, memory = hp.settings.sandbox.nspawn.disk_size, hp.settings.sandbox.memory
+    free_before = shutil.disk_usage(hp.settings.data_dir).free
+    async with login(hp) as conn:
+        box = hp.services.backend.sandbox(await sandbox_id(hp, conn), "")
+        t0 = time.monotonic()
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            r = await sh(conn, "dd if=/dev/zero of=/root/.fill bs=1M count=2048; rm -f /root/.fill", timeout_s=120)
+        elapsed = time.monotonic() - t0
+        held = shutil.disk_usage(box.directory / "disk").used  # the box's layer, measured on the host
+        mem = await limit_files(box, "memory", "memory.max_usage_in_bytes", "memory.limit_in_bytes")
+    peak, limit = int(mem["memory.max_usage_in_bytes"]), int(mem["memory.limit_in_bytes"])
+    assert limit == memory and peak <= limit, mem
+    assert r.status == 137 or "No space left on device" in r.err, r  # the OOM killer in its box, or ENOSPC
+    how = "the OOM killer (in its own box)" if r.status == 137 else "ENOSPC"
+    moved = free_before - shutil.disk_usage(hp.settings.data_dir).free
+    assert moved < 1024 * MiB, moved  # 2 GiB asked for (others share this disk: a loose bound)
+    # ... and why: the layer is a tmpfs (memory), whatever the box writes
+    kinds = {
+        line.split()[4]: line.split(" - ")[1].split()[0]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    }
+    assert kinds.get(str(box.directory / "disk")) == "tmpfs", kinds.get(str(box.directory / "disk"))
+    await still_serving(hp)
+    battery.append(
+        Row(
+            "disk filler in /root (writable layer)",
+            "contained",
+            f"2 GiB asked; stopped by {how} after {elapsed:.1f}s: its layer is a tmpfs of disk_size "
+            f"{disk // MiB} MiB charged to its memory (peak {peak // MiB} of {limit // MiB} MiB, {held // MiB} MiB "
+            f"left in the layer); host free space moved {max(moved, 0) // MiB} MiB",
+        )
+    )
+
+
 # The limit this engine can enforce: a read-only root, and the places people write (/etc, /root, /home,
 # /var, /opt, /srv, /usr/local) as size-limited tmpfs volumes seeded from the image. tmpfs pages are
 # charged to the box's memory cgroup, so the sum of all writes is bounded by `memory` as well.
@@ -738,6 +871,11 @@ async def test_writable_places_are_size_limited_with_a_read_only_root(honeypot: 
         "/srv": "8m",
         "/usr/local": "32m",
     }
+    if BACKEND != "docker":
+        pytest.skip(
+            "sandbox.docker.read_only_root and writable are the Docker engine's options; an nspawn box's whole "
+            "writable layer is bounded by default (test_disk_filler_in_the_writable_layer...)"
+        )
     hp = await honeypot(sandbox={"docker": {"read_only_root": True, "writable": writable}})
     async with login(hp) as conn:
         box = await sandbox_id(hp, conn)
@@ -805,7 +943,7 @@ async def cpu_usage(conn: asyncssh.SSHClientConnection, box: str) -> tuple[float
     """The box's CPU time so far (seconds) and how many periods the CFS quota throttled it (counted where the
     quota is: the box's parent cgroup with limits_in_parent)."""
     usage = (await sh(conn, "cat /sys/fs/cgroup/cpuacct/cpuacct.usage")).out.strip()
-    stat = (await limit_files(box, "cpu", "cpu.stat"))["cpu.stat"]
+    stat = (await limit_files(box, "cpu", "cpu.stat"))["cpu.stat"]  # box: see limits_of
     throttled = next(line for line in stat.splitlines() if line.startswith("nr_throttled "))
     return int(usage) / 1e9, int(throttled.split()[1])
 
@@ -819,7 +957,7 @@ async def test_cpu_burner_leaves_the_honeypot_responsive(honeypot: Honeypot, bat
 
         burn = asyncio.create_task(sh(burner, "for i in 1 2 3 4; do (while :; do :; done) & done; wait", timeout_s=14))
         await asyncio.sleep(1.5)
-        burner_box = await sandbox_id(hp, burner)
+        burner_box = limits_of(hp, await sandbox_id(hp, burner))
         used0, throttled0 = await cpu_usage(burner, burner_box)
         t0 = time.monotonic()
         stop = asyncio.Event()

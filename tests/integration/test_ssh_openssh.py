@@ -39,6 +39,7 @@ from sandtrap.events import (
 from sandtrap.sandbox.docker import engine
 from sandtrap.ssh.algorithms import OPENSSH_KEX_ALGS
 
+from sandtrap_fixtures import BACKEND
 from sshclient import free_port, remote, run, scp_argv, sftp_argv, ssh_argv, started, stop, tmux_session
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,8 +50,12 @@ Honeypot = Callable[..., Any]
 
 
 # -- the engine's side of things -------------------------------------------------------------------------
-async def container_file(sandbox_id: str, path: str) -> bytes | None:
-    """A file's bytes as the engine has them in the container (running or stopped); None if absent."""
+async def container_file(hp: Any, sandbox_id: str, path: str) -> bytes | None:
+    """A file's bytes as the engine has them in the container (running or stopped); None if absent. A backend
+    without an engine (nspawn): as the host reads them from the box's file system, through the seam."""
+    if BACKEND != "docker":
+        got = await hp.services.backend.sandbox(sandbox_id, "").get_file(path, 64 * MiB)
+        return None if got is None else got.data
     async with engine.engine() as client:
         try:
             tar = await client.containers.container(sandbox_id).get_archive(path)
@@ -64,7 +69,9 @@ async def container_file(sandbox_id: str, path: str) -> bytes | None:
             return None if f is None else f.read()
 
 
-async def container_running(sandbox_id: str) -> bool:
+async def container_running(hp: Any, sandbox_id: str) -> bool:
+    if BACKEND != "docker":
+        return bool(await hp.services.backend.sandbox(sandbox_id, "").is_running())
     async with engine.engine() as client:
         info = await client.containers.container(sandbox_id).show()
         return bool(info["State"]["Running"])
@@ -148,7 +155,7 @@ async def test_sftp_put_and_get_round_trip_and_the_file_is_in_the_box(honeypot: 
     assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=2)
     assert len({e.get("sandbox_id") for e in assigned}) == 1
     # And the engine agrees.
-    assert await container_file(assigned[0].get("sandbox_id"), "/root/payload.bin") == data
+    assert await container_file(hp, assigned[0].get("sandbox_id"), "/root/payload.bin") == data
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["sftp-protocol", "legacy-O"])
@@ -178,7 +185,7 @@ async def test_scp_upload_and_download_round_trip_and_the_file_is_in_the_box(
     assert r.out == f"{sha256(data)}  /root/tool.bin\n", r.err
     assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=3)
     assert len({e.get("sandbox_id") for e in assigned}) == 1
-    assert await container_file(assigned[0].get("sandbox_id"), "/root/tool.bin") == data
+    assert await container_file(hp, assigned[0].get("sandbox_id"), "/root/tool.bin") == data
 
 
 # -- 4. an interactive login on a pty, as a person at a terminal sees it --------------------------------------
@@ -211,7 +218,7 @@ async def test_pty_login_looks_real_takes_typing_and_follows_window_changes(hone
     await hp.wait_for(SESSION_CLOSED)
     # The login printed the box's own /etc/motd, as PAM does on a real login (read from the stopped box).
     [assigned] = hp.events(SANDBOX_ASSIGNED)
-    motd = await container_file(assigned.get("sandbox_id"), "/etc/motd")
+    motd = await container_file(hp, assigned.get("sandbox_id"), "/etc/motd")
     assert motd is not None and motd.strip(), "the image has no /etc/motd"
     for line in motd.decode().splitlines():
         assert line.strip() in login_screen, f"motd line {line!r} not shown at login; pane:\n{login_screen}"
@@ -247,8 +254,8 @@ async def test_simultaneous_logins_get_separate_boxes(honeypot: Honeypot) -> Non
     for session, event in assigned.items():
         [cmd] = hp.events(COMMAND_INPUT, session=session)
         tag, other = ("alpha", "beta") if "alpha" in cmd.get("input") else ("beta", "alpha")
-        assert await container_file(event.get("sandbox_id"), f"/root/mark-{tag}") == f"{tag}\n".encode()
-        assert await container_file(event.get("sandbox_id"), f"/root/mark-{other}") is None
+        assert await container_file(hp, event.get("sandbox_id"), f"/root/mark-{tag}") == f"{tag}\n".encode()
+        assert await container_file(hp, event.get("sandbox_id"), f"/root/mark-{other}") is None
 
 
 async def test_source_ip_affinity_reconnect_finds_the_previous_sessions_files(honeypot: Honeypot) -> None:
@@ -326,7 +333,7 @@ async def test_idle_session_is_closed_recorded_and_its_box_released(honeypot: Ho
     # Released: no longer active, stopped and kept for forensics.
     released = {"active": 0, "preserved": 1}
     await eventually(lambda: pool.stats().items() >= released.items(), what=f"pool stats include {released}")
-    assert not await container_running(assigned.get("sandbox_id"))
+    assert not await container_running(hp, assigned.get("sandbox_id"))
 
 
 async def test_reading_a_live_box_costs_the_session_neither_its_record_nor_its_release(honeypot: Honeypot) -> None:
@@ -339,7 +346,7 @@ async def test_reading_a_live_box_costs_the_session_neither_its_record_nor_its_r
         sandbox_id = assigned.get("sandbox_id")
         await hp.wait_for(CHANNEL_EXEC)
         # A forensic read while the session runs (what the artifact store or an analyst does).
-        assert await container_file(sandbox_id, "/etc/hostname") is not None
+        assert await container_file(hp, sandbox_id, "/etc/hostname") is not None
         proc.stdin.write(b"\n")
         async with asyncio.timeout(30):
             assert await proc.stdout.read() == b"bye\n"
@@ -348,7 +355,7 @@ async def test_reading_a_live_box_costs_the_session_neither_its_record_nor_its_r
     pool = hp.services.pool
     released = {"active": 0, "preserved": 1}
     await eventually(lambda: pool.stats().items() >= released.items(), what=f"pool stats include {released}")
-    assert not await container_running(sandbox_id)
+    assert not await container_running(hp, sandbox_id)
     # The engine's diff lists the lxcfs /proc bind targets once the box was read; they are not the attacker's.
     changed = [e.get("filename") for e in hp.events(SESSION_FILE_CHANGED)]
     assert changed and not [f for f in changed if f.startswith("/proc")], changed

@@ -20,12 +20,26 @@ from typing import Any, Protocol
 
 import asyncssh
 import pytest
-from battery import CHECKS, Check, Context, Outcome, Result, checks_for, expected_here, key, markdown, outcome
+from battery import (
+    CHECKS,
+    Check,
+    Context,
+    Expected,
+    Outcome,
+    Result,
+    checks_for,
+    expected_here,
+    key,
+    markdown,
+    outcome,
+)
 
 from sandtrap.config import SandboxSettings
 from sandtrap.sandbox.base import Process, TermSize
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.docker.sandbox import DockerSandbox
+
+from sandtrap_fixtures import BACKEND
 
 PASSWORD = "hunter2"
 TIMEOUT_S = 30.0
@@ -211,11 +225,23 @@ def vars_of(r: Result) -> dict[str, Any]:
     return {"out": r.out, "err": r.err, "code": r.code, "banner": r.banner, "other": other}
 
 
+# What an nspawn box passes that a Docker container cannot (battery.py's expectations are Docker's): nspawn
+# bind-mounts none of /etc's files (resolv-conf=off, no engine) and gives each machine a boot_id of its own.
+NSPAWN_PASSES = {"etc-bind-mounts", "boot-id-unique"}
+
+
+def expected(check: Check, plain: Outcome) -> Expected:
+    """battery.py's expectation on this host, for this suite's backend."""
+    if BACKEND == "nspawn" and check.id in NSPAWN_PASSES:
+        return "pass"
+    return expected_here(check, plain)
+
+
 def table(rows: list[tuple[Check, Outcome, Outcome]]) -> str:
     width = max(len(key(c)) for c, _, _ in rows)
     out = [f"{'check':<{width}}  {'sandtrap':<24}  plain container"]
     for check, ours, plain in rows:
-        exp = expected_here(check, plain)
+        exp = expected(check, plain)
         note = "" if exp == "pass" else f" ({exp})"
         flag = "" if (ours == "pass") == (exp == "pass") else "  <-- not as expected"
         out.append(f"{key(check):<{width}}  {ours + note:<24}  {plain}{flag}")
@@ -242,6 +268,10 @@ async def test_detection_battery(
     sandbox_settings: Callable[..., SandboxSettings],
     output_dir: Path,
 ) -> None:
+    if BACKEND == "nspawn" and (transport, init) != ("init", "sandtrap"):
+        # README "nspawn boxes", Not yet: logins always go through the listener (there is no docker exec) and
+        # boxes keep sandtrap's init: these runs would repeat the init one under another name
+        pytest.skip("nspawn boxes have neither session_transport: exec nor init: systemd (README: not yet)")
     # Every realism option on, `network: capture` included (eth0 on the capture gateway: README "Network").
     hp = await honeypot(sandbox={"session_transport": transport, "init": init}, network=CAPTURE)
     conn_a = await connect(hp.port)
@@ -278,8 +308,8 @@ async def test_detection_battery(
     assert len(CHECKS) >= 40
     assert len({key(c) for c in CHECKS}) == len(CHECKS), "check ids repeat within a mode"
     wrong = {
-        key(check): (ours_outcome, expected_here(check, plain_outcome), ours[key(check)].out[-300:])
+        key(check): (ours_outcome, expected(check, plain_outcome), ours[key(check)].out[-300:])
         for check, ours_outcome, plain_outcome in rows
-        if (ours_outcome == "pass") != (expected_here(check, plain_outcome) == "pass")
+        if (ours_outcome == "pass") != (expected(check, plain_outcome) == "pass")
     }
     assert not wrong, "sandtrap's outcomes differ from battery.py's expectations (update the battery or fix it)"

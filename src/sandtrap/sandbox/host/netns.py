@@ -8,6 +8,7 @@ namespace is never reused for anything else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import socket
@@ -76,7 +77,8 @@ async def in_box_netns(
             sock = _in_box_netns(pid, is_same_box, work, path)
         except BaseException as exc:  # delivered to the caller, never left on this thread
             err = exc if isinstance(exc, BrokerError) else BrokerError(f"cannot reach {what}: {exc!r}")
-            loop.call_soon_threadsafe(deliver, None, err)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the error
+                loop.call_soon_threadsafe(deliver, None, err)
             return
         try:
             loop.call_soon_threadsafe(deliver, sock, None)

@@ -29,9 +29,10 @@ from sandtrap.sandbox.docker.spec import safe_name
 from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatcher
 from sandtrap.sandbox.host.procviews import ProcViews
-from sandtrap.sandbox.nspawn import launch, mounts, state
+from sandtrap.sandbox.nspawn import launch, mounts, state, views
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
 from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
+from sandtrap.sandbox.nspawn.seccomp import filter_program
 from sandtrap.sandbox.nspawn.state import BoxRecord
 from sandtrap.sandbox.personas import Persona
 
@@ -94,13 +95,14 @@ class NspawnBackend:
         self._boxes.mkdir(parents=True, exist_ok=True)
         self._boxes.chmod(0o700)
         self._seed = seed_files(box, planted)
+        # sandtrap's seccomp filter (seccomp.py), compiled once; every box's nspawn loads it
+        self._filter = Path(root) / "seccomp.bpf"
+        self._filter.write_bytes(filter_program())
         self._sensor = safe_name(sensor)
         # nspawn takes a host name as the machine's name: letters, digits and '-' only
         self._machine = "sandtrap-" + re.sub(r"[^a-zA-Z0-9-]", "-", sensor)[:40].strip("-")
-        # No lxcfs or loadavgfs views yet: nspawn stats a bind's source from its child, in the box's new PID
-        # namespace, and a live lxcfs answers that stat ENOENT ("Failed to stat /var/lib/lxcfs/proc/cpuinfo"):
-        # the box never starts. Boxes show the host's /proc/meminfo and loadavg until that is solved.
-        self._views = ProcViews("", "")
+        # lxcfs's and loadavgfs's views: bound in once the box's PID 1 runs (views.py), not by nspawn's --bind-ro
+        self._views = ProcViews(box.lxcfs_dir, box.loadavg_dir)
         self._reads = OpenWatcher()
         parents = ParentCgroups(prefix=f"sandtrap-{self._sensor}-nspawn")
         reason = parents.available()
@@ -154,9 +156,16 @@ class NspawnBackend:
             root = await asyncio.to_thread(mounts.mount_box, directory, tree, self._settings.disk_size)
             procs = await self._cgroup(record)
             argv = launch.argv(
-                self._settings, self._box, record.name, root, await asyncio.to_thread(self._views.binds), procs
+                self._settings,
+                self._box,
+                record.name,
+                root,
+                [],
+                procs,
+                self._filter,
             )
             await self._start(sandbox, argv)
+            await views.bind_views(record.init_pid, await asyncio.to_thread(self._views.binds))
             if self._attach is not None:
                 await self._link(sandbox)
             await self._ready(sandbox)
@@ -185,12 +194,9 @@ class NspawnBackend:
             raise SandboxError(f"cannot make the box's parent cgroup: {exc}") from exc
         record.cgroup, record.cgroup_prefix = record.id, self._parents.prefix
         p = self._parents
-        # the limits' controllers, devices and systemd's named hierarchy (where a login's scope shows, as pam_systemd's;
-        # nspawn makes its payload cgroup there below the box's). Not the unified one: nspawn then cannot move itself.
-        named = tuple(h for h in ("devices", "systemd") if (p.root / h / "cgroup.procs").exists())
         try:
             return await asyncio.to_thread(
-                launch.cgroup_procs, p.root, p.prefix, record.id, (*ParentCgroups.CONTROLLERS, *named)
+                launch.cgroup_procs, p.root, p.prefix, record.id, launch.box_hierarchies(p.root)
             )
         except OSError as exc:
             raise SandboxError(f"cannot make the box's cgroup: {exc}") from exc

@@ -8,8 +8,10 @@
   backend then links the box's ``eth0`` into it from the capture gateway's namespace (``Gateway.attach``, the code
   Docker's boxes use): its only peer. Private PID, IPC, UTS and mount namespaces are nspawn's own.
 - ``--drop-capability``: every capability but ``sandbox.nspawn.cap_add`` (Docker's list by default).
-- ``--system-call-filter``: nspawn's allow-list, with io_uring and what Docker allows only with CAP_SYS_ADMIN
-  refused (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno).
+- ``--system-call-filter``: nspawn's allow-list, with what Docker allows only with CAP_SYS_ADMIN refused
+  (:data:`DENIED`; EPERM: nspawn 252 cannot name an errno); io_uring and clone3 allowed there and answered
+  ENOSYS, and clone with CLONE_NEWUSER refused, by a filter of sandtrap's loaded just before nspawn
+  starts (``seccomp.py``), as Docker's boxes have them.
 - ``--resolv-conf=off --timezone=off --link-journal=no``: nothing of the host's is copied or bound in; the only
   host files a box sees are the read-only /proc views (``--bind-ro``), and /run/host (nspawn's own) is unmounted
   by the backend before the box is used (:data:`TIDY`).
@@ -19,10 +21,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sandtrap.config import NspawnSettings, SandboxSettings
+from sandtrap.sandbox.host.cgroups import ParentCgroups
+from sandtrap.sandbox.nspawn.seccomp import ENOSYS_CALLS, LOADER
 
 # Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
 ALL_CAPS = (
@@ -31,13 +36,15 @@ ALL_CAPS = (
     "SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
     "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
 ).split()
-IO_URING = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 # What Docker's default profile allows only with CAP_SYS_ADMIN (or CAP_PERFMON, CAP_BPF), which boxes never have:
 # refused here too. Without it a box could make a user namespace (unshare -U) and mount, pivot or set namespaces
-# inside it, and reach the keyrings, which are not namespaced. Not refusable by nspawn's filter: clone() and
-# clone3() with CLONE_NEWUSER (Docker filters clone's flags; nspawn 252 takes names only).
+# inside it, and reach the keyrings, which are not namespaced. clone() and clone3() with CLONE_NEWUSER, which
+# nspawn 252 cannot refuse (it takes names only), are refused by sandtrap's own filter (seccomp.py).
+# What nspawn's allow-list grants only with a capability boxes do not keep, and Docker's default profile grants
+# anyway: ptrace of one's own processes (strace, gdb; the kernel's ptrace rules still apply) and mlock. And
+# io_uring and clone3, which nspawn then lets through for sandtrap's own filter to answer ENOSYS (seccomp.py).
+ALLOWED = (*ENOSYS_CALLS, "ptrace", "process_vm_readv", "process_vm_writev", "@memlock")
 DENIED = (
-    *IO_URING,
     *("unshare", "setns", "mount", "umount2", "pivot_root", "mount_setattr"),
     *("fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree"),
     *("add_key", "keyctl", "request_key", "bpf", "perf_event_open", "userfaultfd"),
@@ -73,18 +80,47 @@ def network_args(box: SandboxSettings) -> list[str]:
     return ["--private-network"]
 
 
+# As Docker's boxes (docker/spec.py OomScoreAdj): when the host runs short, the kernel's OOM killer takes a box's
+# processes before the honeypot's. Inherited by everything in the box; raising it back needs CAP_SYS_RESOURCE.
+OOM_SCORE_ADJ = 500
 BOX_CGROUP = "box"  # the box's own cgroup below its parent (where login scopes are made, as on Docker)
 # Where the box's cgroup namespace is rooted below BOX_CGROUP, per hierarchy: nspawn moves the box into a "payload"
 # cgroup of its own in systemd's named hierarchy (and gives the box a namespace rooted there).
 INNER_CGROUPS = {"systemd": "payload"}
 
 
+def pick_hierarchies(mounted: Iterable[str]) -> tuple[str, ...]:
+    """Every cgroup v1 hierarchy the box gets a cgroup of its own in, the limits' controllers first: as a Docker
+    container has one in each. A hierarchy it were left out of would be its cgroup namespace's root there, the
+    host's: its cpuacct.usage the whole host's, the host's cgroup tree listed in it (read-only, but a leak).
+    Not the unified (v2) one: nspawn then cannot move itself."""
+    rest = sorted(h for h in mounted if h not in ParentCgroups.CONTROLLERS and h != "unified")
+    return (*ParentCgroups.CONTROLLERS, *rest)
+
+
+def box_hierarchies(root: Path) -> tuple[str, ...]:
+    """:func:`pick_hierarchies` of the v1 hierarchies mounted under ``root`` (one directory each, not the
+    co-mount's links such as cpu -> cpu,cpuacct)."""
+    return pick_hierarchies(
+        p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
+    )
+
+
 def cgroup_procs(root: Path, prefix: str, name: str, hierarchies: Sequence[str]) -> list[str]:
-    """The ``cgroup.procs`` of the box's own cgroup in each hierarchy (made here: below the parent)."""
+    """The ``cgroup.procs`` of the box's own cgroup in each hierarchy (made here: below the parent). A new cpuset
+    cgroup gets its parent's CPUs and memory nodes (an empty one takes no process)."""
     out = []
     for hierarchy in hierarchies:
-        box = root / hierarchy / prefix / name / BOX_CGROUP
+        top = root / hierarchy
+        box = top / prefix / name / BOX_CGROUP
         box.mkdir(mode=0o755, parents=True, exist_ok=True)
+        parent = top
+        for part in (prefix, name, BOX_CGROUP):
+            here = parent / part
+            for knob in ("cpuset.cpus", "cpuset.mems"):
+                if (parent / knob).exists() and not (here / knob).read_text().strip():
+                    (here / knob).write_text((parent / knob).read_text().strip())
+            parent = here
         out.append(str(box / "cgroup.procs"))
     return out
 
@@ -96,10 +132,13 @@ def argv(
     root: Path,
     binds: Sequence[str],
     procs: Sequence[str],
+    filter_bpf: Path,
 ) -> list[str]:
     """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then a cgroup namespace of its own,
-    then nspawn running /sbin/init (each ``exec``: nspawn keeps the pid that was started)."""
+    then sandtrap's seccomp filter (``filter_bpf``, seccomp.py), then nspawn running /sbin/init (each ``exec``: nspawn
+    keeps the pid that was started)."""
     nspawn = [
+        *(sys.executable, "-I", "-S", "-c", LOADER, str(filter_bpf)),
         settings.nspawn,
         "--quiet",
         "--register=no",
@@ -115,8 +154,10 @@ def argv(
         "--timezone=off",
         "--link-journal=no",
         "--console=pipe",  # no /dev/console pty: PID 1 has no terminal, as on Docker
-        "--kill-signal=SIGTERM",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
+        "--kill-signal=SIGTERM",
+        f"--oom-score-adjust={OOM_SCORE_ADJ}",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
         "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
+        "--system-call-filter=" + " ".join(ALLOWED),
         "--system-call-filter=~" + " ".join(DENIED),
         *(["--no-new-privileges=yes"] if settings.no_new_privileges else []),
         *(f"--bind-ro={b.removesuffix(':ro')}" for b in binds),
