@@ -118,9 +118,8 @@ class Pool(Generic[P]):
         return sum(d.target() for d in self.demands.values())
 
     def _deficits(self) -> dict[str, int]:
-        """Per persona: warm boxes wanted beyond those warm and those being warmed (made, then prepared: a box
-        being prepared is in neither list, and counted here so that a second refill worker does not make one
-        more for the same want)."""
+        """Per persona: warm boxes wanted beyond those warm and those being warmed (made, then prepared: in
+        neither list meanwhile, counted here so that a second refill worker does not make one more)."""
         warm = Counter(self._persona_of.get(s.id, "") for s in self._warm)
         return {name: d.target() - warm[name] - self._warming_for[name] for name, d in self.demands.items()}
 
