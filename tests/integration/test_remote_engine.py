@@ -105,7 +105,7 @@ def _start(root: Path, pki: EnginePKI, listener: socket.socket) -> subprocess.Po
     fd = listener.fileno()
     handover = f"exec 3<&{fd}" + ("" if fd == 3 else f" {fd}<&-") + "; export LISTEN_PID=$$ LISTEN_FDS=1; "
     argv = [
-        "sh", "-c", handover + 'exec unshare --net -- "$@"', "sh",
+        "bash", "-c", handover + 'exec unshare --net -- "$@"', "bash",  # bash: dash takes fds 0-9 only
         "dockerd",
         "--log-level=warn",
         f"--host=unix://{root / 'docker.sock'}",
