@@ -47,6 +47,7 @@ fi
 DEPS_RECIPE=1  # raise when the way the dependencies are installed changes
 deps="$( { sha256sum pyproject.toml; echo "$DEPS_RECIPE"; "$PY" -c 'import sys; print(sys.version_info[:2])'; } | sha256sum | cut -c1-16)"
 STAGE="$CACHE/honeypot-$deps"
+mkdir -p "$CACHE"  # a fresh clone whose sandbox image came from elsewhere has no cache directory yet
 if [ ! -f "$STAGE/.complete" ]; then
   say "[1/3] installing sandtrap's dependencies into $STAGE/lib (pip, about a minute; cached for this pyproject.toml)"
   tmp="$(mktemp -d "$STAGE.tmp.XXXX")"
