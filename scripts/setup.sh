@@ -133,6 +133,15 @@ if [ -e /dev/fuse ] && [ "$(id -u)" = 0 ]; then
   LOADAVG_DIR="$("$VENV/bin/python" -c 'import sys
 from sandtrap.config import load_settings
 print(load_settings(sys.argv[1] or None).sandbox.loadavg_dir)' "${SANDTRAP_CONFIG:-}")"
+  # One left by an older sandtrap whose file system type differs from this one's (what boxes read in
+  # /proc/mounts): stopped and detached, then started again below.
+  want="$("$VENV/bin/python" -c 'from sandtrap.sandbox.host.loadavgfs import FSTYPE; print(FSTYPE)' 2>/dev/null || true)"
+  have="$([ -n "$LOADAVG_DIR" ] && findmnt -no FSTYPE --mountpoint "$LOADAVG_DIR" 2>/dev/null | head -1 || true)"
+  if [ -n "$want" ] && [ -n "$have" ] && [ "$have" != "$want" ]; then
+    say "sandtrap loadavgfs on $LOADAVG_DIR is an older one ($have, not $want): restarting it"
+    pkill -f " loadavgfs $LOADAVG_DIR\$" || true
+    umount -l "$LOADAVG_DIR" 2>/dev/null || true
+  fi
   if [ -n "$LOADAVG_DIR" ] && ! stat "$LOADAVG_DIR/proc/loadavg" >/dev/null 2>&1; then
     say "starting sandtrap loadavgfs on $LOADAVG_DIR (log: $DATA/log/loadavgfs.log)"
     setsid nohup "$VENV/bin/sandtrap" "${SANDTRAP_ARGS[@]}" loadavgfs "$LOADAVG_DIR" \

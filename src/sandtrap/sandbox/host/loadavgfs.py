@@ -39,7 +39,10 @@ except (OSError, AttributeError) as exc:  # no libfuse (OSError), or one too old
         errno.ELIBACC, f"no libfuse 3 ({exc}): apt-get install libfuse3-3 (scripts/setup.sh installs it)"
     ) from exc
 
-FSNAME = "sandtrap-loadavg"
+# The name a box reads in /proc/mounts for its /proc/loadavg: lxcfs's own, as its other /proc files there (on
+# LXC/LXD hosts every one of them is lxcfs's). Never the honeypot's name. This mount is told from lxcfs's on the
+# host by its mount point (sandbox.loadavg_dir).
+FSNAME = "lxcfs"
 FSTYPE = "fuse." + FSNAME
 FILE = "proc/loadavg"
 DIRS = {"/": ("proc",), "/proc": ("loadavg",)}
