@@ -411,7 +411,7 @@ async def test_qemu_killed_ends_the_session_with_the_reason(hp: Honeypot) -> Non
 
 
 @pytest.mark.xfail(
-    strict=False,
+    run=False,  # it failed in every CI run since the memfd RAM (110 s each): not run until it is understood
     reason="with the guest RAM in a shared memfd (the lure's vhost-user-fs) and free-page reporting, starving the "
     "cgroup did not OOM-kill QEMU within 90 s in the merged CI run; not understood yet (README Micro-VMs gaps)",
 )
