@@ -121,8 +121,10 @@ def shared_database() -> Iterator[str]:
 
 # -- 1. two sensors, one database, one console --------------------------------------------------------------------
 async def test_two_sensors_one_database_one_console(
-    honeypot: Honeypot, shared_database: str, tmp_path: Path, output_dir: Path
+    shared_database: str, honeypot: Honeypot, tmp_path: Path, output_dir: Path
 ) -> None:
+    # The database first: set up before the honeypots and dropped after they closed (pytest tears fixtures down
+    # in reverse), never under a live sensor's connections.
     names = ("fleet-a", "fleet-b")
     hps = [
         await honeypot(sensor=name, storage={"data_dir": str(tmp_path / name), "database_url": shared_database})
@@ -263,7 +265,7 @@ def json_log_ids(data_dir: Path) -> list[str]:
 
 
 async def test_database_outage_under_load_loses_no_event(
-    honeypot: Honeypot, private_postgres: PrivatePostgres, tmp_path: Path
+    private_postgres: PrivatePostgres, honeypot: Honeypot, tmp_path: Path
 ) -> None:
     hp = await honeypot(
         sensor="fleet-outage",
