@@ -12,11 +12,13 @@ import os
 import re
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import create_engine
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.pool import NullPool
 
 from sandtrap.storage.engine import normalize_url
@@ -50,10 +52,25 @@ def fresh_database(base: URL) -> Iterator[str]:
         try:
             yield base.set(database=name).render_as_string(hide_password=False)
         finally:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            _drop(admin, name)
     finally:
         admin.dispose()
+
+
+def _drop(admin: Engine, name: str) -> None:
+    """DROP ... WITH (FORCE) ends our role's connections, but not an autovacuum worker's (a superuser's process:
+    "must be a member of the role whose process is being terminated") busy on a database just written to; it
+    is done within seconds, so the drop is tried again for up to 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except (ProgrammingError, OperationalError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 # A CSI sequence (ESC [ params final), an OSC/DCS/APC/PM string, or a two-character escape.
