@@ -6,10 +6,12 @@ Used by tests/integration/test_faults.py and test_fleet.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,18 @@ class PrivatePostgres:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[PrivatePostgres]:
+    """A started cluster, stopped (if it still runs) and removed afterwards, whatever happened."""
+    pg = PrivatePostgres()
+    try:
+        pg.init()
+        pg.start()
+        yield pg
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            if pg.is_running():
+                pg.stop()
+        pg.remove()

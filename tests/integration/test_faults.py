@@ -48,7 +48,7 @@ from sandtrap.events import (
 )
 from sandtrap.sandbox.docker.spec import LABEL_SENSOR
 
-from pg_cluster import PrivatePostgres
+from pg_cluster import PrivatePostgres, running_cluster
 from sshclient import asyncssh_options
 
 pytestmark = pytest.mark.timeout(300)
@@ -808,16 +808,8 @@ async def test_disk_full_leaves_no_partial_line_in_the_json_log(
 # -- 2e. the database stopped and started ----------------------------------------------------------------------------
 @pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
-    pg = PrivatePostgres()
-    try:
-        pg.init()
-        pg.start()
+    with running_cluster() as pg:
         yield pg
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            if pg.is_running():
-                pg.stop()
-        pg.remove()
 
 
 @needs_root

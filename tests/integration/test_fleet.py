@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,7 +34,7 @@ from sandtrap.events import SESSION_CLOSED, SESSION_CONNECT
 from sandtrap.storage.engine import normalize_url
 from sandtrap.storage.replay import jsonlog_files
 
-from pg_cluster import PrivatePostgres
+from pg_cluster import PrivatePostgres, running_cluster
 from recording_helpers import fresh_database, postgres_base_url
 from sshclient import asyncssh_options, free_port
 
@@ -211,16 +210,8 @@ async def check_ui(base: str, sessions: dict[str, list[str]], output_dir: Path) 
 # -- 2. the database stopped under load: nothing lost ----------------------------------------------------------
 @pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
-    pg = PrivatePostgres()
-    try:
-        pg.init()
-        pg.start()
+    with running_cluster() as pg:
         yield pg
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            if pg.is_running():
-                pg.stop()
-        pg.remove()
 
 
 async def typist(hp: Any, stop: asyncio.Event, counts: dict[str, int]) -> None:
