@@ -7,7 +7,6 @@ A component gets only its section (``settings.sandbox.docker`` for the Docker ba
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import tomllib
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from sandtrap.config.alerts import AlertRule, AlertSettings, AlertTarget
-from sandtrap.config.engine import EngineSettings
+from sandtrap.config.engine import EngineSettings, is_loopback_host
 from sandtrap.config.image import ImageSettings
 from sandtrap.config.network import MOVED_NETWORK_KEYS, DnsSettings, EgressSettings, NetworkSettings, PcapSettings
 from sandtrap.config.personas import (
@@ -191,12 +190,7 @@ class Settings(Section):
 
     def api_is_loopback(self) -> bool:
         host, _ = split_listen(self.api.listen)
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(host)
 
 
 def _describe(err: Any) -> str:
