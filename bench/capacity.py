@@ -2,7 +2,7 @@
 
     python -m bench.capacity [--quick] [--image TAG]
 
-Runs a honeypot in this process on 127.0.0.1 with the defaults (pool_size 3, pool_max 20, pool_refill_parallel 4,
+Runs a honeypot in this process on 127.0.0.1 with the defaults (pool_size 16, pool_max 20, pool_refill_parallel 4,
 max_sandboxes 50), except: affinity ``session`` (every login comes from 127.0.0.1: with the default ``source_ip``
 they would all share one box and the pool would not be measured), the image `make setup` built, a unique sensor
 name, session limits per IP raised, no auth delays. Its containers are removed at the end.

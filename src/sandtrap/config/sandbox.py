@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -348,7 +348,7 @@ class SandboxSettings(Section):
         description="docker, microvm (a QEMU VM per box: sandbox.microvm) or nspawn (systemd-nspawn: sandbox.nspawn)",
     )
     # The pool and who gets which box.
-    pool_size: int = Field(3, ge=0, le=1000, description="warm boxes kept ready at least")
+    pool_size: int = Field(16, ge=0, le=1000, description="warm boxes kept ready at least (microvm: 3 unless set)")
     pool_max: int = Field(
         20,
         ge=0,
@@ -469,6 +469,13 @@ class SandboxSettings(Section):
     @classmethod
     def _network_subnet(cls, v: str) -> str:
         return box_subnet(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vm_pool(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend") == "microvm" and "pool_size" not in data:
+            return {**data, "pool_size": 3}
+        return data
 
     @model_validator(mode="after")
     def _pool_max(self) -> SandboxSettings:

@@ -24,7 +24,7 @@ from sandtrap.logs import RateLimited
 from sandtrap.sandbox.base import Sandbox, SandboxBackend, SandboxInfo
 from sandtrap.sandbox.ledger import Ledger
 from sandtrap.sandbox.personas import Persona, split
-from sandtrap.sandbox.sizing import Demand, Memory, missing, parse_meminfo
+from sandtrap.sandbox.sizing import Demand, Memory, host_memory, missing
 from sandtrap.sandbox.strays import adopt_leftovers, quietly, stop_eventually, stop_untracked
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,6 @@ WarmStep = Callable[[Sandbox], Awaitable[P]]
 
 SWEEP_INTERVAL_S = 60.0  # how often running boxes nobody tracks are looked for
 SHRINK_INTERVAL_S = 5.0  # how often warm boxes beyond the target are removed
-MEMINFO = Path("/proc/meminfo")
-
-
-def host_memory() -> Memory | None:
-    """The host's MemAvailable and MemTotal (None where /proc/meminfo cannot be read)."""
-    try:
-        return parse_meminfo(MEMINFO.read_text(encoding="ascii"))
-    except OSError:
-        return None
 
 
 class Pool(Generic[P]):
@@ -396,9 +387,17 @@ class Pool(Generic[P]):
             wanted = max(0, room)
         return wanted
 
+    def _pause_s(self) -> float:
+        """How long refills wait for a burst of logins to pass (sizing.Demand.pause_s; 0: warm one now)."""
+        warm, deficits = Counter(self._persona_of.get(s.id, "") for s in self._warm), self._deficits()
+        return min((d.pause_s(warm[n]) for n, d in self.demands.items() if deficits[n] > 0), default=0.0)
+
     async def _refill_worker(self) -> None:
         failures = 0
         while not self._closed and self._refill_target() > 0:
+            if (pause := self._pause_s()) > 0:
+                await asyncio.sleep(pause)  # logins are arriving: their CPU first (the deficit is looked at again)
+                continue
             try:
                 await self._warm_one()
             except SandboxError as exc:

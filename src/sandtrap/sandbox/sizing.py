@@ -1,14 +1,17 @@
 """How many warm boxes the pool holds: enough for the arrivals seen lately, within the host's memory.
 
-Pure bookkeeping, no I/O (the pool feeds it arrivals, warm-up times and /proc/meminfo's text; a test feeds
-it a fake clock). The target is what arrives while a box warms, twice over:
+Bookkeeping (the pool feeds it arrivals, warm-up times and /proc/meminfo's text; a test feeds it a fake
+clock); only :func:`host_memory` reads a file. The target is what arrives while a box warms, twice over:
 
     target = ceil(headroom * rate * warm_s)   clamped to [pool_size, pool_max]
 
 ``rate`` is the arrivals of the last ``window_s`` (short: a burst counts within seconds) and ``warm_s`` an
 average of the latest warm-ups (create, start, prepare). The target holds its peak for ``shrink_after_s`` after
 the arrivals stop, then falls back to ``pool_size``: the pool shrinks again when idle, not between two waves
-of one burst. Memory bounds it on top: a warm box may become a session's, which may use all of
+of one burst. Refills yield to logins (:meth:`Demand.pause_s`): a box's warm-up costs the host several times
+a login's CPU (about 0.5 core-seconds against 0.1 on Docker, 2 cores), so while logins arrive less than
+``quiet_s`` apart and more than ``low_water`` boxes are warm, no warm-up starts; a burst is served from the warm
+boxes at a single login's speed, and the pool refills when it ends (or is nearly empty). Memory bounds it on top: a warm box may become a session's, which may use all of
 ``sandbox.memory``; no box is warmed unless MemAvailable, less a reserve for the host, has that much room.
 """
 
@@ -19,10 +22,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 Clock = Callable[[], float]
 
 MiB = 1024 * 1024
+MEMINFO = Path("/proc/meminfo")
+QUIET_S = 0.5  # logins less than this far apart are a burst: refills wait for it to end
+LOW_WATER = 2  # ... unless this few warm boxes are left (then waiting would leave a login with none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,14 @@ def parse_meminfo(text: str) -> Memory | None:
     if "MemAvailable" not in values or "MemTotal" not in values:
         return None
     return Memory(values["MemAvailable"], values["MemTotal"])
+
+
+def host_memory() -> Memory | None:
+    """The host's MemAvailable and MemTotal (None where /proc/meminfo cannot be read)."""
+    try:
+        return parse_meminfo(MEMINFO.read_text(encoding="ascii"))
+    except OSError:
+        return None
 
 
 class Demand:
@@ -84,6 +99,13 @@ class Demand:
 
     def arrived(self) -> None:
         self._arrivals.append(self._clock())
+
+    def pause_s(self, warm: int, quiet_s: float = QUIET_S, low_water: int = LOW_WATER) -> float:
+        """How long a refill should wait before warming another box (0: now): until ``quiet_s`` after the last
+        arrival, while more than ``low_water`` boxes are warm."""
+        if warm <= low_water or not self._arrivals:
+            return 0.0
+        return max(0.0, self._arrivals[-1] + quiet_s - self._clock())
 
     def warmed(self, seconds: float) -> None:
         seconds = max(0.0, seconds)

@@ -160,3 +160,35 @@ async def test_growth_stops_at_max_sandboxes_and_at_the_host_s_memory(tmp_path: 
     await pool.wait_refilled()
     assert pool.warm == 2 and pool.stats()["memory_bound_hits"] >= 1
     await pool.close()
+
+
+def test_refills_pause_while_logins_arrive_close_together_unless_few_boxes_are_warm() -> None:
+    clock = Clock()
+    demand = Demand(16, 20, clock=clock)
+    assert demand.pause_s(10) == 0.0  # no login yet
+    demand.arrived()
+    clock.now += 0.2
+    assert demand.pause_s(10) == pytest.approx(0.3)  # 0.5 s after the last login
+    assert demand.pause_s(2) == 0.0 and demand.pause_s(0) == 0.0  # the low water: warm now
+    clock.now += 0.3
+    assert demand.pause_s(10) == 0.0
+
+
+async def test_a_burst_is_served_from_the_warm_boxes_and_the_pool_refills_after_it(tmp_path: Path) -> None:
+    clock = Clock()
+    pool, backend = sized_pool(tmp_path, clock, Memory(16 * GiB, 32 * GiB), pool_size=6, pool_max=6)
+    await pool.start()
+    assert backend.created == 6
+    for i in range(3):  # logins 0.1 s apart: no warm-up competes with them while more than 2 are warm
+        await pool.acquire(f"b{i}", "198.51.100.9")
+        clock.now += 0.1
+        await asyncio.sleep(0.05)
+    assert backend.created == 6 and pool.warm == 3
+    clock.now += 1.0  # the burst is over: the pool refills
+    await asyncio.wait_for(pool.wait_refilled(), 5)
+    assert backend.created == 9 and pool.warm == 6
+    for i in range(4):  # down to the low water: the refill starts at once, burst or not
+        await pool.acquire(f"c{i}", "198.51.100.9")
+    await asyncio.sleep(0.1)
+    assert backend.created > 9
+    await pool.close()
