@@ -45,24 +45,24 @@ async def test_a_burst_of_logins_is_served_from_warm_boxes_and_the_pool_grows_fo
         limits={"max_sessions_per_ip": 20},  # every login comes from 127.0.0.1
     )
     pool = hp.services.pool
-    assert pool.warm == defaults.pool_size == 3
+    assert pool.warm == defaults.pool_size == 16
 
     async def login(i: int) -> None:
         done = await run(ssh_argv(hp.port, f"echo login-{i}"), timeout_s=120)
         assert done.returncode == 0 and done.out == f"login-{i}\n", done.err
 
     logins = []
-    for i in range(12):  # 2 a second: four times the default pool
+    for i in range(20):  # 2 a second, past the default pool
         logins.append(asyncio.create_task(login(i)))
         await asyncio.sleep(0.5)
     await asyncio.gather(*logins)
-    assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=12)
-    assert len({e.get("sandbox_id") for e in assigned}) == 12
+    assigned = await hp.wait_for(SANDBOX_ASSIGNED, count=20)
+    assert len({e.get("sandbox_id") for e in assigned}) == 20
     # Whether the target grew depends on warm-ups finishing within the burst: measured in bench.capacity, not here.
     # Served warm: from the pool or from a warm-up under way, not made on demand (at most two, on a loaded host).
     assert pool.on_demand_creations <= 2, pool.stats()
     ms = sorted(float(e.get("acquire_ms")) for e in assigned)
-    print(f"burst of 12 at 2/s: acquire p50 {ms[6]:.0f} ms, max {ms[-1]:.0f} ms; {pool.stats()}")
+    print(f"burst of 20 at 2/s: acquire p50 {ms[10]:.0f} ms, max {ms[-1]:.0f} ms; {pool.stats()}")
 
 
 async def test_a_writer_left_running_after_the_connection_is_stopped_at_the_quota_and_the_ip_gets_a_fresh_box(
