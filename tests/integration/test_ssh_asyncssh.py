@@ -40,6 +40,7 @@ from sandtrap.events import (
 
 from sshclient import asyncssh_connected as connect
 from sshclient import asyncssh_options as options
+from sshd import real_sshd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -492,3 +493,41 @@ async def test_eof_both_ways(honeypot: Honeypot) -> None:
             result = await proc.wait()
         assert out == "done"
         assert result.exit_status == 4
+
+
+async def _sessions_at_once(conn: asyncssh.SSHClientConnection, n: int) -> list[str]:
+    """``n`` session channels opened at once on ``conn``, each held by a command; what each got."""
+
+    async def one(i: int) -> str:
+        try:
+            result = await conn.run(f"sleep 2; echo s{i}", timeout=60)
+        except asyncssh.ChannelOpenError as exc:
+            return f"refused {exc.code} {exc.reason}"
+        return "ok" if result.stdout == f"s{i}\n" else f"odd {result!r}"
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def test_session_channels_past_max_sessions_are_refused_as_real_sshd_refuses_them(
+    honeypot: Honeypot, tmp_path: Any
+) -> None:
+    """OpenSSH's MaxSessions (10): the 11th and 12th session channels open at once fail, as sshd's do; the
+    connection goes on, and a channel opened after the others closed works."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "authorized_keys").write_text(key.export_public_key().decode())
+    (tmp_path / "authorized_keys").chmod(0o600)
+    async with real_sshd(
+        tmp_path / "sshd", f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}\nStrictModes no"
+    ) as sshd:
+        real_opts = {**options(), "username": "root", "password": None, "client_keys": [key]}
+        real_opts["preferred_auth"] = "publickey"
+        async with asyncssh.connect("127.0.0.1", sshd.port, **real_opts) as conn:
+            real = await _sessions_at_once(conn, 12)
+    hp = await honeypot()
+    async with connect(hp) as conn:
+        ours = await _sessions_at_once(conn, 12)
+        again = await conn.run("echo again", timeout=60)
+    assert sorted(ours) == sorted(real), (ours, real)
+    assert ours.count("ok") == 10 and again.stdout == "again\n", ours
+    closed = await hp.wait_for(SESSION_CLOSED)
+    assert closed[0].get("reason") == "client_closed", closed[0]

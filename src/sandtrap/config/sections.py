@@ -22,6 +22,9 @@ class SSHSettings(Section):
     max_auth_tries: int = Field(6, ge=1, description="OpenSSH MaxAuthTries")
     advertised_port: int = Field(22, ge=1, le=65535, description="server port shown in SSH_CONNECTION")
     max_env_vars: int = Field(64, ge=0, description="client env requests kept per channel")
+    max_sessions: int = Field(
+        10, ge=1, le=1000, description="OpenSSH MaxSessions: session channels open at once on a connection"
+    )
 
     @field_validator("version")
     @classmethod

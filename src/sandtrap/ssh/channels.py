@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import asyncssh
 
@@ -13,9 +14,10 @@ from sandtrap.ssh.wire import accept_any_exec_command
 
 
 class ChannelBridge(asyncssh.SSHServerSession[bytes]):
-    def __init__(self, channel: Channel, max_env_vars: int) -> None:
+    def __init__(self, channel: Channel, max_env_vars: int, on_closed: Callable[[], None] = lambda: None) -> None:
         self._channel = channel
         self._max_env_vars = max_env_vars
+        self._on_closed = on_closed  # once, when the channel is gone
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -66,6 +68,8 @@ class ChannelBridge(asyncssh.SSHServerSession[bytes]):
         self._channel.set_writable(True)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        on_closed, self._on_closed = self._on_closed, lambda: None
+        on_closed()
         if self._task is not None and not self._task.done():
             self._task.cancel()
 

@@ -75,6 +75,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         self._tries = 0
         self._kex_emitted = False
         self._channels = 0
+        self._open_sessions = 0  # session channels open now (OpenSSH's MaxSessions counts these)
         self._keys_seen: set[tuple[str, str]] = set()
         self._pending_key: dict[str, str] | None = None
 
@@ -233,9 +234,18 @@ class ConnectionHandler(asyncssh.SSHServer):
     # -- channels and refusals --------------------------------------------------------------------
     def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
         assert self.link is not None
+        if self._open_sessions >= self.ctx.ssh.max_sessions:
+            # What sshd answers past MaxSessions (its channel open failure), bounding what one connection asks of
+            # its box (a micro-VM's relay would otherwise fail the whole connection at the guest's own limit).
+            log.info("session channel refused: %d open (ssh.max_sessions)", self._open_sessions)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "open failed")  # sshd's reason code
+        self._open_sessions += 1
         self._channels += 1
         channel = Channel(self.link, self._channels - 1, self.ctx.ssh.advertised_port)
-        return ChannelBridge(channel, self.ctx.ssh.max_env_vars)
+        return ChannelBridge(channel, self.ctx.ssh.max_env_vars, self._session_closed)
+
+    def _session_closed(self) -> None:
+        self._open_sessions -= 1
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         self.emitter.emit(
