@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from sandtrap.app import _planted_files, cache_dir
+from sandtrap.app import cache_dir, vm_planted_files
 from sandtrap.config import Settings, merge
 from sandtrap.sandbox.microvm import qemu
 from sandtrap.sandbox.microvm.backend import MicroVMBackend, access_key_path, guest_files
@@ -34,7 +34,8 @@ def microvm_settings(overrides: dict[str, Any] | None = None) -> Settings:
 def microvm_image() -> None:
     settings = microvm_settings()
     key = load_access_key(access_key_path(settings.data_dir / "microvm"))
-    guest = guest_files(settings.sandbox, key, _planted_files(settings))
+    # What the backend bakes in (vm_planted_files: the capture gateway's CA too): one image for every VM test.
+    guest = guest_files(settings.sandbox, key, vm_planted_files(settings))
     asyncio.run(build_vm_image(settings.image, guest, cache_dir(settings), console=Console(quiet=True)))
 
 
