@@ -19,6 +19,8 @@ pytest_plugins = ["sandtrap_fixtures"]
 
 # Test artefacts (screenshots, logs) go here; CI keeps it with the run.
 OUTPUT_DIR = ROOT / "test-output"
+if os.environ.get("SANDTRAP_TEST_BACKEND", "docker") != "docker":  # make test's nspawn pass: beside Docker's
+    OUTPUT_DIR = OUTPUT_DIR / os.environ["SANDTRAP_TEST_BACKEND"]
 
 
 @pytest.fixture
