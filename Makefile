@@ -46,6 +46,7 @@ bench: setup
 	.venv/bin/python -m bench.capacity $(BENCH_ARGS)
 	.venv/bin/python -m bench.microvm $(BENCH_ARGS)
 	.venv/bin/python -m bench.microvm_restore $(BENCH_ARGS)
+	.venv/bin/python -m bench.backends_side_by_side $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

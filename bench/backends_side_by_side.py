@@ -1,6 +1,7 @@
 """Docker and nspawn boxes measured the same way in one run (issue 18): create+start, warm acquire, memory per
-idle box. ``python -m bench.backends_side_by_side [N]`` as root, with the Docker image and the nspawn tree built
-(``SANDTRAP_TEST_IMAGE`` names the image tag). Boxes are made one after the other, alternating backends, so both
+idle box. ``python -m bench.backends_side_by_side [N | --quick]`` as root (``make bench`` runs it), with the Docker
+image built (``SANDTRAP_TEST_IMAGE`` names the image tag); the nspawn tree is built from it if missing. Writes
+bench/results/backends.md. Boxes are made one after the other, alternating backends, so both
 see the same load; every box made is removed.
 
 - create+start: ``backend.create()`` and then until a command has run in the box (Docker's create returns when the
@@ -28,9 +29,11 @@ from sandtrap.sandbox.base import SandboxBackend, run
 from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.docker.seccomp import find
 from sandtrap.sandbox.nspawn.backend import NspawnBackend
+from sandtrap.sandbox.nspawn.image import build_tree
 from sandtrap.sandbox.pool import Pool
 
 CACHE = Path(__file__).resolve().parents[1] / "data" / "cache"
+RESULTS = Path(__file__).resolve().parent / "results" / "backends.md"
 
 
 def _memory(backend: Any, box: Any) -> int:
@@ -56,7 +59,7 @@ async def measure(name: str, make: Any, n: int, out: dict[str, dict[str, list[fl
         fig["idle_mib"].append(_memory(backend, box) / 2**20)
         await box.remove()
     with tempfile.TemporaryDirectory() as tmp:
-        pool = Pool(backend, SandboxSettings(pool_size=1, max_sandboxes=4), Path(tmp) / "ledger")
+        pool: Pool[Any] = Pool(backend, SandboxSettings(pool_size=1, max_sandboxes=4), Path(tmp) / "ledger")
         await pool.start()
         for i in range(n):
             await pool.wait_refilled()
@@ -74,6 +77,7 @@ async def main(n: int) -> None:
     tag = os.environ.get("SANDTRAP_TEST_IMAGE", DockerSettings().image)
     box = SandboxSettings(docker=DockerSettings(image=tag))
     profile = find(None).read_text()
+    await build_tree(ImageSettings(), tag, CACHE)  # a no-op when it is current
     out: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as root:
         makers = {
@@ -83,12 +87,22 @@ async def main(n: int) -> None:
         for _ in range(2):  # alternating: each backend measured twice, n boxes each
             for name, make in makers.items():
                 await measure(name, make, n, out)
-    print(f"{'backend':8} {'create+start s (median, max)':30} {'warm acquire ms (median)':26} idle MiB (median)")
+    lines = [
+        f"Docker and nspawn side by side, alternating, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| backend | create+start, median (max) | warm acquire, median | idle box memory, median | n |",
+        "|---|---|---|---|---|",
+    ]
     for name, fig in out.items():
         c, a, m = fig["create_s"], fig["acquire_s"], fig["idle_mib"]
-        print(f"{name:8} {statistics.median(c):6.2f} {max(c):6.2f}{'':17} {statistics.median(a) * 1000:8.1f}{'':18}"
-              f" {statistics.median(m):6.1f}   (n={len(c)})")  # fmt: skip
+        lines.append(f"| {name} | {statistics.median(c):.2f} s ({max(c):.2f} s) | {statistics.median(a) * 1000:.1f} ms "
+                     f"| {statistics.median(m):.1f} MiB | {len(c)} |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3))
+    arg = sys.argv[1] if len(sys.argv) > 1 else "3"
+    asyncio.run(main(2 if arg == "--quick" else int(arg)))
