@@ -186,6 +186,14 @@ class FakeBackend:
 
 _CHROOT = 'r=$1; shift; mount --rbind -o ro /usr "$r/usr" && mount --rbind /dev "$r/dev" && mount --rbind /proc "$r/proc" && exec "$@"'
 _CD = 'cd "$1" || exit 126; shift; exec "$@"'
+
+
+def _default_hangup() -> None:
+    """A box's processes start with SIGHUP at its default, as a box's init gives them; the test process may
+    ignore it (run under nohup), and an ignored signal is inherited across exec (a shell cannot undo it)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 # Not root: the box's processes are root in a user namespace of their own (only that one uid is mapped, so
 # exec(user=...) of another user and useradd's chown fail there).
 ROOTLESS = os.geteuid() != 0
@@ -408,6 +416,7 @@ class ChrootSandbox:
                 stderr=asyncio.subprocess.PIPE,
                 env=environment,
                 start_new_session=True,
+                preexec_fn=_default_hangup,
             )
         else:
             master, slave = os.openpty()
@@ -415,8 +424,9 @@ class ChrootSandbox:
             try:
                 # setsid -c: a session of its own with the pty as its controlling terminal (^C, SIGWINCH)
                 proc = await asyncio.create_subprocess_exec(
-                    "setsid", "-c", *wrapped, stdin=slave, stdout=slave, stderr=slave, env=environment
-                )
+                    "setsid", "-c", *wrapped, stdin=slave, stdout=slave, stderr=slave, env=environment,
+                    preexec_fn=_default_hangup,
+                )  # fmt: skip
             except BaseException:
                 os.close(master)
                 raise

@@ -298,12 +298,19 @@ async def test_database_outage_under_load_loses_no_event(
     catch_up_s = time.monotonic() - began
     # When the load ended before the replay reached the log's end, the stretch stays open, read to its end, and
     # the next event closes it: one more connection (its events are queued again, not left to the log).
+    before = len(hp.capture.events)  # its client port may be one of the thousands of guessers' before it
     reader, writer = await asyncio.open_connection("127.0.0.1", hp.port)
-    await reader.readline()
-    (connect,) = await hp.wait_for(SESSION_CONNECT, src_port=writer.get_extra_info("sockname")[1])
-    writer.close()
-    await writer.wait_closed()
-    await hp.wait_for(SESSION_CLOSED, session=connect.session, timeout_s=60)
+    try:
+        await reader.readline()
+        port = writer.get_extra_info("sockname")[1]
+        async with asyncio.timeout(30):
+            while not (new := [e for e in hp.capture.events[before:] if e.eventid == SESSION_CONNECT]):
+                await asyncio.sleep(0.1)
+        assert [e.get("src_port") for e in new] == [port], new
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    await hp.wait_for(SESSION_CLOSED, session=new[0].session, timeout_s=60)
     assert await asyncio.to_thread(database.flush, 60), database.status()
     after = database.status()
     assert hp.services.jsonlog is not None

@@ -53,7 +53,14 @@ _ACCOUNT_FILES = frozenset(
 # package installed), nor caches: what an attacker writes there is theirs.
 _SYSTEM_TREES = ("/var/log/nginx/", "/var/lib/nginx/", "/var/spool/anacron/", "/var/lib/systemd/timers/")
 _SYSTEM_FILES = frozenset(
-    {"/var/log/syslog", "/var/log/cron.log", "/var/log/daemon.log", "/run/crond.pid", "/var/lib/systemd/random-seed"}
+    {
+        "/var/log/syslog",
+        "/var/log/cron.log",
+        "/var/log/daemon.log",
+        "/run/crond.pid",
+        "/run/crond.reboot",
+        "/var/lib/systemd/random-seed",
+    }
 )
 # Skeleton files useradd copies into a new home (Debian's /etc/skel).
 _SKELETON = frozenset({".bashrc", ".profile", ".bash_logout"})
