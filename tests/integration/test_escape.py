@@ -803,7 +803,9 @@ async def test_disk_filler_in_the_writable_layer_is_frozen_and_stopped_at_the_qu
         while (info := await inspect(box, size=True))["State"]["Running"]:  # stopping: kept for forensics
             await asyncio.sleep(0.2)
     size_rw = int(info.get("SizeRw", 0))
-    assert quota // 2 <= size_rw <= quota + 64 * MiB, size_rw  # stopped near the quota (a fast writer a bit under)
+    # Stopped at the quota, or under it by what the writer writes in a look and a freeze (0.25 s: at page-cache
+    # speed that is 100 MiB and more; a fresh-clone run froze one at 106 MiB), never far past it.
+    assert quota // 8 <= size_rw <= quota + 64 * MiB, size_rw
     moved = free_before - shutil.disk_usage(docker_root).free
     assert moved < 1024 * MiB, moved  # 2 GiB asked for (others share this disk: a loose bound)
     probe = hp.settings.data_dir / "still-writable"

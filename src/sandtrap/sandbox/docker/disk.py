@@ -9,7 +9,7 @@ fresh box's layer holds about 50: under a millisecond), at most ``disk_files_max
 each box is looked at every ``disk_check_s`` at rest (a box whose measure takes long, less often: at most 1% of
 a core per box, at least every 10 s) and sooner while its layer grows (when, at the growth just seen, a quarter of
 the room left would be gone); a writer fast enough to pass the quota before the next look lands is frozen at once,
-a little under it. Between looks, one ``statvfs`` of the layers' file system every ``MIN_CHECK_S`` (one for all
+under it (by what it writes in ``MIN_CHECK_S + FREEZE_S``). Between looks, one ``statvfs`` of the layers' file system every ``MIN_CHECK_S`` (one for all
 boxes): when its free space falls by ``PULSE_BYTES`` or more since the last one, every box is looked at now, so a
 writer that starts between two looks at rest is seen within a fraction of a second, not at the next look.
 """
