@@ -76,6 +76,7 @@ class ConnectionHandler(asyncssh.SSHServer):
         self._kex_emitted = False
         self._channels = 0
         self._open_sessions = 0  # session channels open now (OpenSSH's MaxSessions counts these)
+        self._sessions_refused = 0
         self._keys_seen: set[tuple[str, str]] = set()
         self._pending_key: dict[str, str] | None = None
 
@@ -237,7 +238,9 @@ class ConnectionHandler(asyncssh.SSHServer):
         if self._open_sessions >= self.ctx.ssh.max_sessions:
             # What sshd answers past MaxSessions (its channel open failure), bounding what one connection asks of
             # its box (a micro-VM's relay would otherwise fail the whole connection at the guest's own limit).
-            log.info("session channel refused: %d open (ssh.max_sessions)", self._open_sessions)
+            self._sessions_refused += 1
+            if self._sessions_refused == 1:  # once per connection: a client opening thousands floods no log
+                log.info("session channel refused: %d open (ssh.max_sessions)", self._open_sessions)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "open failed")  # sshd's reason code
         self._open_sessions += 1
         self._channels += 1
