@@ -418,6 +418,8 @@ class Connection:
         self.hub.manager.on_overrun(lease.sandbox.id, self.end)  # e.g. its disk bound: sandtrap.limit.hit disk_quota
         if not self.owns_box_activity:  # a raw service's connection: the box's lures are its logins' business
             return lease
+        if self.username:  # a login succeeded: its account is made ready while the client opens its channel
+            self.hub.manager.prepare_account(lease, self.username, self.password)
         for token in lease.tokens:  # the session's record names every lure value it was given
             self.emitter.emit(HONEYTOKEN_ISSUED, kind=token.kind, path=token.path, value=token.value)
         emit = self.emitter.emit

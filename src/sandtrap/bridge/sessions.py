@@ -99,6 +99,7 @@ class Lease:
     evicted: str = ""  # the idle box released early to make room for this one at max_sandboxes
     baseline: Baseline | None = None  # the box when this connection began: its changed files are since then
     persona: str = DEFAULT_PERSONA  # what the box was made as (config personas)
+    preparing: dict[str, asyncio.Task[Account]] = field(default_factory=dict)  # accounts being set up (prepare_account)
 
 
 class SessionManager:
@@ -335,30 +336,45 @@ class SessionManager:
         await self.watcher.watch(sandbox, tokens)
         return tokens
 
+    def prepare_account(self, lease: Lease, username: str, password: str | None) -> None:
+        """Start setting up the login's account now (a login succeeded, no channel has asked yet), so the shell
+        does not wait for it; :meth:`account` awaits it. Nothing of it runs in the box once a shell is there."""
+        if username and username not in lease.preparing:
+            task = asyncio.get_running_loop().create_task(self._account(lease, username, password))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved by account()
+            lease.preparing[username] = task
+
     async def account(self, lease: Lease, username: str, password: str | None, wait_password: bool = False) -> Account:
-        """The user's account in the box, created on first use (cached per box). ``wait_password``: the account has
-        ``password`` in the box's /etc/shadow before this returns (a login that checks it itself, telnet's)."""
+        """The user's account in the box, created on first use (cached per box), its password set before it
+        returns: the script that sets it runs as root with no parent in the box, a tell in ``ps`` were it to
+        outlive the shell's start. ``wait_password``: this login's ``password`` is in the box's /etc/shadow
+        (a login that checks it itself, telnet's), whichever connection set it before."""
+        pending = lease.preparing.get(username)
+        if pending is not None:
+            try:
+                account = await asyncio.shield(pending)
+            finally:
+                if pending.done() and lease.preparing.get(username) is pending:
+                    del lease.preparing[username]
+        else:
+            account = await self._account(lease, username, password)
+        if wait_password and lease.passwords.get(username, password) != password:
+            await self.set_password(lease, username, password)
+            lease.passwords[username] = password
+        return account
+
+    async def _account(self, lease: Lease, username: str, password: str | None) -> Account:
         known = lease.accounts.get(username)
         own_sshd = lease.sandbox.features.own_sshd
         if known is not None and (not own_sshd or lease.passwords.get(username) == password):
-            if wait_password:
-                await self.set_password(lease, username, password)
             return known
-        if known is not None:  # the box's own sshd checks this login's password: set it before the login
+        existing = lease.passwd.get(username) if known is None and not own_sshd else None
+        if existing is not None:
+            # The account is there (read while the box was warm): only its password is set (/etc/shadow).
+            await self.set_password(lease, username, password)
+            account = existing
+        else:  # created, or (the box's own sshd checks this login's password) its password set first
             account = await ensure_account(lease.sandbox, username, password)
-            lease.passwords[username] = password
-            return account
-        existing = lease.passwd.get(username)
-        if existing is not None and not lease.sandbox.features.own_sshd:
-            # The account is there (read while the box was warm): the shell need not wait for the
-            # password to be set in /etc/shadow; that runs alongside. Not where the box's own sshd checks it.
-            lease.accounts[username] = existing
-            if wait_password:
-                await self.set_password(lease, username, password)
-            else:
-                self._spawn(self.set_password(lease, username, password))
-            return existing
-        account = await ensure_account(lease.sandbox, username, password)
         lease.accounts[username] = account
         lease.passwords[username] = password
         return account

@@ -172,7 +172,7 @@ async def test_an_existing_account_comes_from_the_warm_read_and_a_new_one_is_mad
     root = await mgr.account(lease, "root", "hunter2")
     assert (root.uid, root.home) == (0, "/root")
     assert await mgr.account(lease, "root", "hunter2") is root  # cached per box
-    await asyncio.gather(*mgr._tasks)  # root's password is set alongside the login
+    # root's password is in /etc/shadow when account() returns: nothing of it runs beside the shell
     assert any(line.startswith("root:$6$") for line in (box.root / "etc/shadow").read_text().splitlines())
     new = await mgr.account(lease, "deploy", "s3cret")
     assert new.name == "deploy" and new.uid >= 1000 and new.home == "/home/deploy"
@@ -183,6 +183,31 @@ async def test_an_existing_account_comes_from_the_warm_read_and_a_new_one_is_mad
     assert any(line.startswith("deploy:$6$") for line in shadow.splitlines())  # the login's password, hashed
     assert (box.root / "home/deploy").is_dir()
     assert len(box.logins) - execs == 2  # one run for root's password, one for deploy; the cached calls none
+    await mgr.end(lease)
+
+
+@pytest.mark.skipif(ROOTLESS, reason="useradd in a rootless fake box cannot chown the new home")
+async def test_an_account_prepared_at_login_is_awaited_by_the_channel_and_made_once(
+    manager: Make, chroot_backend: ChrootBackend
+) -> None:
+    mgr, _ = await manager()
+    lease = await mgr.lease("s1", "198.51.100.1")
+    box = lease.sandbox
+    assert isinstance(box, ChrootSandbox)
+    execs = len(box.logins)
+    mgr.prepare_account(lease, "root", "hunter2")  # the login succeeded; the client is opening its channel
+    mgr.prepare_account(lease, "root", "hunter2")  # once per user and connection
+    pending = lease.preparing["root"]
+    assert not pending.done()
+    root = await mgr.account(lease, "root", "hunter2")
+    assert pending.done() and "root" not in lease.preparing and root.uid == 0
+    assert any(line.startswith("root:$6$") for line in (box.root / "etc/shadow").read_text().splitlines())
+    assert len(box.logins) - execs == 1  # the channel's call reused the prepared account
+    hashed = (box.root / "etc/shadow").read_text()
+    await mgr.account(lease, "root", "hunter2", wait_password=True)  # telnet's login: already this password
+    assert (box.root / "etc/shadow").read_text() == hashed and len(box.logins) - execs == 1
+    await mgr.account(lease, "root", "other", wait_password=True)  # another password that login will check
+    assert (box.root / "etc/shadow").read_text() != hashed and len(box.logins) - execs == 2
     await mgr.end(lease)
 
 
