@@ -137,6 +137,12 @@ def _nspawn(settings: Settings) -> list[Check]:
     checks.append(Check("overlayfs", overlay, "in /proc/filesystems" if overlay else "not available: modprobe overlay"))
     why = ParentCgroups().available()
     checks.append(Check("box limits (cgroup v1)", not why, why or "memory, pids and cpu hierarchies writable"))
+    if settings.sandbox.init == "systemd":  # its cgroups are handed over from the name=systemd v1 hierarchy
+        hierarchy = Path("/sys/fs/cgroup/systemd")
+        v1 = (hierarchy / "cgroup.procs").exists()
+        checks.append(Check("init: systemd (name=systemd v1 hierarchy)", v1 and not why,
+                            str(hierarchy) if v1 and not why else why or f"no cgroup v1 hierarchy at {hierarchy}: "
+                            "boxes keep sandtrap's init (set sandbox.init: sandtrap)"))  # fmt: skip
     cache = Path(settings.image.cache_dir) if settings.image.cache_dir else settings.data_dir / "cache"
     inputs = tree_inputs(settings.image)
     tree = find_tree(cache, inputs)

@@ -38,7 +38,7 @@ from sandtrap.events import LIMIT_HIT, SANDBOX_ASSIGNED, SESSION_CLOSED, SESSION
 from sandtrap.network.gateway import Gateway
 from sandtrap.sandbox.docker import engine
 from sandtrap.sandbox.docker.network import bridge_name
-from sandtrap.sandbox.docker.spec import RUN_MIN_FOR_SYSTEMD
+from sandtrap.sandbox.host.systemd_cgroups import RUN_MIN_FOR_SYSTEMD
 
 from helpers import counter_total, limit_files
 from sandtrap_fixtures import BACKEND

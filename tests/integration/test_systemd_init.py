@@ -20,6 +20,7 @@ from sandtrap.sandbox.docker.backend import DockerBackend
 from sandtrap.sandbox.host import systemd_cgroups
 
 from helpers import run
+from sandtrap_fixtures import BACKEND
 from sshclient import asyncssh_connected
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,13 +70,23 @@ async def test_systemd_runs_units_and_logins_still_come_by_the_listener(honeypot
         r = await conn.run("ps -o args= -p $PPID", check=True)
         assert str(r.stdout) == "sshd: root@notty\n"
 
+        # CAP_SETPCAP (bit 8) in the box's bounding set for systemd's units; never CAP_SYS_ADMIN (21) or SYS_BOOT (22)
+        r = await conn.run("awk '/^CapBnd/ {print $2}' /proc/1/status", check=True)
+        bounding = int(str(r.stdout), 16)
+        assert bounding & (1 << 8) and not bounding & (1 << 21) and not bounding & (1 << 22), hex(bounding)
+
     box = (await hp.wait_for(SANDBOX_ASSIGNED))[0].get("sandbox_id")
-    async with engine.engine() as client:
-        info = await client.containers.container(box).show()
-    parent = info["HostConfig"].get("CgroupParent") or "/docker"
-    assert info["HostConfig"]["CapAdd"].count("SETPCAP") == 1 and "SYS_ADMIN" not in info["HostConfig"]["CapAdd"]
+    if BACKEND == "nspawn":  # below the per-box parent, as nspawn's --keep-unit leaves it
+        parents = hp.services.backend.parents
+        assert parents is not None
+        own = Path("/sys/fs/cgroup/systemd") / parents.prefix / box
+    else:
+        async with engine.engine() as client:
+            info = await client.containers.container(box).show()
+        parent = info["HostConfig"].get("CgroupParent") or "/docker"
+        assert info["HostConfig"]["CapAdd"].count("SETPCAP") == 1 and "SYS_ADMIN" not in info["HostConfig"]["CapAdd"]
+        own = Path("/sys/fs/cgroup/systemd") / parent.lstrip("/") / box
     # The session is over: the box stops and its cgroups, with what systemd made in them, leave the host.
-    own = Path("/sys/fs/cgroup/systemd") / parent.lstrip("/") / box
     async with asyncio.timeout(60):
         while own.exists():
             await hp.services.backend.list_managed()  # sweeps what a busy stop left

@@ -83,6 +83,23 @@ def test_the_filter_is_loaded_just_before_nspawn_and_nspawn_lets_io_uring_throug
     assert argv[-1] == "/sbin/init"
 
 
+def test_with_systemd_init_waits_for_its_cgroups_and_the_box_keeps_setpcap(tmp_path: Path) -> None:
+    """sandbox.init: systemd as on Docker (docker/spec.py): CAP_SETPCAP, /run/lock, systemd's halt signal, and a
+    /run systemd can daemon-reload in; without it none of that."""
+    box = SandboxSettings(backend="nspawn", network="none", init="systemd", memory=1 << 30)
+    plain = launch.argv(NspawnSettings(), box, "m", tmp_path, [], [], tmp_path / "f.bpf")
+    sd = launch.argv(NspawnSettings(), box, "m", tmp_path, [], [], tmp_path / "f.bpf", systemd=True)
+    assert sd[-2:] == ["/sbin/init", "--systemd"] and plain[-1] == "/sbin/init"
+    dropped = next(a for a in sd if a.startswith("--drop-capability=")).split("=", 1)[1].split(",")
+    assert "CAP_SETPCAP" not in dropped and "CAP_SYS_ADMIN" in dropped and "CAP_SYS_BOOT" in dropped
+    assert "CAP_SETPCAP" in next(a for a in plain if a.startswith("--drop-capability="))
+    assert "--kill-signal=SIGRTMIN+3" in sd and "--kill-signal=SIGTERM" in plain
+    assert any(a.startswith("--tmpfs=/run/lock:") for a in sd) and not any(a.startswith("--tmpfs") for a in plain)
+    assert launch.run_size(box, False) == "16m"
+    assert launch.run_size(box, True) == f"{(1 << 30) // 5 // 1024}k"  # 20% of memory
+    assert launch.run_size(SandboxSettings(memory=128 << 20), True) == f"{48 * 1024}k"  # at least 48 MiB
+
+
 def test_a_box_gets_a_cgroup_in_every_v1_hierarchy_but_the_unified_one() -> None:
     mounted = ["unified", "systemd", "cpuacct", "blkio", "memory", "cpu", "pids", "cpuset", "freezer", "devices"]
     got = launch.pick_hierarchies(mounted)

@@ -400,8 +400,8 @@ class SandboxSettings(Section):
         description="the box's PID 1: sandtrap = our small init starts rsyslog, cron, nginx and the listener; systemd "
         "= it does the same boot work, then the host gives the box its own name=systemd cgroups and it becomes "
         "/lib/systemd/systemd, which starts them as units (the listener as ssh.service) and answers systemctl "
-        "(adds CAP_SETPCAP, which units need to shrink their bounding set; needs cgroup v1, a private cgroup "
-        "namespace, mask_cgroupns and the honeypot as root on the engine's host, else boxes keep sandtrap's init)",
+        "(adds CAP_SETPCAP; needs cgroup v1, and on Docker a private cgroup namespace, mask_cgroupns and the "
+        "honeypot as root on the engine's host, else boxes keep sandtrap's init; docker and nspawn)",
     )
     session_transport: Literal["exec", "init"] = Field(
         "init",

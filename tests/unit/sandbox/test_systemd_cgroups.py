@@ -18,6 +18,14 @@ def test_the_boxs_own_cgroup_below_its_parent() -> None:
     assert own_cgroup(f"9:name=systemd:/docker/{BOX}\n", BOX) == f"/docker/{BOX}"  # no parent of ours
 
 
+def test_an_nspawn_boxs_cgroup_is_its_payload_exactly() -> None:
+    path = "/sandtrap-s-nspawn/1d4bf8d5ddad/box/payload"
+    assert own_cgroup(f"9:name=systemd:{path}\n", "1d4bf8d5ddad", exact=path) == path
+    for other in (path + "/x", "/sandtrap-s-nspawn/1d4bf8d5ddad/box", "/sandtrap-s-nspawn/other/box/payload"):
+        with pytest.raises(HandOverError):
+            own_cgroup(f"9:name=systemd:{other}\n", "1d4bf8d5ddad", exact=path)
+
+
 @pytest.mark.parametrize(
     ("rows", "parent"),
     [

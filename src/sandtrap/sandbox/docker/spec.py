@@ -13,6 +13,7 @@ from typing import Any
 
 from sandtrap.config import DockerSettings, SandboxSettings, parse_size
 from sandtrap.sandbox.docker import network
+from sandtrap.sandbox.host.systemd_cgroups import RUN_MIN_FOR_SYSTEMD
 
 LABEL_MANAGED = "sandtrap.managed"
 LABEL_SENSOR = "sandtrap.sensor"
@@ -179,11 +180,6 @@ def create_config(
         "HostConfig": host,
         **({"Cmd": ["/sbin/init", "--systemd"]} if systemd else {}),
     }
-
-
-# systemd refuses `daemon-reload` unless 16 MiB of /run stay free (its safety buffer); Debian mounts /run with
-# 20% of the RAM. A tmpfs's size only caps it: pages are charged to the box's memory as they are written.
-RUN_MIN_FOR_SYSTEMD = 48 * 1024 * 1024
 
 
 def run_for_systemd(options: str, memory: int) -> str:

@@ -44,6 +44,9 @@ SUBTREES = ("init.scope", "system.slice", "user.slice")
 READY_SIGNAL = signal.SIGUSR2  # init.c execs systemd when it gets it (its wait_for_cgroups)
 GIVE_UP_SIGNAL = signal.SIGUSR1  # ...and goes on as sandtrap's init on this one
 BOOT_S = 10.0  # how long the backend waits for systemd to start the listener
+# systemd refuses `daemon-reload` unless 16 MiB of /run stay free (its safety buffer); Debian mounts /run with
+# 20% of the RAM. A tmpfs's size only caps it: pages are charged to the box's memory as they are written.
+RUN_MIN_FOR_SYSTEMD = 48 * 1024 * 1024
 _PATH = re.compile(r"^(/[A-Za-z0-9_.-]+)+$")
 HELPER_TIMEOUT_S = 10.0
 
@@ -98,19 +101,20 @@ class HandOverError(OSError):
     """The box's cgroups could not be handed over: its init then stays PID 1 (sandtrap's)."""
 
 
-def box_cgroup(pid: int, container_id: str, parent: str = "") -> Path:
+def box_cgroup(pid: int, container_id: str, parent: str = "", exact: str = "") -> Path:
     """The box's own directory in the host's ``name=systemd`` hierarchy, from its PID 1's /proc/PID/cgroup (as
     the host sees it)."""
     try:
         text = Path(f"/proc/{pid}/cgroup").read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise HandOverError(f"cannot read the box's cgroups: {exc}") from exc
-    return HIERARCHY / own_cgroup(text, container_id, parent).lstrip("/")
+    return HIERARCHY / own_cgroup(text, container_id, parent, exact).lstrip("/")
 
 
-def own_cgroup(proc_cgroup: str, container_id: str, parent: str = "") -> str:
+def own_cgroup(proc_cgroup: str, container_id: str, parent: str = "", exact: str = "") -> str:
     """The ``name=systemd`` path in a /proc/PID/cgroup text, checked to be the engine's ``<parent>/<container
-    id>`` (or ``.../<container id>`` without a parent of ours)."""
+    id>`` (or ``.../<container id>`` without a parent of ours), or ``exact`` where the backend knows the whole
+    path (nspawn's boxes: ``/<prefix>/<id>/box/payload``)."""
     paths = [
         row.split(":", 2)[2]
         for row in proc_cgroup.splitlines()
@@ -119,16 +123,20 @@ def own_cgroup(proc_cgroup: str, container_id: str, parent: str = "") -> str:
     if len(paths) != 1 or not _PATH.fullmatch(paths[0]) or {".", ".."} & set(paths[0].split("/")):
         raise HandOverError(f"not one plain name=systemd cgroup: {paths!r}")
     path = paths[0]
+    if exact:
+        if path != exact:
+            raise HandOverError(f"{path} is not the box's own cgroup {exact}")
+        return path
     if (parent and path != f"{parent}/{container_id}") or not container_id or not path.endswith("/" + container_id):
         raise HandOverError(f"{path} is not the box's own cgroup")
     return path
 
 
-async def hand_over(pid: int, mnt_ns: int, container_id: str, parent: str = "") -> None:
+async def hand_over(pid: int, mnt_ns: int, container_id: str, parent: str = "", exact: str = "") -> None:
     """Give the box (host ``pid`` of its PID 1, mount namespace inode ``mnt_ns``) its own cgroups for systemd,
     then tell its init to exec systemd. Raises :class:`HandOverError`; the box's init then goes on as
-    sandtrap's (it stops waiting after 10 s)."""
-    host_dir = await asyncio.to_thread(box_cgroup, pid, container_id, parent)
+    sandtrap's (it stops waiting after 10 s). ``exact``: see :func:`own_cgroup`."""
+    host_dir = await asyncio.to_thread(box_cgroup, pid, container_id, parent, exact)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",

@@ -26,12 +26,13 @@ from sandtrap.config import ImageSettings, NspawnSettings, SandboxSettings
 from sandtrap.errors import ConfigError, SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.docker.spec import safe_name
+from sandtrap.sandbox.host import systemd_cgroups
 from sandtrap.sandbox.host.cgroups import CgroupError, Limits, ParentCgroups
 from sandtrap.sandbox.host.inotify import OpenWatcher
 from sandtrap.sandbox.host.procviews import ProcViews
 from sandtrap.sandbox.nspawn import launch, mounts, state, views
 from sandtrap.sandbox.nspawn.image import find_tree, tree_inputs
-from sandtrap.sandbox.nspawn.sandbox import NspawnSandbox
+from sandtrap.sandbox.nspawn.sandbox import STOP_GRACE_SYSTEMD_S, NspawnSandbox
 from sandtrap.sandbox.nspawn.seccomp import filter_program
 from sandtrap.sandbox.nspawn.state import BoxRecord
 from sandtrap.sandbox.personas import Persona
@@ -110,14 +111,31 @@ class NspawnBackend:
         if reason:
             log.warning("nspawn boxes get no memory, pids or CPU limits: %s", reason)
         self._live: dict[str, NspawnSandbox] = {}
-        if box.init == "systemd":
-            log.warning("sandbox.init: systemd is not available with nspawn yet: boxes run sandtrap's init")
+        self._systemd = box.init == "systemd"
+        if self._systemd and (why := self._systemd_unavailable()):
+            log.warning("boxes keep sandtrap's init, not systemd (sandbox.init: systemd): %s", why)
+            self._systemd = False
         self._attach = attach if box.network == "capture" else None
         self._relay_netns = relay_netns if self._attach is not None else ""
 
+    def _systemd_unavailable(self) -> str:
+        """Why boxes cannot boot systemd here ('' when they can): its cgroups are handed over from the per-box
+        parent's ``name=systemd`` hierarchy (cgroup v1), as on Docker."""
+        if self._parents is None:
+            return "it needs the per-box parent cgroups, which are not available here"
+        if not (systemd_cgroups.HIERARCHY / "cgroup.procs").exists():
+            return f"no cgroup v1 name=systemd hierarchy at {systemd_cgroups.HIERARCHY}"
+        return ""
+
     def _sandbox(self, directory: Path, record: BoxRecord) -> NspawnSandbox:
         return NspawnSandbox(
-            directory, record, self._parents, self._reads, self._box.connection_in_box, self._relay_netns
+            directory,
+            record,
+            self._parents,
+            self._reads,
+            self._box.connection_in_box,
+            self._relay_netns,
+            STOP_GRACE_SYSTEMD_S if self._systemd else None,
         )
 
     @property
@@ -163,11 +181,14 @@ class NspawnBackend:
                 [],
                 procs,
                 self._filter,
+                self._systemd,
             )
             await self._start(sandbox, argv)
             await views.bind_views(record.init_pid, await asyncio.to_thread(self._views.binds))
             if self._attach is not None:
                 await self._link(sandbox)
+            if self._systemd:
+                await self._start_systemd(sandbox)
             await self._ready(sandbox)
             log.info("box %s ready %.2fs after its creation began", record.name, time.monotonic() - started)
             if session:
@@ -226,7 +247,26 @@ class NspawnBackend:
         record.init_start = state.start_time(record.init_pid)
         await asyncio.to_thread(state.save, directory, record)
         sandbox.watch_nspawn()
-        await _tidy_mounts(record.init_pid)
+        await _tidy_mounts(record.init_pid, launch.run_size(self._box, self._systemd))
+
+    async def _start_systemd(self, sandbox: NspawnSandbox) -> None:
+        """Hand the box its own ``name=systemd`` cgroups (host/systemd_cgroups.py, as on Docker; below the box's
+        ``payload`` cgroup where nspawn put its PID 1): its init then execs systemd, which starts the listener as
+        ssh.service. When the hand-over fails, its init goes on as sandtrap's (told at once)."""
+        record = sandbox.record
+        assert self._parents is not None
+        inner = launch.INNER_CGROUPS["systemd"]
+        exact = f"/{self._parents.prefix}/{record.id}/{launch.BOX_CGROUP}/{inner}"
+        try:
+            mnt_ns = (await asyncio.to_thread(os.stat, f"/proc/{record.init_pid}/ns/mnt")).st_ino
+            await systemd_cgroups.hand_over(record.init_pid, mnt_ns, record.id, exact=exact)
+        except (systemd_cgroups.HandOverError, OSError) as exc:
+            log.warning("box %s keeps sandtrap's init: %s", record.name, exc)
+            with contextlib.suppress(OSError):
+                os.kill(record.init_pid, systemd_cgroups.GIVE_UP_SIGNAL)
+            return
+        if not await asyncio.to_thread(systemd_cgroups.wait_for_listener, record.init_pid, sandbox.is_alive):
+            log.warning("box %s: systemd did not start ssh.service within %.0f s", record.name, systemd_cgroups.BOOT_S)
 
     async def _link(self, sandbox: NspawnSandbox) -> None:
         """The box's eth0 on the capture gateway (network.mode: capture): a veth pair from the gateway's namespace
@@ -330,11 +370,11 @@ def _find_init(nspawn_pid: int) -> int:
     return 0
 
 
-async def _tidy_mounts(init_pid: int) -> None:
+async def _tidy_mounts(init_pid: int, run_size: str) -> None:
     """:data:`launch.TIDY` run in the box's mount and PID namespaces by the image's own shell (the box is fresh:
     its tools are ours), before the box is used."""
     proc = await asyncio.create_subprocess_exec(
-        "nsenter", "-t", str(init_pid), "-m", "-p", "--", "/bin/sh", "-c", launch.TIDY,
+        "nsenter", "-t", str(init_pid), "-m", "-p", "--", "/bin/sh", "-c", launch.TIDY, "sh", run_size,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await proc.communicate()

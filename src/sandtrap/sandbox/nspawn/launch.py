@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sandtrap.config import NspawnSettings, SandboxSettings
 from sandtrap.sandbox.host.cgroups import ParentCgroups
+from sandtrap.sandbox.host.systemd_cgroups import RUN_MIN_FOR_SYSTEMD
 from sandtrap.sandbox.nspawn.seccomp import ENOSYS_CALLS, LOADER
 
 # Every capability by name (include/uapi/linux/capability.h), without the CAP_ prefix.
@@ -55,15 +56,25 @@ DENIED = (
 # And, as Docker's mask_cgroupns: a small tmpfs over the named systemd hierarchy (nspawn mounts it writable) with
 # the files a real root of it has (its namespace root has no release_agent: how systemd-detect-virt spots a
 # container), as box/init.c cgroup_root_files() gives Docker's.
+# With systemd as PID 1 (sandbox.init: systemd) /run is as large as Docker's boxes have it for systemd
+# (docker/spec.py run_for_systemd: systemd refuses daemon-reload with less than 16 MiB free there).
+RUN_SIZE = "16m"
 TIDY = (
     "umount -R /run/host && rm -rf --one-file-system /run/host"
-    " && mount -o remount,size=16m /run && mount -o remount,size=64m /dev/shm"
+    ' && mount -o remount,size="$1" /run && mount -o remount,size=64m /dev/shm'
     " && if [ -d /sys/fs/cgroup/systemd ]; then"
     " mount -t tmpfs -o rw,nosuid,nodev,noexec,size=16k,nr_inodes=64,mode=755 tmpfs /sys/fs/cgroup/systemd"
     " && cd /sys/fs/cgroup/systemd && for f in cgroup.clone_children notify_on_release cgroup.sane_behavior;"
     " do echo 0 > $f; done && : > cgroup.procs && : > release_agent && : > tasks && chmod 444 cgroup.sane_behavior;"
     " fi"
 )
+
+
+def run_size(box: SandboxSettings, systemd: bool) -> str:
+    """The size /run is remounted with (TIDY's ``$1``): 16 MiB, or with systemd 20% of ``memory``, 48 MiB at least."""
+    if not systemd:
+        return RUN_SIZE
+    return f"{max(RUN_MIN_FOR_SYSTEMD, box.memory // 5) // 1024}k"
 
 
 def dropped_caps(keep: Sequence[str]) -> list[str]:
@@ -133,10 +144,14 @@ def argv(
     binds: Sequence[str],
     procs: Sequence[str],
     filter_bpf: Path,
+    systemd: bool = False,
 ) -> list[str]:
     """``sh -c`` entering the cgroups ``procs`` (each a ``cgroup.procs`` file), then a cgroup namespace of its own,
     then sandtrap's seccomp filter (``filter_bpf``, seccomp.py), then nspawn running /sbin/init (each ``exec``: nspawn
-    keeps the pid that was started)."""
+    keeps the pid that was started). ``systemd``: init waits for the host's hand-over of the box's cgroups and
+    becomes systemd (``--systemd``, as on Docker: docker/spec.py): CAP_SETPCAP kept (units shrink their own
+    bounding set), /run/lock as Debian mounts it, and systemd's halt signal as the stop signal."""
+    keep = [*settings.cap_add, *(["SETPCAP"] if systemd else [])]
     nspawn = [
         *(sys.executable, "-I", "-S", "-c", LOADER, str(filter_bpf)),
         settings.nspawn,
@@ -154,14 +169,17 @@ def argv(
         "--timezone=off",
         "--link-journal=no",
         "--console=pipe",  # no /dev/console pty: PID 1 has no terminal, as on Docker
-        "--kill-signal=SIGTERM",
-        f"--oom-score-adjust={OOM_SCORE_ADJ}",  # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all)
-        "--drop-capability=" + ",".join(dropped_caps(settings.cap_add)),
+        # what sandtrap's init takes as "stop" (3 s grace, then SIGKILL to all); systemd's "halt"
+        "--kill-signal=" + ("SIGRTMIN+3" if systemd else "SIGTERM"),
+        f"--oom-score-adjust={OOM_SCORE_ADJ}",
+        "--drop-capability=" + ",".join(dropped_caps(keep)),
+        *(["--tmpfs=/run/lock:mode=1777,size=5m,nosuid,nodev,noexec"] if systemd else []),
         "--system-call-filter=" + " ".join(ALLOWED),
         "--system-call-filter=~" + " ".join(DENIED),
         *(["--no-new-privileges=yes"] if settings.no_new_privileges else []),
         *(f"--bind-ro={b.removesuffix(':ro')}" for b in binds),
         "/sbin/init",
+        *(["--systemd"] if systemd else []),
     ]
     enter = "".join(f'echo $$ > "{p}" && ' for p in procs)
     # A UTS namespace of nspawn's own with the box's domain name, which the box's UTS namespace inherits (nspawn sets

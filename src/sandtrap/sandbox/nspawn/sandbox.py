@@ -39,6 +39,9 @@ from sandtrap.sandbox.nspawn.state import BoxRecord
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 6.0  # nspawn's SIGTERM to the box's init, whose own grace is 3 s
+# systemd as PID 1 stops its units on SIGRTMIN+3, then cannot reboot() without CAP_SYS_BOOT and waits to be
+# killed (Docker's boxes: the engine's grace, 2 s): killed after this.
+STOP_GRACE_SYSTEMD_S = 2.5
 PROPAGATE = Path("/run/systemd/nspawn/propagate")
 SEEDED_AT_BOOT = (
     "/etc/hosts",
@@ -57,6 +60,7 @@ class NspawnSandbox:
         reads: OpenWatcher | None = None,
         connection_in_box: bool = False,
         relay_netns: str = "",
+        stop_grace_s: float | None = None,
     ) -> None:
         self.id = record.id
         self.name = record.name
@@ -72,6 +76,8 @@ class NspawnSandbox:
             relay_netns  # network.mode capture: the gateway's namespace, where off-loopback relays start
         )
         self._scopes: set[asyncio.Task[None]] = set()
+        self._stop_grace_s = stop_grace_s or STOP_GRACE_S
+        self._stopping = False
 
     @property
     def directory(self) -> Path:
@@ -95,6 +101,10 @@ class NspawnSandbox:
 
     def _same_box(self) -> bool:
         return state.is_alive(self._record.init_pid, self._record.init_start)
+
+    def is_alive(self) -> bool:
+        """Its PID 1 is still the one it was started with (no waiting, no event loop: callable from a thread)."""
+        return self._same_box()
 
     def _init_pid(self) -> int:
         if not self._same_box():
@@ -262,7 +272,9 @@ class NspawnSandbox:
                 finally:
                     asyncio.get_running_loop().remove_reader(fd)
             if self._same_box():
-                log.warning("box %s: systemd-nspawn (pid %d) ended; killing the box", self.name, r.nspawn_pid)
+                # While stopping, systemd as PID 1 outlives nspawn (it cannot reboot() without CAP_SYS_BOOT)
+                level = logging.DEBUG if self._stopping else logging.WARNING
+                log.log(level, "box %s: systemd-nspawn (pid %d) ended; killing the box", self.name, r.nspawn_pid)
                 self._kill_init()
         finally:
             if fd >= 0:
@@ -315,14 +327,15 @@ class NspawnSandbox:
         """SIGTERM to nspawn (the box's init stops everything), SIGKILL after the grace; the file system stays
         mounted for forensics; the parent cgroup goes. Harmless twice."""
         r = self._record
+        self._stopping = True
         if state.is_alive(r.nspawn_pid, r.nspawn_start):
             with contextlib.suppress(OSError):
                 os.kill(r.nspawn_pid, signal.SIGTERM)
         elif self._same_box():
             with contextlib.suppress(OSError):
                 os.kill(r.init_pid, signal.SIGTERM)
-        if not await self._wait_gone(STOP_GRACE_S):
-            log.info("box %s did not stop within %.0fs: killing it", self.name, STOP_GRACE_S)
+        if not await self._wait_gone(self._stop_grace_s):
+            log.info("box %s did not stop within %.1fs: killing it", self.name, self._stop_grace_s)
             self.kill_now()
             await self._wait_gone(10.0)
         if await asyncio.to_thread(self._kill_cgroup):  # a box whose PID 1 was never recorded, or a straggler
