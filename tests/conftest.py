@@ -59,4 +59,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in _figures:
         terminalreporter.write_line(line)
     OUTPUT_DIR.mkdir(exist_ok=True)
-    (OUTPUT_DIR / "figures.txt").write_text("\n".join(_figures) + "\n", encoding="utf-8")
+    # make test's micro-VM lane runs beside the main pass (scripts/test.sh): a file of its own
+    lane = os.environ.get("SANDTRAP_TEST_LANE", "")
+    name = f"figures-{lane}.txt" if lane else "figures.txt"
+    (OUTPUT_DIR / name).write_text("\n".join(_figures) + "\n", encoding="utf-8")

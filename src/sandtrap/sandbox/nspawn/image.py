@@ -88,6 +88,12 @@ async def build_tree(
             manifest = {"inputs": inputs, "image": built.image_id, "built": time.time()}
             await asyncio.to_thread((work / MANIFEST).write_text, json.dumps(manifest, indent=1) + "\n")
             target = tree_dir(cache_dir, inputs)
+            if not force and (found := find_tree(cache_dir, inputs)) is not None:
+                # another build of the same inputs published first (two test runs, two sandtraps): boxes may
+                # already run on it, so it stays and this copy goes
+                log.info("nspawn tree %s was built alongside; keeping that one", target.name)
+                await asyncio.to_thread(shutil.rmtree, work, True)
+                return found, False
             if target.exists():
                 await asyncio.to_thread(shutil.rmtree, target)
             await asyncio.to_thread(work.rename, target)
