@@ -146,7 +146,8 @@ def login_env(
         "HOME": account.home,
         "PATH": account.path,
         "SHELL": account.shell,
-        "MAIL": f"/var/mail/{account.name}",
+        # Debian's /etc/pam.d/sshd: pam_motd marks the motd shown; pam_mail has noenv (no MAIL), exec or not
+        "MOTD_SHOWN": "pam",
         "SSH_CLIENT": f"{peer.src_ip} {peer.src_port} {advertised_port}",
         "SSH_CONNECTION": f"{peer.src_ip} {peer.src_port} {peer.dst_ip} {advertised_port}",
     }

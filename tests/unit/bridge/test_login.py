@@ -30,3 +30,5 @@ def test_ssh_variables_name_the_peer_and_the_server_address_given() -> None:
     env = login_env(account, Peer("198.51.100.2", 40022, "10.20.1.2", 2222), {}, None, 22)
     assert env["SSH_CONNECTION"] == "198.51.100.2 40022 10.20.1.2 22"
     assert env["SSH_CLIENT"] == "198.51.100.2 40022 22"
+    # as Debian's sshd (seen on its real sshd 9.2): pam_motd's mark, no MAIL (pam_mail noenv)
+    assert env["MOTD_SHOWN"] == "pam" and "MAIL" not in env

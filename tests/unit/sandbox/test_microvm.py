@@ -3,6 +3,7 @@ choice, the image's inputs, the changed-files diff and the state record."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -57,6 +58,11 @@ def test_qemu_argv_is_bounded_and_sandboxed(tmp_path: Path) -> None:
     as_root = qemu.qemu_argv(MicroVMSettings(run_as=""), qemu.Accel("tcg", "test"), _launch(tmp_path))
     assert "-runas" not in as_root and "elevateprivileges=deny" in as_root[as_root.index("-sandbox") + 1]
     assert "tcg,thread=multi,tb-size=128" in argv and "-nodefaults" in argv
+    # GRUB's first word, as /proc/cmdline shows it on a Debian server
+    launch = _launch(tmp_path)
+    booted = qemu.qemu_argv(settings, qemu.Accel("tcg", "test"), dataclasses.replace(launch, release="6.1.0-9-amd64"))
+    append = booted[booted.index("-append") + 1]
+    assert append.startswith("BOOT_IMAGE=/boot/vmlinuz-6.1.0-9-amd64 root=/dev/vda ro ") and "mitigations=off" in append
     assert "tap,id=net0,ifname=tap0,script=no,downscript=no" in argv
     assert "user," not in joined and "hostfwd" not in joined  # no user-mode network: nothing NATed
     assert argv[argv.index("-append") + 1].endswith("no_timer_check quiet mitigations=off")

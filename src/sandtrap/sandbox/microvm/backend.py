@@ -240,7 +240,7 @@ class MicroVMBackend:
         try:
             launch = qemu.Launch(
                 record.name, directory, directory / "disk.qcow2", image.kernel, image.initrd, record.mac,
-                record.machine_uuid, state_fd,
+                record.machine_uuid, state_fd, image.release,
             )  # fmt: skip
             cgroup = await asyncio.to_thread(self._cgroups.create, record.name, self._limits)
             if cgroup is not None:
@@ -288,7 +288,8 @@ class MicroVMBackend:
     def _snapshot_key(self, image: VMImage) -> str:
         if self._qemu_version is None:
             self._qemu_version = snapshot.qemu_version(self._settings.qemu)
-        shape = qemu.Launch("NAME", Path("/DIR"), Path("/DIR/disk.qcow2"), image.kernel, image.initrd, "MAC", "UUID")
+        dirs = (Path("/DIR"), Path("/DIR/disk.qcow2"))
+        shape = qemu.Launch("NAME", *dirs, image.kernel, image.initrd, "MAC", "UUID", release=image.release)
         return snapshot.snapshot_key(
             image.inputs, self._qemu_version, qemu.qemu_argv(self._settings, self._accel, shape)
         )

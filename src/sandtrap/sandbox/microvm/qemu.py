@@ -116,6 +116,7 @@ class Launch:
     mac: str
     machine_uuid: str
     incoming_fd: int | None = None  # restore: the saved state's fd (``-incoming fd:N``), inherited by QEMU
+    release: str = ""  # the kernel's `uname -r`: BOOT_IMAGE on its command line
 
     @property
     def qmp_socket(self) -> Path:
@@ -147,10 +148,12 @@ def check_user(settings: MicroVMSettings) -> None:
         raise SandboxUnavailable(f"sandbox.microvm.run_as: {settings.run_as} has uid 0; use an unprivileged user")
 
 
-def kernel_cmdline(settings: MicroVMSettings) -> str:
+def kernel_cmdline(settings: MicroVMSettings, release: str = "") -> str:
     # no_timer_check, as cloud images boot: under TCG on a busy host the kernel's IO-APIC timer check fails and
-    # it panics before any driver loads ("IO-APIC + timer doesn't work!", seen here).
-    base = "root=/dev/vda ro console=ttyS0,115200 no_timer_check quiet"
+    # it panics before any driver loads ("IO-APIC + timer doesn't work!", seen here). BOOT_IMAGE first, as GRUB
+    # writes it (/proc/cmdline and PID 1's environment show it on a Debian server).
+    boot = f"BOOT_IMAGE=/boot/vmlinuz-{release} " if release else ""
+    base = f"{boot}root=/dev/vda ro console=ttyS0,115200 no_timer_check quiet"
     return f"{base} {settings.kernel_cmdline_extra}".strip()
 
 
@@ -175,7 +178,7 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         *(["-chroot", str(launch.chroot_dir)] if settings.chroot else []),
         # A guest kernel panic stops the VM (pvpanic), where the backend's watch sees it (query-status).
         "-action", "panic=pause", "-device", "pvpanic-pci",
-        "-kernel", str(launch.kernel), "-initrd", str(launch.initrd), "-append", kernel_cmdline(settings),
+        "-kernel", str(launch.kernel), "-initrd", str(launch.initrd), "-append", kernel_cmdline(settings, launch.release),
         # auto-read-only=off: QEMU keeps its one read-write fd. With it on, saving (inactivating the disk) and
         # restoring (activating it) reopen the file by path, which QEMU, after -runas, may not open (snapshot.py).
         "-drive", f"file={launch.disk},if=none,id=disk0,format=qcow2,discard=unmap,auto-read-only=off",
