@@ -159,8 +159,11 @@ def _spawn(argv: list[str], logfile: Path, pass_fds: tuple[int, ...], env: dict[
 
 async def _until(ready: Callable[[], bool], directory: Path, mark: bytes, what: str, logname: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
+    missed = 0  # looks in a row that found no such process: one alone can fall in an exec (setsid, prlimit),
+    # while /proc/PID/cmdline reads empty (seen on a loaded host: a live virtiofsd taken for an exited one)
     while not await asyncio.to_thread(ready):
-        gone = not await asyncio.to_thread(_pids_in, directory, mark)
+        missed = 0 if await asyncio.to_thread(_pids_in, directory, mark) else missed + 1
+        gone = missed >= 3
         if gone or time.monotonic() > deadline:
             tail = await asyncio.to_thread(_tail, directory / logname)
             state = "exited" if gone else f"not within {START_TIMEOUT_S:.0f}s"
