@@ -341,7 +341,8 @@ async def test_list_managed_and_reconcile_after_the_honeypot_was_killed(
 ) -> None:
     ledger = tmp_path / "ledger"
     first_backend = make_backend()
-    first = Pool(first_backend, SandboxSettings(pool_size=1, max_sandboxes=4), ledger)
+    # pool_max 1: the demand's target stays 1 however slow a warm-up is (a slow one raises it: Little's law)
+    first = Pool(first_backend, SandboxSettings(pool_size=1, pool_max=1, max_sandboxes=4), ledger)
     await first.start()
     taken = await first.acquire("s-crashed", "203.0.113.9")
     await first.wait_refilled()
