@@ -59,6 +59,8 @@ _SYSTEM_FILES = frozenset(
         "/var/log/daemon.log",
         "/run/crond.pid",
         "/run/crond.reboot",
+        "/run/nginx.pid",  # written when nginx is up: late in a box on a loaded host (a fresh-clone run)
+        "/run/rsyslogd.pid",
         "/var/lib/systemd/random-seed",
     }
 )

@@ -37,6 +37,7 @@ NEW_USER = LoginFacts(users=["oracle"], new_homes=["/home/oracle"])
         ("/var/log/nginx/access.log", "C", ROOT, "system"),
         ("/var/log/cron.log", "C", ROOT, "system"),
         ("/run/crond.reboot", "A", ROOT, "system"),  # cron's first start, late in a box on a loaded host
+        ("/run/nginx.pid", "A", ROOT, "system"),  # nginx up late in a box on a loaded host
         # Persistence and packages are the attacker's, whatever daemon reads them.
         ("/var/spool/cron/crontabs/root", "A", ROOT, "attacker"),
         ("/var/lib/dpkg/status", "C", ROOT, "attacker"),
