@@ -7,9 +7,7 @@ The outage test stops and restarts the local cluster with ``pg_ctlcluster`` (roo
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -17,9 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
-from sqlalchemy.pool import NullPool
 
 from sandtrap import events as ev
 from sandtrap.outputs.database import DatabaseSink
@@ -30,6 +26,7 @@ from sandtrap.storage.repository import Repository
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "storage"))
 
+from recording_helpers import fresh_database  # noqa: E402  (dropped with retries: an autovacuum worker may hold it)
 from storage_suite import *  # noqa: E402, F403  (the suite's tests and fixtures, collected here)
 from storage_suite import Conn, full_session, wait_until  # noqa: E402
 
@@ -45,23 +42,6 @@ def pg_base_url() -> URL:
             pytest.fail(f"scripts/postgres.sh failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         url = proc.stdout.strip().splitlines()[-1]
     return normalize_url(url)
-
-
-@contextlib.contextmanager
-def fresh_database(base: URL) -> Iterator[str]:
-    """A uniquely named database on the server of ``base``, dropped afterwards."""
-    name = f"sandtrap_t_{secrets.token_hex(6)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)  # survives restarts
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
