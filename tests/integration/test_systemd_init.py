@@ -109,7 +109,11 @@ async def test_a_failed_hand_over_leaves_sandtraps_init_running(
     # Told to go on at once (SIGUSR1), it starts the daemons itself; the listener serves, argv is plain.
     async with asyncio.timeout(8):
         while True:
-            code, out, _ = await run(box, "cat /proc/1/comm; tr '\\0' ' ' </proc/1/cmdline; echo; pgrep -c -x sshd")
+            # the listener itself ("... [listener] ..."), not any process named sshd: this exec's own session
+            # helper is one, and could be counted before init had gone on (a race seen 3 times in 20 runs)
+            code, out, _ = await run(
+                box, "cat /proc/1/comm; tr '\\0' ' ' </proc/1/cmdline; echo; pgrep -c -f '\\[listene[r]\\]'"
+            )
             if code == 0 and out.split()[-1] != "0":
                 break
             await asyncio.sleep(0.1)

@@ -8,7 +8,6 @@ socket), which gives the bridge back-pressure for free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -354,15 +353,7 @@ class DockerBackend:
         if view is None:
             log.warning("box %s keeps sandtrap's init: its pid 1 is not visible on this host", sandbox.name)
             return
-        try:
-            await systemd_cgroups.hand_over(view.pid, view.mnt_ns, sandbox.id, parent)
-        except systemd_cgroups.HandOverError as exc:
-            log.warning("box %s keeps sandtrap's init: %s", sandbox.name, exc)
-            with contextlib.suppress(OSError):
-                os.kill(view.pid, systemd_cgroups.GIVE_UP_SIGNAL)
-            return
-        if not await asyncio.to_thread(systemd_cgroups.wait_for_listener, view.pid, view.verify):
-            log.warning("box %s: systemd did not start ssh.service within %.0f s", sandbox.name, systemd_cgroups.BOOT_S)
+        await systemd_cgroups.boot(view.pid, view.mnt_ns, sandbox.name, view.verify, sandbox.id, parent)
 
     def _no_parents(self, reason: str) -> None:
         log.warning("sandbox limits stay on each container from now on (%s)", reason)

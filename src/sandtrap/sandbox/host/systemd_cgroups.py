@@ -26,6 +26,7 @@ only; writing it needs CAP_SYS_ADMIN in the host's namespace since Linux 5.17 an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -164,6 +165,31 @@ async def hand_over(pid: int, mnt_ns: int, container_id: str, parent: str = "", 
         os.kill(pid, READY_SIGNAL)
     except OSError as exc:
         raise HandOverError(f"cannot signal the box's init: {exc}") from exc
+
+
+async def boot(
+    pid: int,
+    mnt_ns: int | None,
+    name: str,
+    still_there: Callable[[], bool],
+    container_id: str,
+    parent: str = "",
+    exact: str = "",
+) -> None:
+    """Every backend's way to systemd as a box's PID 1: :func:`hand_over` (``mnt_ns`` None: read from the pid),
+    then wait until systemd has started the listener (ssh.service), :data:`BOOT_S` at most. When the hand-over
+    fails, the box's init is told at once and goes on as sandtrap's. ``name``: the box's, for the log."""
+    try:
+        if mnt_ns is None:
+            mnt_ns = (await asyncio.to_thread(os.stat, f"/proc/{pid}/ns/mnt")).st_ino
+        await hand_over(pid, mnt_ns, container_id, parent, exact)
+    except (HandOverError, OSError) as exc:
+        log.warning("box %s keeps sandtrap's init: %s", name, exc)
+        with contextlib.suppress(OSError):
+            os.kill(pid, GIVE_UP_SIGNAL)
+        return
+    if not await asyncio.to_thread(wait_for_listener, pid, still_there):
+        log.warning("box %s: systemd did not start ssh.service within %.0f s", name, BOOT_S)
 
 
 def unavailable(local: bool, v1: bool, cgroupns: str, masked: bool) -> str:

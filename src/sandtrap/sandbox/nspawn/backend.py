@@ -257,16 +257,7 @@ class NspawnBackend:
         assert self._parents is not None
         inner = launch.INNER_CGROUPS["systemd"]
         exact = f"/{self._parents.prefix}/{record.id}/{launch.BOX_CGROUP}/{inner}"
-        try:
-            mnt_ns = (await asyncio.to_thread(os.stat, f"/proc/{record.init_pid}/ns/mnt")).st_ino
-            await systemd_cgroups.hand_over(record.init_pid, mnt_ns, record.id, exact=exact)
-        except (systemd_cgroups.HandOverError, OSError) as exc:
-            log.warning("box %s keeps sandtrap's init: %s", record.name, exc)
-            with contextlib.suppress(OSError):
-                os.kill(record.init_pid, systemd_cgroups.GIVE_UP_SIGNAL)
-            return
-        if not await asyncio.to_thread(systemd_cgroups.wait_for_listener, record.init_pid, sandbox.is_alive):
-            log.warning("box %s: systemd did not start ssh.service within %.0f s", record.name, systemd_cgroups.BOOT_S)
+        await systemd_cgroups.boot(record.init_pid, None, record.name, sandbox.is_alive, record.id, exact=exact)
 
     async def _link(self, sandbox: NspawnSandbox) -> None:
         """The box's eth0 on the capture gateway (network.mode: capture): a veth pair from the gateway's namespace
