@@ -197,6 +197,11 @@ async def test_attacker_session_is_the_guests_own_sshd(tmp_path: Path) -> None:
             assert f"Accepted password for root from {GATEWAY} port {src_port} ssh2" in journal, journal[-2000:]
             last = await _guest(box, "last -i -w")
             assert re.search(rf"^root\s+pts/\d+\s+{re.escape(GATEWAY)}\s", last, re.M), last
+            # The honeypot's own commands (these checks included) go by the guest agent: no login of ours shows,
+            # and the agent's own log lines are held back (its unit's LogLevelMax).
+            assert "Accepted publickey" not in auth and "session opened for user root by (uid=0)" not in auth, auth
+            agent_log = await _guest(box, "journalctl -o cat -t qemu-ga; journalctl -o cat | grep -c guest-exec")
+            assert agent_log.strip() == "0", agent_log[-2000:]
             helper = await _guest(box, "test -e /usr/lib/openssh/sshd-session && echo present || echo absent")
             assert helper.strip() == "absent"
 
@@ -212,6 +217,7 @@ async def test_attacker_session_is_the_guests_own_sshd(tmp_path: Path) -> None:
                 assert re.search(rf"^root\s+pts/\d+\s+{re.escape(GATEWAY)}\s", w, re.M), w
                 ss = await _guest(box, "ss -tnH state established '( sport = :22 )'")
                 assert f"{GUEST}:22 {GATEWAY}:{live_port}".replace(" ", "") in ss.replace(" ", ""), ss
+                assert len(ss.strip().splitlines()) == 1, ss  # the attacker's: the honeypot has no connection there
                 shell.close()
             await _wait(capture, SESSION_CLOSED, session=_last(capture, SESSION_CONNECT).session)
             ss = await _guest(box, "sleep 2; ss -tnH state established '( sport = :22 )'")

@@ -2,7 +2,8 @@
 # Makes the box's root file system a virtual machine's, inside a throw-away build container with network.
 # Usage: vm_setup.sh STAGE_DIR HOSTNAME
 #   STAGE_DIR holds this script, rootfs_setup.sh and the compiled init and session helper (rootfs_setup.sh removes it).
-# 1. Debian's kernel (linux-image-amd64, its initramfs made here) and udev: a VM has devices to manage.
+# 1. Debian's kernel (linux-image-amd64, its initramfs made here) and udev: a VM has devices to manage; QEMU's
+#    guest agent, as cloud images carry it: the honeypot's own commands go by it, never by a login.
 # 2. rootfs_setup.sh, as for a container box: users, history, logs, lures.
 # 3. Undo what only a container box needs: the guest's PID 1 is systemd, its sshd Debian's own.
 set -eu
@@ -19,8 +20,14 @@ ln -sf /dev/null /etc/systemd/network/99-default.link
 
 say "apt-get update"
 apt-get update -q
-say "installing linux-image-amd64 and udev"
-apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold linux-image-amd64 udev
+say "installing linux-image-amd64, udev and qemu-guest-agent"
+apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold \
+    linux-image-amd64 udev qemu-guest-agent
+# The agent logs every command it is sent (guest-exec, guest-exec-status: "info: ... called") to the journal,
+# what admins quieten with this drop-in (as `systemctl edit` names it): notices and worse still show.
+mkdir -p /etc/systemd/system/qemu-guest-agent.service.d
+printf '[Service]\nLogLevelMax=notice\n' > /etc/systemd/system/qemu-guest-agent.service.d/override.conf
+chmod 0644 /etc/systemd/system/qemu-guest-agent.service.d/override.conf
 
 # rootfs_setup.sh makes ssh.service start the container box's listener: keep Debian's unit to put back.
 KEEP=$(mktemp -d)

@@ -161,6 +161,9 @@ class Features:
     # An OwnSshd sandbox: exec(login=Login(kind=...)) is served by the box's own sshd (argv unused), and its
     # processes take signals; the connection's end is end_login(session), not sandtrap's helper.
     own_sshd: bool = False
+    # A RunsAside sandbox: run() goes by its own management channel (a VM's guest agent), not exec: none of the
+    # honeypot's own commands shows in the box as a login (sshd, PAM, utmp, auth.log, a TCP connection).
+    runs_aside: bool = False
 
 
 class ReadWatch(Protocol):
@@ -305,6 +308,17 @@ class OwnSshd(Protocol):
         disconnect and the session's close itself); harmless when there is none."""
 
 
+@runtime_checkable
+class RunsAside(Protocol):
+    """A sandbox that runs a command to its end by a channel of its own: asked through
+    :attr:`Features.runs_aside`; :func:`run` uses it."""
+
+    async def run_aside(
+        self, argv: Argv, stdin: bytes, *, user: str, max_output: int, timeout_s: float | None
+    ) -> RunResult:
+        """As :func:`run`."""
+
+
 Transport = Literal["tcp", "udp"]
 
 
@@ -365,6 +379,8 @@ async def run(
     """Run ``argv`` to its end: write ``stdin``, close it, drain the output (each stream kept up to
     ``max_output`` bytes, the rest read and dropped so the process never blocks), return its status.
     With ``timeout_s`` the process is killed and :class:`TimeoutError` raised when it takes longer."""
+    if sandbox.features.runs_aside and isinstance(sandbox, RunsAside):
+        return await sandbox.run_aside(argv, stdin, user=user, max_output=max_output, timeout_s=timeout_s)
     proc = await sandbox.exec(argv, user=user)
     try:
         async with asyncio.timeout(timeout_s):

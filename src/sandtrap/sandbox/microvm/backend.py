@@ -196,7 +196,7 @@ class MicroVMBackend:
             sandbox.baseline_s = time.monotonic() - started - sandbox.boot_s
             how = f"restored from {template.directory.name}" if template else f"cold boot ({self._accel.name})"
             log.info(
-                "VM %s: sshd ready %.1fs after QEMU's start, %s; %s in %.1fs", record.name, sandbox.boot_s, how,
+                "VM %s: agent and sshd ready %.1fs after QEMU's start, %s; %s in %.1fs", record.name, sandbox.boot_s, how,
                 "baseline" if template is None else "made unique, baseline", sandbox.baseline_s,
             )  # fmt: skip
         except BaseException as exc:
@@ -353,8 +353,7 @@ class MicroVMBackend:
                 raise SandboxError(f"the template's listing failed: {listing.stderr[-500:]!r}")
             await asyncio.to_thread((work / "baseline").write_bytes, listing.stdout)
             await run(template, ["sync"], timeout_s=60)
-            await template.detach()  # our connection must not be part of the saved guest
-            await asyncio.sleep(SETTLE_S)  # the guest's sshd sees the close and its session ends
+            await template.detach()  # no command of ours in flight in the saved guest
             t_save = time.monotonic()
             size = await self._save_state(work, record.name)
             save_s = time.monotonic() - t_save
@@ -364,7 +363,7 @@ class MicroVMBackend:
                 await qemu.qmp(work / "qmp.sock", "quit")
             await qemu.kill(record.pid, record.name)
             await _release_cgroup(template)
-            for leftover in ("qmp.sock", "serial.sock", "vm.json"):
+            for leftover in ("qmp.sock", "serial.sock", qemu.AGENT_SOCKET, "vm.json"):
                 (work / leftover).unlink(missing_ok=True)
             (work / "disk.qcow2").chmod(0o400)  # every restored VM's backing file: never written again
             snapshot.write_manifest(
@@ -392,7 +391,8 @@ class MicroVMBackend:
             raise SandboxError(f"qemu-img create {disk.name} failed: {out.decode(errors='replace')[-500:]}")
 
     async def _wait_ready(self, sandbox: MicroVMSandbox, directory: Path) -> None:
-        """Until the guest's sshd takes our key: QEMU must stay up, within sandbox.microvm.boot_timeout_s."""
+        """Until the guest agent answers and the guest's sshd is up: QEMU must stay up, within
+        sandbox.microvm.boot_timeout_s."""
         deadline = time.monotonic() + self._settings.boot_timeout_s
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -402,13 +402,13 @@ class MicroVMBackend:
             if panic := await asyncio.to_thread(state.panic_line, directory / "console.log"):
                 raise SandboxError(f"{sandbox.name}: the guest kernel panicked while booting: {panic}")
             try:
-                await sandbox.connection()
+                await sandbox.ready()
                 return
-            except SandboxError as exc:
+            except (SandboxError, TimeoutError) as exc:
                 last = exc
             await asyncio.sleep(READY_POLL_S)
         raise SandboxError(
-            f"{sandbox.name}: the guest's sshd did not answer within {self._settings.boot_timeout_s:.0f}s "
+            f"{sandbox.name}: the guest's agent and sshd were not ready within {self._settings.boot_timeout_s:.0f}s "
             f"(sandbox.microvm.boot_timeout_s; last: {last}; see {directory / 'console.log'})"
         )
 

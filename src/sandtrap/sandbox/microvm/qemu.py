@@ -104,6 +104,10 @@ class GuestNet:
         return cls(str(hosts[0]), str(guest), net.prefixlen)
 
 
+AGENT_SOCKET = "agent.sock"  # the guest agent's virtio-serial port (agent.py), in the VM's state directory
+AGENT_PORT = "org.qemu.guest_agent.0"  # the name Debian's qemu-guest-agent starts for (its udev rule)
+
+
 @dataclass(frozen=True)
 class Launch:
     """One VM's QEMU invocation."""
@@ -121,6 +125,10 @@ class Launch:
     @property
     def qmp_socket(self) -> Path:
         return self.state_dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.state_dir / AGENT_SOCKET
 
     @property
     def serial_socket(self) -> Path:
@@ -189,6 +197,10 @@ def qemu_argv(settings: MicroVMSettings, accel: Accel, launch: Launch) -> list[s
         "-device", f"pcie-root-port,id={HOTPLUG_PORT},bus=pcie.0,chassis=1",
         # The guest hands its free memory back (QEMU drops those pages): an idle VM holds what its guest uses.
         "-device", "virtio-balloon-pci,free-page-reporting=on",
+        # The honeypot's own channel into the guest: its guest agent (agent.py), no login in the guest's logs.
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent0,path={launch.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT}",
         "-chardev", f"socket,id=con0,path={launch.serial_socket},server=on,wait=on",
         "-serial", "chardev:con0",
         "-qmp", f"unix:{launch.qmp_socket},server=on,wait=off",

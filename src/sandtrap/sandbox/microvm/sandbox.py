@@ -1,4 +1,5 @@
-"""One VM behind the seam: exec and files over SSH to the guest's own sshd, life through QEMU and QMP."""
+"""One VM behind the seam: the honeypot's own commands and files through the guest agent (agent.py), a streaming
+exec over SSH (guest.py), the attacker's logins by the guest's own sshd (relay.py), life through QEMU and QMP."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from sandtrap.sandbox.base import (
     Process,
     ReadReport,
     ReadWatch,
+    RunResult,
     Snapshot,
     TermSize,
     diff_snapshots,
     run,
     state_of,
 )
-from sandtrap.sandbox.microvm import guest, lureshare, qemu, relay, state, virtiofs
+from sandtrap.sandbox.microvm import agent, guest, lureshare, qemu, relay, state, virtiofs
 from sandtrap.sandbox.microvm.state import VMRecord
 from sandtrap.sandbox.microvm.watch import VMWatch
 
@@ -42,6 +44,11 @@ CGROUP_RELEASE_TRIES = 50
 LISTING_TIMEOUT_S = 300.0
 # Every path on the root file system with type, size, mode, mtime and ctime; NUL-separated (any byte in a name).
 LISTING = ["find", "/", "-xdev", "-printf", r"%p\0%y %s %m %T@ %C@\0"]
+FILE_TIMEOUT_S = 60.0
+# put_file: path, mode (octal), mtime ("" to leave it); the data on stdin. Root's, as sftp as root made it.
+PUT_FILE = 'cat > "$1" && chown 0:0 -- "$1" && chmod "$2" -- "$1" && { [ -z "$3" ] || touch -d "@$3" -- "$1"; }'
+# get_file: the path itself (never through a symlink): its mode in hex and size; exit 3 when there is none.
+STAT_FILE = '[ -e "$1" ] || [ -L "$1" ] || exit 3; exec stat -c "%f %s" -- "$1"'
 
 
 def parse_listing(data: bytes) -> dict[str, str]:
@@ -60,7 +67,7 @@ def diff_listing(before: Mapping[str, str], after: Mapping[str, str]) -> list[Ch
 
 
 class MicroVMSandbox:
-    """A QEMU VM found by its state directory. Its SSH connection is made on first use."""
+    """A QEMU VM found by its state directory. Its agent and SSH connections are made on first use."""
 
     def __init__(self, directory: Path, record: VMRecord, key: asyncssh.SSHKey, address: str) -> None:
         self.id = record.id
@@ -70,11 +77,11 @@ class MicroVMSandbox:
         self._key = key
         self._address = address
         self._conn: asyncssh.SSHClientConnection | None = None
-        self._sftp: asyncssh.SFTPClient | None = None
+        self.agent = agent.GuestAgent(directory / qemu.AGENT_SOCKET, record.name, self._is_alive)
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
-        self.boot_s: float | None = None  # QEMU's start to the guest's sshd taking our key (set by create)
+        self.boot_s: float | None = None  # QEMU's start to the guest's agent and sshd ready (set by create)
         self.baseline_s: float | None = None  # the file listing taken when it was warmed
         self._logins: relay.GuestLogins | None = None  # the attackers' own connections to the guest's sshd
         self.lure: lureshare.LureShare | None = None  # the lure share's events (set by the backend that made it)
@@ -93,7 +100,7 @@ class MicroVMSandbox:
 
     @property
     def features(self) -> Features:
-        return Features(own_sshd=True)
+        return Features(own_sshd=True, runs_aside=True)
 
     def _is_alive(self) -> bool:
         return qemu.is_alive(self._record.pid, self.name)
@@ -105,17 +112,18 @@ class MicroVMSandbox:
         return self.watch.failure if self.watch is not None else ""
 
     async def failed(self, reason: str) -> None:
-        """The watch's handler: drop the connection to the guest (its channels end now, not at a keepalive's
+        """The watch's handler: drop the connections to the guest (its channels end now, not at a keepalive's
         timeout) and kill what is left of QEMU (a panicked or stopped VM)."""
-        conn, self._conn, self._sftp = self._conn, None, None
+        conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
+        self.agent.close()
         await qemu.kill(self._record.pid, self.name, grace_s=0)
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
             if self._conn is not None and self._conn.is_closed():
-                self._conn, self._sftp = None, None
+                self._conn = None
             if self._conn is None:
                 if self.failure:
                     raise SandboxError(f"VM {self.name} failed: {self.failure}")
@@ -133,15 +141,6 @@ class MicroVMSandbox:
                 conn.close()
                 return
             await asyncio.sleep(WATCH_S)
-
-    async def _sftp_client(self) -> asyncssh.SFTPClient:
-        conn = await self.connection()
-        if self._sftp is None:
-            try:
-                self._sftp = await conn.start_sftp_client()
-            except (asyncssh.Error, OSError) as exc:
-                raise SandboxError(f"SFTP to {self.name}: {exc!r}") from exc
-        return self._sftp
 
     async def exec(
         self,
@@ -179,37 +178,39 @@ class MicroVMSandbox:
     async def network_address(self) -> str:
         return self._address
 
+    async def run_aside(
+        self, argv: Argv, stdin: bytes, *, user: str, max_output: int, timeout_s: float | None
+    ) -> RunResult:
+        """:func:`~sandtrap.sandbox.base.run` by the guest agent: no login of ours shows in the guest."""
+        if self.failure:
+            raise SandboxError(f"VM {self.name} failed: {self.failure}")
+        return await self.agent.run(argv, stdin, user=user, max_output=max_output, timeout_s=timeout_s)
+
+    async def ready(self) -> None:
+        """The guest agent answers and the guest's sshd is up (systemd says ``active``: Debian's unit is of type
+        notify, so it listens); SandboxError until then."""
+        result = await self.agent.run(["systemctl", "is-active", "ssh.service"], timeout_s=agent.CALL_TIMEOUT_S)
+        if result.stdout.strip() != b"active":
+            raise SandboxError(f"{self.name}'s sshd is {result.stdout.strip().decode(errors='replace') or 'not up'}")
+
     async def put_file(self, path: str, data: bytes, mode: int = 0o644, mtime: float | None = None) -> None:
-        sftp = await self._sftp_client()
-        try:
-            async with sftp.open(path, "wb", encoding=None) as f:
-                await f.write(data)
-            await sftp.chmod(path, mode)
-            await sftp.chown(path, 0, 0)
-            if mtime is not None:
-                await sftp.utime(path, (mtime, mtime))
-        except (asyncssh.Error, OSError) as exc:
-            raise SandboxError(f"put {path} into {self.name}: {exc!r}") from exc
+        argv = ["sh", "-c", PUT_FILE, "sh", path, f"{stat.S_IMODE(mode):o}", "" if mtime is None else f"{mtime:.6f}"]
+        result = await run(self, argv, data, timeout_s=FILE_TIMEOUT_S)
+        if not result.ok:
+            raise SandboxError(f"put {path} into {self.name}: {result.stderr[-300:]!r}")
 
     async def get_file(self, path: str, max_bytes: int) -> FileData | None:
-        sftp = await self._sftp_client()
-        try:
-            attrs = await sftp.lstat(path)
-        except asyncssh.SFTPNoSuchFile:
+        seen = await run(self, ["sh", "-c", STAT_FILE, "sh", path], timeout_s=FILE_TIMEOUT_S)
+        if seen.status.code == 3:
             return None
-        except (asyncssh.Error, OSError) as exc:
-            raise SandboxError(f"stat {path} in {self.name}: {exc!r}") from exc
-        mode = attrs.permissions or 0
-        size = attrs.size or 0
+        fields = seen.stdout.split()
+        if not seen.ok or len(fields) != 2:
+            raise SandboxError(f"stat {path} in {self.name}: {seen.stderr[-300:]!r}")
+        mode, size = int(fields[0], 16), int(fields[1])
         regular = stat.S_ISREG(mode)
         data: bytes | None = None
         if regular and size <= max_bytes:
-            try:
-                async with sftp.open(path, "rb", encoding=None) as f:
-                    raw = await f.read(max_bytes + 1)
-                data = raw if isinstance(raw, bytes) else raw.encode()
-            except (asyncssh.Error, OSError) as exc:
-                raise SandboxError(f"read {path} in {self.name}: {exc!r}") from exc
+            data = await self.agent.read_file(path, max_bytes, timeout_s=FILE_TIMEOUT_S)
             if len(data) > max_bytes:  # grew since the stat
                 data = None
         return FileData(path, size, stat.S_IMODE(mode), regular, data)
@@ -268,14 +269,15 @@ class MicroVMSandbox:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        conn, self._conn, self._sftp = self._conn, None, None
+        self.agent.close()
+        conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 5)
 
     async def detach(self) -> None:
-        """Let go of the VM without stopping it: its SSH connection and the console copy end."""
+        """Let go of the VM without stopping it: its agent and SSH connections and the console copy end."""
         await self._close_connection()
         if self.console is not None:
             self.console.cancel()
