@@ -97,6 +97,16 @@ async def _wait(capture: CaptureSink, eventid: str, timeout_s: float = 60.0, **f
             await asyncio.sleep(0.1)
 
 
+class _Tries(asyncssh.SSHClient):
+    """Two wrong passwords, then the right one, on one connection."""
+
+    def __init__(self) -> None:
+        self._left = ["wrong-1", "wrong-2", PASSWORD]
+
+    def password_auth_requested(self) -> str | None:
+        return self._left.pop(0) if self._left else None
+
+
 async def _guest(box: MicroVMSandbox, command: str) -> str:
     """A command as root in the guest by the honeypot's own way in (not an attacker's login)."""
     result = await run(box, ["sh", "-c", command], timeout_s=120)
@@ -129,6 +139,14 @@ async def test_attacker_session_is_the_guests_own_sshd(tmp_path: Path) -> None:
             r = await client(ssh_argv(port, "kill -TERM $$"), timeout_s=120)
             assert r.returncode == 255, r.err  # OpenSSH's client for a remote killed by a signal
             await _wait(capture, CHANNEL_EXIT, signal="TERM", session=_last(capture, SESSION_CONNECT).session)
+
+            # -- refused passwords before the right one: the guest's sshd is asked them too (relay.py) ------------
+            async with asyncssh.connect(
+                HOST, port, username="root", client_factory=_Tries, preferred_auth="password", known_hosts=None,
+                agent_path=None, config=None,
+            ) as conn:  # fmt: skip
+                tries_port = conn.get_extra_info("sockname")[1]
+                assert (await conn.run("echo in", check=False)).stdout == "in\n"
 
             # -- env: what Debian's sshd accepts (AcceptEnv LANG LC_*), and nothing else -----------------------
             env_argv = ssh_argv(
@@ -197,9 +215,16 @@ async def test_attacker_session_is_the_guests_own_sshd(tmp_path: Path) -> None:
             assert f"Accepted password for root from {GATEWAY} port {src_port} ssh2" in journal, journal[-2000:]
             last = await _guest(box, "last -i -w")
             assert re.search(rf"^root\s+pts/\d+\s+{re.escape(GATEWAY)}\s", last, re.M), last
+            tried = [
+                line.split(": ", 1)[-1]
+                for line in auth.splitlines()
+                if f"from {GATEWAY} port {tries_port} ssh2" in line and ("Failed" in line or "Accepted" in line)
+            ]
+            expected = [f"{what} password for root from {GATEWAY} port {tries_port} ssh2" for what in ("Failed",) * 2]
+            assert tried == [*expected, f"Accepted password for root from {GATEWAY} port {tries_port} ssh2"], tried
             # The honeypot's own commands (these checks included) go by the guest agent: no login of ours shows,
             # and the agent's own log lines are held back (its unit's LogLevelMax).
-            assert "Accepted publickey" not in auth and "session opened for user root by (uid=0)" not in auth, auth
+            assert f"Accepted publickey for root from {GATEWAY}" not in auth, auth[-3000:]
             agent_log = await _guest(box, "journalctl -o cat -t qemu-ga; journalctl -o cat | grep -c guest-exec")
             assert agent_log.strip() == "0", agent_log[-2000:]
             helper = await _guest(box, "test -e /usr/lib/openssh/sshd-session && echo present || echo absent")

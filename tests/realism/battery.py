@@ -1263,13 +1263,6 @@ MICROVM_GAPS: dict[str, tuple[Expected, str, str]] = {
     "meminfo-vs-limit": ("pass", "", ""),  # the real server's answer, which the rule now takes
     "cpus-agree": ("pass", "", ""),  # the real server's answer, which the rule now takes
     "nofile-hard-limit": ("pass", "", ""),  # the guest's own limits, no engine in between
-    "auth-log-failed": (
-        "known-gap",
-        "The connection's wrong passwords before the right one are not replayed to the guest's sshd (the bridge "
-        "keeps only when and for whom, not the passwords).",
-        "Keep the failed passwords of the connection (bounded) and try them on the guest's sshd before the "
-        "accepted one, on the same connection.",
-    ),
     "login-environment": ("pass", "", ""),  # the real server's answer, which the rule now takes
     "parent-is-sshd (exec)": (
         "known-gap",

@@ -250,6 +250,7 @@ class Channel:
                 )
                 if first
                 else None,
+                failed=tuple((f.username, f.method) for f in failures),
                 **self._asked(env),
             )
             self._process = await lease.sandbox.exec(argv, tty=tty, user=user, workdir=account.home, login=login)

@@ -149,6 +149,9 @@ class Login:
     command: bytes | None = None  # exec: the client's command as it sent it; subsystem: the subsystem's name
     term: str | None = None  # the pty's TERM (None: no pty); its size is exec's ``tty``
     env: tuple[tuple[str, str], ...] = ()  # the client's variables sshd accepts (AcceptEnv LANG LC_*)
+    # The connection's refused attempts before it got in, in order: (user name, method as sshd names it). The box's
+    # sshd is asked the same (with wrong passwords), so it logs each "Failed password" as it would have.
+    failed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,15 @@ import pytest
 
 from sandtrap.errors import SandboxError
 from sandtrap.sandbox.base import ClientAddress, Login, TermSize
-from sandtrap.sandbox.microvm.relay import attempts, process_options, source_address, usable_password
+from sandtrap.sandbox.microvm.relay import (
+    MAX_REPLAYED,
+    attempts,
+    client_factory,
+    process_options,
+    replayed,
+    source_address,
+    usable_password,
+)
 
 GUEST = "10.20.1.13"
 KEY = asyncssh.generate_private_key("ssh-ed25519")
@@ -52,10 +60,31 @@ def test_a_password_login_is_repeated_with_the_password_then_the_access_key() ->
     methods = attempts(_login(), KEY)
     assert [a.method for a in methods] == ["password", "publickey"]
     first = methods[0].options
-    assert first["username"] == "root" and first["password"] == "hunter2" and first["preferred_auth"] == "password"
+    assert first["username"] == "root" and first["preferred_auth"] == "password" and methods[0].wrong == 0
     assert first["client_keys"] is None and first["known_hosts"] is None and first["agent_path"] is None
-    assert methods[1].options["client_keys"] == [KEY]
-    assert "password" not in methods[1].options
+    answers = client_factory(methods[0], _login())()
+    assert [answers.password_auth_requested() for _ in range(2)] == ["hunter2", None]
+    assert methods[1].options["client_keys"] == [KEY] and methods[1].options["preferred_auth"] == "publickey"
+    assert client_factory(methods[1], _login())().password_auth_requested() is None
+
+
+def test_the_connections_refused_passwords_are_asked_first_with_wrong_ones() -> None:
+    failed = (("root", "password"), ("admin", "password"), ("root", "keyboard-interactive/pam"), ("root", "password"))
+    login = _login(failed=failed)
+    assert replayed(login) == 2  # root's password ones: sshd allows no change of user, kbdint is not replayed
+    first = attempts(login, KEY)[0]
+    answers = client_factory(first, login)()
+    said = [answers.password_auth_requested() for _ in range(4)]
+    assert said[2:] == ["hunter2", None] and all(w and w != "hunter2" for w in said[:2]) and said[0] != said[1]
+    assert attempts(login, KEY)[1].wrong == 0  # replayed once, on the first connection
+    assert replayed(_login(failed=(("root", "password"),) * 9)) == MAX_REPLAYED  # room left for the login
+    by_key = attempts(_login(auth_method="publickey", password=None, failed=(("root", "password"),)), KEY)
+    assert [(a.method, a.wrong, a.options["preferred_auth"]) for a in by_key] == [
+        ("publickey", 1, "password,publickey")
+    ]
+    key_answers = client_factory(by_key[0], login)()
+    assert key_answers.password_auth_requested() not in (None, "hunter2")  # a wrong one, then on to the key
+    assert key_answers.password_auth_requested() is None
 
 
 @pytest.mark.parametrize("password", [None, "", "a\nb", "a\rb", "a\0b"])

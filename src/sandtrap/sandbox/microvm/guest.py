@@ -1,5 +1,6 @@
-"""The honeypot's own way into a guest: an SSH connection, as root with the sensor's access key, to the
-guest's sshd, made from inside the VM's network namespace (nothing routes there from the host)."""
+"""The seam's streaming exec in a guest (a pty, stdin while it runs): an SSH connection, as root with the sensor's
+access key, to the guest's sshd, made from inside the VM's network namespace (nothing routes there from the host)
+and only when such an exec is asked for. The honeypot's own commands go by the guest agent (agent.py)."""
 
 from __future__ import annotations
 

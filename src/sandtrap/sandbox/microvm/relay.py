@@ -10,6 +10,10 @@ Where the attacker's address cannot appear on the guest's network it is mapped t
 Any other address is added to the namespace's ``lo`` (the namespace holds only this VM: nothing else sees it) and
 the socket bound to it and to the attacker's source port (another port if that one is taken).
 
+The attacker's refused passwords on that connection are asked first, on the same connection, with wrong passwords
+(the guest's sshd logs ``Failed password for USER from IP port PORT ssh2`` for each, then the login's ``Accepted``),
+as many as sshd's MaxAuthTries leaves room for; each costs the guest's PAM its failure delay (about 2 s).
+
 A publickey login cannot be repeated (the attacker's private key stays with the attacker): the relay logs in with
 the sensor's access key, which root's ``authorized_keys`` holds from the image and which is added to another
 account's ``~/.ssh/authorized_keys`` before its first such login. sshd then logs ``Accepted publickey`` with that
@@ -23,6 +27,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import secrets
 import socket
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -76,12 +81,34 @@ def usable_password(password: str | None) -> bool:
     return bool(password) and not any(c in password for c in "\r\n\0")  # type: ignore[operator]
 
 
+MAX_REPLAYED = 5  # the guest's sshd closes a connection after MaxAuthTries (6) failures: room for the login
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One way to log in to the guest's sshd as the attacker's account."""
 
     method: str  # "password" or "publickey"
     options: dict[str, Any]
+    wrong: int = 0  # wrong passwords sent first (the attacker's refused ones, replayed)
+
+
+def replayed(login: Login) -> int:
+    """How many of the connection's refused attempts the guest's sshd is asked again: the password ones for this
+    login's user (sshd allows no change of user on a connection), at most :data:`MAX_REPLAYED`."""
+    return min(MAX_REPLAYED, sum(1 for user, method in login.failed if user == login.username and method == "password"))
+
+
+class ReplayClient(asyncssh.SSHClient):
+    """Answers sshd's password requests: ``wrong`` random passwords, then ``password`` (None: none, so the
+    connection goes on to its next method)."""
+
+    def __init__(self, wrong: int, password: str | None) -> None:
+        wrong_ones: list[str | None] = [secrets.token_urlsafe(12) for _ in range(wrong)]
+        self._answers = [*wrong_ones, password]
+
+    def password_auth_requested(self) -> str | None:
+        return self._answers.pop(0) if self._answers else None
 
 
 def attempts(login: Login, key: asyncssh.SSHKey) -> list[Attempt]:
@@ -94,13 +121,20 @@ def attempts(login: Login, key: asyncssh.SSHKey) -> list[Attempt]:
         "keepalive_interval": 0,
         "login_timeout": LOGIN_TIMEOUT_S,
     }
+    wrong = replayed(login)
     out = []
     if login.auth_method != "publickey" and usable_password(login.password):
-        out.append(
-            Attempt("password", base | {"password": login.password, "client_keys": None, "preferred_auth": "password"})
-        )
-    out.append(Attempt("publickey", base | {"client_keys": [key], "preferred_auth": "publickey"}))
+        options = base | {"client_keys": None, "preferred_auth": "password"}
+        out.append(Attempt("password", options, wrong))
+        wrong = 0  # replayed once, on the first attempt's connection
+    methods = "password,publickey" if wrong else "publickey"
+    out.append(Attempt("publickey", base | {"client_keys": [key], "preferred_auth": methods}, wrong))
     return out
+
+
+def client_factory(attempt: Attempt, login: Login) -> Callable[[], asyncssh.SSHClient]:
+    password = login.password if attempt.method == "password" else None
+    return lambda: ReplayClient(attempt.wrong, password)
 
 
 def process_options(login: Login, tty: TermSize | None) -> dict[str, Any]:
@@ -229,7 +263,9 @@ class GuestLogins:
                 raise SandboxError(f"cannot reach {self._name}'s sshd from {source or 'the tap'}: {exc}") from exc
             try:
                 async with asyncio.timeout(LOGIN_TIMEOUT_S + 5):
-                    conn = await asyncssh.connect(sock=sock, **attempt.options)
+                    conn = await asyncssh.connect(
+                        sock=sock, client_factory=client_factory(attempt, login), **attempt.options
+                    )
             except asyncssh.PermissionDenied as exc:
                 sock.close()
                 last = exc

@@ -1,7 +1,7 @@
 """Make a VM restored from the template its own machine before it is handed out.
 
 Every restored VM starts as a byte-for-byte copy of the template's RAM: whatever the guest generated once is
-a fingerprint shared by every box. One script (run as root over the honeypot's own SSH connection, values from
+a fingerprint shared by every box. One script (run as root by the guest agent, agent.py, values from
 the host's CSPRNG) changes what can be changed from inside:
 
 - the clock: stepped to the host's time (the template was saved minutes or days ago);

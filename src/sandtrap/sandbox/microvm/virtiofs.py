@@ -227,7 +227,7 @@ def hotplug(qmp_path: Path, vhost_socket: Path, tag: str) -> None:
 
 
 def guest_mount_script(path: str, tag: str) -> str:
-    """Run in the guest over the honeypot's own SSH connection: mount once the hot-plugged device is there."""
+    """Run in the guest by the guest agent: mount once the hot-plugged device is there."""
     mount = f"mount -t virtiofs -o ro,nosuid,nodev,noexec {tag} {path}"
     tries = int(GUEST_MOUNT_TIMEOUT_S / 0.25)
     return f"mkdir -p {path} && for i in $(seq {tries}); do {mount} 2>/dev/null && exit 0; sleep 0.25; done; {mount}"

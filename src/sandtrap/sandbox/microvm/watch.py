@@ -9,7 +9,7 @@ One :class:`VMWatch` per VM this honeypot started follows two things:
   ``sandbox.microvm.unresponsive_s`` (stopped, wedged) counts as dead.
 
 On the first failure ``failure`` says what happened (the bridge ends the session with it as the reason) and
-``on_failure`` runs once (the sandbox drops its SSH connection to the guest and kills what is left of QEMU). An
+``on_failure`` runs once (the sandbox drops its connections to the guest and kills what is left of QEMU). An
 intended stop closes the watch first, so it records nothing.
 """
 
