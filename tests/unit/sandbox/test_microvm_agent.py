@@ -178,3 +178,16 @@ async def test_a_stopped_vm_is_not_dialled(socket_path: Path) -> None:
     client = agent.GuestAgent(socket_path, "vm", lambda: False)
     with pytest.raises(SandboxError, match="not running"):
         await client.ping()
+
+
+async def test_objects_of_one_vm_share_its_agent_and_its_one_connection(socket_path: Path) -> None:
+    """QEMU's chardev serves one client: a second connection would wait unanswered while the first is open."""
+    fake = FakeAgent(lambda _message: {"return": {}})
+    async with await _serving(socket_path, fake):
+        first = agent.for_vm(socket_path, "vm", lambda: True)
+        second = agent.for_vm(socket_path, "vm", lambda: True)
+        assert first is second and agent.for_vm(socket_path.with_name("other.sock"), "vm", lambda: True) is not first
+        await first.ping()
+        await second.ping()
+        first.close()
+    assert fake.connections == 1

@@ -20,6 +20,7 @@ import contextlib
 import json
 import secrets
 import signal
+import weakref
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -107,6 +108,21 @@ def output(reply: Mapping[str, Any], key: str, max_output: int, gzipped: bool = 
     return data[:max_output]
 
 
+# QEMU's socket chardev serves one client at a time (a second one waits unanswered in its backlog): every object
+# of this process for one VM (a backend's and a reconciling backend's) shares one agent, and so its connection.
+# (A VM's state directory, where the socket is, has a random name of its own: never another VM's.)
+_SHARED: weakref.WeakValueDictionary[Path, GuestAgent] = weakref.WeakValueDictionary()
+
+
+def for_vm(path: Path, name: str, is_alive: Callable[[], bool]) -> GuestAgent:
+    """The agent at ``path``: the one an object of this process already has, else a new one."""
+    agent = _SHARED.get(path)
+    if agent is None:
+        agent = GuestAgent(path, name, is_alive)
+        _SHARED[path] = agent
+    return agent
+
+
 class GuestAgent:
     """One connection to a VM's guest agent, made on first use and again after a failure; one command at a time."""
 
@@ -114,9 +130,19 @@ class GuestAgent:
         self._path = path
         self.name = name
         self._is_alive = is_alive
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+
+    def _same_loop(self) -> None:
+        """A connection and lock of another event loop (a test's, gone) are dropped, never used."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._writer is not None:
+                with contextlib.suppress(RuntimeError, OSError):
+                    self._writer.close()
+            self._loop, self._lock, self._reader, self._writer = loop, asyncio.Lock(), None, None
 
     async def _connect(self) -> None:
         if not self._is_alive():
@@ -147,6 +173,7 @@ class GuestAgent:
         self, name: str, arguments: Mapping[str, Any] | None = None, timeout_s: float = CALL_TIMEOUT_S
     ) -> Any:
         """Run one agent command; its ``return`` value. A command the agent refuses raises SandboxError."""
+        self._same_loop()
         async with self._lock:
             try:
                 async with asyncio.timeout(timeout_s):

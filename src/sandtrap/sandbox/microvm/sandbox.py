@@ -77,7 +77,7 @@ class MicroVMSandbox:
         self._key = key
         self._address = address
         self._conn: asyncssh.SSHClientConnection | None = None
-        self.agent = agent.GuestAgent(directory / qemu.AGENT_SOCKET, record.name, self._is_alive)
+        self.agent = agent.for_vm(directory / qemu.AGENT_SOCKET, record.name, self._is_alive)
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
         self.console: asyncio.Task[None] | None = None  # set by the backend that started QEMU
