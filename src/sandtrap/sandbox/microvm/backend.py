@@ -27,7 +27,7 @@ from sandtrap.config import ImageSettings, MicroVMSettings, SandboxSettings
 from sandtrap.errors import SandboxError, SandboxUnavailable
 from sandtrap.sandbox.base import SandboxInfo, run
 from sandtrap.sandbox.host.cgroups import CgroupError
-from sandtrap.sandbox.microvm import guest, qemu, snapshot, state, virtiofs
+from sandtrap.sandbox.microvm import guest, prune, qemu, snapshot, state, virtiofs
 from sandtrap.sandbox.microvm.image import GuestFiles, VMImage, find_image, vm_inputs
 from sandtrap.sandbox.microvm.limits import VMCgroups, vm_limits
 from sandtrap.sandbox.microvm.sandbox import BASELINE, LISTING, LISTING_TIMEOUT_S, MicroVMSandbox, copy_console
@@ -312,8 +312,7 @@ class MicroVMBackend:
         raise AssertionError("unreachable")
 
     async def _template(self, image: VMImage) -> Snapshot | None:
-        """The template's snapshot for this image and command line: found, or made now (once, whoever races);
-        None (cold boots) if making it failed in this run."""
+        """This image's and command line's template: found, or made now (once; stale ones pruned); None if that failed."""
         key = await asyncio.to_thread(self._snapshot_key, image)
         home = self._templates
         if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
@@ -325,7 +324,11 @@ class MicroVMBackend:
             if (found := await asyncio.to_thread(snapshot.find_snapshot, home, key)) is not None:
                 return found
             try:
-                return await self._save_template(image, key)
+                made = await self._save_template(image, key)
+                await asyncio.to_thread(
+                    prune.after_new_template, made.directory, image.directory, self._vms, self._cache_dir
+                )
+                return made
             except (SandboxError, OSError) as exc:
                 log.warning("saving the template VM failed, every VM cold-boots in this run: %s", exc)
                 self._failed_templates.add(key)
@@ -391,8 +394,7 @@ class MicroVMBackend:
             raise SandboxError(f"qemu-img create {disk.name} failed: {out.decode(errors='replace')[-500:]}")
 
     async def _wait_ready(self, sandbox: MicroVMSandbox, directory: Path) -> None:
-        """Until the guest agent answers and the guest's sshd is up: QEMU must stay up, within
-        sandbox.microvm.boot_timeout_s."""
+        """Until the guest agent answers and sshd is up (QEMU must stay up), within sandbox.microvm.boot_timeout_s."""
         deadline = time.monotonic() + self._settings.boot_timeout_s
         last: Exception | None = None
         while time.monotonic() < deadline:

@@ -41,6 +41,7 @@ from sandtrap.errors import ImageError, SandboxError
 from sandtrap.sandbox import rootfs
 from sandtrap.sandbox.docker import image as docker_image
 from sandtrap.sandbox.docker.engine import call, engine
+from sandtrap.sandbox.microvm import prune
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def find_image(cache_dir: Path, inputs: str) -> VMImage | None:
     found = VMImage(directory, str(manifest.get("inputs", "")), str(manifest.get("release", "")))
     if found.inputs != inputs or not all(p.is_file() for p in (found.disk, found.kernel, found.initrd)):
         return None
+    prune.mark_used(directory)  # other sensors sharing the cache keep it while it is in use (prune.py)
     return found
 
 
