@@ -49,7 +49,7 @@ def test_the_backing_chain_is_read_from_the_headers(tmp_path: Path) -> None:
     assert prune.backing_file(tmp_path / "missing") is None
 
 
-def test_stale_templates_and_unused_images_go_and_what_a_kept_vm_sits_on_stays(tmp_path: Path) -> None:
+def test_unused_templates_and_images_go_and_what_a_kept_vm_sits_on_stays(tmp_path: Path) -> None:
     cache, vms, templates = tmp_path / "cache", tmp_path / "vms", tmp_path / "templates"
     current = _image(cache, "microvm-current", age_days=30)
     old = _image(cache, "microvm-old", age_days=30)
@@ -64,12 +64,15 @@ def test_stale_templates_and_unused_images_go_and_what_a_kept_vm_sits_on_stays(t
     sat_on = templates / "snapshot-preserved"
     _qcow2(sat_on / "disk.qcow2", kept_by_vm / "disk.qcow2")
     _qcow2(vms / "a1" / "disk.qcow2", sat_on / "disk.qcow2")  # a preserved VM restored from an old template
+    other_config = templates / "snapshot-other-config"  # another config on this data dir uses it (the tests do)
+    _qcow2(other_config / "disk.qcow2", current / "disk.qcow2")
+    prune.mark_used(other_config)
 
     removed = prune.after_new_template(new_template, current, vms, cache)
 
     assert sorted(p.name for p in removed) == ["microvm-old", "snapshot-stale"]
     assert not stale.exists() and not old.exists()
-    for kept in (new_template, sat_on, current, kept_by_vm, other_sensors, building):
+    for kept in (new_template, sat_on, other_config, current, kept_by_vm, other_sensors, building):
         assert kept.exists(), kept
 
 

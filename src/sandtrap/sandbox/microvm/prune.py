@@ -3,9 +3,10 @@ cache not used for a while (each ~1.1 GiB; a template ~0.3 GiB), never what a ke
 VM's, kept for forensics) or a kept template sits on.
 
 Called when a new template was saved (a new image or QEMU command line: what was current before is stale now),
-under the templates' lock. The image cache may be shared by other sensors, whose VMs this one cannot see: an
-image is deleted only when its ``used`` stamp (touched by every sensor that uses it, at most hourly) is older
-than :data:`KEEP_UNUSED_S`.
+under the templates' lock. Another process may use what this one does not (the image cache may be shared by other
+sensors, whose VMs this one cannot see; another config on the same data directory has templates of its own, as
+the tests have): a template or image is deleted only when its ``used`` stamp (touched at each use, at most
+hourly) is older than :data:`KEEP_UNUSED_S`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def mark_used(directory: Path) -> None:
 
 
 def last_used(directory: Path) -> float:
+    """When it was last used: its stamp, else when it was made (its manifest)."""
     for name in (STAMP, "manifest.json"):
         try:
             return (directory / name).stat().st_mtime
@@ -91,13 +93,15 @@ def last_used(directory: Path) -> float:
 
 
 def after_new_template(template: Path, image: Path, vms: Path, cache_dir: Path, now: float | None = None) -> list[Path]:
-    """Delete the other templates beside ``template`` that no VM sits on, then the images of ``cache_dir`` other
-    than ``image`` that nothing of this sensor sits on and no sensor used for :data:`KEEP_UNUSED_S`."""
+    """Delete the templates beside ``template``, then the images of ``cache_dir`` other than ``image``, that no VM
+    of this sensor sits on and nothing used for :data:`KEEP_UNUSED_S`."""
     now = time.time() if now is None else now
     removed: list[Path] = []
     used = in_use(vms)
     for other in sorted(template.parent.glob(f"{TEMPLATE_PREFIX}*")):
-        if other != template and other.is_dir() and (other / "disk.qcow2") not in used:
+        if other == template or not other.is_dir() or (other / "disk.qcow2") in used:
+            continue
+        if now - last_used(other) > KEEP_UNUSED_S:
             removed.append(other)
     for directory in removed:
         shutil.rmtree(directory, ignore_errors=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sandtrap.errors import SandboxError
+from sandtrap.sandbox.microvm import prune
 
 PREFIX = "snapshot-"
 MANIFEST = "manifest.json"
@@ -96,6 +97,7 @@ def find_snapshot(image_dir: Path, key: str) -> Snapshot | None:
     found = Snapshot(directory, key)
     if manifest.get("key") != key or not all(p.is_file() for p in (found.state, found.disk, found.baseline)):
         return None
+    prune.mark_used(directory)  # kept while in use (prune.py): by this process or another config's
     return found
 
 
