@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The whole suite: lint, types, then pytest. pytest's exit 5 (no tests collected) is a failure.
-# With no arguments (make test): the main pass, then a pass of the OpenSSH, recording, hardening, escape,
-# systemd-init and realism tests with every honeypot on the nspawn backend (SANDTRAP_TEST_BACKEND=nspawn; the
-# conformance suite and test_nspawn*.py run on nspawn in the main pass); SANDTRAP_TEST_LANES=1 runs the micro-VM
-# tests and the nspawn pass in a lane beside the rest (below). With arguments, only pytest with them.
+# With no arguments (make test), about 26 minutes on 2 cores:
+#   1. two lanes at once: the micro-VM tests (mostly QEMU under TCG on one core) beside every other test but the
+#      `timing` ones (test latency or throughput: another lane's load could fail them);
+#   2. alone: the `timing` tests, then a pass of the OpenSSH, recording, hardening, escape, systemd-init and
+#      realism tests with every honeypot on the nspawn backend (SANDTRAP_TEST_BACKEND=nspawn; the conformance
+#      suite and test_nspawn*.py run on nspawn in the main lane).
+# SANDTRAP_TEST_LANES=0: every pass one after the other instead (about 33 minutes). With arguments, only pytest
+# with them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p test-output
@@ -31,8 +35,10 @@ nspawn_pass() {
     SANDTRAP_TEST_BACKEND=nspawn pytest_pass test-output/junit-nspawn.xml "$@" "${NSPAWN_TESTS[@]}"
 }
 
-if [ "${SANDTRAP_TEST_LANES:-0}" != 1 ]; then
-    # One pass after the other (the default): about 33 minutes on 2 cores.
+VM_TESTS=(tests/integration/test_microvm*.py tests/integration/test_sandbox_suite_microvm.py
+    tests/realism/test_battery_microvm.py)
+
+if [ "${SANDTRAP_TEST_LANES:-1}" = 0 ]; then
     pytest_pass test-output/junit.xml
     rc=$?
     nspawn_pass
@@ -41,31 +47,28 @@ if [ "${SANDTRAP_TEST_LANES:-0}" != 1 ]; then
     exit "$nspawn_rc"
 fi
 
-# SANDTRAP_TEST_LANES=1: two lanes at once (2 cores; the VM lane is mostly QEMU under TCG on one of them, the main
-# lane mostly waits on boxes, clients and servers): the micro-VM tests then the nspawn pass, beside every other
-# test; about 22 minutes. Each lane is its own pytest run with its own JUnit file; the VM lane's output is printed
-# after the main lane's. Not the default: the timing checks of one lane (the CPU burner's responsiveness) can
-# fail under the other's load.
-VM_TESTS=(tests/integration/test_microvm*.py tests/integration/test_sandbox_suite_microvm.py
-    tests/realism/test_battery_microvm.py)
-vm_lane() {
-    pytest_pass test-output/junit-microvm.xml -p no:cacheprovider "${VM_TESTS[@]}"
-    local vm_rc=$?
-    nspawn_pass -p no:cacheprovider
-    local nspawn_rc=$?
-    [ "$vm_rc" = 0 ] && [ "$nspawn_rc" = 0 ]
-}
-mkdir -p /tmp/sandtrap-vm-lane  # its pytest temporary directories apart from the main lane's
-SANDTRAP_TEST_LANE=vm PYTEST_DEBUG_TEMPROOT=/tmp/sandtrap-vm-lane vm_lane > test-output/lane-vm.log 2>&1 &
+# 1. Two lanes, each its own pytest run with its own JUnit file and temporary directories; the VM lane's output is
+# printed after the main lane's.
+mkdir -p /tmp/sandtrap-vm-lane
+SANDTRAP_TEST_LANE=vm PYTEST_DEBUG_TEMPROOT=/tmp/sandtrap-vm-lane \
+    pytest_pass test-output/junit-microvm.xml -p no:cacheprovider "${VM_TESTS[@]}" > test-output/lane-vm.log 2>&1 &
 vm_pid=$!
 ignore=()
 for f in "${VM_TESTS[@]}"; do ignore+=("--ignore=$f"); done
-pytest_pass test-output/junit.xml "${ignore[@]}"
+pytest_pass test-output/junit.xml -m "not timing" "${ignore[@]}"
 rc=$?
-echo "== the micro-VM lane (its tests, then the nspawn pass), run alongside: waiting for it"
+echo "== the micro-VM lane, run alongside: waiting for it"
 wait "$vm_pid"
 vm_rc=$?
 cat test-output/lane-vm.log
-echo "== main lane: exit $rc; micro-VM and nspawn lane: exit $vm_rc"
-if [ "$rc" != 0 ]; then exit "$rc"; fi
-exit "$vm_rc"
+# 2. Alone.
+echo "== the timing tests, alone"
+SANDTRAP_TEST_LANE=timing pytest_pass test-output/junit-timing.xml -m timing "${ignore[@]}"
+timing_rc=$?
+nspawn_pass
+nspawn_rc=$?
+echo "== main lane: exit $rc; micro-VM lane: exit $vm_rc; timing: exit $timing_rc; nspawn: exit $nspawn_rc"
+for code in "$rc" "$vm_rc" "$timing_rc" "$nspawn_rc"; do
+    if [ "$code" != 0 ]; then exit "$code"; fi
+done
+exit 0

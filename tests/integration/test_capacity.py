@@ -8,6 +8,8 @@ import hashlib
 import secrets
 from pathlib import Path
 
+import pytest
+
 from sandtrap.config import SandboxSettings
 from sandtrap.events import SANDBOX_ASSIGNED, SESSION_CLOSED
 from sandtrap.sandbox.docker import engine
@@ -38,6 +40,7 @@ async def test_a_file_uploaded_with_scp_is_there_in_the_next_connection_from_the
     assert (a1.get("reused"), a2.get("reused")) == (False, True)
 
 
+@pytest.mark.timing  # how fast the pool grows under a burst: run alone (make test)
 async def test_a_burst_of_logins_is_served_from_warm_boxes_and_the_pool_grows_for_it(honeypot: Honeypot) -> None:
     defaults = SandboxSettings()
     hp = await honeypot(

@@ -952,6 +952,7 @@ async def cpu_usage(conn: asyncssh.SSHClientConnection, box: str) -> tuple[float
     return int(usage) / 1e9, int(throttled.split()[1])
 
 
+@pytest.mark.timing  # exec latency before and during the burn, compared: run alone (make test)
 async def test_cpu_burner_leaves_the_honeypot_responsive(honeypot: Honeypot, battery: list[Row]) -> None:
     hp = await honeypot(sandbox={"pool_size": 2})
     cpus = hp.settings.sandbox.cpus

@@ -58,6 +58,7 @@ from sshclient import asyncssh_options, free_port
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timing,
     pytest.mark.timeout(600),
 ]
 

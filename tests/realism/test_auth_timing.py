@@ -10,6 +10,8 @@ from typing import Any
 import asyncssh
 import pytest
 
+pytestmark = pytest.mark.timing  # failures take ~2 s and logins ~0.1 s: measured, so run alone (make test)
+
 
 async def attempt(port: int, password: str) -> tuple[bool, float]:
     start = time.monotonic()
