@@ -6,7 +6,7 @@ Runs two honeypots in this process on 127.0.0.1 (random ports): one with ``sandb
 KVM where the probe finds it usable, else TCG: the table says which) and, for the side-by-side figures, one
 with the Docker backend and the image ``make setup`` built. Measures:
 
-- boot: each VM's cold start, QEMU's start to the guest's sshd taking the honeypot's key (``boot_s``), and the
+- boot: each VM's cold start, QEMU's start to the guest agent answering and sshd up (``boot_s``), and the
   warm baseline listing after it;
 - snapshot restore and warm acquire: read from the sandboxes (``restore_s``) and the honeypot's own
   ``acquire_ms`` (``sandtrap.sandbox.assigned``) where the build has them; this bench does not restore itself;
