@@ -378,13 +378,16 @@ async def run(
     user: str = "root",
     max_output: int = 4 * 1024 * 1024,
     timeout_s: float | None = None,
+    login: Login | None = None,
 ) -> RunResult:
     """Run ``argv`` to its end: write ``stdin``, close it, drain the output (each stream kept up to
     ``max_output`` bytes, the rest read and dropped so the process never blocks), return its status.
-    With ``timeout_s`` the process is killed and :class:`TimeoutError` raised when it takes longer."""
+    With ``timeout_s`` the process is killed and :class:`TimeoutError` raised when it takes longer.
+    ``login``: started as a login's processes are (``exec(login=)``: on Docker by the box's listener, about 2 ms
+    where ``docker exec`` takes about 50, and under it, not with parent 0); a RunsAside sandbox ignores it."""
     if sandbox.features.runs_aside and isinstance(sandbox, RunsAside):
         return await sandbox.run_aside(argv, stdin, user=user, max_output=max_output, timeout_s=timeout_s)
-    proc = await sandbox.exec(argv, user=user)
+    proc = await sandbox.exec(argv, user=user, login=login)
     try:
         async with asyncio.timeout(timeout_s):
             if stdin:
