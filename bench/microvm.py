@@ -47,7 +47,7 @@ from bench.machine import facts
 from bench.measures.latency import keystroke_echo, rotated
 from bench.services import pct
 from bench.stats import clean
-from sandtrap.app import Services, _planted_files, cache_dir, running
+from sandtrap.app import Services, cache_dir, running, vm_planted_files
 from sandtrap.config import Settings, load_settings
 from sandtrap.events import SANDBOX_ASSIGNED, CaptureSink
 from sandtrap.sandbox.docker import seccomp
@@ -98,7 +98,9 @@ def why_not() -> str:
 
 async def ensure_image(settings: Settings) -> None:
     key = load_access_key(access_key_path(settings.data_dir / "microvm"))
-    guest = guest_files(settings.sandbox, key, _planted_files(settings))
+    guest = guest_files(
+        settings.sandbox, key, vm_planted_files(settings)
+    )  # the capture CA too (the backend bakes it in)
     _, built = await build_vm_image(settings.image, guest, cache_dir(settings), console=Console(stderr=True))
     log("VM image " + ("built" if built else "reused"))
 

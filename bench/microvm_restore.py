@@ -32,7 +32,7 @@ from typing import Any
 
 from rich.console import Console
 
-from sandtrap.app import _planted_files, build_backend, cache_dir
+from sandtrap.app import build_backend, cache_dir, vm_planted_files
 from sandtrap.config import SandboxSettings, Settings
 from sandtrap.sandbox.microvm import snapshot
 from sandtrap.sandbox.microvm.backend import MicroVMBackend, access_key_path, guest_files
@@ -68,7 +68,9 @@ async def _create(backend: MicroVMBackend) -> tuple[MicroVMSandbox, float]:
 async def main(quick: bool) -> dict[str, Any]:
     settings = _settings(True)
     key = load_access_key(access_key_path(settings.data_dir / "microvm"))
-    guest = guest_files(settings.sandbox, key, _planted_files(settings))
+    guest = guest_files(
+        settings.sandbox, key, vm_planted_files(settings)
+    )  # the capture CA too (the backend bakes it in)
     image, built = await build_vm_image(settings.image, guest, cache_dir(settings), console=Console(stderr=True))
     n_cold, n_restore, n_acquire = (1, 2, 3) if quick else (2, 5, 10)
     res: dict[str, Any] = {"quick": quick, "image": image.directory.name, "image_built_now": built}
