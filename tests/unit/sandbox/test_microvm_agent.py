@@ -191,3 +191,38 @@ async def test_objects_of_one_vm_share_its_agent_and_its_one_connection(socket_p
         await second.ping()
         first.close()
     assert fake.connections == 1
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[1, 2, 3]\n",  # not an object
+        b'"return"\n',
+        b"{" * 5000 + b"\n",  # nesting that would blow the parser's stack
+        b'{"return": [' + b"0," * 100_000 + b"0]}\n",  # a list that would fill memory with objects
+        b"\x00\xffnot json\n",
+    ],
+)
+def test_what_is_not_an_agents_reply_is_refused_before_it_costs_anything(line: bytes) -> None:
+    with pytest.raises(SandboxError):
+        agent.parse_reply(line)
+
+
+async def test_a_guest_that_took_the_agents_port_over_gets_refusals_not_a_crash(socket_path: Path) -> None:
+    """Root in the guest can stop qemu-ga and answer on its port: every odd answer is a SandboxError."""
+    answers: list[Any] = [
+        {"return": "no pid"},  # guest-exec without an object
+        {"return": {"pid": "12"}},  # a pid that is not a number
+        {"error": ["not", "an", "object"]},
+        {"return": {"pid": 5}},  # then a status with odd types: no crash, a plain result
+        {"return": {"exited": True, "exitcode": "0", "signal": 999, "out-data": 7, "err-data": "@@not base64@@"}},
+    ]
+    fake = FakeAgent(lambda _message: answers.pop(0))
+    async with await _serving(socket_path, fake):
+        client = agent.GuestAgent(socket_path, "vm", lambda: True)
+        for _ in range(3):
+            with pytest.raises(SandboxError):
+                await client.run(["true"])
+        result = await client.run(["true"])
+        client.close()
+    assert (result.status, result.stdout, result.stderr) == (ExitStatus(255), b"", b"")

@@ -39,6 +39,9 @@ POLL_FIRST_S = 0.005
 POLL_GROWTH = 1.5
 POLL_MAX_S = 0.1
 DELIMITER = b"\xff"
+# A reply's JSON structure: a few fields; its big parts are base64 strings, which hold none of these bytes. More is
+# not the agent's (root in the guest can take its port over): refused before parsing, as is anything but an object.
+STRUCTURE_MAX = 64
 # What a management command's environment holds (guest-exec replaces the agent's whole environment with it).
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -87,19 +90,37 @@ def command(argv: Argv, user: str, max_output: int) -> list[str]:
     return ["setsid", "-w", *words]
 
 
+def parse_reply(line: bytes) -> dict[str, Any]:
+    """One reply line as the agent writes it (a JSON object); SandboxError for anything else."""
+    if sum(line.count(c) for c in (b",", b"[", b"{")) > STRUCTURE_MAX:
+        raise SandboxError("not a reply of the guest agent (too much structure)")
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise SandboxError(f"not a reply of the guest agent: {exc}") from None
+    if not isinstance(reply, dict):
+        raise SandboxError("not a reply of the guest agent (not an object)")
+    return reply
+
+
 def exit_status(reply: Mapping[str, Any]) -> ExitStatus:
-    if (number := reply.get("signal")) is not None:
+    number = reply.get("signal")
+    if isinstance(number, int) and 0 < number < 128:
         try:
-            name = signal.Signals(int(number)).name.removeprefix("SIG")
+            name = signal.Signals(number).name.removeprefix("SIG")
         except ValueError:
             name = str(number)
-        return ExitStatus(128 + int(number), name)
+        return ExitStatus(128 + number, name)
     code = reply.get("exitcode")
-    return ExitStatus(255 if code is None or int(code) < 0 else int(code))
+    return ExitStatus(code if isinstance(code, int) and 0 <= code <= 255 else 255)
 
 
 def output(reply: Mapping[str, Any], key: str, max_output: int, gzipped: bool = False) -> bytes:
-    data = base64.b64decode(reply.get(key, "") or "")
+    value = reply.get(key, "")
+    try:
+        data = base64.b64decode(value) if isinstance(value, str) else b""
+    except ValueError:
+        data = b""
     if gzipped:
         inflate = zlib.decompressobj(wbits=31)
         with contextlib.suppress(zlib.error):  # cut short (more than the agent keeps): what came before
@@ -160,8 +181,8 @@ class GuestAgent:
         while True:  # a reply to an earlier client's command may come first: skip to ours
             await reader.readuntil(DELIMITER)
             line = await reader.readline()
-            with contextlib.suppress(ValueError):
-                if json.loads(line).get("return") == token:
+            with contextlib.suppress(SandboxError):
+                if parse_reply(line).get("return") == token:
                     return
 
     def _drop(self) -> None:
@@ -188,7 +209,10 @@ class GuestAgent:
                     line = await self._reader.readline()
                     if not line:
                         raise ConnectionError("the agent's socket closed")
-                    reply = json.loads(line)
+                    reply = parse_reply(line)
+            except SandboxError:
+                self._drop()
+                raise
             except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
                 self._drop()  # what is in flight is unknown now: the next command syncs again
                 raise SandboxError(f"{self.name}'s guest agent, {name}: {exc!r}") from exc
@@ -196,8 +220,17 @@ class GuestAgent:
                 self._drop()
                 raise
         if "error" in reply:
-            raise SandboxError(f"{self.name}'s guest agent refused {name}: {reply['error'].get('desc', reply)}")
+            error = reply["error"]
+            desc = error.get("desc", error) if isinstance(error, dict) else error
+            raise SandboxError(f"{self.name}'s guest agent refused {name}: {str(desc)[:300]}")
         return reply.get("return")
+
+    async def call_object(self, name: str, arguments: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`call` for a command whose ``return`` is an object."""
+        result = await self.call(name, arguments)
+        if not isinstance(result, dict):
+            raise SandboxError(f"{self.name}'s guest agent: {name} did not return an object")
+        return result
 
     async def run(
         self,
@@ -219,7 +252,9 @@ class GuestAgent:
         }
         if stdin:
             arguments["input-data"] = base64.b64encode(stdin).decode()
-        pid = int((await self.call("guest-exec", arguments))["pid"])
+        pid = (await self.call_object("guest-exec", arguments)).get("pid")
+        if not isinstance(pid, int):
+            raise SandboxError(f"{self.name}'s guest agent: guest-exec gave no pid")
         try:
             async with asyncio.timeout(timeout_s):
                 reply = await self._until_exited(pid)
@@ -234,9 +269,9 @@ class GuestAgent:
     async def _until_exited(self, pid: int) -> Mapping[str, Any]:
         wait = POLL_FIRST_S
         while True:
-            reply = await self.call("guest-exec-status", {"pid": pid})
-            if reply.get("exited"):
-                return dict(reply)
+            reply = await self.call_object("guest-exec-status", {"pid": pid})
+            if reply.get("exited") is True:
+                return reply
             await asyncio.sleep(wait)
             wait = min(wait * POLL_GROWTH, POLL_MAX_S)
 
@@ -245,7 +280,7 @@ class GuestAgent:
         with contextlib.suppress(SandboxError):
             await self.call("guest-exec", {"path": "kill", "arg": ["-KILL", "--", f"-{pid}"]})
             for _ in range(20):
-                if (await self.call("guest-exec-status", {"pid": pid})).get("exited"):
+                if (await self.call_object("guest-exec-status", {"pid": pid})).get("exited") is True:
                     return
                 await asyncio.sleep(0.1)
 
