@@ -244,9 +244,10 @@ class GuestAgent:
     ) -> RunResult:
         """``argv`` run to its end in the guest, as :func:`sandtrap.sandbox.base.run` does it over ``exec``.
         With ``timeout_s`` its process group is killed and :class:`TimeoutError` raised."""
+        path, *args = command(argv, user, max_output)
         arguments: dict[str, Any] = {
-            "path": "setsid",
-            "arg": command(argv, user, max_output)[1:],
+            "path": path,
+            "arg": args,
             "env": [f"{k}={v}" for k, v in {**BASE_ENV, **(env or {})}.items()],
             "capture-output": True,
         }
